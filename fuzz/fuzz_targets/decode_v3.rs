@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| mqtt_fuzz::decode_stream(mqtt_proto::Protocol::V3_1_1, data));

@@ -1,0 +1,240 @@
+//! CONNECT (spec 3.1) and CONNACK (spec 3.2).
+
+use super::Sizes;
+use crate::error::{DecodeError, EncodeError};
+use crate::properties::{ConnAckProperties, ConnectProperties, WillProperties};
+use crate::reason::{ReasonCode, ReasonPacket};
+use crate::string::MqttString;
+use crate::topic::TopicName;
+use crate::types::{Protocol, QoS};
+use crate::varint;
+use crate::wire::{field_len, put_binary, put_string, Reader};
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// CONNECT: the first packet a client sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Connect {
+    /// The protocol version the client speaks; it decides how everything after is framed.
+    pub protocol: Protocol,
+    /// Clean Start (MQTT 5) / Clean Session (3.1.1): discard any existing session.
+    pub clean_start: bool,
+    /// Keep alive in seconds; 0 turns it off.
+    pub keep_alive: u16,
+    /// Client identifier; empty asks the server to assign one.
+    pub client_id: MqttString,
+    /// The will message, published if the connection ends without DISCONNECT.
+    pub will: Option<Will>,
+    /// User name.
+    pub username: Option<MqttString>,
+    /// Password (binary data).
+    pub password: Option<Bytes>,
+    /// MQTT 5 properties (empty for 3.1.1).
+    pub properties: ConnectProperties,
+}
+
+/// The will message of a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Will {
+    /// Where the will is published.
+    pub topic: TopicName,
+    /// Its payload.
+    pub payload: Bytes,
+    /// Its QoS.
+    pub qos: QoS,
+    /// Whether it is retained.
+    pub retain: bool,
+    /// MQTT 5 will properties (delay, expiry, ...).
+    pub properties: WillProperties,
+}
+
+impl Connect {
+    /// A CONNECT with defaults: clean start, keep alive 60 s, no will, no credentials.
+    pub fn new(protocol: Protocol, client_id: MqttString) -> Connect {
+        Connect {
+            protocol,
+            clean_start: true,
+            keep_alive: 60,
+            client_id,
+            will: None,
+            username: None,
+            password: None,
+            properties: ConnectProperties::default(),
+        }
+    }
+
+    pub(super) fn read(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
+        let name = r.binary()?;
+        let level = r.u8()?;
+        let protocol = match (&name[..], level) {
+            (b"MQTT", 4) => Protocol::V3_1_1,
+            (b"MQTT", 5) => Protocol::V5,
+            (b"MQIsdp", 3) => Protocol::V3_1,
+            (b"MQTT" | b"MQIsdp", other) => return Err(DecodeError::UnsupportedProtocolLevel(other)),
+            _ => return Err(DecodeError::InvalidProtocolName),
+        };
+        let v5 = protocol.is_v5();
+        let flags = r.u8()?;
+        let has_username = flags & 0x80 != 0;
+        let has_password = flags & 0x40 != 0;
+        let will_retain = flags & 0x20 != 0;
+        let will_qos = QoS::from_u8((flags >> 3) & 0b11)?;
+        let has_will = flags & 0x04 != 0;
+        let clean_start = flags & 0x02 != 0;
+        // Reserved bit [MQTT-3.1.2-3]; will QoS and retain must be 0 without a will
+        // [MQTT-3.1.2-11, MQTT-3.1.2-13, MQTT-3.1.2-15].
+        if flags & 0x01 != 0 || (!has_will && (will_retain || will_qos != QoS::AtMostOnce)) {
+            return Err(DecodeError::InvalidConnectFlags(flags));
+        }
+        if !v5 && has_password && !has_username {
+            return Err(DecodeError::PasswordWithoutUsername);
+        }
+        let keep_alive = r.u16()?;
+        let properties = if v5 { ConnectProperties::decode(r)? } else { ConnectProperties::default() };
+        let client_id = r.string()?;
+        let will = if has_will {
+            let properties = if v5 { WillProperties::decode(r)? } else { WillProperties::default() };
+            let topic = TopicName::from_mqtt_string(r.string()?)?;
+            if topic.is_empty() {
+                return Err(DecodeError::InvalidTopicName);
+            }
+            let payload = r.binary()?;
+            Some(Will { topic, payload, qos: will_qos, retain: will_retain, properties })
+        } else {
+            None
+        };
+        let username = if has_username { Some(r.string()?) } else { None };
+        let password = if has_password { Some(r.binary()?) } else { None };
+        Ok(Connect { protocol, clean_start, keep_alive, client_id, will, username, password, properties })
+    }
+
+    pub(super) fn sizes(&self) -> Result<Sizes, EncodeError> {
+        let v5 = self.protocol.is_v5();
+        if !v5 && self.password.is_some() && self.username.is_none() {
+            return Err(EncodeError::Invalid("MQTT 3.1.1 needs a user name to send a password"));
+        }
+        // Protocol name, level, flags, keep alive.
+        let mut body = field_len(self.protocol.name().len())? + 1 + 1 + 2;
+        let mut props = 0;
+        if v5 {
+            props = self.properties.len()?;
+            body += varint::len(props as u32) + props;
+        }
+        body += field_len(self.client_id.len())?;
+        if let Some(will) = &self.will {
+            if v5 {
+                let wp = will.properties.len()?;
+                body += varint::len(wp as u32) + wp;
+            }
+            if will.topic.is_empty() {
+                return Err(EncodeError::EmptyTopic);
+            }
+            body += field_len(will.topic.as_mqtt_str().len())? + field_len(will.payload.len())?;
+        }
+        if let Some(u) = &self.username {
+            body += field_len(u.len())?;
+        }
+        if let Some(p) = &self.password {
+            body += field_len(p.len())?;
+        }
+        Ok(Sizes { body, props })
+    }
+
+    pub(super) fn write(&self, sizes: Sizes, out: &mut BytesMut) {
+        let v5 = self.protocol.is_v5();
+        put_binary(out, self.protocol.name().as_bytes());
+        out.put_u8(self.protocol.level());
+        let mut flags = 0u8;
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        if self.password.is_some() {
+            flags |= 0x40;
+        }
+        if let Some(will) = &self.will {
+            flags |= 0x04 | ((will.qos as u8) << 3);
+            if will.retain {
+                flags |= 0x20;
+            }
+        }
+        if self.clean_start {
+            flags |= 0x02;
+        }
+        out.put_u8(flags);
+        out.put_u16(self.keep_alive);
+        if v5 {
+            self.properties.encode(sizes.props, out);
+        }
+        put_string(out, &self.client_id);
+        if let Some(will) = &self.will {
+            if v5 {
+                // Measured again: will properties are rare and small.
+                let wp = will.properties.len().unwrap_or(0);
+                will.properties.encode(wp, out);
+            }
+            put_string(out, will.topic.as_mqtt_str());
+            put_binary(out, &will.payload);
+        }
+        if let Some(u) = &self.username {
+            put_string(out, u);
+        }
+        if let Some(p) = &self.password {
+            put_binary(out, p);
+        }
+    }
+}
+
+/// CONNACK: the server's answer to CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct ConnAck {
+    /// Whether the server resumed an existing session.
+    pub session_present: bool,
+    /// Success, or why the connection is refused. MQTT 3.1.1 return codes map to the MQTT 5
+    /// codes of the same meaning (see [`ReasonCode::from_v3_connack`]).
+    pub reason_code: ReasonCode,
+    /// MQTT 5 properties.
+    pub properties: ConnAckProperties,
+}
+
+impl ConnAck {
+    pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<ConnAck, DecodeError> {
+        let flags = r.u8()?;
+        let code = r.u8()?;
+        let reason_code = if v5 {
+            ReasonCode::decode_for(code, ReasonPacket::ConnAck)?
+        } else {
+            ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidConnAckCode(code))?
+        };
+        let session_present = flags & 1 != 0;
+        // Reserved bits [MQTT-3.2.2-1]; no session on refusal [MQTT-3.2.2-6 / 3.1.1 MQTT-3.2.2-4].
+        if flags & 0xFE != 0 || (session_present && reason_code != ReasonCode::Success) {
+            return Err(DecodeError::InvalidConnAckFlags(flags));
+        }
+        let properties = if v5 { ConnAckProperties::decode(r)? } else { ConnAckProperties::default() };
+        Ok(ConnAck { session_present, reason_code, properties })
+    }
+
+    pub(super) fn sizes(&self, protocol: Protocol) -> Result<Sizes, EncodeError> {
+        if protocol.is_v5() {
+            super::disconnect::check_code(self.reason_code, ReasonPacket::ConnAck)?;
+            let props = self.properties.len()?;
+            Ok(Sizes { body: 2 + varint::len(props as u32) + props, props })
+        } else {
+            Ok(Sizes { body: 2, props: 0 })
+        }
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, sizes: Sizes, out: &mut BytesMut) {
+        // A refusal never carries session present, whatever the caller set.
+        let present = self.session_present && self.reason_code == ReasonCode::Success;
+        out.put_u8(u8::from(present));
+        if protocol.is_v5() {
+            out.put_u8(self.reason_code.as_u8());
+            self.properties.encode(sizes.props, out);
+        } else {
+            out.put_u8(self.reason_code.to_v3_connack());
+        }
+    }
+}

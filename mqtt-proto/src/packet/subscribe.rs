@@ -1,0 +1,299 @@
+//! SUBSCRIBE, SUBACK, UNSUBSCRIBE and UNSUBACK (spec 3.8 to 3.11).
+
+use super::Sizes;
+use crate::error::{DecodeError, EncodeError};
+use crate::properties::{SubAckProperties, SubscribeProperties, UnsubscribeProperties};
+use crate::reason::{ReasonCode, ReasonPacket};
+use crate::topic::TopicFilter;
+use crate::types::{PacketId, Protocol, QoS, RetainHandling};
+use crate::varint;
+use crate::wire::{field_len, put_string, Reader};
+use bytes::{BufMut, BytesMut};
+use smallvec::SmallVec;
+
+/// The options byte of one subscription (spec 3.8.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct SubscriptionOptions {
+    /// Maximum QoS the subscriber accepts.
+    pub qos: QoS,
+    /// MQTT 5: do not deliver the client's own publishes back to it.
+    pub no_local: bool,
+    /// MQTT 5: keep the RETAIN flag as published instead of clearing it.
+    pub retain_as_published: bool,
+    /// MQTT 5: when to send retained messages.
+    pub retain_handling: RetainHandling,
+}
+
+impl SubscriptionOptions {
+    fn decode(byte: u8, v5: bool) -> Result<SubscriptionOptions, DecodeError> {
+        let reserved = if v5 { 0b1100_0000 } else { 0b1111_1100 };
+        if byte & reserved != 0 {
+            return Err(DecodeError::InvalidSubscriptionOptions(byte));
+        }
+        let retain_handling = match (byte >> 4) & 0b11 {
+            0 => RetainHandling::SendAtSubscribe,
+            1 => RetainHandling::SendIfNew,
+            2 => RetainHandling::DoNotSend,
+            _ => return Err(DecodeError::InvalidSubscriptionOptions(byte)),
+        };
+        Ok(SubscriptionOptions {
+            qos: QoS::from_u8(byte & 0b11)?,
+            no_local: byte & 0b0100 != 0,
+            retain_as_published: byte & 0b1000 != 0,
+            retain_handling,
+        })
+    }
+
+    fn encode(self, v5: bool) -> u8 {
+        let mut byte = self.qos as u8;
+        if v5 {
+            byte |= (u8::from(self.no_local) << 2)
+                | (u8::from(self.retain_as_published) << 3)
+                | ((self.retain_handling as u8) << 4);
+        }
+        byte
+    }
+}
+
+/// One topic filter of a SUBSCRIBE with its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Subscription {
+    /// What to subscribe to.
+    pub filter: TopicFilter,
+    /// How.
+    pub options: SubscriptionOptions,
+}
+
+/// SUBSCRIBE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Subscribe {
+    /// Identifier echoed by the SUBACK.
+    pub packet_id: PacketId,
+    /// MQTT 5 properties.
+    pub properties: SubscribeProperties,
+    /// The subscriptions (at least one).
+    pub subscriptions: SmallVec<[Subscription; 1]>,
+}
+
+fn check_not_empty(len: usize) -> Result<(), EncodeError> {
+    if len == 0 {
+        return Err(EncodeError::EmptyPayload);
+    }
+    Ok(())
+}
+
+fn props_size(v5: bool, props: Result<usize, EncodeError>) -> Result<(usize, usize), EncodeError> {
+    if !v5 {
+        return Ok((0, 0));
+    }
+    let props = props?;
+    Ok((varint::len(props as u32) + props, props))
+}
+
+fn check_codes(codes: &[ReasonCode], packet: ReasonPacket) -> Result<(), EncodeError> {
+    check_not_empty(codes.len())?;
+    match codes.iter().find(|c| !c.allowed_in(packet)) {
+        Some(&code) => Err(EncodeError::ReasonCodeNotAllowed { code, packet }),
+        None => Ok(()),
+    }
+}
+
+impl Subscribe {
+    pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
+        let packet_id = r.packet_id()?;
+        let properties = if v5 { SubscribeProperties::decode(r)? } else { SubscribeProperties::default() };
+        let mut subscriptions = SmallVec::new();
+        while !r.is_empty() {
+            let filter = TopicFilter::from_bytes(r.binary()?)?;
+            let options = SubscriptionOptions::decode(r.u8()?, v5)?;
+            if options.no_local && filter.shared().is_some() {
+                return Err(DecodeError::NoLocalOnSharedSubscription);
+            }
+            subscriptions.push(Subscription { filter, options });
+        }
+        if subscriptions.is_empty() {
+            return Err(DecodeError::EmptyPayload);
+        }
+        Ok(Subscribe { packet_id, properties, subscriptions })
+    }
+
+    pub(super) fn sizes(&self, protocol: Protocol) -> Result<Sizes, EncodeError> {
+        let v5 = protocol.is_v5();
+        check_not_empty(self.subscriptions.len())?;
+        let (plen, props) = props_size(v5, self.properties.len())?;
+        let mut body = 2 + plen;
+        for s in &self.subscriptions {
+            if v5 && s.options.no_local && s.filter.shared().is_some() {
+                return Err(EncodeError::Invalid("no local on a shared subscription"));
+            }
+            body += field_len(s.filter.as_mqtt_str().len())? + 1;
+        }
+        Ok(Sizes { body, props })
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, sizes: Sizes, out: &mut BytesMut) {
+        let v5 = protocol.is_v5();
+        out.put_u16(self.packet_id.get());
+        if v5 {
+            self.properties.encode(sizes.props, out);
+        }
+        for s in &self.subscriptions {
+            put_string(out, s.filter.as_mqtt_str());
+            out.put_u8(s.options.encode(v5));
+        }
+    }
+}
+
+/// SUBACK: one reason code per subscription, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct SubAck {
+    /// The SUBSCRIBE's identifier.
+    pub packet_id: PacketId,
+    /// MQTT 5 properties.
+    pub properties: SubAckProperties,
+    /// Granted QoS or failure, per subscription. MQTT 3.1.1's 0x80 decodes as
+    /// [`ReasonCode::UnspecifiedError`]; every failure encodes as 0x80 there.
+    pub reason_codes: SmallVec<[ReasonCode; 4]>,
+}
+
+impl SubAck {
+    pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<SubAck, DecodeError> {
+        let packet_id = r.packet_id()?;
+        let properties = if v5 { SubAckProperties::decode(r)? } else { SubAckProperties::default() };
+        let mut reason_codes = SmallVec::with_capacity(r.remaining());
+        while !r.is_empty() {
+            let byte = r.u8()?;
+            let code = if v5 {
+                ReasonCode::decode_for(byte, ReasonPacket::SubAck)?
+            } else {
+                match byte {
+                    0 => ReasonCode::Success,
+                    1 => ReasonCode::GrantedQos1,
+                    2 => ReasonCode::GrantedQos2,
+                    0x80 => ReasonCode::UnspecifiedError,
+                    other => return Err(DecodeError::InvalidSubAckCode(other)),
+                }
+            };
+            reason_codes.push(code);
+        }
+        if reason_codes.is_empty() {
+            return Err(DecodeError::EmptyPayload);
+        }
+        Ok(SubAck { packet_id, properties, reason_codes })
+    }
+
+    pub(super) fn sizes(&self, protocol: Protocol) -> Result<Sizes, EncodeError> {
+        check_codes(&self.reason_codes, ReasonPacket::SubAck)?;
+        let (plen, props) = props_size(protocol.is_v5(), self.properties.len())?;
+        Ok(Sizes { body: 2 + plen + self.reason_codes.len(), props })
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, sizes: Sizes, out: &mut BytesMut) {
+        out.put_u16(self.packet_id.get());
+        if protocol.is_v5() {
+            self.properties.encode(sizes.props, out);
+            out.extend(self.reason_codes.iter().map(|c| c.as_u8()));
+        } else {
+            out.extend(self.reason_codes.iter().map(|c| c.to_v3_suback()));
+        }
+    }
+}
+
+/// UNSUBSCRIBE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Unsubscribe {
+    /// Identifier echoed by the UNSUBACK.
+    pub packet_id: PacketId,
+    /// MQTT 5 properties.
+    pub properties: UnsubscribeProperties,
+    /// The filters to remove (at least one).
+    pub filters: SmallVec<[TopicFilter; 1]>,
+}
+
+impl Unsubscribe {
+    pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Unsubscribe, DecodeError> {
+        let packet_id = r.packet_id()?;
+        let properties = if v5 { UnsubscribeProperties::decode(r)? } else { UnsubscribeProperties::default() };
+        let mut filters = SmallVec::new();
+        while !r.is_empty() {
+            filters.push(TopicFilter::from_bytes(r.binary()?)?);
+        }
+        if filters.is_empty() {
+            return Err(DecodeError::EmptyPayload);
+        }
+        Ok(Unsubscribe { packet_id, properties, filters })
+    }
+
+    pub(super) fn sizes(&self, protocol: Protocol) -> Result<Sizes, EncodeError> {
+        check_not_empty(self.filters.len())?;
+        let (plen, props) = props_size(protocol.is_v5(), self.properties.len())?;
+        let mut body = 2 + plen;
+        for f in &self.filters {
+            body += field_len(f.as_mqtt_str().len())?;
+        }
+        Ok(Sizes { body, props })
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, sizes: Sizes, out: &mut BytesMut) {
+        out.put_u16(self.packet_id.get());
+        if protocol.is_v5() {
+            self.properties.encode(sizes.props, out);
+        }
+        for f in &self.filters {
+            put_string(out, f.as_mqtt_str());
+        }
+    }
+}
+
+/// UNSUBACK. MQTT 3.1.1 carries only the packet identifier; `reason_codes` is then empty and
+/// ignored when encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct UnsubAck {
+    /// The UNSUBSCRIBE's identifier.
+    pub packet_id: PacketId,
+    /// MQTT 5 properties.
+    pub properties: SubAckProperties,
+    /// MQTT 5: one reason code per filter, in order.
+    pub reason_codes: SmallVec<[ReasonCode; 4]>,
+}
+
+impl UnsubAck {
+    pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<UnsubAck, DecodeError> {
+        let packet_id = r.packet_id()?;
+        let mut ack = UnsubAck { packet_id, properties: SubAckProperties::default(), reason_codes: SmallVec::new() };
+        if !v5 {
+            return Ok(ack);
+        }
+        ack.properties = SubAckProperties::decode(r)?;
+        while !r.is_empty() {
+            ack.reason_codes.push(ReasonCode::decode_for(r.u8()?, ReasonPacket::UnsubAck)?);
+        }
+        if ack.reason_codes.is_empty() {
+            return Err(DecodeError::EmptyPayload);
+        }
+        Ok(ack)
+    }
+
+    pub(super) fn sizes(&self, protocol: Protocol) -> Result<Sizes, EncodeError> {
+        if !protocol.is_v5() {
+            return Ok(Sizes { body: 2, props: 0 });
+        }
+        check_codes(&self.reason_codes, ReasonPacket::UnsubAck)?;
+        let (plen, props) = props_size(true, self.properties.len())?;
+        Ok(Sizes { body: 2 + plen + self.reason_codes.len(), props })
+    }
+
+    pub(super) fn write(&self, protocol: Protocol, sizes: Sizes, out: &mut BytesMut) {
+        out.put_u16(self.packet_id.get());
+        if protocol.is_v5() {
+            self.properties.encode(sizes.props, out);
+            out.extend(self.reason_codes.iter().map(|c| c.as_u8()));
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! MQTT 5 properties (spec 2.2.2): one typed struct per packet, each field an `Option` (or a list
+//! for the properties that may repeat).
+//!
+//! Decoding rejects unknown identifiers and identifiers the packet may not carry (Malformed
+//! Packet), repeated single-valued properties and forbidden values (Protocol Error).
+
+use crate::error::{DecodeError, EncodeError};
+use crate::string::MqttString;
+use crate::topic::TopicName;
+use crate::types::QoS;
+use crate::varint;
+use crate::wire::{field_len, put_binary, put_string, varint_len, Reader};
+use bytes::{BufMut, Bytes, BytesMut};
+use smallvec::SmallVec;
+use std::num::{NonZeroU16, NonZeroU32};
+
+/// Property identifiers (spec table 2-4).
+pub mod id {
+    #![allow(missing_docs)]
+    pub const PAYLOAD_FORMAT_INDICATOR: u8 = 0x01;
+    pub const MESSAGE_EXPIRY_INTERVAL: u8 = 0x02;
+    pub const CONTENT_TYPE: u8 = 0x03;
+    pub const RESPONSE_TOPIC: u8 = 0x08;
+    pub const CORRELATION_DATA: u8 = 0x09;
+    pub const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
+    pub const SESSION_EXPIRY_INTERVAL: u8 = 0x11;
+    pub const ASSIGNED_CLIENT_IDENTIFIER: u8 = 0x12;
+    pub const SERVER_KEEP_ALIVE: u8 = 0x13;
+    pub const AUTHENTICATION_METHOD: u8 = 0x15;
+    pub const AUTHENTICATION_DATA: u8 = 0x16;
+    pub const REQUEST_PROBLEM_INFORMATION: u8 = 0x17;
+    pub const WILL_DELAY_INTERVAL: u8 = 0x18;
+    pub const REQUEST_RESPONSE_INFORMATION: u8 = 0x19;
+    pub const RESPONSE_INFORMATION: u8 = 0x1A;
+    pub const SERVER_REFERENCE: u8 = 0x1C;
+    pub const REASON_STRING: u8 = 0x1F;
+    pub const RECEIVE_MAXIMUM: u8 = 0x21;
+    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+    pub const TOPIC_ALIAS: u8 = 0x23;
+    pub const MAXIMUM_QOS: u8 = 0x24;
+    pub const RETAIN_AVAILABLE: u8 = 0x25;
+    pub const USER_PROPERTY: u8 = 0x26;
+    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
+    pub const WILDCARD_SUBSCRIPTION_AVAILABLE: u8 = 0x28;
+    pub const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;
+    pub const SHARED_SUBSCRIPTION_AVAILABLE: u8 = 0x2A;
+
+    /// Whether MQTT 5 defines this identifier at all.
+    pub const fn is_known(id: u32) -> bool {
+        matches!(
+            id,
+            0x01 | 0x02 | 0x03 | 0x08 | 0x09 | 0x0B | 0x11 | 0x12 | 0x13 | 0x15..=0x1A | 0x1C
+                | 0x1F | 0x21..=0x2A
+        )
+    }
+}
+
+/// A user property: a name/value pair that may repeat and whose order is kept.
+pub type UserProperty = (MqttString, MqttString);
+
+/// Subscription identifiers of a PUBLISH (one per matching subscription, usually one or none).
+pub type SubscriptionIds = SmallVec<[NonZeroU32; 1]>;
+
+/// How one property type is read, sized and written.
+trait PropCodec {
+    type Value;
+    fn read(r: &mut Reader<'_>, id: u8) -> Result<Self::Value, DecodeError>;
+    /// Length of the value alone (the identifier byte is added by the caller).
+    fn len(v: &Self::Value) -> Result<usize, EncodeError>;
+    fn write(v: &Self::Value, out: &mut BytesMut);
+}
+
+/// A byte that must be 0 or 1.
+struct Flag;
+impl PropCodec for Flag {
+    type Value = bool;
+    fn read(r: &mut Reader<'_>, id: u8) -> Result<bool, DecodeError> {
+        match r.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::InvalidPropertyValue(id)),
+        }
+    }
+    fn len(_: &bool) -> Result<usize, EncodeError> {
+        Ok(1)
+    }
+    fn write(v: &bool, out: &mut BytesMut) {
+        out.put_u8(u8::from(*v));
+    }
+}
+
+/// Maximum QoS: a byte that must be 0 or 1 (QoS 2 is expressed by omitting the property).
+struct MaxQos;
+impl PropCodec for MaxQos {
+    type Value = QoS;
+    fn read(r: &mut Reader<'_>, id: u8) -> Result<QoS, DecodeError> {
+        match r.u8()? {
+            0 => Ok(QoS::AtMostOnce),
+            1 => Ok(QoS::AtLeastOnce),
+            _ => Err(DecodeError::InvalidPropertyValue(id)),
+        }
+    }
+    fn len(_: &QoS) -> Result<usize, EncodeError> {
+        Ok(1)
+    }
+    fn write(v: &QoS, out: &mut BytesMut) {
+        out.put_u8(*v as u8);
+    }
+}
+
+struct U16;
+impl PropCodec for U16 {
+    type Value = u16;
+    fn read(r: &mut Reader<'_>, _: u8) -> Result<u16, DecodeError> {
+        r.u16()
+    }
+    fn len(_: &u16) -> Result<usize, EncodeError> {
+        Ok(2)
+    }
+    fn write(v: &u16, out: &mut BytesMut) {
+        out.put_u16(*v);
+    }
+}
+
+/// A two-byte integer where 0 is a Protocol Error (Receive Maximum).
+struct U16Nz;
+impl PropCodec for U16Nz {
+    type Value = NonZeroU16;
+    fn read(r: &mut Reader<'_>, id: u8) -> Result<NonZeroU16, DecodeError> {
+        NonZeroU16::new(r.u16()?).ok_or(DecodeError::InvalidPropertyValue(id))
+    }
+    fn len(_: &NonZeroU16) -> Result<usize, EncodeError> {
+        Ok(2)
+    }
+    fn write(v: &NonZeroU16, out: &mut BytesMut) {
+        out.put_u16(v.get());
+    }
+}
+
+/// Topic Alias: 0 is not permitted and gets its own reason code.
+struct Alias;
+impl PropCodec for Alias {
+    type Value = NonZeroU16;
+    fn read(r: &mut Reader<'_>, _: u8) -> Result<NonZeroU16, DecodeError> {
+        NonZeroU16::new(r.u16()?).ok_or(DecodeError::ZeroTopicAlias)
+    }
+    fn len(_: &NonZeroU16) -> Result<usize, EncodeError> {
+        Ok(2)
+    }
+    fn write(v: &NonZeroU16, out: &mut BytesMut) {
+        out.put_u16(v.get());
+    }
+}
+
+struct U32;
+impl PropCodec for U32 {
+    type Value = u32;
+    fn read(r: &mut Reader<'_>, _: u8) -> Result<u32, DecodeError> {
+        r.u32()
+    }
+    fn len(_: &u32) -> Result<usize, EncodeError> {
+        Ok(4)
+    }
+    fn write(v: &u32, out: &mut BytesMut) {
+        out.put_u32(*v);
+    }
+}
+
+/// A four-byte integer where 0 is a Protocol Error (Maximum Packet Size).
+struct U32Nz;
+impl PropCodec for U32Nz {
+    type Value = NonZeroU32;
+    fn read(r: &mut Reader<'_>, id: u8) -> Result<NonZeroU32, DecodeError> {
+        NonZeroU32::new(r.u32()?).ok_or(DecodeError::InvalidPropertyValue(id))
+    }
+    fn len(_: &NonZeroU32) -> Result<usize, EncodeError> {
+        Ok(4)
+    }
+    fn write(v: &NonZeroU32, out: &mut BytesMut) {
+        out.put_u32(v.get());
+    }
+}
+
+/// Subscription Identifier: a variable byte integer from 1 to 268 435 455.
+struct SubId;
+impl PropCodec for SubId {
+    type Value = NonZeroU32;
+    fn read(r: &mut Reader<'_>, id: u8) -> Result<NonZeroU32, DecodeError> {
+        NonZeroU32::new(r.varint()?).ok_or(DecodeError::InvalidPropertyValue(id))
+    }
+    fn len(v: &NonZeroU32) -> Result<usize, EncodeError> {
+        varint_len(v.get())
+    }
+    fn write(v: &NonZeroU32, out: &mut BytesMut) {
+        varint::encode(v.get(), out);
+    }
+}
+
+struct Utf8;
+impl PropCodec for Utf8 {
+    type Value = MqttString;
+    fn read(r: &mut Reader<'_>, _: u8) -> Result<MqttString, DecodeError> {
+        r.string()
+    }
+    fn len(v: &MqttString) -> Result<usize, EncodeError> {
+        field_len(v.len())
+    }
+    fn write(v: &MqttString, out: &mut BytesMut) {
+        put_string(out, v);
+    }
+}
+
+/// Response Topic: a topic name, so no wildcards [MQTT-3.3.2-14].
+struct Topic;
+impl PropCodec for Topic {
+    type Value = TopicName;
+    fn read(r: &mut Reader<'_>, _: u8) -> Result<TopicName, DecodeError> {
+        let name = TopicName::from_mqtt_string(r.string()?)?;
+        if name.is_empty() {
+            return Err(DecodeError::InvalidTopicName);
+        }
+        Ok(name)
+    }
+    fn len(v: &TopicName) -> Result<usize, EncodeError> {
+        field_len(v.as_mqtt_str().len())
+    }
+    fn write(v: &TopicName, out: &mut BytesMut) {
+        put_string(out, v.as_mqtt_str());
+    }
+}
+
+struct Bin;
+impl PropCodec for Bin {
+    type Value = Bytes;
+    fn read(r: &mut Reader<'_>, _: u8) -> Result<Bytes, DecodeError> {
+        r.binary()
+    }
+    fn len(v: &Bytes) -> Result<usize, EncodeError> {
+        field_len(v.len())
+    }
+    fn write(v: &Bytes, out: &mut BytesMut) {
+        put_binary(out, v);
+    }
+}
+
+/// The error for an identifier this packet may not carry.
+fn unexpected(id: u32, packet: &'static str) -> DecodeError {
+    match u8::try_from(id) {
+        Ok(id) if id::is_known(u32::from(id)) => DecodeError::PropertyNotAllowed { id, packet },
+        _ => DecodeError::UnknownProperty(u8::try_from(id).unwrap_or(u8::MAX)),
+    }
+}
+
+#[inline]
+fn set_once<T>(slot: &mut Option<T>, id: u8, value: T) -> Result<(), DecodeError> {
+    if slot.is_some() {
+        return Err(DecodeError::DuplicateProperty(id));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn user_properties_len(props: &[UserProperty]) -> Result<usize, EncodeError> {
+    let mut len = 0;
+    for (k, v) in props {
+        len += 1 + field_len(k.len())? + field_len(v.len())?;
+    }
+    Ok(len)
+}
+
+macro_rules! properties {
+    (
+        $(#[doc = $doc:literal])*
+        $name:ident, $packet:literal {
+            $( $(#[doc = $fdoc:literal])* $field:ident: $ty:ty = $fid:ident as $codec:ident, )*
+        }
+        $( list $(#[doc = $ldoc:literal])* $lfield:ident: $lid:ident as $lcodec:ident, )?
+    ) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Default)]
+        #[non_exhaustive]
+        pub struct $name {
+            $( $(#[doc = $fdoc])* pub $field: Option<$ty>, )*
+            $( $(#[doc = $ldoc])* pub $lfield: SubscriptionIds, )?
+            /// User properties, in the order they appeared.
+            pub user_properties: Vec<UserProperty>,
+        }
+
+        impl $name {
+            /// Reads the property length and the properties that follow it.
+            pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+                let len = r.varint()? as usize;
+                let mut p = Self::default();
+                if len == 0 {
+                    return Ok(p);
+                }
+                let mut r = r.sub(len)?;
+                while !r.is_empty() {
+                    let pid = r.varint()?;
+                    match u8::try_from(pid).unwrap_or(0) {
+                        $( id::$fid => {
+                            let v = $codec::read(&mut r, id::$fid)?;
+                            set_once(&mut p.$field, id::$fid, v)?;
+                        } )*
+                        $( id::$lid => {
+                            let v = $lcodec::read(&mut r, id::$lid)?;
+                            p.$lfield.push(v);
+                        } )?
+                        id::USER_PROPERTY => {
+                            let k = r.string()?;
+                            let v = r.string()?;
+                            p.user_properties.push((k, v));
+                        }
+                        _ => return Err(unexpected(pid, $packet)),
+                    }
+                }
+                Ok(p)
+            }
+
+            /// Length of the properties, without the property length prefix.
+            pub(crate) fn len(&self) -> Result<usize, EncodeError> {
+                let mut len = 0;
+                $( if let Some(v) = &self.$field {
+                    len += 1 + $codec::len(v)?;
+                } )*
+                $( for v in &self.$lfield {
+                    len += 1 + $lcodec::len(v)?;
+                } )?
+                len += user_properties_len(&self.user_properties)?;
+                Ok(len)
+            }
+
+            /// Writes the properties (length prefix included); `len` is what [`Self::len`] said.
+            pub(crate) fn encode(&self, len: usize, out: &mut BytesMut) {
+                varint::encode(len as u32, out);
+                $( if let Some(v) = &self.$field {
+                    out.put_u8(id::$fid);
+                    $codec::write(v, out);
+                } )*
+                $( for v in &self.$lfield {
+                    out.put_u8(id::$lid);
+                    $lcodec::write(v, out);
+                } )?
+                for (k, v) in &self.user_properties {
+                    out.put_u8(id::USER_PROPERTY);
+                    put_string(out, k);
+                    put_string(out, v);
+                }
+            }
+
+            /// Whether no property is set.
+            pub fn is_empty(&self) -> bool {
+                true $( && self.$field.is_none() )* $( && self.$lfield.is_empty() )?
+                    && self.user_properties.is_empty()
+            }
+        }
+    };
+}
+
+properties! {
+    /// Properties of CONNECT (spec 3.1.2.11).
+    ConnectProperties, "CONNECT" {
+        /// Seconds the session outlives the connection; absent means 0.
+        session_expiry_interval: u32 = SESSION_EXPIRY_INTERVAL as U32,
+        /// How many QoS 1 and 2 publishes the client accepts concurrently; absent means 65 535.
+        receive_maximum: NonZeroU16 = RECEIVE_MAXIMUM as U16Nz,
+        /// Largest packet the client accepts; absent means no limit beyond the protocol's.
+        maximum_packet_size: NonZeroU32 = MAXIMUM_PACKET_SIZE as U32Nz,
+        /// Highest topic alias the client accepts from the server; absent means 0 (none).
+        topic_alias_maximum: u16 = TOPIC_ALIAS_MAXIMUM as U16,
+        /// Ask the server for Response Information in CONNACK.
+        request_response_information: bool = REQUEST_RESPONSE_INFORMATION as Flag,
+        /// Whether the server may send Reason Strings and User Properties on failures.
+        request_problem_information: bool = REQUEST_PROBLEM_INFORMATION as Flag,
+        /// Name of the enhanced authentication method.
+        authentication_method: MqttString = AUTHENTICATION_METHOD as Utf8,
+        /// Data of the enhanced authentication method.
+        authentication_data: Bytes = AUTHENTICATION_DATA as Bin,
+    }
+}
+
+properties! {
+    /// Properties of the will message inside CONNECT (spec 3.1.3.2).
+    WillProperties, "will properties" {
+        /// Seconds the server waits before publishing the will.
+        will_delay_interval: u32 = WILL_DELAY_INTERVAL as U32,
+        /// Whether the payload is UTF-8 text (true) or unspecified bytes.
+        payload_format_indicator: bool = PAYLOAD_FORMAT_INDICATOR as Flag,
+        /// Lifetime of the will message in seconds.
+        message_expiry_interval: u32 = MESSAGE_EXPIRY_INTERVAL as U32,
+        /// MIME type of the payload.
+        content_type: MqttString = CONTENT_TYPE as Utf8,
+        /// Topic for a response (request/response pattern).
+        response_topic: TopicName = RESPONSE_TOPIC as Topic,
+        /// Data correlating a response with its request.
+        correlation_data: Bytes = CORRELATION_DATA as Bin,
+    }
+}
+
+properties! {
+    /// Properties of CONNACK (spec 3.2.2.3).
+    ConnAckProperties, "CONNACK" {
+        /// Session expiry the server uses, if it overrides the client's.
+        session_expiry_interval: u32 = SESSION_EXPIRY_INTERVAL as U32,
+        /// How many QoS 1 and 2 publishes the server accepts concurrently.
+        receive_maximum: NonZeroU16 = RECEIVE_MAXIMUM as U16Nz,
+        /// Highest QoS the server supports (absent means 2).
+        maximum_qos: QoS = MAXIMUM_QOS as MaxQos,
+        /// Whether retained messages are supported (absent means yes).
+        retain_available: bool = RETAIN_AVAILABLE as Flag,
+        /// Largest packet the server accepts.
+        maximum_packet_size: NonZeroU32 = MAXIMUM_PACKET_SIZE as U32Nz,
+        /// Client identifier assigned by the server when the client sent an empty one.
+        assigned_client_identifier: MqttString = ASSIGNED_CLIENT_IDENTIFIER as Utf8,
+        /// Highest topic alias the server accepts from the client.
+        topic_alias_maximum: u16 = TOPIC_ALIAS_MAXIMUM as U16,
+        /// Human-readable diagnostics.
+        reason_string: MqttString = REASON_STRING as Utf8,
+        /// Whether wildcard subscriptions are supported (absent means yes).
+        wildcard_subscription_available: bool = WILDCARD_SUBSCRIPTION_AVAILABLE as Flag,
+        /// Whether subscription identifiers are supported (absent means yes).
+        subscription_identifiers_available: bool = SUBSCRIPTION_IDENTIFIER_AVAILABLE as Flag,
+        /// Whether shared subscriptions are supported (absent means yes).
+        shared_subscription_available: bool = SHARED_SUBSCRIPTION_AVAILABLE as Flag,
+        /// Keep alive the server imposes, overriding the client's.
+        server_keep_alive: u16 = SERVER_KEEP_ALIVE as U16,
+        /// Basis for response topics, when the client asked for it.
+        response_information: MqttString = RESPONSE_INFORMATION as Utf8,
+        /// Another server to use.
+        server_reference: MqttString = SERVER_REFERENCE as Utf8,
+        /// Enhanced authentication method.
+        authentication_method: MqttString = AUTHENTICATION_METHOD as Utf8,
+        /// Enhanced authentication data.
+        authentication_data: Bytes = AUTHENTICATION_DATA as Bin,
+    }
+}
+
+properties! {
+    /// Properties of PUBLISH (spec 3.3.2.3).
+    PublishProperties, "PUBLISH" {
+        /// Whether the payload is UTF-8 text (true) or unspecified bytes.
+        payload_format_indicator: bool = PAYLOAD_FORMAT_INDICATOR as Flag,
+        /// Lifetime of the message in seconds.
+        message_expiry_interval: u32 = MESSAGE_EXPIRY_INTERVAL as U32,
+        /// Topic alias standing for (or being set to) the topic name.
+        topic_alias: NonZeroU16 = TOPIC_ALIAS as Alias,
+        /// Topic for a response.
+        response_topic: TopicName = RESPONSE_TOPIC as Topic,
+        /// Data correlating a response with its request.
+        correlation_data: Bytes = CORRELATION_DATA as Bin,
+        /// MIME type of the payload.
+        content_type: MqttString = CONTENT_TYPE as Utf8,
+    }
+    list
+    /// Identifiers of the subscriptions that matched (server to client only).
+    subscription_identifiers: SUBSCRIPTION_IDENTIFIER as SubId,
+}
+
+properties! {
+    /// Properties of PUBACK, PUBREC, PUBREL and PUBCOMP (spec 3.4.2.2).
+    AckProperties, "PUBACK/PUBREC/PUBREL/PUBCOMP" {
+        /// Human-readable diagnostics.
+        reason_string: MqttString = REASON_STRING as Utf8,
+    }
+}
+
+properties! {
+    /// Properties of SUBSCRIBE (spec 3.8.2.1).
+    SubscribeProperties, "SUBSCRIBE" {
+        /// Identifier the server attaches to deliveries for these subscriptions.
+        subscription_identifier: NonZeroU32 = SUBSCRIPTION_IDENTIFIER as SubId,
+    }
+}
+
+properties! {
+    /// Properties of SUBACK and UNSUBACK (spec 3.9.2.1, 3.11.2.1).
+    SubAckProperties, "SUBACK/UNSUBACK" {
+        /// Human-readable diagnostics.
+        reason_string: MqttString = REASON_STRING as Utf8,
+    }
+}
+
+properties! {
+    /// Properties of UNSUBSCRIBE (spec 3.10.2.1): user properties only.
+    UnsubscribeProperties, "UNSUBSCRIBE" {
+    }
+}
+
+properties! {
+    /// Properties of DISCONNECT (spec 3.14.2.2).
+    DisconnectProperties, "DISCONNECT" {
+        /// New session expiry (client to server only).
+        session_expiry_interval: u32 = SESSION_EXPIRY_INTERVAL as U32,
+        /// Human-readable diagnostics.
+        reason_string: MqttString = REASON_STRING as Utf8,
+        /// Another server to use.
+        server_reference: MqttString = SERVER_REFERENCE as Utf8,
+    }
+}
+
+properties! {
+    /// Properties of AUTH (spec 3.15.2.2).
+    AuthProperties, "AUTH" {
+        /// Enhanced authentication method.
+        authentication_method: MqttString = AUTHENTICATION_METHOD as Utf8,
+        /// Enhanced authentication data.
+        authentication_data: Bytes = AUTHENTICATION_DATA as Bin,
+        /// Human-readable diagnostics.
+        reason_string: MqttString = REASON_STRING as Utf8,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode<T>(bytes: &'static [u8], f: fn(&mut Reader<'_>) -> Result<T, DecodeError>) -> Result<T, DecodeError> {
+        let b = Bytes::from_static(bytes);
+        let mut r = Reader::new(&b);
+        let v = f(&mut r)?;
+        r.finish()?;
+        Ok(v)
+    }
+
+    #[test]
+    fn duplicate_single_property_is_protocol_error() {
+        let e = decode(&[6, 0x21, 0, 5, 0x21, 0, 6], ConnectProperties::decode).unwrap_err();
+        assert_eq!(e, DecodeError::DuplicateProperty(0x21));
+        assert_eq!(e.reason_code(), crate::ReasonCode::ProtocolError);
+    }
+
+    #[test]
+    fn property_from_another_packet_is_malformed() {
+        // Topic Alias is a PUBLISH property, not a CONNECT one.
+        let e = decode(&[3, 0x23, 0, 1], ConnectProperties::decode).unwrap_err();
+        assert_eq!(e, DecodeError::PropertyNotAllowed { id: 0x23, packet: "CONNECT" });
+        assert_eq!(e.reason_code(), crate::ReasonCode::MalformedPacket);
+        assert_eq!(decode(&[2, 0x7f, 0], ConnectProperties::decode), Err(DecodeError::UnknownProperty(0x7f)));
+    }
+
+    #[test]
+    fn forbidden_values() {
+        assert_eq!(decode(&[3, 0x21, 0, 0], ConnectProperties::decode), Err(DecodeError::InvalidPropertyValue(0x21)));
+        assert_eq!(decode(&[2, 0x17, 2], ConnectProperties::decode), Err(DecodeError::InvalidPropertyValue(0x17)));
+        assert_eq!(decode(&[2, 0x24, 2], ConnAckProperties::decode), Err(DecodeError::InvalidPropertyValue(0x24)));
+        assert_eq!(decode(&[3, 0x23, 0, 0], PublishProperties::decode), Err(DecodeError::ZeroTopicAlias));
+        assert_eq!(decode(&[2, 0x0B, 0], SubscribeProperties::decode), Err(DecodeError::InvalidPropertyValue(0x0B)));
+    }
+
+    #[test]
+    fn repeated_properties_keep_order() {
+        let p = decode(
+            &[14, 0x0B, 5, 0x0B, 0x80, 0x01, 0x26, 0, 1, b'k', 0, 1, b'v', 0x0B, 1],
+            PublishProperties::decode,
+        )
+        .unwrap();
+        let ids: Vec<u32> = p.subscription_identifiers.iter().map(|v| v.get()).collect();
+        assert_eq!(ids, [5, 128, 1]);
+        assert_eq!(p.user_properties.len(), 1);
+        assert_eq!(p.user_properties[0].0, "k");
+    }
+
+    #[test]
+    fn property_block_longer_than_packet() {
+        assert_eq!(decode(&[9, 0x21, 0, 5], ConnectProperties::decode), Err(DecodeError::UnexpectedEnd));
+    }
+}

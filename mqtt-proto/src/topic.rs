@@ -1,0 +1,321 @@
+//! Topic names and topic filters (spec 4.7), matching, and shared subscriptions (spec 4.8.2).
+
+use crate::error::DecodeError;
+use crate::string::MqttString;
+use bytes::Bytes;
+use std::fmt;
+
+/// The prefix of a shared subscription filter.
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// A topic name: what a PUBLISH is addressed to. It contains no wildcard characters.
+///
+/// It may be empty only in an MQTT 5 PUBLISH that carries a Topic Alias; [`TopicName::new`]
+/// refuses the empty string, the decoder allows it where the spec does.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct TopicName(MqttString);
+
+impl TopicName {
+    /// Checks a topic name: not empty, no `+` or `#`, no U+0000.
+    pub fn new(name: impl Into<String>) -> Result<TopicName, DecodeError> {
+        let bytes = Bytes::from(name.into());
+        if bytes.is_empty() {
+            return Err(DecodeError::InvalidTopicName);
+        }
+        TopicName::from_bytes(bytes)
+    }
+
+    /// Validates a decoded topic name; the empty name is allowed here (MQTT 5 alias use).
+    pub fn from_bytes(bytes: Bytes) -> Result<TopicName, DecodeError> {
+        Self::check(&bytes)?;
+        Ok(TopicName(MqttString::from_bytes(bytes)?))
+    }
+
+    /// Validates an already-valid MQTT string as a topic name.
+    pub fn from_mqtt_string(s: MqttString) -> Result<TopicName, DecodeError> {
+        Self::check(s.as_bytes())?;
+        Ok(TopicName(s))
+    }
+
+    #[inline]
+    fn check(bytes: &[u8]) -> Result<(), DecodeError> {
+        if bytes.iter().any(|&b| b == b'+' || b == b'#') {
+            return Err(DecodeError::InvalidTopicName);
+        }
+        Ok(())
+    }
+
+    /// The empty topic name used with a topic alias.
+    pub fn empty() -> TopicName {
+        TopicName::default()
+    }
+
+    /// The text.
+    #[inline]
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The underlying MQTT string.
+    #[inline]
+    pub fn as_mqtt_str(&self) -> &MqttString {
+        &self.0
+    }
+
+    /// Whether this is the empty name (only legal with a topic alias).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Topics starting with `$` are reserved for the server (e.g. `$SYS/`): leading wildcards
+    /// do not match them [MQTT-4.7.2-1].
+    #[inline]
+    pub fn is_system(&self) -> bool {
+        self.0.as_bytes().first() == Some(&b'$')
+    }
+}
+
+/// A topic filter: what a SUBSCRIBE asks for. `+` matches one level, `#` the rest; a filter of the
+/// form `$share/{group}/{filter}` is a shared subscription.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicFilter(MqttString);
+
+impl TopicFilter {
+    /// Checks a topic filter.
+    pub fn new(filter: impl Into<String>) -> Result<TopicFilter, DecodeError> {
+        TopicFilter::from_bytes(Bytes::from(filter.into()))
+    }
+
+    /// Validates a decoded topic filter.
+    pub fn from_bytes(bytes: Bytes) -> Result<TopicFilter, DecodeError> {
+        check_filter(&bytes)?;
+        Ok(TopicFilter(MqttString::from_bytes(bytes)?))
+    }
+
+    /// The text.
+    #[inline]
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The underlying MQTT string.
+    #[inline]
+    pub fn as_mqtt_str(&self) -> &MqttString {
+        &self.0
+    }
+
+    /// For a shared subscription `$share/{group}/{filter}`, the group and the inner filter.
+    pub fn shared(&self) -> Option<(&str, &str)> {
+        let rest = self.as_str().strip_prefix(SHARE_PREFIX)?;
+        // Validated at construction: a non-empty group followed by '/' and a filter.
+        rest.split_once('/')
+    }
+
+    /// The filter that is matched against topic names: the inner filter of a shared subscription,
+    /// the whole filter otherwise.
+    pub fn match_filter(&self) -> &str {
+        self.shared().map_or(self.as_str(), |(_, f)| f)
+    }
+
+    /// Whether the filter has a `+` or `#`.
+    pub fn has_wildcards(&self) -> bool {
+        self.match_filter().bytes().any(|b| b == b'+' || b == b'#')
+    }
+
+    /// Whether a PUBLISH to `topic` matches this filter (a shared filter matches by its inner
+    /// filter).
+    pub fn matches(&self, topic: &TopicName) -> bool {
+        matches(self.match_filter(), topic.as_str())
+    }
+}
+
+fn check_filter(bytes: &[u8]) -> Result<(), DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::InvalidTopicFilter);
+    }
+    let filter = match bytes.strip_prefix(SHARE_PREFIX.as_bytes()) {
+        Some(rest) => {
+            // $share/{ShareName}/{filter}: the share name is at least one character and has no
+            // '/', '+' or '#' [MQTT-4.8.2-1, MQTT-4.8.2-2]; the filter follows the '/'.
+            let slash = rest.iter().position(|&b| b == b'/').ok_or(DecodeError::InvalidTopicFilter)?;
+            let (group, filter) = (&rest[..slash], &rest[slash + 1..]);
+            if group.is_empty() || group.iter().any(|&b| b == b'+' || b == b'#') || filter.is_empty() {
+                return Err(DecodeError::InvalidTopicFilter);
+            }
+            filter
+        }
+        None => bytes,
+    };
+    let levels = filter.split(|&b| b == b'/');
+    let count = filter.iter().filter(|&&b| b == b'/').count() + 1;
+    for (i, level) in levels.enumerate() {
+        let wild = level.iter().any(|&b| b == b'+' || b == b'#');
+        if !wild {
+            continue;
+        }
+        match level {
+            b"+" => {}
+            b"#" if i + 1 == count => {}
+            _ => return Err(DecodeError::InvalidTopicFilter),
+        }
+    }
+    Ok(())
+}
+
+/// Topic matching on plain strings: `filter` must be a valid (non-shared) filter.
+///
+/// `$`-topics are not matched by a filter whose first level is a wildcard [MQTT-4.7.2-1].
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl fmt::Debug for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for TopicFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for TopicFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<&str> for TopicName {
+    type Error = DecodeError;
+    fn try_from(s: &str) -> Result<Self, DecodeError> {
+        TopicName::new(s)
+    }
+}
+
+impl TryFrom<&str> for TopicFilter {
+    type Error = DecodeError;
+    fn try_from(s: &str) -> Result<Self, DecodeError> {
+        TopicFilter::new(s)
+    }
+}
+
+#[cfg(feature = "arbitrary")]
+impl<'a> arbitrary::Arbitrary<'a> for TopicName {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        let levels = u.int_in_range(1..=4)?;
+        let mut s = String::new();
+        for i in 0..levels {
+            if i > 0 {
+                s.push('/');
+            }
+            let level: String = u.arbitrary()?;
+            s.extend(level.chars().filter(|c| !matches!(c, '\0' | '+' | '#' | '/')).take(12));
+        }
+        if s.is_empty() {
+            s.push('t');
+        }
+        TopicName::new(s).map_err(|_| arbitrary::Error::IncorrectFormat)
+    }
+}
+
+#[cfg(feature = "arbitrary")]
+impl<'a> arbitrary::Arbitrary<'a> for TopicFilter {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        let levels = u.int_in_range(1..=4)?;
+        let mut s = String::new();
+        if u.ratio(1, 8)? {
+            s.push_str("$share/g/");
+        }
+        for i in 0..levels {
+            if i > 0 {
+                s.push('/');
+            }
+            match u.int_in_range(0..=5)? {
+                0 => s.push('+'),
+                1 if i + 1 == levels => s.push('#'),
+                _ => {
+                    let level: String = u.arbitrary()?;
+                    s.extend(level.chars().filter(|c| !matches!(c, '\0' | '+' | '#' | '/')).take(12));
+                }
+            }
+        }
+        TopicFilter::new(s).map_err(|_| arbitrary::Error::IncorrectFormat)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_and_invalid_filters() {
+        for ok in ["#", "+", "a/+/b", "a/#", "+/+", "/", "sport/tennis/#", "$share/g/a/#", "$share/g//"] {
+            assert!(TopicFilter::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a#", "a/#/b", "a+", "+a/b", "sport/tennis#", "$share/g", "$share//a", "$share/g+/a", "$share/g/"] {
+            assert_eq!(TopicFilter::new(bad), Err(DecodeError::InvalidTopicFilter), "{bad}");
+        }
+    }
+
+    #[test]
+    fn topic_names() {
+        assert!(TopicName::new("a/b").is_ok());
+        assert!(TopicName::new("/").is_ok());
+        assert_eq!(TopicName::new(""), Err(DecodeError::InvalidTopicName));
+        assert_eq!(TopicName::new("a/+"), Err(DecodeError::InvalidTopicName));
+        assert_eq!(TopicName::new("a/#"), Err(DecodeError::InvalidTopicName));
+    }
+
+    #[test]
+    fn spec_matching_examples() {
+        // Spec 4.7.1.2 and 4.7.1.3.
+        assert!(matches("sport/tennis/player1/#", "sport/tennis/player1"));
+        assert!(matches("sport/tennis/player1/#", "sport/tennis/player1/ranking"));
+        assert!(matches("sport/#", "sport"));
+        assert!(matches("sport/tennis/+", "sport/tennis/player1"));
+        assert!(!matches("sport/tennis/+", "sport/tennis/player1/ranking"));
+        assert!(!matches("sport/+", "sport"));
+        assert!(matches("sport/+", "sport/"));
+        assert!(matches("+/+", "/finance"));
+        assert!(matches("/+", "/finance"));
+        assert!(!matches("+", "/finance"));
+        assert!(matches("#", "a/b/c"));
+        // Spec 4.7.2: $-topics.
+        assert!(!matches("#", "$SYS/broker"));
+        assert!(!matches("+/monitor/Clients", "$SYS/monitor/Clients"));
+        assert!(matches("$SYS/#", "$SYS/monitor/Clients"));
+        assert!(matches("$SYS/monitor/+", "$SYS/monitor/Clients"));
+    }
+
+    #[test]
+    fn shared_subscriptions() {
+        let f = TopicFilter::new("$share/consumer1/sport/tennis/+").unwrap();
+        assert_eq!(f.shared(), Some(("consumer1", "sport/tennis/+")));
+        assert!(f.matches(&TopicName::new("sport/tennis/p1").unwrap()));
+        assert!(f.has_wildcards());
+        let plain = TopicFilter::new("$sharex/a").unwrap();
+        assert_eq!(plain.shared(), None);
+    }
+}
