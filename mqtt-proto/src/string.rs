@@ -18,6 +18,13 @@ impl MqttString {
         Ok(MqttString(bytes))
     }
 
+    /// Wraps bytes the caller has already validated (crate-internal fast path).
+    #[inline]
+    pub(crate) fn from_validated(bytes: Bytes) -> MqttString {
+        debug_assert!(validate(&bytes).is_ok());
+        MqttString(bytes)
+    }
+
     /// Builds a string from static text; panics if it contains U+0000 (a programming error).
     pub fn from_static(s: &'static str) -> MqttString {
         assert!(!s.contains('\0'), "MQTT strings cannot contain U+0000");
@@ -60,15 +67,18 @@ impl MqttString {
 /// Checks UTF-8 well-formedness and the absence of U+0000 [MQTT-1.5.4-1, MQTT-1.5.4-2].
 #[inline]
 pub(crate) fn validate(bytes: &[u8]) -> Result<(), DecodeError> {
-    if bytes.is_ascii() {
-        // The common case: ASCII needs only the NUL check.
-        if bytes.contains(&0) {
-            return Err(DecodeError::NullCharacter);
-        }
-        return Ok(());
+    // One vectorisable pass finds NUL and non-ASCII bytes; only non-ASCII text needs the full
+    // UTF-8 check.
+    let mut nul = false;
+    let mut high = 0u8;
+    for &b in bytes {
+        nul |= b == 0;
+        high |= b;
     }
-    let s = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
-    if s.as_bytes().contains(&0) {
+    if high >= 0x80 {
+        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
+    }
+    if nul {
         return Err(DecodeError::NullCharacter);
     }
     Ok(())
