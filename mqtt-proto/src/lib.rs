@@ -32,6 +32,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(feature = "arbitrary")]
+mod arb;
 mod decoder;
 mod error;
 mod packet;
@@ -51,7 +53,7 @@ pub use packet::{
 };
 pub use properties::{
     AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
-    PublishProperties, SubAckProperties, SubscribeProperties, UnsubscribeProperties,
+    PropBox, PublishProperties, SubAckProperties, SubscribeProperties, UnsubscribeProperties,
     UserProperty, WillProperties,
 };
 pub use reason::{ReasonCode, ReasonPacket};

@@ -61,6 +61,73 @@ pub type UserProperty = (MqttString, MqttString);
 /// Subscription identifiers of a PUBLISH (one per matching subscription, usually one or none).
 pub type SubscriptionIds = SmallVec<[NonZeroU32; 1]>;
 
+/// Property structs that have a `'static` empty value, for [`PropBox`] to lend out.
+pub trait EmptyProperties: Default + 'static {
+    /// The shared empty value.
+    fn empty() -> &'static Self;
+}
+
+/// Properties kept out of line: a single pointer inside the packet, and no allocation at all
+/// while empty (the common case for PUBLISH).
+///
+/// Reading through it (`publish.properties.topic_alias`) sees an empty set when nothing is
+/// stored; writing (`publish.properties.topic_alias = Some(..)`) allocates on first use. It keeps
+/// [`Publish`](crate::Publish) small, which matters because decoded packets are moved by value.
+#[derive(Clone, Default)]
+pub struct PropBox<T>(Option<Box<T>>);
+
+impl<T: EmptyProperties> PropBox<T> {
+    /// Wraps a property set.
+    pub fn new(props: T) -> PropBox<T> {
+        PropBox(Some(Box::new(props)))
+    }
+}
+
+impl<T: EmptyProperties> std::ops::Deref for PropBox<T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        match &self.0 {
+            Some(props) => props,
+            None => T::empty(),
+        }
+    }
+}
+
+impl<T: EmptyProperties> std::ops::DerefMut for PropBox<T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl<T: EmptyProperties + PartialEq> PartialEq for PropBox<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: EmptyProperties + Eq> Eq for PropBox<T> {}
+
+impl<T: EmptyProperties + std::fmt::Debug> std::fmt::Debug for PropBox<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl<T: EmptyProperties> From<T> for PropBox<T> {
+    fn from(props: T) -> Self {
+        PropBox::new(props)
+    }
+}
+
+#[cfg(feature = "arbitrary")]
+impl<'a, T: EmptyProperties + arbitrary::Arbitrary<'a>> arbitrary::Arbitrary<'a> for PropBox<T> {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        Ok(if u.arbitrary()? { PropBox::new(T::arbitrary(u)?) } else { PropBox::default() })
+    }
+}
+
 /// How one property type is read, sized and written.
 trait PropCodec {
     type Value;
@@ -100,8 +167,11 @@ impl PropCodec for MaxQos {
             _ => Err(DecodeError::InvalidPropertyValue(id)),
         }
     }
-    fn len(_: &QoS) -> Result<usize, EncodeError> {
-        Ok(1)
+    fn len(v: &QoS) -> Result<usize, EncodeError> {
+        match v {
+            QoS::ExactlyOnce => Err(EncodeError::Invalid("Maximum QoS can only be 0 or 1; omit it for 2")),
+            _ => Ok(1),
+        }
     }
     fn write(v: &QoS, out: &mut BytesMut) {
         out.put_u8(*v as u8);
@@ -278,15 +348,25 @@ macro_rules! properties {
     ) => {
         $(#[doc = $doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Default)]
+        #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
         #[non_exhaustive]
         pub struct $name {
-            $( $(#[doc = $fdoc])* pub $field: Option<$ty>, )*
+            $( $(#[doc = $fdoc])*
+            #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::arb::ArbField::arb))]
+            pub $field: Option<$ty>, )*
             $( $(#[doc = $ldoc])* pub $lfield: SubscriptionIds, )?
             /// User properties, in the order they appeared.
             pub user_properties: Vec<UserProperty>,
         }
 
         impl $name {
+            /// No property set, as a constant.
+            pub const EMPTY: $name = $name {
+                $( $field: None, )*
+                $( $lfield: SmallVec::new_const(), )?
+                user_properties: Vec::new(),
+            };
+
             /// Reads the property length and the properties that follow it.
             pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
                 let len = r.varint()? as usize;
@@ -348,10 +428,24 @@ macro_rules! properties {
                 }
             }
 
+            /// Reads the properties into a [`PropBox`], which stays unallocated when there
+            /// are none.
+            pub(crate) fn decode_boxed(r: &mut Reader<'_>) -> Result<PropBox<Self>, DecodeError> {
+                let p = Self::decode(r)?;
+                Ok(if p.is_empty() { PropBox::default() } else { PropBox(Some(Box::new(p))) })
+            }
+
             /// Whether no property is set.
             pub fn is_empty(&self) -> bool {
                 true $( && self.$field.is_none() )* $( && self.$lfield.is_empty() )?
                     && self.user_properties.is_empty()
+            }
+        }
+
+        impl EmptyProperties for $name {
+            fn empty() -> &'static Self {
+                static EMPTY: $name = $name::EMPTY;
+                &EMPTY
             }
         }
     };

@@ -55,7 +55,7 @@ fn connect_v311_with_will_and_credentials() {
         payload: Bytes::from_static(b"m"),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: WillProperties::default(),
+        properties: Default::default(),
     });
     c.username = Some(s("u"));
     c.password = Some(Bytes::from_static(b"p"));
@@ -87,7 +87,7 @@ fn connect_v5_with_properties() {
         payload: Bytes::from_static(b"m"),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: WillProperties::default(),
+        properties: Default::default(),
     });
     c.username = Some(s("u"));
     c.password = Some(Bytes::from_static(b"p"));
@@ -235,7 +235,7 @@ fn sub(filter: &str, qos: QoS) -> Subscription {
 fn subscribe_vectors() {
     let s3 = Subscribe {
         packet_id: pid(10),
-        properties: SubscribeProperties::default(),
+        properties: Default::default(),
         subscriptions: [sub("a/b", QoS::AtLeastOnce), sub("c/d", QoS::ExactlyOnce)].into_iter().collect(),
     };
     both_ways(V3, &[0x82, 14, 0, 10, 0, 3, b'a', b'/', b'b', 1, 0, 3, b'c', b'/', b'd', 2], s3.into());
@@ -244,7 +244,7 @@ fn subscribe_vectors() {
     one.options.no_local = true;
     one.options.retain_as_published = true;
     one.options.retain_handling = RetainHandling::DoNotSend;
-    let mut s5 = Subscribe { packet_id: pid(10), properties: SubscribeProperties::default(), subscriptions: [one].into_iter().collect() };
+    let mut s5 = Subscribe { packet_id: pid(10), properties: Default::default(), subscriptions: [one].into_iter().collect() };
     s5.properties.subscription_identifier = std::num::NonZeroU32::new(5);
     both_ways(V5, &[0x82, 11, 0, 10, 2, 0x0B, 5, 0, 3, b'a', b'/', b'+', 0x2D], s5.into());
 
@@ -283,13 +283,13 @@ fn subscribe_vectors() {
 fn suback_vectors() {
     let a = SubAck {
         packet_id: pid(10),
-        properties: SubAckProperties::default(),
+        properties: Default::default(),
         reason_codes: [ReasonCode::GrantedQos1, ReasonCode::UnspecifiedError].into_iter().collect(),
     };
     both_ways(V3, &[0x90, 4, 0, 10, 0x01, 0x80], a.into());
     let b = SubAck {
         packet_id: pid(10),
-        properties: SubAckProperties::default(),
+        properties: Default::default(),
         reason_codes: [ReasonCode::GrantedQos2, ReasonCode::TopicFilterInvalid].into_iter().collect(),
     };
     both_ways(V5, &[0x90, 5, 0, 10, 0, 0x02, 0x8F], b.into());
@@ -301,7 +301,7 @@ fn suback_vectors() {
 fn unsubscribe_and_unsuback_vectors() {
     let u = Unsubscribe {
         packet_id: pid(11),
-        properties: UnsubscribeProperties::default(),
+        properties: Default::default(),
         filters: [TopicFilter::new("x").unwrap()].into_iter().collect(),
     };
     both_ways(V3, &[0xA2, 5, 0, 11, 0, 1, b'x'], u.clone().into());
@@ -309,11 +309,11 @@ fn unsubscribe_and_unsuback_vectors() {
     err(V3, &[0xA2, 2, 0, 11], DecodeError::EmptyPayload, ReasonCode::ProtocolError);
     err(V3, &[0xA0, 5, 0, 11, 0, 1, b'x'], DecodeError::InvalidFlags { packet_type: 10, flags: 0 }, ReasonCode::MalformedPacket);
 
-    let a3 = UnsubAck { packet_id: pid(11), properties: SubAckProperties::default(), reason_codes: Default::default() };
+    let a3 = UnsubAck { packet_id: pid(11), properties: Default::default(), reason_codes: Default::default() };
     both_ways(V3, &[0xB0, 2, 0, 11], a3.into());
     let a5 = UnsubAck {
         packet_id: pid(11),
-        properties: SubAckProperties::default(),
+        properties: Default::default(),
         reason_codes: [ReasonCode::NoSubscriptionExisted].into_iter().collect(),
     };
     both_ways(V5, &[0xB0, 4, 0, 11, 0, 0x11], a5.into());

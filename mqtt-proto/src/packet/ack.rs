@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::AckProperties;
+use crate::properties::{PropBox, AckProperties};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::types::{PacketId, Protocol};
 use crate::varint;
@@ -19,13 +19,13 @@ pub struct Ack {
     /// MQTT 5 reason code; always Success for 3.1.1.
     pub reason_code: ReasonCode,
     /// MQTT 5 properties.
-    pub properties: AckProperties,
+    pub properties: PropBox<AckProperties>,
 }
 
 impl Ack {
     /// A successful acknowledgement with no properties.
     pub fn new(packet_id: PacketId) -> Ack {
-        Ack { packet_id, reason_code: ReasonCode::Success, properties: AckProperties::default() }
+        Ack { packet_id, reason_code: ReasonCode::Success, properties: PropBox::default() }
     }
 
     pub(super) fn read(r: &mut Reader<'_>, v5: bool, kind: ReasonPacket) -> Result<Ack, DecodeError> {
@@ -35,7 +35,7 @@ impl Ack {
         if v5 && !r.is_empty() {
             ack.reason_code = ReasonCode::decode_for(r.u8()?, kind)?;
             if !r.is_empty() {
-                ack.properties = AckProperties::decode(r)?;
+                ack.properties = AckProperties::decode_boxed(r)?;
             }
         }
         Ok(ack)

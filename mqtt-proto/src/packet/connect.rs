@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::{ConnAckProperties, ConnectProperties, WillProperties};
+use crate::properties::{PropBox, ConnAckProperties, ConnectProperties, WillProperties};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::string::MqttString;
 use crate::topic::TopicName;
@@ -28,9 +28,10 @@ pub struct Connect {
     /// User name.
     pub username: Option<MqttString>,
     /// Password (binary data).
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::arb::ArbField::arb))]
     pub password: Option<Bytes>,
     /// MQTT 5 properties (empty for 3.1.1).
-    pub properties: ConnectProperties,
+    pub properties: PropBox<ConnectProperties>,
 }
 
 /// The will message of a CONNECT.
@@ -40,13 +41,14 @@ pub struct Will {
     /// Where the will is published.
     pub topic: TopicName,
     /// Its payload.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::arb::bytes))]
     pub payload: Bytes,
     /// Its QoS.
     pub qos: QoS,
     /// Whether it is retained.
     pub retain: bool,
     /// MQTT 5 will properties (delay, expiry, ...).
-    pub properties: WillProperties,
+    pub properties: PropBox<WillProperties>,
 }
 
 impl Connect {
@@ -60,7 +62,7 @@ impl Connect {
             will: None,
             username: None,
             password: None,
-            properties: ConnectProperties::default(),
+            properties: PropBox::default(),
         }
     }
 
@@ -91,10 +93,10 @@ impl Connect {
             return Err(DecodeError::PasswordWithoutUsername);
         }
         let keep_alive = r.u16()?;
-        let properties = if v5 { ConnectProperties::decode(r)? } else { ConnectProperties::default() };
+        let properties = if v5 { ConnectProperties::decode_boxed(r)? } else { PropBox::default() };
         let client_id = r.string()?;
         let will = if has_will {
-            let properties = if v5 { WillProperties::decode(r)? } else { WillProperties::default() };
+            let properties = if v5 { WillProperties::decode_boxed(r)? } else { PropBox::default() };
             let topic = TopicName::from_mqtt_string(r.string()?)?;
             if topic.is_empty() {
                 return Err(DecodeError::InvalidTopicName);
@@ -195,7 +197,7 @@ pub struct ConnAck {
     /// codes of the same meaning (see [`ReasonCode::from_v3_connack`]).
     pub reason_code: ReasonCode,
     /// MQTT 5 properties.
-    pub properties: ConnAckProperties,
+    pub properties: PropBox<ConnAckProperties>,
 }
 
 impl ConnAck {
@@ -212,7 +214,7 @@ impl ConnAck {
         if flags & 0xFE != 0 || (session_present && reason_code != ReasonCode::Success) {
             return Err(DecodeError::InvalidConnAckFlags(flags));
         }
-        let properties = if v5 { ConnAckProperties::decode(r)? } else { ConnAckProperties::default() };
+        let properties = if v5 { ConnAckProperties::decode_boxed(r)? } else { PropBox::default() };
         Ok(ConnAck { session_present, reason_code, properties })
     }
 

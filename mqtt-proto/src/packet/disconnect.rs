@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::{AuthProperties, DisconnectProperties};
+use crate::properties::{PropBox, AuthProperties, DisconnectProperties};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::types::Protocol;
 use crate::varint;
@@ -25,13 +25,13 @@ pub struct Disconnect {
     /// Why; MQTT 3.1.1 always decodes as Normal disconnection.
     pub reason_code: ReasonCode,
     /// MQTT 5 properties.
-    pub properties: DisconnectProperties,
+    pub properties: PropBox<DisconnectProperties>,
 }
 
 impl Disconnect {
     /// A DISCONNECT with `reason_code` and no properties.
     pub fn new(reason_code: ReasonCode) -> Disconnect {
-        Disconnect { reason_code, properties: DisconnectProperties::default() }
+        Disconnect { reason_code, properties: PropBox::default() }
     }
 
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Disconnect, DecodeError> {
@@ -40,7 +40,7 @@ impl Disconnect {
         if v5 && !r.is_empty() {
             d.reason_code = ReasonCode::decode_for(r.u8()?, ReasonPacket::Disconnect)?;
             if !r.is_empty() {
-                d.properties = DisconnectProperties::decode(r)?;
+                d.properties = DisconnectProperties::decode_boxed(r)?;
             }
         }
         Ok(d)
@@ -77,7 +77,7 @@ pub struct Auth {
     /// Success, Continue authentication or Re-authenticate.
     pub reason_code: ReasonCode,
     /// Method, data and diagnostics.
-    pub properties: AuthProperties,
+    pub properties: PropBox<AuthProperties>,
 }
 
 impl Auth {
@@ -86,7 +86,7 @@ impl Auth {
         if !r.is_empty() {
             a.reason_code = ReasonCode::decode_for(r.u8()?, ReasonPacket::Auth)?;
             if !r.is_empty() {
-                a.properties = AuthProperties::decode(r)?;
+                a.properties = AuthProperties::decode_boxed(r)?;
             }
         }
         Ok(a)

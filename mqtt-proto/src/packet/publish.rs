@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::PublishProperties;
+use crate::properties::{PropBox, PublishProperties};
 use crate::topic::TopicName;
 use crate::types::{PacketId, Protocol, QoS, QosPid};
 use crate::varint;
@@ -22,9 +22,10 @@ pub struct Publish {
     /// Topic name; empty only when an MQTT 5 topic alias stands for it.
     pub topic: TopicName,
     /// Application payload.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::arb::bytes))]
     pub payload: Bytes,
-    /// MQTT 5 properties.
-    pub properties: PublishProperties,
+    /// MQTT 5 properties (out of line: no allocation when there are none).
+    pub properties: PropBox<PublishProperties>,
 }
 
 impl Publish {
@@ -36,7 +37,7 @@ impl Publish {
             retain: false,
             topic,
             payload: payload.into(),
-            properties: PublishProperties::default(),
+            properties: PropBox::default(),
         }
     }
 
@@ -73,7 +74,7 @@ impl Publish {
             QoS::AtLeastOnce => QosPid::AtLeastOnce(r.packet_id()?),
             QoS::ExactlyOnce => QosPid::ExactlyOnce(r.packet_id()?),
         };
-        let properties = if v5 { PublishProperties::decode(r)? } else { PublishProperties::default() };
+        let properties = if v5 { PublishProperties::decode_boxed(r)? } else { PropBox::default() };
         if topic.is_empty() {
             if !v5 {
                 return Err(DecodeError::InvalidTopicName);

@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::{SubAckProperties, SubscribeProperties, UnsubscribeProperties};
+use crate::properties::{PropBox, SubAckProperties, SubscribeProperties, UnsubscribeProperties};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::topic::TopicFilter;
 use crate::types::{PacketId, Protocol, QoS, RetainHandling};
@@ -73,7 +73,7 @@ pub struct Subscribe {
     /// Identifier echoed by the SUBACK.
     pub packet_id: PacketId,
     /// MQTT 5 properties.
-    pub properties: SubscribeProperties,
+    pub properties: PropBox<SubscribeProperties>,
     /// The subscriptions (at least one).
     pub subscriptions: SmallVec<[Subscription; 1]>,
 }
@@ -104,7 +104,7 @@ fn check_codes(codes: &[ReasonCode], packet: ReasonPacket) -> Result<(), EncodeE
 impl Subscribe {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
         let packet_id = r.packet_id()?;
-        let properties = if v5 { SubscribeProperties::decode(r)? } else { SubscribeProperties::default() };
+        let properties = if v5 { SubscribeProperties::decode_boxed(r)? } else { PropBox::default() };
         let mut subscriptions = SmallVec::new();
         while !r.is_empty() {
             let filter = TopicFilter::from_bytes(r.binary()?)?;
@@ -154,7 +154,7 @@ pub struct SubAck {
     /// The SUBSCRIBE's identifier.
     pub packet_id: PacketId,
     /// MQTT 5 properties.
-    pub properties: SubAckProperties,
+    pub properties: PropBox<SubAckProperties>,
     /// Granted QoS or failure, per subscription. MQTT 3.1.1's 0x80 decodes as
     /// [`ReasonCode::UnspecifiedError`]; every failure encodes as 0x80 there.
     pub reason_codes: SmallVec<[ReasonCode; 4]>,
@@ -163,7 +163,7 @@ pub struct SubAck {
 impl SubAck {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<SubAck, DecodeError> {
         let packet_id = r.packet_id()?;
-        let properties = if v5 { SubAckProperties::decode(r)? } else { SubAckProperties::default() };
+        let properties = if v5 { SubAckProperties::decode_boxed(r)? } else { PropBox::default() };
         let mut reason_codes = SmallVec::with_capacity(r.remaining());
         while !r.is_empty() {
             let byte = r.u8()?;
@@ -210,7 +210,7 @@ pub struct Unsubscribe {
     /// Identifier echoed by the UNSUBACK.
     pub packet_id: PacketId,
     /// MQTT 5 properties.
-    pub properties: UnsubscribeProperties,
+    pub properties: PropBox<UnsubscribeProperties>,
     /// The filters to remove (at least one).
     pub filters: SmallVec<[TopicFilter; 1]>,
 }
@@ -218,7 +218,7 @@ pub struct Unsubscribe {
 impl Unsubscribe {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Unsubscribe, DecodeError> {
         let packet_id = r.packet_id()?;
-        let properties = if v5 { UnsubscribeProperties::decode(r)? } else { UnsubscribeProperties::default() };
+        let properties = if v5 { UnsubscribeProperties::decode_boxed(r)? } else { PropBox::default() };
         let mut filters = SmallVec::new();
         while !r.is_empty() {
             filters.push(TopicFilter::from_bytes(r.binary()?)?);
@@ -258,7 +258,7 @@ pub struct UnsubAck {
     /// The UNSUBSCRIBE's identifier.
     pub packet_id: PacketId,
     /// MQTT 5 properties.
-    pub properties: SubAckProperties,
+    pub properties: PropBox<SubAckProperties>,
     /// MQTT 5: one reason code per filter, in order.
     pub reason_codes: SmallVec<[ReasonCode; 4]>,
 }
@@ -266,11 +266,11 @@ pub struct UnsubAck {
 impl UnsubAck {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<UnsubAck, DecodeError> {
         let packet_id = r.packet_id()?;
-        let mut ack = UnsubAck { packet_id, properties: SubAckProperties::default(), reason_codes: SmallVec::new() };
+        let mut ack = UnsubAck { packet_id, properties: PropBox::default(), reason_codes: SmallVec::new() };
         if !v5 {
             return Ok(ack);
         }
-        ack.properties = SubAckProperties::decode(r)?;
+        ack.properties = SubAckProperties::decode_boxed(r)?;
         while !r.is_empty() {
             ack.reason_codes.push(ReasonCode::decode_for(r.u8()?, ReasonPacket::UnsubAck)?);
         }

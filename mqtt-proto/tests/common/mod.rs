@@ -134,7 +134,7 @@ pub fn connect(protocol: Protocol) -> impl Strategy<Value = Connect> {
         payload,
         qos,
         retain,
-        properties: if v5 { props } else { WillProperties::default() },
+        properties: if v5 { props.into() } else { Default::default() },
     });
     (
         any::<bool>(),
@@ -154,7 +154,7 @@ pub fn connect(protocol: Protocol) -> impl Strategy<Value = Connect> {
             c.password = if v5 || username.is_some() { password } else { None };
             c.username = username;
             if v5 {
-                c.properties = props;
+                c.properties = props.into();
             }
             c
         })
@@ -195,7 +195,7 @@ pub fn connack(protocol: Protocol) -> impl Strategy<Value = ConnAck> {
     (any::<bool>(), code, props).prop_map(move |(present, reason_code, props)| ConnAck {
         session_present: present && reason_code == ReasonCode::Success,
         reason_code,
-        properties: if v5 { props } else { ConnAckProperties::default() },
+        properties: if v5 { props.into() } else { Default::default() },
     })
 }
 
@@ -230,7 +230,7 @@ pub fn publish(protocol: Protocol) -> impl Strategy<Value = Publish> {
                 if alias_only && props.topic_alias.is_some() {
                     p.topic = TopicName::empty();
                 }
-                p.properties = props;
+                p.properties = props.into();
             }
             p
         },
@@ -271,7 +271,7 @@ pub fn subscribe(protocol: Protocol) -> impl Strategy<Value = Subscribe> {
             properties.subscription_identifier = id;
             properties.user_properties = user;
         }
-        Subscribe { packet_id, properties, subscriptions: subs.into() }
+        Subscribe { packet_id, properties: properties.into(), subscriptions: subs.into() }
     })
 }
 
@@ -292,7 +292,7 @@ pub fn suback(protocol: Protocol) -> impl Strategy<Value = SubAck> {
     let code = if v5 { reason(ReasonPacket::SubAck).boxed() } else { proptest::sample::select(v3).boxed() };
     (packet_id(), suback_properties(v5), vec(code, 1..6)).prop_map(|(packet_id, properties, codes)| SubAck {
         packet_id,
-        properties,
+        properties: properties.into(),
         reason_codes: codes.into(),
     })
 }
@@ -304,7 +304,7 @@ pub fn unsubscribe(protocol: Protocol) -> impl Strategy<Value = Unsubscribe> {
         if v5 {
             properties.user_properties = user;
         }
-        Unsubscribe { packet_id, properties, filters: filters.into() }
+        Unsubscribe { packet_id, properties: properties.into(), filters: filters.into() }
     })
 }
 
@@ -312,7 +312,7 @@ pub fn unsuback(protocol: Protocol) -> impl Strategy<Value = UnsubAck> {
     let v5 = protocol.is_v5();
     (packet_id(), suback_properties(v5), vec(reason(ReasonPacket::UnsubAck), 1..6)).prop_map(move |(packet_id, properties, codes)| UnsubAck {
         packet_id,
-        properties,
+        properties: properties.into(),
         reason_codes: if v5 { codes.into() } else { Default::default() },
     })
 }
