@@ -1,2 +1,3 @@
+//! Fuzz target `decode_v3`: see `mqtt_fuzz::checks`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| mqtt_fuzz::decode_stream(mqtt_proto::Protocol::V3_1_1, data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| mqtt_fuzz::decode_v3(data));

@@ -1,4 +1,3 @@
+//! Fuzz target `roundtrip`: see `mqtt_fuzz::checks`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|input: (mqtt_proto::Protocol, mqtt_proto::Packet)| {
-    mqtt_fuzz::roundtrip(input.0, &input.1);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| mqtt_fuzz::roundtrip_input(data));

@@ -8,8 +8,8 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use mqtt_proto::{
-    Connect, Decoder, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid, Subscribe,
-    Subscription, SubscriptionOptions, TopicFilter, TopicName, Will,
+    Connect, Decoder, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid, Subscribe, Subscription,
+    SubscriptionOptions, TopicFilter, TopicName, Will,
 };
 use rumqttc::v5::mqttbytes::v5 as r5;
 use std::hint::black_box;
@@ -90,7 +90,8 @@ fn r4_connect() -> rumqttc::Packet {
     let mut c = rumqttc::Connect::new("client-0042");
     c.keep_alive = 60;
     c.login = Some(rumqttc::Login::new("user", "secret"));
-    c.last_will = Some(rumqttc::LastWill::new("clients/client-0042/status", "offline", rumqttc::QoS::AtLeastOnce, true));
+    c.last_will =
+        Some(rumqttc::LastWill::new("clients/client-0042/status", "offline", rumqttc::QoS::AtLeastOnce, true));
     rumqttc::Packet::Connect(c)
 }
 
@@ -102,18 +103,29 @@ fn r5_connect() -> r5::Packet {
     props.topic_alias_max = Some(16);
     props.user_properties.push(("region".into(), "eu-west".into()));
     let c = r5::Connect { keep_alive: 60, client_id: "client-0042".into(), clean_start: true, properties: Some(props) };
-    let will = r5::LastWill::new("clients/client-0042/status", "offline", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, None);
+    let will = r5::LastWill::new(
+        "clients/client-0042/status",
+        "offline",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        true,
+        None,
+    );
     r5::Packet::Connect(c, Some(will), Some(r5::Login::new("user", "secret")))
 }
 
 fn r4_subscribe() -> rumqttc::Packet {
-    let mut s = rumqttc::Subscribe::new_many((0..10).map(|i| rumqttc::SubscribeFilter::new(filter(i), rumqttc::QoS::AtLeastOnce)));
+    let mut s = rumqttc::Subscribe::new_many(
+        (0..10).map(|i| rumqttc::SubscribeFilter::new(filter(i), rumqttc::QoS::AtLeastOnce)),
+    );
     s.pkid = 9;
     rumqttc::Packet::Subscribe(s)
 }
 
 fn r5_subscribe() -> r5::Packet {
-    let mut s = r5::Subscribe::new_many((0..10).map(|i| r5::Filter::new(filter(i), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)), None);
+    let mut s = r5::Subscribe::new_many(
+        (0..10).map(|i| r5::Filter::new(filter(i), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)),
+        None,
+    );
     s.pkid = 9;
     r5::Packet::Subscribe(s)
 }
@@ -148,7 +160,9 @@ fn rs_connect() -> mqttrs::Packet<'static> {
 fn rs_subscribe() -> mqttrs::Packet<'static> {
     mqttrs::Packet::Subscribe(mqttrs::Subscribe {
         pid: mqttrs::Pid::try_from(9).unwrap(),
-        topics: (0..10).map(|i| mqttrs::SubscribeTopic { topic_path: filter(i), qos: mqttrs::QoS::AtLeastOnce }).collect(),
+        topics: (0..10)
+            .map(|i| mqttrs::SubscribeTopic { topic_path: filter(i), qos: mqttrs::QoS::AtLeastOnce })
+            .collect(),
     })
 }
 
@@ -270,27 +284,73 @@ fn packets(c: &mut Criterion) {
             1024 => "1KiB",
             _ => "64KiB",
         };
-        run_case(c, Case {
-            name: &format!("publish_{label}/v3.1.1"),
-            protocol: v3,
-            ours: ours_publish(*len),
-            r4: Some(r4_publish(*len)),
-            r5: None,
-            rs: Some(rs_publish(payload)),
-        });
-        run_case(c, Case {
-            name: &format!("publish_{label}/v5"),
-            protocol: v5,
-            ours: ours_publish(*len),
-            r4: None,
-            r5: Some(r5_publish(*len)),
-            rs: None,
-        });
+        run_case(
+            c,
+            Case {
+                name: &format!("publish_{label}/v3.1.1"),
+                protocol: v3,
+                ours: ours_publish(*len),
+                r4: Some(r4_publish(*len)),
+                r5: None,
+                rs: Some(rs_publish(payload)),
+            },
+        );
+        run_case(
+            c,
+            Case {
+                name: &format!("publish_{label}/v5"),
+                protocol: v5,
+                ours: ours_publish(*len),
+                r4: None,
+                r5: Some(r5_publish(*len)),
+                rs: None,
+            },
+        );
     }
-    run_case(c, Case { name: "connect/v3.1.1", protocol: v3, ours: ours_connect(v3), r4: Some(r4_connect()), r5: None, rs: Some(rs_connect()) });
-    run_case(c, Case { name: "connect_props/v5", protocol: v5, ours: ours_connect(v5), r4: None, r5: Some(r5_connect()), rs: None });
-    run_case(c, Case { name: "subscribe_10/v3.1.1", protocol: v3, ours: ours_subscribe(), r4: Some(r4_subscribe()), r5: None, rs: Some(rs_subscribe()) });
-    run_case(c, Case { name: "subscribe_10/v5", protocol: v5, ours: ours_subscribe(), r4: None, r5: Some(r5_subscribe()), rs: None });
+    run_case(
+        c,
+        Case {
+            name: "connect/v3.1.1",
+            protocol: v3,
+            ours: ours_connect(v3),
+            r4: Some(r4_connect()),
+            r5: None,
+            rs: Some(rs_connect()),
+        },
+    );
+    run_case(
+        c,
+        Case {
+            name: "connect_props/v5",
+            protocol: v5,
+            ours: ours_connect(v5),
+            r4: None,
+            r5: Some(r5_connect()),
+            rs: None,
+        },
+    );
+    run_case(
+        c,
+        Case {
+            name: "subscribe_10/v3.1.1",
+            protocol: v3,
+            ours: ours_subscribe(),
+            r4: Some(r4_subscribe()),
+            r5: None,
+            rs: Some(rs_subscribe()),
+        },
+    );
+    run_case(
+        c,
+        Case {
+            name: "subscribe_10/v5",
+            protocol: v5,
+            ours: ours_subscribe(),
+            r4: None,
+            r5: Some(r5_subscribe()),
+            rs: None,
+        },
+    );
 }
 
 /// 1 MiB of back-to-back QoS 0 PUBLISHes with 16-byte payloads, decoded to the end.

@@ -3,7 +3,7 @@
 
 use crate::string::MqttString;
 use crate::topic::TopicName;
-use crate::types::QoS;
+use crate::types::{QoS, SubscriptionId};
 use arbitrary::{Arbitrary, Result, Unstructured};
 use bytes::Bytes;
 use std::num::{NonZeroU16, NonZeroU32};
@@ -34,7 +34,7 @@ macro_rules! via_arbitrary {
         })*
     };
 }
-via_arbitrary!(u16, u32, bool, NonZeroU16, NonZeroU32, MqttString, TopicName, QoS);
+via_arbitrary!(u16, u32, bool, NonZeroU16, NonZeroU32, MqttString, TopicName, QoS, SubscriptionId);
 
 impl<T: ArbField> ArbField for Option<T> {
     fn arb(u: &mut Unstructured<'_>) -> Result<Self> {

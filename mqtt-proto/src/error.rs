@@ -48,6 +48,10 @@ pub enum DecodeError {
     /// A string is not well-formed UTF-8.
     #[error("string is not valid UTF-8")]
     InvalidUtf8,
+    /// A string is longer than the 65 535 bytes a length prefix can describe (only possible when
+    /// building strings, never when decoding).
+    #[error("string of {0} bytes exceeds the 65535-byte limit")]
+    StringTooLong(usize),
     /// A string contains U+0000 [MQTT-1.5.4-2].
     #[error("string contains the null character U+0000")]
     NullCharacter,
@@ -133,21 +137,37 @@ impl DecodeError {
         use DecodeError::*;
         match self {
             PacketTooLarge { .. } => ReasonCode::PacketTooLarge,
-            UnsupportedProtocolLevel(_) | InvalidProtocolName => {
-                ReasonCode::UnsupportedProtocolVersion
-            }
+            UnsupportedProtocolLevel(_) | InvalidProtocolName => ReasonCode::UnsupportedProtocolVersion,
             // "It is a Protocol Error to include ... more than once" / "... a value of 0".
-            DuplicateProperty(_) | InvalidPropertyValue(_) | EmptyPayload | EmptyTopicWithoutAlias
+            DuplicateProperty(_)
+            | InvalidPropertyValue(_)
+            | EmptyPayload
+            | EmptyTopicWithoutAlias
             | NoLocalOnSharedSubscription => ReasonCode::ProtocolError,
             ZeroTopicAlias => ReasonCode::TopicAliasInvalid,
             InvalidTopicName => ReasonCode::TopicNameInvalid,
             InvalidTopicFilter => ReasonCode::TopicFilterInvalid,
-            MalformedVarInt | ReservedPacketType(_) | InvalidFlags { .. } | InvalidQos
-            | DupOnQos0 | UnexpectedEnd | TrailingBytes(_) | InvalidUtf8 | NullCharacter
-            | ZeroPacketId | InvalidConnectFlags(_) | PasswordWithoutUsername
-            | InvalidConnAckFlags(_) | InvalidConnAckCode(_) | InvalidReasonCode { .. }
-            | InvalidSubAckCode(_) | UnknownProperty(_) | PropertyNotAllowed { .. }
-            | InvalidSubscriptionOptions(_) | AuthBeforeV5 => ReasonCode::MalformedPacket,
+            MalformedVarInt
+            | ReservedPacketType(_)
+            | InvalidFlags { .. }
+            | InvalidQos
+            | DupOnQos0
+            | StringTooLong(_)
+            | UnexpectedEnd
+            | TrailingBytes(_)
+            | InvalidUtf8
+            | NullCharacter
+            | ZeroPacketId
+            | InvalidConnectFlags(_)
+            | PasswordWithoutUsername
+            | InvalidConnAckFlags(_)
+            | InvalidConnAckCode(_)
+            | InvalidReasonCode { .. }
+            | InvalidSubAckCode(_)
+            | UnknownProperty(_)
+            | PropertyNotAllowed { .. }
+            | InvalidSubscriptionOptions(_)
+            | AuthBeforeV5 => ReasonCode::MalformedPacket,
         }
     }
 }
@@ -165,9 +185,6 @@ pub enum EncodeError {
     /// The packet cannot be expressed in the connection's protocol version (AUTH before MQTT 5).
     #[error("{0} cannot be sent with MQTT 3.1.1")]
     NotInProtocol(&'static str),
-    /// A subscription identifier or other variable integer is 0 or above 268 435 455.
-    #[error("value {0} is out of range for a variable byte integer field")]
-    VarIntOutOfRange(u32),
     /// A SUBSCRIBE, UNSUBSCRIBE, SUBACK or UNSUBACK with nothing in its payload.
     #[error("packet must carry at least one entry in its payload")]
     EmptyPayload,

@@ -36,6 +36,7 @@
 mod arb;
 mod decoder;
 mod error;
+pub mod list;
 mod packet;
 pub mod properties;
 mod reason;
@@ -47,19 +48,24 @@ mod wire;
 
 pub use decoder::{Decoder, FixedHeader, DEFAULT_MAX_PACKET_SIZE, PROTOCOL_MAX_PACKET_SIZE};
 pub use error::{DecodeError, EncodeError};
+pub use list::{SubscriptionIds, Subscriptions, TopicFilters, UserProperties, WireList};
 pub use packet::{
-    Ack, Auth, ConnAck, Connect, Disconnect, Packet, PacketType, Publish, SubAck, Subscribe,
-    Subscription, SubscriptionOptions, UnsubAck, Unsubscribe, Will,
+    Ack, Auth, ConnAck, Connect, Disconnect, Packet, PacketType, Publish, SubAck, Subscribe, Subscription,
+    SubscriptionOptions, UnsubAck, Unsubscribe, Will,
 };
 pub use properties::{
-    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
-    PropBox, PublishProperties, SubAckProperties, SubscribeProperties, UnsubscribeProperties,
-    UserProperty, WillProperties,
+    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties, PropBox,
+    PublishProperties, SubAckProperties, SubscribeProperties, UnsubscribeProperties, UserProperty, WillProperties,
 };
 pub use reason::{ReasonCode, ReasonPacket};
-pub use string::{MqttString, NulError};
+pub use string::MqttString;
 pub use topic::{TopicFilter, TopicName};
-pub use types::{PacketId, Protocol, QoS, QosPid, RetainHandling};
+pub use types::{PacketId, Protocol, QoS, QosPid, RetainHandling, SubscriptionId};
+
+/// The Rust examples in the workspace README, compiled and run as doctests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 /// Re-exported so users need not depend on `bytes` for the basics.
 pub use bytes;

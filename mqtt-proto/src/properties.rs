@@ -5,13 +5,13 @@
 //! Packet), repeated single-valued properties and forbidden values (Protocol Error).
 
 use crate::error::{DecodeError, EncodeError};
+use crate::list::{Collector, SubscriptionIds, UserProperties};
 use crate::string::MqttString;
 use crate::topic::TopicName;
-use crate::types::QoS;
+use crate::types::{QoS, SubscriptionId};
 use crate::varint;
-use crate::wire::{field_len, put_binary, put_string, varint_len, Reader};
+use crate::wire::{field_len, put_binary, put_string, Reader};
 use bytes::{BufMut, Bytes, BytesMut};
-use smallvec::SmallVec;
 use std::num::{NonZeroU16, NonZeroU32};
 
 /// Property identifiers (spec table 2-4).
@@ -57,9 +57,6 @@ pub mod id {
 
 /// A user property: a name/value pair that may repeat and whose order is kept.
 pub type UserProperty = (MqttString, MqttString);
-
-/// Subscription identifiers of a PUBLISH (one per matching subscription, usually one or none).
-pub type SubscriptionIds = SmallVec<[NonZeroU32; 1]>;
 
 /// Property structs that have a `'static` empty value, for [`PropBox`] to lend out.
 pub trait EmptyProperties: Default + 'static {
@@ -254,14 +251,14 @@ impl PropCodec for U32Nz {
 /// Subscription Identifier: a variable byte integer from 1 to 268 435 455.
 struct SubId;
 impl PropCodec for SubId {
-    type Value = NonZeroU32;
-    fn read(r: &mut Reader<'_>, id: u8) -> Result<NonZeroU32, DecodeError> {
-        NonZeroU32::new(r.varint()?).ok_or(DecodeError::InvalidPropertyValue(id))
+    type Value = SubscriptionId;
+    fn read(r: &mut Reader<'_>, id: u8) -> Result<SubscriptionId, DecodeError> {
+        SubscriptionId::new(r.varint()?).ok_or(DecodeError::InvalidPropertyValue(id))
     }
-    fn len(v: &NonZeroU32) -> Result<usize, EncodeError> {
-        varint_len(v.get())
+    fn len(v: &SubscriptionId) -> Result<usize, EncodeError> {
+        Ok(varint::len(v.get()))
     }
-    fn write(v: &NonZeroU32, out: &mut BytesMut) {
+    fn write(v: &SubscriptionId, out: &mut BytesMut) {
         varint::encode(v.get(), out);
     }
 }
@@ -313,6 +310,50 @@ impl PropCodec for Bin {
     }
 }
 
+/// Skips the value of property `pid` in a block that was already validated (used to gather
+/// interleaved list entries in a second pass).
+pub(crate) fn skip_value(pid: u32, r: &mut Reader<'_>) -> Result<(), DecodeError> {
+    use id::*;
+    match u8::try_from(pid).unwrap_or(0) {
+        PAYLOAD_FORMAT_INDICATOR
+        | REQUEST_PROBLEM_INFORMATION
+        | REQUEST_RESPONSE_INFORMATION
+        | MAXIMUM_QOS
+        | RETAIN_AVAILABLE
+        | WILDCARD_SUBSCRIPTION_AVAILABLE
+        | SUBSCRIPTION_IDENTIFIER_AVAILABLE
+        | SHARED_SUBSCRIPTION_AVAILABLE => {
+            r.u8()?;
+        }
+        SERVER_KEEP_ALIVE | RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | TOPIC_ALIAS => {
+            r.u16()?;
+        }
+        MESSAGE_EXPIRY_INTERVAL | SESSION_EXPIRY_INTERVAL | WILL_DELAY_INTERVAL | MAXIMUM_PACKET_SIZE => {
+            r.u32()?;
+        }
+        SUBSCRIPTION_IDENTIFIER => {
+            r.varint()?;
+        }
+        CONTENT_TYPE
+        | RESPONSE_TOPIC
+        | CORRELATION_DATA
+        | ASSIGNED_CLIENT_IDENTIFIER
+        | AUTHENTICATION_METHOD
+        | AUTHENTICATION_DATA
+        | RESPONSE_INFORMATION
+        | SERVER_REFERENCE
+        | REASON_STRING => {
+            r.binary()?;
+        }
+        USER_PROPERTY => {
+            r.binary()?;
+            r.binary()?;
+        }
+        other => return Err(DecodeError::UnknownProperty(other)),
+    }
+    Ok(())
+}
+
 /// The error for an identifier this packet may not carry.
 fn unexpected(id: u32, packet: &'static str) -> DecodeError {
     match u8::try_from(id) {
@@ -328,14 +369,6 @@ fn set_once<T>(slot: &mut Option<T>, id: u8, value: T) -> Result<(), DecodeError
     }
     *slot = Some(value);
     Ok(())
-}
-
-fn user_properties_len(props: &[UserProperty]) -> Result<usize, EncodeError> {
-    let mut len = 0;
-    for (k, v) in props {
-        len += 1 + field_len(k.len())? + field_len(v.len())?;
-    }
-    Ok(len)
 }
 
 macro_rules! properties {
@@ -356,15 +389,15 @@ macro_rules! properties {
             pub $field: Option<$ty>, )*
             $( $(#[doc = $ldoc])* pub $lfield: SubscriptionIds, )?
             /// User properties, in the order they appeared.
-            pub user_properties: Vec<UserProperty>,
+            pub user_properties: UserProperties,
         }
 
         impl $name {
             /// No property set, as a constant.
             pub const EMPTY: $name = $name {
                 $( $field: None, )*
-                $( $lfield: SmallVec::new_const(), )?
-                user_properties: Vec::new(),
+                $( $lfield: SubscriptionIds::new(), )?
+                user_properties: UserProperties::new(),
             };
 
             /// Reads the property length and the properties that follow it.
@@ -374,8 +407,12 @@ macro_rules! properties {
                 if len == 0 {
                     return Ok(p);
                 }
-                let mut r = r.sub(len)?;
+                let block = r.sub(len)?;
+                let mut r = block.clone();
+                let mut user = Collector::new();
+                $( let mut $lfield = Collector::new(); )?
                 while !r.is_empty() {
+                    let start = r.pos();
                     let pid = r.varint()?;
                     match u8::try_from(pid).unwrap_or(0) {
                         $( id::$fid => {
@@ -383,17 +420,19 @@ macro_rules! properties {
                             set_once(&mut p.$field, id::$fid, v)?;
                         } )*
                         $( id::$lid => {
-                            let v = $lcodec::read(&mut r, id::$lid)?;
-                            p.$lfield.push(v);
+                            $lcodec::read(&mut r, id::$lid)?;
+                            $lfield.add(start, r.pos());
                         } )?
                         id::USER_PROPERTY => {
-                            let k = r.string()?;
-                            let v = r.string()?;
-                            p.user_properties.push((k, v));
+                            r.string()?;
+                            r.string()?;
+                            user.add(start, r.pos());
                         }
                         _ => return Err(unexpected(pid, $packet)),
                     }
                 }
+                p.user_properties = user.finish(&block, id::USER_PROPERTY)?;
+                $( p.$lfield = $lfield.finish(&block, id::$lid)?; )?
                 Ok(p)
             }
 
@@ -403,10 +442,8 @@ macro_rules! properties {
                 $( if let Some(v) = &self.$field {
                     len += 1 + $codec::len(v)?;
                 } )*
-                $( for v in &self.$lfield {
-                    len += 1 + $lcodec::len(v)?;
-                } )?
-                len += user_properties_len(&self.user_properties)?;
+                $( len += self.$lfield.encoded_len(); )?
+                len += self.user_properties.encoded_len();
                 Ok(len)
             }
 
@@ -417,15 +454,8 @@ macro_rules! properties {
                     out.put_u8(id::$fid);
                     $codec::write(v, out);
                 } )*
-                $( for v in &self.$lfield {
-                    out.put_u8(id::$lid);
-                    $lcodec::write(v, out);
-                } )?
-                for (k, v) in &self.user_properties {
-                    out.put_u8(id::USER_PROPERTY);
-                    put_string(out, k);
-                    put_string(out, v);
-                }
+                $( self.$lfield.write(out); )?
+                self.user_properties.write(out);
             }
 
             /// Reads the properties into a [`PropBox`], which stays unallocated when there
@@ -562,7 +592,7 @@ properties! {
     /// Properties of SUBSCRIBE (spec 3.8.2.1).
     SubscribeProperties, "SUBSCRIBE" {
         /// Identifier the server attaches to deliveries for these subscriptions.
-        subscription_identifier: NonZeroU32 = SUBSCRIPTION_IDENTIFIER as SubId,
+        subscription_identifier: SubscriptionId = SUBSCRIPTION_IDENTIFIER as SubId,
     }
 }
 
@@ -643,15 +673,18 @@ mod tests {
 
     #[test]
     fn repeated_properties_keep_order() {
-        let p = decode(
-            &[14, 0x0B, 5, 0x0B, 0x80, 0x01, 0x26, 0, 1, b'k', 0, 1, b'v', 0x0B, 1],
-            PublishProperties::decode,
-        )
-        .unwrap();
+        let p =
+            decode(&[14, 0x0B, 5, 0x0B, 0x80, 0x01, 0x26, 0, 1, b'k', 0, 1, b'v', 0x0B, 1], PublishProperties::decode)
+                .unwrap();
         let ids: Vec<u32> = p.subscription_identifiers.iter().map(|v| v.get()).collect();
         assert_eq!(ids, [5, 128, 1]);
         assert_eq!(p.user_properties.len(), 1);
-        assert_eq!(p.user_properties[0].0, "k");
+        assert_eq!(p.user_properties.first().unwrap().0, "k");
+        // The ids were not contiguous, so they were gathered into a copy; re-encoding keeps them
+        // in order, followed by the user property.
+        let mut out = BytesMut::new();
+        p.encode(p.len().unwrap(), &mut out);
+        assert_eq!(&out[..], &[14, 0x0B, 5, 0x0B, 0x80, 0x01, 0x0B, 1, 0x26, 0, 1, b'k', 0, 1, b'v']);
     }
 
     #[test]

@@ -4,7 +4,10 @@ use crate::error::DecodeError;
 use bytes::Bytes;
 use std::fmt;
 
-/// A UTF-8 encoded string with no U+0000, at most 65 535 bytes long on the wire.
+/// The longest string or binary field MQTT can carry (two-byte length prefix).
+pub const MAX_LEN: usize = u16::MAX as usize;
+
+/// A UTF-8 encoded string with no U+0000, at most 65 535 bytes long.
 ///
 /// It is a slice of the buffer the packet was decoded from (cloning it is a reference count
 /// increment), and it is validated once, when it is built.
@@ -12,7 +15,7 @@ use std::fmt;
 pub struct MqttString(Bytes);
 
 impl MqttString {
-    /// Validates `bytes` as an MQTT string.
+    /// Validates `bytes` as an MQTT string: UTF-8, no U+0000, at most 65 535 bytes.
     pub fn from_bytes(bytes: Bytes) -> Result<MqttString, DecodeError> {
         validate(&bytes)?;
         Ok(MqttString(bytes))
@@ -25,9 +28,10 @@ impl MqttString {
         MqttString(bytes)
     }
 
-    /// Builds a string from static text; panics if it contains U+0000 (a programming error).
+    /// Builds a string from static text; panics if it contains U+0000 or is longer than 65 535
+    /// bytes (a programming error, like a bad literal).
     pub fn from_static(s: &'static str) -> MqttString {
-        assert!(!s.contains('\0'), "MQTT strings cannot contain U+0000");
+        assert!(!s.contains('\0') && s.len() <= MAX_LEN, "not a valid MQTT string: {s:?}");
         MqttString(Bytes::from_static(s.as_bytes()))
     }
 
@@ -64,9 +68,12 @@ impl MqttString {
     }
 }
 
-/// Checks UTF-8 well-formedness and the absence of U+0000 [MQTT-1.5.4-1, MQTT-1.5.4-2].
+/// Checks the length, UTF-8 well-formedness and the absence of U+0000 [MQTT-1.5.4-1, MQTT-1.5.4-2].
 #[inline]
 pub(crate) fn validate(bytes: &[u8]) -> Result<(), DecodeError> {
+    if bytes.len() > MAX_LEN {
+        return Err(DecodeError::StringTooLong(bytes.len()));
+    }
     // One vectorisable pass finds NUL and non-ASCII bytes; only non-ASCII text needs the full
     // UTF-8 check.
     let mut nul = false;
@@ -84,25 +91,17 @@ pub(crate) fn validate(bytes: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Error for building an [`MqttString`] from a Rust string that contains U+0000.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("MQTT strings cannot contain the null character U+0000")]
-pub struct NulError;
-
 impl TryFrom<&str> for MqttString {
-    type Error = NulError;
-    fn try_from(s: &str) -> Result<Self, NulError> {
-        MqttString::try_from(s.to_owned())
+    type Error = DecodeError;
+    fn try_from(s: &str) -> Result<Self, DecodeError> {
+        MqttString::from_bytes(Bytes::copy_from_slice(s.as_bytes()))
     }
 }
 
 impl TryFrom<String> for MqttString {
-    type Error = NulError;
-    fn try_from(s: String) -> Result<Self, NulError> {
-        if s.contains('\0') {
-            return Err(NulError);
-        }
-        Ok(MqttString(Bytes::from(s)))
+    type Error = DecodeError;
+    fn try_from(s: String) -> Result<Self, DecodeError> {
+        MqttString::from_bytes(Bytes::from(s))
     }
 }
 
@@ -147,13 +146,12 @@ mod tests {
     fn rejects_nul_and_bad_utf8() {
         assert_eq!(MqttString::from_bytes(Bytes::from_static(b"a\0b")), Err(DecodeError::NullCharacter));
         assert_eq!(MqttString::from_bytes(Bytes::from_static(b"\xff")), Err(DecodeError::InvalidUtf8));
-        assert_eq!(
-            MqttString::from_bytes(Bytes::from_static("é\0".as_bytes())),
-            Err(DecodeError::NullCharacter)
-        );
+        assert_eq!(MqttString::from_bytes(Bytes::from_static("é\0".as_bytes())), Err(DecodeError::NullCharacter));
         // The spec's example 1.5.4: U+FEFF is allowed and must not be stripped [MQTT-1.5.4-3].
         let s = MqttString::from_bytes(Bytes::from_static(b"A\xF0\xAA\x9B\x94")).unwrap();
         assert_eq!(s.as_str(), "A\u{2A6D4}");
         assert!(MqttString::try_from("x\0").is_err());
+        assert_eq!(MqttString::try_from("x".repeat(65_536)), Err(DecodeError::StringTooLong(65_536)));
+        assert!(MqttString::try_from("x".repeat(65_535)).is_ok());
     }
 }

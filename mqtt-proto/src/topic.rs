@@ -37,7 +37,7 @@ impl TopicName {
             forbidden |= (b == 0) | (b == b'+') | (b == b'#');
             high |= b;
         }
-        if forbidden || high >= 0x80 {
+        if forbidden || high >= 0x80 || bytes.len() > crate::string::MAX_LEN {
             Self::check(&bytes)?;
             return Ok(TopicName(MqttString::from_bytes(bytes)?));
         }
@@ -104,6 +104,12 @@ impl TopicFilter {
     pub fn from_bytes(bytes: Bytes) -> Result<TopicFilter, DecodeError> {
         check_filter(&bytes)?;
         Ok(TopicFilter(MqttString::from_bytes(bytes)?))
+    }
+
+    /// Wraps bytes validated as a filter before (crate-internal).
+    pub(crate) fn from_validated(bytes: Bytes) -> TopicFilter {
+        debug_assert!(check_filter(&bytes).is_ok());
+        TopicFilter(MqttString::from_validated(bytes))
     }
 
     /// The text.
@@ -287,7 +293,9 @@ mod tests {
         for ok in ["#", "+", "a/+/b", "a/#", "+/+", "/", "sport/tennis/#", "$share/g/a/#", "$share/g//"] {
             assert!(TopicFilter::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a#", "a/#/b", "a+", "+a/b", "sport/tennis#", "$share/g", "$share//a", "$share/g+/a", "$share/g/"] {
+        for bad in
+            ["", "a#", "a/#/b", "a+", "+a/b", "sport/tennis#", "$share/g", "$share//a", "$share/g+/a", "$share/g/"]
+        {
             assert_eq!(TopicFilter::new(bad), Err(DecodeError::InvalidTopicFilter), "{bad}");
         }
     }

@@ -201,3 +201,41 @@ mod tests {
         assert_eq!(QoS::from_u8(2), Ok(QoS::ExactlyOnce));
     }
 }
+
+/// A subscription identifier: 1 to 268 435 455, carried as a variable byte integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionId(std::num::NonZeroU32);
+
+impl SubscriptionId {
+    /// The largest identifier (the largest variable byte integer).
+    pub const MAX: u32 = crate::varint::MAX;
+
+    /// Checks the range; `None` for 0 or above [`SubscriptionId::MAX`].
+    pub const fn new(value: u32) -> Option<SubscriptionId> {
+        if value > Self::MAX {
+            return None;
+        }
+        match std::num::NonZeroU32::new(value) {
+            Some(v) => Some(SubscriptionId(v)),
+            None => None,
+        }
+    }
+
+    /// The identifier's value.
+    pub const fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for SubscriptionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(feature = "arbitrary")]
+impl<'a> arbitrary::Arbitrary<'a> for SubscriptionId {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        Ok(SubscriptionId::new(u.int_in_range(1..=Self::MAX)?).unwrap_or(SubscriptionId(std::num::NonZeroU32::MIN)))
+    }
+}

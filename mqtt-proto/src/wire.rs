@@ -8,6 +8,7 @@ use crate::varint;
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// A cursor over one packet's body. Slices it returns share the packet's buffer.
+#[derive(Clone)]
 pub(crate) struct Reader<'a> {
     buf: &'a Bytes,
     pos: usize,
@@ -26,6 +27,22 @@ impl<'a> Reader<'a> {
     pub(crate) fn span(buf: &'a Bytes, start: usize, end: usize) -> Reader<'a> {
         debug_assert!(start <= end && end <= buf.len());
         Reader { buf, pos: start, end }
+    }
+
+    /// The position in the underlying buffer.
+    #[inline]
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// `buf[start..end]` of the underlying buffer (positions from [`Reader::pos`]).
+    pub(crate) fn absolute(&self, start: usize, end: usize) -> &'a [u8] {
+        &self.buf[start..end]
+    }
+
+    /// Like [`Reader::absolute`], as a shared slice.
+    pub(crate) fn absolute_bytes(&self, start: usize, end: usize) -> Bytes {
+        self.buf.slice(start..end)
     }
 
     #[inline]
@@ -154,13 +171,4 @@ pub(crate) fn put_binary(out: &mut BytesMut, data: &[u8]) {
 #[inline]
 pub(crate) fn put_string(out: &mut BytesMut, s: &MqttString) {
     put_binary(out, s.as_bytes());
-}
-
-/// Checks a value for a variable byte integer field.
-#[inline]
-pub(crate) fn varint_len(value: u32) -> Result<usize, EncodeError> {
-    if value > varint::MAX {
-        return Err(EncodeError::VarIntOutOfRange(value));
-    }
-    Ok(varint::len(value))
 }

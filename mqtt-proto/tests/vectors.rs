@@ -46,7 +46,8 @@ const V5: Protocol = Protocol::V5;
 #[test]
 fn connect_v311_with_will_and_credentials() {
     let bytes = [
-        0x10, 25, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xCE, 0, 10, 0, 1, b'c', 0, 1, b'w', 0, 1, b'm', 0, 1, b'u', 0, 1, b'p',
+        0x10, 25, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xCE, 0, 10, 0, 1, b'c', 0, 1, b'w', 0, 1, b'm', 0, 1, b'u', 0, 1,
+        b'p',
     ];
     let mut c = Connect::new(V3, s("c"));
     c.keep_alive = 10;
@@ -76,7 +77,7 @@ fn connect_v5_with_properties() {
         0x10, 32, 0, 4, b'M', b'Q', b'T', b'T', 5, 0xCE, 0, 10, // header
         5, 0x11, 0, 0, 0, 10, // session expiry 10
         0, 1, b'c', // client id
-        0, // will properties
+        0,    // will properties
         0, 1, b'w', 0, 1, b'm', 0, 1, b'u', 0, 1, b'p',
     ];
     let mut c = Connect::new(V5, s("c"));
@@ -111,7 +112,12 @@ fn connect_errors() {
     err(V3, &base(0x42, b"MQTT", 4), DecodeError::PasswordWithoutUsername, ReasonCode::MalformedPacket);
     err(V3, &base(0x02, b"MQTX", 4), DecodeError::InvalidProtocolName, ReasonCode::UnsupportedProtocolVersion);
     err(V3, &base(0x02, b"MQTT", 6), DecodeError::UnsupportedProtocolLevel(6), ReasonCode::UnsupportedProtocolVersion);
-    err(V3, &base(0x02, b"MQIsdp", 4), DecodeError::UnsupportedProtocolLevel(4), ReasonCode::UnsupportedProtocolVersion);
+    err(
+        V3,
+        &base(0x02, b"MQIsdp", 4),
+        DecodeError::UnsupportedProtocolLevel(4),
+        ReasonCode::UnsupportedProtocolVersion,
+    );
     // CONNECT with its fixed-header flags set.
     let mut bad = base(0x02, b"MQTT", 4);
     bad[0] = 0x11;
@@ -228,7 +234,10 @@ fn pub_ack_family() {
 }
 
 fn sub(filter: &str, qos: QoS) -> Subscription {
-    Subscription { filter: TopicFilter::new(filter).unwrap(), options: SubscriptionOptions { qos, ..Default::default() } }
+    Subscription {
+        filter: TopicFilter::new(filter).unwrap(),
+        options: SubscriptionOptions { qos, ..Default::default() },
+    }
 }
 
 #[test]
@@ -244,17 +253,38 @@ fn subscribe_vectors() {
     one.options.no_local = true;
     one.options.retain_as_published = true;
     one.options.retain_handling = RetainHandling::DoNotSend;
-    let mut s5 = Subscribe { packet_id: pid(10), properties: Default::default(), subscriptions: [one].into_iter().collect() };
-    s5.properties.subscription_identifier = std::num::NonZeroU32::new(5);
+    let mut s5 =
+        Subscribe { packet_id: pid(10), properties: Default::default(), subscriptions: [one].into_iter().collect() };
+    s5.properties.subscription_identifier = SubscriptionId::new(5);
     both_ways(V5, &[0x82, 11, 0, 10, 2, 0x0B, 5, 0, 3, b'a', b'/', b'+', 0x2D], s5.into());
 
-    err(V3, &[0x80, 6, 0, 1, 0, 1, b'a', 0], DecodeError::InvalidFlags { packet_type: 8, flags: 0 }, ReasonCode::MalformedPacket);
+    err(
+        V3,
+        &[0x80, 6, 0, 1, 0, 1, b'a', 0],
+        DecodeError::InvalidFlags { packet_type: 8, flags: 0 },
+        ReasonCode::MalformedPacket,
+    );
     err(V3, &[0x82, 2, 0, 1], DecodeError::EmptyPayload, ReasonCode::ProtocolError);
     err(V5, &[0x82, 3, 0, 1, 0], DecodeError::EmptyPayload, ReasonCode::ProtocolError);
-    err(V3, &[0x82, 6, 0, 1, 0, 1, b'a', 0x04], DecodeError::InvalidSubscriptionOptions(4), ReasonCode::MalformedPacket);
+    err(
+        V3,
+        &[0x82, 6, 0, 1, 0, 1, b'a', 0x04],
+        DecodeError::InvalidSubscriptionOptions(4),
+        ReasonCode::MalformedPacket,
+    );
     err(V3, &[0x82, 6, 0, 1, 0, 1, b'a', 0x03], DecodeError::InvalidQos, ReasonCode::MalformedPacket);
-    err(V5, &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30], DecodeError::InvalidSubscriptionOptions(0x30), ReasonCode::MalformedPacket);
-    err(V5, &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x40], DecodeError::InvalidSubscriptionOptions(0x40), ReasonCode::MalformedPacket);
+    err(
+        V5,
+        &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30],
+        DecodeError::InvalidSubscriptionOptions(0x30),
+        ReasonCode::MalformedPacket,
+    );
+    err(
+        V5,
+        &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x40],
+        DecodeError::InvalidSubscriptionOptions(0x40),
+        ReasonCode::MalformedPacket,
+    );
     err(V5, &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x03], DecodeError::InvalidQos, ReasonCode::MalformedPacket);
     err(
         V3,
@@ -307,7 +337,12 @@ fn unsubscribe_and_unsuback_vectors() {
     both_ways(V3, &[0xA2, 5, 0, 11, 0, 1, b'x'], u.clone().into());
     both_ways(V5, &[0xA2, 6, 0, 11, 0, 0, 1, b'x'], u.into());
     err(V3, &[0xA2, 2, 0, 11], DecodeError::EmptyPayload, ReasonCode::ProtocolError);
-    err(V3, &[0xA0, 5, 0, 11, 0, 1, b'x'], DecodeError::InvalidFlags { packet_type: 10, flags: 0 }, ReasonCode::MalformedPacket);
+    err(
+        V3,
+        &[0xA0, 5, 0, 11, 0, 1, b'x'],
+        DecodeError::InvalidFlags { packet_type: 10, flags: 0 },
+        ReasonCode::MalformedPacket,
+    );
 
     let a3 = UnsubAck { packet_id: pid(11), properties: Default::default(), reason_codes: Default::default() };
     both_ways(V3, &[0xB0, 2, 0, 11], a3.into());
@@ -356,8 +391,11 @@ fn encoding_refuses_what_cannot_be_sent() {
     assert_eq!(Packet::Publish(p).encode(V5, &mut out), Err(EncodeError::EmptyTopic));
     let big = Publish::new(TopicName::new("t").unwrap(), Bytes::from(vec![0u8; 268_435_455]));
     assert!(matches!(Packet::Publish(big).encode(V3, &mut out), Err(EncodeError::PacketTooLarge(_))));
-    let mut long = Connect::new(V3, MqttString::try_from("x".repeat(70_000)).unwrap());
-    long.keep_alive = 1;
+    // Strings cannot be built too long; binary fields are checked when encoding.
+    assert_eq!(MqttString::try_from("x".repeat(70_000)), Err(DecodeError::StringTooLong(70_000)));
+    let mut long = Connect::new(V3, s("c"));
+    long.username = Some(s("u"));
+    long.password = Some(Bytes::from(vec![0u8; 70_000]));
     assert_eq!(Packet::from(long).encode(V3, &mut out), Err(EncodeError::FieldTooLong(70_000)));
     let empty = Subscribe { packet_id: pid(1), properties: Default::default(), subscriptions: Default::default() };
     assert_eq!(Packet::Subscribe(empty).encode(V3, &mut out), Err(EncodeError::EmptyPayload));

@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::{PropBox, AckProperties};
+use crate::properties::{AckProperties, PropBox};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::types::{PacketId, Protocol};
 use crate::varint;

@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::{PropBox, ConnAckProperties, ConnectProperties, WillProperties};
+use crate::properties::{ConnAckProperties, ConnectProperties, PropBox, WillProperties};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::string::MqttString;
 use crate::topic::TopicName;

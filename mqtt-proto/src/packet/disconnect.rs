@@ -2,7 +2,7 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
-use crate::properties::{PropBox, AuthProperties, DisconnectProperties};
+use crate::properties::{AuthProperties, DisconnectProperties, PropBox};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::types::Protocol;
 use crate::varint;

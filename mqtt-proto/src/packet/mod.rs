@@ -280,7 +280,15 @@ macro_rules! from_impls {
         })*
     };
 }
-from_impls!(Publish(Publish), Subscribe(Subscribe), SubAck(SubAck), Unsubscribe(Unsubscribe), UnsubAck(UnsubAck), Disconnect(Disconnect), Auth(Auth));
+from_impls!(
+    Publish(Publish),
+    Subscribe(Subscribe),
+    SubAck(SubAck),
+    Unsubscribe(Unsubscribe),
+    UnsubAck(UnsubAck),
+    Disconnect(Disconnect),
+    Auth(Auth)
+);
 
 impl From<Connect> for Packet {
     fn from(p: Connect) -> Packet {

@@ -2,12 +2,13 @@
 
 use super::Sizes;
 use crate::error::{DecodeError, EncodeError};
+use crate::list::{Subscriptions, TopicFilters};
 use crate::properties::{PropBox, SubAckProperties, SubscribeProperties, UnsubscribeProperties};
 use crate::reason::{ReasonCode, ReasonPacket};
 use crate::topic::TopicFilter;
 use crate::types::{PacketId, Protocol, QoS, RetainHandling};
 use crate::varint;
-use crate::wire::{field_len, put_string, Reader};
+use crate::wire::{put_string, Reader};
 use bytes::{BufMut, BytesMut};
 use smallvec::SmallVec;
 
@@ -26,7 +27,7 @@ pub struct SubscriptionOptions {
 }
 
 impl SubscriptionOptions {
-    fn decode(byte: u8, v5: bool) -> Result<SubscriptionOptions, DecodeError> {
+    pub(crate) fn decode(byte: u8, v5: bool) -> Result<SubscriptionOptions, DecodeError> {
         let reserved = if v5 { 0b1100_0000 } else { 0b1111_1100 };
         if byte & reserved != 0 {
             return Err(DecodeError::InvalidSubscriptionOptions(byte));
@@ -45,7 +46,7 @@ impl SubscriptionOptions {
         })
     }
 
-    fn encode(self, v5: bool) -> u8 {
+    pub(crate) fn encode(self, v5: bool) -> u8 {
         let mut byte = self.qos as u8;
         if v5 {
             byte |= (u8::from(self.no_local) << 2)
@@ -75,7 +76,7 @@ pub struct Subscribe {
     /// MQTT 5 properties.
     pub properties: PropBox<SubscribeProperties>,
     /// The subscriptions (at least one).
-    pub subscriptions: SmallVec<[Subscription; 1]>,
+    pub subscriptions: Subscriptions,
 }
 
 fn check_not_empty(len: usize) -> Result<(), EncodeError> {
@@ -105,18 +106,21 @@ impl Subscribe {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
         let packet_id = r.packet_id()?;
         let properties = if v5 { SubscribeProperties::decode_boxed(r)? } else { PropBox::default() };
-        let mut subscriptions = SmallVec::new();
+        // Validate every entry, then keep the payload as it is (see `list`).
+        let start = r.pos();
+        let mut count = 0;
         while !r.is_empty() {
             let filter = TopicFilter::from_bytes(r.binary()?)?;
             let options = SubscriptionOptions::decode(r.u8()?, v5)?;
             if options.no_local && filter.shared().is_some() {
                 return Err(DecodeError::NoLocalOnSharedSubscription);
             }
-            subscriptions.push(Subscription { filter, options });
+            count += 1;
         }
-        if subscriptions.is_empty() {
+        if count == 0 {
             return Err(DecodeError::EmptyPayload);
         }
+        let subscriptions = Subscriptions::from_validated(r.absolute_bytes(start, r.pos()), count);
         Ok(Subscribe { packet_id, properties, subscriptions })
     }
 
@@ -124,14 +128,10 @@ impl Subscribe {
         let v5 = protocol.is_v5();
         check_not_empty(self.subscriptions.len())?;
         let (plen, props) = props_size(v5, self.properties.len())?;
-        let mut body = 2 + plen;
-        for s in &self.subscriptions {
-            if v5 && s.options.no_local && s.filter.shared().is_some() {
-                return Err(EncodeError::Invalid("no local on a shared subscription"));
-            }
-            body += field_len(s.filter.as_mqtt_str().len())? + 1;
+        if v5 && self.subscriptions.iter().any(|s| s.options.no_local && s.filter.shared().is_some()) {
+            return Err(EncodeError::Invalid("no local on a shared subscription"));
         }
-        Ok(Sizes { body, props })
+        Ok(Sizes { body: 2 + plen + self.subscriptions.encoded_len(), props })
     }
 
     pub(super) fn write(&self, protocol: Protocol, sizes: Sizes, out: &mut BytesMut) {
@@ -140,9 +140,14 @@ impl Subscribe {
         if v5 {
             self.properties.encode(sizes.props, out);
         }
-        for s in &self.subscriptions {
-            put_string(out, s.filter.as_mqtt_str());
-            out.put_u8(s.options.encode(v5));
+        if v5 {
+            self.subscriptions.write(out);
+        } else {
+            // MQTT 3.1.1 has only the QoS bits; the others are reserved there.
+            for s in &self.subscriptions {
+                put_string(out, s.filter.as_mqtt_str());
+                out.put_u8(s.options.encode(false));
+            }
         }
     }
 }
@@ -212,31 +217,30 @@ pub struct Unsubscribe {
     /// MQTT 5 properties.
     pub properties: PropBox<UnsubscribeProperties>,
     /// The filters to remove (at least one).
-    pub filters: SmallVec<[TopicFilter; 1]>,
+    pub filters: TopicFilters,
 }
 
 impl Unsubscribe {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Unsubscribe, DecodeError> {
         let packet_id = r.packet_id()?;
         let properties = if v5 { UnsubscribeProperties::decode_boxed(r)? } else { PropBox::default() };
-        let mut filters = SmallVec::new();
+        let start = r.pos();
+        let mut count = 0;
         while !r.is_empty() {
-            filters.push(TopicFilter::from_bytes(r.binary()?)?);
+            TopicFilter::from_bytes(r.binary()?)?;
+            count += 1;
         }
-        if filters.is_empty() {
+        if count == 0 {
             return Err(DecodeError::EmptyPayload);
         }
+        let filters = TopicFilters::from_validated(r.absolute_bytes(start, r.pos()), count);
         Ok(Unsubscribe { packet_id, properties, filters })
     }
 
     pub(super) fn sizes(&self, protocol: Protocol) -> Result<Sizes, EncodeError> {
         check_not_empty(self.filters.len())?;
         let (plen, props) = props_size(protocol.is_v5(), self.properties.len())?;
-        let mut body = 2 + plen;
-        for f in &self.filters {
-            body += field_len(f.as_mqtt_str().len())?;
-        }
-        Ok(Sizes { body, props })
+        Ok(Sizes { body: 2 + plen + self.filters.encoded_len(), props })
     }
 
     pub(super) fn write(&self, protocol: Protocol, sizes: Sizes, out: &mut BytesMut) {
@@ -244,9 +248,7 @@ impl Unsubscribe {
         if protocol.is_v5() {
             self.properties.encode(sizes.props, out);
         }
-        for f in &self.filters {
-            put_string(out, f.as_mqtt_str());
-        }
+        self.filters.write(out);
     }
 }
 

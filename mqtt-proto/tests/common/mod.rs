@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use mqtt_proto::properties::SubscriptionIds;
 use mqtt_proto::*;
 use proptest::collection::vec;
 use proptest::option;
@@ -19,11 +18,7 @@ pub fn protocol() -> impl Strategy<Value = Protocol> {
 
 pub fn string() -> impl Strategy<Value = MqttString> {
     // Mostly ASCII, sometimes any non-NUL char, to exercise both validation paths.
-    prop_oneof![
-        "[a-zA-Z0-9 _./-]{0,12}",
-        "[^\u{0}]{0,6}",
-    ]
-    .prop_map(|s| MqttString::try_from(s).unwrap())
+    prop_oneof!["[a-zA-Z0-9 _./-]{0,12}", "[^\u{0}]{0,6}",].prop_map(|s| MqttString::try_from(s).unwrap())
 }
 
 pub fn binary() -> impl Strategy<Value = Bytes> {
@@ -35,23 +30,24 @@ fn level() -> impl Strategy<Value = String> {
 }
 
 pub fn topic_name() -> impl Strategy<Value = TopicName> {
-    vec(level(), 1..4)
-        .prop_map(|levels| levels.join("/"))
-        .prop_filter_map("non-empty", |s| TopicName::new(s).ok())
+    vec(level(), 1..4).prop_map(|levels| levels.join("/")).prop_filter_map("non-empty", |s| TopicName::new(s).ok())
 }
 
 pub fn topic_filter() -> impl Strategy<Value = TopicFilter> {
     let lvl = prop_oneof![3 => level(), 1 => Just("+".to_string())];
-    (vec(lvl, 1..4), any::<bool>(), option::weighted(0.2, "[a-z]{1,4}")).prop_filter_map("valid filter", |(levels, hash, share)| {
-        let mut s = levels.join("/");
-        if hash {
-            s.push_str("/#");
-        }
-        if let Some(group) = share {
-            s = format!("$share/{group}/{s}");
-        }
-        TopicFilter::new(s).ok()
-    })
+    (vec(lvl, 1..4), any::<bool>(), option::weighted(0.2, "[a-z]{1,4}")).prop_filter_map(
+        "valid filter",
+        |(levels, hash, share)| {
+            let mut s = levels.join("/");
+            if hash {
+                s.push_str("/#");
+            }
+            if let Some(group) = share {
+                s = format!("$share/{group}/{s}");
+            }
+            TopicFilter::new(s).ok()
+        },
+    )
 }
 
 pub fn packet_id() -> impl Strategy<Value = PacketId> {
@@ -70,12 +66,12 @@ fn nz32() -> impl Strategy<Value = NonZeroU32> {
     (1..=u32::MAX).prop_map(|v| NonZeroU32::new(v).unwrap())
 }
 
-fn sub_id() -> impl Strategy<Value = NonZeroU32> {
-    (1..=268_435_455u32).prop_map(|v| NonZeroU32::new(v).unwrap())
+fn sub_id() -> impl Strategy<Value = SubscriptionId> {
+    (1..=SubscriptionId::MAX).prop_map(|v| SubscriptionId::new(v).unwrap())
 }
 
-pub fn user_properties() -> impl Strategy<Value = Vec<UserProperty>> {
-    vec((string(), string()), 0..3)
+pub fn user_properties() -> impl Strategy<Value = UserProperties> {
+    vec((string(), string()), 0..3).prop_map(UserProperties::from)
 }
 
 fn reason(packet: ReasonPacket) -> impl Strategy<Value = ReasonCode> {
@@ -129,23 +125,17 @@ pub fn will_properties() -> impl Strategy<Value = WillProperties> {
 
 pub fn connect(protocol: Protocol) -> impl Strategy<Value = Connect> {
     let v5 = protocol.is_v5();
-    let will = (topic_name(), binary(), qos(), any::<bool>(), will_properties()).prop_map(move |(topic, payload, qos, retain, props)| Will {
-        topic,
-        payload,
-        qos,
-        retain,
-        properties: if v5 { props.into() } else { Default::default() },
-    });
-    (
-        any::<bool>(),
-        any::<u16>(),
-        string(),
-        opt(will),
-        opt(string()),
-        opt(binary()),
-        connect_properties(),
-    )
-        .prop_map(move |(clean_start, keep_alive, client_id, will, username, password, props)| {
+    let will = (topic_name(), binary(), qos(), any::<bool>(), will_properties()).prop_map(
+        move |(topic, payload, qos, retain, props)| Will {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties: if v5 { props.into() } else { Default::default() },
+        },
+    );
+    (any::<bool>(), any::<u16>(), string(), opt(will), opt(string()), opt(binary()), connect_properties()).prop_map(
+        move |(clean_start, keep_alive, client_id, will, username, password, props)| {
             let mut c = Connect::new(protocol, client_id);
             c.clean_start = clean_start;
             c.keep_alive = keep_alive;
@@ -157,14 +147,20 @@ pub fn connect(protocol: Protocol) -> impl Strategy<Value = Connect> {
                 c.properties = props.into();
             }
             c
-        })
+        },
+    )
 }
 
 pub fn connack(protocol: Protocol) -> impl Strategy<Value = ConnAck> {
     let v5 = protocol.is_v5();
     let v3_codes: Vec<ReasonCode> = (0..=5).filter_map(ReasonCode::from_v3_connack).collect();
     let props = (
-        (opt(any::<u32>()), opt(nz16()), opt(prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce)]), opt(any::<bool>())),
+        (
+            opt(any::<u32>()),
+            opt(nz16()),
+            opt(prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce)]),
+            opt(any::<bool>()),
+        ),
         (opt(nz32()), opt(string()), opt(any::<u16>()), opt(string())),
         (opt(any::<bool>()), opt(any::<bool>()), opt(any::<bool>()), opt(any::<u16>())),
         (opt(string()), opt(string()), opt(string()), opt(binary())),
@@ -215,12 +211,12 @@ pub fn publish(protocol: Protocol) -> impl Strategy<Value = Publish> {
             p.response_topic = d;
             p.correlation_data = e;
             p.content_type = f;
-            p.subscription_identifiers = SubscriptionIds::from_vec(ids);
+            p.subscription_identifiers = ids.into();
             p.user_properties = user;
             p
         });
-    (any::<bool>(), qos(), packet_id(), any::<bool>(), topic_name(), any::<bool>(), vec(any::<u8>(), 0..300), props).prop_map(
-        move |(dup, qos, id, retain, topic, alias_only, payload, props)| {
+    (any::<bool>(), qos(), packet_id(), any::<bool>(), topic_name(), any::<bool>(), vec(any::<u8>(), 0..300), props)
+        .prop_map(move |(dup, qos, id, retain, topic, alias_only, payload, props)| {
             let qos_pid = QosPid::from_parts(qos, id);
             let mut p = Publish::new(topic, payload);
             p.dup = dup && qos != QoS::AtMostOnce;
@@ -233,8 +229,7 @@ pub fn publish(protocol: Protocol) -> impl Strategy<Value = Publish> {
                 p.properties = props.into();
             }
             p
-        },
-    )
+        })
 }
 
 pub fn ack(protocol: Protocol, kind: ReasonPacket) -> impl Strategy<Value = Ack> {
@@ -252,19 +247,20 @@ pub fn ack(protocol: Protocol, kind: ReasonPacket) -> impl Strategy<Value = Ack>
 
 pub fn subscribe(protocol: Protocol) -> impl Strategy<Value = Subscribe> {
     let v5 = protocol.is_v5();
-    let sub = (topic_filter(), qos(), any::<bool>(), any::<bool>(), 0..3u8).prop_map(move |(filter, qos, nl, rap, rh)| {
-        let mut options = SubscriptionOptions { qos, ..Default::default() };
-        if v5 {
-            options.no_local = nl && filter.shared().is_none();
-            options.retain_as_published = rap;
-            options.retain_handling = match rh {
-                0 => RetainHandling::SendAtSubscribe,
-                1 => RetainHandling::SendIfNew,
-                _ => RetainHandling::DoNotSend,
-            };
-        }
-        Subscription { filter, options }
-    });
+    let sub =
+        (topic_filter(), qos(), any::<bool>(), any::<bool>(), 0..3u8).prop_map(move |(filter, qos, nl, rap, rh)| {
+            let mut options = SubscriptionOptions { qos, ..Default::default() };
+            if v5 {
+                options.no_local = nl && filter.shared().is_none();
+                options.retain_as_published = rap;
+                options.retain_handling = match rh {
+                    0 => RetainHandling::SendAtSubscribe,
+                    1 => RetainHandling::SendIfNew,
+                    _ => RetainHandling::DoNotSend,
+                };
+            }
+            Subscription { filter, options }
+        });
     (packet_id(), vec(sub, 1..5), opt(sub_id()), user_properties()).prop_map(move |(packet_id, subs, id, user)| {
         let mut properties = SubscribeProperties::default();
         if v5 {
@@ -310,11 +306,13 @@ pub fn unsubscribe(protocol: Protocol) -> impl Strategy<Value = Unsubscribe> {
 
 pub fn unsuback(protocol: Protocol) -> impl Strategy<Value = UnsubAck> {
     let v5 = protocol.is_v5();
-    (packet_id(), suback_properties(v5), vec(reason(ReasonPacket::UnsubAck), 1..6)).prop_map(move |(packet_id, properties, codes)| UnsubAck {
-        packet_id,
-        properties: properties.into(),
-        reason_codes: if v5 { codes.into() } else { Default::default() },
-    })
+    (packet_id(), suback_properties(v5), vec(reason(ReasonPacket::UnsubAck), 1..6)).prop_map(
+        move |(packet_id, properties, codes)| UnsubAck {
+            packet_id,
+            properties: properties.into(),
+            reason_codes: if v5 { codes.into() } else { Default::default() },
+        },
+    )
 }
 
 pub fn disconnect(protocol: Protocol) -> impl Strategy<Value = Disconnect> {
@@ -335,14 +333,16 @@ pub fn disconnect(protocol: Protocol) -> impl Strategy<Value = Disconnect> {
 }
 
 pub fn auth() -> impl Strategy<Value = Auth> {
-    (reason(ReasonPacket::Auth), opt(string()), opt(binary()), opt(string()), user_properties()).prop_map(|(code, m, d, rs, user)| {
-        let mut a = Auth { reason_code: code, ..Default::default() };
-        a.properties.authentication_method = m;
-        a.properties.authentication_data = d;
-        a.properties.reason_string = rs;
-        a.properties.user_properties = user;
-        a
-    })
+    (reason(ReasonPacket::Auth), opt(string()), opt(binary()), opt(string()), user_properties()).prop_map(
+        |(code, m, d, rs, user)| {
+            let mut a = Auth { reason_code: code, ..Default::default() };
+            a.properties.authentication_method = m;
+            a.properties.authentication_data = d;
+            a.properties.reason_string = rs;
+            a.properties.user_properties = user;
+            a
+        },
+    )
 }
 
 /// Any packet `protocol` can carry in full.
