@@ -6,8 +6,11 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{Decoder, Packet, Protocol};
 
+/// A fuzz target's check: takes the raw fuzzer input.
+pub type Check = fn(&[u8]);
+
 /// The fuzz targets, by corpus directory name, with the check each runs.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("decode_v3", decode_v3),
     ("decode_v5", decode_v5),
     ("decode_fragmented", fragmented),
@@ -107,9 +110,9 @@ pub fn decode_fragmented(protocol: Protocol, cuts: &[u8], data: &[u8]) {
     assert_eq!(whole, split);
 }
 
-fn collect<'a>(
+fn collect(
     protocol: Protocol,
-    input: &mut dyn Iterator<Item = &'a [u8]>,
+    input: &mut dyn Iterator<Item = &[u8]>,
 ) -> (Vec<Packet>, Option<mqtt_proto::DecodeError>) {
     let mut decoder = Decoder::new(protocol).with_max_packet_size(64 * 1024);
     let mut buf = BytesMut::new();

@@ -8,13 +8,13 @@ use crate::error::DecodeError;
 use std::fmt;
 
 macro_rules! reason_codes {
-    ($($(#[doc = $doc:literal])* $name:ident = $value:literal, $text:literal;)*) => {
+    ($($(#[$meta:meta])* $name:ident = $value:literal, $text:literal;)*) => {
         /// An MQTT 5 reason code.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
         #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
         #[repr(u8)]
         pub enum ReasonCode {
-            $($(#[doc = $doc])* $name = $value,)*
+            $($(#[$meta])* $name = $value,)*
         }
 
         impl ReasonCode {
@@ -38,6 +38,7 @@ macro_rules! reason_codes {
 
 reason_codes! {
     /// 0x00: Success / Normal disconnection / Granted QoS 0.
+    #[default]
     Success = 0x00, "Success";
     /// 0x01: Granted QoS 1.
     GrantedQos1 = 0x01, "Granted QoS 1";
@@ -292,12 +293,6 @@ impl ReasonCode {
             ReasonCode::GrantedQos2 => 2,
             _ => 0x80,
         }
-    }
-}
-
-impl Default for ReasonCode {
-    fn default() -> Self {
-        ReasonCode::Success
     }
 }
 
