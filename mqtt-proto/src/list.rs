@@ -177,6 +177,21 @@ impl<E: WireEntry> WireList<E> {
     }
 }
 
+impl WireList<SubscriptionEntry> {
+    /// The entries as (filter bytes, options byte), without building values: for encoding.
+    pub(crate) fn raw_entries(&self) -> impl Iterator<Item = (&[u8], u8)> {
+        let mut rest: &[u8] = &self.raw;
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<2>()?;
+            let len = usize::from(u16::from_be_bytes(*len));
+            let (filter, tail) = tail.split_at_checked(len)?;
+            let (&options, tail) = tail.split_first()?;
+            rest = tail;
+            Some((filter, options))
+        })
+    }
+}
+
 /// Iterator over a [`WireList`].
 pub struct Iter<'a, E> {
     r: Reader<'a>,

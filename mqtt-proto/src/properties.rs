@@ -80,6 +80,35 @@ impl<T: EmptyProperties> PropBox<T> {
     }
 }
 
+/// Encoding of a property set, shared by the macro-generated structs.
+pub(crate) trait PropertyCodec {
+    /// Length of the properties, without the property length prefix.
+    fn props_len(&self) -> Result<usize, EncodeError>;
+    /// Writes the properties, length prefix included.
+    fn write_props(&self, len: usize, out: &mut BytesMut);
+}
+
+#[allow(private_bounds)] // crate-internal methods on a public type
+impl<T: EmptyProperties + PropertyCodec> PropBox<T> {
+    /// Length of the properties; an unallocated box is known empty without looking.
+    #[inline]
+    pub(crate) fn len(&self) -> Result<usize, EncodeError> {
+        match &self.0 {
+            None => Ok(0),
+            Some(p) => p.props_len(),
+        }
+    }
+
+    /// Writes the properties with their length prefix (a single 0 when there are none).
+    #[inline]
+    pub(crate) fn encode(&self, len: usize, out: &mut BytesMut) {
+        match &self.0 {
+            None => out.put_u8(0),
+            Some(p) => p.write_props(len, out),
+        }
+    }
+}
+
 impl<T: EmptyProperties> std::ops::Deref for PropBox<T> {
     type Target = T;
     #[inline]
@@ -134,24 +163,57 @@ trait PropCodec {
     fn write(v: &Self::Value, out: &mut BytesMut);
 }
 
-/// A byte that must be 0 or 1.
-struct Flag;
-impl PropCodec for Flag {
-    type Value = bool;
-    fn read(r: &mut Reader<'_>, id: u8) -> Result<bool, DecodeError> {
-        match r.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(DecodeError::InvalidPropertyValue(id)),
+/// Codecs for fixed-width values: read the raw integer, then check and convert it.
+macro_rules! fixed_codec {
+    ($(#[$meta:meta])* $name:ident: $ty:ty = $read:ident / $put:ident ($len:literal),
+     read: $from:expr, write: $to:expr) => {
+        $(#[$meta])*
+        struct $name;
+        impl PropCodec for $name {
+            type Value = $ty;
+            fn read(r: &mut Reader<'_>, id: u8) -> Result<$ty, DecodeError> {
+                ($from)(r.$read()?, id)
+            }
+            fn len(_: &$ty) -> Result<usize, EncodeError> {
+                Ok($len)
+            }
+            fn write(v: &$ty, out: &mut BytesMut) {
+                out.$put(($to)(v))
+            }
         }
-    }
-    fn len(_: &bool) -> Result<usize, EncodeError> {
-        Ok(1)
-    }
-    fn write(v: &bool, out: &mut BytesMut) {
-        out.put_u8(u8::from(*v));
-    }
+    };
 }
+
+fixed_codec!(
+    /// A byte that must be 0 or 1.
+    Flag: bool = u8 / put_u8 (1),
+    read: |v, id| match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::InvalidPropertyValue(id)),
+    },
+    write: |v: &bool| u8::from(*v)
+);
+fixed_codec!(U16: u16 = u16 / put_u16 (2), read: |v, _| Ok(v), write: |v: &u16| *v);
+fixed_codec!(U32: u32 = u32 / put_u32 (4), read: |v, _| Ok(v), write: |v: &u32| *v);
+fixed_codec!(
+    /// A two-byte integer where 0 is a Protocol Error (Receive Maximum).
+    U16Nz: NonZeroU16 = u16 / put_u16 (2),
+    read: |v, id| NonZeroU16::new(v).ok_or(DecodeError::InvalidPropertyValue(id)),
+    write: |v: &NonZeroU16| v.get()
+);
+fixed_codec!(
+    /// Topic Alias: 0 is not permitted and has its own reason code.
+    Alias: NonZeroU16 = u16 / put_u16 (2),
+    read: |v, _| NonZeroU16::new(v).ok_or(DecodeError::ZeroTopicAlias),
+    write: |v: &NonZeroU16| v.get()
+);
+fixed_codec!(
+    /// A four-byte integer where 0 is a Protocol Error (Maximum Packet Size).
+    U32Nz: NonZeroU32 = u32 / put_u32 (4),
+    read: |v, id| NonZeroU32::new(v).ok_or(DecodeError::InvalidPropertyValue(id)),
+    write: |v: &NonZeroU32| v.get()
+);
 
 /// Maximum QoS: a byte that must be 0 or 1 (QoS 2 is expressed by omitting the property).
 struct MaxQos;
@@ -172,79 +234,6 @@ impl PropCodec for MaxQos {
     }
     fn write(v: &QoS, out: &mut BytesMut) {
         out.put_u8(*v as u8);
-    }
-}
-
-struct U16;
-impl PropCodec for U16 {
-    type Value = u16;
-    fn read(r: &mut Reader<'_>, _: u8) -> Result<u16, DecodeError> {
-        r.u16()
-    }
-    fn len(_: &u16) -> Result<usize, EncodeError> {
-        Ok(2)
-    }
-    fn write(v: &u16, out: &mut BytesMut) {
-        out.put_u16(*v);
-    }
-}
-
-/// A two-byte integer where 0 is a Protocol Error (Receive Maximum).
-struct U16Nz;
-impl PropCodec for U16Nz {
-    type Value = NonZeroU16;
-    fn read(r: &mut Reader<'_>, id: u8) -> Result<NonZeroU16, DecodeError> {
-        NonZeroU16::new(r.u16()?).ok_or(DecodeError::InvalidPropertyValue(id))
-    }
-    fn len(_: &NonZeroU16) -> Result<usize, EncodeError> {
-        Ok(2)
-    }
-    fn write(v: &NonZeroU16, out: &mut BytesMut) {
-        out.put_u16(v.get());
-    }
-}
-
-/// Topic Alias: 0 is not permitted and gets its own reason code.
-struct Alias;
-impl PropCodec for Alias {
-    type Value = NonZeroU16;
-    fn read(r: &mut Reader<'_>, _: u8) -> Result<NonZeroU16, DecodeError> {
-        NonZeroU16::new(r.u16()?).ok_or(DecodeError::ZeroTopicAlias)
-    }
-    fn len(_: &NonZeroU16) -> Result<usize, EncodeError> {
-        Ok(2)
-    }
-    fn write(v: &NonZeroU16, out: &mut BytesMut) {
-        out.put_u16(v.get());
-    }
-}
-
-struct U32;
-impl PropCodec for U32 {
-    type Value = u32;
-    fn read(r: &mut Reader<'_>, _: u8) -> Result<u32, DecodeError> {
-        r.u32()
-    }
-    fn len(_: &u32) -> Result<usize, EncodeError> {
-        Ok(4)
-    }
-    fn write(v: &u32, out: &mut BytesMut) {
-        out.put_u32(*v);
-    }
-}
-
-/// A four-byte integer where 0 is a Protocol Error (Maximum Packet Size).
-struct U32Nz;
-impl PropCodec for U32Nz {
-    type Value = NonZeroU32;
-    fn read(r: &mut Reader<'_>, id: u8) -> Result<NonZeroU32, DecodeError> {
-        NonZeroU32::new(r.u32()?).ok_or(DecodeError::InvalidPropertyValue(id))
-    }
-    fn len(_: &NonZeroU32) -> Result<usize, EncodeError> {
-        Ok(4)
-    }
-    fn write(v: &NonZeroU32, out: &mut BytesMut) {
-        out.put_u32(v.get());
     }
 }
 
@@ -469,6 +458,15 @@ macro_rules! properties {
             pub fn is_empty(&self) -> bool {
                 true $( && self.$field.is_none() )* $( && self.$lfield.is_empty() )?
                     && self.user_properties.is_empty()
+            }
+        }
+
+        impl PropertyCodec for $name {
+            fn props_len(&self) -> Result<usize, EncodeError> {
+                self.len()
+            }
+            fn write_props(&self, len: usize, out: &mut BytesMut) {
+                self.encode(len, out)
             }
         }
 

@@ -63,18 +63,6 @@ impl TopicName {
         TopicName::default()
     }
 
-    /// The text.
-    #[inline]
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
-
-    /// The underlying MQTT string.
-    #[inline]
-    pub fn as_mqtt_str(&self) -> &MqttString {
-        &self.0
-    }
-
     /// Whether this is the empty name (only legal with a topic alias).
     #[inline]
     pub fn is_empty(&self) -> bool {
@@ -102,26 +90,14 @@ impl TopicFilter {
 
     /// Validates a decoded topic filter.
     pub fn from_bytes(bytes: Bytes) -> Result<TopicFilter, DecodeError> {
-        check_filter(&bytes)?;
-        Ok(TopicFilter(MqttString::from_bytes(bytes)?))
+        validate_filter(&bytes)?;
+        Ok(TopicFilter(MqttString::from_validated(bytes)))
     }
 
     /// Wraps bytes validated as a filter before (crate-internal).
     pub(crate) fn from_validated(bytes: Bytes) -> TopicFilter {
         debug_assert!(check_filter(&bytes).is_ok());
         TopicFilter(MqttString::from_validated(bytes))
-    }
-
-    /// The text.
-    #[inline]
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
-
-    /// The underlying MQTT string.
-    #[inline]
-    pub fn as_mqtt_str(&self) -> &MqttString {
-        &self.0
     }
 
     /// For a shared subscription `$share/{group}/{filter}`, the group and the inner filter.
@@ -166,20 +142,27 @@ fn check_filter(bytes: &[u8]) -> Result<(), DecodeError> {
         }
         None => bytes,
     };
-    let levels = filter.split(|&b| b == b'/');
-    let count = filter.iter().filter(|&&b| b == b'/').count() + 1;
-    for (i, level) in levels.enumerate() {
-        let wild = level.iter().any(|&b| b == b'+' || b == b'#');
-        if !wild {
+    // Most filters have few wildcards: find them with a plain scan, then check each one's
+    // neighbours. A wildcard must fill its level [MQTT-4.7.1-2, MQTT-4.7.1-3], and `#` must also
+    // be the last character [MQTT-4.7.1-2].
+    for (i, &b) in filter.iter().enumerate() {
+        if b != b'+' && b != b'#' {
             continue;
         }
-        match level {
-            b"+" => {}
-            b"#" if i + 1 == count => {}
-            _ => return Err(DecodeError::InvalidTopicFilter),
+        let starts_level = i == 0 || filter[i - 1] == b'/';
+        let last = i + 1 == filter.len();
+        let ends_level = last || filter[i + 1] == b'/';
+        if !starts_level || !ends_level || (b == b'#' && !last) {
+            return Err(DecodeError::InvalidTopicFilter);
         }
     }
     Ok(())
+}
+
+/// Checks a topic filter given as raw bytes: filter rules, then MQTT string rules.
+pub(crate) fn validate_filter(bytes: &[u8]) -> Result<(), DecodeError> {
+    check_filter(bytes)?;
+    crate::string::validate(bytes)
 }
 
 /// Topic matching on plain strings: `filter` must be a valid (non-shared) filter.
@@ -202,43 +185,45 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
-impl fmt::Debug for TopicName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
+/// What topic names and filters share as validated wrappers of an [`MqttString`].
+macro_rules! string_wrapper {
+    ($($name:ident),*) => {$(
+        impl $name {
+            /// The text.
+            #[inline]
+            pub fn as_str(&self) -> &str {
+                self.0.as_str()
+            }
+
+            /// The underlying MQTT string.
+            #[inline]
+            pub fn as_mqtt_str(&self) -> &MqttString {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self.as_str(), f)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = DecodeError;
+            fn try_from(s: &str) -> Result<Self, DecodeError> {
+                $name::new(s)
+            }
+        }
+    )*};
 }
 
-impl fmt::Display for TopicName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Debug for TopicFilter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for TopicFilter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl TryFrom<&str> for TopicName {
-    type Error = DecodeError;
-    fn try_from(s: &str) -> Result<Self, DecodeError> {
-        TopicName::new(s)
-    }
-}
-
-impl TryFrom<&str> for TopicFilter {
-    type Error = DecodeError;
-    fn try_from(s: &str) -> Result<Self, DecodeError> {
-        TopicFilter::new(s)
-    }
-}
+string_wrapper!(TopicName, TopicFilter);
 
 #[cfg(feature = "arbitrary")]
 impl<'a> arbitrary::Arbitrary<'a> for TopicName {

@@ -125,6 +125,13 @@ impl<'a> Reader<'a> {
         self.bytes(len)
     }
 
+    /// Like [`Reader::binary`], borrowed: for fields that are validated but not kept.
+    #[inline]
+    pub(crate) fn binary_slice(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.u16()? as usize;
+        self.take(len)
+    }
+
     /// A UTF-8 string (spec 1.5.4), validated.
     #[inline]
     pub(crate) fn string(&mut self) -> Result<MqttString, DecodeError> {

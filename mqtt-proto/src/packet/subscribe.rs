@@ -5,10 +5,10 @@ use crate::error::{DecodeError, EncodeError};
 use crate::list::{Subscriptions, TopicFilters};
 use crate::properties::{PropBox, SubAckProperties, SubscribeProperties, UnsubscribeProperties};
 use crate::reason::{ReasonCode, ReasonPacket};
-use crate::topic::TopicFilter;
+use crate::topic::{validate_filter, TopicFilter, SHARE_PREFIX};
 use crate::types::{PacketId, Protocol, QoS, RetainHandling};
 use crate::varint;
-use crate::wire::{put_string, Reader};
+use crate::wire::Reader;
 use bytes::{BufMut, BytesMut};
 use smallvec::SmallVec;
 
@@ -102,6 +102,22 @@ fn check_codes(codes: &[ReasonCode], packet: ReasonPacket) -> Result<(), EncodeE
     }
 }
 
+/// Reads the rest of the packet as a non-empty list of one-byte reason codes (SUBACK, UNSUBACK).
+fn read_codes(
+    r: &mut Reader<'_>,
+    decode: impl Fn(u8) -> Result<ReasonCode, DecodeError>,
+) -> Result<SmallVec<[ReasonCode; 4]>, DecodeError> {
+    // One code per byte: sizing from the bytes present allocates no more than the packet.
+    let mut codes = SmallVec::with_capacity(r.remaining());
+    while !r.is_empty() {
+        codes.push(decode(r.u8()?)?);
+    }
+    if codes.is_empty() {
+        return Err(DecodeError::EmptyPayload);
+    }
+    Ok(codes)
+}
+
 impl Subscribe {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
         let packet_id = r.packet_id()?;
@@ -110,9 +126,10 @@ impl Subscribe {
         let start = r.pos();
         let mut count = 0;
         while !r.is_empty() {
-            let filter = TopicFilter::from_bytes(r.binary()?)?;
+            let filter = r.binary_slice()?;
+            validate_filter(filter)?;
             let options = SubscriptionOptions::decode(r.u8()?, v5)?;
-            if options.no_local && filter.shared().is_some() {
+            if options.no_local && filter.starts_with(SHARE_PREFIX.as_bytes()) {
                 return Err(DecodeError::NoLocalOnSharedSubscription);
             }
             count += 1;
@@ -128,7 +145,7 @@ impl Subscribe {
         let v5 = protocol.is_v5();
         check_not_empty(self.subscriptions.len())?;
         let (plen, props) = props_size(v5, self.properties.len())?;
-        if v5 && self.subscriptions.iter().any(|s| s.options.no_local && s.filter.shared().is_some()) {
+        if v5 && self.subscriptions.raw_entries().any(|(filter, options)| options & 0b100 != 0 && filter.starts_with(SHARE_PREFIX.as_bytes())) {
             return Err(EncodeError::Invalid("no local on a shared subscription"));
         }
         Ok(Sizes { body: 2 + plen + self.subscriptions.encoded_len(), props })
@@ -144,9 +161,10 @@ impl Subscribe {
             self.subscriptions.write(out);
         } else {
             // MQTT 3.1.1 has only the QoS bits; the others are reserved there.
-            for s in &self.subscriptions {
-                put_string(out, s.filter.as_mqtt_str());
-                out.put_u8(s.options.encode(false));
+            for (filter, options) in self.subscriptions.raw_entries() {
+                out.put_u16(filter.len() as u16);
+                out.put_slice(filter);
+                out.put_u8(options & 0b11);
             }
         }
     }
@@ -169,25 +187,18 @@ impl SubAck {
     pub(super) fn read(r: &mut Reader<'_>, v5: bool) -> Result<SubAck, DecodeError> {
         let packet_id = r.packet_id()?;
         let properties = if v5 { SubAckProperties::decode_boxed(r)? } else { PropBox::default() };
-        let mut reason_codes = SmallVec::with_capacity(r.remaining());
-        while !r.is_empty() {
-            let byte = r.u8()?;
-            let code = if v5 {
-                ReasonCode::decode_for(byte, ReasonPacket::SubAck)?
-            } else {
-                match byte {
-                    0 => ReasonCode::Success,
-                    1 => ReasonCode::GrantedQos1,
-                    2 => ReasonCode::GrantedQos2,
-                    0x80 => ReasonCode::UnspecifiedError,
-                    other => return Err(DecodeError::InvalidSubAckCode(other)),
-                }
-            };
-            reason_codes.push(code);
-        }
-        if reason_codes.is_empty() {
-            return Err(DecodeError::EmptyPayload);
-        }
+        let reason_codes = read_codes(r, |byte| {
+            if v5 {
+                return ReasonCode::decode_for(byte, ReasonPacket::SubAck);
+            }
+            match byte {
+                0 => Ok(ReasonCode::Success),
+                1 => Ok(ReasonCode::GrantedQos1),
+                2 => Ok(ReasonCode::GrantedQos2),
+                0x80 => Ok(ReasonCode::UnspecifiedError),
+                other => Err(DecodeError::InvalidSubAckCode(other)),
+            }
+        })?;
         Ok(SubAck { packet_id, properties, reason_codes })
     }
 
@@ -227,7 +238,7 @@ impl Unsubscribe {
         let start = r.pos();
         let mut count = 0;
         while !r.is_empty() {
-            TopicFilter::from_bytes(r.binary()?)?;
+            validate_filter(r.binary_slice()?)?;
             count += 1;
         }
         if count == 0 {
@@ -273,12 +284,7 @@ impl UnsubAck {
             return Ok(ack);
         }
         ack.properties = SubAckProperties::decode_boxed(r)?;
-        while !r.is_empty() {
-            ack.reason_codes.push(ReasonCode::decode_for(r.u8()?, ReasonPacket::UnsubAck)?);
-        }
-        if ack.reason_codes.is_empty() {
-            return Err(DecodeError::EmptyPayload);
-        }
+        ack.reason_codes = read_codes(r, |byte| ReasonCode::decode_for(byte, ReasonPacket::UnsubAck))?;
         Ok(ack)
     }
 
