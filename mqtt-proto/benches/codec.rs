@@ -422,6 +422,52 @@ fn stream(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // The same stream when the caller must own what it decoded (a broker queues messages for
+    // subscribers): mqttrs borrows from the input, so owning means copying topic and payload.
+    let mut g = c.benchmark_group("decode/stream_1MiB_publish_16B_owned/v3.1.1");
+    g.throughput(Throughput::Elements(count as u64));
+    g.bench_function("mqtt-proto", |b| {
+        let mut d = Decoder::new(Protocol::V3_1_1);
+        b.iter(|| {
+            let mut buf = all.clone();
+            let mut kept = Vec::with_capacity(count);
+            while let Some(Packet::Publish(p)) = d.decode_bytes(&mut buf).unwrap() {
+                kept.push((p.topic, p.payload));
+            }
+            assert_eq!(kept.len(), count);
+            kept
+        })
+    });
+    g.bench_function("rumqttc", |b| {
+        b.iter_batched_ref(
+            || BytesMut::from(&all[..]),
+            |buf| {
+                let mut kept = Vec::with_capacity(count);
+                while !buf.is_empty() {
+                    if let rumqttc::Packet::Publish(p) = rumqttc::Packet::read(buf, MAX).unwrap() {
+                        kept.push((p.topic, p.payload));
+                    }
+                }
+                assert_eq!(kept.len(), count);
+                kept
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("mqttrs", |b| {
+        b.iter(|| {
+            let mut rest = &all[..];
+            let mut kept = Vec::with_capacity(count);
+            while let Some(mqttrs::Packet::Publish(p)) = mqttrs::decode_slice(rest).unwrap() {
+                kept.push((Bytes::copy_from_slice(p.topic_name.as_bytes()), Bytes::copy_from_slice(p.payload)));
+                rest = &rest[one.len()..];
+            }
+            assert_eq!(kept.len(), count);
+            kept
+        })
+    });
+    g.finish();
 }
 
 fn config() -> Criterion {

@@ -8,8 +8,7 @@ use crate::error::DecodeError;
 use crate::packet::Packet;
 use crate::types::Protocol;
 use crate::varint;
-use crate::wire::Reader;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 /// The default maximum packet size: 1 MiB. Large enough for typical IoT payloads, small enough
 /// that one connection cannot make the receiver buffer hundreds of megabytes.
@@ -135,11 +134,11 @@ impl Decoder {
             return Ok(None);
         }
         let frame = buf.split_to(h.packet_len()).freeze();
-        decode_frame(&frame, h, self.protocol).map(Some)
+        Packet::decode_frame(h.first_byte, frame, h.header_len, self.protocol).map(Some)
     }
 
-    /// Like [`Decoder::decode`], for input that is already an immutable [`Bytes`]: the packet
-    /// is sliced out of `buf` without splitting it first, and `buf` is advanced past it.
+    /// Like [`Decoder::decode`], for input that is already an immutable [`Bytes`]: the packet is
+    /// split off the front of `buf`.
     #[inline]
     pub fn decode_bytes(&mut self, buf: &mut Bytes) -> Result<Option<Packet>, DecodeError> {
         let Some(h) = self.header(buf)? else {
@@ -148,9 +147,8 @@ impl Decoder {
         if buf.len() < h.packet_len() {
             return Ok(None);
         }
-        let packet = decode_frame(buf, h, self.protocol);
-        buf.advance(h.packet_len());
-        packet.map(Some)
+        let frame = buf.split_to(h.packet_len());
+        Packet::decode_frame(h.first_byte, frame, h.header_len, self.protocol).map(Some)
     }
 
     /// How many more bytes `buf` needs before [`Decoder::decode`] can return a packet: at least
@@ -162,13 +160,6 @@ impl Decoder {
             Some(h) => h.packet_len().saturating_sub(buf.len()),
         })
     }
-}
-
-/// Decodes the packet that starts at the beginning of `buf` and is described by `h`.
-#[inline]
-fn decode_frame(buf: &Bytes, h: FixedHeader, protocol: Protocol) -> Result<Packet, DecodeError> {
-    let mut r = Reader::span(buf, h.header_len, h.packet_len());
-    Packet::decode_body(h.first_byte, &mut r, protocol)
 }
 
 #[cfg(test)]

@@ -390,8 +390,8 @@ macro_rules! properties {
             };
 
             /// Reads the property length and the properties that follow it.
-            pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-                let len = r.varint()? as usize;
+            /// Reads `len` bytes of properties (the length prefix was read by the caller).
+            fn decode_block(r: &mut Reader<'_>, len: usize) -> Result<Self, DecodeError> {
                 let mut p = Self::default();
                 if len == 0 {
                     return Ok(p);
@@ -449,9 +449,14 @@ macro_rules! properties {
 
             /// Reads the properties into a [`PropBox`], which stays unallocated when there
             /// are none.
+            #[inline]
             pub(crate) fn decode_boxed(r: &mut Reader<'_>) -> Result<PropBox<Self>, DecodeError> {
-                let p = Self::decode(r)?;
-                Ok(if p.is_empty() { PropBox::default() } else { PropBox(Some(Box::new(p))) })
+                // The common case, no properties, builds nothing.
+                let len = r.varint()? as usize;
+                if len == 0 {
+                    return Ok(PropBox::default());
+                }
+                Ok(PropBox::new(Self::decode_block(r, len)?))
             }
 
             /// Whether no property is set.
@@ -636,17 +641,20 @@ properties! {
 mod tests {
     use super::*;
 
-    fn decode<T>(bytes: &'static [u8], f: fn(&mut Reader<'_>) -> Result<T, DecodeError>) -> Result<T, DecodeError> {
+    fn decode<T: EmptyProperties + Clone>(
+        bytes: &'static [u8],
+        f: fn(&mut Reader<'_>) -> Result<PropBox<T>, DecodeError>,
+    ) -> Result<T, DecodeError> {
         let b = Bytes::from_static(bytes);
         let mut r = Reader::new(&b);
         let v = f(&mut r)?;
         r.finish()?;
-        Ok(v)
+        Ok((*v).clone())
     }
 
     #[test]
     fn duplicate_single_property_is_protocol_error() {
-        let e = decode(&[6, 0x21, 0, 5, 0x21, 0, 6], ConnectProperties::decode).unwrap_err();
+        let e = decode(&[6, 0x21, 0, 5, 0x21, 0, 6], ConnectProperties::decode_boxed).unwrap_err();
         assert_eq!(e, DecodeError::DuplicateProperty(0x21));
         assert_eq!(e.reason_code(), crate::ReasonCode::ProtocolError);
     }
@@ -654,26 +662,40 @@ mod tests {
     #[test]
     fn property_from_another_packet_is_malformed() {
         // Topic Alias is a PUBLISH property, not a CONNECT one.
-        let e = decode(&[3, 0x23, 0, 1], ConnectProperties::decode).unwrap_err();
+        let e = decode(&[3, 0x23, 0, 1], ConnectProperties::decode_boxed).unwrap_err();
         assert_eq!(e, DecodeError::PropertyNotAllowed { id: 0x23, packet: "CONNECT" });
         assert_eq!(e.reason_code(), crate::ReasonCode::MalformedPacket);
-        assert_eq!(decode(&[2, 0x7f, 0], ConnectProperties::decode), Err(DecodeError::UnknownProperty(0x7f)));
+        assert_eq!(decode(&[2, 0x7f, 0], ConnectProperties::decode_boxed), Err(DecodeError::UnknownProperty(0x7f)));
     }
 
     #[test]
     fn forbidden_values() {
-        assert_eq!(decode(&[3, 0x21, 0, 0], ConnectProperties::decode), Err(DecodeError::InvalidPropertyValue(0x21)));
-        assert_eq!(decode(&[2, 0x17, 2], ConnectProperties::decode), Err(DecodeError::InvalidPropertyValue(0x17)));
-        assert_eq!(decode(&[2, 0x24, 2], ConnAckProperties::decode), Err(DecodeError::InvalidPropertyValue(0x24)));
-        assert_eq!(decode(&[3, 0x23, 0, 0], PublishProperties::decode), Err(DecodeError::ZeroTopicAlias));
-        assert_eq!(decode(&[2, 0x0B, 0], SubscribeProperties::decode), Err(DecodeError::InvalidPropertyValue(0x0B)));
+        assert_eq!(
+            decode(&[3, 0x21, 0, 0], ConnectProperties::decode_boxed),
+            Err(DecodeError::InvalidPropertyValue(0x21))
+        );
+        assert_eq!(
+            decode(&[2, 0x17, 2], ConnectProperties::decode_boxed),
+            Err(DecodeError::InvalidPropertyValue(0x17))
+        );
+        assert_eq!(
+            decode(&[2, 0x24, 2], ConnAckProperties::decode_boxed),
+            Err(DecodeError::InvalidPropertyValue(0x24))
+        );
+        assert_eq!(decode(&[3, 0x23, 0, 0], PublishProperties::decode_boxed), Err(DecodeError::ZeroTopicAlias));
+        assert_eq!(
+            decode(&[2, 0x0B, 0], SubscribeProperties::decode_boxed),
+            Err(DecodeError::InvalidPropertyValue(0x0B))
+        );
     }
 
     #[test]
     fn repeated_properties_keep_order() {
-        let p =
-            decode(&[14, 0x0B, 5, 0x0B, 0x80, 0x01, 0x26, 0, 1, b'k', 0, 1, b'v', 0x0B, 1], PublishProperties::decode)
-                .unwrap();
+        let p = decode(
+            &[14, 0x0B, 5, 0x0B, 0x80, 0x01, 0x26, 0, 1, b'k', 0, 1, b'v', 0x0B, 1],
+            PublishProperties::decode_boxed,
+        )
+        .unwrap();
         let ids: Vec<u32> = p.subscription_identifiers.iter().map(|v| v.get()).collect();
         assert_eq!(ids, [5, 128, 1]);
         assert_eq!(p.user_properties.len(), 1);
@@ -687,6 +709,6 @@ mod tests {
 
     #[test]
     fn property_block_longer_than_packet() {
-        assert_eq!(decode(&[9, 0x21, 0, 5], ConnectProperties::decode), Err(DecodeError::UnexpectedEnd));
+        assert_eq!(decode(&[9, 0x21, 0, 5], ConnectProperties::decode_boxed), Err(DecodeError::UnexpectedEnd));
     }
 }

@@ -138,14 +138,6 @@ impl<'a> Reader<'a> {
         MqttString::from_bytes(self.binary()?)
     }
 
-    /// Everything left, as a shared slice.
-    #[inline]
-    pub(crate) fn rest(&mut self) -> Bytes {
-        let b = self.buf.slice(self.pos..self.end);
-        self.pos = self.end;
-        b
-    }
-
     /// Splits off the next `n` bytes as a sub-reader (used for the property block) and skips
     /// them here.
     #[inline]

@@ -61,7 +61,8 @@ impl Publish {
     }
 
     #[inline]
-    pub(super) fn read(r: &mut Reader<'_>, flags: u8, v5: bool) -> Result<Publish, DecodeError> {
+    /// Reads everything but the payload, which starts at the returned position.
+    pub(super) fn read_head(r: &mut Reader<'_>, flags: u8, v5: bool) -> Result<(Publish, usize), DecodeError> {
         let dup = flags & 0b1000 != 0;
         let retain = flags & 0b0001 != 0;
         let qos = QoS::from_u8((flags >> 1) & 0b11)?;
@@ -83,8 +84,7 @@ impl Publish {
                 return Err(DecodeError::EmptyTopicWithoutAlias);
             }
         }
-        let payload = r.rest();
-        Ok(Publish { dup, qos_pid, retain, topic, payload, properties })
+        Ok((Publish { dup, qos_pid, retain, topic, payload: Bytes::new(), properties }, r.pos()))
     }
 
     #[inline]

@@ -145,7 +145,12 @@ impl Subscribe {
         let v5 = protocol.is_v5();
         check_not_empty(self.subscriptions.len())?;
         let (plen, props) = props_size(v5, self.properties.len())?;
-        if v5 && self.subscriptions.raw_entries().any(|(filter, options)| options & 0b100 != 0 && filter.starts_with(SHARE_PREFIX.as_bytes())) {
+        if v5
+            && self
+                .subscriptions
+                .raw_entries()
+                .any(|(filter, options)| options & 0b100 != 0 && filter.starts_with(SHARE_PREFIX.as_bytes()))
+        {
             return Err(EncodeError::Invalid("no local on a shared subscription"));
         }
         Ok(Sizes { body: 2 + plen + self.subscriptions.encoded_len(), props })
