@@ -50,6 +50,11 @@ pub const fn len(value: u32) -> usize {
 #[inline]
 pub fn encode(mut value: u32, out: &mut impl BufMut) {
     debug_assert!(value <= MAX);
+    if value < 0x80 {
+        // Most packets are under 128 bytes.
+        out.put_u8(value as u8);
+        return;
+    }
     loop {
         let mut byte = (value & 0x7f) as u8;
         value >>= 7;

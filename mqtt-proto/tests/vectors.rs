@@ -410,4 +410,16 @@ fn v311_drops_mqtt5_only_fields() {
     assert_eq!(enc(V3, &Packet::PubAck(ack)), [0x40, 2, 0, 3]);
     let refused = ConnAck { reason_code: ReasonCode::Banned, session_present: true, ..Default::default() };
     assert_eq!(enc(V3, &refused.into()), [0x20, 2, 0, 3]);
+    // Subscription options beyond QoS are reserved in 3.1.1 and must go out as zero.
+    let mut first = sub("a", QoS::ExactlyOnce);
+    first.options.no_local = true;
+    first.options.retain_as_published = true;
+    first.options.retain_handling = RetainHandling::DoNotSend;
+    let subscribe = Subscribe {
+        packet_id: pid(2),
+        properties: Default::default(),
+        subscriptions: [first, sub("bc", QoS::AtLeastOnce)].into(),
+    };
+    assert_eq!(enc(V3, &subscribe.clone().into()), [0x82, 11, 0, 2, 0, 1, b'a', 0x02, 0, 2, b'b', b'c', 0x01]);
+    assert_eq!(enc(V5, &subscribe.into()), [0x82, 12, 0, 2, 0, 0, 1, b'a', 0x2E, 0, 2, b'b', b'c', 0x01]);
 }

@@ -145,8 +145,6 @@ impl Connect {
 
     pub(super) fn write(&self, sizes: Sizes, out: &mut BytesMut) {
         let v5 = self.protocol.is_v5();
-        put_binary(out, self.protocol.name().as_bytes());
-        out.put_u8(self.protocol.level());
         let mut flags = 0u8;
         if self.username.is_some() {
             flags |= 0x80;
@@ -163,8 +161,13 @@ impl Connect {
         if self.clean_start {
             flags |= 0x02;
         }
-        out.put_u8(flags);
-        out.put_u16(self.keep_alive);
+        // The variable header before the properties, written at once.
+        let [ka_hi, ka_lo] = self.keep_alive.to_be_bytes();
+        match self.protocol {
+            Protocol::V3_1 => out.put_slice(&[0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, flags, ka_hi, ka_lo]),
+            Protocol::V3_1_1 => out.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, flags, ka_hi, ka_lo]),
+            Protocol::V5 => out.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', 5, flags, ka_hi, ka_lo]),
+        }
         if v5 {
             self.properties.encode(sizes.props, out);
         }

@@ -166,30 +166,26 @@ impl Packet {
     /// # Ok::<(), mqtt_proto::EncodeError>(())
     /// ```
     pub fn encode(&self, protocol: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
-        let sizes = self.sizes(protocol)?;
-        out.reserve(1 + varint::len(sizes.body as u32) + sizes.body);
-        out.put_u8(self.first_byte());
-        varint::encode(sizes.body as u32, out);
-        #[cfg(debug_assertions)]
-        let start = out.len();
+        // One match, so each packet type gets a straight-line encoder.
+        let first = self.first_byte();
         match self {
-            Packet::Connect(p) => p.write(sizes, out),
-            Packet::ConnAck(p) => p.write(protocol, sizes, out),
-            Packet::Publish(p) => p.write(protocol, sizes, out),
-            Packet::PubAck(p) | Packet::PubRec(p) | Packet::PubRel(p) | Packet::PubComp(p) => {
-                p.write(protocol, sizes, out)
+            Packet::Connect(p) => frame(first, p.sizes(), out, |s, out| p.write(s, out)),
+            Packet::ConnAck(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(protocol, s, out)),
+            Packet::Publish(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(protocol, s, out)),
+            Packet::PubAck(p) | Packet::PubRec(p) => {
+                frame(first, p.sizes(protocol, ReasonPacket::PubAckRec), out, |s, out| p.write(protocol, s, out))
             }
-            Packet::Subscribe(p) => p.write(protocol, sizes, out),
-            Packet::SubAck(p) => p.write(protocol, sizes, out),
-            Packet::Unsubscribe(p) => p.write(protocol, sizes, out),
-            Packet::UnsubAck(p) => p.write(protocol, sizes, out),
-            Packet::PingReq | Packet::PingResp => {}
-            Packet::Disconnect(p) => p.write(protocol, sizes, out),
-            Packet::Auth(p) => p.write(sizes, out),
+            Packet::PubRel(p) | Packet::PubComp(p) => {
+                frame(first, p.sizes(protocol, ReasonPacket::PubRelComp), out, |s, out| p.write(protocol, s, out))
+            }
+            Packet::Subscribe(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(protocol, s, out)),
+            Packet::SubAck(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(protocol, s, out)),
+            Packet::Unsubscribe(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(protocol, s, out)),
+            Packet::UnsubAck(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(protocol, s, out)),
+            Packet::PingReq | Packet::PingResp => frame(first, Ok(Sizes { body: 0, props: 0 }), out, |_, _| {}),
+            Packet::Disconnect(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(protocol, s, out)),
+            Packet::Auth(p) => frame(first, p.sizes(protocol), out, |s, out| p.write(s, out)),
         }
-        #[cfg(debug_assertions)]
-        debug_assert_eq!(out.len() - start, sizes.body, "size mismatch for {:?}", self.packet_type());
-        Ok(())
     }
 
     /// Decodes the packet `frame` holds (exactly one whole packet) from its first byte and the
@@ -285,6 +281,28 @@ impl Packet {
         r.finish()?;
         Ok(packet)
     }
+}
+
+/// Writes the fixed header for a body of `sizes`, then the body. Nothing is written when the
+/// sizes are an error.
+#[inline(always)]
+fn frame(
+    first: u8,
+    sizes: Result<Sizes, EncodeError>,
+    out: &mut BytesMut,
+    body: impl FnOnce(Sizes, &mut BytesMut),
+) -> Result<(), EncodeError> {
+    let sizes = sizes?;
+    if sizes.body > varint::MAX as usize {
+        return Err(EncodeError::PacketTooLarge(sizes.body));
+    }
+    out.reserve(1 + varint::len(sizes.body as u32) + sizes.body);
+    out.put_u8(first);
+    varint::encode(sizes.body as u32, out);
+    let start = out.len();
+    body(sizes, out);
+    debug_assert_eq!(out.len() - start, sizes.body, "encoded size differs from the computed size");
+    Ok(())
 }
 
 macro_rules! from_impls {

@@ -165,11 +165,17 @@ impl Subscribe {
         if v5 {
             self.subscriptions.write(out);
         } else {
-            // MQTT 3.1.1 has only the QoS bits; the others are reserved there.
-            for (filter, options) in self.subscriptions.raw_entries() {
-                out.put_u16(filter.len() as u16);
-                out.put_slice(filter);
-                out.put_u8(options & 0b11);
+            // MQTT 3.1.1 has only the QoS bits; the others are reserved there. Copy the list,
+            // then clear them in the copy.
+            let start = out.len();
+            self.subscriptions.write(out);
+            let mut at = start;
+            while at + 2 <= out.len() {
+                at += 2 + usize::from(u16::from_be_bytes([out[at], out[at + 1]]));
+                if let Some(options) = out.get_mut(at) {
+                    *options &= 0b11;
+                }
+                at += 1;
             }
         }
     }
