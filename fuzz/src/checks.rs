@@ -53,7 +53,19 @@ pub fn decode_stream(protocol: Protocol, data: &[u8]) {
     let mut buf = Bytes::copy_from_slice(data);
     loop {
         let before = buf.len();
-        match decoder.decode_bytes(&mut buf) {
+        // The borrowed decoder must agree with the owning one on every input.
+        let borrowed = decoder.decode_ref(&buf).map(|o| o.map(|(p, used)| (p.to_owned(), used)));
+        let owned = decoder.decode_bytes(&mut buf);
+        match (&owned, &borrowed) {
+            (Ok(Some(a)), Ok(Some((b, used)))) => {
+                assert_eq!(a, b, "decode_ref disagrees");
+                assert_eq!(before - buf.len(), *used, "decode_ref consumed a different length");
+            }
+            (Ok(None), Ok(None)) => {}
+            (Err(a), Err(b)) => assert_eq!(a, b, "decode_ref fails differently"),
+            _ => panic!("decode_ref gave {borrowed:?}, decode gave {owned:?}"),
+        }
+        match owned {
             Ok(Some(packet)) => {
                 assert!(buf.len() < before, "a decoded packet must consume input");
                 check_reencode(&packet, decoder.protocol());

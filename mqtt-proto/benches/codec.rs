@@ -239,6 +239,12 @@ fn run_case(c: &mut Criterion, case: Case<'_>) {
     if case.rs.is_some() {
         g.bench_function("mqttrs", |b| b.iter(|| black_box(mqttrs::decode_slice(black_box(&bytes[..])).unwrap())));
     }
+    if matches!(case.ours, Packet::Publish(_)) {
+        let d = Decoder::new(case.protocol).with_max_packet_size(MAX as u32);
+        g.bench_function("mqtt-proto (borrowed)", |b| {
+            b.iter(|| black_box(d.decode_ref(black_box(&bytes[..])).unwrap()))
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group(format!("encode/{}", case.name));
@@ -374,6 +380,19 @@ fn stream(c: &mut Criterion) {
             let mut n = 0;
             while let Some(p) = d.decode_bytes(&mut buf).unwrap() {
                 black_box(p);
+                n += 1;
+            }
+            assert_eq!(n, count);
+        })
+    });
+    g.bench_function("mqtt-proto (borrowed)", |b| {
+        let d = Decoder::new(Protocol::V3_1_1);
+        b.iter(|| {
+            let mut rest = &all[..];
+            let mut n = 0;
+            while let Some((p, used)) = d.decode_ref(rest).unwrap() {
+                black_box(p);
+                rest = &rest[used..];
                 n += 1;
             }
             assert_eq!(n, count);

@@ -5,7 +5,7 @@
 //! the caller may append input and call again, or hand the buffer to someone else, at any point.
 
 use crate::error::DecodeError;
-use crate::packet::Packet;
+use crate::packet::{Packet, PacketRef, PacketType, PublishRef};
 use crate::types::Protocol;
 use crate::varint;
 use bytes::{Bytes, BytesMut};
@@ -37,6 +37,12 @@ impl FixedHeader {
         };
         if first_byte >> 4 == 0 {
             return Err(DecodeError::ReservedPacketType(0));
+        }
+        // Most packets are shorter than 128 bytes: a one-byte remaining length.
+        if let Some(&len) = buf.get(1) {
+            if len < 0x80 {
+                return Ok(Some(FixedHeader { first_byte, remaining_length: u32::from(len), header_len: 2 }));
+            }
         }
         Ok(varint::decode(&buf[1..])?.map(|(remaining_length, n)| FixedHeader {
             first_byte,
@@ -149,6 +155,45 @@ impl Decoder {
         }
         let frame = buf.split_to(h.packet_len());
         Packet::decode_frame(h.first_byte, frame, h.header_len, self.protocol).map(Some)
+    }
+
+    /// Decodes the next packet from the front of `buf` without taking ownership of it.
+    ///
+    /// A PUBLISH comes back borrowing its topic and payload from `buf`: no allocation, no
+    /// reference counting, for callers that consume messages in place. Other packets, which are
+    /// rare on a hot path, are copied out and decoded as [`Decoder::decode`] does. Returns the
+    /// packet and the number of bytes it took; `Ok(None)` when `buf` does not yet hold a whole
+    /// packet.
+    ///
+    /// ```
+    /// use mqtt_proto::{Decoder, PacketRef, Protocol};
+    ///
+    /// let wire = [0x30, 0x07, 0x00, 0x03, b'a', b'/', b'b', b'h', b'i', 0xC0, 0x00];
+    /// let decoder = Decoder::new(Protocol::V3_1_1);
+    /// let (packet, used) = decoder.decode_ref(&wire)?.unwrap();
+    /// match packet {
+    ///     PacketRef::Publish(p) => assert_eq!((p.topic(), p.payload), ("a/b", &b"hi"[..])),
+    ///     PacketRef::Other(p) => panic!("unexpected {p:?}"),
+    /// }
+    /// assert_eq!(used, 9);
+    /// # Ok::<(), mqtt_proto::DecodeError>(())
+    /// ```
+    #[inline]
+    pub fn decode_ref<'a>(&self, buf: &'a [u8]) -> Result<Option<(PacketRef<'a>, usize)>, DecodeError> {
+        let Some(h) = self.header(buf)? else {
+            return Ok(None);
+        };
+        let len = h.packet_len();
+        let Some(frame) = buf.get(..len) else {
+            return Ok(None);
+        };
+        let packet = if h.first_byte >> 4 == PacketType::Publish as u8 {
+            PacketRef::Publish(PublishRef::decode(frame, h.header_len, h.first_byte & 0x0f, self.protocol.is_v5())?)
+        } else {
+            let frame = Bytes::copy_from_slice(frame);
+            PacketRef::Other(Box::new(Packet::decode_frame(h.first_byte, frame, h.header_len, self.protocol)?))
+        };
+        Ok(Some((packet, len)))
     }
 
     /// How many more bytes `buf` needs before [`Decoder::decode`] can return a packet: at least

@@ -50,8 +50,8 @@ pub use decoder::{Decoder, FixedHeader, DEFAULT_MAX_PACKET_SIZE, PROTOCOL_MAX_PA
 pub use error::{DecodeError, EncodeError};
 pub use list::{SubscriptionIds, Subscriptions, TopicFilters, UserProperties, WireList};
 pub use packet::{
-    Ack, Auth, ConnAck, Connect, Disconnect, Packet, PacketType, Publish, SubAck, Subscribe, Subscription,
-    SubscriptionOptions, UnsubAck, Unsubscribe, Will,
+    Ack, Auth, ConnAck, Connect, Disconnect, Packet, PacketRef, PacketType, Publish, PublishRef, SubAck, Subscribe,
+    Subscription, SubscriptionOptions, UnsubAck, Unsubscribe, Will,
 };
 pub use properties::{
     AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties, PropBox,

@@ -28,20 +28,14 @@ impl TopicName {
     /// Validates a decoded topic name; the empty name is allowed here (MQTT 5 alias use).
     #[inline]
     pub fn from_bytes(bytes: Bytes) -> Result<TopicName, DecodeError> {
-        // One pass over the bytes that the compiler vectorises: flag NUL and wildcards, and OR
-        // all bytes together to learn whether any is non-ASCII. Only non-ASCII names (rare) pay
-        // for a full UTF-8 check; only invalid ones pay for finding out which rule they broke.
-        let mut forbidden = false;
-        let mut high = 0u8;
-        for &b in bytes.iter() {
-            forbidden |= (b == 0) | (b == b'+') | (b == b'#');
-            high |= b;
-        }
-        if forbidden || high >= 0x80 || bytes.len() > crate::string::MAX_LEN {
-            Self::check(&bytes)?;
-            return Ok(TopicName(MqttString::from_bytes(bytes)?));
-        }
+        validate_name(&bytes)?;
         Ok(TopicName(MqttString::from_validated(bytes)))
+    }
+
+    /// Wraps a name validated before (crate-internal).
+    pub(crate) fn from_validated(bytes: Bytes) -> TopicName {
+        debug_assert!(validate_name(&bytes).is_ok());
+        TopicName(MqttString::from_validated(bytes))
     }
 
     /// Validates an already-valid MQTT string as a topic name.
@@ -123,6 +117,37 @@ impl TopicFilter {
     pub fn matches(&self, topic: &TopicName) -> bool {
         matches(self.match_filter(), topic.as_str())
     }
+}
+
+/// Checks a topic name given as raw bytes (empty allowed).
+#[inline]
+pub(crate) fn validate_name(bytes: &[u8]) -> Result<(), DecodeError> {
+    // The common case, a short ASCII name with no NUL or wildcard, is settled eight bytes at a
+    // time; anything else (non-ASCII, or invalid) takes the exact checks.
+    if !plain_ascii_name(bytes) || bytes.len() > crate::string::MAX_LEN {
+        TopicName::check(bytes)?;
+        crate::string::validate(bytes)?;
+    }
+    Ok(())
+}
+
+/// Whether `bytes` is all ASCII with no NUL, `+` or `#`, tested a word at a time (SWAR).
+#[inline]
+fn plain_ascii_name(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // High bit set in a byte of the result where that byte of `v` is zero (exact as a test for
+    // "any zero byte").
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let bad = |w: u64| (w | zero(w) | zero(w ^ (ONES * u64::from(b'+'))) | zero(w ^ (ONES * u64::from(b'#')))) & HIGH;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut acc = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        acc |= bad(u64::from_le_bytes(word));
+    }
+    acc == 0 && chunks.remainder().iter().all(|&b| b.is_ascii() && b != 0 && b != b'+' && b != b'#')
 }
 
 fn check_filter(bytes: &[u8]) -> Result<(), DecodeError> {
@@ -282,6 +307,23 @@ mod tests {
             ["", "a#", "a/#/b", "a+", "+a/b", "sport/tennis#", "$share/g", "$share//a", "$share/g+/a", "$share/g/"]
         {
             assert_eq!(TopicFilter::new(bad), Err(DecodeError::InvalidTopicFilter), "{bad}");
+        }
+    }
+
+    #[test]
+    fn word_at_a_time_check_agrees_with_the_plain_one() {
+        let plain = |b: &[u8]| b.iter().all(|&c| c.is_ascii() && c != 0 && c != b'+' && c != b'#');
+        let mut samples: Vec<Vec<u8>> = vec![b"sensors/device-0042/temperature".to_vec(), Vec::new()];
+        for bad in [0u8, b'+', b'#', 0x80, 0xFF, 0x7F, b'*', b'"', 0x2A, 0x2C, 0x22, 0x24] {
+            for at in 0..17 {
+                let mut v = b"abcdefghijklmnopq".to_vec();
+                v[at] = bad;
+                samples.push(v.clone());
+                samples.push(v[..at + 1].to_vec());
+            }
+        }
+        for s in samples {
+            assert_eq!(plain_ascii_name(&s), plain(&s), "{s:?}");
         }
     }
 

@@ -68,6 +68,26 @@ proptest! {
     }
 
     #[test]
+    fn borrowed_decoding_matches_owned(
+        (protocol, packets) in protocol().prop_flat_map(|v| (Just(v), vec(packet(v), 1..8))),
+    ) {
+        let packets: Vec<Packet> = packets
+            .into_iter()
+            .filter(|p| !matches!(p, Packet::Connect(c) if c.protocol != protocol))
+            .collect();
+        let wire = encode_all(protocol, &packets);
+        let decoder = Decoder::new(protocol).with_max_packet_size(u32::MAX);
+        let mut at = 0;
+        let mut out = Vec::new();
+        while let Some((p, used)) = decoder.decode_ref(&wire[at..]).unwrap() {
+            out.push(p.to_owned());
+            at += used;
+        }
+        prop_assert_eq!(at, wire.len());
+        prop_assert_eq!(out, packets);
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(v5 in any::<bool>(), data in vec(any::<u8>(), 0..512)) {
         let protocol = if v5 { Protocol::V5 } else { Protocol::V3_1_1 };
         let mut decoder = Decoder::new(protocol).with_max_packet_size(256);

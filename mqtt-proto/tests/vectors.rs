@@ -5,9 +5,20 @@
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::*;
 
+/// Decodes with both decoders (owning and borrowing) and checks they agree.
 fn dec(protocol: Protocol, bytes: &[u8]) -> Result<Packet, DecodeError> {
+    let borrowed = Decoder::new(protocol).decode_ref(bytes).map(|o| o.map(|(p, used)| (p.to_owned(), used)));
     let mut buf = BytesMut::from(bytes);
-    let p = Decoder::new(protocol).decode(&mut buf)?.expect("vector is a whole packet");
+    let owned = Decoder::new(protocol).decode(&mut buf);
+    match (&owned, borrowed) {
+        (Ok(Some(a)), Ok(Some((b, used)))) => {
+            assert_eq!(a, &b, "decode_ref disagrees");
+            assert_eq!(used, bytes.len());
+        }
+        (Err(a), Err(b)) => assert_eq!(a, &b, "decode_ref fails differently"),
+        (a, b) => panic!("decode gave {a:?}, decode_ref gave {b:?}"),
+    }
+    let p = owned?.expect("vector is a whole packet");
     assert!(buf.is_empty(), "vector has bytes after the packet");
     Ok(p)
 }

@@ -13,7 +13,7 @@ mod subscribe;
 pub use ack::Ack;
 pub use connect::{ConnAck, Connect, Will};
 pub use disconnect::{Auth, Disconnect};
-pub use publish::Publish;
+pub use publish::{Publish, PublishRef};
 pub use subscribe::{SubAck, Subscribe, Subscription, SubscriptionOptions, UnsubAck, Unsubscribe};
 
 use crate::error::{DecodeError, EncodeError};
@@ -79,6 +79,26 @@ pub enum Packet {
     Disconnect(Disconnect),
     /// AUTH (MQTT 5 only).
     Auth(Auth),
+}
+
+/// A packet decoded from a borrowed buffer by [`Decoder::decode_ref`](crate::Decoder::decode_ref):
+/// PUBLISH borrows from the buffer, every other packet is owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PacketRef<'a> {
+    /// A PUBLISH borrowing its topic and payload.
+    Publish(PublishRef<'a>),
+    /// Any other packet (boxed: keeps the borrowed PUBLISH, the hot case, small to return).
+    Other(Box<Packet>),
+}
+
+impl PacketRef<'_> {
+    /// The owned packet (copies topic and payload of a PUBLISH).
+    pub fn to_owned(&self) -> Packet {
+        match self {
+            PacketRef::Publish(p) => Packet::Publish(p.to_owned()),
+            PacketRef::Other(p) => (**p).clone(),
+        }
+    }
 }
 
 /// Sizes computed once per encode: the remaining length and the length of the (first) property

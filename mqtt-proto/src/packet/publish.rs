@@ -63,12 +63,7 @@ impl Publish {
     #[inline]
     /// Reads everything but the payload, which starts at the returned position.
     pub(super) fn read_head(r: &mut Reader<'_>, flags: u8, v5: bool) -> Result<(Publish, usize), DecodeError> {
-        let dup = flags & 0b1000 != 0;
-        let retain = flags & 0b0001 != 0;
-        let qos = QoS::from_u8((flags >> 1) & 0b11)?;
-        if dup && qos == QoS::AtMostOnce {
-            return Err(DecodeError::DupOnQos0);
-        }
+        let (dup, qos, retain) = decode_flags(flags)?;
         let topic = TopicName::from_bytes(r.binary()?)?;
         let qos_pid = match qos {
             QoS::AtMostOnce => QosPid::AtMostOnce,
@@ -76,14 +71,7 @@ impl Publish {
             QoS::ExactlyOnce => QosPid::ExactlyOnce(r.packet_id()?),
         };
         let properties = if v5 { PublishProperties::decode_boxed(r)? } else { PropBox::default() };
-        if topic.is_empty() {
-            if !v5 {
-                return Err(DecodeError::InvalidTopicName);
-            }
-            if properties.topic_alias.is_none() {
-                return Err(DecodeError::EmptyTopicWithoutAlias);
-            }
-        }
+        check_empty_topic(topic.is_empty(), v5, &properties)?;
         Ok((Publish { dup, qos_pid, retain, topic, payload: Bytes::new(), properties }, r.pos()))
     }
 
@@ -115,5 +103,117 @@ impl Publish {
             self.properties.encode(sizes.props, out);
         }
         out.put_slice(&self.payload);
+    }
+}
+
+/// DUP, QoS and RETAIN from the fixed-header flags, checked.
+#[inline]
+fn decode_flags(flags: u8) -> Result<(bool, QoS, bool), DecodeError> {
+    let dup = flags & 0b1000 != 0;
+    let qos = QoS::from_u8((flags >> 1) & 0b11)?;
+    if dup && qos == QoS::AtMostOnce {
+        return Err(DecodeError::DupOnQos0);
+    }
+    Ok((dup, qos, flags & 0b0001 != 0))
+}
+
+/// An empty topic name is only legal in MQTT 5, and only with a topic alias.
+#[inline]
+fn check_empty_topic(empty: bool, v5: bool, properties: &PublishProperties) -> Result<(), DecodeError> {
+    match (empty, v5) {
+        (false, _) => Ok(()),
+        (true, false) => Err(DecodeError::InvalidTopicName),
+        (true, true) if properties.topic_alias.is_none() => Err(DecodeError::EmptyTopicWithoutAlias),
+        (true, true) => Ok(()),
+    }
+}
+
+/// A PUBLISH whose topic and payload borrow from the caller's buffer, from
+/// [`Decoder::decode_ref`](crate::Decoder::decode_ref).
+///
+/// Decoding one costs no allocation and no reference counting (properties, when present, are the
+/// exception: they are copied out and decoded as usual). It suits callers that consume messages
+/// in place; [`PublishRef::to_owned`] makes a [`Publish`] to keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRef<'a> {
+    /// Set on a re-delivery of a QoS 1 or 2 message.
+    pub dup: bool,
+    /// QoS and, for QoS 1 and 2, the packet identifier.
+    pub qos_pid: QosPid,
+    /// Whether the server keeps the message for future subscribers.
+    pub retain: bool,
+    /// The topic name, validated; see [`PublishRef::topic`].
+    topic: &'a [u8],
+    /// Application payload.
+    pub payload: &'a [u8],
+    /// MQTT 5 properties.
+    pub properties: PropBox<PublishProperties>,
+}
+
+impl<'a> PublishRef<'a> {
+    /// Decodes the PUBLISH in `frame` (exactly one whole packet) whose body starts at `start`.
+    pub(crate) fn decode(frame: &'a [u8], start: usize, flags: u8, v5: bool) -> Result<PublishRef<'a>, DecodeError> {
+        let (dup, qos, retain) = decode_flags(flags)?;
+        let body = frame.get(start..).unwrap_or_default();
+        let (topic, mut at) = match body {
+            [hi, lo, rest @ ..] => {
+                let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+                (rest.get(..len).ok_or(DecodeError::UnexpectedEnd)?, 2 + len)
+            }
+            _ => return Err(DecodeError::UnexpectedEnd),
+        };
+        crate::topic::validate_name(topic)?;
+        let qos_pid = if qos == QoS::AtMostOnce {
+            QosPid::AtMostOnce
+        } else {
+            let id = body.get(at..at + 2).ok_or(DecodeError::UnexpectedEnd)?;
+            at += 2;
+            let id = PacketId::new(u16::from_be_bytes([id[0], id[1]])).ok_or(DecodeError::ZeroPacketId)?;
+            QosPid::from_parts(qos, id)
+        };
+        let mut properties = PropBox::default();
+        if v5 {
+            let (len, n) = varint::decode(&body[at..])?.ok_or(DecodeError::UnexpectedEnd)?;
+            let block = body.get(at..at + n + len as usize).ok_or(DecodeError::UnexpectedEnd)?;
+            at += block.len();
+            if len > 0 {
+                // Rare on a hot path: copy the block out and decode it the usual way.
+                let owned = Bytes::copy_from_slice(block);
+                properties = PublishProperties::decode_boxed(&mut Reader::span(&owned, 0, owned.len()))?;
+            }
+        }
+        check_empty_topic(topic.is_empty(), v5, &properties)?;
+        Ok(PublishRef { dup, qos_pid, retain, topic, payload: &body[at..], properties })
+    }
+
+    /// The QoS.
+    pub fn qos(&self) -> QoS {
+        self.qos_pid.qos()
+    }
+
+    /// The topic name; empty only when an MQTT 5 topic alias stands for it.
+    ///
+    /// The bytes were validated when decoding; turning them into `&str` checks UTF-8 again
+    /// because this crate has no `unsafe`, so callers that only route on the topic can use
+    /// [`PublishRef::topic_bytes`] and skip that cost.
+    pub fn topic(&self) -> &'a str {
+        std::str::from_utf8(self.topic).unwrap_or_default()
+    }
+
+    /// The topic name as bytes (valid UTF-8, no wildcards, no U+0000).
+    pub fn topic_bytes(&self) -> &'a [u8] {
+        self.topic
+    }
+
+    /// A [`Publish`] owning copies of the topic and payload.
+    pub fn to_owned(&self) -> Publish {
+        Publish {
+            dup: self.dup,
+            qos_pid: self.qos_pid,
+            retain: self.retain,
+            topic: TopicName::from_validated(Bytes::copy_from_slice(self.topic)),
+            payload: Bytes::copy_from_slice(self.payload),
+            properties: self.properties.clone(),
+        }
     }
 }
