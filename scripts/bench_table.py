@@ -39,6 +39,6 @@ for group in sorted(rows, key=lambda g: (g.split("/")[0], g)):
         ratios.append(f"{t / ours:.2f}x" if t else "–")
     print("| " + " | ".join(cells + ratios) + " |")
     for extra in sorted(set(r) - {OURS, "rumqttc", "mqttrs"}):
-        print(f"| {group} ({extra.split('(')[-1].rstrip(')')}) | {fmt(r[extra])} | | | "
-              f"{(r['rumqttc'] / r[extra]) if 'rumqttc' in r else 0:.2f}x | "
-              f"{(r['mqttrs'] / r[extra]) if 'mqttrs' in r else 0:.2f}x |")
+        label = extra.split("(")[-1].rstrip(")")
+        vs = [f"{r[peer] / r[extra]:.2f}x" if peer in r else "–" for peer in ("rumqttc", "mqttrs")]
+        print(f"| {group} ({label}) | {fmt(r[extra])} | | | {vs[0]} | {vs[1]} |")

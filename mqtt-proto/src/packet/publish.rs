@@ -152,6 +152,7 @@ pub struct PublishRef<'a> {
 
 impl<'a> PublishRef<'a> {
     /// Decodes the PUBLISH in `frame` (exactly one whole packet) whose body starts at `start`.
+    #[inline(always)]
     pub(crate) fn decode(frame: &'a [u8], start: usize, flags: u8, v5: bool) -> Result<PublishRef<'a>, DecodeError> {
         let (dup, qos, retain) = decode_flags(flags)?;
         let body = frame.get(start..).unwrap_or_default();
