@@ -7,7 +7,9 @@
 //! - [`Packet::encode`] appends a packet to a [`bytes::BytesMut`]; [`Packet::encoded_len`]
 //!   sizes it without encoding.
 //! - Topic names, payloads and strings of a decoded packet are [`bytes::Bytes`] slices of the
-//!   input: decoding copies no payload.
+//!   input: decoding copies no payload. [`Decoder::decode_ref`] decodes from a borrowed buffer
+//!   instead, handing out PUBLISH topic and payload as `&str`/`&[u8]` for callers that consume
+//!   messages in place.
 //! - Every violation a codec can detect is a [`DecodeError`] whose
 //!   [`reason_code`](DecodeError::reason_code) is the MQTT 5 reason code the receiver must send.
 //!   No input panics the decoder, and it allocates only in proportion to the bytes it was given.
