@@ -1,0 +1,206 @@
+//! Configuration of the QUIC machines, with defaults that suit MQTT on lossy links.
+//!
+//! Every setting is plain data, checked once by [`TransportSettings::validate`] when a machine is
+//! built: an invalid value is a [`ConfigError`], never a panic deep inside quinn-proto.
+
+use crate::tls::{ClientTls, ServerTls, TlsError};
+use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+use quinn_proto::{IdleTimeout, TransportConfig, VarInt};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// The congestion controller for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Congestion {
+    /// NewReno (RFC 9002's reference controller).
+    NewReno,
+    /// CUBIC (quinn's default).
+    #[default]
+    Cubic,
+    /// BBR (experimental in quinn-proto): tolerant of random loss.
+    Bbr,
+}
+
+/// Transport settings shared by client and server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransportSettings {
+    /// Close a connection silent for this long (both ends agree on the smaller value).
+    pub idle_timeout: Duration,
+    /// Send QUIC PINGs this often so an idle connection stays open (and NAT bindings alive).
+    /// `None` leaves keep-alive to MQTT's PINGREQ.
+    pub keep_alive: Option<Duration>,
+    /// Give up on a handshake that has not completed after this long.
+    pub handshake_timeout: Duration,
+    /// Bytes the peer may send on the MQTT stream before we read them.
+    pub stream_window: u64,
+    /// Bytes the peer may send on the whole connection before we read them.
+    pub connection_window: u64,
+    /// Bytes we buffer unacknowledged, per connection.
+    pub send_window: u64,
+    /// Congestion controller.
+    pub congestion: Congestion,
+    /// Largest UDP payload we accept (1200 to 65527).
+    pub max_udp_payload: u16,
+    /// UDP payload used before path MTU discovery (at least 1200).
+    pub initial_mtu: u16,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        TransportSettings {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: None,
+            handshake_timeout: Duration::from_secs(10),
+            stream_window: 1 << 20,
+            connection_window: 4 << 20,
+            send_window: 4 << 20,
+            congestion: Congestion::default(),
+            max_udp_payload: 1472,
+            initial_mtu: 1200,
+        }
+    }
+}
+
+/// Why a configuration is unusable.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting is out of range; the message names it and the allowed range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+    /// The TLS part could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+impl TransportSettings {
+    /// Checks every value against what QUIC and quinn-proto accept.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.idle_timeout.is_zero() || IdleTimeout::try_from(self.idle_timeout).is_err() {
+            return Err(invalid("idle_timeout must be above zero and below 2^62 ms"));
+        }
+        if let Some(k) = self.keep_alive {
+            if k.is_zero() || k >= self.idle_timeout {
+                return Err(invalid("keep_alive must be above zero and shorter than idle_timeout"));
+            }
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(invalid("handshake_timeout must be above zero"));
+        }
+        for (name, v) in [("stream_window", self.stream_window), ("connection_window", self.connection_window)] {
+            if v == 0 || VarInt::from_u64(v).is_err() {
+                return Err(invalid(format!("{name} must be between 1 and 2^62 - 1")));
+            }
+        }
+        if self.send_window == 0 {
+            return Err(invalid("send_window must be above zero"));
+        }
+        if !(1200..=65527).contains(&self.max_udp_payload) {
+            return Err(invalid("max_udp_payload must be between 1200 and 65527"));
+        }
+        if self.initial_mtu < 1200 || self.initial_mtu > self.max_udp_payload {
+            return Err(invalid("initial_mtu must be between 1200 and max_udp_payload"));
+        }
+        Ok(())
+    }
+
+    /// quinn-proto's transport configuration for these settings (call `validate` first).
+    pub(crate) fn quinn(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
+        t.keep_alive_interval(self.keep_alive);
+        t.stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX));
+        t.receive_window(VarInt::from_u64(self.connection_window).unwrap_or(VarInt::MAX));
+        t.send_window(self.send_window);
+        t.initial_mtu(self.initial_mtu);
+        // One MQTT stream per connection in single-stream mode; a few spare for multi-stream.
+        t.max_concurrent_bidi_streams(VarInt::from_u32(16));
+        t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        match self.congestion {
+            Congestion::NewReno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
+            Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
+            Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
+        };
+        t
+    }
+}
+
+/// Configuration of a server (broker) endpoint.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Certificate and client-certificate policy.
+    pub tls: ServerTls,
+    /// Transport settings.
+    pub transport: TransportSettings,
+    /// Most connections served at once; more are refused (CONNECTION_REFUSED) before any state
+    /// is kept for them.
+    pub max_connections: usize,
+    /// Accept 0-RTT data from resuming clients. See the crate docs for the replay caveat.
+    pub zero_rtt: bool,
+    /// Validate client addresses with a stateless Retry before keeping any state (costs one
+    /// round trip; protects against spoofed-source floods).
+    pub stateless_retry: bool,
+    /// Seed for connection IDs and other endpoint randomness: the same seed gives the same run.
+    pub seed: u64,
+}
+
+impl ServerConfig {
+    /// Defaults around a TLS identity.
+    pub fn new(tls: ServerTls) -> ServerConfig {
+        ServerConfig {
+            tls,
+            transport: TransportSettings::default(),
+            max_connections: 10_000,
+            zero_rtt: true,
+            stateless_retry: false,
+            seed: 0,
+        }
+    }
+}
+
+/// Configuration of a client endpoint.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// How the server is trusted, and an optional client certificate.
+    pub tls: ClientTls,
+    /// Transport settings.
+    pub transport: TransportSettings,
+    /// Keep session tickets and send the first stream data as 0-RTT when resuming.
+    pub zero_rtt: bool,
+    /// Seed for connection IDs and other endpoint randomness.
+    pub seed: u64,
+}
+
+impl ClientConfig {
+    /// Defaults around a trust policy.
+    pub fn new(tls: ClientTls) -> ClientConfig {
+        ClientConfig { tls, transport: TransportSettings::default(), zero_rtt: true, seed: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        assert!(TransportSettings::default().validate().is_ok());
+        let mut t = TransportSettings { keep_alive: Some(Duration::from_secs(60)), ..Default::default() };
+        assert!(matches!(t.validate(), Err(ConfigError::Invalid(m)) if m.contains("keep_alive")));
+        t.keep_alive = None;
+        t.max_udp_payload = 100;
+        assert!(matches!(t.validate(), Err(ConfigError::Invalid(m)) if m.contains("max_udp_payload")));
+        t.max_udp_payload = 1472;
+        t.stream_window = 0;
+        assert!(matches!(t.validate(), Err(ConfigError::Invalid(m)) if m.contains("stream_window")));
+    }
+}

@@ -1,0 +1,597 @@
+//! The QUIC machine: one quinn-proto endpoint and its connections, each carrying one MQTT byte
+//! stream (EMQX single-stream mode).
+//!
+//! The same type serves both ends: built with [`QuicEndpoint::server`] it accepts connections,
+//! with [`QuicEndpoint::client`] it opens them (any number, to any servers, each addressed by a
+//! [`ConnId`]). The endpoint/connection event exchange of quinn-proto stays inside.
+
+use crate::config::{ClientConfig, ConfigError, ServerConfig, TransportSettings};
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{
+    ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
+    StreamEvent, StreamId, VarInt, WriteError,
+};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+use thiserror::Error;
+
+/// Identifies one connection of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub usize);
+
+/// Application error codes sent in CONNECTION_CLOSE.
+pub mod close_code {
+    /// The MQTT stream ended (FIN) or the application closed normally.
+    pub const NORMAL: u32 = 0;
+    /// The peer reset the MQTT stream, or opened the wrong kind of stream.
+    pub const STREAM_ERROR: u32 = 1;
+    /// The handshake did not complete in time.
+    pub const HANDSHAKE_TIMEOUT: u32 = 2;
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The peer finished the MQTT stream (FIN): it will send nothing more.
+    StreamFinished,
+    /// The peer reset the MQTT stream with this code.
+    StreamReset(u64),
+    /// The peer closed the connection with an application code and reason.
+    PeerClosed {
+        /// The code.
+        code: u64,
+        /// The peer's reason text (lossily decoded).
+        reason: String,
+    },
+    /// Nothing was heard for the idle timeout.
+    TimedOut,
+    /// The handshake did not complete within the handshake timeout.
+    HandshakeTimeout,
+    /// The server refused the connection (for example, at its connection limit).
+    Refused,
+    /// This side closed it ([`QuicEndpoint::close`] or [`QuicEndpoint::finish`]).
+    Local,
+    /// A transport or TLS failure; the text says which.
+    Transport(String),
+}
+
+/// What the machine reports. Drained with [`QuicEndpoint::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The handshake completed. Fires once per connection. `zero_rtt` says, on a client, whether
+    /// the server accepted the data sent as 0-RTT (`None`: none was attempted).
+    Connected {
+        /// The connection.
+        conn: ConnId,
+        /// The peer's address.
+        remote: SocketAddr,
+        /// 0-RTT outcome on a client; on a server, whether the client's early data was accepted.
+        zero_rtt: Option<bool>,
+    },
+    /// Bytes arrived on the MQTT stream, in order. Fires as often as data arrives.
+    Received {
+        /// The connection.
+        conn: ConnId,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The connection ended. Fires once; the [`ConnId`] is then stale. A closure not preceded by
+    /// an MQTT DISCONNECT is an ungraceful disconnect for the MQTT layer.
+    Closed {
+        /// The connection.
+        conn: ConnId,
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// A datagram to send: `buf[..size]` of the buffer given to [`QuicEndpoint::poll_transmit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub destination: SocketAddr,
+    /// ECN codepoint to set, if any.
+    pub ecn: Option<EcnCodepoint>,
+    /// Bytes written into the buffer.
+    pub size: usize,
+    /// Source address to send from, when the endpoint has several.
+    pub src_ip: Option<IpAddr>,
+}
+
+/// Why a command failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// No such connection (closed, or never existed).
+    #[error("unknown or closed connection")]
+    UnknownConnection,
+    /// This endpoint was built without a client configuration.
+    #[error("this endpoint cannot open connections (built as a server)")]
+    NotAClient,
+    /// quinn-proto refused to start the connection.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The stream was already finished by this side.
+    #[error("the MQTT stream was already finished")]
+    Finished,
+}
+
+struct Conn {
+    quic: quinn_proto::Connection,
+    /// The MQTT stream, once opened (client) or accepted (server).
+    stream: Option<StreamId>,
+    /// Bytes waiting for flow-control credit.
+    outbound: VecDeque<Bytes>,
+    /// Client bytes written before the handshake completed, kept to resend if 0-RTT is rejected.
+    early: Vec<Bytes>,
+    finish_requested: bool,
+    finished: bool,
+    connected: bool,
+    handshake_deadline: Option<Instant>,
+    closed_reported: bool,
+}
+
+impl Conn {
+    fn new(quic: quinn_proto::Connection, now: Instant, settings: &TransportSettings) -> Conn {
+        Conn {
+            quic,
+            stream: None,
+            outbound: VecDeque::new(),
+            early: Vec::new(),
+            finish_requested: false,
+            finished: false,
+            connected: false,
+            handshake_deadline: Some(now + settings.handshake_timeout),
+            closed_reported: false,
+        }
+    }
+
+    /// Writes queued bytes while flow control allows; finishes the stream once asked and empty.
+    fn flush(&mut self) {
+        if self.stream.is_none() && self.quic.side().is_client() && !self.outbound.is_empty() {
+            // Opening succeeds once the server's stream limit is known: after the handshake, or
+            // at once when resuming with 0-RTT.
+            self.stream = self.quic.streams().open(Dir::Bi);
+        }
+        let Some(id) = self.stream else { return };
+        while let Some(front) = self.outbound.front_mut() {
+            match self.quic.send_stream(id).write(front) {
+                Ok(n) if n == front.len() => {
+                    let sent = self.outbound.pop_front();
+                    if !self.connected {
+                        self.early.extend(sent);
+                    }
+                }
+                Ok(n) => {
+                    let sent = front.split_to(n);
+                    if !self.connected {
+                        self.early.push(sent);
+                    }
+                    return;
+                }
+                Err(WriteError::Blocked) => return,
+                Err(WriteError::Stopped(_)) | Err(WriteError::ClosedStream) => {
+                    self.outbound.clear();
+                    return;
+                }
+            }
+        }
+        if self.finish_requested && !self.finished {
+            self.finished = self.quic.send_stream(id).finish().is_ok();
+        }
+    }
+}
+
+/// The sans-IO QUIC endpoint. See the crate docs for the driving contract.
+pub struct QuicEndpoint {
+    inner: quinn_proto::Endpoint,
+    client: Option<quinn_proto::ClientConfig>,
+    settings: TransportSettings,
+    max_connections: usize,
+    stateless_retry: bool,
+    conns: BTreeMap<usize, Conn>,
+    events: VecDeque<Event>,
+    /// Datagrams the endpoint itself produced (version negotiation, retry, refusals, resets).
+    responses: VecDeque<(Transmit, Vec<u8>)>,
+    /// Round-robin position for fairness between connections in `poll_transmit`.
+    cursor: usize,
+}
+
+fn seed_bytes(seed: u64, domain: u8) -> [u8; 32] {
+    // Spread a 64-bit seed over 32 bytes, distinctly per use.
+    let mut out = [0u8; 32];
+    let mut x = seed ^ (u64::from(domain) << 56) ^ 0x9E37_79B9_7F4A_7C15;
+    for chunk in out.chunks_mut(8) {
+        // SplitMix64.
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out
+}
+
+fn endpoint_config(seed: u64, settings: &TransportSettings) -> Result<quinn_proto::EndpointConfig, ConfigError> {
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed_bytes(seed, 1));
+    let mut config = quinn_proto::EndpointConfig::new(Arc::new(reset_key));
+    config
+        .max_udp_payload_size(settings.max_udp_payload)
+        .map_err(|e| ConfigError::Invalid(format!("max_udp_payload: {e}")))?;
+    config.rng_seed(Some(seed_bytes(seed, 2)));
+    Ok(config)
+}
+
+impl QuicEndpoint {
+    /// A server endpoint.
+    pub fn server(config: &ServerConfig) -> Result<QuicEndpoint, ConfigError> {
+        config.transport.validate()?;
+        if config.max_connections == 0 {
+            return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
+        }
+        let tls = config.tls.rustls_config(config.zero_rtt)?;
+        let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
+        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&seed_bytes(config.seed, 3));
+        let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
+        server.transport_config(Arc::new(config.transport.quinn()));
+        server.migration(true);
+        let inner = quinn_proto::Endpoint::new(
+            Arc::new(endpoint_config(config.seed, &config.transport)?),
+            Some(Arc::new(server)),
+            false,
+            None,
+        );
+        Ok(QuicEndpoint::with(inner, None, config.transport.clone(), config.max_connections, config.stateless_retry))
+    }
+
+    /// A client endpoint, able to open any number of connections.
+    pub fn client(config: &ClientConfig) -> Result<QuicEndpoint, ConfigError> {
+        config.transport.validate()?;
+        let tls = config.tls.rustls_config(config.zero_rtt)?;
+        let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
+        let mut client = quinn_proto::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(config.transport.quinn()));
+        let inner =
+            quinn_proto::Endpoint::new(Arc::new(endpoint_config(config.seed, &config.transport)?), None, false, None);
+        Ok(QuicEndpoint::with(inner, Some(client), config.transport.clone(), usize::MAX, false))
+    }
+
+    fn with(
+        inner: quinn_proto::Endpoint,
+        client: Option<quinn_proto::ClientConfig>,
+        settings: TransportSettings,
+        max_connections: usize,
+        stateless_retry: bool,
+    ) -> QuicEndpoint {
+        QuicEndpoint {
+            inner,
+            client,
+            settings,
+            max_connections,
+            stateless_retry,
+            conns: BTreeMap::new(),
+            events: VecDeque::new(),
+            responses: VecDeque::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The peer address of a connection (it changes when the client migrates).
+    pub fn remote_address(&self, conn: ConnId) -> Option<SocketAddr> {
+        self.conns.get(&conn.0).map(|c| c.quic.remote_address())
+    }
+
+    /// Opens a connection to `remote`, verifying its certificate for `server_name`. The MQTT
+    /// stream opens with the first bytes given to [`QuicEndpoint::send`]; bytes sent before the
+    /// handshake completes go out as 0-RTT when a session ticket allows it.
+    pub fn connect(&mut self, now: Instant, remote: SocketAddr, server_name: &str) -> Result<ConnId, CommandError> {
+        let config = self.client.clone().ok_or(CommandError::NotAClient)?;
+        let (handle, quic) =
+            self.inner.connect(now, config, remote, server_name).map_err(|e| CommandError::Connect(e.to_string()))?;
+        self.conns.insert(handle.0, Conn::new(quic, now, &self.settings));
+        self.drive(now, handle);
+        Ok(ConnId(handle.0))
+    }
+
+    /// Queues bytes on the MQTT stream of `conn`. They are sent as flow control allows, in order.
+    pub fn send(&mut self, now: Instant, conn: ConnId, data: Bytes) -> Result<(), CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        if c.finish_requested {
+            return Err(CommandError::Finished);
+        }
+        if !data.is_empty() {
+            c.outbound.push_back(data);
+        }
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// Bytes queued on `conn` and not yet accepted by QUIC flow control (for back-pressure).
+    pub fn queued(&self, conn: ConnId) -> usize {
+        self.conns.get(&conn.0).map_or(0, |c| c.outbound.iter().map(Bytes::len).sum())
+    }
+
+    /// Finishes the MQTT stream after the queued bytes (FIN), then closes the connection
+    /// normally once the peer has them.
+    pub fn finish(&mut self, now: Instant, conn: ConnId) -> Result<(), CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        c.finish_requested = true;
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// Closes the connection at once with an application error code.
+    pub fn close(&mut self, now: Instant, conn: ConnId, code: u32, reason: &str) -> Result<(), CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        c.quic.close(now, VarInt::from_u32(code), Bytes::copy_from_slice(reason.as_bytes()));
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// The client's address changed (new network, or the adapter rebound its socket): probe the
+    /// path from the new address. The server follows on its own.
+    pub fn local_address_changed(&mut self, now: Instant, conn: ConnId) -> Result<(), CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        c.quic.local_address_changed();
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// Feeds one received UDP datagram.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    ) {
+        let mut buf = Vec::new();
+        match self.inner.handle(now, remote, local_ip, ecn, BytesMut::from(data), &mut buf) {
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                if let Some(c) = self.conns.get_mut(&handle.0) {
+                    c.quic.handle_event(event);
+                    self.drive(now, handle);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => self.incoming(now, incoming),
+            Some(DatagramEvent::Response(t)) => self.respond(t, buf),
+            None => {}
+        }
+    }
+
+    fn respond(&mut self, t: quinn_proto::Transmit, buf: Vec<u8>) {
+        let transmit = Transmit { destination: t.destination, ecn: t.ecn, size: t.size, src_ip: t.src_ip };
+        self.responses.push_back((transmit, buf));
+    }
+
+    fn incoming(&mut self, now: Instant, incoming: Incoming) {
+        let mut buf = Vec::new();
+        if self.conns.len() >= self.max_connections {
+            let t = self.inner.refuse(incoming, &mut buf);
+            self.respond(t, buf);
+            return;
+        }
+        if self.stateless_retry && !incoming.remote_address_validated() && incoming.may_retry() {
+            if let Ok(t) = self.inner.retry(incoming, &mut buf) {
+                self.respond(t, buf);
+            }
+            return;
+        }
+        match self.inner.accept(incoming, now, &mut buf, None) {
+            Ok((handle, quic)) => {
+                self.conns.insert(handle.0, Conn::new(quic, now, &self.settings));
+                self.drive(now, handle);
+            }
+            Err(e) => {
+                if let Some(t) = e.response {
+                    self.respond(t, buf);
+                }
+            }
+        }
+    }
+
+    /// Advances timers. Calling it early is harmless: nothing is due yet, nothing happens.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<usize> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(&h, c)| {
+                let quic_due = c.quic.poll_timeout().is_some_and(|t| t <= now);
+                let handshake_due = c.handshake_deadline.is_some_and(|t| t <= now);
+                (quic_due || handshake_due).then_some(h)
+            })
+            .collect();
+        for h in due {
+            if let Some(c) = self.conns.get_mut(&h) {
+                if c.handshake_deadline.is_some_and(|t| t <= now) {
+                    c.handshake_deadline = None;
+                    c.quic.close(
+                        now,
+                        VarInt::from_u32(close_code::HANDSHAKE_TIMEOUT),
+                        Bytes::from_static(b"handshake timeout"),
+                    );
+                    if !c.closed_reported {
+                        c.closed_reported = true;
+                        self.events.push_back(Event::Closed { conn: ConnId(h), reason: CloseReason::HandshakeTimeout });
+                    }
+                }
+                if c.quic.poll_timeout().is_some_and(|t| t <= now) {
+                    c.quic.handle_timeout(now);
+                }
+            }
+            self.drive(now, ConnectionHandle(h));
+        }
+    }
+
+    /// The next instant [`QuicEndpoint::handle_timeout`] should be called, if any.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.conns.values_mut().flat_map(|c| [c.quic.poll_timeout(), c.handshake_deadline]).flatten().min()
+    }
+
+    /// The next datagram to send, written into `buf` (which is cleared first).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((t, data)) = self.responses.pop_front() {
+            buf.clear();
+            buf.extend_from_slice(&data[..t.size]);
+            return Some(t);
+        }
+        // Round robin over connections, starting after the one served last.
+        let handles: Vec<usize> =
+            self.conns.range(self.cursor..).chain(self.conns.range(..self.cursor)).map(|(&h, _)| h).collect();
+        for h in handles {
+            let Some(c) = self.conns.get_mut(&h) else { continue };
+            buf.clear();
+            if let Some(t) = c.quic.poll_transmit(now, 1, buf) {
+                self.cursor = h + 1;
+                // Sending may have queued endpoint events (e.g. retired connection IDs).
+                self.drive(now, ConnectionHandle(h));
+                return Some(Transmit { destination: t.destination, ecn: t.ecn, size: t.size, src_ip: t.src_ip });
+            }
+        }
+        None
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Runs the endpoint/connection exchange and turns quinn events into ours.
+    fn drive(&mut self, now: Instant, handle: ConnectionHandle) {
+        let Some(c) = self.conns.get_mut(&handle.0) else { return };
+        while let Some(event) = c.quic.poll_endpoint_events() {
+            if let Some(reply) = self.inner.handle_event(handle, event) {
+                c.quic.handle_event(reply);
+            }
+        }
+        let conn = ConnId(handle.0);
+        while let Some(event) = c.quic.poll() {
+            match event {
+                QuinnEvent::Connected => {
+                    c.connected = true;
+                    c.handshake_deadline = None;
+                    let zero_rtt = if c.quic.side().is_client() {
+                        c.quic.has_0rtt().then(|| c.quic.accepted_0rtt())
+                    } else {
+                        Some(c.quic.accepted_0rtt())
+                    };
+                    if c.quic.side().is_client() && zero_rtt == Some(false) {
+                        // The server discarded the 0-RTT data and quinn dropped the streams it
+                        // opened: open the MQTT stream again and resend the early bytes first.
+                        c.stream = None;
+                        for b in c.early.drain(..).rev() {
+                            c.outbound.push_front(b);
+                        }
+                    }
+                    c.early.clear();
+                    self.events.push_back(Event::Connected { conn, remote: c.quic.remote_address(), zero_rtt });
+                }
+                QuinnEvent::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    while let Some(id) = c.quic.streams().accept(Dir::Bi) {
+                        if c.stream.is_none() {
+                            c.stream = Some(id);
+                            read_stream(c, now, conn, id, &mut self.events);
+                        } else {
+                            // Single-stream mode: further streams are refused.
+                            let _ = c.quic.recv_stream(id).stop(VarInt::from_u32(close_code::STREAM_ERROR));
+                        }
+                    }
+                }
+                QuinnEvent::Stream(StreamEvent::Readable { id }) if Some(id) == c.stream => {
+                    read_stream(c, now, conn, id, &mut self.events);
+                }
+                QuinnEvent::Stream(StreamEvent::Finished { id }) if Some(id) == c.stream => {
+                    // The peer acknowledged everything up to our FIN: the MQTT session ended
+                    // cleanly.
+                    c.quic.close(now, VarInt::from_u32(close_code::NORMAL), Bytes::new());
+                    report_close(c, conn, CloseReason::Local, &mut self.events);
+                }
+                QuinnEvent::Stream(StreamEvent::Stopped { id, error_code }) if Some(id) == c.stream => {
+                    // The peer will not read what we send: the MQTT session is over.
+                    c.quic.close(
+                        now,
+                        VarInt::from_u32(close_code::STREAM_ERROR),
+                        Bytes::from_static(b"stream stopped"),
+                    );
+                    report_close(c, conn, CloseReason::StreamReset(error_code.into_inner()), &mut self.events);
+                }
+                QuinnEvent::Stream(_) | QuinnEvent::HandshakeDataReady => {}
+                QuinnEvent::DatagramReceived | QuinnEvent::DatagramsUnblocked => {}
+                QuinnEvent::ConnectionLost { reason } => {
+                    let reason = match reason {
+                        ConnectionError::TimedOut => CloseReason::TimedOut,
+                        ConnectionError::LocallyClosed => CloseReason::Local,
+                        ConnectionError::ApplicationClosed(close) => CloseReason::PeerClosed {
+                            code: close.error_code.into_inner(),
+                            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+                        },
+                        ConnectionError::ConnectionClosed(close)
+                            if close.error_code == quinn_proto::TransportErrorCode::CONNECTION_REFUSED =>
+                        {
+                            CloseReason::Refused
+                        }
+                        other => CloseReason::Transport(other.to_string()),
+                    };
+                    report_close(c, conn, reason, &mut self.events);
+                }
+            }
+        }
+        c.flush();
+        while let Some(event) = c.quic.poll_endpoint_events() {
+            if let Some(reply) = self.inner.handle_event(handle, event) {
+                c.quic.handle_event(reply);
+            }
+        }
+        if c.quic.is_drained() {
+            report_close(c, conn, CloseReason::Local, &mut self.events);
+            self.conns.remove(&handle.0);
+        }
+    }
+}
+
+fn report_close(c: &mut Conn, conn: ConnId, reason: CloseReason, events: &mut VecDeque<Event>) {
+    if !c.closed_reported {
+        c.closed_reported = true;
+        events.push_back(Event::Closed { conn, reason });
+    }
+}
+
+/// Reads everything available on the MQTT stream; a FIN or reset ends the connection.
+fn read_stream(c: &mut Conn, now: Instant, conn: ConnId, id: StreamId, events: &mut VecDeque<Event>) {
+    let mut recv = c.quic.recv_stream(id);
+    let Ok(mut chunks) = recv.read(true) else { return };
+    let mut end = None;
+    loop {
+        match chunks.next(usize::MAX) {
+            Ok(Some(chunk)) => events.push_back(Event::Received { conn, data: chunk.bytes }),
+            Ok(None) => {
+                end = Some(CloseReason::StreamFinished);
+                break;
+            }
+            Err(ReadError::Blocked) => break,
+            Err(ReadError::Reset(code)) => {
+                end = Some(CloseReason::StreamReset(code.into_inner()));
+                break;
+            }
+        }
+    }
+    // Returns flow-control credit to the peer; without it the stream stalls.
+    let _ = chunks.finalize();
+    if let Some(reason) = end {
+        let code = if reason == CloseReason::StreamFinished { close_code::NORMAL } else { close_code::STREAM_ERROR };
+        c.quic.close(now, VarInt::from_u32(code), Bytes::new());
+        report_close(c, conn, reason, events);
+    }
+}

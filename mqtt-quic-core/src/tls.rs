@@ -1,0 +1,322 @@
+//! TLS 1.3 configuration for both ends (rustls with the ring provider).
+//!
+//! Certificates and keys come in as PEM bytes: reading files is the adapters' business, so the
+//! core never touches the file system. A self-signed certificate can be generated for
+//! development.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::fmt;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// ALPN protocol identifier of MQTT over QUIC (EMQX convention).
+pub const ALPN_MQTT: &[u8] = b"mqtt";
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// The certificate PEM holds no certificate, or one that cannot be parsed.
+    #[error("no usable certificate in the PEM data: {0}")]
+    Certificate(String),
+    /// The key PEM holds no private key, or one that cannot be parsed.
+    #[error("no usable private key in the PEM data: {0}")]
+    PrivateKey(String),
+    /// rustls refused the certificate/key pair or the settings.
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Generating a self-signed certificate failed.
+    #[error("cannot generate a self-signed certificate: {0}")]
+    Generate(String),
+    /// A pin is not a 64-character hexadecimal SHA-256 digest.
+    #[error("certificate pin must be 64 hex digits (a SHA-256 fingerprint), got {0:?}")]
+    Pin(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses every certificate in `pem`.
+pub fn certificates_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Certificate("no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key in `pem` (PKCS#8, PKCS#1 or SEC1).
+pub fn private_key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::PrivateKey(e.to_string()))
+}
+
+/// SHA-256 of a DER certificate: what `ClientTls::pinned` compares against.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Lower-case hex of a fingerprint, the form users copy around.
+pub fn fingerprint_hex(fp: &[u8; 32]) -> String {
+    fp.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A self-signed certificate generated for development.
+#[derive(Clone)]
+pub struct SelfSigned {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8).
+    pub key_pem: String,
+    /// SHA-256 fingerprint of the certificate.
+    pub fingerprint: [u8; 32],
+}
+
+impl fmt::Debug for SelfSigned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SelfSigned").field("fingerprint", &fingerprint_hex(&self.fingerprint)).finish_non_exhaustive()
+    }
+}
+
+impl SelfSigned {
+    /// Generates a certificate for `names` (DNS names or IP addresses).
+    ///
+    /// The key comes from the operating system's random source: this is the one place the core
+    /// draws unseeded randomness, because a predictable private key would be worthless.
+    pub fn generate(names: &[&str]) -> Result<SelfSigned, TlsError> {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let key = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+        let fingerprint = fingerprint(key.cert.der());
+        Ok(SelfSigned { cert_pem: key.cert.pem(), key_pem: key.signing_key.serialize_pem(), fingerprint })
+    }
+}
+
+/// The server's side of TLS: its certificate and, optionally, the CAs it accepts client
+/// certificates from (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: Vec<u8>,
+    client_ca: Option<Vec<CertificateDer<'static>>>,
+}
+
+impl ServerTls {
+    /// From a PEM certificate chain and a PEM private key.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ServerTls, TlsError> {
+        let chain = certificates_from_pem(cert_pem)?;
+        private_key_from_pem(key_pem)?;
+        Ok(ServerTls { chain, key_pem: key_pem.to_vec(), client_ca: None })
+    }
+
+    /// From a generated self-signed certificate.
+    pub fn from_self_signed(cert: &SelfSigned) -> Result<ServerTls, TlsError> {
+        ServerTls::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())
+    }
+
+    /// Requires clients to present a certificate issued by one of the CAs in `ca_pem`.
+    pub fn require_client_certificates(mut self, ca_pem: &[u8]) -> Result<ServerTls, TlsError> {
+        self.client_ca = Some(certificates_from_pem(ca_pem)?);
+        Ok(self)
+    }
+
+    /// The end-entity certificate's SHA-256 fingerprint.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.chain[0])
+    }
+
+    /// A rustls server configuration: TLS 1.3 only, ALPN `mqtt`, 0-RTT when `early_data`.
+    pub fn rustls_config(&self, early_data: bool) -> Result<rustls::ServerConfig, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(cas) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for ca in cas {
+                    roots.add(ca.clone())?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                    .build()
+                    .map_err(|e| TlsError::Certificate(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(self.chain.clone(), private_key_from_pem(&self.key_pem)?)?;
+        config.alpn_protocols = vec![ALPN_MQTT.to_vec()];
+        // QUIC requires this exact value when 0-RTT is on (RFC 9001, 4.6.1).
+        config.max_early_data_size = if early_data { u32::MAX } else { 0 };
+        Ok(config)
+    }
+}
+
+/// How the client decides to trust the server.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ServerTrust {
+    /// Certificates chaining to these CAs, for the name given at connect.
+    Ca(Vec<CertificateDer<'static>>),
+    /// Exactly the certificate with this SHA-256 fingerprint (e.g. a broker's self-signed one),
+    /// whatever its name or expiry.
+    Pinned([u8; 32]),
+    /// Any certificate. For tests only: it gives up all protection against impostors.
+    Insecure,
+}
+
+/// The client's side of TLS.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    trust: ServerTrust,
+    client_cert: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
+}
+
+impl ClientTls {
+    /// Trust servers whose certificates chain to the CAs in `ca_pem`.
+    pub fn with_ca_pem(ca_pem: &[u8]) -> Result<ClientTls, TlsError> {
+        Ok(ClientTls { trust: ServerTrust::Ca(certificates_from_pem(ca_pem)?), client_cert: None })
+    }
+
+    /// Trust exactly the certificate with this fingerprint (64 hex digits, `:` allowed).
+    pub fn pinned(fingerprint_hex: &str) -> Result<ClientTls, TlsError> {
+        let clean: String = fingerprint_hex.chars().filter(|c| *c != ':').collect();
+        let bad = || TlsError::Pin(fingerprint_hex.to_string());
+        if clean.len() != 64 {
+            return Err(bad());
+        }
+        let mut fp = [0u8; 32];
+        for (i, byte) in fp.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(clean.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+        }
+        Ok(ClientTls { trust: ServerTrust::Pinned(fp), client_cert: None })
+    }
+
+    /// Trust any server. Tests only.
+    pub fn insecure() -> ClientTls {
+        ClientTls { trust: ServerTrust::Insecure, client_cert: None }
+    }
+
+    /// Present this certificate (PEM chain and key) when the server asks for one.
+    pub fn with_client_certificate(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Result<ClientTls, TlsError> {
+        let chain = certificates_from_pem(cert_pem)?;
+        private_key_from_pem(key_pem)?;
+        self.client_cert = Some((chain, key_pem.to_vec()));
+        Ok(self)
+    }
+
+    /// A rustls client configuration: TLS 1.3 only, ALPN `mqtt`, session tickets kept in memory
+    /// (per server name) and 0-RTT attempted when `early_data`.
+    pub fn rustls_config(&self, early_data: bool) -> Result<rustls::ClientConfig, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let builder = match &self.trust {
+            ServerTrust::Ca(cas) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for ca in cas {
+                    roots.add(ca.clone())?;
+                }
+                builder.with_root_certificates(roots)
+            }
+            ServerTrust::Pinned(fp) => {
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(Some(*fp))))
+            }
+            ServerTrust::Insecure => {
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(PinnedVerifier::new(None)))
+            }
+        };
+        let mut config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => builder.with_client_auth_cert(chain.clone(), private_key_from_pem(key)?)?,
+        };
+        config.alpn_protocols = vec![ALPN_MQTT.to_vec()];
+        config.enable_early_data = early_data;
+        Ok(config)
+    }
+}
+
+/// Accepts the server certificate whose fingerprint is pinned (or any, when `pin` is `None`),
+/// still checking that the server holds its key.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pin: Option<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    fn new(pin: Option<[u8; 32]>) -> PinnedVerifier {
+        PinnedVerifier { pin, provider: provider() }
+    }
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pin {
+            Some(pin) if fingerprint(end_entity) != pin => {
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            }
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is never negotiated: the configurations are TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_parse_and_reject() {
+        let hex = "ab".repeat(32);
+        assert!(ClientTls::pinned(&hex).is_ok());
+        let colons: Vec<&str> = std::iter::repeat_n("AB", 32).collect();
+        assert!(ClientTls::pinned(&colons.join(":")).is_ok());
+        assert!(matches!(ClientTls::pinned("abc"), Err(TlsError::Pin(_))));
+        assert!(matches!(ClientTls::pinned(&"zz".repeat(32)), Err(TlsError::Pin(_))));
+    }
+
+    #[test]
+    fn bad_pem_is_a_clear_error() {
+        assert!(matches!(ServerTls::from_pem(b"nonsense", b"nonsense"), Err(TlsError::Certificate(_))));
+        let cert = SelfSigned::generate(&["localhost"]).unwrap();
+        assert!(matches!(ServerTls::from_pem(cert.cert_pem.as_bytes(), b"nope"), Err(TlsError::PrivateKey(_))));
+        let tls = ServerTls::from_self_signed(&cert).unwrap();
+        assert_eq!(tls.fingerprint(), cert.fingerprint);
+        assert!(tls.rustls_config(true).is_ok());
+    }
+}
