@@ -23,9 +23,9 @@ pub enum Congestion {
     Bbr,
 }
 
-/// Transport settings shared by client and server.
+/// Transport settings shared by client and server. Build with struct update syntax from
+/// `TransportSettings::default()`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct TransportSettings {
     /// Close a connection silent for this long (both ends agree on the smaller value).
     pub idle_timeout: Duration,

@@ -69,7 +69,9 @@
 //! the MQTT layer above should only put CONNECT in early data.
 
 pub mod config;
+pub mod machine;
 pub mod quic;
 pub mod tls;
 
+pub use machine::Machine;
 pub use quinn_proto::EcnCodepoint;

@@ -1,1 +1,3 @@
-//! Helpers shared by the workspace's integration tests.
+//! Helpers shared by the workspace's integration tests: a deterministic network simulator.
+
+pub mod sim;

@@ -1,0 +1,48 @@
+//! The driving interface every machine shares, so an adapter or a simulator writes its loop once.
+
+use crate::quic::Transmit;
+use crate::EcnCodepoint;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+/// Datagram in, datagrams and deadlines out. Events are machine-specific and polled on the
+/// concrete type. See the crate docs for the order in which to drain outputs.
+pub trait Machine {
+    /// Feeds one received UDP datagram.
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    );
+    /// Advances timers; early calls do nothing.
+    fn handle_timeout(&mut self, now: Instant);
+    /// The next datagram to send, written into `buf`.
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit>;
+    /// When to call `handle_timeout` next.
+    fn poll_timeout(&mut self) -> Option<Instant>;
+}
+
+impl Machine for crate::quic::QuicEndpoint {
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    ) {
+        crate::quic::QuicEndpoint::handle_datagram(self, now, remote, local_ip, ecn, data)
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        crate::quic::QuicEndpoint::handle_timeout(self, now)
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        crate::quic::QuicEndpoint::poll_transmit(self, now, buf)
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        crate::quic::QuicEndpoint::poll_timeout(self)
+    }
+}
