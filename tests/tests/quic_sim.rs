@@ -361,3 +361,186 @@ fn connection_limit_refuses_the_excess() {
     assert_eq!(closed, [(b, CloseReason::Refused)]);
     assert!(seen.client.iter().any(|e| matches!(e, Event::Connected { conn, .. } if *conn == a)));
 }
+
+/// A handshake between a server and a client built from these TLS settings; returns what the
+/// client saw: connected, or the close reason.
+fn tls_outcome(server: ServerTls, client: ClientTls, name: &str) -> Result<(), CloseReason> {
+    let mut sim = Sim::new(30, Link::default());
+    sim.add_host(server_addr(), QuicEndpoint::server(&ServerConfig::new(server)).unwrap());
+    sim.add_host(client_addr(), QuicEndpoint::client(&ClientConfig::new(client)).unwrap());
+    let now = sim.now();
+    let conn = sim.machine(CLIENT).connect(now, server_addr(), name).unwrap();
+    sim.machine(CLIENT).send(now, conn, Bytes::from_static(b"hi")).unwrap();
+    let mut seen = Seen::default();
+    sim.drive_until(10_000, |sim| {
+        seen.pump(sim, true);
+        seen.client_bytes == b"hi" || Seen::closed(&seen.client).is_some()
+    });
+    match Seen::closed(&seen.client) {
+        Some(reason) => Err(reason),
+        None if seen.client_bytes == b"hi" => Ok(()),
+        None => panic!("neither connected nor closed: {seen:?}"),
+    }
+}
+
+#[test]
+fn ca_verification_checks_chain_and_name() {
+    let pki = mqtt_tests::pki::Pki::new();
+    let leaf = pki.issue(&["broker.test"], false);
+    let server = || ServerTls::from_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()).unwrap();
+    let trusting = ClientTls::with_ca_pem(pki.ca_pem.as_bytes()).unwrap();
+    assert_eq!(tls_outcome(server(), trusting.clone(), "broker.test"), Ok(()));
+    // Wrong name, or a CA that did not issue the certificate: refused.
+    assert!(matches!(tls_outcome(server(), trusting, "other.test"), Err(CloseReason::Transport(_))));
+    let stranger = mqtt_tests::pki::Pki::new();
+    let distrusting = ClientTls::with_ca_pem(stranger.ca_pem.as_bytes()).unwrap();
+    assert!(matches!(tls_outcome(server(), distrusting, "broker.test"), Err(CloseReason::Transport(_))));
+}
+
+#[test]
+fn pinning_accepts_only_the_pinned_certificate() {
+    let server = || ServerTls::from_self_signed(cert()).unwrap();
+    let right = ClientTls::pinned(&mqtt_quic_core::tls::fingerprint_hex(&cert().fingerprint)).unwrap();
+    assert_eq!(tls_outcome(server(), right, "anything"), Ok(()));
+    let wrong = ClientTls::pinned(&"00".repeat(32)).unwrap();
+    assert!(matches!(tls_outcome(server(), wrong, "anything"), Err(CloseReason::Transport(_))));
+}
+
+#[test]
+fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let pki = mqtt_tests::pki::Pki::new();
+    let leaf = pki.issue(&["broker.test"], false);
+    let device = pki.issue(&["device-7"], true);
+    let server = || {
+        ServerTls::from_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes())
+            .unwrap()
+            .require_client_certificates(pki.ca_pem.as_bytes())
+            .unwrap()
+    };
+    let anonymous = ClientTls::with_ca_pem(pki.ca_pem.as_bytes()).unwrap();
+    assert!(tls_outcome(server(), anonymous.clone(), "broker.test").is_err());
+    let with_cert = anonymous.with_client_certificate(device.cert_pem.as_bytes(), device.key_pem.as_bytes()).unwrap();
+    assert_eq!(tls_outcome(server(), with_cert, "broker.test"), Ok(()));
+}
+
+#[test]
+fn impaired_link_with_jitter_duplication_reordering_and_bursts() {
+    let link = Link {
+        latency: Duration::from_millis(20),
+        jitter: Duration::from_millis(15),
+        loss: 0.02,
+        burst: Some((0.01, 0.3)),
+        duplicate: 0.05,
+        reorder: 0.1,
+        mtu: 1500,
+    };
+    let mut sim = pair(13, link, TransportSettings::default());
+    let conn = connect(&mut sim);
+    const LEN: usize = 256 * 1024;
+    let up = pattern(LEN, 13);
+    let now = sim.now();
+    sim.machine(CLIENT).send(now, conn, Bytes::from(up.clone())).unwrap();
+    let mut seen = Seen::default();
+    assert!(sim.drive_until(1_000_000, |sim| {
+        seen.pump(sim, true);
+        seen.client_bytes.len() == LEN
+    }));
+    assert!(seen.server_bytes == up && seen.client_bytes == up, "echo corrupted");
+    assert!(sim.stats.duplicated > 0 && sim.stats.lost > 0, "{:?}", sim.stats);
+}
+
+#[test]
+fn datagrams_above_the_path_mtu_are_never_needed() {
+    // A path that drops anything above 1280 bytes: QUIC's 1200-byte initial MTU still works.
+    let link = Link { mtu: 1280, ..Link::default() };
+    let mut sim = pair(14, link, TransportSettings::default());
+    let conn = connect(&mut sim);
+    let data = pattern(100_000, 14);
+    let now = sim.now();
+    sim.machine(CLIENT).send(now, conn, Bytes::from(data.clone())).unwrap();
+    let mut seen = Seen::default();
+    assert!(sim.drive_until(1_000_000, |sim| {
+        seen.pump(sim, false);
+        seen.server_bytes.len() == data.len()
+    }));
+    assert!(seen.server_bytes == data);
+}
+
+#[test]
+fn client_rebinds_on_command() {
+    let mut sim = pair(15, Link::default(), TransportSettings::default());
+    let conn = connect(&mut sim);
+    let now = sim.now();
+    sim.machine(CLIENT).send(now, conn, Bytes::from_static(b"one")).unwrap();
+    let mut seen = Seen::default();
+    assert!(sim.drive_until(10_000, |sim| {
+        seen.pump(sim, true);
+        seen.client_bytes == b"one"
+    }));
+    // The client moves to another network and tells its machine.
+    let moved: SocketAddr = "10.0.1.7:40000".parse().unwrap();
+    sim.set_address(CLIENT, moved);
+    let now = sim.now();
+    sim.machine(CLIENT).local_address_changed(now, conn).unwrap();
+    sim.machine(CLIENT).send(now, conn, Bytes::from_static(b"two")).unwrap();
+    assert!(sim.drive_until(10_000, |sim| {
+        seen.pump(sim, true);
+        seen.client_bytes == b"onetwo"
+    }));
+    let server_conn = seen.server.iter().find_map(|e| match e {
+        Event::Connected { conn, .. } => Some(*conn),
+        _ => None,
+    });
+    assert_eq!(sim.machine(SERVER).remote_address(server_conn.unwrap()), Some(moved));
+}
+
+#[test]
+fn stateless_retry_validates_the_address_first() {
+    let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    sc.stateless_retry = true;
+    let mut sim = Sim::new(16, Link::default());
+    sim.add_host(server_addr(), QuicEndpoint::server(&sc).unwrap());
+    sim.add_host(client_addr(), QuicEndpoint::client(&ClientConfig::new(ClientTls::insecure())).unwrap());
+    let start = sim.now();
+    let conn = connect(&mut sim);
+    sim.machine(CLIENT).send(start, conn, Bytes::from_static(b"hi")).unwrap();
+    let mut seen = Seen::default();
+    assert!(sim.drive_until(10_000, |sim| {
+        seen.pump(sim, false);
+        !seen.server_bytes.is_empty()
+    }));
+    // The Retry round trip comes first: 2.5 RTT (RTT 20 ms) instead of 1.5.
+    assert_eq!(sim.now() - start, Duration::from_millis(50));
+}
+
+#[test]
+fn one_client_machine_holds_a_thousand_connections() {
+    let mut sim = pair(17, Link::default(), TransportSettings::default());
+    let now = sim.now();
+    let conns: Vec<ConnId> =
+        (0..1000).map(|_| sim.machine(CLIENT).connect(now, server_addr(), "broker.test").unwrap()).collect();
+    for (i, c) in conns.iter().enumerate() {
+        sim.machine(CLIENT).send(now, *c, Bytes::from(format!("{i:04}"))).unwrap();
+    }
+    let mut seen = Seen::default();
+    assert!(sim.drive_until(1_000_000, |sim| {
+        seen.pump(sim, true);
+        seen.client_bytes.len() == 4000
+    }));
+    assert_eq!(sim.machine(CLIENT).connection_count(), 1000);
+    assert_eq!(sim.machine(SERVER).connection_count(), 1000);
+    // Every connection got its own bytes back.
+    let mut per_conn: Vec<(ConnId, Vec<u8>)> = Vec::new();
+    for e in &seen.client {
+        if let Event::Received { conn, data } = e {
+            match per_conn.iter_mut().find(|(c, _)| c == conn) {
+                Some((_, v)) => v.extend_from_slice(data),
+                None => per_conn.push((*conn, data.to_vec())),
+            }
+        }
+    }
+    for (i, c) in conns.iter().enumerate() {
+        let got = &per_conn.iter().find(|(x, _)| x == c).unwrap().1;
+        assert_eq!(got, format!("{i:04}").as_bytes());
+    }
+}
