@@ -1,0 +1,59 @@
+//! Replays the committed `quic_server` fuzz corpus through its check, and regenerates the seeds
+//! (`cargo test -p mqtt-tests --test fuzz_corpus_quic -- --ignored write_seeds`) from a real
+//! client's handshake, so the fuzzer starts from datagrams the server accepts.
+
+#[path = "../../fuzz/src/quic_checks.rs"]
+mod quic_checks;
+
+use bytes::Bytes;
+use mqtt_quic_core::config::ClientConfig;
+use mqtt_quic_core::quic::QuicEndpoint;
+use mqtt_quic_core::tls::ClientTls;
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/quic_server")
+}
+
+#[test]
+fn replay_quic_corpus() {
+    let mut n = 0;
+    for entry in fs::read_dir(corpus()).expect("corpus directory") {
+        let path = entry.unwrap().path();
+        let data = fs::read(&path).unwrap();
+        let result = std::panic::catch_unwind(|| quic_checks::quic_server(&data));
+        assert!(result.is_ok(), "{} fails its check", path.display());
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus");
+}
+
+#[test]
+#[ignore = "writes the seed corpus; run by hand"]
+fn write_seeds() {
+    fs::create_dir_all(corpus()).unwrap();
+    for seed in 0..8u64 {
+        let mut config = ClientConfig::new(ClientTls::insecure());
+        config.seed = seed;
+        let mut client = QuicEndpoint::client(&config).unwrap();
+        #[allow(clippy::disallowed_methods)]
+        let mut now = Instant::now();
+        let conn = client.connect(now, "10.0.0.1:14567".parse().unwrap(), "fuzz").unwrap();
+        client.send(now, conn, Bytes::from_static(b"\x10\x0c\x00\x04MQTT\x05\x02\x00\x3c\x00")).unwrap();
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        // The client's first flight, then its retransmissions as time passes.
+        for step in 0..3 {
+            while let Some(t) = client.poll_transmit(now, &mut buf) {
+                out.extend_from_slice(&[if step == 0 { 0 } else { 200 }, seed as u8]);
+                out.extend_from_slice(&(t.size as u16).to_be_bytes());
+                out.extend_from_slice(&buf[..t.size]);
+            }
+            now += Duration::from_millis(400);
+            client.handle_timeout(now);
+        }
+        fs::write(corpus().join(format!("seed-{seed:02}")), out).unwrap();
+    }
+}
