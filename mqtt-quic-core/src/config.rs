@@ -143,6 +143,10 @@ pub struct ServerConfig {
     /// Most connections served at once; more are refused (CONNECTION_REFUSED) before any state
     /// is kept for them.
     pub max_connections: usize,
+    /// Most connections still in their handshake from one IP address; more are refused. Bounds
+    /// what one address (or one spoofer) can make the server hold before anyone is
+    /// authenticated.
+    pub max_handshakes_per_ip: usize,
     /// Accept 0-RTT data from resuming clients. See the crate docs for the replay caveat.
     pub zero_rtt: bool,
     /// Validate client addresses with a stateless Retry before keeping any state (costs one
@@ -159,6 +163,7 @@ impl ServerConfig {
             tls,
             transport: TransportSettings::default(),
             max_connections: 10_000,
+            max_handshakes_per_ip: 64,
             zero_rtt: true,
             stateless_retry: false,
             seed: 0,

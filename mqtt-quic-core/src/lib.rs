@@ -62,11 +62,22 @@
 //! # 0-RTT and replay
 //!
 //! A client that resumes a session sends its first MQTT bytes (normally CONNECT) in 0-RTT, one
-//! round trip earlier. 0-RTT data can be replayed by an attacker who captured it: the server
-//! cannot tell a replay from the original. CONNECT is safe to replay (a replayed CONNECT at
-//! worst takes over the session the same client would have had), but a PUBLISH in 0-RTT could be
-//! delivered twice. Servers accept 0-RTT only when configured to (`ServerConfig::zero_rtt`), and
-//! the MQTT layer above should only put CONNECT in early data.
+//! round trip earlier. 0-RTT data can be replayed by an attacker who captured it, and TLS alone
+//! cannot tell a replay from the original. What the server does about it: session tickets are
+//! single-use (rustls's in-memory session store hands a ticket out once and forgets it), so a
+//! server process accepts a given 0-RTT flight at most once; a replay, or a resumption after a
+//! restart, falls back to a full handshake and its early data is discarded. The remaining risk
+//! is across server processes sharing no state, which this design does not have. Servers accept
+//! 0-RTT only when configured to (`ServerConfig::zero_rtt`), and the MQTT layer above puts only
+//! CONNECT in early data: a replayed CONNECT at worst repeats a session takeover, where a
+//! replayed PUBLISH would deliver a message twice.
+//!
+//! # Bounded before authentication
+//!
+//! Before a handshake completes the server holds at most `max_connections` connections and at
+//! most `max_handshakes_per_ip` from any one address; beyond that it refuses (CONNECTION_REFUSED)
+//! without keeping state. `stateless_retry` additionally proves a client's address before any
+//! state is kept.
 
 pub mod config;
 pub mod machine;

@@ -192,6 +192,7 @@ pub struct QuicEndpoint {
     client: Option<quinn_proto::ClientConfig>,
     settings: TransportSettings,
     max_connections: usize,
+    max_handshakes_per_ip: usize,
     stateless_retry: bool,
     conns: BTreeMap<usize, Conn>,
     events: VecDeque<Event>,
@@ -230,8 +231,8 @@ impl QuicEndpoint {
     /// A server endpoint.
     pub fn server(config: &ServerConfig) -> Result<QuicEndpoint, ConfigError> {
         config.transport.validate()?;
-        if config.max_connections == 0 {
-            return Err(ConfigError::Invalid("max_connections must be at least 1".into()));
+        if config.max_connections == 0 || config.max_handshakes_per_ip == 0 {
+            return Err(ConfigError::Invalid("max_connections and max_handshakes_per_ip must be at least 1".into()));
         }
         let tls = config.tls.rustls_config(config.zero_rtt)?;
         let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
@@ -246,7 +247,10 @@ impl QuicEndpoint {
             false,
             None,
         );
-        Ok(QuicEndpoint::with(inner, None, config.transport.clone(), config.max_connections, config.stateless_retry))
+        let mut endpoint =
+            QuicEndpoint::with(inner, None, config.transport.clone(), config.max_connections, config.stateless_retry);
+        endpoint.max_handshakes_per_ip = config.max_handshakes_per_ip;
+        Ok(endpoint)
     }
 
     /// A client endpoint, able to open any number of connections.
@@ -274,6 +278,7 @@ impl QuicEndpoint {
             client,
             settings,
             max_connections,
+            max_handshakes_per_ip: usize::MAX,
             stateless_retry,
             conns: BTreeMap::new(),
             events: VecDeque::new(),
@@ -378,7 +383,10 @@ impl QuicEndpoint {
 
     fn incoming(&mut self, now: Instant, incoming: Incoming) {
         let mut buf = Vec::new();
-        if self.conns.len() >= self.max_connections {
+        let ip = incoming.remote_address().ip();
+        let handshaking_from_ip =
+            self.conns.values().filter(|c| !c.connected && c.quic.remote_address().ip() == ip).count();
+        if self.conns.len() >= self.max_connections || handshaking_from_ip >= self.max_handshakes_per_ip {
             let t = self.inner.refuse(incoming, &mut buf);
             self.respond(t, buf);
             return;

@@ -29,6 +29,8 @@ fn cert() -> &'static SelfSigned {
 
 fn pair(seed: u64, link: Link, transport: TransportSettings) -> Sim<QuicEndpoint> {
     let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    // Tests open many connections from the one client address.
+    sc.max_handshakes_per_ip = 10_000;
     sc.transport = transport.clone();
     sc.seed = seed;
     let mut cc =
@@ -543,4 +545,33 @@ fn one_client_machine_holds_a_thousand_connections() {
         let got = &per_conn.iter().find(|(x, _)| x == c).unwrap().1;
         assert_eq!(got, format!("{i:04}").as_bytes());
     }
+}
+
+#[test]
+fn handshakes_from_one_address_are_bounded() {
+    let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    sc.max_handshakes_per_ip = 4;
+    let mut sim = Sim::new(18, Link::default());
+    sim.add_host(server_addr(), QuicEndpoint::server(&sc).unwrap());
+    sim.add_host(client_addr(), QuicEndpoint::client(&ClientConfig::new(ClientTls::insecure())).unwrap());
+    let now = sim.now();
+    for _ in 0..10 {
+        sim.machine(CLIENT).connect(now, server_addr(), "x").unwrap();
+    }
+    let mut seen = Seen::default();
+    sim.drive_until(10_000, |sim| {
+        seen.pump(sim, false);
+        seen.client.iter().filter(|e| matches!(e, Event::Connected { .. } | Event::Closed { .. })).count() == 10
+    });
+    let refused =
+        seen.client.iter().filter(|e| matches!(e, Event::Closed { reason: CloseReason::Refused, .. })).count();
+    let connected = seen.client.iter().filter(|e| matches!(e, Event::Connected { .. })).count();
+    assert_eq!((connected, refused), (4, 6), "{:?}", seen.client);
+    // Once those four are through their handshake, the same address may start new ones.
+    let now = sim.now();
+    let late = sim.machine(CLIENT).connect(now, server_addr(), "x").unwrap();
+    assert!(sim.drive_until(10_000, |sim| {
+        seen.pump(sim, false);
+        seen.client.iter().any(|e| matches!(e, Event::Connected { conn, .. } if *conn == late))
+    }));
 }
