@@ -13,8 +13,9 @@ use quinn_proto::{
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 
 /// Identifies one connection of an endpoint.
@@ -186,6 +187,29 @@ impl Conn {
     }
 }
 
+/// The wall clock quinn-proto consults for address-validation (Retry) tokens, driven by the
+/// `now` of every call instead of the system clock: the core reads no clock. Token times only
+/// matter relative to each other, so the epoch is arbitrary.
+#[derive(Debug, Default)]
+struct DrivenClock {
+    first: OnceLock<Instant>,
+    elapsed_ns: AtomicU64,
+}
+
+impl DrivenClock {
+    fn advance(&self, now: Instant) {
+        let first = *self.first.get_or_init(|| now);
+        let ns = u64::try_from(now.saturating_duration_since(first).as_nanos()).unwrap_or(u64::MAX);
+        self.elapsed_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+}
+
+impl quinn_proto::TimeSource for DrivenClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.elapsed_ns.load(Ordering::Relaxed))
+    }
+}
+
 /// The sans-IO QUIC endpoint. See the crate docs for the driving contract.
 pub struct QuicEndpoint {
     inner: quinn_proto::Endpoint,
@@ -200,6 +224,7 @@ pub struct QuicEndpoint {
     responses: VecDeque<(Transmit, Vec<u8>)>,
     /// Round-robin position for fairness between connections in `poll_transmit`.
     cursor: usize,
+    clock: Arc<DrivenClock>,
 }
 
 fn seed_bytes(seed: u64, domain: u8) -> [u8; 32] {
@@ -241,6 +266,8 @@ impl QuicEndpoint {
         let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
         server.transport_config(Arc::new(config.transport.quinn()));
         server.migration(true);
+        let clock = Arc::new(DrivenClock::default());
+        server.time_source(clock.clone());
         let inner = quinn_proto::Endpoint::new(
             Arc::new(endpoint_config(config.seed, &config.transport)?),
             Some(Arc::new(server)),
@@ -250,6 +277,7 @@ impl QuicEndpoint {
         let mut endpoint =
             QuicEndpoint::with(inner, None, config.transport.clone(), config.max_connections, config.stateless_retry);
         endpoint.max_handshakes_per_ip = config.max_handshakes_per_ip;
+        endpoint.clock = clock;
         Ok(endpoint)
     }
 
@@ -284,6 +312,7 @@ impl QuicEndpoint {
             events: VecDeque::new(),
             responses: VecDeque::new(),
             cursor: 0,
+            clock: Arc::default(),
         }
     }
 
@@ -362,6 +391,7 @@ impl QuicEndpoint {
         ecn: Option<EcnCodepoint>,
         data: &[u8],
     ) {
+        self.clock.advance(now);
         let mut buf = Vec::new();
         match self.inner.handle(now, remote, local_ip, ecn, BytesMut::from(data), &mut buf) {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
@@ -412,6 +442,7 @@ impl QuicEndpoint {
 
     /// Advances timers. Calling it early is harmless: nothing is due yet, nothing happens.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock.advance(now);
         let due: Vec<usize> = self
             .conns
             .iter_mut()

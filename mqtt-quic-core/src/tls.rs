@@ -184,6 +184,12 @@ impl ClientTls {
         Ok(ClientTls { trust: ServerTrust::Ca(certificates_from_pem(ca_pem)?), client_cert: None })
     }
 
+    /// Trust servers whose certificates chain to these roots, for example the operating
+    /// system's store as loaded by an adapter (the core reads no files).
+    pub fn with_roots(roots: Vec<CertificateDer<'static>>) -> ClientTls {
+        ClientTls { trust: ServerTrust::Ca(roots), client_cert: None }
+    }
+
     /// Trust exactly the certificate with this fingerprint (64 hex digits, `:` allowed).
     pub fn pinned(fingerprint_hex: &str) -> Result<ClientTls, TlsError> {
         let clean: String = fingerprint_hex.chars().filter(|c| *c != ':').collect();
