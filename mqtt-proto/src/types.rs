@@ -83,6 +83,9 @@ impl QoS {
 pub struct PacketId(NonZeroU16);
 
 impl PacketId {
+    /// Identifier 1, where allocation starts.
+    pub const MIN: PacketId = PacketId(NonZeroU16::MIN);
+
     /// Wraps a non-zero identifier; `None` for zero.
     #[inline]
     pub const fn new(value: u16) -> Option<PacketId> {

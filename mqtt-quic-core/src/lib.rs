@@ -82,6 +82,7 @@
 pub mod config;
 pub mod machine;
 pub mod quic;
+pub mod session;
 pub mod tls;
 
 pub use machine::Machine;
