@@ -7,3 +7,4 @@
 
 pub mod client;
 pub mod packet_id;
+pub mod server;

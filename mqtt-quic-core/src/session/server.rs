@@ -1,0 +1,924 @@
+//! The server (broker) side of one connection: CONNECT first and once, keep-alive at 1.5x, the
+//! limits it announced in CONNACK enforced with their reason codes, QoS 1 and 2 both ways.
+//!
+//! Decisions that need the broker's state (accept or refuse a CONNECT, grant subscriptions,
+//! route messages) are events for the broker and commands back; the session does the protocol.
+
+use super::packet_id::PacketIds;
+use bytes::{Bytes, BytesMut};
+use mqtt_proto::{
+    Ack, Auth, ConnAck, Connect, DecodeError, Decoder, Disconnect, MqttString, Packet, PacketId, Protocol, Publish,
+    QoS, QosPid, ReasonCode, SubAck, Subscription, TopicFilter, TopicName, UnsubAck, Will,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Limits a server session enforces and announces in CONNACK.
+#[derive(Debug, Clone)]
+pub struct ServerSessionConfig {
+    /// Largest packet accepted from the client (0x95 beyond).
+    pub maximum_packet_size: u32,
+    /// QoS 2 publishes from the client awaiting PUBREL at once (0x93 beyond).
+    pub receive_maximum: u16,
+    /// Topic aliases accepted from the client (0x94 beyond).
+    pub topic_alias_maximum: u16,
+    /// Highest QoS accepted from the client (0x9B beyond).
+    pub maximum_qos: QoS,
+    /// Whether retained messages are accepted (0x9A otherwise).
+    pub retain_available: bool,
+    /// Longest client identifier accepted (0x85 beyond).
+    pub max_client_id_len: usize,
+    /// Close connections that send no CONNECT within this time.
+    pub connect_timeout: Duration,
+    /// Keep-alive imposed on clients (Server Keep Alive), if any.
+    pub server_keep_alive: Option<u16>,
+    /// Our publishes in flight to the client, whatever its Receive Maximum allows.
+    pub max_inflight: u16,
+    /// Publishes waiting for an in-flight slot; beyond it `publish` fails.
+    pub max_queued: usize,
+}
+
+impl Default for ServerSessionConfig {
+    fn default() -> Self {
+        ServerSessionConfig {
+            maximum_packet_size: mqtt_proto::DEFAULT_MAX_PACKET_SIZE,
+            receive_maximum: 64,
+            topic_alias_maximum: 16,
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            max_client_id_len: 256,
+            connect_timeout: Duration::from_secs(10),
+            server_keep_alive: None,
+            max_inflight: 64,
+            max_queued: 10_000,
+        }
+    }
+}
+
+/// Why a server session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// The client sent DISCONNECT with this code.
+    ClientDisconnect(ReasonCode),
+    /// The client broke the protocol; we sent (MQTT 5) or would have sent this code.
+    ProtocolViolation(ReasonCode),
+    /// Nothing heard for 1.5 times the keep-alive.
+    KeepAliveTimeout,
+    /// No CONNECT in time.
+    ConnectTimeout,
+    /// We refused the CONNECT with this code.
+    Refused(ReasonCode),
+    /// The transport closed.
+    TransportLost,
+    /// The broker ended it with [`ServerSession::disconnect`].
+    Server(ReasonCode),
+}
+
+/// What a server session reports to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// A valid CONNECT: answer with [`ServerSession::accept`] or [`ServerSession::refuse`].
+    Connect(Box<Connect>),
+    /// A message from the client (a QoS 2 message once, however often it is resent).
+    Publish(Publish),
+    /// A SUBSCRIBE: answer with [`ServerSession::suback`].
+    Subscribe {
+        /// Its identifier.
+        packet_id: PacketId,
+        /// The subscriptions.
+        subscriptions: Vec<Subscription>,
+        /// MQTT 5 subscription identifier.
+        subscription_id: Option<mqtt_proto::SubscriptionId>,
+    },
+    /// An UNSUBSCRIBE: answer with [`ServerSession::unsuback`].
+    Unsubscribe {
+        /// Its identifier.
+        packet_id: PacketId,
+        /// The filters.
+        filters: Vec<TopicFilter>,
+    },
+    /// The client acknowledged a message we published (PUBACK, or PUBCOMP for QoS 2).
+    Delivered {
+        /// The identifier from [`ServerSession::publish`].
+        id: u64,
+    },
+    /// AUTH from the client (enhanced authentication).
+    Auth(Auth),
+    /// The connection ended. Fires once. `will` is the will message to publish (after its delay)
+    /// unless the client disconnected normally.
+    Ended {
+        /// Why.
+        reason: EndReason,
+        /// The will to publish, if the ending calls for it.
+        will: Option<Will>,
+    },
+}
+
+/// Why a broker command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ServerCommandError {
+    /// The session is not in the state the command needs.
+    #[error("not valid in this state of the connection")]
+    WrongState,
+    /// The message exceeds the client's Maximum Packet Size (drop it, as the spec says).
+    #[error("packet of {size} bytes exceeds the client's maximum of {max}")]
+    PacketTooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The client's limit.
+        max: u32,
+    },
+    /// Too many messages are waiting for the client.
+    #[error("queue for this client is full")]
+    QueueFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitConnect,
+    /// CONNECT reported; waiting for the broker's accept/refuse.
+    Deciding,
+    Connected,
+    Ended,
+}
+
+/// The server side of one MQTT connection.
+pub struct ServerSession {
+    config: ServerSessionConfig,
+    state: State,
+    protocol: Protocol,
+    decoder: Decoder,
+    inbuf: BytesMut,
+    out: BytesMut,
+    events: VecDeque<ServerEvent>,
+    will: Option<Will>,
+    keep_alive: Duration,
+    deadline: Option<Instant>,
+    incoming_qos2: BTreeSet<u16>,
+    aliases: BTreeMap<u16, TopicName>,
+    client_receive_maximum: u16,
+    client_maximum_packet_size: u32,
+    ids: PacketIds,
+    /// Our publishes in flight: (packet id, released (PUBREL sent), request id, message).
+    inflight: Vec<(PacketId, bool, u64, Publish)>,
+    queued: VecDeque<(u64, Publish)>,
+    next_id: u64,
+}
+
+impl ServerSession {
+    /// A session for a connection that just opened; CONNECT is due within the connect timeout.
+    pub fn new(now: Instant, config: ServerSessionConfig) -> ServerSession {
+        ServerSession {
+            decoder: Decoder::new(Protocol::V5).with_max_packet_size(config.maximum_packet_size),
+            deadline: Some(now + config.connect_timeout),
+            state: State::AwaitConnect,
+            protocol: Protocol::V5,
+            inbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            events: VecDeque::new(),
+            will: None,
+            keep_alive: Duration::ZERO,
+            incoming_qos2: BTreeSet::new(),
+            aliases: BTreeMap::new(),
+            client_receive_maximum: u16::MAX,
+            client_maximum_packet_size: mqtt_proto::PROTOCOL_MAX_PACKET_SIZE,
+            ids: PacketIds::default(),
+            inflight: Vec::new(),
+            queued: VecDeque::new(),
+            next_id: 0,
+            config,
+        }
+    }
+
+    /// The protocol the client speaks (known after CONNECT).
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Whether the session has ended (the transport should be closed once drained).
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// Accepts the CONNECT reported by [`ServerEvent::Connect`]. `assigned_client_id` must be
+    /// given when the client sent an empty one (MQTT 5).
+    pub fn accept(
+        &mut self,
+        now: Instant,
+        session_present: bool,
+        assigned_client_id: Option<&str>,
+    ) -> Result<(), ServerCommandError> {
+        if self.state != State::Deciding {
+            return Err(ServerCommandError::WrongState);
+        }
+        let mut ack = ConnAck { session_present, ..Default::default() };
+        if self.protocol.is_v5() {
+            let p = &mut *ack.properties;
+            p.receive_maximum = std::num::NonZeroU16::new(self.config.receive_maximum);
+            p.maximum_packet_size = std::num::NonZeroU32::new(self.config.maximum_packet_size);
+            p.topic_alias_maximum = Some(self.config.topic_alias_maximum);
+            if self.config.maximum_qos != QoS::ExactlyOnce {
+                p.maximum_qos = Some(self.config.maximum_qos);
+            }
+            if !self.config.retain_available {
+                p.retain_available = Some(false);
+            }
+            p.server_keep_alive = self.config.server_keep_alive;
+            p.assigned_client_identifier = assigned_client_id.and_then(|s| MqttString::try_from(s).ok());
+        }
+        if let Some(ka) = self.config.server_keep_alive {
+            self.keep_alive = Duration::from_secs(u64::from(ka));
+        }
+        self.state = State::Connected;
+        self.write(&ack.into());
+        self.touch(now);
+        self.pump();
+        Ok(())
+    }
+
+    /// Refuses the CONNECT with `reason` and ends the session.
+    pub fn refuse(&mut self, _now: Instant, reason: ReasonCode) -> Result<(), ServerCommandError> {
+        if self.state != State::Deciding {
+            return Err(ServerCommandError::WrongState);
+        }
+        self.write(&ConnAck { reason_code: reason, ..Default::default() }.into());
+        self.will = None;
+        self.end(EndReason::Refused(reason));
+        Ok(())
+    }
+
+    /// Answers a SUBSCRIBE.
+    pub fn suback(&mut self, packet_id: PacketId, reason_codes: Vec<ReasonCode>) -> Result<(), ServerCommandError> {
+        if self.state != State::Connected {
+            return Err(ServerCommandError::WrongState);
+        }
+        self.write(&Packet::SubAck(SubAck {
+            packet_id,
+            properties: Default::default(),
+            reason_codes: reason_codes.into_iter().collect(),
+        }));
+        Ok(())
+    }
+
+    /// Answers an UNSUBSCRIBE.
+    pub fn unsuback(&mut self, packet_id: PacketId, reason_codes: Vec<ReasonCode>) -> Result<(), ServerCommandError> {
+        if self.state != State::Connected {
+            return Err(ServerCommandError::WrongState);
+        }
+        self.write(&Packet::UnsubAck(UnsubAck {
+            packet_id,
+            properties: Default::default(),
+            reason_codes: reason_codes.into_iter().collect(),
+        }));
+        Ok(())
+    }
+
+    /// Sends a message to the client. QoS 1 and 2 messages wait for a slot under the client's
+    /// Receive Maximum and complete with [`ServerEvent::Delivered`]. Returns the id used there.
+    pub fn publish(&mut self, mut publish: Publish) -> Result<u64, ServerCommandError> {
+        if self.state != State::Connected {
+            return Err(ServerCommandError::WrongState);
+        }
+        publish.dup = false;
+        let size = Packet::Publish(publish.clone()).encoded_len(self.protocol).unwrap_or(usize::MAX) + 2;
+        if size > self.client_maximum_packet_size as usize {
+            return Err(ServerCommandError::PacketTooLarge { size, max: self.client_maximum_packet_size });
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        if publish.qos() == QoS::AtMostOnce {
+            self.write(&Packet::Publish(publish));
+            return Ok(id);
+        }
+        if self.queued.len() >= self.config.max_queued {
+            return Err(ServerCommandError::QueueFull);
+        }
+        self.queued.push_back((id, publish));
+        self.pump();
+        Ok(id)
+    }
+
+    /// Ends the connection with DISCONNECT `reason` (MQTT 5), e.g. Session taken over (0x8E).
+    pub fn disconnect(&mut self, reason: ReasonCode) -> Result<(), ServerCommandError> {
+        if self.state != State::Connected {
+            return Err(ServerCommandError::WrongState);
+        }
+        if self.protocol.is_v5() {
+            self.write(&Disconnect::new(reason).into());
+        }
+        let will = self.will.take();
+        self.events.push_back(ServerEvent::Ended { reason: EndReason::Server(reason), will });
+        self.state = State::Ended;
+        Ok(())
+    }
+
+    /// Publishes not yet acknowledged by the client, in order, for a broker that keeps the
+    /// session after the connection: resend them (DUP) on the next connection.
+    pub fn unacknowledged(&self) -> impl Iterator<Item = &Publish> {
+        self.inflight.iter().map(|(_, _, _, p)| p).chain(self.queued.iter().map(|(_, p)| p))
+    }
+
+    /// The transport closed.
+    pub fn connection_lost(&mut self) {
+        if self.state != State::Ended {
+            let will = self.will.take();
+            self.events.push_back(ServerEvent::Ended { reason: EndReason::TransportLost, will });
+            self.state = State::Ended;
+        }
+    }
+
+    /// Bytes from the transport.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        if self.state == State::Ended {
+            return;
+        }
+        self.inbuf.extend_from_slice(data);
+        loop {
+            match self.decoder.decode(&mut self.inbuf) {
+                Ok(Some(packet)) => {
+                    self.touch(now);
+                    self.handle_packet(now, packet);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.decode_error(e);
+                    break;
+                }
+            }
+            if matches!(self.state, State::Ended) {
+                break;
+            }
+        }
+    }
+
+    /// Fires the connect timeout and the keep-alive (one and a half times the interval, spec
+    /// 3.1.2.10).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline.is_some_and(|d| d <= now) {
+            self.deadline = None;
+            match self.state {
+                State::AwaitConnect | State::Deciding => self.end(EndReason::ConnectTimeout),
+                State::Connected => {
+                    if self.protocol.is_v5() {
+                        self.write(&Disconnect::new(ReasonCode::KeepAliveTimeout).into());
+                    }
+                    self.end(EndReason::KeepAliveTimeout);
+                }
+                State::Ended => {}
+            }
+        }
+    }
+
+    /// The next deadline.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Bytes to write to the transport.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        (!self.out.is_empty()).then(|| self.out.split().freeze())
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    fn touch(&mut self, now: Instant) {
+        if self.state == State::Connected {
+            self.deadline = (!self.keep_alive.is_zero()).then(|| now + self.keep_alive.mul_f32(1.5));
+        }
+    }
+
+    fn write(&mut self, packet: &Packet) {
+        // Our packets are well formed; sizes that could exceed the client's limit were checked.
+        let _ = packet.encode(self.protocol, &mut self.out);
+    }
+
+    fn end(&mut self, reason: EndReason) {
+        if self.state != State::Ended {
+            self.state = State::Ended;
+            self.deadline = None;
+            let will = self.will.take();
+            self.events.push_back(ServerEvent::Ended { reason, will });
+        }
+    }
+
+    /// The client broke the protocol: DISCONNECT with the code (MQTT 5, after CONNACK), or
+    /// CONNACK with it when CONNECT itself is bad; then end.
+    fn violation(&mut self, code: ReasonCode) {
+        match self.state {
+            State::Connected if self.protocol.is_v5() => self.write(&Disconnect::new(code).into()),
+            State::AwaitConnect => self.write(&ConnAck { reason_code: code, ..Default::default() }.into()),
+            _ => {}
+        }
+        self.end(EndReason::ProtocolViolation(code));
+    }
+
+    fn decode_error(&mut self, e: DecodeError) {
+        if self.state == State::AwaitConnect {
+            // CONNECT could not be read: answer in the version the client asked for when known.
+            // An unsupported version gets the 3.1.1 code 1 / MQTT 5 0x84 [MQTT-3.1.2-2].
+            self.protocol = match e {
+                DecodeError::UnsupportedProtocolLevel(l) if l < 5 => Protocol::V3_1_1,
+                _ => self.protocol,
+            };
+        }
+        self.violation(e.reason_code());
+    }
+
+    fn pump(&mut self) {
+        if self.state != State::Connected {
+            return;
+        }
+        let limit = usize::from(self.client_receive_maximum.min(self.config.max_inflight).max(1));
+        while self.inflight.len() < limit {
+            let Some((id, mut publish)) = self.queued.pop_front() else { break };
+            let Some(packet_id) = self.ids.allocate() else {
+                self.queued.push_front((id, publish));
+                break;
+            };
+            publish.qos_pid = QosPid::from_parts(publish.qos(), packet_id);
+            self.write(&Packet::Publish(publish.clone()));
+            self.inflight.push((packet_id, false, id, publish));
+        }
+    }
+
+    fn acknowledged(&mut self, packet_id: PacketId, qos: QoS, released: bool) {
+        let found =
+            self.inflight.iter().position(|(id, rel, _, p)| *id == packet_id && *rel == released && p.qos() == qos);
+        if let Some(i) = found {
+            let (packet_id, _, id, _) = self.inflight.remove(i);
+            self.ids.release(packet_id);
+            self.events.push_back(ServerEvent::Delivered { id });
+            self.pump();
+        }
+    }
+
+    fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        match (self.state, packet) {
+            (State::AwaitConnect, Packet::Connect(connect)) => self.on_connect(now, connect),
+            // Anything before CONNECT: close without a word [MQTT-3.1.0-1].
+            (State::AwaitConnect, _) => self.end(EndReason::ProtocolViolation(ReasonCode::ProtocolError)),
+            (State::Deciding, Packet::Auth(auth)) => self.events.push_back(ServerEvent::Auth(auth)),
+            (State::Deciding, _) => self.violation(ReasonCode::ProtocolError),
+            (State::Connected, Packet::Publish(p)) => self.on_publish(p),
+            (State::Connected, Packet::PubAck(ack)) => self.acknowledged(ack.packet_id, QoS::AtLeastOnce, false),
+            (State::Connected, Packet::PubRec(ack)) => {
+                let found = self
+                    .inflight
+                    .iter_mut()
+                    .find(|(id, rel, _, p)| *id == ack.packet_id && !*rel && p.qos() == QoS::ExactlyOnce);
+                match found {
+                    Some(entry) if ack.reason_code.is_error() => {
+                        entry.1 = true;
+                        self.acknowledged(ack.packet_id, QoS::ExactlyOnce, true);
+                    }
+                    Some(entry) => {
+                        entry.1 = true;
+                        self.write(&Packet::PubRel(Ack::new(ack.packet_id)));
+                    }
+                    None => {
+                        let mut rel = Ack::new(ack.packet_id);
+                        rel.reason_code = ReasonCode::PacketIdentifierNotFound;
+                        self.write(&Packet::PubRel(rel));
+                    }
+                }
+            }
+            (State::Connected, Packet::PubComp(ack)) => self.acknowledged(ack.packet_id, QoS::ExactlyOnce, true),
+            (State::Connected, Packet::PubRel(ack)) => {
+                let mut comp = Ack::new(ack.packet_id);
+                if !self.incoming_qos2.remove(&ack.packet_id.get()) {
+                    comp.reason_code = ReasonCode::PacketIdentifierNotFound;
+                }
+                self.write(&Packet::PubComp(comp));
+            }
+            (State::Connected, Packet::Subscribe(s)) => self.events.push_back(ServerEvent::Subscribe {
+                packet_id: s.packet_id,
+                subscription_id: s.properties.subscription_identifier,
+                subscriptions: s.subscriptions.iter().collect(),
+            }),
+            (State::Connected, Packet::Unsubscribe(u)) => self
+                .events
+                .push_back(ServerEvent::Unsubscribe { packet_id: u.packet_id, filters: u.filters.iter().collect() }),
+            (State::Connected, Packet::PingReq) => self.write(&Packet::PingResp),
+            (State::Connected, Packet::Disconnect(d)) => {
+                // A normal DISCONNECT discards the will [MQTT-3.14.4-3]; 0x04 asks for it.
+                if d.reason_code != ReasonCode::DisconnectWithWill {
+                    self.will = None;
+                }
+                self.end(EndReason::ClientDisconnect(d.reason_code));
+            }
+            (State::Connected, Packet::Auth(auth)) if self.protocol.is_v5() => {
+                self.events.push_back(ServerEvent::Auth(auth))
+            }
+            // A second CONNECT, or packets only a server sends.
+            (State::Connected, _) => self.violation(ReasonCode::ProtocolError),
+            (State::Ended, _) => {}
+        }
+    }
+
+    fn on_connect(&mut self, now: Instant, connect: Box<Connect>) {
+        self.protocol = connect.protocol;
+        self.decoder.set_protocol(connect.protocol);
+        let v5 = self.protocol.is_v5();
+        let id_len = connect.client_id.len();
+        if id_len > self.config.max_client_id_len || (id_len == 0 && !v5 && !connect.clean_start) {
+            // 3.1.1 rejects an empty id unless the session is clean [MQTT-3.1.3-8].
+            self.state = State::Deciding;
+            let _ = self.refuse(now, ReasonCode::ClientIdentifierNotValid);
+            return;
+        }
+        let p = &*connect.properties;
+        self.client_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
+        self.client_maximum_packet_size =
+            p.maximum_packet_size.map_or(mqtt_proto::PROTOCOL_MAX_PACKET_SIZE, |v| v.get());
+        self.keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+        self.will = connect.will.clone();
+        self.state = State::Deciding;
+        self.events.push_back(ServerEvent::Connect(connect));
+    }
+
+    fn on_publish(&mut self, mut publish: Publish) {
+        if publish.qos() > self.config.maximum_qos {
+            return self.violation(ReasonCode::QosNotSupported);
+        }
+        if publish.retain && !self.config.retain_available {
+            return self.violation(ReasonCode::RetainNotSupported);
+        }
+        if let Some(alias) = publish.properties.topic_alias {
+            if alias.get() > self.config.topic_alias_maximum {
+                return self.violation(ReasonCode::TopicAliasInvalid);
+            }
+            if publish.topic.is_empty() {
+                match self.aliases.get(&alias.get()) {
+                    Some(t) => publish.topic = t.clone(),
+                    None => return self.violation(ReasonCode::ProtocolError),
+                }
+            } else {
+                self.aliases.insert(alias.get(), publish.topic.clone());
+            }
+            // The alias is this connection's business; the broker sees the topic.
+            publish.properties.topic_alias = None;
+        }
+        match publish.qos_pid {
+            QosPid::AtMostOnce => self.events.push_back(ServerEvent::Publish(publish)),
+            QosPid::AtLeastOnce(id) => {
+                self.events.push_back(ServerEvent::Publish(publish));
+                self.write(&Packet::PubAck(Ack::new(id)));
+            }
+            QosPid::ExactlyOnce(id) => {
+                if !self.incoming_qos2.contains(&id.get()) {
+                    if self.incoming_qos2.len() >= usize::from(self.config.receive_maximum) {
+                        return self.violation(ReasonCode::ReceiveMaximumExceeded);
+                    }
+                    self.incoming_qos2.insert(id.get());
+                    self.events.push_back(ServerEvent::Publish(publish));
+                }
+                self.write(&Packet::PubRec(Ack::new(id)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqtt_proto::{Subscribe, SubscriptionOptions};
+    use std::num::NonZeroU16;
+
+    struct Harness {
+        session: ServerSession,
+        client: Decoder,
+        protocol: Protocol,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new(config: ServerSessionConfig) -> Harness {
+            #[allow(clippy::disallowed_methods)]
+            let now = Instant::now();
+            Harness {
+                session: ServerSession::new(now, config),
+                client: Decoder::new(Protocol::V5),
+                protocol: Protocol::V5,
+                now,
+            }
+        }
+
+        /// Connected with `connect`, accepted.
+        fn connected(config: ServerSessionConfig, connect: Connect) -> Harness {
+            let mut h = Harness::new(config);
+            h.protocol = connect.protocol;
+            h.client.set_protocol(connect.protocol);
+            h.feed(connect.into());
+            assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]));
+            h.session.accept(h.now, false, None).unwrap();
+            assert!(matches!(h.sent()[..], [Packet::ConnAck(_)]));
+            h
+        }
+
+        fn v5() -> Harness {
+            Harness::connected(ServerSessionConfig::default(), connect(Protocol::V5))
+        }
+
+        fn feed(&mut self, packet: Packet) {
+            let mut b = BytesMut::new();
+            packet.encode(self.protocol, &mut b).unwrap();
+            self.session.handle_bytes(self.now, &b);
+        }
+
+        fn sent(&mut self) -> Vec<Packet> {
+            let mut buf = BytesMut::new();
+            while let Some(b) = self.session.poll_transmit() {
+                buf.extend_from_slice(&b);
+            }
+            std::iter::from_fn(|| self.client.decode(&mut buf).unwrap()).collect()
+        }
+
+        fn events(&mut self) -> Vec<ServerEvent> {
+            std::iter::from_fn(|| self.session.poll_event()).collect()
+        }
+
+        fn advance(&mut self, d: Duration) {
+            self.now += d;
+            self.session.handle_timeout(self.now);
+        }
+    }
+
+    fn connect(protocol: Protocol) -> Connect {
+        let mut c = Connect::new(protocol, MqttString::from_static("dev"));
+        c.keep_alive = 10;
+        c
+    }
+
+    fn publish(topic: &str, qos: QoS, id: u16) -> Publish {
+        let mut p = Publish::new(TopicName::new(topic).unwrap(), &b"m"[..]);
+        p.qos_pid = QosPid::from_parts(qos, PacketId::new(id).unwrap());
+        p
+    }
+
+    fn ended(h: &mut Harness) -> Option<EndReason> {
+        h.events().into_iter().find_map(|e| match e {
+            ServerEvent::Ended { reason, .. } => Some(reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn connack_announces_the_limits() {
+        let config = ServerSessionConfig {
+            receive_maximum: 5,
+            topic_alias_maximum: 3,
+            maximum_qos: QoS::AtLeastOnce,
+            ..Default::default()
+        };
+        let mut h = Harness::new(config);
+        h.feed(connect(Protocol::V5).into());
+        let Some(ServerEvent::Connect(c)) = h.session.poll_event() else { panic!() };
+        assert_eq!(c.client_id, "dev");
+        h.session.accept(h.now, true, None).unwrap();
+        let Packet::ConnAck(ack) = h.sent().remove(0) else { panic!() };
+        assert!(ack.session_present);
+        assert_eq!(ack.properties.receive_maximum, NonZeroU16::new(5));
+        assert_eq!(ack.properties.topic_alias_maximum, Some(3));
+        assert_eq!(ack.properties.maximum_qos, Some(QoS::AtLeastOnce));
+    }
+
+    #[test]
+    fn connect_must_come_first_and_once() {
+        let mut h = Harness::new(ServerSessionConfig::default());
+        h.feed(Packet::PingReq);
+        assert!(h.sent().is_empty(), "closed without a word");
+        assert_eq!(ended(&mut h), Some(EndReason::ProtocolViolation(ReasonCode::ProtocolError)));
+
+        let mut h = Harness::v5();
+        h.feed(connect(Protocol::V5).into());
+        assert_eq!(h.sent(), [Disconnect::new(ReasonCode::ProtocolError).into()]);
+    }
+
+    #[test]
+    fn unsupported_version_gets_the_refusal_its_client_can_read() {
+        let answer = |level: u8| {
+            let mut h = Harness::new(ServerSessionConfig::default());
+            h.session.handle_bytes(h.now, &[0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60, 0, 0]);
+            let mut buf = BytesMut::new();
+            while let Some(b) = h.session.poll_transmit() {
+                buf.extend_from_slice(&b);
+            }
+            assert!(h.session.is_ended());
+            buf.to_vec()
+        };
+        // An older client reads a 3.1.1 CONNACK: return code 1, unacceptable protocol version.
+        assert_eq!(answer(2), [0x20, 2, 0, 1]);
+        // A newer one is answered as MQTT 5: 0x84 Unsupported Protocol Version.
+        assert_eq!(answer(6), [0x20, 3, 0, 0x84, 0]);
+    }
+
+    #[test]
+    fn empty_client_id_without_clean_session_is_rejected_in_311() {
+        let mut c = Connect::new(Protocol::V3_1_1, MqttString::default());
+        c.clean_start = false;
+        let mut h = Harness::new(ServerSessionConfig::default());
+        h.protocol = Protocol::V3_1_1;
+        h.client.set_protocol(Protocol::V3_1_1);
+        h.feed(c.into());
+        assert_eq!(
+            h.sent(),
+            [ConnAck { reason_code: ReasonCode::ClientIdentifierNotValid, ..Default::default() }.into()]
+        );
+    }
+
+    #[test]
+    fn keep_alive_is_enforced_at_one_and_a_half_times() {
+        let mut h = Harness::v5();
+        h.advance(Duration::from_secs(14));
+        h.feed(Packet::PingReq);
+        assert_eq!(h.sent(), [Packet::PingResp]);
+        h.advance(Duration::from_secs(14));
+        assert!(ended(&mut h).is_none(), "activity restarts the clock");
+        h.advance(Duration::from_secs(1));
+        assert_eq!(h.sent(), [Disconnect::new(ReasonCode::KeepAliveTimeout).into()]);
+        assert_eq!(ended(&mut h), Some(EndReason::KeepAliveTimeout));
+    }
+
+    #[test]
+    fn connect_timeout() {
+        let mut h = Harness::new(ServerSessionConfig::default());
+        h.advance(Duration::from_secs(10));
+        assert_eq!(ended(&mut h), Some(EndReason::ConnectTimeout));
+    }
+
+    #[test]
+    fn limits_are_enforced_with_their_reason_codes() {
+        let config = || ServerSessionConfig {
+            receive_maximum: 2,
+            maximum_packet_size: 100,
+            topic_alias_maximum: 1,
+            maximum_qos: QoS::AtLeastOnce,
+            retain_available: false,
+            ..Default::default()
+        };
+        let cases: Vec<(Vec<Packet>, ReasonCode)> = vec![
+            (vec![Packet::Publish(publish("t", QoS::ExactlyOnce, 1))], ReasonCode::QosNotSupported),
+            (
+                vec![Packet::Publish({
+                    let mut p = publish("t", QoS::AtMostOnce, 1);
+                    p.retain = true;
+                    p
+                })],
+                ReasonCode::RetainNotSupported,
+            ),
+            (
+                vec![Packet::Publish(Publish::new(TopicName::new("t").unwrap(), vec![0u8; 200]))],
+                ReasonCode::PacketTooLarge,
+            ),
+            (
+                vec![Packet::Publish({
+                    let mut p = publish("t", QoS::AtMostOnce, 1);
+                    p.properties.topic_alias = NonZeroU16::new(2);
+                    p
+                })],
+                ReasonCode::TopicAliasInvalid,
+            ),
+        ];
+        for (packets, code) in cases {
+            let mut h = Harness::connected(config(), connect(Protocol::V5));
+            for p in packets {
+                h.feed(p);
+            }
+            assert_eq!(h.sent(), [Disconnect::new(code).into()], "{code}");
+            assert_eq!(ended(&mut h), Some(EndReason::ProtocolViolation(code)));
+        }
+    }
+
+    #[test]
+    fn receive_maximum_is_enforced_with_0x93() {
+        let config = ServerSessionConfig { receive_maximum: 2, ..Default::default() };
+        let mut h = Harness::connected(config, connect(Protocol::V5));
+        for id in 1..=3 {
+            h.feed(Packet::Publish(publish("t", QoS::ExactlyOnce, id)));
+        }
+        assert_eq!(h.sent().last(), Some(&Disconnect::new(ReasonCode::ReceiveMaximumExceeded).into()));
+    }
+
+    #[test]
+    fn incoming_qos2_is_delivered_once() {
+        let mut h = Harness::v5();
+        let p = publish("t", QoS::ExactlyOnce, 4);
+        h.feed(Packet::Publish(p.clone()));
+        h.feed(Packet::Publish(p.clone()));
+        let delivered = h.events().into_iter().filter(|e| matches!(e, ServerEvent::Publish(_))).count();
+        assert_eq!(delivered, 1);
+        let id = PacketId::new(4).unwrap();
+        assert_eq!(h.sent(), [Packet::PubRec(Ack::new(id)), Packet::PubRec(Ack::new(id))]);
+        h.feed(Packet::PubRel(Ack::new(id)));
+        assert_eq!(h.sent(), [Packet::PubComp(Ack::new(id))]);
+    }
+
+    #[test]
+    fn outbound_flows_respect_the_client_receive_maximum() {
+        let mut c = connect(Protocol::V5);
+        c.properties.receive_maximum = NonZeroU16::new(1);
+        let mut h = Harness::connected(ServerSessionConfig::default(), c);
+        let a = h.session.publish(publish("x", QoS::AtLeastOnce, 1)).unwrap();
+        let b = h.session.publish(publish("y", QoS::ExactlyOnce, 1)).unwrap();
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1, "one in flight");
+        let Packet::Publish(p) = &sent[0] else { panic!() };
+        h.feed(Packet::PubAck(Ack::new(p.packet_id().unwrap())));
+        assert_eq!(h.events(), [ServerEvent::Delivered { id: a }]);
+        let Packet::Publish(q) = h.sent().remove(0) else { panic!() };
+        let qid = q.packet_id().unwrap();
+        h.feed(Packet::PubRec(Ack::new(qid)));
+        assert_eq!(h.sent(), [Packet::PubRel(Ack::new(qid))]);
+        h.feed(Packet::PubComp(Ack::new(qid)));
+        assert_eq!(h.events(), [ServerEvent::Delivered { id: b }]);
+    }
+
+    #[test]
+    fn messages_above_the_client_maximum_packet_size_are_refused() {
+        let mut c = connect(Protocol::V5);
+        c.properties.maximum_packet_size = std::num::NonZeroU32::new(50);
+        let mut h = Harness::connected(ServerSessionConfig::default(), c);
+        let big = Publish::new(TopicName::new("t").unwrap(), vec![0u8; 100]);
+        assert!(matches!(h.session.publish(big), Err(ServerCommandError::PacketTooLarge { max: 50, .. })));
+    }
+
+    #[test]
+    fn will_follows_how_the_connection_ended() {
+        let with_will = || {
+            let mut c = connect(Protocol::V5);
+            c.will = Some(Will {
+                topic: TopicName::new("status").unwrap(),
+                payload: Bytes::from_static(b"gone"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Default::default(),
+            });
+            c
+        };
+        let will_of = |h: &mut Harness| {
+            h.events().into_iter().find_map(|e| match e {
+                ServerEvent::Ended { will, .. } => Some(will.is_some()),
+                _ => None,
+            })
+        };
+        let mut h = Harness::connected(ServerSessionConfig::default(), with_will());
+        h.session.connection_lost();
+        assert_eq!(will_of(&mut h), Some(true), "ungraceful: will");
+        let mut h = Harness::connected(ServerSessionConfig::default(), with_will());
+        h.feed(Disconnect::default().into());
+        assert_eq!(will_of(&mut h), Some(false), "normal disconnect: no will");
+        let mut h = Harness::connected(ServerSessionConfig::default(), with_will());
+        h.feed(Disconnect::new(ReasonCode::DisconnectWithWill).into());
+        assert_eq!(will_of(&mut h), Some(true), "0x04: will");
+    }
+
+    #[test]
+    fn subscriptions_are_reported_and_answered() {
+        let mut h = Harness::v5();
+        let sub = Subscription {
+            filter: TopicFilter::new("a/+").unwrap(),
+            options: SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() },
+        };
+        let packet_id = PacketId::new(3).unwrap();
+        h.feed(Packet::Subscribe(Subscribe {
+            packet_id,
+            properties: Default::default(),
+            subscriptions: [sub.clone()].into(),
+        }));
+        assert_eq!(h.events(), [ServerEvent::Subscribe { packet_id, subscriptions: vec![sub], subscription_id: None }]);
+        h.session.suback(packet_id, vec![ReasonCode::GrantedQos1]).unwrap();
+        assert!(matches!(&h.sent()[..], [Packet::SubAck(a)] if a.reason_codes[0] == ReasonCode::GrantedQos1));
+    }
+
+    #[test]
+    fn takeover_disconnects_with_0x8e() {
+        let mut h = Harness::v5();
+        h.session.disconnect(ReasonCode::SessionTakenOver).unwrap();
+        assert_eq!(h.sent(), [Disconnect::new(ReasonCode::SessionTakenOver).into()]);
+        assert!(h.session.is_ended());
+    }
+
+    #[test]
+    fn client_topic_aliases_are_resolved_for_the_broker() {
+        let mut h = Harness::v5();
+        let mut set = publish("long/name", QoS::AtMostOnce, 1);
+        set.properties.topic_alias = NonZeroU16::new(1);
+        h.feed(Packet::Publish(set));
+        let mut used = Publish::new(TopicName::empty(), &b"m"[..]);
+        used.properties.topic_alias = NonZeroU16::new(1);
+        h.feed(Packet::Publish(used));
+        let topics: Vec<String> = h
+            .events()
+            .into_iter()
+            .filter_map(|e| if let ServerEvent::Publish(p) = e { Some(p.topic.to_string()) } else { None })
+            .collect();
+        assert_eq!(topics, ["long/name", "long/name"]);
+    }
+}
