@@ -79,6 +79,8 @@
 //! without keeping state. `stateless_retry` additionally proves a client's address before any
 //! state is kept.
 
+pub mod backoff;
+pub mod client;
 pub mod config;
 pub mod machine;
 pub mod quic;

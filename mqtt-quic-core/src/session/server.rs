@@ -146,6 +146,26 @@ enum State {
     Ended,
 }
 
+/// What a broker keeps of a session between connections (when its expiry allows): the QoS 2
+/// messages received but not yet released, and the messages for the client not yet
+/// acknowledged. Take it with [`ServerSession::take_state`] when a connection ends; hand it to
+/// [`ServerSession::resume`] when the client comes back.
+#[derive(Debug, Clone, Default)]
+pub struct SessionState {
+    incoming_qos2: BTreeSet<u16>,
+    /// Sent but unacknowledged: (packet id, PUBREL sent, request id, message).
+    inflight: Vec<(PacketId, bool, u64, Publish)>,
+    queued: VecDeque<(u64, Publish)>,
+    next_id: u64,
+}
+
+impl SessionState {
+    /// Messages for the client not yet acknowledged.
+    pub fn pending(&self) -> usize {
+        self.inflight.len() + self.queued.len()
+    }
+}
+
 /// The server side of one MQTT connection.
 pub struct ServerSession {
     config: ServerSessionConfig,
@@ -202,6 +222,42 @@ impl ServerSession {
     /// Whether the session has ended (the transport should be closed once drained).
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
+    }
+
+    /// Accepts the CONNECT, resuming a kept session: CONNACK says session present, and what the
+    /// client had not acknowledged is sent again (PUBLISH with DUP, or PUBREL) before anything
+    /// new [MQTT-4.4.0-1].
+    pub fn resume(&mut self, now: Instant, state: SessionState) -> Result<(), ServerCommandError> {
+        if self.state != State::Deciding {
+            return Err(ServerCommandError::WrongState);
+        }
+        self.incoming_qos2 = state.incoming_qos2;
+        self.queued = state.queued;
+        self.next_id = state.next_id;
+        self.accept(now, true, None)?;
+        for (packet_id, released, id, publish) in state.inflight {
+            self.ids.mark(packet_id);
+            let packet = if released {
+                Packet::PubRel(Ack::new(packet_id))
+            } else {
+                let mut p = publish.clone();
+                p.dup = true;
+                Packet::Publish(p)
+            };
+            self.write(&packet);
+            self.inflight.push((packet_id, released, id, publish));
+        }
+        Ok(())
+    }
+
+    /// The session state to keep after the connection ended (see [`SessionState`]).
+    pub fn take_state(&mut self) -> SessionState {
+        SessionState {
+            incoming_qos2: std::mem::take(&mut self.incoming_qos2),
+            inflight: std::mem::take(&mut self.inflight),
+            queued: std::mem::take(&mut self.queued),
+            next_id: self.next_id,
+        }
     }
 
     /// Accepts the CONNECT reported by [`ServerEvent::Connect`]. `assigned_client_id` must be
@@ -314,12 +370,6 @@ impl ServerSession {
         self.events.push_back(ServerEvent::Ended { reason: EndReason::Server(reason), will });
         self.state = State::Ended;
         Ok(())
-    }
-
-    /// Publishes not yet acknowledged by the client, in order, for a broker that keeps the
-    /// session after the connection: resend them (DUP) on the next connection.
-    pub fn unacknowledged(&self) -> impl Iterator<Item = &Publish> {
-        self.inflight.iter().map(|(_, _, _, p)| p).chain(self.queued.iter().map(|(_, p)| p))
     }
 
     /// The transport closed.
@@ -895,6 +945,35 @@ mod tests {
         assert_eq!(h.events(), [ServerEvent::Subscribe { packet_id, subscriptions: vec![sub], subscription_id: None }]);
         h.session.suback(packet_id, vec![ReasonCode::GrantedQos1]).unwrap();
         assert!(matches!(&h.sent()[..], [Packet::SubAck(a)] if a.reason_codes[0] == ReasonCode::GrantedQos1));
+    }
+
+    #[test]
+    fn resumed_state_keeps_qos2_exactly_once_and_resends_unacknowledged() {
+        let mut h = Harness::v5();
+        // The client's QoS 2 message arrives; the connection drops before PUBREL.
+        h.feed(Packet::Publish(publish("in", QoS::ExactlyOnce, 9)));
+        // Our QoS 1 message to the client is not acknowledged.
+        h.session.publish(publish("out", QoS::AtLeastOnce, 1)).unwrap();
+        h.sent();
+        h.session.connection_lost();
+        h.events();
+        let state = h.session.take_state();
+        assert_eq!(state.pending(), 1);
+
+        let mut h2 = Harness::new(ServerSessionConfig::default());
+        h2.feed(connect(Protocol::V5).into());
+        h2.events();
+        h2.session.resume(h2.now, state).unwrap();
+        let sent = h2.sent();
+        assert!(matches!(&sent[0], Packet::ConnAck(a) if a.session_present));
+        assert!(matches!(&sent[1], Packet::Publish(p) if p.dup && p.topic.as_str() == "out"), "{sent:?}");
+        // The client resends its QoS 2 message (DUP): not delivered a second time.
+        let mut again = publish("in", QoS::ExactlyOnce, 9);
+        again.dup = true;
+        h2.feed(Packet::Publish(again));
+        assert!(!h2.events().iter().any(|e| matches!(e, ServerEvent::Publish(_))));
+        h2.feed(Packet::PubRel(Ack::new(PacketId::new(9).unwrap())));
+        assert!(h2.sent().contains(&Packet::PubComp(Ack::new(PacketId::new(9).unwrap()))));
     }
 
     #[test]
