@@ -5,7 +5,9 @@ use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
 use crate::machine::Machine;
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
-use crate::session::client::{ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId};
+use crate::session::client::{
+    ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
+};
 use crate::EcnCodepoint;
 use mqtt_proto::{Publish, ReasonCode, Subscription, TopicFilter};
 use std::collections::VecDeque;
@@ -232,10 +234,8 @@ impl Machine for MqttClient {
         self.quic.handle_timeout(now);
         self.session.handle_timeout(now);
         self.pump(now);
-        if self.reconnect_at.is_some_and(|t| t <= now) && !self.stopped {
-            if self.open(now).is_err() {
-                self.after_loss(now);
-            }
+        if self.reconnect_at.is_some_and(|t| t <= now) && !self.stopped && self.open(now).is_err() {
+            self.after_loss(now);
         }
     }
 
