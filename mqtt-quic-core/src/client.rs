@@ -9,7 +9,7 @@ use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
 use crate::EcnCodepoint;
-use mqtt_proto::{Publish, ReasonCode, Subscription, TopicFilter};
+use mqtt_proto::{Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -110,8 +110,13 @@ impl MqttClient {
     }
 
     /// See [`ClientSession::subscribe`].
-    pub fn subscribe(&mut self, now: Instant, subscriptions: Vec<Subscription>) -> Result<RequestId, CommandError> {
-        let id = self.session.subscribe(now, subscriptions)?;
+    pub fn subscribe(
+        &mut self,
+        now: Instant,
+        subscriptions: Vec<Subscription>,
+        subscription_id: Option<SubscriptionId>,
+    ) -> Result<RequestId, CommandError> {
+        let id = self.session.subscribe(now, subscriptions, subscription_id)?;
         self.flush(now);
         Ok(id)
     }

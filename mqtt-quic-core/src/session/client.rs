@@ -5,8 +5,9 @@ use super::packet_id::PacketIds;
 use crate::config::ConfigError;
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
-    Ack, Auth, ConnAck, Connect, Decoder, Disconnect, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid,
-    ReasonCode, SubAck, Subscribe, Subscription, TopicFilter, TopicName, UnsubAck, Unsubscribe, Will,
+    Ack, Auth, ConnAck, Connect, ConnectProperties, Decoder, Disconnect, MqttString, Packet, PacketId, Protocol,
+    Publish, QoS, QosPid, ReasonCode, SubAck, Subscribe, Subscription, SubscriptionId, TopicFilter, TopicName,
+    UnsubAck, Unsubscribe, Will,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -37,6 +38,10 @@ pub struct ClientSessionConfig {
     pub password: Option<Bytes>,
     /// The will message.
     pub will: Option<Will>,
+    /// Further CONNECT properties (MQTT 5): request response / problem information, user
+    /// properties, authentication method and data. The session sets session expiry, receive
+    /// maximum, maximum packet size and topic alias maximum from the fields above.
+    pub connect_properties: ConnectProperties,
     /// Give up if CONNACK has not come after this long.
     pub connect_timeout: Duration,
     /// Most of our QoS 1 and 2 publishes in flight, whatever the server allows.
@@ -59,6 +64,7 @@ impl Default for ClientSessionConfig {
             username: None,
             password: None,
             will: None,
+            connect_properties: ConnectProperties::default(),
             connect_timeout: Duration::from_secs(10),
             max_inflight: 64,
             max_queued: 10_000,
@@ -231,6 +237,9 @@ pub struct ClientSession {
     /// Subscriptions the server granted, to restore when a session is lost.
     subscriptions: Vec<Subscription>,
     aliases: BTreeMap<u16, TopicName>,
+    /// Aliases we assigned to topics on this connection (outbound).
+    out_aliases: BTreeMap<TopicName, u16>,
+    server_topic_alias_maximum: u16,
     // Limits from CONNACK.
     server_receive_maximum: u16,
     server_maximum_packet_size: u32,
@@ -272,6 +281,8 @@ impl ClientSession {
             requests: BTreeMap::new(),
             subscriptions: Vec::new(),
             aliases: BTreeMap::new(),
+            out_aliases: BTreeMap::new(),
+            server_topic_alias_maximum: 0,
             server_receive_maximum: u16::MAX,
             server_maximum_packet_size: mqtt_proto::PROTOCOL_MAX_PACKET_SIZE,
             server_maximum_qos: QoS::ExactlyOnce,
@@ -304,6 +315,8 @@ impl ClientSession {
         self.inbuf.clear();
         self.out.clear();
         self.aliases.clear();
+        self.out_aliases.clear();
+        self.server_topic_alias_maximum = 0;
         self.decoder.set_protocol(self.config.protocol);
         let mut connect = Connect::new(self.config.protocol, string(&self.client_id));
         connect.clean_start = self.config.clean_start;
@@ -312,6 +325,7 @@ impl ClientSession {
         connect.username = self.config.username.as_deref().map(string);
         connect.password = self.config.password.clone();
         if self.config.protocol.is_v5() {
+            connect.properties = self.config.connect_properties.clone().into();
             let p = &mut *connect.properties;
             p.session_expiry_interval = (self.config.session_expiry > 0).then_some(self.config.session_expiry);
             p.receive_maximum = std::num::NonZeroU16::new(self.config.receive_maximum);
@@ -348,7 +362,7 @@ impl ClientSession {
             if self.state != State::Connected {
                 return Err(CommandError::NotConnected);
             }
-            self.write(now, &Packet::Publish(publish));
+            self.write_publish(now, publish);
             self.events.push_back(ClientEvent::Published { id, reason: ReasonCode::Success });
             return Ok(id);
         }
@@ -360,8 +374,14 @@ impl ClientSession {
         Ok(id)
     }
 
-    /// Subscribes; completes with [`ClientEvent::Subscribed`].
-    pub fn subscribe(&mut self, now: Instant, subscriptions: Vec<Subscription>) -> Result<RequestId, CommandError> {
+    /// Subscribes, tagging deliveries with `subscription_id` (MQTT 5) when given; completes with
+    /// [`ClientEvent::Subscribed`].
+    pub fn subscribe(
+        &mut self,
+        now: Instant,
+        subscriptions: Vec<Subscription>,
+        subscription_id: Option<SubscriptionId>,
+    ) -> Result<RequestId, CommandError> {
         if subscriptions.is_empty() {
             return Err(CommandError::Empty);
         }
@@ -370,11 +390,14 @@ impl ClientSession {
         }
         let packet_id = self.ids.allocate().ok_or(CommandError::NoPacketId)?;
         let id = self.request_id();
-        let packet = Subscribe {
+        let mut packet = Subscribe {
             packet_id,
             properties: Default::default(),
             subscriptions: subscriptions.iter().cloned().collect(),
         };
+        if let Some(sid) = subscription_id {
+            packet.properties.subscription_identifier = Some(sid);
+        }
         self.requests.insert(packet_id.get(), Request::Subscribe(id, subscriptions));
         self.write(now, &Packet::Subscribe(packet));
         Ok(id)
@@ -515,6 +538,27 @@ impl ClientSession {
         }
     }
 
+    /// Writes a PUBLISH, using a topic alias when the server allows them (MQTT 5): the first
+    /// message on a topic sets the alias, later ones send it instead of the topic. Aliases last
+    /// one connection; the stored message keeps its topic.
+    fn write_publish(&mut self, now: Instant, mut publish: Publish) {
+        if self.config.protocol.is_v5() && self.server_topic_alias_maximum > 0 && !publish.topic.is_empty() {
+            match self.out_aliases.get(&publish.topic) {
+                Some(&alias) => {
+                    publish.properties.topic_alias = std::num::NonZeroU16::new(alias);
+                    publish.topic = TopicName::empty();
+                }
+                None if self.out_aliases.len() < usize::from(self.server_topic_alias_maximum) => {
+                    let alias = self.out_aliases.len() as u16 + 1;
+                    self.out_aliases.insert(publish.topic.clone(), alias);
+                    publish.properties.topic_alias = std::num::NonZeroU16::new(alias);
+                }
+                None => {}
+            }
+        }
+        self.write(now, &Packet::Publish(publish));
+    }
+
     /// Ends the connection and reports why (once).
     fn close(&mut self, reason: DisconnectReason) {
         if matches!(self.state, State::Connecting | State::Connected) {
@@ -546,7 +590,7 @@ impl ClientSession {
                 break;
             };
             out.publish.qos_pid = QosPid::from_parts(out.publish.qos(), packet_id);
-            self.write(now, &Packet::Publish(out.publish.clone()));
+            self.write_publish(now, out.publish.clone());
             self.inflight.push((packet_id, Stage::Sent, out));
         }
     }
@@ -627,6 +671,7 @@ impl ClientSession {
             p.maximum_packet_size.map_or(mqtt_proto::PROTOCOL_MAX_PACKET_SIZE, |v| v.get());
         self.server_maximum_qos = p.maximum_qos.unwrap_or(QoS::ExactlyOnce);
         self.server_retain_available = p.retain_available.unwrap_or(true);
+        self.server_topic_alias_maximum = p.topic_alias_maximum.unwrap_or(0);
         if let Some(ka) = p.server_keep_alive {
             self.keep_alive = Duration::from_secs(u64::from(ka));
         }
@@ -649,15 +694,17 @@ impl ClientSession {
             // [MQTT-4.4.0-1]: PUBLISH with DUP set, or PUBREL.
             for i in 0..self.inflight.len() {
                 let (packet_id, stage, out) = &self.inflight[i];
-                let packet = match stage {
+                match stage {
                     Stage::Sent => {
                         let mut p = out.publish.clone();
                         p.dup = true;
-                        Packet::Publish(p)
+                        self.write_publish(now, p);
                     }
-                    Stage::Released => Packet::PubRel(Ack::new(*packet_id)),
-                };
-                self.write(now, &packet);
+                    Stage::Released => {
+                        let packet_id = *packet_id;
+                        self.write(now, &Packet::PubRel(Ack::new(packet_id)));
+                    }
+                }
             }
         } else {
             // The server forgot everything: what was in flight goes out again as new messages,
@@ -853,6 +900,21 @@ mod tests {
     }
 
     #[test]
+    fn extra_connect_properties_are_sent() {
+        let mut extra = ConnectProperties::default();
+        extra.request_problem_information = Some(false);
+        extra.authentication_method = Some(MqttString::from_static("SCRAM-SHA-256"));
+        extra.user_properties.push((MqttString::from_static("site"), MqttString::from_static("7")));
+        let mut h = Harness::new(ClientSessionConfig { connect_properties: extra, ..Default::default() });
+        h.session.connect(h.now).unwrap();
+        let Packet::Connect(c) = h.sent().remove(0) else { panic!() };
+        assert_eq!(c.properties.request_problem_information, Some(false));
+        assert_eq!(c.properties.authentication_method.as_ref().map(|m| m.as_str()), Some("SCRAM-SHA-256"));
+        assert_eq!(c.properties.user_properties.len(), 1);
+        assert_eq!(c.properties.receive_maximum, NonZeroU16::new(64), "session fields still set");
+    }
+
+    #[test]
     fn invalid_configuration_is_refused() {
         let bad = ClientSessionConfig { client_id: "a\0b".into(), ..Default::default() };
         assert!(matches!(ClientSession::new(bad), Err(ConfigError::Invalid(m)) if m.contains("client_id")));
@@ -1042,8 +1104,9 @@ mod tests {
             filter: TopicFilter::new("cmd/#").unwrap(),
             options: SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() },
         };
-        let sid = h.session.subscribe(h.now, vec![sub.clone()]).unwrap();
+        let sid = h.session.subscribe(h.now, vec![sub.clone()], SubscriptionId::new(7)).unwrap();
         let Packet::Subscribe(s) = h.sent().remove(0) else { panic!() };
+        assert_eq!(s.properties.subscription_identifier, SubscriptionId::new(7));
         h.feed(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             properties: Default::default(),
@@ -1080,6 +1143,26 @@ mod tests {
         bad.properties.topic_alias = NonZeroU16::new(3);
         h.feed(Packet::Publish(bad));
         assert_eq!(h.sent(), [Disconnect::new(ReasonCode::TopicAliasInvalid).into()]);
+    }
+
+    #[test]
+    fn outbound_topic_aliases_within_the_server_maximum() {
+        let mut ack = ConnAck::default();
+        ack.properties.topic_alias_maximum = Some(1);
+        let mut h = Harness::connected(ClientSessionConfig::default(), ack);
+        for topic in ["a/b", "a/b", "c"] {
+            h.session.publish(h.now, publish(topic, QoS::AtMostOnce)).unwrap();
+        }
+        let sent: Vec<(String, Option<u16>)> = h
+            .sent()
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => (p.topic.to_string(), p.properties.topic_alias.map(|a| a.get())),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Set, used, and no alias left for the third topic.
+        assert_eq!(sent, [("a/b".into(), Some(1)), ("".into(), Some(1)), ("c".into(), None)]);
     }
 
     #[test]
