@@ -1,9 +1,16 @@
-//! The check behind the `quic_server` fuzz target: a QUIC server machine fed fuzzer-chosen
-//! datagrams at fuzzer-chosen (monotonic) times must never panic, and must never hold more
-//! connections than its limit. `tests/tests/fuzz_corpus_quic.rs` replays the committed corpus.
+//! The checks behind the `quic_server` and `sessions` fuzz targets (the mqtt-quic-core ones).
+//!
+//! - `quic_server`: a QUIC server machine fed fuzzer-chosen datagrams at fuzzer-chosen
+//!   (monotonic) times never panics and never holds more connections than its limit.
+//! - `sessions`: a server session and a client session fed fuzzer-chosen bytes as if from their
+//!   peers never panic, and keep what they hold within their limits.
+//!
+//! `tests/tests/fuzz_corpus_quic.rs` replays the committed corpora.
 
 use mqtt_quic_core::config::ServerConfig;
 use mqtt_quic_core::quic::QuicEndpoint;
+use mqtt_quic_core::session::client::{ClientSession, ClientSessionConfig};
+use mqtt_quic_core::session::server::{ServerEvent, ServerSession, ServerSessionConfig};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -40,6 +47,50 @@ pub fn quic_server(data: &[u8]) {
         assert!(server.connection_count() <= MAX_CONNECTIONS, "connection limit exceeded");
         if let Some(deadline) = server.poll_timeout() {
             assert!(deadline >= now - Duration::from_secs(1), "deadline in the past");
+        }
+    }
+}
+
+/// Input: the first byte picks the protocol and which session is fed; then records of
+/// `[delay_ms: u8][len: u8][len bytes]`, each a piece of the peer's byte stream.
+pub fn sessions(data: &[u8]) {
+    let Some((&mode, mut rest)) = data.split_first() else { return };
+    #[allow(clippy::disallowed_methods)] // the harness owns the clock
+    let mut now = Instant::now();
+    let protocol = if mode & 1 == 0 { mqtt_proto::Protocol::V5 } else { mqtt_proto::Protocol::V3_1_1 };
+    let server_config = ServerSessionConfig { receive_maximum: 4, topic_alias_maximum: 2, ..Default::default() };
+    let mut server = ServerSession::new(now, server_config);
+    let client_config =
+        ClientSessionConfig { protocol, receive_maximum: 4, topic_alias_maximum: 2, ..Default::default() };
+    let mut client = ClientSession::new(client_config).expect("valid config");
+    let _ = client.connect(now);
+    while let [delay, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (piece, next) = tail.split_at(n);
+        rest = next;
+        now += Duration::from_millis(u64::from(*delay) * 10);
+        if mode & 2 == 0 {
+            server.handle_timeout(now);
+            server.handle_bytes(now, piece);
+            while let Some(event) = server.poll_event() {
+                match event {
+                    ServerEvent::Connect(_) => {
+                        let _ = server.accept(now, false, Some("fuzz"));
+                    }
+                    ServerEvent::Subscribe { packet_id, subscriptions, .. } => {
+                        let _ = server.suback(packet_id, vec![mqtt_proto::ReasonCode::Success; subscriptions.len()]);
+                    }
+                    _ => {}
+                }
+            }
+            while server.poll_transmit().is_some() {}
+            assert!(server.take_state().pending() <= 10_000, "server session holds too much");
+        } else {
+            client.handle_timeout(now);
+            client.handle_bytes(now, piece);
+            while client.poll_event().is_some() {}
+            while client.poll_transmit().is_some() {}
+            assert!(client.pending_publishes() == 0, "nothing was published, nothing may be pending");
         }
     }
 }
