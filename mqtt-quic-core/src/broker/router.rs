@@ -1,0 +1,461 @@
+//! The subscription index: a trie over topic levels with `+` and `#` children.
+//!
+//! Matching a topic walks at most one literal child, one `+` child and one `#` set per level,
+//! so its cost grows with the topic's depth and the number of matching subscriptions, not with
+//! the number of subscriptions. Topics starting with `$` are not matched by filters whose first
+//! level is a wildcard [MQTT-4.7.2-1]. Overlapping subscriptions of one session produce one
+//! delivery at the highest QoS, carrying every matching subscription identifier; a shared
+//! subscription group (`$share/{group}/{filter}`) delivers each message to one member, round
+//! robin among those online.
+
+use mqtt_proto::{QoS, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
+
+/// A session, as the broker numbers them.
+pub type SessionKey = u64;
+
+/// A fixed-key hasher: the index must not depend on unseeded randomness.
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+
+/// One subscription of one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// The options it was made with.
+    pub options: SubscriptionOptions,
+    /// Its MQTT 5 subscription identifier.
+    pub subscription_id: Option<SubscriptionId>,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    members: BTreeMap<SessionKey, Entry>,
+    /// Round-robin position: the key served last.
+    last: Option<SessionKey>,
+}
+
+#[derive(Debug, Default)]
+struct Subscribers {
+    direct: BTreeMap<SessionKey, Entry>,
+    shared: BTreeMap<Box<str>, Group>,
+}
+
+impl Subscribers {
+    fn is_empty(&self) -> bool {
+        self.direct.is_empty() && self.shared.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: Map<Box<str>, Node>,
+    plus: Option<Box<Node>>,
+    /// Subscriptions ending at this node (the filter's last level is this one).
+    exact: Subscribers,
+    /// Subscriptions whose filter continues with `#` after this node.
+    hash: Subscribers,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.plus.is_none() && self.exact.is_empty() && self.hash.is_empty()
+    }
+}
+
+/// One message delivery decided by the router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The receiving session.
+    pub session: SessionKey,
+    /// The highest QoS among the matching subscriptions (the message's own QoS caps it later).
+    pub qos: QoS,
+    /// Whether any matching subscription asked for Retain As Published.
+    pub retain_as_published: bool,
+    /// Identifiers of every matching subscription that has one.
+    pub subscription_ids: Vec<SubscriptionId>,
+}
+
+/// The subscription index.
+#[derive(Debug, Default)]
+pub struct Router {
+    root: Node,
+    /// Each session's filters, so a session can be removed without searching the trie.
+    by_session: Map<SessionKey, Vec<TopicFilter>>,
+    count: usize,
+}
+
+/// Where in a node a filter lands: the `#` set or the exact set, of a shared group or not.
+fn slot<'a>(node: &'a mut Node, hash: bool) -> &'a mut Subscribers {
+    if hash {
+        &mut node.hash
+    } else {
+        &mut node.exact
+    }
+}
+
+impl Router {
+    /// An empty index.
+    pub fn new() -> Router {
+        Router::default()
+    }
+
+    /// Number of subscriptions.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds or replaces a subscription. Returns true when it is new (retain handling 1 sends
+    /// retained messages only then).
+    pub fn subscribe(&mut self, session: SessionKey, filter: &TopicFilter, entry: Entry) -> bool {
+        let (group, levels) = split(filter);
+        let (path, hash) = match levels.last() {
+            Some(&"#") => (&levels[..levels.len() - 1], true),
+            _ => (&levels[..], false),
+        };
+        let mut node = &mut self.root;
+        for level in path {
+            node = match *level {
+                "+" => node.plus.get_or_insert_with(Box::default),
+                literal => node.children.entry(literal.into()).or_default(),
+            };
+        }
+        let subscribers = slot(node, hash);
+        let previous = match group {
+            None => subscribers.direct.insert(session, entry),
+            Some(g) => subscribers.shared.entry(g.into()).or_default().members.insert(session, entry),
+        };
+        if previous.is_none() {
+            self.count += 1;
+            self.by_session.entry(session).or_default().push(filter.clone());
+        }
+        previous.is_none()
+    }
+
+    /// Removes a subscription; returns whether it existed.
+    pub fn unsubscribe(&mut self, session: SessionKey, filter: &TopicFilter) -> bool {
+        let (group, levels) = split(filter);
+        let (path, hash) = match levels.last() {
+            Some(&"#") => (&levels[..levels.len() - 1], true),
+            _ => (&levels[..], false),
+        };
+        let removed = remove(&mut self.root, path, hash, group, session);
+        if removed {
+            self.count -= 1;
+            if let Some(filters) = self.by_session.get_mut(&session) {
+                filters.retain(|f| f != filter);
+                if filters.is_empty() {
+                    self.by_session.remove(&session);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Removes every subscription of a session (its session ended).
+    pub fn remove_session(&mut self, session: SessionKey) {
+        for filter in self.by_session.get(&session).cloned().unwrap_or_default() {
+            self.unsubscribe(session, &filter);
+        }
+    }
+
+    /// The filters a session is subscribed to.
+    pub fn filters(&self, session: SessionKey) -> &[TopicFilter] {
+        self.by_session.get(&session).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Who receives a message published to `topic` by `publisher` (for No Local), choosing one
+    /// online member per shared group. Deliveries come sorted by session.
+    pub fn route(
+        &mut self,
+        topic: &TopicName,
+        publisher: Option<SessionKey>,
+        online: impl Fn(SessionKey) -> bool,
+    ) -> Vec<Delivery> {
+        let levels: Vec<&str> = topic.as_str().split('/').collect();
+        let system = topic.is_system();
+        let mut found: BTreeMap<SessionKey, Delivery> = BTreeMap::new();
+        collect(&mut self.root, &levels, 0, system, publisher, &online, &mut found);
+        found.into_values().collect()
+    }
+}
+
+/// The share group name and the filter's levels.
+fn split(filter: &TopicFilter) -> (Option<&str>, Vec<&str>) {
+    match filter.shared() {
+        Some((group, inner)) => (Some(group), inner.split('/').collect()),
+        None => (None, filter.as_str().split('/').collect()),
+    }
+}
+
+fn remove(node: &mut Node, path: &[&str], hash: bool, group: Option<&str>, session: SessionKey) -> bool {
+    let removed = match path.split_first() {
+        None => {
+            let subscribers = slot(node, hash);
+            match group {
+                None => subscribers.direct.remove(&session).is_some(),
+                Some(g) => {
+                    let removed =
+                        subscribers.shared.get_mut(g).is_some_and(|grp| grp.members.remove(&session).is_some());
+                    if subscribers.shared.get(g).is_some_and(|grp| grp.members.is_empty()) {
+                        subscribers.shared.remove(g);
+                    }
+                    removed
+                }
+            }
+        }
+        Some((&"+", rest)) => {
+            let Some(child) = node.plus.as_deref_mut() else { return false };
+            let removed = remove(child, rest, hash, group, session);
+            if child.is_empty() {
+                node.plus = None;
+            }
+            removed
+        }
+        Some((literal, rest)) => {
+            let Some(child) = node.children.get_mut(*literal) else { return false };
+            let removed = remove(child, rest, hash, group, session);
+            if child.is_empty() {
+                node.children.remove(*literal);
+            }
+            removed
+        }
+    };
+    removed
+}
+
+/// Adds the subscribers of one set to the deliveries.
+fn take(
+    subscribers: &mut Subscribers,
+    publisher: Option<SessionKey>,
+    online: &dyn Fn(SessionKey) -> bool,
+    found: &mut BTreeMap<SessionKey, Delivery>,
+) {
+    for (&session, entry) in &subscribers.direct {
+        add(found, session, entry, publisher);
+    }
+    for group in subscribers.shared.values_mut() {
+        // Round robin: the first online member after the one served last, wrapping around.
+        let after = group.last.map_or(0, |k| k.wrapping_add(1));
+        let pick = group
+            .members
+            .range(after..)
+            .chain(group.members.range(..after))
+            .find(|(k, _)| online(**k))
+            .map(|(k, e)| (*k, *e));
+        if let Some((session, entry)) = pick {
+            group.last = Some(session);
+            // No Local is not allowed on shared subscriptions, so the publisher may get it.
+            add(found, session, &entry, None);
+        }
+    }
+}
+
+fn add(found: &mut BTreeMap<SessionKey, Delivery>, session: SessionKey, entry: &Entry, publisher: Option<SessionKey>) {
+    if entry.options.no_local && publisher == Some(session) {
+        return;
+    }
+    let d = found.entry(session).or_insert_with(|| Delivery {
+        session,
+        qos: QoS::AtMostOnce,
+        retain_as_published: false,
+        subscription_ids: Vec::new(),
+    });
+    d.qos = d.qos.max(entry.options.qos);
+    d.retain_as_published |= entry.options.retain_as_published;
+    if let Some(id) = entry.subscription_id {
+        if !d.subscription_ids.contains(&id) {
+            d.subscription_ids.push(id);
+        }
+    }
+}
+
+fn collect(
+    node: &mut Node,
+    levels: &[&str],
+    depth: usize,
+    system: bool,
+    publisher: Option<SessionKey>,
+    online: &dyn Fn(SessionKey) -> bool,
+    found: &mut BTreeMap<SessionKey, Delivery>,
+) {
+    // A wildcard in the first level does not match a `$` topic.
+    let wild_ok = !(system && depth == 0);
+    if wild_ok {
+        take(&mut node.hash, publisher, online, found);
+    }
+    let Some((level, rest)) = levels.split_first() else {
+        take(&mut node.exact, publisher, online, found);
+        return;
+    };
+    if let Some(child) = node.children.get_mut(*level) {
+        collect(child, rest, depth + 1, system, publisher, online, found);
+    }
+    if wild_ok {
+        if let Some(child) = node.plus.as_deref_mut() {
+            collect(child, rest, depth + 1, system, publisher, online, found);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(qos: QoS) -> Entry {
+        Entry { options: SubscriptionOptions { qos, ..Default::default() }, subscription_id: None }
+    }
+
+    fn f(s: &str) -> TopicFilter {
+        TopicFilter::new(s).unwrap()
+    }
+
+    fn t(s: &str) -> TopicName {
+        TopicName::new(s).unwrap()
+    }
+
+    fn sessions(r: &mut Router, topic: &str) -> Vec<SessionKey> {
+        r.route(&t(topic), None, |_| true).into_iter().map(|d| d.session).collect()
+    }
+
+    #[test]
+    fn spec_examples_and_dollar_topics() {
+        let mut r = Router::new();
+        let filters =
+            ["sport/tennis/player1/#", "sport/tennis/+", "sport/#", "+/+", "/+", "#", "$SYS/#", "+/monitor/Clients"];
+        for (i, filter) in filters.iter().enumerate() {
+            r.subscribe(i as u64, &f(filter), entry(QoS::AtMostOnce));
+        }
+        assert_eq!(sessions(&mut r, "sport/tennis/player1"), [0, 1, 2, 5]);
+        assert_eq!(sessions(&mut r, "sport/tennis/player1/ranking"), [0, 2, 5]);
+        assert_eq!(sessions(&mut r, "sport"), [2, 5]);
+        assert_eq!(sessions(&mut r, "/finance"), [3, 4, 5]);
+        assert_eq!(sessions(&mut r, "$SYS/monitor/Clients"), [6], "no leading wildcard on $ topics");
+    }
+
+    #[test]
+    fn overlapping_subscriptions_give_one_delivery_at_the_highest_qos() {
+        let mut r = Router::new();
+        let id = |v| SubscriptionId::new(v);
+        r.subscribe(
+            1,
+            &f("a/+"),
+            Entry {
+                options: SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() },
+                subscription_id: id(3),
+            },
+        );
+        r.subscribe(
+            1,
+            &f("a/#"),
+            Entry {
+                options: SubscriptionOptions { qos: QoS::ExactlyOnce, ..Default::default() },
+                subscription_id: id(4),
+            },
+        );
+        r.subscribe(1, &f("a/b"), entry(QoS::AtMostOnce));
+        let d = r.route(&t("a/b"), None, |_| true);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].qos, QoS::ExactlyOnce);
+        let mut ids: Vec<u32> = d[0].subscription_ids.iter().map(|i| i.get()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [3, 4]);
+    }
+
+    #[test]
+    fn no_local_skips_the_publisher_only() {
+        let mut r = Router::new();
+        let nl = Entry { options: SubscriptionOptions { no_local: true, ..Default::default() }, subscription_id: None };
+        r.subscribe(1, &f("chat"), nl);
+        r.subscribe(2, &f("chat"), nl);
+        let got: Vec<SessionKey> = r.route(&t("chat"), Some(1), |_| true).into_iter().map(|d| d.session).collect();
+        assert_eq!(got, [2]);
+    }
+
+    #[test]
+    fn shared_groups_round_robin_over_online_members() {
+        let mut r = Router::new();
+        for s in 1..=3 {
+            r.subscribe(s, &f("$share/g/jobs/#"), entry(QoS::AtLeastOnce));
+        }
+        r.subscribe(9, &f("jobs/x"), entry(QoS::AtMostOnce));
+        let mut picks = Vec::new();
+        for _ in 0..6 {
+            let d = r.route(&t("jobs/x"), None, |s| s != 2);
+            assert!(d.iter().any(|d| d.session == 9), "plain subscribers still get every message");
+            picks.extend(d.into_iter().map(|d| d.session).filter(|s| *s != 9));
+        }
+        assert_eq!(picks, [1, 3, 1, 3, 1, 3], "one member per message, skipping the offline one");
+    }
+
+    #[test]
+    fn unsubscribe_and_session_removal_prune_the_trie() {
+        let mut r = Router::new();
+        assert!(r.subscribe(1, &f("a/b/c"), entry(QoS::AtMostOnce)));
+        assert!(!r.subscribe(1, &f("a/b/c"), entry(QoS::AtLeastOnce)), "a repeat replaces");
+        r.subscribe(1, &f("a/+/#"), entry(QoS::AtMostOnce));
+        r.subscribe(2, &f("$share/g/a/b/c"), entry(QoS::AtMostOnce));
+        assert_eq!(r.len(), 3);
+        assert!(r.unsubscribe(1, &f("a/b/c")));
+        assert!(!r.unsubscribe(1, &f("a/b/c")));
+        r.remove_session(1);
+        r.remove_session(2);
+        assert!(r.is_empty());
+        assert!(r.root.is_empty(), "empty nodes are removed");
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("".to_string()), Just("$x".to_string())]
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        proptest::collection::vec(level(), 1..4).prop_map(|l| l.join("/")).prop_filter("non-empty", |t| !t.is_empty())
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        let lvl = prop_oneof![3 => level(), 1 => Just("+".to_string())];
+        (proptest::collection::vec(lvl, 1..4), any::<bool>()).prop_map(|(mut l, hash)| {
+            if hash {
+                l.push("#".into());
+            }
+            l.join("/")
+        })
+        .prop_filter("valid filter", |s| TopicFilter::new(s.as_str()).is_ok())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// The trie agrees with a plain scan over every subscription.
+        #[test]
+        fn trie_matches_like_a_naive_scan(
+            subs in proptest::collection::vec((0..8u64, filter(), 0..3u8), 0..40),
+            topics in proptest::collection::vec(topic(), 1..10),
+        ) {
+            let mut r = Router::new();
+            let mut naive: BTreeMap<(u64, String), QoS> = BTreeMap::new();
+            for (s, filter, q) in &subs {
+                let qos = QoS::from_u8(*q).unwrap();
+                r.subscribe(*s, &f(filter), entry(qos));
+                naive.insert((*s, filter.clone()), qos);
+            }
+            for topic in topics {
+                let mut expected: BTreeMap<u64, QoS> = BTreeMap::new();
+                for ((s, filter), qos) in &naive {
+                    if mqtt_proto::topic::matches(filter, &topic) {
+                        let e = expected.entry(*s).or_insert(QoS::AtMostOnce);
+                        *e = (*e).max(*qos);
+                    }
+                }
+                let got: BTreeMap<u64, QoS> = r.route(&t(&topic), None, |_| true).into_iter().map(|d| (d.session, d.qos)).collect();
+                prop_assert_eq!(got, expected, "topic {}", topic);
+            }
+        }
+    }
+}
