@@ -86,7 +86,7 @@ pub struct Router {
 }
 
 /// Where in a node a filter lands: the `#` set or the exact set, of a shared group or not.
-fn slot<'a>(node: &'a mut Node, hash: bool) -> &'a mut Subscribers {
+fn slot(node: &mut Node, hash: bool) -> &mut Subscribers {
     if hash {
         &mut node.hash
     } else {
@@ -194,7 +194,7 @@ fn split(filter: &TopicFilter) -> (Option<&str>, Vec<&str>) {
 }
 
 fn remove(node: &mut Node, path: &[&str], hash: bool, group: Option<&str>, session: SessionKey) -> bool {
-    let removed = match path.split_first() {
+    match path.split_first() {
         None => {
             let subscribers = slot(node, hash);
             match group {
@@ -225,8 +225,7 @@ fn remove(node: &mut Node, path: &[&str], hash: bool, group: Option<&str>, sessi
             }
             removed
         }
-    };
-    removed
+    }
 }
 
 /// Adds the subscribers of one set to the deliveries.
