@@ -11,7 +11,7 @@ use quinn_proto::{
     ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
     StreamEvent, StreamId, VarInt, WriteError,
 };
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -224,6 +224,13 @@ pub struct QuicEndpoint {
     responses: VecDeque<(Transmit, Vec<u8>)>,
     /// Round-robin position for fairness between connections in `poll_transmit`.
     cursor: usize,
+    /// Connections that may have something to send (touched since they last had nothing), so
+    /// `poll_transmit` never scans idle ones.
+    ready: BTreeSet<usize>,
+    /// Every connection's next deadline, ordered, so `poll_timeout` and `handle_timeout` never
+    /// scan all connections.
+    timers: BTreeSet<(Instant, usize)>,
+    armed: BTreeMap<usize, Instant>,
     clock: Arc<DrivenClock>,
 }
 
@@ -312,6 +319,9 @@ impl QuicEndpoint {
             events: VecDeque::new(),
             responses: VecDeque::new(),
             cursor: 0,
+            ready: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            armed: BTreeMap::new(),
             clock: Arc::default(),
         }
     }
@@ -443,15 +453,7 @@ impl QuicEndpoint {
     /// Advances timers. Calling it early is harmless: nothing is due yet, nothing happens.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock.advance(now);
-        let due: Vec<usize> = self
-            .conns
-            .iter_mut()
-            .filter_map(|(&h, c)| {
-                let quic_due = c.quic.poll_timeout().is_some_and(|t| t <= now);
-                let handshake_due = c.handshake_deadline.is_some_and(|t| t <= now);
-                (quic_due || handshake_due).then_some(h)
-            })
-            .collect();
+        let due: Vec<usize> = self.timers.iter().take_while(|(t, _)| *t <= now).map(|(_, h)| *h).collect();
         for h in due {
             if let Some(c) = self.conns.get_mut(&h) {
                 if c.handshake_deadline.is_some_and(|t| t <= now) {
@@ -476,7 +478,20 @@ impl QuicEndpoint {
 
     /// The next instant [`QuicEndpoint::handle_timeout`] should be called, if any.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        self.conns.values_mut().flat_map(|c| [c.quic.poll_timeout(), c.handshake_deadline]).flatten().min()
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// Files a connection's next deadline (or removes it, for a connection that is gone).
+    fn rearm(&mut self, h: usize) {
+        if let Some(old) = self.armed.remove(&h) {
+            self.timers.remove(&(old, h));
+        }
+        if let Some(c) = self.conns.get_mut(&h) {
+            if let Some(t) = [c.quic.poll_timeout(), c.handshake_deadline].into_iter().flatten().min() {
+                self.armed.insert(h, t);
+                self.timers.insert((t, h));
+            }
+        }
     }
 
     /// The next datagram to send, written into `buf` (which is cleared first).
@@ -486,17 +501,28 @@ impl QuicEndpoint {
             buf.extend_from_slice(&data[..t.size]);
             return Some(t);
         }
-        // Round robin over connections, starting after the one served last.
-        let handles: Vec<usize> =
-            self.conns.range(self.cursor..).chain(self.conns.range(..self.cursor)).map(|(&h, _)| h).collect();
-        for h in handles {
-            let Some(c) = self.conns.get_mut(&h) else { continue };
+        // Round robin over the connections that may have something to send, starting after
+        // the one served last. One that has nothing leaves the set until it is touched again.
+        while let Some(h) = self.ready.range(self.cursor..).next().or_else(|| self.ready.first()).copied() {
+            let Some(c) = self.conns.get_mut(&h) else {
+                self.ready.remove(&h);
+                continue;
+            };
             buf.clear();
-            if let Some(t) = c.quic.poll_transmit(now, 1, buf) {
-                self.cursor = h + 1;
-                // Sending may have queued endpoint events (e.g. retired connection IDs).
-                self.drive(now, ConnectionHandle(h));
-                return Some(Transmit { destination: t.destination, ecn: t.ecn, size: t.size, src_ip: t.src_ip });
+            let sent = c.quic.poll_transmit(now, 1, buf);
+            match sent {
+                Some(t) => {
+                    self.cursor = h + 1;
+                    // Sending may have queued endpoint events (e.g. retired connection IDs),
+                    // and moves the connection's timers.
+                    self.drive(now, ConnectionHandle(h));
+                    return Some(Transmit { destination: t.destination, ecn: t.ecn, size: t.size, src_ip: t.src_ip });
+                }
+                None => {
+                    self.ready.remove(&h);
+                    // A paced connection arms a timer instead of sending.
+                    self.rearm(h);
+                }
             }
         }
         None
@@ -596,7 +622,11 @@ impl QuicEndpoint {
         if c.quic.is_drained() {
             report_close(c, conn, CloseReason::Local, &mut self.events);
             self.conns.remove(&handle.0);
+            self.ready.remove(&handle.0);
+        } else {
+            self.ready.insert(handle.0);
         }
+        self.rearm(handle.0);
     }
 }
 

@@ -419,13 +419,14 @@ mod tests {
 
     fn filter() -> impl Strategy<Value = String> {
         let lvl = prop_oneof![3 => level(), 1 => Just("+".to_string())];
-        (proptest::collection::vec(lvl, 1..4), any::<bool>()).prop_map(|(mut l, hash)| {
-            if hash {
-                l.push("#".into());
-            }
-            l.join("/")
-        })
-        .prop_filter("valid filter", |s| TopicFilter::new(s.as_str()).is_ok())
+        (proptest::collection::vec(lvl, 1..4), any::<bool>())
+            .prop_map(|(mut l, hash)| {
+                if hash {
+                    l.push("#".into());
+                }
+                l.join("/")
+            })
+            .prop_filter("valid filter", |s| TopicFilter::new(s.as_str()).is_ok())
     }
 
     proptest! {
