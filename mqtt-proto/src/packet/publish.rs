@@ -53,6 +53,16 @@ impl Publish {
         self.qos_pid.packet_id()
     }
 
+    /// The number of bytes this PUBLISH takes on the wire, without encoding it (for checks
+    /// against a peer's Maximum Packet Size before queueing).
+    pub fn encoded_len(&self, protocol: Protocol) -> Result<usize, EncodeError> {
+        let body = self.sizes(protocol)?.body;
+        if body > varint::MAX as usize {
+            return Err(EncodeError::PacketTooLarge(body));
+        }
+        Ok(1 + varint::len(body as u32) + body)
+    }
+
     #[inline]
     pub(super) fn flags(&self) -> u8 {
         // DUP is meaningless on QoS 0 and must not be sent there [MQTT-3.3.1-2].

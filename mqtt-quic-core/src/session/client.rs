@@ -348,12 +348,8 @@ impl ClientSession {
             return Err(CommandError::RetainNotSupported);
         }
         publish.dup = false;
-        // Size as it will go out (a QoS>0 packet id adds 2 bytes).
-        let mut probe = publish.clone();
-        if probe.qos() != QoS::AtMostOnce {
-            probe.qos_pid = QosPid::from_parts(probe.qos(), PacketId::MIN);
-        }
-        let size = Packet::Publish(probe).encoded_len(self.config.protocol).unwrap_or(usize::MAX);
+        // Size as it will go out: the packet identifier is assigned later but its size is fixed.
+        let size = publish.encoded_len(self.config.protocol).unwrap_or(usize::MAX);
         if size > self.server_maximum_packet_size as usize {
             return Err(CommandError::PacketTooLarge { size, max: self.server_maximum_packet_size });
         }

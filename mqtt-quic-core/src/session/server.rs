@@ -340,7 +340,7 @@ impl ServerSession {
             return Err(ServerCommandError::WrongState);
         }
         publish.dup = false;
-        let size = Packet::Publish(publish.clone()).encoded_len(self.protocol).unwrap_or(usize::MAX) + 2;
+        let size = publish.encoded_len(self.protocol).unwrap_or(usize::MAX);
         if size > self.client_maximum_packet_size as usize {
             return Err(ServerCommandError::PacketTooLarge { size, max: self.client_maximum_packet_size });
         }
