@@ -215,6 +215,23 @@ impl<M: Machine> Sim<M> {
         }
     }
 
+    /// The instant of the next arrival or timer, after sending what the hosts have.
+    pub fn next_event(&mut self) -> Option<Instant> {
+        self.collect();
+        let next_arrival = self.queue.peek().map(|Reverse(d)| d.at);
+        let next_timer = self.hosts.iter_mut().filter_map(|h| h.machine.poll_timeout()).min();
+        [next_arrival, next_timer].into_iter().flatten().min()
+    }
+
+    /// Runs everything that happens up to `until` and leaves the clock there (it never jumps
+    /// past `until`, unlike stepping).
+    pub fn drive_to(&mut self, until: Instant) {
+        while self.next_event().is_some_and(|t| t <= until) {
+            self.step();
+        }
+        self.now = self.now.max(until);
+    }
+
     /// One step: send what the hosts have, jump to the next arrival or timer, and handle
     /// everything due then. Returns false when nothing is left to happen.
     pub fn step(&mut self) -> bool {

@@ -164,6 +164,17 @@ impl SessionState {
     pub fn pending(&self) -> usize {
         self.inflight.len() + self.queued.len()
     }
+
+    /// Queues a message for a client that is offline; it goes out when the session resumes.
+    /// Returns false (and drops the message) when `max` messages already wait.
+    pub fn enqueue(&mut self, publish: Publish, max: usize) -> bool {
+        if self.pending() >= max {
+            return false;
+        }
+        self.next_id += 1;
+        self.queued.push_back((self.next_id, publish));
+        true
+    }
 }
 
 /// The server side of one MQTT connection.

@@ -1,0 +1,449 @@
+//! The broker machine: a QUIC server endpoint, one server session per connection, and the
+//! state that outlives connections (subscriptions, retained messages, kept sessions, wills).
+
+use super::retained::RetainedStore;
+use super::router::{Entry, Router, SessionKey};
+use crate::config::{ConfigError, ServerConfig};
+use crate::machine::Machine;
+use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
+use crate::session::server::{ServerEvent, ServerSession, ServerSessionConfig, SessionState};
+use crate::EcnCodepoint;
+use mqtt_proto::{
+    Connect, PacketId, Publish, PublishProperties, QoS, QosPid, ReasonCode, RetainHandling, Subscription,
+    SubscriptionId, Will,
+};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// Settings of a broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// QUIC and TLS.
+    pub quic: ServerConfig,
+    /// Per-connection session limits.
+    pub session: ServerSessionConfig,
+    /// Most retained messages kept.
+    pub max_retained: usize,
+    /// Most messages queued for an offline client with a kept session. Beyond it new messages
+    /// for that client are dropped (the oldest are kept: they are the ones it missed first).
+    pub max_offline_queue: usize,
+    /// Longest session expiry granted, in seconds.
+    pub max_session_expiry: u32,
+}
+
+impl BrokerConfig {
+    /// Defaults around a QUIC configuration.
+    pub fn new(quic: ServerConfig) -> BrokerConfig {
+        BrokerConfig {
+            quic,
+            session: ServerSessionConfig::default(),
+            max_retained: 100_000,
+            max_offline_queue: 1_000,
+            max_session_expiry: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// A client's session as the broker keeps it.
+struct Record {
+    key: SessionKey,
+    /// The live connection, if any.
+    conn: Option<ConnId>,
+    /// The session state while offline.
+    kept: Option<SessionState>,
+    /// Session expiry in seconds (`u32::MAX`: never, for MQTT 3.1.1 persistent sessions).
+    expiry: u32,
+    /// When the offline session is discarded.
+    expires_at: Option<Instant>,
+    /// A will waiting for its delay.
+    will: Option<(Instant, Will)>,
+}
+
+struct Live {
+    session: ServerSession,
+    client: Option<String>,
+}
+
+/// The broker machine. See the crate docs for the driving contract.
+pub struct Broker {
+    quic: QuicEndpoint,
+    config: BrokerConfig,
+    conns: BTreeMap<ConnId, Live>,
+    clients: BTreeMap<String, Record>,
+    keys: BTreeMap<SessionKey, String>,
+    next_key: SessionKey,
+    router: Router,
+    retained: RetainedStore,
+}
+
+impl Broker {
+    /// A broker, serving nobody yet.
+    pub fn new(config: BrokerConfig) -> Result<Broker, ConfigError> {
+        Ok(Broker {
+            quic: QuicEndpoint::server(&config.quic)?,
+            conns: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            keys: BTreeMap::new(),
+            next_key: 0,
+            router: Router::new(),
+            retained: RetainedStore::new(config.max_retained),
+            config,
+        })
+    }
+
+    /// Connected clients.
+    pub fn connected(&self) -> usize {
+        self.clients.values().filter(|r| r.conn.is_some()).count()
+    }
+
+    /// Sessions kept (connected or not).
+    pub fn sessions(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Retained messages.
+    pub fn retained(&self) -> usize {
+        self.retained.len()
+    }
+
+    fn pump(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            while let Some(event) = self.quic.poll_event() {
+                progressed = true;
+                match event {
+                    quic::Event::Connected { conn, .. } => {
+                        self.live(now, conn);
+                    }
+                    quic::Event::Received { conn, data } => self.live(now, conn).session.handle_bytes(now, &data),
+                    quic::Event::Closed { conn, .. } => {
+                        if let Some(live) = self.conns.get_mut(&conn) {
+                            live.session.connection_lost();
+                        }
+                    }
+                }
+            }
+            let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+            for conn in conns {
+                progressed |= self.serve(now, conn);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn live(&mut self, now: Instant, conn: ConnId) -> &mut Live {
+        let config = self.config.session.clone();
+        self.conns.entry(conn).or_insert_with(|| Live { session: ServerSession::new(now, config), client: None })
+    }
+
+    /// Moves one connection's events and bytes along.
+    fn serve(&mut self, now: Instant, conn: ConnId) -> bool {
+        let Some(live) = self.conns.get_mut(&conn) else { return false };
+        let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
+        let mut progressed = !events.is_empty();
+        for event in events {
+            self.on_event(now, conn, event);
+        }
+        if let Some(live) = self.conns.get_mut(&conn) {
+            while let Some(bytes) = live.session.poll_transmit() {
+                progressed = true;
+                let _ = self.quic.send(now, conn, bytes);
+            }
+            if live.session.is_ended() {
+                self.conns.remove(&conn);
+                let _ = self.quic.finish(now, conn);
+            }
+        }
+        progressed
+    }
+
+    fn on_event(&mut self, now: Instant, conn: ConnId, event: ServerEvent) {
+        let key =
+            self.conns.get(&conn).and_then(|l| l.client.as_ref()).and_then(|c| self.clients.get(c)).map(|r| r.key);
+        match event {
+            ServerEvent::Connect(c) => self.on_connect(now, conn, *c),
+            ServerEvent::Publish(p) => self.publish(now, p, key),
+            ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {
+                if let Some(key) = key {
+                    self.subscribe(now, conn, key, packet_id, subscriptions, subscription_id);
+                }
+            }
+            ServerEvent::Unsubscribe { packet_id, filters } => {
+                if let Some(key) = key {
+                    let codes = filters
+                        .iter()
+                        .map(|f| {
+                            if self.router.unsubscribe(key, f) {
+                                ReasonCode::Success
+                            } else {
+                                ReasonCode::NoSubscriptionExisted
+                            }
+                        })
+                        .collect();
+                    if let Some(live) = self.conns.get_mut(&conn) {
+                        let _ = live.session.unsuback(packet_id, codes);
+                    }
+                }
+            }
+            ServerEvent::Ended { will, .. } => self.on_end(now, conn, will),
+            _ => {}
+        }
+    }
+
+    fn on_connect(&mut self, now: Instant, conn: ConnId, c: Connect) {
+        let assigned = c.client_id.is_empty().then(|| {
+            self.next_key += 1;
+            format!("auto-{}", self.next_key)
+        });
+        let id = assigned.clone().unwrap_or_else(|| c.client_id.to_string());
+        let expiry = if c.protocol.is_v5() {
+            c.properties.session_expiry_interval.unwrap_or(0).min(self.config.max_session_expiry)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        // Takeover: the previous connection of this client ends with 0x8E and its session
+        // state comes here.
+        if let Some(other) = self.clients.get(&id).and_then(|r| r.conn) {
+            if let Some(old) = self.conns.get_mut(&other) {
+                let _ = old.session.disconnect(ReasonCode::SessionTakenOver);
+                old.client = None;
+                let state = old.session.take_state();
+                while let Some(bytes) = old.session.poll_transmit() {
+                    let _ = self.quic.send(now, other, bytes);
+                }
+                let _ = self.quic.finish(now, other);
+                if let Some(r) = self.clients.get_mut(&id) {
+                    r.kept = Some(state);
+                    r.conn = None;
+                }
+            }
+        }
+        // Clean start discards any kept session [MQTT-3.1.2-4].
+        let existed = self.clients.contains_key(&id) && !c.clean_start;
+        if c.clean_start {
+            if let Some(old) = self.clients.remove(&id) {
+                self.router.remove_session(old.key);
+                self.keys.remove(&old.key);
+            }
+        }
+        let next_key = &mut self.next_key;
+        let record = self.clients.entry(id.clone()).or_insert_with(|| {
+            *next_key += 1;
+            Record { key: *next_key, conn: None, kept: None, expiry, expires_at: None, will: None }
+        });
+        let state = record.kept.take();
+        record.conn = Some(conn);
+        record.expiry = expiry;
+        record.expires_at = None;
+        // Reconnecting within the will delay cancels the will.
+        record.will = None;
+        self.keys.insert(record.key, id.clone());
+        let Some(live) = self.conns.get_mut(&conn) else { return };
+        live.client = Some(id);
+        match (existed, state) {
+            (true, Some(state)) => {
+                let _ = live.session.resume(now, state);
+            }
+            _ => {
+                let _ = live.session.accept(now, false, assigned.as_deref());
+            }
+        }
+    }
+
+    fn on_end(&mut self, now: Instant, conn: ConnId, will: Option<Will>) {
+        let Some(live) = self.conns.get_mut(&conn) else { return };
+        let Some(id) = live.client.take() else { return };
+        let state = live.session.take_state();
+        let Some(record) = self.clients.get_mut(&id) else { return };
+        if record.conn != Some(conn) {
+            return;
+        }
+        record.conn = None;
+        record.kept = Some(state);
+        if let Some(will) = will {
+            let delay = will.properties.will_delay_interval.unwrap_or(0);
+            record.will = Some((now + Duration::from_secs(u64::from(delay.min(record.expiry))), will));
+        }
+        record.expires_at = match record.expiry {
+            u32::MAX => None,
+            secs => Some(now + Duration::from_secs(u64::from(secs))),
+        };
+        self.fire(now);
+    }
+
+    /// Publishes due wills and drops expired sessions.
+    fn fire(&mut self, now: Instant) {
+        let wills: Vec<Will> = self
+            .clients
+            .values_mut()
+            .filter_map(|r| match &r.will {
+                Some((at, _)) if *at <= now => r.will.take().map(|(_, w)| w),
+                _ => None,
+            })
+            .collect();
+        for will in wills {
+            self.publish(now, will_message(will), None);
+        }
+        let expired: Vec<String> = self
+            .clients
+            .iter()
+            .filter(|(_, r)| r.conn.is_none() && r.expires_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(record) = self.clients.remove(&id) {
+                self.router.remove_session(record.key);
+                self.keys.remove(&record.key);
+                if let Some((_, will)) = record.will {
+                    // A session that ends before its will delay publishes the will then.
+                    self.publish(now, will_message(will), None);
+                }
+            }
+        }
+    }
+
+    /// Routes a message to every matching subscription, and retains it when asked.
+    fn publish(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
+        if publish.retain {
+            let _ = self.retained.set(now, &publish);
+        }
+        let clients = &self.clients;
+        let keys = &self.keys;
+        let online = |k: SessionKey| keys.get(&k).and_then(|id| clients.get(id)).is_some_and(|r| r.conn.is_some());
+        for d in self.router.route(&publish.topic, from, online) {
+            let mut out = publish.clone();
+            out.dup = false;
+            out.qos_pid = QosPid::from_parts(publish.qos().min(d.qos), PacketId::MIN);
+            out.retain = publish.retain && d.retain_as_published;
+            out.properties.topic_alias = None;
+            out.properties.subscription_identifiers = d.subscription_ids.into();
+            self.deliver(d.session, out);
+        }
+    }
+
+    /// Hands a message to a session: its connection when online, its queue when offline.
+    fn deliver(&mut self, key: SessionKey, publish: Publish) {
+        let Some(record) = self.keys.get(&key).and_then(|id| self.clients.get_mut(id)) else { return };
+        match record.conn.and_then(|c| self.conns.get_mut(&c)) {
+            Some(live) => {
+                let _ = live.session.publish(publish);
+            }
+            None if publish.qos() != QoS::AtMostOnce => {
+                if let Some(state) = record.kept.as_mut() {
+                    state.enqueue(publish, self.config.max_offline_queue);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        key: SessionKey,
+        packet_id: PacketId,
+        subscriptions: Vec<Subscription>,
+        subscription_id: Option<SubscriptionId>,
+    ) {
+        let max = self.config.session.maximum_qos;
+        let mut codes = Vec::with_capacity(subscriptions.len());
+        let mut retained = Vec::new();
+        for s in subscriptions {
+            let mut options = s.options;
+            options.qos = options.qos.min(max);
+            let new = self.router.subscribe(key, &s.filter, Entry { options, subscription_id });
+            codes.push(match options.qos {
+                QoS::AtMostOnce => ReasonCode::Success,
+                QoS::AtLeastOnce => ReasonCode::GrantedQos1,
+                QoS::ExactlyOnce => ReasonCode::GrantedQos2,
+            });
+            let send = match options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => new,
+                RetainHandling::DoNotSend => false,
+            };
+            // Retained messages are not sent for shared subscriptions (spec 4.8.2).
+            if send && s.filter.shared().is_none() {
+                for mut m in self.retained.matching(now, &s.filter) {
+                    m.qos_pid = QosPid::from_parts(m.qos().min(options.qos), PacketId::MIN);
+                    if let Some(id) = subscription_id {
+                        m.properties.subscription_identifiers = vec![id].into();
+                    }
+                    retained.push(m);
+                }
+            }
+        }
+        if let Some(live) = self.conns.get_mut(&conn) {
+            let _ = live.session.suback(packet_id, codes);
+            for m in retained {
+                let _ = live.session.publish(m);
+            }
+        }
+    }
+
+    /// The broker's own next deadline: a will, a session expiry or a session timer.
+    fn next_deadline(&self) -> Option<Instant> {
+        let wills = self.clients.values().filter_map(|r| r.will.as_ref().map(|(t, _)| *t)).min();
+        let expiries = self.clients.values().filter(|r| r.conn.is_none()).filter_map(|r| r.expires_at).min();
+        let sessions = self.conns.values().filter_map(|l| l.session.poll_timeout()).min();
+        [wills, expiries, sessions].into_iter().flatten().min()
+    }
+}
+
+/// The PUBLISH a will becomes.
+fn will_message(will: Will) -> Publish {
+    let mut p = Publish::new(will.topic, will.payload);
+    p.qos_pid = QosPid::from_parts(will.qos, PacketId::MIN);
+    p.retain = will.retain;
+    let w = &*will.properties;
+    if !w.is_empty() {
+        let mut props = PublishProperties::default();
+        props.payload_format_indicator = w.payload_format_indicator;
+        props.message_expiry_interval = w.message_expiry_interval;
+        props.content_type = w.content_type.clone();
+        props.response_topic = w.response_topic.clone();
+        props.correlation_data = w.correlation_data.clone();
+        props.user_properties = w.user_properties.clone();
+        p.properties = props.into();
+    }
+    p
+}
+
+impl Machine for Broker {
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    ) {
+        self.quic.handle_datagram(now, remote, local_ip, ecn, data);
+        self.pump(now);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.quic.handle_timeout(now);
+        for live in self.conns.values_mut() {
+            live.session.handle_timeout(now);
+        }
+        self.fire(now);
+        self.pump(now);
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.quic.poll_transmit(now, buf);
+        self.pump(now);
+        t
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        [self.quic.poll_timeout(), self.next_deadline()].into_iter().flatten().min()
+    }
+}

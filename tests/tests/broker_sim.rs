@@ -1,0 +1,325 @@
+//! The broker machine through the simulator with real client machines over QUIC.
+
+use bytes::Bytes;
+use mqtt_proto::{
+    PacketId, Protocol, Publish, QoS, QosPid, ReasonCode, Subscription, SubscriptionOptions, TopicFilter, TopicName,
+    Will,
+};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
+use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
+use mqtt_quic_core::config::{ClientConfig, ServerConfig};
+use mqtt_quic_core::quic::Transmit;
+use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
+use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_quic_core::{EcnCodepoint, Machine};
+use mqtt_tests::sim::{Link, Sim};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+enum Node {
+    Broker(Box<Broker>),
+    Client(Box<MqttClient>, Vec<ClientEvent>),
+}
+
+impl Node {
+    fn machine(&mut self) -> &mut dyn Machine {
+        match self {
+            Node::Broker(b) => b.as_mut(),
+            Node::Client(c, _) => c.as_mut(),
+        }
+    }
+}
+
+impl Machine for Node {
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    ) {
+        self.machine().handle_datagram(now, remote, ip, ecn, data);
+        self.collect();
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.machine().handle_timeout(now);
+        self.collect();
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.machine().poll_transmit(now, buf);
+        self.collect();
+        t
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.machine().poll_timeout()
+    }
+}
+
+impl Node {
+    /// Keeps every client event for the test to inspect.
+    fn collect(&mut self) {
+        if let Node::Client(c, events) = self {
+            events.extend(std::iter::from_fn(|| c.poll_event()));
+        }
+    }
+}
+
+fn cert() -> &'static SelfSigned {
+    static CERT: OnceLock<SelfSigned> = OnceLock::new();
+    CERT.get_or_init(|| SelfSigned::generate(&["broker.test"]).unwrap())
+}
+
+const BROKER: usize = 0;
+
+fn broker_addr() -> SocketAddr {
+    "10.0.0.1:14567".parse().unwrap()
+}
+
+struct World {
+    sim: Sim<Node>,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+        qc.seed = seed;
+        let mut sim = Sim::new(seed, Link::default());
+        sim.add_host(broker_addr(), Node::Broker(Box::new(Broker::new(BrokerConfig::new(qc)).unwrap())));
+        World { sim }
+    }
+
+    fn client(&mut self, n: u8, session: ClientSessionConfig) -> usize {
+        let mut qc = ClientConfig::new(ClientTls::insecure());
+        qc.seed = u64::from(n) * 7;
+        let client = MqttClient::new(MqttClientConfig {
+            quic: qc,
+            session,
+            server: broker_addr(),
+            server_name: "broker.test".into(),
+            reconnect: None,
+        })
+        .unwrap();
+        let host = self
+            .sim
+            .add_host(format!("10.0.1.{n}:5000{n}").parse().unwrap(), Node::Client(Box::new(client), Vec::new()));
+        self.start(host);
+        host
+    }
+
+    fn start(&mut self, host: usize) {
+        let now = self.sim.now();
+        self.c(host).start(now).unwrap();
+        assert!(self.run_until(|w| w.c(host).is_connected()), "client {host} did not connect");
+    }
+
+    fn c(&mut self, host: usize) -> &mut MqttClient {
+        match self.sim.machine(host) {
+            Node::Client(c, _) => c,
+            Node::Broker(_) => panic!("not a client"),
+        }
+    }
+
+    fn events(&mut self, host: usize) -> &mut Vec<ClientEvent> {
+        match self.sim.machine(host) {
+            Node::Client(_, e) => e,
+            Node::Broker(_) => panic!("not a client"),
+        }
+    }
+
+    fn broker(&mut self) -> &mut Broker {
+        match self.sim.machine(BROKER) {
+            Node::Broker(b) => b,
+            Node::Client(..) => panic!("not the broker"),
+        }
+    }
+
+    fn run_until(&mut self, mut done: impl FnMut(&mut World) -> bool) -> bool {
+        for _ in 0..100_000 {
+            if done(self) {
+                return true;
+            }
+            if !self.sim.step() {
+                return done(self);
+            }
+        }
+        done(self)
+    }
+
+    /// Lets 300 ms of virtual time pass (without jumping to far-away deadlines such as a
+    /// session expiry).
+    fn settle(&mut self) {
+        let until = self.sim.now() + Duration::from_millis(300);
+        self.sim.drive_to(until);
+    }
+
+    fn subscribe(&mut self, host: usize, filter: &str, qos: QoS) {
+        // Start from a clean slate: what arrives from here on (retained messages included) is
+        // the test's to see.
+        self.events(host).clear();
+        let now = self.sim.now();
+        let sub = Subscription {
+            filter: TopicFilter::new(filter).unwrap(),
+            options: SubscriptionOptions { qos, ..Default::default() },
+        };
+        self.c(host).subscribe(now, vec![sub], None).unwrap();
+        assert!(self.run_until(|w| w.events(host).iter().any(|e| matches!(e, ClientEvent::Subscribed { .. }))));
+    }
+
+    fn publish(&mut self, host: usize, topic: &str, payload: &str, qos: QoS, retain: bool) {
+        let now = self.sim.now();
+        let mut p = Publish::new(TopicName::new(topic).unwrap(), Bytes::copy_from_slice(payload.as_bytes()));
+        p.qos_pid = QosPid::from_parts(qos, PacketId::MIN);
+        p.retain = retain;
+        self.c(host).publish(now, p).unwrap();
+    }
+
+    fn messages(&mut self, host: usize) -> Vec<(String, String, bool)> {
+        self.events(host)
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::Message(p) => {
+                    Some((p.topic.to_string(), String::from_utf8_lossy(&p.payload).into_owned(), p.retain))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn session(id: &str) -> ClientSessionConfig {
+    ClientSessionConfig { client_id: id.into(), ..Default::default() }
+}
+
+#[test]
+fn publish_reaches_matching_subscribers_only() {
+    let mut w = World::new(1);
+    let a = w.client(1, session("a"));
+    let b = w.client(2, session("b"));
+    let p = w.client(3, session("p"));
+    w.subscribe(a, "sensors/#", QoS::AtLeastOnce);
+    w.subscribe(b, "other/+", QoS::AtLeastOnce);
+    w.publish(p, "sensors/7/temp", "21.5", QoS::AtLeastOnce, false);
+    assert!(w.run_until(|w| !w.messages(a).is_empty()));
+    w.settle();
+    assert_eq!(w.messages(a), [("sensors/7/temp".to_string(), "21.5".to_string(), false)]);
+    assert!(w.messages(b).is_empty());
+}
+
+#[test]
+fn retained_message_goes_to_later_subscribers_and_empty_payload_deletes_it() {
+    let mut w = World::new(2);
+    let p = w.client(1, session("p"));
+    w.publish(p, "status/door", "open", QoS::AtLeastOnce, true);
+    w.settle();
+    assert_eq!(w.broker().retained(), 1);
+    let a = w.client(2, session("a"));
+    w.subscribe(a, "status/+", QoS::AtLeastOnce);
+    let ok = w.run_until(|w| !w.messages(a).is_empty());
+    let events = w.events(a).clone();
+    assert!(ok, "{events:?}");
+    assert_eq!(w.messages(a), [("status/door".to_string(), "open".to_string(), true)]);
+    w.publish(p, "status/door", "", QoS::AtLeastOnce, true);
+    w.settle();
+    assert_eq!(w.broker().retained(), 0);
+}
+
+#[test]
+fn will_is_published_when_a_client_vanishes() {
+    let mut w = World::new(3);
+    let watcher = w.client(1, session("watcher"));
+    w.subscribe(watcher, "clients/+/status", QoS::AtLeastOnce);
+    let mut with_will = session("device");
+    with_will.will = Some(Will {
+        topic: TopicName::new("clients/device/status").unwrap(),
+        payload: Bytes::from_static(b"offline"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let device = w.client(2, with_will);
+    let now = w.sim.now();
+    w.c(device).drop_connection(now);
+    assert!(w.run_until(|w| !w.messages(watcher).is_empty()));
+    assert_eq!(w.messages(watcher), [("clients/device/status".to_string(), "offline".to_string(), false)]);
+}
+
+#[test]
+fn normal_disconnect_discards_the_will() {
+    let mut w = World::new(4);
+    let watcher = w.client(1, session("watcher"));
+    w.subscribe(watcher, "clients/#", QoS::AtLeastOnce);
+    let mut with_will = session("device");
+    with_will.will = Some(Will {
+        topic: TopicName::new("clients/device").unwrap(),
+        payload: Bytes::from_static(b"offline"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let device = w.client(2, with_will);
+    let now = w.sim.now();
+    w.c(device).disconnect(now, ReasonCode::NORMAL_DISCONNECTION).unwrap();
+    w.settle();
+    w.settle();
+    assert!(w.messages(watcher).is_empty());
+}
+
+#[test]
+fn second_connection_takes_the_session_over() {
+    let mut w = World::new(5);
+    let first = w.client(1, session("same"));
+    let _second = w.client(2, session("same"));
+    assert!(w.run_until(|w| w.events(first).iter().any(|e| matches!(
+        e,
+        ClientEvent::Disconnected { reason: DisconnectReason::ByServer(ReasonCode::SessionTakenOver) }
+    ))));
+    assert_eq!(w.broker().connected(), 1);
+}
+
+#[test]
+fn kept_session_receives_what_was_published_while_offline() {
+    let mut w = World::new(6);
+    let persistent = ClientSessionConfig { clean_start: false, session_expiry: 3600, ..session("sub") };
+    let sub = w.client(1, persistent);
+    w.subscribe(sub, "jobs/#", QoS::AtLeastOnce);
+    let now = w.sim.now();
+    w.c(sub).disconnect(now, ReasonCode::NORMAL_DISCONNECTION).unwrap();
+    w.settle();
+    let p = w.client(2, session("pub"));
+    for n in 0..3 {
+        w.publish(p, "jobs/build", &n.to_string(), QoS::AtLeastOnce, false);
+    }
+    w.settle();
+    w.start(sub);
+    let events = w.events(sub).clone();
+    assert!(events.iter().any(|e| matches!(e, ClientEvent::Connected { session_present: true, .. })), "{events:?}");
+    assert!(w.run_until(|w| w.messages(sub).len() >= 3));
+    let got: Vec<String> = w.messages(sub).into_iter().map(|(_, p, _)| p).collect();
+    assert_eq!(got, ["0", "1", "2"]);
+}
+
+#[test]
+fn qos_is_downgraded_to_the_subscription() {
+    let mut w = World::new(7);
+    let a = w.client(1, session("a"));
+    w.subscribe(a, "t", QoS::AtMostOnce);
+    let p = w.client(2, session("p"));
+    w.publish(p, "t", "x", QoS::ExactlyOnce, false);
+    assert!(w.run_until(|w| !w.messages(a).is_empty()));
+    let qos: Vec<QoS> =
+        w.events(a).iter().filter_map(|e| if let ClientEvent::Message(p) = e { Some(p.qos()) } else { None }).collect();
+    assert_eq!(qos, [QoS::AtMostOnce]);
+}
+
+#[test]
+fn mqtt_311_clients_share_the_broker_with_mqtt_5_ones() {
+    let mut w = World::new(8);
+    let old = w.client(1, ClientSessionConfig { protocol: Protocol::V3_1_1, ..session("old") });
+    let new = w.client(2, session("new"));
+    w.subscribe(old, "x/#", QoS::AtLeastOnce);
+    w.publish(new, "x/y", "hello", QoS::AtLeastOnce, false);
+    assert!(w.run_until(|w| !w.messages(old).is_empty()));
+    assert_eq!(w.messages(old)[0].1, "hello");
+}
