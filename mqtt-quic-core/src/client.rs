@@ -60,8 +60,15 @@ pub struct MqttClient {
 
 impl MqttClient {
     /// A machine, not yet connected.
-    pub fn new(config: MqttClientConfig) -> Result<MqttClient, ConfigError> {
+    pub fn new(mut config: MqttClientConfig) -> Result<MqttClient, ConfigError> {
         let policy = config.reconnect.unwrap_or_default();
+        // A QUIC idle timeout shorter than the MQTT keep-alive would cut a quiet but healthy
+        // session; unless told otherwise, QUIC pings at half the idle timeout keep it open.
+        let t = &mut config.quic.transport;
+        let mqtt_keep_alive = Duration::from_secs(u64::from(config.session.keep_alive));
+        if t.keep_alive.is_none() && !mqtt_keep_alive.is_zero() && mqtt_keep_alive >= t.idle_timeout {
+            t.keep_alive = Some(t.idle_timeout / 2);
+        }
         Ok(MqttClient {
             quic: QuicEndpoint::client(&config.quic)?,
             session: ClientSession::new(config.session)?,

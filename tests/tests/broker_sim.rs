@@ -323,3 +323,37 @@ fn mqtt_311_clients_share_the_broker_with_mqtt_5_ones() {
     assert!(w.run_until(|w| !w.messages(old).is_empty()));
     assert_eq!(w.messages(old)[0].1, "hello");
 }
+
+fn delayed_will(id: &str, delay: u32) -> ClientSessionConfig {
+    let mut will = Will {
+        topic: TopicName::new(format!("clients/{id}")).unwrap(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    };
+    will.properties.will_delay_interval = Some(delay);
+    ClientSessionConfig { will: Some(will), session_expiry: 600, ..session(id) }
+}
+
+#[test]
+fn will_waits_for_its_delay_and_a_reconnect_cancels_it() {
+    let mut w = World::new(9);
+    let watcher = w.client(1, session("watcher"));
+    w.subscribe(watcher, "clients/#", QoS::AtLeastOnce);
+    let late = w.client(2, delayed_will("late", 5));
+    let back = w.client(3, delayed_will("back", 5));
+    let now = w.sim.now();
+    w.c(late).drop_connection(now);
+    w.c(back).drop_connection(now);
+    w.sim.drive_to(now + Duration::from_secs(3));
+    assert!(w.messages(watcher).is_empty(), "not before the delay");
+    // "back" returns within the delay: its will is cancelled.
+    w.start(back);
+    w.sim.drive_to(now + Duration::from_secs(6));
+    assert_eq!(w.messages(watcher), [("clients/late".to_string(), "gone".to_string(), false)]);
+    assert!(w.broker().has_session("late"), "the session is kept until it expires");
+    w.sim.drive_to(now + Duration::from_secs(700));
+    assert!(!w.broker().has_session("late"), "expired after 600 s");
+    assert!(w.broker().has_session("back") && w.c(back).is_connected(), "quiet clients stay connected");
+}

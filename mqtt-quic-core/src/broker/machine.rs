@@ -12,7 +12,7 @@ use mqtt_proto::{
     Connect, PacketId, Publish, PublishProperties, QoS, QosPid, ReasonCode, RetainHandling, Subscription,
     SubscriptionId, Will,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,15 @@ pub struct Broker {
     next_key: SessionKey,
     router: Router,
     retained: RetainedStore,
+    /// Connections with something to do (bytes or events in, messages delivered to them), so a
+    /// datagram for one connection does not make the broker look at all of them.
+    dirty: BTreeSet<ConnId>,
+    /// Each connection's session deadline (keep-alive, connect timeout), ordered.
+    session_timers: BTreeSet<(Instant, ConnId)>,
+    session_armed: BTreeMap<ConnId, Instant>,
+    /// Will and expiry deadlines of offline sessions, ordered. Entries made stale by a
+    /// reconnect are dropped when they come due.
+    record_timers: BTreeSet<(Instant, String)>,
 }
 
 impl Broker {
@@ -88,6 +97,10 @@ impl Broker {
             next_key: 0,
             router: Router::new(),
             retained: RetainedStore::new(config.max_retained),
+            dirty: BTreeSet::new(),
+            session_timers: BTreeSet::new(),
+            session_armed: BTreeMap::new(),
+            record_timers: BTreeSet::new(),
             config,
         })
     }
@@ -102,6 +115,11 @@ impl Broker {
         self.clients.len()
     }
 
+    /// Whether a session is kept for this client id (connected or not).
+    pub fn has_session(&self, client_id: &str) -> bool {
+        self.clients.contains_key(client_id)
+    }
+
     /// Retained messages.
     pub fn retained(&self) -> usize {
         self.retained.len()
@@ -109,28 +127,37 @@ impl Broker {
 
     fn pump(&mut self, now: Instant) {
         loop {
-            let mut progressed = false;
             while let Some(event) = self.quic.poll_event() {
-                progressed = true;
                 match event {
                     quic::Event::Connected { conn, .. } => {
                         self.live(now, conn);
+                        self.dirty.insert(conn);
                     }
-                    quic::Event::Received { conn, data } => self.live(now, conn).session.handle_bytes(now, &data),
+                    quic::Event::Received { conn, data } => {
+                        self.live(now, conn).session.handle_bytes(now, &data);
+                        self.dirty.insert(conn);
+                    }
                     quic::Event::Closed { conn, .. } => {
                         if let Some(live) = self.conns.get_mut(&conn) {
                             live.session.connection_lost();
+                            self.dirty.insert(conn);
                         }
                     }
                 }
             }
-            let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-            for conn in conns {
-                progressed |= self.serve(now, conn);
-            }
-            if !progressed {
-                break;
-            }
+            let Some(conn) = self.dirty.pop_first() else { break };
+            self.serve(now, conn);
+        }
+    }
+
+    /// Files a connection's session deadline (or forgets it, for a connection that is gone).
+    fn rearm(&mut self, conn: ConnId) {
+        if let Some(old) = self.session_armed.remove(&conn) {
+            self.session_timers.remove(&(old, conn));
+        }
+        if let Some(t) = self.conns.get(&conn).and_then(|l| l.session.poll_timeout()) {
+            self.session_armed.insert(conn, t);
+            self.session_timers.insert((t, conn));
         }
     }
 
@@ -140,16 +167,14 @@ impl Broker {
     }
 
     /// Moves one connection's events and bytes along.
-    fn serve(&mut self, now: Instant, conn: ConnId) -> bool {
-        let Some(live) = self.conns.get_mut(&conn) else { return false };
+    fn serve(&mut self, now: Instant, conn: ConnId) {
+        let Some(live) = self.conns.get_mut(&conn) else { return };
         let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
-        let mut progressed = !events.is_empty();
         for event in events {
             self.on_event(now, conn, event);
         }
         if let Some(live) = self.conns.get_mut(&conn) {
             while let Some(bytes) = live.session.poll_transmit() {
-                progressed = true;
                 let _ = self.quic.send(now, conn, bytes);
             }
             if live.session.is_ended() {
@@ -157,7 +182,7 @@ impl Broker {
                 let _ = self.quic.finish(now, conn);
             }
         }
-        progressed
+        self.rearm(conn);
     }
 
     fn on_event(&mut self, now: Instant, conn: ConnId, event: ServerEvent) {
@@ -217,6 +242,7 @@ impl Broker {
                     let _ = self.quic.send(now, other, bytes);
                 }
                 let _ = self.quic.finish(now, other);
+                self.dirty.insert(other);
                 if let Some(r) = self.clients.get_mut(&id) {
                     r.kept = Some(state);
                     r.conn = None;
@@ -267,41 +293,43 @@ impl Broker {
         record.kept = Some(state);
         if let Some(will) = will {
             let delay = will.properties.will_delay_interval.unwrap_or(0);
-            record.will = Some((now + Duration::from_secs(u64::from(delay.min(record.expiry))), will));
+            let at = now + Duration::from_secs(u64::from(delay.min(record.expiry)));
+            record.will = Some((at, will));
+            self.record_timers.insert((at, id.clone()));
         }
         record.expires_at = match record.expiry {
             u32::MAX => None,
             secs => Some(now + Duration::from_secs(u64::from(secs))),
         };
+        if let Some(at) = record.expires_at {
+            self.record_timers.insert((at, id));
+        }
         self.fire(now);
     }
 
     /// Publishes due wills and drops expired sessions.
     fn fire(&mut self, now: Instant) {
-        let wills: Vec<Will> = self
-            .clients
-            .values_mut()
-            .filter_map(|r| match &r.will {
-                Some((at, _)) if *at <= now => r.will.take().map(|(_, w)| w),
-                _ => None,
-            })
-            .collect();
-        for will in wills {
-            self.publish(now, will_message(will), None);
-        }
-        let expired: Vec<String> = self
-            .clients
-            .iter()
-            .filter(|(_, r)| r.conn.is_none() && r.expires_at.is_some_and(|t| t <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            if let Some(record) = self.clients.remove(&id) {
-                self.router.remove_session(record.key);
-                self.keys.remove(&record.key);
-                if let Some((_, will)) = record.will {
-                    // A session that ends before its will delay publishes the will then.
+        while let Some((at, id)) = self.record_timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.record_timers.pop_first();
+            let Some(record) = self.clients.get_mut(&id) else { continue };
+            // A reconnect cancels both; entries it made stale are skipped here.
+            if record.will.as_ref().is_some_and(|(t, _)| *t <= now) {
+                if let Some((_, will)) = record.will.take() {
                     self.publish(now, will_message(will), None);
+                }
+            }
+            let Some(record) = self.clients.get(&id) else { continue };
+            if record.conn.is_none() && record.expires_at.is_some_and(|t| t <= now) {
+                if let Some(record) = self.clients.remove(&id) {
+                    self.router.remove_session(record.key);
+                    self.keys.remove(&record.key);
+                    if let Some((_, will)) = record.will {
+                        // A session that ends before its will delay publishes the will then.
+                        self.publish(now, will_message(will), None);
+                    }
                 }
             }
         }
@@ -329,9 +357,10 @@ impl Broker {
     /// Hands a message to a session: its connection when online, its queue when offline.
     fn deliver(&mut self, key: SessionKey, publish: Publish) {
         let Some(record) = self.keys.get(&key).and_then(|id| self.clients.get_mut(id)) else { return };
-        match record.conn.and_then(|c| self.conns.get_mut(&c)) {
-            Some(live) => {
+        match record.conn.and_then(|c| self.conns.get_mut(&c).map(|l| (c, l))) {
+            Some((conn, live)) => {
                 let _ = live.session.publish(publish);
+                self.dirty.insert(conn);
             }
             None if publish.qos() != QoS::AtMostOnce => {
                 if let Some(state) = record.kept.as_mut() {
@@ -389,10 +418,9 @@ impl Broker {
 
     /// The broker's own next deadline: a will, a session expiry or a session timer.
     fn next_deadline(&self) -> Option<Instant> {
-        let wills = self.clients.values().filter_map(|r| r.will.as_ref().map(|(t, _)| *t)).min();
-        let expiries = self.clients.values().filter(|r| r.conn.is_none()).filter_map(|r| r.expires_at).min();
-        let sessions = self.conns.values().filter_map(|l| l.session.poll_timeout()).min();
-        [wills, expiries, sessions].into_iter().flatten().min()
+        let records = self.record_timers.first().map(|(t, _)| *t);
+        let sessions = self.session_timers.first().map(|(t, _)| *t);
+        [records, sessions].into_iter().flatten().min()
     }
 }
 
@@ -430,8 +458,16 @@ impl Machine for Broker {
 
     fn handle_timeout(&mut self, now: Instant) {
         self.quic.handle_timeout(now);
-        for live in self.conns.values_mut() {
-            live.session.handle_timeout(now);
+        while let Some(&(at, conn)) = self.session_timers.first() {
+            if at > now {
+                break;
+            }
+            self.session_timers.pop_first();
+            self.session_armed.remove(&conn);
+            if let Some(live) = self.conns.get_mut(&conn) {
+                live.session.handle_timeout(now);
+                self.dirty.insert(conn);
+            }
         }
         self.fire(now);
         self.pump(now);
