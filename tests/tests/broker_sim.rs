@@ -357,3 +357,45 @@ fn will_waits_for_its_delay_and_a_reconnect_cancels_it() {
     assert!(!w.broker().has_session("late"), "expired after 600 s");
     assert!(w.broker().has_session("back") && w.c(back).is_connected(), "quiet clients stay connected");
 }
+
+#[test]
+fn embedding_application_subscribes_and_publishes_in_process() {
+    use mqtt_quic_core::broker::machine::BrokerEvent;
+    let mut w = World::new(10);
+    let now = w.sim.now();
+    let local = w.broker().subscribe_local(now, &TopicFilter::new("sensors/#").unwrap(), QoS::AtLeastOnce);
+    let device = w.client(1, session("device"));
+    w.publish(device, "sensors/1", "7", QoS::AtLeastOnce, false);
+    let mut got = Vec::new();
+    assert!(w.run_until(|w| {
+        while let Some(BrokerEvent::Message { subscription, publish }) = w.broker().poll_event() {
+            got.push((subscription, publish.topic.to_string()));
+        }
+        !got.is_empty()
+    }));
+    assert_eq!(got, [(local, "sensors/1".to_string())]);
+    // The application publishes; a client receives it.
+    w.subscribe(device, "commands/#", QoS::AtLeastOnce);
+    let now = w.sim.now();
+    w.broker().publish_local(now, Publish::new(TopicName::new("commands/reboot").unwrap(), &b"now"[..]));
+    assert!(w.run_until(|w| !w.messages(device).is_empty()));
+    assert_eq!(w.messages(device)[0].0, "commands/reboot");
+}
+
+#[test]
+fn sys_topics_publish_statistics_but_not_to_leading_wildcards() {
+    let mut w = World::new(11);
+    let admin = w.client(1, session("admin"));
+    let everything = w.client(2, session("everything"));
+    w.subscribe(admin, "$SYS/broker/#", QoS::AtMostOnce);
+    w.subscribe(everything, "#", QoS::AtMostOnce);
+    let now = w.sim.now();
+    w.sim.drive_to(now + Duration::from_secs(11));
+    let topics: Vec<String> = w.messages(admin).into_iter().map(|(t, _, _)| t).collect();
+    assert!(topics.contains(&"$SYS/broker/uptime".to_string()), "{topics:?}");
+    assert!(topics.contains(&"$SYS/broker/clients/connected".to_string()));
+    let connected = w.messages(admin).into_iter().find(|(t, _, _)| t == "$SYS/broker/clients/connected").unwrap().1;
+    assert_eq!(connected, "2");
+    assert!(w.messages(everything).is_empty(), "# does not match $SYS topics");
+    assert!(w.broker().stats().bytes_received > 0);
+}

@@ -1,5 +1,7 @@
 //! The broker machine: a QUIC server endpoint, one server session per connection, and the
 //! state that outlives connections (subscriptions, retained messages, kept sessions, wills).
+//! An application embedding it can subscribe and publish in-process
+//! ([`Broker::subscribe_local`], [`Broker::publish_local`]) without a connection.
 
 use super::retained::RetainedStore;
 use super::router::{Entry, Router, SessionKey};
@@ -10,9 +12,9 @@ use crate::session::server::{ServerEvent, ServerSession, ServerSessionConfig, Se
 use crate::EcnCodepoint;
 use mqtt_proto::{
     Connect, PacketId, Publish, PublishProperties, QoS, QosPid, ReasonCode, RetainHandling, Subscription,
-    SubscriptionId, Will,
+    SubscriptionId, TopicFilter, Will,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,9 @@ pub struct BrokerConfig {
     pub max_offline_queue: usize,
     /// Longest session expiry granted, in seconds.
     pub max_session_expiry: u32,
+    /// How often broker statistics are published under `$SYS/broker/` (retained, QoS 0, like
+    /// mosquitto's); `None` turns them off.
+    pub sys_interval: Option<Duration>,
 }
 
 impl BrokerConfig {
@@ -41,8 +46,43 @@ impl BrokerConfig {
             max_retained: 100_000,
             max_offline_queue: 1_000,
             max_session_expiry: 7 * 24 * 3600,
+            sys_interval: Some(Duration::from_secs(10)),
         }
     }
+}
+
+/// Session keys from here up belong to in-process subscriptions, not to clients.
+const LOCAL_BASE: SessionKey = 1 << 63;
+
+/// A subscription of the application that embeds the broker: it receives messages as
+/// [`BrokerEvent::Message`], with no connection involved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalSubscription(SessionKey);
+
+/// What the broker reports to the application embedding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BrokerEvent {
+    /// A message matched an in-process subscription. Fires once per message and subscription.
+    Message {
+        /// The subscription it matched.
+        subscription: LocalSubscription,
+        /// The message (retained ones have `retain` set).
+        publish: Publish,
+    },
+}
+
+/// Counters published under `$SYS/broker/`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// PUBLISH packets received from clients.
+    pub messages_received: u64,
+    /// PUBLISH packets handed to client sessions.
+    pub messages_sent: u64,
+    /// Bytes of MQTT stream received.
+    pub bytes_received: u64,
+    /// Bytes of MQTT stream sent.
+    pub bytes_sent: u64,
 }
 
 /// A client's session as the broker keeps it.
@@ -84,6 +124,11 @@ pub struct Broker {
     /// Will and expiry deadlines of offline sessions, ordered. Entries made stale by a
     /// reconnect are dropped when they come due.
     record_timers: BTreeSet<(Instant, String)>,
+    events: VecDeque<BrokerEvent>,
+    next_local: SessionKey,
+    stats: Stats,
+    started: Option<Instant>,
+    next_sys: Option<Instant>,
 }
 
 impl Broker {
@@ -101,6 +146,11 @@ impl Broker {
             session_timers: BTreeSet::new(),
             session_armed: BTreeMap::new(),
             record_timers: BTreeSet::new(),
+            events: VecDeque::new(),
+            next_local: LOCAL_BASE,
+            stats: Stats::default(),
+            started: None,
+            next_sys: None,
             config,
         })
     }
@@ -113,6 +163,78 @@ impl Broker {
     /// Sessions kept (connected or not).
     pub fn sessions(&self) -> usize {
         self.clients.len()
+    }
+
+    /// Subscribes the embedding application: matching messages (and the retained ones now)
+    /// come out of [`Broker::poll_event`].
+    pub fn subscribe_local(&mut self, now: Instant, filter: &TopicFilter, qos: QoS) -> LocalSubscription {
+        self.next_local += 1;
+        let key = self.next_local;
+        let options = mqtt_proto::SubscriptionOptions { qos, ..Default::default() };
+        self.router.subscribe(key, filter, Entry { options, subscription_id: None });
+        if filter.shared().is_none() {
+            for publish in self.retained.matching(now, filter) {
+                self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
+            }
+        }
+        LocalSubscription(key)
+    }
+
+    /// Ends an in-process subscription.
+    pub fn unsubscribe_local(&mut self, subscription: LocalSubscription) {
+        self.router.remove_session(subscription.0);
+    }
+
+    /// Publishes from the embedding application, as a client would (retain honoured).
+    pub fn publish_local(&mut self, now: Instant, publish: Publish) {
+        self.publish(now, publish, None);
+        self.pump(now);
+    }
+
+    /// The next event for the embedding application.
+    pub fn poll_event(&mut self) -> Option<BrokerEvent> {
+        self.events.pop_front()
+    }
+
+    /// The counters behind `$SYS/broker/`.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Starts the clocks that need a first `now` (uptime, `$SYS` publishing).
+    fn tick(&mut self, now: Instant) {
+        if self.started.is_none() {
+            self.started = Some(now);
+            self.next_sys = self.config.sys_interval.map(|i| now + i);
+        }
+        if let (Some(at), Some(interval)) = (self.next_sys, self.config.sys_interval) {
+            if at <= now {
+                self.next_sys = Some(now + interval);
+                self.publish_sys(now);
+            }
+        }
+    }
+
+    /// Publishes the statistics as retained messages under `$SYS/broker/`.
+    fn publish_sys(&mut self, now: Instant) {
+        let uptime = self.started.map_or(0, |s| now.saturating_duration_since(s).as_secs());
+        let values = [
+            ("clients/connected", self.connected().to_string()),
+            ("clients/total", self.sessions().to_string()),
+            ("messages/received", self.stats.messages_received.to_string()),
+            ("messages/sent", self.stats.messages_sent.to_string()),
+            ("bytes/received", self.stats.bytes_received.to_string()),
+            ("bytes/sent", self.stats.bytes_sent.to_string()),
+            ("subscriptions/count", self.router.len().to_string()),
+            ("retained messages/count", self.retained.len().to_string()),
+            ("uptime", format!("{uptime} seconds")),
+        ];
+        for (name, value) in values {
+            let Ok(topic) = mqtt_proto::TopicName::new(format!("$SYS/broker/{name}")) else { continue };
+            let mut p = Publish::new(topic, value.into_bytes());
+            p.retain = true;
+            self.publish(now, p, None);
+        }
     }
 
     /// Whether a session is kept for this client id (connected or not).
@@ -134,6 +256,7 @@ impl Broker {
                         self.dirty.insert(conn);
                     }
                     quic::Event::Received { conn, data } => {
+                        self.stats.bytes_received += data.len() as u64;
                         self.live(now, conn).session.handle_bytes(now, &data);
                         self.dirty.insert(conn);
                     }
@@ -175,6 +298,7 @@ impl Broker {
         }
         if let Some(live) = self.conns.get_mut(&conn) {
             while let Some(bytes) = live.session.poll_transmit() {
+                self.stats.bytes_sent += bytes.len() as u64;
                 let _ = self.quic.send(now, conn, bytes);
             }
             if live.session.is_ended() {
@@ -190,7 +314,10 @@ impl Broker {
             self.conns.get(&conn).and_then(|l| l.client.as_ref()).and_then(|c| self.clients.get(c)).map(|r| r.key);
         match event {
             ServerEvent::Connect(c) => self.on_connect(now, conn, *c),
-            ServerEvent::Publish(p) => self.publish(now, p, key),
+            ServerEvent::Publish(p) => {
+                self.stats.messages_received += 1;
+                self.publish(now, p, key);
+            }
             ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {
                 if let Some(key) = key {
                     self.subscribe(now, conn, key, packet_id, subscriptions, subscription_id);
@@ -342,7 +469,9 @@ impl Broker {
         }
         let clients = &self.clients;
         let keys = &self.keys;
-        let online = |k: SessionKey| keys.get(&k).and_then(|id| clients.get(id)).is_some_and(|r| r.conn.is_some());
+        let online = |k: SessionKey| {
+            k > LOCAL_BASE || keys.get(&k).and_then(|id| clients.get(id)).is_some_and(|r| r.conn.is_some())
+        };
         for d in self.router.route(&publish.topic, from, online) {
             let mut out = publish.clone();
             out.dup = false;
@@ -356,10 +485,16 @@ impl Broker {
 
     /// Hands a message to a session: its connection when online, its queue when offline.
     fn deliver(&mut self, key: SessionKey, publish: Publish) {
+        if key > LOCAL_BASE {
+            self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
+            return;
+        }
         let Some(record) = self.keys.get(&key).and_then(|id| self.clients.get_mut(id)) else { return };
         match record.conn.and_then(|c| self.conns.get_mut(&c).map(|l| (c, l))) {
             Some((conn, live)) => {
-                let _ = live.session.publish(publish);
+                if live.session.publish(publish).is_ok() {
+                    self.stats.messages_sent += 1;
+                }
                 self.dirty.insert(conn);
             }
             None if publish.qos() != QoS::AtMostOnce => {
@@ -420,7 +555,7 @@ impl Broker {
     fn next_deadline(&self) -> Option<Instant> {
         let records = self.record_timers.first().map(|(t, _)| *t);
         let sessions = self.session_timers.first().map(|(t, _)| *t);
-        [records, sessions].into_iter().flatten().min()
+        [records, sessions, self.next_sys].into_iter().flatten().min()
     }
 }
 
@@ -452,11 +587,13 @@ impl Machine for Broker {
         ecn: Option<EcnCodepoint>,
         data: &[u8],
     ) {
+        self.tick(now);
         self.quic.handle_datagram(now, remote, local_ip, ecn, data);
         self.pump(now);
     }
 
     fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
         self.quic.handle_timeout(now);
         while let Some(&(at, conn)) = self.session_timers.first() {
             if at > now {
