@@ -77,6 +77,7 @@ pub fn sessions(data: &[u8]) {
                     ServerEvent::Connect(_) => {
                         let _ = server.accept(now, false, Some("fuzz"));
                     }
+                    ServerEvent::Publish(p) => server.acknowledge(p.qos_pid, mqtt_proto::ReasonCode::Success),
                     ServerEvent::Subscribe { packet_id, subscriptions, .. } => {
                         let _ = server.suback(packet_id, vec![mqtt_proto::ReasonCode::Success; subscriptions.len()]);
                     }

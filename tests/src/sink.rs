@@ -132,7 +132,9 @@ impl SinkServer {
                 live.client_id = Some(id);
             }
             ServerEvent::Publish(p) => {
-                let id = self.live.get(&conn).and_then(|l| l.client_id.clone()).unwrap_or_default();
+                let Some(live) = self.live.get_mut(&conn) else { return };
+                live.session.acknowledge(p.qos_pid, ReasonCode::Success);
+                let id = live.client_id.clone().unwrap_or_default();
                 self.received.push((id, p));
             }
             ServerEvent::Subscribe { packet_id, subscriptions, .. } => {

@@ -399,3 +399,18 @@ fn sys_topics_publish_statistics_but_not_to_leading_wildcards() {
     assert!(w.messages(everything).is_empty(), "# does not match $SYS topics");
     assert!(w.broker().stats().bytes_received > 0);
 }
+
+#[test]
+fn clients_may_not_publish_to_sys_topics() {
+    let mut w = World::new(12);
+    let rogue = w.client(1, session("rogue"));
+    w.events(rogue).clear();
+    w.publish(rogue, "$SYS/broker/uptime", "0 seconds", QoS::AtLeastOnce, true);
+    assert!(w.run_until(|w| w.events(rogue).iter().any(|e| matches!(e, ClientEvent::Published { .. }))));
+    let reason = w.events(rogue).iter().find_map(|e| match e {
+        ClientEvent::Published { reason, .. } => Some(*reason),
+        _ => None,
+    });
+    assert_eq!(reason, Some(ReasonCode::NotAuthorized));
+    assert_eq!(w.broker().retained(), 0, "not retained either");
+}

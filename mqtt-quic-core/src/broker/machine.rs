@@ -316,7 +316,14 @@ impl Broker {
             ServerEvent::Connect(c) => self.on_connect(now, conn, *c),
             ServerEvent::Publish(p) => {
                 self.stats.messages_received += 1;
-                self.publish(now, p, key);
+                // `$` topics are the broker's (e.g. `$SYS`): clients may not publish there.
+                let reason = if p.topic.is_system() { ReasonCode::NotAuthorized } else { ReasonCode::Success };
+                if let Some(live) = self.conns.get_mut(&conn) {
+                    live.session.acknowledge(p.qos_pid, reason);
+                }
+                if reason == ReasonCode::Success {
+                    self.publish(now, p, key);
+                }
             }
             ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {
                 if let Some(key) = key {

@@ -82,7 +82,8 @@ pub enum EndReason {
 pub enum ServerEvent {
     /// A valid CONNECT: answer with [`ServerSession::accept`] or [`ServerSession::refuse`].
     Connect(Box<Connect>),
-    /// A message from the client (a QoS 2 message once, however often it is resent).
+    /// A message from the client (a QoS 2 message once, however often it is resent). Answer a
+    /// QoS 1 or 2 one with [`ServerSession::acknowledge`].
     Publish(Publish),
     /// A SUBSCRIBE: answer with [`ServerSession::suback`].
     Subscribe {
@@ -189,6 +190,8 @@ pub struct ServerSession {
     will: Option<Will>,
     keep_alive: Duration,
     deadline: Option<Instant>,
+    /// QoS 1 publishes reported to the broker and not yet acknowledged.
+    unacked_qos1: BTreeSet<u16>,
     incoming_qos2: BTreeSet<u16>,
     aliases: BTreeMap<u16, TopicName>,
     client_receive_maximum: u16,
@@ -213,6 +216,7 @@ impl ServerSession {
             events: VecDeque::new(),
             will: None,
             keep_alive: Duration::ZERO,
+            unacked_qos1: BTreeSet::new(),
             incoming_qos2: BTreeSet::new(),
             aliases: BTreeMap::new(),
             client_receive_maximum: u16::MAX,
@@ -626,21 +630,57 @@ impl ServerSession {
             // The alias is this connection's business; the broker sees the topic.
             publish.properties.topic_alias = None;
         }
+        // QoS 1 and 2 publishes count against our Receive Maximum until acknowledged.
+        let unacknowledged = self.unacked_qos1.len() + self.incoming_qos2.len();
         match publish.qos_pid {
             QosPid::AtMostOnce => self.events.push_back(ServerEvent::Publish(publish)),
             QosPid::AtLeastOnce(id) => {
+                if unacknowledged >= usize::from(self.config.receive_maximum) && !self.unacked_qos1.contains(&id.get())
+                {
+                    return self.violation(ReasonCode::ReceiveMaximumExceeded);
+                }
+                self.unacked_qos1.insert(id.get());
                 self.events.push_back(ServerEvent::Publish(publish));
-                self.write(&Packet::PubAck(Ack::new(id)));
             }
             QosPid::ExactlyOnce(id) => {
-                if !self.incoming_qos2.contains(&id.get()) {
-                    if self.incoming_qos2.len() >= usize::from(self.config.receive_maximum) {
-                        return self.violation(ReasonCode::ReceiveMaximumExceeded);
-                    }
-                    self.incoming_qos2.insert(id.get());
-                    self.events.push_back(ServerEvent::Publish(publish));
+                if self.incoming_qos2.contains(&id.get()) {
+                    // A resend of a message already taken: acknowledged again, not delivered again.
+                    self.write(&Packet::PubRec(Ack::new(id)));
+                    return;
                 }
-                self.write(&Packet::PubRec(Ack::new(id)));
+                if unacknowledged >= usize::from(self.config.receive_maximum) {
+                    return self.violation(ReasonCode::ReceiveMaximumExceeded);
+                }
+                self.incoming_qos2.insert(id.get());
+                self.events.push_back(ServerEvent::Publish(publish));
+            }
+        }
+    }
+
+    /// Answers a QoS 1 or 2 [`ServerEvent::Publish`]: PUBACK or PUBREC with `reason` (Success,
+    /// or why the broker would not take it, e.g. Not authorized). Every such event must be
+    /// answered; until then the message counts against the Receive Maximum. QoS 0 needs none.
+    pub fn acknowledge(&mut self, qos_pid: QosPid, reason: ReasonCode) {
+        if self.state != State::Connected {
+            return;
+        }
+        match qos_pid {
+            QosPid::AtMostOnce => {}
+            QosPid::AtLeastOnce(id) => {
+                if self.unacked_qos1.remove(&id.get()) {
+                    let mut ack = Ack::new(id);
+                    ack.reason_code = reason;
+                    self.write(&Packet::PubAck(ack));
+                }
+            }
+            QosPid::ExactlyOnce(id) => {
+                if reason.is_error() {
+                    // Refused: the exchange ends here, and the identifier is free again.
+                    self.incoming_qos2.remove(&id.get());
+                }
+                let mut ack = Ack::new(id);
+                ack.reason_code = reason;
+                self.write(&Packet::PubRec(ack));
             }
         }
     }
@@ -861,10 +901,31 @@ mod tests {
     fn receive_maximum_is_enforced_with_0x93() {
         let config = ServerSessionConfig { receive_maximum: 2, ..Default::default() };
         let mut h = Harness::connected(config, connect(Protocol::V5));
-        for id in 1..=3 {
-            h.feed(Packet::Publish(publish("t", QoS::ExactlyOnce, id)));
-        }
+        // A QoS 1 message not yet acknowledged counts too.
+        h.feed(Packet::Publish(publish("t", QoS::AtLeastOnce, 1)));
+        h.feed(Packet::Publish(publish("t", QoS::ExactlyOnce, 2)));
+        h.feed(Packet::Publish(publish("t", QoS::ExactlyOnce, 3)));
         assert_eq!(h.sent().last(), Some(&Disconnect::new(ReasonCode::ReceiveMaximumExceeded).into()));
+    }
+
+    #[test]
+    fn the_broker_decides_the_acknowledgement() {
+        let mut h = Harness::v5();
+        let q1 = publish("t", QoS::AtLeastOnce, 1);
+        h.feed(Packet::Publish(q1.clone()));
+        assert!(h.sent().is_empty(), "no PUBACK before the broker answers");
+        h.session.acknowledge(q1.qos_pid, ReasonCode::NotAuthorized);
+        let mut refused = Ack::new(PacketId::new(1).unwrap());
+        refused.reason_code = ReasonCode::NotAuthorized;
+        assert_eq!(h.sent(), [Packet::PubAck(refused)]);
+        // A refused QoS 2 message frees its identifier: the same id is a new message.
+        let q2 = publish("t", QoS::ExactlyOnce, 2);
+        h.feed(Packet::Publish(q2.clone()));
+        h.session.acknowledge(q2.qos_pid, ReasonCode::QuotaExceeded);
+        h.sent();
+        h.events();
+        h.feed(Packet::Publish(q2));
+        assert!(h.events().iter().any(|e| matches!(e, ServerEvent::Publish(_))));
     }
 
     #[test]
@@ -872,6 +933,7 @@ mod tests {
         let mut h = Harness::v5();
         let p = publish("t", QoS::ExactlyOnce, 4);
         h.feed(Packet::Publish(p.clone()));
+        h.session.acknowledge(p.qos_pid, ReasonCode::Success);
         h.feed(Packet::Publish(p.clone()));
         let delivered = h.events().into_iter().filter(|e| matches!(e, ServerEvent::Publish(_))).count();
         assert_eq!(delivered, 1);
@@ -963,6 +1025,7 @@ mod tests {
         let mut h = Harness::v5();
         // The client's QoS 2 message arrives; the connection drops before PUBREL.
         h.feed(Packet::Publish(publish("in", QoS::ExactlyOnce, 9)));
+        h.session.acknowledge(QosPid::ExactlyOnce(PacketId::new(9).unwrap()), ReasonCode::Success);
         // Our QoS 1 message to the client is not acknowledged.
         h.session.publish(publish("out", QoS::AtLeastOnce, 1)).unwrap();
         h.sent();
