@@ -414,3 +414,44 @@ fn clients_may_not_publish_to_sys_topics() {
     assert_eq!(reason, Some(ReasonCode::NotAuthorized));
     assert_eq!(w.broker().retained(), 0, "not retained either");
 }
+
+#[test]
+fn subscription_and_topic_depth_limits_answer_with_their_codes() {
+    let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    qc.seed = 13;
+    let mut config = BrokerConfig::new(qc);
+    config.max_subscriptions_per_client = 2;
+    config.max_topic_levels = 3;
+    let mut w = World { sim: Sim::new(13, Link::default()) };
+    w.sim.add_host(broker_addr(), Node::Broker(Box::new(Broker::new(config).unwrap())));
+    let c = w.client(1, session("c"));
+    let now = w.sim.now();
+    let subs: Vec<Subscription> = ["a", "b", "c", "a", "x/y/z/w"]
+        .iter()
+        .map(|f| Subscription { filter: TopicFilter::new(*f).unwrap(), options: SubscriptionOptions::default() })
+        .collect();
+    w.c(c).subscribe(now, subs, None).unwrap();
+    assert!(w.run_until(|w| w.events(c).iter().any(|e| matches!(e, ClientEvent::Subscribed { .. }))));
+    let codes = w.events(c).iter().find_map(|e| match e {
+        ClientEvent::Subscribed { reason_codes, .. } => Some(reason_codes.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        codes.unwrap(),
+        [
+            ReasonCode::Success,
+            ReasonCode::Success,
+            ReasonCode::QuotaExceeded,
+            ReasonCode::Success, // a repeat of an existing subscription is not a new one
+            ReasonCode::TopicFilterInvalid,
+        ]
+    );
+    w.events(c).clear();
+    w.publish(c, "1/2/3/4", "deep", QoS::AtLeastOnce, false);
+    assert!(w.run_until(|w| w.events(c).iter().any(|e| matches!(e, ClientEvent::Published { .. }))));
+    let reason = w.events(c).iter().find_map(|e| match e {
+        ClientEvent::Published { reason, .. } => Some(*reason),
+        _ => None,
+    });
+    assert_eq!(reason, Some(ReasonCode::TopicNameInvalid));
+}

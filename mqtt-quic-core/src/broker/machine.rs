@@ -32,6 +32,10 @@ pub struct BrokerConfig {
     pub max_offline_queue: usize,
     /// Longest session expiry granted, in seconds.
     pub max_session_expiry: u32,
+    /// Most subscriptions one client may hold; more are refused with Quota exceeded (0x97).
+    pub max_subscriptions_per_client: usize,
+    /// Most levels in a topic name or filter; deeper ones are refused (0x90 / 0x8F).
+    pub max_topic_levels: usize,
     /// How often broker statistics are published under `$SYS/broker/` (retained, QoS 0, like
     /// mosquitto's); `None` turns them off.
     pub sys_interval: Option<Duration>,
@@ -47,6 +51,8 @@ impl BrokerConfig {
             max_offline_queue: 1_000,
             max_session_expiry: 7 * 24 * 3600,
             sys_interval: Some(Duration::from_secs(10)),
+            max_subscriptions_per_client: 1_000,
+            max_topic_levels: 32,
         }
     }
 }
@@ -317,7 +323,14 @@ impl Broker {
             ServerEvent::Publish(p) => {
                 self.stats.messages_received += 1;
                 // `$` topics are the broker's (e.g. `$SYS`): clients may not publish there.
-                let reason = if p.topic.is_system() { ReasonCode::NotAuthorized } else { ReasonCode::Success };
+                let levels = p.topic.as_str().split('/').count();
+                let reason = if p.topic.is_system() {
+                    ReasonCode::NotAuthorized
+                } else if levels > self.config.max_topic_levels {
+                    ReasonCode::TopicNameInvalid
+                } else {
+                    ReasonCode::Success
+                };
                 if let Some(live) = self.conns.get_mut(&conn) {
                     live.session.acknowledge(p.qos_pid, reason);
                 }
@@ -528,6 +541,16 @@ impl Broker {
         for s in subscriptions {
             let mut options = s.options;
             options.qos = options.qos.min(max);
+            let levels = s.filter.match_filter().split('/').count();
+            let known = self.router.filters(key).contains(&s.filter);
+            if levels > self.config.max_topic_levels {
+                codes.push(ReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            if !known && self.router.filters(key).len() >= self.config.max_subscriptions_per_client {
+                codes.push(ReasonCode::QuotaExceeded);
+                continue;
+            }
             let new = self.router.subscribe(key, &s.filter, Entry { options, subscription_id });
             codes.push(match options.qos {
                 QoS::AtMostOnce => ReasonCode::Success,
