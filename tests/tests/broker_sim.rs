@@ -455,3 +455,74 @@ fn subscription_and_topic_depth_limits_answer_with_their_codes() {
     });
     assert_eq!(reason, Some(ReasonCode::TopicNameInvalid));
 }
+
+#[test]
+fn passwords_and_acl_are_enforced() {
+    use mqtt_quic_core::broker::auth::FileAuth;
+    use std::num::NonZeroU32;
+    use std::sync::Arc;
+    let passwords = FileAuth::hash_password("alice", "s3cret", [1; 16], NonZeroU32::new(1000).unwrap());
+    let auth = FileAuth::new(false)
+        .with_passwords(&passwords)
+        .unwrap()
+        .with_acl("user alice\ntopic readwrite alice/#\ntopic read news/#\n")
+        .unwrap();
+    let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    qc.seed = 14;
+    let mut config = BrokerConfig::new(qc);
+    config.auth = Some(Arc::new(auth));
+    let mut w = World { sim: Sim::new(14, Link::default()) };
+    w.sim.add_host(broker_addr(), Node::Broker(Box::new(Broker::new(config).unwrap())));
+
+    // A wrong password is refused with 0x86.
+    let wrong = ClientSessionConfig {
+        username: Some("alice".into()),
+        password: Some(Bytes::from_static(b"nope")),
+        ..session("x")
+    };
+    let mut qc = ClientConfig::new(ClientTls::insecure());
+    qc.seed = 99;
+    let client = MqttClient::new(MqttClientConfig {
+        quic: qc,
+        session: wrong,
+        server: broker_addr(),
+        server_name: "broker.test".into(),
+        reconnect: None,
+    })
+    .unwrap();
+    let intruder = w.sim.add_host("10.0.1.9:50009".parse().unwrap(), Node::Client(Box::new(client), Vec::new()));
+    let now = w.sim.now();
+    w.c(intruder).start(now).unwrap();
+    assert!(w.run_until(|w| w.events(intruder).iter().any(|e| matches!(e, ClientEvent::Refused { .. }))));
+    assert!(w.events(intruder).contains(&ClientEvent::Refused { reason: ReasonCode::BadUserNameOrPassword }));
+
+    // The right one gets in; the ACL decides the rest.
+    let alice = w.client(
+        2,
+        ClientSessionConfig {
+            username: Some("alice".into()),
+            password: Some(Bytes::from_static(b"s3cret")),
+            ..session("alice")
+        },
+    );
+    let now = w.sim.now();
+    let subs = ["alice/inbox", "news/today", "secrets/#"]
+        .iter()
+        .map(|f| Subscription { filter: TopicFilter::new(*f).unwrap(), options: SubscriptionOptions::default() })
+        .collect();
+    w.c(alice).subscribe(now, subs, None).unwrap();
+    assert!(w.run_until(|w| w.events(alice).iter().any(|e| matches!(e, ClientEvent::Subscribed { .. }))));
+    let codes = w.events(alice).iter().find_map(|e| match e {
+        ClientEvent::Subscribed { reason_codes, .. } => Some(reason_codes.clone()),
+        _ => None,
+    });
+    assert_eq!(codes.unwrap(), [ReasonCode::Success, ReasonCode::Success, ReasonCode::NotAuthorized]);
+    w.events(alice).clear();
+    w.publish(alice, "news/today", "not hers to write", QoS::AtLeastOnce, false);
+    assert!(w.run_until(|w| w.events(alice).iter().any(|e| matches!(e, ClientEvent::Published { .. }))));
+    let reason = w.events(alice).iter().find_map(|e| match e {
+        ClientEvent::Published { reason, .. } => Some(*reason),
+        _ => None,
+    });
+    assert_eq!(reason, Some(ReasonCode::NotAuthorized));
+}

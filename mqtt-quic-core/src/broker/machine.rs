@@ -3,6 +3,7 @@
 //! An application embedding it can subscribe and publish in-process
 //! ([`Broker::subscribe_local`], [`Broker::publish_local`]) without a connection.
 
+use super::auth::Auth;
 use super::retained::RetainedStore;
 use super::router::{Entry, Router, SessionKey};
 use crate::config::{ConfigError, ServerConfig};
@@ -16,6 +17,7 @@ use mqtt_proto::{
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Settings of a broker.
@@ -36,6 +38,8 @@ pub struct BrokerConfig {
     pub max_subscriptions_per_client: usize,
     /// Most levels in a topic name or filter; deeper ones are refused (0x90 / 0x8F).
     pub max_topic_levels: usize,
+    /// Authentication and authorization; `None` lets everyone in and allows everything.
+    pub auth: Option<Arc<dyn Auth>>,
     /// How often broker statistics are published under `$SYS/broker/` (retained, QoS 0, like
     /// mosquitto's); `None` turns them off.
     pub sys_interval: Option<Duration>,
@@ -53,6 +57,7 @@ impl BrokerConfig {
             sys_interval: Some(Duration::from_secs(10)),
             max_subscriptions_per_client: 1_000,
             max_topic_levels: 32,
+            auth: None,
         }
     }
 }
@@ -109,6 +114,7 @@ struct Record {
 struct Live {
     session: ServerSession,
     client: Option<String>,
+    username: Option<String>,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -292,7 +298,11 @@ impl Broker {
 
     fn live(&mut self, now: Instant, conn: ConnId) -> &mut Live {
         let config = self.config.session.clone();
-        self.conns.entry(conn).or_insert_with(|| Live { session: ServerSession::new(now, config), client: None })
+        self.conns.entry(conn).or_insert_with(|| Live {
+            session: ServerSession::new(now, config),
+            client: None,
+            username: None,
+        })
     }
 
     /// Moves one connection's events and bytes along.
@@ -324,7 +334,13 @@ impl Broker {
                 self.stats.messages_received += 1;
                 // `$` topics are the broker's (e.g. `$SYS`): clients may not publish there.
                 let levels = p.topic.as_str().split('/').count();
-                let reason = if p.topic.is_system() {
+                let allowed = match (&self.config.auth, self.conns.get(&conn)) {
+                    (Some(auth), Some(live)) => {
+                        auth.can_publish(live.client.as_deref().unwrap_or(""), live.username.as_deref(), &p.topic)
+                    }
+                    _ => true,
+                };
+                let reason = if p.topic.is_system() || !allowed {
                     ReasonCode::NotAuthorized
                 } else if levels > self.config.max_topic_levels {
                     ReasonCode::TopicNameInvalid
@@ -371,6 +387,15 @@ impl Broker {
             format!("auto-{}", self.next_key)
         });
         let id = assigned.clone().unwrap_or_else(|| c.client_id.to_string());
+        let username = c.username.as_ref().map(|u| u.as_str().to_string());
+        if let Some(auth) = &self.config.auth {
+            if let Err(code) = auth.connect(&id, username.as_deref(), c.password.as_deref()) {
+                if let Some(live) = self.conns.get_mut(&conn) {
+                    let _ = live.session.refuse(now, code);
+                }
+                return;
+            }
+        }
         let expiry = if c.protocol.is_v5() {
             c.properties.session_expiry_interval.unwrap_or(0).min(self.config.max_session_expiry)
         } else if c.clean_start {
@@ -418,6 +443,7 @@ impl Broker {
         self.keys.insert(record.key, id.clone());
         let Some(live) = self.conns.get_mut(&conn) else { return };
         live.client = Some(id);
+        live.username = username;
         match (existed, state) {
             (true, Some(state)) => {
                 let _ = live.session.resume(now, state);
@@ -546,6 +572,12 @@ impl Broker {
             if levels > self.config.max_topic_levels {
                 codes.push(ReasonCode::TopicFilterInvalid);
                 continue;
+            }
+            if let (Some(auth), Some(live)) = (&self.config.auth, self.conns.get(&conn)) {
+                if !auth.can_subscribe(live.client.as_deref().unwrap_or(""), live.username.as_deref(), &s.filter) {
+                    codes.push(ReasonCode::NotAuthorized);
+                    continue;
+                }
             }
             if !known && self.router.filters(key).len() >= self.config.max_subscriptions_per_client {
                 codes.push(ReasonCode::QuotaExceeded);

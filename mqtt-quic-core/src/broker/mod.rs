@@ -2,6 +2,7 @@
 //! outlives connections: subscriptions and routing, retained messages, kept sessions and wills.
 //! (Still to come: limits, `$SYS`, authentication and authorization, in-process clients.)
 
+pub mod auth;
 pub mod machine;
 pub mod retained;
 pub mod router;

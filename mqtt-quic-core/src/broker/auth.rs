@@ -1,0 +1,325 @@
+//! Authentication and authorization: the [`Auth`] trait the broker consults, and [`FileAuth`],
+//! a built-in implementation from a password file and a mosquitto-style ACL file.
+//!
+//! The core reads no files: [`FileAuth`] parses their contents, which an adapter loads.
+//!
+//! # Password file
+//!
+//! One user per line, `name:$pbkdf2-sha256$ITERATIONS$SALT$HASH`, with SALT (16 bytes) and HASH
+//! (32 bytes) in lower-case hex; PBKDF2 with HMAC-SHA-256, a slow salted hash so a leaked file
+//! does not give the passwords away. [`FileAuth::hash_password`] writes such an entry. Blank
+//! lines and lines starting with `#` are ignored.
+//!
+//! # ACL file
+//!
+//! mosquitto's `acl_file` syntax: `topic [read|write|readwrite] TOPIC` lines before any `user`
+//! line apply to anonymous clients; after `user NAME` they apply to that user; `pattern [..] TOPIC`
+//! lines apply to everyone, with `%c` replaced by the client id and `%u` by the user name.
+//! Access defaults to `readwrite`; anything not granted is denied.
+
+use mqtt_proto::{topic, ReasonCode, TopicFilter, TopicName};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::num::NonZeroU32;
+use thiserror::Error;
+
+/// What the broker asks before letting a client in, publish or subscribe.
+pub trait Auth: Debug {
+    /// Checks a CONNECT's credentials; `Err` carries the CONNACK refusal code (e.g. Bad User Name
+    /// or Password, Not authorized).
+    fn connect(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<(), ReasonCode>;
+    /// Whether the client may publish to `topic`.
+    fn can_publish(&self, client_id: &str, username: Option<&str>, topic: &TopicName) -> bool;
+    /// Whether the client may subscribe to `filter` (a shared filter by its inner filter).
+    fn can_subscribe(&self, client_id: &str, username: Option<&str>, filter: &TopicFilter) -> bool;
+}
+
+/// A password file or ACL file line that could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("line {line}: {message}")]
+pub struct AuthFileError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+const SCHEME: &str = "$pbkdf2-sha256$";
+
+#[derive(Debug, Clone)]
+struct Hash {
+    iterations: NonZeroU32,
+    salt: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    access: Access,
+    topic: String,
+}
+
+/// Passwords and ACL from files, plus whether anonymous clients may connect.
+#[derive(Debug, Clone, Default)]
+pub struct FileAuth {
+    allow_anonymous: bool,
+    passwords: BTreeMap<String, Hash>,
+    /// `None`: no ACL file, everything is allowed.
+    acl: Option<Acl>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Acl {
+    anonymous: Vec<Rule>,
+    users: BTreeMap<String, Vec<Rule>>,
+    patterns: Vec<Rule>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn derive(password: &[u8], salt: &[u8], iterations: NonZeroU32) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    ring::pbkdf2::derive(ring::pbkdf2::PBKDF2_HMAC_SHA256, iterations, salt, password, &mut out);
+    out
+}
+
+impl FileAuth {
+    /// No users, no ACL; anonymous clients allowed or not.
+    pub fn new(allow_anonymous: bool) -> FileAuth {
+        FileAuth { allow_anonymous, ..FileAuth::default() }
+    }
+
+    /// A password file entry for `user` (the salt should be 16 random bytes).
+    pub fn hash_password(user: &str, password: &str, salt: [u8; 16], iterations: NonZeroU32) -> String {
+        let hash = derive(password.as_bytes(), &salt, iterations);
+        format!("{user}:{SCHEME}{iterations}${}${}", hex(&salt), hex(&hash))
+    }
+
+    /// Loads the contents of a password file (see the module docs).
+    pub fn with_passwords(mut self, contents: &str) -> Result<FileAuth, AuthFileError> {
+        for (n, raw) in contents.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |message: &str| AuthFileError { line: n + 1, message: message.to_string() };
+            let (user, rest) = line.split_once(':').ok_or_else(|| bad("expected name:hash"))?;
+            let rest = rest.strip_prefix(SCHEME).ok_or_else(|| bad("hash must start with $pbkdf2-sha256$"))?;
+            let mut parts = rest.split('$');
+            let (Some(iter), Some(salt), Some(hash), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad("expected $pbkdf2-sha256$ITERATIONS$SALT$HASH"));
+            };
+            let iterations = iter.parse::<NonZeroU32>().map_err(|_| bad("iterations must be a positive number"))?;
+            let salt = unhex(salt).ok_or_else(|| bad("salt is not hex"))?;
+            let hash = unhex(hash).filter(|h| h.len() == 32).ok_or_else(|| bad("hash is not 32 bytes of hex"))?;
+            self.passwords.insert(user.to_string(), Hash { iterations, salt, hash });
+        }
+        Ok(self)
+    }
+
+    /// Loads the contents of an ACL file (see the module docs).
+    pub fn with_acl(mut self, contents: &str) -> Result<FileAuth, AuthFileError> {
+        let mut acl = Acl::default();
+        let mut user: Option<String> = None;
+        for (n, raw) in contents.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |message: &str| AuthFileError { line: n + 1, message: message.to_string() };
+            let (keyword, rest) =
+                line.split_once(char::is_whitespace).ok_or_else(|| bad("expected a keyword and a value"))?;
+            let rest = rest.trim();
+            match keyword {
+                "user" => user = Some(rest.to_string()),
+                "topic" | "pattern" => {
+                    let (access, topic) = match rest.split_once(char::is_whitespace) {
+                        Some(("read", t)) => (Access::Read, t.trim()),
+                        Some(("write", t)) => (Access::Write, t.trim()),
+                        Some(("readwrite", t)) => (Access::ReadWrite, t.trim()),
+                        _ => (Access::ReadWrite, rest),
+                    };
+                    // The filter must be valid once %c / %u are filled in with plain text.
+                    TopicFilter::new(topic.replace("%c", "c").replace("%u", "u"))
+                        .map_err(|_| bad("invalid topic filter"))?;
+                    let rule = Rule { access, topic: topic.to_string() };
+                    match (keyword, &user) {
+                        ("pattern", _) => acl.patterns.push(rule),
+                        (_, Some(u)) => acl.users.entry(u.clone()).or_default().push(rule),
+                        (_, None) => acl.anonymous.push(rule),
+                    }
+                }
+                other => return Err(bad(&format!("unknown keyword {other:?}"))),
+            }
+        }
+        self.acl = Some(acl);
+        Ok(self)
+    }
+
+    /// Whether `rules` (and the patterns) grant `want` on `target` for this client.
+    fn allowed(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        want: Access,
+        target: &str,
+        covers: fn(&str, &str) -> bool,
+    ) -> bool {
+        let Some(acl) = &self.acl else { return true };
+        let grants = |r: &Rule| r.access == want || r.access == Access::ReadWrite;
+        let own = match username {
+            Some(u) => acl.users.get(u).map_or(&[][..], |v| v.as_slice()),
+            None => acl.anonymous.as_slice(),
+        };
+        if own.iter().any(|r| grants(r) && covers(&r.topic, target)) {
+            return true;
+        }
+        acl.patterns.iter().any(|r| {
+            // A pattern naming %u does not apply to anonymous clients.
+            if !grants(r) || (r.topic.contains("%u") && username.is_none()) {
+                return false;
+            }
+            let topic = r.topic.replace("%c", client_id).replace("%u", username.unwrap_or(""));
+            covers(&topic, target)
+        })
+    }
+}
+
+/// Whether an ACL filter covers a subscription filter: every topic the subscription can match,
+/// the ACL filter matches too.
+fn covers(acl: &str, sub: &str) -> bool {
+    if sub.starts_with('$') != acl.starts_with('$') && (acl.starts_with('+') || acl.starts_with('#')) {
+        return false;
+    }
+    let mut a = acl.split('/');
+    let mut s = sub.split('/');
+    loop {
+        match (a.next(), s.next()) {
+            (Some("#"), _) => return true,
+            (_, Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(x), Some(y)) if x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+impl Auth for FileAuth {
+    fn connect(&self, _client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<(), ReasonCode> {
+        let Some(user) = username else {
+            return if self.allow_anonymous { Ok(()) } else { Err(ReasonCode::NotAuthorized) };
+        };
+        let Some(expected) = self.passwords.get(user) else {
+            // Users without a password entry are let in only where anonymous clients are.
+            return if self.allow_anonymous && self.passwords.is_empty() {
+                Ok(())
+            } else {
+                Err(ReasonCode::BadUserNameOrPassword)
+            };
+        };
+        let given = password.unwrap_or_default();
+        ring::pbkdf2::verify(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            expected.iterations,
+            &expected.salt,
+            given,
+            &expected.hash,
+        )
+        .map_err(|_| ReasonCode::BadUserNameOrPassword)
+    }
+
+    fn can_publish(&self, client_id: &str, username: Option<&str>, t: &TopicName) -> bool {
+        self.allowed(client_id, username, Access::Write, t.as_str(), topic::matches)
+    }
+
+    fn can_subscribe(&self, client_id: &str, username: Option<&str>, filter: &TopicFilter) -> bool {
+        self.allowed(client_id, username, Access::Read, filter.match_filter(), covers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(v: u32) -> NonZeroU32 {
+        NonZeroU32::new(v).unwrap()
+    }
+
+    #[test]
+    fn passwords_verify_and_bad_lines_are_reported() {
+        let entry = FileAuth::hash_password("alice", "s3cret", [7; 16], n(1000));
+        let auth = FileAuth::new(false).with_passwords(&format!("# users\n\n{entry}\n")).unwrap();
+        assert_eq!(auth.connect("c", Some("alice"), Some(b"s3cret")), Ok(()));
+        assert_eq!(auth.connect("c", Some("alice"), Some(b"wrong")), Err(ReasonCode::BadUserNameOrPassword));
+        assert_eq!(auth.connect("c", Some("bob"), Some(b"s3cret")), Err(ReasonCode::BadUserNameOrPassword));
+        assert_eq!(auth.connect("c", None, None), Err(ReasonCode::NotAuthorized));
+        let err = FileAuth::new(false).with_passwords("alice:plain").unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.to_string().contains("pbkdf2"), "{err}");
+    }
+
+    #[test]
+    fn acl_sections_patterns_and_access() {
+        let acl = "\
+# anonymous clients
+topic read public/#
+
+user alice
+topic readwrite alice/#
+topic write reports/+
+
+pattern read devices/%c/commands
+pattern write users/%u/status
+";
+        let auth = FileAuth::new(true).with_acl(acl).unwrap();
+        let t = |s: &str| TopicName::new(s).unwrap();
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        // Anonymous: read public only.
+        assert!(auth.can_subscribe("dev1", None, &f("public/news")));
+        assert!(auth.can_subscribe("dev1", None, &f("public/#")));
+        assert!(!auth.can_publish("dev1", None, &t("public/news")));
+        // Alice: her own tree both ways, reports write-only.
+        assert!(auth.can_publish("c", Some("alice"), &t("alice/x/y")));
+        assert!(auth.can_subscribe("c", Some("alice"), &f("alice/+/y")));
+        assert!(auth.can_publish("c", Some("alice"), &t("reports/daily")));
+        assert!(!auth.can_subscribe("c", Some("alice"), &f("reports/daily")));
+        assert!(!auth.can_subscribe("c", Some("alice"), &f("public/news")), "anonymous rules are not hers");
+        // Patterns.
+        assert!(auth.can_subscribe("dev1", None, &f("devices/dev1/commands")));
+        assert!(!auth.can_subscribe("dev1", None, &f("devices/dev2/commands")));
+        assert!(auth.can_publish("c", Some("alice"), &t("users/alice/status")));
+        assert!(!auth.can_publish("c", None, &t("users//status")), "%u needs a user");
+        // A subscription wider than the grant is refused.
+        assert!(!auth.can_subscribe("c", Some("alice"), &f("#")));
+        assert!(!auth.can_subscribe("dev1", None, &f("devices/+/commands")));
+        assert!(FileAuth::new(true).with_acl("frobnicate x").is_err());
+    }
+
+    #[test]
+    fn covering_rules() {
+        assert!(covers("a/#", "a/+/b"));
+        assert!(covers("a/+", "a/+"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(covers("#", "a/#"));
+        assert!(!covers("#", "$SYS/#"));
+    }
+}
