@@ -525,12 +525,12 @@ impl Broker {
             out.retain = publish.retain && d.retain_as_published;
             out.properties.topic_alias = None;
             out.properties.subscription_identifiers = d.subscription_ids.into();
-            self.deliver(d.session, out);
+            self.deliver(now, d.session, out);
         }
     }
 
     /// Hands a message to a session: its connection when online, its queue when offline.
-    fn deliver(&mut self, key: SessionKey, publish: Publish) {
+    fn deliver(&mut self, now: Instant, key: SessionKey, publish: Publish) {
         if key > LOCAL_BASE {
             self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
             return;
@@ -538,14 +538,14 @@ impl Broker {
         let Some(record) = self.keys.get(&key).and_then(|id| self.clients.get_mut(id)) else { return };
         match record.conn.and_then(|c| self.conns.get_mut(&c).map(|l| (c, l))) {
             Some((conn, live)) => {
-                if live.session.publish(publish).is_ok() {
+                if live.session.publish(now, publish).is_ok() {
                     self.stats.messages_sent += 1;
                 }
                 self.dirty.insert(conn);
             }
             None if publish.qos() != QoS::AtMostOnce => {
                 if let Some(state) = record.kept.as_mut() {
-                    state.enqueue(publish, self.config.max_offline_queue);
+                    state.enqueue(now, publish, self.config.max_offline_queue);
                 }
             }
             None => {}
@@ -608,7 +608,7 @@ impl Broker {
         if let Some(live) = self.conns.get_mut(&conn) {
             let _ = live.session.suback(packet_id, codes);
             for m in retained {
-                let _ = live.session.publish(m);
+                let _ = live.session.publish(now, m);
             }
         }
     }

@@ -156,7 +156,8 @@ pub struct SessionState {
     incoming_qos2: BTreeSet<u16>,
     /// Sent but unacknowledged: (packet id, PUBREL sent, request id, message).
     inflight: Vec<(PacketId, bool, u64, Publish)>,
-    queued: VecDeque<(u64, Publish)>,
+    /// Waiting for an in-flight slot: (request id, message, when it was queued).
+    queued: VecDeque<(u64, Publish, Instant)>,
     next_id: u64,
 }
 
@@ -168,12 +169,12 @@ impl SessionState {
 
     /// Queues a message for a client that is offline; it goes out when the session resumes.
     /// Returns false (and drops the message) when `max` messages already wait.
-    pub fn enqueue(&mut self, publish: Publish, max: usize) -> bool {
+    pub fn enqueue(&mut self, now: Instant, publish: Publish, max: usize) -> bool {
         if self.pending() >= max {
             return false;
         }
         self.next_id += 1;
-        self.queued.push_back((self.next_id, publish));
+        self.queued.push_back((self.next_id, publish, now));
         true
     }
 }
@@ -199,7 +200,8 @@ pub struct ServerSession {
     ids: PacketIds,
     /// Our publishes in flight: (packet id, released (PUBREL sent), request id, message).
     inflight: Vec<(PacketId, bool, u64, Publish)>,
-    queued: VecDeque<(u64, Publish)>,
+    /// Waiting for an in-flight slot: (request id, message, when it was queued).
+    queued: VecDeque<(u64, Publish, Instant)>,
     next_id: u64,
 }
 
@@ -307,7 +309,7 @@ impl ServerSession {
         self.state = State::Connected;
         self.write(&ack.into());
         self.touch(now);
-        self.pump();
+        self.pump(now);
         Ok(())
     }
 
@@ -350,7 +352,7 @@ impl ServerSession {
 
     /// Sends a message to the client. QoS 1 and 2 messages wait for a slot under the client's
     /// Receive Maximum and complete with [`ServerEvent::Delivered`]. Returns the id used there.
-    pub fn publish(&mut self, mut publish: Publish) -> Result<u64, ServerCommandError> {
+    pub fn publish(&mut self, now: Instant, mut publish: Publish) -> Result<u64, ServerCommandError> {
         if self.state != State::Connected {
             return Err(ServerCommandError::WrongState);
         }
@@ -368,8 +370,8 @@ impl ServerSession {
         if self.queued.len() >= self.config.max_queued {
             return Err(ServerCommandError::QueueFull);
         }
-        self.queued.push_back((id, publish));
-        self.pump();
+        self.queued.push_back((id, publish, now));
+        self.pump(now);
         Ok(id)
     }
 
@@ -496,15 +498,24 @@ impl ServerSession {
         self.violation(e.reason_code());
     }
 
-    fn pump(&mut self) {
+    fn pump(&mut self, now: Instant) {
         if self.state != State::Connected {
             return;
         }
         let limit = usize::from(self.client_receive_maximum.min(self.config.max_inflight).max(1));
         while self.inflight.len() < limit {
-            let Some((id, mut publish)) = self.queued.pop_front() else { break };
+            let Some((id, mut publish, queued_at)) = self.queued.pop_front() else { break };
+            // Message expiry counts down while queued [MQTT-3.3.2-5, MQTT-3.3.2-6]: an expired
+            // message is dropped, a live one goes out with what is left of its interval.
+            if let Some(secs) = publish.properties.message_expiry_interval {
+                let waited = now.saturating_duration_since(queued_at).as_secs();
+                match u64::from(secs).checked_sub(waited).filter(|left| *left > 0) {
+                    Some(left) => publish.properties.message_expiry_interval = Some(left as u32),
+                    None => continue,
+                }
+            }
             let Some(packet_id) = self.ids.allocate() else {
-                self.queued.push_front((id, publish));
+                self.queued.push_front((id, publish, queued_at));
                 break;
             };
             publish.qos_pid = QosPid::from_parts(publish.qos(), packet_id);
@@ -513,14 +524,14 @@ impl ServerSession {
         }
     }
 
-    fn acknowledged(&mut self, packet_id: PacketId, qos: QoS, released: bool) {
+    fn acknowledged(&mut self, now: Instant, packet_id: PacketId, qos: QoS, released: bool) {
         let found =
             self.inflight.iter().position(|(id, rel, _, p)| *id == packet_id && *rel == released && p.qos() == qos);
         if let Some(i) = found {
             let (packet_id, _, id, _) = self.inflight.remove(i);
             self.ids.release(packet_id);
             self.events.push_back(ServerEvent::Delivered { id });
-            self.pump();
+            self.pump(now);
         }
     }
 
@@ -532,7 +543,7 @@ impl ServerSession {
             (State::Deciding, Packet::Auth(auth)) => self.events.push_back(ServerEvent::Auth(auth)),
             (State::Deciding, _) => self.violation(ReasonCode::ProtocolError),
             (State::Connected, Packet::Publish(p)) => self.on_publish(p),
-            (State::Connected, Packet::PubAck(ack)) => self.acknowledged(ack.packet_id, QoS::AtLeastOnce, false),
+            (State::Connected, Packet::PubAck(ack)) => self.acknowledged(now, ack.packet_id, QoS::AtLeastOnce, false),
             (State::Connected, Packet::PubRec(ack)) => {
                 let found = self
                     .inflight
@@ -541,7 +552,7 @@ impl ServerSession {
                 match found {
                     Some(entry) if ack.reason_code.is_error() => {
                         entry.1 = true;
-                        self.acknowledged(ack.packet_id, QoS::ExactlyOnce, true);
+                        self.acknowledged(now, ack.packet_id, QoS::ExactlyOnce, true);
                     }
                     Some(entry) => {
                         entry.1 = true;
@@ -554,7 +565,7 @@ impl ServerSession {
                     }
                 }
             }
-            (State::Connected, Packet::PubComp(ack)) => self.acknowledged(ack.packet_id, QoS::ExactlyOnce, true),
+            (State::Connected, Packet::PubComp(ack)) => self.acknowledged(now, ack.packet_id, QoS::ExactlyOnce, true),
             (State::Connected, Packet::PubRel(ack)) => {
                 let mut comp = Ack::new(ack.packet_id);
                 if !self.incoming_qos2.remove(&ack.packet_id.get()) {
@@ -948,8 +959,8 @@ mod tests {
         let mut c = connect(Protocol::V5);
         c.properties.receive_maximum = NonZeroU16::new(1);
         let mut h = Harness::connected(ServerSessionConfig::default(), c);
-        let a = h.session.publish(publish("x", QoS::AtLeastOnce, 1)).unwrap();
-        let b = h.session.publish(publish("y", QoS::ExactlyOnce, 1)).unwrap();
+        let a = h.session.publish(h.now, publish("x", QoS::AtLeastOnce, 1)).unwrap();
+        let b = h.session.publish(h.now, publish("y", QoS::ExactlyOnce, 1)).unwrap();
         let sent = h.sent();
         assert_eq!(sent.len(), 1, "one in flight");
         let Packet::Publish(p) = &sent[0] else { panic!() };
@@ -964,12 +975,36 @@ mod tests {
     }
 
     #[test]
+    fn message_expiry_counts_down_while_queued() {
+        let mut c = connect(Protocol::V5);
+        c.properties.receive_maximum = NonZeroU16::new(1);
+        let mut h = Harness::connected(ServerSessionConfig::default(), c);
+        let with_expiry = |topic: &str, secs| {
+            let mut p = publish(topic, QoS::AtLeastOnce, 1);
+            p.properties.message_expiry_interval = Some(secs);
+            p
+        };
+        h.session.publish(h.now, publish("first", QoS::AtLeastOnce, 1)).unwrap();
+        h.session.publish(h.now, with_expiry("short", 2)).unwrap();
+        h.session.publish(h.now, with_expiry("long", 10)).unwrap();
+        let Packet::Publish(first) = h.sent().remove(0) else { panic!() };
+        h.now += Duration::from_secs(3);
+        h.feed(Packet::PubAck(Ack::new(first.packet_id().unwrap())));
+        // "short" expired while waiting; "long" goes out with 7 s left.
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let Packet::Publish(p) = &sent[0] else { panic!() };
+        assert_eq!(p.topic.as_str(), "long");
+        assert_eq!(p.properties.message_expiry_interval, Some(7));
+    }
+
+    #[test]
     fn messages_above_the_client_maximum_packet_size_are_refused() {
         let mut c = connect(Protocol::V5);
         c.properties.maximum_packet_size = std::num::NonZeroU32::new(50);
         let mut h = Harness::connected(ServerSessionConfig::default(), c);
         let big = Publish::new(TopicName::new("t").unwrap(), vec![0u8; 100]);
-        assert!(matches!(h.session.publish(big), Err(ServerCommandError::PacketTooLarge { max: 50, .. })));
+        assert!(matches!(h.session.publish(h.now, big), Err(ServerCommandError::PacketTooLarge { max: 50, .. })));
     }
 
     #[test]
@@ -1027,7 +1062,7 @@ mod tests {
         h.feed(Packet::Publish(publish("in", QoS::ExactlyOnce, 9)));
         h.session.acknowledge(QosPid::ExactlyOnce(PacketId::new(9).unwrap()), ReasonCode::Success);
         // Our QoS 1 message to the client is not acknowledged.
-        h.session.publish(publish("out", QoS::AtLeastOnce, 1)).unwrap();
+        h.session.publish(h.now, publish("out", QoS::AtLeastOnce, 1)).unwrap();
         h.sent();
         h.session.connection_lost();
         h.events();
