@@ -526,3 +526,21 @@ fn passwords_and_acl_are_enforced() {
     });
     assert_eq!(reason, Some(ReasonCode::NotAuthorized));
 }
+
+#[test]
+fn shared_subscription_redelivers_when_a_member_leaves_unacknowledged() {
+    let mut w = World::new(15);
+    let m1 = w.client(1, session("m1"));
+    let m2 = w.client(2, session("m2"));
+    w.subscribe(m1, "$share/workers/jobs/#", QoS::AtLeastOnce);
+    w.subscribe(m2, "$share/workers/jobs/#", QoS::AtLeastOnce);
+    let p = w.client(3, session("p"));
+    w.publish(p, "jobs/1", "build", QoS::AtLeastOnce, false);
+    // The broker hands the job to m1 (first in the group); m1 vanishes before it arrives.
+    assert!(w.run_until(|w| w.broker().stats().messages_sent >= 1));
+    let now = w.sim.now();
+    w.c(m1).drop_connection(now);
+    assert!(w.run_until(|w| !w.messages(m2).is_empty()));
+    assert_eq!(w.messages(m2), [("jobs/1".to_string(), "build".to_string(), false)]);
+    assert!(w.messages(m1).is_empty());
+}

@@ -137,6 +137,9 @@ pub struct Broker {
     /// reconnect are dropped when they come due.
     record_timers: BTreeSet<(Instant, String)>,
     events: VecDeque<BrokerEvent>,
+    /// Messages sent through a shared subscription and not yet acknowledged, by (session,
+    /// request id): redelivered to another member if the session leaves first.
+    shared_pending: BTreeMap<(SessionKey, u64), TopicFilter>,
     next_local: SessionKey,
     stats: Stats,
     started: Option<Instant>,
@@ -159,6 +162,7 @@ impl Broker {
             session_armed: BTreeMap::new(),
             record_timers: BTreeSet::new(),
             events: VecDeque::new(),
+            shared_pending: BTreeMap::new(),
             next_local: LOCAL_BASE,
             stats: Stats::default(),
             started: None,
@@ -376,6 +380,11 @@ impl Broker {
                     }
                 }
             }
+            ServerEvent::Delivered { id } => {
+                if let Some(key) = key {
+                    self.shared_pending.remove(&(key, id));
+                }
+            }
             ServerEvent::Ended { will, .. } => self.on_end(now, conn, will),
             _ => {}
         }
@@ -457,7 +466,10 @@ impl Broker {
     fn on_end(&mut self, now: Instant, conn: ConnId, will: Option<Will>) {
         let Some(live) = self.conns.get_mut(&conn) else { return };
         let Some(id) = live.client.take() else { return };
-        let state = live.session.take_state();
+        let mut state = live.session.take_state();
+        if let Some(key) = self.clients.get(&id).map(|r| r.key) {
+            self.redistribute(now, key, &mut state);
+        }
         let Some(record) = self.clients.get_mut(&id) else { return };
         if record.conn != Some(conn) {
             return;
@@ -478,6 +490,28 @@ impl Broker {
             self.record_timers.insert((at, id));
         }
         self.fire(now);
+    }
+
+    /// Hands what a leaving member of shared subscriptions had not acknowledged to other members.
+    fn redistribute(&mut self, now: Instant, key: SessionKey, state: &mut SessionState) {
+        let pending: Vec<((SessionKey, u64), TopicFilter)> =
+            self.shared_pending.range((key, 0)..=(key, u64::MAX)).map(|(k, f)| (*k, f.clone())).collect();
+        for ((_, id), filter) in pending {
+            self.shared_pending.remove(&(key, id));
+            for mut publish in state.take_requests(&[id]) {
+                let clients = &self.clients;
+                let keys = &self.keys;
+                let online = |k: SessionKey| {
+                    k > LOCAL_BASE || keys.get(&k).and_then(|c| clients.get(c)).is_some_and(|r| r.conn.is_some())
+                };
+                let Some((other, entry)) = self.router.pick_shared(&filter, key, online) else { continue };
+                publish.dup = false;
+                publish.qos_pid = QosPid::from_parts(publish.qos().min(entry.options.qos), PacketId::MIN);
+                if let Some(new_id) = self.deliver(now, other, publish) {
+                    self.shared_pending.insert((other, new_id), filter.clone());
+                }
+            }
+        }
     }
 
     /// Publishes due wills and drops expired sessions.
@@ -525,30 +559,38 @@ impl Broker {
             out.retain = publish.retain && d.retain_as_published;
             out.properties.topic_alias = None;
             out.properties.subscription_identifiers = d.subscription_ids.into();
-            self.deliver(now, d.session, out);
+            let acknowledged = out.qos() != QoS::AtMostOnce;
+            let id = self.deliver(now, d.session, out);
+            if let (Some(filter), Some(id), true) = (d.shared, id, acknowledged) {
+                self.shared_pending.insert((d.session, id), filter);
+            }
         }
     }
 
     /// Hands a message to a session: its connection when online, its queue when offline.
-    fn deliver(&mut self, now: Instant, key: SessionKey, publish: Publish) {
+    /// Returns the session's request id when the message went to a live connection.
+    fn deliver(&mut self, now: Instant, key: SessionKey, publish: Publish) -> Option<u64> {
         if key > LOCAL_BASE {
             self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
-            return;
+            return None;
         }
-        let Some(record) = self.keys.get(&key).and_then(|id| self.clients.get_mut(id)) else { return };
+        let record = self.keys.get(&key).and_then(|id| self.clients.get_mut(id))?;
         match record.conn.and_then(|c| self.conns.get_mut(&c).map(|l| (c, l))) {
             Some((conn, live)) => {
-                if live.session.publish(now, publish).is_ok() {
+                let id = live.session.publish(now, publish).ok();
+                if id.is_some() {
                     self.stats.messages_sent += 1;
                 }
                 self.dirty.insert(conn);
+                id
             }
             None if publish.qos() != QoS::AtMostOnce => {
                 if let Some(state) = record.kept.as_mut() {
                     state.enqueue(now, publish, self.config.max_offline_queue);
                 }
+                None
             }
-            None => {}
+            None => None,
         }
     }
 

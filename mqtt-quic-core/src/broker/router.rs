@@ -30,6 +30,8 @@ pub struct Entry {
 
 #[derive(Debug, Default)]
 struct Group {
+    /// The whole `$share/{group}/{filter}`, to name the group in deliveries.
+    filter: Option<TopicFilter>,
     members: BTreeMap<SessionKey, Entry>,
     /// Round-robin position: the key served last.
     last: Option<SessionKey>,
@@ -74,6 +76,9 @@ pub struct Delivery {
     pub retain_as_published: bool,
     /// Identifiers of every matching subscription that has one.
     pub subscription_ids: Vec<SubscriptionId>,
+    /// The shared subscription (`$share/...`) that chose this session, if one did: should the
+    /// session leave before acknowledging, another member gets the message.
+    pub shared: Option<TopicFilter>,
 }
 
 /// The subscription index.
@@ -128,7 +133,11 @@ impl Router {
         let subscribers = slot(node, hash);
         let previous = match group {
             None => subscribers.direct.insert(session, entry),
-            Some(g) => subscribers.shared.entry(g.into()).or_default().members.insert(session, entry),
+            Some(g) => {
+                let group = subscribers.shared.entry(g.into()).or_default();
+                group.filter.get_or_insert_with(|| filter.clone());
+                group.members.insert(session, entry)
+            }
         };
         if previous.is_none() {
             self.count += 1;
@@ -167,6 +176,38 @@ impl Router {
     /// The filters a session is subscribed to.
     pub fn filters(&self, session: SessionKey) -> &[TopicFilter] {
         self.by_session.get(&session).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Another online member of the shared subscription `filter` than `exclude`, chosen round
+    /// robin, with its subscription: for redelivering what a leaving member did not acknowledge.
+    pub fn pick_shared(
+        &mut self,
+        filter: &TopicFilter,
+        exclude: SessionKey,
+        online: impl Fn(SessionKey) -> bool,
+    ) -> Option<(SessionKey, Entry)> {
+        let (Some(group_name), levels) = split(filter) else { return None };
+        let (path, hash) = match levels.last() {
+            Some(&"#") => (&levels[..levels.len() - 1], true),
+            _ => (&levels[..], false),
+        };
+        let mut node = &mut self.root;
+        for level in path {
+            node = match *level {
+                "+" => node.plus.as_deref_mut()?,
+                literal => node.children.get_mut(literal)?,
+            };
+        }
+        let group = slot(node, hash).shared.get_mut(group_name)?;
+        let after = group.last.map_or(0, |k| k.wrapping_add(1));
+        let pick = group
+            .members
+            .range(after..)
+            .chain(group.members.range(..after))
+            .find(|(k, _)| **k != exclude && online(**k))
+            .map(|(k, e)| (*k, *e))?;
+        group.last = Some(pick.0);
+        Some(pick)
     }
 
     /// Who receives a message published to `topic` by `publisher` (for No Local), choosing one
@@ -236,7 +277,7 @@ fn take(
     found: &mut BTreeMap<SessionKey, Delivery>,
 ) {
     for (&session, entry) in &subscribers.direct {
-        add(found, session, entry, publisher);
+        add(found, session, entry, publisher, None);
     }
     for group in subscribers.shared.values_mut() {
         // Round robin: the first online member after the one served last, wrapping around.
@@ -250,12 +291,18 @@ fn take(
         if let Some((session, entry)) = pick {
             group.last = Some(session);
             // No Local is not allowed on shared subscriptions, so the publisher may get it.
-            add(found, session, &entry, None);
+            add(found, session, &entry, None, group.filter.as_ref());
         }
     }
 }
 
-fn add(found: &mut BTreeMap<SessionKey, Delivery>, session: SessionKey, entry: &Entry, publisher: Option<SessionKey>) {
+fn add(
+    found: &mut BTreeMap<SessionKey, Delivery>,
+    session: SessionKey,
+    entry: &Entry,
+    publisher: Option<SessionKey>,
+    shared: Option<&TopicFilter>,
+) {
     if entry.options.no_local && publisher == Some(session) {
         return;
     }
@@ -264,7 +311,11 @@ fn add(found: &mut BTreeMap<SessionKey, Delivery>, session: SessionKey, entry: &
         qos: QoS::AtMostOnce,
         retain_as_published: false,
         subscription_ids: Vec::new(),
+        shared: None,
     });
+    if d.shared.is_none() {
+        d.shared = shared.cloned();
+    }
     d.qos = d.qos.max(entry.options.qos);
     d.retain_as_published |= entry.options.retain_as_published;
     if let Some(id) = entry.subscription_id {
@@ -391,6 +442,10 @@ mod tests {
             picks.extend(d.into_iter().map(|d| d.session).filter(|s| *s != 9));
         }
         assert_eq!(picks, [1, 3, 1, 3, 1, 3], "one member per message, skipping the offline one");
+        // Redelivery picks another online member than the one leaving.
+        let filter = f("$share/g/jobs/#");
+        assert_eq!(r.pick_shared(&filter, 1, |s| s != 2).map(|(k, _)| k), Some(3));
+        assert_eq!(r.pick_shared(&filter, 3, |s| s == 3), None);
     }
 
     #[test]

@@ -167,6 +167,28 @@ impl SessionState {
         self.inflight.len() + self.queued.len()
     }
 
+    /// Takes out the messages with these request ids (as returned by `publish`), sent or not,
+    /// for delivery elsewhere; their packet identifiers are freed.
+    pub fn take_requests(&mut self, ids: &[u64]) -> Vec<Publish> {
+        let mut out = Vec::new();
+        self.inflight.retain(|(_, released, id, p)| {
+            // A QoS 2 message already released (PUBREC received) has been delivered: keep it.
+            let take = ids.contains(id) && !*released;
+            if take {
+                out.push(p.clone());
+            }
+            !take
+        });
+        self.queued.retain(|(id, p, _)| {
+            let take = ids.contains(id);
+            if take {
+                out.push(p.clone());
+            }
+            !take
+        });
+        out
+    }
+
     /// Queues a message for a client that is offline; it goes out when the session resumes.
     /// Returns false (and drops the message) when `max` messages already wait.
     pub fn enqueue(&mut self, now: Instant, publish: Publish, max: usize) -> bool {
