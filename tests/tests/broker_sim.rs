@@ -544,3 +544,30 @@ fn shared_subscription_redelivers_when_a_member_leaves_unacknowledged() {
     assert_eq!(w.messages(m2), [("jobs/1".to_string(), "build".to_string(), false)]);
     assert!(w.messages(m1).is_empty());
 }
+
+#[test]
+fn a_full_retained_store_refuses_new_retained_messages_with_0x97() {
+    let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    qc.seed = 16;
+    let mut config = BrokerConfig::new(qc);
+    config.max_retained = 1;
+    config.sys_interval = None;
+    let mut w = World { sim: Sim::new(16, Link::default()) };
+    w.sim.add_host(broker_addr(), Node::Broker(Box::new(Broker::new(config).unwrap())));
+    let c = w.client(1, session("c"));
+    let reasons = |w: &mut World| -> Vec<ReasonCode> {
+        w.events(c)
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::Published { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect()
+    };
+    w.publish(c, "a", "1", QoS::AtLeastOnce, true);
+    w.publish(c, "b", "1", QoS::AtLeastOnce, true);
+    w.publish(c, "a", "2", QoS::AtLeastOnce, true);
+    assert!(w.run_until(|w| reasons(w).len() == 3));
+    assert_eq!(reasons(&mut w), [ReasonCode::Success, ReasonCode::QuotaExceeded, ReasonCode::Success]);
+    assert_eq!(w.broker().retained(), 1);
+}

@@ -344,18 +344,22 @@ impl Broker {
                     }
                     _ => true,
                 };
-                let reason = if p.topic.is_system() || !allowed {
+                let mut reason = if p.topic.is_system() || !allowed {
                     ReasonCode::NotAuthorized
                 } else if levels > self.config.max_topic_levels {
                     ReasonCode::TopicNameInvalid
                 } else {
                     ReasonCode::Success
                 };
+                // A retained message the store has no room for is refused as a whole.
+                if reason == ReasonCode::Success && p.retain && self.retained.set(now, &p).is_err() {
+                    reason = ReasonCode::QuotaExceeded;
+                }
                 if let Some(live) = self.conns.get_mut(&conn) {
                     live.session.acknowledge(p.qos_pid, reason);
                 }
                 if reason == ReasonCode::Success {
-                    self.publish(now, p, key);
+                    self.route(now, p, key);
                 }
             }
             ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {
@@ -545,8 +549,14 @@ impl Broker {
     /// Routes a message to every matching subscription, and retains it when asked.
     fn publish(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
         if publish.retain {
+            // Wills, `$SYS` and in-process messages: a full store keeps its older messages.
             let _ = self.retained.set(now, &publish);
         }
+        self.route(now, publish, from);
+    }
+
+    /// Routes a message to every matching subscription.
+    fn route(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
         let clients = &self.clients;
         let keys = &self.keys;
         let online = |k: SessionKey| {

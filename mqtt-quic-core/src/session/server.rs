@@ -854,6 +854,19 @@ mod tests {
     }
 
     #[test]
+    fn a_will_with_a_wildcard_topic_is_refused_with_0x90() {
+        let mut h = Harness::new(ServerSessionConfig::default());
+        // CONNECT (MQTT 5) with a will on "a/#".
+        let mut bytes = vec![
+            0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x06, 0, 60, 0, 0, 1, b'c', 0, 0, 3, b'a', b'/', b'#', 0, 1, b'x',
+        ];
+        bytes[1] = (bytes.len() - 2) as u8;
+        h.session.handle_bytes(h.now, &bytes);
+        assert_eq!(h.sent(), [ConnAck { reason_code: ReasonCode::TopicNameInvalid, ..Default::default() }.into()]);
+        assert!(h.session.is_ended());
+    }
+
+    #[test]
     fn empty_client_id_without_clean_session_is_rejected_in_311() {
         let mut c = Connect::new(Protocol::V3_1_1, MqttString::default());
         c.clean_start = false;
