@@ -8,63 +8,13 @@ use mqtt_proto::{
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
 use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
-use mqtt_quic_core::quic::Transmit;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
-use mqtt_quic_core::{EcnCodepoint, Machine};
+use mqtt_tests::node::Node;
 use mqtt_tests::sim::{Link, Sim};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-enum Node {
-    Broker(Box<Broker>),
-    Client(Box<MqttClient>, Vec<ClientEvent>),
-}
-
-impl Node {
-    fn machine(&mut self) -> &mut dyn Machine {
-        match self {
-            Node::Broker(b) => b.as_mut(),
-            Node::Client(c, _) => c.as_mut(),
-        }
-    }
-}
-
-impl Machine for Node {
-    fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
-        self.machine().handle_datagram(now, remote, ip, ecn, data);
-        self.collect();
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        self.machine().handle_timeout(now);
-        self.collect();
-    }
-    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let t = self.machine().poll_transmit(now, buf);
-        self.collect();
-        t
-    }
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        self.machine().poll_timeout()
-    }
-}
-
-impl Node {
-    /// Keeps every client event for the test to inspect.
-    fn collect(&mut self) {
-        if let Node::Client(c, events) = self {
-            events.extend(std::iter::from_fn(|| c.poll_event()));
-        }
-    }
-}
+use std::time::Duration;
 
 fn cert() -> &'static SelfSigned {
     static CERT: OnceLock<SelfSigned> = OnceLock::new();
@@ -101,9 +51,7 @@ impl World {
             reconnect: None,
         })
         .unwrap();
-        let host = self
-            .sim
-            .add_host(format!("10.0.1.{n}:5000{n}").parse().unwrap(), Node::Client(Box::new(client), Vec::new()));
+        let host = self.sim.add_host(format!("10.0.1.{n}:5000{n}").parse().unwrap(), Node::client(client));
         self.start(host);
         host
     }
@@ -115,24 +63,15 @@ impl World {
     }
 
     fn c(&mut self, host: usize) -> &mut MqttClient {
-        match self.sim.machine(host) {
-            Node::Client(c, _) => c,
-            Node::Broker(_) => panic!("not a client"),
-        }
+        self.sim.machine(host).as_client()
     }
 
     fn events(&mut self, host: usize) -> &mut Vec<ClientEvent> {
-        match self.sim.machine(host) {
-            Node::Client(_, e) => e,
-            Node::Broker(_) => panic!("not a client"),
-        }
+        self.sim.machine(host).events()
     }
 
     fn broker(&mut self) -> &mut Broker {
-        match self.sim.machine(BROKER) {
-            Node::Broker(b) => b,
-            Node::Client(..) => panic!("not the broker"),
-        }
+        self.sim.machine(BROKER).as_broker()
     }
 
     fn run_until(&mut self, mut done: impl FnMut(&mut World) -> bool) -> bool {
@@ -490,7 +429,7 @@ fn passwords_and_acl_are_enforced() {
         reconnect: None,
     })
     .unwrap();
-    let intruder = w.sim.add_host("10.0.1.9:50009".parse().unwrap(), Node::Client(Box::new(client), Vec::new()));
+    let intruder = w.sim.add_host("10.0.1.9:50009".parse().unwrap(), Node::client(client));
     let now = w.sim.now();
     w.c(intruder).start(now).unwrap();
     assert!(w.run_until(|w| w.events(intruder).iter().any(|e| matches!(e, ClientEvent::Refused { .. }))));

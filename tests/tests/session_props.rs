@@ -1,72 +1,23 @@
-//! MQTT's delivery guarantees through the whole stack (client session, QUIC, simulated lossy
-//! network, server session), while connections are dropped and re-established with a kept
+//! MQTT's delivery guarantees through the whole stack (client machine, QUIC, simulated lossy
+//! network, broker machine), while connections are dropped and re-established with a kept
 //! session: every QoS 1 message arrives at least once, every QoS 2 message exactly once, and
-//! per-topic order from one publisher holds.
+//! per-topic order from one publisher holds. What the broker receives is observed through an
+//! in-process subscription to `#`.
 
 use bytes::Bytes;
-use mqtt_proto::{PacketId, Protocol, Publish, QoS, QosPid, TopicName};
+use mqtt_proto::{PacketId, Protocol, Publish, QoS, QosPid, TopicFilter, TopicName};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, BrokerEvent};
 use mqtt_quic_core::client::{MqttClient, MqttClientConfig, ReconnectPolicy};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
-use mqtt_quic_core::quic::Transmit;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
-use mqtt_quic_core::session::server::ServerSessionConfig;
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
-use mqtt_quic_core::{EcnCodepoint, Machine};
+use mqtt_tests::node::Node;
 use mqtt_tests::sim::{Link, Sim};
-use mqtt_tests::sink::SinkServer;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-enum Node {
-    Server(Box<SinkServer>),
-    Client(Box<MqttClient>),
-}
-
-impl Node {
-    fn server(&mut self) -> &mut SinkServer {
-        match self {
-            Node::Server(s) => s,
-            Node::Client(_) => panic!("not the server"),
-        }
-    }
-    fn client(&mut self) -> &mut MqttClient {
-        match self {
-            Node::Client(c) => c,
-            Node::Server(_) => panic!("not the client"),
-        }
-    }
-    fn machine(&mut self) -> &mut dyn Machine {
-        match self {
-            Node::Server(s) => s.as_mut(),
-            Node::Client(c) => c.as_mut(),
-        }
-    }
-}
-
-impl Machine for Node {
-    fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
-        self.machine().handle_datagram(now, remote, ip, ecn, data)
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        self.machine().handle_timeout(now)
-    }
-    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        self.machine().poll_transmit(now, buf)
-    }
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        self.machine().poll_timeout()
-    }
-}
+use std::time::Duration;
 
 fn cert() -> &'static SelfSigned {
     static CERT: OnceLock<SelfSigned> = OnceLock::new();
@@ -106,7 +57,9 @@ fn run(s: &Scenario) -> Result<(Vec<(usize, String)>, Duration), TestCaseError> 
     let server_addr: SocketAddr = "10.0.0.1:14567".parse().unwrap();
     let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
     sc.seed = s.seed;
-    sim.add_host(server_addr, Node::Server(Box::new(SinkServer::new(&sc, ServerSessionConfig::default()))));
+    let mut config = BrokerConfig::new(sc);
+    config.sys_interval = None;
+    sim.add_host(server_addr, Node::Broker(Box::new(Broker::new(config).unwrap())));
     let mut qc = ClientConfig::new(ClientTls::insecure());
     qc.seed = s.seed.wrapping_add(1);
     let session = ClientSessionConfig {
@@ -126,22 +79,28 @@ fn run(s: &Scenario) -> Result<(Vec<(usize, String)>, Duration), TestCaseError> 
         reconnect: Some(ReconnectPolicy { initial: Duration::from_millis(50), max: Duration::from_millis(500) }),
     })
     .unwrap();
-    sim.add_host("10.0.0.2:50000".parse().unwrap(), Node::Client(Box::new(client)));
+    sim.add_host("10.0.0.2:50000".parse().unwrap(), Node::client(client));
     let now = sim.now();
-    sim.machine(CLIENT).client().start(now).unwrap();
+    sim.machine(SERVER).as_broker().subscribe_local(now, &TopicFilter::new("#").unwrap(), QoS::ExactlyOnce);
+    sim.machine(CLIENT).as_client().start(now).unwrap();
 
     // Publish each message once connected; drop the connection at the scripted points.
     let mut next = 0;
     let mut completed: BTreeMap<u64, bool> = BTreeMap::new();
     let mut ids = BTreeMap::new();
+    let mut received: Vec<(usize, String)> = Vec::new();
     let done = sim.drive_until(2_000_000, |sim| {
         let now = sim.now();
-        let client = sim.machine(CLIENT).client();
-        while let Some(e) = client.poll_event() {
+        while let Some(BrokerEvent::Message { publish, .. }) = sim.machine(SERVER).as_broker().poll_event() {
+            received.push((std::str::from_utf8(&publish.payload).unwrap().parse().unwrap(), publish.topic.to_string()));
+        }
+        let node = sim.machine(CLIENT);
+        for e in node.events().drain(..) {
             if let ClientEvent::Published { id, .. } = e {
                 completed.insert(id.0, true);
             }
         }
+        let client = node.as_client();
         if client.is_connected() && next < s.messages.len() {
             let (topic, qos) = s.messages[next];
             let mut p = Publish::new(TopicName::new(format!("t/{topic}")).unwrap(), Bytes::from(format!("{next}")));
@@ -162,15 +121,10 @@ fn run(s: &Scenario) -> Result<(Vec<(usize, String)>, Duration), TestCaseError> 
     prop_assert!(done, "not every QoS>0 publish completed within the step budget ({s:?})");
     // Let in-flight acknowledgements settle.
     let settle = sim.now() + Duration::from_secs(1);
-    sim.drive_until(100_000, |sim| sim.now() >= settle);
-
-    let received: Vec<(usize, String)> = sim
-        .machine(SERVER)
-        .server()
-        .received
-        .iter()
-        .map(|(_, p)| (std::str::from_utf8(&p.payload).unwrap().parse().unwrap(), p.topic.to_string()))
-        .collect();
+    sim.drive_to(settle);
+    while let Some(BrokerEvent::Message { publish, .. }) = sim.machine(SERVER).as_broker().poll_event() {
+        received.push((std::str::from_utf8(&publish.payload).unwrap().parse().unwrap(), publish.topic.to_string()));
+    }
     let elapsed = sim.elapsed();
     let mut counts = vec![0usize; s.messages.len()];
     for (n, _) in &received {

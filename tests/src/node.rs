@@ -1,0 +1,92 @@
+//! A simulator host that is either the broker machine or a client machine, so tests can put
+//! both on one simulated network. Client events are collected as they happen, for the test to
+//! read with [`Node::events`].
+
+use mqtt_quic_core::broker::machine::Broker;
+use mqtt_quic_core::client::MqttClient;
+use mqtt_quic_core::quic::Transmit;
+use mqtt_quic_core::session::client::ClientEvent;
+use mqtt_quic_core::{EcnCodepoint, Machine};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+/// A broker or a client on the simulated network.
+pub enum Node {
+    /// The broker.
+    Broker(Box<Broker>),
+    /// A client and the events it has reported so far.
+    Client(Box<MqttClient>, Vec<ClientEvent>),
+}
+
+impl Node {
+    /// A client host.
+    pub fn client(client: MqttClient) -> Node {
+        Node::Client(Box::new(client), Vec::new())
+    }
+
+    /// The broker machine; panics on a client host (a test bug).
+    pub fn as_broker(&mut self) -> &mut Broker {
+        match self {
+            Node::Broker(b) => b,
+            Node::Client(..) => panic!("not the broker"),
+        }
+    }
+
+    /// The client machine; panics on the broker host (a test bug).
+    pub fn as_client(&mut self) -> &mut MqttClient {
+        match self {
+            Node::Client(c, _) => c,
+            Node::Broker(_) => panic!("not a client"),
+        }
+    }
+
+    /// The client's events so far; panics on the broker host (a test bug).
+    pub fn events(&mut self) -> &mut Vec<ClientEvent> {
+        match self {
+            Node::Client(_, e) => e,
+            Node::Broker(_) => panic!("not a client"),
+        }
+    }
+
+    fn machine(&mut self) -> &mut dyn Machine {
+        match self {
+            Node::Broker(b) => b.as_mut(),
+            Node::Client(c, _) => c.as_mut(),
+        }
+    }
+
+    fn collect(&mut self) {
+        if let Node::Client(c, events) = self {
+            events.extend(std::iter::from_fn(|| c.poll_event()));
+        }
+    }
+}
+
+impl Machine for Node {
+    fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    ) {
+        self.machine().handle_datagram(now, remote, local_ip, ecn, data);
+        self.collect();
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.machine().handle_timeout(now);
+        self.collect();
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.machine().poll_transmit(now, buf);
+        self.collect();
+        t
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.machine().poll_timeout()
+    }
+}
