@@ -510,3 +510,68 @@ fn a_full_retained_store_refuses_new_retained_messages_with_0x97() {
     assert_eq!(reasons(&mut w), [ReasonCode::Success, ReasonCode::QuotaExceeded, ReasonCode::Success]);
     assert_eq!(w.broker().retained(), 1);
 }
+
+#[test]
+fn a_byte_stream_client_and_a_quic_client_share_the_broker() {
+    use mqtt_quic_core::broker::machine::StreamOutput;
+    use mqtt_quic_core::session::client::ClientSession;
+    let mut w = World::new(17);
+    let quic_sub = w.client(1, session("quic-sub"));
+    w.subscribe(quic_sub, "plant/#", QoS::AtLeastOnce);
+
+    // A "TCP" client: a client session whose bytes the test carries to and from the broker.
+    let mut tcp = ClientSession::new(ClientSessionConfig { protocol: Protocol::V3_1_1, ..session("tcp-pub") }).unwrap();
+    let now = w.sim.now();
+    let stream = w.broker().open_stream(now);
+    tcp.connect(now).unwrap();
+    let mut closed = false;
+    let mut carry = |w: &mut World, tcp: &mut ClientSession| {
+        let now = w.sim.now();
+        while let Some(bytes) = tcp.poll_transmit() {
+            w.broker().handle_stream_bytes(now, stream, &bytes);
+        }
+        while let Some((id, out)) = w.broker().poll_stream() {
+            assert_eq!(id, stream);
+            match out {
+                StreamOutput::Data(bytes) => tcp.handle_bytes(now, &bytes),
+                StreamOutput::Close => closed = true,
+                _ => {}
+            }
+        }
+    };
+    carry(&mut w, &mut tcp);
+    carry(&mut w, &mut tcp);
+    assert!(tcp.is_connected(), "CONNACK over the stream");
+    let mut p = Publish::new(TopicName::new("plant/line1/speed").unwrap(), &b"42"[..]);
+    p.qos_pid = QosPid::AtLeastOnce(PacketId::MIN);
+    tcp.publish(now, p).unwrap();
+    carry(&mut w, &mut tcp);
+    assert!(w.run_until(|w| !w.messages(quic_sub).is_empty()));
+    assert_eq!(w.messages(quic_sub)[0].1, "42");
+    // And the other way: the QUIC client publishes, the stream client has subscribed.
+    tcp.subscribe(
+        w.sim.now(),
+        vec![Subscription { filter: TopicFilter::new("alerts").unwrap(), options: SubscriptionOptions::default() }],
+        None,
+    )
+    .unwrap();
+    carry(&mut w, &mut tcp);
+    w.publish(quic_sub, "alerts", "fire", QoS::AtMostOnce, false);
+    let mut got = Vec::new();
+    assert!(w.run_until(|w| {
+        carry(w, &mut tcp);
+        while let Some(e) = tcp.poll_event() {
+            if let ClientEvent::Message(m) = e {
+                got.push(m.payload.clone());
+            }
+        }
+        !got.is_empty()
+    }));
+    assert_eq!(&got[0][..], b"fire");
+    // Disconnecting closes the stream.
+    tcp.disconnect(w.sim.now(), ReasonCode::NORMAL_DISCONNECTION).unwrap();
+    carry(&mut w, &mut tcp);
+    drop(carry);
+    assert!(closed);
+    assert!(!w.broker().has_session("tcp-pub"), "clean session gone after disconnect");
+}

@@ -11,6 +11,7 @@ use crate::machine::Machine;
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
 use crate::session::server::{ServerEvent, ServerSession, ServerSessionConfig, SessionState};
 use crate::EcnCodepoint;
+use bytes::Bytes;
 use mqtt_proto::{
     Connect, PacketId, Publish, PublishProperties, QoS, QosPid, ReasonCode, RetainHandling, Subscription,
     SubscriptionId, TopicFilter, Will,
@@ -62,6 +63,30 @@ impl BrokerConfig {
     }
 }
 
+/// A byte-stream connection the adapter owns (TCP, TLS over TCP), numbered by the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+
+/// Where a client is connected: a QUIC connection of the broker's endpoint, or a byte stream
+/// the adapter carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    /// A QUIC connection.
+    Quic(ConnId),
+    /// A byte stream (TCP or TLS).
+    Stream(StreamId),
+}
+
+/// What the broker has for a byte-stream connection, from [`Broker::poll_stream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamOutput {
+    /// Bytes to write to the stream.
+    Data(Bytes),
+    /// The session is over: close the stream (after writing what came before).
+    Close,
+}
+
 /// Session keys from here up belong to in-process subscriptions, not to clients.
 const LOCAL_BASE: SessionKey = 1 << 63;
 
@@ -100,7 +125,7 @@ pub struct Stats {
 struct Record {
     key: SessionKey,
     /// The live connection, if any.
-    conn: Option<ConnId>,
+    conn: Option<Peer>,
     /// The session state while offline.
     kept: Option<SessionState>,
     /// Session expiry in seconds (`u32::MAX`: never, for MQTT 3.1.1 persistent sessions).
@@ -121,7 +146,7 @@ struct Live {
 pub struct Broker {
     quic: QuicEndpoint,
     config: BrokerConfig,
-    conns: BTreeMap<ConnId, Live>,
+    conns: BTreeMap<Peer, Live>,
     clients: BTreeMap<String, Record>,
     keys: BTreeMap<SessionKey, String>,
     next_key: SessionKey,
@@ -129,10 +154,13 @@ pub struct Broker {
     retained: RetainedStore,
     /// Connections with something to do (bytes or events in, messages delivered to them), so a
     /// datagram for one connection does not make the broker look at all of them.
-    dirty: BTreeSet<ConnId>,
+    dirty: BTreeSet<Peer>,
     /// Each connection's session deadline (keep-alive, connect timeout), ordered.
-    session_timers: BTreeSet<(Instant, ConnId)>,
-    session_armed: BTreeMap<ConnId, Instant>,
+    session_timers: BTreeSet<(Instant, Peer)>,
+    session_armed: BTreeMap<Peer, Instant>,
+    /// Output for byte-stream connections, in order, for the adapter.
+    stream_out: VecDeque<(StreamId, StreamOutput)>,
+    next_stream: u64,
     /// Will and expiry deadlines of offline sessions, ordered. Entries made stale by a
     /// reconnect are dropped when they come due.
     record_timers: BTreeSet<(Instant, String)>,
@@ -160,6 +188,8 @@ impl Broker {
             dirty: BTreeSet::new(),
             session_timers: BTreeSet::new(),
             session_armed: BTreeMap::new(),
+            stream_out: VecDeque::new(),
+            next_stream: 0,
             record_timers: BTreeSet::new(),
             events: VecDeque::new(),
             shared_pending: BTreeMap::new(),
@@ -268,20 +298,11 @@ impl Broker {
             while let Some(event) = self.quic.poll_event() {
                 match event {
                     quic::Event::Connected { conn, .. } => {
-                        self.live(now, conn);
-                        self.dirty.insert(conn);
+                        self.live(now, Peer::Quic(conn));
+                        self.dirty.insert(Peer::Quic(conn));
                     }
-                    quic::Event::Received { conn, data } => {
-                        self.stats.bytes_received += data.len() as u64;
-                        self.live(now, conn).session.handle_bytes(now, &data);
-                        self.dirty.insert(conn);
-                    }
-                    quic::Event::Closed { conn, .. } => {
-                        if let Some(live) = self.conns.get_mut(&conn) {
-                            live.session.connection_lost();
-                            self.dirty.insert(conn);
-                        }
-                    }
+                    quic::Event::Received { conn, data } => self.received(now, Peer::Quic(conn), &data),
+                    quic::Event::Closed { conn, .. } => self.lost(Peer::Quic(conn)),
                 }
             }
             let Some(conn) = self.dirty.pop_first() else { break };
@@ -289,8 +310,70 @@ impl Broker {
         }
     }
 
+    fn received(&mut self, now: Instant, peer: Peer, data: &[u8]) {
+        self.stats.bytes_received += data.len() as u64;
+        self.live(now, peer).session.handle_bytes(now, data);
+        self.dirty.insert(peer);
+    }
+
+    fn lost(&mut self, peer: Peer) {
+        if let Some(live) = self.conns.get_mut(&peer) {
+            live.session.connection_lost();
+            self.dirty.insert(peer);
+        }
+    }
+
+    fn send(&mut self, now: Instant, peer: Peer, bytes: Bytes) {
+        match peer {
+            Peer::Quic(conn) => {
+                let _ = self.quic.send(now, conn, bytes);
+            }
+            Peer::Stream(id) => self.stream_out.push_back((id, StreamOutput::Data(bytes))),
+        }
+    }
+
+    fn finish(&mut self, now: Instant, peer: Peer) {
+        match peer {
+            Peer::Quic(conn) => {
+                let _ = self.quic.finish(now, conn);
+            }
+            Peer::Stream(id) => self.stream_out.push_back((id, StreamOutput::Close)),
+        }
+    }
+
+    /// A byte-stream connection (TCP, TLS) was accepted by the adapter: the broker expects
+    /// CONNECT on it within the connect timeout.
+    pub fn open_stream(&mut self, now: Instant) -> StreamId {
+        self.tick(now);
+        self.next_stream += 1;
+        let id = StreamId(self.next_stream);
+        self.live(now, Peer::Stream(id));
+        self.rearm(Peer::Stream(id));
+        id
+    }
+
+    /// Bytes read from a byte-stream connection.
+    pub fn handle_stream_bytes(&mut self, now: Instant, id: StreamId, data: &[u8]) {
+        self.tick(now);
+        if self.conns.contains_key(&Peer::Stream(id)) {
+            self.received(now, Peer::Stream(id), data);
+            self.pump(now);
+        }
+    }
+
+    /// The byte-stream connection closed (or failed).
+    pub fn stream_closed(&mut self, now: Instant, id: StreamId) {
+        self.lost(Peer::Stream(id));
+        self.pump(now);
+    }
+
+    /// Output for byte-stream connections: bytes to write, or the signal to close.
+    pub fn poll_stream(&mut self) -> Option<(StreamId, StreamOutput)> {
+        self.stream_out.pop_front()
+    }
+
     /// Files a connection's session deadline (or forgets it, for a connection that is gone).
-    fn rearm(&mut self, conn: ConnId) {
+    fn rearm(&mut self, conn: Peer) {
         if let Some(old) = self.session_armed.remove(&conn) {
             self.session_timers.remove(&(old, conn));
         }
@@ -300,7 +383,7 @@ impl Broker {
         }
     }
 
-    fn live(&mut self, now: Instant, conn: ConnId) -> &mut Live {
+    fn live(&mut self, now: Instant, conn: Peer) -> &mut Live {
         let config = self.config.session.clone();
         self.conns.entry(conn).or_insert_with(|| Live {
             session: ServerSession::new(now, config),
@@ -310,26 +393,27 @@ impl Broker {
     }
 
     /// Moves one connection's events and bytes along.
-    fn serve(&mut self, now: Instant, conn: ConnId) {
+    fn serve(&mut self, now: Instant, conn: Peer) {
         let Some(live) = self.conns.get_mut(&conn) else { return };
         let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
         for event in events {
             self.on_event(now, conn, event);
         }
-        if let Some(live) = self.conns.get_mut(&conn) {
-            while let Some(bytes) = live.session.poll_transmit() {
-                self.stats.bytes_sent += bytes.len() as u64;
-                let _ = self.quic.send(now, conn, bytes);
-            }
-            if live.session.is_ended() {
-                self.conns.remove(&conn);
-                let _ = self.quic.finish(now, conn);
-            }
+        let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
+        let out: Vec<Bytes> = std::iter::from_fn(|| live.session.poll_transmit()).collect();
+        let ended = live.session.is_ended();
+        for bytes in out {
+            self.stats.bytes_sent += bytes.len() as u64;
+            self.send(now, conn, bytes);
+        }
+        if ended {
+            self.conns.remove(&conn);
+            self.finish(now, conn);
         }
         self.rearm(conn);
     }
 
-    fn on_event(&mut self, now: Instant, conn: ConnId, event: ServerEvent) {
+    fn on_event(&mut self, now: Instant, conn: Peer, event: ServerEvent) {
         let key =
             self.conns.get(&conn).and_then(|l| l.client.as_ref()).and_then(|c| self.clients.get(c)).map(|r| r.key);
         match event {
@@ -394,7 +478,7 @@ impl Broker {
         }
     }
 
-    fn on_connect(&mut self, now: Instant, conn: ConnId, c: Connect) {
+    fn on_connect(&mut self, now: Instant, conn: Peer, c: Connect) {
         let assigned = c.client_id.is_empty().then(|| {
             self.next_key += 1;
             format!("auto-{}", self.next_key)
@@ -423,10 +507,11 @@ impl Broker {
                 let _ = old.session.disconnect(ReasonCode::SessionTakenOver);
                 old.client = None;
                 let state = old.session.take_state();
-                while let Some(bytes) = old.session.poll_transmit() {
-                    let _ = self.quic.send(now, other, bytes);
+                let out: Vec<Bytes> = std::iter::from_fn(|| old.session.poll_transmit()).collect();
+                for bytes in out {
+                    self.send(now, other, bytes);
                 }
-                let _ = self.quic.finish(now, other);
+                // Serving the ended session closes its transport.
                 self.dirty.insert(other);
                 if let Some(r) = self.clients.get_mut(&id) {
                     r.kept = Some(state);
@@ -467,7 +552,7 @@ impl Broker {
         }
     }
 
-    fn on_end(&mut self, now: Instant, conn: ConnId, will: Option<Will>) {
+    fn on_end(&mut self, now: Instant, conn: Peer, will: Option<Will>) {
         let Some(live) = self.conns.get_mut(&conn) else { return };
         let Some(id) = live.client.take() else { return };
         let mut state = live.session.take_state();
@@ -607,7 +692,7 @@ impl Broker {
     fn subscribe(
         &mut self,
         now: Instant,
-        conn: ConnId,
+        conn: Peer,
         key: SessionKey,
         packet_id: PacketId,
         subscriptions: Vec<Subscription>,
