@@ -571,7 +571,6 @@ fn a_byte_stream_client_and_a_quic_client_share_the_broker() {
     // Disconnecting closes the stream.
     tcp.disconnect(w.sim.now(), ReasonCode::NORMAL_DISCONNECTION).unwrap();
     carry(&mut w, &mut tcp);
-    drop(carry);
     assert!(closed);
     assert!(!w.broker().has_session("tcp-pub"), "clean session gone after disconnect");
 }
