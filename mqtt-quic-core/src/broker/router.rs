@@ -39,7 +39,9 @@ struct Group {
 
 #[derive(Debug, Default)]
 struct Subscribers {
-    direct: BTreeMap<SessionKey, Entry>,
+    /// Sorted by session. Most topics have a handful of subscribers, where a sorted vector
+    /// costs a fraction of a B-tree's memory (one small allocation instead of a node).
+    direct: Vec<(SessionKey, Entry)>,
     shared: BTreeMap<Box<str>, Group>,
 }
 
@@ -132,7 +134,13 @@ impl Router {
         }
         let subscribers = slot(node, hash);
         let previous = match group {
-            None => subscribers.direct.insert(session, entry),
+            None => match subscribers.direct.binary_search_by_key(&session, |(k, _)| *k) {
+                Ok(i) => Some(std::mem::replace(&mut subscribers.direct[i].1, entry)),
+                Err(i) => {
+                    subscribers.direct.insert(i, (session, entry));
+                    None
+                }
+            },
             Some(g) => {
                 let group = subscribers.shared.entry(g.into()).or_default();
                 group.filter.get_or_insert_with(|| filter.clone());
@@ -239,7 +247,16 @@ fn remove(node: &mut Node, path: &[&str], hash: bool, group: Option<&str>, sessi
         None => {
             let subscribers = slot(node, hash);
             match group {
-                None => subscribers.direct.remove(&session).is_some(),
+                None => match subscribers.direct.binary_search_by_key(&session, |(k, _)| *k) {
+                    Ok(i) => {
+                        subscribers.direct.remove(i);
+                        if subscribers.direct.is_empty() {
+                            subscribers.direct = Vec::new();
+                        }
+                        true
+                    }
+                    Err(_) => false,
+                },
                 Some(g) => {
                     let removed =
                         subscribers.shared.get_mut(g).is_some_and(|grp| grp.members.remove(&session).is_some());
@@ -276,7 +293,8 @@ fn take(
     online: &dyn Fn(SessionKey) -> bool,
     found: &mut BTreeMap<SessionKey, Delivery>,
 ) {
-    for (&session, entry) in &subscribers.direct {
+    for (session, entry) in &subscribers.direct {
+        let session = *session;
         add(found, session, entry, publisher, None);
     }
     for group in subscribers.shared.values_mut() {
