@@ -3,4 +3,4 @@
 mod checks;
 mod quic_checks;
 pub use checks::*;
-pub use quic_checks::{quic_server, sessions};
+pub use quic_checks::{broker, quic_server, sessions};

@@ -4,9 +4,12 @@
 //!   (monotonic) times never panics and never holds more connections than its limit.
 //! - `sessions`: a server session and a client session fed fuzzer-chosen bytes as if from their
 //!   peers never panic, and keep what they hold within their limits.
+//! - `broker`: the broker machine with four byte-stream clients sending fuzzer-chosen bytes
+//!   (routing, takeovers, wills, retained messages and limits all reachable) never panics.
 //!
 //! `tests/tests/fuzz_corpus_quic.rs` replays the committed corpora.
 
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
 use mqtt_quic_core::config::ServerConfig;
 use mqtt_quic_core::quic::QuicEndpoint;
 use mqtt_quic_core::session::client::{ClientSession, ClientSessionConfig};
@@ -93,5 +96,46 @@ pub fn sessions(data: &[u8]) {
             while client.poll_transmit().is_some() {}
             assert!(client.pending_publishes() == 0, "nothing was published, nothing may be pending");
         }
+    }
+}
+
+/// Input: records of `[delay_ms: u8][stream: u8][len: u8][len bytes]`. Stream numbers pick one
+/// of four byte-stream clients; a stream that was closed is opened again on its next record.
+pub fn broker(data: &[u8]) {
+    static TLS: OnceLock<ServerTls> = OnceLock::new();
+    let tls = TLS.get_or_init(|| ServerTls::from_self_signed(&SelfSigned::generate(&["fuzz"]).unwrap()).unwrap());
+    let mut config = BrokerConfig::new(ServerConfig::new(tls.clone()));
+    config.max_retained = 8;
+    config.max_offline_queue = 8;
+    config.max_subscriptions_per_client = 8;
+    let mut broker = Broker::new(config).expect("valid config");
+    #[allow(clippy::disallowed_methods)] // the harness owns the clock
+    let mut now = Instant::now();
+    let mut streams = [None; 4];
+    let mut rest = data;
+    while let [delay, which, len, tail @ ..] = rest {
+        let n = usize::from(*len).min(tail.len());
+        let (piece, next) = tail.split_at(n);
+        rest = next;
+        now += Duration::from_millis(u64::from(*delay) * 50);
+        mqtt_quic_core::Machine::handle_timeout(&mut broker, now);
+        let slot = usize::from(*which % 4);
+        let id = *streams[slot].get_or_insert_with(|| broker.open_stream(now));
+        if *which >= 252 {
+            broker.stream_closed(now, id);
+            streams[slot] = None;
+        } else {
+            broker.handle_stream_bytes(now, id, piece);
+        }
+        while let Some((id, out)) = broker.poll_stream() {
+            if matches!(out, mqtt_quic_core::broker::machine::StreamOutput::Close) {
+                for s in streams.iter_mut() {
+                    if *s == Some(id) {
+                        *s = None;
+                    }
+                }
+            }
+        }
+        while broker.poll_event().is_some() {}
     }
 }

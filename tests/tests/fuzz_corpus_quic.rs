@@ -41,6 +41,11 @@ fn replay_sessions_corpus() {
 }
 
 #[test]
+fn replay_broker_corpus() {
+    replay("broker", quic_checks::broker);
+}
+
+#[test]
 #[ignore = "writes the seed corpus; run by hand"]
 fn write_seeds() {
     fs::create_dir_all(corpus()).unwrap();
@@ -76,6 +81,26 @@ fn write_seeds() {
         for piece in stream.chunks(5) {
             out.extend_from_slice(&[1, piece.len() as u8]);
             out.extend_from_slice(piece);
+        }
+        fs::write(dir.join(format!("seed-{i:02}")), out).unwrap();
+    }
+    // Broker seeds: two clients connect, subscribe, publish (retained, QoS 1/2), one with a will
+    // and the same id as the other (takeover), then disconnects.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/broker");
+    fs::create_dir_all(&dir).unwrap();
+    let connect_a: &[u8] = b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x03dev";
+    let subscribe: &[u8] = b"\x82\x07\x00\x02\x00\x00\x01a\x01\x82\x07\x00\x03\x00\x00\x01#\x02";
+    let publish: &[u8] = b"\x33\x08\x00\x01a\x00\x07\x00hi\x35\x08\x00\x01a\x00\x08\x00yo\x62\x02\x00\x08";
+    let connect_will: &[u8] = b"\x10\x1c\x00\x04MQTT\x05\x06\x00\x3c\x00\x00\x03dev\x00\x00\x03w/x\x00\x04gone";
+    let records: [&[(u8, u8, &[u8])]; 2] = [
+        &[(0, 0, connect_a), (1, 0, subscribe), (1, 1, connect_a), (1, 1, publish), (2, 0, b"\xe0\x00")],
+        &[(0, 0, connect_will), (1, 1, connect_a), (1, 1, subscribe), (3, 252, b""), (100, 1, publish)],
+    ];
+    for (i, script) in records.iter().enumerate() {
+        let mut out = Vec::new();
+        for (delay, which, bytes) in script.iter() {
+            out.extend_from_slice(&[*delay, *which, bytes.len() as u8]);
+            out.extend_from_slice(bytes);
         }
         fs::write(dir.join(format!("seed-{i:02}")), out).unwrap();
     }
