@@ -120,13 +120,9 @@ impl Router {
     /// Adds or replaces a subscription. Returns true when it is new (retain handling 1 sends
     /// retained messages only then).
     pub fn subscribe(&mut self, session: SessionKey, filter: &TopicFilter, entry: Entry) -> bool {
-        let (group, levels) = split(filter);
-        let (path, hash) = match levels.last() {
-            Some(&"#") => (&levels[..levels.len() - 1], true),
-            _ => (&levels[..], false),
-        };
+        let (group, path, hash) = split(filter);
         let mut node = &mut self.root;
-        for level in path {
+        for level in &path {
             node = match *level {
                 "+" => node.plus.get_or_insert_with(Box::default),
                 literal => node.children.entry(literal.into()).or_default(),
@@ -156,12 +152,8 @@ impl Router {
 
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&mut self, session: SessionKey, filter: &TopicFilter) -> bool {
-        let (group, levels) = split(filter);
-        let (path, hash) = match levels.last() {
-            Some(&"#") => (&levels[..levels.len() - 1], true),
-            _ => (&levels[..], false),
-        };
-        let removed = remove(&mut self.root, path, hash, group, session);
+        let (group, path, hash) = split(filter);
+        let removed = remove(&mut self.root, &path, hash, group, session);
         if removed {
             self.count -= 1;
             if let Some(filters) = self.by_session.get_mut(&session) {
@@ -194,13 +186,9 @@ impl Router {
         exclude: SessionKey,
         online: impl Fn(SessionKey) -> bool,
     ) -> Option<(SessionKey, Entry)> {
-        let (Some(group_name), levels) = split(filter) else { return None };
-        let (path, hash) = match levels.last() {
-            Some(&"#") => (&levels[..levels.len() - 1], true),
-            _ => (&levels[..], false),
-        };
+        let (Some(group_name), path, hash) = split(filter) else { return None };
         let mut node = &mut self.root;
-        for level in path {
+        for level in &path {
             node = match *level {
                 "+" => node.plus.as_deref_mut()?,
                 literal => node.children.get_mut(literal)?,
@@ -234,12 +222,19 @@ impl Router {
     }
 }
 
-/// The share group name and the filter's levels.
-fn split(filter: &TopicFilter) -> (Option<&str>, Vec<&str>) {
-    match filter.shared() {
-        Some((group, inner)) => (Some(group), inner.split('/').collect()),
-        None => (None, filter.as_str().split('/').collect()),
+/// The share group name, the filter's levels before a trailing `#`, and whether there is one:
+/// where in the trie a subscription lives.
+fn split(filter: &TopicFilter) -> (Option<&str>, Vec<&str>, bool) {
+    let (group, inner) = match filter.shared() {
+        Some((group, inner)) => (Some(group), inner),
+        None => (None, filter.as_str()),
+    };
+    let mut levels: Vec<&str> = inner.split('/').collect();
+    let hash = levels.last() == Some(&"#");
+    if hash {
+        levels.pop();
     }
+    (group, levels, hash)
 }
 
 fn remove(node: &mut Node, path: &[&str], hash: bool, group: Option<&str>, session: SessionKey) -> bool {
