@@ -588,11 +588,7 @@ impl Broker {
         for ((_, id), filter) in pending {
             self.shared_pending.remove(&(key, id));
             for mut publish in state.take_requests(&[id]) {
-                let clients = &self.clients;
-                let keys = &self.keys;
-                let online = |k: SessionKey| {
-                    k > LOCAL_BASE || keys.get(&k).and_then(|c| clients.get(c)).is_some_and(|r| r.conn.is_some())
-                };
+                let online = |k| is_online(&self.clients, &self.keys, k);
                 let Some((other, entry)) = self.router.pick_shared(&filter, key, online) else { continue };
                 publish.dup = false;
                 publish.qos_pid = QosPid::from_parts(publish.qos().min(entry.options.qos), PacketId::MIN);
@@ -642,11 +638,7 @@ impl Broker {
 
     /// Routes a message to every matching subscription.
     fn route(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
-        let clients = &self.clients;
-        let keys = &self.keys;
-        let online = |k: SessionKey| {
-            k > LOCAL_BASE || keys.get(&k).and_then(|id| clients.get(id)).is_some_and(|r| r.conn.is_some())
-        };
+        let online = |k| is_online(&self.clients, &self.keys, k);
         for d in self.router.route(&publish.topic, from, online) {
             let mut out = publish.clone();
             out.dup = false;
@@ -756,6 +748,12 @@ impl Broker {
         let sessions = self.session_timers.first().map(|(t, _)| *t);
         [records, sessions, self.next_sys].into_iter().flatten().min()
     }
+}
+
+/// Whether a session can take a message now: in-process subscriptions always, clients while
+/// connected. (A free function so it can borrow these maps while the router is borrowed.)
+fn is_online(clients: &BTreeMap<String, Record>, keys: &BTreeMap<SessionKey, String>, key: SessionKey) -> bool {
+    key > LOCAL_BASE || keys.get(&key).and_then(|id| clients.get(id)).is_some_and(|r| r.conn.is_some())
 }
 
 /// The PUBLISH a will becomes.
