@@ -1,6 +1,7 @@
 //! Reconnect delays: exponential backoff with full jitter, from a seeded generator, so the
 //! adapter only sleeps until the deadline the core computes (and tests are repeatable).
 
+use crate::rng::SplitMix64;
 use std::time::Duration;
 
 /// Exponential backoff with full jitter: attempt `n` waits a uniform random time in
@@ -10,34 +11,25 @@ pub struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
-    state: u64,
+    rng: SplitMix64,
 }
 
 impl Backoff {
     /// A policy starting at `initial`, capped at `max`, drawing jitter from `seed`.
     pub fn new(initial: Duration, max: Duration, seed: u64) -> Backoff {
-        Backoff { initial, max: max.max(initial), attempt: 0, state: seed }
+        Backoff { initial, max: max.max(initial), attempt: 0, rng: SplitMix64::new(seed) }
     }
 
     /// The delay before the next attempt; each call counts one more failure.
     pub fn next_delay(&mut self) -> Duration {
         let cap = self.initial.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        cap.mul_f64(self.next_unit())
+        cap.mul_f64(self.rng.next_f64())
     }
 
     /// Forgets the failures (after a successful connection).
     pub fn reset(&mut self) {
         self.attempt = 0;
-    }
-
-    /// SplitMix64 step mapped to [0, 1).
-    fn next_unit(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -85,6 +85,7 @@ pub mod client;
 pub mod config;
 pub mod machine;
 pub mod quic;
+pub mod rng;
 pub mod session;
 pub mod tls;
 

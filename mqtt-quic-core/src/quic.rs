@@ -6,6 +6,7 @@
 //! [`ConnId`]). The endpoint/connection event exchange of quinn-proto stays inside.
 
 use crate::config::{ClientConfig, ConfigError, ServerConfig, TransportSettings};
+use crate::rng::SplitMix64;
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
     ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
@@ -236,15 +237,10 @@ pub struct QuicEndpoint {
 
 fn seed_bytes(seed: u64, domain: u8) -> [u8; 32] {
     // Spread a 64-bit seed over 32 bytes, distinctly per use.
+    let mut rng = SplitMix64::new(seed ^ (u64::from(domain) << 56) ^ 0x9E37_79B9_7F4A_7C15);
     let mut out = [0u8; 32];
-    let mut x = seed ^ (u64::from(domain) << 56) ^ 0x9E37_79B9_7F4A_7C15;
     for chunk in out.chunks_mut(8) {
-        // SplitMix64.
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
     }
     out
 }
