@@ -1,5 +1,11 @@
-//! The MQTT-over-QUIC client machine: a QUIC client endpoint, one MQTT session on its stream,
-//! and the reconnect policy. Adapters drive it through [`Machine`] and forward commands.
+//! The client machine: one MQTT session over QUIC (the machine owns the QUIC endpoint) or over
+//! a byte stream the adapter carries (TCP, TLS over TCP), and the reconnect policy. Adapters
+//! drive it through [`Machine`] (QUIC) or the `*_stream` calls (byte streams), and forward
+//! commands.
+//!
+//! Over a byte stream the machine still decides when to connect: it asks for a stream with
+//! [`StreamCommand::Open`] (at [`MqttClient::start`] and after each reconnect delay), and the
+//! adapter answers with [`MqttClient::stream_opened`] or [`MqttClient::stream_closed`].
 
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
@@ -9,6 +15,7 @@ use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
 use crate::EcnCodepoint;
+use bytes::Bytes;
 use mqtt_proto::{Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +36,7 @@ impl Default for ReconnectPolicy {
     }
 }
 
-/// Settings of a client machine.
+/// Settings of a client machine over QUIC.
 #[derive(Debug, Clone)]
 pub struct MqttClientConfig {
     /// QUIC and TLS.
@@ -44,13 +51,40 @@ pub struct MqttClientConfig {
     pub reconnect: Option<ReconnectPolicy>,
 }
 
-/// A client machine: [`ClientSession`] over [`QuicEndpoint`], reconnecting by itself.
+/// What a client over a byte stream asks of its adapter, from [`MqttClient::poll_stream`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamCommand {
+    /// Open a new connection to the broker; report the outcome with
+    /// [`MqttClient::stream_opened`] or [`MqttClient::stream_closed`].
+    Open,
+    /// Write these bytes to the open connection.
+    Write(Bytes),
+    /// Close the connection after the bytes written before (the session is over on it).
+    Close,
+}
+
+/// The transport under the session.
+enum Link {
+    Quic {
+        endpoint: Box<QuicEndpoint>,
+        conn: Option<ConnId>,
+        /// Why the last connection ended, as QUIC saw it.
+        last_close: Option<quic::CloseReason>,
+        server: SocketAddr,
+        server_name: String,
+    },
+    Stream {
+        /// A connection is open or being opened.
+        open: bool,
+        out: VecDeque<StreamCommand>,
+    },
+}
+
+/// A client machine: a [`ClientSession`] over QUIC or a byte stream, reconnecting by itself.
 pub struct MqttClient {
-    quic: QuicEndpoint,
+    link: Link,
     session: ClientSession,
-    conn: Option<ConnId>,
-    server: SocketAddr,
-    server_name: String,
     reconnect: Option<ReconnectPolicy>,
     backoff: Backoff,
     reconnect_at: Option<Instant>,
@@ -59,9 +93,8 @@ pub struct MqttClient {
 }
 
 impl MqttClient {
-    /// A machine, not yet connected.
+    /// A machine over QUIC, not yet connected.
     pub fn new(mut config: MqttClientConfig) -> Result<MqttClient, ConfigError> {
-        let policy = config.reconnect.unwrap_or_default();
         // A QUIC idle timeout shorter than the MQTT keep-alive would cut a quiet but healthy
         // session; unless told otherwise, QUIC pings at half the idle timeout keep it open.
         let t = &mut config.quic.transport;
@@ -69,21 +102,46 @@ impl MqttClient {
         if t.keep_alive.is_none() && !mqtt_keep_alive.is_zero() && mqtt_keep_alive >= t.idle_timeout {
             t.keep_alive = Some(t.idle_timeout / 2);
         }
-        Ok(MqttClient {
-            quic: QuicEndpoint::client(&config.quic)?,
-            session: ClientSession::new(config.session)?,
+        let link = Link::Quic {
+            endpoint: Box::new(QuicEndpoint::client(&config.quic)?),
             conn: None,
+            last_close: None,
             server: config.server,
             server_name: config.server_name,
-            reconnect: config.reconnect,
-            backoff: Backoff::new(policy.initial, policy.max, config.quic.seed ^ 0x5EED),
+        };
+        MqttClient::with_link(link, config.session, config.reconnect, config.quic.seed)
+    }
+
+    /// A machine over a byte stream (TCP, TLS over TCP) that the adapter opens when asked
+    /// ([`StreamCommand::Open`]). `seed` drives the reconnect jitter.
+    pub fn over_stream(
+        session: ClientSessionConfig,
+        reconnect: Option<ReconnectPolicy>,
+        seed: u64,
+    ) -> Result<MqttClient, ConfigError> {
+        MqttClient::with_link(Link::Stream { open: false, out: VecDeque::new() }, session, reconnect, seed)
+    }
+
+    fn with_link(
+        link: Link,
+        session: ClientSessionConfig,
+        reconnect: Option<ReconnectPolicy>,
+        seed: u64,
+    ) -> Result<MqttClient, ConfigError> {
+        let policy = reconnect.unwrap_or_default();
+        Ok(MqttClient {
+            link,
+            session: ClientSession::new(session)?,
+            reconnect,
+            backoff: Backoff::new(policy.initial, policy.max, seed ^ 0x5EED),
             reconnect_at: None,
             stopped: false,
             events: VecDeque::new(),
         })
     }
 
-    /// Opens the connection (CONNECT travels in 0-RTT when a ticket allows).
+    /// Opens the connection (over QUIC, CONNECT travels in 0-RTT when a ticket allows; over a
+    /// byte stream, [`StreamCommand::Open`] asks the adapter for one).
     pub fn start(&mut self, now: Instant) -> Result<(), quic::CommandError> {
         self.stopped = false;
         self.open(now)
@@ -91,17 +149,45 @@ impl MqttClient {
 
     fn open(&mut self, now: Instant) -> Result<(), quic::CommandError> {
         self.reconnect_at = None;
-        let conn = self.quic.connect(now, self.server, &self.server_name)?;
-        self.conn = Some(conn);
-        // The session is idle after a lost connection; `connect` cannot fail then.
-        let _ = self.session.connect(now);
-        self.flush(now);
+        match &mut self.link {
+            Link::Quic { endpoint, conn, server, server_name, .. } => {
+                *conn = Some(endpoint.connect(now, *server, server_name)?);
+                // The session is idle after a lost connection; `connect` cannot fail then.
+                let _ = self.session.connect(now);
+                self.flush(now);
+            }
+            Link::Stream { open, out } => {
+                if !*open {
+                    *open = true;
+                    out.push_back(StreamCommand::Open);
+                }
+            }
+        }
         Ok(())
     }
 
     /// Whether the MQTT session is connected.
     pub fn is_connected(&self) -> bool {
         self.session.is_connected()
+    }
+
+    /// Whether the machine has given up for good (after [`MqttClient::disconnect`], or a lost
+    /// connection without a reconnect policy) and has no connection left.
+    pub fn is_stopped(&self) -> bool {
+        let idle = match &self.link {
+            Link::Quic { conn, .. } => conn.is_none(),
+            Link::Stream { open, .. } => !*open,
+        };
+        idle && self.reconnect_at.is_none() && (self.stopped || self.reconnect.is_none())
+    }
+
+    /// Over QUIC: why the last connection ended (a TLS failure names the certificate problem),
+    /// for adapters to report when a connection attempt fails.
+    pub fn last_close_reason(&self) -> Option<&quic::CloseReason> {
+        match &self.link {
+            Link::Quic { last_close, .. } => last_close.as_ref(),
+            Link::Stream { .. } => None,
+        }
     }
 
     /// The session (for inspection).
@@ -135,10 +221,18 @@ impl MqttClient {
         Ok(id)
     }
 
-    /// Disconnects for good (no reconnect): DISCONNECT, then the stream is finished.
+    /// Disconnects for good (no reconnect): DISCONNECT, then the stream is finished. Without a
+    /// connection it only cancels the pending reconnect.
     pub fn disconnect(&mut self, now: Instant, reason: ReasonCode) -> Result<(), CommandError> {
         self.stopped = true;
         self.reconnect_at = None;
+        if !self.session.is_connected() {
+            // Nothing to say DISCONNECT on: drop a half-open connection quietly.
+            self.close_link(now);
+            self.session.connection_lost(now);
+            self.pump(now);
+            return Err(CommandError::NotConnected);
+        }
         self.session.disconnect(now, reason)?;
         self.flush(now);
         Ok(())
@@ -146,8 +240,7 @@ impl MqttClient {
 
     /// Drops the current connection as if the network had failed (tests and "switch network now").
     pub fn drop_connection(&mut self, now: Instant) {
-        if let Some(conn) = self.conn.take() {
-            let _ = self.quic.close(now, conn, quic::close_code::NORMAL, "dropped");
+        if self.close_link(now) {
             self.session.connection_lost(now);
             self.after_loss(now);
         }
@@ -159,14 +252,82 @@ impl MqttClient {
         self.events.pop_front()
     }
 
-    /// Moves session bytes onto the stream.
-    fn flush(&mut self, now: Instant) {
-        while let Some(bytes) = self.session.poll_transmit() {
-            if let Some(conn) = self.conn {
-                let _ = self.quic.send(now, conn, bytes);
+    /// Over a byte stream: the connection asked for with [`StreamCommand::Open`] is up; CONNECT
+    /// follows as [`StreamCommand::Write`].
+    pub fn stream_opened(&mut self, now: Instant) {
+        if let Link::Stream { open: true, .. } = self.link {
+            let _ = self.session.connect(now);
+            self.flush(now);
+        }
+    }
+
+    /// Over a byte stream: bytes read from the connection.
+    pub fn handle_stream_bytes(&mut self, now: Instant, data: &[u8]) {
+        if let Link::Stream { open: true, .. } = self.link {
+            self.session.handle_bytes(now, data);
+            self.pump(now);
+        }
+    }
+
+    /// Over a byte stream: the connection closed, failed, or could not be opened. The machine
+    /// reconnects later if its policy says so.
+    pub fn stream_closed(&mut self, now: Instant) {
+        if let Link::Stream { open, .. } = &mut self.link {
+            if std::mem::take(open) {
+                self.session.connection_lost(now);
+                self.after_loss(now);
             }
         }
         self.pump(now);
+    }
+
+    /// Over a byte stream: what the adapter should do next.
+    pub fn poll_stream(&mut self) -> Option<StreamCommand> {
+        match &mut self.link {
+            Link::Stream { out, .. } => out.pop_front(),
+            Link::Quic { .. } => None,
+        }
+    }
+
+    /// Ends the current connection; whether there was one.
+    fn close_link(&mut self, now: Instant) -> bool {
+        match &mut self.link {
+            Link::Quic { endpoint, conn, .. } => match conn.take() {
+                Some(c) => {
+                    let _ = endpoint.close(now, c, quic::close_code::NORMAL, "dropped");
+                    true
+                }
+                None => false,
+            },
+            Link::Stream { open, out } => {
+                let was = std::mem::take(open);
+                if was {
+                    out.push_back(StreamCommand::Close);
+                }
+                was
+            }
+        }
+    }
+
+    /// Moves session bytes onto the transport.
+    fn flush(&mut self, now: Instant) {
+        self.drain_session_bytes(now);
+        self.pump(now);
+    }
+
+    fn drain_session_bytes(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(bytes) = self.session.poll_transmit() {
+            any = true;
+            match &mut self.link {
+                Link::Quic { endpoint, conn: Some(conn), .. } => {
+                    let _ = endpoint.send(now, *conn, bytes);
+                }
+                Link::Stream { open: true, out } => out.push_back(StreamCommand::Write(bytes)),
+                _ => {}
+            }
+        }
+        any
     }
 
     fn after_loss(&mut self, now: Instant) {
@@ -175,30 +336,32 @@ impl MqttClient {
         }
     }
 
-    /// Runs the exchange between the QUIC machine and the session until both are quiet.
+    /// Runs the exchange between the transport and the session until both are quiet.
     fn pump(&mut self, now: Instant) {
+        let mut lost = false;
         loop {
             let mut progressed = false;
-            while let Some(event) = self.quic.poll_event() {
-                progressed = true;
-                match event {
-                    quic::Event::Received { conn, data } if Some(conn) == self.conn => {
-                        self.session.handle_bytes(now, &data);
+            if let Link::Quic { endpoint, conn, last_close, .. } = &mut self.link {
+                while let Some(event) = endpoint.poll_event() {
+                    progressed = true;
+                    match event {
+                        quic::Event::Received { conn: c, data } if Some(c) == *conn => {
+                            self.session.handle_bytes(now, &data);
+                        }
+                        quic::Event::Closed { conn: c, reason } if Some(c) == *conn => {
+                            *conn = None;
+                            *last_close = Some(reason);
+                            lost = true;
+                        }
+                        _ => {}
                     }
-                    quic::Event::Closed { conn, .. } if Some(conn) == self.conn => {
-                        self.conn = None;
-                        self.session.connection_lost(now);
-                        self.after_loss(now);
-                    }
-                    _ => {}
                 }
             }
-            while let Some(bytes) = self.session.poll_transmit() {
-                progressed = true;
-                if let Some(conn) = self.conn {
-                    let _ = self.quic.send(now, conn, bytes);
-                }
+            if std::mem::take(&mut lost) {
+                self.session.connection_lost(now);
+                self.after_loss(now);
             }
+            progressed |= self.drain_session_bytes(now);
             while let Some(event) = self.session.poll_event() {
                 progressed = true;
                 let ended = match &event {
@@ -214,8 +377,18 @@ impl MqttClient {
                 if ended {
                     // The session is over on this connection: end the stream after what the
                     // session wrote last (DISCONNECT), and come back later unless stopped.
-                    if let Some(conn) = self.conn.take() {
-                        let _ = self.quic.finish(now, conn);
+                    self.drain_session_bytes(now);
+                    match &mut self.link {
+                        Link::Quic { endpoint, conn, .. } => {
+                            if let Some(c) = conn.take() {
+                                let _ = endpoint.finish(now, c);
+                            }
+                        }
+                        Link::Stream { open, out } => {
+                            if std::mem::take(open) {
+                                out.push_back(StreamCommand::Close);
+                            }
+                        }
                     }
                     self.session.connection_lost(now);
                     self.after_loss(now);
@@ -238,12 +411,16 @@ impl Machine for MqttClient {
         ecn: Option<EcnCodepoint>,
         data: &[u8],
     ) {
-        self.quic.handle_datagram(now, remote, local_ip, ecn, data);
-        self.pump(now);
+        if let Link::Quic { endpoint, .. } = &mut self.link {
+            endpoint.handle_datagram(now, remote, local_ip, ecn, data);
+            self.pump(now);
+        }
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        self.quic.handle_timeout(now);
+        if let Link::Quic { endpoint, .. } = &mut self.link {
+            endpoint.handle_timeout(now);
+        }
         self.session.handle_timeout(now);
         self.pump(now);
         if self.reconnect_at.is_some_and(|t| t <= now) && !self.stopped && self.open(now).is_err() {
@@ -252,12 +429,17 @@ impl Machine for MqttClient {
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let t = self.quic.poll_transmit(now, buf);
+        let Link::Quic { endpoint, .. } = &mut self.link else { return None };
+        let t = endpoint.poll_transmit(now, buf);
         self.pump(now);
         t
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        [self.quic.poll_timeout(), self.session.poll_timeout(), self.reconnect_at].into_iter().flatten().min()
+        let quic = match &mut self.link {
+            Link::Quic { endpoint, .. } => endpoint.poll_timeout(),
+            Link::Stream { .. } => None,
+        };
+        [quic, self.session.poll_timeout(), self.reconnect_at].into_iter().flatten().min()
     }
 }

@@ -34,14 +34,17 @@ pub mod close_code {
 }
 
 /// Why a connection ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum CloseReason {
     /// The peer finished the MQTT stream (FIN): it will send nothing more.
+    #[error("the peer ended the MQTT stream")]
     StreamFinished,
     /// The peer reset the MQTT stream with this code.
+    #[error("the peer reset the MQTT stream (code {0})")]
     StreamReset(u64),
     /// The peer closed the connection with an application code and reason.
+    #[error("the peer closed the connection (code {code}: {reason})")]
     PeerClosed {
         /// The code.
         code: u64,
@@ -49,14 +52,19 @@ pub enum CloseReason {
         reason: String,
     },
     /// Nothing was heard for the idle timeout.
+    #[error("nothing heard from the peer within the idle timeout")]
     TimedOut,
     /// The handshake did not complete within the handshake timeout.
+    #[error("the QUIC handshake did not complete in time (is a broker listening on that UDP port?)")]
     HandshakeTimeout,
     /// The server refused the connection (for example, at its connection limit).
+    #[error("the server refused the connection")]
     Refused,
     /// This side closed it ([`QuicEndpoint::close`] or [`QuicEndpoint::finish`]).
+    #[error("closed by this side")]
     Local,
     /// A transport or TLS failure; the text says which.
+    #[error("{0}")]
     Transport(String),
 }
 

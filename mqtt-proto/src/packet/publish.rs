@@ -41,6 +41,12 @@ impl Publish {
         }
     }
 
+    /// The same message at `qos` (a sending session assigns the packet identifier).
+    pub fn with_qos(mut self, qos: QoS) -> Publish {
+        self.qos_pid = QosPid::from_parts(qos, self.packet_id().unwrap_or(PacketId::MIN));
+        self
+    }
+
     /// The QoS.
     #[inline]
     pub fn qos(&self) -> QoS {

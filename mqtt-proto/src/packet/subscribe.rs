@@ -67,6 +67,13 @@ pub struct Subscription {
     pub options: SubscriptionOptions,
 }
 
+impl Subscription {
+    /// A subscription to `filter` at maximum QoS `qos`, other options at their defaults.
+    pub fn new(filter: TopicFilter, qos: QoS) -> Subscription {
+        Subscription { filter, options: SubscriptionOptions { qos, ..SubscriptionOptions::default() } }
+    }
+}
+
 /// SUBSCRIBE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
