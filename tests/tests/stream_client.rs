@@ -6,7 +6,7 @@ use mqtt_proto::{QoS, Subscription, TopicFilter, TopicName};
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
 use mqtt_quic_core::client::{MqttClient, ReconnectPolicy, StreamCommand};
 use mqtt_quic_core::config::ServerConfig;
-use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
+use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
 use mqtt_quic_core::Machine;
 use std::time::{Duration, Instant};
@@ -155,4 +155,27 @@ fn a_failed_open_is_retried_with_backoff() {
     assert!(retry > start && retry <= start + Duration::from_millis(100));
     p.clients[0].0.handle_timeout(retry);
     assert_eq!(p.clients[0].0.poll_stream(), Some(StreamCommand::Open));
+}
+
+#[test]
+fn shutdown_tells_clients_and_closes_every_stream() {
+    let mut p = Pipes::new(2);
+    let now = p.now;
+    for (c, _, _) in &mut p.clients {
+        c.start(now).unwrap();
+    }
+    p.run_until(|p| p.clients.iter().all(|c| c.0.is_connected()));
+    let now = p.now;
+    p.broker.shutdown(now);
+    p.run(Duration::ZERO);
+    assert_eq!(p.broker.connections(), 0);
+    for (_, stream, events) in &p.clients {
+        assert!(stream.is_none(), "stream left open");
+        assert!(events.iter().any(|e| matches!(
+            e,
+            ClientEvent::Disconnected {
+                reason: DisconnectReason::ByServer(mqtt_proto::ReasonCode::ServerShuttingDown)
+            }
+        )));
+    }
 }

@@ -237,6 +237,29 @@ impl Broker {
         self.pump(now);
     }
 
+    /// Ends every connection for a server shutdown: MQTT 5 clients get DISCONNECT with Server
+    /// shutting down (0x8B), then each stream is finished (QUIC) or closed (byte streams). The
+    /// adapter keeps driving until [`Broker::connected`] is 0 or its patience runs out.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.tick(now);
+        let peers: Vec<Peer> = self.conns.keys().copied().collect();
+        for peer in peers {
+            if let Some(live) = self.conns.get_mut(&peer) {
+                if live.session.disconnect(ReasonCode::ServerShuttingDown).is_err() {
+                    // Not connected yet (no CONNECT): there is nobody to tell.
+                    live.session.connection_lost();
+                }
+                self.dirty.insert(peer);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Live connections, counting those that have not sent CONNECT yet.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
     /// The next event for the embedding application.
     pub fn poll_event(&mut self) -> Option<BrokerEvent> {
         self.events.pop_front()
