@@ -24,7 +24,7 @@ use std::num::NonZeroU32;
 use thiserror::Error;
 
 /// What the broker asks before letting a client in, publish or subscribe.
-pub trait Auth: Debug {
+pub trait Auth: Debug + Send + Sync {
     /// Checks a CONNECT's credentials; `Err` carries the CONNACK refusal code (e.g. Bad User Name
     /// or Password, Not authorized).
     fn connect(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<(), ReasonCode>;

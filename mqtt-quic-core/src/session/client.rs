@@ -77,20 +77,26 @@ impl Default for ClientSessionConfig {
 pub struct RequestId(pub u64);
 
 /// Why a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum DisconnectReason {
     /// The server sent DISCONNECT with this code.
+    #[error("the server disconnected: {0}")]
     ByServer(ReasonCode),
     /// We disconnected because the server broke the protocol (the code we sent).
+    #[error("the server broke the protocol: {0}")]
     ProtocolViolation(ReasonCode),
     /// No PINGRESP within the keep-alive interval.
+    #[error("no answer to keep-alive ping")]
     KeepAliveTimeout,
     /// No CONNACK within the connect timeout.
+    #[error("no CONNACK in time")]
     ConnectTimeout,
     /// The transport closed under us.
+    #[error("connection lost")]
     TransportLost,
     /// We asked for it with [`ClientSession::disconnect`].
+    #[error("disconnected by this client")]
     Local,
 }
 

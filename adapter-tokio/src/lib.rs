@@ -1,0 +1,50 @@
+//! `adapter-tokio`: the MQTT-over-QUIC core driven by tokio.
+//!
+//! - [`server::Server`] runs the broker: MQTT over QUIC on UDP, plain MQTT on TCP and MQTT over
+//!   TLS on TCP, all into one [`Broker`](mqtt_quic_core::broker::machine::Broker) machine, so a
+//!   TCP publisher reaches a QUIC subscriber and the other way.
+//! - [`client::Client`] is the async client for `quic://`, `mqtt://` and `mqtts://` brokers.
+//! - The `mqttq` binary (broker, pub, sub, shell) is built on both.
+//!
+//! This crate does only input/output and timekeeping: every protocol decision (keep-alive,
+//! retries, backoff, routing) is the core's. Each machine lives on one task that feeds it
+//! socket input and `now`, drains its outputs, and sleeps until the next deadline it names.
+//!
+//! ```no_run
+//! use adapter_tokio::server::{Server, ServerOptions};
+//! use mqtt_quic_core::tls::{SelfSigned, ServerTls};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let cert = SelfSigned::generate(&["localhost"])?;
+//! let server = Server::start(ServerOptions::new(ServerTls::from_self_signed(&cert)?)).await?;
+//! println!("QUIC on {:?}, TCP on {:?}", server.quic_addr(), server.tcp_addr());
+//! server.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod client;
+pub mod files;
+pub mod server;
+mod udp;
+pub mod url;
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
+
+/// A sleep long enough to mean "no deadline".
+const NEVER: Duration = Duration::from_secs(24 * 3600);
+
+/// The driver's clock. tokio's, so tests can pause and advance it; the machines only ever see
+/// the `Instant`s handed to them.
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A seed for a machine's randomness (connection ids, backoff jitter), from the standard
+/// library's per-process random keys: different in every process and every call.
+fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    h.finish()
+}

@@ -1,0 +1,413 @@
+//! The broker server: one task owns the core's [`Broker`] machine and feeds it UDP datagrams
+//! (QUIC), bytes of accepted TCP and TLS connections, and timeouts; other tasks only move bytes
+//! between sockets and that task.
+
+use crate::udp::Udp;
+use crate::{clock, NEVER};
+use bytes::{Bytes, BytesMut};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
+use mqtt_quic_core::config::ConfigError;
+use mqtt_quic_core::tls::ServerTls;
+use mqtt_quic_core::Machine;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Where and how the broker listens.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The broker machine's settings; its QUIC configuration also supplies the certificate for
+    /// the TLS listener.
+    pub broker: BrokerConfig,
+    /// UDP address for MQTT over QUIC, if any.
+    pub quic: Option<SocketAddr>,
+    /// TCP address for plain MQTT, if any.
+    pub tcp: Option<SocketAddr>,
+    /// TCP address for MQTT over TLS, if any.
+    pub tls: Option<SocketAddr>,
+    /// Most simultaneous connections on the TCP listener; more are closed at accept.
+    pub tcp_max_connections: usize,
+    /// Most simultaneous connections on the TLS listener.
+    pub tls_max_connections: usize,
+    /// Most bytes waiting to be written to one TCP or TLS client: a client that reads slower
+    /// than it is sent to is disconnected beyond this, so it cannot make the broker hold an
+    /// unbounded backlog.
+    pub max_queued_bytes: usize,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// How long to wait for clients to take their DISCONNECT at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerOptions {
+    /// QUIC on `0.0.0.0:14567` and TCP on `0.0.0.0:1883`, no TLS listener, with this
+    /// certificate.
+    pub fn new(tls: ServerTls) -> ServerOptions {
+        let broker = BrokerConfig::new(mqtt_quic_core::config::ServerConfig::new(tls));
+        ServerOptions {
+            broker,
+            quic: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::QUIC_PORT))),
+            tcp: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::TCP_PORT))),
+            tls: None,
+            tcp_max_connections: 100_000,
+            tls_max_connections: 100_000,
+            max_queued_bytes: 16 << 20,
+            tls_handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// Every listener on 127.0.0.1 with a port chosen by the system (tests, embedding).
+    pub fn loopback(tls: ServerTls) -> ServerOptions {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServerOptions { quic: Some(any), tcp: Some(any), tls: Some(any), ..ServerOptions::new(tls) }
+    }
+}
+
+/// Why the server did not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A listener could not be opened (port in use, no permission, no such address).
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The broker's configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS listener's certificate could not be used.
+    #[error("TLS listener: {0}")]
+    Tls(#[from] mqtt_quic_core::tls::TlsError),
+}
+
+/// A running broker. Dropping it does not stop it: call [`Server::shutdown`].
+pub struct Server {
+    quic: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    driver: JoinHandle<()>,
+    acceptors: Vec<JoinHandle<()>>,
+}
+
+/// What connection tasks tell the broker task.
+enum StreamIn {
+    Open { out: Outbox, reply: oneshot::Sender<StreamId> },
+    Data(StreamId, Bytes),
+    Closed(StreamId),
+}
+
+/// The broker task's end of one byte-stream connection.
+struct Outbox {
+    tx: mpsc::UnboundedSender<StreamOutput>,
+    /// Bytes handed to the writer and not yet written.
+    queued: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Opens every listener, then starts serving. Fails before serving anyone if a listener
+    /// cannot be opened.
+    pub async fn start(options: ServerOptions) -> Result<Server, ServerError> {
+        let udp = match options.quic {
+            Some(addr) => Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?),
+            None => None,
+        };
+        let tcp = match options.tcp {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what: "TCP", addr, source })?)
+            }
+            None => None,
+        };
+        let tls = match options.tls {
+            Some(addr) => Some(
+                TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what: "TLS (TCP)", addr, source })?,
+            ),
+            None => None,
+        };
+        let acceptor = match &tls {
+            Some(_) => {
+                let config = options.broker.quic.tls.rustls_config(false)?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+            None => None,
+        };
+        let broker = Broker::new(options.broker.clone())?;
+        let quic_addr = udp.as_ref().map(|u| u.local_addr()).transpose().ok().flatten();
+        let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
+
+        let (streams_tx, streams_rx) = mpsc::channel(1024);
+        let mut acceptors = Vec::new();
+        if let Some(listener) = tcp {
+            let limit = Arc::new(Semaphore::new(options.tcp_max_connections));
+            acceptors.push(tokio::spawn(accept(listener, None, limit, streams_tx.clone(), options.clone())));
+        }
+        if let Some(listener) = tls {
+            let limit = Arc::new(Semaphore::new(options.tls_max_connections));
+            acceptors.push(tokio::spawn(accept(listener, acceptor, limit, streams_tx.clone(), options.clone())));
+        }
+        drop(streams_tx);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let driver = tokio::spawn(drive(broker, udp, streams_rx, stop_rx, options));
+        for (what, addr) in [("QUIC", quic_addr), ("TCP", tcp_addr), ("TLS", tls_addr)] {
+            if let Some(addr) = addr {
+                info!("listening for MQTT over {what} on {addr}");
+            }
+        }
+        Ok(Server { quic: quic_addr, tcp: tcp_addr, tls: tls_addr, stop: Some(stop_tx), driver, acceptors })
+    }
+
+    /// The QUIC listener's address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic
+    }
+
+    /// The TCP listener's address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// The TLS listener's address.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+    }
+
+    /// Stops accepting, tells every client the server is shutting down (DISCONNECT 0x8B for
+    /// MQTT 5), waits up to the shutdown grace for them to go, and returns.
+    pub async fn shutdown(mut self) {
+        for a in &self.acceptors {
+            a.abort();
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.driver).await;
+    }
+
+    /// Waits until the server stops (it stops only through [`Server::shutdown`] or a fatal
+    /// socket error).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.driver).await;
+    }
+}
+
+/// The broker task.
+async fn drive(
+    mut broker: Broker,
+    mut udp: Option<Udp>,
+    mut streams: mpsc::Receiver<StreamIn>,
+    mut stop: oneshot::Receiver<()>,
+    options: ServerOptions,
+) {
+    enum Input {
+        Udp(io::Result<()>),
+        Stream(Option<StreamIn>),
+        Timer,
+        Stop,
+    }
+    let mut outboxes: HashMap<StreamId, Outbox> = HashMap::new();
+    let mut buf = Vec::with_capacity(2048);
+    let mut leaving: Option<std::time::Instant> = None;
+    let mut streams_open = true;
+    loop {
+        // Drain outputs: datagrams, stream bytes, events.
+        while let Some(t) = broker.poll_transmit(clock(), &mut buf) {
+            if let Some(udp) = &udp {
+                if let Err(e) = udp.send(&t, &buf[..t.size]).await {
+                    debug!("UDP send to {} failed: {e}", t.destination);
+                }
+            }
+        }
+        while let Some((id, out)) = broker.poll_stream() {
+            deliver(&mut broker, &mut outboxes, id, out, options.max_queued_bytes);
+        }
+        while broker.poll_event().is_some() {}
+        if let Some(deadline) = leaving {
+            if broker.connections() == 0 || clock() >= deadline {
+                break;
+            }
+        }
+        let deadline = broker.poll_timeout().map(tokio::time::Instant::from_std);
+        let deadline = match leaving {
+            Some(l) => Some(deadline.map_or(l.into(), |d| d.min(l.into()))),
+            None => deadline,
+        };
+        let input = tokio::select! {
+            r = recv(&mut udp) => Input::Udp(r),
+            s = streams.recv(), if streams_open => Input::Stream(s),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
+            _ = &mut stop, if leaving.is_none() => Input::Stop,
+        };
+        let now = clock();
+        match input {
+            Input::Udp(Ok(())) => {
+                if let Some(udp) = &udp {
+                    for d in udp.datagrams() {
+                        broker.handle_datagram(now, d.remote, d.local_ip, d.ecn, d.data);
+                    }
+                }
+            }
+            Input::Udp(Err(e)) => {
+                warn!("QUIC socket failed, QUIC listener stopped: {e}");
+                udp = None;
+            }
+            Input::Stream(Some(StreamIn::Open { out, reply })) => {
+                let id = broker.open_stream(now);
+                outboxes.insert(id, out);
+                if reply.send(id).is_err() {
+                    outboxes.remove(&id);
+                    broker.stream_closed(now, id);
+                }
+            }
+            Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_bytes(now, id, &data),
+            Input::Stream(Some(StreamIn::Closed(id))) => {
+                outboxes.remove(&id);
+                broker.stream_closed(now, id);
+            }
+            // Only listeners hold senders: without them no stream input can come again.
+            Input::Stream(None) => streams_open = false,
+            Input::Timer => broker.handle_timeout(now),
+            Input::Stop => {
+                info!("shutting down: disconnecting {} clients", broker.connections());
+                broker.shutdown(now);
+                leaving = Some(now + options.shutdown_grace);
+            }
+        }
+    }
+    info!("broker stopped");
+}
+
+/// Receives on the QUIC socket, if there is one (else never).
+async fn recv(udp: &mut Option<Udp>) -> io::Result<()> {
+    match udp {
+        Some(udp) => udp.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands one output to its connection's writer, cutting off a client that does not keep up.
+fn deliver(
+    broker: &mut Broker,
+    outboxes: &mut HashMap<StreamId, Outbox>,
+    id: StreamId,
+    out: StreamOutput,
+    max_queued: usize,
+) {
+    let Some(outbox) = outboxes.get(&id) else { return };
+    if let StreamOutput::Data(bytes) = &out {
+        let queued = outbox.queued.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len();
+        if queued > max_queued {
+            warn!("client on stream {} is not reading ({queued} bytes waiting): disconnected", id.0);
+            outboxes.remove(&id);
+            broker.stream_closed(clock(), id);
+            return;
+        }
+    }
+    let closing = matches!(out, StreamOutput::Close);
+    if outbox.tx.send(out).is_err() || closing {
+        outboxes.remove(&id);
+    }
+}
+
+/// Accepts connections on a TCP listener (with TLS when `acceptor` is set).
+async fn accept(
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    limit: Arc<Semaphore>,
+    broker: mpsc::Sender<StreamIn>,
+    options: ServerOptions,
+) {
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!("connection from {peer} refused: listener at its connection limit");
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let broker = broker.clone();
+        let acceptor = acceptor.clone();
+        let handshake = options.tls_handshake_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            match acceptor {
+                None => connection(socket, broker).await,
+                Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
+                    Ok(Ok(tls)) => connection(tls, broker).await,
+                    Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
+                    Err(_) => debug!("TLS handshake with {peer} timed out"),
+                },
+            }
+        });
+    }
+}
+
+/// Moves one connection's bytes to and from the broker task until either side ends it.
+async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broker: mpsc::Sender<StreamIn>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (reply, id) = oneshot::channel();
+    let outbox = Outbox { tx, queued: queued.clone() };
+    if broker.send(StreamIn::Open { out: outbox, reply }).await.is_err() {
+        return;
+    }
+    let Ok(id) = id.await else { return };
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let read = async {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            buf.reserve(16 * 1024);
+            match reader.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if broker.send(StreamIn::Data(id, buf.split().freeze())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let write = async {
+        while let Some(out) = rx.recv().await {
+            match out {
+                StreamOutput::Data(bytes) => {
+                    if writer.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                    queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+                }
+                _ => break,
+            }
+        }
+        let _ = writer.shutdown().await;
+    };
+    // Whichever ends first ends the connection: a client that closed its side is gone, and a
+    // session the broker ended has nothing more to read.
+    tokio::select! {
+        _ = read => {}
+        _ = write => {}
+    }
+    let _ = broker.send(StreamIn::Closed(id)).await;
+}

@@ -1,0 +1,165 @@
+//! Broker addresses as URLs: `quic://host:port` (also `mqtt+quic://`), `mqtt://` (also
+//! `tcp://`) and `mqtts://` (also `ssl://`, `tls://`).
+
+use std::fmt;
+use std::str::FromStr;
+use thiserror::Error;
+
+/// Default UDP port of MQTT over QUIC (EMQX's convention).
+pub const QUIC_PORT: u16 = 14567;
+/// Default port of plain MQTT over TCP.
+pub const TCP_PORT: u16 = 1883;
+/// Default port of MQTT over TLS.
+pub const TLS_PORT: u16 = 8883;
+
+/// How bytes reach the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// MQTT over QUIC (TLS 1.3, ALPN `mqtt`, one bidirectional stream).
+    Quic,
+    /// Plain MQTT over TCP.
+    Tcp,
+    /// MQTT over TLS over TCP.
+    Tls,
+}
+
+impl Transport {
+    /// The port used when a URL names none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Transport::Quic => QUIC_PORT,
+            Transport::Tcp => TCP_PORT,
+            Transport::Tls => TLS_PORT,
+        }
+    }
+
+    /// The URL scheme written for it.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "mqtt",
+            Transport::Tls => "mqtts",
+        }
+    }
+}
+
+impl FromStr for Transport {
+    type Err = UrlError;
+    fn from_str(s: &str) -> Result<Transport, UrlError> {
+        match s.to_ascii_lowercase().as_str() {
+            "quic" | "mqtt+quic" => Ok(Transport::Quic),
+            "mqtt" | "tcp" => Ok(Transport::Tcp),
+            "mqtts" | "ssl" | "tls" | "mqtt+tls" => Ok(Transport::Tls),
+            _ => Err(UrlError::Scheme(s.to_string())),
+        }
+    }
+}
+
+/// Why a broker URL was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// The part before `://` is not a transport we speak.
+    #[error("unknown scheme `{0}` (use quic://, mqtt:// or mqtts://)")]
+    Scheme(String),
+    /// No `scheme://`.
+    #[error("`{0}` is not a broker URL (expected e.g. quic://localhost:14567)")]
+    Shape(String),
+    /// The host is empty.
+    #[error("the URL `{0}` names no host")]
+    NoHost(String),
+    /// The port is not a number from 1 to 65535.
+    #[error("bad port `{0}` (expected 1-65535)")]
+    Port(String),
+}
+
+/// A broker to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// How.
+    pub transport: Transport,
+    /// Host name or IP address (without brackets), also the name its certificate must carry.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    /// A URL from its parts.
+    pub fn new(transport: Transport, host: impl Into<String>, port: Option<u16>) -> BrokerUrl {
+        BrokerUrl { transport, host: host.into(), port: port.unwrap_or(transport.default_port()) }
+    }
+
+    /// `host:port` as the resolver wants it (IPv6 literals in brackets).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for BrokerUrl {
+    type Err = UrlError;
+
+    /// Parses `scheme://host[:port][/]`.
+    ///
+    /// ```
+    /// use adapter_tokio::url::{BrokerUrl, Transport};
+    /// let url: BrokerUrl = "quic://[::1]".parse()?;
+    /// assert_eq!((url.transport, url.host.as_str(), url.port), (Transport::Quic, "::1", 14567));
+    /// # Ok::<(), adapter_tokio::url::UrlError>(())
+    /// ```
+    fn from_str(s: &str) -> Result<BrokerUrl, UrlError> {
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| UrlError::Shape(s.to_string()))?;
+        let transport: Transport = scheme.parse()?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(|| UrlError::Shape(s.to_string()))?;
+            match after {
+                "" => (host, None),
+                _ => (host, Some(after.strip_prefix(':').ok_or_else(|| UrlError::Shape(s.to_string()))?)),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(UrlError::NoHost(s.to_string()));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| UrlError::Port(p.to_string()))?),
+        };
+        Ok(BrokerUrl::new(transport, host, port))
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.transport.scheme(), self.authority())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_hosts_and_ports() {
+        let u: BrokerUrl = "mqtt+quic://broker.example:1000".parse().unwrap();
+        assert_eq!(u, BrokerUrl::new(Transport::Quic, "broker.example", Some(1000)));
+        assert_eq!("tcp://h".parse::<BrokerUrl>().unwrap(), BrokerUrl::new(Transport::Tcp, "h", Some(1883)));
+        assert_eq!("mqtts://h/".parse::<BrokerUrl>().unwrap().port, 8883);
+        assert_eq!("quic://[::1]:9".parse::<BrokerUrl>().unwrap().authority(), "[::1]:9");
+        assert_eq!("quic://127.0.0.1".parse::<BrokerUrl>().unwrap().to_string(), "quic://127.0.0.1:14567");
+        assert!(matches!("http://h".parse::<BrokerUrl>(), Err(UrlError::Scheme(_))));
+        assert!(matches!("localhost:1883".parse::<BrokerUrl>(), Err(UrlError::Shape(_))));
+        assert!(matches!("mqtt://:1883".parse::<BrokerUrl>(), Err(UrlError::NoHost(_))));
+        assert!(matches!("mqtt://h:0".parse::<BrokerUrl>(), Err(UrlError::Port(_))));
+        assert!(matches!("mqtt://h:99999".parse::<BrokerUrl>(), Err(UrlError::Port(_))));
+    }
+}
