@@ -223,9 +223,9 @@ impl Client {
         let seed = crate::random_seed();
         let needs_tls = url.transport != Transport::Tcp;
         let tls = match (&options.tls, needs_tls) {
-            (Some(tls), _) => Some(tls.clone()),
+            (_, false) => None,
+            (Some(tls), true) => Some(tls.clone()),
             (None, true) => Some(files::client_tls_from_system()?),
-            (None, false) => None,
         };
         let server_name = options.server_name.clone().unwrap_or_else(|| url.host.clone());
         let (machine, io) = match url.transport {
@@ -241,8 +241,7 @@ impl Client {
                     server_name,
                     reconnect: options.reconnect,
                 })?;
-                let local: SocketAddr =
-                    if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+                let local: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
                 let udp = Udp::bind(local).map_err(|e| unreachable(&url, e))?;
                 (machine, Io::Quic { udp, buf: Vec::with_capacity(2048) })
             }

@@ -124,7 +124,9 @@ impl Server {
     /// cannot be opened.
     pub async fn start(options: ServerOptions) -> Result<Server, ServerError> {
         let udp = match options.quic {
-            Some(addr) => Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?),
+            Some(addr) => {
+                Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
+            }
             None => None,
         };
         let tcp = match options.tcp {
@@ -134,9 +136,11 @@ impl Server {
             None => None,
         };
         let tls = match options.tls {
-            Some(addr) => Some(
-                TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what: "TLS (TCP)", addr, source })?,
-            ),
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind {
+                what: "TLS (TCP)",
+                addr,
+                source,
+            })?),
             None => None,
         };
         let acceptor = match &tls {

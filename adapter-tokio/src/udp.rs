@@ -23,7 +23,7 @@ pub(crate) struct Udp {
     socket: tokio::net::UdpSocket,
     state: UdpSocketState,
     buf: Box<[u8]>,
-    meta: [RecvMeta; BATCH_SIZE],
+    meta: Box<[RecvMeta; BATCH_SIZE]>,
     received: usize,
 }
 
@@ -40,7 +40,7 @@ impl Udp {
             socket: tokio::net::UdpSocket::from_std(std)?,
             state,
             buf: vec![0; SLOT * BATCH_SIZE].into_boxed_slice(),
-            meta: [RecvMeta::default(); BATCH_SIZE],
+            meta: Box::new([RecvMeta::default(); BATCH_SIZE]),
             received: 0,
         })
     }
@@ -57,7 +57,7 @@ impl Udp {
             let mut chunks = self.buf.chunks_mut(SLOT);
             let mut slices: [IoSliceMut<'_>; BATCH_SIZE] =
                 std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-            let (socket, state, meta) = (&self.socket, &self.state, &mut self.meta);
+            let (socket, state, meta) = (&self.socket, &self.state, &mut *self.meta);
             match socket.try_io(Interest::READABLE, || state.recv(socket.into(), &mut slices, meta)) {
                 Ok(n) => {
                     self.received = n;

@@ -1,1 +1,2 @@
+//! mqttq (being written).
 fn main() {}

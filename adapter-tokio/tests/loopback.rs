@@ -1,0 +1,228 @@
+//! The tokio broker and client over real loopback sockets (ports chosen by the system).
+
+use adapter_tokio::client::{Client, ClientError, ClientOptions, ConnectionState};
+use adapter_tokio::server::{Server, ServerOptions};
+use bytes::BytesMut;
+use mqtt_proto::{Connect, MqttString, Packet, Protocol, Publish, QoS, ReasonCode, TopicFilter, TopicName, Will};
+use mqtt_quic_core::client::ReconnectPolicy;
+use mqtt_quic_core::tls::{fingerprint_hex, ClientTls, SelfSigned, ServerTls};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::time::timeout;
+
+fn cert() -> &'static SelfSigned {
+    static CERT: OnceLock<SelfSigned> = OnceLock::new();
+    CERT.get_or_init(|| SelfSigned::generate(&["localhost"]).unwrap())
+}
+
+fn pinned() -> ClientTls {
+    ClientTls::pinned(&fingerprint_hex(&cert().fingerprint)).unwrap()
+}
+
+async fn server() -> Server {
+    Server::start(ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap())).await.unwrap()
+}
+
+fn url(scheme: &str, addr: Option<SocketAddr>) -> String {
+    format!("{scheme}://localhost:{}", addr.unwrap().port())
+}
+
+async fn client(url: &str, id: &str) -> Client {
+    let options = ClientOptions::new().client_id(id).tls(pinned());
+    timeout(Duration::from_secs(10), Client::connect(url, options)).await.expect("connect timed out").unwrap()
+}
+
+fn topic(s: &str) -> TopicName {
+    TopicName::new(s).unwrap()
+}
+
+/// Publishes one message at each QoS from `from` and checks `to` receives all three, in order.
+async fn pub_sub(from: &str, to: &str) {
+    let s = server().await;
+    let (from, to) = (url(from, from_addr(&s, from)), url(to, from_addr(&s, to)));
+    let sub = client(&to, "sub").await;
+    let mut messages = sub.messages().unwrap();
+    assert!(sub.messages().is_none(), "the stream is taken once");
+    assert_eq!(sub.subscribe(TopicFilter::new("t/#").unwrap(), QoS::ExactlyOnce).await.unwrap(), QoS::ExactlyOnce);
+    let publisher = client(&from, "pub").await;
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        publisher.publish(Publish::new(topic(&format!("t/{i}")), format!("m{i}")).with_qos(qos)).await.unwrap();
+    }
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("message timed out").unwrap();
+        assert_eq!(
+            (m.topic.as_str(), &m.payload[..], m.qos()),
+            (format!("t/{i}").as_str(), format!("m{i}").as_bytes(), qos)
+        );
+    }
+    publisher.disconnect().await.unwrap();
+    sub.disconnect().await.unwrap();
+    assert!(matches!(sub.state(), ConnectionState::Closed { .. }));
+    assert!(matches!(sub.publish(Publish::new(topic("t/x"), "late")).await, Err(ClientError::Closed)));
+    s.shutdown().await;
+}
+
+fn from_addr(s: &Server, scheme: &str) -> Option<SocketAddr> {
+    match scheme {
+        "quic" => s.quic_addr(),
+        "mqtt" => s.tcp_addr(),
+        "mqtts" => s.tls_addr(),
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn qos_0_1_2_over_quic() {
+    pub_sub("quic", "quic").await;
+}
+
+#[tokio::test]
+async fn qos_0_1_2_over_tcp() {
+    pub_sub("mqtt", "mqtt").await;
+}
+
+#[tokio::test]
+async fn qos_0_1_2_over_tls() {
+    pub_sub("mqtts", "mqtts").await;
+}
+
+#[tokio::test]
+async fn tcp_publisher_reaches_quic_subscriber() {
+    pub_sub("mqtt", "quic").await;
+}
+
+#[tokio::test]
+async fn quic_publisher_reaches_tcp_subscriber() {
+    pub_sub("quic", "mqtt").await;
+}
+
+#[tokio::test]
+async fn retained_message_reaches_a_later_subscriber_through_the_callback() {
+    let s = server().await;
+    let publisher = client(&url("quic", s.quic_addr()), "p").await;
+    publisher.publish(Publish { retain: true, ..Publish::new(topic("status/door"), "open") }).await.unwrap();
+    publisher.disconnect().await.unwrap();
+    let sub = client(&url("mqtt", s.tcp_addr()), "s").await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    assert!(sub.on_message(move |m| drop(tx.send(m))));
+    sub.subscribe(TopicFilter::new("status/+").unwrap(), QoS::AtLeastOnce).await.unwrap();
+    let m = timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    assert!(m.retain);
+    assert_eq!(&m.payload[..], b"open");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn will_is_published_when_a_client_is_killed() {
+    let s = server().await;
+    let sub = client(&url("quic", s.quic_addr()), "watcher").await;
+    let mut messages = sub.messages().unwrap();
+    sub.subscribe(TopicFilter::new("wills/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+    // A raw TCP client with a will, killed without DISCONNECT.
+    let mut raw = tokio::net::TcpStream::connect(s.tcp_addr().unwrap()).await.unwrap();
+    let mut connect = Connect::new(Protocol::V3_1_1, MqttString::from_static("doomed"));
+    connect.will = Some(Will {
+        topic: topic("wills/doomed"),
+        payload: "gone".into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let mut buf = BytesMut::new();
+    Packet::from(connect).encode(Protocol::V3_1_1, &mut buf).unwrap();
+    raw.write_all(&buf).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(raw);
+    let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("no will").unwrap();
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("wills/doomed", &b"gone"[..]));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_reconnects_after_a_broker_restart_and_resends_what_was_pending() {
+    let first = server().await;
+    let (quic, tcp, tls) = (first.quic_addr(), first.tcp_addr(), first.tls_addr());
+    let mut options = ClientOptions::new().client_id("survivor").tls(pinned());
+    options.reconnect = Some(ReconnectPolicy { initial: Duration::from_millis(50), max: Duration::from_millis(200) });
+    options.session.session_expiry = 3600;
+    let survivor = Client::connect(&url("quic", quic), options).await.unwrap();
+    let mut states = survivor.state_changes();
+    let mut messages = survivor.messages().unwrap();
+    survivor.subscribe(TopicFilter::new("back/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+
+    first.shutdown().await;
+    timeout(Duration::from_secs(5), states.wait_for(|s| matches!(s, ConnectionState::Reconnecting { .. })))
+        .await
+        .expect("the loss was not noticed")
+        .unwrap();
+    // Published while the broker is down: held and sent on the next connection.
+    let pending = {
+        let survivor = survivor.clone();
+        tokio::spawn(async move {
+            survivor.publish(Publish::new(topic("back/pending"), "kept").with_qos(QoS::AtLeastOnce)).await
+        })
+    };
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+    (options.quic, options.tcp, options.tls) = (quic, tcp, tls);
+    let second = Server::start(options).await.unwrap();
+    timeout(Duration::from_secs(10), states.wait_for(|s| matches!(s, ConnectionState::Connected { .. })))
+        .await
+        .expect("no reconnect")
+        .unwrap();
+    timeout(Duration::from_secs(5), pending).await.unwrap().unwrap().unwrap();
+    // The new broker knew nothing of the session: the client subscribed again by itself, so
+    // its own pending message came back to it.
+    let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("no message after restart").unwrap();
+    assert_eq!(&m.payload[..], b"kept");
+    survivor.disconnect().await.unwrap();
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_errors_are_specific() {
+    let s = server().await;
+    // Wrong certificate pin over QUIC and TLS.
+    let wrong = ClientTls::pinned(&"ab".repeat(32)).unwrap();
+    for u in [url("quic", s.quic_addr()), url("mqtts", s.tls_addr())] {
+        let e = Client::connect(&u, ClientOptions::new().tls(wrong.clone())).await.err().expect("connected anyway");
+        assert!(matches!(e, ClientError::Unreachable { .. }), "{u}: {e}");
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{u}: {e}");
+    }
+    // Nobody listening (a closed TCP port).
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let e = Client::connect(&url("mqtt", Some(closed)), ClientOptions::new()).await.err().unwrap();
+    assert!(e.to_string().contains("refused"), "{e}");
+    // A client id the broker refuses (MQTT 5 with an empty id and no clean start).
+    let mut options = ClientOptions::new();
+    options.session.protocol = Protocol::V3_1_1;
+    options.session.clean_start = false;
+    let e = Client::connect(&url("mqtt", s.tcp_addr()), options).await.err().unwrap();
+    assert!(matches!(e, ClientError::Refused(ReasonCode::ClientIdentifierNotValid)), "{e}");
+    assert!(e.to_string().contains("0x85"), "{e}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_on_a_listener_only_costs_that_client() {
+    let s = server().await;
+    let sub = client(&url("mqtt", s.tcp_addr()), "steady").await;
+    let mut messages = sub.messages().unwrap();
+    sub.subscribe(TopicFilter::new("x").unwrap(), QoS::AtMostOnce).await.unwrap();
+    let mut raw = tokio::net::TcpStream::connect(s.tcp_addr().unwrap()).await.unwrap();
+    // An HTTP request: its first bytes read as a PUBACK header of 69 bytes, before CONNECT.
+    raw.write_all(format!("GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: {}\r\n\r\n", "x".repeat(60)).as_bytes())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let n = timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut rest)).await;
+    assert!(n.is_ok(), "the broker did not close the garbage connection");
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.send_to(&[0xff; 1200], s.quic_addr().unwrap()).await.unwrap();
+    let publisher = client(&url("quic", s.quic_addr()), "pub").await;
+    publisher.publish(Publish::new(topic("x"), "still here")).await.unwrap();
+    let m = timeout(Duration::from_secs(5), messages.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload[..], b"still here");
+    s.shutdown().await;
+}
