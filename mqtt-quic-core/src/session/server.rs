@@ -37,6 +37,14 @@ pub struct ServerSessionConfig {
     pub max_inflight: u16,
     /// Publishes waiting for an in-flight slot; beyond it `publish` fails.
     pub max_queued: usize,
+    /// MQTT 3.1 and 3.1.1 sessions only: resend an unacknowledged PUBLISH (with DUP) or PUBREL
+    /// after this long without an answer, as some 3.1.1 deployments expect. `None` (the
+    /// default) resends only on reconnect. MQTT 5 forbids resending on a live connection
+    /// [MQTT-4.4.0-1], so this never applies to MQTT 5 sessions.
+    pub retry_interval: Option<Duration>,
+    /// With `retry_interval`: resends of one message before the connection is given up as
+    /// dead (the session is kept, so the message goes out again on reconnect).
+    pub max_retries: u32,
 }
 
 impl Default for ServerSessionConfig {
@@ -51,6 +59,8 @@ impl Default for ServerSessionConfig {
             connect_timeout: Duration::from_secs(10),
             server_keep_alive: None,
             max_inflight: 64,
+            retry_interval: None,
+            max_retries: 5,
             max_queued: 10_000,
         }
     }
@@ -66,6 +76,8 @@ pub enum EndReason {
     ProtocolViolation(ReasonCode),
     /// Nothing heard for 1.5 times the keep-alive.
     KeepAliveTimeout,
+    /// An MQTT 3.1.1 client left a message unacknowledged through every timed resend.
+    RetriesExhausted,
     /// No CONNECT in time.
     ConnectTimeout,
     /// We refused the CONNECT with this code.
@@ -225,6 +237,9 @@ pub struct ServerSession {
     /// Waiting for an in-flight slot: (request id, message, when it was queued).
     queued: VecDeque<(u64, Publish, Instant)>,
     next_id: u64,
+    /// With timed redelivery (MQTT 3.1.1): per in-flight packet id, when it was last sent and
+    /// how often it has been resent.
+    resend: BTreeMap<u16, (Instant, u32)>,
 }
 
 impl ServerSession {
@@ -249,6 +264,7 @@ impl ServerSession {
             inflight: Vec::new(),
             queued: VecDeque::new(),
             next_id: 0,
+            resend: BTreeMap::new(),
             config,
         }
     }
@@ -284,6 +300,7 @@ impl ServerSession {
                 Packet::Publish(p)
             };
             self.write(&packet);
+            self.sent(now, packet_id);
             self.inflight.push((packet_id, released, id, publish));
         }
         Ok(())
@@ -291,6 +308,7 @@ impl ServerSession {
 
     /// The session state to keep after the connection ended (see [`SessionState`]).
     pub fn take_state(&mut self) -> SessionState {
+        self.resend.clear();
         SessionState {
             incoming_qos2: std::mem::take(&mut self.incoming_qos2),
             inflight: std::mem::take(&mut self.inflight),
@@ -460,11 +478,56 @@ impl ServerSession {
                 State::Ended => {}
             }
         }
+        self.retry(now);
     }
 
     /// The next deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        let resend = match (self.config.retry_interval, self.state) {
+            (Some(interval), State::Connected) => self.resend.values().map(|(at, _)| *at + interval).min(),
+            _ => None,
+        };
+        [self.deadline, resend].into_iter().flatten().min()
+    }
+
+    /// Notes that an in-flight message (or its PUBREL) went out, for timed redelivery.
+    fn sent(&mut self, now: Instant, packet_id: PacketId) {
+        if self.config.retry_interval.is_some() && !self.protocol.is_v5() {
+            let retries = self.resend.get(&packet_id.get()).map_or(0, |r| r.1);
+            self.resend.insert(packet_id.get(), (now, retries));
+        }
+    }
+
+    /// Timed redelivery (MQTT 3.1.1 only): resends what has waited a full interval for its
+    /// answer, or gives the connection up when a message has used all its resends.
+    fn retry(&mut self, now: Instant) {
+        let Some(interval) = self.config.retry_interval else { return };
+        if self.state != State::Connected {
+            return;
+        }
+        let due: Vec<u16> =
+            self.resend.iter().filter(|(_, (at, _))| *at + interval <= now).map(|(id, _)| *id).collect();
+        for id in due {
+            let Some(entry) = self.resend.get_mut(&id) else { continue };
+            if entry.1 >= self.config.max_retries {
+                self.end(EndReason::RetriesExhausted);
+                return;
+            }
+            *entry = (now, entry.1 + 1);
+            let packet = self.inflight.iter().find(|(pid, ..)| pid.get() == id).map(|(pid, released, _, p)| {
+                if *released {
+                    Packet::PubRel(Ack::new(*pid))
+                } else {
+                    let mut p = p.clone();
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
+            });
+            match packet {
+                Some(packet) => self.write(&packet),
+                None => drop(self.resend.remove(&id)),
+            }
+        }
     }
 
     /// Bytes to write to the transport.
@@ -542,6 +605,7 @@ impl ServerSession {
             };
             publish.qos_pid = QosPid::from_parts(publish.qos(), packet_id);
             self.write(&Packet::Publish(publish.clone()));
+            self.sent(now, packet_id);
             self.inflight.push((packet_id, false, id, publish));
         }
     }
@@ -551,6 +615,7 @@ impl ServerSession {
             self.inflight.iter().position(|(id, rel, _, p)| *id == packet_id && *rel == released && p.qos() == qos);
         if let Some(i) = found {
             let (packet_id, _, id, _) = self.inflight.remove(i);
+            self.resend.remove(&packet_id.get());
             self.ids.release(packet_id);
             self.events.push_back(ServerEvent::Delivered { id });
             self.pump(now);
@@ -579,6 +644,7 @@ impl ServerSession {
                     Some(entry) => {
                         entry.1 = true;
                         self.write(&Packet::PubRel(Ack::new(ack.packet_id)));
+                        self.sent(now, ack.packet_id);
                     }
                     None => {
                         let mut rel = Ack::new(ack.packet_id);
@@ -801,6 +867,53 @@ mod tests {
             ServerEvent::Ended { reason, .. } => Some(reason),
             _ => None,
         })
+    }
+
+    #[test]
+    fn timed_redelivery_is_for_mqtt_3_1_1_only_and_gives_up_after_max_retries() {
+        let config = || ServerSessionConfig {
+            retry_interval: Some(Duration::from_secs(5)),
+            max_retries: 2,
+            ..Default::default()
+        };
+        // MQTT 3.1.1: a QoS 1 message unacknowledged for 5 s goes out again with DUP.
+        let mut v3 = connect(Protocol::V3_1_1);
+        v3.keep_alive = 0;
+        let mut h = Harness::connected(config(), v3);
+        h.session.publish(h.now, publish("a", QoS::AtLeastOnce, 1)).unwrap();
+        let Packet::Publish(first) = h.sent().remove(0) else { panic!() };
+        assert!(!first.dup);
+        assert_eq!(h.session.poll_timeout(), Some(h.now + Duration::from_secs(5)));
+        h.advance(Duration::from_secs(4));
+        assert!(h.sent().is_empty(), "resent early");
+        h.advance(Duration::from_secs(1));
+        let Packet::Publish(again) = h.sent().remove(0) else { panic!() };
+        assert!(again.dup);
+        assert_eq!(again.packet_id(), first.packet_id());
+        // A QoS 2 message: after PUBREC it is the PUBREL that is resent.
+        h.session.publish(h.now, publish("b", QoS::ExactlyOnce, 1)).unwrap();
+        let Packet::Publish(q2) = h.sent().remove(0) else { panic!() };
+        h.feed(Packet::PubRec(Ack::new(q2.packet_id().unwrap())));
+        assert!(matches!(h.sent()[..], [Packet::PubRel(_)]));
+        h.feed(Packet::PubAck(Ack::new(first.packet_id().unwrap())));
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.sent(), [Packet::PubRel(Ack::new(q2.packet_id().unwrap()))]);
+        // Two resends used up: the third deadline ends the connection.
+        h.advance(Duration::from_secs(5));
+        assert_eq!(h.sent().len(), 1);
+        assert_eq!(ended(&mut h), None);
+        h.advance(Duration::from_secs(5));
+        assert_eq!(ended(&mut h), Some(EndReason::RetriesExhausted));
+
+        // MQTT 5: never resent on a live connection, whatever the setting.
+        let mut h = Harness::connected(config(), connect(Protocol::V5));
+        h.session.publish(h.now, publish("a", QoS::AtLeastOnce, 1)).unwrap();
+        assert_eq!(h.sent().len(), 1);
+        for _ in 0..4 {
+            h.advance(Duration::from_secs(5));
+        }
+        assert!(!h.sent().iter().any(|p| matches!(p, Packet::Publish(_))), "MQTT 5 message resent");
+        assert_eq!(ended(&mut h), Some(EndReason::KeepAliveTimeout));
     }
 
     #[test]
