@@ -276,6 +276,7 @@ impl Client {
             state: state_tx,
             first: Some(first_tx),
             leaving: None,
+            last_reason: "connection lost".into(),
         };
         tokio::spawn(driver.run());
         let client_id = first_rx.await.map_err(|_| ClientError::Closed)??;
@@ -433,6 +434,8 @@ struct Driver {
     first: Option<oneshot::Sender<Result<String, ClientError>>>,
     /// A disconnect in progress: whom to tell, and the latest moment to give up waiting.
     leaving: Option<(Vec<oneshot::Sender<()>>, tokio::time::Instant)>,
+    /// Why the last connection ended.
+    last_reason: String,
 }
 
 enum Input {
@@ -535,7 +538,7 @@ impl Driver {
         let stopped = self.machine.is_stopped() && idle;
         if stopped && self.leaving.is_none() && self.first.is_none() {
             // Lost for good without a reconnect policy.
-            self.state.send_replace(ConnectionState::Closed { reason: "connection lost".into() });
+            self.state.send_replace(ConnectionState::Closed { reason: self.last_reason.clone() });
         }
         let timed_out = self.leaving.as_ref().is_some_and(|(_, l)| tokio::time::Instant::now() >= *l);
         stopped || timed_out
@@ -650,8 +653,12 @@ impl Driver {
                 ClientEvent::Disconnected { reason } => {
                     let text = match (&reason, self.machine.last_close_reason()) {
                         (DisconnectReason::TransportLost, Some(close)) => close.to_string(),
+                        (DisconnectReason::ConnectTimeout, _) if self.first.is_some() => {
+                            format!("{reason} (is an MQTT broker listening there?)")
+                        }
                         _ => reason.to_string(),
                     };
+                    self.last_reason = text.clone();
                     self.fail_first(ClientError::Unreachable { url: self.url.clone(), reason: text.clone() });
                     if self.leaving.is_none() {
                         self.state.send_replace(ConnectionState::Reconnecting { reason: text });

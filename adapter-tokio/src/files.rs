@@ -67,6 +67,34 @@ pub fn client_tls_from_system() -> Result<ClientTls, FileError> {
     Ok(ClientTls::with_roots(found.certs))
 }
 
+/// Where `mqttq broker` keeps its generated certificate unless told otherwise:
+/// `$MQTTQ_DATA_DIR`, else `$XDG_DATA_HOME/mqttq`, else `~/.local/share/mqttq`, else `.mqttq`.
+pub fn default_data_dir() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("MQTTQ_DATA_DIR")
+        .or_else(|| var("XDG_DATA_HOME").map(|d| d.join("mqttq")))
+        .or_else(|| var("HOME").map(|h| h.join(".local/share/mqttq")))
+        .unwrap_or_else(|| PathBuf::from(".mqttq"))
+}
+
+/// The trust a command-line client uses when given no CA file: the system's CAs plus the
+/// certificate a local `mqttq broker` generated in `data_dir`, if there is one, so that a
+/// broker and its clients on one machine work together with full verification out of the box.
+pub fn client_tls_default(data_dir: &Path) -> Result<ClientTls, FileError> {
+    let mut roots = rustls_native_certs::load_native_certs().certs;
+    let local = data_dir.join("cert.pem");
+    if local.exists() {
+        let pem = read(&local)?;
+        let certs = mqtt_quic_core::tls::certificates_from_pem(&pem)
+            .map_err(|source| FileError::Tls { path: local.display().to_string(), source })?;
+        roots.extend(certs);
+    }
+    if roots.is_empty() {
+        return Err(FileError::NoRoots);
+    }
+    Ok(ClientTls::with_roots(roots))
+}
+
 /// The broker's own certificate in `dir` (`cert.pem`, `key.pem`), generated self-signed for
 /// `localhost` and this host's name on first use. Returns the identity and the files' paths.
 pub fn self_signed_in(dir: &Path) -> Result<(ServerTls, PathBuf, PathBuf), FileError> {

@@ -1,0 +1,214 @@
+//! `mqttq broker`.
+
+use crate::config::FileConfig;
+use adapter_tokio::files;
+use adapter_tokio::server::{Server, ServerOptions};
+use clap::Args;
+use mqtt_quic_core::broker::auth::FileAuth;
+use mqtt_quic_core::config::Congestion;
+use mqtt_quic_core::tls::fingerprint_hex;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info;
+
+/// `mqttq broker` flags. Each overrides the same setting of `--config`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+With no flags: MQTT over QUIC on UDP 0.0.0.0:14567 and MQTT over TCP on 0.0.0.0:1883, with a \
+self-signed certificate generated into the data directory on first start (its path and SHA-256 \
+fingerprint are printed; `mqttq pub`/`sub` on this machine trust it automatically).
+
+Ctrl-C (or SIGTERM) shuts down gracefully: MQTT 5 clients get DISCONNECT (0x8B Server shutting \
+down) and queued bytes are flushed.")]
+pub struct BrokerArgs {
+    /// UDP address for MQTT over QUIC, or `off` [default: 0.0.0.0:14567].
+    #[arg(long, value_name = "ADDR|off")]
+    quic: Option<String>,
+    /// TCP address for plain MQTT, or `off` [default: 0.0.0.0:1883].
+    #[arg(long, value_name = "ADDR|off")]
+    tcp: Option<String>,
+    /// TCP address for MQTT over TLS, or `off` [default: off].
+    #[arg(long, value_name = "ADDR|off")]
+    tls: Option<String>,
+    /// Certificate chain (PEM) for QUIC and TLS [default: self-signed, in the data directory].
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Where the generated certificate lives [default: $MQTTQ_DATA_DIR, $XDG_DATA_HOME/mqttq or
+    /// ~/.local/share/mqttq].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (see the crate docs for every key).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Seconds a client has to complete the QUIC/TLS handshake and send CONNECT [default: 10].
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Log level: off, error, warn, info, debug or trace [default: info, or RUST_LOG].
+    #[arg(short = 'v', long, value_name = "LEVEL", value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
+    verbosity: Option<String>,
+    /// Resend unacknowledged messages to MQTT 3.1.1 clients every SECS seconds [default: off:
+    /// resend on reconnect only]. Never applies to MQTT 5 clients: MQTT 5 forbids resending on
+    /// a live connection.
+    #[arg(long, value_name = "SECS")]
+    retry_interval: Option<u64>,
+    /// With --retry-interval: resends of one message before the client is disconnected
+    /// [default: 5].
+    #[arg(long, value_name = "N", requires = "retry_interval")]
+    max_retries: Option<u32>,
+    /// Password file (lines `user:$pbkdf2-sha256$...`, see FileAuth); clients must log in.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Access control list file in mosquitto's format.
+    #[arg(long, value_name = "FILE")]
+    acl_file: Option<PathBuf>,
+}
+
+/// A listener flag: an address, or `off`.
+fn listener(flag: &str, value: Option<&str>, default: Option<SocketAddr>) -> Result<Option<SocketAddr>, String> {
+    match value {
+        None => Ok(default),
+        Some("off") => Ok(None),
+        Some(v) => {
+            v.parse().map(Some).map_err(|_| format!("--{flag}: `{v}` is not an address like 0.0.0.0:1883 or `off`"))
+        }
+    }
+}
+
+/// Runs the broker until Ctrl-C or SIGTERM.
+pub async fn run(args: BrokerArgs) -> Result<(), String> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    crate::init_logging(args.verbosity.as_deref().or(file.verbosity.as_deref()), "info")?;
+
+    let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(files::default_data_dir);
+    let tls = match (args.cert.as_ref().or(file.cert.as_ref()), args.key.as_ref().or(file.key.as_ref())) {
+        (Some(cert), Some(key)) => {
+            let tls = files::server_tls_from_files(cert, key).map_err(|e| e.to_string())?;
+            println!("certificate: {}", cert.display());
+            tls
+        }
+        (None, None) => {
+            let (tls, cert, _) = files::self_signed_in(&data_dir).map_err(|e| e.to_string())?;
+            println!("certificate: {} (self-signed)", cert.display());
+            tls
+        }
+        _ => return Err("give both a certificate and a key (cert and key)".into()),
+    };
+    println!("fingerprint: {}", fingerprint_hex(&tls.fingerprint()));
+
+    let mut options = ServerOptions::new(tls);
+    options.quic = listener("quic", args.quic.as_deref().or(file.quic.listen.as_deref()), options.quic)?;
+    options.tcp = listener("tcp", args.tcp.as_deref().or(file.tcp.listen.as_deref()), options.tcp)?;
+    options.tls = listener("tls", args.tls.as_deref().or(file.tls.listen.as_deref()), None)?;
+    if options.quic.is_none() && options.tcp.is_none() && options.tls.is_none() {
+        return Err("every listener is off: nothing to serve".into());
+    }
+    options.tcp_max_connections = file.tcp.max_connections.unwrap_or(options.tcp_max_connections);
+    options.tls_max_connections = file.tls.max_connections.unwrap_or(options.tls_max_connections);
+    options.max_queued_bytes = file.max_queued_bytes.unwrap_or(options.max_queued_bytes);
+
+    let b = &mut options.broker;
+    if let Some(t) = args.timeout.or(file.timeout) {
+        let t = Duration::from_secs(t.max(1));
+        b.session.connect_timeout = t;
+        b.quic.transport.handshake_timeout = t;
+        options.tls_handshake_timeout = t;
+    }
+    if let Some(secs) = args.retry_interval.or(file.retry_interval) {
+        b.session.retry_interval = Some(Duration::from_secs(secs.max(1)));
+    }
+    if let Some(n) = args.max_retries.or(file.max_retries) {
+        b.session.max_retries = n;
+    }
+    let q = &file.quic;
+    if let Some(n) = q.max_connections {
+        b.quic.max_connections = n;
+    }
+    if let Some(secs) = q.idle_timeout {
+        b.quic.transport.idle_timeout = Duration::from_secs(secs);
+    }
+    if let Some(z) = q.zero_rtt {
+        b.quic.zero_rtt = z;
+    }
+    if let Some(r) = q.stateless_retry {
+        b.quic.stateless_retry = r;
+    }
+    if let Some(c) = &q.congestion {
+        b.quic.transport.congestion = match c.to_ascii_lowercase().as_str() {
+            "newreno" => Congestion::NewReno,
+            "cubic" => Congestion::Cubic,
+            "bbr" => Congestion::Bbr,
+            other => return Err(format!("[quic] congestion: `{other}` is not newreno, cubic or bbr")),
+        };
+    }
+    if let Some(v) = file.max_packet_size {
+        b.session.maximum_packet_size = v;
+    }
+    if let Some(v) = file.max_inflight {
+        b.session.max_inflight = v;
+    }
+    if let Some(v) = file.max_retained {
+        b.max_retained = v;
+    }
+    if let Some(v) = file.max_offline_queue {
+        b.max_offline_queue = v;
+    }
+    if let Some(v) = file.max_session_expiry {
+        b.max_session_expiry = v;
+    }
+    if let Some(v) = file.max_subscriptions_per_client {
+        b.max_subscriptions_per_client = v;
+    }
+    if let Some(v) = file.sys_interval {
+        b.sys_interval = (v > 0).then(|| Duration::from_secs(v));
+    }
+    let passwords = args.password_file.as_ref().or(file.password_file.as_ref());
+    let acl = args.acl_file.as_ref().or(file.acl_file.as_ref());
+    if passwords.is_some() || acl.is_some() {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let mut auth = FileAuth::new(file.allow_anonymous.unwrap_or(passwords.is_none()));
+        if let Some(p) = passwords {
+            auth = auth.with_passwords(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        if let Some(p) = acl {
+            auth = auth.with_acl(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        b.auth = Some(Arc::new(auth));
+    }
+
+    let server = Server::start(options).await.map_err(|e| e.to_string())?;
+    for (what, addr) in [("quic", server.quic_addr()), ("tcp", server.tcp_addr()), ("tls", server.tls_addr())] {
+        if let Some(addr) = addr {
+            println!("listening: {what} {addr}");
+        }
+    }
+    println!("ready");
+    shutdown_signal().await;
+    info!("shutdown requested");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM where there is such a thing.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return drop(tokio::signal::ctrl_c().await),
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

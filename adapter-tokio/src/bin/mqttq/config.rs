@@ -1,0 +1,121 @@
+//! The broker's TOML configuration file. Every key is optional; command-line flags override it.
+//!
+//! ```toml
+//! data_dir = "/var/lib/mqttq"
+//! cert = "/etc/mqttq/cert.pem"
+//! key = "/etc/mqttq/key.pem"
+//! timeout = 10                # CONNECT / handshake timeout, seconds
+//! verbosity = "info"
+//! retry_interval = 20         # MQTT 3.1.1 timed redelivery, seconds (off when absent)
+//! max_retries = 5
+//! password_file = "/etc/mqttq/passwords"
+//! acl_file = "/etc/mqttq/acl"
+//! allow_anonymous = true      # with a password file: may clients without a user name connect
+//! max_packet_size = 1048576
+//! max_inflight = 64
+//! max_retained = 100000
+//! max_offline_queue = 1000
+//! max_session_expiry = 604800
+//! max_subscriptions_per_client = 1000
+//! max_queued_bytes = 16777216
+//! sys_interval = 10           # $SYS statistics period, seconds (0: off)
+//!
+//! [quic]
+//! listen = "0.0.0.0:14567"    # or "off"
+//! max_connections = 100000
+//! idle_timeout = 30
+//! zero_rtt = true
+//! stateless_retry = false
+//! congestion = "cubic"        # "newreno", "cubic" or "bbr"
+//!
+//! [tcp]
+//! listen = "0.0.0.0:1883"
+//! max_connections = 100000
+//!
+//! [tls]
+//! listen = "0.0.0.0:8883"
+//! max_connections = 100000
+//! ```
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub timeout: Option<u64>,
+    pub verbosity: Option<String>,
+    pub retry_interval: Option<u64>,
+    pub max_retries: Option<u32>,
+    pub password_file: Option<PathBuf>,
+    pub acl_file: Option<PathBuf>,
+    pub allow_anonymous: Option<bool>,
+    pub max_packet_size: Option<u32>,
+    pub max_inflight: Option<u16>,
+    pub max_retained: Option<usize>,
+    pub max_offline_queue: Option<usize>,
+    pub max_session_expiry: Option<u32>,
+    pub max_subscriptions_per_client: Option<usize>,
+    pub max_queued_bytes: Option<usize>,
+    pub sys_interval: Option<u64>,
+    #[serde(default)]
+    pub quic: QuicSection,
+    #[serde(default)]
+    pub tcp: Listener,
+    #[serde(default)]
+    pub tls: Listener,
+}
+
+/// `[quic]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicSection {
+    pub listen: Option<String>,
+    pub max_connections: Option<usize>,
+    pub idle_timeout: Option<u64>,
+    pub zero_rtt: Option<bool>,
+    pub stateless_retry: Option<bool>,
+    pub congestion: Option<String>,
+}
+
+/// `[tcp]` and `[tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub listen: Option<String>,
+    pub max_connections: Option<usize>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`; the error names the file and the offending key.
+    pub fn load(path: &Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses_and_typos_are_named() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start().to_string() + "\n")
+            .collect();
+        let c: FileConfig = toml::from_str(&example).unwrap();
+        assert_eq!(c.quic.congestion.as_deref(), Some("cubic"));
+        assert_eq!(c.tls.listen.as_deref(), Some("0.0.0.0:8883"));
+        let e = toml::from_str::<FileConfig>("[quic]\nidle_timout = 3\n").unwrap_err();
+        assert!(e.message().contains("idle_timout"), "{}", e.message());
+    }
+}

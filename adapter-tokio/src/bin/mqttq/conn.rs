@@ -1,0 +1,145 @@
+//! Connection flags shared by `pub`, `sub` and `shell`, in mosquitto's spelling.
+
+use adapter_tokio::client::{Client, ClientOptions};
+use adapter_tokio::files;
+use adapter_tokio::url::{BrokerUrl, Transport};
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use mqtt_proto::Protocol;
+use mqtt_quic_core::tls::ClientTls;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Transport names on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportArg {
+    // MQTT over QUIC (UDP, default port 14567).
+    Quic,
+    // Plain MQTT over TCP (default port 1883).
+    Tcp,
+    // MQTT over TLS (default port 8883).
+    Tls,
+}
+
+/// MQTT versions on the command line (`-V 5`, `-V 311`, `-V mqttv5`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VersionArg {
+    // MQTT 5.0.
+    #[value(name = "5", alias = "mqttv5")]
+    V5,
+    // MQTT 3.1.1.
+    #[value(name = "311", alias = "mqttv311")]
+    V311,
+    // MQTT 3.1.
+    #[value(name = "31", alias = "mqttv31")]
+    V31,
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// Broker host.
+    #[arg(short = 'h', long, default_value = "localhost")]
+    pub host: String,
+    /// Broker port [default: 14567 for quic, 1883 for tcp, 8883 for tls].
+    #[arg(short = 'p', long)]
+    pub port: Option<u16>,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "quic")]
+    pub transport: TransportArg,
+    /// Broker URL (quic://, mqtt://, mqtts://), instead of --host/--port/--transport.
+    #[arg(long, conflicts_with_all = ["host", "port", "transport"])]
+    pub url: Option<String>,
+    /// Client identifier [default: assigned by the broker].
+    #[arg(short = 'i', long = "id")]
+    pub id: Option<String>,
+    /// User name.
+    #[arg(short = 'u', long)]
+    pub username: Option<String>,
+    /// Password.
+    #[arg(short = 'P', long = "pw", requires = "username")]
+    pub password: Option<String>,
+    /// Keep-alive in seconds (0 disables).
+    #[arg(short = 'k', long, default_value_t = 60)]
+    pub keepalive: u16,
+    /// MQTT version.
+    #[arg(short = 'V', long = "protocol-version", value_enum, default_value = "5")]
+    pub version: VersionArg,
+    /// CA certificates (PEM) to check the broker's certificate against [default: the system's
+    /// CAs and the certificate of a local `mqttq broker`].
+    #[arg(long)]
+    pub cafile: Option<PathBuf>,
+    /// Accept the broker certificate with this SHA-256 fingerprint (hex), whoever signed it.
+    #[arg(long, conflicts_with = "cafile")]
+    pub fingerprint: Option<String>,
+    /// Do not check the broker's certificate at all (testing only).
+    #[arg(long, conflicts_with_all = ["cafile", "fingerprint"])]
+    pub insecure: bool,
+    /// Where a local broker keeps its certificate (see `mqttq broker --data-dir`).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print debug logs to stderr (or set RUST_LOG).
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+impl ConnArgs {
+    /// The broker URL these flags name.
+    pub fn url(&self) -> Result<BrokerUrl, String> {
+        if let Some(url) = &self.url {
+            return url.parse().map_err(|e: adapter_tokio::url::UrlError| e.to_string());
+        }
+        let transport = match self.transport {
+            TransportArg::Quic => Transport::Quic,
+            TransportArg::Tcp => Transport::Tcp,
+            TransportArg::Tls => Transport::Tls,
+        };
+        Ok(BrokerUrl::new(transport, self.host.clone(), self.port))
+    }
+
+    /// Client options from the flags.
+    pub fn options(&self) -> Result<ClientOptions, String> {
+        let mut options = ClientOptions::new();
+        let s = &mut options.session;
+        s.client_id = self.id.clone().unwrap_or_default();
+        s.keep_alive = self.keepalive;
+        s.protocol = match self.version {
+            VersionArg::V5 => Protocol::V5,
+            VersionArg::V311 => Protocol::V3_1_1,
+            VersionArg::V31 => Protocol::V3_1,
+        };
+        s.username = self.username.clone();
+        s.password = self.password.clone().map(Bytes::from);
+        s.connect_timeout = Duration::from_secs(10);
+        // A command-line client reports a lost connection instead of hiding it behind retries.
+        options.reconnect = None;
+        if self.url()?.transport != Transport::Tcp {
+            options.tls = Some(self.trust()?);
+        }
+        Ok(options)
+    }
+
+    fn trust(&self) -> Result<ClientTls, String> {
+        if self.insecure {
+            return Ok(ClientTls::insecure());
+        }
+        if let Some(fp) = &self.fingerprint {
+            return ClientTls::pinned(fp).map_err(|e| format!("--fingerprint: {e}"));
+        }
+        if let Some(ca) = &self.cafile {
+            return files::client_tls_from_ca_file(ca).map_err(|e| e.to_string());
+        }
+        let dir = self.data_dir.clone().unwrap_or_else(files::default_data_dir);
+        files::client_tls_default(&dir).map_err(|e| e.to_string())
+    }
+
+    /// Sets up logging and connects.
+    pub async fn connect(&self, options: ClientOptions) -> Result<Client, String> {
+        crate::init_logging(self.debug.then_some("debug"), "warn")?;
+        let url = self.url()?;
+        Client::connect(&url.to_string(), options).await.map_err(|e| e.to_string())
+    }
+}

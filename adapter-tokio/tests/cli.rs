@@ -1,0 +1,240 @@
+//! The `mqttq` binary run as a subprocess: broker startup and shutdown, pub and sub across
+//! QUIC and TCP, the shell, and the one-line errors for bad input.
+// Subprocesses run on the wall clock: the deadlines here are real time.
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const MQTTQ: &str = env!("CARGO_BIN_EXE_mqttq");
+
+/// A child process whose stdout lines arrive on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(MQTTQ)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mqttq did not start");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    fn expect(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no line with `{needle}` on stdout"),
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the exit; returns the code and stderr.
+    fn finish(&mut self) -> (i32, String) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("mqttq did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        (status.code().unwrap_or(-1), err)
+    }
+
+    fn interrupt(&self) {
+        let ok = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -INT failed");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs mqttq to completion: exit code, stdout, stderr.
+fn run(args: &[&str]) -> (i32, String, String) {
+    let mut p = Proc::spawn(args);
+    let (code, err) = p.finish();
+    let out: Vec<String> = p.lines.try_iter().collect();
+    (code, out.join("\n"), err)
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mqttq-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A broker on loopback ports; returns it with its QUIC and TCP ports.
+fn broker(data: &str) -> (Proc, String, String) {
+    let b = Proc::spawn(&["broker", "--quic", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--data-dir", data]);
+    let port = |l: String| l.rsplit(':').next().unwrap().to_string();
+    b.expect("fingerprint: ");
+    let quic = port(b.expect("listening: quic"));
+    let tcp = port(b.expect("listening: tcp"));
+    b.expect("ready");
+    (b, quic, tcp)
+}
+
+#[test]
+fn pub_and_sub_across_quic_and_tcp_then_graceful_shutdown() {
+    let dir = temp_dir("pubsub");
+    let data = dir.to_str().unwrap();
+    let (mut b, quic, tcp) = broker(data);
+    // Over TCP, retained, MQTT 3.1.1; then read back over QUIC with certificate verification
+    // against the broker's generated certificate (found through --data-dir).
+    let (code, _, err) = run(&["pub", "--transport", "tcp", "-p", &tcp, "-V", "311", "-t", "t/a", "-m", "first", "-r"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    let mut sub = Proc::spawn(&["sub", "-p", &quic, "--data-dir", data, "-t", "t/#", "-C", "2", "-v", "-q", "1"]);
+    assert_eq!(sub.expect("t/a"), "t/a first");
+    let (code, _, err) = run(&["pub", "-p", &quic, "--data-dir", data, "-t", "t/b", "-m", "second", "-q", "2"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(sub.expect("t/b"), "t/b second");
+    assert_eq!(sub.finish(), (0, String::new()), "sub -C 2 exits by itself");
+
+    // A subscriber still connected when the broker is interrupted is told why.
+    let mut sub = Proc::spawn(&["sub", "--transport", "tcp", "-p", &tcp, "-t", "t/a"]);
+    sub.expect("first");
+    b.interrupt();
+    let (code, err) = b.finish();
+    assert_eq!(code, 0, "broker exit: {err}");
+    let (code, err) = sub.finish();
+    assert_eq!(code, 1);
+    assert!(err.contains("Server shutting down (0x8B)"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn lines_from_stdin_become_messages() {
+    let dir = temp_dir("lines");
+    let data = dir.to_str().unwrap();
+    let (_b, quic, tcp) = broker(data);
+    let mut sub = Proc::spawn(&["sub", "--transport", "tcp", "-p", &tcp, "-t", "l", "-C", "3", "-q", "1"]);
+    // Wait until the subscription is in place: a retained marker proves it.
+    let (code, _, _) = run(&["pub", "--transport", "tcp", "-p", &tcp, "-t", "l", "-m", "0", "-r"]);
+    assert_eq!(code, 0);
+    sub.expect("0");
+    let mut p = Proc::spawn(&["pub", "-p", &quic, "--data-dir", data, "-t", "l", "-l", "-q", "1"]);
+    p.send("one");
+    p.send("two");
+    drop(p.child.stdin.take());
+    assert_eq!(p.finish().0, 0);
+    assert_eq!(sub.expect("one"), "one");
+    assert_eq!(sub.expect("two"), "two");
+    assert_eq!(sub.finish().0, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn shell_connects_subscribes_publishes_and_prints_arrivals() {
+    let dir = temp_dir("shell");
+    let data = dir.to_str().unwrap();
+    let (_b, quic, _) = broker(data);
+    let mut sh = Proc::spawn(&["shell", "-p", &quic, "--data-dir", data, "-i", "me"]);
+    sh.send("status");
+    sh.expect("not connected");
+    sh.send("connect");
+    sh.expect("connected as me");
+    sh.send("sub s/# 1");
+    sh.expect("subscribed to s/# (granted QoS 1)");
+    sh.send("pub s/x hello there -q 1");
+    sh.expect("<- s/x [QoS 1]: hello there");
+    sh.send("frobnicate");
+    sh.expect("unknown command");
+    sh.send("disconnect");
+    sh.expect("disconnected");
+    sh.send("exit");
+    assert_eq!(sh.finish().0, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let dir = temp_dir("errors");
+    let data = dir.to_str().unwrap();
+    let one_line = |err: &str| {
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    // Unknown flag: usage error (clap's exit code 2).
+    let (code, _, err) = run(&["broker", "--bogus"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--bogus"), "{err}");
+    // Port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run(&["broker", "--quic", "off", "--tcp", &addr, "--data-dir", data, "-v", "off"]);
+    assert_eq!(code, 1);
+    one_line(&err);
+    assert!(err.contains(&format!("cannot listen for TCP on {addr}")), "{err}");
+    // Unreadable certificate, and a key that is not the certificate's.
+    let (code, _, err) = run(&["broker", "--cert", "/nonexistent/cert.pem", "--key", "/nonexistent/key.pem"]);
+    assert_eq!(code, 1);
+    one_line(&err);
+    assert!(err.contains("cannot read /nonexistent/cert.pem"), "{err}");
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_pem = dir.join("garbage.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let (code, _, err) = run(&["broker", "--cert", not_pem.to_str().unwrap(), "--key", not_pem.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    one_line(&err);
+    assert!(err.contains("garbage.pem"), "{err}");
+    // A config file with a typo.
+    let config = dir.join("broker.toml");
+    std::fs::write(&config, "[quic]\nlisten = \"127.0.0.1:0\"\nidle_timout = 5\n").unwrap();
+    let (code, _, err) = run(&["broker", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("idle_timout"), "{err}");
+    // Nobody listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let (code, _, err) = run(&["pub", "--transport", "tcp", "-p", &closed, "-t", "a", "-m", "x"]);
+    assert_eq!(code, 1);
+    one_line(&err);
+    assert!(err.contains("cannot connect to mqtt://localhost:") && err.contains("refused"), "{err}");
+    // A certificate nobody vouches for.
+    let (_b, quic, _) = broker(data);
+    let stranger = dir.join("stranger.pem");
+    std::fs::write(&stranger, mqtt_quic_core::tls::SelfSigned::generate(&["x"]).unwrap().cert_pem).unwrap();
+    let (code, _, err) = run(&["pub", "-p", &quic, "--cafile", stranger.to_str().unwrap(), "-t", "a", "-m", "x"]);
+    assert_eq!(code, 1);
+    one_line(&err);
+    assert!(err.contains("certificate"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
