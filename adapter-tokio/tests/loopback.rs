@@ -226,3 +226,79 @@ async fn garbage_on_a_listener_only_costs_that_client() {
     assert_eq!(&m.payload[..], b"still here");
     s.shutdown().await;
 }
+
+/// Connects a raw MQTT 3.1.1 client over TCP and subscribes it to `filter` at QoS 0.
+async fn raw_subscriber(addr: SocketAddr, id: &'static str, filter: &str) -> tokio::net::TcpStream {
+    use mqtt_proto::{Decoder, PacketId, Subscribe, Subscription};
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    Packet::from(Connect::new(Protocol::V3_1_1, MqttString::from_static(id)))
+        .encode(Protocol::V3_1_1, &mut buf)
+        .unwrap();
+    let sub = Subscribe {
+        packet_id: PacketId::MIN,
+        properties: Default::default(),
+        subscriptions: [Subscription::new(TopicFilter::new(filter).unwrap(), QoS::AtMostOnce)].into_iter().collect(),
+    };
+    Packet::from(sub).encode(Protocol::V3_1_1, &mut buf).unwrap();
+    raw.write_all(&buf).await.unwrap();
+    // Read CONNACK and SUBACK.
+    let mut decoder = Decoder::new(Protocol::V3_1_1);
+    let mut inbuf = BytesMut::new();
+    let mut got = 0;
+    while got < 2 {
+        let n = tokio::io::AsyncReadExt::read_buf(&mut raw, &mut inbuf).await.unwrap();
+        assert!(n > 0, "the broker closed the connection");
+        while let Some(p) = decoder.decode(&mut inbuf).unwrap() {
+            assert!(matches!(p, Packet::ConnAck(_) | Packet::SubAck(_)), "{p:?}");
+            got += 1;
+        }
+    }
+    raw
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_cut_off_and_the_others_keep_going() {
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+    options.max_queued_bytes = 256 * 1024;
+    let s = Server::start(options).await.unwrap();
+    let mut stalled = raw_subscriber(s.tcp_addr().unwrap(), "stalled", "flood").await;
+    let healthy = client(&url("quic", s.quic_addr()), "healthy").await;
+    let mut messages = healthy.messages().unwrap();
+    healthy.subscribe(TopicFilter::new("flood").unwrap(), QoS::AtMostOnce).await.unwrap();
+    let publisher = client(&url("mqtt", s.tcp_addr()), "firehose").await;
+    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    const N: usize = 400; // 25 MiB: far beyond the socket buffers and the 256 KiB allowance
+    let consumer = tokio::spawn(async move {
+        for _ in 0..N {
+            timeout(Duration::from_secs(20), messages.recv()).await.expect("healthy subscriber starved").unwrap();
+        }
+    });
+    for _ in 0..N {
+        publisher.publish(Publish::new(topic("flood"), chunk.clone())).await.unwrap();
+    }
+    consumer.await.unwrap();
+    // The stalled subscriber got what fit in the buffers, then the broker closed on it.
+    let mut rest = Vec::new();
+    let read = timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut stalled, &mut rest)).await;
+    assert!(read.is_ok(), "the stalled subscriber was never disconnected");
+    assert!(rest.len() < N * chunk.len() / 2, "it was sent {} bytes", rest.len());
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn tcp_listener_connection_limit() {
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+    options.tcp_max_connections = 1;
+    let s = Server::start(options).await.unwrap();
+    let first = client(&url("mqtt", s.tcp_addr()), "first").await;
+    let mut second = tokio::net::TcpStream::connect(s.tcp_addr().unwrap()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let n = timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut second, &mut byte)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "the connection over the limit was kept");
+    // QUIC is not affected by the TCP listener's limit.
+    let other = client(&url("quic", s.quic_addr()), "other").await;
+    other.publish(Publish::new(topic("a"), "b")).await.unwrap();
+    first.disconnect().await.unwrap();
+    s.shutdown().await;
+}

@@ -417,10 +417,17 @@ impl Broker {
 
     /// Moves one connection's events and bytes along.
     fn serve(&mut self, now: Instant, conn: Peer) {
-        let Some(live) = self.conns.get_mut(&conn) else { return };
-        let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
-        for event in events {
-            self.on_event(now, conn, event);
+        // Handling an event can raise more (accepting CONNECT releases the packets the client
+        // sent right after it), so go on until the session is quiet.
+        loop {
+            let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
+            let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                self.on_event(now, conn, event);
+            }
         }
         let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
         let out: Vec<Bytes> = std::iter::from_fn(|| live.session.poll_transmit()).collect();

@@ -240,6 +240,8 @@ pub struct ServerSession {
     /// With timed redelivery (MQTT 3.1.1): per in-flight packet id, when it was last sent and
     /// how often it has been resent.
     resend: BTreeMap<u16, (Instant, u32)>,
+    /// A packet that arrived after CONNECT while the broker was deciding on it.
+    held: Option<Packet>,
 }
 
 impl ServerSession {
@@ -265,6 +267,7 @@ impl ServerSession {
             queued: VecDeque::new(),
             next_id: 0,
             resend: BTreeMap::new(),
+            held: None,
             config,
         }
     }
@@ -350,6 +353,10 @@ impl ServerSession {
         self.write(&ack.into());
         self.touch(now);
         self.pump(now);
+        if let Some(packet) = self.held.take() {
+            self.handle_packet(now, packet);
+            self.process(now);
+        }
         Ok(())
     }
 
@@ -444,11 +451,25 @@ impl ServerSession {
             return;
         }
         self.inbuf.extend_from_slice(data);
+        self.process(now);
+    }
+
+    /// Decodes and handles what is buffered. While the broker decides on CONNECT, a client may
+    /// already have sent its next packets (clients need not wait for CONNACK): the first one
+    /// that is not AUTH is held, with everything after it left undecoded, until `accept`.
+    fn process(&mut self, now: Instant) {
         loop {
+            if self.state == State::Deciding && self.held.is_some() {
+                break;
+            }
             match self.decoder.decode(&mut self.inbuf) {
                 Ok(Some(packet)) => {
                     self.touch(now);
-                    self.handle_packet(now, packet);
+                    if self.state == State::Deciding && !matches!(packet, Packet::Auth(_)) {
+                        self.held = Some(packet);
+                    } else {
+                        self.handle_packet(now, packet);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -934,6 +955,28 @@ mod tests {
         assert_eq!(ack.properties.receive_maximum, NonZeroU16::new(5));
         assert_eq!(ack.properties.topic_alias_maximum, Some(3));
         assert_eq!(ack.properties.maximum_qos, Some(QoS::AtLeastOnce));
+    }
+
+    #[test]
+    fn packets_pipelined_after_connect_wait_for_the_decision() {
+        let mut h = Harness::new(ServerSessionConfig::default());
+        let mut b = BytesMut::new();
+        Packet::from(connect(Protocol::V5)).encode(Protocol::V5, &mut b).unwrap();
+        let sub = Subscribe {
+            packet_id: PacketId::MIN,
+            properties: Default::default(),
+            subscriptions: [mqtt_proto::Subscription::new(TopicFilter::new("a").unwrap(), QoS::AtMostOnce)]
+                .into_iter()
+                .collect(),
+        };
+        Packet::from(sub).encode(Protocol::V5, &mut b).unwrap();
+        Packet::PingReq.encode(Protocol::V5, &mut b).unwrap();
+        h.session.handle_bytes(h.now, &b);
+        assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]), "handled before the decision");
+        assert!(h.sent().is_empty());
+        h.session.accept(h.now, false, None).unwrap();
+        assert!(matches!(h.events()[..], [ServerEvent::Subscribe { .. }]));
+        assert!(matches!(h.sent()[..], [Packet::ConnAck(_), Packet::PingResp]));
     }
 
     #[test]
