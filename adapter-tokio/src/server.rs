@@ -103,6 +103,9 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     driver: JoinHandle<()>,
     acceptors: Vec<JoinHandle<()>>,
+    /// Closes when every connection task has ended (each holds a sender).
+    alive: mpsc::Receiver<()>,
+    grace: Duration,
 }
 
 /// What connection tasks tell the broker task.
@@ -156,16 +159,20 @@ impl Server {
         let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
 
         let (streams_tx, streams_rx) = mpsc::channel(1024);
+        let (alive_tx, alive) = mpsc::channel(1);
         let mut acceptors = Vec::new();
         if let Some(listener) = tcp {
             let limit = Arc::new(Semaphore::new(options.tcp_max_connections));
-            acceptors.push(tokio::spawn(accept(listener, None, limit, streams_tx.clone(), options.clone())));
+            let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
+            acceptors.push(tokio::spawn(accept(listener, None, limit, to, options.clone())));
         }
         if let Some(listener) = tls {
             let limit = Arc::new(Semaphore::new(options.tls_max_connections));
-            acceptors.push(tokio::spawn(accept(listener, acceptor, limit, streams_tx.clone(), options.clone())));
+            let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
+            acceptors.push(tokio::spawn(accept(listener, acceptor, limit, to, options.clone())));
         }
-        drop(streams_tx);
+        drop((streams_tx, alive_tx));
+        let grace = options.shutdown_grace;
         let (stop_tx, stop_rx) = oneshot::channel();
         let driver = tokio::spawn(drive(broker, udp, streams_rx, stop_rx, options));
         for (what, addr) in [("QUIC", quic_addr), ("TCP", tcp_addr), ("TLS", tls_addr)] {
@@ -173,7 +180,16 @@ impl Server {
                 info!("listening for MQTT over {what} on {addr}");
             }
         }
-        Ok(Server { quic: quic_addr, tcp: tcp_addr, tls: tls_addr, stop: Some(stop_tx), driver, acceptors })
+        Ok(Server {
+            quic: quic_addr,
+            tcp: tcp_addr,
+            tls: tls_addr,
+            stop: Some(stop_tx),
+            driver,
+            acceptors,
+            alive,
+            grace,
+        })
     }
 
     /// The QUIC listener's address.
@@ -201,6 +217,8 @@ impl Server {
             let _ = stop.send(());
         }
         let _ = (&mut self.driver).await;
+        // Let connection tasks write out what the broker gave them last (DISCONNECT).
+        let _ = tokio::time::timeout(self.grace, self.alive.recv()).await;
     }
 
     /// Waits until the server stops (it stops only through [`Server::shutdown`] or a fatal
@@ -328,12 +346,20 @@ fn deliver(
     }
 }
 
+/// What a connection task holds: the way to the broker task, and a token whose drop says the
+/// task has ended.
+#[derive(Clone)]
+struct Tasks {
+    broker: mpsc::Sender<StreamIn>,
+    alive: mpsc::Sender<()>,
+}
+
 /// Accepts connections on a TCP listener (with TLS when `acceptor` is set).
 async fn accept(
     listener: TcpListener,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     limit: Arc<Semaphore>,
-    broker: mpsc::Sender<StreamIn>,
+    tasks: Tasks,
     options: ServerOptions,
 ) {
     loop {
@@ -351,11 +377,11 @@ async fn accept(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let broker = broker.clone();
+        let Tasks { broker, alive } = tasks.clone();
         let acceptor = acceptor.clone();
         let handshake = options.tls_handshake_timeout;
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, alive);
             match acceptor {
                 None => connection(socket, broker).await,
                 Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
