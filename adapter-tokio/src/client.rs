@@ -357,11 +357,15 @@ impl Client {
     }
 }
 
+/// The broker's address. IPv4 is preferred when a name has both kinds: brokers listen on
+/// 0.0.0.0 by default, and `localhost` often resolves to `::1` first.
 async fn resolve(url: &BrokerUrl) -> Result<SocketAddr, ClientError> {
-    let mut addrs = tokio::net::lookup_host(url.authority())
+    let addrs = tokio::net::lookup_host(url.authority())
         .await
         .map_err(|e| ClientError::Resolve { host: url.host.clone(), reason: e.to_string() })?;
-    addrs.next().ok_or_else(|| ClientError::Resolve { host: url.host.clone(), reason: "no address".into() })
+    let mut addrs: Vec<SocketAddr> = addrs.collect();
+    addrs.sort_by_key(|a| a.is_ipv6());
+    addrs.first().copied().ok_or_else(|| ClientError::Resolve { host: url.host.clone(), reason: "no address".into() })
 }
 
 fn unreachable(url: &BrokerUrl, reason: impl std::fmt::Display) -> ClientError {

@@ -64,10 +64,6 @@ pub use string::MqttString;
 pub use topic::{TopicFilter, TopicName};
 pub use types::{PacketId, Protocol, QoS, QosPid, RetainHandling, SubscriptionId};
 
-/// The Rust examples in the workspace README, compiled and run as doctests.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
 
 /// Re-exported so users need not depend on `bytes` for the basics.
 pub use bytes;
