@@ -453,7 +453,9 @@ enum Input {
 
 impl Driver {
     async fn run(mut self) {
-        let _ = self.machine.start(clock());
+        if let Err(e) = self.machine.start(clock()) {
+            self.fail_first(ClientError::Unreachable { url: self.url.clone(), reason: e.to_string() });
+        }
         loop {
             self.flush().await;
             self.events();

@@ -64,6 +64,5 @@ pub use string::MqttString;
 pub use topic::{TopicFilter, TopicName};
 pub use types::{PacketId, Protocol, QoS, QosPid, RetainHandling, SubscriptionId};
 
-
 /// Re-exported so users need not depend on `bytes` for the basics.
 pub use bytes;

@@ -172,10 +172,12 @@ impl MqttClient {
     }
 
     /// Whether the machine has given up for good (after [`MqttClient::disconnect`], or a lost
-    /// connection without a reconnect policy) and has no connection left.
+    /// connection without a reconnect policy) and has no connection left: over QUIC, the last
+    /// one has also delivered its final bytes (DISCONNECT, FIN) and closed, so an adapter that
+    /// keeps driving until this is true does not cut off a clean disconnect.
     pub fn is_stopped(&self) -> bool {
         let idle = match &self.link {
-            Link::Quic { conn, .. } => conn.is_none(),
+            Link::Quic { conn, endpoint, .. } => conn.is_none() && endpoint.connection_count() == 0,
             Link::Stream { open, .. } => !*open,
         };
         idle && self.reconnect_at.is_none() && (self.stopped || self.reconnect.is_none())
