@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// The broker machine's settings; its QUIC configuration also supplies the certificate for
-    /// the TLS listener.
+    /// the TLS listener, and its `max_queued_bytes` also bounds what waits for each TCP and TLS
+    /// client.
     pub broker: BrokerConfig,
     /// UDP address for MQTT over QUIC, if any.
     pub quic: Option<SocketAddr>,
@@ -38,10 +39,6 @@ pub struct ServerOptions {
     pub tcp_max_connections: usize,
     /// Most simultaneous connections on the TLS listener.
     pub tls_max_connections: usize,
-    /// Most bytes waiting to be written to one TCP or TLS client: a client that reads slower
-    /// than it is sent to is disconnected beyond this, so it cannot make the broker hold an
-    /// unbounded backlog.
-    pub max_queued_bytes: usize,
     /// How long a TLS handshake may take.
     pub tls_handshake_timeout: Duration,
     /// How long to wait for clients to take their DISCONNECT at shutdown.
@@ -60,7 +57,6 @@ impl ServerOptions {
             tls: None,
             tcp_max_connections: 100_000,
             tls_max_connections: 100_000,
-            max_queued_bytes: 16 << 20,
             tls_handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(2),
         }
@@ -256,7 +252,7 @@ async fn drive(
             }
         }
         while let Some((id, out)) = broker.poll_stream() {
-            deliver(&mut broker, &mut outboxes, id, out, options.max_queued_bytes);
+            deliver(&mut broker, &mut outboxes, id, out, options.broker.max_queued_bytes);
         }
         while broker.poll_event().is_some() {}
         if let Some(deadline) = leaving {

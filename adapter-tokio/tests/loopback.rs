@@ -260,7 +260,7 @@ async fn raw_subscriber(addr: SocketAddr, id: &'static str, filter: &str) -> tok
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_is_cut_off_and_the_others_keep_going() {
     let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
-    options.max_queued_bytes = 256 * 1024;
+    options.broker.max_queued_bytes = 256 * 1024;
     let s = Server::start(options).await.unwrap();
     let mut stalled = raw_subscriber(s.tcp_addr().unwrap(), "stalled", "flood").await;
     let healthy = client(&url("quic", s.quic_addr()), "healthy").await;
@@ -300,5 +300,37 @@ async fn tcp_listener_connection_limit() {
     let other = client(&url("quic", s.quic_addr()), "other").await;
     other.publish(Publish::new(topic("a"), "b")).await.unwrap();
     first.disconnect().await.unwrap();
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_quic_subscriber_that_stops_reading_is_cut_off_too() {
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+    options.broker.max_queued_bytes = 256 * 1024;
+    let s = Server::start(options).await.unwrap();
+    let watcher = client(&url("mqtt", s.tcp_addr()), "watcher").await;
+    let mut wills = watcher.messages().unwrap();
+    watcher.subscribe(TopicFilter::new("wills/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+    // An application that never takes its messages: with room for one, the client stops
+    // reading from the network almost at once, and QUIC flow control holds the broker's sends.
+    let mut lazy = ClientOptions::new().client_id("lazy").tls(pinned());
+    lazy.message_buffer = 1;
+    lazy.session.will = Some(Will {
+        topic: topic("wills/lazy"),
+        payload: "cut off".into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let lazy = Client::connect(&url("quic", s.quic_addr()), lazy).await.unwrap();
+    lazy.subscribe(TopicFilter::new("flood").unwrap(), QoS::AtMostOnce).await.unwrap();
+    let publisher = client(&url("mqtt", s.tcp_addr()), "firehose").await;
+    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    for _ in 0..200 {
+        publisher.publish(Publish::new(topic("flood"), chunk.clone())).await.unwrap();
+    }
+    // The broker ended the lazy client's session as if its connection had dropped: its will.
+    let will = timeout(Duration::from_secs(10), wills.recv()).await.expect("the lazy subscriber was kept").unwrap();
+    assert_eq!(&will.payload[..], b"cut off");
     s.shutdown().await;
 }

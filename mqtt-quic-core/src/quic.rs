@@ -31,6 +31,8 @@ pub mod close_code {
     pub const STREAM_ERROR: u32 = 1;
     /// The handshake did not complete in time.
     pub const HANDSHAKE_TIMEOUT: u32 = 2;
+    /// The peer did not read what was sent to it fast enough (a broker's slow-consumer limit).
+    pub const SLOW_CONSUMER: u32 = 3;
 }
 
 /// Why a connection ended.

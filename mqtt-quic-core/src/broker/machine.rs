@@ -44,6 +44,11 @@ pub struct BrokerConfig {
     /// How often broker statistics are published under `$SYS/broker/` (retained, QoS 0, like
     /// mosquitto's); `None` turns them off.
     pub sys_interval: Option<Duration>,
+    /// Most bytes waiting to be sent to one client. A client that reads slower than it is sent
+    /// to (QoS 0 floods have no other bound) is disconnected beyond this, so it cannot make the
+    /// broker hold an unbounded backlog. The broker enforces it for QUIC connections; adapters
+    /// enforce it for the byte streams they write.
+    pub max_queued_bytes: usize,
 }
 
 impl BrokerConfig {
@@ -59,6 +64,7 @@ impl BrokerConfig {
             max_subscriptions_per_client: 1_000,
             max_topic_levels: 32,
             auth: None,
+            max_queued_bytes: 16 << 20,
         }
     }
 }
@@ -350,6 +356,10 @@ impl Broker {
         match peer {
             Peer::Quic(conn) => {
                 let _ = self.quic.send(now, conn, bytes);
+                if self.quic.queued(conn) > self.config.max_queued_bytes {
+                    // Its session ends as for a lost connection (will, kept session).
+                    let _ = self.quic.close(now, conn, quic::close_code::SLOW_CONSUMER, "not reading");
+                }
             }
             Peer::Stream(id) => self.stream_out.push_back((id, StreamOutput::Data(bytes))),
         }

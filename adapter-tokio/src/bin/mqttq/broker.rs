@@ -112,7 +112,6 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
     options.tcp_max_connections = file.tcp.max_connections.unwrap_or(options.tcp_max_connections);
     options.tls_max_connections = file.tls.max_connections.unwrap_or(options.tls_max_connections);
-    options.max_queued_bytes = file.max_queued_bytes.unwrap_or(options.max_queued_bytes);
 
     let b = &mut options.broker;
     if let Some(t) = args.timeout.or(file.timeout) {
@@ -165,6 +164,9 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
     if let Some(v) = file.max_subscriptions_per_client {
         b.max_subscriptions_per_client = v;
+    }
+    if let Some(v) = file.max_queued_bytes {
+        b.max_queued_bytes = v;
     }
     if let Some(v) = file.sys_interval {
         b.sys_interval = (v > 0).then(|| Duration::from_secs(v));
