@@ -590,7 +590,7 @@ impl Driver {
     async fn flush(&mut self) {
         match &mut self.io {
             Io::Quic { udp, buf } => {
-                while let Some(t) = self.machine.poll_transmit(clock(), buf) {
+                while let Some(t) = self.machine.poll_transmit_batch(clock(), udp.max_gso_segments(), buf) {
                     if let Err(e) = udp.send(&t, &buf[..t.size]).await {
                         debug!("UDP send to {} failed: {e}", t.destination);
                     }

@@ -244,7 +244,8 @@ async fn drive(
     let mut streams_open = true;
     loop {
         // Drain outputs: datagrams, stream bytes, events.
-        while let Some(t) = broker.poll_transmit(clock(), &mut buf) {
+        let batch = udp.as_ref().map_or(1, |u| u.max_gso_segments());
+        while let Some(t) = broker.poll_transmit_batch(clock(), batch, &mut buf) {
             if let Some(udp) = &udp {
                 if let Err(e) = udp.send(&t, &buf[..t.size]).await {
                     debug!("UDP send to {} failed: {e}", t.destination);

@@ -45,6 +45,11 @@ impl Udp {
         })
     }
 
+    /// Most datagrams one send may carry (GSO); 1 where the platform has no GSO.
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
@@ -92,7 +97,7 @@ impl Udp {
             destination: transmit.destination,
             ecn: transmit.ecn.and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
             contents: data,
-            segment_size: None,
+            segment_size: transmit.segment_size,
             src_ip: transmit.src_ip,
         };
         loop {

@@ -431,8 +431,12 @@ impl Machine for MqttClient {
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.poll_transmit_batch(now, 1, buf)
+    }
+
+    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         let Link::Quic { endpoint, .. } = &mut self.link else { return None };
-        let t = endpoint.poll_transmit(now, buf);
+        let t = endpoint.poll_transmit_batch(now, max_datagrams, buf);
         self.pump(now);
         t
     }

@@ -21,6 +21,12 @@ pub trait Machine {
     fn handle_timeout(&mut self, now: Instant);
     /// The next datagram to send, written into `buf`.
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit>;
+    /// Up to `max_datagrams` datagrams to one destination at once, for sockets with GSO (see
+    /// [`Transmit::segment_size`]). Machines that cannot batch send one.
+    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let _ = max_datagrams;
+        self.poll_transmit(now, buf)
+    }
     /// When to call `handle_timeout` next.
     fn poll_timeout(&mut self) -> Option<Instant>;
 }
@@ -41,6 +47,9 @@ impl Machine for crate::quic::QuicEndpoint {
     }
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         crate::quic::QuicEndpoint::poll_transmit(self, now, buf)
+    }
+    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+        crate::quic::QuicEndpoint::poll_transmit_batch(self, now, max_datagrams, buf)
     }
     fn poll_timeout(&mut self) -> Option<Instant> {
         crate::quic::QuicEndpoint::poll_timeout(self)

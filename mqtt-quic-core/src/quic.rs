@@ -101,7 +101,8 @@ pub enum Event {
     },
 }
 
-/// A datagram to send: `buf[..size]` of the buffer given to [`QuicEndpoint::poll_transmit`].
+/// A datagram to send: `buf[..size]` of the buffer given to [`QuicEndpoint::poll_transmit`],
+/// or, from [`QuicEndpoint::poll_transmit_batch`], several datagrams to one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
     /// Where to.
@@ -112,6 +113,18 @@ pub struct Transmit {
     pub size: usize,
     /// Source address to send from, when the endpoint has several.
     pub src_ip: Option<IpAddr>,
+    /// When set, the bytes are consecutive datagrams of this size (the last may be shorter), for
+    /// one generic segmentation offload (GSO) send; [`Transmit::datagrams`] splits them for a
+    /// socket without it.
+    pub segment_size: Option<usize>,
+}
+
+impl Transmit {
+    /// The datagrams in `buf` (the buffer this transmit was written into).
+    pub fn datagrams<'a>(&self, buf: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        let data = &buf[..self.size];
+        data.chunks(self.segment_size.unwrap_or(self.size).max(1))
+    }
 }
 
 /// Why a command failed.
@@ -423,7 +436,8 @@ impl QuicEndpoint {
     }
 
     fn respond(&mut self, t: quinn_proto::Transmit, buf: Vec<u8>) {
-        let transmit = Transmit { destination: t.destination, ecn: t.ecn, size: t.size, src_ip: t.src_ip };
+        let transmit =
+            Transmit { destination: t.destination, ecn: t.ecn, size: t.size, src_ip: t.src_ip, segment_size: None };
         self.responses.push_back((transmit, buf));
     }
 
@@ -502,6 +516,12 @@ impl QuicEndpoint {
 
     /// The next datagram to send, written into `buf` (which is cleared first).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.poll_transmit_batch(now, 1, buf)
+    }
+
+    /// Like [`QuicEndpoint::poll_transmit`], but up to `max_datagrams` datagrams of one
+    /// connection at once, for a socket with GSO (see [`Transmit::segment_size`]).
+    pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         if let Some((t, data)) = self.responses.pop_front() {
             buf.clear();
             buf.extend_from_slice(&data[..t.size]);
@@ -515,14 +535,20 @@ impl QuicEndpoint {
                 continue;
             };
             buf.clear();
-            let sent = c.quic.poll_transmit(now, 1, buf);
+            let sent = c.quic.poll_transmit(now, max_datagrams.max(1), buf);
             match sent {
                 Some(t) => {
                     self.cursor = h + 1;
                     // Sending may have queued endpoint events (e.g. retired connection IDs),
                     // and moves the connection's timers.
                     self.drive(now, ConnectionHandle(h));
-                    return Some(Transmit { destination: t.destination, ecn: t.ecn, size: t.size, src_ip: t.src_ip });
+                    return Some(Transmit {
+                        destination: t.destination,
+                        ecn: t.ecn,
+                        size: t.size,
+                        src_ip: t.src_ip,
+                        segment_size: t.segment_size,
+                    });
                 }
                 None => {
                     self.ready.remove(&h);

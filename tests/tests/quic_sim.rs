@@ -575,3 +575,47 @@ fn handshakes_from_one_address_are_bounded() {
         seen.client.iter().any(|e| matches!(e, Event::Connected { conn, .. } if *conn == late))
     }));
 }
+
+/// GSO batches: several datagrams of one connection per transmit, split back by
+/// `Transmit::datagrams`, carry a bulk transfer intact.
+#[test]
+fn batched_transmits_carry_a_transfer_intact() {
+    let mut server = QuicEndpoint::server(&ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap())).unwrap();
+    let mut client = QuicEndpoint::client(&ClientConfig::new(ClientTls::insecure())).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    let mut now = std::time::Instant::now();
+    let conn = client.connect(now, server_addr(), "broker.test").unwrap();
+    let data = pattern(200_000, 9);
+    client.send(now, conn, Bytes::from(data.clone())).unwrap();
+    let (mut buf, mut got, mut batches) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..500 {
+        now += Duration::from_millis(1);
+        client.handle_timeout(now);
+        server.handle_timeout(now);
+        while let Some(t) = client.poll_transmit_batch(now, 10, &mut buf) {
+            if t.segment_size.is_some_and(|s| s < t.size) {
+                batches += 1;
+            }
+            let parts: Vec<&[u8]> = t.datagrams(&buf).collect();
+            assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), t.size);
+            for d in parts {
+                server.handle_datagram(now, client_addr(), None, None, d);
+            }
+        }
+        while let Some(t) = server.poll_transmit_batch(now, 10, &mut buf) {
+            for d in t.datagrams(&buf) {
+                client.handle_datagram(now, server_addr(), None, None, d);
+            }
+        }
+        while let Some(e) = server.poll_event() {
+            if let Event::Received { data, .. } = e {
+                got.extend_from_slice(&data);
+            }
+        }
+        if got.len() == data.len() {
+            break;
+        }
+    }
+    assert_eq!(got, data);
+    assert!(batches > 0, "no transmit carried more than one datagram");
+}

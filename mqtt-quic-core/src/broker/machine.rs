@@ -848,7 +848,11 @@ impl Machine for Broker {
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let t = self.quic.poll_transmit(now, buf);
+        self.poll_transmit_batch(now, 1, buf)
+    }
+
+    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.quic.poll_transmit_batch(now, max_datagrams, buf);
         self.pump(now);
         t
     }
