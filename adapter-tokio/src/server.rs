@@ -12,7 +12,6 @@ use mqtt_quic_core::Machine;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -106,17 +105,20 @@ pub struct Server {
 
 /// What connection tasks tell the broker task.
 enum StreamIn {
-    Open { out: Outbox, reply: oneshot::Sender<StreamId> },
+    Open {
+        out: Outbox,
+        reply: oneshot::Sender<StreamId>,
+    },
     Data(StreamId, Bytes),
+    /// The writer put this many bytes on the socket.
+    Written(StreamId, usize),
     Closed(StreamId),
 }
 
-/// The broker task's end of one byte-stream connection.
-struct Outbox {
-    tx: mpsc::UnboundedSender<StreamOutput>,
-    /// Bytes handed to the writer and not yet written.
-    queued: Arc<AtomicUsize>,
-}
+/// The broker task's end of one byte-stream connection. Unbounded, because the broker bounds
+/// what it sends to a client that does not keep up (see `BrokerConfig::max_queued_bytes`),
+/// counting on the `Written` reports.
+type Outbox = mpsc::UnboundedSender<StreamOutput>;
 
 impl Server {
     /// Opens every listener, then starts serving. Fails before serving anyone if a listener
@@ -253,7 +255,11 @@ async fn drive(
             }
         }
         while let Some((id, out)) = broker.poll_stream() {
-            deliver(&mut broker, &mut outboxes, id, out, options.broker.max_queued_bytes);
+            let closing = matches!(out, StreamOutput::Close);
+            let gone = outboxes.get(&id).is_some_and(|tx| tx.send(out).is_err());
+            if closing || gone {
+                outboxes.remove(&id);
+            }
         }
         while broker.poll_event().is_some() {}
         if let Some(deadline) = leaving {
@@ -294,6 +300,7 @@ async fn drive(
                 }
             }
             Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_bytes(now, id, &data),
+            Input::Stream(Some(StreamIn::Written(id, n))) => broker.stream_written(id, n),
             Input::Stream(Some(StreamIn::Closed(id))) => {
                 outboxes.remove(&id);
                 broker.stream_closed(now, id);
@@ -316,30 +323,6 @@ async fn recv(udp: &mut Option<Udp>) -> io::Result<()> {
     match udp {
         Some(udp) => udp.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Hands one output to its connection's writer, cutting off a client that does not keep up.
-fn deliver(
-    broker: &mut Broker,
-    outboxes: &mut HashMap<StreamId, Outbox>,
-    id: StreamId,
-    out: StreamOutput,
-    max_queued: usize,
-) {
-    let Some(outbox) = outboxes.get(&id) else { return };
-    if let StreamOutput::Data(bytes) = &out {
-        let queued = outbox.queued.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len();
-        if queued > max_queued {
-            warn!("client on stream {} is not reading ({queued} bytes waiting): disconnected", id.0);
-            outboxes.remove(&id);
-            broker.stream_closed(clock(), id);
-            return;
-        }
-    }
-    let closing = matches!(out, StreamOutput::Close);
-    if outbox.tx.send(out).is_err() || closing {
-        outboxes.remove(&id);
     }
 }
 
@@ -394,10 +377,8 @@ async fn accept(
 /// Moves one connection's bytes to and from the broker task until either side ends it.
 async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broker: mpsc::Sender<StreamIn>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
     let (reply, id) = oneshot::channel();
-    let outbox = Outbox { tx, queued: queued.clone() };
-    if broker.send(StreamIn::Open { out: outbox, reply }).await.is_err() {
+    if broker.send(StreamIn::Open { out: tx, reply }).await.is_err() {
         return;
     }
     let Ok(id) = id.await else { return };
@@ -423,7 +404,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broke
                     if writer.write_all(&bytes).await.is_err() {
                         break;
                     }
-                    queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+                    if broker.send(StreamIn::Written(id, bytes.len())).await.is_err() {
+                        break;
+                    }
                 }
                 _ => break,
             }

@@ -258,31 +258,37 @@ async fn raw_subscriber(addr: SocketAddr, id: &'static str, filter: &str) -> tok
 }
 
 #[tokio::test]
-async fn a_subscriber_that_stops_reading_is_cut_off_and_the_others_keep_going() {
+async fn qos_0_for_a_subscriber_that_stops_reading_is_dropped_and_the_others_keep_going() {
     let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
-    options.broker.max_queued_bytes = 256 * 1024;
+    options.broker.max_queued_bytes = 1 << 20;
     let s = Server::start(options).await.unwrap();
     let mut stalled = raw_subscriber(s.tcp_addr().unwrap(), "stalled", "flood").await;
     let healthy = client(&url("quic", s.quic_addr()), "healthy").await;
     let mut messages = healthy.messages().unwrap();
-    healthy.subscribe(TopicFilter::new("flood").unwrap(), QoS::AtMostOnce).await.unwrap();
+    healthy.subscribe(TopicFilter::new("flood").unwrap(), QoS::AtLeastOnce).await.unwrap();
     let publisher = client(&url("mqtt", s.tcp_addr()), "firehose").await;
-    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
-    const N: usize = 400; // 25 MiB: far beyond the socket buffers and the 256 KiB allowance
+    let chunk = bytes::Bytes::from(vec![7u8; 32 * 1024]);
+    const N: usize = 800; // 25 MiB: far beyond the socket buffers and the 1 MiB allowance
     let consumer = tokio::spawn(async move {
         for _ in 0..N {
             timeout(Duration::from_secs(20), messages.recv()).await.expect("healthy subscriber starved").unwrap();
         }
     });
     for _ in 0..N {
-        publisher.publish(Publish::new(topic("flood"), chunk.clone())).await.unwrap();
+        publisher.publish(Publish::new(topic("flood"), chunk.clone()).with_qos(QoS::AtLeastOnce)).await.unwrap();
     }
     consumer.await.unwrap();
-    // The stalled subscriber got what fit in the buffers, then the broker closed on it.
-    let mut rest = Vec::new();
-    let read = timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut stalled, &mut rest)).await;
-    assert!(read.is_ok(), "the stalled subscriber was never disconnected");
-    assert!(rest.len() < N * chunk.len() / 2, "it was sent {} bytes", rest.len());
+    // The stalled subscriber got what fit in the buffers; the rest was dropped, not queued, and
+    // its connection is still there.
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(n) = timeout(Duration::from_millis(500), tokio::io::AsyncReadExt::read(&mut stalled, &mut buf)).await {
+        let n = n.unwrap();
+        assert!(n > 0, "the stalled subscriber was disconnected");
+        got += n;
+    }
+    assert!(got < N * chunk.len() / 2, "it was sent {got} bytes");
+    assert!(got > 0);
     s.shutdown().await;
 }
 
@@ -304,7 +310,7 @@ async fn tcp_listener_connection_limit() {
 }
 
 #[tokio::test]
-async fn a_quic_subscriber_that_stops_reading_is_cut_off_too() {
+async fn a_quic_subscriber_that_stops_reading_entirely_is_cut_off() {
     let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
     options.broker.max_queued_bytes = 256 * 1024;
     let s = Server::start(options).await.unwrap();
@@ -313,6 +319,7 @@ async fn a_quic_subscriber_that_stops_reading_is_cut_off_too() {
     watcher.subscribe(TopicFilter::new("wills/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
     // An application that never takes its messages: with room for one, the client stops
     // reading from the network almost at once, and QUIC flow control holds the broker's sends.
+    // Its QoS 1 messages cannot be dropped, so its backlog grows to the hard limit (4 x 256 KiB).
     let mut lazy = ClientOptions::new().client_id("lazy").tls(pinned());
     lazy.message_buffer = 1;
     lazy.session.will = Some(Will {
@@ -323,11 +330,11 @@ async fn a_quic_subscriber_that_stops_reading_is_cut_off_too() {
         properties: Default::default(),
     });
     let lazy = Client::connect(&url("quic", s.quic_addr()), lazy).await.unwrap();
-    lazy.subscribe(TopicFilter::new("flood").unwrap(), QoS::AtMostOnce).await.unwrap();
+    lazy.subscribe(TopicFilter::new("flood").unwrap(), QoS::AtLeastOnce).await.unwrap();
     let publisher = client(&url("mqtt", s.tcp_addr()), "firehose").await;
-    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let chunk = bytes::Bytes::from(vec![7u8; 32 * 1024]);
     for _ in 0..200 {
-        publisher.publish(Publish::new(topic("flood"), chunk.clone())).await.unwrap();
+        publisher.publish(Publish::new(topic("flood"), chunk.clone()).with_qos(QoS::AtLeastOnce)).await.unwrap();
     }
     // The broker ended the lazy client's session as if its connection had dropped: its will.
     let will = timeout(Duration::from_secs(10), wills.recv()).await.expect("the lazy subscriber was kept").unwrap();

@@ -17,6 +17,8 @@ struct Pipes {
     clients: Vec<(MqttClient, Option<StreamId>, Vec<ClientEvent>)>,
     now: Instant,
     opens: usize,
+    /// Clients whose output is not delivered (a socket nobody reads), counted in bytes.
+    stalled: Vec<(StreamId, usize)>,
 }
 
 impl Pipes {
@@ -34,7 +36,7 @@ impl Pipes {
         // The origin of virtual time; only differences matter from here on.
         #[allow(clippy::disallowed_methods)]
         let now = Instant::now();
-        Pipes { broker, clients, now, opens: 0 }
+        Pipes { broker, clients, now, opens: 0, stalled: Vec::new() }
     }
 
     /// Moves everything both ways until quiet, then advances the clock by `step`.
@@ -67,6 +69,15 @@ impl Pipes {
             }
             while let Some((id, out)) = self.broker.poll_stream() {
                 moved = true;
+                if let Some(s) = self.stalled.iter_mut().find(|s| s.0 == id) {
+                    if let StreamOutput::Data(bytes) = &out {
+                        s.1 += bytes.len();
+                        continue;
+                    }
+                }
+                if let StreamOutput::Data(bytes) = &out {
+                    self.broker.stream_written(id, bytes.len());
+                }
                 let Some((client, stream, _)) = self.clients.iter_mut().find(|c| c.1 == Some(id)) else { continue };
                 match out {
                     StreamOutput::Data(bytes) => client.handle_stream_bytes(self.now, &bytes),
@@ -178,4 +189,47 @@ fn shutdown_tells_clients_and_closes_every_stream() {
             }
         )));
     }
+}
+
+#[test]
+fn a_stream_nobody_reads_loses_qos_0_then_is_cut_off_at_four_times_the_allowance() {
+    let mut p = Pipes::new(2);
+    let mut config = BrokerConfig::new(ServerConfig::new(
+        ServerTls::from_self_signed(&SelfSigned::generate(&["localhost"]).unwrap()).unwrap(),
+    ));
+    config.max_queued_bytes = 10_000;
+    p.broker = Broker::new(config).unwrap();
+    let now = p.now;
+    for (c, _, _) in &mut p.clients {
+        c.start(now).unwrap();
+    }
+    p.run_until(|p| p.clients.iter().all(|c| c.0.is_connected()));
+    let now = p.now;
+    p.clients[1]
+        .0
+        .subscribe(now, vec![Subscription::new(TopicFilter::new("f").unwrap(), QoS::AtLeastOnce)], None)
+        .unwrap();
+    p.run_until(|p| p.clients[1].2.iter().any(|e| matches!(e, ClientEvent::Subscribed { .. })));
+    // From here on, nothing the broker writes to client 1 is read.
+    p.stalled.push((p.clients[1].1.unwrap(), 0));
+    let payload = Bytes::from(vec![1u8; 1000]);
+    for _ in 0..100 {
+        let now = p.now;
+        p.clients[0].0.publish(now, mqtt_proto::Publish::new(TopicName::new("f").unwrap(), payload.clone())).unwrap();
+        p.run(Duration::from_millis(1));
+    }
+    let held = p.stalled[0].1;
+    assert!(held > 10_000 && held < 12_000, "{held} bytes handed out for a client that reads nothing");
+    assert!(p.broker.stats().messages_dropped >= 88, "{:?}", p.broker.stats());
+    assert!(p.broker.has_session("c1") && p.broker.connected() == 2, "cut off for QoS 0");
+    // QoS 1 cannot be dropped: the backlog grows until four times the allowance, then the
+    // broker gives the connection up.
+    for _ in 0..60 {
+        let now = p.now;
+        let m = mqtt_proto::Publish::new(TopicName::new("f").unwrap(), payload.clone()).with_qos(QoS::AtLeastOnce);
+        p.clients[0].0.publish(now, m).unwrap();
+        p.run(Duration::from_millis(1));
+    }
+    assert_eq!(p.broker.connected(), 1, "the stalled client is still connected");
+    assert!(p.stalled[0].1 <= 41_100, "{} bytes handed out", p.stalled[0].1);
 }

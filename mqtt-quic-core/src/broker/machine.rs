@@ -44,10 +44,12 @@ pub struct BrokerConfig {
     /// How often broker statistics are published under `$SYS/broker/` (retained, QoS 0, like
     /// mosquitto's); `None` turns them off.
     pub sys_interval: Option<Duration>,
-    /// Most bytes waiting to be sent to one client. A client that reads slower than it is sent
-    /// to (QoS 0 floods have no other bound) is disconnected beyond this, so it cannot make the
-    /// broker hold an unbounded backlog. The broker enforces it for QUIC connections; adapters
-    /// enforce it for the byte streams they write.
+    /// Bytes waiting to be sent to one client beyond which QoS 0 messages for it are dropped
+    /// (counted in `$SYS/broker/messages/dropped`), as at-most-once allows, so that a client
+    /// reading slower than it is sent to cannot make the broker hold an unbounded backlog. QoS 1
+    /// and 2 messages are bounded by the session's in-flight window instead; a client whose
+    /// backlog still reaches four times this is disconnected. For byte streams the adapter
+    /// reports what it has written with [`Broker::stream_written`].
     pub max_queued_bytes: usize,
 }
 
@@ -125,6 +127,8 @@ pub struct Stats {
     pub bytes_received: u64,
     /// Bytes of MQTT stream sent.
     pub bytes_sent: u64,
+    /// QoS 0 messages dropped for clients that were not keeping up.
+    pub messages_dropped: u64,
 }
 
 /// A client's session as the broker keeps it.
@@ -166,6 +170,8 @@ pub struct Broker {
     session_armed: BTreeMap<Peer, Instant>,
     /// Output for byte-stream connections, in order, for the adapter.
     stream_out: VecDeque<(StreamId, StreamOutput)>,
+    /// Bytes handed to the adapter for each byte stream and not yet reported written.
+    stream_backlog: BTreeMap<StreamId, usize>,
     next_stream: u64,
     /// Will and expiry deadlines of offline sessions, ordered. Entries made stale by a
     /// reconnect are dropped when they come due.
@@ -195,6 +201,7 @@ impl Broker {
             session_timers: BTreeSet::new(),
             session_armed: BTreeMap::new(),
             stream_out: VecDeque::new(),
+            stream_backlog: BTreeMap::new(),
             next_stream: 0,
             record_timers: BTreeSet::new(),
             events: VecDeque::new(),
@@ -298,6 +305,7 @@ impl Broker {
             ("clients/total", self.sessions().to_string()),
             ("messages/received", self.stats.messages_received.to_string()),
             ("messages/sent", self.stats.messages_sent.to_string()),
+            ("messages/dropped", self.stats.messages_dropped.to_string()),
             ("bytes/received", self.stats.bytes_received.to_string()),
             ("bytes/sent", self.stats.bytes_sent.to_string()),
             ("subscriptions/count", self.router.len().to_string()),
@@ -356,12 +364,40 @@ impl Broker {
         match peer {
             Peer::Quic(conn) => {
                 let _ = self.quic.send(now, conn, bytes);
-                if self.quic.queued(conn) > self.config.max_queued_bytes {
-                    // Its session ends as for a lost connection (will, kept session).
+            }
+            Peer::Stream(id) => {
+                *self.stream_backlog.entry(id).or_default() += bytes.len();
+                self.stream_out.push_back((id, StreamOutput::Data(bytes)));
+            }
+        }
+        if self.backlog(peer) > self.config.max_queued_bytes.saturating_mul(4) {
+            // Not reading at all: its session ends as for a lost connection (will, kept session).
+            match peer {
+                Peer::Quic(conn) => {
                     let _ = self.quic.close(now, conn, quic::close_code::SLOW_CONSUMER, "not reading");
                 }
+                Peer::Stream(id) => {
+                    self.stream_backlog.remove(&id);
+                    self.stream_out.push_back((id, StreamOutput::Close));
+                    self.lost(peer);
+                }
             }
-            Peer::Stream(id) => self.stream_out.push_back((id, StreamOutput::Data(bytes))),
+        }
+    }
+
+    /// Bytes waiting to be sent to a connection.
+    fn backlog(&self, peer: Peer) -> usize {
+        match peer {
+            Peer::Quic(conn) => self.quic.queued(conn),
+            Peer::Stream(id) => self.stream_backlog.get(&id).copied().unwrap_or(0),
+        }
+    }
+
+    /// The adapter wrote `bytes` of a byte stream's output to its socket: they no longer count
+    /// against the client's backlog (see [`BrokerConfig::max_queued_bytes`]).
+    pub fn stream_written(&mut self, id: StreamId, bytes: usize) {
+        if let Some(b) = self.stream_backlog.get_mut(&id) {
+            *b = b.saturating_sub(bytes);
         }
     }
 
@@ -370,7 +406,10 @@ impl Broker {
             Peer::Quic(conn) => {
                 let _ = self.quic.finish(now, conn);
             }
-            Peer::Stream(id) => self.stream_out.push_back((id, StreamOutput::Close)),
+            Peer::Stream(id) => {
+                self.stream_backlog.remove(&id);
+                self.stream_out.push_back((id, StreamOutput::Close));
+            }
         }
     }
 
@@ -396,6 +435,7 @@ impl Broker {
 
     /// The byte-stream connection closed (or failed).
     pub fn stream_closed(&mut self, now: Instant, id: StreamId) {
+        self.stream_backlog.remove(&id);
         self.lost(Peer::Stream(id));
         self.pump(now);
     }
@@ -700,6 +740,13 @@ impl Broker {
         if key > LOCAL_BASE {
             self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
             return None;
+        }
+        let conn = self.keys.get(&key).and_then(|id| self.clients.get(id)).and_then(|r| r.conn);
+        if let Some(conn) = conn {
+            if publish.qos() == QoS::AtMostOnce && self.backlog(conn) > self.config.max_queued_bytes {
+                self.stats.messages_dropped += 1;
+                return None;
+            }
         }
         let record = self.keys.get(&key).and_then(|id| self.clients.get_mut(id))?;
         match record.conn.and_then(|c| self.conns.get_mut(&c).map(|l| (c, l))) {
