@@ -238,3 +238,32 @@ fn bad_input_gives_one_line_errors() {
     assert!(err.contains("certificate"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn password_file_users_get_in_and_others_are_refused_by_name() {
+    let dir = temp_dir("auth");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.to_str().unwrap();
+    let file = dir.join("passwords");
+    let f = file.to_str().unwrap();
+    assert_eq!(run(&["passwd", f, "alice", "s3cret"]).0, 0);
+    assert_eq!(run(&["passwd", f, "bob", "other"]).0, 0);
+    assert_eq!(run(&["passwd", f, "bob", "-D"]).0, 0);
+    let b = Proc::spawn(&["broker", "--quic", "127.0.0.1:0", "--tcp", "off", "--data-dir", data, "--password-file", f]);
+    let quic = b.expect("listening: quic").rsplit(':').next().unwrap().to_string();
+    b.expect("ready");
+    let publish = |user: &str, pw: &str| {
+        run(&["pub", "-p", &quic, "--data-dir", data, "-t", "a", "-m", "x", "-u", user, "-P", pw, "-i", "c"])
+    };
+    assert_eq!(publish("alice", "s3cret").0, 0);
+    let (code, _, err) = publish("alice", "wrong");
+    assert_eq!(code, 1);
+    assert!(err.contains("refused the connection: Bad User Name or Password (0x86)"), "{err}");
+    let (code, _, err) = publish("bob", "other");
+    assert_eq!(code, 1, "a deleted user got in");
+    assert!(err.contains("0x86"), "{err}");
+    let (code, _, err) = run(&["pub", "-p", &quic, "--data-dir", data, "-t", "a", "-m", "x"]);
+    assert_eq!(code, 1, "anonymous client got in");
+    assert!(err.contains("refused"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -229,6 +229,10 @@ async fn garbage_on_a_listener_only_costs_that_client() {
 
 /// Connects a raw MQTT 3.1.1 client over TCP and subscribes it to `filter` at QoS 0.
 async fn raw_subscriber(addr: SocketAddr, id: &'static str, filter: &str) -> tokio::net::TcpStream {
+    raw_subscriber_at(addr, id, filter, QoS::AtMostOnce).await
+}
+
+async fn raw_subscriber_at(addr: SocketAddr, id: &'static str, filter: &str, qos: QoS) -> tokio::net::TcpStream {
     use mqtt_proto::{Decoder, PacketId, Subscribe, Subscription};
     let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = BytesMut::new();
@@ -238,7 +242,7 @@ async fn raw_subscriber(addr: SocketAddr, id: &'static str, filter: &str) -> tok
     let sub = Subscribe {
         packet_id: PacketId::MIN,
         properties: Default::default(),
-        subscriptions: [Subscription::new(TopicFilter::new(filter).unwrap(), QoS::AtMostOnce)].into_iter().collect(),
+        subscriptions: [Subscription::new(TopicFilter::new(filter).unwrap(), qos)].into_iter().collect(),
     };
     Packet::from(sub).encode(Protocol::V3_1_1, &mut buf).unwrap();
     raw.write_all(&buf).await.unwrap();
@@ -339,5 +343,31 @@ async fn a_quic_subscriber_that_stops_reading_entirely_is_cut_off() {
     // The broker ended the lazy client's session as if its connection had dropped: its will.
     let will = timeout(Duration::from_secs(10), wills.recv()).await.expect("the lazy subscriber was kept").unwrap();
     assert_eq!(&will.payload[..], b"cut off");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn mqtt_3_1_1_timed_redelivery_when_configured() {
+    use mqtt_proto::Decoder;
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+    options.broker.session.retry_interval = Some(Duration::from_millis(200));
+    let s = Server::start(options).await.unwrap();
+    let mut raw = raw_subscriber_at(s.tcp_addr().unwrap(), "forgetful", "r", QoS::AtLeastOnce).await;
+    let publisher = client(&url("quic", s.quic_addr()), "p").await;
+    publisher.publish(Publish::new(topic("r"), "again").with_qos(QoS::AtLeastOnce)).await.unwrap();
+    // The raw client never sends PUBACK: the same message comes again, marked DUP.
+    let (mut decoder, mut inbuf, mut seen) = (Decoder::new(Protocol::V3_1_1), BytesMut::new(), Vec::new());
+    while seen.len() < 2 {
+        let n = timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_buf(&mut raw, &mut inbuf))
+            .await
+            .expect("no redelivery")
+            .unwrap();
+        assert!(n > 0, "closed");
+        while let Some(Packet::Publish(p)) = decoder.decode(&mut inbuf).unwrap() {
+            seen.push(p);
+        }
+    }
+    assert!(!seen[0].dup && seen[1].dup);
+    assert_eq!((seen[0].packet_id(), &seen[1].payload[..]), (seen[1].packet_id(), &b"again"[..]));
     s.shutdown().await;
 }

@@ -3,10 +3,12 @@
 //! - `mqttq broker`: serve MQTT over QUIC (UDP 14567) and TCP (1883), optionally TLS (8883).
 //! - `mqttq pub` / `mqttq sub`: publish and subscribe, with mosquitto_pub/mosquitto_sub's flags.
 //! - `mqttq shell`: an interactive client.
+//! - `mqttq passwd`: manage the broker's password file.
 
 mod broker;
 mod config;
 mod conn;
+mod passwd;
 mod pubsub;
 mod shell;
 
@@ -31,6 +33,8 @@ enum Command {
     Sub(Box<pubsub::SubArgs>),
     /// An interactive client: connect, subscribe, publish, watch messages arrive.
     Shell(Box<shell::ShellArgs>),
+    /// Add, change or remove a user in a broker password file.
+    Passwd(passwd::PasswdArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
             Command::Pub(args) => pubsub::publish(*args).await,
             Command::Sub(args) => pubsub::subscribe(*args).await,
             Command::Shell(args) => shell::run(*args).await,
+            Command::Passwd(args) => passwd::run(args),
         }
     });
     // Tasks still writing to a closed connection are not worth waiting for.
