@@ -22,14 +22,13 @@ use crate::files::{self, FileError};
 use crate::udp::Udp;
 use crate::url::{BrokerUrl, Transport, UrlError};
 use crate::{clock, NEVER};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
-use mqtt_quic_core::client::{MqttClient, MqttClientConfig, ReconnectPolicy, StreamCommand};
-use mqtt_quic_core::config::{ClientConfig, ConfigError, TransportSettings};
-use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, CommandError, DisconnectReason, RequestId};
-use mqtt_quic_core::tls::ClientTls;
-use mqtt_quic_core::Machine;
-use std::collections::{HashMap, VecDeque};
+use mqtt_quic_core::client::StreamCommand;
+use mqtt_quic_core::config::ConfigError;
+use mqtt_quic_core::driver::{ClientDriver, DriverError, Outcome};
+pub use mqtt_quic_core::driver::{ClientOptions, ConnectionState};
+use mqtt_quic_core::session::client::CommandError;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -41,91 +40,6 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
-
-/// How to connect.
-#[derive(Debug, Clone)]
-pub struct ClientOptions {
-    /// The MQTT session: protocol version, client id, keep-alive, credentials, will...
-    pub session: ClientSessionConfig,
-    /// How to trust the broker (QUIC and `mqtts://`); `None` trusts the system's CAs.
-    pub tls: Option<ClientTls>,
-    /// The name the broker's certificate must carry, if not the URL's host.
-    pub server_name: Option<String>,
-    /// Reconnect after the connection is lost (with the core's jittered backoff); `None` ends
-    /// the client instead. The first connection is never retried: its failure is `connect`'s
-    /// error.
-    pub reconnect: Option<ReconnectPolicy>,
-    /// QUIC transport settings.
-    pub transport: TransportSettings,
-    /// Try 0-RTT when resuming over QUIC.
-    pub zero_rtt: bool,
-    /// Messages held for the application before the client stops reading from the network.
-    pub message_buffer: usize,
-}
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        ClientOptions {
-            session: ClientSessionConfig::default(),
-            tls: None,
-            server_name: None,
-            reconnect: Some(ReconnectPolicy::default()),
-            transport: TransportSettings::default(),
-            zero_rtt: true,
-            message_buffer: 1024,
-        }
-    }
-}
-
-impl ClientOptions {
-    /// MQTT 5, a server-assigned client id, clean start, keep-alive 60 s, reconnecting.
-    pub fn new() -> ClientOptions {
-        ClientOptions::default()
-    }
-
-    /// Sets the client identifier.
-    pub fn client_id(mut self, id: impl Into<String>) -> ClientOptions {
-        self.session.client_id = id.into();
-        self
-    }
-
-    /// Sets user name and password.
-    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<Bytes>) -> ClientOptions {
-        self.session.username = Some(username.into());
-        self.session.password = Some(password.into());
-        self
-    }
-
-    /// Sets how the broker's certificate is checked.
-    pub fn tls(mut self, tls: ClientTls) -> ClientOptions {
-        self.tls = Some(tls);
-        self
-    }
-}
-
-/// Where the connection stands. Observe it with [`Client::state`] and
-/// [`Client::state_changes`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConnectionState {
-    /// The first connection is being made.
-    Connecting,
-    /// The broker accepted the connection.
-    Connected {
-        /// Whether the broker resumed a kept session.
-        session_present: bool,
-    },
-    /// The connection was lost; a new one is being attempted after the backoff.
-    Reconnecting {
-        /// Why it was lost.
-        reason: String,
-    },
-    /// The client is done (disconnected, or lost without reconnecting).
-    Closed {
-        /// Why.
-        reason: String,
-    },
-}
 
 /// Why a client operation failed.
 #[derive(Debug, Error)]
@@ -174,12 +88,28 @@ pub enum ClientError {
     Closed,
 }
 
-enum Command {
-    Publish(Publish, oneshot::Sender<Result<(), ClientError>>),
-    Subscribe(Vec<Subscription>, oneshot::Sender<Result<Vec<ReasonCode>, ClientError>>),
-    Unsubscribe(Vec<TopicFilter>, oneshot::Sender<Result<Vec<ReasonCode>, ClientError>>),
-    Disconnect(oneshot::Sender<()>),
+impl ClientError {
+    fn from_driver(e: DriverError, url: &str) -> ClientError {
+        match e {
+            DriverError::Command(c) => ClientError::Command(c),
+            DriverError::Rejected(r) => ClientError::Rejected(r),
+            DriverError::ConnectionLost => ClientError::ConnectionLost,
+            DriverError::Refused(r) => ClientError::Refused(r),
+            DriverError::Unreachable(reason) => ClientError::Unreachable { url: url.to_string(), reason },
+            _ => ClientError::Closed,
+        }
+    }
 }
+
+enum Command {
+    Publish(Publish, Reply),
+    Subscribe(Vec<Subscription>, Reply),
+    Unsubscribe(Vec<TopicFilter>, Reply),
+    Disconnect(Reply),
+}
+
+/// Where a command's result goes.
+type Reply = oneshot::Sender<Result<Outcome, ClientError>>;
 
 /// Incoming messages, in order. A [`futures_core::Stream`], or call [`Messages::recv`].
 ///
@@ -216,48 +146,27 @@ pub struct Client {
 
 impl Client {
     /// Connects to `url` (`quic://`, `mqtt+quic://`, `mqtt://`, `tcp://`, `mqtts://`) and
-    /// resolves once the broker accepts the connection (CONNACK).
-    pub async fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
+    /// resolves once the broker accepts the connection (CONNACK). Without `options.tls`, QUIC
+    /// and `mqtts://` trust the operating system's CAs.
+    pub async fn connect(url: &str, mut options: ClientOptions) -> Result<Client, ClientError> {
         let url: BrokerUrl = url.parse()?;
         let addr = resolve(&url).await?;
-        let seed = crate::random_seed();
-        let needs_tls = url.transport != Transport::Tcp;
-        let tls = match (&options.tls, needs_tls) {
-            (_, false) => None,
-            (Some(tls), true) => Some(tls.clone()),
-            (None, true) => Some(files::client_tls_from_system()?),
-        };
-        let server_name = options.server_name.clone().unwrap_or_else(|| url.host.clone());
-        let (machine, io) = match url.transport {
+        if options.tls.is_none() && url.transport != Transport::Tcp {
+            options.tls = Some(files::client_tls_from_system()?);
+        }
+        let machine = options.machine(&url, addr, crate::random_seed())?;
+        let io = match url.transport {
             Transport::Quic => {
-                let mut quic = ClientConfig::new(tls.unwrap_or_else(ClientTls::insecure));
-                quic.transport = options.transport.clone();
-                quic.zero_rtt = options.zero_rtt;
-                quic.seed = seed;
-                let machine = MqttClient::new(MqttClientConfig {
-                    quic,
-                    session: options.session.clone(),
-                    server: addr,
-                    server_name,
-                    reconnect: options.reconnect,
-                })?;
                 let local: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
                 let udp = Udp::bind(local).map_err(|e| unreachable(&url, e))?;
-                (machine, Io::Quic { udp, buf: Vec::with_capacity(2048) })
+                Io::Quic { udp, buf: Vec::with_capacity(2048) }
             }
             Transport::Tcp | Transport::Tls => {
-                let machine = MqttClient::over_stream(options.session.clone(), options.reconnect, seed)?;
-                let tls = match tls {
-                    Some(tls) => {
-                        let config = tls.rustls_config(false).map_err(|e| unreachable(&url, e))?;
-                        let name = rustls_pki_types::ServerName::try_from(server_name.clone())
-                            .map_err(|e| unreachable(&url, e))?;
-                        Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
-                    }
-                    None => None,
-                };
+                let tls = options
+                    .stream_tls(&url)?
+                    .map(|(config, name)| (tokio_rustls::TlsConnector::from(Arc::new(config)), name));
                 let connector = Connector { addr, tls, timeout: options.session.connect_timeout };
-                (machine, Io::Stream { connector, conn: None, opening: None, buf: BytesMut::new() })
+                Io::Stream { connector, conn: None, opening: None, buf: BytesMut::new() }
             }
         };
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -265,18 +174,15 @@ impl Client {
         let (msg_tx, msg_rx) = mpsc::channel(options.message_buffer.max(1));
         let (first_tx, first_rx) = oneshot::channel();
         let driver = Driver {
-            machine,
+            driver: ClientDriver::new(machine),
             io,
             url: url.to_string(),
             commands: commands_rx,
-            replies: HashMap::new(),
-            inbox: VecDeque::new(),
             inbox_limit: options.message_buffer.max(1),
             messages: msg_tx,
             state: state_tx,
             first: Some(first_tx),
-            leaving: None,
-            last_reason: "connection lost".into(),
+            accepting: true,
         };
         tokio::spawn(driver.run());
         let client_id = first_rx.await.map_err(|_| ClientError::Closed)??;
@@ -316,12 +222,16 @@ impl Client {
         true
     }
 
+    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
     /// Publishes and resolves when done: QoS 0 once written, QoS 1 on PUBACK, QoS 2 on PUBCOMP.
     /// QoS 1 and 2 messages published while the connection is down wait for the next one.
     pub async fn publish(&self, publish: Publish) -> Result<(), ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Publish(publish, tx)).map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        self.call(|tx| Command::Publish(publish, tx)).await.map(drop)
     }
 
     /// Subscribes to one filter; resolves with the granted QoS on SUBACK.
@@ -336,24 +246,25 @@ impl Client {
 
     /// Subscribes to several filters at once; resolves with SUBACK's code for each.
     pub async fn subscribe_many(&self, subscriptions: Vec<Subscription>) -> Result<Vec<ReasonCode>, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Subscribe(subscriptions, tx)).map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        codes(self.call(|tx| Command::Subscribe(subscriptions, tx)).await?)
     }
 
     /// Unsubscribes; resolves with UNSUBACK's codes (empty for MQTT 3.1.1).
     pub async fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Unsubscribe(filters, tx)).map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        codes(self.call(|tx| Command::Unsubscribe(filters, tx)).await?)
     }
 
     /// Sends DISCONNECT (normal, so the broker discards the will), waits for the connection to
     /// close, and ends the client. Unacknowledged QoS 1 and 2 publishes are abandoned.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Disconnect(tx)).map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)
+        self.call(Command::Disconnect).await.map(drop)
+    }
+}
+
+fn codes(outcome: Outcome) -> Result<Vec<ReasonCode>, ClientError> {
+    match outcome {
+        Outcome::Codes(codes) => Ok(codes),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -417,29 +328,20 @@ enum Io {
     },
 }
 
-enum Reply {
-    Publish(oneshot::Sender<Result<(), ClientError>>),
-    Codes(oneshot::Sender<Result<Vec<ReasonCode>, ClientError>>),
-}
-
-/// The task that owns the machine.
+/// The task that owns the machine: socket input and time in, the core's [`ClientDriver`]
+/// does the rest, and results go out through channels.
 struct Driver {
-    machine: MqttClient,
+    driver: ClientDriver<Reply>,
     io: Io,
     url: String,
     commands: mpsc::UnboundedReceiver<Command>,
-    replies: HashMap<RequestId, Reply>,
-    /// Messages not yet taken by the application.
-    inbox: VecDeque<Publish>,
     inbox_limit: usize,
     messages: mpsc::Sender<Publish>,
     state: watch::Sender<ConnectionState>,
     /// Resolves `Client::connect`.
     first: Option<oneshot::Sender<Result<String, ClientError>>>,
-    /// A disconnect in progress: whom to tell, and the latest moment to give up waiting.
-    leaving: Option<(Vec<oneshot::Sender<()>>, tokio::time::Instant)>,
-    /// Why the last connection ended.
-    last_reason: String,
+    /// Still taking commands (not disconnecting).
+    accepting: bool,
 }
 
 enum Input {
@@ -453,36 +355,42 @@ enum Input {
 
 impl Driver {
     async fn run(mut self) {
-        if let Err(e) = self.machine.start(clock()) {
-            self.fail_first(ClientError::Unreachable { url: self.url.clone(), reason: e.to_string() });
-        }
+        self.driver.start(clock());
         loop {
             self.flush().await;
-            self.events();
-            if self.finished() {
+            self.outputs();
+            if self.driver.is_finished(clock()) {
+                self.outputs();
                 break;
             }
-            let deadline = self.machine.poll_timeout().map(tokio::time::Instant::from_std);
-            let deadline = match &self.leaving {
-                Some((_, l)) => Some(deadline.map_or(*l, |d| d.min(*l))),
-                None => deadline,
-            };
-            let reading = self.inbox.len() < self.inbox_limit;
+            let deadline = self.driver.poll_timeout().map(tokio::time::Instant::from_std);
+            let reading = self.driver.pending_messages() < self.inbox_limit;
             let input = tokio::select! {
-                c = self.commands.recv(), if self.leaving.is_none() => Input::Command(c),
+                c = self.commands.recv(), if self.accepting => Input::Command(c),
                 i = wait_io(&mut self.io, reading) => i,
-                p = self.messages.clone().reserve_owned(), if !self.inbox.is_empty() => Input::Deliver(p.ok()),
+                p = self.messages.clone().reserve_owned(), if self.driver.pending_messages() > 0 => Input::Deliver(p.ok()),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
             };
             let now = clock();
             match input {
-                Input::Command(Some(c)) => self.command(c),
+                Input::Command(Some(c)) => match c {
+                    Command::Publish(p, tx) => self.driver.publish(now, p, tx),
+                    Command::Subscribe(s, tx) => self.driver.subscribe(now, s, tx),
+                    Command::Unsubscribe(f, tx) => self.driver.unsubscribe(now, f, tx),
+                    Command::Disconnect(tx) => {
+                        self.accepting = false;
+                        self.driver.disconnect(now, Some(tx));
+                    }
+                },
                 // Every handle is gone: nobody can use the connection any more.
-                Input::Command(None) => self.leave(None),
+                Input::Command(None) => {
+                    self.accepting = false;
+                    self.driver.disconnect(now, None);
+                }
                 Input::Datagrams(Ok(())) => {
                     if let Io::Quic { udp, .. } = &self.io {
                         for d in udp.datagrams() {
-                            self.machine.handle_datagram(now, d.remote, d.local_ip, d.ecn, d.data);
+                            self.driver.handle_datagram(now, d.remote, d.local_ip, d.ecn, d.data);
                         }
                     }
                 }
@@ -494,95 +402,46 @@ impl Driver {
                     if let Io::Stream { conn, .. } = &mut self.io {
                         *conn = None;
                     }
-                    self.machine.stream_closed(now);
+                    self.driver.stream_closed(now);
                 }
                 Input::Bytes(Ok(_)) => {
                     if let Io::Stream { buf, .. } = &mut self.io {
                         let data = buf.split();
-                        self.machine.handle_stream_bytes(now, &data);
+                        self.driver.handle_stream_bytes(now, &data);
                     }
                 }
                 Input::Opened(Ok(stream)) => {
                     if let Io::Stream { conn, .. } = &mut self.io {
                         *conn = Some(tokio::io::split(stream));
                     }
-                    self.machine.stream_opened(now);
+                    self.driver.stream_opened(now);
                 }
-                Input::Opened(Err(e)) => {
-                    self.fail_first(ClientError::Unreachable { url: self.url.clone(), reason: e.to_string() });
-                    self.machine.stream_closed(now);
-                }
+                Input::Opened(Err(e)) => self.driver.stream_failed(now, &e.to_string()),
                 Input::Deliver(Some(permit)) => {
-                    if let Some(m) = self.inbox.pop_front() {
+                    if let Some(m) = self.driver.poll_message() {
                         permit.send(m);
                     }
                 }
                 // The application dropped its message stream: nobody wants them.
-                Input::Deliver(None) => self.inbox.clear(),
-                Input::Timer => self.machine.handle_timeout(now),
-            }
-        }
-        if let Some((waiting, _)) = self.leaving.take() {
-            for w in waiting {
-                let _ = w.send(());
-            }
-        }
-        for (_, reply) in self.replies.drain() {
-            match reply {
-                Reply::Publish(tx) => drop(tx.send(Err(ClientError::Closed))),
-                Reply::Codes(tx) => drop(tx.send(Err(ClientError::Closed))),
+                Input::Deliver(None) => while self.driver.poll_message().is_some() {},
+                Input::Timer => self.driver.handle_timeout(now),
             }
         }
     }
 
-    /// Whether the task is done.
-    fn finished(&mut self) -> bool {
-        let idle = match &self.io {
-            Io::Stream { conn, opening, .. } => conn.is_none() && opening.is_none(),
-            Io::Quic { .. } => true,
-        };
-        let stopped = self.machine.is_stopped() && idle;
-        if stopped && self.leaving.is_none() && self.first.is_none() {
-            // Lost for good without a reconnect policy.
-            self.state.send_replace(ConnectionState::Closed { reason: self.last_reason.clone() });
+    /// Hands out what the driver has for callers: the first connection's outcome, completions
+    /// and state changes.
+    fn outputs(&mut self) {
+        if let Some(r) = self.driver.poll_connected() {
+            if let Some(first) = self.first.take() {
+                let _ = first.send(r.map_err(|e| ClientError::from_driver(e, &self.url)));
+            }
         }
-        let timed_out = self.leaving.as_ref().is_some_and(|(_, l)| tokio::time::Instant::now() >= *l);
-        stopped || timed_out
-    }
-
-    fn command(&mut self, command: Command) {
-        let now = clock();
-        match command {
-            Command::Publish(p, tx) => match self.machine.publish(now, p) {
-                Ok(id) => drop(self.replies.insert(id, Reply::Publish(tx))),
-                Err(e) => drop(tx.send(Err(e.into()))),
-            },
-            Command::Subscribe(subs, tx) => match self.machine.subscribe(now, subs, None) {
-                Ok(id) => drop(self.replies.insert(id, Reply::Codes(tx))),
-                Err(e) => drop(tx.send(Err(e.into()))),
-            },
-            Command::Unsubscribe(filters, tx) => match self.machine.unsubscribe(now, filters) {
-                Ok(id) => drop(self.replies.insert(id, Reply::Codes(tx))),
-                Err(e) => drop(tx.send(Err(e.into()))),
-            },
-            Command::Disconnect(tx) => self.leave(Some(tx)),
+        while let Some((reply, r)) = self.driver.poll_completion() {
+            let _ = reply.send(r.map_err(|e| ClientError::from_driver(e, &self.url)));
         }
-    }
-
-    fn leave(&mut self, tx: Option<oneshot::Sender<()>>) {
-        let _ = self.machine.disconnect(clock(), ReasonCode::Success);
-        self.state.send_replace(ConnectionState::Closed { reason: "disconnected".into() });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        let (waiting, _) = self.leaving.get_or_insert_with(|| (Vec::new(), deadline));
-        waiting.extend(tx);
-    }
-
-    fn fail_first(&mut self, error: ClientError) {
-        if let Some(first) = self.first.take() {
-            let _ = first.send(Err(error));
-            // The caller gets an error instead of a client: stop here, no retries.
-            let _ = self.machine.disconnect(clock(), ReasonCode::Success);
-            self.leaving.get_or_insert_with(|| (Vec::new(), tokio::time::Instant::now() + Duration::from_secs(1)));
+        while let Some(state) = self.driver.poll_state_change() {
+            self.state.send_replace(state);
         }
     }
 
@@ -590,14 +449,14 @@ impl Driver {
     async fn flush(&mut self) {
         match &mut self.io {
             Io::Quic { udp, buf } => {
-                while let Some(t) = self.machine.poll_transmit_batch(clock(), udp.max_gso_segments(), buf) {
+                while let Some(t) = self.driver.poll_transmit(clock(), udp.max_gso_segments(), buf) {
                     if let Err(e) = udp.send(&t, &buf[..t.size]).await {
                         debug!("UDP send to {} failed: {e}", t.destination);
                     }
                 }
             }
             Io::Stream { connector, conn, opening, .. } => {
-                while let Some(cmd) = self.machine.poll_stream() {
+                while let Some(cmd) = self.driver.poll_stream() {
                     match cmd {
                         StreamCommand::Open => *opening = Some(connector.open()),
                         StreamCommand::Write(bytes) => {
@@ -607,7 +466,7 @@ impl Driver {
                             };
                             if failed {
                                 *conn = None;
-                                self.machine.stream_closed(clock());
+                                self.driver.stream_closed(clock());
                             }
                         }
                         StreamCommand::Close => {
@@ -618,59 +477,6 @@ impl Driver {
                         _ => {}
                     }
                 }
-            }
-        }
-    }
-
-    /// Acts on the machine's events.
-    fn events(&mut self) {
-        while let Some(event) = self.machine.poll_event() {
-            match event {
-                ClientEvent::Connected { session_present, client_id } => {
-                    if let Some(first) = self.first.take() {
-                        let _ = first.send(Ok(client_id));
-                    }
-                    if self.leaving.is_none() {
-                        self.state.send_replace(ConnectionState::Connected { session_present });
-                    }
-                }
-                ClientEvent::Refused { reason } => {
-                    self.fail_first(ClientError::Refused(reason));
-                    if self.leaving.is_none() {
-                        self.state.send_replace(ConnectionState::Reconnecting { reason: format!("refused: {reason}") });
-                    }
-                }
-                ClientEvent::Message(m) => self.inbox.push_back(m),
-                ClientEvent::Published { id, reason } => {
-                    if let Some(Reply::Publish(tx)) = self.replies.remove(&id) {
-                        let _ = tx.send(if reason.is_error() { Err(ClientError::Rejected(reason)) } else { Ok(()) });
-                    }
-                }
-                ClientEvent::Subscribed { id, reason_codes } | ClientEvent::Unsubscribed { id, reason_codes } => {
-                    if let Some(Reply::Codes(tx)) = self.replies.remove(&id) {
-                        let _ = tx.send(Ok(reason_codes));
-                    }
-                }
-                ClientEvent::Aborted { id } => match self.replies.remove(&id) {
-                    Some(Reply::Publish(tx)) => drop(tx.send(Err(ClientError::ConnectionLost))),
-                    Some(Reply::Codes(tx)) => drop(tx.send(Err(ClientError::ConnectionLost))),
-                    None => {}
-                },
-                ClientEvent::Disconnected { reason } => {
-                    let text = match (&reason, self.machine.last_close_reason()) {
-                        (DisconnectReason::TransportLost, Some(close)) => close.to_string(),
-                        (DisconnectReason::ConnectTimeout, _) if self.first.is_some() => {
-                            format!("{reason} (is an MQTT broker listening there?)")
-                        }
-                        _ => reason.to_string(),
-                    };
-                    self.last_reason = text.clone();
-                    self.fail_first(ClientError::Unreachable { url: self.url.clone(), reason: text.clone() });
-                    if self.leaving.is_none() {
-                        self.state.send_replace(ConnectionState::Reconnecting { reason: text });
-                    }
-                }
-                _ => {}
             }
         }
     }

@@ -27,7 +27,7 @@ pub mod client;
 pub mod files;
 pub mod server;
 mod udp;
-pub mod url;
+pub use mqtt_quic_core::url;
 
 use std::hash::{BuildHasher, Hasher};
 

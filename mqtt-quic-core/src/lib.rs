@@ -83,11 +83,13 @@ pub mod backoff;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod driver;
 pub mod machine;
 pub mod quic;
 pub mod rng;
 pub mod session;
 pub mod tls;
+pub mod url;
 
 pub use machine::Machine;
 pub use quinn_proto::EcnCodepoint;

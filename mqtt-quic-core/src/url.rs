@@ -106,10 +106,10 @@ impl FromStr for BrokerUrl {
     /// Parses `scheme://host[:port][/]`.
     ///
     /// ```
-    /// use adapter_tokio::url::{BrokerUrl, Transport};
+    /// use mqtt_quic_core::url::{BrokerUrl, Transport};
     /// let url: BrokerUrl = "quic://[::1]".parse()?;
     /// assert_eq!((url.transport, url.host.as_str(), url.port), (Transport::Quic, "::1", 14567));
-    /// # Ok::<(), adapter_tokio::url::UrlError>(())
+    /// # Ok::<(), mqtt_quic_core::url::UrlError>(())
     /// ```
     fn from_str(s: &str) -> Result<BrokerUrl, UrlError> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| UrlError::Shape(s.to_string()))?;

@@ -1,0 +1,499 @@
+//! What every client driver needs besides sockets and timers, whatever its runtime: matching
+//! acknowledgements to the callers waiting for them, the connection state users see, the first
+//! connection's outcome, the messages waiting for the application, and a clean disconnect.
+//!
+//! [`ClientDriver`] wraps a [`MqttClient`]. An adapter feeds it socket input and time like the
+//! machine itself, hands it commands tagged with a token of its choice (a oneshot sender, a
+//! request number), and polls completions, messages and state changes back out. The tokio,
+//! async-std and mio adapters differ only in how they wait and how they deliver those.
+//!
+//! ```
+//! use mqtt_quic_core::client::MqttClient;
+//! use mqtt_quic_core::driver::{ClientDriver, ConnectionState};
+//! use mqtt_quic_core::session::client::ClientSessionConfig;
+//! # #[allow(clippy::disallowed_methods)]
+//! let now = std::time::Instant::now();
+//! // Over a byte stream nobody opens, for the example: the first attempt fails.
+//! let machine = MqttClient::over_stream(ClientSessionConfig::default(), None, 1)?;
+//! let mut driver: ClientDriver<u32> = ClientDriver::new(machine);
+//! driver.start(now);
+//! driver.stream_failed(now, "connection refused");
+//! assert!(matches!(driver.poll_connected(), Some(Err(_))));
+//! assert!(matches!(driver.state(), ConnectionState::Closed { .. }));
+//! # Ok::<(), mqtt_quic_core::config::ConfigError>(())
+//! ```
+
+use crate::client::{MqttClient, MqttClientConfig, ReconnectPolicy, StreamCommand};
+use crate::config::{ClientConfig, ConfigError, TransportSettings};
+use crate::quic::Transmit;
+use crate::session::client::ClientSessionConfig;
+use crate::session::client::{ClientEvent, CommandError, DisconnectReason, RequestId};
+use crate::tls::ClientTls;
+use crate::url::{BrokerUrl, Transport};
+use crate::{EcnCodepoint, Machine};
+use bytes::Bytes;
+use mqtt_proto::{Publish, ReasonCode, Subscription, TopicFilter};
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How a client connects, whatever drives it.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The MQTT session: protocol version, client id, keep-alive, credentials, will...
+    pub session: ClientSessionConfig,
+    /// How to trust the broker (QUIC and `mqtts://`). Required for those; adapters fill in the
+    /// operating system's CAs when the application gives none.
+    pub tls: Option<ClientTls>,
+    /// The name the broker's certificate must carry, if not the URL's host.
+    pub server_name: Option<String>,
+    /// Reconnect after the connection is lost (with the core's jittered backoff); `None` ends
+    /// the client instead. The first connection is never retried: its failure is the
+    /// connect call's error.
+    pub reconnect: Option<ReconnectPolicy>,
+    /// QUIC transport settings.
+    pub transport: TransportSettings,
+    /// Try 0-RTT when resuming over QUIC.
+    pub zero_rtt: bool,
+    /// Messages held for the application before the driver stops reading from the network.
+    pub message_buffer: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            session: ClientSessionConfig::default(),
+            tls: None,
+            server_name: None,
+            reconnect: Some(ReconnectPolicy::default()),
+            transport: TransportSettings::default(),
+            zero_rtt: true,
+            message_buffer: 1024,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// MQTT 5, a server-assigned client id, clean start, keep-alive 60 s, reconnecting.
+    pub fn new() -> ClientOptions {
+        ClientOptions::default()
+    }
+
+    /// Sets the client identifier.
+    pub fn client_id(mut self, id: impl Into<String>) -> ClientOptions {
+        self.session.client_id = id.into();
+        self
+    }
+
+    /// Sets user name and password.
+    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<Bytes>) -> ClientOptions {
+        self.session.username = Some(username.into());
+        self.session.password = Some(password.into());
+        self
+    }
+
+    /// Sets how the broker's certificate is checked.
+    pub fn tls(mut self, tls: ClientTls) -> ClientOptions {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The name the broker's certificate is checked against for `url`.
+    pub fn server_name(&self, url: &BrokerUrl) -> String {
+        self.server_name.clone().unwrap_or_else(|| url.host.clone())
+    }
+
+    /// The machine for `url`, whose host resolved to `server`: QUIC for `quic://`, a byte
+    /// stream the adapter carries otherwise (with TLS for `mqtts://`: see
+    /// [`ClientOptions::stream_tls`]). `seed` drives connection ids and backoff jitter.
+    pub fn machine(&self, url: &BrokerUrl, server: SocketAddr, seed: u64) -> Result<MqttClient, ConfigError> {
+        match url.transport {
+            Transport::Quic => {
+                let mut quic = ClientConfig::new(self.tls.clone().ok_or_else(no_trust)?);
+                quic.transport = self.transport.clone();
+                quic.zero_rtt = self.zero_rtt;
+                quic.seed = seed;
+                MqttClient::new(MqttClientConfig {
+                    quic,
+                    session: self.session.clone(),
+                    server,
+                    server_name: self.server_name(url),
+                    reconnect: self.reconnect,
+                })
+            }
+            Transport::Tcp | Transport::Tls => MqttClient::over_stream(self.session.clone(), self.reconnect, seed),
+        }
+    }
+
+    /// For `mqtts://`: the rustls configuration and server name to wrap the TCP stream in;
+    /// `None` for other transports.
+    pub fn stream_tls(
+        &self,
+        url: &BrokerUrl,
+    ) -> Result<Option<(rustls::ClientConfig, rustls_pki_types::ServerName<'static>)>, ConfigError> {
+        if url.transport != Transport::Tls {
+            return Ok(None);
+        }
+        let config = self.tls.as_ref().ok_or_else(no_trust)?.rustls_config(false)?;
+        let name = rustls_pki_types::ServerName::try_from(self.server_name(url))
+            .map_err(|e| ConfigError::Invalid(format!("server name: {e}")))?;
+        Ok(Some((config, name)))
+    }
+}
+
+fn no_trust() -> ConfigError {
+    ConfigError::Invalid("no TLS trust configured (a CA, a pinned certificate, or the system's CAs)".into())
+}
+
+/// How long a disconnect may take to deliver DISCONNECT and close before the driver gives up.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Where the connection stands, as users see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// The first connection is being made.
+    Connecting,
+    /// The broker accepted the connection.
+    Connected {
+        /// Whether the broker resumed a kept session.
+        session_present: bool,
+    },
+    /// The connection was lost; a new one is attempted after the backoff.
+    Reconnecting {
+        /// Why it was lost.
+        reason: String,
+    },
+    /// The client is done (disconnected, or lost without reconnecting).
+    Closed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a command, or the first connection, failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The session refused the command.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The broker answered with a failure code.
+    #[error("the broker rejected it: {0}")]
+    Rejected(ReasonCode),
+    /// The connection ended before the broker answered; it may or may not have taken effect.
+    #[error("the connection was lost before the broker answered")]
+    ConnectionLost,
+    /// The client has been disconnected.
+    #[error("the client is closed")]
+    Closed,
+    /// CONNACK refused the first connection.
+    #[error("the broker refused the connection: {0}")]
+    Refused(ReasonCode),
+    /// The first connection could not be made; the text says why (refused, timed out,
+    /// certificate).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+/// What a completed command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Published (QoS 0 written, QoS 1 PUBACK, QoS 2 PUBCOMP) or disconnected.
+    Done,
+    /// SUBACK's or UNSUBACK's reason codes, one per filter (empty UNSUBACK codes for 3.1.1).
+    Codes(Vec<ReasonCode>),
+}
+
+enum First {
+    Waiting,
+    Ready(Result<String, DriverError>),
+    Reported,
+}
+
+/// A client machine with its callers' bookkeeping. `T` is the adapter's token for a waiting
+/// caller. See the module docs.
+pub struct ClientDriver<T> {
+    machine: MqttClient,
+    waiting: BTreeMap<RequestId, T>,
+    done: VecDeque<(T, Result<Outcome, DriverError>)>,
+    inbox: VecDeque<Publish>,
+    state: ConnectionState,
+    changes: VecDeque<ConnectionState>,
+    first: First,
+    /// A disconnect in progress: who waits for it, and when to stop waiting for the transport.
+    leaving: Option<(Vec<T>, Instant)>,
+    last_reason: String,
+}
+
+impl<T> ClientDriver<T> {
+    /// Wraps a machine that has not been started.
+    pub fn new(machine: MqttClient) -> ClientDriver<T> {
+        ClientDriver {
+            machine,
+            waiting: BTreeMap::new(),
+            done: VecDeque::new(),
+            inbox: VecDeque::new(),
+            state: ConnectionState::Connecting,
+            changes: VecDeque::new(),
+            first: First::Waiting,
+            leaving: None,
+            last_reason: "connection lost".into(),
+        }
+    }
+
+    /// Starts the first connection; its outcome comes from [`ClientDriver::poll_connected`].
+    pub fn start(&mut self, now: Instant) {
+        if let Err(e) = self.machine.start(now) {
+            self.fail_first(now, DriverError::Unreachable(e.to_string()));
+        }
+        self.update(now);
+    }
+
+    /// The machine, for inspection.
+    pub fn machine(&self) -> &MqttClient {
+        &self.machine
+    }
+
+    /// Publishes; completes with [`Outcome::Done`] when acknowledged (see
+    /// [`MqttClient::publish`]).
+    pub fn publish(&mut self, now: Instant, publish: Publish, token: T) {
+        let r = self.machine.publish(now, publish);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Subscribes; completes with SUBACK's codes.
+    pub fn subscribe(&mut self, now: Instant, subscriptions: Vec<Subscription>, token: T) {
+        let r = self.machine.subscribe(now, subscriptions, None);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Unsubscribes; completes with UNSUBACK's codes.
+    pub fn unsubscribe(&mut self, now: Instant, filters: Vec<TopicFilter>, token: T) {
+        let r = self.machine.unsubscribe(now, filters);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Disconnects for good (DISCONNECT, normal: the broker drops the will). `token`, if any,
+    /// completes with [`Outcome::Done`] once the transport has closed (or after a short
+    /// linger), when [`ClientDriver::is_finished`] turns true.
+    pub fn disconnect(&mut self, now: Instant, token: Option<T>) {
+        if self.leaving.is_none() {
+            let _ = self.machine.disconnect(now, ReasonCode::Success);
+            self.set_state(ConnectionState::Closed { reason: "disconnected".into() });
+            self.leaving = Some((Vec::new(), now + LINGER));
+        }
+        if let Some((waiting, _)) = &mut self.leaving {
+            waiting.extend(token);
+        }
+        self.update(now);
+    }
+
+    fn track(&mut self, r: Result<RequestId, CommandError>, token: T) {
+        match r {
+            Ok(id) => drop(self.waiting.insert(id, token)),
+            Err(e) => self.done.push_back((token, Err(e.into()))),
+        }
+    }
+
+    /// Over QUIC: a received datagram.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        remote: SocketAddr,
+        local_ip: Option<IpAddr>,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+    ) {
+        self.machine.handle_datagram(now, remote, local_ip, ecn, data);
+        self.update(now);
+    }
+
+    /// Over QUIC: the next datagrams to send (see [`Machine::poll_transmit_batch`]).
+    pub fn poll_transmit(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.machine.poll_transmit_batch(now, max_datagrams, buf);
+        self.update(now);
+        t
+    }
+
+    /// Over a byte stream: what to do next (see [`MqttClient::poll_stream`]).
+    pub fn poll_stream(&mut self) -> Option<StreamCommand> {
+        self.machine.poll_stream()
+    }
+
+    /// Over a byte stream: the connection asked for is up.
+    pub fn stream_opened(&mut self, now: Instant) {
+        self.machine.stream_opened(now);
+        self.update(now);
+    }
+
+    /// Over a byte stream: bytes read.
+    pub fn handle_stream_bytes(&mut self, now: Instant, data: &[u8]) {
+        self.machine.handle_stream_bytes(now, data);
+        self.update(now);
+    }
+
+    /// Over a byte stream: the connection ended.
+    pub fn stream_closed(&mut self, now: Instant) {
+        self.machine.stream_closed(now);
+        self.update(now);
+    }
+
+    /// Over a byte stream: a connection could not be opened (or a write failed) for this
+    /// reason; the first connection's failure is reported with it.
+    pub fn stream_failed(&mut self, now: Instant, reason: &str) {
+        self.fail_first(now, DriverError::Unreachable(reason.to_string()));
+        self.stream_closed(now);
+    }
+
+    /// Advances timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.machine.handle_timeout(now);
+        self.update(now);
+    }
+
+    /// When to call [`ClientDriver::handle_timeout`] next.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let linger = self.leaving.as_ref().map(|(_, t)| *t);
+        [self.machine.poll_timeout(), linger].into_iter().flatten().min()
+    }
+
+    /// The first connection's outcome, once: the client id in force, or why it failed.
+    pub fn poll_connected(&mut self) -> Option<Result<String, DriverError>> {
+        match std::mem::replace(&mut self.first, First::Reported) {
+            First::Ready(r) => Some(r),
+            other => {
+                self.first = other;
+                None
+            }
+        }
+    }
+
+    /// A command that finished, with the caller's token.
+    pub fn poll_completion(&mut self) -> Option<(T, Result<Outcome, DriverError>)> {
+        self.done.pop_front()
+    }
+
+    /// The next message for the application.
+    pub fn poll_message(&mut self) -> Option<Publish> {
+        self.inbox.pop_front()
+    }
+
+    /// Messages waiting for the application (an adapter stops reading the network while this
+    /// is at its limit, so a slow application slows the broker down instead of growing memory).
+    pub fn pending_messages(&self) -> usize {
+        self.inbox.len()
+    }
+
+    /// The connection state now.
+    pub fn state(&self) -> &ConnectionState {
+        &self.state
+    }
+
+    /// State changes, in order.
+    pub fn poll_state_change(&mut self) -> Option<ConnectionState> {
+        self.changes.pop_front()
+    }
+
+    /// Whether the driver is done: disconnected (or lost for good) with its transport closed,
+    /// or the disconnect's linger is over. Waiting callers have been completed by then.
+    pub fn is_finished(&mut self, now: Instant) -> bool {
+        let lingered = self.leaving.as_ref().is_some_and(|(_, t)| now >= *t);
+        let finished = self.machine.is_stopped() || lingered;
+        if finished {
+            if !matches!(self.state, ConnectionState::Closed { .. }) {
+                self.set_state(ConnectionState::Closed { reason: self.last_reason.clone() });
+            }
+            if matches!(self.first, First::Waiting) {
+                self.first = First::Ready(Err(DriverError::Unreachable(self.last_reason.clone())));
+            }
+            let waiting = std::mem::take(&mut self.waiting);
+            self.done.extend(waiting.into_values().map(|t| (t, Err(DriverError::Closed))));
+            if let Some((tokens, _)) = &mut self.leaving {
+                self.done.extend(tokens.drain(..).map(|t| (t, Ok(Outcome::Done))));
+            }
+        }
+        finished
+    }
+
+    fn set_state(&mut self, state: ConnectionState) {
+        if self.state != state {
+            self.state = state.clone();
+            self.changes.push_back(state);
+        }
+    }
+
+    /// The first connection failed: report it and stop (no retries for a connection that never
+    /// worked: the caller gets the error instead).
+    fn fail_first(&mut self, now: Instant, error: DriverError) {
+        if matches!(self.first, First::Waiting) {
+            self.last_reason = error.to_string();
+            self.first = First::Ready(Err(error));
+            if self.leaving.is_none() {
+                let _ = self.machine.disconnect(now, ReasonCode::Success);
+                self.leaving = Some((Vec::new(), now + LINGER));
+            }
+            self.set_state(ConnectionState::Closed { reason: self.last_reason.clone() });
+        }
+    }
+
+    /// Turns the machine's events into completions, messages and state.
+    fn update(&mut self, now: Instant) {
+        while let Some(event) = self.machine.poll_event() {
+            match event {
+                ClientEvent::Connected { session_present, client_id } => {
+                    if matches!(self.first, First::Waiting) {
+                        self.first = First::Ready(Ok(client_id));
+                    }
+                    if self.leaving.is_none() {
+                        self.set_state(ConnectionState::Connected { session_present });
+                    }
+                }
+                ClientEvent::Refused { reason } => {
+                    self.fail_first(now, DriverError::Refused(reason));
+                    if self.leaving.is_none() {
+                        self.last_reason = format!("refused: {reason}");
+                        self.set_state(ConnectionState::Reconnecting { reason: self.last_reason.clone() });
+                    }
+                }
+                ClientEvent::Message(m) => self.inbox.push_back(m),
+                ClientEvent::Published { id, reason } => {
+                    if let Some(t) = self.waiting.remove(&id) {
+                        let r = if reason.is_error() { Err(DriverError::Rejected(reason)) } else { Ok(Outcome::Done) };
+                        self.done.push_back((t, r));
+                    }
+                }
+                ClientEvent::Subscribed { id, reason_codes } | ClientEvent::Unsubscribed { id, reason_codes } => {
+                    if let Some(t) = self.waiting.remove(&id) {
+                        self.done.push_back((t, Ok(Outcome::Codes(reason_codes))));
+                    }
+                }
+                ClientEvent::Aborted { id } => {
+                    if let Some(t) = self.waiting.remove(&id) {
+                        self.done.push_back((t, Err(DriverError::ConnectionLost)));
+                    }
+                }
+                ClientEvent::Disconnected { reason } => {
+                    let text = match (&reason, self.machine.last_close_reason()) {
+                        (DisconnectReason::TransportLost, Some(close)) => close.to_string(),
+                        (DisconnectReason::ConnectTimeout, _) if matches!(self.first, First::Waiting) => {
+                            format!("{reason} (is an MQTT broker listening there?)")
+                        }
+                        _ => reason.to_string(),
+                    };
+                    self.last_reason = text.clone();
+                    self.fail_first(now, DriverError::Unreachable(text.clone()));
+                    if self.leaving.is_none() {
+                        self.set_state(ConnectionState::Reconnecting { reason: text });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
