@@ -222,16 +222,31 @@ impl Client {
         true
     }
 
-    async fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, ClientError> {
+    /// Hands the command to the driver now (so commands keep the order of the calls, however
+    /// their futures are awaited) and returns the wait for its result.
+    fn call(
+        &self,
+        make: impl FnOnce(Reply) -> Command,
+    ) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        let sent = self.commands.send(make(tx)).is_ok();
+        async move {
+            if !sent {
+                return Err(ClientError::Closed);
+            }
+            rx.await.map_err(|_| ClientError::Closed)?
+        }
     }
 
     /// Publishes and resolves when done: QoS 0 once written, QoS 1 on PUBACK, QoS 2 on PUBCOMP.
     /// QoS 1 and 2 messages published while the connection is down wait for the next one.
-    pub async fn publish(&self, publish: Publish) -> Result<(), ClientError> {
-        self.call(|tx| Command::Publish(publish, tx)).await.map(drop)
+    ///
+    /// The message is queued when this is called, not when the future is first polled: messages
+    /// go out in the order of the calls, so many can be in flight at once (spawn or join the
+    /// futures) without losing their order.
+    pub fn publish(&self, publish: Publish) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
+        let done = self.call(|tx| Command::Publish(publish, tx));
+        async move { done.await.map(drop) }
     }
 
     /// Subscribes to one filter; resolves with the granted QoS on SUBACK.

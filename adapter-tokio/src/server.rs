@@ -242,7 +242,7 @@ async fn drive(
     }
     let mut outboxes: HashMap<StreamId, Outbox> = HashMap::new();
     let mut buf = Vec::with_capacity(2048);
-    let mut leaving: Option<std::time::Instant> = None;
+    let mut stopping = false;
     let mut streams_open = true;
     loop {
         // Drain outputs: datagrams, stream bytes, events.
@@ -262,21 +262,15 @@ async fn drive(
             }
         }
         while broker.poll_event().is_some() {}
-        if let Some(deadline) = leaving {
-            if broker.connections() == 0 || clock() >= deadline {
-                break;
-            }
+        if broker.is_shut_down(clock()) {
+            break;
         }
         let deadline = broker.poll_timeout().map(tokio::time::Instant::from_std);
-        let deadline = match leaving {
-            Some(l) => Some(deadline.map_or(l.into(), |d| d.min(l.into()))),
-            None => deadline,
-        };
         let input = tokio::select! {
             r = recv(&mut udp) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
-            _ = &mut stop, if leaving.is_none() => Input::Stop,
+            _ = &mut stop, if !stopping => Input::Stop,
         };
         let now = clock();
         match input {
@@ -310,8 +304,8 @@ async fn drive(
             Input::Timer => broker.handle_timeout(now),
             Input::Stop => {
                 info!("shutting down: disconnecting {} clients", broker.connections());
-                broker.shutdown(now);
-                leaving = Some(now + options.shutdown_grace);
+                broker.shutdown(now, options.shutdown_grace);
+                stopping = true;
             }
         }
     }

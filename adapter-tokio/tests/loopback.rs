@@ -371,3 +371,24 @@ async fn mqtt_3_1_1_timed_redelivery_when_configured() {
     assert_eq!((seen[0].packet_id(), &seen[1].payload[..]), (seen[1].packet_id(), &b"again"[..]));
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn concurrent_publishes_keep_the_order_of_the_calls() {
+    let s = server().await;
+    let sub = client(&url("mqtt", s.tcp_addr()), "sub").await;
+    let mut messages = sub.messages().unwrap();
+    sub.subscribe(TopicFilter::new("o").unwrap(), QoS::AtLeastOnce).await.unwrap();
+    let publisher = client(&url("quic", s.quic_addr()), "pub").await;
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        pending.spawn(publisher.publish(Publish::new(topic("o"), i.to_string()).with_qos(QoS::AtLeastOnce)));
+    }
+    while let Some(r) = pending.join_next().await {
+        r.unwrap().unwrap();
+    }
+    for i in 0..200 {
+        let m = timeout(Duration::from_secs(5), messages.recv()).await.unwrap().unwrap();
+        assert_eq!(m.payload, i.to_string());
+    }
+    s.shutdown().await;
+}

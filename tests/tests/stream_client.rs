@@ -177,9 +177,10 @@ fn shutdown_tells_clients_and_closes_every_stream() {
     }
     p.run_until(|p| p.clients.iter().all(|c| c.0.is_connected()));
     let now = p.now;
-    p.broker.shutdown(now);
+    p.broker.shutdown(now, Duration::from_secs(1));
     p.run(Duration::ZERO);
     assert_eq!(p.broker.connections(), 0);
+    assert!(p.broker.is_shut_down(p.now));
     for (_, stream, events) in &p.clients {
         assert!(stream.is_none(), "stream left open");
         assert!(events.iter().any(|e| matches!(

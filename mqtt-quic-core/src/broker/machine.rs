@@ -184,6 +184,8 @@ pub struct Broker {
     stats: Stats,
     started: Option<Instant>,
     next_sys: Option<Instant>,
+    /// Set by a shutdown: the latest moment it ends.
+    closing_until: Option<Instant>,
 }
 
 impl Broker {
@@ -210,6 +212,7 @@ impl Broker {
             stats: Stats::default(),
             started: None,
             next_sys: None,
+            closing_until: None,
             config,
         })
     }
@@ -252,9 +255,11 @@ impl Broker {
 
     /// Ends every connection for a server shutdown: MQTT 5 clients get DISCONNECT with Server
     /// shutting down (0x8B), then each stream is finished (QUIC) or closed (byte streams). The
-    /// adapter keeps driving until [`Broker::connected`] is 0 or its patience runs out.
-    pub fn shutdown(&mut self, now: Instant) {
+    /// adapter keeps driving until [`Broker::is_shut_down`], which waits for the QUIC
+    /// connections to deliver their last bytes and close, for at most `grace`.
+    pub fn shutdown(&mut self, now: Instant, grace: Duration) {
         self.tick(now);
+        self.closing_until.get_or_insert(now + grace);
         let peers: Vec<Peer> = self.conns.keys().copied().collect();
         for peer in peers {
             if let Some(live) = self.conns.get_mut(&peer) {
@@ -266,6 +271,11 @@ impl Broker {
             }
         }
         self.pump(now);
+    }
+
+    /// After [`Broker::shutdown`]: whether every connection has closed or the grace is over.
+    pub fn is_shut_down(&self, now: Instant) -> bool {
+        self.closing_until.is_some_and(|t| now >= t || (self.conns.is_empty() && self.quic.connection_count() == 0))
     }
 
     /// Live connections, counting those that have not sent CONNECT yet.
@@ -559,6 +569,13 @@ impl Broker {
     }
 
     fn on_connect(&mut self, now: Instant, conn: Peer, c: Connect) {
+        if self.closing_until.is_some() {
+            // Shutting down: a client that reconnects at once must not land here again.
+            if let Some(live) = self.conns.get_mut(&conn) {
+                let _ = live.session.refuse(now, ReasonCode::ServerUnavailable);
+            }
+            return;
+        }
         let assigned = c.client_id.is_empty().then(|| {
             self.next_key += 1;
             format!("auto-{}", self.next_key)
@@ -905,6 +922,6 @@ impl Machine for Broker {
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        [self.quic.poll_timeout(), self.next_deadline()].into_iter().flatten().min()
+        [self.quic.poll_timeout(), self.next_deadline(), self.closing_until].into_iter().flatten().min()
     }
 }

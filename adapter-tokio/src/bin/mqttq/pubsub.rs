@@ -110,8 +110,8 @@ async fn publish_lines(client: &Client, message: impl Fn(Bytes) -> Publish) -> R
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut pending = tokio::task::JoinSet::new();
     while let Some(line) = lines.next_line().await.map_err(|e| format!("stdin: {e}"))? {
-        let (client, publish) = (client.clone(), message(Bytes::from(line)));
-        pending.spawn(async move { client.publish(publish).await });
+        // Queued in line order now; only the acknowledgements are awaited out of order.
+        pending.spawn(client.publish(message(Bytes::from(line))));
         while pending.len() >= PIPELINE {
             if let Some(r) = pending.join_next().await {
                 r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
