@@ -1,0 +1,154 @@
+//! A blocking client: a [`MioClient`] in a private `Poll`, for code that has no event loop.
+//!
+//! ```no_run
+//! use adapter_mio::blocking::Client;
+//! use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
+//! use mqtt_quic_core::driver::ClientOptions;
+//! use mqtt_quic_core::tls::ClientTls;
+//! use std::time::Duration;
+//!
+//! let options = ClientOptions::new().client_id("sensor-7").tls(ClientTls::insecure());
+//! let mut client = Client::connect("quic://127.0.0.1:14567", options)?;
+//! client.subscribe(TopicFilter::new("commands/#")?, QoS::AtLeastOnce)?;
+//! client.publish(Publish::new(TopicName::new("sensors/7")?, "21.5").with_qos(QoS::AtLeastOnce))?;
+//! if let Some(m) = client.recv(Duration::from_secs(1))? {
+//!     println!("{}: {:?}", m.topic, m.payload);
+//! }
+//! client.disconnect()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use crate::client::{MioClient, MioError, RequestToken};
+use crate::now;
+use mio::{Events, Poll, Token};
+use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
+use mqtt_quic_core::driver::{ClientOptions, ConnectionState, DriverError, Outcome};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How long a blocking call waits for its acknowledgement.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A connected client whose calls block until acknowledged.
+pub struct Client {
+    poll: Poll,
+    events: Events,
+    inner: MioClient,
+    /// Completions that arrived while waiting for another.
+    early: VecDeque<(RequestToken, Result<Outcome, DriverError>)>,
+}
+
+impl Client {
+    /// Connects and returns once the broker accepted (CONNACK), or with why it did not.
+    pub fn connect(url: &str, options: ClientOptions) -> Result<Client, MioError> {
+        let poll = Poll::new()?;
+        let inner = MioClient::connect(url, options, poll.registry(), Token(0))?;
+        let mut c = Client { poll, events: Events::with_capacity(256), inner, early: VecDeque::new() };
+        let deadline = now() + PATIENCE;
+        loop {
+            if let Some(r) = c.inner.poll_connected() {
+                r?;
+                return Ok(c);
+            }
+            c.turn(deadline)?;
+            if now() >= deadline {
+                return Err(DriverError::Unreachable("no answer from the broker".into()).into());
+            }
+        }
+    }
+
+    /// One round of the loop: wait for events or the next deadline (at most until `deadline`).
+    fn turn(&mut self, deadline: Instant) -> Result<(), MioError> {
+        let left = deadline.saturating_duration_since(now());
+        let wait = self.inner.timeout().map_or(left, |t| t.min(left));
+        match self.poll.poll(&mut self.events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        for event in self.events.iter() {
+            self.inner.handle_event(self.poll.registry(), event);
+        }
+        self.inner.handle_timeout(self.poll.registry());
+        Ok(())
+    }
+
+    /// Runs the loop until `token` completes.
+    fn wait(&mut self, token: RequestToken) -> Result<Outcome, MioError> {
+        let deadline = now() + PATIENCE;
+        loop {
+            while let Some((t, r)) = self.inner.poll_completion() {
+                self.early.push_back((t, r));
+            }
+            if let Some(i) = self.early.iter().position(|(t, _)| *t == token) {
+                let (_, r) = self.early.remove(i).unwrap_or((token, Err(DriverError::Closed)));
+                return Ok(r?);
+            }
+            if now() >= deadline {
+                return Err(DriverError::ConnectionLost.into());
+            }
+            self.turn(deadline)?;
+        }
+    }
+
+    /// Publishes and returns when done (QoS 0 written, QoS 1 PUBACK, QoS 2 PUBCOMP).
+    pub fn publish(&mut self, publish: Publish) -> Result<(), MioError> {
+        let t = self.inner.publish(self.poll.registry(), publish);
+        self.wait(t).map(drop)
+    }
+
+    /// Subscribes to one filter; returns SUBACK's code.
+    pub fn subscribe(&mut self, filter: TopicFilter, qos: QoS) -> Result<ReasonCode, MioError> {
+        let t = self.inner.subscribe(self.poll.registry(), vec![Subscription::new(filter, qos)]);
+        match self.wait(t)? {
+            Outcome::Codes(codes) => {
+                let code = codes.first().copied().unwrap_or(ReasonCode::UnspecifiedError);
+                if code.is_error() {
+                    return Err(DriverError::Rejected(code).into());
+                }
+                Ok(code)
+            }
+            _ => Ok(ReasonCode::Success),
+        }
+    }
+
+    /// Unsubscribes.
+    pub fn unsubscribe(&mut self, filters: Vec<TopicFilter>) -> Result<(), MioError> {
+        let t = self.inner.unsubscribe(self.poll.registry(), filters);
+        self.wait(t).map(drop)
+    }
+
+    /// The next message, waiting at most `timeout`; `None` if none came.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Publish>, MioError> {
+        let deadline = now() + timeout;
+        loop {
+            if let Some(m) = self.inner.poll_message() {
+                return Ok(Some(m));
+            }
+            if now() >= deadline {
+                return Ok(None);
+            }
+            self.turn(deadline)?;
+        }
+    }
+
+    /// The connection state.
+    pub fn state(&self) -> &ConnectionState {
+        self.inner.state()
+    }
+
+    /// Disconnects cleanly and waits for the connection to close.
+    pub fn disconnect(mut self) -> Result<(), MioError> {
+        let t = self.inner.disconnect(self.poll.registry());
+        let deadline = now() + PATIENCE;
+        while !self.inner.is_finished(self.poll.registry()) && now() < deadline {
+            self.turn(deadline)?;
+        }
+        while let Some((token, r)) = self.inner.poll_completion() {
+            if token == t {
+                r?;
+            }
+        }
+        Ok(())
+    }
+}

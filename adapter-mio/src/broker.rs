@@ -1,0 +1,343 @@
+//! A broker that lives in your `mio::Poll` loop ([`MioBroker`]), or on a thread of its own
+//! ([`spawn`]).
+
+use crate::conn::{Conn, ReadOutcome};
+use crate::now;
+use crate::udp::Udp;
+use mio::event::Event;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
+use mqtt_quic_core::config::ConfigError;
+use mqtt_quic_core::Machine;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Where and how the broker listens.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// The broker machine's settings (QUIC certificate included).
+    pub broker: BrokerConfig,
+    /// UDP address for MQTT over QUIC, if any.
+    pub quic: Option<SocketAddr>,
+    /// TCP address for plain MQTT, if any.
+    pub tcp: Option<SocketAddr>,
+    /// Most simultaneous TCP connections; more are closed at accept.
+    pub tcp_max_connections: usize,
+    /// How long a shutdown waits for clients to take their DISCONNECT.
+    pub shutdown_grace: Duration,
+}
+
+impl BrokerOptions {
+    /// QUIC and TCP on 127.0.0.1 with ports chosen by the system.
+    pub fn loopback(broker: BrokerConfig) -> BrokerOptions {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        BrokerOptions {
+            broker,
+            quic: Some(any),
+            tcp: Some(any),
+            tcp_max_connections: 100_000,
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why the broker did not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// A listener could not be opened.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// Registering with the poll, or another socket call, failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The broker configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// A broker registered with a caller's `Registry`. It uses the tokens from `base` upwards:
+/// `base` for UDP, `base + 1` for the TCP listener, and one per TCP connection after that, so
+/// keep your own tokens below `base`.
+pub struct MioBroker {
+    broker: Broker,
+    udp: Option<Udp>,
+    listener: Option<TcpListener>,
+    conns: HashMap<Token, (StreamId, Conn)>,
+    tokens: HashMap<StreamId, Token>,
+    base: usize,
+    next: usize,
+    max_connections: usize,
+    grace: Duration,
+    buf: Vec<u8>,
+    read_buf: Box<[u8]>,
+}
+
+impl MioBroker {
+    /// Opens the listeners and registers them.
+    pub fn bind(options: BrokerOptions, registry: &Registry, base: Token) -> Result<MioBroker, BrokerError> {
+        let broker = Broker::new(options.broker)?;
+        let mut udp = match options.quic {
+            Some(addr) => {
+                Some(Udp::bind(addr).map_err(|source| BrokerError::Bind { what: "QUIC (UDP)", addr, source })?)
+            }
+            None => None,
+        };
+        let mut listener = match options.tcp {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).map_err(|source| BrokerError::Bind { what: "TCP", addr, source })?)
+            }
+            None => None,
+        };
+        if let Some(u) = &mut udp {
+            registry.register(&mut u.socket, base, Interest::READABLE | Interest::WRITABLE)?;
+        }
+        if let Some(l) = &mut listener {
+            registry.register(l, Token(base.0 + 1), Interest::READABLE)?;
+        }
+        Ok(MioBroker {
+            broker,
+            udp,
+            listener,
+            conns: HashMap::new(),
+            tokens: HashMap::new(),
+            base: base.0,
+            next: base.0 + 2,
+            max_connections: options.tcp_max_connections,
+            grace: options.shutdown_grace,
+            buf: Vec::with_capacity(2048),
+            read_buf: vec![0; 64 * 1024].into_boxed_slice(),
+        })
+    }
+
+    /// The QUIC listener's address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.udp.as_ref().and_then(|u| u.socket.local_addr().ok())
+    }
+
+    /// The TCP listener's address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The broker machine (in-process subscriptions and publishes, statistics).
+    pub fn broker(&mut self) -> &mut Broker {
+        &mut self.broker
+    }
+
+    /// Feeds a readiness event; false if it is not one of the broker's tokens.
+    pub fn handle_event(&mut self, registry: &Registry, event: &Event) -> bool {
+        let token = event.token();
+        if token.0 < self.base {
+            return false;
+        }
+        let t = now();
+        if token.0 == self.base {
+            if let Some(udp) = &mut self.udp {
+                if event.is_writable() {
+                    udp.retry();
+                }
+                let broker = &mut self.broker;
+                if event.is_readable() {
+                    udp.recv_all(|from, data| broker.handle_datagram(t, from, None, None, data));
+                }
+            }
+        } else if token.0 == self.base + 1 {
+            self.accept(registry);
+        } else if let Some((id, conn)) = self.conns.get_mut(&token) {
+            let id = *id;
+            let mut closed = false;
+            if event.is_writable() {
+                match conn.flush() {
+                    Some(n) => self.broker.stream_written(id, n),
+                    None => closed = true,
+                }
+            }
+            if !closed && event.is_readable() {
+                let broker = &mut self.broker;
+                closed = matches!(
+                    conn.read_all(&mut self.read_buf, |d| broker.handle_stream_bytes(t, id, d)),
+                    ReadOutcome::Closed
+                );
+            }
+            if closed || (conn.closing && conn.is_drained()) {
+                self.drop_conn(registry, token);
+                self.broker.stream_closed(t, id);
+            }
+        } else {
+            return false;
+        }
+        self.flush(registry);
+        true
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        let Some(listener) = &self.listener else { return };
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.conns.len() >= self.max_connections {
+                        continue; // dropped: closed at once
+                    }
+                    let token = Token(self.next);
+                    self.next += 1;
+                    if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+                        continue;
+                    }
+                    let id = self.broker.open_stream(now());
+                    self.conns.insert(token, (id, Conn::new(stream)));
+                    self.tokens.insert(id, token);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // Out of descriptors and the like: try again on the next readiness.
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, registry: &Registry, token: Token) {
+        if let Some((id, mut conn)) = self.conns.remove(&token) {
+            let _ = registry.deregister(&mut conn.stream);
+            self.tokens.remove(&id);
+        }
+    }
+
+    /// Sends what the broker has: datagrams, and bytes for each TCP connection.
+    fn flush(&mut self, registry: &Registry) {
+        if let Some(udp) = &mut self.udp {
+            if !udp.is_stalled() || udp.retry() {
+                while let Some(t) = self.broker.poll_transmit(now(), &mut self.buf) {
+                    if !udp.send(&t, &self.buf) {
+                        break;
+                    }
+                }
+            }
+        }
+        while let Some((id, out)) = self.broker.poll_stream() {
+            let Some(&token) = self.tokens.get(&id) else { continue };
+            let Some((_, conn)) = self.conns.get_mut(&token) else { continue };
+            match out {
+                StreamOutput::Data(bytes) => match conn.write(&bytes) {
+                    Some(n) => self.broker.stream_written(id, n),
+                    None => {
+                        self.drop_conn(registry, token);
+                        self.broker.stream_closed(now(), id);
+                    }
+                },
+                _ => {
+                    conn.closing = true;
+                    if conn.flush().is_none() || conn.is_drained() {
+                        self.drop_conn(registry, token);
+                    }
+                }
+            }
+        }
+        while self.broker.poll_event().is_some() {}
+    }
+
+    /// How long `Poll::poll` may sleep before [`MioBroker::handle_timeout`] is due.
+    pub fn timeout(&mut self) -> Option<Duration> {
+        self.broker.poll_timeout().map(|t| t.saturating_duration_since(now()))
+    }
+
+    /// Fires due timers and sends what they produced.
+    pub fn handle_timeout(&mut self, registry: &Registry) {
+        self.broker.handle_timeout(now());
+        self.flush(registry);
+    }
+
+    /// Starts a graceful shutdown (see [`Broker::shutdown`]); keep driving until
+    /// [`MioBroker::is_shut_down`].
+    pub fn shutdown(&mut self, registry: &Registry) {
+        if let Some(l) = &mut self.listener {
+            let _ = registry.deregister(l);
+        }
+        self.listener = None;
+        self.broker.shutdown(now(), self.grace);
+        self.flush(registry);
+    }
+
+    /// Whether a shutdown has finished.
+    pub fn is_shut_down(&self) -> bool {
+        self.broker.is_shut_down(now())
+    }
+}
+
+/// A broker running on its own thread, from [`spawn`].
+pub struct BrokerHandle {
+    quic: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BrokerHandle {
+    /// The QUIC listener's address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic
+    }
+
+    /// The TCP listener's address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// Shuts the broker down gracefully and waits for its thread.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs a broker on a thread with its own `Poll` until [`BrokerHandle::shutdown`].
+pub fn spawn(options: BrokerOptions) -> Result<BrokerHandle, BrokerError> {
+    const WAKE: Token = Token(0);
+    let mut poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    let mut broker = MioBroker::bind(options, poll.registry(), Token(1))?;
+    let (quic, tcp) = (broker.quic_addr(), broker.tcp_addr());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::Builder::new().name("mqtt-broker".into()).spawn(move || {
+        let mut events = Events::with_capacity(1024);
+        let mut shutting = false;
+        loop {
+            if stopping.load(Ordering::SeqCst) && !shutting {
+                shutting = true;
+                broker.shutdown(poll.registry());
+            }
+            if shutting && broker.is_shut_down() {
+                break;
+            }
+            let timeout = broker.timeout();
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
+            for event in events.iter() {
+                broker.handle_event(poll.registry(), event);
+            }
+            broker.handle_timeout(poll.registry());
+        }
+    })?;
+    Ok(BrokerHandle { quic, tcp, stop, waker, thread: Some(thread) })
+}

@@ -1,0 +1,302 @@
+//! A client that lives in your `mio::Poll` loop.
+
+use crate::conn::{Conn, ReadOutcome};
+use crate::udp::Udp;
+use crate::{now, random_seed};
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use mqtt_proto::{Publish, Subscription, TopicFilter};
+use mqtt_quic_core::client::StreamCommand;
+use mqtt_quic_core::driver::{ClientDriver, ClientOptions, ConnectionState, DriverError, Outcome};
+use mqtt_quic_core::url::{BrokerUrl, Transport, UrlError};
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Why a client could not be set up.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MioError {
+    /// The broker URL is malformed.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// `mqtts://` is not offered by this adapter (use QUIC, or plain TCP).
+    #[error("this adapter speaks quic:// and mqtt:// (no TLS over TCP)")]
+    NoTls,
+    /// The host name did not resolve.
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    /// A socket call failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The settings are invalid.
+    #[error(transparent)]
+    Config(#[from] mqtt_quic_core::config::ConfigError),
+    /// The connection failed or a command was refused.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+}
+
+/// Identifies a command in [`MioClient::poll_completion`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestToken(pub u64);
+
+enum Io {
+    Quic(Udp),
+    Stream { addr: SocketAddr, conn: Option<Conn>, connecting: bool },
+}
+
+/// An MQTT client (QUIC or TCP) registered with a caller's `Registry` under one token.
+pub struct MioClient {
+    driver: ClientDriver<RequestToken>,
+    io: Io,
+    token: Token,
+    next: u64,
+    read_buf: Box<[u8]>,
+    buf: Vec<u8>,
+}
+
+impl MioClient {
+    /// Starts connecting to `url` (`quic://` or `mqtt://`; the name is resolved here, blocking)
+    /// with its socket registered under `token`. The outcome comes from
+    /// [`MioClient::poll_connected`] once you drive the loop. QUIC needs `options.tls`.
+    pub fn connect(
+        url: &str,
+        options: ClientOptions,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<MioClient, MioError> {
+        let url: BrokerUrl = url.parse()?;
+        let mut addrs: Vec<SocketAddr> =
+            url.authority().to_socket_addrs().map_err(|e| MioError::Resolve(format!("{}: {e}", url.host)))?.collect();
+        addrs.sort_by_key(|a| a.is_ipv6());
+        let addr = *addrs.first().ok_or_else(|| MioError::Resolve(url.host.clone()))?;
+        let machine = options.machine(&url, addr, random_seed())?;
+        let io = match url.transport {
+            Transport::Quic => {
+                let local: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+                let mut udp = Udp::bind(local)?;
+                registry.register(&mut udp.socket, token, Interest::READABLE | Interest::WRITABLE)?;
+                Io::Quic(udp)
+            }
+            Transport::Tcp => Io::Stream { addr, conn: None, connecting: false },
+            Transport::Tls => return Err(MioError::NoTls),
+        };
+        let mut client = MioClient {
+            driver: ClientDriver::new(machine),
+            io,
+            token,
+            next: 0,
+            read_buf: vec![0; 64 * 1024].into_boxed_slice(),
+            buf: Vec::with_capacity(2048),
+        };
+        client.driver.start(now());
+        client.flush(registry);
+        Ok(client)
+    }
+
+    /// Feeds a readiness event; false if it is not this client's (another of your sockets).
+    pub fn handle_event(&mut self, registry: &Registry, event: &Event) -> bool {
+        if event.token() != self.token {
+            return false;
+        }
+        let t = now();
+        match &mut self.io {
+            Io::Quic(udp) => {
+                if event.is_writable() {
+                    udp.retry();
+                }
+                let driver = &mut self.driver;
+                if event.is_readable() {
+                    udp.recv_all(|from, data| driver.handle_datagram(t, from, None, None, data));
+                }
+            }
+            Io::Stream { conn, connecting, .. } => {
+                if *connecting && (event.is_writable() || event.is_error() || event.is_write_closed()) {
+                    *connecting = false;
+                    match conn.as_ref().map(|c| (c.stream.take_error(), c.stream.peer_addr())) {
+                        Some((Ok(None), Ok(_))) => self.driver.stream_opened(t),
+                        Some((Ok(Some(e)) | Err(e), _)) | Some((_, Err(e))) => {
+                            if let Some(mut c) = conn.take() {
+                                let _ = registry.deregister(&mut c.stream);
+                            }
+                            self.driver.stream_failed(t, &e.to_string());
+                        }
+                        None => {}
+                    }
+                }
+                if let Some(c) = conn.as_mut() {
+                    if event.is_writable() && c.flush().is_none() {
+                        self.drop_stream(registry);
+                    }
+                }
+                if let Io::Stream { conn: Some(c), .. } = &mut self.io {
+                    if event.is_readable() {
+                        let driver = &mut self.driver;
+                        if let ReadOutcome::Closed =
+                            c.read_all(&mut self.read_buf, |data| driver.handle_stream_bytes(t, data))
+                        {
+                            self.drop_stream(registry);
+                        }
+                    }
+                }
+            }
+        }
+        self.flush(registry);
+        true
+    }
+
+    fn drop_stream(&mut self, registry: &Registry) {
+        if let Io::Stream { conn, connecting, .. } = &mut self.io {
+            *connecting = false;
+            if let Some(mut c) = conn.take() {
+                let _ = registry.deregister(&mut c.stream);
+                self.driver.stream_closed(now());
+            }
+        }
+    }
+
+    /// How long `Poll::poll` may sleep before [`MioClient::handle_timeout`] is due.
+    pub fn timeout(&mut self) -> Option<Duration> {
+        self.driver.poll_timeout().map(|t| t.saturating_duration_since(now()))
+    }
+
+    /// Fires due timers (calling it early does nothing) and sends what they produced.
+    pub fn handle_timeout(&mut self, registry: &Registry) {
+        self.driver.handle_timeout(now());
+        self.flush(registry);
+    }
+
+    /// Sends what the machine has for the network, and opens or closes the TCP connection
+    /// when it asks.
+    fn flush(&mut self, registry: &Registry) {
+        match &mut self.io {
+            Io::Quic(udp) => {
+                if udp.is_stalled() && !udp.retry() {
+                    return;
+                }
+                while let Some(t) = self.driver.poll_transmit(now(), 1, &mut self.buf) {
+                    if !udp.send(&t, &self.buf) {
+                        break;
+                    }
+                }
+            }
+            Io::Stream { .. } => {
+                while let Some(cmd) = self.driver.poll_stream() {
+                    let Io::Stream { addr, conn, connecting } = &mut self.io else { return };
+                    match cmd {
+                        StreamCommand::Open => match TcpStream::connect(*addr) {
+                            Ok(mut stream) => {
+                                match registry.register(
+                                    &mut stream,
+                                    self.token,
+                                    Interest::READABLE | Interest::WRITABLE,
+                                ) {
+                                    Ok(()) => {
+                                        *conn = Some(Conn::new(stream));
+                                        *connecting = true;
+                                    }
+                                    Err(e) => self.driver.stream_failed(now(), &e.to_string()),
+                                }
+                            }
+                            Err(e) => self.driver.stream_failed(now(), &e.to_string()),
+                        },
+                        StreamCommand::Write(bytes) => {
+                            if conn.as_mut().is_some_and(|c| c.write(&bytes).is_none()) {
+                                self.drop_stream(registry);
+                            }
+                        }
+                        StreamCommand::Close => {
+                            if let Some(c) = conn.as_mut() {
+                                c.closing = true;
+                                let _ = c.flush();
+                                if c.is_drained() {
+                                    if let Some(mut c) = conn.take() {
+                                        let _ = registry.deregister(&mut c.stream);
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn token(&mut self) -> RequestToken {
+        self.next += 1;
+        RequestToken(self.next)
+    }
+
+    /// Publishes; completes in [`MioClient::poll_completion`] when acknowledged.
+    pub fn publish(&mut self, registry: &Registry, publish: Publish) -> RequestToken {
+        let token = self.token();
+        self.driver.publish(now(), publish, token);
+        self.flush(registry);
+        token
+    }
+
+    /// Subscribes; completes with SUBACK's codes.
+    pub fn subscribe(&mut self, registry: &Registry, subscriptions: Vec<Subscription>) -> RequestToken {
+        let token = self.token();
+        self.driver.subscribe(now(), subscriptions, token);
+        self.flush(registry);
+        token
+    }
+
+    /// Unsubscribes; completes with UNSUBACK's codes.
+    pub fn unsubscribe(&mut self, registry: &Registry, filters: Vec<TopicFilter>) -> RequestToken {
+        let token = self.token();
+        self.driver.unsubscribe(now(), filters, token);
+        self.flush(registry);
+        token
+    }
+
+    /// Disconnects (DISCONNECT, then the connection closes); the token completes when done.
+    pub fn disconnect(&mut self, registry: &Registry) -> RequestToken {
+        let token = self.token();
+        self.driver.disconnect(now(), Some(token));
+        self.flush(registry);
+        token
+    }
+
+    /// The first connection's outcome, once: the client id in force, or why it failed.
+    pub fn poll_connected(&mut self) -> Option<Result<String, DriverError>> {
+        self.driver.poll_connected()
+    }
+
+    /// A finished command.
+    pub fn poll_completion(&mut self) -> Option<(RequestToken, Result<Outcome, DriverError>)> {
+        self.driver.poll_completion()
+    }
+
+    /// The next incoming message.
+    pub fn poll_message(&mut self) -> Option<Publish> {
+        self.driver.poll_message()
+    }
+
+    /// The connection state.
+    pub fn state(&self) -> &ConnectionState {
+        self.driver.state()
+    }
+
+    /// Whether the client is done (see [`ClientDriver::is_finished`]); deregisters its socket
+    /// when it is.
+    pub fn is_finished(&mut self, registry: &Registry) -> bool {
+        let done = self.driver.is_finished(now());
+        if done {
+            match &mut self.io {
+                Io::Quic(udp) => drop(registry.deregister(&mut udp.socket)),
+                Io::Stream { conn, .. } => {
+                    if let Some(mut c) = conn.take() {
+                        let _ = registry.deregister(&mut c.stream);
+                    }
+                }
+            }
+        }
+        done
+    }
+}

@@ -1,0 +1,57 @@
+//! `adapter-mio`: the MQTT-over-QUIC core in a `mio::Poll` loop you own.
+//!
+//! Embedding is the reason the core is sans-IO: [`client::MioClient`] and
+//! [`broker::MioBroker`] register their sockets with your `Registry` under tokens you choose,
+//! take the events you poll, and tell you how long `Poll::poll` may sleep. Everything they do
+//! besides socket calls is the core's ([`mqtt_quic_core::driver::ClientDriver`], the
+//! [`Broker`](mqtt_quic_core::broker::machine::Broker) machine).
+//!
+//! ```no_run
+//! use adapter_mio::client::MioClient;
+//! use mqtt_quic_core::driver::ClientOptions;
+//! use mqtt_quic_core::tls::ClientTls;
+//! use mio::{Events, Poll, Token};
+//!
+//! let mut poll = Poll::new()?;
+//! let options = ClientOptions::new().client_id("embedded").tls(ClientTls::insecure());
+//! let mut mqtt = MioClient::connect("quic://127.0.0.1:14567", options, poll.registry(), Token(7))?;
+//! let mut events = Events::with_capacity(64);
+//! loop {
+//!     poll.poll(&mut events, mqtt.timeout())?;
+//!     for event in events.iter() {
+//!         if !mqtt.handle_event(poll.registry(), event) {
+//!             // one of your own sockets
+//!         }
+//!     }
+//!     mqtt.handle_timeout(poll.registry());
+//!     while let Some(message) = mqtt.poll_message() {
+//!         println!("{}: {:?}", message.topic, message.payload);
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`blocking::Client`] wraps a `MioClient` in a private loop for plain blocking code, and
+//! [`broker::spawn`] runs a broker on a thread of its own.
+
+pub mod blocking;
+pub mod broker;
+pub mod client;
+mod conn;
+mod udp;
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Instant;
+
+/// The wall clock, read here and only here: the machines are handed its readings.
+fn now() -> Instant {
+    #[allow(clippy::disallowed_methods)]
+    Instant::now()
+}
+
+/// A seed for a machine's randomness, from the standard library's per-process random keys.
+fn random_seed() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    h.finish()
+}
