@@ -203,10 +203,8 @@ impl MioClient {
                             }
                             Err(e) => self.driver.stream_failed(now(), &e.to_string()),
                         },
-                        StreamCommand::Write(bytes) => {
-                            if conn.as_mut().is_some_and(|c| c.write(&bytes).is_none()) {
-                                self.drop_stream(registry);
-                            }
+                        StreamCommand::Write(bytes) if conn.as_mut().is_some_and(|c| c.write(&bytes).is_none()) => {
+                            self.drop_stream(registry);
                         }
                         StreamCommand::Close => {
                             if let Some(c) = conn.as_mut() {
