@@ -1,0 +1,278 @@
+//! The broker server for async-std: one task owns the core's [`Broker`] and the UDP socket;
+//! each TCP connection has a task that carries its bytes to and from that task.
+
+use crate::{now, sleep_until};
+use async_channel::{Receiver, Sender};
+use async_std::io::{ReadExt, WriteExt};
+use async_std::net::{TcpListener, TcpStream, UdpSocket};
+use async_std::task::JoinHandle;
+use bytes::Bytes;
+use futures_lite::future;
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
+use mqtt_quic_core::config::ConfigError;
+use mqtt_quic_core::Machine;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Where and how the broker listens.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The broker machine's settings (QUIC certificate included).
+    pub broker: BrokerConfig,
+    /// UDP address for MQTT over QUIC, if any.
+    pub quic: Option<SocketAddr>,
+    /// TCP address for plain MQTT, if any.
+    pub tcp: Option<SocketAddr>,
+    /// Most simultaneous TCP connections; more are closed at accept.
+    pub tcp_max_connections: usize,
+    /// How long a shutdown waits for clients to take their DISCONNECT.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerOptions {
+    /// QUIC and TCP on 127.0.0.1 with ports chosen by the system.
+    pub fn loopback(broker: BrokerConfig) -> ServerOptions {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServerOptions {
+            broker,
+            quic: Some(any),
+            tcp: Some(any),
+            tcp_max_connections: 100_000,
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why the server did not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A listener could not be opened.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The broker configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// From connection tasks to the broker task.
+enum FromConn {
+    Opened(Sender<StreamOutput>, Sender<StreamId>),
+    Bytes(StreamId, Bytes),
+    Wrote(StreamId, usize),
+    Gone(StreamId),
+}
+
+/// A running broker.
+pub struct Server {
+    quic: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
+    stop: Sender<()>,
+    broker: JoinHandle<()>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Opens the listeners, then serves.
+    pub async fn start(options: ServerOptions) -> Result<Server, ServerError> {
+        let udp = match options.quic {
+            Some(addr) => Some(UdpSocket::bind(addr).await.map_err(|source| ServerError::Bind {
+                what: "QUIC (UDP)",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
+        let listener = match options.tcp {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what: "TCP", addr, source })?)
+            }
+            None => None,
+        };
+        let machine = Broker::new(options.broker.clone())?;
+        let quic = udp.as_ref().and_then(|u| u.local_addr().ok());
+        let tcp = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let (to_broker, from_conns) = async_channel::bounded(1024);
+        let acceptor = listener.map(|l| async_std::task::spawn(accept(l, to_broker, options.tcp_max_connections)));
+        let (stop, stopped) = async_channel::bounded(1);
+        let broker = async_std::task::spawn(serve(machine, udp, from_conns, stopped, options.shutdown_grace));
+        Ok(Server { quic, tcp, stop, broker, acceptor })
+    }
+
+    /// The QUIC listener's address.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic
+    }
+
+    /// The TCP listener's address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// Stops accepting, disconnects everyone gracefully (DISCONNECT 0x8B for MQTT 5) and waits.
+    pub async fn shutdown(self) {
+        if let Some(a) = self.acceptor {
+            a.cancel().await;
+        }
+        let _ = self.stop.try_send(());
+        self.broker.await;
+    }
+}
+
+/// What woke the broker task.
+enum Wake {
+    Datagram(io::Result<(usize, SocketAddr)>),
+    Conn(Option<FromConn>),
+    Stop,
+    Timer,
+}
+
+/// The broker task.
+async fn serve(
+    mut broker: Broker,
+    udp: Option<UdpSocket>,
+    from_conns: Receiver<FromConn>,
+    stop: Receiver<()>,
+    grace: Duration,
+) {
+    let mut writers: HashMap<StreamId, Sender<StreamOutput>> = HashMap::new();
+    let (mut out, mut inbuf) = (Vec::new(), vec![0u8; 65_536]);
+    let mut stopping = false;
+    let mut listening = true;
+    loop {
+        while let Some(t) = broker.poll_transmit(now(), &mut out) {
+            if let Some(udp) = &udp {
+                for d in t.datagrams(&out) {
+                    let _ = udp.send_to(d, t.destination).await;
+                }
+            }
+        }
+        while let Some((id, output)) = broker.poll_stream() {
+            let last = matches!(output, StreamOutput::Close);
+            let Some(writer) = writers.get(&id) else { continue };
+            if writer.try_send(output).is_err() || last {
+                writers.remove(&id);
+            }
+        }
+        while broker.poll_event().is_some() {}
+        if broker.is_shut_down(now()) {
+            break;
+        }
+        let deadline = broker.poll_timeout();
+        let datagram = async {
+            match &udp {
+                Some(u) => Wake::Datagram(u.recv_from(&mut inbuf).await),
+                None => future::pending().await,
+            }
+        };
+        let conn = async {
+            if !listening {
+                future::pending::<()>().await;
+            }
+            Wake::Conn(from_conns.recv().await.ok())
+        };
+        let stop_or_timer = async {
+            if stopping {
+                future::pending::<()>().await;
+            }
+            let _ = stop.recv().await;
+            Wake::Stop
+        };
+        let timer = async {
+            sleep_until(deadline).await;
+            Wake::Timer
+        };
+        let wake = future::or(future::or(datagram, conn), future::or(stop_or_timer, timer)).await;
+        let t = now();
+        match wake {
+            Wake::Datagram(Ok((n, from))) => broker.handle_datagram(t, from, None, None, &inbuf[..n]),
+            Wake::Datagram(Err(_)) => {}
+            Wake::Conn(Some(FromConn::Opened(writer, reply))) => {
+                let id = broker.open_stream(t);
+                writers.insert(id, writer);
+                if reply.try_send(id).is_err() {
+                    writers.remove(&id);
+                    broker.stream_closed(t, id);
+                }
+            }
+            Wake::Conn(Some(FromConn::Bytes(id, data))) => broker.handle_stream_bytes(t, id, &data),
+            Wake::Conn(Some(FromConn::Wrote(id, n))) => broker.stream_written(id, n),
+            Wake::Conn(Some(FromConn::Gone(id))) => {
+                writers.remove(&id);
+                broker.stream_closed(t, id);
+            }
+            // No listener and no connection left: only QUIC and timers remain.
+            Wake::Conn(None) => listening = false,
+            Wake::Stop => {
+                stopping = true;
+                broker.shutdown(t, grace);
+            }
+            Wake::Timer => broker.handle_timeout(t),
+        }
+    }
+}
+
+/// Accepts TCP connections, each served by a task of its own.
+async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize) {
+    let live = Arc::new(AtomicUsize::new(0));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            async_std::task::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if live.load(Ordering::Relaxed) >= max {
+            continue;
+        }
+        live.fetch_add(1, Ordering::Relaxed);
+        let (to_broker, live) = (to_broker.clone(), live.clone());
+        async_std::task::spawn(async move {
+            carry(stream, to_broker).await;
+            live.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Moves one connection's bytes until either side ends it.
+async fn carry(stream: TcpStream, to_broker: Sender<FromConn>) {
+    let _ = stream.set_nodelay(true);
+    let (writer, outputs) = async_channel::unbounded();
+    let (reply, id) = async_channel::bounded(1);
+    if to_broker.send(FromConn::Opened(writer, reply)).await.is_err() {
+        return;
+    }
+    let Ok(id) = id.recv().await else { return };
+    let (mut reading, mut writing) = (stream.clone(), stream.clone());
+    let inbound = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = reading.read(&mut buf).await {
+            if n == 0 || to_broker.send(FromConn::Bytes(id, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                break;
+            }
+        }
+    };
+    let outbound = async {
+        while let Ok(StreamOutput::Data(bytes)) = outputs.recv().await {
+            if writing.write_all(&bytes).await.is_err()
+                || to_broker.send(FromConn::Wrote(id, bytes.len())).await.is_err()
+            {
+                break;
+            }
+        }
+        let _ = writing.flush().await;
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    };
+    future::or(inbound, outbound).await;
+    let _ = to_broker.send(FromConn::Gone(id)).await;
+}

@@ -1,0 +1,69 @@
+//! The async-std broker and client over real loopback sockets.
+
+use adapter_async_std::client::{Client, ConnectionState};
+use adapter_async_std::server::{Server, ServerOptions};
+use async_std::future::timeout;
+use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
+use mqtt_quic_core::broker::machine::BrokerConfig;
+use mqtt_quic_core::config::ServerConfig;
+use mqtt_quic_core::driver::ClientOptions;
+use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use std::time::Duration;
+
+fn server_options() -> ServerOptions {
+    let cert = SelfSigned::generate(&["localhost"]).unwrap();
+    ServerOptions::loopback(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap())))
+}
+
+fn options(id: &str) -> ClientOptions {
+    ClientOptions::new().client_id(id).tls(ClientTls::insecure())
+}
+
+#[test]
+fn qos_0_1_2_over_quic_and_tcp() {
+    async_std::task::block_on(async {
+        let server = Server::start(server_options()).await.unwrap();
+        let quic = format!("quic://{}", server.quic_addr().unwrap());
+        let tcp = format!("mqtt://{}", server.tcp_addr().unwrap());
+        for (from, to) in [(&quic, &quic), (&tcp, &tcp), (&tcp, &quic), (&quic, &tcp)] {
+            let sub = Client::connect(to, options("sub")).await.unwrap();
+            let mut messages = sub.messages().unwrap();
+            sub.subscribe(TopicFilter::new("t/#").unwrap(), QoS::ExactlyOnce).await.unwrap();
+            let publisher = Client::connect(from, options("pub")).await.unwrap();
+            for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+                let p = Publish::new(TopicName::new(format!("t/{i}")).unwrap(), format!("m{i}")).with_qos(qos);
+                publisher.publish(p).await.unwrap();
+            }
+            for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+                let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("timed out").unwrap();
+                assert_eq!((m.topic.as_str(), m.qos()), (format!("t/{i}").as_str(), qos), "{from} -> {to}");
+            }
+            publisher.disconnect().await.unwrap();
+            sub.disconnect().await.unwrap();
+            assert!(matches!(sub.state(), ConnectionState::Closed { .. }));
+        }
+        server.shutdown().await;
+    });
+}
+
+#[test]
+fn server_shutdown_is_seen_by_clients() {
+    async_std::task::block_on(async {
+        let server = Server::start(server_options()).await.unwrap();
+        let mut o = options("watcher");
+        o.reconnect = None;
+        let client = Client::connect(&format!("mqtt://{}", server.tcp_addr().unwrap()), o).await.unwrap();
+        let changes = client.state_changes();
+        server.shutdown().await;
+        let state = timeout(Duration::from_secs(5), async {
+            loop {
+                if let s @ ConnectionState::Closed { .. } = changes.recv().await.unwrap() {
+                    return s;
+                }
+            }
+        })
+        .await
+        .expect("never closed");
+        assert!(format!("{state:?}").contains("0x8B"), "{state:?}");
+    });
+}
