@@ -1,0 +1,189 @@
+//! Clients of each adapter against brokers of each adapter (tokio, mio, async-std), QoS 0, 1
+//! and 2 publish/subscribe over QUIC and over TCP, on real loopback sockets.
+
+use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
+use mqtt_quic_core::broker::machine::BrokerConfig;
+use mqtt_quic_core::config::ServerConfig;
+use mqtt_quic_core::driver::ClientOptions;
+use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adapter {
+    Tokio,
+    Mio,
+    AsyncStd,
+}
+
+const ADAPTERS: [Adapter; 3] = [Adapter::Tokio, Adapter::Mio, Adapter::AsyncStd];
+
+/// The operations the matrix needs, in blocking form.
+trait TestClient {
+    fn subscribe(&mut self, filter: &str, qos: QoS);
+    fn publish(&mut self, publish: Publish);
+    fn recv(&mut self) -> Publish;
+    fn disconnect(self: Box<Self>);
+}
+
+fn options(id: &str) -> ClientOptions {
+    ClientOptions::new().client_id(id).tls(ClientTls::insecure())
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Tokio {
+    rt: tokio::runtime::Runtime,
+    client: adapter_tokio::client::Client,
+    messages: adapter_tokio::client::Messages,
+}
+
+impl TestClient for Tokio {
+    fn subscribe(&mut self, filter: &str, qos: QoS) {
+        self.rt.block_on(self.client.subscribe(TopicFilter::new(filter).unwrap(), qos)).unwrap();
+    }
+    fn publish(&mut self, publish: Publish) {
+        self.rt.block_on(self.client.publish(publish)).unwrap();
+    }
+    fn recv(&mut self) -> Publish {
+        self.rt.block_on(async { tokio::time::timeout(WAIT, self.messages.recv()).await }).unwrap().unwrap()
+    }
+    fn disconnect(self: Box<Self>) {
+        self.rt.block_on(self.client.disconnect()).unwrap();
+    }
+}
+
+struct Mio(adapter_mio::blocking::Client);
+
+impl TestClient for Mio {
+    fn subscribe(&mut self, filter: &str, qos: QoS) {
+        self.0.subscribe(TopicFilter::new(filter).unwrap(), qos).unwrap();
+    }
+    fn publish(&mut self, publish: Publish) {
+        self.0.publish(publish).unwrap();
+    }
+    fn recv(&mut self) -> Publish {
+        self.0.recv(WAIT).unwrap().expect("no message")
+    }
+    fn disconnect(self: Box<Self>) {
+        self.0.disconnect().unwrap();
+    }
+}
+
+struct AsyncStd {
+    client: adapter_async_std::client::Client,
+    messages: adapter_async_std::client::Messages,
+}
+
+impl TestClient for AsyncStd {
+    fn subscribe(&mut self, filter: &str, qos: QoS) {
+        async_std::task::block_on(self.client.subscribe(TopicFilter::new(filter).unwrap(), qos)).unwrap();
+    }
+    fn publish(&mut self, publish: Publish) {
+        async_std::task::block_on(self.client.publish(publish)).unwrap();
+    }
+    fn recv(&mut self) -> Publish {
+        async_std::task::block_on(async_std::future::timeout(WAIT, self.messages.recv())).unwrap().unwrap()
+    }
+    fn disconnect(self: Box<Self>) {
+        async_std::task::block_on(self.client.disconnect()).unwrap();
+    }
+}
+
+fn connect(adapter: Adapter, url: &str, id: &str) -> Box<dyn TestClient> {
+    match adapter {
+        Adapter::Tokio => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let client = rt.block_on(adapter_tokio::client::Client::connect(url, options(id))).unwrap();
+            let messages = client.messages().unwrap();
+            Box::new(Tokio { rt, client, messages })
+        }
+        Adapter::Mio => Box::new(Mio(adapter_mio::blocking::Client::connect(url, options(id)).unwrap())),
+        Adapter::AsyncStd => {
+            let client =
+                async_std::task::block_on(adapter_async_std::client::Client::connect(url, options(id))).unwrap();
+            let messages = client.messages().unwrap();
+            Box::new(AsyncStd { client, messages })
+        }
+    }
+}
+
+/// A running broker of some adapter.
+struct TestBroker {
+    quic: SocketAddr,
+    tcp: SocketAddr,
+    stop: Box<dyn FnOnce()>,
+}
+
+fn start_broker(adapter: Adapter) -> TestBroker {
+    let cert = SelfSigned::generate(&["localhost"]).unwrap();
+    let config = BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()));
+    match adapter {
+        Adapter::Tokio => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let mut options =
+                adapter_tokio::server::ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap());
+            options.tls = None;
+            let server = rt.block_on(adapter_tokio::server::Server::start(options)).unwrap();
+            let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
+            TestBroker { quic, tcp, stop: Box::new(move || rt.block_on(server.shutdown())) }
+        }
+        Adapter::Mio => {
+            let handle = adapter_mio::broker::spawn(adapter_mio::broker::BrokerOptions::loopback(config)).unwrap();
+            let (quic, tcp) = (handle.quic_addr().unwrap(), handle.tcp_addr().unwrap());
+            TestBroker { quic, tcp, stop: Box::new(move || handle.shutdown()) }
+        }
+        Adapter::AsyncStd => {
+            let options = adapter_async_std::server::ServerOptions::loopback(config);
+            let server = async_std::task::block_on(adapter_async_std::server::Server::start(options)).unwrap();
+            let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
+            TestBroker { quic, tcp, stop: Box::new(move || async_std::task::block_on(server.shutdown())) }
+        }
+    }
+}
+
+/// One broker adapter against every client adapter, over both transports.
+fn matrix_for(broker_adapter: Adapter) {
+    let broker = start_broker(broker_adapter);
+    for client_adapter in ADAPTERS {
+        for (transport, url) in [("quic", format!("quic://{}", broker.quic)), ("tcp", format!("mqtt://{}", broker.tcp))]
+        {
+            let case = format!("{client_adapter:?} clients, {broker_adapter:?} broker, {transport}");
+            let topic = format!("m/{client_adapter:?}/{transport}");
+            let mut sub = connect(client_adapter, &url, &format!("sub-{client_adapter:?}-{transport}"));
+            sub.subscribe(&format!("{topic}/#"), QoS::ExactlyOnce);
+            let mut publisher = connect(client_adapter, &url, &format!("pub-{client_adapter:?}-{transport}"));
+            let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+            for (i, q) in qos.into_iter().enumerate() {
+                publisher
+                    .publish(Publish::new(TopicName::new(format!("{topic}/{i}")).unwrap(), case.clone()).with_qos(q));
+            }
+            for (i, q) in qos.into_iter().enumerate() {
+                let m = sub.recv();
+                assert_eq!(
+                    (m.topic.to_string(), m.qos(), &m.payload[..]),
+                    (format!("{topic}/{i}"), q, case.as_bytes()),
+                    "{case}"
+                );
+            }
+            publisher.disconnect();
+            sub.disconnect();
+        }
+    }
+    (broker.stop)();
+}
+
+#[test]
+fn clients_of_every_adapter_against_the_tokio_broker() {
+    matrix_for(Adapter::Tokio);
+}
+
+#[test]
+fn clients_of_every_adapter_against_the_mio_broker() {
+    matrix_for(Adapter::Mio);
+}
+
+#[test]
+fn clients_of_every_adapter_against_the_async_std_broker() {
+    matrix_for(Adapter::AsyncStd);
+}
