@@ -8,10 +8,9 @@ use async_std::net::{TcpStream, UdpSocket};
 use futures_lite::future;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::config::ConfigError;
 use mqtt_quic_core::driver::{ClientDriver, DriverError, Outcome};
-pub use mqtt_quic_core::driver::{ClientOptions, ConnectionState};
-use mqtt_quic_core::url::{BrokerUrl, Transport, UrlError};
+pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
+use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -20,34 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use thiserror::Error;
 
 /// How often a driver held back by an application that is behind on its messages looks again.
 const BACKLOG_CHECK: Duration = Duration::from_millis(5);
-
-/// Why a client operation failed.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// The broker URL is malformed.
-    #[error(transparent)]
-    Url(#[from] UrlError),
-    /// `mqtts://` is not offered by this adapter.
-    #[error("this adapter speaks quic:// and mqtt:// (no TLS over TCP)")]
-    NoTls,
-    /// The host name did not resolve.
-    #[error("cannot resolve {0}")]
-    Resolve(String),
-    /// A socket could not be opened.
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    /// The settings are invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The connection failed, or the broker refused or rejected something.
-    #[error(transparent)]
-    Driver(#[from] DriverError),
-}
 
 type Reply = Sender<Result<Outcome, DriverError>>;
 
@@ -110,14 +84,15 @@ impl Client {
     pub async fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
         let url: BrokerUrl = url.parse()?;
         if url.transport == Transport::Tls {
-            return Err(ClientError::NoTls);
+            return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
         }
+        let resolve = |reason: String| ClientError::Resolve { host: url.host.clone(), reason };
         let mut addrs: Vec<SocketAddr> = async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority())
             .await
-            .map_err(|e| ClientError::Resolve(format!("{}: {e}", url.host)))?
+            .map_err(|e| resolve(e.to_string()))?
             .collect();
         addrs.sort_by_key(|a| a.is_ipv6());
-        let addr = *addrs.first().ok_or_else(|| ClientError::Resolve(url.host.clone()))?;
+        let addr = *addrs.first().ok_or_else(|| resolve("no address".into()))?;
         let machine = options.machine(&url, addr, random_seed())?;
         let io = match url.transport {
             Transport::Quic => {
@@ -149,9 +124,10 @@ impl Client {
             limit: options.message_buffer.max(1),
             shared: shared.clone(),
             first: Some(first_tx),
+            url: url.to_string(),
         };
         async_std::task::spawn(task.run());
-        let client_id = first_rx.recv().await.map_err(|_| DriverError::Closed)??;
+        let client_id = first_rx.recv().await.map_err(|_| ClientError::Closed)??;
         let messages = Messages { rx: Box::pin(msg_rx), shared: shared.clone() };
         Ok(Client { commands, shared, messages: Arc::new(Mutex::new(Some(messages))), client_id })
     }
@@ -190,9 +166,10 @@ impl Client {
         let sent = self.commands.try_send(make(tx)).is_ok();
         async move {
             if !sent {
-                return Err(DriverError::Closed.into());
+                return Err(ClientError::Closed);
             }
-            Ok(rx.recv().await.map_err(|_| DriverError::Closed)??)
+            // Failures after the first connection concern commands: no URL to name.
+            rx.recv().await.map_err(|_| ClientError::Closed)?.map_err(|e| ClientError::from_driver(e, ""))
         }
     }
 
@@ -210,8 +187,8 @@ impl Client {
         };
         match codes.first() {
             Some(c) if !c.is_error() => Ok(*c),
-            Some(c) => Err(DriverError::Rejected(*c).into()),
-            None => Err(DriverError::Rejected(ReasonCode::UnspecifiedError).into()),
+            Some(c) => Err(ClientError::Rejected(*c)),
+            None => Err(ClientError::Rejected(ReasonCode::UnspecifiedError)),
         }
     }
 
@@ -251,6 +228,7 @@ struct Task {
     limit: usize,
     shared: Arc<Shared>,
     first: Option<Sender<Result<String, ClientError>>>,
+    url: String,
 }
 
 impl Task {
@@ -329,7 +307,7 @@ impl Task {
     fn hand_out(&mut self) {
         if let Some(r) = self.driver.poll_connected() {
             if let Some(first) = self.first.take() {
-                let _ = first.try_send(r.map_err(ClientError::from));
+                let _ = first.try_send(r.map_err(|e| ClientError::from_driver(e, &self.url)));
             }
         }
         while let Some((reply, r)) = self.driver.poll_completion() {

@@ -8,8 +8,7 @@ use async_std::net::{TcpListener, TcpStream, UdpSocket};
 use async_std::task::JoinHandle;
 use bytes::Bytes;
 use futures_lite::future;
-use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
-use mqtt_quic_core::config::ConfigError;
+use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
 use std::io;
@@ -17,55 +16,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use thiserror::Error;
 
-/// Where and how the broker listens.
-#[derive(Debug, Clone)]
-pub struct ServerOptions {
-    /// The broker machine's settings (QUIC certificate included).
-    pub broker: BrokerConfig,
-    /// UDP address for MQTT over QUIC, if any.
-    pub quic: Option<SocketAddr>,
-    /// TCP address for plain MQTT, if any.
-    pub tcp: Option<SocketAddr>,
-    /// Most simultaneous TCP connections; more are closed at accept.
-    pub tcp_max_connections: usize,
-    /// How long a shutdown waits for clients to take their DISCONNECT.
-    pub shutdown_grace: Duration,
-}
-
-impl ServerOptions {
-    /// QUIC and TCP on 127.0.0.1 with ports chosen by the system.
-    pub fn loopback(broker: BrokerConfig) -> ServerOptions {
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        ServerOptions {
-            broker,
-            quic: Some(any),
-            tcp: Some(any),
-            tcp_max_connections: 100_000,
-            shutdown_grace: Duration::from_secs(2),
-        }
-    }
-}
-
-/// Why the server did not start.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// A listener could not be opened.
-    #[error("cannot listen for {what} on {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: io::Error,
-    },
-    /// The broker configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-}
+pub use mqtt_quic_core::driver::{ServerError, ServerOptions};
 
 /// From connection tasks to the broker task.
 enum FromConn {
@@ -87,6 +39,9 @@ pub struct Server {
 impl Server {
     /// Opens the listeners, then serves.
     pub async fn start(options: ServerOptions) -> Result<Server, ServerError> {
+        if options.tls.is_some() {
+            return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
+        }
         let udp = match options.quic {
             Some(addr) => Some(UdpSocket::bind(addr).await.map_err(|source| ServerError::Bind {
                 what: "QUIC (UDP)",

@@ -4,15 +4,12 @@ use adapter_async_std::client::{Client, ConnectionState};
 use adapter_async_std::server::{Server, ServerOptions};
 use async_std::future::timeout;
 use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
-use mqtt_quic_core::broker::machine::BrokerConfig;
-use mqtt_quic_core::config::ServerConfig;
 use mqtt_quic_core::driver::ClientOptions;
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use std::time::Duration;
 
 fn server_options() -> ServerOptions {
-    let cert = SelfSigned::generate(&["localhost"]).unwrap();
-    ServerOptions::loopback(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap())))
+    ServerOptions::loopback(ServerTls::from_self_signed(&SelfSigned::generate(&["localhost"]).unwrap()).unwrap())
 }
 
 fn options(id: &str) -> ClientOptions {

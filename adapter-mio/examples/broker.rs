@@ -6,10 +6,9 @@
 //! cargo run -p adapter-mio --example broker -- 127.0.0.1:14567 127.0.0.1:1883
 //! ```
 
-use adapter_mio::broker::{BrokerOptions, MioBroker};
+use adapter_mio::broker::MioBroker;
 use mio::{Events, Poll, Token};
-use mqtt_quic_core::broker::machine::BrokerConfig;
-use mqtt_quic_core::config::ServerConfig;
+use mqtt_quic_core::driver::ServerOptions;
 use mqtt_quic_core::tls::{fingerprint_hex, SelfSigned, ServerTls};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,8 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tcp = args.next().unwrap_or_else(|| "0.0.0.0:1883".into()).parse()?;
     let cert = SelfSigned::generate(&["localhost"])?;
     println!("fingerprint: {}", fingerprint_hex(&cert.fingerprint));
-    let mut options =
-        BrokerOptions::loopback(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert)?)));
+    let mut options = ServerOptions::new(ServerTls::from_self_signed(&cert)?);
     (options.quic, options.tcp) = (Some(quic), Some(tcp));
 
     let mut poll = Poll::new()?;

@@ -8,14 +8,12 @@
 //! cargo run -p adapter-mio --example embed_client
 //! ```
 
-use adapter_mio::broker::{spawn, BrokerOptions};
+use adapter_mio::broker::spawn;
 use adapter_mio::client::MioClient;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
-use mqtt_quic_core::broker::machine::BrokerConfig;
-use mqtt_quic_core::config::ServerConfig;
-use mqtt_quic_core::driver::ClientOptions;
+use mqtt_quic_core::driver::{ClientOptions, ServerOptions};
 use mqtt_quic_core::tls::{fingerprint_hex, ClientTls, SelfSigned, ServerTls};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -27,8 +25,7 @@ const MQTT: Token = Token(1);
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A broker to talk to, and a client that trusts exactly its certificate.
     let cert = SelfSigned::generate(&["localhost"])?;
-    let config = BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert)?));
-    let broker = spawn(BrokerOptions::loopback(config))?;
+    let broker = spawn(ServerOptions::loopback(ServerTls::from_self_signed(&cert)?))?;
     let url = format!("quic://localhost:{}", broker.quic_addr().ok_or("no QUIC listener")?.port());
     let trust = ClientTls::pinned(&fingerprint_hex(&cert.fingerprint))?;
 

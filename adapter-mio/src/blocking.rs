@@ -18,11 +18,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::client::{MioClient, MioError, RequestToken};
+use crate::client::{MioClient, RequestToken};
 use crate::now;
 use mio::{Events, Poll, Token};
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
-use mqtt_quic_core::driver::{ClientOptions, ConnectionState, DriverError, Outcome};
+use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState, DriverError, Outcome};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -40,25 +40,27 @@ pub struct Client {
 
 impl Client {
     /// Connects and returns once the broker accepted (CONNACK), or with why it did not.
-    pub fn connect(url: &str, options: ClientOptions) -> Result<Client, MioError> {
+    pub fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
         let poll = Poll::new()?;
         let inner = MioClient::connect(url, options, poll.registry(), Token(0))?;
         let mut c = Client { poll, events: Events::with_capacity(256), inner, early: VecDeque::new() };
         let deadline = now() + PATIENCE;
         loop {
             if let Some(r) = c.inner.poll_connected() {
-                r?;
-                return Ok(c);
+                return match r {
+                    Ok(_) => Ok(c),
+                    Err(e) => Err(c.inner.error(e)),
+                };
             }
             c.turn(deadline)?;
             if now() >= deadline {
-                return Err(DriverError::Unreachable("no answer from the broker".into()).into());
+                return Err(c.inner.error(DriverError::Unreachable("no answer from the broker".into())));
             }
         }
     }
 
     /// One round of the loop: wait for events or the next deadline (at most until `deadline`).
-    fn turn(&mut self, deadline: Instant) -> Result<(), MioError> {
+    fn turn(&mut self, deadline: Instant) -> Result<(), ClientError> {
         let left = deadline.saturating_duration_since(now());
         let wait = self.inner.timeout().map_or(left, |t| t.min(left));
         match self.poll.poll(&mut self.events, Some(wait)) {
@@ -74,7 +76,7 @@ impl Client {
     }
 
     /// Runs the loop until `token` completes.
-    fn wait(&mut self, token: RequestToken) -> Result<Outcome, MioError> {
+    fn wait(&mut self, token: RequestToken) -> Result<Outcome, ClientError> {
         let deadline = now() + PATIENCE;
         loop {
             while let Some((t, r)) = self.inner.poll_completion() {
@@ -82,29 +84,29 @@ impl Client {
             }
             if let Some(i) = self.early.iter().position(|(t, _)| *t == token) {
                 let (_, r) = self.early.remove(i).unwrap_or((token, Err(DriverError::Closed)));
-                return Ok(r?);
+                return r.map_err(|e| self.inner.error(e));
             }
             if now() >= deadline {
-                return Err(DriverError::ConnectionLost.into());
+                return Err(ClientError::ConnectionLost);
             }
             self.turn(deadline)?;
         }
     }
 
     /// Publishes and returns when done (QoS 0 written, QoS 1 PUBACK, QoS 2 PUBCOMP).
-    pub fn publish(&mut self, publish: Publish) -> Result<(), MioError> {
+    pub fn publish(&mut self, publish: Publish) -> Result<(), ClientError> {
         let t = self.inner.publish(self.poll.registry(), publish);
         self.wait(t).map(drop)
     }
 
     /// Subscribes to one filter; returns SUBACK's code.
-    pub fn subscribe(&mut self, filter: TopicFilter, qos: QoS) -> Result<ReasonCode, MioError> {
+    pub fn subscribe(&mut self, filter: TopicFilter, qos: QoS) -> Result<ReasonCode, ClientError> {
         let t = self.inner.subscribe(self.poll.registry(), vec![Subscription::new(filter, qos)]);
         match self.wait(t)? {
             Outcome::Codes(codes) => {
                 let code = codes.first().copied().unwrap_or(ReasonCode::UnspecifiedError);
                 if code.is_error() {
-                    return Err(DriverError::Rejected(code).into());
+                    return Err(ClientError::Rejected(code));
                 }
                 Ok(code)
             }
@@ -113,13 +115,13 @@ impl Client {
     }
 
     /// Unsubscribes.
-    pub fn unsubscribe(&mut self, filters: Vec<TopicFilter>) -> Result<(), MioError> {
+    pub fn unsubscribe(&mut self, filters: Vec<TopicFilter>) -> Result<(), ClientError> {
         let t = self.inner.unsubscribe(self.poll.registry(), filters);
         self.wait(t).map(drop)
     }
 
     /// The next message, waiting at most `timeout`; `None` if none came.
-    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Publish>, MioError> {
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Publish>, ClientError> {
         let deadline = now() + timeout;
         loop {
             if let Some(m) = self.inner.poll_message() {
@@ -138,7 +140,7 @@ impl Client {
     }
 
     /// Disconnects cleanly and waits for the connection to close.
-    pub fn disconnect(mut self) -> Result<(), MioError> {
+    pub fn disconnect(mut self) -> Result<(), ClientError> {
         let t = self.inner.disconnect(self.poll.registry());
         let deadline = now() + PATIENCE;
         while !self.inner.is_finished(self.poll.registry()) && now() < deadline {
@@ -146,7 +148,7 @@ impl Client {
         }
         while let Some((token, r)) = self.inner.poll_completion() {
             if token == t {
-                r?;
+                r.map_err(|e| self.inner.error(e))?;
             }
         }
         Ok(())

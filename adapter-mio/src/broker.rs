@@ -7,8 +7,8 @@ use crate::udp::Udp;
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
-use mqtt_quic_core::config::ConfigError;
+use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
+use mqtt_quic_core::driver::{ServerError, ServerOptions};
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
 use std::io;
@@ -17,58 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use thiserror::Error;
-
-/// Where and how the broker listens.
-#[derive(Debug, Clone)]
-pub struct BrokerOptions {
-    /// The broker machine's settings (QUIC certificate included).
-    pub broker: BrokerConfig,
-    /// UDP address for MQTT over QUIC, if any.
-    pub quic: Option<SocketAddr>,
-    /// TCP address for plain MQTT, if any.
-    pub tcp: Option<SocketAddr>,
-    /// Most simultaneous TCP connections; more are closed at accept.
-    pub tcp_max_connections: usize,
-    /// How long a shutdown waits for clients to take their DISCONNECT.
-    pub shutdown_grace: Duration,
-}
-
-impl BrokerOptions {
-    /// QUIC and TCP on 127.0.0.1 with ports chosen by the system.
-    pub fn loopback(broker: BrokerConfig) -> BrokerOptions {
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        BrokerOptions {
-            broker,
-            quic: Some(any),
-            tcp: Some(any),
-            tcp_max_connections: 100_000,
-            shutdown_grace: Duration::from_secs(2),
-        }
-    }
-}
-
-/// Why the broker did not start.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum BrokerError {
-    /// A listener could not be opened.
-    #[error("cannot listen for {what} on {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: io::Error,
-    },
-    /// Registering with the poll, or another socket call, failed.
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    /// The broker configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-}
 
 /// A broker registered with a caller's `Registry`. It uses the tokens from `base` upwards:
 /// `base` for UDP, `base + 1` for the TCP listener, and one per TCP connection after that, so
@@ -89,17 +37,20 @@ pub struct MioBroker {
 
 impl MioBroker {
     /// Opens the listeners and registers them.
-    pub fn bind(options: BrokerOptions, registry: &Registry, base: Token) -> Result<MioBroker, BrokerError> {
+    pub fn bind(options: ServerOptions, registry: &Registry, base: Token) -> Result<MioBroker, ServerError> {
+        if options.tls.is_some() {
+            return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
+        }
         let broker = Broker::new(options.broker)?;
         let mut udp = match options.quic {
             Some(addr) => {
-                Some(Udp::bind(addr).map_err(|source| BrokerError::Bind { what: "QUIC (UDP)", addr, source })?)
+                Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
             }
             None => None,
         };
         let mut listener = match options.tcp {
             Some(addr) => {
-                Some(TcpListener::bind(addr).map_err(|source| BrokerError::Bind { what: "TCP", addr, source })?)
+                Some(TcpListener::bind(addr).map_err(|source| ServerError::Bind { what: "TCP", addr, source })?)
             }
             None => None,
         };
@@ -308,7 +259,7 @@ impl BrokerHandle {
 }
 
 /// Runs a broker on a thread with its own `Poll` until [`BrokerHandle::shutdown`].
-pub fn spawn(options: BrokerOptions) -> Result<BrokerHandle, BrokerError> {
+pub fn spawn(options: ServerOptions) -> Result<BrokerHandle, ServerError> {
     const WAKE: Token = Token(0);
     let mut poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);

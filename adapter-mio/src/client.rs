@@ -8,36 +8,10 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use mqtt_proto::{Publish, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::driver::{ClientDriver, ClientOptions, ConnectionState, DriverError, Outcome};
-use mqtt_quic_core::url::{BrokerUrl, Transport, UrlError};
-use std::io;
+use mqtt_quic_core::driver::{ClientDriver, ClientError, ClientOptions, ConnectionState, DriverError, Outcome};
+use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
-use thiserror::Error;
-
-/// Why a client could not be set up.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum MioError {
-    /// The broker URL is malformed.
-    #[error(transparent)]
-    Url(#[from] UrlError),
-    /// `mqtts://` is not offered by this adapter (use QUIC, or plain TCP).
-    #[error("this adapter speaks quic:// and mqtt:// (no TLS over TCP)")]
-    NoTls,
-    /// The host name did not resolve.
-    #[error("cannot resolve {0}")]
-    Resolve(String),
-    /// A socket call failed.
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    /// The settings are invalid.
-    #[error(transparent)]
-    Config(#[from] mqtt_quic_core::config::ConfigError),
-    /// The connection failed or a command was refused.
-    #[error(transparent)]
-    Driver(#[from] DriverError),
-}
 
 /// Identifies a command in [`MioClient::poll_completion`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,6 +24,7 @@ enum Io {
 
 /// An MQTT client (QUIC or TCP) registered with a caller's `Registry` under one token.
 pub struct MioClient {
+    url: String,
     driver: ClientDriver<RequestToken>,
     io: Io,
     token: Token,
@@ -67,12 +42,13 @@ impl MioClient {
         options: ClientOptions,
         registry: &Registry,
         token: Token,
-    ) -> Result<MioClient, MioError> {
+    ) -> Result<MioClient, ClientError> {
         let url: BrokerUrl = url.parse()?;
+        let resolve = |reason: String| ClientError::Resolve { host: url.host.clone(), reason };
         let mut addrs: Vec<SocketAddr> =
-            url.authority().to_socket_addrs().map_err(|e| MioError::Resolve(format!("{}: {e}", url.host)))?.collect();
+            url.authority().to_socket_addrs().map_err(|e| resolve(e.to_string()))?.collect();
         addrs.sort_by_key(|a| a.is_ipv6());
-        let addr = *addrs.first().ok_or_else(|| MioError::Resolve(url.host.clone()))?;
+        let addr = *addrs.first().ok_or_else(|| resolve("no address".into()))?;
         let machine = options.machine(&url, addr, random_seed())?;
         let io = match url.transport {
             Transport::Quic => {
@@ -82,9 +58,10 @@ impl MioClient {
                 Io::Quic(udp)
             }
             Transport::Tcp => Io::Stream { addr, conn: None, connecting: false },
-            Transport::Tls => return Err(MioError::NoTls),
+            Transport::Tls => return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)")),
         };
         let mut client = MioClient {
+            url: url.to_string(),
             driver: ClientDriver::new(machine),
             io,
             token,
@@ -274,6 +251,11 @@ impl MioClient {
     /// The next incoming message.
     pub fn poll_message(&mut self) -> Option<Publish> {
         self.driver.poll_message()
+    }
+
+    /// A driver error as the client error it is for this client's broker.
+    pub fn error(&self, e: DriverError) -> ClientError {
+        ClientError::from_driver(e, &self.url)
     }
 
     /// The connection state.

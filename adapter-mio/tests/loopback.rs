@@ -1,17 +1,14 @@
 //! The mio broker and the blocking client over real loopback sockets.
 
 use adapter_mio::blocking::Client;
-use adapter_mio::broker::{spawn, BrokerOptions};
+use adapter_mio::broker::spawn;
 use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
-use mqtt_quic_core::broker::machine::BrokerConfig;
-use mqtt_quic_core::config::ServerConfig;
-use mqtt_quic_core::driver::ClientOptions;
+use mqtt_quic_core::driver::{ClientOptions, ServerOptions};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use std::time::Duration;
 
-fn broker_options() -> BrokerOptions {
-    let cert = SelfSigned::generate(&["localhost"]).unwrap();
-    BrokerOptions::loopback(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap())))
+fn broker_options() -> ServerOptions {
+    ServerOptions::loopback(ServerTls::from_self_signed(&SelfSigned::generate(&["localhost"]).unwrap()).unwrap())
 }
 
 fn options(id: &str) -> ClientOptions {
@@ -47,5 +44,5 @@ fn connect_errors_are_reported() {
     let e = Client::connect(&format!("mqtt://{closed}"), options("x")).err().unwrap();
     assert!(e.to_string().contains("refused"), "{e}");
     let e = Client::connect("mqtts://127.0.0.1:1", options("x")).err().unwrap();
-    assert!(e.to_string().contains("no TLS"), "{e}");
+    assert!(e.to_string().contains("no TLS over TCP"), "{e}");
 }

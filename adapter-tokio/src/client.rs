@@ -18,17 +18,15 @@
 //! # }
 //! ```
 
-use crate::files::{self, FileError};
+use crate::files;
 use crate::udp::Udp;
-use crate::url::{BrokerUrl, Transport, UrlError};
+use crate::url::{BrokerUrl, Transport};
 use crate::{clock, NEVER};
 use bytes::BytesMut;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::config::ConfigError;
-use mqtt_quic_core::driver::{ClientDriver, DriverError, Outcome};
-pub use mqtt_quic_core::driver::{ClientOptions, ConnectionState};
-use mqtt_quic_core::session::client::CommandError;
+use mqtt_quic_core::driver::{ClientDriver, Outcome};
+pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -36,70 +34,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
-
-/// Why a client operation failed.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// The broker URL is malformed.
-    #[error(transparent)]
-    Url(#[from] UrlError),
-    /// The host name did not resolve.
-    #[error("cannot resolve {host}: {reason}")]
-    Resolve {
-        /// The host.
-        host: String,
-        /// Why.
-        reason: String,
-    },
-    /// Trust material could not be loaded.
-    #[error(transparent)]
-    Files(#[from] FileError),
-    /// The settings are invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The broker could not be reached (refused, timed out, no route) or the TLS handshake
-    /// failed (the reason names the certificate problem).
-    #[error("cannot connect to {url}: {reason}")]
-    Unreachable {
-        /// Where.
-        url: String,
-        /// Why.
-        reason: String,
-    },
-    /// CONNACK refused the connection.
-    #[error("the broker refused the connection: {0}")]
-    Refused(ReasonCode),
-    /// The session refused the command.
-    #[error(transparent)]
-    Command(#[from] CommandError),
-    /// The broker answered with a failure code.
-    #[error("the broker rejected it: {0}")]
-    Rejected(ReasonCode),
-    /// The connection ended before the broker answered; it may or may not have taken effect.
-    #[error("the connection was lost before the broker answered")]
-    ConnectionLost,
-    /// The client has been disconnected.
-    #[error("the client is closed")]
-    Closed,
-}
-
-impl ClientError {
-    fn from_driver(e: DriverError, url: &str) -> ClientError {
-        match e {
-            DriverError::Command(c) => ClientError::Command(c),
-            DriverError::Rejected(r) => ClientError::Rejected(r),
-            DriverError::ConnectionLost => ClientError::ConnectionLost,
-            DriverError::Refused(r) => ClientError::Refused(r),
-            DriverError::Unreachable(reason) => ClientError::Unreachable { url: url.to_string(), reason },
-            _ => ClientError::Closed,
-        }
-    }
-}
 
 enum Command {
     Publish(Publish, Reply),
@@ -152,7 +89,7 @@ impl Client {
         let url: BrokerUrl = url.parse()?;
         let addr = resolve(&url).await?;
         if options.tls.is_none() && url.transport != Transport::Tcp {
-            options.tls = Some(files::client_tls_from_system()?);
+            options.tls = Some(files::client_tls_from_system().map_err(|e| ClientError::Trust(e.to_string()))?);
         }
         let machine = options.machine(&url, addr, crate::random_seed())?;
         let io = match url.transport {

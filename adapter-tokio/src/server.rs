@@ -5,90 +5,20 @@
 use crate::udp::Udp;
 use crate::{clock, NEVER};
 use bytes::{Bytes, BytesMut};
-use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
-use mqtt_quic_core::config::ConfigError;
-use mqtt_quic_core::tls::ServerTls;
+use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// Where and how the broker listens.
-#[derive(Debug, Clone)]
-pub struct ServerOptions {
-    /// The broker machine's settings; its QUIC configuration also supplies the certificate for
-    /// the TLS listener, and its `max_queued_bytes` also bounds what waits for each TCP and TLS
-    /// client.
-    pub broker: BrokerConfig,
-    /// UDP address for MQTT over QUIC, if any.
-    pub quic: Option<SocketAddr>,
-    /// TCP address for plain MQTT, if any.
-    pub tcp: Option<SocketAddr>,
-    /// TCP address for MQTT over TLS, if any.
-    pub tls: Option<SocketAddr>,
-    /// Most simultaneous connections on the TCP listener; more are closed at accept.
-    pub tcp_max_connections: usize,
-    /// Most simultaneous connections on the TLS listener.
-    pub tls_max_connections: usize,
-    /// How long a TLS handshake may take.
-    pub tls_handshake_timeout: Duration,
-    /// How long to wait for clients to take their DISCONNECT at shutdown.
-    pub shutdown_grace: Duration,
-}
-
-impl ServerOptions {
-    /// QUIC on `0.0.0.0:14567` and TCP on `0.0.0.0:1883`, no TLS listener, with this
-    /// certificate.
-    pub fn new(tls: ServerTls) -> ServerOptions {
-        let broker = BrokerConfig::new(mqtt_quic_core::config::ServerConfig::new(tls));
-        ServerOptions {
-            broker,
-            quic: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::QUIC_PORT))),
-            tcp: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::TCP_PORT))),
-            tls: None,
-            tcp_max_connections: 100_000,
-            tls_max_connections: 100_000,
-            tls_handshake_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(2),
-        }
-    }
-
-    /// Every listener on 127.0.0.1 with a port chosen by the system (tests, embedding).
-    pub fn loopback(tls: ServerTls) -> ServerOptions {
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        ServerOptions { quic: Some(any), tcp: Some(any), tls: Some(any), ..ServerOptions::new(tls) }
-    }
-}
-
-/// Why the server did not start.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// A listener could not be opened (port in use, no permission, no such address).
-    #[error("cannot listen for {what} on {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: &'static str,
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: io::Error,
-    },
-    /// The broker's configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The TLS listener's certificate could not be used.
-    #[error("TLS listener: {0}")]
-    Tls(#[from] mqtt_quic_core::tls::TlsError),
-}
+pub use mqtt_quic_core::driver::{ServerError, ServerOptions};
 
 /// A running broker. Dropping it does not stop it: call [`Server::shutdown`].
 pub struct Server {

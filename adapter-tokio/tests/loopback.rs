@@ -22,7 +22,9 @@ fn pinned() -> ClientTls {
 }
 
 async fn server() -> Server {
-    Server::start(ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap())).await.unwrap()
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+    options.tls = Some("127.0.0.1:0".parse().unwrap());
+    Server::start(options).await.unwrap()
 }
 
 fn url(scheme: &str, addr: Option<SocketAddr>) -> String {

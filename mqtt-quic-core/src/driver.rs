@@ -197,6 +197,148 @@ pub enum DriverError {
     Unreachable(String),
 }
 
+/// Why a client could not connect, or an operation failed: one error type for the clients of
+/// every adapter.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The broker URL is malformed.
+    #[error(transparent)]
+    Url(#[from] crate::url::UrlError),
+    /// The host name did not resolve.
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+    /// A local socket could not be set up.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The settings are invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Trust material (CA files, the system's store) could not be loaded.
+    #[error("{0}")]
+    Trust(String),
+    /// The adapter does not offer this (e.g. `mqtts://` where there is no TLS over TCP).
+    #[error("not supported here: {0}")]
+    Unsupported(&'static str),
+    /// The broker could not be reached (refused, timed out, no route) or the TLS handshake
+    /// failed (the reason names the certificate problem).
+    #[error("cannot connect to {url}: {reason}")]
+    Unreachable {
+        /// Where.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// CONNACK refused the connection.
+    #[error("the broker refused the connection: {0}")]
+    Refused(ReasonCode),
+    /// The session refused the command.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The broker answered with a failure code.
+    #[error("the broker rejected it: {0}")]
+    Rejected(ReasonCode),
+    /// The connection ended before the broker answered; it may or may not have taken effect.
+    #[error("the connection was lost before the broker answered")]
+    ConnectionLost,
+    /// The client has been disconnected.
+    #[error("the client is closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The client error for a driver error, naming `url` where the connection failed.
+    pub fn from_driver(e: DriverError, url: &str) -> ClientError {
+        match e {
+            DriverError::Command(c) => ClientError::Command(c),
+            DriverError::Rejected(r) => ClientError::Rejected(r),
+            DriverError::ConnectionLost => ClientError::ConnectionLost,
+            DriverError::Refused(r) => ClientError::Refused(r),
+            DriverError::Unreachable(reason) => ClientError::Unreachable { url: url.to_string(), reason },
+            DriverError::Closed => ClientError::Closed,
+        }
+    }
+}
+
+/// Where and how a broker server listens, for every adapter's server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The broker machine's settings; its QUIC configuration also supplies the certificate for
+    /// a TLS listener, and its `max_queued_bytes` bounds what waits for each client.
+    pub broker: crate::broker::machine::BrokerConfig,
+    /// UDP address for MQTT over QUIC, if any.
+    pub quic: Option<SocketAddr>,
+    /// TCP address for plain MQTT, if any.
+    pub tcp: Option<SocketAddr>,
+    /// TCP address for MQTT over TLS, if any (adapters without TLS over TCP refuse to start
+    /// with one).
+    pub tls: Option<SocketAddr>,
+    /// Most simultaneous connections on the TCP listener; more are closed at accept.
+    pub tcp_max_connections: usize,
+    /// Most simultaneous connections on the TLS listener.
+    pub tls_max_connections: usize,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// How long a shutdown waits for clients to take their DISCONNECT.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerOptions {
+    /// QUIC on `0.0.0.0:14567` and TCP on `0.0.0.0:1883`, no TLS listener, with this
+    /// certificate and default broker settings.
+    pub fn new(tls: crate::tls::ServerTls) -> ServerOptions {
+        ServerOptions {
+            broker: crate::broker::machine::BrokerConfig::new(crate::config::ServerConfig::new(tls)),
+            quic: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::QUIC_PORT))),
+            tcp: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::TCP_PORT))),
+            tls: None,
+            tcp_max_connections: 100_000,
+            tls_max_connections: 100_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// QUIC and TCP on 127.0.0.1 with ports chosen by the system (tests, embedding).
+    pub fn loopback(tls: crate::tls::ServerTls) -> ServerOptions {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServerOptions { quic: Some(any), tcp: Some(any), ..ServerOptions::new(tls) }
+    }
+}
+
+/// Why a broker server did not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A listener could not be opened (port in use, no permission, no such address).
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another socket call failed (e.g. registering with a poll).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The broker's configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS listener's certificate could not be used.
+    #[error("TLS listener: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The adapter does not offer this listener.
+    #[error("not supported here: {0}")]
+    Unsupported(&'static str),
+}
+
 /// What a completed command produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -2,9 +2,7 @@
 //! and 2 publish/subscribe over QUIC and over TCP, on real loopback sockets.
 
 use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
-use mqtt_quic_core::broker::machine::BrokerConfig;
-use mqtt_quic_core::config::ServerConfig;
-use mqtt_quic_core::driver::ClientOptions;
+use mqtt_quic_core::driver::{ClientOptions, ServerOptions};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -117,24 +115,20 @@ struct TestBroker {
 
 fn start_broker(adapter: Adapter) -> TestBroker {
     let cert = SelfSigned::generate(&["localhost"]).unwrap();
-    let config = BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()));
+    let options = ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap());
     match adapter {
         Adapter::Tokio => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-            let mut options =
-                adapter_tokio::server::ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap());
-            options.tls = None;
             let server = rt.block_on(adapter_tokio::server::Server::start(options)).unwrap();
             let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
             TestBroker { quic, tcp, stop: Box::new(move || rt.block_on(server.shutdown())) }
         }
         Adapter::Mio => {
-            let handle = adapter_mio::broker::spawn(adapter_mio::broker::BrokerOptions::loopback(config)).unwrap();
+            let handle = adapter_mio::broker::spawn(options).unwrap();
             let (quic, tcp) = (handle.quic_addr().unwrap(), handle.tcp_addr().unwrap());
             TestBroker { quic, tcp, stop: Box::new(move || handle.shutdown()) }
         }
         Adapter::AsyncStd => {
-            let options = adapter_async_std::server::ServerOptions::loopback(config);
             let server = async_std::task::block_on(adapter_async_std::server::Server::start(options)).unwrap();
             let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
             TestBroker { quic, tcp, stop: Box::new(move || async_std::task::block_on(server.shutdown())) }
