@@ -8,7 +8,7 @@ use async_std::net::{TcpStream, UdpSocket};
 use futures_lite::future;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::driver::{ClientDriver, DriverError, Outcome};
+use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::future::Future;
@@ -86,17 +86,11 @@ impl Client {
         if url.transport == Transport::Tls {
             return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
         }
-        let resolve = |reason: String| ClientError::Resolve { host: url.host.clone(), reason };
-        let mut addrs: Vec<SocketAddr> = async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority())
-            .await
-            .map_err(|e| resolve(e.to_string()))?
-            .collect();
-        addrs.sort_by_key(|a| a.is_ipv6());
-        let addr = *addrs.first().ok_or_else(|| resolve("no address".into()))?;
+        let addr = pick_address(&url, async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority()).await)?;
         let machine = options.machine(&url, addr, random_seed())?;
         let io = match url.transport {
             Transport::Quic => {
-                let local: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+                let local = local_bind_address(addr);
                 Io::Quic { socket: UdpSocket::bind(local).await?, buf: Vec::new(), inbuf: vec![0; 65_536] }
             }
             _ => Io::Stream {

@@ -8,7 +8,9 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use mqtt_proto::{Publish, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::driver::{ClientDriver, ClientError, ClientOptions, ConnectionState, DriverError, Outcome};
+use mqtt_quic_core::driver::{
+    local_bind_address, pick_address, ClientDriver, ClientError, ClientOptions, ConnectionState, DriverError, Outcome,
+};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -44,15 +46,11 @@ impl MioClient {
         token: Token,
     ) -> Result<MioClient, ClientError> {
         let url: BrokerUrl = url.parse()?;
-        let resolve = |reason: String| ClientError::Resolve { host: url.host.clone(), reason };
-        let mut addrs: Vec<SocketAddr> =
-            url.authority().to_socket_addrs().map_err(|e| resolve(e.to_string()))?.collect();
-        addrs.sort_by_key(|a| a.is_ipv6());
-        let addr = *addrs.first().ok_or_else(|| resolve("no address".into()))?;
+        let addr = pick_address(&url, url.authority().to_socket_addrs())?;
         let machine = options.machine(&url, addr, random_seed())?;
         let io = match url.transport {
             Transport::Quic => {
-                let local: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+                let local = local_bind_address(addr);
                 let mut udp = Udp::bind(local)?;
                 registry.register(&mut udp.socket, token, Interest::READABLE | Interest::WRITABLE)?;
                 Io::Quic(udp)

@@ -25,7 +25,7 @@ use crate::{clock, NEVER};
 use bytes::BytesMut;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::driver::{ClientDriver, Outcome};
+use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use std::future::Future;
 use std::io;
@@ -87,14 +87,14 @@ impl Client {
     /// and `mqtts://` trust the operating system's CAs.
     pub async fn connect(url: &str, mut options: ClientOptions) -> Result<Client, ClientError> {
         let url: BrokerUrl = url.parse()?;
-        let addr = resolve(&url).await?;
+        let addr = pick_address(&url, tokio::net::lookup_host(url.authority()).await)?;
         if options.tls.is_none() && url.transport != Transport::Tcp {
             options.tls = Some(files::client_tls_from_system().map_err(|e| ClientError::Trust(e.to_string()))?);
         }
         let machine = options.machine(&url, addr, crate::random_seed())?;
         let io = match url.transport {
             Transport::Quic => {
-                let local: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+                let local = local_bind_address(addr);
                 let udp = Udp::bind(local).map_err(|e| unreachable(&url, e))?;
                 Io::Quic { udp, buf: Vec::with_capacity(2048) }
             }
@@ -218,17 +218,6 @@ fn codes(outcome: Outcome) -> Result<Vec<ReasonCode>, ClientError> {
         Outcome::Codes(codes) => Ok(codes),
         _ => Ok(Vec::new()),
     }
-}
-
-/// The broker's address. IPv4 is preferred when a name has both kinds: brokers listen on
-/// 0.0.0.0 by default, and `localhost` often resolves to `::1` first.
-async fn resolve(url: &BrokerUrl) -> Result<SocketAddr, ClientError> {
-    let addrs = tokio::net::lookup_host(url.authority())
-        .await
-        .map_err(|e| ClientError::Resolve { host: url.host.clone(), reason: e.to_string() })?;
-    let mut addrs: Vec<SocketAddr> = addrs.collect();
-    addrs.sort_by_key(|a| a.is_ipv6());
-    addrs.first().copied().ok_or_else(|| ClientError::Resolve { host: url.host.clone(), reason: "no address".into() })
 }
 
 fn unreachable(url: &BrokerUrl, reason: impl std::fmt::Display) -> ClientError {

@@ -251,6 +251,29 @@ pub enum ClientError {
     Closed,
 }
 
+/// The broker address to use among those `url`'s host resolved to (or why there is none).
+/// IPv4 is preferred when a name has both kinds: brokers listen on 0.0.0.0 by default, and
+/// `localhost` often resolves to `::1` first.
+pub fn pick_address(
+    url: &BrokerUrl,
+    resolved: std::io::Result<impl Iterator<Item = SocketAddr>>,
+) -> Result<SocketAddr, ClientError> {
+    let resolve = |reason: String| ClientError::Resolve { host: url.host.clone(), reason };
+    let mut addrs: Vec<SocketAddr> = resolved.map_err(|e| resolve(e.to_string()))?.collect();
+    addrs.sort_by_key(|a| a.is_ipv6());
+    addrs.first().copied().ok_or_else(|| resolve("no address".into()))
+}
+
+/// The local address a client's UDP socket binds to for a broker at `server`: any address of
+/// the same family, any port.
+pub fn local_bind_address(server: SocketAddr) -> SocketAddr {
+    if server.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    }
+}
+
 impl ClientError {
     /// The client error for a driver error, naming `url` where the connection failed.
     pub fn from_driver(e: DriverError, url: &str) -> ClientError {
