@@ -25,12 +25,7 @@ const BACKLOG_CHECK: Duration = Duration::from_millis(5);
 
 type Reply = Sender<Result<Outcome, DriverError>>;
 
-enum Command {
-    Publish(Publish, Reply),
-    Subscribe(Vec<Subscription>, Reply),
-    Unsubscribe(Vec<TopicFilter>, Reply),
-    Disconnect(Reply),
-}
+type Command = mqtt_quic_core::driver::Command<Reply>;
 
 /// State shared between the handle and its task.
 struct Shared {
@@ -113,7 +108,6 @@ impl Client {
             driver: ClientDriver::new(machine),
             io,
             commands: commands_rx,
-            accepting: true,
             messages: msg_tx,
             limit: options.message_buffer.max(1),
             shared: shared.clone(),
@@ -193,7 +187,7 @@ impl Client {
 
     /// Disconnects cleanly and waits for the connection to close.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
-        self.call(Command::Disconnect).await.map(drop)
+        self.call(|tx| Command::Disconnect(Some(tx))).await.map(drop)
     }
 }
 
@@ -217,7 +211,6 @@ struct Task {
     driver: ClientDriver<Reply>,
     io: Io,
     commands: Receiver<Command>,
-    accepting: bool,
     messages: Sender<Publish>,
     limit: usize,
     shared: Arc<Shared>,
@@ -240,7 +233,7 @@ impl Task {
             if !reading {
                 deadline = Some(deadline.map_or(now() + BACKLOG_CHECK, |d| d.min(now() + BACKLOG_CHECK)));
             }
-            let accepting = self.accepting;
+            let accepting = self.driver.is_accepting();
             let commands = &self.commands;
             let next_command = async move {
                 if accepting {
@@ -256,17 +249,8 @@ impl Task {
             let input = future::or(future::or(next_command, input(&mut self.io, reading)), timer).await;
             let t = now();
             match input {
-                Input::Command(Some(Command::Publish(p, tx))) => self.driver.publish(t, p, tx),
-                Input::Command(Some(Command::Subscribe(s, tx))) => self.driver.subscribe(t, s, tx),
-                Input::Command(Some(Command::Unsubscribe(f, tx))) => self.driver.unsubscribe(t, f, tx),
-                Input::Command(Some(Command::Disconnect(tx))) => {
-                    self.accepting = false;
-                    self.driver.disconnect(t, Some(tx));
-                }
-                Input::Command(None) => {
-                    self.accepting = false;
-                    self.driver.disconnect(t, None);
-                }
+                // `None`: every handle is gone, nobody can use the connection any more.
+                Input::Command(c) => self.driver.command(t, c),
                 Input::Datagram(Ok((n, from))) => {
                     if let Io::Quic { inbuf, .. } = &self.io {
                         self.driver.handle_datagram(t, from, None, None, &inbuf[..n]);

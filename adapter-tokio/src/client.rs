@@ -38,12 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
-enum Command {
-    Publish(Publish, Reply),
-    Subscribe(Vec<Subscription>, Reply),
-    Unsubscribe(Vec<TopicFilter>, Reply),
-    Disconnect(Reply),
-}
+type Command = mqtt_quic_core::driver::Command<Reply>;
 
 /// Where a command's result goes.
 type Reply = oneshot::Sender<Result<Outcome, ClientError>>;
@@ -119,7 +114,6 @@ impl Client {
             messages: msg_tx,
             state: state_tx,
             first: Some(first_tx),
-            accepting: true,
         };
         tokio::spawn(driver.run());
         let client_id = first_rx.await.map_err(|_| ClientError::Closed)??;
@@ -209,7 +203,7 @@ impl Client {
     /// Sends DISCONNECT (normal, so the broker discards the will), waits for the connection to
     /// close, and ends the client. Unacknowledged QoS 1 and 2 publishes are abandoned.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
-        self.call(Command::Disconnect).await.map(drop)
+        self.call(|tx| Command::Disconnect(Some(tx))).await.map(drop)
     }
 }
 
@@ -281,8 +275,6 @@ struct Driver {
     state: watch::Sender<ConnectionState>,
     /// Resolves `Client::connect`.
     first: Option<oneshot::Sender<Result<String, ClientError>>>,
-    /// Still taking commands (not disconnecting).
-    accepting: bool,
 }
 
 enum Input {
@@ -307,27 +299,15 @@ impl Driver {
             let deadline = self.driver.poll_timeout().map(tokio::time::Instant::from_std);
             let reading = self.driver.pending_messages() < self.inbox_limit;
             let input = tokio::select! {
-                c = self.commands.recv(), if self.accepting => Input::Command(c),
+                c = self.commands.recv(), if self.driver.is_accepting() => Input::Command(c),
                 i = wait_io(&mut self.io, reading) => i,
                 p = self.messages.clone().reserve_owned(), if self.driver.pending_messages() > 0 => Input::Deliver(p.ok()),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
             };
             let now = clock();
             match input {
-                Input::Command(Some(c)) => match c {
-                    Command::Publish(p, tx) => self.driver.publish(now, p, tx),
-                    Command::Subscribe(s, tx) => self.driver.subscribe(now, s, tx),
-                    Command::Unsubscribe(f, tx) => self.driver.unsubscribe(now, f, tx),
-                    Command::Disconnect(tx) => {
-                        self.accepting = false;
-                        self.driver.disconnect(now, Some(tx));
-                    }
-                },
-                // Every handle is gone: nobody can use the connection any more.
-                Input::Command(None) => {
-                    self.accepting = false;
-                    self.driver.disconnect(now, None);
-                }
+                // `None`: every handle is gone, nobody can use the connection any more.
+                Input::Command(c) => self.driver.command(now, c),
                 Input::Datagrams(Ok(())) => {
                     if let Io::Quic { udp, .. } = &self.io {
                         for d in udp.datagrams() {

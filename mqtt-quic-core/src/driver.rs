@@ -372,6 +372,21 @@ pub enum Outcome {
     Codes(Vec<ReasonCode>),
 }
 
+/// A command for a [`ClientDriver`], as adapters carry them from user handles to the task
+/// that owns the driver, each with the token its result goes to.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Command<T> {
+    /// See [`ClientDriver::publish`].
+    Publish(Publish, T),
+    /// See [`ClientDriver::subscribe`].
+    Subscribe(Vec<Subscription>, T),
+    /// See [`ClientDriver::unsubscribe`].
+    Unsubscribe(Vec<TopicFilter>, T),
+    /// See [`ClientDriver::disconnect`].
+    Disconnect(Option<T>),
+}
+
 enum First {
     Waiting,
     Ready(Result<String, DriverError>),
@@ -457,6 +472,22 @@ impl<T> ClientDriver<T> {
             waiting.extend(token);
         }
         self.update(now);
+    }
+
+    /// Carries out a command; `None` means every user handle is gone, which disconnects.
+    pub fn command(&mut self, now: Instant, command: Option<Command<T>>) {
+        match command {
+            Some(Command::Publish(p, t)) => self.publish(now, p, t),
+            Some(Command::Subscribe(s, t)) => self.subscribe(now, s, t),
+            Some(Command::Unsubscribe(f, t)) => self.unsubscribe(now, f, t),
+            Some(Command::Disconnect(t)) => self.disconnect(now, t),
+            None => self.disconnect(now, None),
+        }
+    }
+
+    /// Whether commands are still taken (no disconnect has begun).
+    pub fn is_accepting(&self) -> bool {
+        self.leaving.is_none()
     }
 
     fn track(&mut self, r: Result<RequestId, CommandError>, token: T) {
