@@ -31,11 +31,6 @@ pub use mqtt_quic_core::url;
 
 use std::hash::{BuildHasher, Hasher};
 
-/// The Rust examples in the workspace README, compiled (and run unless marked `no_run`) as
-/// doctests of this crate, which sees every other crate of the workspace.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;
 use std::time::{Duration, Instant};
 
 /// A sleep long enough to mean "no deadline".

@@ -4,3 +4,9 @@
 pub mod node;
 pub mod pki;
 pub mod sim;
+
+/// The Rust examples in the workspace README, compiled (and run unless marked `no_run`) as
+/// doctests of this crate, which depends on every adapter.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
