@@ -85,9 +85,11 @@ pub mod client;
 pub mod config;
 pub mod driver;
 pub mod machine;
+pub mod pool;
 pub mod quic;
 pub mod rng;
 pub mod session;
+pub mod timers;
 pub mod tls;
 pub mod url;
 
