@@ -23,6 +23,7 @@
 //! # }
 //! ```
 
+pub mod bench;
 pub mod client;
 pub mod files;
 pub mod server;

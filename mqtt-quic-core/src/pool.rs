@@ -82,6 +82,16 @@ impl ClientPool {
         self.members.get(i).is_some_and(|m| m.session.is_connected())
     }
 
+    /// Bytes client `i` has queued that QUIC has not taken yet (back-pressure for senders).
+    pub fn queued(&self, i: ClientIndex) -> usize {
+        self.members.get(i).and_then(|m| m.conn).map_or(0, |c| self.quic.queued(c))
+    }
+
+    /// Client `i`'s QoS 1 and 2 publishes in flight or waiting.
+    pub fn pending(&self, i: ClientIndex) -> usize {
+        self.members.get(i).map_or(0, |m| m.session.pending_publishes())
+    }
+
     /// Publishes from client `i` (see [`ClientSession::publish`]).
     pub fn publish(&mut self, now: Instant, i: ClientIndex, publish: Publish) -> Result<RequestId, CommandError> {
         let m = self.members.get_mut(i).ok_or(CommandError::NotConnected)?;

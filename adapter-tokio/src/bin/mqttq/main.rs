@@ -4,7 +4,9 @@
 //! - `mqttq pub` / `mqttq sub`: publish and subscribe, with mosquitto_pub/mosquitto_sub's flags.
 //! - `mqttq shell`: an interactive client.
 //! - `mqttq passwd`: manage the broker's password file.
+//! - `mqttq bench`: a load generator.
 
+mod bench;
 mod broker;
 mod config;
 mod conn;
@@ -35,6 +37,8 @@ enum Command {
     Shell(Box<shell::ShellArgs>),
     /// Add, change or remove a user in a broker password file.
     Passwd(passwd::PasswdArgs),
+    /// Load generator: many clients, messages timed from publish to delivery.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
             Command::Sub(args) => pubsub::subscribe(*args).await,
             Command::Shell(args) => shell::run(*args).await,
             Command::Passwd(args) => passwd::run(args),
+            Command::Bench(args) => bench::run(*args).await,
         }
     });
     // Tasks still writing to a closed connection are not worth waiting for.

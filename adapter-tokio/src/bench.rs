@@ -1,0 +1,528 @@
+//! The load generator behind `mqttq bench`: many clients against one broker, messages timed
+//! from publish to delivery.
+//!
+//! Over QUIC the clients are multiplexed on a few UDP sockets (one [`ClientPool`] each, every
+//! pool driven by one task), so tens of thousands of connections cost no more sockets than
+//! that. Over TCP each client is an ordinary [`Client`](crate::client::Client).
+//!
+//! Every payload starts with the publish instant (nanoseconds since the run began, as seen by
+//! this process) and a sequence number, so latency is measured end to end in one clock.
+
+use crate::client::{Client, ClientOptions};
+use crate::udp::Udp;
+use crate::url::{BrokerUrl, Transport};
+use crate::{clock, random_seed};
+use bytes::{BufMut, Bytes, BytesMut};
+use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
+use mqtt_quic_core::config::ClientConfig;
+use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientError};
+use mqtt_quic_core::pool::ClientPool;
+use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
+use mqtt_quic_core::Machine;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Barrier;
+
+/// Bytes at the start of each payload: send time (ns) and sequence number.
+const STAMP: usize = 16;
+
+/// Who publishes to whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// N publishers, each with its own subscriber on its own topic.
+    Pairs,
+    /// N publishers on N topics, one subscriber to all of them.
+    FanIn,
+    /// One publisher, N subscribers to its topic.
+    FanOut,
+    /// N clients connect and stay idle (connection setup rate and memory per connection).
+    Idle,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The broker.
+    pub url: BrokerUrl,
+    /// Client options (trust, keep-alive, protocol) applied to every client.
+    pub options: ClientOptions,
+    /// Scenario.
+    pub scenario: Scenario,
+    /// N (see [`Scenario`]).
+    pub clients: usize,
+    /// QoS of publishes and subscriptions.
+    pub qos: QoS,
+    /// Payload size in bytes (at least 16).
+    pub payload: usize,
+    /// Messages per second per publisher; `None` is flat out.
+    pub rate: Option<f64>,
+    /// How long publishers publish (or idle clients stay connected).
+    pub duration: Duration,
+    /// UDP sockets the QUIC clients share.
+    pub sockets: usize,
+    /// Most QoS 1/2 publishes in flight per publisher when flat out.
+    pub window: usize,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Clients that connected.
+    pub connected: usize,
+    /// Seconds from the first connect to the last CONNACK.
+    pub connect_secs: f64,
+    /// Messages published.
+    pub sent: u64,
+    /// Messages delivered to subscribers.
+    pub received: u64,
+    /// Seconds of publishing.
+    pub secs: f64,
+    /// Payload bytes delivered.
+    pub bytes: u64,
+    /// Delivery latencies in microseconds, sorted.
+    pub latencies_us: Vec<u32>,
+    /// Connection failures and refused publishes.
+    pub errors: u64,
+}
+
+impl Report {
+    /// Delivered messages per second.
+    pub fn rate(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.received as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    /// The latency at quantile `q` (0..1), in microseconds.
+    pub fn latency(&self, q: f64) -> u32 {
+        if self.latencies_us.is_empty() {
+            return 0;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
+        self.latencies_us[i.min(self.latencies_us.len() - 1)]
+    }
+
+    /// Connections per second during setup.
+    pub fn connect_rate(&self) -> f64 {
+        if self.connect_secs > 0.0 {
+            self.connected as f64 / self.connect_secs
+        } else {
+            0.0
+        }
+    }
+
+    /// The report as one JSON object.
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"connected\":{},\"connect_secs\":{:.4},\"connects_per_sec\":{:.1},\"sent\":{},\"received\":{},\"secs\":{:.3},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}}}",
+            self.connected,
+            self.connect_secs,
+            self.connect_rate(),
+            self.sent,
+            self.received,
+            self.secs,
+            self.rate(),
+            self.bytes as f64 / self.secs.max(1e-9) / 1e6,
+            self.latency(0.5),
+            self.latency(0.99),
+            self.latency(0.999),
+            self.errors
+        )
+    }
+
+    /// The report as a small table.
+    pub fn table(&self) -> String {
+        format!(
+            "connected   {:>10}   ({:.0} connects/s)\nsent        {:>10}\nreceived    {:>10}   {:.0} msg/s, {:.2} MB/s\nlatency us  p50 {}  p99 {}  p999 {}\nerrors      {:>10}\n",
+            self.connected,
+            self.connect_rate(),
+            self.sent,
+            self.received,
+            self.rate(),
+            self.bytes as f64 / self.secs.max(1e-9) / 1e6,
+            self.latency(0.5),
+            self.latency(0.99),
+            self.latency(0.999),
+            self.errors
+        )
+    }
+}
+
+/// A client's part in the run.
+#[derive(Debug, Clone)]
+struct Role {
+    /// Topic it publishes to, if it publishes.
+    publishes: Option<TopicName>,
+    /// Filter it subscribes to, if it subscribes.
+    subscribes: Option<TopicFilter>,
+}
+
+fn roles(config: &BenchConfig) -> Vec<Role> {
+    let topic = |i: usize| TopicName::new(format!("bench/{i}")).unwrap_or_else(|_| unreachable!("valid topic"));
+    let filter = |s: &str| TopicFilter::new(s).unwrap_or_else(|_| unreachable!("valid filter"));
+    let n = config.clients.max(1);
+    let mut roles = Vec::new();
+    match config.scenario {
+        Scenario::Pairs => {
+            for i in 0..n {
+                roles.push(Role { publishes: None, subscribes: Some(filter(&format!("bench/{i}"))) });
+                roles.push(Role { publishes: Some(topic(i)), subscribes: None });
+            }
+        }
+        Scenario::FanIn => {
+            roles.push(Role { publishes: None, subscribes: Some(filter("bench/#")) });
+            roles.extend((0..n).map(|i| Role { publishes: Some(topic(i)), subscribes: None }));
+        }
+        Scenario::FanOut => {
+            roles.extend((0..n).map(|_| Role { publishes: None, subscribes: Some(filter("bench/0")) }));
+            roles.push(Role { publishes: Some(topic(0)), subscribes: None });
+        }
+        Scenario::Idle => roles.extend((0..n).map(|_| Role { publishes: None, subscribes: None })),
+    }
+    roles
+}
+
+/// Measurements of one task, merged at the end.
+#[derive(Default)]
+struct Tally {
+    connected: usize,
+    last_connack: Option<Instant>,
+    sent: u64,
+    received: u64,
+    bytes: u64,
+    latencies: Vec<u32>,
+    errors: u64,
+}
+
+fn payload(size: usize, start: Instant, seq: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(STAMP));
+    b.put_u64(clock().saturating_duration_since(start).as_nanos() as u64);
+    b.put_u64(seq);
+    b.resize(size.max(STAMP), 0x2a);
+    b.freeze()
+}
+
+fn latency_us(payload: &[u8], start: Instant) -> Option<u32> {
+    let sent = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let now = clock().saturating_duration_since(start).as_nanos() as u64;
+    Some((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32)
+}
+
+/// Runs the benchmark.
+pub async fn run(config: BenchConfig) -> Result<Report, ClientError> {
+    let roles = roles(&config);
+    let start = clock();
+    let tallies: Arc<Mutex<Vec<Tally>>> = Arc::new(Mutex::new(Vec::new()));
+    let (connect_started, publishing) = match config.url.transport {
+        Transport::Quic => run_quic(&config, roles, start, tallies.clone()).await?,
+        _ => run_stream(&config, roles, start, tallies.clone()).await?,
+    };
+    let tallies = std::mem::take(&mut *tallies.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut report = Report { secs: publishing.as_secs_f64(), ..Report::default() };
+    let mut last = None;
+    for t in tallies {
+        report.connected += t.connected;
+        report.sent += t.sent;
+        report.received += t.received;
+        report.bytes += t.bytes;
+        report.errors += t.errors;
+        report.latencies_us.extend(t.latencies);
+        last = last.max(t.last_connack);
+    }
+    report.connect_secs = last.map_or(0.0, |l| l.saturating_duration_since(connect_started).as_secs_f64());
+    report.latencies_us.sort_unstable();
+    Ok(report)
+}
+
+/// QUIC: `sockets` pools, each on its own task and UDP socket.
+async fn run_quic(
+    config: &BenchConfig,
+    roles: Vec<Role>,
+    start: Instant,
+    tallies: Arc<Mutex<Vec<Tally>>>,
+) -> Result<(Instant, Duration), ClientError> {
+    let server = pick_address(&config.url, tokio::net::lookup_host(config.url.authority()).await)?;
+    let tls =
+        config.options.tls.clone().ok_or_else(|| ClientError::Trust("the benchmark needs a trust setting".into()))?;
+    let sockets = config.sockets.clamp(1, roles.len().max(1));
+    let ready = Arc::new(Barrier::new(sockets + 1));
+    let totals = Arc::new(Totals::default());
+    let go = Arc::new(Barrier::new(sockets + 1));
+    let mut tasks = Vec::new();
+    for k in 0..sockets {
+        let mine: Vec<(usize, Role)> = roles.iter().cloned().enumerate().filter(|(i, _)| i % sockets == k).collect();
+        let mut quic = ClientConfig::new(tls.clone());
+        quic.transport = config.options.transport.clone();
+        quic.seed = random_seed() ^ k as u64;
+        let pool = ClientPool::new(&quic, server, &config.options.server_name(&config.url))?;
+        let udp = Udp::bind(local_bind_address(server))?;
+        let (config, ready, go, tallies, totals) =
+            (config.clone(), ready.clone(), go.clone(), tallies.clone(), totals.clone());
+        tasks.push(tokio::spawn(async move {
+            let tally = pool_task(pool, udp, mine, config, start, (ready, go), totals).await;
+            tallies.lock().unwrap_or_else(|e| e.into_inner()).push(tally);
+        }));
+    }
+    let connect_started = clock();
+    ready.wait().await;
+    let began = clock();
+    go.wait().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok((connect_started, config.duration.min(clock().saturating_duration_since(began))))
+}
+
+/// One pool: connect its clients, subscribe, then publish on schedule and count deliveries.
+async fn pool_task(
+    mut pool: ClientPool,
+    mut udp: Udp,
+    roles: Vec<(usize, Role)>,
+    config: BenchConfig,
+    start: Instant,
+    (ready, go): (Arc<Barrier>, Arc<Barrier>),
+    totals: Arc<Totals>,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let base = ClientSessionConfig {
+        protocol: config.options.session.protocol,
+        keep_alive: config.options.session.keep_alive,
+        ..ClientSessionConfig::default()
+    };
+    let mut members = Vec::new();
+    for (n, role) in &roles {
+        let session = ClientSessionConfig { client_id: format!("bench-{}-{n}", std::process::id()), ..base.clone() };
+        match pool.add(clock(), session) {
+            Ok(i) => members.push((i, role.clone())),
+            Err(_) => tally.errors += 1,
+        }
+    }
+    // Connect and subscribe.
+    let mut pending_subs = members.iter().filter(|(_, r)| r.subscribes.is_some()).count();
+    let setup_deadline = clock() + Duration::from_secs(60);
+    let mut down = 0;
+    while (tally.connected + down < members.len() || pending_subs > 0) && clock() < setup_deadline {
+        drive(&mut pool, &mut udp, &mut buf).await;
+        while let Some((i, e)) = pool.poll_event() {
+            match e {
+                ClientEvent::Connected { .. } => {
+                    tally.connected += 1;
+                    tally.last_connack = Some(clock());
+                    if let Some(f) = members.iter().find(|(m, _)| *m == i).and_then(|(_, r)| r.subscribes.clone()) {
+                        let _ = pool.subscribe(clock(), i, vec![Subscription::new(f, config.qos)]);
+                    }
+                }
+                ClientEvent::Subscribed { .. } => pending_subs = pending_subs.saturating_sub(1),
+                ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. } => {
+                    down += 1;
+                    tally.errors += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    ready.wait().await;
+    go.wait().await;
+    // Publish.
+    let publishers: Vec<(usize, TopicName)> =
+        members.iter().filter_map(|(i, r)| r.publishes.clone().map(|t| (*i, t))).collect();
+    let began = clock();
+    let end = began + config.duration;
+    let mut seq = 0u64;
+    let mut next_due: Vec<Instant> = vec![began; publishers.len()];
+    let interval = config.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
+    let drain_until = end + Duration::from_secs(2);
+    loop {
+        let now = clock();
+        let (sent, received) = (totals.sent.load(Ordering::Relaxed), totals.received.load(Ordering::Relaxed));
+        if now >= end && (now >= drain_until || received >= sent * fan(&config)) {
+            break;
+        }
+        if now < end {
+            for (k, (i, topic)) in publishers.iter().enumerate() {
+                // A bounded burst per turn keeps deliveries and acknowledgements flowing.
+                for _ in 0..64 {
+                    let due = match interval {
+                        Some(iv) => {
+                            next_due[k] <= now && {
+                                next_due[k] += iv;
+                                true
+                            }
+                        }
+                        None => {
+                            let window = if config.qos == QoS::AtMostOnce { usize::MAX } else { config.window };
+                            pool.pending(*i) < window && pool.queued(*i) < 256 * 1024
+                        }
+                    };
+                    if !due {
+                        break;
+                    }
+                    seq += 1;
+                    let p = Publish::new(topic.clone(), payload(config.payload, start, seq)).with_qos(config.qos);
+                    match pool.publish(now, *i, p) {
+                        Ok(_) => {
+                            tally.sent += 1;
+                            totals.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            tally.errors += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let wait = interval.map(|iv| iv.min(Duration::from_millis(1)));
+        drive_for(&mut pool, &mut udp, &mut buf, wait).await;
+        while let Some((_, e)) = pool.poll_event() {
+            if let ClientEvent::Message(m) = e {
+                tally.received += 1;
+                totals.received.fetch_add(1, Ordering::Relaxed);
+                tally.bytes += m.payload.len() as u64;
+                if let Some(l) = latency_us(&m.payload, start) {
+                    tally.latencies.push(l);
+                }
+            }
+        }
+        if config.scenario == Scenario::Idle && clock() >= end {
+            break;
+        }
+    }
+    for (i, _) in &members {
+        let _ = pool.disconnect(clock(), *i);
+    }
+    drive_for(&mut pool, &mut udp, &mut buf, Some(Duration::from_millis(50))).await;
+    tally
+}
+
+/// Messages sent and received by all pools, so each knows when everything has arrived.
+#[derive(Default)]
+struct Totals {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// How many deliveries one publish makes.
+fn fan(config: &BenchConfig) -> u64 {
+    match config.scenario {
+        Scenario::FanOut => config.clients.max(1) as u64,
+        _ => 1,
+    }
+}
+
+/// Sends what the pool has, then waits for datagrams or its next deadline.
+async fn drive(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>) {
+    drive_for(pool, udp, buf, None).await
+}
+
+/// Like [`drive`], waiting at most `cap`.
+async fn drive_for(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>, cap: Option<Duration>) {
+    while let Some(t) = pool.poll_transmit_batch(clock(), udp.max_gso_segments(), buf) {
+        let _ = udp.send(&t, &buf[..t.size]).await;
+    }
+    let now = clock();
+    let deadline = pool.poll_timeout().unwrap_or(now + Duration::from_millis(100));
+    let deadline = cap.map_or(deadline, |c| deadline.min(now + c)).max(now);
+    tokio::select! {
+        r = udp.recv() => {
+            if r.is_ok() {
+                let t = clock();
+                for d in udp.datagrams() {
+                    pool.handle_datagram(t, d.remote, d.local_ip, d.ecn, d.data);
+                }
+            }
+        }
+        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => pool.handle_timeout(clock()),
+    }
+}
+
+/// TCP: one async client per role.
+async fn run_stream(
+    config: &BenchConfig,
+    roles: Vec<Role>,
+    start: Instant,
+    tallies: Arc<Mutex<Vec<Tally>>>,
+) -> Result<(Instant, Duration), ClientError> {
+    let url = config.url.to_string();
+    let connect_started = clock();
+    let mut clients = Vec::new();
+    let mut setup = Tally::default();
+    for (n, role) in roles.into_iter().enumerate() {
+        let mut options = config.options.clone();
+        options.session.client_id = format!("bench-{}-{n}", std::process::id());
+        options.reconnect = None;
+        match Client::connect(&url, options).await {
+            Ok(c) => {
+                setup.connected += 1;
+                setup.last_connack = Some(clock());
+                if let Some(f) = &role.subscribes {
+                    if c.subscribe(f.clone(), config.qos).await.is_err() {
+                        setup.errors += 1;
+                    }
+                }
+                clients.push((c, role));
+            }
+            Err(_) => setup.errors += 1,
+        }
+    }
+    tallies.lock().unwrap_or_else(|e| e.into_inner()).push(setup);
+    let began = clock();
+    let end = began + config.duration;
+    let mut tasks = Vec::new();
+    for (client, role) in clients {
+        let (config, tallies) = (config.clone(), tallies.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            if let Some(topic) = role.publishes {
+                let interval = config.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
+                let mut inflight = tokio::task::JoinSet::new();
+                let mut seq = 0;
+                let mut due = began;
+                while clock() < end {
+                    if let Some(iv) = interval {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                        due += iv;
+                    }
+                    seq += 1;
+                    let p = Publish::new(topic.clone(), payload(config.payload, start, seq)).with_qos(config.qos);
+                    inflight.spawn(client.publish(p));
+                    tally.sent += 1;
+                    while inflight.len() >= config.window.max(1) {
+                        if let Some(Ok(Err(_))) = inflight.join_next().await {
+                            tally.errors += 1;
+                        }
+                    }
+                }
+                while let Some(r) = inflight.join_next().await {
+                    if let Ok(Err(_)) = r {
+                        tally.errors += 1;
+                    }
+                }
+            }
+            if role.subscribes.is_some() {
+                if let Some(mut messages) = client.messages() {
+                    let stop = end + Duration::from_secs(2);
+                    while let Ok(Some(m)) =
+                        tokio::time::timeout_at(tokio::time::Instant::from_std(stop), messages.recv()).await
+                    {
+                        tally.received += 1;
+                        tally.bytes += m.payload.len() as u64;
+                        if let Some(l) = latency_us(&m.payload, start) {
+                            tally.latencies.push(l);
+                        }
+                    }
+                }
+            }
+            let _ = client.disconnect().await;
+            tallies.lock().unwrap_or_else(|e| e.into_inner()).push(tally);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok((connect_started, config.duration))
+}

@@ -1,0 +1,86 @@
+//! `mqttq bench`: the load generator.
+
+use crate::conn::ConnArgs;
+use adapter_tokio::bench::{self, BenchConfig, Scenario};
+use clap::{Args, ValueEnum};
+use mqtt_proto::QoS;
+use std::time::Duration;
+
+/// Scenario names on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScenarioArg {
+    // N publishers, each with its own subscriber.
+    Pairs,
+    // N publishers, one subscriber to all.
+    FanIn,
+    // One publisher, N subscribers.
+    FanOut,
+    // N idle connections (setup rate, memory per connection).
+    Idle,
+}
+
+/// `mqttq bench` flags.
+#[derive(Debug, Args)]
+#[command(disable_help_flag = true, disable_version_flag = true)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Who publishes to whom.
+    #[arg(long, value_enum, default_value = "pairs")]
+    scenario: ScenarioArg,
+    /// N: pairs, publishers (fan-in), subscribers (fan-out) or idle connections.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    clients: usize,
+    /// QoS of publishes and subscriptions.
+    #[arg(short = 'q', long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// Payload bytes (at least 16: the send time and a sequence number).
+    #[arg(short = 's', long, default_value_t = 64)]
+    size: usize,
+    /// Messages per second per publisher [default: flat out].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of publishing (or of holding idle connections).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// UDP sockets the QUIC clients share.
+    #[arg(long, default_value_t = 1)]
+    sockets: usize,
+    /// Most QoS 1/2 publishes in flight per publisher when flat out.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Print the result as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the load and prints the report.
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    crate::init_logging(args.conn.debug.then_some("debug"), "warn")?;
+    let mut options = args.conn.options()?;
+    options.reconnect = None;
+    let config = BenchConfig {
+        url: args.conn.url()?,
+        options,
+        scenario: match args.scenario {
+            ScenarioArg::Pairs => Scenario::Pairs,
+            ScenarioArg::FanIn => Scenario::FanIn,
+            ScenarioArg::FanOut => Scenario::FanOut,
+            ScenarioArg::Idle => Scenario::Idle,
+        },
+        clients: args.clients.max(1),
+        qos: QoS::from_u8(args.qos).unwrap_or(QoS::AtMostOnce),
+        payload: args.size.max(16),
+        rate: args.rate,
+        duration: Duration::from_secs_f64(args.duration.max(0.1)),
+        sockets: args.sockets.max(1),
+        window: args.window.max(1),
+    };
+    let report = bench::run(config).await.map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
