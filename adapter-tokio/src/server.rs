@@ -308,9 +308,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broke
     let Ok(id) = id.await else { return };
     let (mut reader, mut writer) = tokio::io::split(stream);
     let read = async {
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        // Small to start with: an idle connection should cost little; reads of busy ones grow it.
+        let mut buf = BytesMut::with_capacity(2048);
         loop {
-            buf.reserve(16 * 1024);
+            buf.reserve(2048);
             match reader.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
