@@ -387,8 +387,13 @@ async fn pool_task(
                 }
             }
         }
-        let wait = interval.map(|iv| iv.min(Duration::from_millis(1)));
-        drive_for(&mut pool, &mut udp, &mut buf, wait).await;
+        // Wake for the next scheduled publish, and at the end of each phase at the latest.
+        let phase_end = if now < end { end } else { drain_until };
+        let mut wait = phase_end.saturating_duration_since(now);
+        if let Some(iv) = interval {
+            wait = wait.min(iv.min(Duration::from_millis(1)));
+        }
+        drive_for(&mut pool, &mut udp, &mut buf, Some(wait)).await;
         while let Some((_, e)) = pool.poll_event() {
             if let ClientEvent::Message(m) = e {
                 tally.received += 1;

@@ -394,3 +394,51 @@ async fn concurrent_publishes_keep_the_order_of_the_calls() {
     }
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_load_generator_counts_every_delivery_over_quic_and_tcp() {
+    use adapter_tokio::bench::{run, BenchConfig, Scenario};
+    let s = server().await;
+    for (url, scenario, qos) in [
+        (url("quic", s.quic_addr()), Scenario::Pairs, QoS::AtLeastOnce),
+        (url("quic", s.quic_addr()), Scenario::FanOut, QoS::AtMostOnce),
+        (url("mqtt", s.tcp_addr()), Scenario::FanIn, QoS::ExactlyOnce),
+    ] {
+        let config = BenchConfig {
+            url: url.parse().unwrap(),
+            options: ClientOptions::new().tls(pinned()),
+            scenario,
+            clients: 3,
+            qos,
+            payload: 64,
+            rate: Some(200.0),
+            duration: Duration::from_millis(300),
+            sockets: 2,
+            window: 16,
+        };
+        let report = run(config).await.unwrap();
+        let fan = if scenario == Scenario::FanOut { 3 } else { 1 };
+        assert!(report.sent > 0, "{url}: nothing sent");
+        assert_eq!(report.received, report.sent * fan, "{url} {scenario:?}: {}", report.table());
+        assert_eq!(report.latencies_us.len() as u64, report.received);
+        assert_eq!(report.errors, 0);
+        assert!(report.json().contains("\"msgs_per_sec\""));
+    }
+    let idle = run(BenchConfig {
+        url: url("quic", s.quic_addr()).parse().unwrap(),
+        options: ClientOptions::new().tls(pinned()),
+        scenario: Scenario::Idle,
+        clients: 100,
+        qos: QoS::AtMostOnce,
+        payload: 16,
+        rate: None,
+        duration: Duration::from_millis(200),
+        sockets: 2,
+        window: 1,
+    })
+    .await
+    .unwrap();
+    assert_eq!(idle.connected, 100);
+    assert!(idle.connect_rate() > 0.0);
+    s.shutdown().await;
+}
