@@ -460,6 +460,11 @@ impl ServerSession {
     fn process(&mut self, now: Instant) {
         loop {
             if self.state == State::Deciding && self.held.is_some() {
+                // Waiting for the broker (enhanced authentication can take a while): what the
+                // client sends meanwhile is kept, but not without bound.
+                if self.inbuf.len() > self.config.maximum_packet_size as usize {
+                    self.violation(ReasonCode::QuotaExceeded);
+                }
                 break;
             }
             match self.decoder.decode(&mut self.inbuf) {
@@ -977,6 +982,22 @@ mod tests {
         h.session.accept(h.now, false, None).unwrap();
         assert!(matches!(h.events()[..], [ServerEvent::Subscribe { .. }]));
         assert!(matches!(h.sent()[..], [Packet::ConnAck(_), Packet::PingResp]));
+    }
+
+    #[test]
+    fn what_waits_behind_an_undecided_connect_is_bounded() {
+        let config = ServerSessionConfig { maximum_packet_size: 1000, ..Default::default() };
+        let mut h = Harness::new(config);
+        let mut b = BytesMut::new();
+        Packet::from(connect(Protocol::V5)).encode(Protocol::V5, &mut b).unwrap();
+        Packet::PingReq.encode(Protocol::V5, &mut b).unwrap();
+        h.session.handle_bytes(h.now, &b);
+        assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]));
+        // The broker has not decided; the client keeps sending.
+        for _ in 0..600 {
+            h.session.handle_bytes(h.now, &[0xC0, 0x00]);
+        }
+        assert_eq!(ended(&mut h), Some(EndReason::ProtocolViolation(ReasonCode::QuotaExceeded)));
     }
 
     #[test]
