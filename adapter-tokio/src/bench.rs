@@ -495,7 +495,10 @@ async fn run_stream(
             let mut tally = Tally::default();
             if let Some(topic) = role.publishes {
                 let interval = config.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
-                let mut inflight = tokio::task::JoinSet::new();
+                // Publishes are queued in call order when `publish` is called, so the oldest
+                // completes first: a window of their futures, awaited oldest first, keeps up to
+                // `window` in flight without a task per message.
+                let mut inflight = std::collections::VecDeque::new();
                 let mut seq = 0;
                 let mut due = began;
                 while clock() < end {
@@ -505,18 +508,16 @@ async fn run_stream(
                     }
                     seq += 1;
                     let p = Publish::new(topic.clone(), payload(config.payload, start, seq)).with_qos(config.qos);
-                    inflight.spawn(client.publish(p));
+                    inflight.push_back(client.publish(p));
                     tally.sent += 1;
                     while inflight.len() >= config.window.max(1) {
-                        if let Some(Ok(Err(_))) = inflight.join_next().await {
-                            tally.errors += 1;
+                        if let Some(done) = inflight.pop_front() {
+                            tally.errors += u64::from(done.await.is_err());
                         }
                     }
                 }
-                while let Some(r) = inflight.join_next().await {
-                    if let Ok(Err(_)) = r {
-                        tally.errors += 1;
-                    }
+                while let Some(done) = inflight.pop_front() {
+                    tally.errors += u64::from(done.await.is_err());
                 }
             }
             if role.subscribes.is_some() {
