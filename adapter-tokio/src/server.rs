@@ -36,7 +36,7 @@ pub struct Server {
 /// What connection tasks tell the broker task.
 enum StreamIn {
     Open {
-        out: Outbox,
+        out: OutboxSender,
         reply: oneshot::Sender<StreamId>,
     },
     Data(StreamId, Bytes),
@@ -45,10 +45,69 @@ enum StreamIn {
     Closed(StreamId),
 }
 
-/// The broker task's end of one byte-stream connection. Unbounded, because the broker bounds
-/// what it sends to a client that does not keep up (see `BrokerConfig::max_queued_bytes`),
-/// counting on the `Written` reports.
-type Outbox = mpsc::UnboundedSender<StreamOutput>;
+/// What the broker task has for one byte-stream connection's writer: a queue that allocates
+/// nothing until used (so an idle connection keeps none) and a wake-up. Unbounded, because the
+/// broker bounds what it sends to a client that does not keep up (see
+/// `BrokerConfig::max_queued_bytes`), counting on the `Written` reports.
+#[derive(Clone, Default)]
+struct Outbox(Arc<OutboxInner>);
+
+#[derive(Default)]
+struct OutboxInner {
+    /// The queue, and whether either side has closed it.
+    queue: std::sync::Mutex<(std::collections::VecDeque<StreamOutput>, bool)>,
+    ready: tokio::sync::Notify,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (std::collections::VecDeque<StreamOutput>, bool)> {
+        self.0.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an output; false if the writer is gone.
+    fn push(&self, out: StreamOutput) -> bool {
+        let mut q = self.lock();
+        if q.1 {
+            return false;
+        }
+        q.0.push_back(out);
+        drop(q);
+        self.0.ready.notify_one();
+        true
+    }
+
+    /// The next output; `None` once closed and drained.
+    async fn pop(&self) -> Option<StreamOutput> {
+        loop {
+            {
+                let mut q = self.lock();
+                if let Some(out) = q.0.pop_front() {
+                    return Some(out);
+                }
+                if q.1 {
+                    return None;
+                }
+            }
+            self.0.ready.notified().await;
+        }
+    }
+
+    /// No more outputs either way.
+    fn close(&self) {
+        self.lock().1 = true;
+        self.0.ready.notify_one();
+    }
+}
+
+/// The broker task's handle on an [`Outbox`]: dropping it (the broker is done with the
+/// connection, or the broker task ended) closes the queue, so the writer finishes.
+struct OutboxSender(Outbox);
+
+impl Drop for OutboxSender {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
 
 impl Server {
     /// Opens every listener, then starts serving. Fails before serving anyone if a listener
@@ -170,7 +229,7 @@ async fn drive(
         Timer,
         Stop,
     }
-    let mut outboxes: HashMap<StreamId, Outbox> = HashMap::new();
+    let mut outboxes: HashMap<StreamId, OutboxSender> = HashMap::new();
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
     let mut streams_open = true;
@@ -186,7 +245,7 @@ async fn drive(
         }
         while let Some((id, out)) = broker.poll_stream() {
             let closing = matches!(out, StreamOutput::Close);
-            let gone = outboxes.get(&id).is_some_and(|tx| tx.send(out).is_err());
+            let gone = outboxes.get(&id).is_some_and(|outbox| !outbox.0.push(out));
             if closing || gone {
                 outboxes.remove(&id);
             }
@@ -284,37 +343,44 @@ async fn accept(
         let Tasks { broker, alive } = tasks.clone();
         let acceptor = acceptor.clone();
         let handshake = options.tls_handshake_timeout;
-        tokio::spawn(async move {
-            let _held = (permit, alive);
-            match acceptor {
-                None => connection(socket, broker).await,
-                Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
+        // Two kinds of task, so that a plain TCP connection's task is not sized for TLS state.
+        match acceptor {
+            None => drop(tokio::spawn(async move {
+                let _held = (permit, alive);
+                connection(socket, broker).await
+            })),
+            Some(acceptor) => drop(tokio::spawn(async move {
+                let _held = (permit, alive);
+                match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
                     Ok(Ok(tls)) => connection(tls, broker).await,
                     Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
                     Err(_) => debug!("TLS handshake with {peer} timed out"),
-                },
-            }
-        });
+                }
+            })),
+        }
     }
 }
 
 /// Moves one connection's bytes to and from the broker task until either side ends it.
 async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broker: mpsc::Sender<StreamIn>) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let outbox = Outbox::default();
     let (reply, id) = oneshot::channel();
-    if broker.send(StreamIn::Open { out: tx, reply }).await.is_err() {
+    if broker.send(StreamIn::Open { out: OutboxSender(outbox.clone()), reply }).await.is_err() {
         return;
     }
     let Ok(id) = id.await else { return };
     let (mut reader, mut writer) = tokio::io::split(stream);
     let read = async {
-        // Small to start with: an idle connection should cost little; reads of busy ones grow it.
-        let mut buf = BytesMut::with_capacity(2048);
+        // Small while idle, so that an idle connection costs little; a read that fills the
+        // buffer doubles the next one (up to 64 KiB) and short reads shrink it back.
+        let mut buf = BytesMut::new();
+        let mut want = 512;
         loop {
-            buf.reserve(2048);
+            buf.reserve(want);
             match reader.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {
+                Ok(n) => {
+                    want = if n >= want { (want * 2).min(64 * 1024) } else { (want / 2).max(512) };
                     if broker.send(StreamIn::Data(id, buf.split().freeze())).await.is_err() {
                         break;
                     }
@@ -323,7 +389,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broke
         }
     };
     let write = async {
-        while let Some(out) = rx.recv().await {
+        while let Some(out) = outbox.pop().await {
             match out {
                 StreamOutput::Data(bytes) => {
                     if writer.write_all(&bytes).await.is_err() {
@@ -344,5 +410,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broke
         _ = read => {}
         _ = write => {}
     }
+    outbox.close();
     let _ = broker.send(StreamIn::Closed(id)).await;
 }
