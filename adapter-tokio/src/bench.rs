@@ -261,7 +261,8 @@ async fn run_quic(
         let mut quic = ClientConfig::new(tls.clone());
         quic.transport = config.options.transport.clone();
         quic.seed = random_seed() ^ k as u64;
-        let pool = ClientPool::new(&quic, server, &config.options.server_name(&config.url))?;
+        let name = config.options.server_name(&config.url);
+        let pool = ClientPool::new(&quic, server, &name, config.options.session.keep_alive)?;
         let udp = Udp::bind(local_bind_address(server))?;
         let (config, ready, go, tallies, totals) =
             (config.clone(), ready.clone(), go.clone(), tallies.clone(), totals.clone());

@@ -51,6 +51,16 @@ pub struct MqttClientConfig {
     pub reconnect: Option<ReconnectPolicy>,
 }
 
+/// A QUIC idle timeout shorter than the MQTT keep-alive would cut a quiet but healthy session:
+/// unless the configuration says otherwise, QUIC pings at half the idle timeout keep it open.
+pub(crate) fn keep_quic_alive(quic: &mut ClientConfig, mqtt_keep_alive_secs: u16) {
+    let t = &mut quic.transport;
+    let mqtt_keep_alive = Duration::from_secs(u64::from(mqtt_keep_alive_secs));
+    if t.keep_alive.is_none() && !mqtt_keep_alive.is_zero() && mqtt_keep_alive >= t.idle_timeout {
+        t.keep_alive = Some(t.idle_timeout / 2);
+    }
+}
+
 /// What a client over a byte stream asks of its adapter, from [`MqttClient::poll_stream`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -95,13 +105,7 @@ pub struct MqttClient {
 impl MqttClient {
     /// A machine over QUIC, not yet connected.
     pub fn new(mut config: MqttClientConfig) -> Result<MqttClient, ConfigError> {
-        // A QUIC idle timeout shorter than the MQTT keep-alive would cut a quiet but healthy
-        // session; unless told otherwise, QUIC pings at half the idle timeout keep it open.
-        let t = &mut config.quic.transport;
-        let mqtt_keep_alive = Duration::from_secs(u64::from(config.session.keep_alive));
-        if t.keep_alive.is_none() && !mqtt_keep_alive.is_zero() && mqtt_keep_alive >= t.idle_timeout {
-            t.keep_alive = Some(t.idle_timeout / 2);
-        }
+        keep_quic_alive(&mut config.quic, config.session.keep_alive);
         let link = Link::Quic {
             endpoint: Box::new(QuicEndpoint::client(&config.quic)?),
             conn: None,

@@ -40,9 +40,18 @@ pub struct ClientPool {
 
 impl ClientPool {
     /// A pool whose clients connect to `server`, checking its certificate for `server_name`.
-    pub fn new(config: &ClientConfig, server: SocketAddr, server_name: &str) -> Result<ClientPool, ConfigError> {
+    /// `mqtt_keep_alive` (seconds) is the keep-alive its clients will use: QUIC pings keep
+    /// connections open when the QUIC idle timeout is shorter (as for [`MqttClient`](crate::client::MqttClient)).
+    pub fn new(
+        config: &ClientConfig,
+        server: SocketAddr,
+        server_name: &str,
+        mqtt_keep_alive: u16,
+    ) -> Result<ClientPool, ConfigError> {
+        let mut config = config.clone();
+        crate::client::keep_quic_alive(&mut config, mqtt_keep_alive);
         Ok(ClientPool {
-            quic: QuicEndpoint::client(config)?,
+            quic: QuicEndpoint::client(&config)?,
             members: Vec::new(),
             by_conn: BTreeMap::new(),
             server,

@@ -41,9 +41,13 @@ fn fifty_clients_on_one_endpoint_talk_through_the_broker() {
     let cert = SelfSigned::generate(&["broker.test"]).unwrap();
     let mut broker =
         Broker::new(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()))).unwrap();
-    let mut pool =
-        ClientPool::new(&ClientConfig::new(ClientTls::insecure()), "10.0.0.1:14567".parse().unwrap(), "broker.test")
-            .unwrap();
+    let mut pool = ClientPool::new(
+        &ClientConfig::new(ClientTls::insecure()),
+        "10.0.0.1:14567".parse().unwrap(),
+        "broker.test",
+        60,
+    )
+    .unwrap();
     #[allow(clippy::disallowed_methods)]
     let mut now = Instant::now();
     for i in 0..50 {
