@@ -352,10 +352,12 @@ async fn input(io: &mut Io, reading: bool) -> Input {
     match io {
         Io::Quic { socket, inbuf, .. } if reading => Input::Datagram(socket.recv_from(inbuf).await),
         Io::Stream { opening: opening @ Some(_), .. } => {
-            let result = match opening {
-                Some(f) => f.await,
-                None => unreachable!("matched Some"),
-            };
+            // Taken out only once done: this future may be dropped for another input first.
+            let result = std::future::poll_fn(|cx| match opening.as_mut() {
+                Some(f) => f.as_mut().poll(cx),
+                None => std::task::Poll::Pending,
+            })
+            .await;
             *opening = None;
             Input::Opened(result)
         }
