@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// Most commands taken in one turn of the driver before it writes.
+const COMMAND_BATCH: usize = 256;
+
 /// How often a driver held back by an application that is behind on its messages looks again.
 const BACKLOG_CHECK: Duration = Duration::from_millis(5);
 
@@ -250,7 +253,14 @@ impl Task {
             let t = now();
             match input {
                 // `None`: every handle is gone, nobody can use the connection any more.
-                Input::Command(c) => self.driver.command(t, c),
+                Input::Command(c) => {
+                    self.driver.command(t, c);
+                    // Take what else is waiting too, so that one write carries them all.
+                    for _ in 0..COMMAND_BATCH {
+                        let Ok(c) = self.commands.try_recv() else { break };
+                        self.driver.command(t, Some(c));
+                    }
+                }
                 Input::Datagram(Ok((n, from))) => {
                     if let Io::Quic { inbuf, .. } = &self.io {
                         self.driver.handle_datagram(t, from, None, None, &inbuf[..n]);

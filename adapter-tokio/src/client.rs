@@ -40,6 +40,9 @@ use tracing::debug;
 
 type Command = mqtt_quic_core::driver::Command<Reply>;
 
+/// Most commands taken in one turn of the driver before it writes.
+const COMMAND_BATCH: usize = 256;
+
 /// Where a command's result goes.
 type Reply = oneshot::Sender<Result<Outcome, ClientError>>;
 
@@ -307,7 +310,14 @@ impl Driver {
             let now = clock();
             match input {
                 // `None`: every handle is gone, nobody can use the connection any more.
-                Input::Command(c) => self.driver.command(now, c),
+                Input::Command(c) => {
+                    self.driver.command(now, c);
+                    // Take what else is waiting too, so that one write carries them all.
+                    for _ in 0..COMMAND_BATCH {
+                        let Ok(c) = self.commands.try_recv() else { break };
+                        self.driver.command(now, Some(c));
+                    }
+                }
                 Input::Datagrams(Ok(())) => {
                     if let Io::Quic { udp, .. } = &self.io {
                         for d in udp.datagrams() {

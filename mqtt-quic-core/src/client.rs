@@ -287,10 +287,14 @@ impl MqttClient {
         self.pump(now);
     }
 
-    /// Over a byte stream: what the adapter should do next.
+    /// Over a byte stream: what the adapter should do next. The session's bytes come out here,
+    /// as one write for everything since the last call.
     pub fn poll_stream(&mut self) -> Option<StreamCommand> {
         match &mut self.link {
-            Link::Stream { out, .. } => out.pop_front(),
+            Link::Stream { out, open } => out.pop_front().or_else(|| {
+                let bytes = if *open { self.session.poll_transmit() } else { None };
+                bytes.map(StreamCommand::Write)
+            }),
             Link::Quic { .. } => None,
         }
     }
@@ -317,11 +321,17 @@ impl MqttClient {
 
     /// Moves session bytes onto the transport.
     fn flush(&mut self, now: Instant) {
-        self.drain_session_bytes(now);
+        self.drain_session_bytes(now, false);
         self.pump(now);
     }
 
-    fn drain_session_bytes(&mut self, now: Instant) -> bool {
+    /// Moves the session's bytes to the transport. Over a byte stream they stay in the session
+    /// until the adapter asks ([`MqttClient::poll_stream`]), so that everything written between
+    /// two of its turns leaves in one write; `force` queues them now (before a Close).
+    fn drain_session_bytes(&mut self, now: Instant, force: bool) -> bool {
+        if let (Link::Stream { .. }, false) = (&self.link, force) {
+            return false;
+        }
         let mut any = false;
         while let Some(bytes) = self.session.poll_transmit() {
             any = true;
@@ -367,7 +377,7 @@ impl MqttClient {
                 self.session.connection_lost(now);
                 self.after_loss(now);
             }
-            progressed |= self.drain_session_bytes(now);
+            progressed |= self.drain_session_bytes(now, false);
             while let Some(event) = self.session.poll_event() {
                 progressed = true;
                 let ended = match &event {
@@ -383,7 +393,7 @@ impl MqttClient {
                 if ended {
                     // The session is over on this connection: end the stream after what the
                     // session wrote last (DISCONNECT), and come back later unless stopped.
-                    self.drain_session_bytes(now);
+                    self.drain_session_bytes(now, true);
                     match &mut self.link {
                         Link::Quic { endpoint, conn, .. } => {
                             if let Some(c) = conn.take() {
