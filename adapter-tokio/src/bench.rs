@@ -100,6 +100,11 @@ impl Report {
         }
     }
 
+    /// Delivered payload megabytes per second.
+    pub fn mb_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.secs.max(1e-9) / 1e6
+    }
+
     /// The latency at quantile `q` (0..1), in microseconds.
     pub fn latency(&self, q: f64) -> u32 {
         if self.latencies_us.is_empty() {
@@ -129,7 +134,7 @@ impl Report {
             self.received,
             self.secs,
             self.rate(),
-            self.bytes as f64 / self.secs.max(1e-9) / 1e6,
+            self.mb_per_sec(),
             self.latency(0.5),
             self.latency(0.99),
             self.latency(0.999),
@@ -146,7 +151,7 @@ impl Report {
             self.sent,
             self.received,
             self.rate(),
-            self.bytes as f64 / self.secs.max(1e-9) / 1e6,
+            self.mb_per_sec(),
             self.latency(0.5),
             self.latency(0.99),
             self.latency(0.999),

@@ -758,31 +758,29 @@ impl Broker {
             self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
             return None;
         }
-        let conn = self.keys.get(&key).and_then(|id| self.clients.get(id)).and_then(|r| r.conn);
+        let conn = self.keys.get(&key).and_then(|id| self.clients.get(id))?.conn;
         if let Some(conn) = conn {
             if publish.qos() == QoS::AtMostOnce && self.backlog(conn) > self.config.max_queued_bytes {
                 self.stats.messages_dropped += 1;
                 return None;
             }
-        }
-        let record = self.keys.get(&key).and_then(|id| self.clients.get_mut(id))?;
-        match record.conn.and_then(|c| self.conns.get_mut(&c).map(|l| (c, l))) {
-            Some((conn, live)) => {
+            if let Some(live) = self.conns.get_mut(&conn) {
                 let id = live.session.publish(now, publish).ok();
                 if id.is_some() {
                     self.stats.messages_sent += 1;
                 }
                 self.dirty.insert(conn);
-                id
+                return id;
             }
-            None if publish.qos() != QoS::AtMostOnce => {
-                if let Some(state) = record.kept.as_mut() {
-                    state.enqueue(now, publish, self.config.max_offline_queue);
-                }
-                None
-            }
-            None => None,
         }
+        // Offline (or its connection already gone): QoS 1 and 2 wait in the kept session.
+        if publish.qos() != QoS::AtMostOnce {
+            let record = self.keys.get(&key).and_then(|id| self.clients.get_mut(id));
+            if let Some(state) = record.and_then(|r| r.kept.as_mut()) {
+                state.enqueue(now, publish, self.config.max_offline_queue);
+            }
+        }
+        None
     }
 
     fn subscribe(
