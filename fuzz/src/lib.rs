@@ -2,5 +2,7 @@
 
 mod checks;
 mod quic_checks;
+mod session_checks;
 pub use checks::*;
-pub use quic_checks::{broker, quic_server, sessions};
+pub use quic_checks::{broker, broker_quic, quic_server, sessions};
+pub use session_checks::{client_session, server_session};

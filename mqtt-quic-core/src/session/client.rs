@@ -587,6 +587,10 @@ impl ClientSession {
         let limit = usize::from(self.server_receive_maximum.min(self.config.max_inflight).max(1));
         while self.inflight.len() < limit {
             let Some(mut out) = self.queued.pop_front() else { break };
+            if let Some(reason) = self.refusal(&out.publish) {
+                self.events.push_back(ClientEvent::Published { id: out.id, reason });
+                continue;
+            }
             let Some(packet_id) = self.ids.allocate() else {
                 self.queued.push_front(out);
                 break;
@@ -594,6 +598,25 @@ impl ClientSession {
             out.publish.qos_pid = QosPid::from_parts(out.publish.qos(), packet_id);
             self.write_publish(now, out.publish.clone());
             self.inflight.push((packet_id, Stage::Sent, out));
+        }
+    }
+
+    /// Why this server may not be sent `publish`, if it may not. A message queued or in flight
+    /// across a reconnect was checked against the last connection's limits; the new CONNACK may
+    /// announce tighter ones, which we must obey [MQTT-3.2.2-11] [MQTT-3.2.2-14] [MQTT-3.1.2-24].
+    /// Such a message completes with the reason the server would have given.
+    fn refusal(&self, publish: &Publish) -> Option<ReasonCode> {
+        if publish.qos() > self.server_maximum_qos {
+            Some(ReasonCode::QosNotSupported)
+        } else if publish.retain && !self.server_retain_available {
+            Some(ReasonCode::RetainNotSupported)
+        } else if publish
+            .encoded_len(self.config.protocol)
+            .map_or(true, |n| n > self.server_maximum_packet_size as usize)
+        {
+            Some(ReasonCode::PacketTooLarge)
+        } else {
+            None
         }
     }
 
@@ -693,7 +716,18 @@ impl ClientSession {
         });
         if ack.session_present {
             // Resend what the server has not acknowledged, in the original order
-            // [MQTT-4.4.0-1]: PUBLISH with DUP set, or PUBREL.
+            // [MQTT-4.4.0-1]: PUBLISH with DUP set, or PUBREL. A PUBLISH this server's limits
+            // no longer allow completes with its reason instead.
+            let mut i = 0;
+            while i < self.inflight.len() {
+                if self.inflight[i].1 == Stage::Sent {
+                    if let Some(reason) = self.refusal(&self.inflight[i].2.publish) {
+                        self.complete(i, reason);
+                        continue;
+                    }
+                }
+                i += 1;
+            }
             for i in 0..self.inflight.len() {
                 let (packet_id, stage, out) = &self.inflight[i];
                 match stage {
@@ -868,6 +902,40 @@ mod tests {
         let mut p = Publish::new(TopicName::new(topic).unwrap(), &b"payload"[..]);
         p.qos_pid = QosPid::from_parts(qos, PacketId::MIN);
         p
+    }
+
+    /// Messages queued before CONNACK are checked against the limits it announces
+    /// [MQTT-3.2.2-11] [MQTT-3.2.2-14] [MQTT-3.1.2-24]: what this server does not allow
+    /// completes with the reason instead of going out (found by the `client_session` fuzzer: a
+    /// 66-byte PUBLISH was sent to a server accepting 64).
+    #[test]
+    fn queued_messages_obey_the_limits_connack_announces() {
+        let mut h = Harness::new(ClientSessionConfig::default());
+        h.session.connect(h.now).unwrap();
+        h.sent();
+        let big = Publish::new(TopicName::new("t").unwrap(), vec![0u8; 100]).with_qos(QoS::AtLeastOnce);
+        let big = h.session.publish(h.now, big).unwrap();
+        let qos2 = h.session.publish(h.now, publish("t", QoS::ExactlyOnce)).unwrap();
+        let mut retained = publish("t", QoS::AtLeastOnce);
+        retained.retain = true;
+        let retained = h.session.publish(h.now, retained).unwrap();
+        let fine = h.session.publish(h.now, publish("t", QoS::AtLeastOnce)).unwrap();
+        let mut ack = ConnAck::default();
+        ack.properties.maximum_packet_size = std::num::NonZeroU32::new(64);
+        ack.properties.maximum_qos = Some(QoS::AtLeastOnce);
+        ack.properties.retain_available = Some(false);
+        h.feed(ack.into());
+        let events = h.events();
+        for (id, reason) in [
+            (big, ReasonCode::PacketTooLarge),
+            (qos2, ReasonCode::QosNotSupported),
+            (retained, ReasonCode::RetainNotSupported),
+        ] {
+            assert!(events.contains(&ClientEvent::Published { id, reason }), "{id:?} {reason:?} in {events:?}");
+        }
+        let sent = h.sent();
+        assert!(matches!(&sent[..], [Packet::Publish(p)] if p.qos() == QoS::AtLeastOnce && !p.retain), "{sent:?}");
+        let _ = fine;
     }
 
     fn pid(v: u16) -> PacketId {

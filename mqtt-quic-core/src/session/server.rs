@@ -242,6 +242,9 @@ pub struct ServerSession {
     resend: BTreeMap<u16, (Instant, u32)>,
     /// A packet that arrived after CONNECT while the broker was deciding on it.
     held: Option<Packet>,
+    /// A packet could not fit the client's Maximum Packet Size: the session ended and writes
+    /// nothing more.
+    cut_off: bool,
 }
 
 impl ServerSession {
@@ -262,6 +265,7 @@ impl ServerSession {
             aliases: BTreeMap::new(),
             client_receive_maximum: u16::MAX,
             client_maximum_packet_size: mqtt_proto::PROTOCOL_MAX_PACKET_SIZE,
+            cut_off: false,
             ids: PacketIds::default(),
             inflight: Vec::new(),
             queued: VecDeque::new(),
@@ -292,10 +296,24 @@ impl ServerSession {
         self.incoming_qos2 = state.incoming_qos2;
         self.queued = state.queued;
         self.next_id = state.next_id;
-        self.accept(now, true, None)?;
-        for (packet_id, released, id, publish) in state.inflight {
-            self.ids.mark(packet_id);
-            let packet = if released {
+        // The identifiers in flight are taken before anything new is numbered, and their
+        // messages go out right after CONNACK, ahead of what was queued meanwhile (found while
+        // mapping CONFORMANCE.md: queued messages used to go first and could reuse an
+        // identifier still in flight).
+        for (packet_id, ..) in &state.inflight {
+            self.ids.mark(*packet_id);
+        }
+        self.inflight = state.inflight;
+        self.accept(now, true, None)
+    }
+
+    /// Resends what the client had not acknowledged when the session was resumed: PUBLISH with
+    /// DUP, or PUBREL.
+    fn resend_inflight(&mut self, now: Instant) {
+        for i in 0..self.inflight.len() {
+            let (packet_id, released, _, publish) = &self.inflight[i];
+            let packet_id = *packet_id;
+            let packet = if *released {
                 Packet::PubRel(Ack::new(packet_id))
             } else {
                 let mut p = publish.clone();
@@ -304,9 +322,7 @@ impl ServerSession {
             };
             self.write(&packet);
             self.sent(now, packet_id);
-            self.inflight.push((packet_id, released, id, publish));
         }
-        Ok(())
     }
 
     /// The session state to keep after the connection ended (see [`SessionState`]).
@@ -352,6 +368,7 @@ impl ServerSession {
         self.state = State::Connected;
         self.write(&ack.into());
         self.touch(now);
+        self.resend_inflight(now);
         self.pump(now);
         if let Some(packet) = self.held.take() {
             self.handle_packet(now, packet);
@@ -404,6 +421,10 @@ impl ServerSession {
             return Err(ServerCommandError::WrongState);
         }
         publish.dup = false;
+        // A topic alias belongs to the connection it arrived on, never to this one.
+        if publish.properties.topic_alias.is_some() {
+            publish.properties.topic_alias = None;
+        }
         let size = publish.encoded_len(self.protocol).unwrap_or(usize::MAX);
         if size > self.client_maximum_packet_size as usize {
             return Err(ServerCommandError::PacketTooLarge { size, max: self.client_maximum_packet_size });
@@ -573,8 +594,30 @@ impl ServerSession {
     }
 
     fn write(&mut self, packet: &Packet) {
-        // Our packets are well formed; sizes that could exceed the client's limit were checked.
-        let _ = packet.encode(self.protocol, &mut self.out);
+        if self.cut_off {
+            return;
+        }
+        let max = self.client_maximum_packet_size as usize;
+        // Our packets are well formed, so the only way encoding fails is a size beyond what the
+        // client accepts (PUBLISH sizes were checked by `publish`).
+        if packet.encoded_len(self.protocol).is_ok_and(|n| n <= max) {
+            let _ = packet.encode(self.protocol, &mut self.out);
+            return;
+        }
+        // [MQTT-3.1.2-24]: nothing beyond the client's Maximum Packet Size. We send no reason
+        // strings or user properties to drop, so a CONNACK or acknowledgement that does not fit
+        // means the client's limit is too small to be served: say so with the smallest packet
+        // that can carry 0x95 (if even that fits), then end.
+        let code = ReasonCode::PacketTooLarge;
+        let bare: Packet = match packet {
+            Packet::ConnAck(_) => ConnAck { reason_code: code, ..Default::default() }.into(),
+            _ => Disconnect::new(code).into(),
+        };
+        if bare.encoded_len(self.protocol).is_ok_and(|n| n <= max) {
+            let _ = bare.encode(self.protocol, &mut self.out);
+        }
+        self.cut_off = true;
+        self.end(EndReason::ProtocolViolation(code));
     }
 
     fn end(&mut self, reason: EndReason) {
@@ -1217,6 +1260,78 @@ mod tests {
         let mut h = Harness::connected(ServerSessionConfig::default(), c);
         let big = Publish::new(TopicName::new("t").unwrap(), vec![0u8; 100]);
         assert!(matches!(h.session.publish(h.now, big), Err(ServerCommandError::PacketTooLarge { max: 50, .. })));
+    }
+
+    /// [MQTT-4.4.0-1] [MQTT-2.2.1-4]: on resume, what was in flight goes out again right after
+    /// CONNACK, before anything queued while the client was away, and a queued message never
+    /// takes an identifier still in flight.
+    #[test]
+    fn resume_resends_in_flight_first_and_keeps_their_identifiers() {
+        let mut c = connect(Protocol::V5);
+        c.properties.receive_maximum = NonZeroU16::new(1);
+        let mut h = Harness::connected(ServerSessionConfig::default(), c.clone());
+        h.session.publish(h.now, publish("in-flight", QoS::AtLeastOnce, 1)).unwrap();
+        let Packet::Publish(first) = h.sent().remove(0) else { panic!() };
+        h.session.connection_lost();
+        h.events();
+        let mut state = h.session.take_state();
+        // Arrived while the client was offline.
+        assert!(state.enqueue(h.now, publish("queued", QoS::AtLeastOnce, 1), 10));
+
+        let mut h = Harness::new(ServerSessionConfig::default());
+        c.clean_start = false;
+        h.feed(c.into());
+        assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]));
+        h.session.resume(h.now, state).unwrap();
+        let sent = h.sent();
+        assert!(
+            matches!(&sent[..], [Packet::ConnAck(ack), Packet::Publish(p)]
+            if ack.session_present && p.dup && p.topic.as_str() == "in-flight" && p.packet_id() == first.packet_id()),
+            "{sent:?}"
+        );
+        h.feed(Packet::PubAck(Ack::new(first.packet_id().unwrap())));
+        let sent = h.sent();
+        assert!(matches!(&sent[..], [Packet::Publish(p)] if p.topic.as_str() == "queued" && !p.dup), "{sent:?}");
+    }
+
+    /// [MQTT-3.1.2-24]: a CONNACK that cannot fit the client's Maximum Packet Size is not sent;
+    /// a bare refusal that fits is, and the session ends (found by the `server_session` fuzzer:
+    /// a client announcing 11 bytes got a 27-byte CONNACK).
+    #[test]
+    fn connack_never_exceeds_the_client_maximum_packet_size() {
+        for (max, expect_refusal) in [(11, true), (4, false)] {
+            let mut c = connect(Protocol::V5);
+            c.properties.maximum_packet_size = std::num::NonZeroU32::new(max);
+            let mut h = Harness::new(ServerSessionConfig::default());
+            h.feed(c.into());
+            assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]));
+            h.session.accept(h.now, false, Some("assigned-identifier")).unwrap();
+            let mut bytes = Vec::new();
+            while let Some(b) = h.session.poll_transmit() {
+                bytes.extend_from_slice(&b);
+            }
+            assert!(bytes.len() <= max as usize, "{} bytes sent, the client accepts {max}", bytes.len());
+            if expect_refusal {
+                assert_eq!(bytes, [0x20, 0x03, 0x00, 0x95, 0x00]);
+            }
+            assert!(matches!(
+                h.events()[..],
+                [ServerEvent::Ended { reason: EndReason::ProtocolViolation(ReasonCode::PacketTooLarge), .. }]
+            ));
+            assert!(h.session.is_ended());
+        }
+    }
+
+    /// A topic alias on a message routed from another connection is not sent on this one
+    /// [MQTT-3.3.2-7] (found by the `server_session` fuzzer).
+    #[test]
+    fn routed_messages_carry_no_foreign_topic_alias() {
+        let mut h = Harness::v5();
+        let mut p = Publish::new(TopicName::new("t").unwrap(), &b"m"[..]);
+        p.properties.topic_alias = NonZeroU16::new(7);
+        h.session.publish(h.now, p).unwrap();
+        let sent = h.sent();
+        assert!(matches!(&sent[..], [Packet::Publish(p)] if p.properties.topic_alias.is_none()), "{sent:?}");
     }
 
     #[test]
