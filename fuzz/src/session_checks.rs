@@ -100,6 +100,9 @@ impl Watch {
     }
 
     fn packet(&mut self, packet: &Packet, size: usize) {
+        if tracing() {
+            eprintln!("{} sent {packet:?}", if self.server_side { "server" } else { "client" });
+        }
         assert!(!self.disconnected, "{packet:?} sent after DISCONNECT");
         if let Some(max) = self.limits.max_packet_size {
             assert!(size <= max as usize, "{size}-byte packet exceeds the peer's maximum {max}: {packet:?}");
@@ -150,7 +153,7 @@ impl Watch {
     /// acknowledgements free the sender's publishes.
     fn acknowledged(&mut self, packet: &Packet) {
         if let Packet::ConnAck(ack) = packet {
-            if self.decoder.protocol().is_v5() && !ack.reason_code.is_error() {
+            if !self.server_side && self.decoder.protocol().is_v5() && !ack.reason_code.is_error() {
                 self.limits = connack_limits(ack);
             }
             return;
@@ -165,6 +168,11 @@ impl Watch {
             self.unacked.remove(&pid);
         }
     }
+}
+
+/// `FUZZ_TRACE=1` prints each input and what the session sends (to study a crash).
+fn tracing() -> bool {
+    std::env::var_os("FUZZ_TRACE").is_some()
 }
 
 fn encode(protocol: Protocol, packet: &Packet) -> Option<BytesMut> {
@@ -198,6 +206,9 @@ fn connack_limits(ack: &ConnAck) -> Limits {
 /// client packets, raw bytes, waits, broker deliveries and reconnects.
 pub fn server_session(data: &[u8]) {
     let Ok(mut script) = ServerScript::arbitrary_take_rest(Unstructured::new(data)) else { return };
+    if tracing() {
+        eprintln!("{script:#?}");
+    }
     script.connect.protocol = if script.v5 { Protocol::V5 } else { Protocol::V3_1_1 };
     let protocol = script.connect.protocol;
     #[allow(clippy::disallowed_methods)] // the harness owns the clock
@@ -332,6 +343,9 @@ const FILTERS: [&str; 4] = ["a", "a/+", "#", "c/#"];
 /// raw bytes, waits, application commands and reconnects.
 pub fn client_session(data: &[u8]) {
     let Ok(script) = ClientScript::arbitrary_take_rest(Unstructured::new(data)) else { return };
+    if tracing() {
+        eprintln!("{script:#?}");
+    }
     let protocol = if script.v5 { Protocol::V5 } else { Protocol::V3_1_1 };
     #[allow(clippy::disallowed_methods)] // the harness owns the clock
     let mut now = Instant::now();

@@ -62,6 +62,25 @@ fn replay_broker_quic_corpus() {
     replay("broker_quic", quic_checks::broker_quic);
 }
 
+/// Runs one input through its target's check, to study a crash:
+/// `FUZZ_TARGET=server_session FUZZ_INPUT=path FUZZ_TRACE=1 cargo test -p mqtt-tests --test
+/// fuzz_corpus_quic -- --ignored replay_one --nocapture`.
+#[test]
+#[ignore = "run by hand with FUZZ_TARGET and FUZZ_INPUT"]
+fn replay_one() {
+    let target = std::env::var("FUZZ_TARGET").expect("FUZZ_TARGET");
+    let data = fs::read(std::env::var("FUZZ_INPUT").expect("FUZZ_INPUT")).expect("readable input");
+    match target.as_str() {
+        "server_session" => session_checks::server_session(&data),
+        "client_session" => session_checks::client_session(&data),
+        "broker_quic" => quic_checks::broker_quic(&data),
+        "sessions" => quic_checks::sessions(&data),
+        "broker" => quic_checks::broker(&data),
+        "quic_server" => quic_checks::quic_server(&data),
+        other => panic!("unknown target {other}"),
+    }
+}
+
 #[test]
 #[ignore = "writes the seed corpus; run by hand"]
 fn write_seeds() {

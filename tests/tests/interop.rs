@@ -1,0 +1,504 @@
+//! Interoperability with software this project did not write, over real loopback sockets:
+//!
+//! - mosquitto_pub / mosquitto_sub and the paho-mqtt Python client against our broker over TCP
+//!   (MQTT 3.1.1 and 5: QoS 0/1/2, retained, will, shared subscriptions, session resumption,
+//!   unsubscribe, topic aliases);
+//! - an aioquic MQTT-over-QUIC client (`tests/interop/quic_mqtt_client.py`, ALPN `mqtt`, one
+//!   bidirectional stream) against our broker over QUIC;
+//! - our client against the mosquitto broker over TCP, and over QUIC through an aioquic relay
+//!   (`tests/interop/quic_tcp_relay.py`) in front of it.
+//!
+//! The peers come from Debian (mosquitto, mosquitto-clients) and PyPI (paho-mqtt, aioquic; see
+//! `tests/interop/requirements.txt`); `.ci/run` installs them. A test whose peer is missing fails
+//! and says how to install it: it never passes without having talked to the peer.
+
+// Real processes on real sockets: the wall clock is the only clock here.
+#![allow(clippy::disallowed_methods)]
+
+use adapter_tokio::client::{Client, ClientOptions};
+use adapter_tokio::server::{Server, ServerOptions};
+use mqtt_proto::{Protocol, Publish, QoS, TopicFilter, TopicName};
+use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn cert() -> &'static SelfSigned {
+    static CERT: OnceLock<SelfSigned> = OnceLock::new();
+    CERT.get_or_init(|| SelfSigned::generate(&["localhost"]).expect("certificate"))
+}
+
+/// A directory of this test process's own, for certificate files and broker configurations.
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mqtt-interop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        std::fs::write(dir.join("cert.pem"), &cert().cert_pem).expect("write cert");
+        std::fs::write(dir.join("key.pem"), &cert().key_pem).expect("write key");
+        dir
+    })
+}
+
+fn interop_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop")
+}
+
+/// The path of a peer program, or a failure that says how to get it.
+fn require(program: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]);
+    for dir in dirs {
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("interop peer `{program}` is not installed: `apt-get install {package}` (.ci/run does this)");
+}
+
+/// Python 3 with `module` importable, or a failure that says how to get it.
+fn require_python(module: &str) -> PathBuf {
+    let python = require("python3", "python3");
+    let ok = Command::new(&python).args(["-c", &format!("import {module}")]).output().map(|o| o.status.success());
+    assert!(
+        ok.unwrap_or(false),
+        "interop peer: the Python module `{module}` is not installed: \
+         `pip install -r tests/interop/requirements.txt` (.ci/run does this)"
+    );
+    python
+}
+
+/// A peer process whose output lines (stdout and stderr) are collected as they come.
+struct Peer {
+    name: String,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Peer {
+    fn spawn(name: &str, command: &mut Command) -> Peer {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let (tx, lines) = channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
+        std::thread::spawn(move || {
+            BufReader::new(err).lines().map_while(Result::ok).try_for_each(|l| tx2.send(format!("stderr: {l}")))
+        });
+        Peer { name: name.to_string(), child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a line that satisfies `pred`, and returns it.
+    fn expect(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("{}: no {what} within {WAIT:?}; output: {:#?}", self.name, self.seen)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().ok();
+                    panic!("{}: exited ({status:?}) before {what}; output: {:#?}", self.name, self.seen)
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to end; returns its status and every output line.
+    fn finish(mut self) -> (ExitStatus, Vec<String>) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not end; output: {:#?}", self.name, self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The readers end with the pipes.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        (status, std::mem::take(&mut self.seen))
+    }
+
+    /// Like `finish`, and the process must have succeeded.
+    fn succeed(self) -> Vec<String> {
+        let name = self.name.clone();
+        let (status, lines) = self.finish();
+        assert!(status.success(), "{name} failed ({status}); output: {lines:#?}");
+        lines
+    }
+
+    /// Ends the process with a signal (`KILL`: the connection drops without DISCONNECT; `INT`:
+    /// mosquitto's clients disconnect cleanly).
+    fn signal(&mut self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {}", self.name);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Our broker (QUIC and TCP on 127.0.0.1, ports chosen by the system) in its own runtime.
+struct OurBroker {
+    runtime: tokio::runtime::Runtime,
+    server: Option<Server>,
+}
+
+impl OurBroker {
+    fn start() -> OurBroker {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).expect("server TLS"));
+        let server = runtime.block_on(Server::start(options)).expect("our broker starts");
+        OurBroker { runtime, server: Some(server) }
+    }
+
+    fn tcp_port(&self) -> u16 {
+        self.server.as_ref().and_then(Server::tcp_addr).expect("TCP listener").port()
+    }
+
+    fn quic_port(&self) -> u16 {
+        self.server.as_ref().and_then(Server::quic_addr).expect("QUIC listener").port()
+    }
+}
+
+impl Drop for OurBroker {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+/// The mosquitto broker on a free loopback port.
+struct Mosquitto {
+    port: u16,
+    _peer: Peer,
+}
+
+impl Mosquitto {
+    fn start() -> Mosquitto {
+        let program = require("mosquitto", "mosquitto");
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let config = scratch().join(format!("mosquitto-{port}.conf"));
+        std::fs::write(&config, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
+            .expect("mosquitto config");
+        let peer = Peer::spawn("mosquitto", Command::new(program).arg("-c").arg(&config));
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto { port, _peer: peer }
+    }
+}
+
+/// `mosquitto_sub` printing each message as `retain|qos|topic|payload`, with debug lines so a
+/// test can wait for its SUBACK.
+fn mosquitto_sub(port: u16, version: &str, args: &[&str]) -> Peer {
+    let program = require("mosquitto_sub", "mosquitto-clients");
+    // Piped, its output would be block-buffered: stdbuf makes it line by line.
+    let mut command = Command::new(require("stdbuf", "coreutils"));
+    command
+        .arg("-oL")
+        .arg(program)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version, "-d", "-F", "%r|%q|%t|%p"])
+        .args(args);
+    Peer::spawn(&format!("mosquitto_sub {}", args.join(" ")), &mut command)
+}
+
+fn mosquitto_pub(port: u16, version: &str, args: &[&str]) -> Vec<String> {
+    let program = require("mosquitto_pub", "mosquitto-clients");
+    let mut command = Command::new(program);
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version]).args(args);
+    Peer::spawn(&format!("mosquitto_pub {}", args.join(" ")), &mut command).succeed()
+}
+
+fn subscribed(line: &str) -> bool {
+    line.starts_with("Subscribed")
+}
+
+/// The message lines (`retain|qos|topic|payload`) among a mosquitto_sub's output.
+fn messages(lines: &[String]) -> Vec<String> {
+    lines.iter().filter(|l| l.contains('|') && !l.starts_with("Client ") && !l.starts_with("stderr")).cloned().collect()
+}
+
+#[test]
+fn mosquitto_clients_against_our_broker() {
+    let broker = OurBroker::start();
+    let port = broker.tcp_port();
+    for v in ["mqttv311", "mqttv5"] {
+        // QoS 0, 1 and 2, in order.
+        let mut sub = mosquitto_sub(port, v, &["-t", &format!("mq/{v}/#"), "-q", "2", "-C", "3"]);
+        sub.expect("SUBACK", subscribed);
+        for q in 0..3 {
+            mosquitto_pub(port, v, &["-t", &format!("mq/{v}/q{q}"), "-m", &format!("hello-{q}"), "-q", &q.to_string()]);
+        }
+        let got = messages(&sub.succeed());
+        let want: Vec<String> = (0..3).map(|q| format!("0|{q}|mq/{v}/q{q}|hello-{q}")).collect();
+        assert_eq!(got, want, "{v}: QoS 0/1/2");
+
+        // Retained: a later subscriber gets it with RETAIN set; an empty retained message clears it.
+        let topic = format!("mq/{v}/retained");
+        mosquitto_pub(port, v, &["-t", &topic, "-m", "kept", "-q", "1", "-r"]);
+        let got = messages(&mosquitto_sub(port, v, &["-t", &topic, "-q", "1", "-C", "1"]).succeed());
+        assert_eq!(got, [format!("1|1|{topic}|kept")], "{v}: retained");
+        mosquitto_pub(port, v, &["-t", &topic, "-n", "-r"]);
+        let (status, lines) = mosquitto_sub(port, v, &["-t", &topic, "-C", "1", "-W", "1"]).finish();
+        assert!(!status.success() && messages(&lines).is_empty(), "{v}: cleared retained message arrived: {lines:?}");
+
+        // Will: a client killed without DISCONNECT has its will published.
+        let will_topic = format!("mq/{v}/will");
+        let mut watcher = mosquitto_sub(port, v, &["-t", &will_topic, "-q", "1", "-C", "1"]);
+        watcher.expect("SUBACK", subscribed);
+        let mut victim = mosquitto_sub(
+            port,
+            v,
+            &["-t", "mq/nothing", "--will-topic", &will_topic, "--will-payload", "gone", "--will-qos", "1"],
+        );
+        victim.expect("SUBACK", subscribed);
+        victim.signal("KILL");
+        assert_eq!(messages(&watcher.succeed()), [format!("0|1|{will_topic}|gone")], "{v}: will");
+
+        // Shared subscription: each message to exactly one member, both members used.
+        let shared = format!("$share/g-{v}/mq/{v}/shared");
+        let mut members: Vec<Peer> = (0..2).map(|_| mosquitto_sub(port, v, &["-t", &shared, "-q", "1"])).collect();
+        for m in members.iter_mut() {
+            m.expect("SUBACK", subscribed);
+        }
+        for i in 0..20 {
+            mosquitto_pub(port, v, &["-t", &format!("mq/{v}/shared"), "-m", &format!("s{i}"), "-q", "1"]);
+        }
+        let mut counts = Vec::new();
+        let mut all = Vec::new();
+        for member in members.iter_mut() {
+            let mut n = 0;
+            while let Ok(line) = member.lines.recv_timeout(Duration::from_millis(500)) {
+                if let Some(payload) = messages(std::slice::from_ref(&line)).first().and_then(|l| l.rsplit('|').next())
+                {
+                    all.push(payload.to_string());
+                    n += 1;
+                }
+            }
+            counts.push(n);
+        }
+        all.sort();
+        let mut want: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+        want.sort();
+        assert_eq!(all, want, "{v}: shared subscription delivers each message once (split {counts:?})");
+        assert!(counts.iter().all(|&n| n > 0), "{v}: both members get messages: {counts:?}");
+        drop(members);
+
+        // Session resumption: messages published while a persistent client is away are
+        // delivered when it comes back; unsubscribing on that session stops them.
+        let id = format!("persistent-{v}");
+        let topic = format!("mq/{v}/session");
+        let persistent = |extra: &[&str]| {
+            let mut args = vec!["-c", "-i", &id, "-q", "1"];
+            if v == "mqttv5" {
+                args.extend(["-x", "60"]);
+            }
+            args.extend(extra);
+            mosquitto_sub(port, v, &args)
+        };
+        let mut first = persistent(&["-t", &topic]);
+        first.expect("SUBACK", subscribed);
+        first.signal("INT");
+        first.finish();
+        for i in 0..3 {
+            mosquitto_pub(port, v, &["-t", &topic, "-m", &format!("while-away-{i}"), "-q", "1"]);
+        }
+        let got = messages(&persistent(&["-t", &topic, "-C", "3"]).succeed());
+        let want: Vec<String> = (0..3).map(|i| format!("0|1|{topic}|while-away-{i}")).collect();
+        assert_eq!(got, want, "{v}: session resumption");
+        persistent(&["-t", "mq/nothing", "-U", &topic, "-E"]).succeed();
+        mosquitto_pub(port, v, &["-t", &topic, "-m", "after-unsubscribe", "-q", "1"]);
+        let (_, lines) = persistent(&["-t", "mq/nothing", "-W", "1"]).finish();
+        // (mosquitto_sub -C may leave before acknowledging its last message, which then comes
+        // again, correctly, with DUP: only the message published after UNSUBSCRIBE matters.)
+        assert!(
+            !messages(&lines).iter().any(|l| l.ends_with("after-unsubscribe")),
+            "{v}: unsubscribed session still got: {lines:?}"
+        );
+    }
+
+    // Topic alias (MQTT 5): the publisher sets alias 1 on its PUBLISH; subscribers see the topic.
+    let mut sub = mosquitto_sub(port, "mqttv5", &["-t", "mq/alias", "-C", "1"]);
+    sub.expect("SUBACK", subscribed);
+    mosquitto_pub(port, "mqttv5", &["-t", "mq/alias", "-m", "aliased", "-D", "publish", "topic-alias", "1"]);
+    assert_eq!(messages(&sub.succeed()), ["0|0|mq/alias|aliased"]);
+}
+
+#[test]
+fn paho_against_our_broker() {
+    let python = require_python("paho.mqtt.client");
+    let broker = OurBroker::start();
+    for v in ["5", "3.1.1"] {
+        let mut command = Command::new(&python);
+        command.arg(interop_dir().join("paho_check.py")).args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &broker.tcp_port().to_string(),
+            "--mqtt",
+            v,
+            "--scenario",
+            "all",
+        ]);
+        let lines = Peer::spawn(&format!("paho_check.py --mqtt {v}"), &mut command).succeed();
+        for scenario in ["connect", "qos", "retained", "will", "shared", "session", "unsubscribe", "topic_alias"] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(&format!("ok: {scenario} "))),
+                "paho {v}: scenario {scenario} did not report ok: {lines:#?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn aioquic_client_against_our_broker() {
+    let python = require_python("aioquic");
+    let broker = OurBroker::start();
+    let cafile = scratch().join("cert.pem");
+    for v in ["5", "3.1.1"] {
+        for scenario in ["pubsub", "retained", "will"] {
+            let mut command = Command::new(&python);
+            command.arg(interop_dir().join("quic_mqtt_client.py")).args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &broker.quic_port().to_string(),
+                "--server-name",
+                "localhost",
+                "--mqtt",
+                v,
+                "--scenario",
+                scenario,
+                "--cafile",
+            ]);
+            command.arg(&cafile);
+            let lines = Peer::spawn(&format!("aioquic {scenario} --mqtt {v}"), &mut command).succeed();
+            assert!(lines.iter().any(|l| l.starts_with("ok: ")), "aioquic {scenario} {v}: {lines:#?}");
+        }
+    }
+}
+
+/// Publishes QoS 0, 1 and 2 and a retained message through `url` with our tokio client, and
+/// checks they come back through a second connection.
+async fn our_client_round_trip(url: &str, protocol: Protocol, tls: Option<ClientTls>) {
+    let options = |id: &str| {
+        let mut o = ClientOptions::new().client_id(id);
+        o.session.protocol = protocol;
+        o.server_name = Some("localhost".into());
+        if let Some(tls) = &tls {
+            o = o.tls(tls.clone());
+        }
+        o
+    };
+    let tag = if protocol.is_v5() { "v5" } else { "v311" };
+    let connect = |id: String| {
+        let options = options(&id);
+        async move {
+            tokio::time::timeout(WAIT, Client::connect(url, options))
+                .await
+                .expect("connect timed out")
+                .unwrap_or_else(|e| panic!("{url}: {e}"))
+        }
+    };
+    let sub = connect(format!("ours-sub-{tag}")).await;
+    let mut messages = sub.messages().expect("message stream");
+    let filter = TopicFilter::new(format!("ours/{tag}/#")).expect("filter");
+    assert_eq!(sub.subscribe(filter, QoS::ExactlyOnce).await.expect("subscribe"), QoS::ExactlyOnce);
+    let publisher = connect(format!("ours-pub-{tag}")).await;
+    let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    for (i, q) in qos.into_iter().enumerate() {
+        let topic = TopicName::new(format!("ours/{tag}/q{i}")).expect("topic");
+        publisher.publish(Publish::new(topic, format!("m{i}")).with_qos(q)).await.expect("publish");
+    }
+    for (i, q) in qos.into_iter().enumerate() {
+        let m = tokio::time::timeout(WAIT, messages.recv()).await.expect("message timed out").expect("message");
+        assert_eq!(
+            (m.topic.as_str(), &m.payload[..], m.qos()),
+            (format!("ours/{tag}/q{i}").as_str(), format!("m{i}").as_bytes(), q)
+        );
+    }
+    let mut retained =
+        Publish::new(TopicName::new(format!("ours/{tag}/kept")).expect("topic"), "kept").with_qos(QoS::AtLeastOnce);
+    retained.retain = true;
+    publisher.publish(retained).await.expect("retained publish");
+    let _ = tokio::time::timeout(WAIT, messages.recv()).await.expect("live copy");
+    let late = connect(format!("ours-late-{tag}")).await;
+    let mut late_messages = late.messages().expect("message stream");
+    late.subscribe(TopicFilter::new(format!("ours/{tag}/kept")).expect("filter"), QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let m = tokio::time::timeout(WAIT, late_messages.recv()).await.expect("retained timed out").expect("retained");
+    assert!(m.retain && &m.payload[..] == b"kept", "{m:?}");
+    for client in [publisher, sub, late] {
+        client.disconnect().await.expect("disconnect");
+    }
+}
+
+#[test]
+fn our_client_against_mosquitto_broker() {
+    let mosquitto = Mosquitto::start();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let url = format!("mqtt://127.0.0.1:{}", mosquitto.port);
+    for protocol in [Protocol::V5, Protocol::V3_1_1] {
+        runtime.block_on(our_client_round_trip(&url, protocol, None));
+    }
+}
+
+#[test]
+fn our_client_over_quic_through_an_aioquic_relay_to_mosquitto() {
+    let python = require_python("aioquic");
+    let mosquitto = Mosquitto::start();
+    let mut command = Command::new(python);
+    command
+        .arg(interop_dir().join("quic_tcp_relay.py"))
+        .args(["--listen-port", "0", "--cert"])
+        .arg(scratch().join("cert.pem"))
+        .arg("--key")
+        .arg(scratch().join("key.pem"))
+        .args(["--upstream", &format!("127.0.0.1:{}", mosquitto.port)]);
+    let mut relay = Peer::spawn("quic_tcp_relay.py", &mut command);
+    let line = relay.expect("its listening line", |l| l.starts_with("listening "));
+    let addr: SocketAddr = line["listening ".len()..].parse().expect("relay address");
+    let tls = ClientTls::with_ca_pem(cert().cert_pem.as_bytes()).expect("CA");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let url = format!("quic://127.0.0.1:{}", addr.port());
+    for protocol in [Protocol::V5, Protocol::V3_1_1] {
+        runtime.block_on(our_client_round_trip(&url, protocol, Some(tls.clone())));
+    }
+    drop(relay);
+}
