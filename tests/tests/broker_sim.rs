@@ -484,6 +484,32 @@ fn shared_subscription_redelivers_when_a_member_leaves_unacknowledged() {
     assert!(w.messages(m1).is_empty());
 }
 
+/// [MQTT-4.8.2-4] [MQTT-4.8.2-5]: a QoS 2 message a shared-subscription member was sent stays
+/// with that member when its connection drops: it is completed when the member comes back, and
+/// never handed to another member.
+#[test]
+fn shared_subscription_keeps_an_unfinished_qos_2_message_with_its_member() {
+    let mut w = World::new(17);
+    let kept = |id: &str| ClientSessionConfig { client_id: id.into(), session_expiry: 60, ..Default::default() };
+    let m1 = w.client(1, kept("m1"));
+    let m2 = w.client(2, kept("m2"));
+    w.subscribe(m1, "$share/workers/jobs/#", QoS::ExactlyOnce);
+    w.subscribe(m2, "$share/workers/jobs/#", QoS::ExactlyOnce);
+    let p = w.client(3, session("p"));
+    w.publish(p, "jobs/1", "build", QoS::ExactlyOnce, false);
+    assert!(w.run_until(|w| w.broker().stats().messages_sent >= 1));
+    let now = w.sim.now();
+    w.c(m1).drop_connection(now);
+    for _ in 0..10 {
+        w.settle();
+    }
+    assert!(w.messages(m2).is_empty(), "another member got the QoS 2 message: {:?}", w.messages(m2));
+    w.start(m1);
+    assert!(w.run_until(|w| !w.messages(m1).is_empty()));
+    assert_eq!(w.messages(m1), [("jobs/1".to_string(), "build".to_string(), false)]);
+    assert!(w.messages(m2).is_empty());
+}
+
 #[test]
 fn a_full_retained_store_refuses_new_retained_messages_with_0x97() {
     let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());

@@ -179,13 +179,14 @@ impl SessionState {
         self.inflight.len() + self.queued.len()
     }
 
-    /// Takes out the messages with these request ids (as returned by `publish`), sent or not,
-    /// for delivery elsewhere; their packet identifiers are freed.
+    /// Takes out the messages with these request ids (as returned by `publish`) for delivery
+    /// elsewhere: queued ones, and QoS 1 ones already sent; their packet identifiers are freed.
     pub fn take_requests(&mut self, ids: &[u64]) -> Vec<Publish> {
         let mut out = Vec::new();
-        self.inflight.retain(|(_, released, id, p)| {
-            // A QoS 2 message already released (PUBREC received) has been delivered: keep it.
-            let take = ids.contains(id) && !*released;
+        self.inflight.retain(|(_, _, id, p)| {
+            // A QoS 2 message once sent stays: its delivery completes with this client when it
+            // comes back, and it never goes to another client [MQTT-4.8.2-4] [MQTT-4.8.2-5].
+            let take = ids.contains(id) && p.qos() != QoS::ExactlyOnce;
             if take {
                 out.push(p.clone());
             }
