@@ -600,3 +600,76 @@ fn a_byte_stream_client_and_a_quic_client_share_the_broker() {
     assert!(closed);
     assert!(!w.broker().has_session("tcp-pub"), "clean session gone after disconnect");
 }
+
+/// Sends `packets` to the broker over a byte stream and returns what it answers (decoded) and
+/// whether it closed the stream.
+fn exchange_over_stream(
+    w: &mut World,
+    protocol: Protocol,
+    packets: &[mqtt_proto::Packet],
+) -> (Vec<mqtt_proto::Packet>, bool) {
+    use mqtt_quic_core::broker::machine::StreamOutput;
+    let now = w.sim.now();
+    let stream = w.broker().open_stream(now);
+    let mut bytes = bytes::BytesMut::new();
+    for p in packets {
+        p.encode(protocol, &mut bytes).unwrap();
+    }
+    w.broker().handle_stream_bytes(now, stream, &bytes);
+    let mut answer = bytes::BytesMut::new();
+    let mut closed = false;
+    while let Some((id, out)) = w.broker().poll_stream() {
+        assert_eq!(id, stream);
+        match out {
+            StreamOutput::Data(b) => answer.extend_from_slice(&b),
+            StreamOutput::Close => closed = true,
+            _ => {}
+        }
+    }
+    let mut decoder = mqtt_proto::Decoder::new(protocol);
+    (std::iter::from_fn(|| decoder.decode(&mut answer).unwrap()).collect(), closed)
+}
+
+/// Enhanced authentication is not offered: a CONNECT asking for it gets 0x8C and the connection
+/// closes [MQTT-4.12.0-1]; AUTH on a connection that agreed no method is a Protocol Error.
+#[test]
+fn enhanced_authentication_is_refused_and_stray_auth_is_a_protocol_error() {
+    use mqtt_proto::{Auth, Connect, MqttString, Packet};
+    let mut w = World::new(18);
+    let mut with_method = Connect::new(Protocol::V5, MqttString::from_static("scram"));
+    with_method.properties.authentication_method = Some(MqttString::from_static("SCRAM-SHA-1"));
+    let (answer, closed) = exchange_over_stream(&mut w, Protocol::V5, &[with_method.into()]);
+    assert!(
+        matches!(&answer[..], [Packet::ConnAck(a)] if a.reason_code == ReasonCode::BadAuthenticationMethod),
+        "{answer:?}"
+    );
+    assert!(closed);
+    assert!(!w.broker().has_session("scram"));
+
+    let plain = Connect::new(Protocol::V5, MqttString::from_static("plain"));
+    let (answer, closed) = exchange_over_stream(&mut w, Protocol::V5, &[plain.into(), Auth::default().into()]);
+    assert!(
+        matches!(&answer[..], [Packet::ConnAck(a), Packet::Disconnect(d)]
+            if a.reason_code == ReasonCode::Success && d.reason_code == ReasonCode::ProtocolError),
+        "{answer:?}"
+    );
+    assert!(closed);
+}
+
+/// [MQTT-3.1.3-6]: identifiers the broker assigns never collide with one a client chose.
+#[test]
+fn assigned_client_identifiers_are_unique() {
+    use mqtt_proto::{Connect, MqttString, Packet};
+    let mut w = World::new(19);
+    // Registering this session uses up the broker's first internal number, so "auto-2" is the
+    // identifier it would assign next.
+    let mut taken = Connect::new(Protocol::V5, MqttString::from_static("auto-2"));
+    taken.properties.session_expiry_interval = Some(60);
+    let (answer, _) = exchange_over_stream(&mut w, Protocol::V5, &[taken.into()]);
+    assert!(matches!(&answer[..], [Packet::ConnAck(a)] if a.reason_code == ReasonCode::Success));
+    let anonymous = Connect::new(Protocol::V5, MqttString::from_static(""));
+    let (answer, _) = exchange_over_stream(&mut w, Protocol::V5, &[anonymous.into()]);
+    let Some(Packet::ConnAck(ack)) = answer.first() else { panic!("{answer:?}") };
+    let assigned = ack.properties.assigned_client_identifier.as_ref().expect("an assigned identifier");
+    assert_ne!(assigned.as_str(), "auto-2");
+}

@@ -564,7 +564,13 @@ impl Broker {
                 }
             }
             ServerEvent::Ended { will, .. } => self.on_end(now, conn, will),
-            _ => {}
+            ServerEvent::Auth(_) => {
+                // No authentication method was agreed (a CONNECT carrying one is refused), so
+                // AUTH from the client breaks the protocol [MQTT-3.15.0-1] [MQTT-4.12.0-1].
+                if let Some(live) = self.conns.get_mut(&conn) {
+                    let _ = live.session.disconnect(ReasonCode::ProtocolError);
+                }
+            }
         }
     }
 
@@ -576,9 +582,21 @@ impl Broker {
             }
             return;
         }
-        let assigned = c.client_id.is_empty().then(|| {
+        // Enhanced authentication (an AUTH exchange) is not offered: a client that asks for it
+        // is refused with 0x8C and the connection closed [MQTT-4.12.0-1].
+        if c.properties.authentication_method.is_some() {
+            if let Some(live) = self.conns.get_mut(&conn) {
+                let _ = live.session.refuse(now, ReasonCode::BadAuthenticationMethod);
+            }
+            return;
+        }
+        // An assigned identifier must be unique [MQTT-3.1.3-6]: skip any a client chose itself.
+        let assigned = c.client_id.is_empty().then(|| loop {
             self.next_key += 1;
-            format!("auto-{}", self.next_key)
+            let id = format!("auto-{}", self.next_key);
+            if !self.clients.contains_key(&id) {
+                break id;
+            }
         });
         let id = assigned.clone().unwrap_or_else(|| c.client_id.to_string());
         let username = c.username.as_ref().map(|u| u.as_str().to_string());

@@ -164,6 +164,9 @@ pub enum CommandError {
     /// Not connected (QoS 0 publishes, subscriptions and disconnect need a connection).
     #[error("not connected")]
     NotConnected,
+    /// AUTH needs an authentication method in the CONNECT (MQTT 5 enhanced authentication).
+    #[error("AUTH needs an authentication method set in the CONNECT properties")]
+    NoAuthenticationMethod,
     /// Too many publishes are waiting.
     #[error("publish queue is full ({0} waiting)")]
     QueueFull(usize),
@@ -437,6 +440,10 @@ impl ClientSession {
     pub fn auth(&mut self, now: Instant, auth: Auth) -> Result<(), CommandError> {
         if !matches!(self.state, State::Connecting | State::Connected) {
             return Err(CommandError::NotConnected);
+        }
+        // AUTH belongs to an exchange our CONNECT asked for [MQTT-4.12.0-7].
+        if self.config.connect_properties.authentication_method.is_none() {
+            return Err(CommandError::NoAuthenticationMethod);
         }
         self.write(now, &Packet::Auth(auth));
         Ok(())

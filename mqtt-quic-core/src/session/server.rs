@@ -767,6 +767,22 @@ impl ServerSession {
             let _ = self.refuse(now, ReasonCode::ClientIdentifierNotValid);
             return;
         }
+        // A will the server could not publish as asked is refused up front [MQTT-3.2.2-12]
+        // [MQTT-3.2.2-13].
+        if let Some(will) = &connect.will {
+            let refusal = if will.qos > self.config.maximum_qos {
+                Some(ReasonCode::QosNotSupported)
+            } else if will.retain && !self.config.retain_available {
+                Some(ReasonCode::RetainNotSupported)
+            } else {
+                None
+            };
+            if let Some(code) = refusal {
+                self.state = State::Deciding;
+                let _ = self.refuse(now, code);
+                return;
+            }
+        }
         let p = &*connect.properties;
         self.client_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
         self.client_maximum_packet_size =
@@ -1333,6 +1349,33 @@ mod tests {
         h.session.publish(h.now, p).unwrap();
         let sent = h.sent();
         assert!(matches!(&sent[..], [Packet::Publish(p)] if p.properties.topic_alias.is_none()), "{sent:?}");
+    }
+
+    /// [MQTT-3.2.2-12] [MQTT-3.2.2-13]: a will above the Maximum QoS, or retained where retain
+    /// is unavailable, gets CONNACK 0x9B / 0x9A and no session.
+    #[test]
+    fn a_will_the_server_cannot_honour_is_refused() {
+        let config =
+            ServerSessionConfig { maximum_qos: QoS::AtLeastOnce, retain_available: false, ..Default::default() };
+        for (qos, retain, code) in [
+            (QoS::ExactlyOnce, false, ReasonCode::QosNotSupported),
+            (QoS::AtMostOnce, true, ReasonCode::RetainNotSupported),
+        ] {
+            let mut c = connect(Protocol::V5);
+            c.will = Some(Will {
+                topic: TopicName::new("status").unwrap(),
+                payload: Bytes::from_static(b"gone"),
+                qos,
+                retain,
+                properties: Default::default(),
+            });
+            let mut h = Harness::new(config.clone());
+            h.feed(c.into());
+            assert!(matches!(&h.sent()[..], [Packet::ConnAck(ack)] if ack.reason_code == code));
+            assert!(
+                matches!(h.events()[..], [ServerEvent::Ended { reason: EndReason::Refused(r), will: None }] if r == code)
+            );
+        }
     }
 
     #[test]
