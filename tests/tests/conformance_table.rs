@@ -162,7 +162,7 @@ fn is_identifier(name: &str) -> bool {
 fn marked_as_test(before: &str) -> bool {
     let above = before.rfind('\n').map_or("", |i| &before[..i]);
     for line in above.lines().rev().map(str::trim).filter(|l| !l.is_empty()).take(12) {
-        if TEST_ATTRIBUTES.iter().any(|a| line.starts_with(a)) {
+        if TEST_ATTRIBUTES.iter().any(|&a| line.starts_with(a)) {
             return true;
         }
         if line.starts_with("//") || line.starts_with("#[") {
@@ -176,9 +176,14 @@ fn marked_as_test(before: &str) -> bool {
     false
 }
 
-/// Whether `before` ends inside a `proptest! { … }` block.
+/// Whether `before` ends inside a `proptest!` block. Only an invocation counts: the macro name
+/// followed by its opening brace, on a line that is not a comment.
 fn inside_proptest(before: &str) -> bool {
-    let Some(start) = before.rfind("proptest!") else { return false };
+    let invocation = before.rmatch_indices("proptest!").find(|&(at, m)| {
+        let line_start = before[..at].rfind('\n').map_or(0, |i| i + 1);
+        !before[line_start..at].trim_start().starts_with("//") && before[at + m.len()..].trim_start().starts_with('{')
+    });
+    let Some((start, _)) = invocation else { return false };
     let mut depth = 0i32;
     let mut opened = false;
     for c in before[start..].chars() {
@@ -260,8 +265,11 @@ fn contribution(row: &Row, decision: Decision) -> [usize; 5] {
     ]
 }
 
+/// The summary table as written: its column names, and per chapter (and `total`) its cells.
+type Summary = (Vec<String>, BTreeMap<String, Vec<String>>);
+
 /// The summary table: its column names and, per chapter (and `total`), the counts it states.
-fn stated_summary(text: &str) -> Option<(Vec<String>, BTreeMap<String, Vec<String>>)> {
+fn stated_summary(text: &str) -> Option<Summary> {
     let mut lines = text.lines().skip_while(|l| cells(l).and_then(|c| c.first().copied()) != Some("chapter"));
     let header: Vec<String> = cells(lines.next()?)?.into_iter().map(str::to_owned).collect();
     let clean = |c: &str| c.trim_matches('*').trim().to_lowercase();
