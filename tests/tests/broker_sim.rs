@@ -673,3 +673,37 @@ fn assigned_client_identifiers_are_unique() {
     let assigned = ack.properties.assigned_client_identifier.as_ref().expect("an assigned identifier");
     assert_ne!(assigned.as_str(), "auto-2");
 }
+
+/// [MQTT-3.1.2-8]: when a second connection takes a client's session over, the first
+/// connection's will is published if it has no delay, and cancelled if it has one.
+#[test]
+fn session_takeover_publishes_an_undelayed_will_and_cancels_a_delayed_one() {
+    let mut w = World::new(20);
+    let watcher = w.client(1, session("watcher"));
+    w.subscribe(watcher, "clients/#", QoS::AtLeastOnce);
+    let _first = w.client(2, delayed_will("now", 0));
+    let _first_delayed = w.client(3, delayed_will("later", 5));
+    let _second = w.client(4, session("now"));
+    let _second_delayed = w.client(5, session("later"));
+    for _ in 0..30 {
+        w.settle();
+    }
+    assert_eq!(w.messages(watcher), [("clients/now".to_string(), "gone".to_string(), false)]);
+}
+
+/// A Session Expiry Interval above the broker's maximum is capped, and CONNACK says so.
+#[test]
+fn capped_session_expiry_is_announced_in_connack() {
+    use mqtt_proto::{Connect, MqttString, Packet};
+    let mut w = World::new(21);
+    let mut c = Connect::new(Protocol::V5, MqttString::from_static("forever"));
+    c.properties.session_expiry_interval = Some(u32::MAX - 1);
+    let (answer, _) = exchange_over_stream(&mut w, Protocol::V5, &[c.into()]);
+    let Some(Packet::ConnAck(ack)) = answer.first() else { panic!("{answer:?}") };
+    assert_eq!(ack.properties.session_expiry_interval, Some(7 * 24 * 3600));
+    let mut c = Connect::new(Protocol::V5, MqttString::from_static("hour"));
+    c.properties.session_expiry_interval = Some(3600);
+    let (answer, _) = exchange_over_stream(&mut w, Protocol::V5, &[c.into()]);
+    let Some(Packet::ConnAck(ack)) = answer.first() else { panic!("{answer:?}") };
+    assert_eq!(ack.properties.session_expiry_interval, None, "granted as asked: nothing to announce");
+}

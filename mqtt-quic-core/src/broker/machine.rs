@@ -566,7 +566,7 @@ impl Broker {
             ServerEvent::Ended { will, .. } => self.on_end(now, conn, will),
             ServerEvent::Auth(_) => {
                 // No authentication method was agreed (a CONNECT carrying one is refused), so
-                // AUTH from the client breaks the protocol [MQTT-3.15.0-1] [MQTT-4.12.0-1].
+                // AUTH from the client breaks the protocol.
                 if let Some(live) = self.conns.get_mut(&conn) {
                     let _ = live.session.disconnect(ReasonCode::ProtocolError);
                 }
@@ -617,10 +617,19 @@ impl Broker {
         };
         // Takeover: the previous connection of this client ends with 0x8E and its session
         // state comes here.
+        let mut taken_over_will = None;
         if let Some(other) = self.clients.get(&id).and_then(|r| r.conn) {
             if let Some(old) = self.conns.get_mut(&other) {
                 let _ = old.session.disconnect(ReasonCode::SessionTakenOver);
                 old.client = None;
+                // The old connection's will: published now if it has no delay (the delay is
+                // over at once), cancelled by this new connection otherwise [MQTT-3.1.2-8].
+                taken_over_will = std::iter::from_fn(|| old.session.poll_event())
+                    .find_map(|e| match e {
+                        ServerEvent::Ended { will, .. } => will,
+                        _ => None,
+                    })
+                    .filter(|w| w.properties.will_delay_interval.unwrap_or(0) == 0);
                 let state = old.session.take_state();
                 let out: Vec<Bytes> = std::iter::from_fn(|| old.session.poll_transmit()).collect();
                 for bytes in out {
@@ -633,6 +642,9 @@ impl Broker {
                     r.conn = None;
                 }
             }
+        }
+        if let Some(will) = taken_over_will {
+            self.publish(now, will_message(will), None);
         }
         // Clean start discards any kept session [MQTT-3.1.2-4].
         let existed = self.clients.contains_key(&id) && !c.clean_start;
@@ -657,6 +669,10 @@ impl Broker {
         let Some(live) = self.conns.get_mut(&conn) else { return };
         live.client = Some(id);
         live.username = username;
+        let asked = c.properties.session_expiry_interval.unwrap_or(0);
+        if c.protocol.is_v5() && asked != expiry {
+            live.session.announce_session_expiry(expiry);
+        }
         match (existed, state) {
             (true, Some(state)) => {
                 let _ = live.session.resume(now, state);

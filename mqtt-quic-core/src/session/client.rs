@@ -357,6 +357,11 @@ impl ClientSession {
             return Err(CommandError::RetainNotSupported);
         }
         publish.dup = false;
+        // Subscription Identifiers are the server's business [MQTT-3.3.4-6]: a message received
+        // and published again must not carry them.
+        if !publish.properties.subscription_identifiers.is_empty() {
+            publish.properties.subscription_identifiers = mqtt_proto::WireList::new();
+        }
         // Size as it will go out: the packet identifier is assigned later but its size is fixed.
         let size = publish.encoded_len(self.config.protocol).unwrap_or(usize::MAX);
         if size > self.server_maximum_packet_size as usize {
@@ -697,6 +702,11 @@ impl ClientSession {
             self.events.push_back(ClientEvent::Refused { reason: ack.reason_code });
             return;
         }
+        // We asked for a new session: a server claiming to have one is broken [MQTT-3.2.2-4].
+        if ack.session_present && self.config.clean_start {
+            self.violation(now, ReasonCode::ProtocolError);
+            return;
+        }
         let p = &*ack.properties;
         self.server_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
         self.server_maximum_packet_size =
@@ -911,8 +921,34 @@ mod tests {
         p
     }
 
+    /// [MQTT-3.2.2-4]: a server claiming a session after we asked for a clean start is broken:
+    /// the connection ends as a protocol violation.
+    #[test]
+    fn session_present_after_a_clean_start_closes_the_connection() {
+        let mut h = Harness::new(ClientSessionConfig::default());
+        h.session.connect(h.now).unwrap();
+        h.sent();
+        h.feed(ConnAck { session_present: true, ..Default::default() }.into());
+        assert_eq!(
+            h.events(),
+            [ClientEvent::Disconnected { reason: DisconnectReason::ProtocolViolation(ReasonCode::ProtocolError) }]
+        );
+        assert!(!h.session.is_connected());
+    }
+
+    /// [MQTT-3.3.4-6]: a client PUBLISH carries no Subscription Identifier, even when the
+    /// application republishes a message it received.
+    #[test]
+    fn republished_messages_lose_their_subscription_identifiers() {
+        let mut h = Harness::v5();
+        let mut p = publish("t", QoS::AtMostOnce);
+        p.properties.subscription_identifiers.push(mqtt_proto::SubscriptionId::new(3).unwrap());
+        h.session.publish(h.now, p).unwrap();
+        assert!(matches!(&h.sent()[..], [Packet::Publish(p)] if p.properties.subscription_identifiers.is_empty()));
+    }
+
     /// Messages queued before CONNACK are checked against the limits it announces
-    /// [MQTT-3.2.2-11] [MQTT-3.2.2-14] [MQTT-3.1.2-24]: what this server does not allow
+    /// [MQTT-3.2.2-11] [MQTT-3.2.2-14] [MQTT-3.2.2-15]: what this server does not allow
     /// completes with the reason instead of going out (found by the `client_session` fuzzer: a
     /// 66-byte PUBLISH was sent to a server accepting 64).
     #[test]

@@ -235,6 +235,11 @@ pub struct ServerSession {
     ids: PacketIds,
     /// Our publishes in flight: (packet id, released (PUBREL sent), request id, message).
     inflight: Vec<(PacketId, bool, u64, Publish)>,
+    /// How many of `inflight`, from the front, went out on this connection: all of them,
+    /// except after a resume while the client's Receive Maximum holds some back.
+    resent: usize,
+    /// Session Expiry Interval for CONNACK, when it differs from the client's.
+    announced_expiry: Option<u32>,
     /// Waiting for an in-flight slot: (request id, message, when it was queued).
     queued: VecDeque<(u64, Publish, Instant)>,
     next_id: u64,
@@ -267,6 +272,8 @@ impl ServerSession {
             client_receive_maximum: u16::MAX,
             client_maximum_packet_size: mqtt_proto::PROTOCOL_MAX_PACKET_SIZE,
             cut_off: false,
+            resent: 0,
+            announced_expiry: None,
             ids: PacketIds::default(),
             inflight: Vec::new(),
             queued: VecDeque::new(),
@@ -305,17 +312,37 @@ impl ServerSession {
             self.ids.mark(*packet_id);
         }
         self.inflight = state.inflight;
+        self.resent = 0;
         self.accept(now, true, None)
     }
 
-    /// Resends what the client had not acknowledged when the session was resumed: PUBLISH with
-    /// DUP, or PUBREL.
+    /// Most of our QoS 1 and 2 publishes unacknowledged at once: the client's Receive Maximum,
+    /// capped by ours.
+    fn window(&self) -> usize {
+        usize::from(self.client_receive_maximum.min(self.config.max_inflight).max(1))
+    }
+
+    /// Whether the client's Maximum Packet Size rules this message out. Such a message is
+    /// dropped unsent and treated as delivered [MQTT-3.1.2-25]: it was queued while the client
+    /// was away, or in flight when it came back announcing a smaller maximum.
+    fn too_large(&self, publish: &Publish) -> bool {
+        publish.encoded_len(self.protocol).map_or(true, |n| n > self.client_maximum_packet_size as usize)
+    }
+
+    /// Resends, after a resume, what the client had not acknowledged: PUBLISH with DUP, or
+    /// PUBREL, in the original order and within the client's Receive Maximum (the rest as
+    /// acknowledgements make room) [MQTT-4.4.0-1] [MQTT-4.9.0-2].
     fn resend_inflight(&mut self, now: Instant) {
-        for i in 0..self.inflight.len() {
-            let (packet_id, released, _, publish) = &self.inflight[i];
-            let packet_id = *packet_id;
+        while self.resent < self.inflight.len() && self.resent < self.window() {
+            let (packet_id, released, id, publish) = &self.inflight[self.resent];
+            let (packet_id, id) = (*packet_id, *id);
             let packet = if *released {
                 Packet::PubRel(Ack::new(packet_id))
+            } else if self.too_large(publish) {
+                self.inflight.remove(self.resent);
+                self.ids.release(packet_id);
+                self.events.push_back(ServerEvent::Delivered { id });
+                continue;
             } else {
                 let mut p = publish.clone();
                 p.dup = true;
@@ -323,7 +350,15 @@ impl ServerSession {
             };
             self.write(&packet);
             self.sent(now, packet_id);
+            self.resent += 1;
         }
+    }
+
+    /// Tells the client in CONNACK (MQTT 5) the Session Expiry Interval the server will use, when
+    /// it is not the one the client asked for (e.g. capped by the broker's maximum). Call before
+    /// [`ServerSession::accept`] or [`ServerSession::resume`].
+    pub fn announce_session_expiry(&mut self, secs: u32) {
+        self.announced_expiry = Some(secs);
     }
 
     /// The session state to keep after the connection ended (see [`SessionState`]).
@@ -361,6 +396,7 @@ impl ServerSession {
                 p.retain_available = Some(false);
             }
             p.server_keep_alive = self.config.server_keep_alive;
+            p.session_expiry_interval = self.announced_expiry;
             p.assigned_client_identifier = assigned_client_id.and_then(|s| MqttString::try_from(s).ok());
         }
         if let Some(ka) = self.config.server_keep_alive {
@@ -369,7 +405,6 @@ impl ServerSession {
         self.state = State::Connected;
         self.write(&ack.into());
         self.touch(now);
-        self.resend_inflight(now);
         self.pump(now);
         if let Some(packet) = self.held.take() {
             self.handle_packet(now, packet);
@@ -657,9 +692,17 @@ impl ServerSession {
         if self.state != State::Connected {
             return;
         }
-        let limit = usize::from(self.client_receive_maximum.min(self.config.max_inflight).max(1));
-        while self.inflight.len() < limit {
+        self.resend_inflight(now);
+        if self.resent < self.inflight.len() {
+            // Messages from before the resume go first.
+            return;
+        }
+        while self.inflight.len() < self.window() {
             let Some((id, mut publish, queued_at)) = self.queued.pop_front() else { break };
+            if self.too_large(&publish) {
+                self.events.push_back(ServerEvent::Delivered { id });
+                continue;
+            }
             // Message expiry counts down while queued [MQTT-3.3.2-5, MQTT-3.3.2-6]: an expired
             // message is dropped, a live one goes out with what is left of its interval.
             if let Some(secs) = publish.properties.message_expiry_interval {
@@ -677,6 +720,7 @@ impl ServerSession {
             self.write(&Packet::Publish(publish.clone()));
             self.sent(now, packet_id);
             self.inflight.push((packet_id, false, id, publish));
+            self.resent = self.inflight.len();
         }
     }
 
@@ -685,6 +729,9 @@ impl ServerSession {
             self.inflight.iter().position(|(id, rel, _, p)| *id == packet_id && *rel == released && p.qos() == qos);
         if let Some(i) = found {
             let (packet_id, _, id, _) = self.inflight.remove(i);
+            if i < self.resent {
+                self.resent -= 1;
+            }
             self.resend.remove(&packet_id.get());
             self.ids.release(packet_id);
             self.events.push_back(ServerEvent::Delivered { id });
@@ -783,6 +830,13 @@ impl ServerSession {
                 return;
             }
         }
+        // Authentication Data belongs to an Authentication Method: alone it is a Protocol Error.
+        if v5 && connect.properties.authentication_data.is_some() && connect.properties.authentication_method.is_none()
+        {
+            self.state = State::Deciding;
+            let _ = self.refuse(now, ReasonCode::ProtocolError);
+            return;
+        }
         let p = &*connect.properties;
         self.client_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
         self.client_maximum_packet_size =
@@ -794,6 +848,11 @@ impl ServerSession {
     }
 
     fn on_publish(&mut self, mut publish: Publish) {
+        // Subscription Identifiers are the server's to add per subscriber; a client may not send
+        // them [MQTT-3.3.4-6], and none it sent may reach others.
+        if !publish.properties.subscription_identifiers.is_empty() {
+            publish.properties.subscription_identifiers = mqtt_proto::WireList::new();
+        }
         if publish.qos() > self.config.maximum_qos {
             return self.violation(ReasonCode::QosNotSupported);
         }
@@ -1279,36 +1338,105 @@ mod tests {
         assert!(matches!(h.session.publish(h.now, big), Err(ServerCommandError::PacketTooLarge { max: 50, .. })));
     }
 
+    /// Ends `h`'s connection and returns the session state, as the broker keeps it.
+    fn lose(h: &mut Harness) -> SessionState {
+        h.session.connection_lost();
+        h.events();
+        h.session.take_state()
+    }
+
+    /// A new connection of the same client (`connect`, clean start off) resuming `state`.
+    fn resumed(mut connect: Connect, state: SessionState) -> (Harness, Vec<Packet>) {
+        let mut h = Harness::new(ServerSessionConfig::default());
+        connect.clean_start = false;
+        h.feed(connect.into());
+        assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]));
+        h.session.resume(h.now, state).unwrap();
+        let sent = h.sent();
+        (h, sent)
+    }
+
     /// [MQTT-4.4.0-1] [MQTT-2.2.1-4]: on resume, what was in flight goes out again right after
     /// CONNACK, before anything queued while the client was away, and a queued message never
     /// takes an identifier still in flight.
     #[test]
     fn resume_resends_in_flight_first_and_keeps_their_identifiers() {
         let mut c = connect(Protocol::V5);
-        c.properties.receive_maximum = NonZeroU16::new(1);
+        c.properties.receive_maximum = NonZeroU16::new(2);
         let mut h = Harness::connected(ServerSessionConfig::default(), c.clone());
         h.session.publish(h.now, publish("in-flight", QoS::AtLeastOnce, 1)).unwrap();
         let Packet::Publish(first) = h.sent().remove(0) else { panic!() };
-        h.session.connection_lost();
-        h.events();
-        let mut state = h.session.take_state();
+        let mut state = lose(&mut h);
         // Arrived while the client was offline.
         assert!(state.enqueue(h.now, publish("queued", QoS::AtLeastOnce, 1), 10));
-
-        let mut h = Harness::new(ServerSessionConfig::default());
-        c.clean_start = false;
-        h.feed(c.into());
-        assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]));
-        h.session.resume(h.now, state).unwrap();
-        let sent = h.sent();
+        let (_, sent) = resumed(c, state);
         assert!(
-            matches!(&sent[..], [Packet::ConnAck(ack), Packet::Publish(p)]
-            if ack.session_present && p.dup && p.topic.as_str() == "in-flight" && p.packet_id() == first.packet_id()),
+            matches!(&sent[..], [Packet::ConnAck(ack), Packet::Publish(p), Packet::Publish(q)]
+                if ack.session_present && p.dup && p.topic.as_str() == "in-flight" && p.packet_id() == first.packet_id()
+                    && q.topic.as_str() == "queued" && !q.dup && q.packet_id() != first.packet_id()),
             "{sent:?}"
         );
-        h.feed(Packet::PubAck(Ack::new(first.packet_id().unwrap())));
-        let sent = h.sent();
-        assert!(matches!(&sent[..], [Packet::Publish(p)] if p.topic.as_str() == "queued" && !p.dup), "{sent:?}");
+    }
+
+    /// [MQTT-4.9.0-2]: a client that comes back with a smaller Receive Maximum gets the
+    /// unacknowledged messages resent within it, the rest as it acknowledges.
+    #[test]
+    fn resume_respects_a_smaller_receive_maximum() {
+        let mut c = connect(Protocol::V5);
+        c.properties.receive_maximum = NonZeroU16::new(3);
+        let mut h = Harness::connected(ServerSessionConfig::default(), c.clone());
+        for topic in ["a", "b", "c"] {
+            h.session.publish(h.now, publish(topic, QoS::AtLeastOnce, 1)).unwrap();
+        }
+        assert_eq!(h.sent().len(), 3);
+        let mut state = lose(&mut h);
+        assert!(state.enqueue(h.now, publish("d", QoS::AtLeastOnce, 1), 10));
+        c.properties.receive_maximum = NonZeroU16::new(1);
+        let (mut h, sent) = resumed(c, state);
+        let topics = |sent: &[Packet]| -> Vec<(String, bool, PacketId)> {
+            sent.iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) => Some((p.topic.to_string(), p.dup, p.packet_id().unwrap())),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut order = Vec::new();
+        let mut next = topics(&sent);
+        while let [(topic, dup, id)] = &next[..] {
+            order.push((topic.clone(), *dup));
+            h.feed(Packet::PubAck(Ack::new(*id)));
+            next = topics(&h.sent());
+        }
+        assert!(next.is_empty(), "more than one unacknowledged: {next:?}");
+        let want = [("a", true), ("b", true), ("c", true), ("d", false)].map(|(t, d)| (t.to_string(), d));
+        assert_eq!(order, want);
+    }
+
+    /// [MQTT-3.1.2-25]: a message that no longer fits the client's Maximum Packet Size (queued
+    /// while it was away, or in flight when it came back with a smaller one) is dropped unsent
+    /// and counts as delivered; the session carries on.
+    #[test]
+    fn messages_too_large_for_the_returning_client_are_dropped_as_delivered() {
+        let c = connect(Protocol::V5);
+        let mut h = Harness::connected(ServerSessionConfig::default(), c.clone());
+        let big = Publish::new(TopicName::new("big").unwrap(), vec![0u8; 200]).with_qos(QoS::AtLeastOnce);
+        let in_flight = h.session.publish(h.now, big.clone()).unwrap();
+        h.sent();
+        let mut state = lose(&mut h);
+        assert!(state.enqueue(h.now, big, 10));
+        assert!(state.enqueue(h.now, publish("small", QoS::AtLeastOnce, 1), 10));
+        let mut small_client = c;
+        small_client.properties.maximum_packet_size = std::num::NonZeroU32::new(100);
+        let (mut h, sent) = resumed(small_client, state);
+        assert!(
+            matches!(&sent[..], [Packet::ConnAck(_), Packet::Publish(p)] if p.topic.as_str() == "small"),
+            "{sent:?}"
+        );
+        let delivered: Vec<_> = h.events().into_iter().filter(|e| matches!(e, ServerEvent::Delivered { .. })).collect();
+        assert_eq!(delivered.len(), 2, "{delivered:?}");
+        assert!(delivered.contains(&ServerEvent::Delivered { id: in_flight }));
+        assert!(!h.session.is_ended());
     }
 
     /// [MQTT-3.1.2-24]: a CONNACK that cannot fit the client's Maximum Packet Size is not sent;
@@ -1376,6 +1504,29 @@ mod tests {
                 matches!(h.events()[..], [ServerEvent::Ended { reason: EndReason::Refused(r), will: None }] if r == code)
             );
         }
+    }
+
+    /// Authentication Data without an Authentication Method is a Protocol Error (CONNACK 0x82).
+    #[test]
+    fn authentication_data_without_a_method_is_refused() {
+        let mut c = connect(Protocol::V5);
+        c.properties.authentication_data = Some(Bytes::from_static(b"secret"));
+        let mut h = Harness::new(ServerSessionConfig::default());
+        h.feed(c.into());
+        assert!(matches!(&h.sent()[..], [Packet::ConnAck(a)] if a.reason_code == ReasonCode::ProtocolError));
+    }
+
+    /// [MQTT-3.3.4-6]: Subscription Identifiers a client puts on its PUBLISH never reach the
+    /// broker (and so never other subscribers).
+    #[test]
+    fn subscription_identifiers_from_a_client_are_dropped() {
+        let mut h = Harness::v5();
+        let mut p = publish("t", QoS::AtMostOnce, 1);
+        p.properties.subscription_identifiers.push(mqtt_proto::SubscriptionId::new(7).unwrap());
+        h.feed(p.into());
+        assert!(
+            matches!(&h.events()[..], [ServerEvent::Publish(p)] if p.properties.subscription_identifiers.is_empty())
+        );
     }
 
     #[test]
