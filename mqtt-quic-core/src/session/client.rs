@@ -936,6 +936,14 @@ mod tests {
         assert!(!h.session.is_connected());
     }
 
+    /// [MQTT-4.12.0-7]: without an authentication method in CONNECT, the client sends no AUTH.
+    #[test]
+    fn auth_needs_an_authentication_method() {
+        let mut h = Harness::v5();
+        assert_eq!(h.session.auth(h.now, Auth::default()), Err(CommandError::NoAuthenticationMethod));
+        assert!(h.sent().is_empty());
+    }
+
     /// [MQTT-3.3.4-6]: a client PUBLISH carries no Subscription Identifier, even when the
     /// application republishes a message it received.
     #[test]
