@@ -807,6 +807,12 @@ impl ServerSession {
         self.protocol = connect.protocol;
         self.decoder.set_protocol(connect.protocol);
         let v5 = self.protocol.is_v5();
+        // The client's limits hold from the first byte we answer, a refusal included
+        // [MQTT-3.1.2-24] (found by the `server_session` fuzzer).
+        let p = &*connect.properties;
+        self.client_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
+        self.client_maximum_packet_size =
+            p.maximum_packet_size.map_or(mqtt_proto::PROTOCOL_MAX_PACKET_SIZE, |v| v.get());
         let id_len = connect.client_id.len();
         if id_len > self.config.max_client_id_len || (id_len == 0 && !v5 && !connect.clean_start) {
             // 3.1.1 rejects an empty id unless the session is clean [MQTT-3.1.3-8].
@@ -837,10 +843,6 @@ impl ServerSession {
             let _ = self.refuse(now, ReasonCode::ProtocolError);
             return;
         }
-        let p = &*connect.properties;
-        self.client_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
-        self.client_maximum_packet_size =
-            p.maximum_packet_size.map_or(mqtt_proto::PROTOCOL_MAX_PACKET_SIZE, |v| v.get());
         self.keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
         self.will = connect.will.clone();
         self.state = State::Deciding;
@@ -1512,8 +1514,14 @@ mod tests {
         let mut c = connect(Protocol::V5);
         c.properties.authentication_data = Some(Bytes::from_static(b"secret"));
         let mut h = Harness::new(ServerSessionConfig::default());
-        h.feed(c.into());
+        h.feed(c.clone().into());
         assert!(matches!(&h.sent()[..], [Packet::ConnAck(a)] if a.reason_code == ReasonCode::ProtocolError));
+        // Even a refusal respects the client's Maximum Packet Size [MQTT-3.1.2-24].
+        c.properties.maximum_packet_size = std::num::NonZeroU32::new(3);
+        let mut h = Harness::new(ServerSessionConfig::default());
+        h.feed(c.into());
+        assert!(h.sent().is_empty());
+        assert!(h.session.is_ended());
     }
 
     /// [MQTT-3.3.4-6]: Subscription Identifiers a client puts on its PUBLISH never reach the
