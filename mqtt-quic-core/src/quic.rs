@@ -509,14 +509,21 @@ impl QuicEndpoint {
 
     /// Files a connection's next deadline (or removes it, for a connection that is gone).
     fn rearm(&mut self, h: usize) {
+        let next = self
+            .conns
+            .get_mut(&h)
+            .and_then(|c| [c.quic.poll_timeout(), c.handshake_deadline].into_iter().flatten().min());
+        // Most calls find the deadline unchanged: leave both maps alone then (each update is a
+        // remove and an insert in two B-trees, per datagram and per write).
+        if self.armed.get(&h).copied() == next {
+            return;
+        }
         if let Some(old) = self.armed.remove(&h) {
             self.timers.remove(&(old, h));
         }
-        if let Some(c) = self.conns.get_mut(&h) {
-            if let Some(t) = [c.quic.poll_timeout(), c.handshake_deadline].into_iter().flatten().min() {
-                self.armed.insert(h, t);
-                self.timers.insert((t, h));
-            }
+        if let Some(t) = next {
+            self.armed.insert(h, t);
+            self.timers.insert((t, h));
         }
     }
 

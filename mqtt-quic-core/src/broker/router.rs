@@ -9,6 +9,7 @@
 //! robin among those online.
 
 use mqtt_proto::{QoS, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName};
+use smallvec::SmallVec;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
@@ -214,11 +215,34 @@ impl Router {
         publisher: Option<SessionKey>,
         online: impl Fn(SessionKey) -> bool,
     ) -> Vec<Delivery> {
-        let levels: Vec<&str> = topic.as_str().split('/').collect();
+        // Per routed message: the levels on the stack, and one vector of deliveries, merged
+        // per session after a sort (a map here cost two more allocations per message).
+        let levels: SmallVec<[&str; 16]> = topic.as_str().split('/').collect();
         let system = topic.is_system();
-        let mut found: BTreeMap<SessionKey, Delivery> = BTreeMap::new();
+        let mut found: Vec<Delivery> = Vec::new();
         collect(&mut self.root, &levels, 0, system, publisher, &online, &mut found);
-        found.into_values().collect()
+        if found.len() > 1 {
+            // A session matched by several subscriptions gets one message [MQTT-3.3.4-2]: the
+            // highest QoS, every subscription identifier, in the order they were found.
+            found.sort_by_key(|d| d.session);
+            found.dedup_by(|later, kept| {
+                if later.session != kept.session {
+                    return false;
+                }
+                kept.qos = kept.qos.max(later.qos);
+                kept.retain_as_published |= later.retain_as_published;
+                for id in later.subscription_ids.drain(..) {
+                    if !kept.subscription_ids.contains(&id) {
+                        kept.subscription_ids.push(id);
+                    }
+                }
+                if kept.shared.is_none() {
+                    kept.shared = later.shared.take();
+                }
+                true
+            });
+        }
+        found
     }
 }
 
@@ -286,7 +310,7 @@ fn take(
     subscribers: &mut Subscribers,
     publisher: Option<SessionKey>,
     online: &dyn Fn(SessionKey) -> bool,
-    found: &mut BTreeMap<SessionKey, Delivery>,
+    found: &mut Vec<Delivery>,
 ) {
     for (session, entry) in &subscribers.direct {
         let session = *session;
@@ -310,7 +334,7 @@ fn take(
 }
 
 fn add(
-    found: &mut BTreeMap<SessionKey, Delivery>,
+    found: &mut Vec<Delivery>,
     session: SessionKey,
     entry: &Entry,
     publisher: Option<SessionKey>,
@@ -319,23 +343,13 @@ fn add(
     if entry.options.no_local && publisher == Some(session) {
         return;
     }
-    let d = found.entry(session).or_insert_with(|| Delivery {
+    found.push(Delivery {
         session,
-        qos: QoS::AtMostOnce,
-        retain_as_published: false,
-        subscription_ids: Vec::new(),
-        shared: None,
+        qos: entry.options.qos,
+        retain_as_published: entry.options.retain_as_published,
+        subscription_ids: entry.subscription_id.into_iter().collect(),
+        shared: shared.cloned(),
     });
-    if d.shared.is_none() {
-        d.shared = shared.cloned();
-    }
-    d.qos = d.qos.max(entry.options.qos);
-    d.retain_as_published |= entry.options.retain_as_published;
-    if let Some(id) = entry.subscription_id {
-        if !d.subscription_ids.contains(&id) {
-            d.subscription_ids.push(id);
-        }
-    }
 }
 
 fn collect(
@@ -345,7 +359,7 @@ fn collect(
     system: bool,
     publisher: Option<SessionKey>,
     online: &dyn Fn(SessionKey) -> bool,
-    found: &mut BTreeMap<SessionKey, Delivery>,
+    found: &mut Vec<Delivery>,
 ) {
     // A wildcard in the first level does not match a `$` topic.
     let wild_ok = !(system && depth == 0);
