@@ -69,6 +69,8 @@ struct Watch {
     first: bool,
     disconnected: bool,
     server_side: bool,
+    /// Limits from a CONNACK the client was given, until it reports being connected.
+    offered: Option<Limits>,
 }
 
 impl Watch {
@@ -81,6 +83,7 @@ impl Watch {
             first: true,
             disconnected: false,
             server_side,
+            offered: None,
         }
     }
 
@@ -153,8 +156,10 @@ impl Watch {
     /// acknowledgements free the sender's publishes.
     fn acknowledged(&mut self, packet: &Packet) {
         if let Packet::ConnAck(ack) = packet {
+            // The limits apply once the client accepts this CONNACK (its Connected event): a
+            // second CONNACK on a connection is refused, not obeyed.
             if !self.server_side && self.decoder.protocol().is_v5() && !ack.reason_code.is_error() {
-                self.limits = connack_limits(ack);
+                self.offered = Some(connack_limits(ack));
             }
             return;
         }
@@ -430,15 +435,25 @@ pub fn client_session(data: &[u8]) {
 fn drain_client(client: &mut ClientSession, watch: &mut Watch) {
     loop {
         let mut any = false;
+        // Events first: a Connected event puts the CONNACK's limits in force before we check
+        // what the client sent in answer to it.
+        while let Some(event) = client.poll_event() {
+            any = true;
+            match event {
+                ClientEvent::Connected { .. } => {
+                    if let Some(limits) = watch.offered.take() {
+                        watch.limits = limits;
+                    }
+                }
+                ClientEvent::Message(p) => {
+                    assert!(TOPICS.contains(&p.topic.as_str()) || !p.topic.is_empty(), "a message without a topic");
+                }
+                _ => {}
+            }
+        }
         while let Some(bytes) = client.poll_transmit() {
             watch.sent(&bytes);
             any = true;
-        }
-        while let Some(event) = client.poll_event() {
-            any = true;
-            if let ClientEvent::Message(p) = event {
-                assert!(TOPICS.contains(&p.topic.as_str()) || !p.topic.is_empty(), "a message without a topic");
-            }
         }
         if !any {
             break;

@@ -248,6 +248,9 @@ pub struct ClientSession {
     aliases: BTreeMap<u16, TopicName>,
     /// Aliases we assigned to topics on this connection (outbound).
     out_aliases: BTreeMap<TopicName, u16>,
+    /// A packet could not fit the server's Maximum Packet Size: this connection sends nothing
+    /// more.
+    cut_off: bool,
     server_topic_alias_maximum: u16,
     // Limits from CONNACK.
     server_receive_maximum: u16,
@@ -291,6 +294,7 @@ impl ClientSession {
             subscriptions: Vec::new(),
             aliases: BTreeMap::new(),
             out_aliases: BTreeMap::new(),
+            cut_off: false,
             server_topic_alias_maximum: 0,
             server_receive_maximum: u16::MAX,
             server_maximum_packet_size: mqtt_proto::PROTOCOL_MAX_PACKET_SIZE,
@@ -325,6 +329,7 @@ impl ClientSession {
         self.out.clear();
         self.aliases.clear();
         self.out_aliases.clear();
+        self.cut_off = false;
         self.server_topic_alias_maximum = 0;
         self.decoder.set_protocol(self.config.protocol);
         let mut connect = Connect::new(self.config.protocol, string(&self.client_id));
@@ -398,16 +403,20 @@ impl ClientSession {
         if self.state != State::Connected {
             return Err(CommandError::NotConnected);
         }
-        let packet_id = self.ids.allocate().ok_or(CommandError::NoPacketId)?;
-        let id = self.request_id();
         let mut packet = Subscribe {
-            packet_id,
+            packet_id: PacketId::MIN,
             properties: Default::default(),
             subscriptions: subscriptions.iter().cloned().collect(),
         };
         if let Some(sid) = subscription_id {
             packet.properties.subscription_identifier = Some(sid);
         }
+        let packet = Packet::Subscribe(packet);
+        self.check_size(&packet)?;
+        let Packet::Subscribe(mut packet) = packet else { unreachable!("built above") };
+        packet.packet_id = self.ids.allocate().ok_or(CommandError::NoPacketId)?;
+        let packet_id = packet.packet_id;
+        let id = self.request_id();
         self.requests.insert(packet_id.get(), Request::Subscribe(id, subscriptions));
         self.write(now, &Packet::Subscribe(packet));
         Ok(id)
@@ -421,10 +430,16 @@ impl ClientSession {
         if self.state != State::Connected {
             return Err(CommandError::NotConnected);
         }
-        let packet_id = self.ids.allocate().ok_or(CommandError::NoPacketId)?;
+        let packet = Packet::Unsubscribe(Unsubscribe {
+            packet_id: PacketId::MIN,
+            properties: Default::default(),
+            filters: filters.iter().cloned().collect(),
+        });
+        self.check_size(&packet)?;
+        let Packet::Unsubscribe(mut packet) = packet else { unreachable!("built above") };
+        packet.packet_id = self.ids.allocate().ok_or(CommandError::NoPacketId)?;
+        let packet_id = packet.packet_id;
         let id = self.request_id();
-        let packet =
-            Unsubscribe { packet_id, properties: Default::default(), filters: filters.iter().cloned().collect() };
         self.requests.insert(packet_id.get(), Request::Unsubscribe(id, filters));
         self.write(now, &Packet::Unsubscribe(packet));
         Ok(id)
@@ -544,9 +559,30 @@ impl ClientSession {
         RequestId(self.next_request)
     }
 
+    /// Refuses a request whose packet would exceed the server's Maximum Packet Size
+    /// [MQTT-3.2.2-15].
+    fn check_size(&self, packet: &Packet) -> Result<(), CommandError> {
+        let max = self.server_maximum_packet_size;
+        match packet.encoded_len(self.config.protocol) {
+            Ok(size) if size <= max as usize => Ok(()),
+            Ok(size) => Err(CommandError::PacketTooLarge { size, max }),
+            Err(_) => Err(CommandError::PacketTooLarge { size: usize::MAX, max }),
+        }
+    }
+
     fn write(&mut self, now: Instant, packet: &Packet) {
-        // Sizes were checked against the server's limit where they can exceed it (PUBLISH);
-        // encoding our own well-formed packets does not fail.
+        if self.cut_off {
+            return;
+        }
+        // Requests and PUBLISH were checked against the server's Maximum Packet Size when made;
+        // what else we send (acknowledgements, PINGREQ, DISCONNECT, a subscription restored on
+        // reconnect) only fails to fit a server whose limit is too small to talk to at all:
+        // then nothing more is sent and the connection ends [MQTT-3.2.2-15].
+        if self.check_size(packet).is_err() {
+            self.cut_off = true;
+            self.close(DisconnectReason::ProtocolViolation(ReasonCode::PacketTooLarge));
+            return;
+        }
         if packet.encode(self.config.protocol, &mut self.out).is_ok() {
             self.last_sent = Some(now);
         }
@@ -564,8 +600,18 @@ impl ClientSession {
                 }
                 None if self.out_aliases.len() < usize::from(self.server_topic_alias_maximum) => {
                     let alias = self.out_aliases.len() as u16 + 1;
-                    self.out_aliases.insert(publish.topic.clone(), alias);
                     publish.properties.topic_alias = std::num::NonZeroU16::new(alias);
+                    // Setting an alias adds bytes: never past the server's limit, which the
+                    // message was checked against without it (found by the `client_session`
+                    // fuzzer).
+                    if publish
+                        .encoded_len(self.config.protocol)
+                        .is_ok_and(|n| n <= self.server_maximum_packet_size as usize)
+                    {
+                        self.out_aliases.insert(publish.topic.clone(), alias);
+                    } else {
+                        publish.properties.topic_alias = None;
+                    }
                 }
                 None => {}
             }
@@ -934,6 +980,27 @@ mod tests {
             [ClientEvent::Disconnected { reason: DisconnectReason::ProtocolViolation(ReasonCode::ProtocolError) }]
         );
         assert!(!h.session.is_connected());
+    }
+
+    /// [MQTT-3.2.2-15]: nothing we send exceeds the server's Maximum Packet Size: a topic alias
+    /// is left off when its bytes would not fit, and a SUBSCRIBE that cannot fit is refused
+    /// (found by the `client_session` fuzzer).
+    #[test]
+    fn nothing_sent_exceeds_the_server_maximum_packet_size() {
+        let mut ack = ConnAck::default();
+        ack.properties.maximum_packet_size = std::num::NonZeroU32::new(40);
+        ack.properties.topic_alias_maximum = Some(4);
+        let mut h = Harness::connected(ClientSessionConfig::default(), ack);
+        // 40 bytes exactly without an alias; an alias would add 3.
+        let p = Publish::new(TopicName::new("t").unwrap(), vec![0u8; 34]);
+        assert_eq!(p.encoded_len(Protocol::V5).unwrap(), 40);
+        h.session.publish(h.now, p).unwrap();
+        assert!(matches!(&h.sent()[..], [Packet::Publish(p)] if p.properties.topic_alias.is_none()));
+        let long = TopicFilter::new("x".repeat(60)).unwrap();
+        let refused = h.session.subscribe(h.now, vec![Subscription::new(long.clone(), QoS::AtMostOnce)], None);
+        assert!(matches!(refused, Err(CommandError::PacketTooLarge { max: 40, .. })), "{refused:?}");
+        assert!(matches!(h.session.unsubscribe(h.now, vec![long]), Err(CommandError::PacketTooLarge { .. })));
+        assert!(h.sent().is_empty());
     }
 
     /// [MQTT-4.12.0-7]: without an authentication method in CONNECT, the client sends no AUTH.
