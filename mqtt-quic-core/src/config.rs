@@ -16,10 +16,15 @@ use thiserror::Error;
 pub enum Congestion {
     /// NewReno (RFC 9002's reference controller).
     NewReno,
-    /// CUBIC (quinn's default).
+    /// CUBIC (quinn's default, and ours).
     #[default]
     Cubic,
-    /// BBR (experimental in quinn-proto): tolerant of random loss.
+    /// BBR (experimental in quinn-proto): tolerant of random loss. In the lossy grid
+    /// (`tests/tests/lossy_grid.rs`: 30 ms RTT, QoS 1 offered at 2000 msg/s, window 256) it
+    /// delivers 1989 msg/s at 10% loss (p99 155 ms) where CUBIC manages 1774 (p99 1.2 s), and
+    /// 1987 with 20% reordering added (CUBIC 969). It is not the default because quinn-proto
+    /// 0.11 seeds BBR's random gain-cycle offset from the operating system, so a machine using
+    /// it no longer replays the same run from the same seed; choose it where loss is expected.
     Bbr,
 }
 

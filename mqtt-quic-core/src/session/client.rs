@@ -2,6 +2,7 @@
 //! control, topic aliases from the server, and resumption after a reconnect.
 
 use super::packet_id::PacketIds;
+use super::DEFAULT_WINDOW;
 use crate::config::ConfigError;
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
@@ -58,7 +59,7 @@ impl Default for ClientSessionConfig {
             clean_start: true,
             keep_alive: 60,
             session_expiry: 0,
-            receive_maximum: 64,
+            receive_maximum: DEFAULT_WINDOW,
             maximum_packet_size: mqtt_proto::DEFAULT_MAX_PACKET_SIZE,
             topic_alias_maximum: 16,
             username: None,
@@ -66,7 +67,7 @@ impl Default for ClientSessionConfig {
             will: None,
             connect_properties: ConnectProperties::default(),
             connect_timeout: Duration::from_secs(10),
-            max_inflight: 64,
+            max_inflight: DEFAULT_WINDOW,
             max_queued: 10_000,
         }
     }
@@ -1099,7 +1100,7 @@ mod tests {
         assert_eq!(c.properties.request_problem_information, Some(false));
         assert_eq!(c.properties.authentication_method.as_ref().map(|m| m.as_str()), Some("SCRAM-SHA-256"));
         assert_eq!(c.properties.user_properties.len(), 1);
-        assert_eq!(c.properties.receive_maximum, NonZeroU16::new(64), "session fields still set");
+        assert_eq!(c.properties.receive_maximum, NonZeroU16::new(DEFAULT_WINDOW), "session fields still set");
     }
 
     #[test]

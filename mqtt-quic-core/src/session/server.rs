@@ -5,6 +5,7 @@
 //! route messages) are events for the broker and commands back; the session does the protocol.
 
 use super::packet_id::PacketIds;
+use super::DEFAULT_WINDOW;
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
     Ack, Auth, ConnAck, Connect, DecodeError, Decoder, Disconnect, MqttString, Packet, PacketId, Protocol, Publish,
@@ -51,14 +52,14 @@ impl Default for ServerSessionConfig {
     fn default() -> Self {
         ServerSessionConfig {
             maximum_packet_size: mqtt_proto::DEFAULT_MAX_PACKET_SIZE,
-            receive_maximum: 64,
+            receive_maximum: DEFAULT_WINDOW,
             topic_alias_maximum: 16,
             maximum_qos: QoS::ExactlyOnce,
             retain_available: true,
             max_client_id_len: 256,
             connect_timeout: Duration::from_secs(10),
             server_keep_alive: None,
-            max_inflight: 64,
+            max_inflight: DEFAULT_WINDOW,
             retry_interval: None,
             max_retries: 5,
             max_queued: 10_000,

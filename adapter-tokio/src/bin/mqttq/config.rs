@@ -12,7 +12,7 @@
 //! acl_file = "/etc/mqttq/acl"
 //! allow_anonymous = true      # with a password file: may clients without a user name connect
 //! max_packet_size = 1048576
-//! max_inflight = 64
+//! max_inflight = 256
 //! max_retained = 100000
 //! max_offline_queue = 1000
 //! max_session_expiry = 604800
@@ -26,7 +26,7 @@
 //! idle_timeout = 30
 //! zero_rtt = true
 //! stateless_retry = false
-//! congestion = "cubic"        # "newreno", "cubic" or "bbr"
+//! congestion = "cubic"        # "newreno", "cubic" or "bbr" (bbr: best under random loss)
 //!
 //! [tcp]
 //! listen = "0.0.0.0:1883"
