@@ -114,7 +114,7 @@ fn run(link: Link, seconds: u32, seed: u64, tuning: Tuning) -> Outcome {
     let counted_until = end + link_rtt;
     let mut latencies = Vec::with_capacity(total);
     let mut in_period = 0;
-    let mut collect = |sim: &mut Sim<Node>, latencies: &mut Vec<Duration>, in_period: &mut usize| {
+    let collect = |sim: &mut Sim<Node>, latencies: &mut Vec<Duration>, in_period: &mut usize| {
         let now = sim.now();
         for e in sim.machine(subscriber).events().drain(..) {
             if let ClientEvent::Message(m) = e {
