@@ -184,8 +184,9 @@ const QUEUE: usize = 64;
 const BROKER_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 14567);
 
 /// Input: an `Arbitrary` sequence of [`NetStep`]s. Checks that the broker machine (QUIC endpoint,
-/// sessions, routing) and the client machines never panic, that time-outs are never in the past
-/// and that the broker never holds more connections than its limit.
+/// sessions, routing) and the client machines never panic, that after `handle_timeout` no
+/// deadline is left in the past, and that the broker never holds more connections than its
+/// limit.
 pub fn broker_quic(data: &[u8]) {
     use arbitrary::{Arbitrary, Unstructured};
     use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter, TopicName};
@@ -241,6 +242,7 @@ pub fn broker_quic(data: &[u8]) {
     let qos = |n: u8| [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(n % 3)];
 
     for step in steps {
+        let waited = matches!(step, NetStep::Wait(_));
         // Collect what everyone wants to send.
         let mut pump = |broker: &mut Broker,
                         clients: &mut [MqttClient],
@@ -375,12 +377,18 @@ pub fn broker_quic(data: &[u8]) {
         }
         pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
         assert!(broker.connections() <= 4, "the broker holds more connections than it may");
+        // A deadline may fall due while datagrams are handled (a loss time from a late ACK):
+        // that means "call handle_timeout now". After handle_timeout, none may be left due, or
+        // a driver would spin.
+        if !waited {
+            continue;
+        }
         if let Some(deadline) = broker.poll_timeout() {
-            assert!(deadline + Duration::from_secs(1) >= now, "broker deadline in the past");
+            assert!(deadline > now, "broker deadline not in the future after handle_timeout");
         }
         for client in clients.iter_mut() {
             if let Some(deadline) = client.poll_timeout() {
-                assert!(deadline + Duration::from_secs(1) >= now, "client deadline in the past");
+                assert!(deadline > now, "client deadline not in the future after handle_timeout");
             }
         }
     }
