@@ -1,42 +1,11 @@
 //! Codec vectors for MQTT 5.0 conformance statements (see CONFORMANCE.md). Each test names the
 //! statements it checks; byte vectors are written by hand from the spec.
 
-use bytes::{Bytes, BytesMut};
+mod support;
+
+use bytes::Bytes;
 use mqtt_proto::*;
-
-/// Decodes one whole packet with both decoders (owning and borrowing), checking they agree.
-fn dec(protocol: Protocol, bytes: &[u8]) -> Result<Packet, DecodeError> {
-    let borrowed = Decoder::new(protocol).decode_ref(bytes).map(|o| o.map(|(p, used)| (p.to_owned(), used)));
-    let mut buf = BytesMut::from(bytes);
-    let owned = Decoder::new(protocol).decode(&mut buf);
-    match (&owned, borrowed) {
-        (Ok(Some(a)), Ok(Some((b, used)))) => {
-            assert_eq!(a, &b, "decode_ref disagrees");
-            assert_eq!(used, bytes.len());
-        }
-        (Err(a), Err(b)) => assert_eq!(a, &b, "decode_ref fails differently"),
-        (a, b) => panic!("decode gave {a:?}, decode_ref gave {b:?}"),
-    }
-    let p = owned?.expect("vector is a whole packet");
-    assert!(buf.is_empty(), "vector has bytes after the packet");
-    Ok(p)
-}
-
-fn enc(protocol: Protocol, p: &Packet) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    p.encode(protocol, &mut out).unwrap();
-    assert_eq!(out.len(), p.encoded_len(protocol).unwrap());
-    out.to_vec()
-}
-
-fn err(protocol: Protocol, bytes: &[u8], expected: DecodeError, reason: ReasonCode) {
-    let e = dec(protocol, bytes).unwrap_err();
-    assert_eq!(e, expected, "{bytes:02X?}");
-    assert_eq!(e.reason_code(), reason, "{e}");
-}
-
-const V3: Protocol = Protocol::V3_1_1;
-const V5: Protocol = Protocol::V5;
+use support::*;
 
 /// A QoS 0 MQTT 5 PUBLISH to "t" with this property block (its bytes, without the length).
 fn publish_with_properties(props: &[u8]) -> Vec<u8> {

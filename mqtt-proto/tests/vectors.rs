@@ -2,45 +2,17 @@
 //! valid vector must decode to the expected packet and encode back to the same bytes; each invalid
 //! one must fail with the expected error and reason code.
 
+mod support;
+
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::*;
-
-/// Decodes with both decoders (owning and borrowing) and checks they agree.
-fn dec(protocol: Protocol, bytes: &[u8]) -> Result<Packet, DecodeError> {
-    let borrowed = Decoder::new(protocol).decode_ref(bytes).map(|o| o.map(|(p, used)| (p.to_owned(), used)));
-    let mut buf = BytesMut::from(bytes);
-    let owned = Decoder::new(protocol).decode(&mut buf);
-    match (&owned, borrowed) {
-        (Ok(Some(a)), Ok(Some((b, used)))) => {
-            assert_eq!(a, &b, "decode_ref disagrees");
-            assert_eq!(used, bytes.len());
-        }
-        (Err(a), Err(b)) => assert_eq!(a, &b, "decode_ref fails differently"),
-        (a, b) => panic!("decode gave {a:?}, decode_ref gave {b:?}"),
-    }
-    let p = owned?.expect("vector is a whole packet");
-    assert!(buf.is_empty(), "vector has bytes after the packet");
-    Ok(p)
-}
-
-fn enc(protocol: Protocol, p: &Packet) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    p.encode(protocol, &mut out).unwrap();
-    assert_eq!(out.len(), p.encoded_len(protocol).unwrap());
-    out.to_vec()
-}
+use support::*;
 
 /// Decodes, compares with `expected`, and checks the encoding is the same bytes.
 fn both_ways(protocol: Protocol, bytes: &[u8], expected: Packet) {
     let decoded = dec(protocol, bytes).unwrap();
     assert_eq!(decoded, expected);
     assert_eq!(enc(protocol, &expected), bytes, "encoding of {expected:?}");
-}
-
-fn err(protocol: Protocol, bytes: &[u8], expected: DecodeError, reason: ReasonCode) {
-    let e = dec(protocol, bytes).unwrap_err();
-    assert_eq!(e, expected, "{bytes:02X?}");
-    assert_eq!(e.reason_code(), reason, "{e}");
 }
 
 fn s(v: &str) -> MqttString {
@@ -50,9 +22,6 @@ fn s(v: &str) -> MqttString {
 fn pid(v: u16) -> PacketId {
     PacketId::new(v).unwrap()
 }
-
-const V3: Protocol = Protocol::V3_1_1;
-const V5: Protocol = Protocol::V5;
 
 #[test]
 fn connect_v311_with_will_and_credentials() {
