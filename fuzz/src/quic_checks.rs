@@ -25,9 +25,14 @@ use std::time::{Duration, Instant};
 
 const MAX_CONNECTIONS: usize = 8;
 
-fn server() -> QuicEndpoint {
+/// One certificate for every input (generating one per input would dominate the run).
+fn server_tls() -> &'static ServerTls {
     static TLS: OnceLock<ServerTls> = OnceLock::new();
-    let tls = TLS.get_or_init(|| ServerTls::from_self_signed(&SelfSigned::generate(&["fuzz"]).unwrap()).unwrap());
+    TLS.get_or_init(|| ServerTls::from_self_signed(&SelfSigned::generate(&["fuzz"]).unwrap()).unwrap())
+}
+
+fn server() -> QuicEndpoint {
+    let tls = server_tls();
     let mut config = ServerConfig::new(tls.clone());
     config.max_connections = MAX_CONNECTIONS;
     QuicEndpoint::server(&config).unwrap()
@@ -105,8 +110,7 @@ pub fn sessions(data: &[u8]) {
 /// Input: records of `[delay_ms: u8][stream: u8][len: u8][len bytes]`. Stream numbers pick one
 /// of four byte-stream clients; a stream that was closed is opened again on its next record.
 pub fn broker(data: &[u8]) {
-    static TLS: OnceLock<ServerTls> = OnceLock::new();
-    let tls = TLS.get_or_init(|| ServerTls::from_self_signed(&SelfSigned::generate(&["fuzz"]).unwrap()).unwrap());
+    let tls = server_tls();
     let mut config = BrokerConfig::new(ServerConfig::new(tls.clone()));
     config.max_retained = 8;
     config.max_offline_queue = 8;
@@ -197,8 +201,7 @@ pub fn broker_quic(data: &[u8]) {
     use std::collections::VecDeque;
 
     let Ok(steps) = Vec::<NetStep>::arbitrary_take_rest(Unstructured::new(data)) else { return };
-    static TLS: OnceLock<ServerTls> = OnceLock::new();
-    let tls = TLS.get_or_init(|| ServerTls::from_self_signed(&SelfSigned::generate(&["fuzz"]).unwrap()).unwrap());
+    let tls = server_tls();
     let mut quic = ServerConfig::new(tls.clone());
     quic.max_connections = 4;
     let mut config = BrokerConfig::new(quic);
