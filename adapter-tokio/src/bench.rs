@@ -5,8 +5,12 @@
 //! pool driven by one task), so tens of thousands of connections cost no more sockets than
 //! that. Over TCP each client is an ordinary [`Client`](crate::client::Client).
 //!
-//! Every payload starts with the publish instant (nanoseconds since the run began, as seen by
-//! this process) and a sequence number, so latency is measured end to end in one clock.
+//! Every payload starts with the instant the publish was due (nanoseconds since the run began, as
+//! seen by this process; at a fixed `rate` that is the schedule, so time a message waits behind
+//! a slow link counts) and a sequence number, so latency is measured end to end in one clock.
+//!
+//! [`Scenario::Connect`] times connection setup instead: fresh connections, and over QUIC the
+//! same client reconnecting with the session ticket it was given (CONNECT in 0-RTT).
 
 use crate::client::{Client, ClientOptions};
 use crate::udp::Udp;
@@ -42,7 +46,14 @@ pub enum Scenario {
     FanOut,
     /// N clients connect and stay idle (connection setup rate and memory per connection).
     Idle,
+    /// N times, one after another: a fresh connection (time to CONNACK), closed, then over QUIC
+    /// a resumed one (0-RTT when the broker allows) timed the same way.
+    Connect,
 }
+
+/// Deliveries up to this long after the publishing period ends count as on time: enough for the
+/// last messages' round trip on a slow link, short of the backlog of a link that fell behind.
+pub const ON_TIME_GRACE: Duration = Duration::from_millis(500);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -88,6 +99,14 @@ pub struct Report {
     pub latencies_us: Vec<u32>,
     /// Connection failures and refused publishes.
     pub errors: u64,
+    /// Messages delivered by [`ON_TIME_GRACE`] after the publishing period.
+    pub on_time: u64,
+    /// Longest wait between two consecutive deliveries to one subscriber while publishing.
+    pub max_gap: Duration,
+    /// [`Scenario::Connect`]: milliseconds to CONNACK of each fresh connection.
+    pub connect_fresh_ms: Vec<f64>,
+    /// [`Scenario::Connect`]: milliseconds to CONNACK of each resumed QUIC connection.
+    pub connect_resumed_ms: Vec<f64>,
 }
 
 impl Report {
@@ -98,6 +117,11 @@ impl Report {
         } else {
             0.0
         }
+    }
+
+    /// Messages per second delivered on time (see [`ON_TIME_GRACE`]): what a link kept up with.
+    pub fn delivered_rate(&self) -> f64 {
+        self.on_time as f64 / self.secs.max(1e-9)
     }
 
     /// Delivered payload megabytes per second.
@@ -126,7 +150,7 @@ impl Report {
     /// The report as one JSON object.
     pub fn json(&self) -> String {
         format!(
-            "{{\"connected\":{},\"connect_secs\":{:.4},\"connects_per_sec\":{:.1},\"sent\":{},\"received\":{},\"secs\":{:.3},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{}}}",
+            "{{\"connected\":{},\"connect_secs\":{:.4},\"connects_per_sec\":{:.1},\"sent\":{},\"received\":{},\"secs\":{:.3},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{},\"delivered_per_sec\":{:.1},\"max_gap_ms\":{:.1},\"connect_fresh_ms\":{:.2},\"connect_resumed_ms\":{:.2}}}",
             self.connected,
             self.connect_secs,
             self.connect_rate(),
@@ -138,14 +162,18 @@ impl Report {
             self.latency(0.5),
             self.latency(0.99),
             self.latency(0.999),
-            self.errors
+            self.errors,
+            self.delivered_rate(),
+            self.max_gap.as_secs_f64() * 1000.0,
+            median(&self.connect_fresh_ms),
+            median(&self.connect_resumed_ms),
         )
     }
 
     /// The report as a small table.
     pub fn table(&self) -> String {
         format!(
-            "connected   {:>10}   ({:.0} connects/s)\nsent        {:>10}\nreceived    {:>10}   {:.0} msg/s, {:.2} MB/s\nlatency us  p50 {}  p99 {}  p999 {}\nerrors      {:>10}\n",
+            "connected   {:>10}   ({:.0} connects/s)\nsent        {:>10}\nreceived    {:>10}   {:.0} msg/s, {:.2} MB/s\nlatency us  p50 {}  p99 {}  p999 {}\non time     {:>10.0} msg/s   longest gap {:.1} ms\nconnect ms  fresh {:.2}  resumed {:.2}\nerrors      {:>10}\n",
             self.connected,
             self.connect_rate(),
             self.sent,
@@ -155,9 +183,20 @@ impl Report {
             self.latency(0.5),
             self.latency(0.99),
             self.latency(0.999),
+            self.delivered_rate(),
+            self.max_gap.as_secs_f64() * 1000.0,
+            median(&self.connect_fresh_ms),
+            median(&self.connect_resumed_ms),
             self.errors
         )
     }
+}
+
+/// The median of `v` (0 when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// A client's part in the run.
@@ -189,7 +228,7 @@ fn roles(config: &BenchConfig) -> Vec<Role> {
             roles.extend((0..n).map(|_| Role { publishes: None, subscribes: Some(filter("bench/0")) }));
             roles.push(Role { publishes: Some(topic(0)), subscribes: None });
         }
-        Scenario::Idle => roles.extend((0..n).map(|_| Role { publishes: None, subscribes: None })),
+        Scenario::Idle | Scenario::Connect => roles.extend((0..n).map(|_| Role { publishes: None, subscribes: None })),
     }
     roles
 }
@@ -204,19 +243,45 @@ struct Tally {
     bytes: u64,
     latencies: Vec<u32>,
     errors: u64,
+    on_time: u64,
+    last_arrival: Option<Instant>,
+    max_gap: Duration,
+    fresh_ms: Vec<f64>,
+    resumed_ms: Vec<f64>,
 }
 
-fn payload(size: usize, start: Instant, seq: u64) -> Bytes {
+impl Tally {
+    /// Counts a delivery at `now` of a run whose publishing ends at `end`.
+    fn arrived(&mut self, payload: &[u8], start: Instant, now: Instant, end: Instant) {
+        self.received += 1;
+        self.bytes += payload.len() as u64;
+        if let Some(l) = latency_us(payload, start, now) {
+            self.latencies.push(l);
+        }
+        if now <= end + ON_TIME_GRACE {
+            self.on_time += 1;
+        }
+        if now <= end {
+            if let Some(last) = self.last_arrival {
+                self.max_gap = self.max_gap.max(now.saturating_duration_since(last));
+            }
+            self.last_arrival = Some(now);
+        }
+    }
+}
+
+/// A payload stamped with `due`, the instant its publish was scheduled.
+fn payload(size: usize, start: Instant, due: Instant, seq: u64) -> Bytes {
     let mut b = BytesMut::with_capacity(size.max(STAMP));
-    b.put_u64(clock().saturating_duration_since(start).as_nanos() as u64);
+    b.put_u64(due.saturating_duration_since(start).as_nanos() as u64);
     b.put_u64(seq);
     b.resize(size.max(STAMP), 0x2a);
     b.freeze()
 }
 
-fn latency_us(payload: &[u8], start: Instant) -> Option<u32> {
+fn latency_us(payload: &[u8], start: Instant, now: Instant) -> Option<u32> {
     let sent = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
-    let now = clock().saturating_duration_since(start).as_nanos() as u64;
+    let now = now.saturating_duration_since(start).as_nanos() as u64;
     Some((now.saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32)
 }
 
@@ -225,8 +290,10 @@ pub async fn run(config: BenchConfig) -> Result<Report, ClientError> {
     let roles = roles(&config);
     let start = clock();
     let tallies: Arc<Mutex<Vec<Tally>>> = Arc::new(Mutex::new(Vec::new()));
-    let (connect_started, publishing) = match config.url.transport {
-        Transport::Quic => run_quic(&config, roles, start, tallies.clone()).await?,
+    let (connect_started, publishing) = match (config.scenario, config.url.transport) {
+        (Scenario::Connect, Transport::Quic) => connect_quic(&config, tallies.clone()).await?,
+        (Scenario::Connect, _) => connect_stream(&config, tallies.clone()).await,
+        (_, Transport::Quic) => run_quic(&config, roles, start, tallies.clone()).await?,
         _ => run_stream(&config, roles, start, tallies.clone()).await?,
     };
     let tallies = std::mem::take(&mut *tallies.lock().unwrap_or_else(|e| e.into_inner()));
@@ -239,6 +306,10 @@ pub async fn run(config: BenchConfig) -> Result<Report, ClientError> {
         report.bytes += t.bytes;
         report.errors += t.errors;
         report.latencies_us.extend(t.latencies);
+        report.on_time += t.on_time;
+        report.max_gap = report.max_gap.max(t.max_gap);
+        report.connect_fresh_ms.extend(t.fresh_ms);
+        report.connect_resumed_ms.extend(t.resumed_ms);
         last = last.max(t.last_connack);
     }
     report.connect_secs = last.map_or(0.0, |l| l.saturating_duration_since(connect_started).as_secs_f64());
@@ -364,22 +435,18 @@ async fn pool_task(
                 // A bounded burst per turn keeps deliveries and acknowledgements flowing.
                 for _ in 0..64 {
                     let due = match interval {
-                        Some(iv) => {
-                            next_due[k] <= now && {
-                                next_due[k] += iv;
-                                true
-                            }
-                        }
+                        Some(iv) => (next_due[k] <= now).then(|| {
+                            next_due[k] += iv;
+                            next_due[k] - iv
+                        }),
                         None => {
                             let window = if config.qos == QoS::AtMostOnce { usize::MAX } else { config.window };
-                            pool.pending(*i) < window && pool.queued(*i) < 256 * 1024
+                            (pool.pending(*i) < window && pool.queued(*i) < 256 * 1024).then_some(now)
                         }
                     };
-                    if !due {
-                        break;
-                    }
+                    let Some(due) = due else { break };
                     seq += 1;
-                    let p = Publish::new(topic.clone(), payload(config.payload, start, seq)).with_qos(config.qos);
+                    let p = Publish::new(topic.clone(), payload(config.payload, start, due, seq)).with_qos(config.qos);
                     match pool.publish(now, *i, p) {
                         Ok(_) => {
                             tally.sent += 1;
@@ -400,14 +467,11 @@ async fn pool_task(
             wait = wait.min(iv.min(Duration::from_millis(1)));
         }
         drive_for(&mut pool, &mut udp, &mut buf, Some(wait)).await;
+        let now = clock();
         while let Some((_, e)) = pool.poll_event() {
             if let ClientEvent::Message(m) = e {
-                tally.received += 1;
                 totals.received.fetch_add(1, Ordering::Relaxed);
-                tally.bytes += m.payload.len() as u64;
-                if let Some(l) = latency_us(&m.payload, start) {
-                    tally.latencies.push(l);
-                }
+                tally.arrived(&m.payload, start, now, end);
             }
         }
         if config.scenario == Scenario::Idle && clock() >= end {
@@ -506,14 +570,18 @@ async fn run_stream(
                 // `window` in flight without a task per message.
                 let mut inflight = std::collections::VecDeque::new();
                 let mut seq = 0;
-                let mut due = began;
+                let mut next_due = began;
                 while clock() < end {
-                    if let Some(iv) = interval {
-                        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-                        due += iv;
-                    }
+                    let due = match interval {
+                        Some(iv) => {
+                            tokio::time::sleep_until(tokio::time::Instant::from_std(next_due)).await;
+                            next_due += iv;
+                            next_due - iv
+                        }
+                        None => clock(),
+                    };
                     seq += 1;
-                    let p = Publish::new(topic.clone(), payload(config.payload, start, seq)).with_qos(config.qos);
+                    let p = Publish::new(topic.clone(), payload(config.payload, start, due, seq)).with_qos(config.qos);
                     inflight.push_back(client.publish(p));
                     tally.sent += 1;
                     while inflight.len() >= config.window.max(1) {
@@ -532,11 +600,7 @@ async fn run_stream(
                     while let Ok(Some(m)) =
                         tokio::time::timeout_at(tokio::time::Instant::from_std(stop), messages.recv()).await
                     {
-                        tally.received += 1;
-                        tally.bytes += m.payload.len() as u64;
-                        if let Some(l) = latency_us(&m.payload, start) {
-                            tally.latencies.push(l);
-                        }
+                        tally.arrived(&m.payload, start, clock(), end);
                     }
                 }
             }
@@ -548,4 +612,108 @@ async fn run_stream(
         let _ = t.await;
     }
     Ok((connect_started, config.duration))
+}
+
+/// [`Scenario::Connect`] over QUIC: each round a new pool (so no session ticket), a fresh
+/// connection, then a resumed one from the same pool, which holds the ticket the broker sent.
+async fn connect_quic(
+    config: &BenchConfig,
+    tallies: Arc<Mutex<Vec<Tally>>>,
+) -> Result<(Instant, Duration), ClientError> {
+    let server = pick_address(&config.url, tokio::net::lookup_host(config.url.authority()).await)?;
+    let tls =
+        config.options.tls.clone().ok_or_else(|| ClientError::Trust("the benchmark needs a trust setting".into()))?;
+    let name = config.options.server_name(&config.url);
+    let base = ClientSessionConfig {
+        protocol: config.options.session.protocol,
+        keep_alive: config.options.session.keep_alive,
+        ..ClientSessionConfig::default()
+    };
+    let mut tally = Tally::default();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let started = clock();
+    for n in 0..config.clients.max(1) {
+        let mut quic = ClientConfig::new(tls.clone());
+        quic.transport = config.options.transport.clone();
+        quic.seed = random_seed() ^ n as u64;
+        let mut pool = ClientPool::new(&quic, server, &name, base.keep_alive)?;
+        let mut udp = Udp::bind(local_bind_address(server))?;
+        for resumed in [false, true] {
+            let session =
+                ClientSessionConfig { client_id: format!("bench-{}-{n}", std::process::id()), ..base.clone() };
+            let began = clock();
+            let Ok(i) = pool.add(began, session) else {
+                tally.errors += 1;
+                break;
+            };
+            let Some(took) = until_connack(&mut pool, &mut udp, &mut buf, i).await else {
+                tally.errors += 1;
+                break;
+            };
+            tally.connected += 1;
+            tally.last_connack = Some(clock());
+            let ms = took.as_secs_f64() * 1000.0;
+            if resumed {
+                tally.resumed_ms.push(ms);
+            } else {
+                tally.fresh_ms.push(ms);
+            }
+            // Stay a few round trips so the broker's session ticket arrives, then close.
+            let linger = clock() + (took * 3).max(Duration::from_millis(30));
+            while clock() < linger {
+                drive_for(&mut pool, &mut udp, &mut buf, Some(linger.saturating_duration_since(clock()))).await;
+                while pool.poll_event().is_some() {}
+            }
+            let _ = pool.disconnect(clock(), i);
+            let closing = clock() + Duration::from_millis(20);
+            while clock() < closing {
+                drive_for(&mut pool, &mut udp, &mut buf, Some(closing.saturating_duration_since(clock()))).await;
+                while pool.poll_event().is_some() {}
+            }
+        }
+    }
+    tallies.lock().unwrap_or_else(|e| e.into_inner()).push(tally);
+    Ok((started, clock().saturating_duration_since(started)))
+}
+
+/// Drives `pool` until client `i` is connected (its time to CONNACK) or fails (`None`).
+async fn until_connack(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>, i: usize) -> Option<Duration> {
+    let began = clock();
+    let give_up = began + Duration::from_secs(10);
+    while clock() < give_up {
+        drive_for(pool, udp, buf, Some(Duration::from_millis(5))).await;
+        while let Some((who, e)) = pool.poll_event() {
+            match e {
+                ClientEvent::Connected { .. } if who == i => return Some(clock().saturating_duration_since(began)),
+                ClientEvent::Refused { .. } | ClientEvent::Disconnected { .. } if who == i => return None,
+                _ => {}
+            }
+        }
+    }
+    None
+}
+
+/// [`Scenario::Connect`] over TCP or TLS: fresh connections only, each timed from the first
+/// TCP segment to CONNACK.
+async fn connect_stream(config: &BenchConfig, tallies: Arc<Mutex<Vec<Tally>>>) -> (Instant, Duration) {
+    let url = config.url.to_string();
+    let mut tally = Tally::default();
+    let started = clock();
+    for n in 0..config.clients.max(1) {
+        let mut options = config.options.clone();
+        options.session.client_id = format!("bench-{}-{n}", std::process::id());
+        options.reconnect = None;
+        let began = clock();
+        match Client::connect(&url, options).await {
+            Ok(c) => {
+                tally.fresh_ms.push(clock().saturating_duration_since(began).as_secs_f64() * 1000.0);
+                tally.connected += 1;
+                tally.last_connack = Some(clock());
+                let _ = c.disconnect().await;
+            }
+            Err(_) => tally.errors += 1,
+        }
+    }
+    tallies.lock().unwrap_or_else(|e| e.into_inner()).push(tally);
+    (started, clock().saturating_duration_since(started))
 }

@@ -4,7 +4,7 @@
 //! built: an invalid value is a [`ConfigError`], never a panic deep inside quinn-proto.
 
 use crate::tls::{ClientTls, ServerTls, TlsError};
-use quinn_proto::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+use quinn_proto::congestion::{CubicConfig, NewRenoConfig};
 use quinn_proto::{IdleTimeout, TransportConfig, VarInt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,15 +16,12 @@ use thiserror::Error;
 pub enum Congestion {
     /// NewReno (RFC 9002's reference controller).
     NewReno,
-    /// CUBIC (quinn's default, and ours).
-    #[default]
+    /// CUBIC (quinn-proto's default).
     Cubic,
-    /// BBR (experimental in quinn-proto): tolerant of random loss. In the lossy grid
-    /// (`tests/tests/lossy_grid.rs`: 30 ms RTT, QoS 1 offered at 2000 msg/s, window 256) it
-    /// delivers 1989 msg/s at 10% loss (p99 155 ms) where CUBIC manages 1774 (p99 1.2 s), and
-    /// 1987 with 20% reordering added (CUBIC 969). It is not the default because quinn-proto
-    /// 0.11 seeds BBR's random gain-cycle offset from the operating system, so a machine using
-    /// it no longer replays the same run from the same seed; choose it where loss is expected.
+    /// Our deterministic BBR ([`crate::bbr`]): models the path instead of reading every loss as
+    /// congestion, so random loss does not collapse the window. The default: see the module docs
+    /// and BENCHMARKS.md ("Lossy links") for the measurements that chose it.
+    #[default]
     Bbr,
 }
 
@@ -131,7 +128,7 @@ impl TransportSettings {
         match self.congestion {
             Congestion::NewReno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
             Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),
-            Congestion::Bbr => t.congestion_controller_factory(Arc::new(BbrConfig::default())),
+            Congestion::Bbr => t.congestion_controller_factory(Arc::new(crate::bbr::BbrConfig::default())),
         };
         t
     }

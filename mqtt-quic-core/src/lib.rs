@@ -80,6 +80,7 @@
 //! state is kept.
 
 pub mod backoff;
+pub mod bbr;
 pub mod broker;
 pub mod client;
 pub mod config;

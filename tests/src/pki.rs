@@ -44,3 +44,17 @@ impl Default for Pki {
         Pki::new()
     }
 }
+
+/// A self-signed Ed25519 server certificate for `names`, as a [`ServerTls`].
+///
+/// For simulations that must replay exactly from a seed: Ed25519 signatures are deterministic
+/// and always 64 bytes, where the default ECDSA signature of each handshake's CertificateVerify
+/// varies in length (DER, random nonce), and a byte more or less in the handshake shifts every
+/// later packet's timing by a few nanoseconds.
+pub fn ed25519_server_tls(names: &[&str]) -> mqtt_quic_core::tls::ServerTls {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let cert = CertificateParams::new(names).expect("params").self_signed(&key).expect("certificate");
+    mqtt_quic_core::tls::ServerTls::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+        .expect("Ed25519 server TLS")
+}

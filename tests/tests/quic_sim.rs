@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use mqtt_quic_core::config::{ClientConfig, ServerConfig, TransportSettings};
 use mqtt_quic_core::quic::{CloseReason, ConnId, Event, QuicEndpoint};
-use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_quic_core::tls::{ClientTls, ServerTls};
 use mqtt_tests::sim::{Link, Rng, Sim};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -21,20 +21,24 @@ fn client_addr() -> SocketAddr {
     "10.0.0.2:50000".parse().unwrap()
 }
 
-/// One certificate for the whole test binary: generating keys is the slow part of setup.
-fn cert() -> &'static SelfSigned {
-    static CERT: OnceLock<SelfSigned> = OnceLock::new();
-    CERT.get_or_init(|| SelfSigned::generate(&["broker.test"]).unwrap())
+/// One certificate for the whole test binary: generating keys is the slow part of setup. Ed25519,
+/// so handshakes are the same size every run and a seed replays a run exactly.
+fn tls() -> &'static ServerTls {
+    static TLS: OnceLock<ServerTls> = OnceLock::new();
+    TLS.get_or_init(|| mqtt_tests::pki::ed25519_server_tls(&["broker.test"]))
+}
+
+fn pinned() -> ClientTls {
+    ClientTls::pinned(&mqtt_quic_core::tls::fingerprint_hex(&tls().fingerprint())).unwrap()
 }
 
 fn pair(seed: u64, link: Link, transport: TransportSettings) -> Sim<QuicEndpoint> {
-    let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    let mut sc = ServerConfig::new(tls().clone());
     // Tests open many connections from the one client address.
     sc.max_handshakes_per_ip = 10_000;
     sc.transport = transport.clone();
     sc.seed = seed;
-    let mut cc =
-        ClientConfig::new(ClientTls::pinned(&mqtt_quic_core::tls::fingerprint_hex(&cert().fingerprint)).unwrap());
+    let mut cc = ClientConfig::new(pinned());
     cc.transport = transport;
     cc.seed = seed + 1;
     let mut sim = Sim::new(seed, link);
@@ -340,7 +344,7 @@ fn garbage_flood_leaves_the_server_serving() {
 
 #[test]
 fn connection_limit_refuses_the_excess() {
-    let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    let mut sc = ServerConfig::new(tls().clone());
     sc.max_connections = 1;
     let mut sim = Sim::new(9, Link::default());
     sim.add_host(server_addr(), QuicEndpoint::server(&sc).unwrap());
@@ -401,8 +405,8 @@ fn ca_verification_checks_chain_and_name() {
 
 #[test]
 fn pinning_accepts_only_the_pinned_certificate() {
-    let server = || ServerTls::from_self_signed(cert()).unwrap();
-    let right = ClientTls::pinned(&mqtt_quic_core::tls::fingerprint_hex(&cert().fingerprint)).unwrap();
+    let server = || tls().clone();
+    let right = pinned();
     assert_eq!(tls_outcome(server(), right, "anything"), Ok(()));
     let wrong = ClientTls::pinned(&"00".repeat(32)).unwrap();
     assert!(matches!(tls_outcome(server(), wrong, "anything"), Err(CloseReason::Transport(_))));
@@ -498,7 +502,7 @@ fn client_rebinds_on_command() {
 
 #[test]
 fn stateless_retry_validates_the_address_first() {
-    let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    let mut sc = ServerConfig::new(tls().clone());
     sc.stateless_retry = true;
     let mut sim = Sim::new(16, Link::default());
     sim.add_host(server_addr(), QuicEndpoint::server(&sc).unwrap());
@@ -549,7 +553,7 @@ fn one_client_machine_holds_a_thousand_connections() {
 
 #[test]
 fn handshakes_from_one_address_are_bounded() {
-    let mut sc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    let mut sc = ServerConfig::new(tls().clone());
     sc.max_handshakes_per_ip = 4;
     let mut sim = Sim::new(18, Link::default());
     sim.add_host(server_addr(), QuicEndpoint::server(&sc).unwrap());
@@ -580,7 +584,7 @@ fn handshakes_from_one_address_are_bounded() {
 /// `Transmit::datagrams`, carry a bulk transfer intact.
 #[test]
 fn batched_transmits_carry_a_transfer_intact() {
-    let mut server = QuicEndpoint::server(&ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap())).unwrap();
+    let mut server = QuicEndpoint::server(&ServerConfig::new(tls().clone())).unwrap();
     let mut client = QuicEndpoint::client(&ClientConfig::new(ClientTls::insecure())).unwrap();
     #[allow(clippy::disallowed_methods)]
     let mut now = std::time::Instant::now();

@@ -4,6 +4,7 @@ use crate::conn::ConnArgs;
 use adapter_tokio::bench::{self, BenchConfig, Scenario};
 use clap::{Args, ValueEnum};
 use mqtt_proto::QoS;
+use mqtt_quic_core::config::Congestion;
 use std::time::Duration;
 
 /// Scenario names on the command line.
@@ -17,6 +18,16 @@ enum ScenarioArg {
     FanOut,
     // N idle connections (setup rate, memory per connection).
     Idle,
+    // N sequential connects: fresh, and over QUIC resumed with 0-RTT.
+    Connect,
+}
+
+/// Congestion controller names on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CongestionArg {
+    Bbr,
+    Cubic,
+    Newreno,
 }
 
 /// `mqttq bench` flags.
@@ -49,6 +60,9 @@ pub struct BenchArgs {
     /// Most QoS 1/2 publishes in flight per publisher when flat out.
     #[arg(long, default_value_t = 64)]
     window: usize,
+    /// QUIC congestion controller of the load's clients [default: the core's, bbr].
+    #[arg(long, value_enum)]
+    congestion: Option<CongestionArg>,
     /// Print the result as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -59,6 +73,13 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     crate::init_logging(args.conn.debug.then_some("debug"), "warn")?;
     let mut options = args.conn.options()?;
     options.reconnect = None;
+    if let Some(c) = args.congestion {
+        options.transport.congestion = match c {
+            CongestionArg::Bbr => Congestion::Bbr,
+            CongestionArg::Cubic => Congestion::Cubic,
+            CongestionArg::Newreno => Congestion::NewReno,
+        };
+    }
     let config = BenchConfig {
         url: args.conn.url()?,
         options,
@@ -67,6 +88,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             ScenarioArg::FanIn => Scenario::FanIn,
             ScenarioArg::FanOut => Scenario::FanOut,
             ScenarioArg::Idle => Scenario::Idle,
+            ScenarioArg::Connect => Scenario::Connect,
         },
         clients: args.clients.max(1),
         qos: QoS::from_u8(args.qos).unwrap_or(QoS::AtMostOnce),

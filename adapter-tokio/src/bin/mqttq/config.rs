@@ -26,7 +26,7 @@
 //! idle_timeout = 30
 //! zero_rtt = true
 //! stateless_retry = false
-//! congestion = "cubic"        # "newreno", "cubic" or "bbr" (bbr: best under random loss)
+//! congestion = "bbr"          # "bbr" (default: best under random loss), "cubic" or "newreno"
 //!
 //! [tcp]
 //! listen = "0.0.0.0:1883"
