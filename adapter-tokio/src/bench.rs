@@ -60,7 +60,9 @@ pub const ON_TIME_GRACE: Duration = Duration::from_millis(500);
 pub struct BenchConfig {
     /// The broker.
     pub url: BrokerUrl,
-    /// Client options (trust, keep-alive, protocol) applied to every client.
+    /// Client options (trust, keep-alive, protocol) applied to every client. TCP and TLS clients
+    /// reconnect as `options.reconnect` says; QUIC clients (a [`ClientPool`]) never do: a lost
+    /// connection stays lost, and migration is what keeps them up.
     pub options: ClientOptions,
     /// Scenario.
     pub scenario: Scenario,
@@ -540,7 +542,6 @@ async fn run_stream(
     for (n, role) in roles.into_iter().enumerate() {
         let mut options = config.options.clone();
         options.session.client_id = format!("bench-{}-{n}", std::process::id());
-        options.reconnect = None;
         match Client::connect(&url, options).await {
             Ok(c) => {
                 setup.connected += 1;

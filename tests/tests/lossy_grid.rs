@@ -11,12 +11,11 @@ use bytes::Bytes;
 use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
 use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
-use mqtt_quic_core::config::{ClientConfig, Congestion, ServerConfig};
+use mqtt_quic_core::config::{ClientConfig, Congestion, ServerConfig, TransportSettings};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::ClientTls;
 use mqtt_tests::node::Node;
 use mqtt_tests::sim::{Link, Sim};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 const RATE: u32 = 2000;
@@ -38,52 +37,71 @@ struct Tuning {
     congestion: Option<Congestion>,
     /// MQTT in-flight window (QoS 1/2) of every session, both ways.
     window: Option<u16>,
+    /// QUIC's RTT estimate before the first sample.
+    initial_rtt: Option<Duration>,
 }
 
-/// A broker, a connected publisher and a subscriber to `grid/#` (QoS 1), over `link`.
-fn world(link: Link, seed: u64, tuning: Tuning) -> (Sim<Node>, usize, usize) {
+impl Tuning {
+    fn apply(&self, transport: &mut TransportSettings) {
+        if let Some(c) = self.congestion {
+            transport.congestion = c;
+        }
+        if let Some(rtt) = self.initial_rtt {
+            transport.initial_rtt = rtt;
+        }
+    }
+}
+
+const BROKER: &str = "10.0.0.1:14567";
+
+/// A simulator over `link` with the broker on it.
+fn broker(link: Link, seed: u64, tuning: Tuning) -> Sim<Node> {
     // Ed25519: the same handshake sizes every run, so a seed replays a cell exactly.
     let mut qc = ServerConfig::new(mqtt_tests::pki::ed25519_server_tls(&["broker.test"]));
     qc.seed = seed;
-    if let Some(c) = tuning.congestion {
-        qc.transport.congestion = c;
-    }
+    tuning.apply(&mut qc.transport);
     let mut bc = BrokerConfig::new(qc);
     if let Some(w) = tuning.window {
         bc.session.receive_maximum = w;
         bc.session.max_inflight = w;
     }
-    let broker_addr: SocketAddr = "10.0.0.1:14567".parse().expect("address");
     let mut sim = Sim::new(seed, link);
-    sim.add_host(broker_addr, Node::Broker(Box::new(Broker::new(bc).expect("broker"))));
-    let mut client = |n: u8, id: &str| {
-        let mut qc = ClientConfig::new(ClientTls::insecure());
-        qc.seed = seed * 10 + u64::from(n);
-        if let Some(c) = tuning.congestion {
-            qc.transport.congestion = c;
-        }
-        // The offered load waits in the client when the link cannot take it: its wait counts in
-        // the latency.
-        let mut session = ClientSessionConfig { client_id: id.into(), max_queued: 1 << 20, ..Default::default() };
-        if let Some(w) = tuning.window {
-            session.receive_maximum = w;
-            session.max_inflight = w;
-        }
-        let config = MqttClientConfig {
-            quic: qc,
-            session,
-            server: broker_addr,
-            server_name: "broker.test".into(),
-            reconnect: None,
-        };
-        let host = sim.add_host(
-            format!("10.0.1.{n}:5000{n}").parse().expect("address"),
-            Node::client(MqttClient::new(config).expect("client")),
-        );
-        let now = sim.now();
-        sim.machine(host).as_client().start(now).expect("start");
-        host
+    sim.add_host(BROKER.parse().expect("address"), Node::Broker(Box::new(Broker::new(bc).expect("broker"))));
+    sim
+}
+
+/// Adds client `n` (`id`) to the simulator and starts its connection; returns its host.
+fn add_client(sim: &mut Sim<Node>, n: u8, id: &str, seed: u64, tuning: Tuning) -> usize {
+    let mut qc = ClientConfig::new(ClientTls::insecure());
+    qc.seed = seed * 10 + u64::from(n);
+    tuning.apply(&mut qc.transport);
+    // The offered load waits in the client when the link cannot take it: its wait counts in
+    // the latency.
+    let mut session = ClientSessionConfig { client_id: id.into(), max_queued: 1 << 20, ..Default::default() };
+    if let Some(w) = tuning.window {
+        session.receive_maximum = w;
+        session.max_inflight = w;
+    }
+    let config = MqttClientConfig {
+        quic: qc,
+        session,
+        server: BROKER.parse().expect("address"),
+        server_name: "broker.test".into(),
+        reconnect: None,
     };
+    let host = sim.add_host(
+        format!("10.0.1.{n}:5000{n}").parse().expect("address"),
+        Node::client(MqttClient::new(config).expect("client")),
+    );
+    let now = sim.now();
+    sim.machine(host).as_client().start(now).expect("start");
+    host
+}
+
+/// A broker, a connected publisher and a subscriber to `grid/#` (QoS 1), over `link`.
+fn world(link: Link, seed: u64, tuning: Tuning) -> (Sim<Node>, usize, usize) {
+    let mut sim = broker(link, seed, tuning);
+    let mut client = |n: u8, id: &str| add_client(&mut sim, n, id, seed, tuning);
     let publisher = client(1, "publisher");
     let subscriber = client(2, "subscriber");
     assert!(
@@ -222,7 +240,12 @@ fn tuning_table() {
     for congestion in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
         for window in [64u16, 256, 1024] {
             for (name, link, _) in cells().into_iter().skip(1) {
-                let o = run(link, seconds, 7, Tuning { congestion: Some(congestion), window: Some(window) });
+                let o = run(
+                    link,
+                    seconds,
+                    7,
+                    Tuning { congestion: Some(congestion), window: Some(window), ..Tuning::default() },
+                );
                 println!(
                     "| {congestion:?} | {window} | {name} | {:.0} | {:.1} ms | {:.1} ms |",
                     o.delivered_rate,
@@ -283,4 +306,48 @@ fn rebinding_mid_session_loses_nothing() {
     let longest = arrivals.windows(2).map(|w| w[1] - w[0]).max().expect("gaps");
     println!("rebinding: 200 of 200 delivered, longest gap {longest:?}");
     assert!(longest < Duration::from_millis(100), "longest gap {longest:?}");
+}
+
+/// Virtual time from a client's start to its CONNACK, stepping by the millisecond.
+fn connect_time(link: Link, seed: u64, tuning: Tuning) -> Duration {
+    let mut sim = broker(link, seed, tuning);
+    let start = sim.now();
+    let client = add_client(&mut sim, 1, "connect", seed, tuning);
+    while !sim.machine(client).as_client().is_connected() && sim.now() < start + Duration::from_secs(60) {
+        let next = sim.now() + Duration::from_millis(1);
+        sim.drive_to(next);
+    }
+    sim.now() - start
+}
+
+/// The experiment behind the initial RTT default (run by hand: `cargo test -p mqtt-tests
+/// --release --test lossy_grid connect_times -- --ignored --nocapture`): time to CONNACK over the
+/// 30 ms link with 10% loss each way, over 400 seeds, for several initial RTT estimates.
+#[test]
+#[ignore = "prints the connect-time table; run by hand"]
+fn connect_times() {
+    let link = Link { latency: Duration::from_millis(15), loss: 0.10, ..Link::default() };
+    println!("| initial RTT | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    for ms in [333u64, 200, 100, 50] {
+        let tuning = Tuning { initial_rtt: Some(Duration::from_millis(ms)), ..Tuning::default() };
+        let mut times: Vec<Duration> = (0..400).map(|seed| connect_time(link.clone(), seed, tuning)).collect();
+        times.sort();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+        println!("| {ms} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |", at(0.5), at(0.9), at(0.99), at(1.0));
+    }
+}
+
+/// A fresh connection over a clean 30 ms link reaches CONNACK in two round trips (QUIC's
+/// handshake, then CONNECT with the client's Finished), and the default initial RTT keeps a
+/// lossy link's connects from waiting out a full second of handshake timer.
+#[test]
+fn connect_takes_two_round_trips_and_recovers_losses_quickly() {
+    let clean = Link { latency: Duration::from_millis(15), ..Link::default() };
+    let t = connect_time(clean.clone(), 1, Tuning::default());
+    assert!(t >= Duration::from_millis(60) && t <= Duration::from_millis(64), "clean connect took {t:?}");
+    let lossy = Link { loss: 0.10, ..clean.clone() };
+    let mut times: Vec<Duration> = (0..40).map(|seed| connect_time(lossy.clone(), seed, Tuning::default())).collect();
+    times.sort();
+    assert!(times[20] <= Duration::from_millis(64), "median lossy connect {:?}", times[20]);
 }

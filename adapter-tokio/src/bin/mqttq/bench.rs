@@ -4,6 +4,7 @@ use crate::conn::ConnArgs;
 use adapter_tokio::bench::{self, BenchConfig, Scenario};
 use clap::{Args, ValueEnum};
 use mqtt_proto::QoS;
+use mqtt_quic_core::client::ReconnectPolicy;
 use mqtt_quic_core::config::Congestion;
 use std::time::Duration;
 
@@ -63,6 +64,10 @@ pub struct BenchArgs {
     /// QUIC congestion controller of the load's clients [default: the core's, bbr].
     #[arg(long, value_enum)]
     congestion: Option<CongestionArg>,
+    /// TCP/TLS clients reconnect after a lost connection and resume their session (clean start
+    /// off, session expiry 300 s), so QoS 1/2 in flight is resent. QUIC clients never reconnect.
+    #[arg(long)]
+    reconnect: bool,
     /// Print the result as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -73,6 +78,11 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     crate::init_logging(args.conn.debug.then_some("debug"), "warn")?;
     let mut options = args.conn.options()?;
     options.reconnect = None;
+    if args.reconnect {
+        options.reconnect = Some(ReconnectPolicy::default());
+        options.session.clean_start = false;
+        options.session.session_expiry = 300;
+    }
     if let Some(c) = args.congestion {
         options.transport.congestion = match c {
             CongestionArg::Bbr => Congestion::Bbr,
