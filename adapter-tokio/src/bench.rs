@@ -78,6 +78,11 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// UDP sockets the QUIC clients share.
     pub sockets: usize,
+    /// Local addresses for the QUIC sockets, socket `k` on `bind[k % len]` (empty: any). Client
+    /// `i` is on socket `i % sockets`; in [`Scenario::Pairs`] the subscribers are the even
+    /// clients, so `sockets = 2` with two addresses puts subscribers on the first, publishers on
+    /// the second (the rebinding experiment moves only the publishers' address that way).
+    pub bind: Vec<std::net::IpAddr>,
     /// Most QoS 1/2 publishes in flight per publisher when flat out.
     pub window: usize,
 }
@@ -341,7 +346,11 @@ async fn run_quic(
         quic.seed = random_seed() ^ k as u64;
         let name = config.options.server_name(&config.url);
         let pool = ClientPool::new(&quic, server, &name, config.options.session.keep_alive)?;
-        let udp = Udp::bind(local_bind_address(server))?;
+        let local = match config.bind.as_slice() {
+            [] => local_bind_address(server),
+            ips => std::net::SocketAddr::new(ips[k % ips.len()], 0),
+        };
+        let udp = Udp::bind(local)?;
         let (config, ready, go, tallies, totals) =
             (config.clone(), ready.clone(), go.clone(), tallies.clone(), totals.clone());
         tasks.push(tokio::spawn(async move {

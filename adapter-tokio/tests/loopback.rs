@@ -414,6 +414,7 @@ async fn the_load_generator_counts_every_delivery_over_quic_and_tcp() {
             rate: Some(200.0),
             duration: Duration::from_millis(300),
             sockets: 2,
+            bind: vec![],
             window: 16,
         };
         let report = run(config).await.unwrap();
@@ -422,7 +423,30 @@ async fn the_load_generator_counts_every_delivery_over_quic_and_tcp() {
         assert_eq!(report.received, report.sent * fan, "{url} {scenario:?}: {}", report.table());
         assert_eq!(report.latencies_us.len() as u64, report.received);
         assert_eq!(report.errors, 0);
+        assert_eq!(report.on_time, report.received, "{url} {scenario:?}: all on time on loopback");
         assert!(report.json().contains("\"msgs_per_sec\""));
+    }
+    // Connection setup: fresh connections, and over QUIC a resumed one after each.
+    for (url, resumed) in [(url("quic", s.quic_addr()), 2), (url("mqtt", s.tcp_addr()), 0)] {
+        let report = run(BenchConfig {
+            url: url.parse().unwrap(),
+            options: ClientOptions::new().tls(pinned()),
+            scenario: Scenario::Connect,
+            clients: 2,
+            qos: QoS::AtMostOnce,
+            payload: 16,
+            rate: None,
+            duration: Duration::from_millis(100),
+            sockets: 1,
+            bind: vec![],
+            window: 1,
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.errors, 0, "{url}: {}", report.table());
+        assert_eq!(report.connect_fresh_ms.len(), 2, "{url}");
+        assert_eq!(report.connect_resumed_ms.len(), resumed, "{url}");
+        assert!(report.connect_fresh_ms.iter().all(|ms| *ms > 0.0 && *ms < 5000.0), "{url}");
     }
     let idle = run(BenchConfig {
         url: url("quic", s.quic_addr()).parse().unwrap(),
@@ -434,6 +458,7 @@ async fn the_load_generator_counts_every_delivery_over_quic_and_tcp() {
         rate: None,
         duration: Duration::from_millis(200),
         sockets: 2,
+        bind: vec![],
         window: 1,
     })
     .await

@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// UDP sockets the QUIC clients share.
     #[arg(long, default_value_t = 1)]
     sockets: usize,
+    /// Local addresses for the QUIC sockets, comma-separated: socket k binds the k-th (cycling).
+    #[arg(long, value_delimiter = ',')]
+    bind: Vec<std::net::IpAddr>,
     /// Most QoS 1/2 publishes in flight per publisher when flat out.
     #[arg(long, default_value_t = 64)]
     window: usize,
@@ -106,6 +109,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         rate: args.rate,
         duration: Duration::from_secs_f64(args.duration.max(0.1)),
         sockets: args.sockets.max(1),
+        bind: args.bind,
         window: args.window.max(1),
     };
     let report = bench::run(config).await.map_err(|e| e.to_string())?;
