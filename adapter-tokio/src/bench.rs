@@ -114,6 +114,8 @@ pub struct Report {
     pub connect_fresh_ms: Vec<f64>,
     /// [`Scenario::Connect`]: milliseconds to CONNACK of each resumed QUIC connection.
     pub connect_resumed_ms: Vec<f64>,
+    /// What went wrong first, when a client failed to connect or lost its connection.
+    pub first_error: Option<String>,
 }
 
 impl Report {
@@ -255,6 +257,7 @@ struct Tally {
     max_gap: Duration,
     fresh_ms: Vec<f64>,
     resumed_ms: Vec<f64>,
+    first_error: Option<String>,
 }
 
 impl Tally {
@@ -317,6 +320,7 @@ pub async fn run(config: BenchConfig) -> Result<Report, ClientError> {
         report.max_gap = report.max_gap.max(t.max_gap);
         report.connect_fresh_ms.extend(t.fresh_ms);
         report.connect_resumed_ms.extend(t.resumed_ms);
+        report.first_error = report.first_error.or(t.first_error);
         last = last.max(t.last_connack);
     }
     report.connect_secs = last.map_or(0.0, |l| l.saturating_duration_since(connect_started).as_secs_f64());
@@ -391,6 +395,7 @@ async fn pool_task(
     let mut pending_subs = roles.iter().filter(|(_, r)| r.subscribes.is_some()).count();
     let setup_deadline = clock() + Duration::from_secs(120);
     let mut down = 0;
+    let mut subscribed = std::collections::BTreeSet::new();
     let mut to_add = roles.iter();
     while (tally.connected + down < roles.len() || pending_subs > 0) && clock() < setup_deadline {
         while members.len() < tally.connected + down + (HANDSHAKES / config.sockets.max(1)).max(1) {
@@ -415,10 +420,19 @@ async fn pool_task(
                         let _ = pool.subscribe(clock(), i, vec![Subscription::new(f, config.qos)]);
                     }
                 }
-                ClientEvent::Subscribed { .. } => pending_subs = pending_subs.saturating_sub(1),
+                ClientEvent::Subscribed { .. } => {
+                    pending_subs = pending_subs.saturating_sub(1);
+                    subscribed.insert(i);
+                }
                 ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. } => {
                     down += 1;
                     tally.errors += 1;
+                    tally.first_error.get_or_insert_with(|| failure(&pool, i, &e));
+                    // A subscriber lost before its SUBACK will never send one: stop waiting.
+                    let subscribes = members.iter().any(|(m, r)| *m == i && r.subscribes.is_some());
+                    if subscribes && !subscribed.contains(&i) {
+                        pending_subs = pending_subs.saturating_sub(1);
+                    }
                 }
                 _ => {}
             }
@@ -562,7 +576,10 @@ async fn run_stream(
                 }
                 clients.push((c, role));
             }
-            Err(_) => setup.errors += 1,
+            Err(e) => {
+                setup.errors += 1;
+                setup.first_error.get_or_insert(e.to_string());
+            }
         }
     }
     tallies.lock().unwrap_or_else(|e| e.into_inner()).push(setup);
@@ -656,9 +673,13 @@ async fn connect_quic(
                 tally.errors += 1;
                 break;
             };
-            let Some(took) = until_connack(&mut pool, &mut udp, &mut buf, i).await else {
-                tally.errors += 1;
-                break;
+            let took = match until_connack(&mut pool, &mut udp, &mut buf, i).await {
+                Ok(took) => took,
+                Err(e) => {
+                    tally.errors += 1;
+                    tally.first_error.get_or_insert(e);
+                    break;
+                }
             };
             tally.connected += 1;
             tally.last_connack = Some(clock());
@@ -686,21 +707,23 @@ async fn connect_quic(
     Ok((started, clock().saturating_duration_since(started)))
 }
 
-/// Drives `pool` until client `i` is connected (its time to CONNACK) or fails (`None`).
-async fn until_connack(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>, i: usize) -> Option<Duration> {
+/// Drives `pool` until client `i` is connected (its time to CONNACK) or fails.
+async fn until_connack(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>, i: usize) -> Result<Duration, String> {
     let began = clock();
     let give_up = began + Duration::from_secs(10);
     while clock() < give_up {
         drive_for(pool, udp, buf, Some(Duration::from_millis(5))).await;
         while let Some((who, e)) = pool.poll_event() {
             match e {
-                ClientEvent::Connected { .. } if who == i => return Some(clock().saturating_duration_since(began)),
-                ClientEvent::Refused { .. } | ClientEvent::Disconnected { .. } if who == i => return None,
+                ClientEvent::Connected { .. } if who == i => return Ok(clock().saturating_duration_since(began)),
+                ClientEvent::Refused { .. } | ClientEvent::Disconnected { .. } if who == i => {
+                    return Err(failure(pool, i, &e))
+                }
                 _ => {}
             }
         }
     }
-    None
+    Err("no CONNACK within 10 s".into())
 }
 
 /// [`Scenario::Connect`] over TCP or TLS: fresh connections only, each timed from the first
@@ -721,9 +744,21 @@ async fn connect_stream(config: &BenchConfig, tallies: Arc<Mutex<Vec<Tally>>>) -
                 tally.last_connack = Some(clock());
                 let _ = c.disconnect().await;
             }
-            Err(_) => tally.errors += 1,
+            Err(e) => {
+                tally.errors += 1;
+                tally.first_error.get_or_insert(e.to_string());
+            }
         }
     }
     tallies.lock().unwrap_or_else(|e| e.into_inner()).push(tally);
     (started, clock().saturating_duration_since(started))
+}
+
+/// Why client `i` of `pool` failed, in words: the QUIC close reason when there is one.
+fn failure(pool: &ClientPool, i: usize, event: &ClientEvent) -> String {
+    match (event, pool.close_reason(i)) {
+        (ClientEvent::Refused { reason }, _) => format!("the broker refused the connection ({reason:?})"),
+        (_, Some(reason)) => reason.to_string(),
+        (e, None) => format!("{e:?}"),
+    }
 }

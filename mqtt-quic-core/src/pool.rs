@@ -7,7 +7,7 @@
 
 use crate::config::{ClientConfig, ConfigError};
 use crate::machine::Machine;
-use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
+use crate::quic::{self, CloseReason, ConnId, QuicEndpoint, Transmit};
 use crate::session::client::{ClientEvent, ClientSession, ClientSessionConfig, CommandError, RequestId};
 use crate::timers::TimerIndex;
 use crate::EcnCodepoint;
@@ -22,6 +22,8 @@ pub type ClientIndex = usize;
 struct Member {
     session: ClientSession,
     conn: Option<ConnId>,
+    /// Why its last QUIC connection ended, if one did.
+    closed: Option<CloseReason>,
 }
 
 /// Client sessions multiplexed on one QUIC client endpoint. Driven like any [`Machine`];
@@ -69,11 +71,17 @@ impl ClientPool {
             self.quic.connect(now, self.server, &self.server_name).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let _ = session.connect(now);
         let i = self.members.len();
-        self.members.push(Member { session, conn: Some(conn) });
+        self.members.push(Member { session, conn: Some(conn), closed: None });
         self.by_conn.insert(conn, i);
         self.dirty.insert(i);
         self.pump(now);
         Ok(i)
+    }
+
+    /// Why client `i`'s QUIC connection ended (a certificate the client rejected, a handshake
+    /// timeout...), once it has: the session's own event only says the transport was lost.
+    pub fn close_reason(&self, i: ClientIndex) -> Option<&CloseReason> {
+        self.members.get(i)?.closed.as_ref()
     }
 
     /// Clients added.
@@ -149,9 +157,10 @@ impl ClientPool {
                             self.dirty.insert(i);
                         }
                     }
-                    quic::Event::Closed { conn, .. } => {
+                    quic::Event::Closed { conn, reason } => {
                         if let Some(i) = self.by_conn.remove(&conn) {
                             self.members[i].conn = None;
+                            self.members[i].closed = Some(reason);
                             self.members[i].session.connection_lost(now);
                             self.dirty.insert(i);
                         }

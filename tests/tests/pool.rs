@@ -93,3 +93,30 @@ fn fifty_clients_on_one_endpoint_talk_through_the_broker() {
     }
     assert_eq!(broker.connected(), 0);
 }
+
+#[test]
+fn a_rejected_certificate_is_reported_with_its_reason() {
+    let cert = SelfSigned::generate(&["broker.test"]).unwrap();
+    let mut broker =
+        Broker::new(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()))).unwrap();
+    let wrong = ClientTls::pinned(&"00".repeat(32)).unwrap();
+    let mut pool =
+        ClientPool::new(&ClientConfig::new(wrong), "10.0.0.1:14567".parse().unwrap(), "broker.test", 60).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    let mut now = Instant::now();
+    let i = pool.add(now, ClientSessionConfig { client_id: "c".into(), ..Default::default() }).unwrap();
+    assert!(pool.close_reason(i).is_none());
+    let mut lost = false;
+    for _ in 0..100 {
+        step(&mut broker, &mut pool, &mut now, Duration::from_millis(1));
+        while let Some((who, e)) = pool.poll_event() {
+            lost |= who == i && matches!(e, ClientEvent::Disconnected { .. });
+        }
+        if lost {
+            break;
+        }
+    }
+    assert!(lost, "the session reports the lost connection");
+    let reason = pool.close_reason(i).expect("a close reason").to_string();
+    assert!(reason.contains("certificate"), "{reason}");
+}

@@ -113,6 +113,10 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         window: args.window.max(1),
     };
     let report = bench::run(config).await.map_err(|e| e.to_string())?;
+    if report.connected == 0 {
+        let why = report.first_error.as_deref().unwrap_or("no connection completed");
+        return Err(format!("no client connected: {why}"));
+    }
     if args.json {
         println!("{}", report.json());
     } else {
