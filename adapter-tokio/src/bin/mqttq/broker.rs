@@ -147,6 +147,9 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
             other => return Err(format!("[quic] congestion: `{other}` is not newreno, cubic or bbr")),
         };
     }
+    if let Some(ms) = q.initial_rtt_ms {
+        b.quic.transport.initial_rtt = Duration::from_millis(ms);
+    }
     if let Some(v) = file.max_packet_size {
         b.session.maximum_packet_size = v;
     }

@@ -27,6 +27,7 @@
 //! zero_rtt = true
 //! stateless_retry = false
 //! congestion = "bbr"          # "bbr" (default: best under random loss), "cubic" or "newreno"
+//! initial_rtt_ms = 100        # RTT assumed before the first sample (raise on satellite links)
 //!
 //! [tcp]
 //! listen = "0.0.0.0:1883"
@@ -80,6 +81,7 @@ pub struct QuicSection {
     pub zero_rtt: Option<bool>,
     pub stateless_retry: Option<bool>,
     pub congestion: Option<String>,
+    pub initial_rtt_ms: Option<u64>,
 }
 
 /// `[tcp]` and `[tls]`.
@@ -113,7 +115,8 @@ mod tests {
             .map(|l| l.trim_start_matches("//!").trim_start().to_string() + "\n")
             .collect();
         let c: FileConfig = toml::from_str(&example).unwrap();
-        assert_eq!(c.quic.congestion.as_deref(), Some("cubic"));
+        assert_eq!(c.quic.congestion.as_deref(), Some("bbr"));
+        assert_eq!(c.quic.initial_rtt_ms, Some(100));
         assert_eq!(c.tls.listen.as_deref(), Some("0.0.0.0:8883"));
         let e = toml::from_str::<FileConfig>("[quic]\nidle_timout = 3\n").unwrap_err();
         assert!(e.message().contains("idle_timout"), "{}", e.message());
