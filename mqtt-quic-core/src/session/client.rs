@@ -168,6 +168,14 @@ pub enum CommandError {
     /// AUTH needs an authentication method in the CONNECT (MQTT 5 enhanced authentication).
     #[error("AUTH needs an authentication method set in the CONNECT properties")]
     NoAuthenticationMethod,
+    /// AUTH must use the authentication method the CONNECT named.
+    #[error("AUTH names method `{auth}` but the CONNECT named `{connect}`")]
+    AuthenticationMethodMismatch {
+        /// The CONNECT's method.
+        connect: String,
+        /// The AUTH's method.
+        auth: String,
+    },
     /// Too many publishes are waiting.
     #[error("publish queue is full ({0} waiting)")]
     QueueFull(usize),
@@ -239,6 +247,9 @@ pub struct ClientSession {
     next_request: u64,
     /// Publishes in flight, in the order they were sent.
     inflight: Vec<(PacketId, Stage, Outgoing)>,
+    /// Entries of `inflight` from here on were kept from an earlier connection and have not been
+    /// sent again on this one yet: they wait for room under the server's Receive Maximum.
+    resend_from: usize,
     /// Publishes waiting for an in-flight slot (or a connection).
     queued: VecDeque<Outgoing>,
     /// QoS 2 publishes received and acknowledged with PUBREC, waiting for PUBREL.
@@ -289,6 +300,7 @@ impl ClientSession {
             ids: PacketIds::default(),
             next_request: 0,
             inflight: Vec::new(),
+            resend_from: 0,
             queued: VecDeque::new(),
             incoming_qos2: BTreeSet::new(),
             requests: BTreeMap::new(),
@@ -462,11 +474,33 @@ impl ClientSession {
         if !matches!(self.state, State::Connecting | State::Connected) {
             return Err(CommandError::NotConnected);
         }
-        // AUTH belongs to an exchange our CONNECT asked for [MQTT-4.12.0-7].
-        if self.config.connect_properties.authentication_method.is_none() {
+        // AUTH belongs to an exchange our CONNECT asked for [MQTT-4.12.0-7], with its method
+        // [MQTT-4.12.0-5]: filled in when the caller left it out, refused when it differs.
+        let Some(method) = self.config.connect_properties.authentication_method.clone() else {
             return Err(CommandError::NoAuthenticationMethod);
+        };
+        let mut auth = auth;
+        match &auth.properties.authentication_method {
+            None => auth.properties.authentication_method = Some(method),
+            Some(m) if *m == method => {}
+            Some(m) => {
+                return Err(CommandError::AuthenticationMethodMismatch {
+                    connect: method.as_str().to_string(),
+                    auth: m.as_str().to_string(),
+                })
+            }
         }
-        self.write(now, &Packet::Auth(auth));
+        // Diagnostics give way to the server's Maximum Packet Size [MQTT-3.15.2-2]
+        // [MQTT-3.15.2-3]; the method and data cannot.
+        let mut packet = Packet::Auth(auth);
+        if self.check_size(&packet).is_err() {
+            if let Packet::Auth(a) = &mut packet {
+                a.properties.reason_string = None;
+                a.properties.user_properties = Default::default();
+            }
+            self.check_size(&packet)?;
+        }
+        self.write(now, &packet);
         Ok(())
     }
 
@@ -644,7 +678,25 @@ impl ClientSession {
             return;
         }
         let limit = usize::from(self.server_receive_maximum.min(self.config.max_inflight).max(1));
-        while self.inflight.len() < limit {
+        // What a resumed session still owes goes first, in its original order [MQTT-4.4.0-1],
+        // and no more of it than the server's Receive Maximum allows [MQTT-4.9.0-2]: PUBLISH
+        // again with DUP set, or PUBREL.
+        while self.resend_from < self.inflight.len() && self.resend_from < limit {
+            let (packet_id, stage, out) = &self.inflight[self.resend_from];
+            match stage {
+                Stage::Sent => {
+                    let mut p = out.publish.clone();
+                    p.dup = true;
+                    self.write_publish(now, p);
+                }
+                Stage::Released => {
+                    let packet_id = *packet_id;
+                    self.write(now, &Packet::PubRel(Ack::new(packet_id)));
+                }
+            }
+            self.resend_from += 1;
+        }
+        while self.resend_from == self.inflight.len() && self.inflight.len() < limit {
             let Some(mut out) = self.queued.pop_front() else { break };
             if let Some(reason) = self.refusal(&out.publish) {
                 self.events.push_back(ClientEvent::Published { id: out.id, reason });
@@ -657,6 +709,7 @@ impl ClientSession {
             out.publish.qos_pid = QosPid::from_parts(out.publish.qos(), packet_id);
             self.write_publish(now, out.publish.clone());
             self.inflight.push((packet_id, Stage::Sent, out));
+            self.resend_from = self.inflight.len();
         }
     }
 
@@ -681,6 +734,9 @@ impl ClientSession {
 
     fn complete(&mut self, index: usize, reason: ReasonCode) {
         let (packet_id, _, out) = self.inflight.remove(index);
+        if index < self.resend_from {
+            self.resend_from -= 1;
+        }
         self.ids.release(packet_id);
         self.events.push_back(ClientEvent::Published { id: out.id, reason });
     }
@@ -779,9 +835,10 @@ impl ClientSession {
             client_id: self.client_id.clone(),
         });
         if ack.session_present {
-            // Resend what the server has not acknowledged, in the original order
-            // [MQTT-4.4.0-1]: PUBLISH with DUP set, or PUBREL. A PUBLISH this server's limits
-            // no longer allow completes with its reason instead.
+            // Resend what the server has not acknowledged (`pump` does, within its Receive
+            // Maximum). A PUBLISH this server's limits no longer allow completes with its
+            // reason instead.
+            self.resend_from = 0;
             let mut i = 0;
             while i < self.inflight.len() {
                 if self.inflight[i].1 == Stage::Sent {
@@ -792,20 +849,6 @@ impl ClientSession {
                 }
                 i += 1;
             }
-            for i in 0..self.inflight.len() {
-                let (packet_id, stage, out) = &self.inflight[i];
-                match stage {
-                    Stage::Sent => {
-                        let mut p = out.publish.clone();
-                        p.dup = true;
-                        self.write_publish(now, p);
-                    }
-                    Stage::Released => {
-                        let packet_id = *packet_id;
-                        self.write(now, &Packet::PubRel(Ack::new(packet_id)));
-                    }
-                }
-            }
         } else {
             // The server forgot everything: what was in flight goes out again as new messages,
             // ahead of the queue, and the subscriptions are made again.
@@ -814,6 +857,7 @@ impl ClientSession {
                 self.ids.release(packet_id);
                 self.queued.push_front(out);
             }
+            self.resend_from = 0;
             if !self.subscriptions.is_empty() {
                 if let Some(packet_id) = self.ids.allocate() {
                     let subscriptions = self.subscriptions.iter().cloned().collect();
@@ -1014,6 +1058,90 @@ mod tests {
 
     /// [MQTT-3.3.4-6]: a client PUBLISH carries no Subscription Identifier, even when the
     /// application republishes a message it received.
+    /// A session whose CONNECT names the authentication method `m`.
+    fn with_method(m: &str, connack: ConnAck) -> Harness {
+        let mut config = ClientSessionConfig::default();
+        config.connect_properties.authentication_method = Some(string(m));
+        Harness::connected(config, connack)
+    }
+
+    #[test]
+    fn auth_carries_the_connect_method() {
+        let mut h = with_method("SCRAM-SHA-256", ConnAck::default());
+        let auth = Auth { reason_code: ReasonCode::ContinueAuthentication, ..Default::default() };
+        h.session.auth(h.now, auth.clone()).unwrap();
+        let sent = h.sent();
+        let [Packet::Auth(a)] = &sent[..] else { panic!("{sent:?}") };
+        assert_eq!(a.properties.authentication_method, Some(string("SCRAM-SHA-256")), "filled in");
+        let mut other = auth;
+        other.properties.authentication_method = Some(string("PLAIN"));
+        let refused = h.session.auth(h.now, other);
+        assert!(matches!(refused, Err(CommandError::AuthenticationMethodMismatch { .. })), "{refused:?}");
+        assert!(h.sent().is_empty());
+    }
+
+    #[test]
+    fn auth_drops_its_diagnostics_to_fit_the_server_maximum_packet_size() {
+        let mut ack = ConnAck::default();
+        ack.properties.maximum_packet_size = std::num::NonZeroU32::new(64);
+        let mut h = with_method("m", ack);
+        let mut auth = Auth { reason_code: ReasonCode::ContinueAuthentication, ..Default::default() };
+        auth.properties.authentication_data = Some(Bytes::from_static(b"challenge"));
+        auth.properties.reason_string = Some(string(&"r".repeat(100)));
+        auth.properties.user_properties.push((string("k"), string(&"v".repeat(100))));
+        h.session.auth(h.now, auth.clone()).unwrap();
+        let sent = h.sent();
+        let [Packet::Auth(a)] = &sent[..] else { panic!("{sent:?}") };
+        assert_eq!(a.properties.reason_string, None);
+        assert!(a.properties.user_properties.is_empty());
+        assert_eq!(a.properties.authentication_data, Some(Bytes::from_static(b"challenge")), "data kept");
+        // Data alone too large: refused, nothing sent, the connection stays.
+        auth.properties.authentication_data = Some(Bytes::from(vec![0u8; 100]));
+        assert!(matches!(h.session.auth(h.now, auth), Err(CommandError::PacketTooLarge { max: 64, .. })));
+        assert!(h.sent().is_empty());
+        assert!(h.session.is_connected());
+    }
+
+    #[test]
+    fn resume_resends_within_a_smaller_receive_maximum_in_order() {
+        let config = ClientSessionConfig { session_expiry: 3600, ..Default::default() };
+        let mut h = Harness::connected(config, ConnAck::default());
+        for i in 0..5 {
+            h.session.publish(h.now, publish(&format!("q{i}"), QoS::AtLeastOnce)).unwrap();
+        }
+        let first: Vec<PacketId> =
+            h.sent().iter().filter_map(|p| if let Packet::Publish(p) = p { p.packet_id() } else { None }).collect();
+        assert_eq!(first.len(), 5);
+        h.session.connection_lost(h.now);
+        h.events();
+        h.session.connect(h.now).unwrap();
+        h.sent();
+        let mut ack = ConnAck { session_present: true, ..Default::default() };
+        ack.properties.receive_maximum = NonZeroU16::new(2);
+        h.feed(ack.into());
+        let resent = |h: &mut Harness| -> Vec<PacketId> {
+            h.sent()
+                .iter()
+                .filter_map(|p| match p {
+                    Packet::Publish(p) if p.dup => p.packet_id(),
+                    Packet::Publish(p) => panic!("a new publish before the old ones: {p:?}"),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(resent(&mut h), first[..2], "two in flight at most [MQTT-4.9.0-2]");
+        h.feed(Packet::PubAck(Ack::new(first[0])));
+        assert_eq!(resent(&mut h), first[2..3], "an acknowledgement makes room for the next, in order");
+        h.feed(Packet::PubAck(Ack::new(first[1])));
+        h.feed(Packet::PubAck(Ack::new(first[2])));
+        assert_eq!(resent(&mut h), first[3..5]);
+        h.feed(Packet::PubAck(Ack::new(first[3])));
+        h.feed(Packet::PubAck(Ack::new(first[4])));
+        let done = h.events().iter().filter(|e| matches!(e, ClientEvent::Published { .. })).count();
+        assert_eq!(done, 5);
+        assert_eq!(h.session.pending_publishes(), 0);
+    }
+
     #[test]
     fn republished_messages_lose_their_subscription_identifiers() {
         let mut h = Harness::v5();
