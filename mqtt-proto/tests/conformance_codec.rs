@@ -192,3 +192,85 @@ fn topic_matching_does_no_normalisation() {
     assert!(filter.matches(&TopicName::new(format!("{nfc}/1")).unwrap()));
     assert!(!filter.matches(&TopicName::new(format!("{nfd}/1")).unwrap()));
 }
+
+/// A UTF-8 string field: the 2-byte length, then the raw bytes.
+fn string_field(bytes: &[u8]) -> Vec<u8> {
+    let mut v = (bytes.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(bytes);
+    v
+}
+
+/// [MQTT-3.3.2-13] [MQTT-3.3.2-19]: Response Topic (0x08) and Content Type (0x03) are UTF-8
+/// strings; [MQTT-3.3.2-14]: a Response Topic carries no wildcards. Either broken is a
+/// malformed PUBLISH.
+#[test]
+fn response_topic_and_content_type_must_be_valid() {
+    for id in [0x08u8, 0x03] {
+        let mut good = vec![id];
+        good.extend_from_slice(&string_field(b"a/b"));
+        let Packet::Publish(p) = dec(V5, &publish_with_properties(&good)).unwrap() else { panic!("not a PUBLISH") };
+        match id {
+            0x08 => assert_eq!(p.properties.response_topic.as_ref().map(|t| t.as_str()), Some("a/b")),
+            _ => assert_eq!(p.properties.content_type.as_ref().map(|t| t.as_str()), Some("a/b")),
+        }
+        let mut bad = vec![id];
+        bad.extend_from_slice(&string_field(b"a/\xC3\x28"));
+        err(V5, &publish_with_properties(&bad), DecodeError::InvalidUtf8, ReasonCode::MalformedPacket);
+    }
+    for wildcard in [&b"a/+"[..], b"a/#", b"#"] {
+        let mut props = vec![0x08];
+        props.extend_from_slice(&string_field(wildcard));
+        let e = dec(V5, &publish_with_properties(&props)).unwrap_err();
+        assert_eq!(e, DecodeError::InvalidTopicName, "{wildcard:?}");
+    }
+}
+
+/// [MQTT-3.8.3-1] [MQTT-3.10.3-1]: the Topic Filters of SUBSCRIBE and UNSUBSCRIBE are UTF-8
+/// strings; one that is not makes the packet malformed.
+#[test]
+fn subscribe_and_unsubscribe_filters_must_be_utf8() {
+    for (first, tail) in [(0x82u8, &[0x01u8][..]), (0xA2, &[][..])] {
+        // Packet identifier 1, no properties, one filter (SUBSCRIBE adds its options byte).
+        let build = |filter: &[u8]| {
+            let mut v = vec![first, 0, 0, 1, 0];
+            v.extend_from_slice(&string_field(filter));
+            v.extend_from_slice(tail);
+            v[1] = (v.len() - 2) as u8;
+            v
+        };
+        assert!(dec(V5, &build(b"a/+")).is_ok());
+        err(V5, &build(b"a/\xFF"), DecodeError::InvalidUtf8, ReasonCode::MalformedPacket);
+        let mut v3 = build(b"a/\xC3\x28");
+        v3.remove(4); // MQTT 3.1.1 has no property length
+        v3[1] -= 1;
+        let e = dec(V3, &v3).unwrap_err();
+        assert_eq!(e, DecodeError::InvalidUtf8);
+    }
+}
+
+/// [MQTT-3.1.3-11] [MQTT-3.1.3-12]: the Will Topic and the User Name of a CONNECT are UTF-8
+/// strings: not UTF-8 is a malformed CONNECT.
+#[test]
+fn will_topic_and_user_name_must_be_utf8() {
+    // MQTT 5 CONNECT, keep-alive 60, no properties, client id "c"; flags: will (QoS 0) or user name.
+    let build = |flags: u8, tail: &[u8]| {
+        let mut v = vec![0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 5, flags, 0, 60, 0];
+        v.extend_from_slice(&string_field(b"c"));
+        v.extend_from_slice(tail);
+        v[1] = (v.len() - 2) as u8;
+        v
+    };
+    let will = |topic: &[u8]| {
+        let mut t = vec![0]; // will properties: none
+        t.extend_from_slice(&string_field(topic));
+        t.extend_from_slice(&string_field(b"bye"));
+        t
+    };
+    let Packet::Connect(c) = dec(V5, &build(0x06, &will(b"w/t"))).unwrap() else { panic!("not a CONNECT") };
+    assert_eq!(c.will.map(|w| w.topic.as_str().to_string()).as_deref(), Some("w/t"));
+    err(V5, &build(0x06, &will(b"w/\xC3\x28")), DecodeError::InvalidUtf8, ReasonCode::MalformedPacket);
+
+    let Packet::Connect(c) = dec(V5, &build(0x82, &string_field(b"user"))).unwrap() else { panic!("not a CONNECT") };
+    assert_eq!(c.username.as_ref().map(|u| u.as_str()), Some("user"));
+    err(V5, &build(0x82, &string_field(b"us\xFFer")), DecodeError::InvalidUtf8, ReasonCode::MalformedPacket);
+}

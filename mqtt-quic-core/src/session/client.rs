@@ -1143,6 +1143,85 @@ mod tests {
     }
 
     #[test]
+    fn with_an_authentication_method_only_auth_goes_out_before_connack() {
+        let mut config = ClientSessionConfig::default();
+        config.connect_properties.authentication_method = Some(string("m"));
+        let mut h = Harness::new(config);
+        h.session.connect(h.now).unwrap();
+        assert!(matches!(h.sent()[..], [Packet::Connect(_)]));
+        // While connecting: QoS 0 and subscriptions are refused, QoS 1 waits; AUTH goes out.
+        let filter = TopicFilter::new("t").unwrap();
+        assert_eq!(h.session.publish(h.now, publish("t", QoS::AtMostOnce)), Err(CommandError::NotConnected));
+        assert!(h.session.subscribe(h.now, vec![Subscription::new(filter.clone(), QoS::AtMostOnce)], None).is_err());
+        assert!(h.session.unsubscribe(h.now, vec![filter]).is_err());
+        h.session.publish(h.now, publish("t", QoS::AtLeastOnce)).unwrap();
+        h.advance(Duration::from_secs(1));
+        assert!(h.sent().is_empty(), "nothing but AUTH or DISCONNECT before CONNACK [MQTT-3.1.2-30]");
+        h.session.auth(h.now, Auth { reason_code: ReasonCode::ContinueAuthentication, ..Default::default() }).unwrap();
+        assert!(matches!(h.sent()[..], [Packet::Auth(_)]));
+        let mut ack = ConnAck::default();
+        ack.properties.authentication_method = Some(string("m"));
+        h.feed(ack.into());
+        assert!(matches!(h.sent()[..], [Packet::Publish(_)]), "the queued publish after CONNACK");
+    }
+
+    #[test]
+    fn no_topic_alias_when_the_server_allows_none() {
+        // CONNACK without Topic Alias Maximum (absent means 0), then one announcing 0.
+        for maximum in [None, Some(0)] {
+            let mut ack = ConnAck::default();
+            ack.properties.topic_alias_maximum = maximum;
+            let mut h = Harness::connected(ClientSessionConfig::default(), ack);
+            for _ in 0..3 {
+                h.session.publish(h.now, publish("a/b", QoS::AtMostOnce)).unwrap();
+            }
+            for p in h.sent() {
+                let Packet::Publish(p) = p else { panic!("{p:?}") };
+                assert!(p.properties.topic_alias.is_none() && p.topic.as_str() == "a/b", "[MQTT-3.2.2-18]");
+            }
+        }
+    }
+
+    #[test]
+    fn acknowledgements_go_out_in_the_order_their_packets_arrived() {
+        let mut h = Harness::v5();
+        // PUBACKs in the order the QoS 1 PUBLISHes arrived [MQTT-4.6.0-2], PUBRECs likewise
+        // for QoS 2 [MQTT-4.6.0-3]: identifiers deliberately out of numeric order.
+        let order = [5u16, 2, 9, 1];
+        for (qos, make) in [
+            (QoS::AtLeastOnce, QosPid::AtLeastOnce as fn(PacketId) -> QosPid),
+            (QoS::ExactlyOnce, QosPid::ExactlyOnce as fn(PacketId) -> QosPid),
+        ] {
+            for id in order {
+                let mut p = publish("in", qos);
+                p.qos_pid = make(pid(id));
+                h.feed(Packet::Publish(p));
+            }
+            let acked: Vec<u16> = h
+                .sent()
+                .into_iter()
+                .map(|p| match p {
+                    Packet::PubAck(a) | Packet::PubRec(a) => a.packet_id.get(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(acked, order, "{qos:?}");
+        }
+        // PUBRELs in the order the PUBRECs arrived [MQTT-4.6.0-4].
+        for i in 0..3 {
+            h.session.publish(h.now, publish(&format!("out/{i}"), QoS::ExactlyOnce)).unwrap();
+        }
+        let ids: Vec<PacketId> =
+            h.sent().iter().filter_map(|p| if let Packet::Publish(p) = p { p.packet_id() } else { None }).collect();
+        for i in [2, 0, 1] {
+            h.feed(Packet::PubRec(Ack::new(ids[i])));
+        }
+        let released: Vec<PacketId> =
+            h.sent().iter().filter_map(|p| if let Packet::PubRel(a) = p { Some(a.packet_id) } else { None }).collect();
+        assert_eq!(released, [ids[2], ids[0], ids[1]]);
+    }
+
+    #[test]
     fn republished_messages_lose_their_subscription_identifiers() {
         let mut h = Harness::v5();
         let mut p = publish("t", QoS::AtMostOnce);

@@ -1082,6 +1082,9 @@ mod tests {
         assert_eq!(ack.properties.receive_maximum, NonZeroU16::new(5));
         assert_eq!(ack.properties.topic_alias_maximum, Some(3));
         assert_eq!(ack.properties.maximum_qos, Some(QoS::AtLeastOnce));
+        // The CONNECT named no authentication method: none in CONNACK either [MQTT-4.12.0-6].
+        assert_eq!(ack.properties.authentication_method, None);
+        assert_eq!(ack.properties.authentication_data, None);
     }
 
     #[test]
@@ -1306,6 +1309,50 @@ mod tests {
         assert_eq!(h.sent(), [Packet::PubRel(Ack::new(qid))]);
         h.feed(Packet::PubComp(Ack::new(qid)));
         assert_eq!(h.events(), [ServerEvent::Delivered { id: b }]);
+    }
+
+    /// [MQTT-4.3.3-7]: once a QoS 2 PUBLISH has gone out its expiry no longer applies: the
+    /// handshake finishes after the interval has passed, and a resumed session resends it.
+    #[test]
+    fn a_sent_qos2_message_does_not_expire() {
+        let c = connect(Protocol::V5);
+        let mut h = Harness::connected(ServerSessionConfig::default(), c.clone());
+        let mut p = publish("q2", QoS::ExactlyOnce, 1);
+        p.properties.message_expiry_interval = Some(2);
+        h.session.publish(h.now, p.clone()).unwrap();
+        h.session.publish(h.now, p).unwrap();
+        let ids: Vec<PacketId> =
+            h.sent().iter().filter_map(|p| if let Packet::Publish(p) = p { p.packet_id() } else { None }).collect();
+        assert_eq!(ids.len(), 2);
+        h.now += Duration::from_secs(5);
+        h.session.handle_timeout(h.now);
+        h.feed(Packet::PubRec(Ack::new(ids[0])));
+        assert_eq!(h.sent(), [Packet::PubRel(Ack::new(ids[0]))]);
+        // The second, unacknowledged, survives the connection's loss past its expiry.
+        let state = lose(&mut h);
+        let (_, sent) = resumed(c, state);
+        assert!(
+            sent.iter().any(|p| matches!(p, Packet::Publish(p) if p.dup && p.packet_id() == Some(ids[1]))),
+            "{sent:?}"
+        );
+    }
+
+    /// [MQTT-4.3.3-13]: a receiver finishes the QoS 2 handshake of a message even after the
+    /// message's expiry interval has passed.
+    #[test]
+    fn an_incoming_qos2_handshake_finishes_after_expiry() {
+        let mut h = Harness::v5();
+        let mut p = publish("in", QoS::ExactlyOnce, 4);
+        p.properties.message_expiry_interval = Some(1);
+        h.feed(Packet::Publish(p));
+        assert!(h.events().iter().any(|e| matches!(e, ServerEvent::Publish(_))));
+        let id = PacketId::new(4).unwrap();
+        h.session.acknowledge(QosPid::ExactlyOnce(id), ReasonCode::Success);
+        assert_eq!(h.sent(), [Packet::PubRec(Ack::new(id))]);
+        h.now += Duration::from_secs(10);
+        h.session.handle_timeout(h.now);
+        h.feed(Packet::PubRel(Ack::new(id)));
+        assert_eq!(h.sent(), [Packet::PubComp(Ack::new(id))]);
     }
 
     #[test]
