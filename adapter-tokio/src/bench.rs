@@ -22,7 +22,9 @@ use mqtt_quic_core::config::ClientConfig;
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientError};
 use mqtt_quic_core::pool::ClientPool;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
+use mqtt_quic_core::tls::ClientTls;
 use mqtt_quic_core::Machine;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -328,6 +330,48 @@ pub async fn run(config: BenchConfig) -> Result<Report, ClientError> {
     Ok(report)
 }
 
+/// The broker over QUIC, resolved once for every pool of a run.
+struct QuicTarget {
+    server: SocketAddr,
+    tls: ClientTls,
+    name: String,
+}
+
+impl QuicTarget {
+    async fn resolve(config: &BenchConfig) -> Result<QuicTarget, ClientError> {
+        let server = pick_address(&config.url, tokio::net::lookup_host(config.url.authority()).await)?;
+        let tls = config
+            .options
+            .tls
+            .clone()
+            .ok_or_else(|| ClientError::Trust("the benchmark needs a trust setting".into()))?;
+        Ok(QuicTarget { server, tls, name: config.options.server_name(&config.url) })
+    }
+
+    /// Pool `k`: its own endpoint (and session-ticket store) on its own UDP socket, bound to
+    /// the `k`-th of `config.bind` when addresses are given.
+    fn pool(&self, config: &BenchConfig, k: usize) -> Result<(ClientPool, Udp), ClientError> {
+        let mut quic = ClientConfig::new(self.tls.clone());
+        quic.transport = config.options.transport.clone();
+        quic.seed = random_seed() ^ k as u64;
+        let pool = ClientPool::new(&quic, self.server, &self.name, config.options.session.keep_alive)?;
+        let local = match config.bind.as_slice() {
+            [] => local_bind_address(self.server),
+            ips => SocketAddr::new(ips[k % ips.len()], 0),
+        };
+        Ok((pool, Udp::bind(local)?))
+    }
+}
+
+/// The MQTT session settings every QUIC benchmark client shares (each gets its own id).
+fn base_session(config: &BenchConfig) -> ClientSessionConfig {
+    ClientSessionConfig {
+        protocol: config.options.session.protocol,
+        keep_alive: config.options.session.keep_alive,
+        ..ClientSessionConfig::default()
+    }
+}
+
 /// QUIC: `sockets` pools, each on its own task and UDP socket.
 async fn run_quic(
     config: &BenchConfig,
@@ -335,9 +379,7 @@ async fn run_quic(
     start: Instant,
     tallies: Arc<Mutex<Vec<Tally>>>,
 ) -> Result<(Instant, Duration), ClientError> {
-    let server = pick_address(&config.url, tokio::net::lookup_host(config.url.authority()).await)?;
-    let tls =
-        config.options.tls.clone().ok_or_else(|| ClientError::Trust("the benchmark needs a trust setting".into()))?;
+    let target = QuicTarget::resolve(config).await?;
     let sockets = config.sockets.clamp(1, roles.len().max(1));
     let ready = Arc::new(Barrier::new(sockets + 1));
     let totals = Arc::new(Totals::default());
@@ -345,16 +387,7 @@ async fn run_quic(
     let mut tasks = Vec::new();
     for k in 0..sockets {
         let mine: Vec<(usize, Role)> = roles.iter().cloned().enumerate().filter(|(i, _)| i % sockets == k).collect();
-        let mut quic = ClientConfig::new(tls.clone());
-        quic.transport = config.options.transport.clone();
-        quic.seed = random_seed() ^ k as u64;
-        let name = config.options.server_name(&config.url);
-        let pool = ClientPool::new(&quic, server, &name, config.options.session.keep_alive)?;
-        let local = match config.bind.as_slice() {
-            [] => local_bind_address(server),
-            ips => std::net::SocketAddr::new(ips[k % ips.len()], 0),
-        };
-        let udp = Udp::bind(local)?;
+        let (pool, udp) = target.pool(config, k)?;
         let (config, ready, go, tallies, totals) =
             (config.clone(), ready.clone(), go.clone(), tallies.clone(), totals.clone());
         tasks.push(tokio::spawn(async move {
@@ -384,11 +417,7 @@ async fn pool_task(
 ) -> Tally {
     let mut tally = Tally::default();
     let mut buf = Vec::with_capacity(64 * 1024);
-    let base = ClientSessionConfig {
-        protocol: config.options.session.protocol,
-        keep_alive: config.options.session.keep_alive,
-        ..ClientSessionConfig::default()
-    };
+    let base = base_session(&config);
     let mut members = Vec::new();
     // Connect and subscribe, a window of handshakes at a time: brokers bound the handshakes in
     // progress from one address, and a load generator should measure setup, not refusals.
@@ -647,24 +676,13 @@ async fn connect_quic(
     config: &BenchConfig,
     tallies: Arc<Mutex<Vec<Tally>>>,
 ) -> Result<(Instant, Duration), ClientError> {
-    let server = pick_address(&config.url, tokio::net::lookup_host(config.url.authority()).await)?;
-    let tls =
-        config.options.tls.clone().ok_or_else(|| ClientError::Trust("the benchmark needs a trust setting".into()))?;
-    let name = config.options.server_name(&config.url);
-    let base = ClientSessionConfig {
-        protocol: config.options.session.protocol,
-        keep_alive: config.options.session.keep_alive,
-        ..ClientSessionConfig::default()
-    };
+    let target = QuicTarget::resolve(config).await?;
+    let base = base_session(config);
     let mut tally = Tally::default();
     let mut buf = Vec::with_capacity(64 * 1024);
     let started = clock();
     for n in 0..config.clients.max(1) {
-        let mut quic = ClientConfig::new(tls.clone());
-        quic.transport = config.options.transport.clone();
-        quic.seed = random_seed() ^ n as u64;
-        let mut pool = ClientPool::new(&quic, server, &name, base.keep_alive)?;
-        let mut udp = Udp::bind(local_bind_address(server))?;
+        let (mut pool, mut udp) = target.pool(config, n)?;
         for resumed in [false, true] {
             let session =
                 ClientSessionConfig { client_id: format!("bench-{}-{n}", std::process::id()), ..base.clone() };
