@@ -708,21 +708,22 @@ async fn connect_quic(
                 tally.fresh_ms.push(ms);
             }
             // Stay a few round trips so the broker's session ticket arrives, then close.
-            let linger = clock() + (took * 3).max(Duration::from_millis(30));
-            while clock() < linger {
-                drive_for(&mut pool, &mut udp, &mut buf, Some(linger.saturating_duration_since(clock()))).await;
-                while pool.poll_event().is_some() {}
-            }
+            idle_for(&mut pool, &mut udp, &mut buf, (took * 3).max(Duration::from_millis(30))).await;
             let _ = pool.disconnect(clock(), i);
-            let closing = clock() + Duration::from_millis(20);
-            while clock() < closing {
-                drive_for(&mut pool, &mut udp, &mut buf, Some(closing.saturating_duration_since(clock()))).await;
-                while pool.poll_event().is_some() {}
-            }
+            idle_for(&mut pool, &mut udp, &mut buf, Duration::from_millis(20)).await;
         }
     }
     tallies.lock().unwrap_or_else(|e| e.into_inner()).push(tally);
     Ok((started, clock().saturating_duration_since(started)))
+}
+
+/// Drives `pool` for `period`, discarding its events.
+async fn idle_for(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>, period: Duration) {
+    let until = clock() + period;
+    while clock() < until {
+        drive_for(pool, udp, buf, Some(until.saturating_duration_since(clock()))).await;
+        while pool.poll_event().is_some() {}
+    }
 }
 
 /// Drives `pool` until client `i` is connected (its time to CONNACK) or fails.

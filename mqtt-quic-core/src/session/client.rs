@@ -470,7 +470,7 @@ impl ClientSession {
     }
 
     /// Answers an AUTH challenge (MQTT 5 enhanced authentication).
-    pub fn auth(&mut self, now: Instant, auth: Auth) -> Result<(), CommandError> {
+    pub fn auth(&mut self, now: Instant, mut auth: Auth) -> Result<(), CommandError> {
         if !matches!(self.state, State::Connecting | State::Connected) {
             return Err(CommandError::NotConnected);
         }
@@ -479,7 +479,6 @@ impl ClientSession {
         let Some(method) = self.config.connect_properties.authentication_method.clone() else {
             return Err(CommandError::NoAuthenticationMethod);
         };
-        let mut auth = auth;
         match &auth.properties.authentication_method {
             None => auth.properties.authentication_method = Some(method),
             Some(m) if *m == method => {}
@@ -1056,8 +1055,6 @@ mod tests {
         assert!(h.sent().is_empty());
     }
 
-    /// [MQTT-3.3.4-6]: a client PUBLISH carries no Subscription Identifier, even when the
-    /// application republishes a message it received.
     /// A session whose CONNECT names the authentication method `m`.
     fn with_method(m: &str, connack: ConnAck) -> Harness {
         let mut config = ClientSessionConfig::default();
@@ -1221,6 +1218,8 @@ mod tests {
         assert_eq!(released, [ids[2], ids[0], ids[1]]);
     }
 
+    /// [MQTT-3.3.4-6]: a client PUBLISH carries no Subscription Identifier, even when the
+    /// application republishes a message it received.
     #[test]
     fn republished_messages_lose_their_subscription_identifiers() {
         let mut h = Harness::v5();
