@@ -1,7 +1,7 @@
 //! The async client for async-std: a task owns the core's [`ClientDriver`] and the socket;
 //! [`Client`] is a cheap handle.
 
-use crate::{now, random_seed, sleep_until};
+use crate::{now, os_secret, sleep_until};
 use async_channel::{Receiver, Sender};
 use async_std::io::{ReadExt, WriteExt};
 use async_std::net::{TcpStream, UdpSocket};
@@ -85,7 +85,7 @@ impl Client {
             return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
         }
         let addr = pick_address(&url, async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority()).await)?;
-        let machine = options.machine(&url, addr, random_seed())?;
+        let machine = options.machine(&url, addr, os_secret())?;
         let io = match url.transport {
             Transport::Quic => {
                 let local = local_bind_address(addr);

@@ -2,7 +2,7 @@
 
 use crate::conn::{Conn, ReadOutcome};
 use crate::udp::Udp;
-use crate::{now, random_seed};
+use crate::{now, os_secret};
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -47,7 +47,7 @@ impl MioClient {
     ) -> Result<MioClient, ClientError> {
         let url: BrokerUrl = url.parse()?;
         let addr = pick_address(&url, url.authority().to_socket_addrs())?;
-        let machine = options.machine(&url, addr, random_seed())?;
+        let machine = options.machine(&url, addr, os_secret())?;
         let io = match url.transport {
             Transport::Quic => {
                 let local = local_bind_address(addr);

@@ -49,9 +49,20 @@ fn now() -> Instant {
     Instant::now()
 }
 
-/// A seed for a machine's randomness, from the standard library's per-process random keys.
-fn random_seed() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(u64::from(std::process::id()));
-    h.finish()
+/// 32 bytes from the operating system's random source: the key material of every QUIC
+/// endpoint this adapter builds (stateless-reset and token keys, connection ids) and of the
+/// broker's assigned client ids. Should the OS source fail (it does not, on any supported
+/// system), the standard library's per-process random hash keys, themselves drawn from the OS,
+/// stand in.
+fn os_secret() -> [u8; 32] {
+    use ring::rand::SecureRandom;
+    let mut out = [0u8; 32];
+    if ring::rand::SystemRandom::new().fill(&mut out).is_err() {
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(i);
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    out
 }

@@ -15,7 +15,7 @@
 use crate::client::{Client, ClientOptions};
 use crate::udp::Udp;
 use crate::url::{BrokerUrl, Transport};
-use crate::{clock, random_seed};
+use crate::{clock, os_secret};
 use bytes::{BufMut, Bytes, BytesMut};
 use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
 use mqtt_quic_core::config::ClientConfig;
@@ -353,7 +353,7 @@ impl QuicTarget {
     fn pool(&self, config: &BenchConfig, k: usize) -> Result<(ClientPool, Udp), ClientError> {
         let mut quic = ClientConfig::new(self.tls.clone());
         quic.transport = config.options.transport.clone();
-        quic.seed = random_seed() ^ k as u64;
+        quic.secret = Some(os_secret());
         let pool = ClientPool::new(&quic, self.server, &self.name, config.options.session.keep_alive)?;
         let local = match config.bind.as_slice() {
             [] => local_bind_address(self.server),

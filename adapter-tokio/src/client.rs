@@ -89,7 +89,7 @@ impl Client {
         if options.tls.is_none() && url.transport != Transport::Tcp {
             options.tls = Some(files::client_tls_from_system().map_err(|e| ClientError::Trust(e.to_string()))?);
         }
-        let machine = options.machine(&url, addr, crate::random_seed())?;
+        let machine = options.machine(&url, addr, crate::os_secret())?;
         let io = match url.transport {
             Transport::Quic => {
                 let local = local_bind_address(addr);

@@ -5,6 +5,7 @@
 use crate::udp::Udp;
 use crate::{clock, NEVER};
 use bytes::{Bytes, BytesMut};
+use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ enum StreamIn {
     Open {
         out: OutboxSender,
         reply: oneshot::Sender<StreamId>,
+        remote: SocketAddr,
     },
     Data(StreamId, Bytes),
     /// The writer put this many bytes on the socket.
@@ -112,7 +114,10 @@ impl Drop for OutboxSender {
 impl Server {
     /// Opens every listener, then starts serving. Fails before serving anyone if a listener
     /// cannot be opened.
-    pub async fn start(options: ServerOptions) -> Result<Server, ServerError> {
+    pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
+        // The QUIC keys and the assigned client ids come from the OS random source, unless the
+        // application gave its own key material.
+        options.broker.quic.secret.get_or_insert_with(crate::os_secret);
         let udp = match options.quic {
             Some(addr) => {
                 Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
@@ -162,6 +167,16 @@ impl Server {
         let grace = options.shutdown_grace;
         let (stop_tx, stop_rx) = oneshot::channel();
         let driver = tokio::spawn(drive(broker, udp, streams_rx, stop_rx, options));
+        let driver = tokio::spawn(async move {
+            // A broker task that panics takes the broker down with it: say so where
+            // `Server::wait` (and so a supervisor watching the process) can see it.
+            if let Err(e) = driver.await {
+                if e.is_panic() {
+                    tracing::error!("the broker task panicked: {e}");
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        });
         for (what, addr) in [("QUIC", quic_addr), ("TCP", tcp_addr), ("TLS", tls_addr)] {
             if let Some(addr) = addr {
                 info!("listening for MQTT over {what} on {addr}");
@@ -208,10 +223,16 @@ impl Server {
         let _ = tokio::time::timeout(self.grace, self.alive.recv()).await;
     }
 
-    /// Waits until the server stops (it stops only through [`Server::shutdown`] or a fatal
-    /// socket error).
-    pub async fn wait(&mut self) {
-        let _ = (&mut self.driver).await;
+    /// Waits until the broker task ends, which it does only through [`Server::shutdown`]; if
+    /// it ends otherwise (a panic: a bug), the error says so, and a process that serves
+    /// nothing any more should exit with a failure status so that its supervisor restarts it.
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        match (&mut self.driver).await {
+            Ok(()) if self.stop.is_none() => Ok(()),
+            Ok(()) => Err(ServerError::Stopped("the broker task ended")),
+            Err(e) if e.is_panic() => Err(ServerError::Stopped("the broker task panicked")),
+            Err(_) => Err(ServerError::Stopped("the broker task was cancelled")),
+        }
     }
 }
 
@@ -226,9 +247,16 @@ async fn drive(
     enum Input {
         Udp(io::Result<()>),
         Stream(Option<StreamIn>),
+        Auth(Option<(AuthId, AuthVerdict)>),
         Timer,
         Stop,
     }
+    // Password checks run on the blocking pool, a few at a time so that they leave the broker
+    // task a core; verdicts come back through this channel.
+    let (auth_tx, mut auth_rx) = mpsc::unbounded_channel();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+    let verifying = Arc::new(Semaphore::new(workers));
+    let mut udp_errors = 0u32;
     let mut outboxes: HashMap<StreamId, OutboxSender> = HashMap::new();
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
@@ -251,6 +279,16 @@ async fn drive(
             }
         }
         while broker.poll_event().is_some() {}
+        while let Some(request) = broker.poll_auth() {
+            let (tx, verifying) = (auth_tx.clone(), verifying.clone());
+            drop(tokio::spawn(async move {
+                let Ok(_permit) = verifying.acquire_owned().await else { return };
+                let id = request.id();
+                if let Ok(verdict) = tokio::task::spawn_blocking(move || request.verify()).await {
+                    let _ = tx.send((id, verdict));
+                }
+            }));
+        }
         if broker.is_shut_down(clock()) {
             break;
         }
@@ -258,12 +296,14 @@ async fn drive(
         let input = tokio::select! {
             r = recv(&mut udp) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
+            a = auth_rx.recv() => Input::Auth(a),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
             _ = &mut stop, if !stopping => Input::Stop,
         };
         let now = clock();
         match input {
             Input::Udp(Ok(())) => {
+                udp_errors = 0;
                 if let Some(udp) = &udp {
                     for d in udp.datagrams() {
                         broker.handle_datagram(now, d.remote, d.local_ip, d.ecn, d.data);
@@ -271,11 +311,21 @@ async fn drive(
                 }
             }
             Input::Udp(Err(e)) => {
-                warn!("QUIC socket failed, QUIC listener stopped: {e}");
-                udp = None;
+                // A receive error (an ICMP error for an earlier send, a transient failure)
+                // concerns one datagram, not the listener: keep serving. Only a socket that
+                // fails every time is given a pause, so it cannot spin the task.
+                udp_errors += 1;
+                debug!("UDP receive failed: {e}");
+                if udp_errors >= 100 {
+                    warn!("UDP receive keeps failing ({e}); pausing the QUIC listener for 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    udp_errors = 0;
+                }
             }
-            Input::Stream(Some(StreamIn::Open { out, reply })) => {
-                let id = broker.open_stream(now);
+            Input::Auth(Some((id, verdict))) => broker.handle_auth_result(now, id, verdict),
+            Input::Auth(None) => {}
+            Input::Stream(Some(StreamIn::Open { out, reply, remote })) => {
+                let id = broker.open_stream_from(now, remote);
                 outboxes.insert(id, out);
                 if reply.send(id).is_err() {
                     outboxes.remove(&id);
@@ -347,12 +397,12 @@ async fn accept(
         match acceptor {
             None => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
-                connection(socket, broker).await
+                connection(socket, peer, broker).await
             })),
             Some(acceptor) => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
                 match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
-                    Ok(Ok(tls)) => connection(tls, broker).await,
+                    Ok(Ok(tls)) => connection(tls, peer, broker).await,
                     Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
                     Err(_) => debug!("TLS handshake with {peer} timed out"),
                 }
@@ -362,10 +412,10 @@ async fn accept(
 }
 
 /// Moves one connection's bytes to and from the broker task until either side ends it.
-async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, broker: mpsc::Sender<StreamIn>) {
+async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, remote: SocketAddr, broker: mpsc::Sender<StreamIn>) {
     let outbox = Outbox::default();
     let (reply, id) = oneshot::channel();
-    if broker.send(StreamIn::Open { out: OutboxSender(outbox.clone()), reply }).await.is_err() {
+    if broker.send(StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote }).await.is_err() {
         return;
     }
     let Ok(id) = id.await else { return };

@@ -85,7 +85,11 @@ pub enum ConfigError {
     Tls(#[from] TlsError),
 }
 
-fn invalid(msg: impl Into<String>) -> ConfigError {
+/// The longest duration any setting may have: a year. Far beyond any sensible timeout, and far
+/// from the overflow of `Instant + Duration`, which panics.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+pub(crate) fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(msg.into())
 }
 
@@ -100,8 +104,11 @@ impl TransportSettings {
                 return Err(invalid("keep_alive must be above zero and shorter than idle_timeout"));
             }
         }
-        if self.handshake_timeout.is_zero() {
-            return Err(invalid("handshake_timeout must be above zero"));
+        if self.handshake_timeout.is_zero() || self.handshake_timeout > MAX_DURATION {
+            return Err(invalid("handshake_timeout must be above zero and at most a year"));
+        }
+        if self.idle_timeout > MAX_DURATION {
+            return Err(invalid("idle_timeout must be at most a year"));
         }
         for (name, v) in [("stream_window", self.stream_window), ("connection_window", self.connection_window)] {
             if v == 0 || VarInt::from_u64(v).is_err() {
@@ -165,8 +172,15 @@ pub struct ServerConfig {
     /// Validate client addresses with a stateless Retry before keeping any state (costs one
     /// round trip; protects against spoofed-source floods).
     pub stateless_retry: bool,
-    /// Seed for connection IDs and other endpoint randomness: the same seed gives the same run.
+    /// Seed for connection IDs and other endpoint randomness when `secret` is not set: the
+    /// same seed gives the same run. For simulations and tests only: 64 bits that anyone who
+    /// knows the default can reproduce.
     pub seed: u64,
+    /// 32 bytes from the operating system's random source, from which the stateless-reset key,
+    /// the Retry/NEW_TOKEN key, connection-id randomness and the broker's assigned client ids
+    /// are derived. The adapters fill it in; leave it `None` only where runs must replay from
+    /// `seed`.
+    pub secret: Option<[u8; 32]>,
 }
 
 impl ServerConfig {
@@ -180,6 +194,7 @@ impl ServerConfig {
             zero_rtt: true,
             stateless_retry: false,
             seed: 0,
+            secret: None,
         }
     }
 }
@@ -194,14 +209,18 @@ pub struct ClientConfig {
     pub transport: TransportSettings,
     /// Keep session tickets and send the first stream data as 0-RTT when resuming.
     pub zero_rtt: bool,
-    /// Seed for connection IDs and other endpoint randomness.
+    /// Seed for connection IDs and other endpoint randomness when `secret` is not set (see
+    /// [`ServerConfig::seed`]).
     pub seed: u64,
+    /// 32 bytes from the operating system's random source for the endpoint's keys and
+    /// connection ids (see [`ServerConfig::secret`]); the adapters fill it in.
+    pub secret: Option<[u8; 32]>,
 }
 
 impl ClientConfig {
     /// Defaults around a trust policy.
     pub fn new(tls: ClientTls) -> ClientConfig {
-        ClientConfig { tls, transport: TransportSettings::default(), zero_rtt: true, seed: 0 }
+        ClientConfig { tls, transport: TransportSettings::default(), zero_rtt: true, seed: 0, secret: None }
     }
 }
 

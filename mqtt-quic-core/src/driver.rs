@@ -106,14 +106,19 @@ impl ClientOptions {
 
     /// The machine for `url`, whose host resolved to `server`: QUIC for `quic://`, a byte
     /// stream the adapter carries otherwise (with TLS for `mqtts://`: see
-    /// [`ClientOptions::stream_tls`]). `seed` drives connection ids and backoff jitter.
-    pub fn machine(&self, url: &BrokerUrl, server: SocketAddr, seed: u64) -> Result<MqttClient, ConfigError> {
+    /// [`ClientOptions::stream_tls`]). `secret` (32 bytes from the operating system's random
+    /// source) keys the QUIC endpoint and drives connection ids and backoff jitter.
+    pub fn machine(&self, url: &BrokerUrl, server: SocketAddr, secret: [u8; 32]) -> Result<MqttClient, ConfigError> {
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&secret[..8]);
+        let seed = u64::from_le_bytes(seed);
         match url.transport {
             Transport::Quic => {
                 let mut quic = ClientConfig::new(self.tls.clone().ok_or_else(no_trust)?);
                 quic.transport = self.transport.clone();
                 quic.zero_rtt = self.zero_rtt;
                 quic.seed = seed;
+                quic.secret = Some(secret);
                 MqttClient::new(MqttClientConfig {
                     quic,
                     session: self.session.clone(),
@@ -360,6 +365,10 @@ pub enum ServerError {
     /// The adapter does not offer this listener.
     #[error("not supported here: {0}")]
     Unsupported(&'static str),
+    /// The running broker stopped without being asked to (a bug; the process should exit
+    /// with a failure status so that its supervisor restarts it).
+    #[error("the broker stopped unexpectedly: {0}")]
+    Stopped(&'static str),
 }
 
 /// What a completed command produced.

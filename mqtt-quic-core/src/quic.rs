@@ -151,6 +151,10 @@ struct Conn {
     stream: Option<StreamId>,
     /// Bytes waiting for flow-control credit.
     outbound: VecDeque<Bytes>,
+    /// Their total.
+    queued: usize,
+    /// Bytes QUIC has taken from `outbound` so far: progress, for a stalled-writer check.
+    written: u64,
     /// Client bytes written before the handshake completed, kept to resend if 0-RTT is rejected.
     early: Vec<Bytes>,
     finish_requested: bool,
@@ -166,6 +170,8 @@ impl Conn {
             quic,
             stream: None,
             outbound: VecDeque::new(),
+            queued: 0,
+            written: 0,
             early: Vec::new(),
             finish_requested: false,
             finished: false,
@@ -176,6 +182,7 @@ impl Conn {
     }
 
     /// Writes queued bytes while flow control allows; finishes the stream once asked and empty.
+    /// Keeps `queued` and `written` in step.
     fn flush(&mut self) {
         if self.stream.is_none() && self.quic.side().is_client() && !self.outbound.is_empty() {
             // Opening succeeds once the server's stream limit is known: after the handshake, or
@@ -186,12 +193,16 @@ impl Conn {
         while let Some(front) = self.outbound.front_mut() {
             match self.quic.send_stream(id).write(front) {
                 Ok(n) if n == front.len() => {
+                    self.queued -= n;
+                    self.written += n as u64;
                     let sent = self.outbound.pop_front();
                     if !self.connected {
                         self.early.extend(sent);
                     }
                 }
                 Ok(n) => {
+                    self.queued -= n;
+                    self.written += n as u64;
                     let sent = front.split_to(n);
                     if !self.connected {
                         self.early.push(sent);
@@ -201,6 +212,7 @@ impl Conn {
                 Err(WriteError::Blocked) => return,
                 Err(WriteError::Stopped(_)) | Err(WriteError::ClosedStream) => {
                     self.outbound.clear();
+                    self.queued = 0;
                     return;
                 }
             }
@@ -243,6 +255,8 @@ pub struct QuicEndpoint {
     max_handshakes_per_ip: usize,
     stateless_retry: bool,
     conns: BTreeMap<usize, Conn>,
+    /// Bytes queued on all connections' MQTT streams (the sum of their `queued`).
+    queued_total: usize,
     events: VecDeque<Event>,
     /// Datagrams the endpoint itself produced (version negotiation, retry, refusals, resets).
     responses: VecDeque<(Transmit, Vec<u8>)>,
@@ -268,13 +282,41 @@ fn seed_bytes(seed: u64, domain: u8) -> [u8; 32] {
     out
 }
 
-fn endpoint_config(seed: u64, settings: &TransportSettings) -> Result<quinn_proto::EndpointConfig, ConfigError> {
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed_bytes(seed, 1));
+/// 32 bytes of key material for one use (`domain`): derived from the configured secret (an
+/// HMAC-SHA256 of the domain, keyed with the operating system's random bytes the adapter put
+/// there), or, for replayable runs without one, spread from the 64-bit seed.
+pub(crate) fn derive_key(secret: Option<&[u8; 32]>, seed: u64, domain: u8) -> [u8; 32] {
+    match secret {
+        Some(secret) => {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+            let tag = ring::hmac::sign(&key, &[b'm', b'q', b't', b't', b'q', domain]);
+            let mut out = [0u8; 32];
+            out.copy_from_slice(tag.as_ref());
+            out
+        }
+        None => seed_bytes(seed, domain),
+    }
+}
+
+/// Key-material domains.
+pub(crate) mod domain {
+    pub const RESET: u8 = 1;
+    pub const RNG: u8 = 2;
+    pub const TOKEN: u8 = 3;
+    pub const CLIENT_ID: u8 = 4;
+}
+
+fn endpoint_config(
+    secret: Option<&[u8; 32]>,
+    seed: u64,
+    settings: &TransportSettings,
+) -> Result<quinn_proto::EndpointConfig, ConfigError> {
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derive_key(secret, seed, domain::RESET));
     let mut config = quinn_proto::EndpointConfig::new(Arc::new(reset_key));
     config
         .max_udp_payload_size(settings.max_udp_payload)
         .map_err(|e| ConfigError::Invalid(format!("max_udp_payload: {e}")))?;
-    config.rng_seed(Some(seed_bytes(seed, 2)));
+    config.rng_seed(Some(derive_key(secret, seed, domain::RNG)));
     Ok(config)
 }
 
@@ -288,14 +330,15 @@ impl QuicEndpoint {
         let tls = config.tls.rustls_config(config.zero_rtt)?;
         let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
-        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&seed_bytes(config.seed, 3));
+        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[])
+            .extract(&derive_key(config.secret.as_ref(), config.seed, domain::TOKEN));
         let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
         server.transport_config(Arc::new(config.transport.quinn()));
         server.migration(true);
         let clock = Arc::new(DrivenClock::default());
         server.time_source(clock.clone());
         let inner = quinn_proto::Endpoint::new(
-            Arc::new(endpoint_config(config.seed, &config.transport)?),
+            Arc::new(endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?),
             Some(Arc::new(server)),
             false,
             None,
@@ -316,7 +359,7 @@ impl QuicEndpoint {
         let mut client = quinn_proto::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(config.transport.quinn()));
         let inner =
-            quinn_proto::Endpoint::new(Arc::new(endpoint_config(config.seed, &config.transport)?), None, false, None);
+            quinn_proto::Endpoint::new(Arc::new(endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?), None, false, None);
         Ok(QuicEndpoint::with(inner, Some(client), config.transport.clone(), usize::MAX, false))
     }
 
@@ -335,6 +378,7 @@ impl QuicEndpoint {
             max_handshakes_per_ip: usize::MAX,
             stateless_retry,
             conns: BTreeMap::new(),
+            queued_total: 0,
             events: VecDeque::new(),
             responses: VecDeque::new(),
             cursor: 0,
@@ -374,6 +418,8 @@ impl QuicEndpoint {
             return Err(CommandError::Finished);
         }
         if !data.is_empty() {
+            c.queued += data.len();
+            self.queued_total += data.len();
             c.outbound.push_back(data);
         }
         self.drive(now, ConnectionHandle(conn.0));
@@ -382,7 +428,18 @@ impl QuicEndpoint {
 
     /// Bytes queued on `conn` and not yet accepted by QUIC flow control (for back-pressure).
     pub fn queued(&self, conn: ConnId) -> usize {
-        self.conns.get(&conn.0).map_or(0, |c| c.outbound.iter().map(Bytes::len).sum())
+        self.conns.get(&conn.0).map_or(0, |c| c.queued)
+    }
+
+    /// Bytes queued on all connections (for a global budget).
+    pub fn queued_total(&self) -> usize {
+        self.queued_total
+    }
+
+    /// Bytes of `conn`'s MQTT stream QUIC has taken so far: a counter that stands still while
+    /// the peer grants no flow-control credit (a reader that stopped reading).
+    pub fn written(&self, conn: ConnId) -> u64 {
+        self.conns.get(&conn.0).map_or(0, |c| c.written)
     }
 
     /// Finishes the MQTT stream after the queued bytes (FIN), then closes the connection
@@ -390,6 +447,12 @@ impl QuicEndpoint {
     pub fn finish(&mut self, now: Instant, conn: ConnId) -> Result<(), CommandError> {
         let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
         c.finish_requested = true;
+        if c.stream.is_none() && !c.quic.side().is_client() {
+            // The client never opened an MQTT stream (the session ended on its connect
+            // timeout): there is nothing to finish, so the connection closes now instead of
+            // being held until the idle timeout.
+            c.quic.close(now, VarInt::from_u32(close_code::NORMAL), Bytes::from_static(b"no MQTT stream"));
+        }
         self.drive(now, ConnectionHandle(conn.0));
         Ok(())
     }
@@ -602,6 +665,8 @@ impl QuicEndpoint {
                         // opened: open the MQTT stream again and resend the early bytes first.
                         c.stream = None;
                         for b in c.early.drain(..).rev() {
+                            c.queued += b.len();
+                            self.queued_total += b.len();
                             c.outbound.push_front(b);
                         }
                     }
@@ -658,7 +723,9 @@ impl QuicEndpoint {
                 }
             }
         }
+        let before = c.queued;
         c.flush();
+        self.queued_total -= before - c.queued;
         while let Some(event) = c.quic.poll_endpoint_events() {
             if let Some(reply) = self.inner.handle_event(handle, event) {
                 c.quic.handle_event(reply);
@@ -666,6 +733,7 @@ impl QuicEndpoint {
         }
         if c.quic.is_drained() {
             report_close(c, conn, CloseReason::Local, &mut self.events);
+            self.queued_total -= c.queued;
             self.conns.remove(&handle.0);
             self.ready.remove(&handle.0);
         } else {

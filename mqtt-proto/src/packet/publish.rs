@@ -1,7 +1,9 @@
 //! PUBLISH (spec 3.3), the hot path: topic and payload are slices of the input.
 
 use super::Sizes;
+use crate::decoder::Decoder;
 use crate::error::{DecodeError, EncodeError};
+use crate::packet::Packet;
 use crate::properties::{PropBox, PublishProperties};
 use crate::topic::TopicName;
 use crate::types::{PacketId, Protocol, QoS, QosPid};
@@ -39,6 +41,39 @@ impl Publish {
             payload: payload.into(),
             properties: PropBox::default(),
         }
+    }
+
+    /// A copy that owns its bytes: topic, payload and properties in one allocation the size of
+    /// the message, instead of slices of the buffer it was decoded from. Decoded messages share
+    /// their receive buffer (zero copy), so one kept for long (a retained message, one queued for
+    /// an offline client) would pin that whole buffer, however small the message is.
+    ///
+    /// ```
+    /// use mqtt_proto::{Publish, TopicName};
+    /// use mqtt_proto::bytes::Bytes;
+    ///
+    /// let big = Bytes::from(vec![7u8; 1 << 20]);
+    /// let m = Publish::new(TopicName::new("t")?, big.slice(0..10));
+    /// let kept = m.detached();
+    /// assert_eq!(kept, m);
+    /// drop((m, big)); // `kept` holds 10 bytes of payload, not the 1 MiB buffer
+    /// # Ok::<(), mqtt_proto::DecodeError>(())
+    /// ```
+    pub fn detached(&self) -> Publish {
+        let packet = Packet::Publish(self.clone());
+        let mut buf = BytesMut::new();
+        if packet.encode(Protocol::V5, &mut buf).is_ok() {
+            let mut bytes = buf.freeze();
+            let mut decoder = Decoder::new(Protocol::V5).with_max_packet_size(crate::PROTOCOL_MAX_PACKET_SIZE);
+            if let Ok(Some(Packet::Publish(p))) = decoder.decode_bytes(&mut bytes) {
+                return p;
+            }
+        }
+        // Not encodable as it stands (an empty topic, say): copy what can be large.
+        let mut p = self.clone();
+        p.payload = Bytes::copy_from_slice(&self.payload);
+        p.topic = TopicName::from_validated(Bytes::copy_from_slice(self.topic.as_str().as_bytes()));
+        p
     }
 
     /// The same message at `qos` (a sending session assigns the packet identifier).

@@ -12,12 +12,29 @@
 //!
 //! # ACL file
 //!
-//! mosquitto's `acl_file` syntax: `topic [read|write|readwrite] TOPIC` lines before any `user`
-//! line apply to anonymous clients; after `user NAME` they apply to that user; `pattern [..] TOPIC`
-//! lines apply to everyone, with `%c` replaced by the client id and `%u` by the user name.
-//! Access defaults to `readwrite`; anything not granted is denied.
+//! mosquitto's `acl_file` syntax: `topic [read|write|readwrite|deny] TOPIC` lines before any
+//! `user` line apply to anonymous clients; after `user NAME` they apply to that user; `pattern
+//! [..] TOPIC` lines apply to everyone, with `%c` replaced by the client id and `%u` by the user
+//! name. Access defaults to `readwrite`; anything not granted is denied, and a `deny` line wins
+//! over any grant (a subscription wider than a denied subtree is granted, and the denied topics
+//! are held back at delivery). A pattern never applies to a client whose id (for `%c`) or user name (for
+//! `%u`) contains `+`, `#` or `/`: substituted, those would widen the rule to other clients'
+//! topics (mosquitto refuses them the same way). An access word other than the four is an error,
+//! not a topic.
+//!
+//! An ACL with `user` sections only means something when user names are proven: the broker
+//! refuses to start with one and no password file ([`FileAuth::check`]).
+//!
+//! # Time
+//!
+//! [`Auth::connect`] runs PBKDF2, milliseconds of CPU: the broker never calls it on its event
+//! loop, but hands out an [`crate::broker::machine::AuthRequest`] for the adapter to verify on
+//! another thread. An unknown user costs the same work as a known one, so response times do not
+//! tell which user names exist. The ACL checks are cheap and run on the loop: [`Auth::can_read`]
+//! on every delivery.
 
 use mqtt_proto::{topic, ReasonCode, TopicFilter, TopicName};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::num::NonZeroU32;
@@ -32,6 +49,57 @@ pub trait Auth: Debug + Send + Sync {
     fn can_publish(&self, client_id: &str, username: Option<&str>, topic: &TopicName) -> bool;
     /// Whether the client may subscribe to `filter` (a shared filter by its inner filter).
     fn can_subscribe(&self, client_id: &str, username: Option<&str>, filter: &TopicFilter) -> bool;
+    /// Whether the client may receive a message published to `topic`: asked at every delivery,
+    /// so a subscription granted earlier (before an ACL change, in a resumed session, or by a
+    /// filter wider than a `deny` rule) never leaks a topic the client may not read.
+    fn can_read(&self, client_id: &str, username: Option<&str>, topic: &TopicName) -> bool;
+}
+
+/// The answer to an [`AuthRequest`]: `Err` carries the CONNACK refusal code.
+pub type AuthVerdict = Result<(), ReasonCode>;
+
+/// Names one [`AuthRequest`] of a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuthId(pub(crate) u64);
+
+/// A CONNECT's credentials, handed out by the broker for the adapter to verify away from its
+/// event loop (a password hash takes milliseconds of CPU, during which no other client would be
+/// served). Send it to a worker thread, call [`AuthRequest::verify`] there, and give the verdict
+/// back with [`crate::broker::machine::Broker::handle_auth_result`].
+pub struct AuthRequest {
+    pub(crate) id: AuthId,
+    pub(crate) auth: std::sync::Arc<dyn Auth>,
+    pub(crate) client_id: String,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<bytes::Bytes>,
+}
+
+impl AuthRequest {
+    /// Which request this is.
+    pub fn id(&self) -> AuthId {
+        self.id
+    }
+
+    /// The user name given, if any.
+    pub fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
+    /// Runs the check (slow: call it off the event loop).
+    pub fn verify(&self) -> AuthVerdict {
+        self.auth.connect(&self.client_id, self.username.as_deref(), self.password.as_deref())
+    }
+}
+
+impl Debug for AuthRequest {
+    /// Without the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthRequest")
+            .field("id", &self.id)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A password file or ACL file line that could not be understood.
@@ -46,6 +114,10 @@ pub struct AuthFileError {
 
 const SCHEME: &str = "$pbkdf2-sha256$";
 
+/// PBKDF2 rounds `mqttq passwd` writes, and what an unknown user is checked with when the file
+/// has no entry to copy.
+pub const DEFAULT_ITERATIONS: u32 = 100_000;
+
 #[derive(Debug, Clone)]
 struct Hash {
     iterations: NonZeroU32,
@@ -58,6 +130,7 @@ enum Access {
     Read,
     Write,
     ReadWrite,
+    Deny,
 }
 
 #[derive(Debug, Clone)]
@@ -67,10 +140,13 @@ struct Rule {
 }
 
 /// Passwords and ACL from files, plus whether anonymous clients may connect.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FileAuth {
     allow_anonymous: bool,
     passwords: BTreeMap<String, Hash>,
+    /// What an unknown user's password is checked against, so that the answer takes as long
+    /// as for a known user: the iterations of the file's strongest entry.
+    decoy: Hash,
     /// `None`: no ACL file, everything is allowed.
     acl: Option<Acl>,
 }
@@ -80,6 +156,8 @@ struct Acl {
     anonymous: Vec<Rule>,
     users: BTreeMap<String, Vec<Rule>>,
     patterns: Vec<Rule>,
+    /// Whether any `user` line was seen (even one with no rules after it).
+    has_users: bool,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -102,7 +180,25 @@ fn derive(password: &[u8], salt: &[u8], iterations: NonZeroU32) -> [u8; 32] {
 impl FileAuth {
     /// No users, no ACL; anonymous clients allowed or not.
     pub fn new(allow_anonymous: bool) -> FileAuth {
-        FileAuth { allow_anonymous, ..FileAuth::default() }
+        let iterations = NonZeroU32::new(DEFAULT_ITERATIONS).unwrap_or(NonZeroU32::MIN);
+        FileAuth {
+            allow_anonymous,
+            passwords: BTreeMap::new(),
+            decoy: Hash { iterations, salt: vec![0x5a; 16], hash: vec![0; 32] },
+            acl: None,
+        }
+    }
+
+    /// Whether the combination makes sense for a broker: an ACL with `user` sections and no
+    /// password file would let anyone claim any user name (and its rights). The error is one
+    /// line for the operator.
+    pub fn check(&self) -> Result<(), String> {
+        if self.acl.as_ref().is_some_and(|a| a.has_users) && self.passwords.is_empty() {
+            return Err("the ACL file has `user` sections but there is no password file: anyone could claim \
+                        any user name (add a password file, or use only anonymous and `pattern` rules)"
+                .into());
+        }
+        Ok(())
     }
 
     /// A password file entry for `user` (the salt should be 16 random bytes).
@@ -129,6 +225,9 @@ impl FileAuth {
             let iterations = iter.parse::<NonZeroU32>().map_err(|_| bad("iterations must be a positive number"))?;
             let salt = unhex(salt).ok_or_else(|| bad("salt is not hex"))?;
             let hash = unhex(hash).filter(|h| h.len() == 32).ok_or_else(|| bad("hash is not 32 bytes of hex"))?;
+            if iterations > self.decoy.iterations || self.passwords.is_empty() {
+                self.decoy.iterations = iterations;
+            }
             self.passwords.insert(user.to_string(), Hash { iterations, salt, hash });
         }
         Ok(self)
@@ -148,13 +247,22 @@ impl FileAuth {
                 line.split_once(char::is_whitespace).ok_or_else(|| bad("expected a keyword and a value"))?;
             let rest = rest.trim();
             match keyword {
-                "user" => user = Some(rest.to_string()),
+                "user" => {
+                    user = Some(rest.to_string());
+                    acl.has_users = true;
+                }
                 "topic" | "pattern" => {
                     let (access, topic) = match rest.split_once(char::is_whitespace) {
                         Some(("read", t)) => (Access::Read, t.trim()),
                         Some(("write", t)) => (Access::Write, t.trim()),
                         Some(("readwrite", t)) => (Access::ReadWrite, t.trim()),
-                        _ => (Access::ReadWrite, rest),
+                        Some(("deny", t)) => (Access::Deny, t.trim()),
+                        Some((word, _)) => {
+                            return Err(bad(&format!(
+                                "unknown access {word:?} (expected read, write, readwrite or deny before the topic)"
+                            )))
+                        }
+                        None => (Access::ReadWrite, rest),
                     };
                     // The filter must be valid once %c / %u are filled in with plain text.
                     TopicFilter::new(topic.replace("%c", "c").replace("%u", "u"))
@@ -183,22 +291,39 @@ impl FileAuth {
         covers: fn(&str, &str) -> bool,
     ) -> bool {
         let Some(acl) = &self.acl else { return true };
-        let grants = |r: &Rule| r.access == want || r.access == Access::ReadWrite;
         let own = match username {
             Some(u) => acl.users.get(u).map_or(&[][..], |v| v.as_slice()),
             None => acl.anonymous.as_slice(),
         };
-        if own.iter().any(|r| grants(r) && covers(&r.topic, target)) {
-            return true;
-        }
-        acl.patterns.iter().any(|r| {
-            // A pattern naming %u does not apply to anonymous clients.
-            if !grants(r) || (r.topic.contains("%u") && username.is_none()) {
-                return false;
+        // A pattern applies only where its substitutions are plain levels: an id or name with
+        // a wildcard or a separator would widen it to other clients' topics.
+        let plain = |s: &str| !s.contains(['+', '#', '/']);
+        let patterns = acl.patterns.iter().filter_map(|r| {
+            let needs_user = r.topic.contains("%u");
+            let needs_client = r.topic.contains("%c");
+            if (needs_user && !username.is_some_and(plain)) || (needs_client && !plain(client_id)) {
+                return None;
+            }
+            if !needs_user && !needs_client {
+                return Some((r.access, Cow::Borrowed(r.topic.as_str())));
             }
             let topic = r.topic.replace("%c", client_id).replace("%u", username.unwrap_or(""));
-            covers(&topic, target)
-        })
+            Some((r.access, Cow::Owned(topic)))
+        });
+        let rules = own.iter().map(|r| (r.access, Cow::Borrowed(r.topic.as_str()))).chain(patterns);
+        let mut granted = false;
+        for (access, topic) in rules {
+            match access {
+                // A deny rule wins over any grant. At SUBSCRIBE it refuses a filter it covers
+                // whole; a wider filter is granted, and the denied topics are held back at
+                // delivery, where `can_read` sees each topic.
+                Access::Deny if covers(&topic, target) => return false,
+                Access::Deny => {}
+                a if (a == want || a == Access::ReadWrite) && covers(&topic, target) => granted = true,
+                _ => {}
+            }
+        }
+        granted
     }
 }
 
@@ -229,11 +354,14 @@ impl Auth for FileAuth {
         };
         let Some(expected) = self.passwords.get(user) else {
             // Users without a password entry are let in only where anonymous clients are.
-            return if self.allow_anonymous && self.passwords.is_empty() {
-                Ok(())
-            } else {
-                Err(ReasonCode::BadUserNameOrPassword)
-            };
+            if self.allow_anonymous && self.passwords.is_empty() {
+                return Ok(());
+            }
+            // As much work as for a known user, so timing does not reveal which names exist.
+            let d = &self.decoy;
+            let given = password.unwrap_or_default();
+            let _ = ring::pbkdf2::verify(ring::pbkdf2::PBKDF2_HMAC_SHA256, d.iterations, &d.salt, given, &d.hash);
+            return Err(ReasonCode::BadUserNameOrPassword);
         };
         let given = password.unwrap_or_default();
         ring::pbkdf2::verify(
@@ -252,6 +380,10 @@ impl Auth for FileAuth {
 
     fn can_subscribe(&self, client_id: &str, username: Option<&str>, filter: &TopicFilter) -> bool {
         self.allowed(client_id, username, Access::Read, filter.match_filter(), covers)
+    }
+
+    fn can_read(&self, client_id: &str, username: Option<&str>, t: &TopicName) -> bool {
+        self.allowed(client_id, username, Access::Read, t.as_str(), topic::matches)
     }
 }
 

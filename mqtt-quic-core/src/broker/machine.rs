@@ -3,13 +3,15 @@
 //! An application embedding it can subscribe and publish in-process
 //! ([`Broker::subscribe_local`], [`Broker::publish_local`]) without a connection.
 
-use super::auth::Auth;
+use super::auth::{Auth, AuthId, AuthRequest, AuthVerdict};
+use super::limiter::FailureLimiter;
 use super::retained::RetainedStore;
 use super::router::{Entry, Router, SessionKey};
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{invalid, ConfigError, ServerConfig, MAX_DURATION};
 use crate::machine::Machine;
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
-use crate::session::server::{ServerEvent, ServerSession, ServerSessionConfig, SessionState};
+use crate::timers::TimerIndex;
+use crate::session::server::{message_cost, ServerEvent, ServerSession, ServerSessionConfig, SessionState};
 use crate::EcnCodepoint;
 use bytes::Bytes;
 use mqtt_proto::{
@@ -37,8 +39,43 @@ pub struct BrokerConfig {
     pub max_session_expiry: u32,
     /// Most subscriptions one client may hold; more are refused with Quota exceeded (0x97).
     pub max_subscriptions_per_client: usize,
-    /// Most levels in a topic name or filter; deeper ones are refused (0x90 / 0x8F).
+    /// Most levels in a topic name or filter; deeper ones are refused (0x90 / 0x8F). Applies to
+    /// every topic that enters the broker: PUBLISH, wills (at CONNECT), in-process publishes,
+    /// and so to everything retained.
     pub max_topic_levels: usize,
+    /// Longest topic name or filter, in bytes; longer ones are refused like deeper ones.
+    pub max_topic_length: usize,
+    /// Most bytes of retained messages (topic, payload and properties); a retained PUBLISH
+    /// beyond it is refused with Quota exceeded (0x97).
+    pub max_retained_bytes: usize,
+    /// Most sessions kept, connected or not; a CONNECT that would create one more is refused
+    /// with Quota exceeded (0x97; Server unavailable for MQTT 3.1.1). Reconnecting to an
+    /// existing session is always possible.
+    pub max_sessions: usize,
+    /// Most bytes of messages queued for offline sessions, all together; beyond it new QoS 1
+    /// and 2 messages for offline clients are dropped (counted as dropped).
+    pub max_offline_bytes: usize,
+    /// Most bytes waiting to be sent to all connected clients together; beyond it QoS 0
+    /// messages are dropped for everyone (each client also has its own limit,
+    /// `max_queued_bytes`).
+    pub max_total_queued_bytes: usize,
+    /// A client whose connection takes none of the bytes waiting for it for this long is
+    /// disconnected, and what was queued for it is freed (its session is kept as for any lost
+    /// connection).
+    pub write_timeout: Duration,
+    /// Longest keep-alive a client may use. An MQTT 5 client asking for more, or for none (0),
+    /// is told this one in CONNACK (Server Keep Alive); an MQTT 3.1.1 client, which cannot be
+    /// told, is refused (Identifier rejected), as mosquitto does. 0 turns the limit off.
+    pub max_keepalive: u16,
+    /// Password verifications waiting for the adapter at once; CONNECTs beyond it are refused
+    /// with Server busy (0x89).
+    pub max_pending_auth: usize,
+    /// Failed logins allowed from one address per `auth_failure_window`; beyond it CONNECTs
+    /// from that address are refused with Connection rate exceeded (0x9F) without verifying.
+    /// 0 turns the limit off.
+    pub max_auth_failures: u32,
+    /// See `max_auth_failures`.
+    pub auth_failure_window: Duration,
     /// Authentication and authorization; `None` lets everyone in and allows everything.
     pub auth: Option<Arc<dyn Auth>>,
     /// How often broker statistics are published under `$SYS/broker/` (retained, QoS 0, like
@@ -65,9 +102,48 @@ impl BrokerConfig {
             sys_interval: Some(Duration::from_secs(10)),
             max_subscriptions_per_client: 1_000,
             max_topic_levels: 32,
+            max_topic_length: 4096,
+            max_retained_bytes: 64 << 20,
+            max_sessions: 100_000,
+            max_offline_bytes: 256 << 20,
+            max_total_queued_bytes: 512 << 20,
+            write_timeout: Duration::from_secs(60),
+            max_keepalive: u16::MAX,
+            max_pending_auth: 64,
+            max_auth_failures: 10,
+            auth_failure_window: Duration::from_secs(60),
             auth: None,
             max_queued_bytes: 16 << 20,
         }
+    }
+
+    /// Checks the settings: durations a deadline is computed from (at most a year, so no
+    /// `now + d` can overflow) and limits that must be at least 1.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let durations = [
+            ("connect timeout", Some(self.session.connect_timeout)),
+            ("retry interval", self.session.retry_interval),
+            ("sys interval", self.sys_interval),
+            ("write timeout", Some(self.write_timeout)),
+            ("auth failure window", Some(self.auth_failure_window)),
+        ];
+        for (name, d) in durations {
+            if d.is_some_and(|d| d.is_zero() || d > MAX_DURATION) {
+                return Err(invalid(format!("{name} must be above zero and at most a year")));
+            }
+        }
+        let counts = [
+            ("max_topic_levels", self.max_topic_levels),
+            ("max_topic_length", self.max_topic_length),
+            ("max_sessions", self.max_sessions),
+            ("max_pending_auth", self.max_pending_auth),
+        ];
+        for (name, n) in counts {
+            if n == 0 {
+                return Err(invalid(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -94,6 +170,9 @@ pub enum StreamOutput {
     /// The session is over: close the stream (after writing what came before).
     Close,
 }
+
+/// How often expired retained messages are purged.
+const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 /// Session keys from here up belong to in-process subscriptions, not to clients.
 const LOCAL_BASE: SessionKey = 1 << 63;
@@ -127,13 +206,24 @@ pub struct Stats {
     pub bytes_received: u64,
     /// Bytes of MQTT stream sent.
     pub bytes_sent: u64,
-    /// QoS 0 messages dropped for clients that were not keeping up.
+    /// Messages dropped: QoS 0 ones for clients that were not keeping up, QoS 1 and 2 ones for
+    /// offline clients beyond their queue or the offline byte budget.
     pub messages_dropped: u64,
+    /// Deliveries held back because the receiver may not read the topic (any more).
+    pub messages_denied: u64,
+    /// CONNECTs refused for wrong credentials.
+    pub auth_failures: u64,
+    /// Clients disconnected because their connection took nothing for the write timeout.
+    pub stalled_clients: u64,
 }
 
 /// A client's session as the broker keeps it.
 struct Record {
     key: SessionKey,
+    /// The user name that created the session: only that user may resume it.
+    owner: Option<String>,
+    /// Bytes of messages waiting in `kept` (counted against `max_offline_bytes`).
+    queued_bytes: usize,
     /// The live connection, if any.
     conn: Option<Peer>,
     /// The session state while offline.
@@ -150,6 +240,8 @@ struct Live {
     session: ServerSession,
     client: Option<String>,
     username: Option<String>,
+    /// The password verification this connection waits for, if any.
+    auth: Option<AuthId>,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -170,8 +262,26 @@ pub struct Broker {
     session_armed: BTreeMap<Peer, Instant>,
     /// Output for byte-stream connections, in order, for the adapter.
     stream_out: VecDeque<(StreamId, StreamOutput)>,
-    /// Bytes handed to the adapter for each byte stream and not yet reported written.
-    stream_backlog: BTreeMap<StreamId, usize>,
+    /// Bytes handed to the adapter for each byte stream and not yet reported written, and
+    /// bytes reported written so far (progress).
+    stream_backlog: BTreeMap<StreamId, (usize, u64)>,
+    /// The sum of the byte streams' backlogs.
+    stream_backlog_total: usize,
+    /// Where the adapter said each byte stream comes from.
+    stream_remote: BTreeMap<StreamId, SocketAddr>,
+    /// Connections with bytes waiting: since when, with how much progress then.
+    stalls: BTreeMap<Peer, (Instant, u64)>,
+    stall_timers: TimerIndex<Peer>,
+    /// Password verifications handed out and not answered: the connection and its CONNECT.
+    pending_auth: BTreeMap<AuthId, (Peer, Box<Connect>)>,
+    auth_out: VecDeque<AuthRequest>,
+    next_auth: u64,
+    limiter: FailureLimiter,
+    /// Keyed hash for assigned client ids: unpredictable without the configured secret.
+    id_key: ring::hmac::Key,
+    /// Bytes queued for offline sessions, all together.
+    offline_bytes: usize,
+    next_housekeeping: Option<Instant>,
     next_stream: u64,
     /// Will and expiry deadlines of offline sessions, ordered. Entries made stale by a
     /// reconnect are dropped when they come due.
@@ -191,14 +301,30 @@ pub struct Broker {
 impl Broker {
     /// A broker, serving nobody yet.
     pub fn new(config: BrokerConfig) -> Result<Broker, ConfigError> {
+        config.validate()?;
+        let id_key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &quic::derive_key(config.quic.secret.as_ref(), config.quic.seed, quic::domain::CLIENT_ID),
+        );
         Ok(Broker {
             quic: QuicEndpoint::server(&config.quic)?,
+            stream_backlog_total: 0,
+            stream_remote: BTreeMap::new(),
+            stalls: BTreeMap::new(),
+            stall_timers: TimerIndex::new(),
+            pending_auth: BTreeMap::new(),
+            auth_out: VecDeque::new(),
+            next_auth: 0,
+            limiter: FailureLimiter::new(config.max_auth_failures, config.auth_failure_window, 100_000),
+            id_key,
+            offline_bytes: 0,
+            next_housekeeping: None,
             conns: BTreeMap::new(),
             clients: BTreeMap::new(),
             keys: BTreeMap::new(),
             next_key: 0,
             router: Router::new(),
-            retained: RetainedStore::new(config.max_retained),
+            retained: RetainedStore::new(config.max_retained, config.max_retained_bytes),
             dirty: BTreeSet::new(),
             session_timers: BTreeSet::new(),
             session_armed: BTreeMap::new(),
@@ -247,10 +373,67 @@ impl Broker {
         self.router.remove_session(subscription.0);
     }
 
-    /// Publishes from the embedding application, as a client would (retain honoured).
-    pub fn publish_local(&mut self, now: Instant, publish: Publish) {
-        self.publish(now, publish, None);
+    /// Publishes from the embedding application, as a client would (retain honoured). The
+    /// topic limits apply as to clients: a topic beyond them is refused with Topic Name invalid,
+    /// a retained message the store has no room for with Quota exceeded.
+    pub fn publish_local(&mut self, now: Instant, publish: Publish) -> Result<(), ReasonCode> {
+        self.tick(now);
+        if let Some(code) = self.topic_refusal(publish.topic.as_str()) {
+            return Err(code);
+        }
+        if publish.retain && self.retained.set(now, &publish).is_err() {
+            return Err(ReasonCode::QuotaExceeded);
+        }
+        self.route(now, publish, None);
         self.pump(now);
+        Ok(())
+    }
+
+    /// Whether a topic name or filter is beyond the configured length or depth: the reason
+    /// code to refuse it with.
+    fn topic_refusal(&self, topic: &str) -> Option<ReasonCode> {
+        let levels = topic.bytes().filter(|&b| b == b'/').count() + 1;
+        (topic.len() > self.config.max_topic_length || levels > self.config.max_topic_levels)
+            .then_some(ReasonCode::TopicNameInvalid)
+    }
+
+    /// The next password verification to run off the event loop (see [`AuthRequest`]). Poll it
+    /// after every input, like the other outputs; answer each with
+    /// [`Broker::handle_auth_result`]. Comes only when the configuration has `auth`.
+    #[must_use]
+    pub fn poll_auth(&mut self) -> Option<AuthRequest> {
+        self.auth_out.pop_front()
+    }
+
+    /// The verdict on an [`AuthRequest`]: the client is let in (and its session set up) or
+    /// refused with the verdict's code. A verdict for a connection that has gone meanwhile is
+    /// ignored.
+    pub fn handle_auth_result(&mut self, now: Instant, id: AuthId, verdict: AuthVerdict) {
+        self.tick(now);
+        let Some((conn, connect)) = self.pending_auth.remove(&id) else { return };
+        let Some(live) = self.conns.get_mut(&conn).filter(|l| l.auth == Some(id)) else { return };
+        live.auth = None;
+        match verdict {
+            Ok(()) => self.admit(now, conn, *connect),
+            Err(code) => {
+                self.stats.auth_failures += 1;
+                if let Some(ip) = self.remote_ip(conn) {
+                    self.limiter.record_failure(now, ip);
+                }
+                self.refuse(now, conn, code);
+            }
+        }
+        self.dirty.insert(conn);
+        self.pump(now);
+    }
+
+    /// Where a connection comes from, when known (QUIC always; byte streams when the adapter
+    /// said, with [`Broker::open_stream_from`]).
+    fn remote_ip(&self, conn: Peer) -> Option<IpAddr> {
+        match conn {
+            Peer::Quic(c) => self.quic.remote_address(c).map(|a| a.ip()),
+            Peer::Stream(id) => self.stream_remote.get(&id).map(|a| a.ip()),
+        }
     }
 
     /// Ends every connection for a server shutdown: MQTT 5 clients get DISCONNECT with Server
@@ -298,6 +481,11 @@ impl Broker {
         if self.started.is_none() {
             self.started = Some(now);
             self.next_sys = self.config.sys_interval.map(|i| now + i);
+            self.next_housekeeping = Some(now + HOUSEKEEPING);
+        }
+        if self.next_housekeeping.is_some_and(|at| at <= now) {
+            self.next_housekeeping = Some(now + HOUSEKEEPING);
+            self.retained.purge_expired(now);
         }
         if let (Some(at), Some(interval)) = (self.next_sys, self.config.sys_interval) {
             if at <= now {
@@ -320,6 +508,9 @@ impl Broker {
             ("bytes/sent", self.stats.bytes_sent.to_string()),
             ("subscriptions/count", self.router.len().to_string()),
             ("retained messages/count", self.retained.len().to_string()),
+            ("messages/denied", self.stats.messages_denied.to_string()),
+            ("clients/auth failures", self.stats.auth_failures.to_string()),
+            ("clients/stalled", self.stats.stalled_clients.to_string()),
             ("uptime", format!("{uptime} seconds")),
         ];
         for (name, value) in values {
@@ -376,21 +567,65 @@ impl Broker {
                 let _ = self.quic.send(now, conn, bytes);
             }
             Peer::Stream(id) => {
-                *self.stream_backlog.entry(id).or_default() += bytes.len();
+                self.stream_backlog.entry(id).or_default().0 += bytes.len();
+                self.stream_backlog_total += bytes.len();
                 self.stream_out.push_back((id, StreamOutput::Data(bytes)));
             }
         }
         if self.backlog(peer) > self.config.max_queued_bytes.saturating_mul(4) {
             // Not reading at all: its session ends as for a lost connection (will, kept session).
-            match peer {
-                Peer::Quic(conn) => {
-                    let _ = self.quic.close(now, conn, quic::close_code::SLOW_CONSUMER, "not reading");
-                }
-                Peer::Stream(id) => {
-                    self.stream_backlog.remove(&id);
-                    self.stream_out.push_back((id, StreamOutput::Close));
-                    self.lost(peer);
-                }
+            self.drop_slow(now, peer);
+        } else if self.backlog(peer) > 0 && !self.stalls.contains_key(&peer) {
+            // Bytes wait: from now on the connection must take some within the write timeout.
+            self.stalls.insert(peer, (now, self.progress(peer)));
+            self.stall_timers.set(peer, Some(now + self.config.write_timeout));
+        }
+    }
+
+    /// Ends a connection that does not take what is sent to it.
+    fn drop_slow(&mut self, now: Instant, peer: Peer) {
+        self.forget_stall(peer);
+        match peer {
+            Peer::Quic(conn) => {
+                let _ = self.quic.close(now, conn, quic::close_code::SLOW_CONSUMER, "not reading");
+            }
+            Peer::Stream(id) => {
+                self.forget_stream(id);
+                self.stream_out.push_back((id, StreamOutput::Close));
+                self.lost(peer);
+            }
+        }
+    }
+
+    fn forget_stall(&mut self, peer: Peer) {
+        self.stalls.remove(&peer);
+        self.stall_timers.set(peer, None);
+    }
+
+    /// Drops the byte-stream bookkeeping of a connection that is gone.
+    fn forget_stream(&mut self, id: StreamId) {
+        if let Some((backlog, _)) = self.stream_backlog.remove(&id) {
+            self.stream_backlog_total -= backlog;
+        }
+        self.stream_remote.remove(&id);
+        self.forget_stall(Peer::Stream(id));
+    }
+
+    /// The write-timeout check of connections with bytes waiting: one that took nothing since
+    /// the last check is dropped; one that took some is checked again a timeout later.
+    fn check_stalls(&mut self, now: Instant) {
+        while let Some(peer) = self.stall_timers.pop_due(now) {
+            let Some((_, before)) = self.stalls.remove(&peer) else { continue };
+            if self.backlog(peer) == 0 {
+                continue;
+            }
+            let progress = self.progress(peer);
+            if progress == before && self.conns.contains_key(&peer) {
+                self.stats.stalled_clients += 1;
+                self.drop_slow(now, peer);
+            } else {
+                self.stalls.insert(peer, (now, progress));
+                self.stall_timers.set(peer, Some(now + self.config.write_timeout));
             }
         }
     }
@@ -399,25 +634,45 @@ impl Broker {
     fn backlog(&self, peer: Peer) -> usize {
         match peer {
             Peer::Quic(conn) => self.quic.queued(conn),
-            Peer::Stream(id) => self.stream_backlog.get(&id).copied().unwrap_or(0),
+            Peer::Stream(id) => self.stream_backlog.get(&id).map_or(0, |b| b.0),
         }
+    }
+
+    /// Bytes a connection has taken so far (a counter: it stands still while the client reads
+    /// nothing).
+    fn progress(&self, peer: Peer) -> u64 {
+        match peer {
+            Peer::Quic(conn) => self.quic.written(conn),
+            Peer::Stream(id) => self.stream_backlog.get(&id).map_or(0, |b| b.1),
+        }
+    }
+
+    /// Whether QoS 0 messages for this connection are dropped now: its own backlog, or all
+    /// clients' together, is over its limit.
+    fn over_budget(&self, peer: Peer) -> bool {
+        self.backlog(peer) > self.config.max_queued_bytes
+            || self.quic.queued_total() + self.stream_backlog_total > self.config.max_total_queued_bytes
     }
 
     /// The adapter wrote `bytes` of a byte stream's output to its socket: they no longer count
     /// against the client's backlog (see [`BrokerConfig::max_queued_bytes`]).
     pub fn stream_written(&mut self, id: StreamId, bytes: usize) {
         if let Some(b) = self.stream_backlog.get_mut(&id) {
-            *b = b.saturating_sub(bytes);
+            let n = bytes.min(b.0);
+            b.0 -= n;
+            b.1 += n as u64;
+            self.stream_backlog_total -= n;
         }
     }
 
     fn finish(&mut self, now: Instant, peer: Peer) {
+        self.forget_stall(peer);
         match peer {
             Peer::Quic(conn) => {
                 let _ = self.quic.finish(now, conn);
             }
             Peer::Stream(id) => {
-                self.stream_backlog.remove(&id);
+                self.forget_stream(id);
                 self.stream_out.push_back((id, StreamOutput::Close));
             }
         }
@@ -434,6 +689,14 @@ impl Broker {
         id
     }
 
+    /// [`Broker::open_stream`] for a connection from `remote`: failed logins are then limited
+    /// per address (see [`BrokerConfig::max_auth_failures`]), as they are for QUIC.
+    pub fn open_stream_from(&mut self, now: Instant, remote: SocketAddr) -> StreamId {
+        let id = self.open_stream(now);
+        self.stream_remote.insert(id, remote);
+        id
+    }
+
     /// Bytes read from a byte-stream connection.
     pub fn handle_stream_bytes(&mut self, now: Instant, id: StreamId, data: &[u8]) {
         self.tick(now);
@@ -445,7 +708,7 @@ impl Broker {
 
     /// The byte-stream connection closed (or failed).
     pub fn stream_closed(&mut self, now: Instant, id: StreamId) {
-        self.stream_backlog.remove(&id);
+        self.forget_stream(id);
         self.lost(Peer::Stream(id));
         self.pump(now);
     }
@@ -472,6 +735,7 @@ impl Broker {
             session: ServerSession::new(now, config),
             client: None,
             username: None,
+            auth: None,
         })
     }
 
@@ -497,7 +761,11 @@ impl Broker {
             self.send(now, conn, bytes);
         }
         if ended {
-            self.conns.remove(&conn);
+            if let Some(Live { auth: Some(id), .. }) = self.conns.remove(&conn) {
+                // Its verdict, when it comes, must not land on a later connection that reuses
+                // this one's number.
+                self.pending_auth.remove(&id);
+            }
             self.finish(now, conn);
         }
         self.rearm(conn);
@@ -511,7 +779,6 @@ impl Broker {
             ServerEvent::Publish(p) => {
                 self.stats.messages_received += 1;
                 // `$` topics are the broker's (e.g. `$SYS`): clients may not publish there.
-                let levels = p.topic.as_str().split('/').count();
                 let allowed = match (&self.config.auth, self.conns.get(&conn)) {
                     (Some(auth), Some(live)) => {
                         auth.can_publish(live.client.as_deref().unwrap_or(""), live.username.as_deref(), &p.topic)
@@ -520,8 +787,8 @@ impl Broker {
                 };
                 let mut reason = if p.topic.is_system() || !allowed {
                     ReasonCode::NotAuthorized
-                } else if levels > self.config.max_topic_levels {
-                    ReasonCode::TopicNameInvalid
+                } else if let Some(code) = self.topic_refusal(p.topic.as_str()) {
+                    code
                 } else {
                     ReasonCode::Success
                 };
@@ -574,47 +841,112 @@ impl Broker {
         }
     }
 
+    /// Refuses a CONNECT with `code` (mapped to the 3.1.1 return code for 3.1.1 clients).
+    fn refuse(&mut self, now: Instant, conn: Peer, code: ReasonCode) {
+        if let Some(live) = self.conns.get_mut(&conn) {
+            let _ = live.session.refuse(now, code);
+        }
+    }
+
+    /// A CONNECT: what can be decided without knowing who the client is, then the password
+    /// check (handed out, see [`Broker::poll_auth`]), then [`Broker::admit`].
     fn on_connect(&mut self, now: Instant, conn: Peer, c: Connect) {
         if self.closing_until.is_some() {
             // Shutting down: a client that reconnects at once must not land here again.
-            if let Some(live) = self.conns.get_mut(&conn) {
-                let _ = live.session.refuse(now, ReasonCode::ServerUnavailable);
-            }
-            return;
+            return self.refuse(now, conn, ReasonCode::ServerUnavailable);
         }
         // Enhanced authentication (an AUTH exchange) is not offered: a client that asks for it
         // is refused with 0x8C and the connection closed [MQTT-4.12.0-1].
         if c.properties.authentication_method.is_some() {
-            if let Some(live) = self.conns.get_mut(&conn) {
-                let _ = live.session.refuse(now, ReasonCode::BadAuthenticationMethod);
-            }
-            return;
+            return self.refuse(now, conn, ReasonCode::BadAuthenticationMethod);
         }
-        // An assigned identifier must be unique [MQTT-3.1.3-6]: skip any a client chose itself.
-        let assigned = c.client_id.is_empty().then(|| loop {
-            self.next_key += 1;
-            let id = format!("auto-{}", self.next_key);
-            if !self.clients.contains_key(&id) {
-                break id;
+        // A will is a publish that happens later: the same topic rules apply now, when the
+        // client can still be told (0x90 beyond the limits, 0x87 for a `$` topic).
+        if let Some(will) = &c.will {
+            if let Some(code) = self.topic_refusal(will.topic.as_str()) {
+                return self.refuse(now, conn, code);
             }
+            if will.topic.is_system() {
+                return self.refuse(now, conn, ReasonCode::NotAuthorized);
+            }
+        }
+        let Some(auth) = self.config.auth.clone() else { return self.admit(now, conn, c) };
+        if self.remote_ip(conn).is_some_and(|ip| self.limiter.is_limited(now, ip)) {
+            return self.refuse(now, conn, ReasonCode::ConnectionRateExceeded);
+        }
+        if self.pending_auth.len() >= self.config.max_pending_auth {
+            return self.refuse(now, conn, ReasonCode::ServerBusy);
+        }
+        self.next_auth += 1;
+        let id = AuthId(self.next_auth);
+        let Some(live) = self.conns.get_mut(&conn) else { return };
+        live.auth = Some(id);
+        self.auth_out.push_back(AuthRequest {
+            id,
+            auth,
+            client_id: c.client_id.to_string(),
+            username: c.username.as_ref().map(|u| u.as_str().to_string()),
+            password: c.password.clone(),
         });
+        self.pending_auth.insert(id, (conn, Box::new(c)));
+    }
+
+    /// A client id for a client that sent none: unpredictable (a keyed hash of a counter, the
+    /// key derived from the configured secret), so nobody can guess and take over the session
+    /// of a client that will be given one; unique [MQTT-3.1.3-6].
+    fn assign_client_id(&mut self) -> String {
+        loop {
+            self.next_key += 1;
+            let tag = ring::hmac::sign(&self.id_key, &self.next_key.to_le_bytes());
+            let hex: String = tag.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+            let id = format!("auto-{hex}");
+            if !self.clients.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Takes the client in once it is authenticated: the rules that need its identity (will
+    /// ACL, session ownership, limits), then takeover, and its session accepted or resumed.
+    fn admit(&mut self, now: Instant, conn: Peer, c: Connect) {
+        let assigned = c.client_id.is_empty().then(|| self.assign_client_id());
         let id = assigned.clone().unwrap_or_else(|| c.client_id.to_string());
         let username = c.username.as_ref().map(|u| u.as_str().to_string());
-        if let Some(auth) = &self.config.auth {
-            if let Err(code) = auth.connect(&id, username.as_deref(), c.password.as_deref()) {
-                if let Some(live) = self.conns.get_mut(&conn) {
-                    let _ = live.session.refuse(now, code);
-                }
-                return;
+        if let (Some(will), Some(auth)) = (&c.will, &self.config.auth) {
+            if !auth.can_publish(&id, username.as_deref(), &will.topic) {
+                return self.refuse(now, conn, ReasonCode::NotAuthorized);
             }
+        }
+        // No connection is exempt from liveness checks: a keep-alive beyond the maximum (or
+        // none) is replaced for MQTT 5; MQTT 3.1.1 has no way to say so, and is refused.
+        let max_keepalive = self.config.max_keepalive;
+        let impose = max_keepalive > 0 && (c.keep_alive == 0 || c.keep_alive > max_keepalive);
+        if impose && !c.protocol.is_v5() {
+            return self.refuse(now, conn, ReasonCode::ClientIdentifierNotValid);
+        }
+        // A session belongs to the user that created it: another user presenting the same
+        // client id is refused, and neither takes over the live connection nor gets (or
+        // discards) the kept session.
+        match self.clients.get(&id) {
+            Some(record) if record.owner != username => return self.refuse(now, conn, ReasonCode::NotAuthorized),
+            None if self.clients.len() >= self.config.max_sessions => {
+                return self.refuse(now, conn, ReasonCode::QuotaExceeded)
+            }
+            _ => {}
         }
         let expiry = if c.protocol.is_v5() {
             c.properties.session_expiry_interval.unwrap_or(0).min(self.config.max_session_expiry)
         } else if c.clean_start {
             0
         } else {
-            u32::MAX
+            // MQTT 3.1.1 persistent sessions have no expiry of their own: the broker's maximum.
+            self.config.max_session_expiry
         };
+        if impose {
+            if let Some(live) = self.conns.get_mut(&conn) {
+                live.session.impose_keep_alive(max_keepalive);
+            }
+        }
         // Takeover: the previous connection of this client ends with 0x8E and its session
         // state comes here.
         let mut taken_over_will = None;
@@ -638,9 +970,9 @@ impl Broker {
                 // Serving the ended session closes its transport.
                 self.dirty.insert(other);
                 if let Some(r) = self.clients.get_mut(&id) {
-                    r.kept = Some(state);
                     r.conn = None;
                 }
+                self.keep(&id, state);
             }
         }
         if let Some(will) = taken_over_will {
@@ -649,22 +981,34 @@ impl Broker {
         // Clean start discards any kept session [MQTT-3.1.2-4].
         let existed = self.clients.contains_key(&id) && !c.clean_start;
         if c.clean_start {
-            if let Some(old) = self.clients.remove(&id) {
-                self.router.remove_session(old.key);
-                self.keys.remove(&old.key);
-            }
+            self.remove_record(&id);
         }
         let next_key = &mut self.next_key;
         let record = self.clients.entry(id.clone()).or_insert_with(|| {
             *next_key += 1;
-            Record { key: *next_key, conn: None, kept: None, expiry, expires_at: None, will: None }
+            Record {
+                key: *next_key,
+                owner: username.clone(),
+                queued_bytes: 0,
+                conn: None,
+                kept: None,
+                expiry,
+                expires_at: None,
+                will: None,
+            }
         });
         let state = record.kept.take();
+        self.offline_bytes -= std::mem::take(&mut record.queued_bytes);
         record.conn = Some(conn);
         record.expiry = expiry;
-        record.expires_at = None;
-        // Reconnecting within the will delay cancels the will.
-        record.will = None;
+        // Reconnecting cancels the expiry and, within the will delay, the will: their timer
+        // entries go too, so a client that comes and goes does not grow the timer set.
+        if let Some(at) = record.expires_at.take() {
+            self.record_timers.remove(&(at, id.clone()));
+        }
+        if let Some((at, _)) = record.will.take() {
+            self.record_timers.remove(&(at, id.clone()));
+        }
         self.keys.insert(record.key, id.clone());
         let Some(live) = self.conns.get_mut(&conn) else { return };
         live.client = Some(id);
@@ -695,7 +1039,8 @@ impl Broker {
             return;
         }
         record.conn = None;
-        record.kept = Some(state);
+        self.keep(&id, state);
+        let Some(record) = self.clients.get_mut(&id) else { return };
         if let Some(will) = will {
             let delay = will.properties.will_delay_interval.unwrap_or(0);
             let at = now + Duration::from_secs(u64::from(delay.min(record.expiry)));
@@ -710,6 +1055,32 @@ impl Broker {
             self.record_timers.insert((at, id));
         }
         self.fire(now);
+    }
+
+    /// Keeps a session's state while its client is away, counting its messages against the
+    /// offline byte budget.
+    fn keep(&mut self, id: &str, state: SessionState) {
+        let Some(record) = self.clients.get_mut(id) else { return };
+        let bytes = state.bytes();
+        self.offline_bytes = self.offline_bytes - record.queued_bytes + bytes;
+        record.queued_bytes = bytes;
+        record.kept = Some(state);
+    }
+
+    /// Forgets a session: its subscriptions, its queue (and the bytes it counted) and its
+    /// timer entries.
+    fn remove_record(&mut self, id: &str) -> Option<Record> {
+        let mut record = self.clients.remove(id)?;
+        self.router.remove_session(record.key);
+        self.keys.remove(&record.key);
+        self.offline_bytes -= std::mem::take(&mut record.queued_bytes);
+        if let Some(at) = record.expires_at {
+            self.record_timers.remove(&(at, id.to_string()));
+        }
+        if let Some((at, _)) = &record.will {
+            self.record_timers.remove(&(*at, id.to_string()));
+        }
+        Some(record)
     }
 
     /// Hands what a leaving member of shared subscriptions had not acknowledged to other members.
@@ -746,9 +1117,7 @@ impl Broker {
             }
             let Some(record) = self.clients.get(&id) else { continue };
             if record.conn.is_none() && record.expires_at.is_some_and(|t| t <= now) {
-                if let Some(record) = self.clients.remove(&id) {
-                    self.router.remove_session(record.key);
-                    self.keys.remove(&record.key);
+                if let Some(record) = self.remove_record(&id) {
                     if let Some((_, will)) = record.will {
                         // A session that ends before its will delay publishes the will then.
                         self.publish(now, will_message(will), None);
@@ -786,15 +1155,24 @@ impl Broker {
     }
 
     /// Hands a message to a session: its connection when online, its queue when offline.
-    /// Returns the session's request id when the message went to a live connection.
+    /// Returns the session's request id when the message went to a live connection. Read rights
+    /// are checked here, on every path that delivers, not only at SUBSCRIBE.
     fn deliver(&mut self, now: Instant, key: SessionKey, publish: Publish) -> Option<u64> {
         if key > LOCAL_BASE {
             self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
             return None;
         }
-        let conn = self.keys.get(&key).and_then(|id| self.clients.get(id))?.conn;
-        if let Some(conn) = conn {
-            if publish.qos() == QoS::AtMostOnce && self.backlog(conn) > self.config.max_queued_bytes {
+        let id = self.keys.get(&key)?;
+        let record = self.clients.get(id)?;
+        if let Some(auth) = &self.config.auth {
+            let username = record.owner.as_deref();
+            if !auth.can_read(id, username, &publish.topic) {
+                self.stats.messages_denied += 1;
+                return None;
+            }
+        }
+        if let Some(conn) = record.conn {
+            if publish.qos() == QoS::AtMostOnce && self.over_budget(conn) {
                 self.stats.messages_dropped += 1;
                 return None;
             }
@@ -807,11 +1185,23 @@ impl Broker {
                 return id;
             }
         }
-        // Offline (or its connection already gone): QoS 1 and 2 wait in the kept session.
+        // Offline (or its connection already gone): QoS 1 and 2 wait in the kept session, as
+        // their own copy (not a slice of a receive buffer), within the offline budgets.
         if publish.qos() != QoS::AtMostOnce {
+            let cost = message_cost(&publish);
+            let over = self.offline_bytes + cost > self.config.max_offline_bytes;
+            let max = self.config.max_offline_queue;
             let record = self.keys.get(&key).and_then(|id| self.clients.get_mut(id));
-            if let Some(state) = record.and_then(|r| r.kept.as_mut()) {
-                state.enqueue(now, publish, self.config.max_offline_queue);
+            match record {
+                Some(Record { kept: Some(state), queued_bytes, .. }) if !over => {
+                    if state.enqueue(now, publish.detached(), max) {
+                        *queued_bytes += cost;
+                        self.offline_bytes += cost;
+                    } else {
+                        self.stats.messages_dropped += 1;
+                    }
+                }
+                _ => self.stats.messages_dropped += 1,
             }
         }
         None
@@ -827,33 +1217,42 @@ impl Broker {
         subscription_id: Option<SubscriptionId>,
     ) {
         let max = self.config.session.maximum_qos;
-        let mut codes = Vec::with_capacity(subscriptions.len());
+        // The same filter twice in one SUBSCRIBE is one subscription with the options of the
+        // last occurrence [MQTT-3.8.4-3], decided (and its retained messages sent) once; each
+        // occurrence still gets its code, so the SUBACK lines up [MQTT-3.9.3-1].
+        let mut last: BTreeMap<&TopicFilter, usize> = BTreeMap::new();
+        for (i, s) in subscriptions.iter().enumerate() {
+            last.insert(&s.filter, i);
+        }
+        let mut decided: BTreeMap<&TopicFilter, ReasonCode> = BTreeMap::new();
         let mut retained = Vec::new();
-        for s in subscriptions {
-            let mut options = s.options;
-            options.qos = options.qos.min(max);
-            let levels = s.filter.match_filter().split('/').count();
-            let known = self.router.filters(key).contains(&s.filter);
-            if levels > self.config.max_topic_levels {
-                codes.push(ReasonCode::TopicFilterInvalid);
+        for (i, s) in subscriptions.iter().enumerate() {
+            if last.get(&s.filter) != Some(&i) {
                 continue;
             }
-            if let (Some(auth), Some(live)) = (&self.config.auth, self.conns.get(&conn)) {
-                if !auth.can_subscribe(live.client.as_deref().unwrap_or(""), live.username.as_deref(), &s.filter) {
-                    codes.push(ReasonCode::NotAuthorized);
-                    continue;
+            let mut options = s.options;
+            options.qos = options.qos.min(max);
+            let known = self.router.filters(key).contains(&s.filter);
+            let code = if self.topic_refusal(s.filter.as_str()).is_some() {
+                ReasonCode::TopicFilterInvalid
+            } else if self.config.auth.as_ref().zip(self.conns.get(&conn)).is_some_and(|(auth, live)| {
+                !auth.can_subscribe(live.client.as_deref().unwrap_or(""), live.username.as_deref(), &s.filter)
+            }) {
+                ReasonCode::NotAuthorized
+            } else if !known && self.router.filters(key).len() >= self.config.max_subscriptions_per_client {
+                ReasonCode::QuotaExceeded
+            } else {
+                match options.qos {
+                    QoS::AtMostOnce => ReasonCode::Success,
+                    QoS::AtLeastOnce => ReasonCode::GrantedQos1,
+                    QoS::ExactlyOnce => ReasonCode::GrantedQos2,
                 }
-            }
-            if !known && self.router.filters(key).len() >= self.config.max_subscriptions_per_client {
-                codes.push(ReasonCode::QuotaExceeded);
+            };
+            decided.insert(&s.filter, code);
+            if code.is_error() {
                 continue;
             }
             let new = self.router.subscribe(key, &s.filter, Entry { options, subscription_id });
-            codes.push(match options.qos {
-                QoS::AtMostOnce => ReasonCode::Success,
-                QoS::AtLeastOnce => ReasonCode::GrantedQos1,
-                QoS::ExactlyOnce => ReasonCode::GrantedQos2,
-            });
             let send = match options.retain_handling {
                 RetainHandling::SendAtSubscribe => true,
                 RetainHandling::SendIfNew => new,
@@ -870,11 +1269,15 @@ impl Broker {
                 }
             }
         }
+        let codes = subscriptions.iter().map(|s| decided.get(&s.filter).copied().unwrap_or(ReasonCode::UnspecifiedError));
+        let codes: Vec<ReasonCode> = codes.collect();
         if let Some(live) = self.conns.get_mut(&conn) {
             let _ = live.session.suback(packet_id, codes);
-            for m in retained {
-                let _ = live.session.publish(now, m);
-            }
+        }
+        // After the SUBACK, through the same path as live traffic: read rights, and the
+        // client's backlog limit for QoS 0 and its queue limit for QoS 1 and 2.
+        for m in retained {
+            self.deliver(now, key, m);
         }
     }
 
@@ -882,7 +1285,7 @@ impl Broker {
     fn next_deadline(&self) -> Option<Instant> {
         let records = self.record_timers.first().map(|(t, _)| *t);
         let sessions = self.session_timers.first().map(|(t, _)| *t);
-        [records, sessions, self.next_sys].into_iter().flatten().min()
+        [records, sessions, self.next_sys, self.stall_timers.next(), self.next_housekeeping].into_iter().flatten().min()
     }
 }
 
@@ -940,6 +1343,7 @@ impl Machine for Broker {
             }
         }
         self.fire(now);
+        self.check_stalls(now);
         self.pump(now);
     }
 

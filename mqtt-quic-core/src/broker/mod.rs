@@ -3,6 +3,7 @@
 //! (Still to come: limits, `$SYS`, authentication and authorization, in-process clients.)
 
 pub mod auth;
+pub mod limiter;
 pub mod machine;
 pub mod retained;
 pub mod router;

@@ -3,9 +3,15 @@
 //! Stored in a trie of topic levels, so a subscription's filter walks only the branches it can
 //! match (`+` fans out over one level's children, `#` takes a whole subtree) instead of testing
 //! every retained topic. Message expiry is honoured: an expired message is never sent, and the
-//! expiry interval of one that is sent is reduced by the time it waited [MQTT-3.3.2-6].
+//! expiry interval of one that is sent is reduced by the time it waited [MQTT-3.3.2-6];
+//! [`RetainedStore::purge_expired`] frees expired ones.
+//!
+//! The store is bounded twice, by messages and by bytes, and keeps its own copy of each message
+//! (see [`Publish::detached`]), so a small retained message never holds a large receive buffer.
+//! Every walk of the trie, and its drop, is a loop with an explicit stack: topic depth is chosen
+//! by clients.
 
-use mqtt_proto::{Publish, TopicFilter};
+use mqtt_proto::{Protocol, Publish, TopicFilter};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -17,12 +23,17 @@ pub enum RetainError {
     /// The store holds its maximum number of messages (Quota exceeded, 0x97).
     #[error("retained message store is full ({0} messages)")]
     Full(usize),
+    /// The store holds its maximum number of bytes (Quota exceeded, 0x97).
+    #[error("retained message store is full ({0} bytes)")]
+    FullBytes(usize),
 }
 
 #[derive(Debug, Clone)]
 struct Stored {
     publish: Publish,
     stored_at: Instant,
+    /// What it counts against the byte budget.
+    cost: usize,
 }
 
 #[derive(Debug, Default)]
@@ -31,9 +42,13 @@ struct Node {
     message: Option<Stored>,
 }
 
-impl Node {
-    fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.message.is_none()
+impl Drop for Node {
+    /// Frees the subtree with a loop: the default drop would recurse once per level.
+    fn drop(&mut self) {
+        let mut stack: Vec<Node> = std::mem::take(&mut self.children).into_values().collect();
+        while let Some(mut node) = stack.pop() {
+            stack.extend(std::mem::take(&mut node.children).into_values());
+        }
     }
 }
 
@@ -42,18 +57,31 @@ impl Node {
 pub struct RetainedStore {
     root: Node,
     count: usize,
+    bytes: usize,
     max: usize,
+    max_bytes: usize,
+}
+
+/// What a message costs the store: its encoded size (topic, payload, properties) plus the
+/// topic again for the trie's keys.
+fn cost(publish: &Publish) -> usize {
+    publish.encoded_len(Protocol::V5).unwrap_or(usize::MAX / 2) + publish.topic.as_str().len()
 }
 
 impl RetainedStore {
-    /// A store holding at most `max` messages.
-    pub fn new(max: usize) -> RetainedStore {
-        RetainedStore { root: Node::default(), count: 0, max }
+    /// A store holding at most `max` messages and `max_bytes` bytes of them.
+    pub fn new(max: usize, max_bytes: usize) -> RetainedStore {
+        RetainedStore { root: Node::default(), count: 0, bytes: 0, max, max_bytes }
     }
 
     /// Number of retained messages.
     pub fn len(&self) -> usize {
         self.count
+    }
+
+    /// Bytes the retained messages take (as counted against the byte budget).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Whether none is retained.
@@ -66,29 +94,70 @@ impl RetainedStore {
     pub fn set(&mut self, now: Instant, publish: &Publish) -> Result<(), RetainError> {
         let levels: Vec<&str> = publish.topic.as_str().split('/').collect();
         if publish.payload.is_empty() {
-            if remove(&mut self.root, &levels) {
+            if let Some(old) = self.remove(&levels) {
                 self.count -= 1;
+                self.bytes -= old.cost;
             }
             return Ok(());
         }
+        let new_cost = cost(publish);
+        let old_cost = self.get(&levels).map_or(0, |m| m.cost);
+        let replaces = old_cost > 0;
+        if !replaces && self.count >= self.max {
+            return Err(RetainError::Full(self.count));
+        }
+        if self.bytes - old_cost + new_cost > self.max_bytes {
+            return Err(RetainError::FullBytes(self.bytes));
+        }
         let mut node = &mut self.root;
         for level in &levels {
-            if !node.children.contains_key(*level) && self.count >= self.max {
-                return Err(RetainError::Full(self.count));
-            }
             node = node.children.entry((*level).into()).or_default();
         }
-        if node.message.is_none() {
-            if self.count >= self.max {
-                return Err(RetainError::Full(self.count));
-            }
-            self.count += 1;
-        }
-        let mut stored = publish.clone();
+        let mut stored = publish.detached();
         stored.dup = false;
         stored.retain = true;
-        node.message = Some(Stored { publish: stored, stored_at: now });
+        node.message = Some(Stored { publish: stored, stored_at: now, cost: new_cost });
+        if !replaces {
+            self.count += 1;
+        }
+        self.bytes = self.bytes - old_cost + new_cost;
         Ok(())
+    }
+
+    fn get(&self, levels: &[&str]) -> Option<&Stored> {
+        let mut node = &self.root;
+        for level in levels {
+            node = node.children.get(*level)?;
+        }
+        node.message.as_ref()
+    }
+
+    /// Takes the message at `levels` out and drops the nodes left empty, deepest first.
+    fn remove(&mut self, levels: &[&str]) -> Option<Stored> {
+        let mut node = &mut self.root;
+        for level in levels {
+            node = node.children.get_mut(*level)?;
+        }
+        let removed = node.message.take()?;
+        if !node.children.is_empty() {
+            return Some(removed);
+        }
+        // The now empty end of the path goes, with the chain of nodes that held nothing but it:
+        // cut below the deepest node that holds something else (one pass down, one cut).
+        let mut cut = 0;
+        let mut node = &self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            if node.message.is_some() || node.children.len() > 1 {
+                cut = depth;
+            }
+            node = node.children.get(*level)?;
+        }
+        let mut parent = &mut self.root;
+        for level in &levels[..cut] {
+            parent = parent.children.get_mut(*level)?;
+        }
+        parent.children.remove(levels[cut]);
+        Some(removed)
     }
 
     /// The retained messages whose topics match `filter` (a shared filter matches by its inner
@@ -96,13 +165,62 @@ impl RetainedStore {
     pub fn matching(&self, now: Instant, filter: &TopicFilter) -> Vec<Publish> {
         let levels: Vec<&str> = filter.match_filter().split('/').collect();
         let mut out = Vec::new();
-        walk(&self.root, &levels, 0, now, &mut out);
+        // Depth-first with an explicit stack: (node, depth in the filter).
+        let mut stack: Vec<(&Node, usize)> = vec![(&self.root, 0)];
+        while let Some((node, depth)) = stack.pop() {
+            let Some(level) = levels.get(depth) else {
+                out.extend(node.message.as_ref().and_then(|m| live(m, now)));
+                continue;
+            };
+            // `$` topics are not matched by a wildcard in the first level [MQTT-4.7.2-1].
+            let visible = |name: &str| depth > 0 || !name.starts_with('$');
+            match *level {
+                "#" => {
+                    // `#` also matches the parent level itself ("a/#" matches "a").
+                    out.extend(node.message.as_ref().filter(|_| depth > 0).and_then(|m| live(m, now)));
+                    for (name, child) in node.children.iter().rev() {
+                        if visible(name) {
+                            subtree(child, now, &mut out);
+                        }
+                    }
+                }
+                "+" => {
+                    for (name, child) in node.children.iter().rev() {
+                        if visible(name) {
+                            stack.push((child, depth + 1));
+                        }
+                    }
+                }
+                literal => {
+                    if let Some(child) = node.children.get(literal) {
+                        stack.push((child, depth + 1));
+                    }
+                }
+            }
+        }
         out
     }
 
     /// Drops every expired message.
     pub fn purge_expired(&mut self, now: Instant) {
-        self.count -= purge(&mut self.root, now);
+        // First find them (a read-only walk), then remove each by its topic.
+        let mut expired: Vec<String> = Vec::new();
+        let mut stack: Vec<&Node> = vec![&self.root];
+        while let Some(node) = stack.pop() {
+            if let Some(m) = &node.message {
+                if live(m, now).is_none() {
+                    expired.push(m.publish.topic.as_str().to_string());
+                }
+            }
+            stack.extend(node.children.values());
+        }
+        for topic in expired {
+            let levels: Vec<&str> = topic.split('/').collect();
+            if let Some(old) = self.remove(&levels) {
+                self.count -= 1;
+                self.bytes -= old.cost;
+            }
+        }
     }
 }
 
@@ -117,70 +235,13 @@ fn live(stored: &Stored, now: Instant) -> Option<Publish> {
     Some(p)
 }
 
-fn walk(node: &Node, levels: &[&str], depth: usize, now: Instant, out: &mut Vec<Publish>) {
-    let Some((level, rest)) = levels.split_first() else {
+/// Every live message in a subtree, in topic order, with a loop.
+fn subtree(root: &Node, now: Instant, out: &mut Vec<Publish>) {
+    let mut stack = vec![root];
+    while let Some(node) = stack.pop() {
         out.extend(node.message.as_ref().and_then(|m| live(m, now)));
-        return;
-    };
-    // `$` topics are not matched by a wildcard in the first level [MQTT-4.7.2-1].
-    let visible = |name: &str| depth > 0 || !name.starts_with('$');
-    match *level {
-        "#" => {
-            // `#` also matches the parent level itself ("a/#" matches "a").
-            out.extend(node.message.as_ref().filter(|_| depth > 0).and_then(|m| live(m, now)));
-            for (name, child) in &node.children {
-                if visible(name) {
-                    subtree(child, now, out);
-                }
-            }
-        }
-        "+" => {
-            for (name, child) in &node.children {
-                if visible(name) {
-                    walk(child, rest, depth + 1, now, out);
-                }
-            }
-        }
-        literal => {
-            if let Some(child) = node.children.get(literal) {
-                walk(child, rest, depth + 1, now, out);
-            }
-        }
+        stack.extend(node.children.values().rev());
     }
-}
-
-fn subtree(node: &Node, now: Instant, out: &mut Vec<Publish>) {
-    out.extend(node.message.as_ref().and_then(|m| live(m, now)));
-    for child in node.children.values() {
-        subtree(child, now, out);
-    }
-}
-
-fn remove(node: &mut Node, levels: &[&str]) -> bool {
-    match levels.split_first() {
-        None => node.message.take().is_some(),
-        Some((level, rest)) => {
-            let Some(child) = node.children.get_mut(*level) else { return false };
-            let removed = remove(child, rest);
-            if child.is_empty() {
-                node.children.remove(*level);
-            }
-            removed
-        }
-    }
-}
-
-fn purge(node: &mut Node, now: Instant) -> usize {
-    let mut n = 0;
-    if node.message.as_ref().is_some_and(|m| live(m, now).is_none()) {
-        node.message = None;
-        n += 1;
-    }
-    node.children.retain(|_, child| {
-        n += purge(child, now);
-        !child.is_empty()
-    });
-    n
 }
 
 #[cfg(test)]
@@ -209,7 +270,7 @@ mod tests {
     #[test]
     fn set_replace_delete_and_match() {
         let t0 = now();
-        let mut s = RetainedStore::new(100);
+        let mut s = RetainedStore::new(100, usize::MAX);
         for topic in ["a", "a/b", "a/b/c", "x/b", "$SYS/uptime"] {
             s.set(t0, &msg(topic, "v1")).unwrap();
         }
@@ -231,7 +292,7 @@ mod tests {
     #[test]
     fn full_store_refuses_new_topics_but_replaces() {
         let t0 = now();
-        let mut s = RetainedStore::new(2);
+        let mut s = RetainedStore::new(2, usize::MAX);
         s.set(t0, &msg("a", "1")).unwrap();
         s.set(t0, &msg("b", "1")).unwrap();
         assert_eq!(s.set(t0, &msg("c", "1")), Err(RetainError::Full(2)));
@@ -241,7 +302,7 @@ mod tests {
     #[test]
     fn expiry_counts_down_and_removes() {
         let t0 = now();
-        let mut s = RetainedStore::new(10);
+        let mut s = RetainedStore::new(10, usize::MAX);
         let mut m = msg("t", "x");
         m.properties.message_expiry_interval = Some(10);
         s.set(t0, &m).unwrap();
@@ -250,6 +311,49 @@ mod tests {
         assert!(s.matching(t0 + Duration::from_secs(10), &TopicFilter::new("t").unwrap()).is_empty());
         s.purge_expired(t0 + Duration::from_secs(11));
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn byte_budget_counts_replacements_and_deletions() {
+        let t0 = now();
+        let one = cost(&msg("a", "0123456789"));
+        let mut s = RetainedStore::new(100, 2 * one);
+        s.set(t0, &msg("a", "0123456789")).unwrap();
+        s.set(t0, &msg("b", "0123456789")).unwrap();
+        assert_eq!(s.bytes(), 2 * one);
+        assert_eq!(s.set(t0, &msg("c", "0123456789")), Err(RetainError::FullBytes(2 * one)));
+        assert_eq!(s.set(t0, &msg("a", "0123456789012")).unwrap_err(), RetainError::FullBytes(2 * one));
+        s.set(t0, &msg("a", "9876543210")).unwrap();
+        s.set(t0, &msg("a", "")).unwrap();
+        assert_eq!(s.bytes(), one);
+        s.set(t0, &msg("c", "0123456789")).unwrap();
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn kept_messages_do_not_pin_the_receive_buffer() {
+        let buffer = Bytes::from(vec![1u8; 1 << 20]);
+        let m = Publish::new(TopicName::new("t").unwrap(), buffer.slice(0..10));
+        let mut s = RetainedStore::new(10, usize::MAX);
+        s.set(now(), &m).unwrap();
+        drop(m);
+        // The only other owner of the 1 MiB buffer is gone: the store holds a copy.
+        assert!(buffer.is_unique());
+    }
+
+    #[test]
+    fn a_very_deep_topic_is_walked_and_dropped_without_recursion() {
+        let t0 = now();
+        let deep = "/".repeat(60_000);
+        let mut s = RetainedStore::new(10, usize::MAX);
+        s.set(t0, &msg(&deep, "x")).unwrap();
+        s.set(t0, &msg(&format!("{deep}a"), "y")).unwrap();
+        assert_eq!(s.matching(t0, &TopicFilter::new("#").unwrap()).len(), 2);
+        assert_eq!(s.matching(t0, &TopicFilter::new(format!("{deep}+")).unwrap()).len(), 2);
+        assert_eq!(s.matching(t0, &TopicFilter::new(format!("{deep}a")).unwrap()).len(), 1);
+        s.set(t0, &msg(&deep, "")).unwrap();
+        assert_eq!(s.len(), 1);
+        drop(s);
     }
 
     proptest! {
@@ -262,7 +366,7 @@ mod tests {
             filters in proptest::collection::vec("(a|b|\\+|\\$s)(/(a|b|\\+|)){0,2}(/#)?|#", 1..8),
         ) {
             let t0 = now();
-            let mut s = RetainedStore::new(1000);
+            let mut s = RetainedStore::new(1000, usize::MAX);
             let mut naive = std::collections::BTreeSet::new();
             for topic in stored.iter().filter(|t| !t.is_empty()) {
                 s.set(t0, &msg(topic, "x")).unwrap();

@@ -188,13 +188,7 @@ impl Router {
         online: impl Fn(SessionKey) -> bool,
     ) -> Option<(SessionKey, Entry)> {
         let (Some(group_name), path, hash) = split(filter) else { return None };
-        let mut node = &mut self.root;
-        for level in &path {
-            node = match *level {
-                "+" => node.plus.as_deref_mut()?,
-                literal => node.children.get_mut(literal)?,
-            };
-        }
+        let node = descend(&mut self.root, &path)?;
         let group = slot(node, hash).shared.get_mut(group_name)?;
         let after = group.last.map_or(0, |k| k.wrapping_add(1));
         let pick = group
@@ -220,7 +214,7 @@ impl Router {
         let levels: SmallVec<[&str; 16]> = topic.as_str().split('/').collect();
         let system = topic.is_system();
         let mut found: Vec<Delivery> = Vec::new();
-        collect(&mut self.root, &levels, 0, system, publisher, &online, &mut found);
+        collect(&mut self.root, &levels, system, publisher, &online, &mut found);
         if found.len() > 1 {
             // A session matched by several subscriptions gets one message [MQTT-3.3.4-2]: the
             // highest QoS, every subscription identifier, in the order they were found.
@@ -261,47 +255,69 @@ fn split(filter: &TopicFilter) -> (Option<&str>, Vec<&str>, bool) {
     (group, levels, hash)
 }
 
-fn remove(node: &mut Node, path: &[&str], hash: bool, group: Option<&str>, session: SessionKey) -> bool {
-    match path.split_first() {
-        None => {
-            let subscribers = slot(node, hash);
-            match group {
-                None => match subscribers.direct.binary_search_by_key(&session, |(k, _)| *k) {
-                    Ok(i) => {
-                        subscribers.direct.remove(i);
-                        if subscribers.direct.is_empty() {
-                            subscribers.direct = Vec::new();
-                        }
-                        true
-                    }
-                    Err(_) => false,
-                },
-                Some(g) => {
-                    let removed =
-                        subscribers.shared.get_mut(g).is_some_and(|grp| grp.members.remove(&session).is_some());
-                    if subscribers.shared.get(g).is_some_and(|grp| grp.members.is_empty()) {
-                        subscribers.shared.remove(g);
-                    }
-                    removed
+fn remove(root: &mut Node, path: &[&str], hash: bool, group: Option<&str>, session: SessionKey) -> bool {
+    let Some(node) = descend(root, path) else { return false };
+    let subscribers = slot(node, hash);
+    let removed = match group {
+        None => match subscribers.direct.binary_search_by_key(&session, |(k, _)| *k) {
+            Ok(i) => {
+                subscribers.direct.remove(i);
+                if subscribers.direct.is_empty() {
+                    subscribers.direct = Vec::new();
                 }
+                true
             }
-        }
-        Some((&"+", rest)) => {
-            let Some(child) = node.plus.as_deref_mut() else { return false };
-            let removed = remove(child, rest, hash, group, session);
-            if child.is_empty() {
-                node.plus = None;
-            }
-            removed
-        }
-        Some((literal, rest)) => {
-            let Some(child) = node.children.get_mut(*literal) else { return false };
-            let removed = remove(child, rest, hash, group, session);
-            if child.is_empty() {
-                node.children.remove(*literal);
+            Err(_) => false,
+        },
+        Some(g) => {
+            let removed = subscribers.shared.get_mut(g).is_some_and(|grp| grp.members.remove(&session).is_some());
+            if subscribers.shared.get(g).is_some_and(|grp| grp.members.is_empty()) {
+                subscribers.shared.remove(g);
             }
             removed
         }
+    };
+    prune(root, path);
+    removed
+}
+
+/// The node at the end of `path` (`+` levels through the `+` child), if it exists.
+fn descend<'a>(root: &'a mut Node, path: &[&str]) -> Option<&'a mut Node> {
+    let mut node = root;
+    for level in path {
+        node = match *level {
+            "+" => node.plus.as_deref_mut()?,
+            literal => node.children.get_mut(literal)?,
+        };
+    }
+    Some(node)
+}
+
+/// Drops the end of `path` if it was left empty, with the chain of nodes above it that held
+/// nothing else: one pass down to find the deepest node that holds something besides the path,
+/// one cut below it. (A loop: the depth is the peer's.)
+fn prune(root: &mut Node, path: &[&str]) {
+    let mut cut = 0;
+    let mut node: &Node = root;
+    for (depth, level) in path.iter().enumerate() {
+        let branches = node.children.len() + usize::from(node.plus.is_some());
+        if branches > 1 || !node.exact.is_empty() || !node.hash.is_empty() {
+            cut = depth;
+        }
+        let next = match *level {
+            "+" => node.plus.as_deref(),
+            literal => node.children.get(literal),
+        };
+        let Some(next) = next else { return };
+        node = next;
+    }
+    if path.is_empty() || !node.is_empty() {
+        return;
+    }
+    let Some(parent) = descend(root, &path[..cut]) else { return };
+    match path[cut] {
+        "+" => parent.plus = None,
+        literal => drop(parent.children.remove(literal)),
     }
 }
 
@@ -352,30 +368,50 @@ fn add(
     });
 }
 
+/// Gathers the deliveries for a topic's levels: a depth-first walk with an explicit stack (the
+/// literal child before the `+` child, as a recursion would), so no peer-chosen depth reaches
+/// the call stack.
 fn collect(
-    node: &mut Node,
+    root: &mut Node,
     levels: &[&str],
-    depth: usize,
     system: bool,
     publisher: Option<SessionKey>,
     online: &dyn Fn(SessionKey) -> bool,
     found: &mut Vec<Delivery>,
 ) {
-    // A wildcard in the first level does not match a `$` topic.
-    let wild_ok = !(system && depth == 0);
-    if wild_ok {
-        take(&mut node.hash, publisher, online, found);
+    let mut stack: SmallVec<[(&mut Node, usize); 16]> = SmallVec::new();
+    stack.push((root, 0));
+    while let Some((node, depth)) = stack.pop() {
+        let Node { children, plus, exact, hash } = node;
+        // A wildcard in the first level does not match a `$` topic.
+        let wild_ok = !(system && depth == 0);
+        if wild_ok {
+            take(hash, publisher, online, found);
+        }
+        let Some(level) = levels.get(depth) else {
+            take(exact, publisher, online, found);
+            continue;
+        };
+        // Pushed in reverse: the literal child is walked first.
+        if wild_ok {
+            if let Some(child) = plus.as_deref_mut() {
+                stack.push((child, depth + 1));
+            }
+        }
+        if let Some(child) = children.get_mut(*level) {
+            stack.push((child, depth + 1));
+        }
     }
-    let Some((level, rest)) = levels.split_first() else {
-        take(&mut node.exact, publisher, online, found);
-        return;
-    };
-    if let Some(child) = node.children.get_mut(*level) {
-        collect(child, rest, depth + 1, system, publisher, online, found);
-    }
-    if wild_ok {
-        if let Some(child) = node.plus.as_deref_mut() {
-            collect(child, rest, depth + 1, system, publisher, online, found);
+}
+
+impl Drop for Node {
+    /// Frees the subtree with a loop: the default drop would recurse once per level.
+    fn drop(&mut self) {
+        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        stack.extend(self.plus.take().map(|b| *b));
+        while let Some(mut node) = stack.pop() {
+            stack.extend(node.children.drain().map(|(_, n)| n));
+            stack.extend(node.plus.take().map(|b| *b));
         }
     }
 }
@@ -399,6 +435,20 @@ mod tests {
 
     fn sessions(r: &mut Router, topic: &str) -> Vec<SessionKey> {
         r.route(&t(topic), None, |_| true).into_iter().map(|d| d.session).collect()
+    }
+
+    #[test]
+    fn a_very_deep_filter_is_matched_removed_and_dropped_without_recursion() {
+        let mut r = Router::new();
+        let deep = "/".repeat(60_000);
+        r.subscribe(1, &f(&format!("{deep}#")), entry(QoS::AtMostOnce));
+        r.subscribe(2, &f(&format!("{deep}+")), entry(QoS::AtMostOnce));
+        r.subscribe(3, &f("#"), entry(QoS::AtMostOnce));
+        assert_eq!(sessions(&mut r, &format!("{deep}x")), [1, 2, 3]);
+        r.remove_session(2);
+        assert_eq!(sessions(&mut r, &format!("{deep}x")), [1, 3]);
+        assert_eq!(r.len(), 2);
+        drop(r);
     }
 
     #[test]

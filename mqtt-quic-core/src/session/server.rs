@@ -203,6 +203,12 @@ impl SessionState {
         out
     }
 
+    /// Roughly the bytes the kept messages take (topics and payloads), for a broker's budget.
+    pub fn bytes(&self) -> usize {
+        let cost = |p: &Publish| message_cost(p);
+        self.inflight.iter().map(|m| cost(&m.3)).sum::<usize>() + self.queued.iter().map(|m| cost(&m.1)).sum::<usize>()
+    }
+
     /// Queues a message for a client that is offline; it goes out when the session resumes.
     /// Returns false (and drops the message) when `max` messages already wait.
     pub fn enqueue(&mut self, now: Instant, publish: Publish, max: usize) -> bool {
@@ -213,6 +219,12 @@ impl SessionState {
         self.queued.push_back((self.next_id, publish, now));
         true
     }
+}
+
+/// What one kept message counts against a broker's byte budgets: its topic and payload, plus a
+/// fixed allowance for the rest (properties are rare and small next to payloads).
+pub fn message_cost(p: &Publish) -> usize {
+    p.topic.as_str().len() + p.payload.len() + 64
 }
 
 /// The server side of one MQTT connection.
@@ -241,6 +253,8 @@ pub struct ServerSession {
     resent: usize,
     /// Session Expiry Interval for CONNACK, when it differs from the client's.
     announced_expiry: Option<u32>,
+    /// Keep-alive the broker imposes on this client (see [`ServerSession::impose_keep_alive`]).
+    imposed_keep_alive: Option<u16>,
     /// Waiting for an in-flight slot: (request id, message, when it was queued).
     queued: VecDeque<(u64, Publish, Instant)>,
     next_id: u64,
@@ -275,6 +289,7 @@ impl ServerSession {
             cut_off: false,
             resent: 0,
             announced_expiry: None,
+            imposed_keep_alive: None,
             ids: PacketIds::default(),
             inflight: Vec::new(),
             queued: VecDeque::new(),
@@ -362,6 +377,14 @@ impl ServerSession {
         self.announced_expiry = Some(secs);
     }
 
+    /// Imposes a keep-alive on this client (the broker's maximum, for a client that asked for
+    /// more or for none): MQTT 5 clients are told in CONNACK (Server Keep Alive), and the
+    /// session enforces it at 1.5 times. Call before [`ServerSession::accept`] or
+    /// [`ServerSession::resume`]; the configured `server_keep_alive`, if any, still wins.
+    pub fn impose_keep_alive(&mut self, secs: u16) {
+        self.imposed_keep_alive = Some(secs);
+    }
+
     /// The session state to keep after the connection ended (see [`SessionState`]).
     pub fn take_state(&mut self) -> SessionState {
         self.resend.clear();
@@ -396,11 +419,11 @@ impl ServerSession {
             if !self.config.retain_available {
                 p.retain_available = Some(false);
             }
-            p.server_keep_alive = self.config.server_keep_alive;
+            p.server_keep_alive = self.config.server_keep_alive.or(self.imposed_keep_alive);
             p.session_expiry_interval = self.announced_expiry;
             p.assigned_client_identifier = assigned_client_id.and_then(|s| MqttString::try_from(s).ok());
         }
-        if let Some(ka) = self.config.server_keep_alive {
+        if let Some(ka) = self.config.server_keep_alive.or(self.imposed_keep_alive) {
             self.keep_alive = Duration::from_secs(u64::from(ka));
         }
         self.state = State::Connected;

@@ -5,7 +5,7 @@ use adapter_tokio::files;
 use adapter_tokio::server::{Server, ServerOptions};
 use clap::Args;
 use mqtt_quic_core::broker::auth::FileAuth;
-use mqtt_quic_core::config::Congestion;
+use mqtt_quic_core::config::{Congestion, MAX_DURATION};
 use mqtt_quic_core::tls::fingerprint_hex;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,13 +115,13 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
 
     let b = &mut options.broker;
     if let Some(t) = args.timeout.or(file.timeout) {
-        let t = Duration::from_secs(t.max(1));
+        let t = seconds("timeout", t, 1)?;
         b.session.connect_timeout = t;
         b.quic.transport.handshake_timeout = t;
         options.tls_handshake_timeout = t;
     }
     if let Some(secs) = args.retry_interval.or(file.retry_interval) {
-        b.session.retry_interval = Some(Duration::from_secs(secs.max(1)));
+        b.session.retry_interval = Some(seconds("retry interval", secs, 1)?);
     }
     if let Some(n) = args.max_retries.or(file.max_retries) {
         b.session.max_retries = n;
@@ -131,7 +131,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         b.quic.max_connections = n;
     }
     if let Some(secs) = q.idle_timeout {
-        b.quic.transport.idle_timeout = Duration::from_secs(secs);
+        b.quic.transport.idle_timeout = seconds("[quic] idle_timeout", secs, 1)?;
     }
     if let Some(z) = q.zero_rtt {
         b.quic.zero_rtt = z;
@@ -148,7 +148,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         };
     }
     if let Some(ms) = q.initial_rtt_ms {
-        b.quic.transport.initial_rtt = Duration::from_millis(ms);
+        b.quic.transport.initial_rtt = Duration::from_millis(ms.min(u64::from(u32::MAX)));
     }
     if let Some(v) = file.max_packet_size {
         b.session.maximum_packet_size = v;
@@ -172,7 +172,37 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         b.max_queued_bytes = v;
     }
     if let Some(v) = file.sys_interval {
-        b.sys_interval = (v > 0).then(|| Duration::from_secs(v));
+        b.sys_interval = if v == 0 { None } else { Some(seconds("sys_interval", v, 1)?) };
+    }
+    if let Some(v) = file.max_topic_levels {
+        b.max_topic_levels = v;
+    }
+    if let Some(v) = file.max_topic_length {
+        b.max_topic_length = v;
+    }
+    if let Some(v) = file.max_retained_bytes {
+        b.max_retained_bytes = v;
+    }
+    if let Some(v) = file.max_sessions {
+        b.max_sessions = v;
+    }
+    if let Some(v) = file.max_offline_bytes {
+        b.max_offline_bytes = v;
+    }
+    if let Some(v) = file.max_total_queued_bytes {
+        b.max_total_queued_bytes = v;
+    }
+    if let Some(v) = file.write_timeout {
+        b.write_timeout = seconds("write_timeout", v, 1)?;
+    }
+    if let Some(v) = file.max_keepalive {
+        b.max_keepalive = v;
+    }
+    if let Some(v) = file.max_pending_auth {
+        b.max_pending_auth = v;
+    }
+    if let Some(v) = file.max_auth_failures {
+        b.max_auth_failures = v;
     }
     let passwords = args.password_file.as_ref().or(file.password_file.as_ref());
     let acl = args.acl_file.as_ref().or(file.acl_file.as_ref());
@@ -184,6 +214,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         }
         if let Some(p) = acl {
             auth = auth.with_acl(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
+            auth.check().map_err(|e| format!("{}: {e}", p.display()))?;
         }
         b.auth = Some(Arc::new(auth));
     }
@@ -195,10 +226,26 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         }
     }
     println!("ready");
-    shutdown_signal().await;
+    let mut server = server;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        // Ends only if the broker stops by itself (a bug): exit with a failure status so that a
+        // supervisor restarts the broker.
+        stopped = server.wait() => return Err(stopped.err().map_or_else(|| "the broker stopped".into(), |e| e.to_string())),
+    }
     info!("shutdown requested");
     server.shutdown().await;
     Ok(())
+}
+
+/// A duration given in seconds by the operator: at least `min`, at most a year (beyond that a
+/// deadline computed from it could overflow the clock).
+fn seconds(name: &str, value: u64, min: u64) -> Result<Duration, String> {
+    let max = MAX_DURATION.as_secs();
+    if value < min || value > max {
+        return Err(format!("{name}: {value} is out of range (seconds, {min} to {max})"));
+    }
+    Ok(Duration::from_secs(value))
 }
 
 /// Ctrl-C, or SIGTERM where there is such a thing.

@@ -19,6 +19,16 @@
 //! max_subscriptions_per_client = 1000
 //! max_queued_bytes = 16777216
 //! sys_interval = 10           # $SYS statistics period, seconds (0: off)
+//! max_topic_levels = 32       # deeper topics and filters are refused (PUBLISH, will, SUBSCRIBE)
+//! max_topic_length = 4096     # longer ones too (bytes)
+//! max_retained_bytes = 67108864
+//! max_sessions = 100000       # sessions kept, connected or not
+//! max_offline_bytes = 268435456   # queued for offline clients, all together
+//! max_total_queued_bytes = 536870912  # waiting to be sent to all clients together
+//! write_timeout = 60          # seconds a client may take none of the bytes waiting for it
+//! max_keepalive = 65535       # MQTT 5: Server Keep Alive beyond it; MQTT 3.1.1: refused
+//! max_pending_auth = 64       # password checks in flight; more CONNECTs get Server busy
+//! max_auth_failures = 10      # failed logins per address per minute before 0x9F (0: off)
 //!
 //! [quic]
 //! listen = "0.0.0.0:14567"    # or "off"
@@ -63,6 +73,16 @@ pub struct FileConfig {
     pub max_subscriptions_per_client: Option<usize>,
     pub max_queued_bytes: Option<usize>,
     pub sys_interval: Option<u64>,
+    pub max_topic_levels: Option<usize>,
+    pub max_topic_length: Option<usize>,
+    pub max_retained_bytes: Option<usize>,
+    pub max_sessions: Option<usize>,
+    pub max_offline_bytes: Option<usize>,
+    pub max_total_queued_bytes: Option<usize>,
+    pub write_timeout: Option<u64>,
+    pub max_keepalive: Option<u16>,
+    pub max_pending_auth: Option<usize>,
+    pub max_auth_failures: Option<u32>,
     #[serde(default)]
     pub quic: QuicSection,
     #[serde(default)]
