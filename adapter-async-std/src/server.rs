@@ -8,6 +8,7 @@ use async_std::net::{TcpListener, TcpStream, UdpSocket};
 use async_std::task::JoinHandle;
 use bytes::Bytes;
 use futures_lite::future;
+use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ pub use mqtt_quic_core::driver::{ServerError, ServerOptions};
 
 /// From connection tasks to the broker task.
 enum FromConn {
-    Opened(Sender<StreamOutput>, Sender<StreamId>),
+    Opened(Sender<StreamOutput>, Sender<StreamId>, SocketAddr),
     Bytes(StreamId, Bytes),
     Wrote(StreamId, usize),
     Gone(StreamId),
@@ -38,7 +39,9 @@ pub struct Server {
 
 impl Server {
     /// Opens the listeners, then serves.
-    pub async fn start(options: ServerOptions) -> Result<Server, ServerError> {
+    pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
+        // QUIC keys and assigned client ids from the OS random source, unless given.
+        options.broker.quic.secret.get_or_insert_with(crate::os_secret);
         if options.tls.is_some() {
             return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
         }
@@ -90,6 +93,7 @@ impl Server {
 enum Wake {
     Datagram(io::Result<(usize, SocketAddr)>),
     Conn(Option<FromConn>),
+    Auth(Option<(AuthId, AuthVerdict)>),
     Stop,
     Timer,
 }
@@ -106,6 +110,10 @@ async fn serve(
     let (mut out, mut inbuf) = (Vec::new(), vec![0u8; 65_536]);
     let mut stopping = false;
     let mut listening = true;
+    let mut udp_errors = 0u32;
+    // Password checks (PBKDF2, milliseconds each) run on threads of their own, a few at a time,
+    // so they never hold up this task; verdicts come back through a channel.
+    let (requests, verdicts) = auth_workers();
     loop {
         while let Some(t) = broker.poll_transmit(now(), &mut out) {
             if let Some(udp) = &udp {
@@ -122,6 +130,9 @@ async fn serve(
             }
         }
         while broker.poll_event().is_some() {}
+        while let Some(request) = broker.poll_auth() {
+            let _ = requests.try_send(request);
+        }
         if broker.is_shut_down(now()) {
             break;
         }
@@ -149,13 +160,27 @@ async fn serve(
             sleep_until(deadline).await;
             Wake::Timer
         };
-        let wake = future::or(future::or(datagram, conn), future::or(stop_or_timer, timer)).await;
+        let auth = async { Wake::Auth(verdicts.recv().await.ok()) };
+        let wake = future::or(future::or(future::or(datagram, auth), conn), future::or(stop_or_timer, timer)).await;
         let t = now();
         match wake {
-            Wake::Datagram(Ok((n, from))) => broker.handle_datagram(t, from, None, None, &inbuf[..n]),
-            Wake::Datagram(Err(_)) => {}
-            Wake::Conn(Some(FromConn::Opened(writer, reply))) => {
-                let id = broker.open_stream(t);
+            Wake::Datagram(Ok((n, from))) => {
+                udp_errors = 0;
+                broker.handle_datagram(t, from, None, None, &inbuf[..n]);
+            }
+            // A receive error (an ICMP error for an earlier send, say) concerns one datagram,
+            // not the listener; only a socket failing every time is paused, so it cannot spin.
+            Wake::Datagram(Err(_)) => {
+                udp_errors += 1;
+                if udp_errors >= 100 {
+                    async_std::task::sleep(Duration::from_millis(100)).await;
+                    udp_errors = 0;
+                }
+            }
+            Wake::Auth(Some((id, verdict))) => broker.handle_auth_result(t, id, verdict),
+            Wake::Auth(None) => {}
+            Wake::Conn(Some(FromConn::Opened(writer, reply, remote))) => {
+                let id = broker.open_stream_from(t, remote);
                 writers.insert(id, writer);
                 if reply.try_send(id).is_err() {
                     writers.remove(&id);
@@ -179,11 +204,33 @@ async fn serve(
     }
 }
 
+/// Starts the password-checking threads: requests go in through the first channel (unbounded:
+/// the broker bounds the requests in flight), verdicts come out of the second. The threads end
+/// when the broker task drops its sender.
+fn auth_workers() -> (Sender<AuthRequest>, Receiver<(AuthId, AuthVerdict)>) {
+    let (requests, jobs) = async_channel::unbounded::<AuthRequest>();
+    let (done, verdicts) = async_channel::unbounded();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+    for _ in 0..workers {
+        let (jobs, done) = (jobs.clone(), done.clone());
+        let spawned = std::thread::Builder::new().name("mqtt-auth".into()).spawn(move || {
+            while let Ok(request) = jobs.recv_blocking() {
+                if done.send_blocking((request.id(), request.verify())).is_err() {
+                    break;
+                }
+            }
+        });
+        // Without a thread the requests wait, and their clients time out at CONNECT.
+        drop(spawned);
+    }
+    (requests, verdicts)
+}
+
 /// Accepts TCP connections, each served by a task of its own.
 async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize) {
     let live = Arc::new(AtomicUsize::new(0));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, remote)) = listener.accept().await else {
             async_std::task::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -193,18 +240,18 @@ async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize) 
         live.fetch_add(1, Ordering::Relaxed);
         let (to_broker, live) = (to_broker.clone(), live.clone());
         async_std::task::spawn(async move {
-            carry(stream, to_broker).await;
+            carry(stream, remote, to_broker).await;
             live.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
 /// Moves one connection's bytes until either side ends it.
-async fn carry(stream: TcpStream, to_broker: Sender<FromConn>) {
+async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn>) {
     let _ = stream.set_nodelay(true);
     let (writer, outputs) = async_channel::unbounded();
     let (reply, id) = async_channel::bounded(1);
-    if to_broker.send(FromConn::Opened(writer, reply)).await.is_err() {
+    if to_broker.send(FromConn::Opened(writer, reply, remote)).await.is_err() {
         return;
     }
     let Ok(id) = id.recv().await else { return };

@@ -7,6 +7,7 @@ use crate::udp::Udp;
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::driver::{ServerError, ServerOptions};
 use mqtt_quic_core::Machine;
@@ -14,9 +15,12 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// How often the loop looks for password verdicts while some are outstanding.
+const AUTH_POLL: Duration = Duration::from_millis(2);
 
 /// A broker registered with a caller's `Registry`. It uses the tokens from `base` upwards:
 /// `base` for UDP, `base + 1` for the TCP listener, and one per TCP connection after that, so
@@ -33,6 +37,45 @@ pub struct MioBroker {
     grace: Duration,
     buf: Vec<u8>,
     read_buf: Box<[u8]>,
+    /// Password checks run on worker threads (see [`AuthWorkers`]), so the loop never spends
+    /// milliseconds of PBKDF2 on one client while others wait.
+    auth: AuthWorkers,
+}
+
+/// Threads that verify passwords. The loop hands them requests and collects verdicts when it
+/// wakes; while any is out, [`MioBroker::timeout`] is kept short so that a verdict is picked up
+/// within a couple of milliseconds without a second `Waker` on the caller's `Poll` (mio allows
+/// one per `Poll`, and the caller may have its own).
+struct AuthWorkers {
+    requests: Option<mpsc::Sender<AuthRequest>>,
+    verdicts: mpsc::Receiver<(AuthId, AuthVerdict)>,
+    out: usize,
+}
+
+impl AuthWorkers {
+    /// Starts the threads (none without authentication); they end when the broker is dropped.
+    fn start(needed: bool) -> AuthWorkers {
+        let (done, verdicts) = mpsc::channel();
+        if !needed {
+            return AuthWorkers { requests: None, verdicts, out: 0 };
+        }
+        let (requests, jobs) = mpsc::channel::<AuthRequest>();
+        let jobs = Arc::new(std::sync::Mutex::new(jobs));
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
+        for _ in 0..workers {
+            let (jobs, done) = (jobs.clone(), done.clone());
+            let spawned = std::thread::Builder::new().name("mqtt-auth".into()).spawn(move || loop {
+                let job = jobs.lock().map_err(drop).and_then(|j| j.recv().map_err(drop));
+                let Ok(request) = job else { break };
+                if done.send((request.id(), request.verify())).is_err() {
+                    break;
+                }
+            });
+            // Without a thread the requests wait, and their clients time out at CONNECT.
+            drop(spawned);
+        }
+        AuthWorkers { requests: Some(requests), verdicts, out: 0 }
+    }
 }
 
 impl MioBroker {
@@ -41,7 +84,11 @@ impl MioBroker {
         if options.tls.is_some() {
             return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
         }
-        let broker = Broker::new(options.broker)?;
+        let auth = AuthWorkers::start(options.broker.auth.is_some());
+        let mut config = options.broker;
+        // QUIC keys and assigned client ids from the OS random source, unless given.
+        config.quic.secret.get_or_insert_with(crate::os_secret);
+        let broker = Broker::new(config)?;
         let mut udp = match options.quic {
             Some(addr) => {
                 Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
@@ -72,6 +119,7 @@ impl MioBroker {
             grace: options.shutdown_grace,
             buf: Vec::with_capacity(2048),
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
+            auth,
         })
     }
 
@@ -97,6 +145,7 @@ impl MioBroker {
             return false;
         }
         let t = now();
+        self.collect_verdicts();
         if token.0 == self.base {
             if let Some(udp) = &mut self.udp {
                 if event.is_writable() {
@@ -136,11 +185,19 @@ impl MioBroker {
         true
     }
 
+    /// Hands the broker the verdicts the password threads have reached.
+    fn collect_verdicts(&mut self) {
+        while let Ok((id, verdict)) = self.auth.verdicts.try_recv() {
+            self.auth.out = self.auth.out.saturating_sub(1);
+            self.broker.handle_auth_result(now(), id, verdict);
+        }
+    }
+
     fn accept(&mut self, registry: &Registry) {
         let Some(listener) = &self.listener else { return };
         loop {
             match listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok((mut stream, remote)) => {
                     if self.conns.len() >= self.max_connections {
                         continue; // dropped: closed at once
                     }
@@ -149,7 +206,7 @@ impl MioBroker {
                     if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
                         continue;
                     }
-                    let id = self.broker.open_stream(now());
+                    let id = self.broker.open_stream_from(now(), remote);
                     self.conns.insert(token, (id, Conn::new(stream)));
                     self.tokens.insert(id, token);
                 }
@@ -198,15 +255,28 @@ impl MioBroker {
             }
         }
         while self.broker.poll_event().is_some() {}
+        while let Some(request) = self.broker.poll_auth() {
+            if let Some(requests) = &self.auth.requests {
+                if requests.send(request).is_ok() {
+                    self.auth.out += 1;
+                }
+            }
+        }
     }
 
     /// How long `Poll::poll` may sleep before [`MioBroker::handle_timeout`] is due.
     pub fn timeout(&mut self) -> Option<Duration> {
-        self.broker.poll_timeout().map(|t| t.saturating_duration_since(now()))
+        let due = self.broker.poll_timeout().map(|t| t.saturating_duration_since(now()));
+        if self.auth.out > 0 {
+            // A verdict may arrive at any moment: look again soon.
+            return Some(due.map_or(AUTH_POLL, |d| d.min(AUTH_POLL)));
+        }
+        due
     }
 
     /// Fires due timers and sends what they produced.
     pub fn handle_timeout(&mut self, registry: &Registry) {
+        self.collect_verdicts();
         self.broker.handle_timeout(now());
         self.flush(registry);
     }

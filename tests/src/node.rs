@@ -55,9 +55,17 @@ impl Node {
         }
     }
 
-    fn collect(&mut self) {
-        if let Node::Client(c, events) = self {
-            events.extend(std::iter::from_fn(|| c.poll_event()));
+    /// Gathers client events; on the broker, answers password checks at once (the simulated
+    /// host has no other thread, and the answer is deterministic).
+    fn collect(&mut self, now: Instant) {
+        match self {
+            Node::Client(c, events) => events.extend(std::iter::from_fn(|| c.poll_event())),
+            Node::Broker(b) => {
+                while let Some(request) = b.poll_auth() {
+                    let verdict = request.verify();
+                    b.handle_auth_result(now, request.id(), verdict);
+                }
+            }
         }
     }
 }
@@ -72,17 +80,17 @@ impl Machine for Node {
         data: &[u8],
     ) {
         self.machine().handle_datagram(now, remote, local_ip, ecn, data);
-        self.collect();
+        self.collect(now);
     }
 
     fn handle_timeout(&mut self, now: Instant) {
         self.machine().handle_timeout(now);
-        self.collect();
+        self.collect(now);
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         let t = self.machine().poll_transmit(now, buf);
-        self.collect();
+        self.collect(now);
         t
     }
 

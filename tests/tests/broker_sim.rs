@@ -316,7 +316,7 @@ fn embedding_application_subscribes_and_publishes_in_process() {
     // The application publishes; a client receives it.
     w.subscribe(device, "commands/#", QoS::AtLeastOnce);
     let now = w.sim.now();
-    w.broker().publish_local(now, Publish::new(TopicName::new("commands/reboot").unwrap(), &b"now"[..]));
+    w.broker().publish_local(now, Publish::new(TopicName::new("commands/reboot").unwrap(), &b"now"[..])).unwrap();
     assert!(w.run_until(|w| !w.messages(device).is_empty()));
     assert_eq!(w.messages(device)[0].0, "commands/reboot");
 }

@@ -868,7 +868,7 @@ fn sessions_send_first_deliveries_with_dup_0() {
     let s = b.client("s");
     b.subscribe(s, 1, vec![sub("t", QoS::ExactlyOnce)]);
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-        b.broker.publish_local(b.now, with_dup(qos));
+        b.broker.publish_local(b.now, with_dup(qos)).unwrap();
     }
     assert_eq!(dups(b.take(s)), expected);
 }

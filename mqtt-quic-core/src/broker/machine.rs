@@ -1217,19 +1217,21 @@ impl Broker {
         subscription_id: Option<SubscriptionId>,
     ) {
         let max = self.config.session.maximum_qos;
-        // The same filter twice in one SUBSCRIBE is one subscription with the options of the
-        // last occurrence [MQTT-3.8.4-3], decided (and its retained messages sent) once; each
-        // occurrence still gets its code, so the SUBACK lines up [MQTT-3.9.3-1].
+        // The same filter twice in one SUBSCRIBE is one subscription, decided where it first
+        // appears with the options of its last occurrence (which would replace the earlier
+        // ones [MQTT-3.8.4-3]), and its retained messages are sent once; each occurrence still
+        // gets the code, so the SUBACK lines up [MQTT-3.9.3-1].
         let mut last: BTreeMap<&TopicFilter, usize> = BTreeMap::new();
         for (i, s) in subscriptions.iter().enumerate() {
             last.insert(&s.filter, i);
         }
         let mut decided: BTreeMap<&TopicFilter, ReasonCode> = BTreeMap::new();
         let mut retained = Vec::new();
-        for (i, s) in subscriptions.iter().enumerate() {
-            if last.get(&s.filter) != Some(&i) {
+        for s in &subscriptions {
+            if decided.contains_key(&s.filter) {
                 continue;
             }
+            let s = last.get(&s.filter).map_or(s, |&i| &subscriptions[i]);
             let mut options = s.options;
             options.qos = options.qos.min(max);
             let known = self.router.filters(key).contains(&s.filter);
