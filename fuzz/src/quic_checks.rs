@@ -115,6 +115,11 @@ pub fn broker(data: &[u8]) {
     config.max_retained = 8;
     config.max_offline_queue = 8;
     config.max_subscriptions_per_client = 8;
+    // No depth limit here: what the fuzzer builds (wills, retained topics, filters thousands of
+    // levels deep) must reach the subscription trie and the retained store, whose walks and
+    // drops must not recurse.
+    config.max_topic_levels = usize::MAX;
+    config.max_topic_length = usize::MAX;
     let mut broker = Broker::new(config).expect("valid config");
     #[allow(clippy::disallowed_methods)] // the harness owns the clock
     let mut now = Instant::now();

@@ -899,3 +899,116 @@ fn a_client_with_no_send_quota_keeps_processing_other_packets() {
     client.handle_bytes(later, &encode(&Packet::PubAck(Ack::new(first))));
     assert_eq!(summary(&transmitted(&mut client)), [entry("t", "2", false)]);
 }
+
+// Limits a broker exposed to the internet keeps (issue 17: hardening). Not spec statements, but
+// the same harness: each test shows the limit holding and the broker still serving.
+
+/// An MQTT 3.1.1 persistent session has no expiry of its own: the broker's maximum applies, so
+/// a client that never returns does not hold its session (and queue) for ever.
+#[test]
+fn a_311_persistent_session_expires_at_the_broker_maximum() {
+    let mut b = Bench::with(|c| c.max_session_expiry = 10);
+    let mut c = Connect::new(Protocol::V3_1_1, MqttString::try_from("old").unwrap());
+    c.clean_start = false;
+    // Raw broker calls: the bench decodes what it reads as MQTT 5.
+    let id = b.broker.open_stream(b.now);
+    let mut bytes = BytesMut::new();
+    Packet::from(c).encode(Protocol::V3_1_1, &mut bytes).unwrap();
+    b.broker.handle_stream_bytes(b.now, id, &bytes);
+    let connack = b.broker.poll_stream();
+    assert_eq!(connack, Some((id, StreamOutput::Data(Bytes::from_static(&[0x20, 2, 0, 0])))));
+    b.broker.stream_closed(b.now, id);
+    assert!(b.broker.has_session("old"));
+    b.now += std::time::Duration::from_secs(11);
+    mqtt_quic_core::Machine::handle_timeout(&mut b.broker, b.now);
+    assert!(!b.broker.has_session("old"));
+}
+
+/// Messages queued for offline clients count against one byte budget; beyond it they are
+/// dropped (and counted), the earlier ones kept.
+#[test]
+fn offline_queues_share_a_byte_budget() {
+    // One 50-byte message to `t` costs 1 + 50 + 64 = 115: two fit in 300, a third does not.
+    let mut b = Bench::with(|c| c.max_offline_bytes = 300);
+    let (s, _) = b.connect(kept("sleeper", true));
+    b.subscribe(s, 1, vec![sub("t", QoS::AtLeastOnce)]);
+    b.drop_stream(s);
+    let p = b.client("p");
+    let payload = "x".repeat(50);
+    for i in 1..=5 {
+        b.publish(p, message("t", &payload, QoS::AtLeastOnce, i, false));
+    }
+    assert_eq!(b.broker.stats().messages_dropped, 3);
+    let (s, ack) = b.connect(kept("sleeper", false));
+    assert!(ack.session_present);
+    assert_eq!(publishes(&b.take(s)).len(), 2);
+}
+
+/// A retained message beyond the store's byte budget is refused with Quota exceeded; the store
+/// keeps what it had.
+#[test]
+fn the_retained_store_has_a_byte_budget() {
+    let mut b = Bench::with(|c| c.max_retained_bytes = 1000);
+    let p = b.client("p");
+    assert_eq!(b.publish(p, message("r/1", &"x".repeat(500), QoS::AtLeastOnce, 1, true)), [Packet::PubAck(ack(1))]);
+    let answer = b.publish(p, message("r/2", &"x".repeat(600), QoS::AtLeastOnce, 2, true));
+    let Packet::PubAck(refused) = &answer[0] else { panic!("{answer:?}") };
+    assert_eq!(refused.reason_code, ReasonCode::QuotaExceeded);
+    assert_eq!(b.broker.retained(), 1);
+}
+
+/// In-process publishes meet the same topic limits as clients' (and so does what they retain).
+#[test]
+fn in_process_publishes_are_bounded_like_clients() {
+    let mut b = Bench::new();
+    let deep = TopicName::new("a/".repeat(40) + "b").unwrap();
+    let mut p = Publish::new(deep, Bytes::from_static(b"x"));
+    p.retain = true;
+    assert_eq!(b.broker.publish_local(b.now, p), Err(ReasonCode::TopicNameInvalid));
+    assert_eq!(b.broker.retained(), 0);
+    let long = TopicName::new("x".repeat(5000)).unwrap();
+    assert_eq!(b.broker.publish_local(b.now, Publish::new(long, Bytes::new())), Err(ReasonCode::TopicNameInvalid));
+}
+
+/// Password checks are handed out, never run on the broker's loop; at most `max_pending_auth`
+/// wait at once (more CONNECTs get Server busy), and a verdict for a connection that left in the
+/// meantime lands nowhere.
+#[test]
+fn password_checks_are_handed_out_and_bounded() {
+    use mqtt_quic_core::broker::auth::FileAuth;
+    use std::num::NonZeroU32;
+    let entry = FileAuth::hash_password("alice", "pw", [3; 16], NonZeroU32::new(1000).unwrap());
+    let auth = FileAuth::new(false).with_passwords(&entry).unwrap();
+    let mut b = Bench::with(|c| {
+        c.auth = Some(std::sync::Arc::new(auth));
+        c.max_pending_auth = 1;
+    });
+    let login = |id: &str| {
+        let mut c = connect(id);
+        c.username = Some(MqttString::try_from("alice").unwrap());
+        c.password = Some(Bytes::from_static(b"pw"));
+        c
+    };
+    let first = b.open();
+    b.send(first, [login("one").into()]);
+    assert!(b.take(first).is_empty(), "waits for the verdict");
+    let request = b.broker.poll_auth().expect("a password check handed out");
+    assert_eq!(request.username(), Some("alice"));
+    let second = b.open();
+    b.send(second, [login("two").into()]);
+    let Packet::ConnAck(busy) = &b.take(second)[0] else { panic!("no CONNACK") };
+    assert_eq!(busy.reason_code, ReasonCode::ServerBusy);
+    let verdict = request.verify();
+    b.broker.handle_auth_result(b.now, request.id(), verdict);
+    let Packet::ConnAck(ok) = &b.take(first)[0] else { panic!("no CONNACK") };
+    assert_eq!(ok.reason_code, ReasonCode::Success);
+
+    // A connection that goes while its check runs: the verdict is dropped.
+    let third = b.open();
+    b.send(third, [login("three").into()]);
+    let request = b.broker.poll_auth().expect("a password check handed out");
+    b.drop_stream(third);
+    b.broker.handle_auth_result(b.now, request.id(), Ok(()));
+    assert!(!b.broker.has_session("three"));
+    assert!(b.broker.poll_auth().is_none());
+}
