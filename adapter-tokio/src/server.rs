@@ -412,7 +412,11 @@ async fn accept(
 }
 
 /// Moves one connection's bytes to and from the broker task until either side ends it.
-async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S, remote: SocketAddr, broker: mpsc::Sender<StreamIn>) {
+async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    remote: SocketAddr,
+    broker: mpsc::Sender<StreamIn>,
+) {
     let outbox = Outbox::default();
     let (reply, id) = oneshot::channel();
     if broker.send(StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote }).await.is_err() {

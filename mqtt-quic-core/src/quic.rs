@@ -330,8 +330,11 @@ impl QuicEndpoint {
         let tls = config.tls.rustls_config(config.zero_rtt)?;
         let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
-        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[])
-            .extract(&derive_key(config.secret.as_ref(), config.seed, domain::TOKEN));
+        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&derive_key(
+            config.secret.as_ref(),
+            config.seed,
+            domain::TOKEN,
+        ));
         let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
         server.transport_config(Arc::new(config.transport.quinn()));
         server.migration(true);
@@ -358,8 +361,12 @@ impl QuicEndpoint {
             .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
         let mut client = quinn_proto::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(config.transport.quinn()));
-        let inner =
-            quinn_proto::Endpoint::new(Arc::new(endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?), None, false, None);
+        let inner = quinn_proto::Endpoint::new(
+            Arc::new(endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?),
+            None,
+            false,
+            None,
+        );
         Ok(QuicEndpoint::with(inner, Some(client), config.transport.clone(), usize::MAX, false))
     }
 

@@ -10,8 +10,8 @@ use super::router::{Entry, Router, SessionKey};
 use crate::config::{invalid, ConfigError, ServerConfig, MAX_DURATION};
 use crate::machine::Machine;
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
-use crate::timers::TimerIndex;
 use crate::session::server::{message_cost, ServerEvent, ServerSession, ServerSessionConfig, SessionState};
+use crate::timers::TimerIndex;
 use crate::EcnCodepoint;
 use bytes::Bytes;
 use mqtt_proto::{
@@ -1271,7 +1271,8 @@ impl Broker {
                 }
             }
         }
-        let codes = subscriptions.iter().map(|s| decided.get(&s.filter).copied().unwrap_or(ReasonCode::UnspecifiedError));
+        let codes =
+            subscriptions.iter().map(|s| decided.get(&s.filter).copied().unwrap_or(ReasonCode::UnspecifiedError));
         let codes: Vec<ReasonCode> = codes.collect();
         if let Some(live) = self.conns.get_mut(&conn) {
             let _ = live.session.suback(packet_id, codes);

@@ -81,7 +81,11 @@ fn read_password() -> Result<String, String> {
         return read();
     }
     let stty = |arg: &str| {
-        std::process::Command::new("stty").arg(arg).stdin(std::process::Stdio::inherit()).status().is_ok_and(|s| s.success())
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .is_ok_and(|s| s.success())
     };
     if !stty("-echo") {
         return Err("cannot turn off the terminal's echo (no stty?); give the password on stdin instead".into());
