@@ -1,6 +1,8 @@
 //! The broker: the machine serving clients over QUIC ([`machine::Broker`]) and the state that
 //! outlives connections: subscriptions and routing, retained messages, kept sessions and wills.
-//! (Still to come: limits, `$SYS`, authentication and authorization, in-process clients.)
+//! Limits, `$SYS` and in-process clients live in `machine`; authentication (handed out as
+//! [`auth::AuthRequest`]s for the adapter to verify off its loop) and authorization in `auth`;
+//! the per-address login limit in `limiter`.
 
 pub mod auth;
 pub mod limiter;
