@@ -3,8 +3,9 @@
 //! The machines here take received datagrams, timestamps and commands, and hand back datagrams
 //! to send, events and the next deadline. They own the QUIC engine (quinn-proto with rustls),
 //! and nothing in them touches a socket, a thread, an async runtime or a clock: time is always
-//! an argument, and randomness comes from the seed in the configuration (TLS key generation and
-//! TLS handshake secrets excepted, which use the operating system's random source).
+//! an argument, and randomness comes from the key material in the configuration, which adapters
+//! fill from the operating system's random source and simulations from a fixed seed (TLS key
+//! generation and TLS handshake secrets excepted, which rustls draws from the OS itself).
 //!
 //! # Driving a machine
 //!
@@ -58,6 +59,10 @@
 //! assert_eq!(got, b"hello");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! The broker has one more output: [`broker::machine::Broker::poll_auth`] hands out password
+//! checks (PBKDF2 takes milliseconds), which the adapter runs on another thread and answers
+//! with `handle_auth_result`; drain it with the events.
 //!
 //! # 0-RTT and replay
 //!
