@@ -63,7 +63,9 @@ impl Server {
         let quic = udp.as_ref().and_then(|u| u.local_addr().ok());
         let tcp = listener.as_ref().and_then(|l| l.local_addr().ok());
         let (to_broker, from_conns) = async_channel::bounded(1024);
-        let acceptor = listener.map(|l| async_std::task::spawn(accept(l, to_broker, options.tcp_max_connections)));
+        let write_timeout = options.broker.write_timeout;
+        let acceptor =
+            listener.map(|l| async_std::task::spawn(accept(l, to_broker, options.tcp_max_connections, write_timeout)));
         let (stop, stopped) = async_channel::bounded(1);
         let broker = async_std::task::spawn(serve(machine, udp, from_conns, stopped, options.shutdown_grace));
         Ok(Server { quic, tcp, stop, broker, acceptor })
@@ -227,7 +229,7 @@ fn auth_workers() -> (Sender<AuthRequest>, Receiver<(AuthId, AuthVerdict)>) {
 }
 
 /// Accepts TCP connections, each served by a task of its own.
-async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize) {
+async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize, write_timeout: Duration) {
     let live = Arc::new(AtomicUsize::new(0));
     loop {
         let Ok((stream, remote)) = listener.accept().await else {
@@ -240,14 +242,14 @@ async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize) 
         live.fetch_add(1, Ordering::Relaxed);
         let (to_broker, live) = (to_broker.clone(), live.clone());
         async_std::task::spawn(async move {
-            carry(stream, remote, to_broker).await;
+            carry(stream, remote, to_broker, write_timeout).await;
             live.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
 /// Moves one connection's bytes until either side ends it.
-async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn>) {
+async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn>, write_timeout: Duration) {
     let _ = stream.set_nodelay(true);
     let (writer, outputs) = async_channel::unbounded();
     let (reply, id) = async_channel::bounded(1);
@@ -266,9 +268,10 @@ async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn
     };
     let outbound = async {
         while let Ok(StreamOutput::Data(bytes)) = outputs.recv().await {
-            if writing.write_all(&bytes).await.is_err()
-                || to_broker.send(FromConn::Wrote(id, bytes.len())).await.is_err()
-            {
+            // A client that takes nothing for the write timeout is dropped with what waits
+            // for it (the broker drops its session's connection too).
+            let wrote = async_std::io::timeout(write_timeout, writing.write_all(&bytes)).await;
+            if wrote.is_err() || to_broker.send(FromConn::Wrote(id, bytes.len())).await.is_err() {
                 break;
             }
         }

@@ -37,6 +37,10 @@ pub struct MioBroker {
     grace: Duration,
     buf: Vec<u8>,
     read_buf: Box<[u8]>,
+    /// Connections the broker closed whose last bytes are still being written, with the moment
+    /// they are dropped anyway.
+    closing: HashMap<Token, std::time::Instant>,
+    write_timeout: Duration,
     /// Password checks run on worker threads (see [`AuthWorkers`]), so the loop never spends
     /// milliseconds of PBKDF2 on one client while others wait.
     auth: AuthWorkers,
@@ -86,6 +90,7 @@ impl MioBroker {
         }
         let auth = AuthWorkers::start(options.broker.auth.is_some());
         let mut config = options.broker;
+        let write_timeout = config.write_timeout;
         // QUIC keys and assigned client ids from the OS random source, unless given.
         config.quic.secret.get_or_insert_with(crate::os_secret);
         let broker = Broker::new(config)?;
@@ -119,6 +124,8 @@ impl MioBroker {
             grace: options.shutdown_grace,
             buf: Vec::with_capacity(2048),
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
+            closing: HashMap::new(),
+            write_timeout,
             auth,
         })
     }
@@ -218,6 +225,7 @@ impl MioBroker {
     }
 
     fn drop_conn(&mut self, registry: &Registry, token: Token) {
+        self.closing.remove(&token);
         if let Some((id, mut conn)) = self.conns.remove(&token) {
             let _ = registry.deregister(&mut conn.stream);
             self.tokens.remove(&id);
@@ -250,6 +258,10 @@ impl MioBroker {
                     conn.closing = true;
                     if conn.flush().is_none() || conn.is_drained() {
                         self.drop_conn(registry, token);
+                    } else {
+                        // Its last bytes get the write timeout to go out; a client that takes
+                        // none is dropped with them (see `handle_timeout`).
+                        self.closing.insert(token, now() + self.write_timeout);
                     }
                 }
             }
@@ -266,7 +278,8 @@ impl MioBroker {
 
     /// How long `Poll::poll` may sleep before [`MioBroker::handle_timeout`] is due.
     pub fn timeout(&mut self) -> Option<Duration> {
-        let due = self.broker.poll_timeout().map(|t| t.saturating_duration_since(now()));
+        let next = self.broker.poll_timeout().into_iter().chain(self.closing.values().copied()).min();
+        let due = next.map(|t| t.saturating_duration_since(now()));
         if self.auth.out > 0 {
             // A verdict may arrive at any moment: look again soon.
             return Some(due.map_or(AUTH_POLL, |d| d.min(AUTH_POLL)));
@@ -277,6 +290,11 @@ impl MioBroker {
     /// Fires due timers and sends what they produced.
     pub fn handle_timeout(&mut self, registry: &Registry) {
         self.collect_verdicts();
+        let t = now();
+        let overdue: Vec<Token> = self.closing.iter().filter(|(_, at)| **at <= t).map(|(token, _)| *token).collect();
+        for token in overdue {
+            self.drop_conn(registry, token);
+        }
         self.broker.handle_timeout(now());
         self.flush(registry);
     }

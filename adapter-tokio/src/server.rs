@@ -393,16 +393,17 @@ async fn accept(
         let Tasks { broker, alive } = tasks.clone();
         let acceptor = acceptor.clone();
         let handshake = options.tls_handshake_timeout;
+        let write_timeout = options.broker.write_timeout;
         // Two kinds of task, so that a plain TCP connection's task is not sized for TLS state.
         match acceptor {
             None => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
-                connection(socket, peer, broker).await
+                connection(socket, peer, broker, write_timeout).await
             })),
             Some(acceptor) => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
                 match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
-                    Ok(Ok(tls)) => connection(tls, peer, broker).await,
+                    Ok(Ok(tls)) => connection(tls, peer, broker, write_timeout).await,
                     Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
                     Err(_) => debug!("TLS handshake with {peer} timed out"),
                 }
@@ -416,6 +417,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     remote: SocketAddr,
     broker: mpsc::Sender<StreamIn>,
+    write_timeout: Duration,
 ) {
     let outbox = Outbox::default();
     let (reply, id) = oneshot::channel();
@@ -446,7 +448,11 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
         while let Some(out) = outbox.pop().await {
             match out {
                 StreamOutput::Data(bytes) => {
-                    if writer.write_all(&bytes).await.is_err() {
+                    // A client that takes nothing for the write timeout is gone as far as
+                    // the broker is concerned (it drops the session too): drop the socket and
+                    // what waits for it rather than hold both.
+                    let wrote = tokio::time::timeout(write_timeout, writer.write_all(&bytes)).await;
+                    if !matches!(wrote, Ok(Ok(()))) {
                         break;
                     }
                     if broker.send(StreamIn::Written(id, bytes.len())).await.is_err() {
