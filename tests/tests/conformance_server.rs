@@ -1012,3 +1012,25 @@ fn password_checks_are_handed_out_and_bounded() {
     assert!(!b.broker.has_session("three"));
     assert!(b.broker.poll_auth().is_none());
 }
+
+/// The retained messages a SUBSCRIBE brings go through the client's backlog limit like live
+/// traffic: QoS 0 ones beyond it are dropped (and counted), and the client keeps its
+/// connection instead of being cut off for a backlog four times the limit.
+#[test]
+fn retained_messages_at_subscribe_respect_the_backlog_limit() {
+    let mut b = Bench::with(|c| {
+        c.max_queued_bytes = 10_000;
+        c.max_retained = 1000;
+    });
+    let p = b.client("p");
+    for i in 0..100 {
+        b.publish(p, message(&format!("r/{i}"), &"x".repeat(1000), QoS::AtMostOnce, 1, true));
+    }
+    assert_eq!(b.broker.retained(), 100);
+    let s = b.client("s");
+    b.subscribe(s, 1, vec![sub("r/#", QoS::AtMostOnce)]);
+    let got = publishes(&b.take(s)).len();
+    assert!((10..=12).contains(&got), "{got} retained messages sent");
+    assert_eq!(b.broker.stats().messages_dropped, 100 - got as u64);
+    assert!(!b.is_closed(s));
+}

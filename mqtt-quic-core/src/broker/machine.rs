@@ -650,7 +650,10 @@ impl Broker {
     /// Whether QoS 0 messages for this connection are dropped now: its own backlog, or all
     /// clients' together, is over its limit.
     fn over_budget(&self, peer: Peer) -> bool {
-        self.backlog(peer) > self.config.max_queued_bytes
+        // What the session holds that has not reached the transport counts too: a burst (the
+        // retained messages of a SUBSCRIBE to `#`) is written before the transport sees any.
+        let buffered = self.conns.get(&peer).map_or(0, |l| l.session.buffered());
+        self.backlog(peer) + buffered > self.config.max_queued_bytes
             || self.quic.queued_total() + self.stream_backlog_total > self.config.max_total_queued_bytes
     }
 

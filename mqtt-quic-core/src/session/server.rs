@@ -637,6 +637,12 @@ impl ServerSession {
         }
     }
 
+    /// Bytes written and not yet taken by [`ServerSession::poll_transmit`] (a broker counts
+    /// them against the client's backlog while it hands the session many messages at once).
+    pub fn buffered(&self) -> usize {
+        self.out.len()
+    }
+
     /// Bytes to write to the transport.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         (!self.out.is_empty()).then(|| self.out.split().freeze())
