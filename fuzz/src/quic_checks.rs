@@ -13,6 +13,7 @@
 //!
 //! `tests/tests/fuzz_corpus_quic.rs` replays the committed corpora.
 
+use mqtt_quic_core::broker::auth::FileAuth;
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
 use mqtt_quic_core::config::ServerConfig;
 use mqtt_quic_core::quic::QuicEndpoint;
@@ -120,6 +121,11 @@ pub fn broker(data: &[u8]) {
     // drops must not recurse.
     config.max_topic_levels = usize::MAX;
     config.max_topic_length = usize::MAX;
+    // Authentication and an ACL, so the fuzzer also drives password checks (handed out and
+    // answered at the next step, or never when the connection goes first), session ownership,
+    // will and delivery-time authorization.
+    config.auth = Some(std::sync::Arc::new(fuzz_auth()));
+    config.max_pending_auth = 2;
     let mut broker = Broker::new(config).expect("valid config");
     #[allow(clippy::disallowed_methods)] // the harness owns the clock
     let mut now = Instant::now();
@@ -131,6 +137,10 @@ pub fn broker(data: &[u8]) {
         rest = next;
         now += Duration::from_millis(u64::from(*delay) * 50);
         mqtt_quic_core::Machine::handle_timeout(&mut broker, now);
+        while let Some(request) = broker.poll_auth() {
+            let verdict = request.verify();
+            broker.handle_auth_result(now, request.id(), verdict);
+        }
         let slot = usize::from(*which % 4);
         let id = *streams[slot].get_or_insert_with(|| broker.open_stream(now));
         if *which >= 252 {
@@ -150,6 +160,18 @@ pub fn broker(data: &[u8]) {
         }
         while broker.poll_event().is_some() {}
     }
+}
+
+/// The `broker` target's authentication: anonymous clients allowed, user `u` with password `p`
+/// (one PBKDF2 round: the fuzzer needs speed, not strength), and an ACL with every kind of rule.
+fn fuzz_auth() -> FileAuth {
+    static AUTH: OnceLock<FileAuth> = OnceLock::new();
+    AUTH.get_or_init(|| {
+        let entry = FileAuth::hash_password("u", "p", [9; 16], std::num::NonZeroU32::MIN);
+        let acl = "topic readwrite #\ntopic deny d/#\nuser u\ntopic read #\ntopic write u/#\npattern readwrite c/%c/#\n";
+        FileAuth::new(true).with_passwords(&entry).and_then(|a| a.with_acl(acl)).expect("valid auth files")
+    })
+    .clone()
 }
 
 /// One step of the `broker_quic` target: the network between three QUIC clients and the broker,
