@@ -114,8 +114,13 @@ struct TestBroker {
 }
 
 fn start_broker(adapter: Adapter) -> TestBroker {
+    start_broker_with(adapter, |_| {})
+}
+
+fn start_broker_with(adapter: Adapter, tweak: impl FnOnce(&mut ServerOptions)) -> TestBroker {
     let cert = SelfSigned::generate(&["localhost"]).unwrap();
-    let options = ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap());
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap());
+    tweak(&mut options);
     match adapter {
         Adapter::Tokio => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -180,4 +185,29 @@ fn clients_of_every_adapter_against_the_mio_broker() {
 #[test]
 fn clients_of_every_adapter_against_the_async_std_broker() {
     matrix_for(Adapter::AsyncStd);
+}
+
+/// Every broker adapter runs the password checks the broker hands out (off its event loop) and
+/// gives the verdicts back: the right password gets in over QUIC and TCP, a wrong one is refused.
+#[test]
+fn every_broker_adapter_verifies_passwords() {
+    use mqtt_quic_core::broker::auth::FileAuth;
+    let entry = FileAuth::hash_password("alice", "s3cret", [5; 16], std::num::NonZeroU32::new(1000).unwrap());
+    let auth = std::sync::Arc::new(FileAuth::new(false).with_passwords(&entry).unwrap());
+    for adapter in ADAPTERS {
+        let broker = start_broker_with(adapter, |o| o.broker.auth = Some(auth.clone()));
+        for url in [format!("quic://{}", broker.quic), format!("mqtt://{}", broker.tcp)] {
+            let login = |password: &'static [u8]| {
+                let mut o = options("login");
+                o.session.username = Some("alice".into());
+                o.session.password = Some(bytes::Bytes::from_static(password));
+                o.reconnect = None;
+                adapter_mio::blocking::Client::connect(&url, o)
+            };
+            let client = login(b"s3cret").unwrap_or_else(|e| panic!("{adapter:?} broker, {url}: {e}"));
+            client.disconnect().unwrap();
+            assert!(login(b"wrong").is_err(), "{adapter:?} broker, {url}: a wrong password got in");
+        }
+        (broker.stop)();
+    }
 }
