@@ -446,6 +446,62 @@ pattern write users/%u/status
     }
 
     #[test]
+    fn deny_rules_win_and_are_held_back_at_delivery() {
+        let acl = "user alice\ntopic read #\ntopic deny secret/#\ntopic write out/#\n";
+        let auth = FileAuth::new(false).with_acl(acl).unwrap();
+        let t = |s: &str| TopicName::new(s).unwrap();
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        let alice = Some("alice");
+        // A filter the deny rule covers whole is refused; a wider one is granted...
+        assert!(!auth.can_subscribe("c", alice, &f("secret/x")));
+        assert!(!auth.can_subscribe("c", alice, &f("secret/#")));
+        assert!(auth.can_subscribe("c", alice, &f("#")));
+        // ...and its deliveries of denied topics are held back.
+        assert!(auth.can_read("c", alice, &t("public/x")));
+        assert!(!auth.can_read("c", alice, &t("secret/x")));
+        assert!(auth.can_publish("c", alice, &t("out/1")));
+        assert!(!auth.can_publish("c", alice, &t("public/x")));
+    }
+
+    #[test]
+    fn patterns_do_not_apply_to_ids_and_names_with_wildcards_or_separators() {
+        let acl = "pattern readwrite devices/%c/#\npattern read users/%u/#\n";
+        let auth = FileAuth::new(true).with_acl(acl).unwrap();
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        assert!(auth.can_subscribe("dev1", None, &f("devices/dev1/#")));
+        // `a/b` would reach into `devices/a/...` of a client named `a`; `+` and `#` into all.
+        assert!(!auth.can_subscribe("a/b", None, &f("devices/a/b/#")));
+        assert!(!auth.can_subscribe("+", None, &f("devices/+/#")));
+        assert!(!auth.can_subscribe("#", None, &f("devices/#")));
+        assert!(auth.can_subscribe("c", Some("bob"), &f("users/bob/#")));
+        assert!(!auth.can_subscribe("c", Some("b/o"), &f("users/b/o/#")));
+    }
+
+    #[test]
+    fn acl_mistakes_are_named_with_their_line() {
+        let err = FileAuth::new(true).with_acl("# comment\ntopic reed a/b\n").unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.to_string().contains("reed"), "{err}");
+        // `user` sections without a password file: anyone could claim the name.
+        let users = FileAuth::new(true).with_acl("user alice\ntopic read #\n").unwrap();
+        assert!(users.check().unwrap_err().contains("password file"));
+        let entry = FileAuth::hash_password("alice", "pw", [1; 16], n(1000));
+        assert!(users.with_passwords(&entry).unwrap().check().is_ok());
+        assert!(FileAuth::new(true).with_acl("pattern read d/%c\n").unwrap().check().is_ok());
+    }
+
+    #[test]
+    fn unknown_users_cost_a_full_hash() {
+        // Not a timing test: the decoy takes the strongest entry's iterations, so an unknown
+        // name is checked with as many rounds as a known one.
+        let strong = FileAuth::hash_password("a", "pw", [1; 16], n(5000));
+        let weak = FileAuth::hash_password("b", "pw", [1; 16], n(1000));
+        let auth = FileAuth::new(false).with_passwords(&format!("{weak}\n{strong}\n")).unwrap();
+        assert_eq!(auth.decoy.iterations, n(5000));
+        assert_eq!(auth.connect("c", Some("nobody"), Some(b"pw")), Err(ReasonCode::BadUserNameOrPassword));
+    }
+
+    #[test]
     fn covering_rules() {
         assert!(covers("a/#", "a/+/b"));
         assert!(covers("a/+", "a/+"));
