@@ -30,8 +30,6 @@ pub mod server;
 mod udp;
 pub use mqtt_quic_core::url;
 
-use std::hash::{BuildHasher, Hasher};
-
 use std::time::{Duration, Instant};
 
 /// A sleep long enough to mean "no deadline".
@@ -44,19 +42,9 @@ fn clock() -> Instant {
 }
 
 /// 32 bytes from the operating system's random source: the key material of every QUIC
-/// endpoint this adapter builds (stateless-reset and token keys, connection ids) and of the
-/// broker's assigned client ids. Should the OS source fail (it does not, on any supported
-/// system), the standard library's per-process random hash keys, themselves drawn from the OS,
-/// stand in.
+/// endpoint this adapter builds and of the broker's assigned client ids (see
+/// `ServerConfig::secret`).
 fn os_secret() -> [u8; 32] {
-    use ring::rand::SecureRandom;
-    let mut out = [0u8; 32];
-    if ring::rand::SystemRandom::new().fill(&mut out).is_err() {
-        for (i, chunk) in out.chunks_mut(8).enumerate() {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_usize(i);
-            chunk.copy_from_slice(&h.finish().to_le_bytes());
-        }
-    }
-    out
+    // ring reads getrandom(2) or /dev/urandom; neither fails on a working system.
+    ring::rand::generate(&ring::rand::SystemRandom::new()).expect("the OS random source").expose()
 }

@@ -150,59 +150,37 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     if let Some(ms) = q.initial_rtt_ms {
         b.quic.transport.initial_rtt = Duration::from_millis(ms.min(u64::from(u32::MAX)));
     }
-    if let Some(v) = file.max_packet_size {
-        b.session.maximum_packet_size = v;
+    // Keys copied as they are (each overrides its default when present).
+    macro_rules! copy {
+        ($($key:ident => $($field:ident).+),* $(,)?) => {$(
+            if let Some(v) = file.$key {
+                b.$($field).+ = v;
+            }
+        )*};
     }
-    if let Some(v) = file.max_inflight {
-        b.session.max_inflight = v;
-    }
-    if let Some(v) = file.max_retained {
-        b.max_retained = v;
-    }
-    if let Some(v) = file.max_offline_queue {
-        b.max_offline_queue = v;
-    }
-    if let Some(v) = file.max_session_expiry {
-        b.max_session_expiry = v;
-    }
-    if let Some(v) = file.max_subscriptions_per_client {
-        b.max_subscriptions_per_client = v;
-    }
-    if let Some(v) = file.max_queued_bytes {
-        b.max_queued_bytes = v;
-    }
+    copy!(
+        max_packet_size => session.maximum_packet_size,
+        max_inflight => session.max_inflight,
+        max_retained => max_retained,
+        max_offline_queue => max_offline_queue,
+        max_session_expiry => max_session_expiry,
+        max_subscriptions_per_client => max_subscriptions_per_client,
+        max_queued_bytes => max_queued_bytes,
+        max_topic_levels => max_topic_levels,
+        max_topic_length => max_topic_length,
+        max_retained_bytes => max_retained_bytes,
+        max_sessions => max_sessions,
+        max_offline_bytes => max_offline_bytes,
+        max_total_queued_bytes => max_total_queued_bytes,
+        max_keepalive => max_keepalive,
+        max_pending_auth => max_pending_auth,
+        max_auth_failures => max_auth_failures,
+    );
     if let Some(v) = file.sys_interval {
         b.sys_interval = if v == 0 { None } else { Some(seconds("sys_interval", v, 1)?) };
     }
-    if let Some(v) = file.max_topic_levels {
-        b.max_topic_levels = v;
-    }
-    if let Some(v) = file.max_topic_length {
-        b.max_topic_length = v;
-    }
-    if let Some(v) = file.max_retained_bytes {
-        b.max_retained_bytes = v;
-    }
-    if let Some(v) = file.max_sessions {
-        b.max_sessions = v;
-    }
-    if let Some(v) = file.max_offline_bytes {
-        b.max_offline_bytes = v;
-    }
-    if let Some(v) = file.max_total_queued_bytes {
-        b.max_total_queued_bytes = v;
-    }
     if let Some(v) = file.write_timeout {
         b.write_timeout = seconds("write_timeout", v, 1)?;
-    }
-    if let Some(v) = file.max_keepalive {
-        b.max_keepalive = v;
-    }
-    if let Some(v) = file.max_pending_auth {
-        b.max_pending_auth = v;
-    }
-    if let Some(v) = file.max_auth_failures {
-        b.max_auth_failures = v;
     }
     let passwords = args.password_file.as_ref().or(file.password_file.as_ref());
     let acl = args.acl_file.as_ref().or(file.acl_file.as_ref());
