@@ -195,9 +195,10 @@ enum NetStep {
     Reorder { to_broker: bool, which: u8 },
     /// A datagram from nowhere reaches the broker from one of 16 addresses.
     Inject { source: u8, bytes: Vec<u8> },
-    /// Client `which` publishes to one of four topics.
+    /// Client `which` publishes to one of six topics (two beyond the broker's limits).
     Publish { which: u8, topic: u8, qos: u8, retain: bool, payload: Vec<u8> },
-    /// Client `which` subscribes to one of four filters.
+    /// Client `which` subscribes to one of five filters (one beyond the depth limit), or to 300
+    /// copies of `#` in one SUBSCRIBE.
     Subscribe { which: u8, filter: u8, qos: u8 },
     /// Client `which` unsubscribes.
     Unsubscribe { which: u8, filter: u8 },
@@ -267,8 +268,20 @@ pub fn broker_quic(data: &[u8]) {
     let mut to_broker: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
     let mut to_client: [VecDeque<Vec<u8>>; CLIENTS] = Default::default();
     let mut buf = Vec::new();
-    let topics = ["a", "a/b", "will/c1", "$SYS/x"];
-    let filters = ["a", "a/+", "#", "will/#"];
+    // Besides four ordinary ones, topics and filters past the broker's depth and length limits
+    // (refused with 0x90 / 0x8F), and a SUBSCRIBE of 300 copies of `#` (merged into one).
+    let deep_topic = "/".repeat(3000);
+    let long_topic = "x".repeat(5000);
+    let topics = ["a", "a/b", "will/c1", "$SYS/x", deep_topic.as_str(), long_topic.as_str()];
+    let deep_filter = "+/".repeat(1000) + "#";
+    let filters = ["a", "a/+", "#", "will/#", deep_filter.as_str()];
+    let subscriptions = |filter: u8, qos: QoS| -> Vec<Subscription> {
+        let pick = usize::from(filter) % (filters.len() + 1);
+        match filters.get(pick) {
+            Some(f) => vec![Subscription::new(TopicFilter::new(*f).unwrap(), qos)],
+            None => vec![Subscription::new(TopicFilter::new("#").unwrap(), qos); 300],
+        }
+    };
     let qos = |n: u8| [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][usize::from(n % 3)];
 
     for step in steps {
@@ -385,16 +398,16 @@ pub fn broker_quic(data: &[u8]) {
             }
             NetStep::Publish { which, topic, qos: q, retain, payload } => {
                 let mut p =
-                    Publish::new(TopicName::new(topics[usize::from(topic % 4)]).unwrap(), payload).with_qos(qos(q));
+                    Publish::new(TopicName::new(topics[usize::from(topic) % topics.len()]).unwrap(), payload)
+                        .with_qos(qos(q));
                 p.retain = retain;
                 let _ = clients[usize::from(which) % CLIENTS].publish(now, p);
             }
             NetStep::Subscribe { which, filter, qos: q } => {
-                let s = Subscription::new(TopicFilter::new(filters[usize::from(filter % 4)]).unwrap(), qos(q));
-                let _ = clients[usize::from(which) % CLIENTS].subscribe(now, vec![s], None);
+                let _ = clients[usize::from(which) % CLIENTS].subscribe(now, subscriptions(filter, qos(q)), None);
             }
             NetStep::Unsubscribe { which, filter } => {
-                let f = TopicFilter::new(filters[usize::from(filter % 4)]).unwrap();
+                let f = TopicFilter::new(filters[usize::from(filter) % filters.len()]).unwrap();
                 let _ = clients[usize::from(which) % CLIENTS].unsubscribe(now, vec![f]);
             }
             NetStep::Disconnect { which } => {
