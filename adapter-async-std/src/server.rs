@@ -22,7 +22,8 @@ pub use mqtt_quic_core::driver::{ServerError, ServerOptions};
 
 /// From connection tasks to the broker task.
 enum FromConn {
-    Opened(Sender<StreamOutput>, Sender<StreamId>, SocketAddr),
+    /// A connection: its writer's queue, its abort signal, where to send its id, its peer.
+    Opened(Sender<StreamOutput>, Sender<()>, Sender<StreamId>, SocketAddr),
     Bytes(StreamId, Bytes),
     Wrote(StreamId, usize),
     Gone(StreamId),
@@ -108,7 +109,7 @@ async fn serve(
     stop: Receiver<()>,
     grace: Duration,
 ) {
-    let mut writers: HashMap<StreamId, Sender<StreamOutput>> = HashMap::new();
+    let mut writers: HashMap<StreamId, (Sender<StreamOutput>, Sender<()>)> = HashMap::new();
     let (mut out, mut inbuf) = (Vec::new(), vec![0u8; 65_536]);
     let mut stopping = false;
     let mut listening = true;
@@ -125,8 +126,14 @@ async fn serve(
             }
         }
         while let Some((id, output)) = broker.poll_stream() {
+            if matches!(output, StreamOutput::Abort) {
+                if let Some((_, abort)) = writers.remove(&id) {
+                    let _ = abort.try_send(());
+                }
+                continue;
+            }
             let last = matches!(output, StreamOutput::Close);
-            let Some(writer) = writers.get(&id) else { continue };
+            let Some((writer, _)) = writers.get(&id) else { continue };
             if writer.try_send(output).is_err() || last {
                 writers.remove(&id);
             }
@@ -181,9 +188,9 @@ async fn serve(
             }
             Wake::Auth(Some((id, verdict))) => broker.handle_auth_result(t, id, verdict),
             Wake::Auth(None) => {}
-            Wake::Conn(Some(FromConn::Opened(writer, reply, remote))) => {
+            Wake::Conn(Some(FromConn::Opened(writer, abort, reply, remote))) => {
                 let id = broker.open_stream_from(t, remote);
-                writers.insert(id, writer);
+                writers.insert(id, (writer, abort));
                 if reply.try_send(id).is_err() {
                     writers.remove(&id);
                     broker.stream_closed(t, id);
@@ -253,7 +260,8 @@ async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn
     let _ = stream.set_nodelay(true);
     let (writer, outputs) = async_channel::unbounded();
     let (reply, id) = async_channel::bounded(1);
-    if to_broker.send(FromConn::Opened(writer, reply, remote)).await.is_err() {
+    let (abort, aborted) = async_channel::bounded(1);
+    if to_broker.send(FromConn::Opened(writer, abort, reply, remote)).await.is_err() {
         return;
     }
     let Ok(id) = id.recv().await else { return };
@@ -268,9 +276,9 @@ async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn
     };
     let outbound = async {
         while let Ok(StreamOutput::Data(bytes)) = outputs.recv().await {
-            // A client that takes nothing for the write timeout is dropped with what waits
-            // for it (the broker drops its session's connection too).
-            let wrote = async_std::io::timeout(write_timeout, writing.write_all(&bytes)).await;
+            // The broker aborts a connection that takes nothing for its write timeout; this is
+            // the backstop for the last bytes of a closing one, which it no longer watches.
+            let wrote = async_std::io::timeout(write_timeout * 2, writing.write_all(&bytes)).await;
             if wrote.is_err() || to_broker.send(FromConn::Wrote(id, bytes.len())).await.is_err() {
                 break;
             }
@@ -278,6 +286,12 @@ async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn
         let _ = writing.flush().await;
         let _ = stream.shutdown(std::net::Shutdown::Write);
     };
-    future::or(inbound, outbound).await;
+    // The broker dropped the connection outright: stop at once, even mid-write.
+    let abort = async {
+        if aborted.recv().await.is_err() {
+            future::pending::<()>().await;
+        }
+    };
+    future::or(future::or(inbound, outbound), abort).await;
     let _ = to_broker.send(FromConn::Gone(id)).await;
 }

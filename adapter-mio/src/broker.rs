@@ -247,6 +247,7 @@ impl MioBroker {
             let Some(&token) = self.tokens.get(&id) else { continue };
             let Some((_, conn)) = self.conns.get_mut(&token) else { continue };
             match out {
+                StreamOutput::Abort => self.drop_conn(registry, token),
                 StreamOutput::Data(bytes) => match conn.write(&bytes) {
                     Some(n) => self.broker.stream_written(id, n),
                     None => {

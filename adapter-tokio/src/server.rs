@@ -59,6 +59,8 @@ struct OutboxInner {
     /// The queue, and whether either side has closed it.
     queue: std::sync::Mutex<(std::collections::VecDeque<StreamOutput>, bool)>,
     ready: tokio::sync::Notify,
+    /// Signalled (once) when the broker drops the connection outright.
+    abort: tokio::sync::Notify,
 }
 
 impl Outbox {
@@ -92,6 +94,17 @@ impl Outbox {
             }
             self.0.ready.notified().await;
         }
+    }
+
+    /// The broker dropped the connection (`StreamOutput::Abort`): stop writing at once.
+    fn abort(&self) {
+        // A stored permit if the writer is not waiting yet: it sees it when it does.
+        self.0.abort.notify_one();
+    }
+
+    /// Resolves once [`Outbox::abort`] was called.
+    async fn aborted(&self) {
+        self.0.abort.notified().await;
     }
 
     /// No more outputs either way.
@@ -272,6 +285,12 @@ async fn drive(
             }
         }
         while let Some((id, out)) = broker.poll_stream() {
+            if matches!(out, StreamOutput::Abort) {
+                if let Some(outbox) = outboxes.remove(&id) {
+                    outbox.0.abort();
+                }
+                continue;
+            }
             let closing = matches!(out, StreamOutput::Close);
             let gone = outboxes.get(&id).is_some_and(|outbox| !outbox.0.push(out));
             if closing || gone {
@@ -448,10 +467,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
         while let Some(out) = outbox.pop().await {
             match out {
                 StreamOutput::Data(bytes) => {
-                    // A client that takes nothing for the write timeout is gone as far as
-                    // the broker is concerned (it drops the session too): drop the socket and
-                    // what waits for it rather than hold both.
-                    let wrote = tokio::time::timeout(write_timeout, writer.write_all(&bytes)).await;
+                    // The broker aborts a connection that takes nothing for its write timeout;
+                    // this is the backstop for the last bytes of a closing one, which the
+                    // broker no longer watches.
+                    let wrote = tokio::time::timeout(write_timeout * 2, writer.write_all(&bytes)).await;
                     if !matches!(wrote, Ok(Ok(()))) {
                         break;
                     }
@@ -469,6 +488,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     tokio::select! {
         _ = read => {}
         _ = write => {}
+        _ = outbox.aborted() => {}
     }
     outbox.close();
     let _ = broker.send(StreamIn::Closed(id)).await;

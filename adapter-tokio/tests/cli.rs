@@ -267,3 +267,72 @@ fn password_file_users_get_in_and_others_are_refused_by_name() {
     assert!(err.contains("refused"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A startup error: a failure exit status and one line on stderr, no panic or backtrace.
+fn assert_one_line_failure(code: i32, err: &str) {
+    assert_ne!(code, 0, "mqttq succeeded: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
+
+/// Runs `mqttq broker` on loopback (TCP only, no logging) with these extra flags, expecting it
+/// to fail at startup: its exit code and stderr.
+fn broker_fails(data: &str, extra: &[&str]) -> (i32, String) {
+    let mut args = vec!["broker", "--quic", "off", "--tcp", "127.0.0.1:0", "--data-dir", data, "-v", "off"];
+    args.extend_from_slice(extra);
+    let (code, _, err) = run(&args);
+    assert_one_line_failure(code, &err);
+    (code, err)
+}
+
+/// An ACL with `user` sections and no password file would let anyone claim any user name (and
+/// its rights): the broker refuses to start, saying why.
+#[test]
+fn acl_with_users_and_no_password_file_is_refused() {
+    let dir = temp_dir("acl-users");
+    std::fs::create_dir_all(&dir).unwrap();
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "user alice\ntopic readwrite alice/#\n").unwrap();
+    let (_, err) = broker_fails(dir.to_str().unwrap(), &["--acl-file", acl.to_str().unwrap()]);
+    assert!(err.contains("password file"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A misspelt access word (`reed`) is an error naming the file and the line, not a rule for a
+/// topic called `reed`.
+#[test]
+fn acl_with_an_unknown_access_word_names_file_and_line() {
+    let dir = temp_dir("acl-typo");
+    std::fs::create_dir_all(&dir).unwrap();
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "topic reed a/b\n").unwrap();
+    let (_, err) = broker_fails(dir.to_str().unwrap(), &["--acl-file", acl.to_str().unwrap()]);
+    assert!(err.contains(acl.to_str().unwrap()) && err.contains("line 1"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A timeout too large to add to a clock (an overflow panic in a deadline computation) is
+/// refused at startup with a one-line error.
+#[test]
+fn huge_timeout_is_a_one_line_error() {
+    let dir = temp_dir("huge-timeout");
+    let (_, err) = broker_fails(dir.to_str().unwrap(), &["--timeout", "99999999999"]);
+    assert!(err.contains("timeout"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The password file holds password hashes: `mqttq passwd` creates it readable by its owner
+/// only.
+#[cfg(unix)]
+#[test]
+fn passwd_creates_the_file_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("passwd-mode");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("passwords");
+    let (code, _, err) = run(&["passwd", file.to_str().unwrap(), "u", "pw"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "mode {mode:o}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -168,7 +168,8 @@ fn fuzz_auth() -> FileAuth {
     static AUTH: OnceLock<FileAuth> = OnceLock::new();
     AUTH.get_or_init(|| {
         let entry = FileAuth::hash_password("u", "p", [9; 16], std::num::NonZeroU32::MIN);
-        let acl = "topic readwrite #\ntopic deny d/#\nuser u\ntopic read #\ntopic write u/#\npattern readwrite c/%c/#\n";
+        let acl =
+            "topic readwrite #\ntopic deny d/#\nuser u\ntopic read #\ntopic write u/#\npattern readwrite c/%c/#\n";
         FileAuth::new(true).with_passwords(&entry).and_then(|a| a.with_acl(acl)).expect("valid auth files")
     })
     .clone()
@@ -397,9 +398,8 @@ pub fn broker_quic(data: &[u8]) {
                 broker.handle_datagram(now, from, None, None, &bytes);
             }
             NetStep::Publish { which, topic, qos: q, retain, payload } => {
-                let mut p =
-                    Publish::new(TopicName::new(topics[usize::from(topic) % topics.len()]).unwrap(), payload)
-                        .with_qos(qos(q));
+                let mut p = Publish::new(TopicName::new(topics[usize::from(topic) % topics.len()]).unwrap(), payload)
+                    .with_qos(qos(q));
                 p.retain = retain;
                 let _ = clients[usize::from(which) % CLIENTS].publish(now, p);
             }

@@ -90,7 +90,7 @@ impl Bench {
                     self.broker.stream_written(id, bytes.len());
                     wire.buf.extend_from_slice(&bytes);
                 }
-                StreamOutput::Close => wire.closed = true,
+                StreamOutput::Close | StreamOutput::Abort => wire.closed = true,
                 other => panic!("unexpected stream output {other:?}"),
             }
             let mut decoder = Decoder::new(Protocol::V5);

@@ -81,7 +81,7 @@ impl Pipes {
                 let Some((client, stream, _)) = self.clients.iter_mut().find(|c| c.1 == Some(id)) else { continue };
                 match out {
                     StreamOutput::Data(bytes) => client.handle_stream_bytes(self.now, &bytes),
-                    StreamOutput::Close => {
+                    StreamOutput::Close | StreamOutput::Abort => {
                         *stream = None;
                         client.stream_closed(self.now);
                     }

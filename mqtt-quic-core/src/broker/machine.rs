@@ -169,6 +169,9 @@ pub enum StreamOutput {
     Data(Bytes),
     /// The session is over: close the stream (after writing what came before).
     Close,
+    /// The client does not take what is sent to it: drop the connection now, with whatever
+    /// waits to be written (it would never be read).
+    Abort,
 }
 
 /// How often expired retained messages are purged.
@@ -591,7 +594,7 @@ impl Broker {
             }
             Peer::Stream(id) => {
                 self.forget_stream(id);
-                self.stream_out.push_back((id, StreamOutput::Close));
+                self.stream_out.push_back((id, StreamOutput::Abort));
                 self.lost(peer);
             }
         }
