@@ -1034,3 +1034,53 @@ fn retained_messages_at_subscribe_respect_the_backlog_limit() {
     assert_eq!(b.broker.stats().messages_dropped, 100 - got as u64);
     assert!(!b.is_closed(s));
 }
+
+/// Read rights are asked again when a session resumes: messages queued while the client was
+/// away, under rights it has lost since, are not sent (an `Auth` whose answers change, as one
+/// backed by a directory would).
+#[test]
+fn a_resumed_session_gets_nothing_it_may_no_longer_read() {
+    use mqtt_quic_core::broker::auth::Auth;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    #[derive(Debug, Default)]
+    struct Switch(AtomicBool);
+    impl Auth for Switch {
+        fn connect(&self, _: &str, _: Option<&str>, _: Option<&[u8]>) -> Result<(), ReasonCode> {
+            Ok(())
+        }
+        fn can_publish(&self, _: &str, _: Option<&str>, _: &TopicName) -> bool {
+            true
+        }
+        fn can_subscribe(&self, _: &str, _: Option<&str>, _: &TopicFilter) -> bool {
+            true
+        }
+        fn can_read(&self, _: &str, _: Option<&str>, _: &TopicName) -> bool {
+            !self.0.load(Ordering::Relaxed)
+        }
+    }
+    let revoked = Arc::new(Switch::default());
+    let mut b = Bench::with(|c| c.auth = Some(revoked.clone()));
+    // Every CONNECT's check is answered at once.
+    let mut connect_now = |b: &mut Bench, c: Connect| {
+        let id = b.open();
+        b.send(id, [c.into()]);
+        while let Some(r) = b.broker.poll_auth() {
+            let verdict = r.verify();
+            b.broker.handle_auth_result(b.now, r.id(), verdict);
+        }
+        let Packet::ConnAck(ack) = b.take(id).remove(0) else { panic!("no CONNACK") };
+        (id, ack)
+    };
+    let (s, _) = connect_now(&mut b, kept("reader", true));
+    b.subscribe(s, 1, vec![sub("news", QoS::AtLeastOnce)]);
+    b.drop_stream(s);
+    let (p, _) = connect_now(&mut b, connect("p"));
+    b.publish(p, message("news", "1", QoS::AtLeastOnce, 1, false));
+    b.publish(p, message("news", "2", QoS::AtLeastOnce, 2, false));
+    revoked.0.store(true, Ordering::Relaxed);
+    let (s, ack) = connect_now(&mut b, kept("reader", false));
+    assert!(ack.session_present);
+    assert!(publishes(&b.take(s)).is_empty());
+    assert_eq!(b.broker.stats().messages_denied, 2);
+}

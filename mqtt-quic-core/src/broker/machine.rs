@@ -1024,7 +1024,15 @@ impl Broker {
             live.session.announce_session_expiry(expiry);
         }
         match (existed, state) {
-            (true, Some(state)) => {
+            (true, Some(mut state)) => {
+                // Read rights may have changed while the client was away (an `Auth` backed by
+                // something that changes): what it may no longer read does not go out.
+                if let Some(auth) = &self.config.auth {
+                    let client = live.client.as_deref().unwrap_or("");
+                    let user = live.username.as_deref();
+                    let denied = state.retain_messages(|p| auth.can_read(client, user, &p.topic));
+                    self.stats.messages_denied += denied as u64;
+                }
                 let _ = live.session.resume(now, state);
             }
             _ => {

@@ -180,6 +180,17 @@ impl SessionState {
         self.inflight.len() + self.queued.len()
     }
 
+    /// Drops the messages `keep` refuses: queued ones, and sent ones the client has not yet
+    /// received in full (a QoS 2 message whose PUBREL went out has been received, and stays to
+    /// complete). Returns how many were dropped. For a broker re-checking read rights when a
+    /// session resumes, in case they changed while the client was away.
+    pub fn retain_messages(&mut self, mut keep: impl FnMut(&Publish) -> bool) -> usize {
+        let before = self.pending();
+        self.inflight.retain(|(_, released, _, p)| *released || keep(p));
+        self.queued.retain(|(_, p, _)| keep(p));
+        before - self.pending()
+    }
+
     /// Takes out the messages with these request ids (as returned by `publish`) for delivery
     /// elsewhere: queued ones, and QoS 1 ones already sent; their packet identifiers are freed.
     pub fn take_requests(&mut self, ids: &[u64]) -> Vec<Publish> {
