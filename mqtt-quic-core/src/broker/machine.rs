@@ -784,17 +784,18 @@ impl Broker {
             ServerEvent::Connect(c) => self.on_connect(now, conn, *c),
             ServerEvent::Publish(p) => {
                 self.stats.messages_received += 1;
-                // `$` topics are the broker's (e.g. `$SYS`): clients may not publish there.
-                let allowed = match (&self.config.auth, self.conns.get(&conn)) {
+                // The limits first (cheap, and they bound what the ACL walks), then the rights:
+                // `$` topics are the broker's (e.g. `$SYS`), clients may not publish there.
+                let allowed = || match (&self.config.auth, self.conns.get(&conn)) {
                     (Some(auth), Some(live)) => {
                         auth.can_publish(live.client.as_deref().unwrap_or(""), live.username.as_deref(), &p.topic)
                     }
                     _ => true,
                 };
-                let mut reason = if p.topic.is_system() || !allowed {
-                    ReasonCode::NotAuthorized
-                } else if let Some(code) = self.topic_refusal(p.topic.as_str()) {
+                let mut reason = if let Some(code) = self.topic_refusal(p.topic.as_str()) {
                     code
+                } else if p.topic.is_system() || !allowed() {
+                    ReasonCode::NotAuthorized
                 } else {
                     ReasonCode::Success
                 };
