@@ -19,6 +19,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 
+/// How long a finished MQTT stream may take to be acknowledged before the connection is closed
+/// anyway: the peer has had the session's last bytes resent for this long, or does not want
+/// them.
+const FINISH_GRACE: Duration = Duration::from_secs(5);
+
 /// Identifies one connection of an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub usize);
@@ -161,6 +166,9 @@ struct Conn {
     finished: bool,
     connected: bool,
     handshake_deadline: Option<Instant>,
+    /// After `finish`: when the connection is closed even if the peer never acknowledged the
+    /// end of the stream (a peer that keeps the connection alive without taking our FIN).
+    finish_deadline: Option<Instant>,
     closed_reported: bool,
 }
 
@@ -177,6 +185,7 @@ impl Conn {
             finished: false,
             connected: false,
             handshake_deadline: Some(now + settings.handshake_timeout),
+            finish_deadline: None,
             closed_reported: false,
         }
     }
@@ -450,10 +459,14 @@ impl QuicEndpoint {
     }
 
     /// Finishes the MQTT stream after the queued bytes (FIN), then closes the connection
-    /// normally once the peer has them.
+    /// normally once the peer has them. A server closes it at most five seconds later anyway:
+    /// a session that ended does not keep its connection for a peer that takes nothing.
     pub fn finish(&mut self, now: Instant, conn: ConnId) -> Result<(), CommandError> {
         let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
         c.finish_requested = true;
+        if !c.quic.side().is_client() {
+            c.finish_deadline.get_or_insert(now + FINISH_GRACE);
+        }
         if c.stream.is_none() && !c.quic.side().is_client() {
             // The client never opened an MQTT stream (the session ended on its connect
             // timeout): there is nothing to finish, so the connection closes now instead of
@@ -546,6 +559,10 @@ impl QuicEndpoint {
         let due: Vec<usize> = self.timers.iter().take_while(|(t, _)| *t <= now).map(|(_, h)| *h).collect();
         for h in due {
             if let Some(c) = self.conns.get_mut(&h) {
+                if c.finish_deadline.is_some_and(|t| t <= now) {
+                    c.finish_deadline = None;
+                    c.quic.close(now, VarInt::from_u32(close_code::NORMAL), Bytes::from_static(b"finished"));
+                }
                 if c.handshake_deadline.is_some_and(|t| t <= now) {
                     c.handshake_deadline = None;
                     c.quic.close(
@@ -582,7 +599,7 @@ impl QuicEndpoint {
         let next = self
             .conns
             .get_mut(&h)
-            .and_then(|c| [c.quic.poll_timeout(), c.handshake_deadline].into_iter().flatten().min());
+            .and_then(|c| [c.quic.poll_timeout(), c.handshake_deadline, c.finish_deadline].into_iter().flatten().min());
         // Most calls find the deadline unchanged: leave both maps alone then (each update is a
         // remove and an insert in two B-trees, per datagram and per write).
         if self.armed.get(&h).copied() == next {

@@ -241,6 +241,40 @@ fn finishing_the_stream_closes_the_connection() {
     assert_eq!(sim.machine(CLIENT).connection_count(), 0);
 }
 
+/// A server that finished a session's stream closes the connection five seconds later even if
+/// the peer never acknowledges the FIN (here: nothing gets through any more), instead of
+/// holding it until the idle timeout (30 s).
+#[test]
+fn a_server_closes_a_finished_connection_the_peer_does_not_acknowledge() {
+    let mut sim = pair(6, Link::default(), TransportSettings::default());
+    let conn = connect(&mut sim);
+    let now = sim.now();
+    sim.machine(CLIENT).send(now, conn, Bytes::from_static(b"CONNECT")).unwrap();
+    let mut seen = Seen::default();
+    assert!(sim.drive_until(10_000, |sim| {
+        seen.pump(sim, false);
+        seen.server_bytes == b"CONNECT"
+    }));
+    let server_conn = seen
+        .server
+        .iter()
+        .find_map(|e| match e {
+            Event::Connected { conn, .. } => Some(*conn),
+            _ => None,
+        })
+        .unwrap();
+    sim.set_link(Link { loss: 1.0, ..Link::default() });
+    let finished = sim.now();
+    sim.machine(SERVER).send(finished, server_conn, Bytes::from_static(b"DISCONNECT")).unwrap();
+    sim.machine(SERVER).finish(finished, server_conn).unwrap();
+    assert!(sim.drive_until(100_000, |sim| {
+        seen.pump(sim, false);
+        Seen::closed(&seen.server).is_some()
+    }));
+    let after = sim.now() - finished;
+    assert!(after >= Duration::from_secs(5) && after < Duration::from_secs(6), "closed after {after:?}");
+}
+
 #[test]
 fn zero_rtt_reconnect_delivers_a_round_trip_sooner() {
     let rtt = Duration::from_millis(40);
