@@ -1062,7 +1062,7 @@ fn a_resumed_session_gets_nothing_it_may_no_longer_read() {
     let revoked = Arc::new(Switch::default());
     let mut b = Bench::with(|c| c.auth = Some(revoked.clone()));
     // Every CONNECT's check is answered at once.
-    let mut connect_now = |b: &mut Bench, c: Connect| {
+    let connect_now = |b: &mut Bench, c: Connect| {
         let id = b.open();
         b.send(id, [c.into()]);
         while let Some(r) = b.broker.poll_auth() {
