@@ -801,3 +801,18 @@ fn read_stream(c: &mut Conn, now: Instant, conn: ConnId, id: StreamId, events: &
         report_close(c, conn, reason, events);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_come_from_the_secret_when_there_is_one() {
+        let a = derive_key(Some(&[1; 32]), 0, domain::RESET);
+        assert_eq!(a, derive_key(Some(&[1; 32]), 7, domain::RESET), "the seed is not used with a secret");
+        assert_ne!(a, derive_key(Some(&[2; 32]), 0, domain::RESET));
+        assert_ne!(a, derive_key(Some(&[1; 32]), 0, domain::TOKEN), "one key per use");
+        assert_ne!(a, derive_key(None, 0, domain::RESET));
+        assert_eq!(derive_key(None, 3, domain::RNG), derive_key(None, 3, domain::RNG), "replayable without one");
+    }
+}

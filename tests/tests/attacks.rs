@@ -506,6 +506,12 @@ fn assigned_client_ids_are_random_looking_and_distinct() {
     }
     assert_ne!(ids[0], ids[1]);
     assert_serves(addr, None);
+    // The key behind them comes from the OS random source, not from a default seed: another
+    // broker (or this one after a restart) hands out other ids, in the same order of clients.
+    let other = Broker::start(options());
+    let (_raw, ack) = connect(other.tcp, v5(""));
+    let first_elsewhere = ack.properties.assigned_client_identifier.clone().expect("an assigned client identifier");
+    assert_ne!(first_elsewhere.to_string(), ids[0]);
 }
 
 /// ACL pattern widening: with `pattern readwrite devices/%c/#`, a client id holding `/`, `+` or
