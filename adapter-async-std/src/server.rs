@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures_lite::future;
 use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
+use mqtt_quic_core::config::Secret;
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
 use std::io;
@@ -42,7 +43,7 @@ impl Server {
     /// Opens the listeners, then serves.
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
         // QUIC keys and assigned client ids from the OS random source, unless given.
-        options.broker.quic.secret.get_or_insert_with(crate::os_secret);
+        options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
         if options.tls.is_some() {
             return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
         }
@@ -114,6 +115,8 @@ async fn serve(
     let mut stopping = false;
     let mut listening = true;
     let mut udp_errors = 0u32;
+    let mut udp_paused_until: Option<std::time::Instant> = None;
+    let mut auth_open = true;
     // Password checks (PBKDF2, milliseconds each) run on threads of their own, a few at a time,
     // so they never hold up this task; verdicts come back through a channel.
     let (requests, verdicts) = auth_workers();
@@ -146,10 +149,11 @@ async fn serve(
             break;
         }
         let deadline = broker.poll_timeout();
+        let udp_paused = udp_paused_until.is_some_and(|until| now() < until);
         let datagram = async {
             match &udp {
-                Some(u) => Wake::Datagram(u.recv_from(&mut inbuf).await),
-                None => future::pending().await,
+                Some(u) if !udp_paused => Wake::Datagram(u.recv_from(&mut inbuf).await),
+                _ => future::pending().await,
             }
         };
         let conn = async {
@@ -165,11 +169,18 @@ async fn serve(
             let _ = stop.recv().await;
             Wake::Stop
         };
+        // A paused QUIC listener resumes at the end of its pause: wake for it too.
+        let wake_at = [deadline, udp_paused_until.filter(|_| udp_paused)].into_iter().flatten().min();
         let timer = async {
-            sleep_until(deadline).await;
+            sleep_until(wake_at).await;
             Wake::Timer
         };
-        let auth = async { Wake::Auth(verdicts.recv().await.ok()) };
+        let auth = async {
+            if !auth_open {
+                future::pending::<()>().await;
+            }
+            Wake::Auth(verdicts.recv().await.ok())
+        };
         let wake = future::or(future::or(future::or(datagram, auth), conn), future::or(stop_or_timer, timer)).await;
         let t = now();
         match wake {
@@ -182,12 +193,15 @@ async fn serve(
             Wake::Datagram(Err(_)) => {
                 udp_errors += 1;
                 if udp_errors >= 100 {
-                    async_std::task::sleep(Duration::from_millis(100)).await;
+                    // Only the QUIC listener pauses; TCP, timers and verdicts go on.
+                    udp_paused_until = Some(t + Duration::from_millis(100));
                     udp_errors = 0;
                 }
             }
             Wake::Auth(Some((id, verdict))) => broker.handle_auth_result(t, id, verdict),
-            Wake::Auth(None) => {}
+            // No password thread is left (none could be started): no verdict can come again,
+            // and polling a closed channel would spin.
+            Wake::Auth(None) => auth_open = false,
             Wake::Conn(Some(FromConn::Opened(writer, abort, reply, remote))) => {
                 let id = broker.open_stream_from(t, remote);
                 writers.insert(id, (writer, abort));
@@ -275,12 +289,15 @@ async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn
         }
     };
     let outbound = async {
-        while let Ok(StreamOutput::Data(bytes)) = outputs.recv().await {
-            // The broker aborts a connection that takes nothing for its write timeout; this is
+        'out: while let Ok(StreamOutput::Data(bytes)) = outputs.recv().await {
+            // In pieces, each reported, so the broker sees a slow reader's progress. The broker
+            // aborts a connection that takes nothing for its write timeout; the timeout here is
             // the backstop for the last bytes of a closing one, which it no longer watches.
-            let wrote = async_std::io::timeout(write_timeout * 2, writing.write_all(&bytes)).await;
-            if wrote.is_err() || to_broker.send(FromConn::Wrote(id, bytes.len())).await.is_err() {
-                break;
+            for piece in bytes.chunks(64 * 1024) {
+                let wrote = async_std::io::timeout(write_timeout * 2, writing.write_all(piece)).await;
+                if wrote.is_err() || to_broker.send(FromConn::Wrote(id, piece.len())).await.is_err() {
+                    break 'out;
+                }
             }
         }
         let _ = writing.flush().await;

@@ -92,7 +92,7 @@ impl MioBroker {
         let mut config = options.broker;
         let write_timeout = config.write_timeout;
         // QUIC keys and assigned client ids from the OS random source, unless given.
-        config.quic.secret.get_or_insert_with(crate::os_secret);
+        config.quic.secret.get_or_insert_with(|| mqtt_quic_core::config::Secret::new(crate::os_secret()));
         let broker = Broker::new(config)?;
         let mut udp = match options.quic {
             Some(addr) => {

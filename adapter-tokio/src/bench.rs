@@ -353,7 +353,7 @@ impl QuicTarget {
     fn pool(&self, config: &BenchConfig, k: usize) -> Result<(ClientPool, Udp), ClientError> {
         let mut quic = ClientConfig::new(self.tls.clone());
         quic.transport = config.options.transport.clone();
-        quic.secret = Some(os_secret());
+        quic.secret = Some(mqtt_quic_core::config::Secret::new(os_secret()));
         let pool = ClientPool::new(&quic, self.server, &self.name, config.options.session.keep_alive)?;
         let local = match config.bind.as_slice() {
             [] => local_bind_address(self.server),

@@ -7,6 +7,7 @@ use crate::{clock, NEVER};
 use bytes::{Bytes, BytesMut};
 use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
+use mqtt_quic_core::config::Secret;
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
 use std::io;
@@ -130,7 +131,7 @@ impl Server {
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
         // The QUIC keys and the assigned client ids come from the OS random source, unless the
         // application gave its own key material.
-        options.broker.quic.secret.get_or_insert_with(crate::os_secret);
+        options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
         let udp = match options.quic {
             Some(addr) => {
                 Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
@@ -231,7 +232,9 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = (&mut self.driver).await;
+        if !self.driver.is_finished() {
+            let _ = (&mut self.driver).await;
+        }
         // Let connection tasks write out what the broker gave them last (DISCONNECT).
         let _ = tokio::time::timeout(self.grace, self.alive.recv()).await;
     }
@@ -248,6 +251,9 @@ impl Server {
         }
     }
 }
+
+/// How much of an output a connection writes before it reports progress to the broker.
+const WRITE_PIECE: usize = 64 * 1024;
 
 /// The broker task.
 async fn drive(
@@ -270,6 +276,7 @@ async fn drive(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
     let verifying = Arc::new(Semaphore::new(workers));
     let mut udp_errors = 0u32;
+    let mut udp_paused_until: Option<tokio::time::Instant> = None;
     let mut outboxes: HashMap<StreamId, OutboxSender> = HashMap::new();
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
@@ -312,11 +319,14 @@ async fn drive(
             break;
         }
         let deadline = broker.poll_timeout().map(tokio::time::Instant::from_std);
+        // A paused QUIC listener resumes at the end of its pause: wake for it too.
+        let wake_at = [deadline, udp_paused_until].into_iter().flatten().min();
+        let wake_at = wake_at.unwrap_or_else(|| tokio::time::Instant::now() + NEVER);
         let input = tokio::select! {
-            r = recv(&mut udp) => Input::Udp(r),
+            r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
+            _ = tokio::time::sleep_until(wake_at) => Input::Timer,
             _ = &mut stop, if !stopping => Input::Stop,
         };
         let now = clock();
@@ -336,8 +346,9 @@ async fn drive(
                 udp_errors += 1;
                 debug!("UDP receive failed: {e}");
                 if udp_errors >= 100 {
+                    // Only the QUIC listener pauses; TCP, timers and verdicts go on.
                     warn!("UDP receive keeps failing ({e}); pausing the QUIC listener for 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    udp_paused_until = Some(tokio::time::Instant::now() + Duration::from_millis(100));
                     udp_errors = 0;
                 }
             }
@@ -359,7 +370,12 @@ async fn drive(
             }
             // Only listeners hold senders: without them no stream input can come again.
             Input::Stream(None) => streams_open = false,
-            Input::Timer => broker.handle_timeout(now),
+            Input::Timer => {
+                if udp_paused_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    udp_paused_until = None;
+                }
+                broker.handle_timeout(now);
+            }
             Input::Stop => {
                 info!("shutting down: disconnecting {} clients", broker.connections());
                 broker.shutdown(now, options.shutdown_grace);
@@ -467,21 +483,30 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
         while let Some(out) = outbox.pop().await {
             match out {
                 StreamOutput::Data(bytes) => {
-                    // The broker aborts a connection that takes nothing for its write timeout;
-                    // this is the backstop for the last bytes of a closing one, which the
-                    // broker no longer watches.
-                    let wrote = tokio::time::timeout(write_timeout * 2, writer.write_all(&bytes)).await;
-                    if !matches!(wrote, Ok(Ok(()))) {
-                        break;
+                    // In pieces, each reported, so the broker sees a slow reader's progress
+                    // (one large output could otherwise look like no progress for its whole
+                    // write). The broker aborts a connection that takes nothing for its write
+                    // timeout; the timeout here is the backstop for the last bytes of a closing
+                    // one, which the broker no longer watches.
+                    let mut failed = false;
+                    for piece in bytes.chunks(WRITE_PIECE) {
+                        let wrote = tokio::time::timeout(write_timeout * 2, writer.write_all(piece)).await;
+                        if !matches!(wrote, Ok(Ok(())))
+                            || broker.send(StreamIn::Written(id, piece.len())).await.is_err()
+                        {
+                            failed = true;
+                            break;
+                        }
                     }
-                    if broker.send(StreamIn::Written(id, bytes.len())).await.is_err() {
+                    if failed {
                         break;
                     }
                 }
                 _ => break,
             }
         }
-        let _ = writer.shutdown().await;
+        // A TLS close_notify into a socket nobody reads would wait for ever.
+        let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
     };
     // Whichever ends first ends the connection: a client that closed its side is gone, and a
     // session the broker ended has nothing more to read.

@@ -180,7 +180,30 @@ pub struct ServerConfig {
     /// the Retry/NEW_TOKEN key, connection-id randomness and the broker's assigned client ids
     /// are derived. The adapters fill it in; leave it `None` only where runs must replay from
     /// `seed`.
-    pub secret: Option<[u8; 32]>,
+    pub secret: Option<Secret>,
+}
+
+/// 32 bytes of key material from the operating system's random source (see
+/// [`ServerConfig::secret`]). Its `Debug` output does not show them, so configurations can be
+/// logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret([u8; 32]);
+
+impl Secret {
+    /// Wraps key material (32 bytes from the OS random source; fixed bytes only in tests).
+    pub fn new(bytes: [u8; 32]) -> Secret {
+        Secret(bytes)
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl ServerConfig {
@@ -214,7 +237,7 @@ pub struct ClientConfig {
     pub seed: u64,
     /// 32 bytes from the operating system's random source for the endpoint's keys and
     /// connection ids (see [`ServerConfig::secret`]); the adapters fill it in.
-    pub secret: Option<[u8; 32]>,
+    pub secret: Option<Secret>,
 }
 
 impl ClientConfig {

@@ -118,7 +118,7 @@ impl ClientOptions {
                 quic.transport = self.transport.clone();
                 quic.zero_rtt = self.zero_rtt;
                 quic.seed = seed;
-                quic.secret = Some(secret);
+                quic.secret = Some(crate::config::Secret::new(secret));
                 MqttClient::new(MqttClientConfig {
                     quic,
                     session: self.session.clone(),

@@ -5,7 +5,7 @@
 //! with [`QuicEndpoint::client`] it opens them (any number, to any servers, each addressed by a
 //! [`ConnId`]). The endpoint/connection event exchange of quinn-proto stays inside.
 
-use crate::config::{ClientConfig, ConfigError, ServerConfig, TransportSettings};
+use crate::config::{ClientConfig, ConfigError, Secret, ServerConfig, TransportSettings};
 use crate::rng::SplitMix64;
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
@@ -294,10 +294,10 @@ fn seed_bytes(seed: u64, domain: u8) -> [u8; 32] {
 /// 32 bytes of key material for one use (`domain`): derived from the configured secret (an
 /// HMAC-SHA256 of the domain, keyed with the operating system's random bytes the adapter put
 /// there), or, for replayable runs without one, spread from the 64-bit seed.
-pub(crate) fn derive_key(secret: Option<&[u8; 32]>, seed: u64, domain: u8) -> [u8; 32] {
+pub(crate) fn derive_key(secret: Option<&Secret>, seed: u64, domain: u8) -> [u8; 32] {
     match secret {
         Some(secret) => {
-            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.bytes());
             let tag = ring::hmac::sign(&key, &[b'm', b'q', b't', b't', b'q', domain]);
             let mut out = [0u8; 32];
             out.copy_from_slice(tag.as_ref());
@@ -316,7 +316,7 @@ pub(crate) mod domain {
 }
 
 fn endpoint_config(
-    secret: Option<&[u8; 32]>,
+    secret: Option<&Secret>,
     seed: u64,
     settings: &TransportSettings,
 ) -> Result<quinn_proto::EndpointConfig, ConfigError> {
@@ -445,6 +445,12 @@ impl QuicEndpoint {
     /// Bytes queued on `conn` and not yet accepted by QUIC flow control (for back-pressure).
     pub fn queued(&self, conn: ConnId) -> usize {
         self.conns.get(&conn.0).map_or(0, |c| c.queued)
+    }
+
+    /// Whether this side has finished the connection's MQTT stream (see
+    /// [`QuicEndpoint::finish`]): its session is over.
+    pub fn is_finishing(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn.0).is_some_and(|c| c.finish_requested)
     }
 
     /// Bytes queued on all connections (for a global budget).
@@ -808,10 +814,12 @@ mod tests {
 
     #[test]
     fn keys_come_from_the_secret_when_there_is_one() {
-        let a = derive_key(Some(&[1; 32]), 0, domain::RESET);
-        assert_eq!(a, derive_key(Some(&[1; 32]), 7, domain::RESET), "the seed is not used with a secret");
-        assert_ne!(a, derive_key(Some(&[2; 32]), 0, domain::RESET));
-        assert_ne!(a, derive_key(Some(&[1; 32]), 0, domain::TOKEN), "one key per use");
+        let (one, two) = (Secret::new([1; 32]), Secret::new([2; 32]));
+        let a = derive_key(Some(&one), 0, domain::RESET);
+        assert_eq!(a, derive_key(Some(&one), 7, domain::RESET), "the seed is not used with a secret");
+        assert_ne!(a, derive_key(Some(&two), 0, domain::RESET));
+        assert_ne!(a, derive_key(Some(&one), 0, domain::TOKEN), "one key per use");
+        assert_eq!(format!("{one:?}"), "Secret(..)");
         assert_ne!(a, derive_key(None, 0, domain::RESET));
         assert_eq!(derive_key(None, 3, domain::RNG), derive_key(None, 3, domain::RNG), "replayable without one");
     }

@@ -129,6 +129,21 @@ impl Bench {
         (id, *ack)
     }
 
+    /// Like [`Bench::connect`] on a broker with `Auth`: the password check the broker hands
+    /// out is answered at once.
+    fn connect_answering(&mut self, connect: Connect) -> (StreamId, ConnAck) {
+        let id = self.open();
+        self.send(id, [connect.into()]);
+        while let Some(r) = self.broker.poll_auth() {
+            let verdict = r.verify();
+            self.broker.handle_auth_result(self.now, r.id(), verdict);
+        }
+        let mut answer = self.take(id);
+        let Packet::ConnAck(ack) = answer.remove(0) else { panic!("not a CONNACK first") };
+        self.wires.get_mut(&id).unwrap().packets = answer;
+        (id, *ack)
+    }
+
     /// A connected client with a clean session that ends with the connection.
     fn client(&mut self, client_id: &str) -> StreamId {
         self.connect(connect(client_id)).0
@@ -1061,26 +1076,125 @@ fn a_resumed_session_gets_nothing_it_may_no_longer_read() {
     }
     let revoked = Arc::new(Switch::default());
     let mut b = Bench::with(|c| c.auth = Some(revoked.clone()));
-    // Every CONNECT's check is answered at once.
-    let connect_now = |b: &mut Bench, c: Connect| {
-        let id = b.open();
-        b.send(id, [c.into()]);
-        while let Some(r) = b.broker.poll_auth() {
-            let verdict = r.verify();
-            b.broker.handle_auth_result(b.now, r.id(), verdict);
-        }
-        let Packet::ConnAck(ack) = b.take(id).remove(0) else { panic!("no CONNACK") };
-        (id, ack)
-    };
-    let (s, _) = connect_now(&mut b, kept("reader", true));
+    let (s, _) = b.connect_answering(kept("reader", true));
     b.subscribe(s, 1, vec![sub("news", QoS::AtLeastOnce)]);
     b.drop_stream(s);
-    let (p, _) = connect_now(&mut b, connect("p"));
+    let (p, _) = b.connect_answering(connect("p"));
     b.publish(p, message("news", "1", QoS::AtLeastOnce, 1, false));
     b.publish(p, message("news", "2", QoS::AtLeastOnce, 2, false));
     revoked.0.store(true, Ordering::Relaxed);
-    let (s, ack) = connect_now(&mut b, kept("reader", false));
+    let (s, ack) = b.connect_answering(kept("reader", false));
     assert!(ack.session_present);
     assert!(publishes(&b.take(s)).is_empty());
     assert_eq!(b.broker.stats().messages_denied, 2);
+}
+
+fn login(client_id: &str, user: &str, password: &'static str) -> Connect {
+    let mut c = connect(client_id);
+    c.username = Some(MqttString::try_from(user).unwrap());
+    c.password = Some(Bytes::from_static(password.as_bytes()));
+    c
+}
+
+fn file_auth(users: &[&str], acl: &str) -> std::sync::Arc<mqtt_quic_core::broker::auth::FileAuth> {
+    use mqtt_quic_core::broker::auth::FileAuth;
+    let rounds = std::num::NonZeroU32::new(1000).unwrap();
+    let entries: String = users.iter().map(|u| FileAuth::hash_password(u, "pw", [4; 16], rounds) + "\n").collect();
+    std::sync::Arc::new(FileAuth::new(false).with_passwords(&entries).unwrap().with_acl(acl).unwrap())
+}
+
+/// A shared subscription group picks among the members that may read the topic: a member whose
+/// rights exclude it (a `deny` under a wider grant) does not swallow the group's message.
+#[test]
+fn a_shared_group_skips_members_that_may_not_read_the_topic() {
+    let acl = "user a\ntopic read #\ntopic deny secret/#\nuser b\ntopic read #\nuser p\ntopic write #\n";
+    let mut b = Bench::with(|c| c.auth = Some(file_auth(&["a", "b", "p"], acl)));
+    let (a, _) = b.connect_answering(login("a", "a", "pw"));
+    let (bb, _) = b.connect_answering(login("b", "b", "pw"));
+    b.subscribe(a, 1, vec![sub("$share/g/#", QoS::AtMostOnce)]);
+    b.subscribe(bb, 1, vec![sub("$share/g/#", QoS::AtMostOnce)]);
+    let (p, _) = b.connect_answering(login("p", "p", "pw"));
+    for i in 0..4 {
+        b.publish(p, message("secret/x", &i.to_string(), QoS::AtMostOnce, 1, false));
+    }
+    assert!(publishes(&b.take(a)).is_empty());
+    assert_eq!(publishes(&b.take(bb)).len(), 4, "every secret message reached the member that may read it");
+    assert_eq!(b.broker.stats().messages_denied, 0);
+}
+
+/// A client that sends CONNECT with a wrong password and leaves at once still counts a failure
+/// for its address, and its check still holds its slot until the verdict comes: dropping the
+/// connection does not make guessing free or unbounded.
+#[test]
+fn abandoned_password_checks_still_count() {
+    let mut b = Bench::with(|c| {
+        c.auth = Some(file_auth(&["u"], "topic read #\n"));
+        c.max_auth_failures = 1;
+        c.max_pending_auth = 1;
+    });
+    let from: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
+    let guess = b.broker.open_stream_from(b.now, from);
+    b.wires.insert(guess, Wire::default());
+    b.send(guess, [login("g", "u", "wrong").into()]);
+    let request = b.broker.poll_auth().expect("a check handed out");
+    b.drop_stream(guess);
+    // The slot is still taken: another client is told the server is busy.
+    let other = b.broker.open_stream_from(b.now, "198.51.100.1:1".parse().unwrap());
+    b.wires.insert(other, Wire::default());
+    b.send(other, [login("o", "u", "pw").into()]);
+    let Packet::ConnAck(busy) = &b.take(other)[0] else { panic!("no CONNACK") };
+    assert_eq!(busy.reason_code, ReasonCode::ServerBusy);
+    let verdict = request.verify();
+    b.broker.handle_auth_result(b.now, request.id(), verdict);
+    // The failure counted for the address that left: its next CONNECT is refused unchecked.
+    let again = b.broker.open_stream_from(b.now, from);
+    b.wires.insert(again, Wire::default());
+    b.send(again, [login("g", "u", "pw").into()]);
+    let Packet::ConnAck(limited) = &b.take(again)[0] else { panic!("no CONNACK") };
+    assert_eq!(limited.reason_code, ReasonCode::ConnectionRateExceeded);
+    assert!(b.broker.poll_auth().is_none());
+}
+
+/// AUTH sent while the broker checks the CONNECT's password breaks the protocol (no
+/// authentication method was agreed): the CONNECT is refused with Protocol error.
+#[test]
+fn auth_during_the_password_check_is_a_protocol_error() {
+    let mut b = Bench::with(|c| c.auth = Some(file_auth(&["u"], "topic read #\n")));
+    let id = b.open();
+    b.send(id, [login("c", "u", "pw").into(), Packet::Auth(Default::default())]);
+    let Packet::ConnAck(refused) = &b.take(id)[0] else { panic!("no CONNACK") };
+    assert_eq!(refused.reason_code, ReasonCode::ProtocolError);
+    assert!(b.is_closed(id));
+    // Its check, answered later, lands nowhere.
+    let request = b.broker.poll_auth().expect("the check was handed out");
+    b.broker.handle_auth_result(b.now, request.id(), Ok(()));
+    assert!(!b.broker.has_session("c"));
+}
+
+/// A SUBSCRIBE brings at most as many retained messages as the session can queue; collecting
+/// more would cost memory for messages that are dropped anyway.
+#[test]
+fn retained_messages_per_subscribe_are_capped_at_the_session_queue() {
+    let mut b = Bench::with(|c| {
+        c.session.max_queued = 5;
+        c.session.max_inflight = 1;
+    });
+    let p = b.client("p");
+    for i in 0..20 {
+        b.publish(p, message(&format!("r/{i:02}"), "v", QoS::AtLeastOnce, 1, true));
+    }
+    let s = b.client("s");
+    b.subscribe(s, 1, vec![sub("r/#", QoS::AtLeastOnce), sub("r/+", QoS::AtLeastOnce)]);
+    // One in flight at a time (the window); the rest wait in the queue for acknowledgements.
+    let mut received = 0;
+    for _ in 0..40 {
+        let got = publishes(&b.take(s));
+        if got.is_empty() {
+            break;
+        }
+        received += got.len();
+        let acks: Vec<Packet> = got.iter().map(|m| Packet::PubAck(Ack::new(m.packet_id().unwrap()))).collect();
+        b.send(s, acks);
+    }
+    assert_eq!(received, 5, "retained messages for a session queue of 5 (20 match)");
 }

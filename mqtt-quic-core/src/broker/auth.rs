@@ -17,9 +17,9 @@
 //! [..] TOPIC` lines apply to everyone, with `%c` replaced by the client id and `%u` by the user
 //! name. Access defaults to `readwrite`; anything not granted is denied, and a `deny` line wins
 //! over any grant (a subscription wider than a denied subtree is granted, and the denied topics
-//! are held back at delivery). A pattern never applies to a client whose id (for `%c`) or user name (for
-//! `%u`) contains `+`, `#` or `/`: substituted, those would widen the rule to other clients'
-//! topics (mosquitto refuses them the same way). An access word other than the four is an error,
+//! are held back at delivery). While any `pattern` names `%c` (or `%u`), a client whose id (or
+//! user name) contains `+`, `#` or `/` is denied everything: substituted, those would widen a
+//! grant to other clients' topics or slip past a deny (mosquitto refuses them the same way). An access word other than the four is an error,
 //! not a topic.
 //!
 //! An ACL with `user` sections only means something when user names are proven: the broker
@@ -85,9 +85,12 @@ impl AuthRequest {
         self.username.as_deref()
     }
 
-    /// Runs the check (slow: call it off the event loop).
+    /// Runs the check (slow: call it off the event loop). A check that panics (a bug in an
+    /// `Auth` implementation) refuses the client with Unspecified error instead of leaving it
+    /// waiting and its worker gone.
     pub fn verify(&self) -> AuthVerdict {
-        self.auth.connect(&self.client_id, self.username.as_deref(), self.password.as_deref())
+        let check = || self.auth.connect(&self.client_id, self.username.as_deref(), self.password.as_deref());
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)).unwrap_or(Err(ReasonCode::UnspecifiedError))
     }
 }
 
@@ -296,14 +299,22 @@ impl FileAuth {
             None => acl.anonymous.as_slice(),
         };
         // A pattern applies only where its substitutions are plain levels: an id or name with
-        // a wildcard or a separator would widen it to other clients' topics.
+        // a wildcard or a separator would widen a grant to other clients' topics, and slip past
+        // a deny. As mosquitto does, such a client is refused whenever a pattern would need it.
         let plain = |s: &str| !s.contains(['+', '#', '/']);
+        let unsafe_substitution = acl.patterns.iter().any(|r| {
+            (r.topic.contains("%c") && !plain(client_id))
+                || (r.topic.contains("%u") && username.is_some_and(|u| !plain(u)))
+        });
+        if unsafe_substitution {
+            return false;
+        }
         let patterns = acl.patterns.iter().filter_map(|r| {
-            let needs_user = r.topic.contains("%u");
-            let needs_client = r.topic.contains("%c");
-            if (needs_user && !username.is_some_and(plain)) || (needs_client && !plain(client_id)) {
+            // A pattern naming %u does not apply to anonymous clients.
+            if r.topic.contains("%u") && username.is_none() {
                 return None;
             }
+            let (needs_user, needs_client) = (r.topic.contains("%u"), r.topic.contains("%c"));
             if !needs_user && !needs_client {
                 return Some((r.access, Cow::Borrowed(r.topic.as_str())));
             }
@@ -475,6 +486,14 @@ pattern write users/%u/status
         assert!(!auth.can_subscribe("#", None, &f("devices/#")));
         assert!(auth.can_subscribe("c", Some("bob"), &f("users/bob/#")));
         assert!(!auth.can_subscribe("c", Some("b/o"), &f("users/b/o/#")));
+        // A deny pattern must not fail open for such ids: they are denied everything.
+        let deny = "topic read #\npattern deny private/%c/#\n";
+        let auth = FileAuth::new(true).with_acl(deny).unwrap();
+        let t = |s: &str| TopicName::new(s).unwrap();
+        assert!(auth.can_read("dev1", None, &t("public/x")));
+        assert!(!auth.can_read("dev1", None, &t("private/dev1/x")));
+        assert!(!auth.can_read("a/b", None, &t("private/a/b/x")));
+        assert!(!auth.can_read("a/b", None, &t("public/x")));
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! Failed logins per source address: after `max` failures within `window`, an address's next
-//! CONNECTs with credentials are refused (Connection rate exceeded, 0x9F) without spending a
-//! password verification on them, until the window has passed.
+//! CONNECTs are refused (Connection rate exceeded, 0x9F) without spending a password
+//! verification on them, until the window has passed. IPv6 addresses count by their /64 (one
+//! host usually has a whole /64 to draw addresses from); IPv4 ones one by one.
 //!
-//! Bounded: at most `capacity` addresses are tracked; when full, expired entries are dropped,
-//! and if none has expired a new address is not tracked (an attacker with that many addresses
-//! is beyond what a per-address limit can stop; the bound on verifications in flight still
-//! holds).
+//! Bounded: at most `capacity` addresses are tracked. When full, entries whose window has
+//! passed are dropped (oldest first, each in logarithmic time); if none has, a new address is not
+//! tracked (an attacker with that many addresses is beyond what a per-address limit can stop;
+//! the bounds on verifications in flight still hold).
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 /// Failures per address in a fixed window.
@@ -19,13 +20,29 @@ pub struct FailureLimiter {
     capacity: usize,
     /// Per address: when its window started, and its failures since.
     entries: BTreeMap<IpAddr, (Instant, u32)>,
+    /// The same, ordered by window start, to find expired ones without a scan.
+    by_start: BTreeSet<(Instant, IpAddr)>,
+}
+
+/// The key an address counts under: itself for IPv4, its /64 for IPv6.
+fn key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
 }
 
 impl FailureLimiter {
     /// Allows `max` failures per `window` from one address, tracking at most `capacity`
     /// addresses. `max == 0` turns the limit off.
     pub fn new(max: u32, window: Duration, capacity: usize) -> FailureLimiter {
-        FailureLimiter { max, window, capacity, entries: BTreeMap::new() }
+        FailureLimiter { max, window, capacity, entries: BTreeMap::new(), by_start: BTreeSet::new() }
     }
 
     /// Whether `ip` has used up its failures for now.
@@ -33,7 +50,7 @@ impl FailureLimiter {
         self.max > 0
             && self
                 .entries
-                .get(&ip)
+                .get(&key(ip))
                 .is_some_and(|(start, n)| *n >= self.max && now.saturating_duration_since(*start) < self.window)
     }
 
@@ -42,17 +59,25 @@ impl FailureLimiter {
         if self.max == 0 {
             return;
         }
+        let ip = key(ip);
         let window = self.window;
         let expired = |start: Instant| now.saturating_duration_since(start) >= window;
-        if !self.entries.contains_key(&ip) && self.entries.len() >= self.capacity {
-            self.entries.retain(|_, (start, _)| !expired(*start));
-            if self.entries.len() >= self.capacity {
-                return;
+        if !self.entries.contains_key(&ip) {
+            while self.entries.len() >= self.capacity {
+                match self.by_start.first() {
+                    Some(&(start, old)) if expired(start) => {
+                        self.by_start.pop_first();
+                        self.entries.remove(&old);
+                    }
+                    _ => return,
+                }
             }
         }
         let entry = self.entries.entry(ip).or_insert((now, 0));
-        if expired(entry.0) {
+        if entry.1 == 0 || expired(entry.0) {
+            self.by_start.remove(&(entry.0, ip));
             *entry = (now, 0);
+            self.by_start.insert((now, ip));
         }
         entry.1 = entry.1.saturating_add(1);
     }
@@ -93,5 +118,19 @@ mod tests {
         l.record_failure(t0 + Duration::from_secs(61), other);
         assert_eq!(l.len(), 1);
         assert!(!l.is_limited(t0 + Duration::from_secs(61), ip));
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        #[allow(clippy::disallowed_methods)]
+        let t0 = Instant::now();
+        let mut l = FailureLimiter::new(2, Duration::from_secs(60), 100);
+        l.record_failure(t0, "2001:db8:1:2::1".parse().unwrap());
+        l.record_failure(t0, "2001:db8:1:2:ffff::9".parse().unwrap());
+        assert!(l.is_limited(t0, "2001:db8:1:2::77".parse().unwrap()), "same /64");
+        assert!(!l.is_limited(t0, "2001:db8:1:3::1".parse().unwrap()), "another /64");
+        l.record_failure(t0, "::ffff:192.0.2.1".parse().unwrap());
+        l.record_failure(t0, "192.0.2.1".parse().unwrap());
+        assert!(l.is_limited(t0, "192.0.2.1".parse().unwrap()), "IPv4-mapped is IPv4");
     }
 }

@@ -67,9 +67,13 @@ pub struct BrokerConfig {
     /// is told this one in CONNACK (Server Keep Alive); an MQTT 3.1.1 client, which cannot be
     /// told, is refused (Identifier rejected), as mosquitto does. 0 turns the limit off.
     pub max_keepalive: u16,
-    /// Password verifications waiting for the adapter at once; CONNECTs beyond it are refused
-    /// with Server busy (0x89).
+    /// Password verifications out with the adapter at once, counting those whose client has
+    /// gone meanwhile (their hash is being computed all the same); CONNECTs beyond it are
+    /// refused with Server busy (0x89).
     pub max_pending_auth: usize,
+    /// Of those, how many may come from one address (more get Server busy too), so that one
+    /// address cannot take every slot.
+    pub max_pending_auth_per_ip: usize,
     /// Failed logins allowed from one address per `auth_failure_window`; beyond it CONNECTs
     /// from that address are refused with Connection rate exceeded (0x9F) without verifying.
     /// 0 turns the limit off.
@@ -110,6 +114,7 @@ impl BrokerConfig {
             write_timeout: Duration::from_secs(60),
             max_keepalive: u16::MAX,
             max_pending_auth: 64,
+            max_pending_auth_per_ip: 8,
             max_auth_failures: 10,
             auth_failure_window: Duration::from_secs(60),
             auth: None,
@@ -137,6 +142,7 @@ impl BrokerConfig {
             ("max_topic_length", self.max_topic_length),
             ("max_sessions", self.max_sessions),
             ("max_pending_auth", self.max_pending_auth),
+            ("max_pending_auth_per_ip", self.max_pending_auth_per_ip),
         ];
         for (name, n) in counts {
             if n == 0 {
@@ -247,6 +253,15 @@ struct Live {
     auth: Option<AuthId>,
 }
 
+/// A password verification the adapter is running.
+struct PendingAuth {
+    /// The connection and its CONNECT, or `None` once the connection has gone: the entry stays
+    /// until the verdict comes, so it still counts against the bounds and a wrong password
+    /// still counts as a failure of its address.
+    waiting: Option<(Peer, Box<Connect>)>,
+    ip: Option<IpAddr>,
+}
+
 /// The broker machine. See the crate docs for the driving contract.
 pub struct Broker {
     quic: QuicEndpoint,
@@ -275,8 +290,8 @@ pub struct Broker {
     /// Connections with bytes waiting: since when, with how much progress then.
     stalls: BTreeMap<Peer, (Instant, u64)>,
     stall_timers: TimerIndex<Peer>,
-    /// Password verifications handed out and not answered: the connection and its CONNECT.
-    pending_auth: BTreeMap<AuthId, (Peer, Box<Connect>)>,
+    /// Password verifications handed out and not answered.
+    pending_auth: BTreeMap<AuthId, PendingAuth>,
     auth_out: VecDeque<AuthRequest>,
     next_auth: u64,
     limiter: FailureLimiter,
@@ -364,7 +379,7 @@ impl Broker {
         let options = mqtt_proto::SubscriptionOptions { qos, ..Default::default() };
         self.router.subscribe(key, filter, Entry { options, subscription_id: None });
         if filter.shared().is_none() {
-            for publish in self.retained.matching(now, filter) {
+            for publish in self.retained.matching(now, filter, usize::MAX) {
                 self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
             }
         }
@@ -413,18 +428,21 @@ impl Broker {
     /// ignored.
     pub fn handle_auth_result(&mut self, now: Instant, id: AuthId, verdict: AuthVerdict) {
         self.tick(now);
-        let Some((conn, connect)) = self.pending_auth.remove(&id) else { return };
+        let Some(pending) = self.pending_auth.remove(&id) else { return };
+        if verdict.is_err() {
+            // Counted even when the client has gone: dropping the connection right after
+            // CONNECT must not make guessing free.
+            self.stats.auth_failures += 1;
+            if let Some(ip) = pending.ip {
+                self.limiter.record_failure(now, ip);
+            }
+        }
+        let Some((conn, connect)) = pending.waiting else { return };
         let Some(live) = self.conns.get_mut(&conn).filter(|l| l.auth == Some(id)) else { return };
         live.auth = None;
         match verdict {
             Ok(()) => self.admit(now, conn, *connect),
-            Err(code) => {
-                self.stats.auth_failures += 1;
-                if let Some(ip) = self.remote_ip(conn) {
-                    self.limiter.record_failure(now, ip);
-                }
-                self.refuse(now, conn, code);
-            }
+            Err(code) => self.refuse(now, conn, code),
         }
         self.dirty.insert(conn);
         self.pump(now);
@@ -449,7 +467,9 @@ impl Broker {
         let peers: Vec<Peer> = self.conns.keys().copied().collect();
         for peer in peers {
             if let Some(live) = self.conns.get_mut(&peer) {
-                if live.session.disconnect(ReasonCode::ServerShuttingDown).is_err() {
+                if live.session.disconnect(ReasonCode::ServerShuttingDown).is_err()
+                    && live.session.refuse(now, ReasonCode::ServerUnavailable).is_err()
+                {
                     // Not connected yet (no CONNECT): there is nobody to tell.
                     live.session.connection_lost();
                 }
@@ -542,7 +562,13 @@ impl Broker {
                         self.live(now, Peer::Quic(conn));
                         self.dirty.insert(Peer::Quic(conn));
                     }
-                    quic::Event::Received { conn, data } => self.received(now, Peer::Quic(conn), &data),
+                    quic::Event::Received { conn, data } => {
+                        // Bytes after the session ended (the client may go on writing while our
+                        // FIN is on its way) start nothing new on a finishing connection.
+                        if self.conns.contains_key(&Peer::Quic(conn)) || !self.quic.is_finishing(conn) {
+                            self.received(now, Peer::Quic(conn), &data);
+                        }
+                    }
                     quic::Event::Closed { conn, .. } => self.lost(Peer::Quic(conn)),
                 }
             }
@@ -769,8 +795,10 @@ impl Broker {
         if ended {
             if let Some(Live { auth: Some(id), .. }) = self.conns.remove(&conn) {
                 // Its verdict, when it comes, must not land on a later connection that reuses
-                // this one's number.
-                self.pending_auth.remove(&id);
+                // this one's number; the entry itself stays until then (see `PendingAuth`).
+                if let Some(pending) = self.pending_auth.get_mut(&id) {
+                    pending.waiting = None;
+                }
             }
             self.finish(now, conn);
         }
@@ -840,9 +868,12 @@ impl Broker {
             ServerEvent::Ended { will, .. } => self.on_end(now, conn, will),
             ServerEvent::Auth(_) => {
                 // No authentication method was agreed (a CONNECT carrying one is refused), so
-                // AUTH from the client breaks the protocol.
+                // AUTH from the client breaks the protocol: DISCONNECT once connected, a refused
+                // CONNECT while its password is being checked.
                 if let Some(live) = self.conns.get_mut(&conn) {
-                    let _ = live.session.disconnect(ReasonCode::ProtocolError);
+                    if live.session.disconnect(ReasonCode::ProtocolError).is_err() {
+                        let _ = live.session.refuse(now, ReasonCode::ProtocolError);
+                    }
                 }
             }
         }
@@ -878,10 +909,12 @@ impl Broker {
             }
         }
         let Some(auth) = self.config.auth.clone() else { return self.admit(now, conn, c) };
-        if self.remote_ip(conn).is_some_and(|ip| self.limiter.is_limited(now, ip)) {
+        let ip = self.remote_ip(conn);
+        if ip.is_some_and(|ip| self.limiter.is_limited(now, ip)) {
             return self.refuse(now, conn, ReasonCode::ConnectionRateExceeded);
         }
-        if self.pending_auth.len() >= self.config.max_pending_auth {
+        let from_ip = ip.map_or(0, |ip| self.pending_auth.values().filter(|p| p.ip == Some(ip)).count());
+        if self.pending_auth.len() >= self.config.max_pending_auth || from_ip >= self.config.max_pending_auth_per_ip {
             return self.refuse(now, conn, ReasonCode::ServerBusy);
         }
         self.next_auth += 1;
@@ -893,9 +926,10 @@ impl Broker {
             auth,
             client_id: c.client_id.to_string(),
             username: c.username.as_ref().map(|u| u.as_str().to_string()),
-            password: c.password.clone(),
+            // A copy: a slice would hold the whole CONNECT frame while the hash runs.
+            password: c.password.as_deref().map(Bytes::copy_from_slice),
         });
-        self.pending_auth.insert(id, (conn, Box::new(c)));
+        self.pending_auth.insert(id, PendingAuth { waiting: Some((conn, Box::new(c))), ip });
     }
 
     /// A client id for a client that sent none: unpredictable (a keyed hash of a counter, the
@@ -1074,8 +1108,9 @@ impl Broker {
 
     /// Keeps a session's state while its client is away, counting its messages against the
     /// offline byte budget.
-    fn keep(&mut self, id: &str, state: SessionState) {
+    fn keep(&mut self, id: &str, mut state: SessionState) {
         let Some(record) = self.clients.get_mut(id) else { return };
+        state.detach_messages();
         let bytes = state.bytes();
         self.offline_bytes = self.offline_bytes - record.queued_bytes + bytes;
         record.queued_bytes = bytes;
@@ -1105,8 +1140,12 @@ impl Broker {
         for ((_, id), filter) in pending {
             self.shared_pending.remove(&(key, id));
             for mut publish in state.take_requests(&[id]) {
-                let online = |k| is_online(&self.clients, &self.keys, k);
-                let Some((other, entry)) = self.router.pick_shared(&filter, key, online) else { continue };
+                let auth = self.config.auth.as_deref();
+                let eligible = |k| {
+                    is_online(&self.clients, &self.keys, k)
+                        && may_read(&self.clients, &self.keys, auth, k, &publish.topic)
+                };
+                let Some((other, entry)) = self.router.pick_shared(&filter, key, eligible) else { continue };
                 publish.dup = false;
                 publish.qos_pid = QosPid::from_parts(publish.qos().min(entry.options.qos), PacketId::MIN);
                 if let Some(new_id) = self.deliver(now, other, publish) {
@@ -1153,8 +1192,12 @@ impl Broker {
 
     /// Routes a message to every matching subscription.
     fn route(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
-        let online = |k| is_online(&self.clients, &self.keys, k);
-        for d in self.router.route(&publish.topic, from, online) {
+        // A shared group picks among members that are online and may read the topic, so a
+        // member whose rights exclude it does not swallow the group's message.
+        let auth = self.config.auth.as_deref();
+        let eligible =
+            |k| is_online(&self.clients, &self.keys, k) && may_read(&self.clients, &self.keys, auth, k, &publish.topic);
+        for d in self.router.route(&publish.topic, from, eligible) {
             let mut out = publish.clone();
             out.dup = false;
             out.qos_pid = QosPid::from_parts(publish.qos().min(d.qos), PacketId::MIN);
@@ -1208,13 +1251,11 @@ impl Broker {
             let max = self.config.max_offline_queue;
             let record = self.keys.get(&key).and_then(|id| self.clients.get_mut(id));
             match record {
-                Some(Record { kept: Some(state), queued_bytes, .. }) if !over => {
-                    if state.enqueue(now, publish.detached(), max) {
-                        *queued_bytes += cost;
-                        self.offline_bytes += cost;
-                    } else {
-                        self.stats.messages_dropped += 1;
-                    }
+                // Full is checked before the copy is made: a full queue costs nothing more.
+                Some(Record { kept: Some(state), queued_bytes, .. }) if !over && !state.is_full(max) => {
+                    state.enqueue(now, publish.detached(), max);
+                    *queued_bytes += cost;
+                    self.offline_bytes += cost;
                 }
                 _ => self.stats.messages_dropped += 1,
             }
@@ -1242,6 +1283,9 @@ impl Broker {
         }
         let mut decided: BTreeMap<&TopicFilter, ReasonCode> = BTreeMap::new();
         let mut retained = Vec::new();
+        // At most as many retained messages per SUBSCRIBE as the session can queue: the rest
+        // would be dropped anyway, and collecting them costs memory and time.
+        let mut room = self.config.session.max_queued;
         for s in &subscriptions {
             if decided.contains_key(&s.filter) {
                 continue;
@@ -1250,7 +1294,7 @@ impl Broker {
             let mut options = s.options;
             options.qos = options.qos.min(max);
             let known = self.router.filters(key).contains(&s.filter);
-            let code = if self.topic_refusal(s.filter.as_str()).is_some() {
+            let code = if self.topic_refusal(s.filter.match_filter()).is_some() {
                 ReasonCode::TopicFilterInvalid
             } else if self.config.auth.as_ref().zip(self.conns.get(&conn)).is_some_and(|(auth, live)| {
                 !auth.can_subscribe(live.client.as_deref().unwrap_or(""), live.username.as_deref(), &s.filter)
@@ -1277,7 +1321,9 @@ impl Broker {
             };
             // Retained messages are not sent for shared subscriptions (spec 4.8.2).
             if send && s.filter.shared().is_none() {
-                for mut m in self.retained.matching(now, &s.filter) {
+                let found = self.retained.matching(now, &s.filter, room);
+                room -= found.len();
+                for mut m in found {
                     m.qos_pid = QosPid::from_parts(m.qos().min(options.qos), PacketId::MIN);
                     if let Some(id) = subscription_id {
                         m.properties.subscription_identifiers = vec![id].into();
@@ -1311,6 +1357,24 @@ impl Broker {
 /// connected. (A free function so it can borrow these maps while the router is borrowed.)
 fn is_online(clients: &BTreeMap<String, Record>, keys: &BTreeMap<SessionKey, String>, key: SessionKey) -> bool {
     key > LOCAL_BASE || keys.get(&key).and_then(|id| clients.get(id)).is_some_and(|r| r.conn.is_some())
+}
+
+/// Whether a session may read `topic` (always, without `Auth`, and for in-process
+/// subscriptions). A free function for the same reason as [`is_online`].
+fn may_read(
+    clients: &BTreeMap<String, Record>,
+    keys: &BTreeMap<SessionKey, String>,
+    auth: Option<&dyn Auth>,
+    key: SessionKey,
+    topic: &mqtt_proto::TopicName,
+) -> bool {
+    let Some(auth) = auth else { return true };
+    if key > LOCAL_BASE {
+        return true;
+    }
+    keys.get(&key)
+        .and_then(|id| Some((id, clients.get(id)?)))
+        .is_some_and(|(id, r)| auth.can_read(id, r.owner.as_deref(), topic))
 }
 
 /// The PUBLISH a will becomes.

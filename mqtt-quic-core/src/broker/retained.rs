@@ -161,13 +161,17 @@ impl RetainedStore {
     }
 
     /// The retained messages whose topics match `filter` (a shared filter matches by its inner
-    /// filter), with their remaining expiry; expired ones are left out.
-    pub fn matching(&self, now: Instant, filter: &TopicFilter) -> Vec<Publish> {
+    /// filter), with their remaining expiry, at most `limit` of them (in topic order); expired
+    /// ones are left out.
+    pub fn matching(&self, now: Instant, filter: &TopicFilter, limit: usize) -> Vec<Publish> {
         let levels: Vec<&str> = filter.match_filter().split('/').collect();
         let mut out = Vec::new();
         // Depth-first with an explicit stack: (node, depth in the filter).
         let mut stack: Vec<(&Node, usize)> = vec![(&self.root, 0)];
         while let Some((node, depth)) = stack.pop() {
+            if out.len() >= limit {
+                break;
+            }
             let Some(level) = levels.get(depth) else {
                 out.extend(node.message.as_ref().and_then(|m| live(m, now)));
                 continue;
@@ -178,9 +182,9 @@ impl RetainedStore {
                 "#" => {
                     // `#` also matches the parent level itself ("a/#" matches "a").
                     out.extend(node.message.as_ref().filter(|_| depth > 0).and_then(|m| live(m, now)));
-                    for (name, child) in node.children.iter().rev() {
+                    for (name, child) in node.children.iter() {
                         if visible(name) {
-                            subtree(child, now, &mut out);
+                            subtree(child, now, &mut out, limit);
                         }
                     }
                 }
@@ -235,10 +239,13 @@ fn live(stored: &Stored, now: Instant) -> Option<Publish> {
     Some(p)
 }
 
-/// Every live message in a subtree, in topic order, with a loop.
-fn subtree(root: &Node, now: Instant, out: &mut Vec<Publish>) {
+/// Every live message in a subtree, in topic order, with a loop, until `out` holds `limit`.
+fn subtree(root: &Node, now: Instant, out: &mut Vec<Publish>, limit: usize) {
     let mut stack = vec![root];
     while let Some(node) = stack.pop() {
+        if out.len() >= limit {
+            return;
+        }
         out.extend(node.message.as_ref().and_then(|m| live(m, now)));
         stack.extend(node.children.values().rev());
     }
@@ -256,8 +263,11 @@ mod tests {
     }
 
     fn topics(store: &RetainedStore, now: Instant, filter: &str) -> Vec<String> {
-        let mut t: Vec<String> =
-            store.matching(now, &TopicFilter::new(filter).unwrap()).into_iter().map(|p| p.topic.to_string()).collect();
+        let mut t: Vec<String> = store
+            .matching(now, &TopicFilter::new(filter).unwrap(), usize::MAX)
+            .into_iter()
+            .map(|p| p.topic.to_string())
+            .collect();
         t.sort();
         t
     }
@@ -276,7 +286,7 @@ mod tests {
         }
         s.set(t0, &msg("a/b", "v2")).unwrap();
         assert_eq!(s.len(), 5);
-        let got = s.matching(t0, &TopicFilter::new("a/b").unwrap());
+        let got = s.matching(t0, &TopicFilter::new("a/b").unwrap(), usize::MAX);
         assert_eq!(&got[0].payload[..], b"v2");
         assert!(got[0].retain);
         assert_eq!(topics(&s, t0, "a/#"), ["a", "a/b", "a/b/c"]);
@@ -306,9 +316,9 @@ mod tests {
         let mut m = msg("t", "x");
         m.properties.message_expiry_interval = Some(10);
         s.set(t0, &m).unwrap();
-        let later = s.matching(t0 + Duration::from_secs(4), &TopicFilter::new("t").unwrap());
+        let later = s.matching(t0 + Duration::from_secs(4), &TopicFilter::new("t").unwrap(), usize::MAX);
         assert_eq!(later[0].properties.message_expiry_interval, Some(6));
-        assert!(s.matching(t0 + Duration::from_secs(10), &TopicFilter::new("t").unwrap()).is_empty());
+        assert!(s.matching(t0 + Duration::from_secs(10), &TopicFilter::new("t").unwrap(), usize::MAX).is_empty());
         s.purge_expired(t0 + Duration::from_secs(11));
         assert!(s.is_empty());
     }
@@ -348,9 +358,9 @@ mod tests {
         let mut s = RetainedStore::new(10, usize::MAX);
         s.set(t0, &msg(&deep, "x")).unwrap();
         s.set(t0, &msg(&format!("{deep}a"), "y")).unwrap();
-        assert_eq!(s.matching(t0, &TopicFilter::new("#").unwrap()).len(), 2);
-        assert_eq!(s.matching(t0, &TopicFilter::new(format!("{deep}+")).unwrap()).len(), 2);
-        assert_eq!(s.matching(t0, &TopicFilter::new(format!("{deep}a")).unwrap()).len(), 1);
+        assert_eq!(s.matching(t0, &TopicFilter::new("#").unwrap(), usize::MAX).len(), 2);
+        assert_eq!(s.matching(t0, &TopicFilter::new(format!("{deep}+")).unwrap(), usize::MAX).len(), 2);
+        assert_eq!(s.matching(t0, &TopicFilter::new(format!("{deep}a")).unwrap(), usize::MAX).len(), 1);
         s.set(t0, &msg(&deep, "")).unwrap();
         assert_eq!(s.len(), 1);
         drop(s);

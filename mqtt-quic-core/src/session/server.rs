@@ -180,13 +180,15 @@ impl SessionState {
         self.inflight.len() + self.queued.len()
     }
 
-    /// Drops the messages `keep` refuses: queued ones, and sent ones the client has not yet
-    /// received in full (a QoS 2 message whose PUBREL went out has been received, and stays to
-    /// complete). Returns how many were dropped. For a broker re-checking read rights when a
+    /// Drops the messages `keep` refuses: queued ones, and QoS 1 ones sent and not
+    /// acknowledged. Returns how many were dropped. For a broker re-checking read rights when a
     /// session resumes, in case they changed while the client was away.
     pub fn retain_messages(&mut self, mut keep: impl FnMut(&Publish) -> bool) -> usize {
         let before = self.pending();
-        self.inflight.retain(|(_, released, _, p)| *released || keep(p));
+        // A QoS 2 message once sent stays whatever: the client may hold its packet identifier
+        // in its receive state, and would take a new message under that identifier for a
+        // duplicate.
+        self.inflight.retain(|(_, released, _, p)| *released || p.qos() == QoS::ExactlyOnce || keep(p));
         self.queued.retain(|(_, p, _)| keep(p));
         before - self.pending()
     }
@@ -218,6 +220,23 @@ impl SessionState {
     pub fn bytes(&self) -> usize {
         let cost = |p: &Publish| message_cost(p);
         self.inflight.iter().map(|m| cost(&m.3)).sum::<usize>() + self.queued.iter().map(|m| cost(&m.1)).sum::<usize>()
+    }
+
+    /// Whether `max` messages wait already (see [`SessionState::enqueue`]).
+    pub fn is_full(&self, max: usize) -> bool {
+        self.pending() >= max
+    }
+
+    /// Makes every kept message own its bytes (see [`Publish::detached`]): messages routed to a
+    /// live connection are slices of their publisher's receive buffer, which a session kept for
+    /// days must not pin.
+    pub fn detach_messages(&mut self) {
+        for m in &mut self.inflight {
+            m.3 = m.3.detached();
+        }
+        for m in &mut self.queued {
+            m.1 = m.1.detached();
+        }
     }
 
     /// Queues a message for a client that is offline; it goes out when the session resumes.
@@ -1220,6 +1239,21 @@ mod tests {
             h.sent(),
             [ConnAck { reason_code: ReasonCode::ClientIdentifierNotValid, ..Default::default() }.into()]
         );
+    }
+
+    #[test]
+    fn kept_messages_can_be_detached_from_their_receive_buffers() {
+        let buffer = Bytes::from(vec![0u8; 1 << 20]);
+        let mut state = SessionState::default();
+        let m = Publish::new(TopicName::new("t").unwrap(), buffer.slice(..10)).with_qos(QoS::AtLeastOnce);
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        assert!(state.enqueue(now, m, 10));
+        assert!(!buffer.is_unique());
+        state.detach_messages();
+        assert!(buffer.is_unique(), "the kept message holds its own 10 bytes");
+        assert_eq!(state.bytes(), 1 + 10 + 64);
+        assert!(state.is_full(1) && !state.is_full(2));
     }
 
     #[test]
