@@ -167,10 +167,15 @@ impl Router {
         removed
     }
 
-    /// Removes every subscription of a session (its session ended).
+    /// Removes every subscription of a session (its session ended). Linear in its number of
+    /// subscriptions (removing them one by one with `unsubscribe` would rescan its list each
+    /// time).
     pub fn remove_session(&mut self, session: SessionKey) {
-        for filter in self.by_session.get(&session).cloned().unwrap_or_default() {
-            self.unsubscribe(session, &filter);
+        for filter in self.by_session.remove(&session).unwrap_or_default() {
+            let (group, path, hash) = split(&filter);
+            if remove(&mut self.root, &path, hash, group, session) {
+                self.count -= 1;
+            }
         }
     }
 
