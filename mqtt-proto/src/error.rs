@@ -120,9 +120,13 @@ pub enum DecodeError {
     /// A SUBSCRIBE or UNSUBSCRIBE with no topic filters, or a SUBACK/UNSUBACK with no codes.
     #[error("packet must carry at least one entry in its payload")]
     EmptyPayload,
-    /// Reserved bits of the SUBSCRIBE options are set, or retain handling is 3.
+    /// Reserved bits of the SUBSCRIBE options are set.
     #[error("invalid subscription options 0x{0:02X}")]
     InvalidSubscriptionOptions(u8),
+    /// MQTT 5 SUBSCRIBE options ask for Maximum QoS 3 or Retain Handling 3 (a Protocol Error,
+    /// 3.8.3.1).
+    #[error("subscription options 0x{0:02X} ask for QoS 3 or retain handling 3")]
+    SubscriptionOptionOutOfRange(u8),
     /// No Local set on a shared subscription [MQTT-3.8.3-4].
     #[error("no local is not allowed on a shared subscription")]
     NoLocalOnSharedSubscription,
@@ -143,6 +147,7 @@ impl DecodeError {
             | InvalidPropertyValue(_)
             | EmptyPayload
             | EmptyTopicWithoutAlias
+            | SubscriptionOptionOutOfRange(_)
             | NoLocalOnSharedSubscription => ReasonCode::ProtocolError,
             ZeroTopicAlias => ReasonCode::TopicAliasInvalid,
             InvalidTopicName => ReasonCode::TopicNameInvalid,

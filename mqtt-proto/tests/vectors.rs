@@ -253,11 +253,12 @@ fn subscribe_vectors() {
         ReasonCode::MalformedPacket,
     );
     err(V3, &[0x82, 6, 0, 1, 0, 1, b'a', 0x03], DecodeError::InvalidQos, ReasonCode::MalformedPacket);
+    // 3.8.3.1: Retain Handling 3 and Maximum QoS 3 are Protocol Errors in MQTT 5.
     err(
         V5,
         &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30],
-        DecodeError::InvalidSubscriptionOptions(0x30),
-        ReasonCode::MalformedPacket,
+        DecodeError::SubscriptionOptionOutOfRange(0x30),
+        ReasonCode::ProtocolError,
     );
     err(
         V5,
@@ -265,7 +266,12 @@ fn subscribe_vectors() {
         DecodeError::InvalidSubscriptionOptions(0x40),
         ReasonCode::MalformedPacket,
     );
-    err(V5, &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x03], DecodeError::InvalidQos, ReasonCode::MalformedPacket);
+    err(
+        V5,
+        &[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x03],
+        DecodeError::SubscriptionOptionOutOfRange(0x03),
+        ReasonCode::ProtocolError,
+    );
     err(
         V3,
         &[0x82, 10, 0, 1, 0, 5, b'a', b'/', b'#', b'/', b'b', 0],

@@ -1198,3 +1198,57 @@ fn retained_messages_per_subscribe_are_capped_at_the_session_queue() {
     }
     assert_eq!(received, 5, "retained messages for a session queue of 5 (20 match)");
 }
+
+/// 3.14.2.2.2: a Session Expiry Interval in the client's DISCONNECT replaces the one from
+/// CONNECT; 0 there ends the session with the connection.
+#[test]
+fn the_session_expiry_of_disconnect_replaces_the_connects() {
+    let mut b = Bench::new();
+    let (c, _) = b.connect(kept("shorter", true));
+    let mut d = mqtt_proto::Disconnect::new(ReasonCode::Success);
+    d.properties.session_expiry_interval = Some(5);
+    b.send(c, [d.into()]);
+    assert!(b.is_closed(c));
+    b.now += std::time::Duration::from_secs(4);
+    mqtt_quic_core::Machine::handle_timeout(&mut b.broker, b.now);
+    assert!(b.broker.has_session("shorter"), "kept for the 5 s DISCONNECT asked for");
+    b.now += std::time::Duration::from_secs(2);
+    mqtt_quic_core::Machine::handle_timeout(&mut b.broker, b.now);
+    assert!(!b.broker.has_session("shorter"), "not for the 60 s of CONNECT");
+
+    let (c, _) = b.connect(kept("none", true));
+    let mut d = mqtt_proto::Disconnect::new(ReasonCode::Success);
+    d.properties.session_expiry_interval = Some(0);
+    b.send(c, [d.into()]);
+    assert!(!b.broker.has_session("none"));
+}
+
+/// 3.14.2.2.2: a session that was to end with the connection (Session Expiry Interval 0 at
+/// CONNECT) cannot be given a life at DISCONNECT: that DISCONNECT is a Protocol Error.
+#[test]
+fn a_disconnect_cannot_extend_a_session_that_had_no_expiry() {
+    let mut b = Bench::new();
+    let c = b.client("brief");
+    let mut d = mqtt_proto::Disconnect::new(ReasonCode::Success);
+    d.properties.session_expiry_interval = Some(30);
+    b.send(c, [d.into()]);
+    assert_eq!(b.take(c), [Packet::Disconnect(mqtt_proto::Disconnect::new(ReasonCode::ProtocolError))]);
+    assert!(b.is_closed(c));
+    assert!(!b.broker.has_session("brief"));
+}
+
+/// 3.8.3.1: SUBSCRIBE options with Maximum QoS 3 or Retain Handling 3 are Protocol Errors
+/// (DISCONNECT 0x82), reserved bits make the packet malformed (0x81) [MQTT-3.8.3-5].
+#[test]
+fn subscribe_options_out_of_range_are_protocol_errors() {
+    for (options, code) in
+        [(0x03, ReasonCode::ProtocolError), (0x30, ReasonCode::ProtocolError), (0x40, ReasonCode::MalformedPacket)]
+    {
+        let mut b = Bench::new();
+        let c = b.client("s");
+        // SUBSCRIBE, packet id 1, no properties, filter "a", the options byte.
+        b.send_bytes(c, &[0x82, 7, 0, 1, 0, 0, 1, b'a', options]);
+        assert_eq!(b.take(c), [Packet::Disconnect(mqtt_proto::Disconnect::new(code))], "options 0x{options:02x}");
+        assert!(b.is_closed(c));
+    }
+}

@@ -32,11 +32,15 @@ impl SubscriptionOptions {
         if byte & reserved != 0 {
             return Err(DecodeError::InvalidSubscriptionOptions(byte));
         }
+        // MQTT 5 makes Maximum QoS 3 and Retain Handling 3 Protocol Errors (3.8.3.1), not
+        // malformed packets; MQTT 3.1.1 calls QoS 3 malformed [MQTT-3.8.3-4].
+        if v5 && (byte & 0b11 == 3 || (byte >> 4) & 0b11 == 3) {
+            return Err(DecodeError::SubscriptionOptionOutOfRange(byte));
+        }
         let retain_handling = match (byte >> 4) & 0b11 {
             0 => RetainHandling::SendAtSubscribe,
             1 => RetainHandling::SendIfNew,
-            2 => RetainHandling::DoNotSend,
-            _ => return Err(DecodeError::InvalidSubscriptionOptions(byte)),
+            _ => RetainHandling::DoNotSend,
         };
         Ok(SubscriptionOptions {
             qos: QoS::from_u8(byte & 0b11)?,

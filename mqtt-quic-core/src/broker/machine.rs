@@ -865,6 +865,14 @@ impl Broker {
                     self.shared_pending.remove(&(key, id));
                 }
             }
+            ServerEvent::SessionExpiry(secs) => {
+                // The broker's maximum caps it as at CONNECT.
+                let record =
+                    self.conns.get(&conn).and_then(|l| l.client.as_ref()).and_then(|c| self.clients.get_mut(c));
+                if let Some(record) = record.filter(|r| r.conn == Some(conn)) {
+                    record.expiry = secs.min(self.config.max_session_expiry);
+                }
+            }
             ServerEvent::Ended { will, .. } => self.on_end(now, conn, will),
             ServerEvent::Auth(_) => {
                 // No authentication method was agreed (a CONNECT carrying one is refused), so

@@ -121,6 +121,9 @@ pub enum ServerEvent {
     },
     /// AUTH from the client (enhanced authentication).
     Auth(Auth),
+    /// The client's DISCONNECT set a new Session Expiry Interval (seconds), which replaces the
+    /// one from CONNECT [MQTT-3.14.2.2.2]. Fires at most once, just before `Ended`.
+    SessionExpiry(u32),
     /// The connection ended. Fires once. `will` is the will message to publish (after its delay)
     /// unless the client disconnected normally.
     Ended {
@@ -285,6 +288,8 @@ pub struct ServerSession {
     announced_expiry: Option<u32>,
     /// Keep-alive the broker imposes on this client (see [`ServerSession::impose_keep_alive`]).
     imposed_keep_alive: Option<u16>,
+    /// The Session Expiry Interval of the client's CONNECT (0 when absent).
+    connect_expiry: u32,
     /// Waiting for an in-flight slot: (request id, message, when it was queued).
     queued: VecDeque<(u64, Publish, Instant)>,
     next_id: u64,
@@ -320,6 +325,7 @@ impl ServerSession {
             resent: 0,
             announced_expiry: None,
             imposed_keep_alive: None,
+            connect_expiry: 0,
             ids: PacketIds::default(),
             inflight: Vec::new(),
             queued: VecDeque::new(),
@@ -848,6 +854,14 @@ impl ServerSession {
                 .push_back(ServerEvent::Unsubscribe { packet_id: u.packet_id, filters: u.filters.iter().collect() }),
             (State::Connected, Packet::PingReq) => self.write(&Packet::PingResp),
             (State::Connected, Packet::Disconnect(d)) => {
+                if let Some(secs) = d.properties.session_expiry_interval {
+                    // A session that was to end with the connection cannot be made to outlive
+                    // it at DISCONNECT: that is a Protocol Error (3.14.2.2.2).
+                    if self.connect_expiry == 0 && secs != 0 {
+                        return self.violation(ReasonCode::ProtocolError);
+                    }
+                    self.events.push_back(ServerEvent::SessionExpiry(secs));
+                }
                 // A normal DISCONNECT discards the will [MQTT-3.14.4-3]; 0x04 asks for it.
                 if d.reason_code != ReasonCode::DisconnectWithWill {
                     self.will = None;
@@ -870,6 +884,7 @@ impl ServerSession {
         // The client's limits hold from the first byte we answer, a refusal included
         // [MQTT-3.1.2-24] (found by the `server_session` fuzzer).
         let p = &*connect.properties;
+        self.connect_expiry = p.session_expiry_interval.unwrap_or(0);
         self.client_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
         self.client_maximum_packet_size =
             p.maximum_packet_size.map_or(mqtt_proto::PROTOCOL_MAX_PACKET_SIZE, |v| v.get());
@@ -910,10 +925,10 @@ impl ServerSession {
     }
 
     fn on_publish(&mut self, mut publish: Publish) {
-        // Subscription Identifiers are the server's to add per subscriber; a client may not send
-        // them [MQTT-3.3.4-6], and none it sent may reach others.
+        // Subscription Identifiers are the server's to add per subscriber: a client that sends
+        // one breaks the protocol [MQTT-3.3.4-6] (DISCONNECT 0x82), and nothing it sent goes on.
         if !publish.properties.subscription_identifiers.is_empty() {
-            publish.properties.subscription_identifiers = mqtt_proto::WireList::new();
+            return self.violation(ReasonCode::ProtocolError);
         }
         if publish.qos() > self.config.maximum_qos {
             return self.violation(ReasonCode::QosNotSupported);
@@ -1646,17 +1661,17 @@ mod tests {
         assert!(h.session.is_ended());
     }
 
-    /// [MQTT-3.3.4-6]: Subscription Identifiers a client puts on its PUBLISH never reach the
-    /// broker (and so never other subscribers).
+    /// [MQTT-3.3.4-6]: a PUBLISH from a client carrying a Subscription Identifier is a
+    /// Protocol Error: DISCONNECT 0x82, the session ends, and the message reaches nobody.
     #[test]
-    fn subscription_identifiers_from_a_client_are_dropped() {
+    fn a_client_publish_with_a_subscription_identifier_is_a_protocol_error() {
         let mut h = Harness::v5();
         let mut p = publish("t", QoS::AtMostOnce, 1);
         p.properties.subscription_identifiers.push(mqtt_proto::SubscriptionId::new(7).unwrap());
         h.feed(p.into());
-        assert!(
-            matches!(&h.events()[..], [ServerEvent::Publish(p)] if p.properties.subscription_identifiers.is_empty())
-        );
+        assert_eq!(h.sent(), [Packet::Disconnect(Disconnect::new(ReasonCode::ProtocolError))]);
+        assert!(!h.events().iter().any(|e| matches!(e, ServerEvent::Publish(_))));
+        assert!(h.session.is_ended());
     }
 
     #[test]
