@@ -287,8 +287,11 @@ async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn
                 break;
             }
         }
+        false
     };
     let outbound = async {
+        // Whether the broker closed the session (rather than the socket failing).
+        let mut closed_by_broker = true;
         'out: while let Ok(StreamOutput::Data(bytes)) = outputs.recv().await {
             // In pieces, each reported, so the broker sees a slow reader's progress. The broker
             // aborts a connection that takes nothing for its write timeout; the timeout here is
@@ -296,19 +299,33 @@ async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn
             for piece in bytes.chunks(64 * 1024) {
                 let wrote = async_std::io::timeout(write_timeout * 2, writing.write_all(piece)).await;
                 if wrote.is_err() || to_broker.send(FromConn::Wrote(id, piece.len())).await.is_err() {
+                    closed_by_broker = false;
                     break 'out;
                 }
             }
         }
         let _ = writing.flush().await;
         let _ = stream.shutdown(std::net::Shutdown::Write);
+        closed_by_broker
     };
     // The broker dropped the connection outright: stop at once, even mid-write.
     let abort = async {
         if aborted.recv().await.is_err() {
             future::pending::<()>().await;
         }
+        false
     };
-    future::or(future::or(inbound, outbound), abort).await;
+    let drain = future::or(future::or(inbound, outbound), abort).await;
+    if drain {
+        // The broker's last bytes (a DISCONNECT with its reason) are out and our side is shut
+        // down; closing with the client's unread bytes in the socket would reset it before it
+        // reads them. Read and discard until the client closes too, for a short while.
+        let mut scratch = vec![0u8; 4096];
+        let _ = async_std::io::timeout(Duration::from_secs(2), async {
+            while matches!(reading.read(&mut scratch).await, Ok(n) if n > 0) {}
+            Ok(())
+        })
+        .await;
+    }
     let _ = to_broker.send(FromConn::Gone(id)).await;
 }

@@ -19,6 +19,16 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// How long a connection the broker closed reads (and discards) what its client still sends
+/// once the broker's last bytes are written, so that the client gets the DISCONNECT rather than a
+/// reset.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Whether a connection the broker closed has written everything (and shut its write side).
+fn closing_written(conn: &Conn) -> bool {
+    conn.closing && conn.is_drained()
+}
+
 /// How often the loop looks for password verdicts while some are outstanding.
 const AUTH_POLL: Duration = Duration::from_millis(2);
 
@@ -181,7 +191,12 @@ impl MioBroker {
                     ReadOutcome::Closed
                 );
             }
-            if closed || (conn.closing && conn.is_drained()) {
+            if closing_written(conn) && !self.closing.get(&token).is_some_and(|at| *at <= t + DRAIN) {
+                // Its last bytes are out: read and discard what the client still sends (so it
+                // reads the DISCONNECT instead of a reset) until it closes, for a short while.
+                self.closing.insert(token, t + DRAIN);
+            }
+            if closed {
                 self.drop_conn(registry, token);
                 self.broker.stream_closed(t, id);
             }
@@ -257,8 +272,12 @@ impl MioBroker {
                 },
                 _ => {
                     conn.closing = true;
-                    if conn.flush().is_none() || conn.is_drained() {
+                    if conn.flush().is_none() {
                         self.drop_conn(registry, token);
+                    } else if conn.is_drained() {
+                        // Written and shut down: drain the client's input for a moment (see
+                        // `handle_event`), then drop it.
+                        self.closing.insert(token, now() + DRAIN);
                     } else {
                         // Its last bytes get the write timeout to go out; a client that takes
                         // none is dropped with them (see `handle_timeout`).

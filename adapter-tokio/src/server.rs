@@ -252,6 +252,10 @@ impl Server {
     }
 }
 
+/// How long a connection the broker closed reads (and discards) what its client still sends,
+/// so that the client gets the DISCONNECT rather than a reset.
+const DRAIN: Duration = Duration::from_secs(2);
+
 /// How much of an output a connection writes before it reports progress to the broker.
 const WRITE_PIECE: usize = 64 * 1024;
 
@@ -480,6 +484,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
         }
     };
     let write = async {
+        // Whether the broker closed the session (rather than the socket failing).
+        let mut closed_by_broker = true;
         while let Some(out) = outbox.pop().await {
             match out {
                 StreamOutput::Data(bytes) => {
@@ -499,6 +505,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
                         }
                     }
                     if failed {
+                        closed_by_broker = false;
                         break;
                     }
                 }
@@ -507,13 +514,24 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
         }
         // A TLS close_notify into a socket nobody reads would wait for ever.
         let _ = tokio::time::timeout(write_timeout, writer.shutdown()).await;
+        closed_by_broker
     };
     // Whichever ends first ends the connection: a client that closed its side is gone, and a
     // session the broker ended has nothing more to read.
-    tokio::select! {
-        _ = read => {}
-        _ = write => {}
-        _ = outbox.aborted() => {}
+    let drain = tokio::select! {
+        _ = read => false,
+        graceful = write => graceful,
+        _ = outbox.aborted() => false,
+    };
+    if drain {
+        // The broker's last bytes (a DISCONNECT with its reason) are out and our side is shut
+        // down. Closing now, with the client's unread bytes in the socket, would make the
+        // kernel answer with a reset, and the client could lose the DISCONNECT before reading
+        // it: read and discard until the client closes too, for a short while.
+        let mut scratch = vec![0u8; 4096];
+        let _ =
+            tokio::time::timeout(DRAIN, async { while matches!(reader.read(&mut scratch).await, Ok(n) if n > 0) {} })
+                .await;
     }
     outbox.close();
     let _ = broker.send(StreamIn::Closed(id)).await;

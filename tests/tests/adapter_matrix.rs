@@ -211,3 +211,64 @@ fn every_broker_adapter_verifies_passwords() {
         (broker.stop)();
     }
 }
+
+/// A client that pipelines Receive Maximum + 1 QoS 2 PUBLISHes (and more after them) reads the
+/// DISCONNECT 0x93 the broker sends, from every broker adapter: the broker shuts its write side
+/// down and drains the client's input before closing, instead of closing on unread input (which
+/// makes the kernel answer with a reset that can destroy the DISCONNECT before it is read).
+#[test]
+fn every_broker_adapter_lets_a_client_read_its_disconnect() {
+    use bytes::BytesMut;
+    use mqtt_proto::{Decoder, MqttString, Packet, PacketId, Protocol, QosPid, ReasonCode};
+    use std::io::{Read, Write};
+    for adapter in ADAPTERS {
+        let broker = start_broker_with(adapter, |o| o.broker.session.receive_maximum = 4);
+        let mut wire = BytesMut::new();
+        let connect = mqtt_proto::Connect::new(Protocol::V5, MqttString::try_from("pipeliner").unwrap());
+        Packet::from(connect).encode(Protocol::V5, &mut wire).unwrap();
+        for i in 1..=5u16 {
+            let mut p = Publish::new(TopicName::new("q2").unwrap(), vec![0u8; 100]);
+            p.qos_pid = QosPid::from_parts(QoS::ExactlyOnce, PacketId::new(i).unwrap());
+            Packet::Publish(p).encode(Protocol::V5, &mut wire).unwrap();
+        }
+        let mut socket = std::net::TcpStream::connect(broker.tcp).unwrap();
+        socket.set_read_timeout(Some(WAIT)).unwrap();
+        socket.write_all(&wire).unwrap();
+        // Goes on writing for a while after the broker has answered, as a pipelining client
+        // does: into a closed socket these writes would draw a reset (and then EPIPE).
+        let mut ping = BytesMut::new();
+        Packet::PingReq.encode(Protocol::V5, &mut ping).unwrap();
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_millis(10));
+            if let Err(e) = socket.write_all(&ping) {
+                panic!("{adapter:?} broker: writing after the DISCONNECT failed: {e}");
+            }
+        }
+        socket.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut received = BytesMut::new();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            match socket.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+                Err(e) => break Some(e),
+            }
+        };
+        let mut decoder = Decoder::new(Protocol::V5);
+        let mut packets = Vec::new();
+        while let Ok(Some(p)) = decoder.decode(&mut received) {
+            packets.push(p);
+        }
+        let disconnect = packets.iter().find_map(|p| match p {
+            Packet::Disconnect(d) => Some(d.reason_code),
+            _ => None,
+        });
+        assert_eq!(
+            disconnect,
+            Some(ReasonCode::ReceiveMaximumExceeded),
+            "{adapter:?} broker: {packets:?}, then {end:?}"
+        );
+        assert!(end.is_none(), "{adapter:?} broker: the connection ended with {end:?}, not a clean close");
+        (broker.stop)();
+    }
+}
