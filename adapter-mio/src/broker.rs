@@ -191,7 +191,7 @@ impl MioBroker {
                     ReadOutcome::Closed
                 );
             }
-            if closing_written(conn) && !self.closing.get(&token).is_some_and(|at| *at <= t + DRAIN) {
+            if closing_written(conn) && self.closing.get(&token).is_none_or(|at| *at > t + DRAIN) {
                 // Its last bytes are out: read and discard what the client still sends (so it
                 // reads the DISCONNECT instead of a reset) until it closes, for a short while.
                 self.closing.insert(token, t + DRAIN);
