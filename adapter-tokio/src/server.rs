@@ -5,8 +5,9 @@
 use crate::udp::Udp;
 use crate::{clock, NEVER};
 use bytes::{Bytes, BytesMut};
+use mqtt_proto::ReasonCode;
 use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
-use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
+use mqtt_quic_core::broker::machine::{Broker, BrokerEvent, Peer, StreamId, StreamOutput};
 use mqtt_quic_core::config::Secret;
 use mqtt_quic_core::Machine;
 use std::collections::HashMap;
@@ -41,6 +42,8 @@ enum StreamIn {
         out: OutboxSender,
         reply: oneshot::Sender<StreamId>,
         remote: SocketAddr,
+        /// "tcp" or "tls", for the log.
+        transport: &'static str,
     },
     Data(StreamId, Bytes),
     /// The writer put this many bytes on the socket.
@@ -282,6 +285,9 @@ async fn drive(
     let mut udp_errors = 0u32;
     let mut udp_paused_until: Option<tokio::time::Instant> = None;
     let mut outboxes: HashMap<StreamId, OutboxSender> = HashMap::new();
+    // Which listener each byte stream came from, for the log.
+    let mut transports: HashMap<StreamId, &'static str> = HashMap::new();
+    let mut closed: Vec<StreamId> = Vec::new();
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
     let mut streams_open = true;
@@ -308,7 +314,13 @@ async fn drive(
                 outboxes.remove(&id);
             }
         }
-        while broker.poll_event().is_some() {}
+        while let Some(event) = broker.poll_event() {
+            log_lifecycle(&event, &transports);
+        }
+        // Streams that closed: their last events are logged, their transport can go.
+        for id in closed.drain(..) {
+            transports.remove(&id);
+        }
         while let Some(request) = broker.poll_auth() {
             let (tx, verifying) = (auth_tx.clone(), verifying.clone());
             drop(tokio::spawn(async move {
@@ -358,8 +370,9 @@ async fn drive(
             }
             Input::Auth(Some((id, verdict))) => broker.handle_auth_result(now, id, verdict),
             Input::Auth(None) => {}
-            Input::Stream(Some(StreamIn::Open { out, reply, remote })) => {
+            Input::Stream(Some(StreamIn::Open { out, reply, remote, transport })) => {
                 let id = broker.open_stream_from(now, remote);
+                transports.insert(id, transport);
                 outboxes.insert(id, out);
                 if reply.send(id).is_err() {
                     outboxes.remove(&id);
@@ -371,6 +384,7 @@ async fn drive(
             Input::Stream(Some(StreamIn::Closed(id))) => {
                 outboxes.remove(&id);
                 broker.stream_closed(now, id);
+                closed.push(id);
             }
             // Only listeners hold senders: without them no stream input can come again.
             Input::Stream(None) => streams_open = false,
@@ -388,6 +402,44 @@ async fn drive(
         }
     }
     info!("broker stopped");
+}
+
+/// One line per client event, at info (a refusal for wrong credentials at warn): greppable by
+/// `client connected`, `client refused` and `client disconnected`.
+fn log_lifecycle(event: &BrokerEvent, transports: &HashMap<StreamId, &'static str>) {
+    let transport = |peer: &Peer| match peer {
+        Peer::Quic(_) => "quic",
+        Peer::Stream(id) => transports.get(id).copied().unwrap_or("tcp"),
+    };
+    let addr = |remote: &Option<SocketAddr>| remote.map_or_else(|| "-".to_string(), |a| a.to_string());
+    match event {
+        BrokerEvent::ClientConnected { client_id, username, peer, remote, protocol, session_present } => info!(
+            "client connected: id={client_id:?} user={:?} transport={} from={} protocol={protocol:?} session_present={session_present}",
+            username.as_deref().unwrap_or(""),
+            transport(peer),
+            addr(remote),
+        ),
+        BrokerEvent::ClientRefused { client_id, username, peer, remote, reason } => {
+            let line = format!(
+                "client refused: id={client_id:?} user={:?} transport={} from={} reason={reason:?} (0x{:02X})",
+                username.as_deref().unwrap_or(""),
+                transport(peer),
+                addr(remote),
+                *reason as u8,
+            );
+            if matches!(reason, ReasonCode::BadUserNameOrPassword | ReasonCode::NotAuthorized) {
+                warn!("{line}");
+            } else {
+                info!("{line}");
+            }
+        }
+        BrokerEvent::ClientDisconnected { client_id, peer, reason, detail } => info!(
+            "client disconnected: id={client_id:?} transport={} reason={reason:?}{}",
+            transport(peer),
+            detail.as_deref().map_or_else(String::new, |d| format!(" ({d})")),
+        ),
+        _ => {}
+    }
 }
 
 /// Receives on the QUIC socket, if there is one (else never).
@@ -437,12 +489,12 @@ async fn accept(
         match acceptor {
             None => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
-                connection(socket, peer, broker, write_timeout).await
+                connection(socket, peer, "tcp", broker, write_timeout).await
             })),
             Some(acceptor) => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
                 match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
-                    Ok(Ok(tls)) => connection(tls, peer, broker, write_timeout).await,
+                    Ok(Ok(tls)) => connection(tls, peer, "tls", broker, write_timeout).await,
                     Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
                     Err(_) => debug!("TLS handshake with {peer} timed out"),
                 }
@@ -455,12 +507,14 @@ async fn accept(
 async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     remote: SocketAddr,
+    transport: &'static str,
     broker: mpsc::Sender<StreamIn>,
     write_timeout: Duration,
 ) {
     let outbox = Outbox::default();
     let (reply, id) = oneshot::channel();
-    if broker.send(StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote }).await.is_err() {
+    let open = StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote, transport };
+    if broker.send(open).await.is_err() {
         return;
     }
     let Ok(id) = id.await else { return };

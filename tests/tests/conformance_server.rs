@@ -1252,3 +1252,45 @@ fn subscribe_options_out_of_range_are_protocol_errors() {
         assert!(b.is_closed(c));
     }
 }
+
+/// The broker reports each client's connection, refusal and end as events, for the adapter's
+/// log (issue 18: one greppable line each).
+#[test]
+fn lifecycle_events_report_connects_refusals_and_ends() {
+    use mqtt_quic_core::broker::machine::BrokerEvent;
+    use mqtt_quic_core::session::server::EndReason;
+    let mut b = Bench::with(|c| c.auth = Some(file_auth(&["u"], "topic readwrite #\n")));
+    let events = |b: &mut Bench| std::iter::from_fn(|| b.broker.poll_event()).collect::<Vec<_>>();
+    let (c, _) = b.connect_answering(login("dev", "u", "pw"));
+    assert!(matches!(
+        &events(&mut b)[..],
+        [BrokerEvent::ClientConnected { client_id, username: Some(u), session_present: false, .. }] if client_id == "dev" && u == "u"
+    ));
+    let refused = b.open();
+    b.send(refused, [login("intruder", "u", "guess").into()]);
+    while let Some(r) = b.broker.poll_auth() {
+        let verdict = r.verify();
+        b.broker.handle_auth_result(b.now, r.id(), verdict);
+    }
+    assert!(matches!(
+        &events(&mut b)[..],
+        [BrokerEvent::ClientRefused { client_id, reason: ReasonCode::BadUserNameOrPassword, .. }] if client_id == "intruder"
+    ));
+    // A takeover ends the first connection, a dropped transport the second.
+    let (second, _) = b.connect_answering(login("dev", "u", "pw"));
+    let got = events(&mut b);
+    assert!(
+        got.iter().any(|e| matches!(
+            e,
+            BrokerEvent::ClientDisconnected { reason: EndReason::Server(ReasonCode::SessionTakenOver), .. }
+        )),
+        "{got:?}"
+    );
+    assert!(got.iter().any(|e| matches!(e, BrokerEvent::ClientConnected { .. })), "{got:?}");
+    let _ = c;
+    b.drop_stream(second);
+    assert!(matches!(
+        &events(&mut b)[..],
+        [BrokerEvent::ClientDisconnected { reason: EndReason::TransportLost, detail: Some(_), .. }]
+    ));
+}

@@ -10,12 +10,12 @@ use super::router::{Entry, Router, SessionKey};
 use crate::config::{invalid, ConfigError, ServerConfig, MAX_DURATION};
 use crate::machine::Machine;
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
-use crate::session::server::{message_cost, ServerEvent, ServerSession, ServerSessionConfig, SessionState};
+use crate::session::server::{message_cost, EndReason, ServerEvent, ServerSession, ServerSessionConfig, SessionState};
 use crate::timers::TimerIndex;
 use crate::EcnCodepoint;
 use bytes::Bytes;
 use mqtt_proto::{
-    Connect, PacketId, Publish, PublishProperties, QoS, QosPid, ReasonCode, RetainHandling, Subscription,
+    Connect, PacketId, Protocol, Publish, PublishProperties, QoS, QosPid, ReasonCode, RetainHandling, Subscription,
     SubscriptionId, TopicFilter, Will,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -202,6 +202,48 @@ pub enum BrokerEvent {
         /// The message (retained ones have `retain` set).
         publish: Publish,
     },
+    /// A client's CONNECT was accepted. Fires once per connection. (For logs: which client,
+    /// as whom, from where, over what.)
+    ClientConnected {
+        /// Its client id (the assigned one, if it sent none).
+        client_id: String,
+        /// The user name it gave.
+        username: Option<String>,
+        /// Its connection.
+        peer: Peer,
+        /// Where it connects from, when known.
+        remote: Option<SocketAddr>,
+        /// Its MQTT version.
+        protocol: Protocol,
+        /// Whether it resumed a kept session.
+        session_present: bool,
+    },
+    /// A CONNECT was refused with `reason` (0x86 and 0x87: failed authentication). Fires once
+    /// per connection.
+    ClientRefused {
+        /// The client id it sent.
+        client_id: String,
+        /// The user name it gave.
+        username: Option<String>,
+        /// Its connection.
+        peer: Peer,
+        /// Where it connects from, when known.
+        remote: Option<SocketAddr>,
+        /// Why.
+        reason: ReasonCode,
+    },
+    /// A connected client's connection ended. Fires once per connection that was connected.
+    ClientDisconnected {
+        /// Its client id.
+        client_id: String,
+        /// Its connection.
+        peer: Peer,
+        /// Why: its DISCONNECT, a keep-alive timeout, a protocol error with its code, a
+        /// takeover (`Server(0x8E)`), the server shutting down, or the transport.
+        reason: EndReason,
+        /// For a transport that ended: how (the QUIC close reason, a slow consumer).
+        detail: Option<String>,
+    },
 }
 
 /// Counters published under `$SYS/broker/`.
@@ -251,6 +293,10 @@ struct Live {
     username: Option<String>,
     /// The password verification this connection waits for, if any.
     auth: Option<AuthId>,
+    /// From its CONNECT, for the lifecycle events: client id, user name, remote address.
+    hello: Option<(String, Option<String>, Option<SocketAddr>)>,
+    /// How its transport ended, when it did (for `BrokerEvent::ClientDisconnected`).
+    detail: Option<String>,
 }
 
 /// A password verification the adapter is running.
@@ -451,10 +497,7 @@ impl Broker {
     /// Where a connection comes from, when known (QUIC always; byte streams when the adapter
     /// said, with [`Broker::open_stream_from`]).
     fn remote_ip(&self, conn: Peer) -> Option<IpAddr> {
-        match conn {
-            Peer::Quic(c) => self.quic.remote_address(c).map(|a| a.ip()),
-            Peer::Stream(id) => self.stream_remote.get(&id).map(|a| a.ip()),
-        }
+        self.remote_addr(conn).map(|a| a.ip())
     }
 
     /// Ends every connection for a server shutdown: MQTT 5 clients get DISCONNECT with Server
@@ -569,7 +612,12 @@ impl Broker {
                             self.received(now, Peer::Quic(conn), &data);
                         }
                     }
-                    quic::Event::Closed { conn, .. } => self.lost(Peer::Quic(conn)),
+                    quic::Event::Closed { conn, reason } => {
+                        if let Some(live) = self.conns.get_mut(&Peer::Quic(conn)) {
+                            live.detail.get_or_insert_with(|| format!("QUIC: {reason}"));
+                        }
+                        self.lost(Peer::Quic(conn));
+                    }
                 }
             }
             let Some(conn) = self.dirty.pop_first() else { break };
@@ -614,6 +662,9 @@ impl Broker {
     /// Ends a connection that does not take what is sent to it.
     fn drop_slow(&mut self, now: Instant, peer: Peer) {
         self.forget_stall(peer);
+        if let Some(live) = self.conns.get_mut(&peer) {
+            live.detail = Some("slow consumer: it took nothing for the write timeout, or fell too far behind".into());
+        }
         match peer {
             Peer::Quic(conn) => {
                 let _ = self.quic.close(now, conn, quic::close_code::SLOW_CONSUMER, "not reading");
@@ -740,6 +791,9 @@ impl Broker {
 
     /// The byte-stream connection closed (or failed).
     pub fn stream_closed(&mut self, now: Instant, id: StreamId) {
+        if let Some(live) = self.conns.get_mut(&Peer::Stream(id)) {
+            live.detail.get_or_insert_with(|| "the connection closed".into());
+        }
         self.forget_stream(id);
         self.lost(Peer::Stream(id));
         self.pump(now);
@@ -768,6 +822,8 @@ impl Broker {
             client: None,
             username: None,
             auth: None,
+            hello: None,
+            detail: None,
         })
     }
 
@@ -873,7 +929,10 @@ impl Broker {
                     record.expiry = secs.min(self.config.max_session_expiry);
                 }
             }
-            ServerEvent::Ended { will, .. } => self.on_end(now, conn, will),
+            ServerEvent::Ended { will, reason } => {
+                self.report_end(conn, reason);
+                self.on_end(now, conn, will)
+            }
             ServerEvent::Auth(_) => {
                 // No authentication method was agreed (a CONNECT carrying one is refused), so
                 // AUTH from the client breaks the protocol: DISCONNECT once connected, a refused
@@ -884,6 +943,31 @@ impl Broker {
                     }
                 }
             }
+        }
+    }
+
+    /// The lifecycle event for a session that ended: a refusal (it had sent CONNECT) or a
+    /// disconnection (it was connected).
+    fn report_end(&mut self, conn: Peer, reason: EndReason) {
+        let Some(live) = self.conns.get_mut(&conn) else { return };
+        let event = match (&reason, live.client.clone(), live.hello.take()) {
+            (EndReason::Refused(code), _, Some((client_id, username, remote))) => {
+                BrokerEvent::ClientRefused { client_id, username, peer: conn, remote, reason: *code }
+            }
+            (_, Some(client_id), _) => {
+                let detail = (reason == EndReason::TransportLost).then(|| live.detail.take()).flatten();
+                BrokerEvent::ClientDisconnected { client_id, peer: conn, reason, detail }
+            }
+            _ => return,
+        };
+        self.events.push_back(event);
+    }
+
+    /// Where a connection comes from, when known.
+    fn remote_addr(&self, conn: Peer) -> Option<SocketAddr> {
+        match conn {
+            Peer::Quic(c) => self.quic.remote_address(c),
+            Peer::Stream(id) => self.stream_remote.get(&id).copied(),
         }
     }
 
@@ -900,6 +984,11 @@ impl Broker {
         if self.closing_until.is_some() {
             // Shutting down: a client that reconnects at once must not land here again.
             return self.refuse(now, conn, ReasonCode::ServerUnavailable);
+        }
+        let remote = self.remote_addr(conn);
+        if let Some(live) = self.conns.get_mut(&conn) {
+            let username = c.username.as_ref().map(|u| u.as_str().to_string());
+            live.hello = Some((c.client_id.to_string(), username, remote));
         }
         // Enhanced authentication (an AUTH exchange) is not offered: a client that asks for it
         // is refused with 0x8C and the connection closed [MQTT-4.12.0-1].
@@ -1018,6 +1107,12 @@ impl Broker {
                 }
                 // Serving the ended session closes its transport.
                 self.dirty.insert(other);
+                self.events.push_back(BrokerEvent::ClientDisconnected {
+                    client_id: id.clone(),
+                    peer: other,
+                    reason: EndReason::Server(ReasonCode::SessionTakenOver),
+                    detail: None,
+                });
                 if let Some(r) = self.clients.get_mut(&id) {
                     r.conn = None;
                 }
@@ -1066,6 +1161,16 @@ impl Broker {
         if c.protocol.is_v5() && asked != expiry {
             live.session.announce_session_expiry(expiry);
         }
+        let session_present = existed && state.is_some();
+        let remote = live.hello.as_ref().and_then(|h| h.2);
+        let connected = BrokerEvent::ClientConnected {
+            client_id: live.client.clone().unwrap_or_default(),
+            username: live.username.clone(),
+            peer: conn,
+            remote,
+            protocol: c.protocol,
+            session_present,
+        };
         match (existed, state) {
             (true, Some(mut state)) => {
                 // Read rights may have changed while the client was away (an `Auth` backed by
@@ -1082,6 +1187,7 @@ impl Broker {
                 let _ = live.session.accept(now, false, assigned.as_deref());
             }
         }
+        self.events.push_back(connected);
     }
 
     fn on_end(&mut self, now: Instant, conn: Peer, will: Option<Will>) {
