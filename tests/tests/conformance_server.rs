@@ -1294,3 +1294,39 @@ fn lifecycle_events_report_connects_refusals_and_ends() {
         [BrokerEvent::ClientDisconnected { reason: EndReason::TransportLost, detail: Some(_), .. }]
     ));
 }
+
+/// The broker uses topic aliases towards a client that accepts them: the first message on a
+/// topic carries the topic and an alias, the next ones only the alias; a client that accepts
+/// none gets every topic in full. Prints the bytes either client received (BENCHMARKS.md,
+/// "Topic aliases towards subscribers").
+#[test]
+fn the_broker_aliases_topics_towards_clients_that_accept_them() {
+    let mut b = Bench::new();
+    let mut with = connect("with-aliases");
+    with.properties.topic_alias_maximum = Some(4);
+    let (aliased, _) = b.connect(with);
+    let plain = b.client("without");
+    b.subscribe(aliased, 1, vec![sub("fleet/#", QoS::AtMostOnce)]);
+    b.subscribe(plain, 1, vec![sub("fleet/#", QoS::AtMostOnce)]);
+    let p = b.client("p");
+    let topic = "fleet/region-eu-west/site-0042/building-7/floor-3/sensor/temperature";
+    for i in 0..100 {
+        b.publish(p, message(topic, &format!("{:016}", i), QoS::AtMostOnce, 1, false));
+    }
+    let size = |packets: &[Packet]| packets.iter().map(|p| p.encoded_len(Protocol::V5).unwrap()).sum::<usize>();
+    let (got, full) = (b.take(aliased), b.take(plain));
+    let got_publishes = publishes(&got);
+    assert_eq!(got_publishes.len(), 100);
+    assert_eq!(got_publishes[0].topic.as_str(), topic);
+    assert!(got_publishes[1..]
+        .iter()
+        .all(|m| m.topic.is_empty() && m.properties.topic_alias == got_publishes[0].properties.topic_alias));
+    assert!(publishes(&full).iter().all(|m| m.topic.as_str() == topic && m.properties.topic_alias.is_none()));
+    let (aliased_bytes, plain_bytes) = (size(&got), size(&full));
+    eprintln!(
+        "100 messages of 16 B on a {}-byte topic: {plain_bytes} B without aliases, {aliased_bytes} B with ({:.0}% saved)",
+        topic.len(),
+        100.0 * (plain_bytes - aliased_bytes) as f64 / plain_bytes as f64
+    );
+    assert!(aliased_bytes * 2 < plain_bytes);
+}

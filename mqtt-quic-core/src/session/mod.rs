@@ -5,6 +5,7 @@
 //! machine: after every `handle_*` call or command, drain `poll_transmit`, read `poll_timeout`,
 //! drain `poll_event`.
 
+pub mod alias_out;
 pub mod client;
 pub mod packet_id;
 pub mod server;

@@ -4,6 +4,7 @@
 //! Decisions that need the broker's state (accept or refuse a CONNECT, grant subscriptions,
 //! route messages) are events for the broker and commands back; the session does the protocol.
 
+use super::alias_out::OutgoingAliases;
 use super::packet_id::PacketIds;
 use super::DEFAULT_WINDOW;
 use bytes::{Bytes, BytesMut};
@@ -24,6 +25,9 @@ pub struct ServerSessionConfig {
     pub receive_maximum: u16,
     /// Topic aliases accepted from the client (0x94 beyond).
     pub topic_alias_maximum: u16,
+    /// Use topic aliases on the PUBLISHes sent to MQTT 5 clients that accept them (their
+    /// Topic Alias Maximum): a long topic then crosses the link once per connection.
+    pub outgoing_topic_aliases: bool,
     /// Highest QoS accepted from the client (0x9B beyond).
     pub maximum_qos: QoS,
     /// Whether retained messages are accepted (0x9A otherwise).
@@ -54,6 +58,7 @@ impl Default for ServerSessionConfig {
             maximum_packet_size: mqtt_proto::DEFAULT_MAX_PACKET_SIZE,
             receive_maximum: DEFAULT_WINDOW,
             topic_alias_maximum: 16,
+            outgoing_topic_aliases: true,
             maximum_qos: QoS::ExactlyOnce,
             retain_available: true,
             max_client_id_len: 256,
@@ -288,6 +293,8 @@ pub struct ServerSession {
     announced_expiry: Option<u32>,
     /// Keep-alive the broker imposes on this client (see [`ServerSession::impose_keep_alive`]).
     imposed_keep_alive: Option<u16>,
+    /// Our topic aliases towards the client.
+    aliases_out: OutgoingAliases,
     /// The Session Expiry Interval of the client's CONNECT (0 when absent).
     connect_expiry: u32,
     /// Waiting for an in-flight slot: (request id, message, when it was queued).
@@ -325,6 +332,7 @@ impl ServerSession {
             resent: 0,
             announced_expiry: None,
             imposed_keep_alive: None,
+            aliases_out: OutgoingAliases::default(),
             connect_expiry: 0,
             ids: PacketIds::default(),
             inflight: Vec::new(),
@@ -400,7 +408,7 @@ impl ServerSession {
                 p.dup = true;
                 Packet::Publish(p)
             };
-            self.write(&packet);
+            self.write_packet(packet);
             self.sent(now, packet_id);
             self.resent += 1;
         }
@@ -528,7 +536,7 @@ impl ServerSession {
         self.next_id += 1;
         let id = self.next_id;
         if publish.qos() == QoS::AtMostOnce {
-            self.write(&Packet::Publish(publish));
+            self.write_packet(Packet::Publish(publish));
             return Ok(id);
         }
         if self.queued.len() >= self.config.max_queued {
@@ -667,7 +675,7 @@ impl ServerSession {
                 }
             });
             match packet {
-                Some(packet) => self.write(&packet),
+                Some(packet) => self.write_packet(packet),
                 None => drop(self.resend.remove(&id)),
             }
         }
@@ -693,6 +701,15 @@ impl ServerSession {
         if self.state == State::Connected {
             self.deadline = (!self.keep_alive.is_zero()).then(|| now + self.keep_alive.mul_f32(1.5));
         }
+    }
+
+    /// Writes a packet of ours, a PUBLISH with a topic alias where the client accepts them
+    /// (what is kept for resending keeps its topic: aliases belong to one connection).
+    fn write_packet(&mut self, packet: Packet) {
+        let Packet::Publish(mut publish) = packet else { return self.write(&packet) };
+        let (protocol, max) = (self.protocol, self.client_maximum_packet_size as usize);
+        self.aliases_out.apply(&mut publish, |p| p.encoded_len(protocol).is_ok_and(|n| n <= max));
+        self.write(&Packet::Publish(publish));
     }
 
     fn write(&mut self, packet: &Packet) {
@@ -783,7 +800,7 @@ impl ServerSession {
                 break;
             };
             publish.qos_pid = QosPid::from_parts(publish.qos(), packet_id);
-            self.write(&Packet::Publish(publish.clone()));
+            self.write_packet(Packet::Publish(publish.clone()));
             self.sent(now, packet_id);
             self.inflight.push((packet_id, false, id, publish));
             self.resent = self.inflight.len();
@@ -885,6 +902,9 @@ impl ServerSession {
         // [MQTT-3.1.2-24] (found by the `server_session` fuzzer).
         let p = &*connect.properties;
         self.connect_expiry = p.session_expiry_interval.unwrap_or(0);
+        if v5 && self.config.outgoing_topic_aliases {
+            self.aliases_out = OutgoingAliases::new(p.topic_alias_maximum.unwrap_or(0));
+        }
         self.client_receive_maximum = p.receive_maximum.map_or(u16::MAX, |v| v.get());
         self.client_maximum_packet_size =
             p.maximum_packet_size.map_or(mqtt_proto::PROTOCOL_MAX_PACKET_SIZE, |v| v.get());
