@@ -433,8 +433,8 @@ fn log_lifecycle(event: &BrokerEvent, transports: &HashMap<StreamId, &'static st
                 info!("{line}");
             }
         }
-        BrokerEvent::ClientDisconnected { client_id, peer, reason, detail } => info!(
-            "client disconnected: id={client_id:?} transport={} reason={reason:?}{}",
+        BrokerEvent::ClientDisconnected { client_id, peer, reason, detail, dropped } => info!(
+            "client disconnected: id={client_id:?} transport={} reason={reason:?}{} dropped_qos0={dropped}",
             transport(peer),
             detail.as_deref().map_or_else(String::new, |d| format!(" ({d})")),
         ),

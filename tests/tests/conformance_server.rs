@@ -1048,6 +1048,14 @@ fn retained_messages_at_subscribe_respect_the_backlog_limit() {
     assert!((10..=12).contains(&got), "{got} retained messages sent");
     assert_eq!(b.broker.stats().messages_dropped, 100 - got as u64);
     assert!(!b.is_closed(s));
+    // Counted for the client too: its disconnection says how many it lost.
+    while b.broker.poll_event().is_some() {}
+    b.drop_stream(s);
+    let dropped = std::iter::from_fn(|| b.broker.poll_event()).find_map(|e| match e {
+        mqtt_quic_core::broker::machine::BrokerEvent::ClientDisconnected { dropped, .. } => Some(dropped),
+        _ => None,
+    });
+    assert_eq!(dropped, Some(100 - got as u64));
 }
 
 /// Read rights are asked again when a session resumes: messages queued while the client was

@@ -243,6 +243,8 @@ pub enum BrokerEvent {
         reason: EndReason,
         /// For a transport that ended: how (the QUIC close reason, a slow consumer).
         detail: Option<String>,
+        /// QoS 0 messages it lost on this connection because it read slower than they came.
+        dropped: u64,
     },
 }
 
@@ -297,6 +299,8 @@ struct Live {
     hello: Option<(String, Option<String>, Option<SocketAddr>)>,
     /// How its transport ended, when it did (for `BrokerEvent::ClientDisconnected`).
     detail: Option<String>,
+    /// QoS 0 messages dropped because it did not keep up.
+    dropped: u64,
 }
 
 /// A password verification the adapter is running.
@@ -824,6 +828,7 @@ impl Broker {
             auth: None,
             hello: None,
             detail: None,
+            dropped: 0,
         })
     }
 
@@ -956,7 +961,7 @@ impl Broker {
             }
             (_, Some(client_id), _) => {
                 let detail = (reason == EndReason::TransportLost).then(|| live.detail.take()).flatten();
-                BrokerEvent::ClientDisconnected { client_id, peer: conn, reason, detail }
+                BrokerEvent::ClientDisconnected { client_id, peer: conn, reason, detail, dropped: live.dropped }
             }
             _ => return,
         };
@@ -1101,6 +1106,7 @@ impl Broker {
                     })
                     .filter(|w| w.properties.will_delay_interval.unwrap_or(0) == 0);
                 let state = old.session.take_state();
+                let dropped = old.dropped;
                 let out: Vec<Bytes> = std::iter::from_fn(|| old.session.poll_transmit()).collect();
                 for bytes in out {
                     self.send(now, other, bytes);
@@ -1112,6 +1118,7 @@ impl Broker {
                     peer: other,
                     reason: EndReason::Server(ReasonCode::SessionTakenOver),
                     detail: None,
+                    dropped,
                 });
                 if let Some(r) = self.clients.get_mut(&id) {
                     r.conn = None;
@@ -1346,6 +1353,9 @@ impl Broker {
         if let Some(conn) = record.conn {
             if publish.qos() == QoS::AtMostOnce && self.over_budget(conn) {
                 self.stats.messages_dropped += 1;
+                if let Some(live) = self.conns.get_mut(&conn) {
+                    live.dropped += 1;
+                }
                 return None;
             }
             if let Some(live) = self.conns.get_mut(&conn) {
