@@ -24,8 +24,14 @@
 //! - *ProbeRtt*: when the min RTT has not been seen again for 10 s, half a bandwidth-delay product
 //!   for 200 ms and a round, so a queue of our own making does not inflate the estimate forever.
 //!
-//! Loss leaves the window alone, except persistent congestion (RFC 9002, 7.6), which collapses it
-//! to the minimum; the window then regrows by acknowledged bytes to the model's target.
+//! Loss leaves the window alone, with two exceptions. Persistent congestion (RFC 9002, 7.6)
+//! collapses it to the minimum; the window then regrows by acknowledged bytes to the model's
+//! target. And a round that loses at least 30% of its bytes (with 16 packets or more in it, so
+//! that random loss of a few percent never qualifies) halves the window and caps it, the cap
+//! growing back by an eighth per loss-free round: that is a receiver's socket buffer or a shallow
+//! queue dropping the tail of every burst, which the model (delivery rate and RTT) cannot see.
+//! Without it a QoS 0 subscriber on an overloaded machine received nothing at all (every burst,
+//! retransmitted at the same size, overflowed again); see BENCHMARKS.md.
 
 use quinn_proto::congestion::{Controller, ControllerFactory, ControllerMetrics};
 use quinn_proto::RttEstimator;
@@ -50,6 +56,13 @@ const FULL_BW_GROWTH: f64 = 1.25;
 const FULL_BW_ROUNDS: u32 = 3;
 /// Smallest window, in packets (BBR's minimum: enough for delayed ACKs to keep flowing).
 const MIN_WINDOW_PACKETS: u64 = 4;
+/// A round that loses at least this share of its bytes (and carried enough packets to judge)
+/// is not random loss but a queue or a receiver overflowing: the window is halved and capped.
+const HEAVY_LOSS: f64 = 0.3;
+/// Fewest packets a round must carry before its loss share counts as heavy.
+const HEAVY_LOSS_MIN_PACKETS: u64 = 16;
+/// How much the cap grows back per round without loss.
+const CAP_REGROWTH: f64 = 1.125;
 
 /// Builds [`Bbr`] controllers; pass it to quinn's `TransportConfig::congestion_controller_factory`
 /// (our [`crate::config::Congestion::Bbr`] does).
@@ -133,6 +146,11 @@ pub struct Bbr {
     probe_rtt_round: u64,
     /// The min RTT expired: enter ProbeRtt at the end of this batch.
     probe_rtt_pending: bool,
+    /// Bytes declared lost in this round.
+    round_lost: u64,
+    /// An upper bound on the window after heavy loss (BBRv2's `inflight_hi`, simplified): it
+    /// grows back by an eighth per loss-free round and goes away once above the model's target.
+    cap: Option<u64>,
 }
 
 impl Bbr {
@@ -163,6 +181,8 @@ impl Bbr {
             probe_rtt_until: None,
             probe_rtt_round: 0,
             probe_rtt_pending: false,
+            round_lost: 0,
+            cap: None,
         }
     }
 
@@ -210,11 +230,32 @@ impl Bbr {
                 self.bw.update(self.round, sample);
             }
         }
+        self.judge_loss();
         self.round += 1;
         self.round_start = now;
         self.round_acked = 0;
+        self.round_lost = 0;
         self.round_end_packet = self.last_sent_packet.map(|p| p + 1);
         true
+    }
+
+    /// At the end of a round: heavy loss halves and caps the window; a loss-free round lets the
+    /// cap grow back. Random loss (a few percent, spread over rounds) never reaches the
+    /// threshold, so the path model alone keeps deciding there; a burst that overflows a
+    /// receiver's socket buffer or a shallow queue loses most of itself, round after round,
+    /// which without this the model would never see (it only reads delivery rate and RTT).
+    fn judge_loss(&mut self) {
+        let total = self.round_acked + self.round_lost;
+        let heavy = total >= HEAVY_LOSS_MIN_PACKETS * self.mtu && self.round_lost as f64 >= total as f64 * HEAVY_LOSS;
+        if heavy {
+            let cap = (self.window / 2).max(self.min_window());
+            self.cap = Some(cap);
+            self.window = self.window.min(cap);
+        } else if self.round_lost == 0 {
+            if let Some(cap) = self.cap {
+                self.cap = Some((cap as f64 * CAP_REGROWTH) as u64 + self.mtu);
+            }
+        }
     }
 
     fn check_full_pipe(&mut self, app_limited: bool) {
@@ -329,6 +370,13 @@ impl Bbr {
         } else if self.window < target || self.window < self.initial_window {
             self.window += acked;
         }
+        if let Some(cap) = self.cap {
+            if cap >= target {
+                self.cap = None;
+            } else {
+                self.window = self.window.min(cap);
+            }
+        }
         self.window = self.window.max(min);
     }
 }
@@ -353,7 +401,8 @@ impl Controller for Bbr {
         self.update_window(acked);
     }
 
-    fn on_congestion_event(&mut self, now: Instant, _sent: Instant, persistent: bool, _lost_bytes: u64) {
+    fn on_congestion_event(&mut self, now: Instant, _sent: Instant, persistent: bool, lost_bytes: u64) {
+        self.round_lost += lost_bytes;
         if persistent {
             // Everything sent over several PTOs was lost: the model no longer describes the path.
             self.window = self.min_window();
@@ -533,6 +582,36 @@ mod tests {
         // not by the factor a loss-based controller applies per loss.
         let floor = 2 * bdp(capacity * 0.9, rtt) * 95 / 100;
         assert!(smallest_after_startup >= floor, "window fell to {smallest_after_startup}, floor {floor}");
+    }
+
+    #[test]
+    fn rounds_that_lose_most_of_their_burst_halve_and_cap_the_window() {
+        // What an overloaded receiver does to a fast sender: its socket buffer takes the head
+        // of each burst and drops the rest, round after round. Pure BBR reads only delivery
+        // rate and RTT and kept sending the same bursts: a flooded QoS 0 subscriber got nothing
+        // at all (BENCHMARKS.md, the mqttv5 bench regression check).
+        let (capacity, rtt) = (12_500_000.0, Duration::from_millis(2));
+        let mut path = Path::new(capacity, rtt, 0);
+        path.run_until(Duration::from_secs(1), |_, _| {});
+        let before = path.bbr.window();
+        // One round of 40 packets, 20 of them lost.
+        let t = path.now;
+        for i in 0..40 {
+            path.sent += 1;
+            path.bbr.on_sent(t, PACKET, path.sent);
+            if i % 2 == 0 {
+                path.bbr.acked(t + rtt, t, PACKET);
+            } else {
+                path.bbr.on_congestion_event(t + rtt, t, false, PACKET);
+            }
+        }
+        path.bbr.on_end_acks(t + rtt, 0, false, Some(path.sent));
+        let capped = path.bbr.window();
+        assert!(capped <= before / 2 + PACKET, "window {capped} after heavy loss, {before} before");
+        // Loss-free rounds let it grow back, to the model's target in the end.
+        path.now = t + rtt;
+        path.run_until(Duration::from_secs(3), |_, _| {});
+        assert!(path.bbr.window() >= before * 9 / 10, "window {} did not regrow to {before}", path.bbr.window());
     }
 
     #[test]
