@@ -405,7 +405,7 @@ async fn drive(
 }
 
 /// One line per client event, at info (a refusal for wrong credentials at warn): greppable by
-/// `client connected`, `client refused` and `client disconnected`.
+/// `client connected`, `client refused`, `client migrated` and `client disconnected`.
 fn log_lifecycle(event: &BrokerEvent, transports: &HashMap<StreamId, &'static str>) {
     let transport = |peer: &Peer| match peer {
         Peer::Quic(_) => "quic",
@@ -432,6 +432,9 @@ fn log_lifecycle(event: &BrokerEvent, transports: &HashMap<StreamId, &'static st
             } else {
                 info!("{line}");
             }
+        }
+        BrokerEvent::ClientMigrated { client_id, remote } => {
+            info!("client migrated: id={client_id:?} transport=quic to={remote}")
         }
         BrokerEvent::ClientDisconnected { client_id, peer, reason, detail, dropped } => info!(
             "client disconnected: id={client_id:?} transport={} reason={reason:?}{} dropped_qos0={dropped}",

@@ -96,6 +96,14 @@ pub enum Event {
         /// The bytes.
         data: Bytes,
     },
+    /// The peer's address changed and the connection followed it (a NAT rebinding, or the
+    /// client moving to another network). Fires once per change.
+    Migrated {
+        /// The connection.
+        conn: ConnId,
+        /// The peer's new address.
+        remote: SocketAddr,
+    },
     /// The connection ended. Fires once; the [`ConnId`] is then stale. A closure not preceded by
     /// an MQTT DISCONNECT is an ungraceful disconnect for the MQTT layer.
     Closed {
@@ -152,6 +160,8 @@ pub enum CommandError {
 
 struct Conn {
     quic: quinn_proto::Connection,
+    /// The peer's address as last reported (to see a migration).
+    remote: SocketAddr,
     /// The MQTT stream, once opened (client) or accepted (server).
     stream: Option<StreamId>,
     /// Bytes waiting for flow-control credit.
@@ -175,6 +185,7 @@ struct Conn {
 impl Conn {
     fn new(quic: quinn_proto::Connection, now: Instant, settings: &TransportSettings) -> Conn {
         Conn {
+            remote: quic.remote_address(),
             quic,
             stream: None,
             outbound: VecDeque::new(),
@@ -752,6 +763,11 @@ impl QuicEndpoint {
                     report_close(c, conn, reason, &mut self.events);
                 }
             }
+        }
+        let remote = c.quic.remote_address();
+        if c.connected && remote != c.remote {
+            c.remote = remote;
+            self.events.push_back(Event::Migrated { conn, remote });
         }
         let before = c.queued;
         c.flush();

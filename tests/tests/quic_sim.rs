@@ -344,6 +344,9 @@ fn migration_mid_transfer_loses_nothing() {
         .unwrap();
     assert_eq!(sim.machine(SERVER).remote_address(server_conn), Some(moved));
     assert_eq!(Seen::closed(&seen.server), None);
+    // The server reported the move once (for the broker's log).
+    let migrations: Vec<&Event> = seen.server.iter().filter(|e| matches!(e, Event::Migrated { .. })).collect();
+    assert_eq!(migrations, [&Event::Migrated { conn: server_conn, remote: moved }]);
 }
 
 #[test]

@@ -232,6 +232,14 @@ pub enum BrokerEvent {
         /// Why.
         reason: ReasonCode,
     },
+    /// A connected client's QUIC connection moved to a new address (NAT rebinding, another
+    /// network) and the session went on. Fires once per change.
+    ClientMigrated {
+        /// Its client id.
+        client_id: String,
+        /// Its new address.
+        remote: SocketAddr,
+    },
     /// A connected client's connection ended. Fires once per connection that was connected.
     ClientDisconnected {
         /// Its client id.
@@ -621,6 +629,12 @@ impl Broker {
                             live.detail.get_or_insert_with(|| format!("QUIC: {reason}"));
                         }
                         self.lost(Peer::Quic(conn));
+                    }
+                    quic::Event::Migrated { conn, remote } => {
+                        let client = self.conns.get(&Peer::Quic(conn)).and_then(|l| l.client.clone());
+                        if let Some(client_id) = client {
+                            self.events.push_back(BrokerEvent::ClientMigrated { client_id, remote });
+                        }
                     }
                 }
             }
