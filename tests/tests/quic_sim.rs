@@ -84,6 +84,17 @@ impl Seen {
         })
     }
 
+    /// The connection the server accepted (panics if none: a test bug).
+    fn server_conn(&self) -> ConnId {
+        self.server
+            .iter()
+            .find_map(|e| match e {
+                Event::Connected { conn, .. } => Some(*conn),
+                _ => None,
+            })
+            .expect("the server accepted a connection")
+    }
+
     fn connected(events: &[Event]) -> Option<Option<bool>> {
         events.iter().find_map(|e| match e {
             Event::Connected { zero_rtt, .. } => Some(*zero_rtt),
@@ -255,14 +266,7 @@ fn a_server_closes_a_finished_connection_the_peer_does_not_acknowledge() {
         seen.pump(sim, false);
         seen.server_bytes == b"CONNECT"
     }));
-    let server_conn = seen
-        .server
-        .iter()
-        .find_map(|e| match e {
-            Event::Connected { conn, .. } => Some(*conn),
-            _ => None,
-        })
-        .unwrap();
+    let server_conn = seen.server_conn();
     sim.set_link(Link { loss: 1.0, ..Link::default() });
     let finished = sim.now();
     sim.machine(SERVER).send(finished, server_conn, Bytes::from_static(b"DISCONNECT")).unwrap();
@@ -334,14 +338,7 @@ fn migration_mid_transfer_loses_nothing() {
         seen.server_bytes.len() == LEN
     }));
     assert!(seen.server_bytes == up, "data corrupted across migration");
-    let server_conn = seen
-        .server
-        .iter()
-        .find_map(|e| match e {
-            Event::Connected { conn, .. } => Some(*conn),
-            _ => None,
-        })
-        .unwrap();
+    let server_conn = seen.server_conn();
     assert_eq!(sim.machine(SERVER).remote_address(server_conn), Some(moved));
     assert_eq!(Seen::closed(&seen.server), None);
     // The server reported the move once (for the broker's log).
