@@ -805,3 +805,36 @@ fn quic_connection_without_an_mqtt_stream_is_closed_at_the_connect_timeout() {
     assert!(matches!(reason, CloseReason::PeerClosed { .. }), "not closed by the broker: {reason:?}");
     assert_serves(broker.tcp, None);
 }
+
+/// A broker task that panics (here: an `Auth` implementation with a bug, called on the loop for
+/// a PUBLISH) must not leave a process that looks alive and serves nobody: `Server::wait`
+/// returns the failure, which `mqttq broker` turns into a failure exit for its supervisor.
+#[test]
+fn a_panicking_broker_task_is_reported_not_hidden() {
+    #[derive(Debug)]
+    struct Buggy;
+    impl Auth for Buggy {
+        fn connect(&self, _: &str, _: Option<&str>, _: Option<&[u8]>) -> Result<(), ReasonCode> {
+            Ok(())
+        }
+        fn can_publish(&self, _: &str, _: Option<&str>, _: &TopicName) -> bool {
+            panic!("a bug in an Auth implementation")
+        }
+        fn can_subscribe(&self, _: &str, _: Option<&str>, _: &TopicFilter) -> bool {
+            true
+        }
+        fn can_read(&self, _: &str, _: Option<&str>, _: &TopicName) -> bool {
+            true
+        }
+    }
+    let mut o = options();
+    o.broker.auth = Some(Arc::new(Buggy));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut server = runtime.block_on(Server::start(o)).expect("the broker starts");
+    let addr = server.tcp_addr().expect("TCP listener");
+    let mut raw = connect_ok(addr, v5("trigger"));
+    raw.send(Publish::new(topic("boom"), Bytes::from_static(b"x")));
+    let ended = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), server.wait()).await });
+    let Ok(Err(e)) = ended else { panic!("the broker task did not end with an error: {ended:?}") };
+    assert!(e.to_string().contains("panicked"), "{e}");
+}
