@@ -174,6 +174,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         max_total_queued_bytes => max_total_queued_bytes,
         max_keepalive => max_keepalive,
         max_pending_auth => max_pending_auth,
+        max_pending_auth_per_ip => max_pending_auth_per_ip,
         max_auth_failures => max_auth_failures,
     );
     if let Some(v) = file.sys_interval {

@@ -28,6 +28,7 @@
 //! write_timeout = 60          # seconds a client may take none of the bytes waiting for it
 //! max_keepalive = 65535       # MQTT 5: Server Keep Alive beyond it; MQTT 3.1.1: refused
 //! max_pending_auth = 64       # password checks in flight; more CONNECTs get Server busy
+//! max_pending_auth_per_ip = 8 # of those, from one address
 //! max_auth_failures = 10      # failed logins per address per minute before 0x9F (0: off)
 //!
 //! [quic]
@@ -82,6 +83,7 @@ pub struct FileConfig {
     pub write_timeout: Option<u64>,
     pub max_keepalive: Option<u16>,
     pub max_pending_auth: Option<usize>,
+    pub max_pending_auth_per_ip: Option<usize>,
     pub max_auth_failures: Option<u32>,
     #[serde(default)]
     pub quic: QuicSection,
