@@ -51,6 +51,8 @@ pub struct MioBroker {
     /// they are dropped anyway.
     closing: HashMap<Token, std::time::Instant>,
     write_timeout: Duration,
+    /// Set by a shutdown: when it ends whatever is still closing.
+    shutdown_until: Option<std::time::Instant>,
     /// Password checks run on worker threads (see [`AuthWorkers`]), so the loop never spends
     /// milliseconds of PBKDF2 on one client while others wait.
     auth: AuthWorkers,
@@ -136,6 +138,7 @@ impl MioBroker {
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
             closing: HashMap::new(),
             write_timeout,
+            shutdown_until: None,
             auth,
         })
     }
@@ -326,13 +329,16 @@ impl MioBroker {
             let _ = registry.deregister(l);
         }
         self.listener = None;
+        self.shutdown_until = Some(now() + self.grace);
         self.broker.shutdown(now(), self.grace);
         self.flush(registry);
     }
 
-    /// Whether a shutdown has finished.
+    /// Whether a shutdown has finished: the broker is done and the TCP connections it closed
+    /// have written their last bytes (DISCONNECT 0x8B) and drained, or the grace is over.
     pub fn is_shut_down(&self) -> bool {
-        self.broker.is_shut_down(now())
+        let t = now();
+        self.broker.is_shut_down(t) && (self.closing.is_empty() || self.shutdown_until.is_some_and(|until| t >= until))
     }
 }
 

@@ -377,6 +377,7 @@ async fn drive(
                 if reply.send(id).is_err() {
                     outboxes.remove(&id);
                     broker.stream_closed(now, id);
+                    closed.push(id);
                 }
             }
             Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_bytes(now, id, &data),

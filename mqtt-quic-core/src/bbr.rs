@@ -28,7 +28,7 @@
 //! collapses it to the minimum; the window then regrows by acknowledged bytes to the model's
 //! target. And a round that loses at least 30% of its bytes (with 16 packets or more in it, so
 //! that random loss of a few percent never qualifies) halves the window and caps it, the cap
-//! growing back by an eighth per loss-free round: that is a receiver's socket buffer or a shallow
+//! growing back by an eighth per round that is not itself heavy-loss: that is a receiver's socket buffer or a shallow
 //! queue dropping the tail of every burst, which the model (delivery rate and RTT) cannot see.
 //! Without it a QoS 0 subscriber on an overloaded machine received nothing at all (every burst,
 //! retransmitted at the same size, overflowed again); see BENCHMARKS.md.
@@ -61,7 +61,7 @@ const MIN_WINDOW_PACKETS: u64 = 4;
 const HEAVY_LOSS: f64 = 0.3;
 /// Fewest packets a round must carry before its loss share counts as heavy.
 const HEAVY_LOSS_MIN_PACKETS: u64 = 16;
-/// How much the cap grows back per round without loss.
+/// How much the cap grows back per round that is not heavy-loss.
 const CAP_REGROWTH: f64 = 1.125;
 
 /// Builds [`Bbr`] controllers; pass it to quinn's `TransportConfig::congestion_controller_factory`
@@ -251,10 +251,10 @@ impl Bbr {
             let cap = (self.window / 2).max(self.min_window());
             self.cap = Some(cap);
             self.window = self.window.min(cap);
-        } else if self.round_lost == 0 {
-            if let Some(cap) = self.cap {
-                self.cap = Some((cap as f64 * CAP_REGROWTH) as u64 + self.mtu);
-            }
+        } else if let Some(cap) = self.cap {
+            // Any round below the threshold lets it grow back: light random loss must not
+            // hold a cap that one burst of loss set.
+            self.cap = Some(((cap as f64 * CAP_REGROWTH) as u64).saturating_add(self.mtu));
         }
     }
 

@@ -765,7 +765,7 @@ impl QuicEndpoint {
             }
         }
         let remote = c.quic.remote_address();
-        if c.connected && remote != c.remote {
+        if c.connected && !c.closed_reported && remote != c.remote {
             c.remote = remote;
             self.events.push_back(Event::Migrated { conn, remote });
         }

@@ -968,11 +968,21 @@ impl Broker {
     /// The lifecycle event for a session that ended: a refusal (it had sent CONNECT) or a
     /// disconnection (it was connected).
     fn report_end(&mut self, conn: Peer, reason: EndReason) {
+        let remote = self.remote_addr(conn);
         let Some(live) = self.conns.get_mut(&conn) else { return };
         let event = match (&reason, live.client.clone(), live.hello.take()) {
             (EndReason::Refused(code), _, Some((client_id, username, remote))) => {
                 BrokerEvent::ClientRefused { client_id, username, peer: conn, remote, reason: *code }
             }
+            // Refused by the session itself, before the broker saw the CONNECT (an identifier
+            // too long, a will it cannot honour): who it was is not known.
+            (EndReason::Refused(code), _, None) => BrokerEvent::ClientRefused {
+                client_id: String::new(),
+                username: None,
+                peer: conn,
+                remote,
+                reason: *code,
+            },
             (_, Some(client_id), _) => {
                 let detail = (reason == EndReason::TransportLost).then(|| live.detail.take()).flatten();
                 BrokerEvent::ClientDisconnected { client_id, peer: conn, reason, detail, dropped: live.dropped }
@@ -1000,14 +1010,14 @@ impl Broker {
     /// A CONNECT: what can be decided without knowing who the client is, then the password
     /// check (handed out, see [`Broker::poll_auth`]), then [`Broker::admit`].
     fn on_connect(&mut self, now: Instant, conn: Peer, c: Connect) {
-        if self.closing_until.is_some() {
-            // Shutting down: a client that reconnects at once must not land here again.
-            return self.refuse(now, conn, ReasonCode::ServerUnavailable);
-        }
         let remote = self.remote_addr(conn);
         if let Some(live) = self.conns.get_mut(&conn) {
             let username = c.username.as_ref().map(|u| u.as_str().to_string());
             live.hello = Some((c.client_id.to_string(), username, remote));
+        }
+        if self.closing_until.is_some() {
+            // Shutting down: a client that reconnects at once must not land here again.
+            return self.refuse(now, conn, ReasonCode::ServerUnavailable);
         }
         // Enhanced authentication (an AUTH exchange) is not offered: a client that asks for it
         // is refused with 0x8C and the connection closed [MQTT-4.12.0-1].

@@ -5,9 +5,17 @@
 //! least recently is given to the new topic. It lives and dies with one connection
 //! [MQTT-3.3.2-7].
 
+use mqtt_proto::bytes::Bytes;
 use mqtt_proto::{Publish, TopicName};
 use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU16;
+
+/// Most aliases used towards one client, whatever it accepts: each holds a copy of its topic
+/// for the life of the connection (up to the broker's topic length limit).
+pub const MAX_OUTGOING_ALIASES: u16 = 64;
+
+/// Topics this short are sent as they are: an empty topic plus the alias property is no smaller.
+const MIN_ALIASED_TOPIC: usize = 4;
 
 /// The alias table for one connection's outgoing PUBLISHes.
 #[derive(Debug, Default)]
@@ -24,9 +32,10 @@ pub struct OutgoingAliases {
 }
 
 impl OutgoingAliases {
-    /// A table for a receiver that accepts `max` aliases.
+    /// A table for a receiver that accepts `max` aliases (at most [`MAX_OUTGOING_ALIASES`] are
+    /// used).
     pub fn new(max: u16) -> OutgoingAliases {
-        OutgoingAliases { max, ..OutgoingAliases::default() }
+        OutgoingAliases { max: max.min(MAX_OUTGOING_ALIASES), ..OutgoingAliases::default() }
     }
 
     /// Rewrites `publish` to use an alias when that makes sense: an empty topic for a topic
@@ -34,17 +43,25 @@ impl OutgoingAliases {
     /// table is full). `fits` says whether a candidate is within the receiver's Maximum Packet
     /// Size; a new alias is only set up when the PUBLISH still fits with it.
     pub fn apply(&mut self, publish: &mut Publish, fits: impl Fn(&Publish) -> bool) {
-        if self.max == 0 || publish.topic.is_empty() {
+        if self.max == 0 || publish.topic.as_str().len() < MIN_ALIASED_TOPIC {
             return;
         }
         self.clock += 1;
         if let Some(&(alias, used)) = self.by_topic.get(&publish.topic) {
-            // Known: an empty topic and the alias (always smaller than the topic itself).
+            // Known: an empty topic and the alias, unless even that would not fit (the
+            // varints of the lengths can grow by a byte); then the topic as it is.
+            let mut candidate = publish.clone();
+            candidate.topic = TopicName::empty();
+            candidate.properties.topic_alias = NonZeroU16::new(alias);
+            if !fits(&candidate) {
+                return;
+            }
             self.lru.remove(&(used, alias));
             self.lru.insert((self.clock, alias));
-            self.by_topic.insert(publish.topic.clone(), (alias, self.clock));
-            publish.topic = TopicName::empty();
-            publish.properties.topic_alias = NonZeroU16::new(alias);
+            if let Some(entry) = self.by_topic.get_mut(&publish.topic) {
+                entry.1 = self.clock;
+            }
+            *publish = candidate;
             return;
         }
         let alias = if self.by_alias.len() < usize::from(self.max) {
@@ -60,16 +77,20 @@ impl OutgoingAliases {
         if !fits(&candidate) {
             return;
         }
-        // Take the alias over (from its least recent topic, when the table was full).
+        // Take the alias over (from its least recent topic, when the table was full). The table
+        // keeps its own copy of the topic: the PUBLISH's is a slice of its publisher's receive
+        // buffer, which it must not hold for the life of this connection.
+        let topic = TopicName::from_bytes(Bytes::copy_from_slice(publish.topic.as_str().as_bytes()))
+            .unwrap_or_else(|_| publish.topic.clone());
         if let Some(old) = self.by_alias.get(usize::from(alias) - 1).cloned() {
             if let Some((_, used)) = self.by_topic.remove(&old) {
                 self.lru.remove(&(used, alias));
             }
-            self.by_alias[usize::from(alias) - 1] = publish.topic.clone();
+            self.by_alias[usize::from(alias) - 1] = topic.clone();
         } else {
-            self.by_alias.push(publish.topic.clone());
+            self.by_alias.push(topic.clone());
         }
-        self.by_topic.insert(publish.topic.clone(), (alias, self.clock));
+        self.by_topic.insert(topic, (alias, self.clock));
         self.lru.insert((self.clock, alias));
         publish.properties.topic_alias = NonZeroU16::new(alias);
     }
@@ -94,30 +115,49 @@ mod tests {
         let mut a = OutgoingAliases::new(2);
         assert_eq!(sent(&mut a, "a/long/topic"), ("a/long/topic".into(), Some(1)));
         assert_eq!(sent(&mut a, "a/long/topic"), ("".into(), Some(1)));
-        assert_eq!(sent(&mut a, "b"), ("b".into(), Some(2)));
+        assert_eq!(sent(&mut a, "b/b/b"), ("b/b/b".into(), Some(2)));
         assert_eq!(sent(&mut a, "a/long/topic"), ("".into(), Some(1)));
     }
 
     #[test]
     fn a_full_table_reuses_the_least_recently_used_alias() {
         let mut a = OutgoingAliases::new(2);
-        sent(&mut a, "a");
-        sent(&mut a, "b");
-        sent(&mut a, "a");
-        // "b" is the least recently used: "c" takes its alias, 2.
-        assert_eq!(sent(&mut a, "c"), ("c".into(), Some(2)));
-        assert_eq!(sent(&mut a, "b"), ("b".into(), Some(1)), "then \"a\" is the oldest");
-        assert_eq!(sent(&mut a, "c"), ("".into(), Some(2)));
+        sent(&mut a, "a/aa");
+        sent(&mut a, "b/bb");
+        sent(&mut a, "a/aa");
+        // "b/bb" is the least recently used: "c/cc" takes its alias, 2.
+        assert_eq!(sent(&mut a, "c/cc"), ("c/cc".into(), Some(2)));
+        assert_eq!(sent(&mut a, "b/bb"), ("b/bb".into(), Some(1)), "then \"a/aa\" is the oldest");
+        assert_eq!(sent(&mut a, "c/cc"), ("".into(), Some(2)));
     }
 
     #[test]
     fn no_aliases_without_a_maximum_or_room() {
         let mut none = OutgoingAliases::new(0);
-        assert_eq!(sent(&mut none, "a"), ("a".into(), None));
+        assert_eq!(sent(&mut none, "abcd"), ("abcd".into(), None));
         let mut tight = OutgoingAliases::new(4);
-        let mut p = msg("a");
+        let mut p = msg("abcd");
         tight.apply(&mut p, |_| false);
         assert_eq!(p.properties.topic_alias, None, "no alias when it would not fit");
-        assert_eq!(sent(&mut tight, "a"), ("a".into(), Some(1)), "and none was set up");
+        assert_eq!(sent(&mut tight, "abcd"), ("abcd".into(), Some(1)), "and none was set up");
+        // A known alias that would not fit either: the topic goes as it is.
+        let mut p = msg("abcd");
+        tight.apply(&mut p, |_| false);
+        assert_eq!((p.topic.as_str(), p.properties.topic_alias), ("abcd", None));
+        // Short topics are never aliased: the alias would not be smaller.
+        assert_eq!(sent(&mut tight, "abc"), ("abc".into(), None));
+        // However many a client accepts, the table stays small.
+        assert_eq!(OutgoingAliases::new(u16::MAX).max, MAX_OUTGOING_ALIASES);
+    }
+
+    #[test]
+    fn the_table_does_not_hold_the_publishers_buffer() {
+        let buffer = Bytes::from(format!("long/topic{}", "x".repeat(1 << 16)));
+        let topic = TopicName::from_bytes(buffer.slice(..10)).unwrap();
+        let mut p = Publish::new(topic, "x");
+        let mut a = OutgoingAliases::new(4);
+        a.apply(&mut p, |_| true);
+        drop(p);
+        assert!(buffer.is_unique());
     }
 }
