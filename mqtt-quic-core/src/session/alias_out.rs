@@ -7,7 +7,6 @@
 
 use mqtt_proto::bytes::Bytes;
 use mqtt_proto::{Publish, TopicName};
-use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU16;
 
 /// Most aliases used towards one client, whatever it accepts: each holds a copy of its topic
@@ -18,16 +17,17 @@ pub const MAX_OUTGOING_ALIASES: u16 = 64;
 const MIN_ALIASED_TOPIC: usize = 4;
 
 /// The alias table for one connection's outgoing PUBLISHes.
+///
+/// A plain vector indexed by alias: at most [`MAX_OUTGOING_ALIASES`] entries, so finding a topic
+/// is a short scan (lengths compared first) and the least recently used entry is looked for only
+/// when a new topic needs a slot in a full table; a delivery on a known topic costs no hashing
+/// and no allocation.
 #[derive(Debug, Default)]
 pub struct OutgoingAliases {
-    /// The receiver's Topic Alias Maximum (0: no aliases).
+    /// The receiver's Topic Alias Maximum, capped (0: no aliases).
     max: u16,
-    /// Per topic: its alias and when it was last used.
-    by_topic: HashMap<TopicName, (u16, u64)>,
-    /// Per alias (index alias - 1): its topic.
-    by_alias: Vec<TopicName>,
-    /// Aliases by last use, least recent first.
-    lru: BTreeSet<(u64, u16)>,
+    /// Per alias (index alias - 1): its topic (our own copy) and when it was last used.
+    by_alias: Vec<(TopicName, u64)>,
     clock: u64,
 }
 
@@ -41,58 +41,45 @@ impl OutgoingAliases {
     /// Rewrites `publish` to use an alias when that makes sense: an empty topic for a topic
     /// seen before, or the topic plus a new alias (taking the least recently used one when the
     /// table is full). `fits` says whether a candidate is within the receiver's Maximum Packet
-    /// Size; a new alias is only set up when the PUBLISH still fits with it.
+    /// Size; a new alias is only set up when the PUBLISH still fits with it. (A known alias never
+    /// makes a PUBLISH bigger: the topic it replaces has at least 4 bytes, the alias takes 3.)
     pub fn apply(&mut self, publish: &mut Publish, fits: impl Fn(&Publish) -> bool) {
-        if self.max == 0 || publish.topic.as_str().len() < MIN_ALIASED_TOPIC {
+        let len = publish.topic.as_str().len();
+        if self.max == 0 || len < MIN_ALIASED_TOPIC {
             return;
         }
         self.clock += 1;
-        if let Some(&(alias, used)) = self.by_topic.get(&publish.topic) {
-            // Known: an empty topic and the alias, unless even that would not fit (the
-            // varints of the lengths can grow by a byte); then the topic as it is.
-            let mut candidate = publish.clone();
-            candidate.topic = TopicName::empty();
-            candidate.properties.topic_alias = NonZeroU16::new(alias);
-            if !fits(&candidate) {
-                return;
-            }
-            self.lru.remove(&(used, alias));
-            self.lru.insert((self.clock, alias));
-            if let Some(entry) = self.by_topic.get_mut(&publish.topic) {
-                entry.1 = self.clock;
-            }
-            *publish = candidate;
+        let known = self.by_alias.iter().position(|(t, _)| t.as_str().len() == len && *t == publish.topic);
+        if let Some(i) = known {
+            self.by_alias[i].1 = self.clock;
+            publish.topic = TopicName::empty();
+            publish.properties.topic_alias = NonZeroU16::new(i as u16 + 1);
             return;
         }
-        let alias = if self.by_alias.len() < usize::from(self.max) {
-            self.by_alias.len() as u16 + 1
+        let slot = if self.by_alias.len() < usize::from(self.max) {
+            self.by_alias.len()
         } else {
-            match self.lru.first() {
-                Some(&(_, alias)) => alias,
+            match self.by_alias.iter().enumerate().min_by_key(|(_, (_, used))| *used) {
+                Some((i, _)) => i,
                 None => return,
             }
         };
+        let alias = NonZeroU16::new(slot as u16 + 1);
         let mut candidate = publish.clone();
-        candidate.properties.topic_alias = NonZeroU16::new(alias);
+        candidate.properties.topic_alias = alias;
         if !fits(&candidate) {
             return;
         }
-        // Take the alias over (from its least recent topic, when the table was full). The table
-        // keeps its own copy of the topic: the PUBLISH's is a slice of its publisher's receive
-        // buffer, which it must not hold for the life of this connection.
+        // The table keeps its own copy of the topic: the PUBLISH's is a slice of its publisher's
+        // receive buffer, which it must not hold for the life of this connection.
         let topic = TopicName::from_bytes(Bytes::copy_from_slice(publish.topic.as_str().as_bytes()))
             .unwrap_or_else(|_| publish.topic.clone());
-        if let Some(old) = self.by_alias.get(usize::from(alias) - 1).cloned() {
-            if let Some((_, used)) = self.by_topic.remove(&old) {
-                self.lru.remove(&(used, alias));
-            }
-            self.by_alias[usize::from(alias) - 1] = topic.clone();
+        if slot < self.by_alias.len() {
+            self.by_alias[slot] = (topic, self.clock);
         } else {
-            self.by_alias.push(topic.clone());
+            self.by_alias.push((topic, self.clock));
         }
-        self.by_topic.insert(topic, (alias, self.clock));
-        self.lru.insert((self.clock, alias));
-        publish.properties.topic_alias = NonZeroU16::new(alias);
+        publish.properties.topic_alias = alias;
     }
 }
 
@@ -140,10 +127,13 @@ mod tests {
         tight.apply(&mut p, |_| false);
         assert_eq!(p.properties.topic_alias, None, "no alias when it would not fit");
         assert_eq!(sent(&mut tight, "abcd"), ("abcd".into(), Some(1)), "and none was set up");
-        // A known alias that would not fit either: the topic goes as it is.
-        let mut p = msg("abcd");
+        // A known alias never makes a PUBLISH bigger.
+        let plain = msg("abcd");
+        let mut p = plain.clone();
         tight.apply(&mut p, |_| false);
-        assert_eq!((p.topic.as_str(), p.properties.topic_alias), ("abcd", None));
+        assert_eq!((p.topic.as_str(), p.properties.topic_alias.map(|n| n.get())), ("", Some(1)));
+        let size = |m: &Publish| m.encoded_len(mqtt_proto::Protocol::V5).unwrap();
+        assert!(size(&p) <= size(&plain));
         // Short topics are never aliased: the alias would not be smaller.
         assert_eq!(sent(&mut tight, "abc"), ("abc".into(), None));
         // However many a client accepts, the table stays small.

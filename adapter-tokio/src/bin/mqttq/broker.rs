@@ -176,6 +176,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         max_pending_auth => max_pending_auth,
         max_pending_auth_per_ip => max_pending_auth_per_ip,
         max_auth_failures => max_auth_failures,
+        outgoing_topic_aliases => session.outgoing_topic_aliases,
     );
     if let Some(v) = file.sys_interval {
         b.sys_interval = if v == 0 { None } else { Some(seconds("sys_interval", v, 1)?) };

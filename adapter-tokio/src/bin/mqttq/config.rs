@@ -30,6 +30,7 @@
 //! max_pending_auth = 64       # password checks in flight; more CONNECTs get Server busy
 //! max_pending_auth_per_ip = 8 # of those, from one address
 //! max_auth_failures = 10      # failed logins per address per minute before 0x9F (0: off)
+//! outgoing_topic_aliases = true  # aliases towards MQTT 5 clients that accept them (fewer bytes)
 //!
 //! [quic]
 //! listen = "0.0.0.0:14567"    # or "off"
@@ -85,6 +86,7 @@ pub struct FileConfig {
     pub max_pending_auth: Option<usize>,
     pub max_pending_auth_per_ip: Option<usize>,
     pub max_auth_failures: Option<u32>,
+    pub outgoing_topic_aliases: Option<bool>,
     #[serde(default)]
     pub quic: QuicSection,
     #[serde(default)]
