@@ -119,18 +119,13 @@ impl Bench {
 
     /// Opens a stream, sends `connect` and returns the stream with the CONNACK.
     fn connect(&mut self, connect: Connect) -> (StreamId, ConnAck) {
-        let id = self.open();
-        self.send(id, [connect.into()]);
-        let mut answer = self.take(id);
-        assert!(!answer.is_empty(), "no CONNACK");
-        let Packet::ConnAck(ack) = answer.remove(0) else { panic!("not a CONNACK first") };
+        let (id, ack) = self.connect_answering(connect);
         assert_eq!(ack.reason_code, ReasonCode::Success);
-        self.wires.get_mut(&id).unwrap().packets = answer;
-        (id, *ack)
+        (id, ack)
     }
 
-    /// Like [`Bench::connect`] on a broker with `Auth`: the password check the broker hands
-    /// out is answered at once.
+    /// Opens a stream, sends `connect` and returns the stream with the CONNACK, whatever its
+    /// code; on a broker with `Auth`, the password check it hands out is answered at once.
     fn connect_answering(&mut self, connect: Connect) -> (StreamId, ConnAck) {
         let id = self.open();
         self.send(id, [connect.into()]);
@@ -139,6 +134,7 @@ impl Bench {
             self.broker.handle_auth_result(self.now, r.id(), verdict);
         }
         let mut answer = self.take(id);
+        assert!(!answer.is_empty(), "no CONNACK");
         let Packet::ConnAck(ack) = answer.remove(0) else { panic!("not a CONNACK first") };
         self.wires.get_mut(&id).unwrap().packets = answer;
         (id, *ack)

@@ -140,6 +140,10 @@ enum Access {
 struct Rule {
     access: Access,
     topic: String,
+    /// Whether the topic names `%c` / `%u` (patterns): worked out once at load, not on every
+    /// check (delivery checks run per message).
+    needs_client: bool,
+    needs_user: bool,
 }
 
 /// Passwords and ACL from files, plus whether anonymous clients may connect.
@@ -270,7 +274,12 @@ impl FileAuth {
                     // The filter must be valid once %c / %u are filled in with plain text.
                     TopicFilter::new(topic.replace("%c", "c").replace("%u", "u"))
                         .map_err(|_| bad("invalid topic filter"))?;
-                    let rule = Rule { access, topic: topic.to_string() };
+                    let rule = Rule {
+                        access,
+                        topic: topic.to_string(),
+                        needs_client: topic.contains("%c"),
+                        needs_user: topic.contains("%u"),
+                    };
                     match (keyword, &user) {
                         ("pattern", _) => acl.patterns.push(rule),
                         (_, Some(u)) => acl.users.entry(u.clone()).or_default().push(rule),
@@ -302,20 +311,19 @@ impl FileAuth {
         // a wildcard or a separator would widen a grant to other clients' topics, and slip past
         // a deny. As mosquitto does, such a client is refused whenever a pattern would need it.
         let plain = |s: &str| !s.contains(['+', '#', '/']);
-        let unsafe_substitution = acl.patterns.iter().any(|r| {
-            (r.topic.contains("%c") && !plain(client_id))
-                || (r.topic.contains("%u") && username.is_some_and(|u| !plain(u)))
-        });
+        let unsafe_substitution = acl
+            .patterns
+            .iter()
+            .any(|r| (r.needs_client && !plain(client_id)) || (r.needs_user && username.is_some_and(|u| !plain(u))));
         if unsafe_substitution {
             return false;
         }
         let patterns = acl.patterns.iter().filter_map(|r| {
             // A pattern naming %u does not apply to anonymous clients.
-            if r.topic.contains("%u") && username.is_none() {
+            if r.needs_user && username.is_none() {
                 return None;
             }
-            let (needs_user, needs_client) = (r.topic.contains("%u"), r.topic.contains("%c"));
-            if !needs_user && !needs_client {
+            if !r.needs_user && !r.needs_client {
                 return Some((r.access, Cow::Borrowed(r.topic.as_str())));
             }
             let topic = r.topic.replace("%c", client_id).replace("%u", username.unwrap_or(""));

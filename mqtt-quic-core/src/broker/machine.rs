@@ -359,8 +359,8 @@ pub struct Broker {
     offline_bytes: usize,
     next_housekeeping: Option<Instant>,
     next_stream: u64,
-    /// Will and expiry deadlines of offline sessions, ordered. Entries made stale by a
-    /// reconnect are dropped when they come due.
+    /// Will and expiry deadlines of offline sessions, ordered. A reconnect, or a session's
+    /// removal, takes its entries out.
     record_timers: BTreeSet<(Instant, String)>,
     events: VecDeque<BrokerEvent>,
     /// Messages sent through a shared subscription and not yet acknowledged, by (session,
@@ -1011,9 +1011,9 @@ impl Broker {
     /// check (handed out, see [`Broker::poll_auth`]), then [`Broker::admit`].
     fn on_connect(&mut self, now: Instant, conn: Peer, c: Connect) {
         let remote = self.remote_addr(conn);
+        let username = c.username.as_ref().map(|u| u.as_str().to_string());
         if let Some(live) = self.conns.get_mut(&conn) {
-            let username = c.username.as_ref().map(|u| u.as_str().to_string());
-            live.hello = Some((c.client_id.to_string(), username, remote));
+            live.hello = Some((c.client_id.to_string(), username.clone(), remote));
         }
         if self.closing_until.is_some() {
             // Shutting down: a client that reconnects at once must not land here again.
@@ -1051,7 +1051,7 @@ impl Broker {
             id,
             auth,
             client_id: c.client_id.to_string(),
-            username: c.username.as_ref().map(|u| u.as_str().to_string()),
+            username,
             // A copy: a slice would hold the whole CONNECT frame while the hash runs.
             password: c.password.as_deref().map(Bytes::copy_from_slice),
         });
@@ -1326,10 +1326,11 @@ impl Broker {
         }
     }
 
-    /// Routes a message to every matching subscription, and retains it when asked.
+    /// Routes a message the broker itself publishes (a will, `$SYS`), and retains it when asked:
+    /// nobody can be told of a refusal, so a full store keeps its older messages and the
+    /// message is routed all the same. (Client and in-process publishes are refused instead.)
     fn publish(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
         if publish.retain {
-            // Wills, `$SYS` and in-process messages: a full store keeps its older messages.
             let _ = self.retained.set(now, &publish);
         }
         self.route(now, publish, from);
