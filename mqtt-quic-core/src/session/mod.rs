@@ -4,11 +4,36 @@
 //! produces bytes to write, events and deadlines, under the same polling contract as the QUIC
 //! machine: after every `handle_*` call or command, drain `poll_transmit`, read `poll_timeout`,
 //! drain `poll_event`.
+//!
+//! The two roles share their protocol machinery, each piece in its own file, and keep only what
+//! differs between them in theirs:
+//!
+//! | file | what it holds | used by |
+//! |---|---|---|
+//! | [`client`] | CONNECT/CONNACK from the client's side, keep-alive pings, requests, resubscribing | client |
+//! | [`server`] | CONNECT checks, the limits announced in CONNACK, keep-alive at 1.5x, timed 3.1.1 resends | broker |
+//! | `outbound.rs` | our QoS 1/2 window: queue, in flight, resend-after-resume order, packet ids | both |
+//! | `inbound.rs` | the peer's QoS 1/2 messages until acknowledged, Receive Maximum, QoS 2 dedup | both |
+//! | `alias_in.rs` | topic aliases the peer sets | both |
+//! | [`alias_out`] | topic aliases the broker sets towards a client | server |
+//! | `writer.rs` | the encoder capped at the peer's Maximum Packet Size | both |
+//! | `timer.rs` | a session deadline (connect timeout, keep-alive, PINGRESP) | both |
+//! | [`state`] | what a broker keeps of a session between connections | server, broker |
+//! | [`packet_id`] | packet identifier allocation | outbound |
 
+mod alias_in;
 pub mod alias_out;
 pub mod client;
+mod inbound;
+mod outbound;
 pub mod packet_id;
 pub mod server;
+pub mod state;
+mod timer;
+mod writer;
+
+#[cfg(test)]
+mod tests;
 
 /// QoS 1 and 2 messages in flight at once, each way, by default (Receive Maximum and our own
 /// cap). At 2000 msg/s over a 30 ms round trip about 60 are in flight on a clean link; a lost

@@ -1,0 +1,339 @@
+//! The outbound QoS window: our QoS 1 and 2 PUBLISHes from the moment they are queued until the
+//! peer has acknowledged them, for either role.
+//!
+//! Three rules live here and nowhere else:
+//! - at most `limit` (the peer's Receive Maximum, capped by ours) are unacknowledged at once
+//!   [MQTT-4.9.0-2];
+//! - after a reconnect, what the peer had not acknowledged goes out again first, in its original
+//!   order, as PUBLISH with DUP or as PUBREL, still within the limit, before anything queued
+//!   [MQTT-4.4.0-1]; a queued message never takes an identifier still in flight [MQTT-2.2.1-4];
+//! - a packet identifier is free again only once its exchange has completed.
+//!
+//! The window does no I/O and raises no events: [`Outbound::next_step`] says what to write or
+//! what to report next, and the role (client or server session) writes it its own way (topic
+//! aliases, size limits) and reports it in its own vocabulary.
+
+use super::packet_id::PacketIds;
+use mqtt_proto::{Ack, Packet, PacketId, Publish, QoS, QosPid, ReasonCode};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// One of our messages in flight.
+#[derive(Debug, Clone)]
+struct InFlight {
+    packet_id: PacketId,
+    /// QoS 2: PUBREC came and PUBREL was sent; PUBCOMP completes it.
+    released: bool,
+    /// The caller's id for the message (what completion reports).
+    id: u64,
+    /// The message as first sent (its topic, never an alias: aliases belong to one connection).
+    publish: Publish,
+    /// When its PUBLISH or PUBREL last went out on the current connection (for timed resends).
+    sent_at: Option<Instant>,
+    /// Timed resends so far on the current connection.
+    resends: u32,
+}
+
+/// One of our messages waiting for a slot in the window.
+#[derive(Debug, Clone)]
+struct Queued {
+    id: u64,
+    publish: Publish,
+    /// When it was queued: message expiry counts down from here.
+    at: Instant,
+}
+
+/// What the window wants done next (see [`Outbound::next_step`]).
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Write this packet: a PUBLISH (new, or again with DUP) or a PUBREL.
+    Send(Packet),
+    /// The message with this id was dropped unsent, for this reason (the peer's limits rule it
+    /// out); it is complete.
+    Dropped {
+        /// The caller's id.
+        id: u64,
+        /// Why.
+        reason: ReasonCode,
+    },
+}
+
+/// What a PUBREC meant (see [`Outbound::on_pubrec`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PubRec {
+    /// Accepted: send PUBREL (the message now waits for PUBCOMP).
+    Release,
+    /// Refused with an error code: the message with this id is complete.
+    Completed(u64),
+    /// No QoS 2 message of ours has this identifier: answer PUBREL 0x92.
+    Unknown,
+}
+
+/// Our QoS 1 and 2 messages: queued, in flight, and the packet identifiers they hold.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outbound {
+    ids: PacketIds,
+    /// Sent and unacknowledged, in the order they were first sent.
+    inflight: Vec<InFlight>,
+    /// How many of `inflight`, from the front, went out on the current connection: all of
+    /// them, except after a reconnect while the limit holds some back.
+    resent: usize,
+    queued: VecDeque<Queued>,
+    next_id: u64,
+}
+
+impl Outbound {
+    /// A fresh id for a message (for a role that has no request ids of its own).
+    pub(crate) fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Messages in flight plus those waiting.
+    pub(crate) fn pending(&self) -> usize {
+        self.inflight.len() + self.queued.len()
+    }
+
+    /// Messages waiting for a slot.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Queues a message under the caller's `id`; it goes out from [`Outbound::next_step`].
+    pub(crate) fn push(&mut self, id: u64, publish: Publish, now: Instant) {
+        self.queued.push_back(Queued { id, publish, at: now });
+    }
+
+    /// A packet identifier for something other than a PUBLISH (a client's SUBSCRIBE), from the
+    /// same space, so it never collides with a message in flight.
+    pub(crate) fn allocate_id(&mut self) -> Option<PacketId> {
+        self.ids.allocate()
+    }
+
+    /// Frees an identifier from [`Outbound::allocate_id`].
+    pub(crate) fn release_id(&mut self, id: PacketId) {
+        self.ids.release(id);
+    }
+
+    /// The next thing to write or report, or `None` when the window is full or nothing waits.
+    /// `limit` is the most unacknowledged at once; `refuse` says why the peer may not be sent a
+    /// message (checked on resends and new sends); with `expire`, message expiry counts down
+    /// while queued [MQTT-3.3.2-5] [MQTT-3.3.2-6]: an expired message is dropped silently, a
+    /// live one goes out with what is left of its interval.
+    pub(crate) fn next_step(
+        &mut self,
+        now: Instant,
+        limit: usize,
+        expire: bool,
+        refuse: impl Fn(&Publish) -> Option<ReasonCode>,
+    ) -> Option<Step> {
+        // What is owed from before a reconnect goes first.
+        if self.resent < self.inflight.len() {
+            if self.resent >= limit {
+                return None;
+            }
+            let entry = &mut self.inflight[self.resent];
+            let packet = if entry.released {
+                Packet::PubRel(Ack::new(entry.packet_id))
+            } else if let Some(reason) = refuse(&entry.publish) {
+                let entry = self.inflight.remove(self.resent);
+                self.ids.release(entry.packet_id);
+                return Some(Step::Dropped { id: entry.id, reason });
+            } else {
+                let mut p = entry.publish.clone();
+                p.dup = true;
+                Packet::Publish(p)
+            };
+            entry.sent_at = Some(now);
+            self.resent += 1;
+            return Some(Step::Send(packet));
+        }
+        while self.inflight.len() < limit {
+            let Queued { id, mut publish, at } = self.queued.pop_front()?;
+            if let Some(reason) = refuse(&publish) {
+                return Some(Step::Dropped { id, reason });
+            }
+            if let (true, Some(secs)) = (expire, publish.properties.message_expiry_interval) {
+                let waited = now.saturating_duration_since(at).as_secs();
+                match u64::from(secs).checked_sub(waited).filter(|left| *left > 0) {
+                    Some(left) => publish.properties.message_expiry_interval = Some(left as u32),
+                    None => continue,
+                }
+            }
+            let Some(packet_id) = self.ids.allocate() else {
+                self.queued.push_front(Queued { id, publish, at });
+                return None;
+            };
+            publish.qos_pid = QosPid::from_parts(publish.qos(), packet_id);
+            let entry = InFlight { packet_id, released: false, id, publish, sent_at: Some(now), resends: 0 };
+            let packet = Packet::Publish(entry.publish.clone());
+            self.inflight.push(entry);
+            self.resent = self.inflight.len();
+            return Some(Step::Send(packet));
+        }
+        None
+    }
+
+    fn position(&self, packet_id: PacketId, qos: QoS, released: bool) -> Option<usize> {
+        self.inflight.iter().position(|e| e.packet_id == packet_id && e.released == released && e.publish.qos() == qos)
+    }
+
+    fn remove(&mut self, index: usize) -> u64 {
+        let entry = self.inflight.remove(index);
+        if index < self.resent {
+            self.resent -= 1;
+        }
+        self.ids.release(entry.packet_id);
+        entry.id
+    }
+
+    /// PUBACK (QoS 1, `released` false) or PUBCOMP (QoS 2, `released` true) for this
+    /// identifier: the id of the message it completes, if it completes one.
+    pub(crate) fn complete(&mut self, packet_id: PacketId, qos: QoS, released: bool) -> Option<u64> {
+        let i = self.position(packet_id, qos, released)?;
+        Some(self.remove(i))
+    }
+
+    /// PUBREC for this identifier; `refused` when its reason code is an error.
+    pub(crate) fn on_pubrec(&mut self, now: Instant, packet_id: PacketId, refused: bool) -> PubRec {
+        let Some(i) = self.position(packet_id, QoS::ExactlyOnce, false) else { return PubRec::Unknown };
+        if refused {
+            return PubRec::Completed(self.remove(i));
+        }
+        let entry = &mut self.inflight[i];
+        entry.released = true;
+        entry.sent_at = Some(now);
+        PubRec::Release
+    }
+
+    /// A reconnect resumed the session: everything in flight goes out again from the start.
+    pub(crate) fn resend_all(&mut self) {
+        self.resent = 0;
+    }
+
+    /// Drops the PUBLISHes in flight (not yet released) that `refuse` rules out, reporting each
+    /// with its reason: a peer that came back with tighter limits cannot be sent them.
+    pub(crate) fn drop_refused(
+        &mut self,
+        refuse: impl Fn(&Publish) -> Option<ReasonCode>,
+        mut dropped: impl FnMut(u64, ReasonCode),
+    ) {
+        let mut i = 0;
+        while i < self.inflight.len() {
+            let entry = &self.inflight[i];
+            match (entry.released, refuse(&entry.publish)) {
+                (false, Some(reason)) => dropped(self.remove(i), reason),
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// The peer lost the session: what was in flight goes out again as new messages, ahead of
+    /// the queue, with new identifiers.
+    pub(crate) fn requeue_inflight(&mut self, now: Instant) {
+        for entry in self.inflight.drain(..).rev() {
+            self.ids.release(entry.packet_id);
+            self.queued.push_front(Queued { id: entry.id, publish: entry.publish, at: now });
+        }
+        self.resent = 0;
+    }
+
+    /// Carried to a new connection of the same session (a broker resuming it): identifiers are
+    /// numbered afresh around those still in flight, everything in flight is resent first, and
+    /// no timed resend carries over.
+    pub(crate) fn resume(&mut self) {
+        self.ids = PacketIds::default();
+        for entry in &mut self.inflight {
+            self.ids.mark(entry.packet_id);
+            entry.sent_at = None;
+            entry.resends = 0;
+        }
+        self.resent = 0;
+    }
+
+    /// When the earliest timed resend is due (see [`Outbound::due_resends`]).
+    pub(crate) fn next_resend(&self, interval: Duration) -> Option<Instant> {
+        self.inflight.iter().filter_map(|e| e.sent_at).min().map(|at| at + interval)
+    }
+
+    /// Timed redelivery (an MQTT 3.1.1 option; MQTT 5 forbids it [MQTT-4.4.0-1]): what has waited
+    /// `interval` for its answer is sent again (PUBLISH with DUP, or PUBREL) into `send`. Returns
+    /// false, after sending what came before it, when a message has used `max_resends`: the
+    /// connection is to be given up.
+    pub(crate) fn due_resends(
+        &mut self,
+        now: Instant,
+        interval: Duration,
+        max_resends: u32,
+        mut send: impl FnMut(Packet),
+    ) -> bool {
+        for entry in &mut self.inflight {
+            if entry.sent_at.is_none_or(|at| at + interval > now) {
+                continue;
+            }
+            if entry.resends >= max_resends {
+                return false;
+            }
+            entry.sent_at = Some(now);
+            entry.resends += 1;
+            send(if entry.released {
+                Packet::PubRel(Ack::new(entry.packet_id))
+            } else {
+                let mut p = entry.publish.clone();
+                p.dup = true;
+                Packet::Publish(p)
+            });
+        }
+        true
+    }
+
+    /// Drops the messages `keep` refuses: queued ones, and QoS 1 ones sent and not acknowledged
+    /// (a QoS 2 message once sent stays whatever: the peer may hold its identifier in its
+    /// receive state, and would take a new message under it for a duplicate). Returns how many.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Publish) -> bool) -> usize {
+        let before = self.pending();
+        self.inflight.retain(|e| e.released || e.publish.qos() == QoS::ExactlyOnce || keep(&e.publish));
+        self.queued.retain(|q| keep(&q.publish));
+        before - self.pending()
+    }
+
+    /// Takes out the messages with these ids for delivery elsewhere: queued ones, and QoS 1
+    /// ones already sent (a QoS 2 message once sent completes with this peer, never another
+    /// [MQTT-4.8.2-4] [MQTT-4.8.2-5]). Their identifiers are freed.
+    pub(crate) fn take(&mut self, ids: &[u64]) -> Vec<Publish> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.inflight.len() {
+            let e = &self.inflight[i];
+            if ids.contains(&e.id) && e.publish.qos() != QoS::ExactlyOnce {
+                out.push(e.publish.clone());
+                self.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        self.queued.retain(|q| {
+            let take = ids.contains(&q.id);
+            if take {
+                out.push(q.publish.clone());
+            }
+            !take
+        });
+        out
+    }
+
+    /// Every kept message.
+    pub(crate) fn messages(&self) -> impl Iterator<Item = &Publish> {
+        self.inflight.iter().map(|e| &e.publish).chain(self.queued.iter().map(|q| &q.publish))
+    }
+
+    /// Makes every kept message own its bytes (see [`Publish::detached`]).
+    pub(crate) fn detach(&mut self) {
+        for e in &mut self.inflight {
+            e.publish = e.publish.detached();
+        }
+        for q in &mut self.queued {
+            q.publish = q.publish.detached();
+        }
+    }
+}
