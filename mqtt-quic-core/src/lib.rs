@@ -7,21 +7,63 @@
 //! fill from the operating system's random source and simulations from a fixed seed (TLS key
 //! generation and TLS handshake secrets excepted, which rustls draws from the OS itself).
 //!
+//! # How a message flows
+//!
+//! ```text
+//!  UDP datagram ──► QuicEndpoint ──► bytes of the client's first stream ─┐
+//!  TCP / TLS bytes (the adapter's socket) ───────────────────────────────┤
+//!                                                                        ▼
+//!                       ServerSession: decodes, enforces the protocol ──► ServerEvent::Publish
+//!                                                                        │
+//!                       Broker: policy (ACL, limits) ──► Router: the subscribers, retained store
+//!                                                                        │ one per subscriber
+//!                                                                        ▼
+//!                       ServerSession::publish: QoS window, aliases, size cap ──► bytes
+//!                                                                        │
+//!        Transmit (UDP, from poll_transmit) ◄── QuicEndpoint::send ◄─────┤
+//!        StreamOutput (TCP / TLS, from Broker::poll_stream) ◄────────────┘
+//! ```
+//!
+//! A client is the same picture with one session: [`client::MqttClient`] owns a
+//! [`session::client::ClientSession`] and either a [`quic::QuicEndpoint`] or a byte stream the
+//! adapter carries.
+//!
+//! # Which type do I drive?
+//!
+//! | you want | drive | it gives you |
+//! |---|---|---|
+//! | a broker | [`broker::machine::Broker`] | datagrams, stream output, [`broker::machine::BrokerEvent`]s, password checks |
+//! | one MQTT client that reconnects by itself, over QUIC or a stream you carry | [`client::MqttClient`] | datagrams or [`client::StreamCommand`]s, [`session::client::ClientEvent`]s |
+//! | the same, with each request's result routed to whoever waits for it (what the adapters use) | [`driver::ClientDriver`] | completions tagged with your tokens, messages, state changes |
+//! | many clients on one UDP socket (load generation, gateways) | [`pool::ClientPool`] | datagrams, events tagged with the client |
+//! | raw QUIC connections carrying bytes | [`quic::QuicEndpoint`] | datagrams, [`quic::Event`]s |
+//! | the MQTT protocol alone, over a transport of your own | [`session::client::ClientSession`], [`session::server::ServerSession`] | bytes to write, events |
+//!
+//! The "client" layers, from the bottom: `ClientSession` speaks MQTT on one connection;
+//! `MqttClient` gives it a transport and a reconnect policy; `ClientDriver` answers callers;
+//! an adapter's `Client` is the handle an application holds.
+//!
 //! # Driving a machine
 //!
-//! Every machine has the same shape ([`quic::QuicEndpoint`] today):
+//! Every machine has the same shape: the datagram machines implement [`Machine`] (whose methods
+//! forward to inherent ones of the same names), and every poll is `#[must_use]`.
 //!
 //! - inputs are `handle_*` calls (`handle_datagram(now, remote, local_ip, ecn, data)`,
-//!   `handle_timeout(now)`) and commands (`connect`, `send`, `finish`, `close`, ...);
+//!   `handle_timeout(now)`, and for byte streams the stream calls) and commands (`connect`,
+//!   `send`, `publish`, `subscribe`, ...);
 //! - outputs are polled until they return `None`.
 //!
 //! After **every** input or command, drain in this order:
 //!
-//! 1. `poll_transmit(now, &mut buf)` until `None`, sending each datagram;
+//! 1. `poll_transmit(now, &mut buf)` (or `poll_transmit_batch`) until `None`, sending each
+//!    datagram. Polling transmits is not passive: it runs the QUIC engine, which may take in
+//!    acknowledgements, finish streams and close connections, and so queue events and stream
+//!    output that were not there before. That is why events come after transmits;
 //! 2. `poll_timeout()`: the one instant at which to call `handle_timeout` next (absolute, not a
 //!    duration). Calling `handle_timeout` early is a no-op;
-//! 3. `poll_event()` until `None`, acting on each event (which may issue more commands, after
-//!    which the rule applies again).
+//! 3. `poll_event()` until `None` (and the machine's other outputs: `poll_stream` for byte
+//!    streams, `poll_auth` for the broker), acting on each (which may issue more commands,
+//!    after which the rule applies again from step 1).
 //!
 //! ```
 //! use mqtt_quic_core::config::{ClientConfig, ServerConfig};
@@ -60,9 +102,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! The broker has one more output: [`broker::machine::Broker::poll_auth`] hands out password
-//! checks (PBKDF2 takes milliseconds), which the adapter runs on another thread and answers
-//! with `handle_auth_result`; drain it with the events.
+//! The broker's [`broker::machine::Broker::poll_auth`] hands out password checks (PBKDF2 takes
+//! milliseconds), which the adapter runs on another thread and answers with
+//! `handle_auth_result`.
 //!
 //! # 0-RTT and replay
 //!

@@ -28,7 +28,7 @@
 //! # Time
 //!
 //! [`Auth::connect`] runs PBKDF2, milliseconds of CPU: the broker never calls it on its event
-//! loop, but hands out an [`crate::broker::machine::AuthRequest`] for the adapter to verify on
+//! loop, but hands out an [`AuthRequest`] for the adapter to verify on
 //! another thread. An unknown user costs the same work as a known one, so response times do not
 //! tell which user names exist. The ACL checks are cheap and run on the loop: [`Auth::can_read`]
 //! on every delivery.

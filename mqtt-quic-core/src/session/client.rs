@@ -651,8 +651,8 @@ impl ClientSession {
         let refuse = self.refusal();
         while let Some(step) = self.outbound.next_step(now, limit, false, &refuse) {
             match step {
-                Step::Send(Packet::Publish(p)) => self.write_publish(now, p),
-                Step::Send(packet) => self.write(now, &packet),
+                Step::Publish(p) => self.write_publish(now, p),
+                Step::Release(packet_id) => self.write(now, &Packet::PubRel(Ack::new(packet_id))),
                 Step::Dropped { id, reason } => {
                     self.events.push_back(ClientEvent::Published { id: RequestId(id), reason })
                 }
@@ -698,7 +698,7 @@ impl ClientSession {
             (State::Connected, Packet::Publish(p)) => self.on_publish(now, p),
             (State::Connected, Packet::PubAck(ack)) => self.acknowledged(now, &ack, QoS::AtLeastOnce, false),
             (State::Connected, Packet::PubRec(ack)) => {
-                match self.outbound.on_pubrec(now, ack.packet_id, ack.reason_code.is_error()) {
+                match self.outbound.on_pubrec(ack.packet_id, ack.reason_code.is_error()) {
                     PubRec::Completed(id) => {
                         self.events.push_back(ClientEvent::Published { id: RequestId(id), reason: ack.reason_code });
                         self.pump(now);

@@ -15,7 +15,7 @@
 
 use super::packet_id::PacketIds;
 use mqtt_proto::{Ack, Packet, PacketId, Publish, QoS, QosPid, ReasonCode};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// One of our messages in flight.
@@ -28,10 +28,6 @@ struct InFlight {
     id: u64,
     /// The message as first sent (its topic, never an alias: aliases belong to one connection).
     publish: Publish,
-    /// When its PUBLISH or PUBREL last went out on the current connection (for timed resends).
-    sent_at: Option<Instant>,
-    /// Timed resends so far on the current connection.
-    resends: u32,
 }
 
 /// One of our messages waiting for a slot in the window.
@@ -46,8 +42,10 @@ struct Queued {
 /// What the window wants done next (see [`Outbound::next_step`]).
 #[derive(Debug)]
 pub(crate) enum Step {
-    /// Write this packet: a PUBLISH (new, or again with DUP) or a PUBREL.
-    Send(Packet),
+    /// Write this PUBLISH (new, or again with DUP).
+    Publish(Publish),
+    /// Write PUBREL for this identifier (again, after a reconnect).
+    Release(PacketId),
     /// The message with this id was dropped unsent, for this reason (the peer's limits rule it
     /// out); it is complete.
     Dropped {
@@ -80,6 +78,9 @@ pub(crate) struct Outbound {
     resent: usize,
     queued: VecDeque<Queued>,
     next_id: u64,
+    /// Timed redelivery only (see [`Outbound::note_sent`]): per identifier in flight, when its
+    /// PUBLISH or PUBREL last went out on this connection and how often it has been resent.
+    resend: BTreeMap<u16, (Instant, u32)>,
 }
 
 impl Outbound {
@@ -120,6 +121,7 @@ impl Outbound {
     /// message (checked on resends and new sends); with `expire`, message expiry counts down
     /// while queued [MQTT-3.3.2-5] [MQTT-3.3.2-6]: an expired message is dropped silently, a
     /// live one goes out with what is left of its interval.
+    #[inline(always)]
     pub(crate) fn next_step(
         &mut self,
         now: Instant,
@@ -132,21 +134,19 @@ impl Outbound {
             if self.resent >= limit {
                 return None;
             }
-            let entry = &mut self.inflight[self.resent];
-            let packet = if entry.released {
-                Packet::PubRel(Ack::new(entry.packet_id))
+            let entry = &self.inflight[self.resent];
+            let step = if entry.released {
+                Step::Release(entry.packet_id)
             } else if let Some(reason) = refuse(&entry.publish) {
-                let entry = self.inflight.remove(self.resent);
-                self.ids.release(entry.packet_id);
-                return Some(Step::Dropped { id: entry.id, reason });
+                let id = self.remove(self.resent);
+                return Some(Step::Dropped { id, reason });
             } else {
                 let mut p = entry.publish.clone();
                 p.dup = true;
-                Packet::Publish(p)
+                Step::Publish(p)
             };
-            entry.sent_at = Some(now);
             self.resent += 1;
-            return Some(Step::Send(packet));
+            return Some(step);
         }
         while self.inflight.len() < limit {
             let Queued { id, mut publish, at } = self.queued.pop_front()?;
@@ -165,11 +165,9 @@ impl Outbound {
                 return None;
             };
             publish.qos_pid = QosPid::from_parts(publish.qos(), packet_id);
-            let entry = InFlight { packet_id, released: false, id, publish, sent_at: Some(now), resends: 0 };
-            let packet = Packet::Publish(entry.publish.clone());
-            self.inflight.push(entry);
+            self.inflight.push(InFlight { packet_id, released: false, id, publish: publish.clone() });
             self.resent = self.inflight.len();
-            return Some(Step::Send(packet));
+            return Some(Step::Publish(publish));
         }
         None
     }
@@ -184,6 +182,7 @@ impl Outbound {
             self.resent -= 1;
         }
         self.ids.release(entry.packet_id);
+        self.resend.remove(&entry.packet_id.get());
         entry.id
     }
 
@@ -195,14 +194,12 @@ impl Outbound {
     }
 
     /// PUBREC for this identifier; `refused` when its reason code is an error.
-    pub(crate) fn on_pubrec(&mut self, now: Instant, packet_id: PacketId, refused: bool) -> PubRec {
+    pub(crate) fn on_pubrec(&mut self, packet_id: PacketId, refused: bool) -> PubRec {
         let Some(i) = self.position(packet_id, QoS::ExactlyOnce, false) else { return PubRec::Unknown };
         if refused {
             return PubRec::Completed(self.remove(i));
         }
-        let entry = &mut self.inflight[i];
-        entry.released = true;
-        entry.sent_at = Some(now);
+        self.inflight[i].released = true;
         PubRec::Release
     }
 
@@ -243,17 +240,24 @@ impl Outbound {
     /// no timed resend carries over.
     pub(crate) fn resume(&mut self) {
         self.ids = PacketIds::default();
-        for entry in &mut self.inflight {
+        for entry in &self.inflight {
             self.ids.mark(entry.packet_id);
-            entry.sent_at = None;
-            entry.resends = 0;
         }
+        self.resend.clear();
         self.resent = 0;
+    }
+
+    /// For timed redelivery (see [`Outbound::due_resends`]): the PUBLISH or PUBREL of the
+    /// message with this identifier just went out. Roles that never resend on a live
+    /// connection do not call it, and pay nothing for the feature.
+    pub(crate) fn note_sent(&mut self, now: Instant, packet_id: PacketId) {
+        let resends = self.resend.get(&packet_id.get()).map_or(0, |r| r.1);
+        self.resend.insert(packet_id.get(), (now, resends));
     }
 
     /// When the earliest timed resend is due (see [`Outbound::due_resends`]).
     pub(crate) fn next_resend(&self, interval: Duration) -> Option<Instant> {
-        self.inflight.iter().filter_map(|e| e.sent_at).min().map(|at| at + interval)
+        self.resend.values().map(|(at, _)| *at + interval).min()
     }
 
     /// Timed redelivery (an MQTT 3.1.1 option; MQTT 5 forbids it [MQTT-4.4.0-1]): what has waited
@@ -267,22 +271,27 @@ impl Outbound {
         max_resends: u32,
         mut send: impl FnMut(Packet),
     ) -> bool {
-        for entry in &mut self.inflight {
-            if entry.sent_at.is_none_or(|at| at + interval > now) {
-                continue;
-            }
-            if entry.resends >= max_resends {
+        let due: Vec<u16> =
+            self.resend.iter().filter(|(_, (at, _))| *at + interval <= now).map(|(id, _)| *id).collect();
+        for id in due {
+            let Some(entry) = self.resend.get_mut(&id) else { continue };
+            if entry.1 >= max_resends {
                 return false;
             }
-            entry.sent_at = Some(now);
-            entry.resends += 1;
-            send(if entry.released {
-                Packet::PubRel(Ack::new(entry.packet_id))
-            } else {
-                let mut p = entry.publish.clone();
-                p.dup = true;
-                Packet::Publish(p)
+            *entry = (now, entry.1 + 1);
+            let packet = self.inflight.iter().find(|e| e.packet_id.get() == id).map(|e| {
+                if e.released {
+                    Packet::PubRel(Ack::new(e.packet_id))
+                } else {
+                    let mut p = e.publish.clone();
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
             });
+            match packet {
+                Some(packet) => send(packet),
+                None => drop(self.resend.remove(&id)),
+            }
         }
         true
     }

@@ -615,10 +615,25 @@ impl ServerSession {
         }
         let limit = self.window();
         let refuse = Self::refusal(self.writer.protocol(), self.writer.max());
+        let timed = self.retry_interval().is_some();
         while let Some(step) = self.outbound.next_step(now, limit, true, &refuse) {
-            match step {
-                Step::Send(packet) => self.write_packet(packet),
-                Step::Dropped { id, .. } => self.events.push_back(ServerEvent::Delivered { id }),
+            let packet_id = match step {
+                Step::Publish(publish) => {
+                    let packet_id = publish.packet_id();
+                    self.write_publish(publish);
+                    packet_id
+                }
+                Step::Release(packet_id) => {
+                    self.write(&Packet::PubRel(Ack::new(packet_id)));
+                    Some(packet_id)
+                }
+                Step::Dropped { id, .. } => {
+                    self.events.push_back(ServerEvent::Delivered { id });
+                    None
+                }
+            };
+            if let (true, Some(packet_id)) = (timed, packet_id) {
+                self.outbound.note_sent(now, packet_id);
             }
         }
     }
@@ -641,12 +656,17 @@ impl ServerSession {
             (State::Connected, Packet::Publish(p)) => self.on_publish(p),
             (State::Connected, Packet::PubAck(ack)) => self.acknowledged(now, ack.packet_id, QoS::AtLeastOnce, false),
             (State::Connected, Packet::PubRec(ack)) => {
-                match self.outbound.on_pubrec(now, ack.packet_id, ack.reason_code.is_error()) {
+                match self.outbound.on_pubrec(ack.packet_id, ack.reason_code.is_error()) {
                     PubRec::Completed(id) => {
                         self.events.push_back(ServerEvent::Delivered { id });
                         self.pump(now);
                     }
-                    PubRec::Release => self.write(&Packet::PubRel(Ack::new(ack.packet_id))),
+                    PubRec::Release => {
+                        self.write(&Packet::PubRel(Ack::new(ack.packet_id)));
+                        if self.retry_interval().is_some() {
+                            self.outbound.note_sent(now, ack.packet_id);
+                        }
+                    }
                     PubRec::Unknown => {
                         let mut rel = Ack::new(ack.packet_id);
                         rel.reason_code = ReasonCode::PacketIdentifierNotFound;

@@ -1,5 +1,5 @@
 //! What a broker keeps of a client's session between its connections: the window of messages
-//! for the client ([`Outbound`]) and the client's QoS 2 messages awaiting PUBREL ([`Inbound`]).
+//! for the client (`outbound.rs`) and the client's QoS 2 messages awaiting PUBREL (`inbound.rs`).
 //! The server session hands it over when a connection ends and takes it back when the client
 //! returns; the broker meanwhile queues messages into it and applies its budgets.
 
