@@ -1,6 +1,6 @@
 //! The client machine: one MQTT session over QUIC (the machine owns the QUIC endpoint) or over
 //! a byte stream the adapter carries (TCP, TLS over TCP), and the reconnect policy. Adapters
-//! drive it through [`Machine`] (QUIC) or the `*_stream` calls (byte streams), and forward
+//! drive it through [`Machine`](crate::Machine) (QUIC) or the `*_stream` calls (byte streams), and forward
 //! commands.
 //!
 //! Over a byte stream the machine still decides when to connect: it asks for a stream with
@@ -9,7 +9,6 @@
 
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
-use crate::machine::Machine;
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
 use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
@@ -254,6 +253,7 @@ impl MqttClient {
     }
 
     /// The next event.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
     }
@@ -289,6 +289,7 @@ impl MqttClient {
 
     /// Over a byte stream: what the adapter should do next. The session's bytes come out here,
     /// as one write for everything since the last call.
+    #[must_use]
     pub fn poll_stream(&mut self) -> Option<StreamCommand> {
         match &mut self.link {
             Link::Stream { out, open } => out.pop_front().or_else(|| {
@@ -418,8 +419,10 @@ impl MqttClient {
     }
 }
 
-impl Machine for MqttClient {
-    fn handle_datagram(
+/// The [`Machine`](crate::Machine) interface, as inherent methods (the trait forwards to them).
+impl MqttClient {
+    /// Feeds one received UDP datagram (see [`Machine::handle_datagram`](crate::Machine::handle_datagram)).
+    pub fn handle_datagram(
         &mut self,
         now: Instant,
         remote: SocketAddr,
@@ -433,7 +436,8 @@ impl Machine for MqttClient {
         }
     }
 
-    fn handle_timeout(&mut self, now: Instant) {
+    /// Advances timers; early calls do nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
         if let Link::Quic { endpoint, .. } = &mut self.link {
             endpoint.handle_timeout(now);
         }
@@ -444,18 +448,24 @@ impl Machine for MqttClient {
         }
     }
 
-    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// The next datagram to send, written into `buf`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         self.poll_transmit_batch(now, 1, buf)
     }
 
-    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// Up to `max_datagrams` datagrams to one destination at once (see [`Machine::poll_transmit_batch`](crate::Machine::poll_transmit_batch)).
+    #[must_use]
+    pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         let Link::Quic { endpoint, .. } = &mut self.link else { return None };
         let t = endpoint.poll_transmit_batch(now, max_datagrams, buf);
         self.pump(now);
         t
     }
 
-    fn poll_timeout(&mut self) -> Option<Instant> {
+    /// When to call `handle_timeout` next.
+    #[must_use]
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
         let quic = match &mut self.link {
             Link::Quic { endpoint, .. } => endpoint.poll_timeout(),
             Link::Stream { .. } => None,
@@ -463,3 +473,5 @@ impl Machine for MqttClient {
         [quic, self.session.poll_timeout(), self.reconnect_at].into_iter().flatten().min()
     }
 }
+
+crate::machine::forward_machine!(MqttClient);

@@ -30,7 +30,7 @@ use crate::session::client::ClientSessionConfig;
 use crate::session::client::{ClientEvent, CommandError, DisconnectReason, RequestId};
 use crate::tls::ClientTls;
 use crate::url::{BrokerUrl, Transport};
-use crate::{EcnCodepoint, Machine};
+use crate::EcnCodepoint;
 use bytes::Bytes;
 use mqtt_proto::{Publish, ReasonCode, Subscription, TopicFilter};
 use std::collections::{BTreeMap, VecDeque};

@@ -132,6 +132,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod driver;
+pub mod error;
 pub mod machine;
 pub mod pool;
 pub mod quic;

@@ -20,38 +20,59 @@ pub trait Machine {
     /// Advances timers; early calls do nothing.
     fn handle_timeout(&mut self, now: Instant);
     /// The next datagram to send, written into `buf`.
+    #[must_use]
     fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit>;
     /// Up to `max_datagrams` datagrams to one destination at once, for sockets with GSO (see
     /// [`Transmit::segment_size`]). Machines that cannot batch send one.
+    #[must_use]
     fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         let _ = max_datagrams;
         self.poll_transmit(now, buf)
     }
     /// When to call `handle_timeout` next.
+    #[must_use]
     fn poll_timeout(&mut self) -> Option<Instant>;
 }
 
-impl Machine for crate::quic::QuicEndpoint {
-    fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
-        crate::quic::QuicEndpoint::handle_datagram(self, now, remote, local_ip, ecn, data)
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        crate::quic::QuicEndpoint::handle_timeout(self, now)
-    }
-    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        crate::quic::QuicEndpoint::poll_transmit(self, now, buf)
-    }
-    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
-        crate::quic::QuicEndpoint::poll_transmit_batch(self, now, max_datagrams, buf)
-    }
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        crate::quic::QuicEndpoint::poll_timeout(self)
-    }
+/// Implements [`Machine`] for a type by forwarding every method to the type's inherent method
+/// of the same name and signature, so that the trait and the inherent API cannot drift apart.
+macro_rules! forward_machine {
+    ($ty:ty) => {
+        impl $crate::machine::Machine for $ty {
+            fn handle_datagram(
+                &mut self,
+                now: ::std::time::Instant,
+                remote: ::std::net::SocketAddr,
+                local_ip: ::std::option::Option<::std::net::IpAddr>,
+                ecn: ::std::option::Option<$crate::EcnCodepoint>,
+                data: &[u8],
+            ) {
+                <$ty>::handle_datagram(self, now, remote, local_ip, ecn, data)
+            }
+            fn handle_timeout(&mut self, now: ::std::time::Instant) {
+                <$ty>::handle_timeout(self, now)
+            }
+            fn poll_transmit(
+                &mut self,
+                now: ::std::time::Instant,
+                buf: &mut Vec<u8>,
+            ) -> ::std::option::Option<$crate::quic::Transmit> {
+                <$ty>::poll_transmit(self, now, buf)
+            }
+            fn poll_transmit_batch(
+                &mut self,
+                now: ::std::time::Instant,
+                max_datagrams: usize,
+                buf: &mut Vec<u8>,
+            ) -> ::std::option::Option<$crate::quic::Transmit> {
+                <$ty>::poll_transmit_batch(self, now, max_datagrams, buf)
+            }
+            fn poll_timeout(&mut self) -> ::std::option::Option<::std::time::Instant> {
+                <$ty>::poll_timeout(self)
+            }
+        }
+    };
 }
+pub(crate) use forward_machine;
+
+forward_machine!(crate::quic::QuicEndpoint);

@@ -6,7 +6,6 @@
 //! so), which is what a load generator wants to count.
 
 use crate::config::{ClientConfig, ConfigError};
-use crate::machine::Machine;
 use crate::quic::{self, CloseReason, ConnId, QuicEndpoint, Transmit};
 use crate::session::client::{ClientEvent, ClientSession, ClientSessionConfig, CommandError, RequestId};
 use crate::timers::TimerIndex;
@@ -26,7 +25,7 @@ struct Member {
     closed: Option<CloseReason>,
 }
 
-/// Client sessions multiplexed on one QUIC client endpoint. Driven like any [`Machine`];
+/// Client sessions multiplexed on one QUIC client endpoint. Driven like any [`Machine`](crate::Machine);
 /// events come tagged with the client they concern.
 pub struct ClientPool {
     quic: QuicEndpoint,
@@ -142,6 +141,7 @@ impl ClientPool {
     }
 
     /// The next event, with the client it concerns.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<(ClientIndex, ClientEvent)> {
         self.events.pop_front()
     }
@@ -190,8 +190,10 @@ impl ClientPool {
     }
 }
 
-impl Machine for ClientPool {
-    fn handle_datagram(
+/// The [`Machine`](crate::Machine) interface, as inherent methods (the trait forwards to them).
+impl ClientPool {
+    /// Feeds one received UDP datagram (see [`Machine::handle_datagram`](crate::Machine::handle_datagram)).
+    pub fn handle_datagram(
         &mut self,
         now: Instant,
         remote: SocketAddr,
@@ -203,7 +205,8 @@ impl Machine for ClientPool {
         self.pump(now);
     }
 
-    fn handle_timeout(&mut self, now: Instant) {
+    /// Advances timers; early calls do nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
         self.quic.handle_timeout(now);
         while let Some(i) = self.timers.pop_due(now) {
             self.members[i].session.handle_timeout(now);
@@ -212,17 +215,25 @@ impl Machine for ClientPool {
         self.pump(now);
     }
 
-    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// The next datagram to send, written into `buf`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         self.poll_transmit_batch(now, 1, buf)
     }
 
-    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// Up to `max_datagrams` datagrams to one destination at once (see [`Machine::poll_transmit_batch`](crate::Machine::poll_transmit_batch)).
+    #[must_use]
+    pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         let t = self.quic.poll_transmit_batch(now, max_datagrams, buf);
         self.pump(now);
         t
     }
 
-    fn poll_timeout(&mut self) -> Option<Instant> {
+    /// When to call `handle_timeout` next.
+    #[must_use]
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
         [self.quic.poll_timeout(), self.timers.next()].into_iter().flatten().min()
     }
 }
+
+crate::machine::forward_machine!(ClientPool);

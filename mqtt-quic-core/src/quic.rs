@@ -140,23 +140,7 @@ impl Transmit {
     }
 }
 
-/// Why a command failed.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum CommandError {
-    /// No such connection (closed, or never existed).
-    #[error("unknown or closed connection")]
-    UnknownConnection,
-    /// This endpoint was built without a client configuration.
-    #[error("this endpoint cannot open connections (built as a server)")]
-    NotAClient,
-    /// quinn-proto refused to start the connection.
-    #[error("cannot connect: {0}")]
-    Connect(String),
-    /// The stream was already finished by this side.
-    #[error("the MQTT stream was already finished")]
-    Finished,
-}
+pub use crate::error::CommandError;
 
 struct Conn {
     quic: quinn_proto::Connection,

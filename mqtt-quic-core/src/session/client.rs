@@ -162,51 +162,7 @@ pub enum ClientEvent {
     },
 }
 
-/// Why a command was refused.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum CommandError {
-    /// Not connected (QoS 0 publishes, subscriptions and disconnect need a connection).
-    #[error("not connected")]
-    NotConnected,
-    /// AUTH needs an authentication method in the CONNECT (MQTT 5 enhanced authentication).
-    #[error("AUTH needs an authentication method set in the CONNECT properties")]
-    NoAuthenticationMethod,
-    /// AUTH must use the authentication method the CONNECT named.
-    #[error("AUTH names method `{auth}` but the CONNECT named `{connect}`")]
-    AuthenticationMethodMismatch {
-        /// The CONNECT's method.
-        connect: String,
-        /// The AUTH's method.
-        auth: String,
-    },
-    /// Too many publishes are waiting.
-    #[error("publish queue is full ({0} waiting)")]
-    QueueFull(usize),
-    /// The packet would exceed the server's Maximum Packet Size.
-    #[error("packet of {size} bytes exceeds the server's maximum of {max}")]
-    PacketTooLarge {
-        /// Encoded size.
-        size: usize,
-        /// The server's limit.
-        max: u32,
-    },
-    /// The server does not support this QoS (CONNACK Maximum QoS).
-    #[error("the server supports QoS up to {0:?}")]
-    QosNotSupported(QoS),
-    /// The server does not support retained messages.
-    #[error("the server does not support retained messages")]
-    RetainNotSupported,
-    /// Nothing to subscribe or unsubscribe.
-    #[error("at least one topic filter is needed")]
-    Empty,
-    /// All 65 535 packet identifiers are in use.
-    #[error("no free packet identifier")]
-    NoPacketId,
-    /// The connection has already been started.
-    #[error("already connecting or connected")]
-    AlreadyConnected,
-}
+pub use crate::error::CommandError;
 
 #[derive(Debug, Clone)]
 enum Request {
@@ -548,6 +504,7 @@ impl ClientSession {
     }
 
     /// The next instant `handle_timeout` has work to do.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let keep_alive =
             if self.state == State::Connected { [self.ping_due(), self.ping_deadline.at()] } else { [None; 2] };
@@ -555,11 +512,13 @@ impl ClientSession {
     }
 
     /// Bytes to write to the transport, if any.
+    #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         self.writer.take()
     }
 
     /// The next event.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
     }

@@ -18,7 +18,6 @@ use mqtt_proto::{
 };
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-use thiserror::Error;
 
 /// Limits a server session enforces and announces in CONNACK.
 #[derive(Debug, Clone)]
@@ -143,25 +142,7 @@ pub enum ServerEvent {
     },
 }
 
-/// Why a broker command was refused.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[non_exhaustive]
-pub enum ServerCommandError {
-    /// The session is not in the state the command needs.
-    #[error("not valid in this state of the connection")]
-    WrongState,
-    /// The message exceeds the client's Maximum Packet Size (drop it, as the spec says).
-    #[error("packet of {size} bytes exceeds the client's maximum of {max}")]
-    PacketTooLarge {
-        /// Encoded size.
-        size: usize,
-        /// The client's limit.
-        max: u32,
-    },
-    /// Too many messages are waiting for the client.
-    #[error("queue for this client is full")]
-    QueueFull,
-}
+pub use crate::error::CommandError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -247,9 +228,9 @@ impl ServerSession {
     /// Accepts the CONNECT, resuming a kept session: CONNACK says session present, and what the
     /// client had not acknowledged is sent again (PUBLISH with DUP, or PUBREL) before anything
     /// new [MQTT-4.4.0-1].
-    pub fn resume(&mut self, now: Instant, state: SessionState) -> Result<(), ServerCommandError> {
+    pub fn resume(&mut self, now: Instant, state: SessionState) -> Result<(), CommandError> {
         if self.state != State::Deciding {
-            return Err(ServerCommandError::WrongState);
+            return Err(CommandError::WrongState);
         }
         // The identifiers in flight are taken before anything new is numbered, and their
         // messages go out right after CONNACK, ahead of what was queued meanwhile (found while
@@ -306,9 +287,9 @@ impl ServerSession {
         now: Instant,
         session_present: bool,
         assigned_client_id: Option<&str>,
-    ) -> Result<(), ServerCommandError> {
+    ) -> Result<(), CommandError> {
         if self.state != State::Deciding {
-            return Err(ServerCommandError::WrongState);
+            return Err(CommandError::WrongState);
         }
         let mut ack = ConnAck { session_present, ..Default::default() };
         if self.writer.protocol().is_v5() {
@@ -341,9 +322,9 @@ impl ServerSession {
     }
 
     /// Refuses the CONNECT with `reason` and ends the session.
-    pub fn refuse(&mut self, _now: Instant, reason: ReasonCode) -> Result<(), ServerCommandError> {
+    pub fn refuse(&mut self, _now: Instant, reason: ReasonCode) -> Result<(), CommandError> {
         if self.state != State::Deciding {
-            return Err(ServerCommandError::WrongState);
+            return Err(CommandError::WrongState);
         }
         self.write(&ConnAck { reason_code: reason, ..Default::default() }.into());
         self.will = None;
@@ -352,9 +333,9 @@ impl ServerSession {
     }
 
     /// Answers a SUBSCRIBE.
-    pub fn suback(&mut self, packet_id: PacketId, reason_codes: Vec<ReasonCode>) -> Result<(), ServerCommandError> {
+    pub fn suback(&mut self, packet_id: PacketId, reason_codes: Vec<ReasonCode>) -> Result<(), CommandError> {
         if self.state != State::Connected {
-            return Err(ServerCommandError::WrongState);
+            return Err(CommandError::WrongState);
         }
         self.write(&Packet::SubAck(SubAck {
             packet_id,
@@ -365,9 +346,9 @@ impl ServerSession {
     }
 
     /// Answers an UNSUBSCRIBE.
-    pub fn unsuback(&mut self, packet_id: PacketId, reason_codes: Vec<ReasonCode>) -> Result<(), ServerCommandError> {
+    pub fn unsuback(&mut self, packet_id: PacketId, reason_codes: Vec<ReasonCode>) -> Result<(), CommandError> {
         if self.state != State::Connected {
-            return Err(ServerCommandError::WrongState);
+            return Err(CommandError::WrongState);
         }
         self.write(&Packet::UnsubAck(UnsubAck {
             packet_id,
@@ -379,9 +360,9 @@ impl ServerSession {
 
     /// Sends a message to the client. QoS 1 and 2 messages wait for a slot under the client's
     /// Receive Maximum and complete with [`ServerEvent::Delivered`]. Returns the id used there.
-    pub fn publish(&mut self, now: Instant, mut publish: Publish) -> Result<u64, ServerCommandError> {
+    pub fn publish(&mut self, now: Instant, mut publish: Publish) -> Result<u64, CommandError> {
         if self.state != State::Connected {
-            return Err(ServerCommandError::WrongState);
+            return Err(CommandError::WrongState);
         }
         publish.dup = false;
         // A topic alias belongs to the connection it arrived on, never to this one.
@@ -391,7 +372,7 @@ impl ServerSession {
         let max = self.writer.max();
         let size = publish.encoded_len(self.writer.protocol()).unwrap_or(usize::MAX);
         if size > max as usize {
-            return Err(ServerCommandError::PacketTooLarge { size, max });
+            return Err(CommandError::PacketTooLarge { size, max });
         }
         let id = self.outbound.new_id();
         if publish.qos() == QoS::AtMostOnce {
@@ -399,7 +380,7 @@ impl ServerSession {
             return Ok(id);
         }
         if self.outbound.queued() >= self.config.max_queued {
-            return Err(ServerCommandError::QueueFull);
+            return Err(CommandError::QueueFull(self.outbound.queued()));
         }
         self.outbound.push(id, publish, now);
         self.pump(now);
@@ -407,9 +388,9 @@ impl ServerSession {
     }
 
     /// Ends the connection with DISCONNECT `reason` (MQTT 5), e.g. Session taken over (0x8E).
-    pub fn disconnect(&mut self, reason: ReasonCode) -> Result<(), ServerCommandError> {
+    pub fn disconnect(&mut self, reason: ReasonCode) -> Result<(), CommandError> {
         if self.state != State::Connected {
-            return Err(ServerCommandError::WrongState);
+            return Err(CommandError::WrongState);
         }
         if self.writer.protocol().is_v5() {
             self.write(&Disconnect::new(reason).into());
@@ -491,6 +472,7 @@ impl ServerSession {
     }
 
     /// The next deadline.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let resend = match (self.retry_interval(), self.state) {
             (Some(interval), State::Connected) => self.outbound.next_resend(interval),
@@ -523,11 +505,13 @@ impl ServerSession {
     }
 
     /// Bytes to write to the transport.
+    #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         self.writer.take()
     }
 
     /// The next event.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
         self.events.pop_front()
     }

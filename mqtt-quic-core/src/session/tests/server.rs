@@ -420,7 +420,7 @@ fn messages_above_the_client_maximum_packet_size_are_refused() {
     c.properties.maximum_packet_size = std::num::NonZeroU32::new(50);
     let mut h = H::connected(ServerSessionConfig::default(), c);
     let big = Publish::new(TopicName::new("t").unwrap(), vec![0u8; 100]);
-    assert!(matches!(h.session.publish(h.now, big), Err(ServerCommandError::PacketTooLarge { max: 50, .. })));
+    assert!(matches!(h.session.publish(h.now, big), Err(CommandError::PacketTooLarge { max: 50, .. })));
 }
 
 /// Ends `h`'s connection and returns the session state, as the broker keeps it.
