@@ -23,7 +23,6 @@ use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientError};
 use mqtt_quic_core::pool::ClientPool;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::ClientTls;
-use mqtt_quic_core::Machine;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
