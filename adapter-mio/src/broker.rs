@@ -6,20 +6,18 @@ use crate::now;
 use crate::udp::Udp;
 use mio::event::Event;
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mio::{Interest, Registry, Token};
 use mqtt_proto::Publish;
 use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::Handling;
 use mqtt_quic_core::broker::machine::{Broker, LocalSubscription, StreamId};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
-use mqtt_quic_core::driver::{ServerError, ServerOptions};
+use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 use mqtt_quic_core::Machine;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How long a connection the broker closed reads (and discards) what its client still sends
@@ -220,6 +218,12 @@ impl MioBroker {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// Every listener's address (the same type from every adapter's server; never a TLS one
+    /// here).
+    pub fn addresses(&self) -> ServerAddresses {
+        ServerAddresses { quic: self.quic_addr(), tcp: self.tcp_addr(), tls: None }
+    }
+
     /// The broker machine (in-process subscriptions and publishes, statistics). The messages
     /// of its in-process subscriptions ([`Broker::subscribe_local`]) come out of
     /// [`MioBroker::poll_message`].
@@ -397,67 +401,12 @@ impl MioBroker {
     }
 }
 
-/// A broker running on its own thread, from [`spawn`].
-pub struct BrokerHandle {
-    quic: Option<SocketAddr>,
-    tcp: Option<SocketAddr>,
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
-}
+/// A broker running on its own thread: the [`Server`](crate::server::Server) facade, under
+/// its earlier name.
+pub type BrokerHandle = crate::server::Server;
 
-impl BrokerHandle {
-    /// The QUIC listener's address.
-    pub fn quic_addr(&self) -> Option<SocketAddr> {
-        self.quic
-    }
-
-    /// The TCP listener's address.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp
-    }
-
-    /// Shuts the broker down gracefully and waits for its thread.
-    pub fn shutdown(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.waker.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Runs a broker on a thread with its own `Poll` until [`BrokerHandle::shutdown`].
+/// Runs a broker on a thread with its own `Poll` until [`BrokerHandle::shutdown`] (the same as
+/// [`Server::start`](crate::server::Server::start)).
 pub fn spawn(options: ServerOptions) -> Result<BrokerHandle, ServerError> {
-    const WAKE: Token = Token(0);
-    let mut poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
-    let mut broker = MioBroker::bind(options, poll.registry(), Token(1))?;
-    let (quic, tcp) = (broker.quic_addr(), broker.tcp_addr());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    let thread = std::thread::Builder::new().name("mqtt-broker".into()).spawn(move || {
-        let mut events = Events::with_capacity(1024);
-        let mut shutting = false;
-        loop {
-            if stopping.load(Ordering::SeqCst) && !shutting {
-                shutting = true;
-                broker.shutdown(poll.registry());
-            }
-            if shutting && broker.is_shut_down() {
-                break;
-            }
-            let timeout = broker.timeout();
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    break;
-                }
-            }
-            for event in events.iter() {
-                broker.handle_event(poll.registry(), event);
-            }
-            broker.handle_timeout(poll.registry());
-        }
-    })?;
-    Ok(BrokerHandle { quic, tcp, stop, waker, thread: Some(thread) })
+    crate::server::Server::start(options)
 }

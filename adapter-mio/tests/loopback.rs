@@ -102,3 +102,50 @@ fn in_process_subscribers_of_a_mio_broker_get_published_messages() {
     let (_, retained) = broker.poll_message().expect("the retained message");
     assert_eq!((retained.topic.as_str(), retained.retain), ("local/1", true));
 }
+
+/// The threaded client and server (the API the tokio and async-std adapters share): SUBACK as
+/// the granted QoS, UNSUBACK's codes, messages pulled and pushed, state changes, and with
+/// room for one message the application still gets every one, in order (the client stops
+/// reading while it is behind and reads again when it catches up).
+#[test]
+fn threaded_client_and_server() {
+    use adapter_mio::client::{Client as ThreadedClient, ConnectionState};
+    use adapter_mio::server::Server;
+    let server = Server::start(broker_options()).unwrap();
+    let addresses = server.addresses();
+    assert_eq!((addresses.quic, addresses.tcp, addresses.tls), (server.quic_addr(), server.tcp_addr(), None));
+    for url in [format!("quic://{}", addresses.quic.unwrap()), format!("mqtt://{}", addresses.tcp.unwrap())] {
+        let mut slow = options("slow");
+        slow.message_buffer = 1;
+        let sub = ThreadedClient::connect(&url, slow).unwrap();
+        let mut changes = sub.state_changes();
+        let mut messages = sub.messages().unwrap();
+        assert!(sub.messages().is_none(), "taken once");
+        assert_eq!(sub.subscribe(TopicFilter::new("t/#").unwrap(), QoS::ExactlyOnce).unwrap(), QoS::ExactlyOnce);
+        let publisher = ThreadedClient::connect(&url, options("pub")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        assert!(publisher.on_message(move |m| drop(tx.send(m))));
+        assert_eq!(publisher.subscribe(TopicFilter::new("echo").unwrap(), QoS::AtMostOnce).unwrap(), QoS::AtMostOnce);
+        for i in 0..50 {
+            let p = Publish::new(TopicName::new(format!("t/{i}")).unwrap(), format!("m{i}")).with_qos(QoS::AtLeastOnce);
+            publisher.publish(p).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..50 {
+            let m = messages.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|| panic!("{url}: message {i}"));
+            assert_eq!(m.topic.as_str(), format!("t/{i}"), "{url}");
+        }
+        sub.publish(Publish::new(TopicName::new("echo").unwrap(), "hi")).unwrap();
+        let echo = rx.recv_timeout(Duration::from_secs(5)).expect("the callback got nothing");
+        assert_eq!(&echo.payload[..], b"hi");
+        let codes = sub.unsubscribe(vec![TopicFilter::new("t/#").unwrap()]).unwrap();
+        assert_eq!(codes, [mqtt_proto::ReasonCode::Success], "{url}");
+        publisher.disconnect().unwrap();
+        sub.disconnect().unwrap();
+        assert!(matches!(sub.state(), ConnectionState::Closed { .. }));
+        let closed = changes.wait_for(|s| matches!(s, ConnectionState::Closed { .. }));
+        assert!(closed.is_some(), "{url}");
+        assert!(sub.publish(Publish::new(TopicName::new("late").unwrap(), "x")).is_err());
+    }
+    server.shutdown();
+}
