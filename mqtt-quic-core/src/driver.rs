@@ -892,3 +892,51 @@ impl<T> ClientDriver<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_backlog_stops_reading_at_its_limit_and_wakes_the_driver_when_room_comes_back() {
+        let backlog = MessageBacklog::new(2);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        backlog.handed();
+        assert!(backlog.has_room());
+        backlog.handed();
+        assert!(!backlog.has_room());
+        assert!(backlog.poll_room(&mut cx).is_pending());
+        backlog.taken();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once there is room");
+        assert!(backlog.poll_room(&mut cx).is_ready());
+        // An application that dropped its receiver holds nothing up any more.
+        backlog.handed();
+        backlog.detach();
+        backlog.handed();
+        assert!(backlog.has_room());
+        assert_eq!(backlog.unread(), 0);
+    }
+
+    #[test]
+    fn suback_is_read_one_way() {
+        assert_eq!(Outcome::Codes(vec![ReasonCode::GrantedQos2]).granted_qos().unwrap(), QoS::ExactlyOnce);
+        assert_eq!(Outcome::Codes(vec![ReasonCode::Success]).granted_qos().unwrap(), QoS::AtMostOnce);
+        assert!(matches!(
+            Outcome::Codes(vec![ReasonCode::NotAuthorized]).granted_qos(),
+            Err(ClientError::Rejected(ReasonCode::NotAuthorized))
+        ));
+        assert!(matches!(Outcome::Done.granted_qos(), Err(ClientError::Rejected(ReasonCode::UnspecifiedError))));
+        assert_eq!(Outcome::Done.into_codes(), []);
+    }
+}
