@@ -8,23 +8,19 @@ use async_std::net::{TcpStream, UdpSocket};
 use futures_lite::future;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, Outcome};
+use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Most commands taken in one turn of the driver before it writes.
 const COMMAND_BATCH: usize = 256;
-
-/// How often a driver held back by an application that is behind on its messages looks again.
-const BACKLOG_CHECK: Duration = Duration::from_millis(5);
 
 type Reply = Sender<Result<Outcome, DriverError>>;
 
@@ -34,15 +30,17 @@ type Command = mqtt_quic_core::driver::Command<Reply>;
 struct Shared {
     state: Mutex<ConnectionState>,
     watchers: Mutex<Vec<Sender<ConnectionState>>>,
-    /// Messages handed to the application's channel and not yet taken.
-    unread: AtomicUsize,
 }
 
-/// Incoming messages, in order: a `Stream`, or call [`Messages::recv`]. While the application
-/// has `message_buffer` of them untaken the client stops reading the network.
+/// Incoming messages, in order: a `Stream`, or call [`Messages::recv`].
+///
+/// The client holds at most [`ClientOptions::message_buffer`] messages the application has not
+/// taken; beyond that it stops reading from the network (back-pressure reaches the broker)
+/// until the application catches up (the core's [`MessageBacklog`] rule, the same in every
+/// adapter). Dropping it discards later messages.
 pub struct Messages {
     rx: Pin<Box<Receiver<Publish>>>,
-    shared: Arc<Shared>,
+    backlog: MessageBacklog,
 }
 
 impl Messages {
@@ -50,7 +48,7 @@ impl Messages {
     pub async fn recv(&mut self) -> Option<Publish> {
         let m = self.rx.recv().await.ok();
         if m.is_some() {
-            self.shared.unread.fetch_sub(1, Ordering::Relaxed);
+            self.backlog.taken();
         }
         m
     }
@@ -61,13 +59,50 @@ impl futures_lite::Stream for Messages {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Publish>> {
         let p = self.rx.as_mut().poll_next(cx);
         if let Poll::Ready(Some(_)) = &p {
-            self.shared.unread.fetch_sub(1, Ordering::Relaxed);
+            self.backlog.taken();
         }
         p
     }
 }
 
-/// A handle to a connected client; clones share the connection.
+impl Drop for Messages {
+    fn drop(&mut self) {
+        // Nobody takes messages any more: the client must not stop reading for them.
+        self.backlog.detach();
+    }
+}
+
+/// Connection state changes, from [`Client::state_changes`]: every change after the call, in
+/// order.
+pub struct StateChanges {
+    rx: Receiver<ConnectionState>,
+    shared: Arc<Shared>,
+}
+
+impl StateChanges {
+    /// The next state the connection moves to; `None` once the client is gone.
+    pub async fn recv(&mut self) -> Option<ConnectionState> {
+        self.rx.recv().await.ok()
+    }
+
+    /// Waits until the state satisfies `pred` (the current one counts) and returns it; `None`
+    /// if the client is gone first.
+    pub async fn wait_for(&mut self, mut pred: impl FnMut(&ConnectionState) -> bool) -> Option<ConnectionState> {
+        let now = self.shared.state.lock().ok().map(|s| s.clone());
+        if let Some(s) = now.filter(|s| pred(s)) {
+            return Some(s);
+        }
+        loop {
+            let s = self.recv().await?;
+            if pred(&s) {
+                return Some(s);
+            }
+        }
+    }
+}
+
+/// A handle to a connected client; clones share the connection, which ends with
+/// [`Client::disconnect`] or when every handle is dropped.
 #[derive(Clone)]
 pub struct Client {
     commands: Sender<Command>,
@@ -99,27 +134,26 @@ impl Client {
                 inbuf: vec![0; 65_536],
             },
         };
-        let shared = Arc::new(Shared {
-            state: Mutex::new(ConnectionState::Connecting),
-            watchers: Mutex::new(Vec::new()),
-            unread: AtomicUsize::new(0),
-        });
+        let shared =
+            Arc::new(Shared { state: Mutex::new(ConnectionState::Connecting), watchers: Mutex::new(Vec::new()) });
         let (commands, commands_rx) = async_channel::unbounded();
+        // Unbounded: the driver's backlog rule bounds what waits here.
         let (msg_tx, msg_rx) = async_channel::unbounded();
         let (first_tx, first_rx) = async_channel::bounded(1);
+        let driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let backlog = driver.backlog().clone();
         let task = Task {
-            driver: ClientDriver::new(machine),
+            driver,
             io,
             commands: commands_rx,
             messages: msg_tx,
-            limit: options.message_buffer.max(1),
             shared: shared.clone(),
             first: Some(first_tx),
             url: url.to_string(),
         };
         async_std::task::spawn(task.run());
         let client_id = first_rx.recv().await.map_err(|_| ClientError::Closed)??;
-        let messages = Messages { rx: Box::pin(msg_rx), shared: shared.clone() };
+        let messages = Messages { rx: Box::pin(msg_rx), backlog };
         Ok(Client { commands, shared, messages: Arc::new(Mutex::new(Some(messages))), client_id })
     }
 
@@ -133,18 +167,31 @@ impl Client {
         self.shared.state.lock().map(|s| s.clone()).unwrap_or(ConnectionState::Closed { reason: "poisoned".into() })
     }
 
-    /// A channel that receives every later state change.
-    pub fn state_changes(&self) -> Receiver<ConnectionState> {
+    /// A receiver of every later state change.
+    pub fn state_changes(&self) -> StateChanges {
         let (tx, rx) = async_channel::unbounded();
         if let Ok(mut w) = self.shared.watchers.lock() {
             w.push(tx);
         }
-        rx
+        StateChanges { rx, shared: self.shared.clone() }
     }
 
-    /// The incoming messages; the first call takes them, later calls return `None`.
+    /// The incoming messages, to pull. There is one such stream per connection: the first call
+    /// takes it (as does [`Client::on_message`]); later calls return `None`.
     pub fn messages(&self) -> Option<Messages> {
         self.messages.lock().ok()?.take()
+    }
+
+    /// Calls `callback` with each incoming message, on a task of its own (push). Takes the
+    /// message stream; returns false if it was already taken.
+    pub fn on_message(&self, mut callback: impl FnMut(Publish) + Send + 'static) -> bool {
+        let Some(mut messages) = self.messages() else { return false };
+        async_std::task::spawn(async move {
+            while let Some(m) = messages.recv().await {
+                callback(m);
+            }
+        });
+        true
     }
 
     /// Hands the command over now (commands keep the order of the calls) and returns the wait
@@ -164,28 +211,28 @@ impl Client {
         }
     }
 
-    /// Publishes; resolves when done (QoS 0 written, QoS 1 PUBACK, QoS 2 PUBCOMP).
+    /// Publishes; resolves when done (QoS 0 written, QoS 1 PUBACK, QoS 2 PUBCOMP). The
+    /// message is queued when this is called, so messages keep the order of the calls.
     pub fn publish(&self, publish: Publish) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
         let done = self.call(|tx| Command::Publish(publish, tx));
         async move { done.await.map(drop) }
     }
 
-    /// Subscribes to one filter; resolves with SUBACK's code.
-    pub async fn subscribe(&self, filter: TopicFilter, qos: QoS) -> Result<ReasonCode, ClientError> {
-        let codes = match self.call(|tx| Command::Subscribe(vec![Subscription::new(filter, qos)], tx)).await? {
-            Outcome::Codes(c) => c,
-            _ => Vec::new(),
-        };
-        match codes.first() {
-            Some(c) if !c.is_error() => Ok(*c),
-            Some(c) => Err(ClientError::Rejected(*c)),
-            None => Err(ClientError::Rejected(ReasonCode::UnspecifiedError)),
-        }
+    /// Subscribes to one filter; resolves with the granted QoS on SUBACK, or
+    /// [`ClientError::Rejected`] with the broker's failure code (see
+    /// [`Outcome::granted_qos`]).
+    pub async fn subscribe(&self, filter: TopicFilter, qos: QoS) -> Result<QoS, ClientError> {
+        self.call(|tx| Command::Subscribe(vec![Subscription::new(filter, qos)], tx)).await?.granted_qos()
     }
 
-    /// Unsubscribes.
-    pub async fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<(), ClientError> {
-        self.call(|tx| Command::Unsubscribe(filters, tx)).await.map(drop)
+    /// Subscribes to several filters at once; resolves with SUBACK's code for each.
+    pub async fn subscribe_many(&self, subscriptions: Vec<Subscription>) -> Result<Vec<ReasonCode>, ClientError> {
+        Ok(self.call(|tx| Command::Subscribe(subscriptions, tx)).await?.into_codes())
+    }
+
+    /// Unsubscribes; resolves with UNSUBACK's codes (empty for MQTT 3.1.1).
+    pub async fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
+        Ok(self.call(|tx| Command::Unsubscribe(filters, tx)).await?.into_codes())
     }
 
     /// Disconnects cleanly and waits for the connection to close.
@@ -206,6 +253,8 @@ enum Input {
     Datagram(io::Result<(usize, SocketAddr)>),
     Read(io::Result<usize>),
     Opened(io::Result<TcpStream>),
+    /// The application took messages: there is room to read again.
+    Room,
     Timer,
 }
 
@@ -215,7 +264,6 @@ struct Task {
     io: Io,
     commands: Receiver<Command>,
     messages: Sender<Publish>,
-    limit: usize,
     shared: Arc<Shared>,
     first: Option<Sender<Result<String, ClientError>>>,
     url: String,
@@ -231,11 +279,11 @@ impl Task {
                 self.hand_out();
                 break;
             }
-            let reading = self.shared.unread.load(Ordering::Relaxed) < self.limit;
-            let mut deadline = self.driver.poll_timeout();
-            if !reading {
-                deadline = Some(deadline.map_or(now() + BACKLOG_CHECK, |d| d.min(now() + BACKLOG_CHECK)));
-            }
+            // The core's back-pressure rule: no reading while the application is behind, and
+            // a wake-up when it catches up.
+            let reading = self.driver.is_reading();
+            let room = self.driver.backlog().room();
+            let deadline = self.driver.poll_timeout();
             let accepting = self.driver.is_accepting();
             let commands = &self.commands;
             let next_command = async move {
@@ -249,7 +297,15 @@ impl Task {
                 sleep_until(deadline).await;
                 Input::Timer
             };
-            let input = future::or(future::or(next_command, input(&mut self.io, reading)), timer).await;
+            let room = async move {
+                if reading {
+                    future::pending::<()>().await;
+                }
+                room.await;
+                Input::Room
+            };
+            let input =
+                future::or(future::or(next_command, input(&mut self.io, reading)), future::or(room, timer)).await;
             let t = now();
             match input {
                 // `None`: every handle is gone, nobody can use the connection any more.
@@ -286,6 +342,7 @@ impl Task {
                     self.driver.stream_opened(t);
                 }
                 Input::Opened(Err(e)) => self.driver.stream_failed(t, &e.to_string()),
+                Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(t),
             }
         }
@@ -301,10 +358,9 @@ impl Task {
         while let Some((reply, r)) = self.driver.poll_completion() {
             let _ = reply.try_send(r);
         }
-        while let Some(m) = self.driver.poll_message() {
-            if self.messages.try_send(m).is_ok() {
-                self.shared.unread.fetch_add(1, Ordering::Relaxed);
-            }
+        while let Some(m) = self.driver.hand_message() {
+            // Fails only once the application dropped its stream: nobody wants them.
+            let _ = self.messages.try_send(m);
         }
         while let Some(state) = self.driver.poll_state_change() {
             if let Ok(mut s) = self.shared.state.lock() {

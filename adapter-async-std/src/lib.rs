@@ -53,3 +53,14 @@ fn os_secret() -> [u8; 32] {
     // ring reads getrandom(2) or /dev/urandom; neither fails on a working system.
     ring::rand::generate(&ring::rand::SystemRandom::new()).expect("the OS random source").expose()
 }
+
+/// Logs a broker lifecycle line (see [`mqtt_quic_core::broker::lifecycle`]) through the `log`
+/// facade, at its level, so that the application's logger shows the same lines as the tokio
+/// adapter's.
+fn log_line(line: &mqtt_quic_core::broker::lifecycle::LogLine) {
+    use mqtt_quic_core::broker::lifecycle::Level;
+    match line.level {
+        Level::Warn => log::warn!("{}", line.text),
+        _ => log::info!("{}", line.text),
+    }
+}

@@ -9,17 +9,18 @@ use async_std::task::JoinHandle;
 use bytes::Bytes;
 use futures_lite::future;
 use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
+use mqtt_quic_core::broker::lifecycle::Handling;
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
+use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::config::Secret;
 use mqtt_quic_core::Machine;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use mqtt_quic_core::driver::{ServerError, ServerOptions};
+pub use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 
 /// From connection tasks to the broker task.
 enum FromConn {
@@ -28,6 +29,30 @@ enum FromConn {
     Bytes(StreamId, Bytes),
     Wrote(StreamId, usize),
     Gone(StreamId),
+}
+
+/// A connection task's channels, as the broker task's [`StreamTable`] routes to them: its
+/// writer's queue and its abort signal.
+struct Writer {
+    queue: Sender<StreamOutput>,
+    abort: Sender<()>,
+}
+
+impl StreamWriter<()> for Writer {
+    fn data(&mut self, _: &mut (), bytes: Bytes) -> Delivery {
+        match self.queue.try_send(StreamOutput::Data(bytes)) {
+            Ok(()) => Delivery::Queued,
+            Err(_) => Delivery::Gone,
+        }
+    }
+
+    fn close(self, _: &mut ()) {
+        let _ = self.queue.try_send(StreamOutput::Close);
+    }
+
+    fn abort(self, _: &mut ()) {
+        let _ = self.abort.try_send(());
+    }
 }
 
 /// A running broker.
@@ -83,6 +108,12 @@ impl Server {
         self.tcp
     }
 
+    /// Every listener's address (the same type from every adapter's server; never a TLS one
+    /// here).
+    pub fn addresses(&self) -> ServerAddresses {
+        ServerAddresses { quic: self.quic, tcp: self.tcp, tls: None }
+    }
+
     /// Stops accepting, disconnects everyone gracefully (DISCONNECT 0x8B for MQTT 5) and waits.
     pub async fn shutdown(self) {
         if let Some(a) = self.acceptor {
@@ -110,7 +141,7 @@ async fn serve(
     stop: Receiver<()>,
     grace: Duration,
 ) {
-    let mut writers: HashMap<StreamId, (Sender<StreamOutput>, Sender<()>)> = HashMap::new();
+    let mut streams: StreamTable<Writer> = StreamTable::new();
     let (mut out, mut inbuf) = (Vec::new(), vec![0u8; 65_536]);
     let mut stopping = false;
     let mut listening = true;
@@ -128,20 +159,14 @@ async fn serve(
                 }
             }
         }
-        while let Some((id, output)) = broker.poll_stream() {
-            if matches!(output, StreamOutput::Abort) {
-                if let Some((_, abort)) = writers.remove(&id) {
-                    let _ = abort.try_send(());
-                }
-                continue;
-            }
-            let last = matches!(output, StreamOutput::Close);
-            let Some((writer, _)) = writers.get(&id) else { continue };
-            if writer.try_send(output).is_err() || last {
-                writers.remove(&id);
+        streams.route(&mut broker, now(), &mut ());
+        // The same lifecycle lines as the other adapters, through the `log` facade. This
+        // server offers no in-process subscriptions, so no message event can come.
+        while let Some(handling) = streams.poll_event(&mut broker) {
+            if let Handling::Log(line) = handling {
+                crate::log_line(&line);
             }
         }
-        while broker.poll_event().is_some() {}
         while let Some(request) = broker.poll_auth() {
             let _ = requests.try_send(request);
         }
@@ -202,20 +227,15 @@ async fn serve(
             // No password thread is left (none could be started): no verdict can come again,
             // and polling a closed channel would spin.
             Wake::Auth(None) => auth_open = false,
-            Wake::Conn(Some(FromConn::Opened(writer, abort, reply, remote))) => {
-                let id = broker.open_stream_from(t, remote);
-                writers.insert(id, (writer, abort));
+            Wake::Conn(Some(FromConn::Opened(queue, abort, reply, remote))) => {
+                let id = streams.open(&mut broker, t, remote, "tcp", Writer { queue, abort });
                 if reply.try_send(id).is_err() {
-                    writers.remove(&id);
-                    broker.stream_closed(t, id);
+                    streams.closed(&mut broker, t, id);
                 }
             }
             Wake::Conn(Some(FromConn::Bytes(id, data))) => broker.handle_stream_bytes(t, id, &data),
             Wake::Conn(Some(FromConn::Wrote(id, n))) => broker.stream_written(id, n),
-            Wake::Conn(Some(FromConn::Gone(id))) => {
-                writers.remove(&id);
-                broker.stream_closed(t, id);
-            }
+            Wake::Conn(Some(FromConn::Gone(id))) => streams.closed(&mut broker, t, id),
             // No listener and no connection left: only QUIC and timers remain.
             Wake::Conn(None) => listening = false,
             Wake::Stop => {

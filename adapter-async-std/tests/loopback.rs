@@ -50,7 +50,7 @@ fn server_shutdown_is_seen_by_clients() {
         let mut o = options("watcher");
         o.reconnect = None;
         let client = Client::connect(&format!("mqtt://{}", server.tcp_addr().unwrap()), o).await.unwrap();
-        let changes = client.state_changes();
+        let mut changes = client.state_changes();
         server.shutdown().await;
         let state = timeout(Duration::from_secs(5), async {
             loop {

@@ -1,4 +1,6 @@
-//! A blocking client: a [`MioClient`] in a private `Poll`, for code that has no event loop.
+//! A blocking client: a [`MioClient`] in a private `Poll` on the caller's thread, for code that
+//! has no event loop (and wants no thread either: [`crate::client::Client`] is the threaded
+//! one, with the other adapters' methods).
 //!
 //! ```no_run
 //! use adapter_mio::blocking::Client;
@@ -36,6 +38,10 @@ pub struct Client {
     inner: MioClient,
     /// Completions that arrived while waiting for another.
     early: VecDeque<(RequestToken, Result<Outcome, DriverError>)>,
+    /// Messages that arrived while waiting for something else. Taken from the machine at every
+    /// turn, so that waiting for an acknowledgement never stops the reading that brings it
+    /// (the queue grows instead, as it always has here: [`Client::recv`] takes from it).
+    inbox: VecDeque<Publish>,
 }
 
 impl Client {
@@ -43,7 +49,8 @@ impl Client {
     pub fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
         let poll = Poll::new()?;
         let inner = MioClient::connect(url, options, poll.registry(), Token(0))?;
-        let mut c = Client { poll, events: Events::with_capacity(256), inner, early: VecDeque::new() };
+        let mut c =
+            Client { poll, events: Events::with_capacity(256), inner, early: VecDeque::new(), inbox: VecDeque::new() };
         let deadline = now() + PATIENCE;
         loop {
             if let Some(r) = c.inner.poll_connected() {
@@ -72,6 +79,9 @@ impl Client {
             self.inner.handle_event(self.poll.registry(), event);
         }
         self.inner.handle_timeout(self.poll.registry());
+        while let Some(m) = self.inner.poll_message() {
+            self.inbox.push_back(m);
+        }
         Ok(())
     }
 
@@ -99,32 +109,30 @@ impl Client {
         self.wait(t).map(drop)
     }
 
-    /// Subscribes to one filter; returns SUBACK's code.
-    pub fn subscribe(&mut self, filter: TopicFilter, qos: QoS) -> Result<ReasonCode, ClientError> {
+    /// Subscribes to one filter; returns the granted QoS on SUBACK, or
+    /// [`ClientError::Rejected`] with the broker's failure code (see [`Outcome::granted_qos`]).
+    pub fn subscribe(&mut self, filter: TopicFilter, qos: QoS) -> Result<QoS, ClientError> {
         let t = self.inner.subscribe(self.poll.registry(), vec![Subscription::new(filter, qos)]);
-        match self.wait(t)? {
-            Outcome::Codes(codes) => {
-                let code = codes.first().copied().unwrap_or(ReasonCode::UnspecifiedError);
-                if code.is_error() {
-                    return Err(ClientError::Rejected(code));
-                }
-                Ok(code)
-            }
-            _ => Ok(ReasonCode::Success),
-        }
+        self.wait(t)?.granted_qos()
     }
 
-    /// Unsubscribes.
-    pub fn unsubscribe(&mut self, filters: Vec<TopicFilter>) -> Result<(), ClientError> {
+    /// Subscribes to several filters at once; returns SUBACK's code for each.
+    pub fn subscribe_many(&mut self, subscriptions: Vec<Subscription>) -> Result<Vec<ReasonCode>, ClientError> {
+        let t = self.inner.subscribe(self.poll.registry(), subscriptions);
+        Ok(self.wait(t)?.into_codes())
+    }
+
+    /// Unsubscribes; returns UNSUBACK's codes (empty for MQTT 3.1.1).
+    pub fn unsubscribe(&mut self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
         let t = self.inner.unsubscribe(self.poll.registry(), filters);
-        self.wait(t).map(drop)
+        Ok(self.wait(t)?.into_codes())
     }
 
     /// The next message, waiting at most `timeout`; `None` if none came.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Publish>, ClientError> {
         let deadline = now() + timeout;
         loop {
-            if let Some(m) = self.inner.poll_message() {
+            if let Some(m) = self.inbox.pop_front().or_else(|| self.inner.poll_message()) {
                 return Ok(Some(m));
             }
             if now() >= deadline {

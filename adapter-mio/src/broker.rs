@@ -6,17 +6,18 @@ use crate::now;
 use crate::udp::Udp;
 use mio::event::Event;
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mio::{Interest, Registry, Token};
+use mqtt_proto::Publish;
 use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
-use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
-use mqtt_quic_core::driver::{ServerError, ServerOptions};
+use mqtt_quic_core::broker::lifecycle::Handling;
+use mqtt_quic_core::broker::machine::{Broker, LocalSubscription, StreamId};
+use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
+use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 use mqtt_quic_core::Machine;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How long a connection the broker closed reads (and discards) what its client still sends
@@ -27,6 +28,65 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// Whether a connection the broker closed has written everything (and shut its write side).
 fn closing_written(conn: &Conn) -> bool {
     conn.closing && conn.is_drained()
+}
+
+/// A TCP connection in the [`StreamTable`]: its token among the broker's [`Sockets`].
+struct ConnToken(Token);
+
+/// The broker's TCP connections, as writing to them needs them.
+struct Sockets<'a> {
+    registry: &'a Registry,
+    conns: &'a mut HashMap<Token, (StreamId, Conn)>,
+    closing: &'a mut HashMap<Token, std::time::Instant>,
+    write_timeout: Duration,
+}
+
+impl Sockets<'_> {
+    /// Deregisters and forgets a connection; its stream, if it was one.
+    fn drop_conn(
+        conns: &mut HashMap<Token, (StreamId, Conn)>,
+        closing: &mut HashMap<Token, std::time::Instant>,
+        registry: &Registry,
+        token: Token,
+    ) -> Option<StreamId> {
+        closing.remove(&token);
+        let (id, mut conn) = conns.remove(&token)?;
+        let _ = registry.deregister(&mut conn.stream);
+        Some(id)
+    }
+}
+
+impl StreamWriter<Sockets<'_>> for ConnToken {
+    fn data(&mut self, io: &mut Sockets<'_>, bytes: bytes::Bytes) -> Delivery {
+        let Some((_, conn)) = io.conns.get_mut(&self.0) else { return Delivery::Gone };
+        match conn.write(&bytes) {
+            Some(n) => Delivery::Written(n),
+            None => {
+                Sockets::drop_conn(io.conns, io.closing, io.registry, self.0);
+                Delivery::Failed
+            }
+        }
+    }
+
+    fn close(self, io: &mut Sockets<'_>) {
+        let Some((_, conn)) = io.conns.get_mut(&self.0) else { return };
+        conn.closing = true;
+        if conn.flush().is_none() {
+            Sockets::drop_conn(io.conns, io.closing, io.registry, self.0);
+        } else if conn.is_drained() {
+            // Written and shut down: drain the client's input for a moment (see
+            // `handle_event`), then drop it.
+            io.closing.insert(self.0, now() + DRAIN);
+        } else {
+            // Its last bytes get the write timeout to go out; a client that takes none is
+            // dropped with them (see `handle_timeout`).
+            io.closing.insert(self.0, now() + io.write_timeout);
+        }
+    }
+
+    fn abort(self, io: &mut Sockets<'_>) {
+        Sockets::drop_conn(io.conns, io.closing, io.registry, self.0);
+    }
 }
 
 /// How often the loop looks for password verdicts while some are outstanding.
@@ -40,7 +100,9 @@ pub struct MioBroker {
     udp: Option<Udp>,
     listener: Option<TcpListener>,
     conns: HashMap<Token, (StreamId, Conn)>,
-    tokens: HashMap<StreamId, Token>,
+    /// Which connection each of the broker's streams is, and its transport (see
+    /// [`StreamTable`]).
+    streams: StreamTable<ConnToken>,
     base: usize,
     next: usize,
     max_connections: usize,
@@ -56,6 +118,8 @@ pub struct MioBroker {
     /// Password checks run on worker threads (see [`AuthWorkers`]), so the loop never spends
     /// milliseconds of PBKDF2 on one client while others wait.
     auth: AuthWorkers,
+    /// Messages of in-process subscriptions (see [`MioBroker::poll_message`]).
+    local: VecDeque<(LocalSubscription, Publish)>,
 }
 
 /// Threads that verify passwords. The loop hands them requests and collects verdicts when it
@@ -129,7 +193,7 @@ impl MioBroker {
             udp,
             listener,
             conns: HashMap::new(),
-            tokens: HashMap::new(),
+            streams: StreamTable::new(),
             base: base.0,
             next: base.0 + 2,
             max_connections: options.tcp_max_connections,
@@ -140,6 +204,7 @@ impl MioBroker {
             write_timeout,
             shutdown_until: None,
             auth,
+            local: VecDeque::new(),
         })
     }
 
@@ -153,9 +218,23 @@ impl MioBroker {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The broker machine (in-process subscriptions and publishes, statistics).
+    /// Every listener's address (the same type from every adapter's server; never a TLS one
+    /// here).
+    pub fn addresses(&self) -> ServerAddresses {
+        ServerAddresses { quic: self.quic_addr(), tcp: self.tcp_addr(), tls: None }
+    }
+
+    /// The broker machine (in-process subscriptions and publishes, statistics). The messages
+    /// of its in-process subscriptions ([`Broker::subscribe_local`]) come out of
+    /// [`MioBroker::poll_message`].
     pub fn broker(&mut self) -> &mut Broker {
         &mut self.broker
+    }
+
+    /// The next message for an in-process subscription, with the subscription it matched.
+    /// Take them after every turn of the loop: they wait here until taken.
+    pub fn poll_message(&mut self) -> Option<(LocalSubscription, Publish)> {
+        self.local.pop_front()
     }
 
     /// Feeds a readiness event; false if it is not one of the broker's tokens.
@@ -201,7 +280,7 @@ impl MioBroker {
             }
             if closed {
                 self.drop_conn(registry, token);
-                self.broker.stream_closed(t, id);
+                self.streams.closed(&mut self.broker, t, id);
             }
         } else {
             return false;
@@ -231,9 +310,8 @@ impl MioBroker {
                     if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
                         continue;
                     }
-                    let id = self.broker.open_stream_from(now(), remote);
+                    let id = self.streams.open(&mut self.broker, now(), remote, "tcp", ConnToken(token));
                     self.conns.insert(token, (id, Conn::new(stream)));
-                    self.tokens.insert(id, token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // Out of descriptors and the like: try again on the next readiness.
@@ -243,10 +321,8 @@ impl MioBroker {
     }
 
     fn drop_conn(&mut self, registry: &Registry, token: Token) {
-        self.closing.remove(&token);
-        if let Some((id, mut conn)) = self.conns.remove(&token) {
-            let _ = registry.deregister(&mut conn.stream);
-            self.tokens.remove(&id);
+        if let Some(id) = Sockets::drop_conn(&mut self.conns, &mut self.closing, registry, token) {
+            self.streams.remove(id);
         }
     }
 
@@ -261,35 +337,18 @@ impl MioBroker {
                 }
             }
         }
-        while let Some((id, out)) = self.broker.poll_stream() {
-            let Some(&token) = self.tokens.get(&id) else { continue };
-            let Some((_, conn)) = self.conns.get_mut(&token) else { continue };
-            match out {
-                StreamOutput::Abort => self.drop_conn(registry, token),
-                StreamOutput::Data(bytes) => match conn.write(&bytes) {
-                    Some(n) => self.broker.stream_written(id, n),
-                    None => {
-                        self.drop_conn(registry, token);
-                        self.broker.stream_closed(now(), id);
-                    }
-                },
-                _ => {
-                    conn.closing = true;
-                    if conn.flush().is_none() {
-                        self.drop_conn(registry, token);
-                    } else if conn.is_drained() {
-                        // Written and shut down: drain the client's input for a moment (see
-                        // `handle_event`), then drop it.
-                        self.closing.insert(token, now() + DRAIN);
-                    } else {
-                        // Its last bytes get the write timeout to go out; a client that takes
-                        // none is dropped with them (see `handle_timeout`).
-                        self.closing.insert(token, now() + self.write_timeout);
-                    }
-                }
+        let mut sockets =
+            Sockets { registry, conns: &mut self.conns, closing: &mut self.closing, write_timeout: self.write_timeout };
+        self.streams.route(&mut self.broker, now(), &mut sockets);
+        // Lifecycle lines go to the log; in-process messages wait for the application (they
+        // were once discarded here with the other events).
+        while let Some(handling) = self.streams.poll_event(&mut self.broker) {
+            match handling {
+                Handling::Log(line) => crate::log_line(&line),
+                Handling::Message { subscription, publish } => self.local.push_back((subscription, publish)),
+                _ => {}
             }
         }
-        while self.broker.poll_event().is_some() {}
         while let Some(request) = self.broker.poll_auth() {
             if let Some(requests) = &self.auth.requests {
                 if requests.send(request).is_ok() {
@@ -342,67 +401,12 @@ impl MioBroker {
     }
 }
 
-/// A broker running on its own thread, from [`spawn`].
-pub struct BrokerHandle {
-    quic: Option<SocketAddr>,
-    tcp: Option<SocketAddr>,
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
-}
+/// A broker running on its own thread: the [`Server`](crate::server::Server) facade, under
+/// its earlier name.
+pub type BrokerHandle = crate::server::Server;
 
-impl BrokerHandle {
-    /// The QUIC listener's address.
-    pub fn quic_addr(&self) -> Option<SocketAddr> {
-        self.quic
-    }
-
-    /// The TCP listener's address.
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp
-    }
-
-    /// Shuts the broker down gracefully and waits for its thread.
-    pub fn shutdown(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.waker.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Runs a broker on a thread with its own `Poll` until [`BrokerHandle::shutdown`].
+/// Runs a broker on a thread with its own `Poll` until [`BrokerHandle::shutdown`] (the same as
+/// [`Server::start`](crate::server::Server::start)).
 pub fn spawn(options: ServerOptions) -> Result<BrokerHandle, ServerError> {
-    const WAKE: Token = Token(0);
-    let mut poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
-    let mut broker = MioBroker::bind(options, poll.registry(), Token(1))?;
-    let (quic, tcp) = (broker.quic_addr(), broker.tcp_addr());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    let thread = std::thread::Builder::new().name("mqtt-broker".into()).spawn(move || {
-        let mut events = Events::with_capacity(1024);
-        let mut shutting = false;
-        loop {
-            if stopping.load(Ordering::SeqCst) && !shutting {
-                shutting = true;
-                broker.shutdown(poll.registry());
-            }
-            if shutting && broker.is_shut_down() {
-                break;
-            }
-            let timeout = broker.timeout();
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    break;
-                }
-            }
-            for event in events.iter() {
-                broker.handle_event(poll.registry(), event);
-            }
-            broker.handle_timeout(poll.registry());
-        }
-    })?;
-    Ok(BrokerHandle { quic, tcp, stop, waker, thread: Some(thread) })
+    crate::server::Server::start(options)
 }

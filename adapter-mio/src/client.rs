@@ -1,4 +1,5 @@
-//! A client that lives in your `mio::Poll` loop.
+//! A client that lives in your `mio::Poll` loop ([`MioClient`]), or on a thread of its own
+//! ([`Client`], with the same methods as the tokio and async-std clients, blocking).
 
 use crate::conn::{Conn, ReadOutcome};
 use crate::udp::Udp;
@@ -8,9 +9,10 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use mqtt_proto::{Publish, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::driver::{
-    local_bind_address, pick_address, ClientDriver, ClientError, ClientOptions, ConnectionState, DriverError, Outcome,
-};
+use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
+pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
+
+pub use crate::threaded::{Client, Messages, StateChanges};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -33,6 +35,9 @@ pub struct MioClient {
     next: u64,
     read_buf: Box<[u8]>,
     buf: Vec<u8>,
+    /// Input was left unread because the application is behind on its messages (see
+    /// [`MioClient::poll_message`]): read it once there is room.
+    paused: bool,
 }
 
 impl MioClient {
@@ -60,12 +65,13 @@ impl MioClient {
         };
         let mut client = MioClient {
             url: url.to_string(),
-            driver: ClientDriver::new(machine),
+            driver: ClientDriver::new(machine).with_message_buffer(options.message_buffer),
             io,
             token,
             next: 0,
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
             buf: Vec::with_capacity(2048),
+            paused: false,
         };
         client.driver.start(now());
         client.flush(registry);
@@ -73,19 +79,28 @@ impl MioClient {
     }
 
     /// Feeds a readiness event; false if it is not this client's (another of your sockets).
+    ///
+    /// While [`ClientOptions::message_buffer`] messages wait for [`MioClient::poll_message`]
+    /// the client leaves input unread (the core's back-pressure rule: a slow application slows
+    /// the broker down instead of growing memory); it reads it in
+    /// [`MioClient::handle_timeout`] once they are taken, and [`MioClient::timeout`] is zero
+    /// then.
     pub fn handle_event(&mut self, registry: &Registry, event: &Event) -> bool {
         if event.token() != self.token {
             return false;
         }
         let t = now();
+        let reading = self.driver.is_reading();
+        if event.is_readable() && !reading {
+            self.paused = true;
+        }
         match &mut self.io {
             Io::Quic(udp) => {
                 if event.is_writable() {
                     udp.retry();
                 }
-                let driver = &mut self.driver;
-                if event.is_readable() {
-                    udp.recv_all(|from, data| driver.handle_datagram(t, from, None, None, data));
+                if event.is_readable() && reading {
+                    self.read(registry);
                 }
             }
             Io::Stream { conn, connecting, .. } => {
@@ -107,20 +122,29 @@ impl MioClient {
                         self.drop_stream(registry);
                     }
                 }
-                if let Io::Stream { conn: Some(c), .. } = &mut self.io {
-                    if event.is_readable() {
-                        let driver = &mut self.driver;
-                        if let ReadOutcome::Closed =
-                            c.read_all(&mut self.read_buf, |data| driver.handle_stream_bytes(t, data))
-                        {
-                            self.drop_stream(registry);
-                        }
-                    }
+                if event.is_readable() && reading {
+                    self.read(registry);
                 }
             }
         }
         self.flush(registry);
         true
+    }
+
+    /// Reads everything the socket has.
+    fn read(&mut self, registry: &Registry) {
+        let t = now();
+        let driver = &mut self.driver;
+        match &mut self.io {
+            Io::Quic(udp) => udp.recv_all(|from, data| driver.handle_datagram(t, from, None, None, data)),
+            Io::Stream { conn: Some(c), .. } => {
+                if let ReadOutcome::Closed = c.read_all(&mut self.read_buf, |data| driver.handle_stream_bytes(t, data))
+                {
+                    self.drop_stream(registry);
+                }
+            }
+            Io::Stream { .. } => {}
+        }
     }
 
     fn drop_stream(&mut self, registry: &Registry) {
@@ -133,15 +157,44 @@ impl MioClient {
         }
     }
 
-    /// How long `Poll::poll` may sleep before [`MioClient::handle_timeout`] is due.
+    /// How long `Poll::poll` may sleep before [`MioClient::handle_timeout`] is due (zero when
+    /// input left unread for a slow application can be read now).
     pub fn timeout(&mut self) -> Option<Duration> {
+        if self.paused && self.driver.is_reading() {
+            return Some(Duration::ZERO);
+        }
         self.driver.poll_timeout().map(|t| t.saturating_duration_since(now()))
     }
 
-    /// Fires due timers (calling it early does nothing) and sends what they produced.
+    /// Fires due timers (calling it early does nothing), reads input left unread while the
+    /// application was behind if it has caught up, and sends what they produced.
     pub fn handle_timeout(&mut self, registry: &Registry) {
+        if self.paused && self.driver.is_reading() {
+            self.paused = false;
+            self.read(registry);
+        }
         self.driver.handle_timeout(now());
         self.flush(registry);
+    }
+
+    /// Whether input waits unread for the application to take its messages.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused && !self.driver.is_reading()
+    }
+
+    /// The back-pressure counter shared with a message receiver (see [`MessageBacklog`]).
+    pub(crate) fn backlog(&self) -> &MessageBacklog {
+        self.driver.backlog()
+    }
+
+    /// The next message, counted as handed to a receiver (see [`ClientDriver::hand_message`]).
+    pub(crate) fn hand_message(&mut self) -> Option<Publish> {
+        self.driver.hand_message()
+    }
+
+    /// Whether commands are still taken (no disconnect has begun).
+    pub fn is_accepting(&self) -> bool {
+        self.driver.is_accepting()
     }
 
     /// Sends what the machine has for the network, and opens or closes the TCP connection
@@ -259,6 +312,11 @@ impl MioClient {
     /// The connection state.
     pub fn state(&self) -> &ConnectionState {
         self.driver.state()
+    }
+
+    /// The connection's state changes, in order.
+    pub fn poll_state_change(&mut self) -> Option<ConnectionState> {
+        self.driver.poll_state_change()
     }
 
     /// Whether the client is done (see [`ClientDriver::is_finished`]); deregisters its socket

@@ -31,13 +31,18 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! [`blocking::Client`] wraps a `MioClient` in a private loop for plain blocking code, and
-//! [`broker::spawn`] runs a broker on a thread of its own.
+//! [`client::Client`] and [`server::Server`] run a `MioClient` and a `MioBroker` on threads of
+//! their own, with the methods of the tokio and async-std adapters' `Client` and `Server` (the
+//! same names and result types, blocking instead of async). [`blocking::Client`] wraps a
+//! `MioClient` in a private loop on the caller's thread, and [`broker::spawn`] is
+//! `Server::start` by its earlier name.
 
 pub mod blocking;
 pub mod broker;
 pub mod client;
 mod conn;
+pub mod server;
+mod threaded;
 mod udp;
 
 use std::time::Instant;
@@ -54,4 +59,15 @@ fn now() -> Instant {
 fn os_secret() -> [u8; 32] {
     // ring reads getrandom(2) or /dev/urandom; neither fails on a working system.
     ring::rand::generate(&ring::rand::SystemRandom::new()).expect("the OS random source").expose()
+}
+
+/// Logs a broker lifecycle line (see [`mqtt_quic_core::broker::lifecycle`]) through the `log`
+/// facade, at its level, so that the application's logger shows the same lines as the tokio
+/// adapter's.
+fn log_line(line: &mqtt_quic_core::broker::lifecycle::LogLine) {
+    use mqtt_quic_core::broker::lifecycle::Level;
+    match line.level {
+        Level::Warn => log::warn!("{}", line.text),
+        _ => log::info!("{}", line.text),
+    }
 }

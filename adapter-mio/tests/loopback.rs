@@ -46,3 +46,106 @@ fn connect_errors_are_reported() {
     let e = Client::connect("mqtts://127.0.0.1:1", options("x")).err().unwrap();
     assert!(e.to_string().contains("no TLS over TCP"), "{e}");
 }
+
+/// An in-process subscription on a broker in the application's own loop receives what an MQTT
+/// client publishes (over QUIC and TCP), retained messages included: the broker hands its
+/// in-process messages to the application instead of discarding them with its other events.
+#[test]
+fn in_process_subscribers_of_a_mio_broker_get_published_messages() {
+    use adapter_mio::broker::MioBroker;
+    use mio::{Events, Poll, Token};
+    let mut poll = Poll::new().unwrap();
+    let mut broker = MioBroker::bind(broker_options(), poll.registry(), Token(10)).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::Instant::now();
+    let subscription = broker.broker().subscribe_local(now, &TopicFilter::new("local/#").unwrap(), QoS::AtLeastOnce);
+    let urls = [format!("quic://{}", broker.quic_addr().unwrap()), format!("mqtt://{}", broker.tcp_addr().unwrap())];
+    // The client runs on a thread of its own: the broker's loop is this thread.
+    let publisher = std::thread::spawn(move || {
+        for (i, url) in urls.iter().enumerate() {
+            let mut client = Client::connect(url, options(&format!("publisher-{i}"))).unwrap();
+            let mut p =
+                Publish::new(TopicName::new(format!("local/{i}")).unwrap(), format!("m{i}")).with_qos(QoS::AtLeastOnce);
+            p.retain = i == 1;
+            client.publish(p).unwrap();
+            client.disconnect().unwrap();
+        }
+    });
+    let mut events = Events::with_capacity(256);
+    let mut received = Vec::new();
+    #[allow(clippy::disallowed_methods)]
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    #[allow(clippy::disallowed_methods)]
+    while received.len() < 2 && std::time::Instant::now() < deadline {
+        let timeout = broker.timeout().map_or(Duration::from_millis(50), |t| t.min(Duration::from_millis(50)));
+        poll.poll(&mut events, Some(timeout)).unwrap();
+        for event in events.iter() {
+            broker.handle_event(poll.registry(), event);
+        }
+        broker.handle_timeout(poll.registry());
+        while let Some((sub, m)) = broker.poll_message() {
+            assert_eq!(sub, subscription);
+            received.push((m.topic.to_string(), m.payload.clone(), m.qos()));
+        }
+    }
+    publisher.join().unwrap();
+    assert_eq!(
+        received,
+        [
+            ("local/0".to_string(), bytes::Bytes::from("m0"), QoS::AtLeastOnce),
+            ("local/1".to_string(), bytes::Bytes::from("m1"), QoS::AtLeastOnce)
+        ]
+    );
+    // A later in-process subscription gets the retained one at once.
+    let _later = broker.broker().subscribe_local(now, &TopicFilter::new("local/+").unwrap(), QoS::AtMostOnce);
+    broker.handle_timeout(poll.registry());
+    let (_, retained) = broker.poll_message().expect("the retained message");
+    assert_eq!((retained.topic.as_str(), retained.retain), ("local/1", true));
+}
+
+/// The threaded client and server (the API the tokio and async-std adapters share): SUBACK as
+/// the granted QoS, UNSUBACK's codes, messages pulled and pushed, state changes, and with
+/// room for one message the application still gets every one, in order (the client stops
+/// reading while it is behind and reads again when it catches up).
+#[test]
+fn threaded_client_and_server() {
+    use adapter_mio::client::{Client as ThreadedClient, ConnectionState};
+    use adapter_mio::server::Server;
+    let server = Server::start(broker_options()).unwrap();
+    let addresses = server.addresses();
+    assert_eq!((addresses.quic, addresses.tcp, addresses.tls), (server.quic_addr(), server.tcp_addr(), None));
+    for url in [format!("quic://{}", addresses.quic.unwrap()), format!("mqtt://{}", addresses.tcp.unwrap())] {
+        let mut slow = options("slow");
+        slow.message_buffer = 1;
+        let sub = ThreadedClient::connect(&url, slow).unwrap();
+        let mut changes = sub.state_changes();
+        let mut messages = sub.messages().unwrap();
+        assert!(sub.messages().is_none(), "taken once");
+        assert_eq!(sub.subscribe(TopicFilter::new("t/#").unwrap(), QoS::ExactlyOnce).unwrap(), QoS::ExactlyOnce);
+        let publisher = ThreadedClient::connect(&url, options("pub")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        assert!(publisher.on_message(move |m| drop(tx.send(m))));
+        assert_eq!(publisher.subscribe(TopicFilter::new("echo").unwrap(), QoS::AtMostOnce).unwrap(), QoS::AtMostOnce);
+        for i in 0..50 {
+            let p = Publish::new(TopicName::new(format!("t/{i}")).unwrap(), format!("m{i}")).with_qos(QoS::AtLeastOnce);
+            publisher.publish(p).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..50 {
+            let m = messages.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|| panic!("{url}: message {i}"));
+            assert_eq!(m.topic.as_str(), format!("t/{i}"), "{url}");
+        }
+        sub.publish(Publish::new(TopicName::new("echo").unwrap(), "hi")).unwrap();
+        let echo = rx.recv_timeout(Duration::from_secs(5)).expect("the callback got nothing");
+        assert_eq!(&echo.payload[..], b"hi");
+        let codes = sub.unsubscribe(vec![TopicFilter::new("t/#").unwrap()]).unwrap();
+        assert_eq!(codes, [mqtt_proto::ReasonCode::Success], "{url}");
+        publisher.disconnect().unwrap();
+        sub.disconnect().unwrap();
+        assert!(matches!(sub.state(), ConnectionState::Closed { .. }));
+        let closed = changes.wait_for(|s| matches!(s, ConnectionState::Closed { .. }));
+        assert!(closed.is_some(), "{url}");
+        assert!(sub.publish(Publish::new(TopicName::new("late").unwrap(), "x")).is_err());
+    }
+    server.shutdown();
+}

@@ -25,7 +25,7 @@ use crate::{clock, NEVER};
 use bytes::BytesMut;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
-use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, Outcome};
+use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use std::future::Future;
 use std::io;
@@ -50,22 +50,59 @@ type Reply = oneshot::Sender<Result<Outcome, ClientError>>;
 ///
 /// The client holds at most [`ClientOptions::message_buffer`] messages the application has not
 /// taken; beyond that it stops reading from the network (back-pressure reaches the broker)
-/// until the application catches up.
+/// until the application catches up (the core's [`MessageBacklog`] rule, the same in every
+/// adapter). Dropping it discards later messages.
 pub struct Messages {
-    rx: mpsc::Receiver<Publish>,
+    rx: mpsc::UnboundedReceiver<Publish>,
+    backlog: MessageBacklog,
 }
 
 impl Messages {
     /// The next message; `None` once the client is closed.
     pub async fn recv(&mut self) -> Option<Publish> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Publish>> {
+        let p = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(_)) = &p {
+            self.backlog.taken();
+        }
+        p
     }
 }
 
 impl futures_core::Stream for Messages {
     type Item = Publish;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Publish>> {
-        self.rx.poll_recv(cx)
+        self.poll_recv(cx)
+    }
+}
+
+impl Drop for Messages {
+    fn drop(&mut self) {
+        // Nobody takes messages any more: the client must not stop reading for them.
+        self.backlog.detach();
+    }
+}
+
+/// Connection state changes, from [`Client::state_changes`].
+pub struct StateChanges {
+    rx: watch::Receiver<ConnectionState>,
+}
+
+impl StateChanges {
+    /// The next state the connection moves to (the latest, if several came since the last
+    /// call); `None` once the client is gone.
+    pub async fn recv(&mut self) -> Option<ConnectionState> {
+        self.rx.changed().await.ok()?;
+        Some(self.rx.borrow_and_update().clone())
+    }
+
+    /// Waits until the state satisfies `pred` (the current one counts) and returns it; `None`
+    /// if the client is gone first.
+    pub async fn wait_for(&mut self, mut pred: impl FnMut(&ConnectionState) -> bool) -> Option<ConnectionState> {
+        self.rx.wait_for(|s| pred(s)).await.ok().map(|s| s.clone())
     }
 }
 
@@ -106,21 +143,24 @@ impl Client {
         };
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(ConnectionState::Connecting);
-        let (msg_tx, msg_rx) = mpsc::channel(options.message_buffer.max(1));
+        // Unbounded: the driver's backlog rule bounds what waits here.
+        let (msg_tx, msg_rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
+        let driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let backlog = driver.backlog().clone();
         let driver = Driver {
-            driver: ClientDriver::new(machine),
+            driver,
             io,
             url: url.to_string(),
             commands: commands_rx,
-            inbox_limit: options.message_buffer.max(1),
             messages: msg_tx,
             state: state_tx,
             first: Some(first_tx),
         };
         tokio::spawn(driver.run());
         let client_id = first_rx.await.map_err(|_| ClientError::Closed)??;
-        Ok(Client { commands, state, messages: Arc::new(Mutex::new(Some(Messages { rx: msg_rx }))), client_id })
+        let messages = Messages { rx: msg_rx, backlog };
+        Ok(Client { commands, state, messages: Arc::new(Mutex::new(Some(messages))), client_id })
     }
 
     /// The client identifier in force (the broker's choice when none was given).
@@ -134,8 +174,8 @@ impl Client {
     }
 
     /// A receiver of connection state changes.
-    pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
-        self.state.clone()
+    pub fn state_changes(&self) -> StateChanges {
+        StateChanges { rx: self.state.clone() }
     }
 
     /// The incoming messages, to pull. There is one such stream per connection: the first call
@@ -183,37 +223,27 @@ impl Client {
         async move { done.await.map(drop) }
     }
 
-    /// Subscribes to one filter; resolves with the granted QoS on SUBACK.
+    /// Subscribes to one filter; resolves with the granted QoS on SUBACK, or
+    /// [`ClientError::Rejected`] with the broker's failure code (see
+    /// [`Outcome::granted_qos`]).
     pub async fn subscribe(&self, filter: TopicFilter, qos: QoS) -> Result<QoS, ClientError> {
-        let codes = self.subscribe_many(vec![Subscription::new(filter, qos)]).await?;
-        match codes.first() {
-            Some(c) if !c.is_error() => Ok(QoS::from_u8(c.as_u8()).unwrap_or(QoS::AtMostOnce)),
-            Some(c) => Err(ClientError::Rejected(*c)),
-            None => Err(ClientError::Rejected(ReasonCode::UnspecifiedError)),
-        }
+        self.call(|tx| Command::Subscribe(vec![Subscription::new(filter, qos)], tx)).await?.granted_qos()
     }
 
     /// Subscribes to several filters at once; resolves with SUBACK's code for each.
     pub async fn subscribe_many(&self, subscriptions: Vec<Subscription>) -> Result<Vec<ReasonCode>, ClientError> {
-        codes(self.call(|tx| Command::Subscribe(subscriptions, tx)).await?)
+        Ok(self.call(|tx| Command::Subscribe(subscriptions, tx)).await?.into_codes())
     }
 
     /// Unsubscribes; resolves with UNSUBACK's codes (empty for MQTT 3.1.1).
     pub async fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
-        codes(self.call(|tx| Command::Unsubscribe(filters, tx)).await?)
+        Ok(self.call(|tx| Command::Unsubscribe(filters, tx)).await?.into_codes())
     }
 
     /// Sends DISCONNECT (normal, so the broker discards the will), waits for the connection to
     /// close, and ends the client. Unacknowledged QoS 1 and 2 publishes are abandoned.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
         self.call(|tx| Command::Disconnect(Some(tx))).await.map(drop)
-    }
-}
-
-fn codes(outcome: Outcome) -> Result<Vec<ReasonCode>, ClientError> {
-    match outcome {
-        Outcome::Codes(codes) => Ok(codes),
-        _ => Ok(Vec::new()),
     }
 }
 
@@ -273,8 +303,7 @@ struct Driver {
     io: Io,
     url: String,
     commands: mpsc::UnboundedReceiver<Command>,
-    inbox_limit: usize,
-    messages: mpsc::Sender<Publish>,
+    messages: mpsc::UnboundedSender<Publish>,
     state: watch::Sender<ConnectionState>,
     /// Resolves `Client::connect`.
     first: Option<oneshot::Sender<Result<String, ClientError>>>,
@@ -285,7 +314,8 @@ enum Input {
     Datagrams(io::Result<()>),
     Bytes(io::Result<usize>),
     Opened(io::Result<BoxStream>),
-    Deliver(Option<mpsc::OwnedPermit<Publish>>),
+    /// The application took messages: there is room to read again.
+    Room,
     Timer,
 }
 
@@ -300,11 +330,13 @@ impl Driver {
                 break;
             }
             let deadline = self.driver.poll_timeout().map(tokio::time::Instant::from_std);
-            let reading = self.driver.pending_messages() < self.inbox_limit;
+            // The core's back-pressure rule: no reading while the application is behind.
+            let reading = self.driver.is_reading();
+            let room = self.driver.backlog().room();
             let input = tokio::select! {
                 c = self.commands.recv(), if self.driver.is_accepting() => Input::Command(c),
                 i = wait_io(&mut self.io, reading) => i,
-                p = self.messages.clone().reserve_owned(), if self.driver.pending_messages() > 0 => Input::Deliver(p.ok()),
+                _ = room, if !reading => Input::Room,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
             };
             let now = clock();
@@ -348,21 +380,19 @@ impl Driver {
                     self.driver.stream_opened(now);
                 }
                 Input::Opened(Err(e)) => self.driver.stream_failed(now, &e.to_string()),
-                Input::Deliver(Some(permit)) => {
-                    if let Some(m) = self.driver.poll_message() {
-                        permit.send(m);
-                    }
-                }
-                // The application dropped its message stream: nobody wants them.
-                Input::Deliver(None) => while self.driver.poll_message().is_some() {},
+                Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(now),
             }
         }
     }
 
-    /// Hands out what the driver has for callers: the first connection's outcome, completions
-    /// and state changes.
+    /// Hands out what the driver has for callers: the first connection's outcome, completions,
+    /// messages and state changes.
     fn outputs(&mut self) {
+        while let Some(m) = self.driver.hand_message() {
+            // Fails only once the application dropped its stream: nobody wants them.
+            let _ = self.messages.send(m);
+        }
         if let Some(r) = self.driver.poll_connected() {
             if let Some(first) = self.first.take() {
                 let _ = first.send(r.map_err(|e| ClientError::from_driver(e, &self.url)));

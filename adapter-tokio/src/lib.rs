@@ -4,7 +4,8 @@
 //!   TLS on TCP, all into one [`Broker`](mqtt_quic_core::broker::machine::Broker) machine, so a
 //!   TCP publisher reaches a QUIC subscriber and the other way.
 //! - [`client::Client`] is the async client for `quic://`, `mqtt://` and `mqtts://` brokers.
-//! - The `mqttq` binary (broker, pub, sub, shell) is built on both.
+//! - The `mqttq` binary (broker, pub, sub, shell, and the `bench` load generator) is built on
+//!   both.
 //!
 //! This crate does only input/output and timekeeping: every protocol decision (keep-alive,
 //! retries, backoff, routing) is the core's. Each machine lives on one task that feeds it
@@ -23,7 +24,6 @@
 //! # }
 //! ```
 
-pub mod bench;
 pub mod client;
 pub mod files;
 pub mod server;

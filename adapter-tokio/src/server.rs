@@ -5,12 +5,12 @@
 use crate::udp::Udp;
 use crate::{clock, NEVER};
 use bytes::{Bytes, BytesMut};
-use mqtt_proto::ReasonCode;
 use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
-use mqtt_quic_core::broker::machine::{Broker, BrokerEvent, Peer, StreamId, StreamOutput};
+use mqtt_quic_core::broker::lifecycle::{Handling, Level};
+use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
+use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::config::Secret;
 use mqtt_quic_core::Machine;
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-pub use mqtt_quic_core::driver::{ServerError, ServerOptions};
+pub use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 
 /// A running broker. Dropping it does not stop it: call [`Server::shutdown`].
 pub struct Server {
@@ -128,6 +128,27 @@ impl Drop for OutboxSender {
     }
 }
 
+/// The broker task's routing goes through the core's [`StreamTable`]: each connection's
+/// output is queued for its task.
+impl StreamWriter<()> for OutboxSender {
+    fn data(&mut self, _: &mut (), bytes: Bytes) -> Delivery {
+        if self.0.push(StreamOutput::Data(bytes)) {
+            Delivery::Queued
+        } else {
+            Delivery::Gone
+        }
+    }
+
+    fn close(self, _: &mut ()) {
+        // Written after what came before; dropping `self` then closes the queue.
+        self.0.push(StreamOutput::Close);
+    }
+
+    fn abort(self, _: &mut ()) {
+        self.0.abort();
+    }
+}
+
 impl Server {
     /// Opens every listener, then starts serving. Fails before serving anyone if a listener
     /// cannot be opened.
@@ -226,6 +247,11 @@ impl Server {
         self.tls
     }
 
+    /// Every listener's address (the same type from every adapter's server).
+    pub fn addresses(&self) -> ServerAddresses {
+        ServerAddresses { quic: self.quic, tcp: self.tcp, tls: self.tls }
+    }
+
     /// Stops accepting, tells every client the server is shutting down (DISCONNECT 0x8B for
     /// MQTT 5), waits up to the shutdown grace for them to go, and returns.
     pub async fn shutdown(mut self) {
@@ -284,10 +310,8 @@ async fn drive(
     let verifying = Arc::new(Semaphore::new(workers));
     let mut udp_errors = 0u32;
     let mut udp_paused_until: Option<tokio::time::Instant> = None;
-    let mut outboxes: HashMap<StreamId, OutboxSender> = HashMap::new();
-    // Which listener each byte stream came from, for the log.
-    let mut transports: HashMap<StreamId, &'static str> = HashMap::new();
-    let mut closed: Vec<StreamId> = Vec::new();
+    // Each byte stream's outbox and the listener it came from (for the log).
+    let mut table: StreamTable<OutboxSender> = StreamTable::new();
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
     let mut streams_open = true;
@@ -301,25 +325,17 @@ async fn drive(
                 }
             }
         }
-        while let Some((id, out)) = broker.poll_stream() {
-            if matches!(out, StreamOutput::Abort) {
-                if let Some(outbox) = outboxes.remove(&id) {
-                    outbox.0.abort();
+        table.route(&mut broker, clock(), &mut ());
+        // One line per client event, at info (a refusal for wrong credentials at warn):
+        // greppable by `client connected`, `client refused`, `client migrated` and
+        // `client disconnected`. This server offers no in-process subscriptions.
+        while let Some(handling) = table.poll_event(&mut broker) {
+            if let Handling::Log(line) = handling {
+                match line.level {
+                    Level::Warn => warn!("{}", line.text),
+                    _ => info!("{}", line.text),
                 }
-                continue;
             }
-            let closing = matches!(out, StreamOutput::Close);
-            let gone = outboxes.get(&id).is_some_and(|outbox| !outbox.0.push(out));
-            if closing || gone {
-                outboxes.remove(&id);
-            }
-        }
-        while let Some(event) = broker.poll_event() {
-            log_lifecycle(&event, &transports);
-        }
-        // Streams that closed: their last events are logged, their transport can go.
-        for id in closed.drain(..) {
-            transports.remove(&id);
         }
         while let Some(request) = broker.poll_auth() {
             let (tx, verifying) = (auth_tx.clone(), verifying.clone());
@@ -371,22 +387,14 @@ async fn drive(
             Input::Auth(Some((id, verdict))) => broker.handle_auth_result(now, id, verdict),
             Input::Auth(None) => {}
             Input::Stream(Some(StreamIn::Open { out, reply, remote, transport })) => {
-                let id = broker.open_stream_from(now, remote);
-                transports.insert(id, transport);
-                outboxes.insert(id, out);
+                let id = table.open(&mut broker, now, remote, transport, out);
                 if reply.send(id).is_err() {
-                    outboxes.remove(&id);
-                    broker.stream_closed(now, id);
-                    closed.push(id);
+                    table.closed(&mut broker, now, id);
                 }
             }
             Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_bytes(now, id, &data),
             Input::Stream(Some(StreamIn::Written(id, n))) => broker.stream_written(id, n),
-            Input::Stream(Some(StreamIn::Closed(id))) => {
-                outboxes.remove(&id);
-                broker.stream_closed(now, id);
-                closed.push(id);
-            }
+            Input::Stream(Some(StreamIn::Closed(id))) => table.closed(&mut broker, now, id),
             // Only listeners hold senders: without them no stream input can come again.
             Input::Stream(None) => streams_open = false,
             Input::Timer => {
@@ -403,47 +411,6 @@ async fn drive(
         }
     }
     info!("broker stopped");
-}
-
-/// One line per client event, at info (a refusal for wrong credentials at warn): greppable by
-/// `client connected`, `client refused`, `client migrated` and `client disconnected`.
-fn log_lifecycle(event: &BrokerEvent, transports: &HashMap<StreamId, &'static str>) {
-    let transport = |peer: &Peer| match peer {
-        Peer::Quic(_) => "quic",
-        Peer::Stream(id) => transports.get(id).copied().unwrap_or("tcp"),
-    };
-    let addr = |remote: &Option<SocketAddr>| remote.map_or_else(|| "-".to_string(), |a| a.to_string());
-    match event {
-        BrokerEvent::ClientConnected { client_id, username, peer, remote, protocol, session_present } => info!(
-            "client connected: id={client_id:?} user={:?} transport={} from={} protocol={protocol:?} session_present={session_present}",
-            username.as_deref().unwrap_or(""),
-            transport(peer),
-            addr(remote),
-        ),
-        BrokerEvent::ClientRefused { client_id, username, peer, remote, reason } => {
-            let line = format!(
-                "client refused: id={client_id:?} user={:?} transport={} from={} reason={reason:?} (0x{:02X})",
-                username.as_deref().unwrap_or(""),
-                transport(peer),
-                addr(remote),
-                *reason as u8,
-            );
-            if matches!(reason, ReasonCode::BadUserNameOrPassword | ReasonCode::NotAuthorized) {
-                warn!("{line}");
-            } else {
-                info!("{line}");
-            }
-        }
-        BrokerEvent::ClientMigrated { client_id, remote } => {
-            info!("client migrated: id={client_id:?} transport=quic to={remote}")
-        }
-        BrokerEvent::ClientDisconnected { client_id, peer, reason, detail, dropped } => info!(
-            "client disconnected: id={client_id:?} transport={} reason={reason:?}{} dropped_qos0={dropped}",
-            transport(peer),
-            detail.as_deref().map_or_else(String::new, |d| format!(" ({d})")),
-        ),
-        _ => {}
-    }
 }
 
 /// Receives on the QUIC socket, if there is one (else never).

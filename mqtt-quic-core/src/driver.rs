@@ -32,11 +32,17 @@ use crate::tls::ClientTls;
 use crate::url::{BrokerUrl, Transport};
 use crate::EcnCodepoint;
 use bytes::Bytes;
-use mqtt_proto::{Publish, ReasonCode, Subscription, TopicFilter};
+use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+/// [`ClientOptions::message_buffer`]'s default.
+const DEFAULT_MESSAGE_BUFFER: usize = 1024;
 
 /// How a client connects, whatever drives it.
 #[derive(Debug, Clone)]
@@ -69,7 +75,7 @@ impl Default for ClientOptions {
             reconnect: Some(ReconnectPolicy::default()),
             transport: TransportSettings::default(),
             zero_rtt: true,
-            message_buffer: 1024,
+            message_buffer: DEFAULT_MESSAGE_BUFFER,
         }
     }
 }
@@ -381,6 +387,158 @@ pub enum Outcome {
     Codes(Vec<ReasonCode>),
 }
 
+impl Outcome {
+    /// SUBACK's or UNSUBACK's codes: what every adapter's `subscribe_many` and `unsubscribe`
+    /// return (empty for a command that has none).
+    pub fn into_codes(self) -> Vec<ReasonCode> {
+        match self {
+            Outcome::Codes(codes) => codes,
+            Outcome::Done => Vec::new(),
+        }
+    }
+
+    /// What every adapter's `subscribe` (one filter) returns for its SUBACK: the QoS the broker
+    /// granted, or [`ClientError::Rejected`] with the failure code it answered with. A SUBACK
+    /// without a code for the filter (a broker bug) counts as Unspecified error, so a caller
+    /// never takes a subscription for granted that the broker did not confirm.
+    pub fn granted_qos(self) -> Result<QoS, ClientError> {
+        match self.into_codes().first() {
+            Some(c) if !c.is_error() => Ok(QoS::from_u8(c.as_u8()).unwrap_or(QoS::AtMostOnce)),
+            Some(c) => Err(ClientError::Rejected(*c)),
+            None => Err(ClientError::Rejected(ReasonCode::UnspecifiedError)),
+        }
+    }
+}
+
+/// Where a broker server listens, as every adapter's `Server::addresses` reports it: the
+/// addresses actually bound (with the ports the system chose for port 0), `None` for a
+/// listener that is not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServerAddresses {
+    /// MQTT over QUIC (UDP).
+    pub quic: Option<SocketAddr>,
+    /// Plain MQTT (TCP).
+    pub tcp: Option<SocketAddr>,
+    /// MQTT over TLS (TCP); always `None` for adapters without a TLS listener.
+    pub tls: Option<SocketAddr>,
+}
+
+/// The one back-pressure rule of every client adapter, shared by the task that drives a
+/// [`ClientDriver`] and the application's message receiver.
+///
+/// The adapter hands each message to the application as soon as it arrives
+/// ([`MessageBacklog::handed`]); the receiver reports each one it gives the application
+/// ([`MessageBacklog::taken`]). While [`ClientOptions::message_buffer`] messages are untaken,
+/// [`ClientDriver::is_reading`] is false and the adapter stops reading from the network, so a
+/// slow application slows the broker down (QUIC flow control, TCP windows, and past those the
+/// broker's own per-client limit) instead of growing the client's memory. When the application
+/// catches up, the task waiting on [`MessageBacklog::room`] wakes and reads again. Once the
+/// application drops its receiver ([`MessageBacklog::detach`]) nothing is counted any more:
+/// messages nobody can take are discarded, and the connection keeps going.
+#[derive(Debug, Clone)]
+pub struct MessageBacklog(Arc<BacklogInner>);
+
+#[derive(Debug)]
+struct BacklogInner {
+    limit: usize,
+    unread: AtomicUsize,
+    detached: AtomicBool,
+    /// The driving task, waiting for room.
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl MessageBacklog {
+    /// Room for `limit` untaken messages (at least one).
+    pub fn new(limit: usize) -> MessageBacklog {
+        MessageBacklog(Arc::new(BacklogInner {
+            limit: limit.max(1),
+            unread: AtomicUsize::new(0),
+            detached: AtomicBool::new(false),
+            waiting: Mutex::new(None),
+        }))
+    }
+
+    /// The most untaken messages before reading stops.
+    pub fn limit(&self) -> usize {
+        self.0.limit
+    }
+
+    /// Messages handed to the application and not taken yet.
+    pub fn unread(&self) -> usize {
+        self.0.unread.load(Ordering::Acquire)
+    }
+
+    /// Whether the application can take more (or has gone, and takes nothing any more).
+    pub fn has_room(&self) -> bool {
+        self.0.detached.load(Ordering::Acquire) || self.unread() < self.0.limit
+    }
+
+    /// The adapter put a message where the application takes it from.
+    pub fn handed(&self) {
+        if !self.0.detached.load(Ordering::Acquire) {
+            self.0.unread.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The application took a message: wakes the driving task if that made room.
+    pub fn taken(&self) {
+        let _ = self.0.unread.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if self.has_room() {
+            self.wake();
+        }
+    }
+
+    /// The application dropped its receiver: nothing waits to be taken any more.
+    pub fn detach(&self) {
+        self.0.detached.store(true, Ordering::Release);
+        self.0.unread.store(0, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether the application dropped its receiver.
+    pub fn is_detached(&self) -> bool {
+        self.0.detached.load(Ordering::Acquire)
+    }
+
+    /// Resolves once there is room (at once if there is): what a driving task waits on while
+    /// it does not read. Runtime-agnostic: any executor's waker will do.
+    pub fn room(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let backlog = self.clone();
+        std::future::poll_fn(move |cx| backlog.poll_room(cx))
+    }
+
+    /// [`MessageBacklog::room`] as a poll: registers `cx`'s waker while there is none.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.has_room() {
+            return Poll::Ready(());
+        }
+        self.register(cx.waker());
+        // Taken between the check and the registration: do not sleep through it.
+        if self.has_room() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Registers the waker to wake when room comes back (replacing any earlier one): for
+    /// drivers that are not futures, such as a thread waiting in a `mio::Poll`.
+    pub fn register(&self, waker: &Waker) {
+        if let Ok(mut w) = self.0.waiting.lock() {
+            match &*w {
+                Some(old) if old.will_wake(waker) => {}
+                _ => *w = Some(waker.clone()),
+            }
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.0.waiting.lock().ok().and_then(|mut w| w.take()) {
+            w.wake();
+        }
+    }
+}
+
 /// A command for a [`ClientDriver`], as adapters carry them from user handles to the task
 /// that owns the driver, each with the token its result goes to.
 #[derive(Debug)]
@@ -415,6 +573,7 @@ pub struct ClientDriver<T> {
     /// A disconnect in progress: who waits for it, and when to stop waiting for the transport.
     leaving: Option<(Vec<T>, Instant)>,
     last_reason: String,
+    backlog: MessageBacklog,
 }
 
 impl<T> ClientDriver<T> {
@@ -430,7 +589,37 @@ impl<T> ClientDriver<T> {
             first: First::Waiting,
             leaving: None,
             last_reason: "connection lost".into(),
+            backlog: MessageBacklog::new(DEFAULT_MESSAGE_BUFFER),
         }
+    }
+
+    /// Sets how many messages may wait for the application before the adapter stops reading
+    /// (see [`MessageBacklog`]); adapters pass [`ClientOptions::message_buffer`].
+    pub fn with_message_buffer(mut self, limit: usize) -> ClientDriver<T> {
+        self.backlog = MessageBacklog::new(limit);
+        self
+    }
+
+    /// The back-pressure counter shared with the application's receiver (see
+    /// [`MessageBacklog`]).
+    pub fn backlog(&self) -> &MessageBacklog {
+        &self.backlog
+    }
+
+    /// Whether the adapter should read from the network now: false while the messages waiting
+    /// here and those handed to the application but not taken fill
+    /// [`ClientOptions::message_buffer`]. While it is false, wait on
+    /// [`MessageBacklog::room`] besides commands and timers.
+    pub fn is_reading(&self) -> bool {
+        self.backlog.is_detached() || self.inbox.len() + self.backlog.unread() < self.backlog.limit()
+    }
+
+    /// The next message, counted as handed to the application (see [`MessageBacklog::handed`]):
+    /// what adapters that deliver through a channel to the application use.
+    pub fn hand_message(&mut self) -> Option<Publish> {
+        let m = self.inbox.pop_front()?;
+        self.backlog.handed();
+        Some(m)
     }
 
     /// Starts the first connection; its outcome comes from [`ClientDriver::poll_connected`].
@@ -584,7 +773,8 @@ impl<T> ClientDriver<T> {
         self.done.pop_front()
     }
 
-    /// The next message for the application.
+    /// The next message for the application, taken at once (not counted: for applications that
+    /// take messages from the driver itself, such as an embedded mio client's loop).
     pub fn poll_message(&mut self) -> Option<Publish> {
         self.inbox.pop_front()
     }
@@ -700,5 +890,53 @@ impl<T> ClientDriver<T> {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_backlog_stops_reading_at_its_limit_and_wakes_the_driver_when_room_comes_back() {
+        let backlog = MessageBacklog::new(2);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        backlog.handed();
+        assert!(backlog.has_room());
+        backlog.handed();
+        assert!(!backlog.has_room());
+        assert!(backlog.poll_room(&mut cx).is_pending());
+        backlog.taken();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once there is room");
+        assert!(backlog.poll_room(&mut cx).is_ready());
+        // An application that dropped its receiver holds nothing up any more.
+        backlog.handed();
+        backlog.detach();
+        backlog.handed();
+        assert!(backlog.has_room());
+        assert_eq!(backlog.unread(), 0);
+    }
+
+    #[test]
+    fn suback_is_read_one_way() {
+        assert_eq!(Outcome::Codes(vec![ReasonCode::GrantedQos2]).granted_qos().unwrap(), QoS::ExactlyOnce);
+        assert_eq!(Outcome::Codes(vec![ReasonCode::Success]).granted_qos().unwrap(), QoS::AtMostOnce);
+        assert!(matches!(
+            Outcome::Codes(vec![ReasonCode::NotAuthorized]).granted_qos(),
+            Err(ClientError::Rejected(ReasonCode::NotAuthorized))
+        ));
+        assert!(matches!(Outcome::Done.granted_qos(), Err(ClientError::Rejected(ReasonCode::UnspecifiedError))));
+        assert_eq!(Outcome::Done.into_codes(), []);
     }
 }

@@ -1,7 +1,7 @@
 //! `mqttq bench`: the load generator.
 
 use crate::conn::ConnArgs;
-use adapter_tokio::bench::{self, BenchConfig, Scenario};
+use crate::load::{self, BenchConfig, Scenario};
 use clap::{Args, ValueEnum};
 use mqtt_proto::QoS;
 use mqtt_quic_core::client::ReconnectPolicy;
@@ -112,7 +112,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         bind: args.bind,
         window: args.window.max(1),
     };
-    let report = bench::run(config).await.map_err(|e| e.to_string())?;
+    let report = load::run(config).await.map_err(|e| e.to_string())?;
     if report.connected == 0 {
         let why = report.first_error.as_deref().unwrap_or("no connection completed");
         return Err(format!("no client connected: {why}"));

@@ -10,9 +10,15 @@ mod bench;
 mod broker;
 mod config;
 mod conn;
+mod load;
 mod passwd;
 mod pubsub;
 mod shell;
+/// The adapter's UDP socket (GSO, batched receives, ECN), compiled into the binary for the
+/// load generator's pools rather than exported from the library.
+#[path = "../../udp.rs"]
+#[allow(dead_code)]
+mod udp;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -3,19 +3,21 @@
 //!
 //! Over QUIC the clients are multiplexed on a few UDP sockets (one [`ClientPool`] each, every
 //! pool driven by one task), so tens of thousands of connections cost no more sockets than
-//! that. Over TCP each client is an ordinary [`Client`](crate::client::Client).
+//! that. Over TCP each client is an ordinary [`Client`].
 //!
 //! Every payload starts with the instant the publish was due (nanoseconds since the run began, as
 //! seen by this process; at a fixed `rate` that is the schedule, so time a message waits behind
 //! a slow link counts) and a sequence number, so latency is measured end to end in one clock.
 //!
+//! It lives in the `mqttq` binary, not in the adapter's library: it is a tool built on the
+//! adapter (and on the core's [`ClientPool`]), not part of what applications embed.
+//!
 //! [`Scenario::Connect`] times connection setup instead: fresh connections, and over QUIC the
 //! same client reconnecting with the session ticket it was given (CONNECT in 0-RTT).
 
-use crate::client::{Client, ClientOptions};
 use crate::udp::Udp;
-use crate::url::{BrokerUrl, Transport};
-use crate::{clock, os_secret};
+use adapter_tokio::client::{Client, ClientOptions};
+use adapter_tokio::url::{BrokerUrl, Transport};
 use bytes::{BufMut, Bytes, BytesMut};
 use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
 use mqtt_quic_core::config::ClientConfig;
@@ -28,6 +30,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
+
+/// The clock: tokio's, as the adapter's own tasks read it.
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// 32 bytes from the operating system's random source: the key material of the pools' QUIC
+/// endpoints.
+fn os_secret() -> [u8; 32] {
+    // ring reads getrandom(2) or /dev/urandom; neither fails on a working system.
+    ring::rand::generate(&ring::rand::SystemRandom::new()).expect("the OS random source").expose()
+}
 
 /// Handshakes all pools together keep in progress at once (brokers bound the handshakes in
 /// progress from one address: ours to 64 by default).
@@ -778,5 +792,106 @@ fn failure(pool: &ClientPool, i: usize, event: &ClientEvent) -> String {
         (ClientEvent::Refused { reason }, _) => format!("the broker refused the connection ({reason:?})"),
         (_, Some(reason)) => reason.to_string(),
         (e, None) => format!("{e:?}"),
+    }
+}
+
+/// The load generator against the adapter's broker (moved here from the adapter's loopback
+/// tests with the generator itself; the assertions are theirs).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adapter_tokio::server::{Server, ServerOptions};
+    use mqtt_quic_core::tls::{fingerprint_hex, SelfSigned, ServerTls};
+    use std::sync::OnceLock;
+
+    fn cert() -> &'static SelfSigned {
+        static CERT: OnceLock<SelfSigned> = OnceLock::new();
+        CERT.get_or_init(|| SelfSigned::generate(&["localhost"]).unwrap())
+    }
+
+    fn pinned() -> ClientTls {
+        ClientTls::pinned(&fingerprint_hex(&cert().fingerprint)).unwrap()
+    }
+
+    async fn server() -> Server {
+        let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+        options.tls = Some("127.0.0.1:0".parse().unwrap());
+        Server::start(options).await.unwrap()
+    }
+
+    fn url(scheme: &str, addr: Option<SocketAddr>) -> String {
+        format!("{scheme}://localhost:{}", addr.unwrap().port())
+    }
+
+    #[tokio::test]
+    async fn the_load_generator_counts_every_delivery_over_quic_and_tcp() {
+        let s = server().await;
+        for (url, scenario, qos) in [
+            (url("quic", s.quic_addr()), Scenario::Pairs, QoS::AtLeastOnce),
+            (url("quic", s.quic_addr()), Scenario::FanOut, QoS::AtMostOnce),
+            (url("mqtt", s.tcp_addr()), Scenario::FanIn, QoS::ExactlyOnce),
+        ] {
+            let config = BenchConfig {
+                url: url.parse().unwrap(),
+                options: ClientOptions::new().tls(pinned()),
+                scenario,
+                clients: 3,
+                qos,
+                payload: 64,
+                rate: Some(200.0),
+                duration: Duration::from_millis(300),
+                sockets: 2,
+                bind: vec![],
+                window: 16,
+            };
+            let report = run(config).await.unwrap();
+            let fan = if scenario == Scenario::FanOut { 3 } else { 1 };
+            assert!(report.sent > 0, "{url}: nothing sent");
+            assert_eq!(report.received, report.sent * fan, "{url} {scenario:?}: {}", report.table());
+            assert_eq!(report.latencies_us.len() as u64, report.received);
+            assert_eq!(report.errors, 0);
+            assert_eq!(report.on_time, report.received, "{url} {scenario:?}: all on time on loopback");
+            assert!(report.json().contains("\"msgs_per_sec\""));
+        }
+        // Connection setup: fresh connections, and over QUIC a resumed one after each.
+        for (url, resumed) in [(url("quic", s.quic_addr()), 2), (url("mqtt", s.tcp_addr()), 0)] {
+            let report = run(BenchConfig {
+                url: url.parse().unwrap(),
+                options: ClientOptions::new().tls(pinned()),
+                scenario: Scenario::Connect,
+                clients: 2,
+                qos: QoS::AtMostOnce,
+                payload: 16,
+                rate: None,
+                duration: Duration::from_millis(100),
+                sockets: 1,
+                bind: vec![],
+                window: 1,
+            })
+            .await
+            .unwrap();
+            assert_eq!(report.errors, 0, "{url}: {}", report.table());
+            assert_eq!(report.connect_fresh_ms.len(), 2, "{url}");
+            assert_eq!(report.connect_resumed_ms.len(), resumed, "{url}");
+            assert!(report.connect_fresh_ms.iter().all(|ms| *ms > 0.0 && *ms < 5000.0), "{url}");
+        }
+        let idle = run(BenchConfig {
+            url: url("quic", s.quic_addr()).parse().unwrap(),
+            options: ClientOptions::new().tls(pinned()),
+            scenario: Scenario::Idle,
+            clients: 100,
+            qos: QoS::AtMostOnce,
+            payload: 16,
+            rate: None,
+            duration: Duration::from_millis(200),
+            sockets: 2,
+            bind: vec![],
+            window: 1,
+        })
+        .await
+        .unwrap();
+        assert_eq!(idle.connected, 100);
+        assert!(idle.connect_rate() > 0.0);
+        s.shutdown().await;
     }
 }

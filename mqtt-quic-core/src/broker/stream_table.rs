@@ -1,0 +1,176 @@
+//! The byte-stream connections of a broker adapter, by [`StreamId`], and the routing of the
+//! broker's output to them: the part of every broker adapter that is not socket calls.
+//!
+//! An adapter keeps one [`StreamTable`], with one writer per connection: whatever gets bytes to
+//! that connection's socket (a queue to the connection's task, the socket itself). It opens
+//! connections with [`StreamTable::open`], reports their end with [`StreamTable::closed`], and
+//! after every input calls [`StreamTable::route`], which drains [`Broker::poll_stream`] into the
+//! writers, then takes the broker's events with [`StreamTable::poll_event`] (lifecycle lines
+//! named with each connection's transport, in-process messages; see
+//! [`lifecycle`](crate::broker::lifecycle)).
+
+use crate::broker::lifecycle::{self, Handling};
+use crate::broker::machine::{Broker, Peer, StreamId, StreamOutput};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// What became of bytes handed to a [`StreamWriter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// Queued for the connection's writer, which reports what it writes itself (see
+    /// [`Broker::stream_written`]).
+    Queued,
+    /// This many bytes went to the socket now (the rest waits in the writer): the table reports
+    /// them to the broker.
+    Written(usize),
+    /// The connection's writer is gone; the connection reports its end itself (the adapter
+    /// calls [`StreamTable::closed`] when it does).
+    Gone,
+    /// The write failed: the connection is over now. The table forgets it and tells the broker.
+    Failed,
+}
+
+/// One connection's way to its socket, as a broker adapter has it. `Io` is what writing needs
+/// besides the writer itself (a registry, the adapter's connections), `()` if nothing.
+pub trait StreamWriter<Io: ?Sized> {
+    /// Bytes for the connection, in order.
+    fn data(&mut self, io: &mut Io, bytes: Bytes) -> Delivery;
+    /// The broker ended the session: close the connection once what came before is written.
+    /// The table forgets the writer.
+    fn close(self, io: &mut Io);
+    /// The broker dropped the connection (a client that does not read): stop writing and close
+    /// it now, discarding what waits. The table forgets the writer.
+    fn abort(self, io: &mut Io);
+}
+
+/// The writers of a broker's byte-stream connections, by the broker's [`StreamId`], with the
+/// transport each came in over (for the log). See the module docs.
+#[derive(Debug)]
+pub struct StreamTable<W> {
+    writers: HashMap<StreamId, W>,
+    transports: HashMap<StreamId, &'static str>,
+    /// Connections that ended since the events were last drained: their transport is kept
+    /// until their last events (`client disconnected`) are logged.
+    ended: Vec<StreamId>,
+}
+
+impl<W> Default for StreamTable<W> {
+    fn default() -> Self {
+        StreamTable { writers: HashMap::new(), transports: HashMap::new(), ended: Vec::new() }
+    }
+}
+
+impl<W> StreamTable<W> {
+    /// An empty table.
+    pub fn new() -> StreamTable<W> {
+        StreamTable::default()
+    }
+
+    /// A connection was accepted from `remote` over `transport` (`"tcp"`, `"tls"`): the broker
+    /// numbers it, and its output goes to `writer`.
+    pub fn open(
+        &mut self,
+        broker: &mut Broker,
+        now: Instant,
+        remote: SocketAddr,
+        transport: &'static str,
+        writer: W,
+    ) -> StreamId {
+        let id = broker.open_stream_from(now, remote);
+        self.writers.insert(id, writer);
+        self.transports.insert(id, transport);
+        id
+    }
+
+    /// The connection ended (closed by the client, failed, or its task finished): the table
+    /// forgets its writer and the broker learns (ending the session if it was live).
+    pub fn closed(&mut self, broker: &mut Broker, now: Instant, id: StreamId) {
+        self.writers.remove(&id);
+        broker.stream_closed(now, id);
+        self.ended.push(id);
+    }
+
+    /// Forgets a connection's writer without telling the broker (the adapter tells it, or
+    /// already has).
+    pub fn remove(&mut self, id: StreamId) -> Option<W> {
+        self.writers.remove(&id)
+    }
+
+    /// The writer of a connection.
+    pub fn get_mut(&mut self, id: StreamId) -> Option<&mut W> {
+        self.writers.get_mut(&id)
+    }
+
+    /// Connections with a writer.
+    pub fn len(&self) -> usize {
+        self.writers.len()
+    }
+
+    /// Whether no connection has a writer.
+    pub fn is_empty(&self) -> bool {
+        self.writers.is_empty()
+    }
+
+    /// The transport a peer is connected over, for the log: `quic`, or the byte stream's
+    /// (`tcp` when unknown).
+    pub fn transport(&self, peer: &Peer) -> &'static str {
+        match peer {
+            Peer::Quic(_) => "quic",
+            Peer::Stream(id) => self.transports.get(id).copied().unwrap_or("tcp"),
+        }
+    }
+
+    /// Drains the broker's byte-stream output into the writers: data in order, then the close
+    /// or abort that ends a connection. Output for a connection without a writer (gone
+    /// meanwhile) is dropped: nobody can read it.
+    pub fn route<Io: ?Sized>(&mut self, broker: &mut Broker, now: Instant, io: &mut Io)
+    where
+        W: StreamWriter<Io>,
+    {
+        while let Some((id, out)) = broker.poll_stream() {
+            match out {
+                StreamOutput::Data(bytes) => {
+                    let Some(writer) = self.writers.get_mut(&id) else { continue };
+                    match writer.data(io, bytes) {
+                        Delivery::Queued => {}
+                        Delivery::Written(n) => broker.stream_written(id, n),
+                        Delivery::Gone => drop(self.writers.remove(&id)),
+                        Delivery::Failed => self.closed(broker, now, id),
+                    }
+                }
+                StreamOutput::Abort => {
+                    if let Some(writer) = self.writers.remove(&id) {
+                        writer.abort(io);
+                    }
+                }
+                // Close (and whatever ends a session in future versions).
+                _ => {
+                    if let Some(writer) = self.writers.remove(&id) {
+                        writer.close(io);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The broker's next event, as what to do with it (see [`lifecycle::handle`]): lifecycle
+    /// lines name each connection's transport; in-process messages are for the embedding
+    /// application. Call until `None` after every [`StreamTable::route`]; once drained, the
+    /// transports of connections that ended are forgotten.
+    pub fn poll_event(&mut self, broker: &mut Broker) -> Option<Handling> {
+        loop {
+            let Some(event) = broker.poll_event() else {
+                for id in self.ended.drain(..) {
+                    self.transports.remove(&id);
+                }
+                return None;
+            };
+            if let Some(handling) = lifecycle::handle(event, |peer| self.transport(peer)) {
+                return Some(handling);
+            }
+        }
+    }
+}
