@@ -275,7 +275,7 @@ impl Task {
         loop {
             self.send_out().await;
             self.hand_out();
-            if self.driver.is_finished(now()) {
+            if self.driver.is_done(now()) {
                 self.hand_out();
                 break;
             }
@@ -376,7 +376,7 @@ impl Task {
     async fn send_out(&mut self) {
         match &mut self.io {
             Io::Quic { socket, buf, .. } => {
-                while let Some(t) = self.driver.poll_transmit(now(), 1, buf) {
+                while let Some(t) = self.driver.poll_transmit(now(), buf) {
                     for d in t.datagrams(buf) {
                         let _ = socket.send_to(d, t.destination).await;
                     }

@@ -100,7 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let echoed = user.ok_or("no echo user")?.join().map_err(|_| "echo user panicked")??;
     println!("echoed: {}", echoed.trim_end());
     mqtt.disconnect(poll.registry());
-    while !mqtt.is_finished(poll.registry()) {
+    while !mqtt.is_done(poll.registry()) {
         poll.poll(&mut events, mqtt.timeout())?;
         for event in events.iter() {
             mqtt.handle_event(poll.registry(), event);

@@ -151,7 +151,7 @@ impl Client {
     pub fn disconnect(mut self) -> Result<(), ClientError> {
         let t = self.inner.disconnect(self.poll.registry());
         let deadline = now() + PATIENCE;
-        while !self.inner.is_finished(self.poll.registry()) && now() < deadline {
+        while !self.inner.is_done(self.poll.registry()) && now() < deadline {
             self.turn(deadline)?;
         }
         while let Some((token, r)) = self.inner.poll_completion() {

@@ -205,7 +205,7 @@ impl MioClient {
                 if udp.is_stalled() && !udp.retry() {
                     return;
                 }
-                while let Some(t) = self.driver.poll_transmit(now(), 1, &mut self.buf) {
+                while let Some(t) = self.driver.poll_transmit(now(), &mut self.buf) {
                     if !udp.send(&t, &self.buf) {
                         break;
                     }
@@ -319,10 +319,10 @@ impl MioClient {
         self.driver.poll_state_change()
     }
 
-    /// Whether the client is done (see [`ClientDriver::is_finished`]); deregisters its socket
+    /// Whether the client is done (see [`ClientDriver::is_done`]); deregisters its socket
     /// when it is.
-    pub fn is_finished(&mut self, registry: &Registry) -> bool {
-        let done = self.driver.is_finished(now());
+    pub fn is_done(&mut self, registry: &Registry) -> bool {
+        let done = self.driver.is_done(now());
         if done {
             match &mut self.io {
                 Io::Quic(udp) => drop(registry.deregister(&mut udp.socket)),

@@ -281,7 +281,7 @@ impl Thread {
                 handles_gone = self.take_commands();
             }
             self.hand_out();
-            if self.inner.is_finished(self.poll.registry()) {
+            if self.inner.is_done(self.poll.registry()) {
                 self.hand_out();
                 break;
             }

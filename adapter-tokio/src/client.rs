@@ -325,7 +325,7 @@ impl Driver {
         loop {
             self.flush().await;
             self.outputs();
-            if self.driver.is_finished(clock()) {
+            if self.driver.is_done(clock()) {
                 self.outputs();
                 break;
             }
@@ -410,7 +410,7 @@ impl Driver {
     async fn flush(&mut self) {
         match &mut self.io {
             Io::Quic { udp, buf } => {
-                while let Some(t) = self.driver.poll_transmit(clock(), udp.max_gso_segments(), buf) {
+                while let Some(t) = self.driver.poll_transmit_batch(clock(), udp.max_gso_segments(), buf) {
                     if let Err(e) = udp.send(&t, &buf[..t.size]).await {
                         debug!("UDP send to {} failed: {e}", t.destination);
                     }

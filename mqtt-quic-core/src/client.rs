@@ -178,7 +178,7 @@ impl MqttClient {
     /// connection without a reconnect policy) and has no connection left: over QUIC, the last
     /// one has also delivered its final bytes (DISCONNECT, FIN) and closed, so an adapter that
     /// keeps driving until this is true does not cut off a clean disconnect.
-    pub fn is_stopped(&self) -> bool {
+    pub fn is_done(&self) -> bool {
         let idle = match &self.link {
             Link::Quic { conn, endpoint, .. } => conn.is_none() && endpoint.connection_count() == 0,
             Link::Stream { open, .. } => !*open,

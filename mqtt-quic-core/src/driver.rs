@@ -659,7 +659,7 @@ impl<T> ClientDriver<T> {
 
     /// Disconnects for good (DISCONNECT, normal: the broker drops the will). `token`, if any,
     /// completes with [`Outcome::Done`] once the transport has closed (or after a short
-    /// linger), when [`ClientDriver::is_finished`] turns true.
+    /// linger), when [`ClientDriver::is_done`] turns true.
     pub fn disconnect(&mut self, now: Instant, token: Option<T>) {
         if self.leaving.is_none() {
             let _ = self.machine.disconnect(now, ReasonCode::Success);
@@ -708,8 +708,16 @@ impl<T> ClientDriver<T> {
         self.update(now);
     }
 
-    /// Over QUIC: the next datagrams to send (see [`Machine::poll_transmit_batch`]).
-    pub fn poll_transmit(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// Over QUIC: the next datagram to send, written into `buf`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.poll_transmit_batch(now, 1, buf)
+    }
+
+    /// Over QUIC: up to `max_datagrams` datagrams to one destination at once (see
+    /// [`Machine::poll_transmit_batch`](crate::Machine::poll_transmit_batch)).
+    #[must_use]
+    pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         let t = self.machine.poll_transmit_batch(now, max_datagrams, buf);
         self.update(now);
         t
@@ -797,9 +805,9 @@ impl<T> ClientDriver<T> {
 
     /// Whether the driver is done: disconnected (or lost for good) with its transport closed,
     /// or the disconnect's linger is over. Waiting callers have been completed by then.
-    pub fn is_finished(&mut self, now: Instant) -> bool {
+    pub fn is_done(&mut self, now: Instant) -> bool {
         let lingered = self.leaving.as_ref().is_some_and(|(_, t)| now >= *t);
-        let finished = self.machine.is_stopped() || lingered;
+        let finished = self.machine.is_done() || lingered;
         if finished {
             if !matches!(self.state, ConnectionState::Closed { .. }) {
                 self.set_state(ConnectionState::Closed { reason: self.last_reason.clone() });
@@ -892,6 +900,8 @@ impl<T> ClientDriver<T> {
         }
     }
 }
+
+crate::machine::forward_machine!(impl<T> for ClientDriver<T>);
 
 #[cfg(test)]
 mod tests {

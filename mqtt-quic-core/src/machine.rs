@@ -37,8 +37,8 @@ pub trait Machine {
 /// Implements [`Machine`] for a type by forwarding every method to the type's inherent method
 /// of the same name and signature, so that the trait and the inherent API cannot drift apart.
 macro_rules! forward_machine {
-    ($ty:ty) => {
-        impl $crate::machine::Machine for $ty {
+    (impl<$($generic:ident),*> for $ty:ty) => {
+        impl<$($generic),*> $crate::machine::Machine for $ty {
             fn handle_datagram(
                 &mut self,
                 now: ::std::time::Instant,
@@ -71,6 +71,9 @@ macro_rules! forward_machine {
                 <$ty>::poll_timeout(self)
             }
         }
+    };
+    ($ty:ty) => {
+        $crate::machine::forward_machine!(impl<> for $ty);
     };
 }
 pub(crate) use forward_machine;

@@ -148,7 +148,7 @@ fn publish_and_receive_over_streams_then_reconnect_after_loss() {
     for _ in 0..300 {
         p.run(Duration::from_millis(10));
     }
-    assert!(p.clients[0].0.is_stopped());
+    assert!(p.clients[0].0.is_done());
     assert!(p.clients[0].1.is_none());
     assert_eq!(p.opens, 3);
 }
