@@ -297,6 +297,15 @@ struct Record {
     will: Option<(Instant, Will)>,
 }
 
+/// The two deadlines of an offline session, each filed apart under its client id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum RecordTimer {
+    /// Its will's delay ends.
+    Will,
+    /// The session expires.
+    Expiry,
+}
+
 struct Live {
     session: ServerSession,
     client: Option<String>,
@@ -334,8 +343,7 @@ pub struct Broker {
     /// datagram for one connection does not make the broker look at all of them.
     dirty: BTreeSet<Peer>,
     /// Each connection's session deadline (keep-alive, connect timeout), ordered.
-    session_timers: BTreeSet<(Instant, Peer)>,
-    session_armed: BTreeMap<Peer, Instant>,
+    session_timers: TimerIndex<Peer>,
     /// Output for byte-stream connections, in order, for the adapter.
     stream_out: VecDeque<(StreamId, StreamOutput)>,
     /// Bytes handed to the adapter for each byte stream and not yet reported written, and
@@ -361,7 +369,7 @@ pub struct Broker {
     next_stream: u64,
     /// Will and expiry deadlines of offline sessions, ordered. A reconnect, or a session's
     /// removal, takes its entries out.
-    record_timers: BTreeSet<(Instant, String)>,
+    record_timers: TimerIndex<(String, RecordTimer)>,
     events: VecDeque<BrokerEvent>,
     /// Messages sent through a shared subscription and not yet acknowledged, by (session,
     /// request id): redelivered to another member if the session leaves first.
@@ -402,12 +410,11 @@ impl Broker {
             router: Router::new(),
             retained: RetainedStore::new(config.max_retained, config.max_retained_bytes),
             dirty: BTreeSet::new(),
-            session_timers: BTreeSet::new(),
-            session_armed: BTreeMap::new(),
+            session_timers: TimerIndex::new(),
             stream_out: VecDeque::new(),
             stream_backlog: BTreeMap::new(),
             next_stream: 0,
-            record_timers: BTreeSet::new(),
+            record_timers: TimerIndex::new(),
             events: VecDeque::new(),
             shared_pending: BTreeMap::new(),
             next_local: LOCAL_BASE,
@@ -824,13 +831,8 @@ impl Broker {
 
     /// Files a connection's session deadline (or forgets it, for a connection that is gone).
     fn rearm(&mut self, conn: Peer) {
-        if let Some(old) = self.session_armed.remove(&conn) {
-            self.session_timers.remove(&(old, conn));
-        }
-        if let Some(t) = self.conns.get(&conn).and_then(|l| l.session.poll_timeout()) {
-            self.session_armed.insert(conn, t);
-            self.session_timers.insert((t, conn));
-        }
+        let next = self.conns.get(&conn).and_then(|l| l.session.poll_timeout());
+        self.session_timers.set(conn, next);
     }
 
     fn live(&mut self, now: Instant, conn: Peer) -> &mut Live {
@@ -1178,11 +1180,11 @@ impl Broker {
         record.expiry = expiry;
         // Reconnecting cancels the expiry and, within the will delay, the will: their timer
         // entries go too, so a client that comes and goes does not grow the timer set.
-        if let Some(at) = record.expires_at.take() {
-            self.record_timers.remove(&(at, id.clone()));
+        if record.expires_at.take().is_some() {
+            self.record_timers.remove(&(id.clone(), RecordTimer::Expiry));
         }
-        if let Some((at, _)) = record.will.take() {
-            self.record_timers.remove(&(at, id.clone()));
+        if record.will.take().is_some() {
+            self.record_timers.remove(&(id.clone(), RecordTimer::Will));
         }
         self.keys.insert(record.key, id.clone());
         let Some(live) = self.conns.get_mut(&conn) else { return };
@@ -1239,14 +1241,14 @@ impl Broker {
             let delay = will.properties.will_delay_interval.unwrap_or(0);
             let at = now + Duration::from_secs(u64::from(delay.min(record.expiry)));
             record.will = Some((at, will));
-            self.record_timers.insert((at, id.clone()));
+            self.record_timers.set((id.clone(), RecordTimer::Will), Some(at));
         }
         record.expires_at = match record.expiry {
             u32::MAX => None,
             secs => Some(now + Duration::from_secs(u64::from(secs))),
         };
         if let Some(at) = record.expires_at {
-            self.record_timers.insert((at, id));
+            self.record_timers.set((id, RecordTimer::Expiry), Some(at));
         }
         self.fire(now);
     }
@@ -1269,11 +1271,11 @@ impl Broker {
         self.router.remove_session(record.key);
         self.keys.remove(&record.key);
         self.offline_bytes -= std::mem::take(&mut record.queued_bytes);
-        if let Some(at) = record.expires_at {
-            self.record_timers.remove(&(at, id.to_string()));
+        if record.expires_at.is_some() {
+            self.record_timers.remove(&(id.to_string(), RecordTimer::Expiry));
         }
-        if let Some((at, _)) = &record.will {
-            self.record_timers.remove(&(*at, id.to_string()));
+        if record.will.is_some() {
+            self.record_timers.remove(&(id.to_string(), RecordTimer::Will));
         }
         Some(record)
     }
@@ -1302,11 +1304,7 @@ impl Broker {
 
     /// Publishes due wills and drops expired sessions.
     fn fire(&mut self, now: Instant) {
-        while let Some((at, id)) = self.record_timers.first().cloned() {
-            if at > now {
-                break;
-            }
-            self.record_timers.pop_first();
+        while let Some((id, _)) = self.record_timers.pop_due(now) {
             let Some(record) = self.clients.get_mut(&id) else { continue };
             // A reconnect cancels both; entries it made stale are skipped here.
             if record.will.as_ref().is_some_and(|(t, _)| *t <= now) {
@@ -1496,8 +1494,8 @@ impl Broker {
 
     /// The broker's own next deadline: a will, a session expiry or a session timer.
     fn next_deadline(&self) -> Option<Instant> {
-        let records = self.record_timers.first().map(|(t, _)| *t);
-        let sessions = self.session_timers.first().map(|(t, _)| *t);
+        let records = self.record_timers.next();
+        let sessions = self.session_timers.next();
         [records, sessions, self.next_sys, self.stall_timers.next(), self.next_housekeeping].into_iter().flatten().min()
     }
 }
@@ -1562,12 +1560,7 @@ impl Machine for Broker {
     fn handle_timeout(&mut self, now: Instant) {
         self.tick(now);
         self.quic.handle_timeout(now);
-        while let Some(&(at, conn)) = self.session_timers.first() {
-            if at > now {
-                break;
-            }
-            self.session_timers.pop_first();
-            self.session_armed.remove(&conn);
+        while let Some(conn) = self.session_timers.pop_due(now) {
             if let Some(live) = self.conns.get_mut(&conn) {
                 live.session.handle_timeout(now);
                 self.dirty.insert(conn);
