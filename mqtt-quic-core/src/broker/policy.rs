@@ -16,6 +16,7 @@ use bytes::Bytes;
 use mqtt_proto::{Connect, ReasonCode, TopicFilter, TopicName};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A password verification the adapter is running.
@@ -43,6 +44,46 @@ impl Logins {
             next: 0,
             limiter: FailureLimiter::new(max_failures, window, 100_000),
         }
+    }
+
+    /// Whether a CONNECT from `ip` may have its password checked now: refused with Connection
+    /// rate exceeded while the address has failed too often, with Server busy while `max`
+    /// verifications are out (or `max_per_ip` from this address, so that one address cannot
+    /// take every slot).
+    fn refusal(&self, now: Instant, ip: Option<IpAddr>, max: usize, max_per_ip: usize) -> Option<ReasonCode> {
+        if ip.is_some_and(|ip| self.limiter.is_limited(now, ip)) {
+            return Some(ReasonCode::ConnectionRateExceeded);
+        }
+        let from_ip = ip.map_or(0, |ip| self.pending.values().filter(|p| p.ip == Some(ip)).count());
+        (self.pending.len() >= max || from_ip >= max_per_ip).then_some(ReasonCode::ServerBusy)
+    }
+
+    /// Numbers a verification.
+    fn next_id(&mut self) -> AuthId {
+        self.next += 1;
+        AuthId(self.next)
+    }
+
+    /// Hands verification `id` of `conn`'s CONNECT out to the adapter, and keeps the CONNECT
+    /// for the verdict.
+    fn hand_out(
+        &mut self,
+        id: AuthId,
+        auth: Arc<dyn Auth>,
+        conn: Peer,
+        c: Connect,
+        username: Option<String>,
+        ip: Option<IpAddr>,
+    ) {
+        self.out.push_back(AuthRequest {
+            id,
+            auth,
+            client_id: c.client_id.to_string(),
+            username,
+            // A copy: a slice would hold the whole CONNECT frame while the hash runs.
+            password: c.password.as_deref().map(Bytes::copy_from_slice),
+        });
+        self.pending.insert(id, PendingAuth { waiting: Some((conn, Box::new(c))), ip });
     }
 
     /// The next verification for the adapter.
@@ -162,27 +203,14 @@ impl Broker {
         // Where it comes from, when known (QUIC always; byte streams when the adapter said,
         // with [`Broker::open_stream_from`]).
         let ip = remote.map(|a| a.ip());
-        let logins = &mut self.logins;
-        if ip.is_some_and(|ip| logins.limiter.is_limited(now, ip)) {
-            return self.refuse(now, conn, ReasonCode::ConnectionRateExceeded);
+        let (max, max_per_ip) = (self.config.max_pending_auth, self.config.max_pending_auth_per_ip);
+        if let Some(code) = self.logins.refusal(now, ip, max, max_per_ip) {
+            return self.refuse(now, conn, code);
         }
-        let from_ip = ip.map_or(0, |ip| logins.pending.values().filter(|p| p.ip == Some(ip)).count());
-        if logins.pending.len() >= self.config.max_pending_auth || from_ip >= self.config.max_pending_auth_per_ip {
-            return self.refuse(now, conn, ReasonCode::ServerBusy);
-        }
-        logins.next += 1;
-        let id = AuthId(logins.next);
+        let id = self.logins.next_id();
         let Some(live) = self.conns.get_mut(&conn) else { return };
         live.auth = Some(id);
-        logins.out.push_back(AuthRequest {
-            id,
-            auth,
-            client_id: c.client_id.to_string(),
-            username,
-            // A copy: a slice would hold the whole CONNECT frame while the hash runs.
-            password: c.password.as_deref().map(Bytes::copy_from_slice),
-        });
-        logins.pending.insert(id, PendingAuth { waiting: Some((conn, Box::new(c))), ip });
+        self.logins.hand_out(id, auth, conn, c, username, ip);
     }
 
     /// The rules on a CONNECT that need the client's identity (its client id, assigned or not,
