@@ -7,6 +7,7 @@
 
 use crate::config::{ClientConfig, ConfigError, Secret, ServerConfig, TransportSettings};
 use crate::rng::SplitMix64;
+use crate::timers::TimerIndex;
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
     ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
@@ -271,8 +272,7 @@ pub struct QuicEndpoint {
     ready: BTreeSet<usize>,
     /// Every connection's next deadline, ordered, so `poll_timeout` and `handle_timeout` never
     /// scan all connections.
-    timers: BTreeSet<(Instant, usize)>,
-    armed: BTreeMap<usize, Instant>,
+    timers: TimerIndex<usize>,
     clock: Arc<DrivenClock>,
 }
 
@@ -394,8 +394,7 @@ impl QuicEndpoint {
             responses: VecDeque::new(),
             cursor: 0,
             ready: BTreeSet::new(),
-            timers: BTreeSet::new(),
-            armed: BTreeMap::new(),
+            timers: TimerIndex::new(),
             clock: Arc::default(),
         }
     }
@@ -557,7 +556,8 @@ impl QuicEndpoint {
     /// Advances timers. Calling it early is harmless: nothing is due yet, nothing happens.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock.advance(now);
-        let due: Vec<usize> = self.timers.iter().take_while(|(t, _)| *t <= now).map(|(_, h)| *h).collect();
+        // Left filed: driving each one re-files its next deadline.
+        let due: Vec<usize> = self.timers.due(now).copied().collect();
         for h in due {
             if let Some(c) = self.conns.get_mut(&h) {
                 if c.finish_deadline.is_some_and(|t| t <= now) {
@@ -592,7 +592,7 @@ impl QuicEndpoint {
 
     /// The next instant [`QuicEndpoint::handle_timeout`] should be called, if any.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        self.timers.first().map(|(t, _)| *t)
+        self.timers.next()
     }
 
     /// Files a connection's next deadline (or removes it, for a connection that is gone).
@@ -601,18 +601,9 @@ impl QuicEndpoint {
             .conns
             .get_mut(&h)
             .and_then(|c| [c.quic.poll_timeout(), c.handshake_deadline, c.finish_deadline].into_iter().flatten().min());
-        // Most calls find the deadline unchanged: leave both maps alone then (each update is a
-        // remove and an insert in two B-trees, per datagram and per write).
-        if self.armed.get(&h).copied() == next {
-            return;
-        }
-        if let Some(old) = self.armed.remove(&h) {
-            self.timers.remove(&(old, h));
-        }
-        if let Some(t) = next {
-            self.armed.insert(h, t);
-            self.timers.insert((t, h));
-        }
+        // Most calls find the deadline unchanged: the index then leaves both its maps alone
+        // (each update is a remove and an insert in two B-trees, per datagram and per write).
+        self.timers.set(h, next);
     }
 
     /// The next datagram to send, written into `buf` (which is cleared first).

@@ -1,15 +1,49 @@
-//! The broker: the machine serving clients over QUIC ([`machine::Broker`]) and the state that
-//! outlives connections: subscriptions and routing, retained messages, kept sessions and wills.
-//! Limits, `$SYS` and in-process clients live in `machine`; authentication (handed out as
-//! [`auth::AuthRequest`]s for the adapter to verify off its loop) and authorization in `auth`;
-//! the per-address login limit in `limiter`. What every adapter does with the broker's output
-//! (byte-stream routing, lifecycle lines, in-process messages) is in `stream_table` and
-//! `lifecycle`.
+//! The broker: the machine serving clients over QUIC and byte streams ([`machine::Broker`]) and
+//! the state that outlives connections.
+//!
+//! # Data flow
+//!
+//! A datagram (or stream bytes from the adapter) reaches the connection's server session; the
+//! session's events (CONNECT, PUBLISH, SUBSCRIBE, its end) are decided by the broker with its
+//! policy; a PUBLISH is routed to the matching sessions, each delivered to its connection or
+//! queued while it is offline; what the sessions then have to send goes out through the
+//! connection's transport. Outputs are polled: datagrams and deadlines (the `Machine` trait),
+//! stream output, password checks to run, and events for the embedding application.
+//!
+//! # Modules
+//!
+//! - `machine`: the [`machine::Broker`] and its dispatch spine (inputs, sessions, routing,
+//!   delivery, output), and the public paths of everything below.
+//! - `config`: [`machine::BrokerConfig`], its defaults and validation.
+//! - `links`: the transports behind one [`machine::Peer`] address (QUIC connections, byte
+//!   streams), per-connection and total write backlogs, the write-timeout check.
+//! - `registry`: kept sessions: takeover, offline queues and their byte budget, wills and
+//!   expiry.
+//! - `policy`: CONNECT admission (the password check handed out as [`auth::AuthRequest`]s, the
+//!   per-address login limit of `limiter`), `$` topics, topic and subscription limits, read
+//!   rights at delivery.
+//! - `shared`: redelivery of shared-subscription messages a leaving member did not acknowledge.
+//! - `sys`: `$SYS/broker/` statistics and the periodic work.
+//! - `local`: in-process subscribe and publish for the embedding application.
+//! - `events`: [`machine::BrokerEvent`], what the application is told.
+//! - [`stream_table`] and [`lifecycle`]: what every adapter does with the broker's output
+//!   (routing byte-stream output to connections, lifecycle log lines, in-process messages).
+//! - [`router`]: the subscription tree; [`retained`]: retained messages; [`auth`]: the
+//!   authentication and authorization interface and its built-in implementation; [`limiter`]:
+//!   failed logins per address.
 
 pub mod auth;
+mod config;
+mod events;
 pub mod lifecycle;
 pub mod limiter;
+mod links;
+mod local;
 pub mod machine;
+mod policy;
+mod registry;
 pub mod retained;
 pub mod router;
+mod shared;
 pub mod stream_table;
+mod sys;

@@ -1,0 +1,242 @@
+//! The broker's connections, whatever carries them: the QUIC connections of its endpoint and
+//! the byte streams (TCP, TLS) the adapter carries, behind one address ([`Peer`]). Sending,
+//! finishing and aborting go through here, and so does the accounting that keeps a slow reader
+//! from making the broker hold an unbounded backlog: bytes waiting per connection and in all,
+//! write progress, and the write-timeout check of connections whose bytes wait.
+//!
+//! It knows transports, not sessions: what a stalled or too-far-behind connection means for its
+//! session (a lost connection, a will) the machine decides.
+
+use super::config::BrokerConfig;
+use crate::config::ConfigError;
+use crate::quic::{self, ConnId, QuicEndpoint};
+use crate::timers::TimerIndex;
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// A byte-stream connection the adapter owns (TCP, TLS over TCP), numbered by the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+
+/// Where a client is connected: a QUIC connection of the broker's endpoint, or a byte stream
+/// the adapter carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    /// A QUIC connection.
+    Quic(ConnId),
+    /// A byte stream (TCP or TLS).
+    Stream(StreamId),
+}
+
+/// What the broker has for a byte-stream connection, from
+/// [`Broker::poll_stream`](super::machine::Broker::poll_stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamOutput {
+    /// Bytes to write to the stream.
+    Data(Bytes),
+    /// The session is over: close the stream (after writing what came before).
+    Close,
+    /// The client does not take what is sent to it: drop the connection now, with whatever
+    /// waits to be written (it would never be read).
+    Abort,
+}
+
+/// The transports and their write accounting.
+pub(super) struct Links {
+    /// The QUIC endpoint (the machine drives it directly for datagrams and timeouts).
+    pub(super) quic: QuicEndpoint,
+    /// Output for byte-stream connections, in order, for the adapter.
+    out: VecDeque<(StreamId, StreamOutput)>,
+    /// Bytes handed to the adapter for each byte stream and not yet reported written, and
+    /// bytes reported written so far (progress).
+    backlog: BTreeMap<StreamId, (usize, u64)>,
+    /// The sum of the byte streams' backlogs.
+    backlog_total: usize,
+    /// Where the adapter said each byte stream comes from.
+    remote: BTreeMap<StreamId, SocketAddr>,
+    /// Connections with bytes waiting: since when, with how much progress then.
+    stalls: BTreeMap<Peer, (Instant, u64)>,
+    stall_timers: TimerIndex<Peer>,
+    next_stream: u64,
+    /// From the configuration: see [`BrokerConfig::write_timeout`].
+    write_timeout: Duration,
+    /// See [`BrokerConfig::max_queued_bytes`].
+    max_queued_bytes: usize,
+    /// See [`BrokerConfig::max_total_queued_bytes`].
+    max_total_queued_bytes: usize,
+}
+
+impl Links {
+    pub(super) fn new(config: &BrokerConfig) -> Result<Links, ConfigError> {
+        Ok(Links {
+            quic: QuicEndpoint::server(&config.quic)?,
+            out: VecDeque::new(),
+            backlog: BTreeMap::new(),
+            backlog_total: 0,
+            remote: BTreeMap::new(),
+            stalls: BTreeMap::new(),
+            stall_timers: TimerIndex::new(),
+            next_stream: 0,
+            write_timeout: config.write_timeout,
+            max_queued_bytes: config.max_queued_bytes,
+            max_total_queued_bytes: config.max_total_queued_bytes,
+        })
+    }
+
+    /// Numbers a new byte stream.
+    pub(super) fn open_stream(&mut self) -> StreamId {
+        self.next_stream += 1;
+        StreamId(self.next_stream)
+    }
+
+    /// Notes where a byte stream comes from (the adapter knows; QUIC tells itself).
+    pub(super) fn set_remote(&mut self, id: StreamId, remote: SocketAddr) {
+        self.remote.insert(id, remote);
+    }
+
+    /// Where a connection comes from, when known.
+    pub(super) fn remote_addr(&self, conn: Peer) -> Option<SocketAddr> {
+        match conn {
+            Peer::Quic(c) => self.quic.remote_address(c),
+            Peer::Stream(id) => self.remote.get(&id).copied(),
+        }
+    }
+
+    /// Hands bytes to a connection's transport. Returns whether the connection has fallen so
+    /// far behind (four times its backlog limit) that it must be dropped; otherwise, if bytes
+    /// now wait, the write timeout starts counting for it.
+    #[must_use]
+    pub(super) fn send(&mut self, now: Instant, peer: Peer, bytes: Bytes) -> bool {
+        match peer {
+            Peer::Quic(conn) => {
+                let _ = self.quic.send(now, conn, bytes);
+            }
+            Peer::Stream(id) => {
+                self.backlog.entry(id).or_default().0 += bytes.len();
+                self.backlog_total += bytes.len();
+                self.out.push_back((id, StreamOutput::Data(bytes)));
+            }
+        }
+        if self.backlog(peer) > self.max_queued_bytes.saturating_mul(4) {
+            return true;
+        }
+        if self.backlog(peer) > 0 && !self.stalls.contains_key(&peer) {
+            // Bytes wait: from now on the connection must take some within the write timeout.
+            self.stalls.insert(peer, (now, self.progress(peer)));
+            self.stall_timers.set(peer, Some(now + self.write_timeout));
+        }
+        false
+    }
+
+    /// Ends a connection whose session is over, after what was sent to it: QUIC finishes its
+    /// stream, the adapter is told to close a byte stream.
+    pub(super) fn finish(&mut self, now: Instant, peer: Peer) {
+        self.forget_stall(peer);
+        match peer {
+            Peer::Quic(conn) => {
+                let _ = self.quic.finish(now, conn);
+            }
+            Peer::Stream(id) => {
+                self.forget_stream(id);
+                self.out.push_back((id, StreamOutput::Close));
+            }
+        }
+    }
+
+    /// Drops a connection that does not take what is sent to it, with what waits for it: QUIC
+    /// closes with the slow-consumer code, the adapter is told to abort a byte stream.
+    pub(super) fn abort(&mut self, now: Instant, peer: Peer) {
+        self.forget_stall(peer);
+        match peer {
+            Peer::Quic(conn) => {
+                let _ = self.quic.close(now, conn, quic::close_code::SLOW_CONSUMER, "not reading");
+            }
+            Peer::Stream(id) => {
+                self.forget_stream(id);
+                self.out.push_back((id, StreamOutput::Abort));
+            }
+        }
+    }
+
+    fn forget_stall(&mut self, peer: Peer) {
+        self.stalls.remove(&peer);
+        self.stall_timers.set(peer, None);
+    }
+
+    /// Drops the byte-stream bookkeeping of a connection that is gone.
+    pub(super) fn forget_stream(&mut self, id: StreamId) {
+        if let Some((backlog, _)) = self.backlog.remove(&id) {
+            self.backlog_total -= backlog;
+        }
+        self.remote.remove(&id);
+        self.forget_stall(Peer::Stream(id));
+    }
+
+    /// The adapter wrote `bytes` of a byte stream's output: they leave its backlog and count as
+    /// progress.
+    pub(super) fn stream_written(&mut self, id: StreamId, bytes: usize) {
+        if let Some(b) = self.backlog.get_mut(&id) {
+            let n = bytes.min(b.0);
+            b.0 -= n;
+            b.1 += n as u64;
+            self.backlog_total -= n;
+        }
+    }
+
+    /// The next output for the adapter's byte streams.
+    pub(super) fn poll_stream(&mut self) -> Option<(StreamId, StreamOutput)> {
+        self.out.pop_front()
+    }
+
+    /// The write-timeout check of connections with bytes waiting, one due connection at a
+    /// time: returns the next one that took nothing since its last check (and is `live`), for
+    /// the caller to drop; one that took some is checked again a timeout later.
+    pub(super) fn next_stalled(&mut self, now: Instant, live: impl Fn(Peer) -> bool) -> Option<Peer> {
+        while let Some(peer) = self.stall_timers.pop_due(now) {
+            let Some((_, before)) = self.stalls.remove(&peer) else { continue };
+            if self.backlog(peer) == 0 {
+                continue;
+            }
+            let progress = self.progress(peer);
+            if progress == before && live(peer) {
+                return Some(peer);
+            }
+            self.stalls.insert(peer, (now, progress));
+            self.stall_timers.set(peer, Some(now + self.write_timeout));
+        }
+        None
+    }
+
+    /// The next write-timeout check.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.stall_timers.next()
+    }
+
+    /// Bytes waiting to be sent to a connection.
+    fn backlog(&self, peer: Peer) -> usize {
+        match peer {
+            Peer::Quic(conn) => self.quic.queued(conn),
+            Peer::Stream(id) => self.backlog.get(&id).map_or(0, |b| b.0),
+        }
+    }
+
+    /// Bytes a connection has taken so far (a counter: it stands still while the client reads
+    /// nothing).
+    fn progress(&self, peer: Peer) -> u64 {
+        match peer {
+            Peer::Quic(conn) => self.quic.written(conn),
+            Peer::Stream(id) => self.backlog.get(&id).map_or(0, |b| b.1),
+        }
+    }
+
+    /// Whether QoS 0 messages for this connection are dropped now: its own backlog (with the
+    /// `buffered` bytes its session holds that have not reached the transport), or all
+    /// clients' together, is over its limit.
+    pub(super) fn over_budget(&self, peer: Peer, buffered: usize) -> bool {
+        self.backlog(peer) + buffered > self.max_queued_bytes
+            || self.quic.queued_total() + self.backlog_total > self.max_total_queued_bytes
+    }
+}
