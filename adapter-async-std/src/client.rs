@@ -11,6 +11,7 @@ use mqtt_quic_core::client::StreamCommand;
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
+use mqtt_quic_core::Datagram;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -319,7 +320,7 @@ impl Task {
                 }
                 Input::Datagram(Ok((n, from))) => {
                     if let Io::Quic { inbuf, .. } = &self.io {
-                        self.driver.handle_datagram(t, from, None, None, &inbuf[..n]);
+                        self.driver.handle_datagram(t, Datagram::new(from, &inbuf[..n]));
                     }
                 }
                 Input::Datagram(Err(_)) => async_std::task::sleep(Duration::from_millis(1)).await,

@@ -13,7 +13,7 @@ use mqtt_quic_core::broker::lifecycle::Handling;
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::config::Secret;
-use mqtt_quic_core::Machine;
+use mqtt_quic_core::Datagram;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -211,7 +211,7 @@ async fn serve(
         match wake {
             Wake::Datagram(Ok((n, from))) => {
                 udp_errors = 0;
-                broker.handle_datagram(t, from, None, None, &inbuf[..n]);
+                broker.handle_datagram(t, Datagram::new(from, &inbuf[..n]));
             }
             // A receive error (an ICMP error for an earlier send, say) concerns one datagram,
             // not the listener; only a socket failing every time is paused, so it cannot spin.

@@ -13,7 +13,7 @@ use mqtt_quic_core::broker::lifecycle::Handling;
 use mqtt_quic_core::broker::machine::{Broker, LocalSubscription, StreamId};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
-use mqtt_quic_core::Machine;
+use mqtt_quic_core::Datagram;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
@@ -252,7 +252,7 @@ impl MioBroker {
                 }
                 let broker = &mut self.broker;
                 if event.is_readable() {
-                    udp.recv_all(|from, data| broker.handle_datagram(t, from, None, None, data));
+                    udp.recv_all(|from, data| broker.handle_datagram(t, Datagram::new(from, data)));
                 }
             }
         } else if token.0 == self.base + 1 {

@@ -11,6 +11,7 @@ use mqtt_proto::{Publish, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
+use mqtt_quic_core::Datagram;
 
 pub use crate::threaded::{Client, Messages, StateChanges};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
@@ -136,7 +137,7 @@ impl MioClient {
         let t = now();
         let driver = &mut self.driver;
         match &mut self.io {
-            Io::Quic(udp) => udp.recv_all(|from, data| driver.handle_datagram(t, from, None, None, data)),
+            Io::Quic(udp) => udp.recv_all(|from, data| driver.handle_datagram(t, Datagram::new(from, data))),
             Io::Stream { conn: Some(c), .. } => {
                 if let ReadOutcome::Closed = c.read_all(&mut self.read_buf, |data| driver.handle_stream_bytes(t, data))
                 {

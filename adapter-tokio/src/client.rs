@@ -353,7 +353,7 @@ impl Driver {
                 Input::Datagrams(Ok(())) => {
                     if let Io::Quic { udp, .. } = &self.io {
                         for d in udp.datagrams() {
-                            self.driver.handle_datagram(now, d.remote, d.local_ip, d.ecn, d.data);
+                            self.driver.handle_datagram(now, d);
                         }
                     }
                 }

@@ -10,7 +10,6 @@ use mqtt_quic_core::broker::lifecycle::{Handling, Level};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::config::Secret;
-use mqtt_quic_core::Machine;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -367,7 +366,7 @@ async fn drive(
                 udp_errors = 0;
                 if let Some(udp) = &udp {
                     for d in udp.datagrams() {
-                        broker.handle_datagram(now, d.remote, d.local_ip, d.ecn, d.data);
+                        broker.handle_datagram(now, d);
                     }
                 }
             }

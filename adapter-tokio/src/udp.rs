@@ -1,22 +1,14 @@
 //! A UDP socket for QUIC: batched receive (recvmmsg, GRO) and ECN through quinn-udp.
 
 use mqtt_quic_core::quic::Transmit;
-use mqtt_quic_core::EcnCodepoint;
+use mqtt_quic_core::{Datagram, EcnCodepoint};
 use quinn_udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use tokio::io::Interest;
 
 /// Room for one receive: a GRO batch is at most 64 KiB.
 const SLOT: usize = 64 * 1024;
-
-/// One received datagram, borrowed from the socket's buffers.
-pub(crate) struct Datagram<'a> {
-    pub remote: SocketAddr,
-    pub local_ip: Option<IpAddr>,
-    pub ecn: Option<EcnCodepoint>,
-    pub data: &'a [u8],
-}
 
 /// A bound UDP socket with quinn-udp's state and reusable receive buffers.
 pub(crate) struct Udp {
@@ -77,7 +69,8 @@ impl Udp {
         }
     }
 
-    /// The datagrams of the last [`Udp::recv`], GRO batches split into their segments.
+    /// The datagrams of the last [`Udp::recv`], GRO batches split into their segments, borrowed
+    /// from the socket's buffers.
     pub fn datagrams(&self) -> impl Iterator<Item = Datagram<'_>> {
         self.meta[..self.received].iter().zip(self.buf.chunks(SLOT)).flat_map(|(meta, slot)| {
             let ecn = meta.ecn.and_then(|e| EcnCodepoint::from_bits(e as u8));

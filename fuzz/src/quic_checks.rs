@@ -20,6 +20,7 @@ use mqtt_quic_core::quic::QuicEndpoint;
 use mqtt_quic_core::session::client::{ClientSession, ClientSessionConfig};
 use mqtt_quic_core::session::server::{ServerEvent, ServerSession, ServerSessionConfig};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
+use mqtt_quic_core::Datagram;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -54,7 +55,7 @@ pub fn quic_server(data: &[u8]) {
         now += Duration::from_millis(u64::from(*delay));
         server.handle_timeout(now);
         let from = SocketAddr::from(([10, 0, 0, source % 16], 40_000 + u16::from(source % 16)));
-        server.handle_datagram(now, from, None, None, datagram);
+        server.handle_datagram(now, Datagram::new(from, datagram));
         while server.poll_transmit(now, &mut buf).is_some() {}
         while server.poll_event().is_some() {}
         assert!(server.connection_count() <= MAX_CONNECTIONS, "connection limit exceeded");
@@ -226,7 +227,6 @@ pub fn broker_quic(data: &[u8]) {
     use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
     use mqtt_quic_core::config::ClientConfig;
     use mqtt_quic_core::tls::ClientTls;
-    use mqtt_quic_core::Machine;
     use std::collections::VecDeque;
 
     let Ok(steps) = Vec::<NetStep>::arbitrary_take_rest(Unstructured::new(data)) else { return };
@@ -319,9 +319,9 @@ pub fn broker_quic(data: &[u8]) {
                        from: usize,
                        now: Instant| {
             if to_broker {
-                broker.handle_datagram(now, client_addr(from), None, None, &data);
+                broker.handle_datagram(now, Datagram::new(client_addr(from), &data));
             } else {
-                clients[usize::from(which) % CLIENTS].handle_datagram(now, broker_addr, None, None, &data);
+                clients[usize::from(which) % CLIENTS].handle_datagram(now, Datagram::new(broker_addr, &data));
             }
         };
         let pop = |to_broker_q: &mut VecDeque<(usize, Vec<u8>)>,
@@ -348,11 +348,11 @@ pub fn broker_quic(data: &[u8]) {
                         break;
                     }
                     while let Some((from, d)) = to_broker.pop_front() {
-                        broker.handle_datagram(now, client_addr(from), None, None, &d);
+                        broker.handle_datagram(now, Datagram::new(client_addr(from), &d));
                     }
                     for (i, q) in to_client.iter_mut().enumerate() {
                         while let Some(d) = q.pop_front() {
-                            clients[i].handle_datagram(now, broker_addr, None, None, &d);
+                            clients[i].handle_datagram(now, Datagram::new(broker_addr, &d));
                         }
                     }
                     pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
@@ -395,7 +395,7 @@ pub fn broker_quic(data: &[u8]) {
             }
             NetStep::Inject { source, bytes } => {
                 let from = SocketAddr::from(([10, 0, 2, source % 16], 40_000));
-                broker.handle_datagram(now, from, None, None, &bytes);
+                broker.handle_datagram(now, Datagram::new(from, &bytes));
             }
             NetStep::Publish { which, topic, qos: q, retain, payload } => {
                 let mut p = Publish::new(TopicName::new(topics[usize::from(topic) % topics.len()]).unwrap(), payload)

@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::quic::{ConnId, Event, QuicEndpoint};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_quic_core::Datagram;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -47,10 +48,10 @@ impl Pair {
         self.client.handle_timeout(self.now);
         self.server.handle_timeout(self.now);
         while let Some(t) = self.client.poll_transmit(self.now, &mut self.buf) {
-            self.server.handle_datagram(self.now, self.client_addr, None, None, &self.buf[..t.size]);
+            self.server.handle_datagram(self.now, Datagram::new(self.client_addr, &self.buf[..t.size]));
         }
         while let Some(t) = self.server.poll_transmit(self.now, &mut self.buf) {
-            self.client.handle_datagram(self.now, self.server_addr, None, None, &self.buf[..t.size]);
+            self.client.handle_datagram(self.now, Datagram::new(self.server_addr, &self.buf[..t.size]));
         }
     }
 

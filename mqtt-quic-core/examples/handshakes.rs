@@ -13,6 +13,7 @@ use bytes::Bytes;
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::quic::{Event, QuicEndpoint};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_quic_core::Datagram;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -36,10 +37,10 @@ fn main() {
         client.handle_timeout(*now);
         server.handle_timeout(*now);
         while let Some(t) = client.poll_transmit(*now, &mut buf) {
-            server.handle_datagram(*now, client_addr, None, None, &buf[..t.size]);
+            server.handle_datagram(*now, Datagram::new(client_addr, &buf[..t.size]));
         }
         while let Some(t) = server.poll_transmit(*now, &mut buf) {
-            client.handle_datagram(*now, server_addr, None, None, &buf[..t.size]);
+            client.handle_datagram(*now, Datagram::new(server_addr, &buf[..t.size]));
         }
     };
     for _ in 0..n {

@@ -17,7 +17,7 @@ use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
-use mqtt_quic_core::Machine;
+use mqtt_quic_core::Datagram;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ impl Net {
             for i in 0..self.clients.len() {
                 while let Some(t) = self.clients[i].poll_transmit_batch(self.now, 10, &mut self.buf) {
                     for d in t.datagrams(&self.buf) {
-                        self.broker.handle_datagram(self.now, self.addrs[i], None, None, d);
+                        self.broker.handle_datagram(self.now, Datagram::new(self.addrs[i], d));
                         moved += 1;
                     }
                     any = true;
@@ -53,7 +53,7 @@ impl Net {
             while let Some(t) = self.broker.poll_transmit_batch(self.now, 10, &mut self.buf) {
                 let i = self.addrs.iter().position(|a| *a == t.destination).expect("a known client");
                 for d in t.datagrams(&self.buf) {
-                    self.clients[i].handle_datagram(self.now, self.broker_addr, None, None, d);
+                    self.clients[i].handle_datagram(self.now, Datagram::new(self.broker_addr, d));
                     moved += 1;
                 }
                 any = true;

@@ -9,15 +9,15 @@
 
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
+use crate::machine::Datagram;
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
 use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
-use crate::EcnCodepoint;
 use bytes::Bytes;
 use mqtt_proto::{Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// When and how fast to reconnect.
@@ -422,16 +422,9 @@ impl MqttClient {
 /// The [`Machine`](crate::Machine) interface, as inherent methods (the trait forwards to them).
 impl MqttClient {
     /// Feeds one received UDP datagram (see [`Machine::handle_datagram`](crate::Machine::handle_datagram)).
-    pub fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
         if let Link::Quic { endpoint, .. } = &mut self.link {
-            endpoint.handle_datagram(now, remote, local_ip, ecn, data);
+            endpoint.handle_datagram(now, datagram);
             self.pump(now);
         }
     }

@@ -25,16 +25,16 @@
 
 use crate::client::{MqttClient, MqttClientConfig, ReconnectPolicy, StreamCommand};
 use crate::config::{ClientConfig, ConfigError, TransportSettings};
+use crate::machine::Datagram;
 use crate::quic::Transmit;
 use crate::session::client::ClientSessionConfig;
 use crate::session::client::{ClientEvent, CommandError, DisconnectReason, RequestId};
 use crate::tls::ClientTls;
 use crate::url::{BrokerUrl, Transport};
-use crate::EcnCodepoint;
 use bytes::Bytes;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -696,15 +696,8 @@ impl<T> ClientDriver<T> {
     }
 
     /// Over QUIC: a received datagram.
-    pub fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
-        self.machine.handle_datagram(now, remote, local_ip, ecn, data);
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
+        self.machine.handle_datagram(now, datagram);
         self.update(now);
     }
 

@@ -48,7 +48,7 @@
 //! Every machine has the same shape: the datagram machines implement [`Machine`] (whose methods
 //! forward to inherent ones of the same names), and every poll is `#[must_use]`.
 //!
-//! - inputs are `handle_*` calls (`handle_datagram(now, remote, local_ip, ecn, data)`,
+//! - inputs are `handle_*` calls (`handle_datagram(now, Datagram)`,
 //!   `handle_timeout(now)`, and for byte streams the stream calls) and commands (`connect`,
 //!   `send`, `publish`, `subscribe`, ...);
 //! - outputs are polled until they return `None`.
@@ -68,6 +68,7 @@
 //! ```
 //! use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 //! use mqtt_quic_core::quic::{Event, QuicEndpoint};
+//! use mqtt_quic_core::Datagram;
 //! use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 //! use std::time::Instant;
 //!
@@ -87,10 +88,10 @@
 //!     client.handle_timeout(now);
 //!     server.handle_timeout(now);
 //!     while let Some(t) = client.poll_transmit(now, &mut buf) {
-//!         server.handle_datagram(now, client_addr, None, None, &buf[..t.size]);
+//!         server.handle_datagram(now, Datagram::new(client_addr, &buf[..t.size]));
 //!     }
 //!     while let Some(t) = server.poll_transmit(now, &mut buf) {
-//!         client.handle_datagram(now, server_addr, None, None, &buf[..t.size]);
+//!         client.handle_datagram(now, Datagram::new(server_addr, &buf[..t.size]));
 //!     }
 //!     while let Some(e) = server.poll_event() {
 //!         if let Event::Received { data, .. } = e {
@@ -142,5 +143,5 @@ pub mod timers;
 pub mod tls;
 pub mod url;
 
-pub use machine::Machine;
+pub use machine::{Datagram, Machine};
 pub use quinn_proto::EcnCodepoint;

@@ -5,18 +5,34 @@ use crate::EcnCodepoint;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+/// One received UDP datagram, as every machine takes it: who sent it, the bytes, and what the
+/// socket could tell about it. One value rather than four arguments, so that every machine's
+/// `handle_datagram` reads the same and a new field (a receive timestamp, say) is one change.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    /// The sender.
+    pub remote: SocketAddr,
+    /// The local address it arrived at, when the socket reports it (replies then leave from
+    /// it, which matters on hosts with several addresses).
+    pub local_ip: Option<IpAddr>,
+    /// Its ECN marking, when the socket reports it.
+    pub ecn: Option<EcnCodepoint>,
+    /// Its payload.
+    pub data: &'a [u8],
+}
+
+impl<'a> Datagram<'a> {
+    /// A datagram from `remote`, without local address or ECN marking.
+    pub fn new(remote: SocketAddr, data: &'a [u8]) -> Datagram<'a> {
+        Datagram { remote, local_ip: None, ecn: None, data }
+    }
+}
+
 /// Datagram in, datagrams and deadlines out. Events are machine-specific and polled on the
 /// concrete type. See the crate docs for the order in which to drain outputs.
 pub trait Machine {
     /// Feeds one received UDP datagram.
-    fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    );
+    fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>);
     /// Advances timers; early calls do nothing.
     fn handle_timeout(&mut self, now: Instant);
     /// The next datagram to send, written into `buf`.
@@ -39,15 +55,8 @@ pub trait Machine {
 macro_rules! forward_machine {
     (impl<$($generic:ident),*> for $ty:ty) => {
         impl<$($generic),*> $crate::machine::Machine for $ty {
-            fn handle_datagram(
-                &mut self,
-                now: ::std::time::Instant,
-                remote: ::std::net::SocketAddr,
-                local_ip: ::std::option::Option<::std::net::IpAddr>,
-                ecn: ::std::option::Option<$crate::EcnCodepoint>,
-                data: &[u8],
-            ) {
-                <$ty>::handle_datagram(self, now, remote, local_ip, ecn, data)
+            fn handle_datagram(&mut self, now: ::std::time::Instant, datagram: $crate::machine::Datagram<'_>) {
+                <$ty>::handle_datagram(self, now, datagram)
             }
             fn handle_timeout(&mut self, now: ::std::time::Instant) {
                 <$ty>::handle_timeout(self, now)

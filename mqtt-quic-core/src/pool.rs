@@ -6,13 +6,13 @@
 //! so), which is what a load generator wants to count.
 
 use crate::config::{ClientConfig, ConfigError};
+use crate::machine::Datagram;
 use crate::quic::{self, CloseReason, ConnId, QuicEndpoint, Transmit};
 use crate::session::client::{ClientEvent, ClientSession, ClientSessionConfig, CommandError, RequestId};
 use crate::timers::TimerIndex;
-use crate::EcnCodepoint;
 use mqtt_proto::{Publish, ReasonCode, Subscription};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 /// A client of the pool, by the order it was added.
@@ -193,15 +193,8 @@ impl ClientPool {
 /// The [`Machine`](crate::Machine) interface, as inherent methods (the trait forwards to them).
 impl ClientPool {
     /// Feeds one received UDP datagram (see [`Machine::handle_datagram`](crate::Machine::handle_datagram)).
-    pub fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
-        self.quic.handle_datagram(now, remote, local_ip, ecn, data);
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
+        self.quic.handle_datagram(now, datagram);
         self.pump(now);
     }
 

@@ -6,6 +6,7 @@
 //! [`ConnId`]). The endpoint/connection event exchange of quinn-proto stays inside.
 
 use crate::config::{ClientConfig, ConfigError, Secret, ServerConfig, TransportSettings};
+use crate::machine::Datagram;
 use crate::rng::SplitMix64;
 use crate::timers::TimerIndex;
 use bytes::{Bytes, BytesMut};
@@ -495,16 +496,10 @@ impl QuicEndpoint {
     }
 
     /// Feeds one received UDP datagram.
-    pub fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
         self.clock.advance(now);
         let mut buf = Vec::new();
+        let Datagram { remote, local_ip, ecn, data } = datagram;
         match self.inner.handle(now, remote, local_ip, ecn, BytesMut::from(data), &mut buf) {
             Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                 if let Some(c) = self.conns.get_mut(&handle.0) {

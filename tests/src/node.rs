@@ -6,8 +6,7 @@ use mqtt_quic_core::broker::machine::Broker;
 use mqtt_quic_core::client::MqttClient;
 use mqtt_quic_core::quic::Transmit;
 use mqtt_quic_core::session::client::ClientEvent;
-use mqtt_quic_core::{EcnCodepoint, Machine};
-use std::net::{IpAddr, SocketAddr};
+use mqtt_quic_core::{Datagram, Machine};
 use std::time::Instant;
 
 /// A broker or a client on the simulated network.
@@ -71,15 +70,8 @@ impl Node {
 }
 
 impl Machine for Node {
-    fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
-        self.machine().handle_datagram(now, remote, local_ip, ecn, data);
+    fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
+        self.machine().handle_datagram(now, datagram);
         self.collect(now);
     }
 

@@ -6,6 +6,7 @@
 //! same run. Modelled on quinn-proto's test `Pair` and str0m's `netem`.
 
 use mqtt_quic_core::rng::SplitMix64;
+use mqtt_quic_core::Datagram;
 use mqtt_quic_core::Machine;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -244,7 +245,10 @@ impl<M: Machine> Sim<M> {
             match self.hosts.iter_mut().find(|h| h.addr == d.to) {
                 Some(h) => {
                     self.stats.delivered += 1;
-                    h.machine.handle_datagram(self.now, d.from, Some(d.to.ip()), None, &d.data);
+                    h.machine.handle_datagram(
+                        self.now,
+                        Datagram { remote: d.from, local_ip: Some(d.to.ip()), ecn: None, data: &d.data },
+                    );
                 }
                 None => self.stats.lost += 1,
             }

@@ -22,6 +22,7 @@ use mqtt_quic_core::broker::auth::{Auth, FileAuth};
 use mqtt_quic_core::config::ClientConfig;
 use mqtt_quic_core::quic::{CloseReason, Event, QuicEndpoint};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_quic_core::Datagram;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::num::NonZeroU32;
@@ -794,7 +795,7 @@ fn quic_connection_without_an_mqtt_stream_is_closed_at_the_connect_timeout() {
         let wake = client.poll_timeout().map_or(deadline, |t| t.min(deadline));
         socket.set_read_timeout(Some(wake.saturating_duration_since(now).max(Duration::from_millis(1)))).unwrap();
         match socket.recv_from(&mut rx) {
-            Ok((n, from)) => client.handle_datagram(Instant::now(), from, None, None, &rx[..n]),
+            Ok((n, from)) => client.handle_datagram(Instant::now(), Datagram::new(from, &rx[..n])),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => panic!("UDP receive: {e}"),
         }

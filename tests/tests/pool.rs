@@ -6,7 +6,7 @@ use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::pool::ClientPool;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
-use mqtt_quic_core::Machine;
+use mqtt_quic_core::Datagram;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -20,12 +20,12 @@ fn step(broker: &mut Broker, pool: &mut ClientPool, now: &mut Instant, step: Dur
         while let Some(t) = pool.poll_transmit_batch(*now, 8, &mut buf) {
             moved = true;
             for d in t.datagrams(&buf) {
-                broker.handle_datagram(*now, client, None, None, d);
+                broker.handle_datagram(*now, Datagram::new(client, d));
             }
         }
         while let Some(t) = broker.poll_transmit(*now, &mut buf) {
             moved = true;
-            pool.handle_datagram(*now, server, None, None, &buf[..t.size]);
+            pool.handle_datagram(*now, Datagram::new(server, &buf[..t.size]));
         }
         if !moved {
             break;

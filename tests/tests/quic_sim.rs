@@ -5,6 +5,7 @@ use bytes::Bytes;
 use mqtt_quic_core::config::{ClientConfig, ServerConfig, TransportSettings};
 use mqtt_quic_core::quic::{CloseReason, ConnId, Event, QuicEndpoint};
 use mqtt_quic_core::tls::{ClientTls, ServerTls};
+use mqtt_quic_core::Datagram;
 use mqtt_tests::sim::{Link, Rng, Sim};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -637,12 +638,12 @@ fn batched_transmits_carry_a_transfer_intact() {
             let parts: Vec<&[u8]> = t.datagrams(&buf).collect();
             assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), t.size);
             for d in parts {
-                server.handle_datagram(now, client_addr(), None, None, d);
+                server.handle_datagram(now, Datagram::new(client_addr(), d));
             }
         }
         while let Some(t) = server.poll_transmit_batch(now, 10, &mut buf) {
             for d in t.datagrams(&buf) {
-                client.handle_datagram(now, server_addr(), None, None, d);
+                client.handle_datagram(now, Datagram::new(server_addr(), d));
             }
         }
         while let Some(e) = server.poll_event() {

@@ -8,7 +8,6 @@ use mqtt_quic_core::client::{MqttClient, ReconnectPolicy, StreamCommand};
 use mqtt_quic_core::config::ServerConfig;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
-use mqtt_quic_core::Machine;
 use std::time::{Duration, Instant};
 
 /// Two clients on byte streams and a broker; `None` streams are closed.

@@ -25,17 +25,16 @@ use super::router::{Entry, Router, SessionKey};
 use super::shared::SharedPending;
 use super::sys::Schedule;
 use crate::config::ConfigError;
-use crate::machine::Machine;
+use crate::machine::Datagram;
 use crate::quic::{self, Transmit};
 use crate::session::server::{ServerEvent, ServerSession};
 use crate::timers::TimerIndex;
-use crate::EcnCodepoint;
 use bytes::Bytes;
 use mqtt_proto::{
     PacketId, Publish, QoS, QosPid, ReasonCode, RetainHandling, Subscription, SubscriptionId, TopicFilter,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// A live connection and its session.
@@ -604,21 +603,17 @@ impl Broker {
     }
 }
 
-impl Machine for Broker {
-    fn handle_datagram(
-        &mut self,
-        now: Instant,
-        remote: SocketAddr,
-        local_ip: Option<IpAddr>,
-        ecn: Option<EcnCodepoint>,
-        data: &[u8],
-    ) {
+/// The [`Machine`] interface, as inherent methods (the trait forwards to them).
+impl Broker {
+    /// Feeds one received UDP datagram.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
         self.tick(now);
-        self.links.quic.handle_datagram(now, remote, local_ip, ecn, data);
+        self.links.quic.handle_datagram(now, datagram);
         self.pump(now);
     }
 
-    fn handle_timeout(&mut self, now: Instant) {
+    /// Advances timers (sessions, kept-session expiry and wills, stalled writers); early calls do nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
         self.tick(now);
         self.links.quic.handle_timeout(now);
         while let Some(conn) = self.session_timers.pop_due(now) {
@@ -632,17 +627,25 @@ impl Machine for Broker {
         self.pump(now);
     }
 
-    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// The next datagram to send, written into `buf`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         self.poll_transmit_batch(now, 1, buf)
     }
 
-    fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// Up to `max_datagrams` datagrams to one destination at once (see [`Machine::poll_transmit_batch`](crate::Machine::poll_transmit_batch)).
+    #[must_use]
+    pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         let t = self.links.quic.poll_transmit_batch(now, max_datagrams, buf);
         self.pump(now);
         t
     }
 
-    fn poll_timeout(&mut self) -> Option<Instant> {
+    /// When to call `handle_timeout` next.
+    #[must_use]
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
         [self.links.quic.poll_timeout(), self.next_deadline(), self.closing_until].into_iter().flatten().min()
     }
 }
+
+crate::machine::forward_machine!(Broker);

@@ -7,7 +7,7 @@
 //! after every input calls [`StreamTable::route`], which drains [`Broker::poll_stream`] into the
 //! writers, then takes the broker's events with [`StreamTable::poll_event`] (lifecycle lines
 //! named with each connection's transport, in-process messages; see
-//! [`lifecycle`](crate::broker::lifecycle)).
+//! [`lifecycle`](super::lifecycle)).
 
 use crate::broker::lifecycle::{self, Handling};
 use crate::broker::machine::{Broker, Peer, StreamId, StreamOutput};

@@ -585,7 +585,7 @@ async fn drive_for(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>, cap:
             if r.is_ok() {
                 let t = clock();
                 for d in udp.datagrams() {
-                    pool.handle_datagram(t, d.remote, d.local_ip, d.ecn, d.data);
+                    pool.handle_datagram(t, d);
                 }
             }
         }
