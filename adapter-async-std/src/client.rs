@@ -326,23 +326,23 @@ impl Task {
                 Input::Datagram(Err(_)) => async_std::task::sleep(Duration::from_millis(1)).await,
                 Input::Read(Ok(n)) if n > 0 => {
                     if let Io::Stream { inbuf, .. } = &self.io {
-                        self.driver.handle_stream_bytes(t, &inbuf[..n]);
+                        self.driver.handle_stream_data(t, &inbuf[..n]);
                     }
                 }
                 Input::Read(_) => {
                     if let Io::Stream { conn, .. } = &mut self.io {
                         *conn = None;
                     }
-                    self.driver.stream_closed(t);
+                    self.driver.handle_stream_closed(t);
                 }
                 Input::Opened(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     if let Io::Stream { conn, .. } = &mut self.io {
                         *conn = Some(stream);
                     }
-                    self.driver.stream_opened(t);
+                    self.driver.handle_stream_open(t);
                 }
-                Input::Opened(Err(e)) => self.driver.stream_failed(t, &e.to_string()),
+                Input::Opened(Err(e)) => self.driver.handle_stream_failed(t, &e.to_string()),
                 Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(t),
             }
@@ -390,14 +390,14 @@ impl Task {
                             let (addr, timeout) = (*addr, *timeout);
                             *opening = Some(Box::pin(async_std::io::timeout(timeout, TcpStream::connect(addr))));
                         }
-                        StreamCommand::Write(bytes) => {
+                        StreamCommand::Data(bytes) => {
                             let failed = match conn {
                                 Some(c) => c.write_all(&bytes).await.is_err(),
                                 None => false,
                             };
                             if failed {
                                 *conn = None;
-                                self.driver.stream_closed(now());
+                                self.driver.handle_stream_closed(now());
                             }
                         }
                         StreamCommand::Close => {

@@ -170,7 +170,7 @@ async fn serve(
         while let Some(request) = broker.poll_auth() {
             let _ = requests.try_send(request);
         }
-        if broker.is_shut_down(now()) {
+        if broker.is_done(now()) {
             break;
         }
         let deadline = broker.poll_timeout();
@@ -233,8 +233,8 @@ async fn serve(
                     streams.closed(&mut broker, t, id);
                 }
             }
-            Wake::Conn(Some(FromConn::Bytes(id, data))) => broker.handle_stream_bytes(t, id, &data),
-            Wake::Conn(Some(FromConn::Wrote(id, n))) => broker.stream_written(id, n),
+            Wake::Conn(Some(FromConn::Bytes(id, data))) => broker.handle_stream_data(t, id, &data),
+            Wake::Conn(Some(FromConn::Wrote(id, n))) => broker.handle_stream_written(id, n),
             Wake::Conn(Some(FromConn::Gone(id))) => streams.closed(&mut broker, t, id),
             // No listener and no connection left: only QUIC and timers remain.
             Wake::Conn(None) => listening = false,

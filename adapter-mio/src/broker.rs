@@ -262,14 +262,14 @@ impl MioBroker {
             let mut closed = false;
             if event.is_writable() {
                 match conn.flush() {
-                    Some(n) => self.broker.stream_written(id, n),
+                    Some(n) => self.broker.handle_stream_written(id, n),
                     None => closed = true,
                 }
             }
             if !closed && event.is_readable() {
                 let broker = &mut self.broker;
                 closed = matches!(
-                    conn.read_all(&mut self.read_buf, |d| broker.handle_stream_bytes(t, id, d)),
+                    conn.read_all(&mut self.read_buf, |d| broker.handle_stream_data(t, id, d)),
                     ReadOutcome::Closed
                 );
             }
@@ -382,7 +382,7 @@ impl MioBroker {
     }
 
     /// Starts a graceful shutdown (see [`Broker::shutdown`]); keep driving until
-    /// [`MioBroker::is_shut_down`].
+    /// [`MioBroker::is_done`].
     pub fn shutdown(&mut self, registry: &Registry) {
         if let Some(l) = &mut self.listener {
             let _ = registry.deregister(l);
@@ -395,9 +395,9 @@ impl MioBroker {
 
     /// Whether a shutdown has finished: the broker is done and the TCP connections it closed
     /// have written their last bytes (DISCONNECT 0x8B) and drained, or the grace is over.
-    pub fn is_shut_down(&self) -> bool {
+    pub fn is_done(&self) -> bool {
         let t = now();
-        self.broker.is_shut_down(t) && (self.closing.is_empty() || self.shutdown_until.is_some_and(|until| t >= until))
+        self.broker.is_done(t) && (self.closing.is_empty() || self.shutdown_until.is_some_and(|until| t >= until))
     }
 }
 

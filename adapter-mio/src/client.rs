@@ -108,12 +108,12 @@ impl MioClient {
                 if *connecting && (event.is_writable() || event.is_error() || event.is_write_closed()) {
                     *connecting = false;
                     match conn.as_ref().map(|c| (c.stream.take_error(), c.stream.peer_addr())) {
-                        Some((Ok(None), Ok(_))) => self.driver.stream_opened(t),
+                        Some((Ok(None), Ok(_))) => self.driver.handle_stream_open(t),
                         Some((Ok(Some(e)) | Err(e), _)) | Some((_, Err(e))) => {
                             if let Some(mut c) = conn.take() {
                                 let _ = registry.deregister(&mut c.stream);
                             }
-                            self.driver.stream_failed(t, &e.to_string());
+                            self.driver.handle_stream_failed(t, &e.to_string());
                         }
                         None => {}
                     }
@@ -139,8 +139,7 @@ impl MioClient {
         match &mut self.io {
             Io::Quic(udp) => udp.recv_all(|from, data| driver.handle_datagram(t, Datagram::new(from, data))),
             Io::Stream { conn: Some(c), .. } => {
-                if let ReadOutcome::Closed = c.read_all(&mut self.read_buf, |data| driver.handle_stream_bytes(t, data))
-                {
+                if let ReadOutcome::Closed = c.read_all(&mut self.read_buf, |data| driver.handle_stream_data(t, data)) {
                     self.drop_stream(registry);
                 }
             }
@@ -153,7 +152,7 @@ impl MioClient {
             *connecting = false;
             if let Some(mut c) = conn.take() {
                 let _ = registry.deregister(&mut c.stream);
-                self.driver.stream_closed(now());
+                self.driver.handle_stream_closed(now());
             }
         }
     }
@@ -227,12 +226,12 @@ impl MioClient {
                                         *conn = Some(Conn::new(stream));
                                         *connecting = true;
                                     }
-                                    Err(e) => self.driver.stream_failed(now(), &e.to_string()),
+                                    Err(e) => self.driver.handle_stream_failed(now(), &e.to_string()),
                                 }
                             }
-                            Err(e) => self.driver.stream_failed(now(), &e.to_string()),
+                            Err(e) => self.driver.handle_stream_failed(now(), &e.to_string()),
                         },
-                        StreamCommand::Write(bytes) if conn.as_mut().is_some_and(|c| c.write(&bytes).is_none()) => {
+                        StreamCommand::Data(bytes) if conn.as_mut().is_some_and(|c| c.write(&bytes).is_none()) => {
                             self.drop_stream(registry);
                         }
                         StreamCommand::Close => {

@@ -49,7 +49,7 @@ impl Server {
                     shutting = true;
                     broker.shutdown(poll.registry());
                 }
-                if shutting && broker.is_shut_down() {
+                if shutting && broker.is_done() {
                     break;
                 }
                 let timeout = broker.timeout();

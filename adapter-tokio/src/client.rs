@@ -1,4 +1,4 @@
-//! The async client: a task owns the core's [`MqttClient`] machine and its socket; [`Client`]
+//! The async client: a task owns the core's [`MqttClient`](mqtt_quic_core::client::MqttClient) machine and its socket; [`Client`]
 //! is a cheap handle that sends it commands and awaits their acknowledgements.
 //!
 //! ```no_run
@@ -365,21 +365,21 @@ impl Driver {
                     if let Io::Stream { conn, .. } = &mut self.io {
                         *conn = None;
                     }
-                    self.driver.stream_closed(now);
+                    self.driver.handle_stream_closed(now);
                 }
                 Input::Bytes(Ok(_)) => {
                     if let Io::Stream { buf, .. } = &mut self.io {
                         let data = buf.split();
-                        self.driver.handle_stream_bytes(now, &data);
+                        self.driver.handle_stream_data(now, &data);
                     }
                 }
                 Input::Opened(Ok(stream)) => {
                     if let Io::Stream { conn, .. } = &mut self.io {
                         *conn = Some(tokio::io::split(stream));
                     }
-                    self.driver.stream_opened(now);
+                    self.driver.handle_stream_open(now);
                 }
-                Input::Opened(Err(e)) => self.driver.stream_failed(now, &e.to_string()),
+                Input::Opened(Err(e)) => self.driver.handle_stream_failed(now, &e.to_string()),
                 Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(now),
             }
@@ -420,14 +420,14 @@ impl Driver {
                 while let Some(cmd) = self.driver.poll_stream() {
                     match cmd {
                         StreamCommand::Open => *opening = Some(connector.open()),
-                        StreamCommand::Write(bytes) => {
+                        StreamCommand::Data(bytes) => {
                             let failed = match conn {
                                 Some((_, w)) => w.write_all(&bytes).await.is_err(),
                                 None => false,
                             };
                             if failed {
                                 *conn = None;
-                                self.driver.stream_closed(clock());
+                                self.driver.handle_stream_closed(clock());
                             }
                         }
                         StreamCommand::Close => {

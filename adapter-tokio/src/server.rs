@@ -346,7 +346,7 @@ async fn drive(
                 }
             }));
         }
-        if broker.is_shut_down(clock()) {
+        if broker.is_done(clock()) {
             break;
         }
         let deadline = broker.poll_timeout().map(tokio::time::Instant::from_std);
@@ -391,8 +391,8 @@ async fn drive(
                     table.closed(&mut broker, now, id);
                 }
             }
-            Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_bytes(now, id, &data),
-            Input::Stream(Some(StreamIn::Written(id, n))) => broker.stream_written(id, n),
+            Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_data(now, id, &data),
+            Input::Stream(Some(StreamIn::Written(id, n))) => broker.handle_stream_written(id, n),
             Input::Stream(Some(StreamIn::Closed(id))) => table.closed(&mut broker, now, id),
             // Only listeners hold senders: without them no stream input can come again.
             Input::Stream(None) => streams_open = false,

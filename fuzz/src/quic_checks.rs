@@ -143,12 +143,12 @@ pub fn broker(data: &[u8]) {
             broker.handle_auth_result(now, request.id(), verdict);
         }
         let slot = usize::from(*which % 4);
-        let id = *streams[slot].get_or_insert_with(|| broker.open_stream(now));
+        let id = *streams[slot].get_or_insert_with(|| broker.handle_stream_open(now, None));
         if *which >= 252 {
-            broker.stream_closed(now, id);
+            broker.handle_stream_closed(now, id);
             streams[slot] = None;
         } else {
-            broker.handle_stream_bytes(now, id, piece);
+            broker.handle_stream_data(now, id, piece);
         }
         while let Some((id, out)) = broker.poll_stream() {
             if matches!(out, mqtt_quic_core::broker::machine::StreamOutput::Close) {

@@ -5,7 +5,7 @@
 //!
 //! Over a byte stream the machine still decides when to connect: it asks for a stream with
 //! [`StreamCommand::Open`] (at [`MqttClient::start`] and after each reconnect delay), and the
-//! adapter answers with [`MqttClient::stream_opened`] or [`MqttClient::stream_closed`].
+//! adapter answers with [`MqttClient::handle_stream_open`] or [`MqttClient::handle_stream_closed`].
 
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
@@ -65,10 +65,10 @@ pub(crate) fn keep_quic_alive(quic: &mut ClientConfig, mqtt_keep_alive_secs: u16
 #[non_exhaustive]
 pub enum StreamCommand {
     /// Open a new connection to the broker; report the outcome with
-    /// [`MqttClient::stream_opened`] or [`MqttClient::stream_closed`].
+    /// [`MqttClient::handle_stream_open`] or [`MqttClient::handle_stream_closed`].
     Open,
     /// Write these bytes to the open connection.
-    Write(Bytes),
+    Data(Bytes),
     /// Close the connection after the bytes written before (the session is over on it).
     Close,
 }
@@ -259,8 +259,8 @@ impl MqttClient {
     }
 
     /// Over a byte stream: the connection asked for with [`StreamCommand::Open`] is up; CONNECT
-    /// follows as [`StreamCommand::Write`].
-    pub fn stream_opened(&mut self, now: Instant) {
+    /// follows as [`StreamCommand::Data`].
+    pub fn handle_stream_open(&mut self, now: Instant) {
         if let Link::Stream { open: true, .. } = self.link {
             let _ = self.session.connect(now);
             self.flush(now);
@@ -268,7 +268,7 @@ impl MqttClient {
     }
 
     /// Over a byte stream: bytes read from the connection.
-    pub fn handle_stream_bytes(&mut self, now: Instant, data: &[u8]) {
+    pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
         if let Link::Stream { open: true, .. } = self.link {
             self.session.handle_bytes(now, data);
             self.pump(now);
@@ -277,7 +277,7 @@ impl MqttClient {
 
     /// Over a byte stream: the connection closed, failed, or could not be opened. The machine
     /// reconnects later if its policy says so.
-    pub fn stream_closed(&mut self, now: Instant) {
+    pub fn handle_stream_closed(&mut self, now: Instant) {
         if let Link::Stream { open, .. } = &mut self.link {
             if std::mem::take(open) {
                 self.session.connection_lost(now);
@@ -294,7 +294,7 @@ impl MqttClient {
         match &mut self.link {
             Link::Stream { out, open } => out.pop_front().or_else(|| {
                 let bytes = if *open { self.session.poll_transmit() } else { None };
-                bytes.map(StreamCommand::Write)
+                bytes.map(StreamCommand::Data)
             }),
             Link::Quic { .. } => None,
         }
@@ -340,7 +340,7 @@ impl MqttClient {
                 Link::Quic { endpoint, conn: Some(conn), .. } => {
                     let _ = endpoint.send(now, *conn, bytes);
                 }
-                Link::Stream { open: true, out } => out.push_back(StreamCommand::Write(bytes)),
+                Link::Stream { open: true, out } => out.push_back(StreamCommand::Data(bytes)),
                 _ => {}
             }
         }

@@ -17,7 +17,7 @@
 //! let machine = MqttClient::over_stream(ClientSessionConfig::default(), None, 1)?;
 //! let mut driver: ClientDriver<u32> = ClientDriver::new(machine);
 //! driver.start(now);
-//! driver.stream_failed(now, "connection refused");
+//! driver.handle_stream_failed(now, "connection refused");
 //! assert!(matches!(driver.poll_connected(), Some(Err(_))));
 //! assert!(matches!(driver.state(), ConnectionState::Closed { .. }));
 //! # Ok::<(), mqtt_quic_core::config::ConfigError>(())
@@ -717,33 +717,34 @@ impl<T> ClientDriver<T> {
     }
 
     /// Over a byte stream: what to do next (see [`MqttClient::poll_stream`]).
+    #[must_use]
     pub fn poll_stream(&mut self) -> Option<StreamCommand> {
         self.machine.poll_stream()
     }
 
     /// Over a byte stream: the connection asked for is up.
-    pub fn stream_opened(&mut self, now: Instant) {
-        self.machine.stream_opened(now);
+    pub fn handle_stream_open(&mut self, now: Instant) {
+        self.machine.handle_stream_open(now);
         self.update(now);
     }
 
     /// Over a byte stream: bytes read.
-    pub fn handle_stream_bytes(&mut self, now: Instant, data: &[u8]) {
-        self.machine.handle_stream_bytes(now, data);
+    pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
+        self.machine.handle_stream_data(now, data);
         self.update(now);
     }
 
     /// Over a byte stream: the connection ended.
-    pub fn stream_closed(&mut self, now: Instant) {
-        self.machine.stream_closed(now);
+    pub fn handle_stream_closed(&mut self, now: Instant) {
+        self.machine.handle_stream_closed(now);
         self.update(now);
     }
 
     /// Over a byte stream: a connection could not be opened (or a write failed) for this
     /// reason; the first connection's failure is reported with it.
-    pub fn stream_failed(&mut self, now: Instant, reason: &str) {
+    pub fn handle_stream_failed(&mut self, now: Instant, reason: &str) {
         self.fail_first(now, DriverError::Unreachable(reason.to_string()));
-        self.stream_closed(now);
+        self.handle_stream_closed(now);
     }
 
     /// Advances timers.
@@ -753,12 +754,14 @@ impl<T> ClientDriver<T> {
     }
 
     /// When to call [`ClientDriver::handle_timeout`] next.
+    #[must_use]
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let linger = self.leaving.as_ref().map(|(_, t)| *t);
         [self.machine.poll_timeout(), linger].into_iter().flatten().min()
     }
 
     /// The first connection's outcome, once: the client id in force, or why it failed.
+    #[must_use]
     pub fn poll_connected(&mut self) -> Option<Result<String, DriverError>> {
         match std::mem::replace(&mut self.first, First::Reported) {
             First::Ready(r) => Some(r),
@@ -770,12 +773,14 @@ impl<T> ClientDriver<T> {
     }
 
     /// A command that finished, with the caller's token.
+    #[must_use]
     pub fn poll_completion(&mut self) -> Option<(T, Result<Outcome, DriverError>)> {
         self.done.pop_front()
     }
 
     /// The next message for the application, taken at once (not counted: for applications that
     /// take messages from the driver itself, such as an embedded mio client's loop).
+    #[must_use]
     pub fn poll_message(&mut self) -> Option<Publish> {
         self.inbox.pop_front()
     }
@@ -792,6 +797,7 @@ impl<T> ClientDriver<T> {
     }
 
     /// State changes, in order.
+    #[must_use]
     pub fn poll_state_change(&mut self) -> Option<ConnectionState> {
         self.changes.pop_front()
     }

@@ -48,10 +48,16 @@
 //! Every machine has the same shape: the datagram machines implement [`Machine`] (whose methods
 //! forward to inherent ones of the same names), and every poll is `#[must_use]`.
 //!
-//! - inputs are `handle_*` calls (`handle_datagram(now, Datagram)`,
-//!   `handle_timeout(now)`, and for byte streams the stream calls) and commands (`connect`,
-//!   `send`, `publish`, `subscribe`, ...);
-//! - outputs are polled until they return `None`.
+//! - inputs are `handle_*` calls: `handle_datagram(now, Datagram)`, `handle_timeout(now)`, and
+//!   for byte streams (TCP, TLS) one vocabulary on every machine that carries them:
+//!   `handle_stream_open`, `handle_stream_data`, `handle_stream_written` (the broker counts
+//!   what is still unwritten against a client), `handle_stream_closed`;
+//! - commands (`connect`, `send`, `publish`, `subscribe`, ...) return
+//!   `Result<_, `[`error::CommandError`]`>`, the one command error of the crate;
+//! - outputs are polled until they return `None`: `poll_transmit` (datagrams), `poll_timeout`,
+//!   `poll_event`, and `poll_stream` (byte-stream output);
+//! - `is_done()` says a machine has finished for good (session ended, client stopped, broker
+//!   shut down) and may be dropped.
 //!
 //! After **every** input or command, drain in this order:
 //!

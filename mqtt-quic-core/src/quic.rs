@@ -119,6 +119,7 @@ pub enum Event {
 /// A datagram to send: `buf[..size]` of the buffer given to [`QuicEndpoint::poll_transmit`],
 /// or, from [`QuicEndpoint::poll_transmit_batch`], several datagrams to one destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a transmit is a datagram to send: dropping it loses it"]
 pub struct Transmit {
     /// Where to.
     pub destination: SocketAddr,
@@ -586,6 +587,7 @@ impl QuicEndpoint {
     }
 
     /// The next instant [`QuicEndpoint::handle_timeout`] should be called, if any.
+    #[must_use]
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         self.timers.next()
     }
@@ -602,12 +604,14 @@ impl QuicEndpoint {
     }
 
     /// The next datagram to send, written into `buf` (which is cleared first).
+    #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         self.poll_transmit_batch(now, 1, buf)
     }
 
     /// Like [`QuicEndpoint::poll_transmit`], but up to `max_datagrams` datagrams of one
     /// connection at once, for a socket with GSO (see [`Transmit::segment_size`]).
+    #[must_use]
     pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
         if let Some((t, data)) = self.responses.pop_front() {
             buf.clear();
@@ -648,6 +652,7 @@ impl QuicEndpoint {
     }
 
     /// The next event, if any.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }

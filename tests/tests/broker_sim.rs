@@ -548,13 +548,13 @@ fn a_byte_stream_client_and_a_quic_client_share_the_broker() {
     // A "TCP" client: a client session whose bytes the test carries to and from the broker.
     let mut tcp = ClientSession::new(ClientSessionConfig { protocol: Protocol::V3_1_1, ..session("tcp-pub") }).unwrap();
     let now = w.sim.now();
-    let stream = w.broker().open_stream(now);
+    let stream = w.broker().handle_stream_open(now, None);
     tcp.connect(now).unwrap();
     let mut closed = false;
     let mut carry = |w: &mut World, tcp: &mut ClientSession| {
         let now = w.sim.now();
         while let Some(bytes) = tcp.poll_transmit() {
-            w.broker().handle_stream_bytes(now, stream, &bytes);
+            w.broker().handle_stream_data(now, stream, &bytes);
         }
         while let Some((id, out)) = w.broker().poll_stream() {
             assert_eq!(id, stream);
@@ -610,12 +610,12 @@ fn exchange_over_stream(
 ) -> (Vec<mqtt_proto::Packet>, bool) {
     use mqtt_quic_core::broker::machine::StreamOutput;
     let now = w.sim.now();
-    let stream = w.broker().open_stream(now);
+    let stream = w.broker().handle_stream_open(now, None);
     let mut bytes = bytes::BytesMut::new();
     for p in packets {
         p.encode(protocol, &mut bytes).unwrap();
     }
-    w.broker().handle_stream_bytes(now, stream, &bytes);
+    w.broker().handle_stream_data(now, stream, &bytes);
     let mut answer = bytes::BytesMut::new();
     let mut closed = false;
     while let Some((id, out)) = w.broker().poll_stream() {

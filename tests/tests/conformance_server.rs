@@ -63,13 +63,13 @@ impl Bench {
     }
 
     fn open(&mut self) -> StreamId {
-        let id = self.broker.open_stream(self.now);
+        let id = self.broker.handle_stream_open(self.now, None);
         self.wires.insert(id, Wire::default());
         id
     }
 
     fn send_bytes(&mut self, id: StreamId, bytes: &[u8]) {
-        self.broker.handle_stream_bytes(self.now, id, bytes);
+        self.broker.handle_stream_data(self.now, id, bytes);
         self.collect();
     }
 
@@ -87,7 +87,7 @@ impl Bench {
             let wire = self.wires.get_mut(&id).expect("a stream the test opened");
             match out {
                 StreamOutput::Data(bytes) => {
-                    self.broker.stream_written(id, bytes.len());
+                    self.broker.handle_stream_written(id, bytes.len());
                     wire.buf.extend_from_slice(&bytes);
                 }
                 StreamOutput::Close | StreamOutput::Abort => wire.closed = true,
@@ -113,7 +113,7 @@ impl Bench {
 
     /// The transport of `id` went away without a DISCONNECT.
     fn drop_stream(&mut self, id: StreamId) {
-        self.broker.stream_closed(self.now, id);
+        self.broker.handle_stream_closed(self.now, id);
         self.collect();
     }
 
@@ -922,13 +922,13 @@ fn a_311_persistent_session_expires_at_the_broker_maximum() {
     let mut c = Connect::new(Protocol::V3_1_1, MqttString::try_from("old").unwrap());
     c.clean_start = false;
     // Raw broker calls: the bench decodes what it reads as MQTT 5.
-    let id = b.broker.open_stream(b.now);
+    let id = b.broker.handle_stream_open(b.now, None);
     let mut bytes = BytesMut::new();
     Packet::from(c).encode(Protocol::V3_1_1, &mut bytes).unwrap();
-    b.broker.handle_stream_bytes(b.now, id, &bytes);
+    b.broker.handle_stream_data(b.now, id, &bytes);
     let connack = b.broker.poll_stream();
     assert_eq!(connack, Some((id, StreamOutput::Data(Bytes::from_static(&[0x20, 2, 0, 0])))));
-    b.broker.stream_closed(b.now, id);
+    b.broker.handle_stream_closed(b.now, id);
     assert!(b.broker.has_session("old"));
     b.now += std::time::Duration::from_secs(11);
     mqtt_quic_core::Machine::handle_timeout(&mut b.broker, b.now);
@@ -1137,13 +1137,13 @@ fn abandoned_password_checks_still_count() {
         c.max_pending_auth = 1;
     });
     let from: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
-    let guess = b.broker.open_stream_from(b.now, from);
+    let guess = b.broker.handle_stream_open(b.now, Some(from));
     b.wires.insert(guess, Wire::default());
     b.send(guess, [login("g", "u", "wrong").into()]);
     let request = b.broker.poll_auth().expect("a check handed out");
     b.drop_stream(guess);
     // The slot is still taken: another client is told the server is busy.
-    let other = b.broker.open_stream_from(b.now, "198.51.100.1:1".parse().unwrap());
+    let other = b.broker.handle_stream_open(b.now, Some("198.51.100.1:1".parse().unwrap()));
     b.wires.insert(other, Wire::default());
     b.send(other, [login("o", "u", "pw").into()]);
     let Packet::ConnAck(busy) = &b.take(other)[0] else { panic!("no CONNACK") };
@@ -1151,7 +1151,7 @@ fn abandoned_password_checks_still_count() {
     let verdict = request.verify();
     b.broker.handle_auth_result(b.now, request.id(), verdict);
     // The failure counted for the address that left: its next CONNECT is refused unchecked.
-    let again = b.broker.open_stream_from(b.now, from);
+    let again = b.broker.handle_stream_open(b.now, Some(from));
     b.wires.insert(again, Wire::default());
     b.send(again, [login("g", "u", "pw").into()]);
     let Packet::ConnAck(limited) = &b.take(again)[0] else { panic!("no CONNACK") };

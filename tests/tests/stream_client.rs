@@ -48,17 +48,17 @@ impl Pipes {
                     match cmd {
                         StreamCommand::Open => {
                             self.opens += 1;
-                            *stream = Some(self.broker.open_stream(self.now));
-                            client.stream_opened(self.now);
+                            *stream = Some(self.broker.handle_stream_open(self.now, None));
+                            client.handle_stream_open(self.now);
                         }
-                        StreamCommand::Write(bytes) => {
+                        StreamCommand::Data(bytes) => {
                             if let Some(id) = *stream {
-                                self.broker.handle_stream_bytes(self.now, id, &bytes);
+                                self.broker.handle_stream_data(self.now, id, &bytes);
                             }
                         }
                         StreamCommand::Close => {
                             if let Some(id) = stream.take() {
-                                self.broker.stream_closed(self.now, id);
+                                self.broker.handle_stream_closed(self.now, id);
                             }
                         }
                         other => panic!("unexpected {other:?}"),
@@ -75,14 +75,14 @@ impl Pipes {
                     }
                 }
                 if let StreamOutput::Data(bytes) = &out {
-                    self.broker.stream_written(id, bytes.len());
+                    self.broker.handle_stream_written(id, bytes.len());
                 }
                 let Some((client, stream, _)) = self.clients.iter_mut().find(|c| c.1 == Some(id)) else { continue };
                 match out {
-                    StreamOutput::Data(bytes) => client.handle_stream_bytes(self.now, &bytes),
+                    StreamOutput::Data(bytes) => client.handle_stream_data(self.now, &bytes),
                     StreamOutput::Close | StreamOutput::Abort => {
                         *stream = None;
-                        client.stream_closed(self.now);
+                        client.handle_stream_closed(self.now);
                     }
                     other => panic!("unexpected {other:?}"),
                 }
@@ -135,8 +135,8 @@ fn publish_and_receive_over_streams_then_reconnect_after_loss() {
     // for a new one after its backoff and connects again.
     let id = p.clients[0].1.take().unwrap();
     let now = p.now;
-    p.broker.stream_closed(now, id);
-    p.clients[0].0.stream_closed(now);
+    p.broker.handle_stream_closed(now, id);
+    p.clients[0].0.handle_stream_closed(now);
     assert!(!p.clients[0].0.is_connected());
     p.run_until(|p| p.clients[0].0.is_connected());
     assert_eq!(p.opens, 3);
@@ -159,7 +159,7 @@ fn a_failed_open_is_retried_with_backoff() {
     p.clients[0].0.start(start).unwrap();
     // The adapter could not connect (refused): it says so, and the machine asks again later.
     assert_eq!(p.clients[0].0.poll_stream(), Some(StreamCommand::Open));
-    p.clients[0].0.stream_closed(start);
+    p.clients[0].0.handle_stream_closed(start);
     assert_eq!(p.clients[0].0.poll_stream(), None);
     let retry = p.clients[0].0.poll_timeout().expect("a reconnect deadline");
     assert!(retry > start && retry <= start + Duration::from_millis(100));
@@ -179,7 +179,7 @@ fn shutdown_tells_clients_and_closes_every_stream() {
     p.broker.shutdown(now, Duration::from_secs(1));
     p.run(Duration::ZERO);
     assert_eq!(p.broker.connections(), 0);
-    assert!(p.broker.is_shut_down(p.now));
+    assert!(p.broker.is_done(p.now));
     for (_, stream, events) in &p.clients {
         assert!(stream.is_none(), "stream left open");
         assert!(events.iter().any(|e| matches!(

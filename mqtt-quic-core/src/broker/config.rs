@@ -75,7 +75,7 @@ pub struct BrokerConfig {
     /// reading slower than it is sent to cannot make the broker hold an unbounded backlog. QoS 1
     /// and 2 messages are bounded by the session's in-flight window instead; a client whose
     /// backlog still reaches four times this is disconnected. For byte streams the adapter
-    /// reports what it has written with [`Broker::stream_written`](super::machine::Broker::stream_written).
+    /// reports what it has written with [`Broker::handle_stream_written`](super::machine::Broker::handle_stream_written).
     pub max_queued_bytes: usize,
 }
 

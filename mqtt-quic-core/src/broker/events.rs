@@ -104,6 +104,7 @@ impl Broker {
     }
 
     /// The next event for the embedding application.
+    #[must_use]
     pub fn poll_event(&mut self) -> Option<BrokerEvent> {
         self.events.pop_front()
     }

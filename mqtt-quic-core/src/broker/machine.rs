@@ -134,7 +134,7 @@ impl Broker {
 
     /// Ends every connection for a server shutdown: MQTT 5 clients get DISCONNECT with Server
     /// shutting down (0x8B), then each stream is finished (QUIC) or closed (byte streams). The
-    /// adapter keeps driving until [`Broker::is_shut_down`], which waits for the QUIC
+    /// adapter keeps driving until [`Broker::is_done`], which waits for the QUIC
     /// connections to deliver their last bytes and close, for at most `grace`.
     pub fn shutdown(&mut self, now: Instant, grace: Duration) {
         self.tick(now);
@@ -155,31 +155,28 @@ impl Broker {
     }
 
     /// After [`Broker::shutdown`]: whether every connection has closed or the grace is over.
-    pub fn is_shut_down(&self, now: Instant) -> bool {
+    pub fn is_done(&self, now: Instant) -> bool {
         self.closing_until
             .is_some_and(|t| now >= t || (self.conns.is_empty() && self.links.quic.connection_count() == 0))
     }
 
-    /// A byte-stream connection (TCP, TLS) was accepted by the adapter: the broker expects
-    /// CONNECT on it within the connect timeout.
-    pub fn open_stream(&mut self, now: Instant) -> StreamId {
+    /// A byte-stream connection (TCP, TLS) was accepted by the adapter, from `remote` when
+    /// known (failed logins are then limited per address, see
+    /// [`BrokerConfig::max_auth_failures`], as they are for QUIC): the broker numbers it and
+    /// expects CONNECT on it within the connect timeout.
+    pub fn handle_stream_open(&mut self, now: Instant, remote: Option<SocketAddr>) -> StreamId {
         self.tick(now);
         let id = self.links.open_stream();
+        if let Some(remote) = remote {
+            self.links.set_remote(id, remote);
+        }
         self.live(now, Peer::Stream(id));
         self.rearm(Peer::Stream(id));
         id
     }
 
-    /// [`Broker::open_stream`] for a connection from `remote`: failed logins are then limited
-    /// per address (see [`BrokerConfig::max_auth_failures`]), as they are for QUIC.
-    pub fn open_stream_from(&mut self, now: Instant, remote: SocketAddr) -> StreamId {
-        let id = self.open_stream(now);
-        self.links.set_remote(id, remote);
-        id
-    }
-
     /// Bytes read from a byte-stream connection.
-    pub fn handle_stream_bytes(&mut self, now: Instant, id: StreamId, data: &[u8]) {
+    pub fn handle_stream_data(&mut self, now: Instant, id: StreamId, data: &[u8]) {
         self.tick(now);
         if self.conns.contains_key(&Peer::Stream(id)) {
             self.received(now, Peer::Stream(id), data);
@@ -188,7 +185,7 @@ impl Broker {
     }
 
     /// The byte-stream connection closed (or failed).
-    pub fn stream_closed(&mut self, now: Instant, id: StreamId) {
+    pub fn handle_stream_closed(&mut self, now: Instant, id: StreamId) {
         if let Some(live) = self.conns.get_mut(&Peer::Stream(id)) {
             live.detail.get_or_insert_with(|| "the connection closed".into());
         }
@@ -198,13 +195,14 @@ impl Broker {
     }
 
     /// Output for byte-stream connections: bytes to write, or the signal to close.
+    #[must_use]
     pub fn poll_stream(&mut self) -> Option<(StreamId, StreamOutput)> {
         self.links.poll_stream()
     }
 
     /// The adapter wrote `bytes` of a byte stream's output to its socket: they no longer count
     /// against the client's backlog (see [`BrokerConfig::max_queued_bytes`]).
-    pub fn stream_written(&mut self, id: StreamId, bytes: usize) {
+    pub fn handle_stream_written(&mut self, id: StreamId, bytes: usize) {
         self.links.stream_written(id, bytes);
     }
 
@@ -358,7 +356,7 @@ impl Broker {
         }
         let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
         let out: Vec<Bytes> = std::iter::from_fn(|| live.session.poll_transmit()).collect();
-        let ended = live.session.is_ended();
+        let ended = live.session.is_done();
         for bytes in out {
             self.stats.bytes_sent += bytes.len() as u64;
             self.send(now, conn, bytes);
@@ -603,7 +601,7 @@ impl Broker {
     }
 }
 
-/// The [`Machine`] interface, as inherent methods (the trait forwards to them).
+/// The [`Machine`](crate::Machine) interface, as inherent methods (the trait forwards to them).
 impl Broker {
     /// Feeds one received UDP datagram.
     pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {

@@ -7,7 +7,7 @@
 //! after every input calls [`StreamTable::route`], which drains [`Broker::poll_stream`] into the
 //! writers, then takes the broker's events with [`StreamTable::poll_event`] (lifecycle lines
 //! named with each connection's transport, in-process messages; see
-//! [`lifecycle`](super::lifecycle)).
+//! the `lifecycle` module).
 
 use crate::broker::lifecycle::{self, Handling};
 use crate::broker::machine::{Broker, Peer, StreamId, StreamOutput};
@@ -21,7 +21,7 @@ use std::time::Instant;
 #[non_exhaustive]
 pub enum Delivery {
     /// Queued for the connection's writer, which reports what it writes itself (see
-    /// [`Broker::stream_written`]).
+    /// [`Broker::handle_stream_written`]).
     Queued,
     /// This many bytes went to the socket now (the rest waits in the writer): the table reports
     /// them to the broker.
@@ -79,7 +79,7 @@ impl<W> StreamTable<W> {
         transport: &'static str,
         writer: W,
     ) -> StreamId {
-        let id = broker.open_stream_from(now, remote);
+        let id = broker.handle_stream_open(now, Some(remote));
         self.writers.insert(id, writer);
         self.transports.insert(id, transport);
         id
@@ -89,7 +89,7 @@ impl<W> StreamTable<W> {
     /// forgets its writer and the broker learns (ending the session if it was live).
     pub fn closed(&mut self, broker: &mut Broker, now: Instant, id: StreamId) {
         self.writers.remove(&id);
-        broker.stream_closed(now, id);
+        broker.handle_stream_closed(now, id);
         self.ended.push(id);
     }
 
@@ -136,7 +136,7 @@ impl<W> StreamTable<W> {
                     let Some(writer) = self.writers.get_mut(&id) else { continue };
                     match writer.data(io, bytes) {
                         Delivery::Queued => {}
-                        Delivery::Written(n) => broker.stream_written(id, n),
+                        Delivery::Written(n) => broker.handle_stream_written(id, n),
                         Delivery::Gone => drop(self.writers.remove(&id)),
                         Delivery::Failed => self.closed(broker, now, id),
                     }
@@ -160,6 +160,7 @@ impl<W> StreamTable<W> {
     /// lines name each connection's transport; in-process messages are for the embedding
     /// application. Call until `None` after every [`StreamTable::route`]; once drained, the
     /// transports of connections that ended are forgotten.
+    #[must_use]
     pub fn poll_event(&mut self, broker: &mut Broker) -> Option<Handling> {
         loop {
             let Some(event) = broker.poll_event() else {

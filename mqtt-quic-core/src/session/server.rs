@@ -221,7 +221,7 @@ impl ServerSession {
     }
 
     /// Whether the session has ended (the transport should be closed once drained).
-    pub fn is_ended(&self) -> bool {
+    pub fn is_done(&self) -> bool {
         self.state == State::Ended
     }
 

@@ -176,7 +176,7 @@ fn unsupported_version_gets_the_refusal_its_client_can_read() {
         while let Some(b) = h.session.poll_transmit() {
             buf.extend_from_slice(&b);
         }
-        assert!(h.session.is_ended());
+        assert!(h.session.is_done());
         buf.to_vec()
     };
     // An older client reads a 3.1.1 CONNACK: return code 1, unacceptable protocol version.
@@ -195,7 +195,7 @@ fn a_will_with_a_wildcard_topic_is_refused_with_0x90() {
     bytes[1] = (bytes.len() - 2) as u8;
     h.session.handle_bytes(h.now, &bytes);
     assert_eq!(h.sent(), [ConnAck { reason_code: ReasonCode::TopicNameInvalid, ..Default::default() }.into()]);
-    assert!(h.session.is_ended());
+    assert!(h.session.is_done());
 }
 
 #[test]
@@ -518,7 +518,7 @@ fn messages_too_large_for_the_returning_client_are_dropped_as_delivered() {
     let delivered: Vec<_> = h.events().into_iter().filter(|e| matches!(e, ServerEvent::Delivered { .. })).collect();
     assert_eq!(delivered.len(), 2, "{delivered:?}");
     assert!(delivered.contains(&ServerEvent::Delivered { id: in_flight }));
-    assert!(!h.session.is_ended());
+    assert!(!h.session.is_done());
 }
 
 /// [MQTT-3.1.2-24]: a CONNACK that cannot fit the client's Maximum Packet Size is not sent;
@@ -545,7 +545,7 @@ fn connack_never_exceeds_the_client_maximum_packet_size() {
             h.events()[..],
             [ServerEvent::Ended { reason: EndReason::ProtocolViolation(ReasonCode::PacketTooLarge), .. }]
         ));
-        assert!(h.session.is_ended());
+        assert!(h.session.is_done());
     }
 }
 
@@ -600,7 +600,7 @@ fn authentication_data_without_a_method_is_refused() {
     let mut h = H::new(ServerSessionConfig::default());
     h.feed(c.into());
     assert!(h.sent().is_empty());
-    assert!(h.session.is_ended());
+    assert!(h.session.is_done());
 }
 
 /// [MQTT-3.3.4-6]: a PUBLISH from a client carrying a Subscription Identifier is a
@@ -613,7 +613,7 @@ fn a_client_publish_with_a_subscription_identifier_is_a_protocol_error() {
     h.feed(p.into());
     assert_eq!(h.sent(), [Packet::Disconnect(Disconnect::new(ReasonCode::ProtocolError))]);
     assert!(!h.events().iter().any(|e| matches!(e, ServerEvent::Publish(_))));
-    assert!(h.session.is_ended());
+    assert!(h.session.is_done());
 }
 
 #[test]
@@ -699,7 +699,7 @@ fn takeover_disconnects_with_0x8e() {
     let mut h = H::v5();
     h.session.disconnect(ReasonCode::SessionTakenOver).unwrap();
     assert_eq!(h.sent(), [Disconnect::new(ReasonCode::SessionTakenOver).into()]);
-    assert!(h.session.is_ended());
+    assert!(h.session.is_done());
 }
 
 #[test]
