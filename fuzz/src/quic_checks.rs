@@ -224,7 +224,7 @@ const BROKER_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 14567);
 pub fn broker_quic(data: &[u8]) {
     use arbitrary::{Arbitrary, Unstructured};
     use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter, TopicName};
-    use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
+    use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig};
     use mqtt_quic_core::config::ClientConfig;
     use mqtt_quic_core::tls::ClientTls;
     use std::collections::VecDeque;
@@ -242,7 +242,7 @@ pub fn broker_quic(data: &[u8]) {
     let mut now = Instant::now();
     let broker_addr = SocketAddr::from(BROKER_ADDR);
     let client_addr = |i: usize| SocketAddr::from(([10, 0, 1, i as u8], 50_000));
-    let mut clients: Vec<MqttClient> = (0..CLIENTS)
+    let mut clients: Vec<ClientMachine> = (0..CLIENTS)
         .map(|i| {
             let mut quic = ClientConfig::new(ClientTls::insecure());
             quic.seed = i as u64;
@@ -260,8 +260,8 @@ pub fn broker_quic(data: &[u8]) {
                 ..Default::default()
             };
             let config =
-                MqttClientConfig { quic, session, server: broker_addr, server_name: "fuzz".into(), reconnect: None };
-            let mut client = MqttClient::new(config).expect("valid config");
+                ClientMachineConfig { quic, session, server: broker_addr, server_name: "fuzz".into(), reconnect: None };
+            let mut client = ClientMachine::new(config).expect("valid config");
             client.start(now).expect("connects");
             client
         })
@@ -289,7 +289,7 @@ pub fn broker_quic(data: &[u8]) {
         let waited = matches!(step, NetStep::Wait(_));
         // Collect what everyone wants to send.
         let mut pump = |broker: &mut Broker,
-                        clients: &mut [MqttClient],
+                        clients: &mut [ClientMachine],
                         to_broker: &mut VecDeque<(usize, Vec<u8>)>,
                         to_client: &mut [VecDeque<Vec<u8>>; CLIENTS],
                         now: Instant| {
@@ -312,7 +312,7 @@ pub fn broker_quic(data: &[u8]) {
         };
         pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
         let deliver = |broker: &mut Broker,
-                       clients: &mut [MqttClient],
+                       clients: &mut [ClientMachine],
                        to_broker: bool,
                        which: u8,
                        data: Vec<u8>,

@@ -13,7 +13,7 @@
 
 use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
-use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
+use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
@@ -26,7 +26,7 @@ const WINDOW: usize = 64;
 
 struct Net {
     broker: Broker,
-    clients: Vec<MqttClient>,
+    clients: Vec<ClientMachine>,
     addrs: Vec<SocketAddr>,
     broker_addr: SocketAddr,
     now: Instant,
@@ -101,20 +101,20 @@ fn main() {
             let mut qc = ClientConfig::new(ClientTls::insecure());
             qc.seed = i as u64 + 1;
             let session = ClientSessionConfig { client_id: (*id).into(), ..Default::default() };
-            let config = MqttClientConfig {
+            let config = ClientMachineConfig {
                 quic: qc,
                 session,
                 server: broker_addr,
                 server_name: "broker.test".into(),
                 reconnect: None,
             };
-            let mut c = MqttClient::new(config).expect("client");
+            let mut c = ClientMachine::new(config).expect("client");
             c.start(now).expect("start");
             c
         })
         .collect();
     let mut net = Net { broker, clients, addrs, broker_addr, now, buf: Vec::new(), received: 0, published: 0 };
-    while !net.clients.iter().all(MqttClient::is_connected) {
+    while !net.clients.iter().all(ClientMachine::is_connected) {
         net.exchange();
         net.tick();
     }

@@ -4,8 +4,8 @@
 //! commands.
 //!
 //! Over a byte stream the machine still decides when to connect: it asks for a stream with
-//! [`StreamCommand::Open`] (at [`MqttClient::start`] and after each reconnect delay), and the
-//! adapter answers with [`MqttClient::handle_stream_open`] or [`MqttClient::handle_stream_closed`].
+//! [`StreamCommand::Open`] (at [`ClientMachine::start`] and after each reconnect delay), and the
+//! adapter answers with [`ClientMachine::handle_stream_open`] or [`ClientMachine::handle_stream_closed`].
 
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
@@ -37,7 +37,7 @@ impl Default for ReconnectPolicy {
 
 /// Settings of a client machine over QUIC.
 #[derive(Debug, Clone)]
-pub struct MqttClientConfig {
+pub struct ClientMachineConfig {
     /// QUIC and TLS.
     pub quic: ClientConfig,
     /// MQTT session.
@@ -60,12 +60,12 @@ pub(crate) fn keep_quic_alive(quic: &mut ClientConfig, mqtt_keep_alive_secs: u16
     }
 }
 
-/// What a client over a byte stream asks of its adapter, from [`MqttClient::poll_stream`].
+/// What a client over a byte stream asks of its adapter, from [`ClientMachine::poll_stream`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StreamCommand {
     /// Open a new connection to the broker; report the outcome with
-    /// [`MqttClient::handle_stream_open`] or [`MqttClient::handle_stream_closed`].
+    /// [`ClientMachine::handle_stream_open`] or [`ClientMachine::handle_stream_closed`].
     Open,
     /// Write these bytes to the open connection.
     Data(Bytes),
@@ -91,7 +91,7 @@ enum Link {
 }
 
 /// A client machine: a [`ClientSession`] over QUIC or a byte stream, reconnecting by itself.
-pub struct MqttClient {
+pub struct ClientMachine {
     link: Link,
     session: ClientSession,
     reconnect: Option<ReconnectPolicy>,
@@ -101,9 +101,9 @@ pub struct MqttClient {
     events: VecDeque<ClientEvent>,
 }
 
-impl MqttClient {
+impl ClientMachine {
     /// A machine over QUIC, not yet connected.
-    pub fn new(mut config: MqttClientConfig) -> Result<MqttClient, ConfigError> {
+    pub fn new(mut config: ClientMachineConfig) -> Result<ClientMachine, ConfigError> {
         keep_quic_alive(&mut config.quic, config.session.keep_alive);
         let link = Link::Quic {
             endpoint: Box::new(QuicEndpoint::client(&config.quic)?),
@@ -112,7 +112,7 @@ impl MqttClient {
             server: config.server,
             server_name: config.server_name,
         };
-        MqttClient::with_link(link, config.session, config.reconnect, config.quic.seed)
+        ClientMachine::with_link(link, config.session, config.reconnect, config.quic.seed)
     }
 
     /// A machine over a byte stream (TCP, TLS over TCP) that the adapter opens when asked
@@ -121,8 +121,8 @@ impl MqttClient {
         session: ClientSessionConfig,
         reconnect: Option<ReconnectPolicy>,
         seed: u64,
-    ) -> Result<MqttClient, ConfigError> {
-        MqttClient::with_link(Link::Stream { open: false, out: VecDeque::new() }, session, reconnect, seed)
+    ) -> Result<ClientMachine, ConfigError> {
+        ClientMachine::with_link(Link::Stream { open: false, out: VecDeque::new() }, session, reconnect, seed)
     }
 
     fn with_link(
@@ -130,9 +130,9 @@ impl MqttClient {
         session: ClientSessionConfig,
         reconnect: Option<ReconnectPolicy>,
         seed: u64,
-    ) -> Result<MqttClient, ConfigError> {
+    ) -> Result<ClientMachine, ConfigError> {
         let policy = reconnect.unwrap_or_default();
-        Ok(MqttClient {
+        Ok(ClientMachine {
             link,
             session: ClientSession::new(session)?,
             reconnect,
@@ -174,7 +174,7 @@ impl MqttClient {
         self.session.is_connected()
     }
 
-    /// Whether the machine has given up for good (after [`MqttClient::disconnect`], or a lost
+    /// Whether the machine has given up for good (after [`ClientMachine::disconnect`], or a lost
     /// connection without a reconnect policy) and has no connection left: over QUIC, the last
     /// one has also delivered its final bytes (DISCONNECT, FIN) and closed, so an adapter that
     /// keeps driving until this is true does not cut off a clean disconnect.
@@ -327,7 +327,7 @@ impl MqttClient {
     }
 
     /// Moves the session's bytes to the transport. Over a byte stream they stay in the session
-    /// until the adapter asks ([`MqttClient::poll_stream`]), so that everything written between
+    /// until the adapter asks ([`ClientMachine::poll_stream`]), so that everything written between
     /// two of its turns leaves in one write; `force` queues them now (before a Close).
     fn drain_session_bytes(&mut self, now: Instant, force: bool) -> bool {
         if let (Link::Stream { .. }, false) = (&self.link, force) {
@@ -420,7 +420,7 @@ impl MqttClient {
 }
 
 /// The [`Machine`](crate::Machine) interface, as inherent methods (the trait forwards to them).
-impl MqttClient {
+impl ClientMachine {
     /// Feeds one received UDP datagram (see [`Machine::handle_datagram`](crate::Machine::handle_datagram)).
     pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
         if let Link::Quic { endpoint, .. } = &mut self.link {
@@ -467,4 +467,4 @@ impl MqttClient {
     }
 }
 
-crate::machine::forward_machine!(MqttClient);
+crate::machine::forward_machine!(ClientMachine);

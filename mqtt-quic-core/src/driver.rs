@@ -2,19 +2,19 @@
 //! acknowledgements to the callers waiting for them, the connection state users see, the first
 //! connection's outcome, the messages waiting for the application, and a clean disconnect.
 //!
-//! [`ClientDriver`] wraps a [`MqttClient`]. An adapter feeds it socket input and time like the
+//! [`ClientDriver`] wraps a [`ClientMachine`]. An adapter feeds it socket input and time like the
 //! machine itself, hands it commands tagged with a token of its choice (a oneshot sender, a
 //! request number), and polls completions, messages and state changes back out. The tokio,
 //! async-std and mio adapters differ only in how they wait and how they deliver those.
 //!
 //! ```
-//! use mqtt_quic_core::client::MqttClient;
+//! use mqtt_quic_core::client::ClientMachine;
 //! use mqtt_quic_core::driver::{ClientDriver, ConnectionState};
 //! use mqtt_quic_core::session::client::ClientSessionConfig;
 //! # #[allow(clippy::disallowed_methods)]
 //! let now = std::time::Instant::now();
 //! // Over a byte stream nobody opens, for the example: the first attempt fails.
-//! let machine = MqttClient::over_stream(ClientSessionConfig::default(), None, 1)?;
+//! let machine = ClientMachine::over_stream(ClientSessionConfig::default(), None, 1)?;
 //! let mut driver: ClientDriver<u32> = ClientDriver::new(machine);
 //! driver.start(now);
 //! driver.handle_stream_failed(now, "connection refused");
@@ -23,7 +23,7 @@
 //! # Ok::<(), mqtt_quic_core::config::ConfigError>(())
 //! ```
 
-use crate::client::{MqttClient, MqttClientConfig, ReconnectPolicy, StreamCommand};
+use crate::client::{ClientMachine, ClientMachineConfig, ReconnectPolicy, StreamCommand};
 use crate::config::{ClientConfig, ConfigError, TransportSettings};
 use crate::machine::Datagram;
 use crate::quic::Transmit;
@@ -114,7 +114,7 @@ impl ClientOptions {
     /// stream the adapter carries otherwise (with TLS for `mqtts://`: see
     /// [`ClientOptions::stream_tls`]). `secret` (32 bytes from the operating system's random
     /// source) keys the QUIC endpoint and drives connection ids and backoff jitter.
-    pub fn machine(&self, url: &BrokerUrl, server: SocketAddr, secret: [u8; 32]) -> Result<MqttClient, ConfigError> {
+    pub fn machine(&self, url: &BrokerUrl, server: SocketAddr, secret: [u8; 32]) -> Result<ClientMachine, ConfigError> {
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&secret[..8]);
         let seed = u64::from_le_bytes(seed);
@@ -125,7 +125,7 @@ impl ClientOptions {
                 quic.zero_rtt = self.zero_rtt;
                 quic.seed = seed;
                 quic.secret = Some(crate::config::Secret::new(secret));
-                MqttClient::new(MqttClientConfig {
+                ClientMachine::new(ClientMachineConfig {
                     quic,
                     session: self.session.clone(),
                     server,
@@ -133,7 +133,7 @@ impl ClientOptions {
                     reconnect: self.reconnect,
                 })
             }
-            Transport::Tcp | Transport::Tls => MqttClient::over_stream(self.session.clone(), self.reconnect, seed),
+            Transport::Tcp | Transport::Tls => ClientMachine::over_stream(self.session.clone(), self.reconnect, seed),
         }
     }
 
@@ -563,7 +563,7 @@ enum First {
 /// A client machine with its callers' bookkeeping. `T` is the adapter's token for a waiting
 /// caller. See the module docs.
 pub struct ClientDriver<T> {
-    machine: MqttClient,
+    machine: ClientMachine,
     waiting: BTreeMap<RequestId, T>,
     done: VecDeque<(T, Result<Outcome, DriverError>)>,
     inbox: VecDeque<Publish>,
@@ -578,7 +578,7 @@ pub struct ClientDriver<T> {
 
 impl<T> ClientDriver<T> {
     /// Wraps a machine that has not been started.
-    pub fn new(machine: MqttClient) -> ClientDriver<T> {
+    pub fn new(machine: ClientMachine) -> ClientDriver<T> {
         ClientDriver {
             machine,
             waiting: BTreeMap::new(),
@@ -631,12 +631,12 @@ impl<T> ClientDriver<T> {
     }
 
     /// The machine, for inspection.
-    pub fn machine(&self) -> &MqttClient {
+    pub fn machine(&self) -> &ClientMachine {
         &self.machine
     }
 
     /// Publishes; completes with [`Outcome::Done`] when acknowledged (see
-    /// [`MqttClient::publish`]).
+    /// [`ClientMachine::publish`]).
     pub fn publish(&mut self, now: Instant, publish: Publish, token: T) {
         let r = self.machine.publish(now, publish);
         self.track(r, token);
@@ -716,7 +716,7 @@ impl<T> ClientDriver<T> {
         t
     }
 
-    /// Over a byte stream: what to do next (see [`MqttClient::poll_stream`]).
+    /// Over a byte stream: what to do next (see [`ClientMachine::poll_stream`]).
     #[must_use]
     pub fn poll_stream(&mut self) -> Option<StreamCommand> {
         self.machine.poll_stream()

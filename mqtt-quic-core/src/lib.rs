@@ -24,7 +24,7 @@
 //!        StreamOutput (TCP / TLS, from Broker::poll_stream) ◄────────────┘
 //! ```
 //!
-//! A client is the same picture with one session: [`client::MqttClient`] owns a
+//! A client is the same picture with one session: [`client::ClientMachine`] owns a
 //! [`session::client::ClientSession`] and either a [`quic::QuicEndpoint`] or a byte stream the
 //! adapter carries.
 //!
@@ -33,14 +33,14 @@
 //! | you want | drive | it gives you |
 //! |---|---|---|
 //! | a broker | [`broker::machine::Broker`] | datagrams, stream output, [`broker::machine::BrokerEvent`]s, password checks |
-//! | one MQTT client that reconnects by itself, over QUIC or a stream you carry | [`client::MqttClient`] | datagrams or [`client::StreamCommand`]s, [`session::client::ClientEvent`]s |
+//! | one MQTT client that reconnects by itself, over QUIC or a stream you carry | [`client::ClientMachine`] | datagrams or [`client::StreamCommand`]s, [`session::client::ClientEvent`]s |
 //! | the same, with each request's result routed to whoever waits for it (what the adapters use) | [`driver::ClientDriver`] | completions tagged with your tokens, messages, state changes |
 //! | many clients on one UDP socket (load generation, gateways) | [`pool::ClientPool`] | datagrams, events tagged with the client |
 //! | raw QUIC connections carrying bytes | [`quic::QuicEndpoint`] | datagrams, [`quic::Event`]s |
 //! | the MQTT protocol alone, over a transport of your own | [`session::client::ClientSession`], [`session::server::ServerSession`] | bytes to write, events |
 //!
 //! The "client" layers, from the bottom: `ClientSession` speaks MQTT on one connection;
-//! `MqttClient` gives it a transport and a reconnect policy; `ClientDriver` answers callers;
+//! `ClientMachine` gives it a transport and a reconnect policy; `ClientDriver` answers callers;
 //! an adapter's `Client` is the handle an application holds.
 //!
 //! # Driving a machine

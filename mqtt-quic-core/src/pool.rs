@@ -42,7 +42,7 @@ pub struct ClientPool {
 impl ClientPool {
     /// A pool whose clients connect to `server`, checking its certificate for `server_name`.
     /// `mqtt_keep_alive` (seconds) is the keep-alive its clients will use: QUIC pings keep
-    /// connections open when the QUIC idle timeout is shorter (as for [`MqttClient`](crate::client::MqttClient)).
+    /// connections open when the QUIC idle timeout is shorter (as for [`ClientMachine`](crate::client::ClientMachine)).
     pub fn new(
         config: &ClientConfig,
         server: SocketAddr,

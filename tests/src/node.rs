@@ -3,7 +3,7 @@
 //! read with [`Node::events`].
 
 use mqtt_quic_core::broker::machine::Broker;
-use mqtt_quic_core::client::MqttClient;
+use mqtt_quic_core::client::ClientMachine;
 use mqtt_quic_core::quic::Transmit;
 use mqtt_quic_core::session::client::ClientEvent;
 use mqtt_quic_core::{Datagram, Machine};
@@ -14,12 +14,12 @@ pub enum Node {
     /// The broker.
     Broker(Box<Broker>),
     /// A client and the events it has reported so far.
-    Client(Box<MqttClient>, Vec<ClientEvent>),
+    Client(Box<ClientMachine>, Vec<ClientEvent>),
 }
 
 impl Node {
     /// A client host.
-    pub fn client(client: MqttClient) -> Node {
+    pub fn client(client: ClientMachine) -> Node {
         Node::Client(Box::new(client), Vec::new())
     }
 
@@ -32,7 +32,7 @@ impl Node {
     }
 
     /// The client machine; panics on the broker host (a test bug).
-    pub fn as_client(&mut self) -> &mut MqttClient {
+    pub fn as_client(&mut self) -> &mut ClientMachine {
         match self {
             Node::Client(c, _) => c,
             Node::Broker(_) => panic!("not a client"),

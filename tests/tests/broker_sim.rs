@@ -6,7 +6,7 @@ use mqtt_proto::{
     Will,
 };
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
-use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
+use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
@@ -43,7 +43,7 @@ impl World {
     fn client(&mut self, n: u8, session: ClientSessionConfig) -> usize {
         let mut qc = ClientConfig::new(ClientTls::insecure());
         qc.seed = u64::from(n) * 7;
-        let client = MqttClient::new(MqttClientConfig {
+        let client = ClientMachine::new(ClientMachineConfig {
             quic: qc,
             session,
             server: broker_addr(),
@@ -62,7 +62,7 @@ impl World {
         assert!(self.run_until(|w| w.c(host).is_connected()), "client {host} did not connect");
     }
 
-    fn c(&mut self, host: usize) -> &mut MqttClient {
+    fn c(&mut self, host: usize) -> &mut ClientMachine {
         self.sim.machine(host).as_client()
     }
 
@@ -421,7 +421,7 @@ fn passwords_and_acl_are_enforced() {
     };
     let mut qc = ClientConfig::new(ClientTls::insecure());
     qc.seed = 99;
-    let client = MqttClient::new(MqttClientConfig {
+    let client = ClientMachine::new(ClientMachineConfig {
         quic: qc,
         session: wrong,
         server: broker_addr(),

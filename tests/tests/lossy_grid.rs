@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
-use mqtt_quic_core::client::{MqttClient, MqttClientConfig};
+use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig};
 use mqtt_quic_core::config::{ClientConfig, Congestion, ServerConfig, TransportSettings};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::ClientTls;
@@ -82,7 +82,7 @@ fn add_client(sim: &mut Sim<Node>, n: u8, id: &str, seed: u64, tuning: Tuning) -
         session.receive_maximum = w;
         session.max_inflight = w;
     }
-    let config = MqttClientConfig {
+    let config = ClientMachineConfig {
         quic: qc,
         session,
         server: BROKER.parse().expect("address"),
@@ -91,7 +91,7 @@ fn add_client(sim: &mut Sim<Node>, n: u8, id: &str, seed: u64, tuning: Tuning) -
     };
     let host = sim.add_host(
         format!("10.0.1.{n}:5000{n}").parse().expect("address"),
-        Node::client(MqttClient::new(config).expect("client")),
+        Node::client(ClientMachine::new(config).expect("client")),
     );
     let now = sim.now();
     sim.machine(host).as_client().start(now).expect("start");

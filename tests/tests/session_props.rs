@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use mqtt_proto::{PacketId, Protocol, Publish, QoS, QosPid, TopicFilter, TopicName};
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, BrokerEvent};
-use mqtt_quic_core::client::{MqttClient, MqttClientConfig, ReconnectPolicy};
+use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig, ReconnectPolicy};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
@@ -71,7 +71,7 @@ fn run(s: &Scenario) -> Result<(Vec<(usize, String)>, Duration), TestCaseError> 
         keep_alive: 30,
         ..Default::default()
     };
-    let client = MqttClient::new(MqttClientConfig {
+    let client = ClientMachine::new(ClientMachineConfig {
         quic: qc,
         session,
         server: server_addr,

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use mqtt_proto::{QoS, Subscription, TopicFilter, TopicName};
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
-use mqtt_quic_core::client::{MqttClient, ReconnectPolicy, StreamCommand};
+use mqtt_quic_core::client::{ClientMachine, ReconnectPolicy, StreamCommand};
 use mqtt_quic_core::config::ServerConfig;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// Two clients on byte streams and a broker; `None` streams are closed.
 struct Pipes {
     broker: Broker,
-    clients: Vec<(MqttClient, Option<StreamId>, Vec<ClientEvent>)>,
+    clients: Vec<(ClientMachine, Option<StreamId>, Vec<ClientEvent>)>,
     now: Instant,
     opens: usize,
     /// Clients whose output is not delivered (a socket nobody reads), counted in bytes.
@@ -29,7 +29,7 @@ impl Pipes {
             .map(|i| {
                 let session = ClientSessionConfig { client_id: format!("c{i}"), ..Default::default() };
                 let policy = ReconnectPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
-                (MqttClient::over_stream(session, Some(policy), i as u64).unwrap(), None, Vec::new())
+                (ClientMachine::over_stream(session, Some(policy), i as u64).unwrap(), None, Vec::new())
             })
             .collect();
         // The origin of virtual time; only differences matter from here on.
