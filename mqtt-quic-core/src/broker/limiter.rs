@@ -8,7 +8,8 @@
 //! tracked (an attacker with that many addresses is beyond what a per-address limit can stop;
 //! the bounds on verifications in flight still hold).
 
-use std::collections::{BTreeMap, BTreeSet};
+use crate::timers::TimerIndex;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,8 @@ pub struct FailureLimiter {
     capacity: usize,
     /// Per address: when its window started, and its failures since.
     entries: BTreeMap<IpAddr, (Instant, u32)>,
-    /// The same, ordered by window start, to find expired ones without a scan.
-    by_start: BTreeSet<(Instant, IpAddr)>,
+    /// The same addresses by window start, to find expired ones without a scan.
+    by_start: TimerIndex<IpAddr>,
 }
 
 /// The key an address counts under: itself for IPv4, its /64 for IPv6.
@@ -42,7 +43,7 @@ impl FailureLimiter {
     /// Allows `max` failures per `window` from one address, tracking at most `capacity`
     /// addresses. `max == 0` turns the limit off.
     pub fn new(max: u32, window: Duration, capacity: usize) -> FailureLimiter {
-        FailureLimiter { max, window, capacity, entries: BTreeMap::new(), by_start: BTreeSet::new() }
+        FailureLimiter { max, window, capacity, entries: BTreeMap::new(), by_start: TimerIndex::new() }
     }
 
     /// Whether `ip` has used up its failures for now.
@@ -63,21 +64,17 @@ impl FailureLimiter {
         let window = self.window;
         let expired = |start: Instant| now.saturating_duration_since(start) >= window;
         if !self.entries.contains_key(&ip) {
+            // Windows that started at or before `cutoff` have passed.
+            let cutoff = now.checked_sub(window);
             while self.entries.len() >= self.capacity {
-                match self.by_start.first() {
-                    Some(&(start, old)) if expired(start) => {
-                        self.by_start.pop_first();
-                        self.entries.remove(&old);
-                    }
-                    _ => return,
-                }
+                let Some(old) = cutoff.and_then(|c| self.by_start.pop_due(c)) else { return };
+                self.entries.remove(&old);
             }
         }
         let entry = self.entries.entry(ip).or_insert((now, 0));
         if entry.1 == 0 || expired(entry.0) {
-            self.by_start.remove(&(entry.0, ip));
             *entry = (now, 0);
-            self.by_start.insert((now, ip));
+            self.by_start.set(ip, Some(now));
         }
         entry.1 = entry.1.saturating_add(1);
     }

@@ -1,9 +1,9 @@
 //! MQTT sessions: the client's and the broker's side of one connection, transport-agnostic.
 //!
 //! A session consumes the bytes of the MQTT stream (QUIC) or the TCP byte stream and time, and
-//! produces bytes to write, events and deadlines, under the same polling contract as the QUIC
-//! machine: after every `handle_*` call or command, drain `poll_transmit`, read `poll_timeout`,
-//! drain `poll_event`.
+//! produces bytes to write, events and deadlines, under the crate's one polling contract (see
+//! [the crate docs](crate#driving-a-machine)); its `poll_transmit` returns bytes for the stream
+//! rather than datagrams.
 //!
 //! The two roles share their protocol machinery, each piece in its own file, and keep only what
 //! differs between them in theirs:
