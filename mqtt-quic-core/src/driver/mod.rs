@@ -1,0 +1,414 @@
+//! What every client driver needs besides sockets and timers, whatever its runtime: matching
+//! acknowledgements to the callers waiting for them, the connection state users see, the first
+//! connection's outcome, the messages waiting for the application, and a clean disconnect.
+//!
+//! [`ClientDriver`] wraps a [`ClientMachine`]. An adapter feeds it socket input and time like the
+//! machine itself, hands it commands tagged with a token of its choice (a oneshot sender, a
+//! request number), and polls completions, messages and state changes back out. The tokio,
+//! async-std and mio adapters differ only in how they wait and how they deliver those.
+//!
+//! ```
+//! use mqtt_quic_core::client::ClientMachine;
+//! use mqtt_quic_core::driver::{ClientDriver, ConnectionState};
+//! use mqtt_quic_core::session::client::ClientSessionConfig;
+//! # #[allow(clippy::disallowed_methods)]
+//! let now = std::time::Instant::now();
+//! // Over a byte stream nobody opens, for the example: the first attempt fails.
+//! let machine = ClientMachine::over_stream(ClientSessionConfig::default(), None, 1)?;
+//! let mut driver: ClientDriver<u32> = ClientDriver::new(machine);
+//! driver.start(now);
+//! driver.handle_stream_failed(now, "connection refused");
+//! assert!(matches!(driver.poll_connected(), Some(Err(_))));
+//! assert!(matches!(driver.state(), ConnectionState::Closed { .. }));
+//! # Ok::<(), mqtt_quic_core::config::ConfigError>(())
+//! ```
+//!
+//! The module's other files hold what the adapters share besides the driver: `options`
+//! ([`ClientOptions`], [`ServerOptions`], [`ServerAddresses`]), `errors` ([`DriverError`],
+//! [`ClientError`], [`ServerError`]), `outcome` ([`ConnectionState`], [`Outcome`]) and
+//! `backlog` ([`MessageBacklog`]).
+
+mod backlog;
+mod errors;
+mod options;
+mod outcome;
+
+pub use backlog::MessageBacklog;
+pub use errors::{ClientError, DriverError, ServerError};
+use options::DEFAULT_MESSAGE_BUFFER;
+pub use options::{local_bind_address, pick_address, ClientOptions, ServerAddresses, ServerOptions};
+pub use outcome::{ConnectionState, Outcome};
+
+use crate::client::{ClientMachine, StreamCommand};
+use crate::machine::Datagram;
+use crate::quic::Transmit;
+use crate::session::client::{ClientEvent, CommandError, DisconnectReason, RequestId};
+use mqtt_proto::{Publish, ReasonCode, Subscription, TopicFilter};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How long a disconnect may take to deliver DISCONNECT and close before the driver gives up.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// A command for a [`ClientDriver`], as adapters carry them from user handles to the task
+/// that owns the driver, each with the token its result goes to.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Command<T> {
+    /// See [`ClientDriver::publish`].
+    Publish(Publish, T),
+    /// See [`ClientDriver::subscribe`].
+    Subscribe(Vec<Subscription>, T),
+    /// See [`ClientDriver::unsubscribe`].
+    Unsubscribe(Vec<TopicFilter>, T),
+    /// See [`ClientDriver::disconnect`].
+    Disconnect(Option<T>),
+}
+
+enum First {
+    Waiting,
+    Ready(Result<String, DriverError>),
+    Reported,
+}
+
+/// A client machine with its callers' bookkeeping. `T` is the adapter's token for a waiting
+/// caller. See the module docs.
+pub struct ClientDriver<T> {
+    machine: ClientMachine,
+    waiting: BTreeMap<RequestId, T>,
+    done: VecDeque<(T, Result<Outcome, DriverError>)>,
+    inbox: VecDeque<Publish>,
+    state: ConnectionState,
+    changes: VecDeque<ConnectionState>,
+    first: First,
+    /// A disconnect in progress: who waits for it, and when to stop waiting for the transport.
+    leaving: Option<(Vec<T>, Instant)>,
+    last_reason: String,
+    backlog: MessageBacklog,
+}
+
+impl<T> ClientDriver<T> {
+    /// Wraps a machine that has not been started.
+    pub fn new(machine: ClientMachine) -> ClientDriver<T> {
+        ClientDriver {
+            machine,
+            waiting: BTreeMap::new(),
+            done: VecDeque::new(),
+            inbox: VecDeque::new(),
+            state: ConnectionState::Connecting,
+            changes: VecDeque::new(),
+            first: First::Waiting,
+            leaving: None,
+            last_reason: "connection lost".into(),
+            backlog: MessageBacklog::new(DEFAULT_MESSAGE_BUFFER),
+        }
+    }
+
+    /// Sets how many messages may wait for the application before the adapter stops reading
+    /// (see [`MessageBacklog`]); adapters pass [`ClientOptions::message_buffer`].
+    pub fn with_message_buffer(mut self, limit: usize) -> ClientDriver<T> {
+        self.backlog = MessageBacklog::new(limit);
+        self
+    }
+
+    /// The back-pressure counter shared with the application's receiver (see
+    /// [`MessageBacklog`]).
+    pub fn backlog(&self) -> &MessageBacklog {
+        &self.backlog
+    }
+
+    /// Whether the adapter should read from the network now: false while the messages waiting
+    /// here and those handed to the application but not taken fill
+    /// [`ClientOptions::message_buffer`]. While it is false, wait on
+    /// [`MessageBacklog::room`] besides commands and timers.
+    pub fn is_reading(&self) -> bool {
+        self.backlog.is_detached() || self.inbox.len() + self.backlog.unread() < self.backlog.limit()
+    }
+
+    /// The next message, counted as handed to the application (see [`MessageBacklog::handed`]):
+    /// what adapters that deliver through a channel to the application use.
+    pub fn hand_message(&mut self) -> Option<Publish> {
+        let m = self.inbox.pop_front()?;
+        self.backlog.handed();
+        Some(m)
+    }
+
+    /// Starts the first connection; its outcome comes from [`ClientDriver::poll_connected`].
+    pub fn start(&mut self, now: Instant) {
+        if let Err(e) = self.machine.start(now) {
+            self.fail_first(now, DriverError::Unreachable(e.to_string()));
+        }
+        self.update(now);
+    }
+
+    /// The machine, for inspection.
+    pub fn machine(&self) -> &ClientMachine {
+        &self.machine
+    }
+
+    /// Publishes; completes with [`Outcome::Done`] when acknowledged (see
+    /// [`ClientMachine::publish`]).
+    pub fn publish(&mut self, now: Instant, publish: Publish, token: T) {
+        let r = self.machine.publish(now, publish);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Subscribes; completes with SUBACK's codes.
+    pub fn subscribe(&mut self, now: Instant, subscriptions: Vec<Subscription>, token: T) {
+        let r = self.machine.subscribe(now, subscriptions, None);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Unsubscribes; completes with UNSUBACK's codes.
+    pub fn unsubscribe(&mut self, now: Instant, filters: Vec<TopicFilter>, token: T) {
+        let r = self.machine.unsubscribe(now, filters);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Disconnects for good (DISCONNECT, normal: the broker drops the will). `token`, if any,
+    /// completes with [`Outcome::Done`] once the transport has closed (or after a short
+    /// linger), when [`ClientDriver::is_done`] turns true.
+    pub fn disconnect(&mut self, now: Instant, token: Option<T>) {
+        if self.leaving.is_none() {
+            let _ = self.machine.disconnect(now, ReasonCode::Success);
+            self.set_state(ConnectionState::Closed { reason: "disconnected".into() });
+            self.leaving = Some((Vec::new(), now + LINGER));
+        }
+        if let Some((waiting, _)) = &mut self.leaving {
+            waiting.extend(token);
+        }
+        self.update(now);
+    }
+
+    /// Carries out a command; `None` means every user handle is gone, which disconnects.
+    pub fn command(&mut self, now: Instant, command: Option<Command<T>>) {
+        match command {
+            Some(Command::Publish(p, t)) => self.publish(now, p, t),
+            Some(Command::Subscribe(s, t)) => self.subscribe(now, s, t),
+            Some(Command::Unsubscribe(f, t)) => self.unsubscribe(now, f, t),
+            Some(Command::Disconnect(t)) => self.disconnect(now, t),
+            None => self.disconnect(now, None),
+        }
+    }
+
+    /// Whether commands are still taken (no disconnect has begun).
+    pub fn is_accepting(&self) -> bool {
+        self.leaving.is_none()
+    }
+
+    fn track(&mut self, r: Result<RequestId, CommandError>, token: T) {
+        match r {
+            Ok(id) => drop(self.waiting.insert(id, token)),
+            Err(e) => self.done.push_back((token, Err(e.into()))),
+        }
+    }
+
+    /// Over QUIC: a received datagram.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
+        self.machine.handle_datagram(now, datagram);
+        self.update(now);
+    }
+
+    /// Over QUIC: the next datagram to send, written into `buf`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        self.poll_transmit_batch(now, 1, buf)
+    }
+
+    /// Over QUIC: up to `max_datagrams` datagrams to one destination at once (see
+    /// [`Machine::poll_transmit_batch`](crate::Machine::poll_transmit_batch)).
+    #[must_use]
+    pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.machine.poll_transmit_batch(now, max_datagrams, buf);
+        self.update(now);
+        t
+    }
+
+    /// Over a byte stream: what to do next (see [`ClientMachine::poll_stream`]).
+    #[must_use]
+    pub fn poll_stream(&mut self) -> Option<StreamCommand> {
+        self.machine.poll_stream()
+    }
+
+    /// Over a byte stream: the connection asked for is up.
+    pub fn handle_stream_open(&mut self, now: Instant) {
+        self.machine.handle_stream_open(now);
+        self.update(now);
+    }
+
+    /// Over a byte stream: bytes read.
+    pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
+        self.machine.handle_stream_data(now, data);
+        self.update(now);
+    }
+
+    /// Over a byte stream: the connection ended.
+    pub fn handle_stream_closed(&mut self, now: Instant) {
+        self.machine.handle_stream_closed(now);
+        self.update(now);
+    }
+
+    /// Over a byte stream: a connection could not be opened (or a write failed) for this
+    /// reason; the first connection's failure is reported with it.
+    pub fn handle_stream_failed(&mut self, now: Instant, reason: &str) {
+        self.fail_first(now, DriverError::Unreachable(reason.to_string()));
+        self.handle_stream_closed(now);
+    }
+
+    /// Advances timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.machine.handle_timeout(now);
+        self.update(now);
+    }
+
+    /// When to call [`ClientDriver::handle_timeout`] next.
+    #[must_use]
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let linger = self.leaving.as_ref().map(|(_, t)| *t);
+        [self.machine.poll_timeout(), linger].into_iter().flatten().min()
+    }
+
+    /// The first connection's outcome, once: the client id in force, or why it failed.
+    #[must_use]
+    pub fn poll_connected(&mut self) -> Option<Result<String, DriverError>> {
+        match std::mem::replace(&mut self.first, First::Reported) {
+            First::Ready(r) => Some(r),
+            other => {
+                self.first = other;
+                None
+            }
+        }
+    }
+
+    /// A command that finished, with the caller's token.
+    #[must_use]
+    pub fn poll_completion(&mut self) -> Option<(T, Result<Outcome, DriverError>)> {
+        self.done.pop_front()
+    }
+
+    /// The next message for the application, taken at once (not counted: for applications that
+    /// take messages from the driver itself, such as an embedded mio client's loop).
+    #[must_use]
+    pub fn poll_message(&mut self) -> Option<Publish> {
+        self.inbox.pop_front()
+    }
+
+    /// Messages waiting for the application (an adapter stops reading the network while this
+    /// is at its limit, so a slow application slows the broker down instead of growing memory).
+    pub fn pending_messages(&self) -> usize {
+        self.inbox.len()
+    }
+
+    /// The connection state now.
+    pub fn state(&self) -> &ConnectionState {
+        &self.state
+    }
+
+    /// State changes, in order.
+    #[must_use]
+    pub fn poll_state_change(&mut self) -> Option<ConnectionState> {
+        self.changes.pop_front()
+    }
+
+    /// Whether the driver is done: disconnected (or lost for good) with its transport closed,
+    /// or the disconnect's linger is over. Waiting callers have been completed by then.
+    pub fn is_done(&mut self, now: Instant) -> bool {
+        let lingered = self.leaving.as_ref().is_some_and(|(_, t)| now >= *t);
+        let finished = self.machine.is_done() || lingered;
+        if finished {
+            if !matches!(self.state, ConnectionState::Closed { .. }) {
+                self.set_state(ConnectionState::Closed { reason: self.last_reason.clone() });
+            }
+            if matches!(self.first, First::Waiting) {
+                self.first = First::Ready(Err(DriverError::Unreachable(self.last_reason.clone())));
+            }
+            let waiting = std::mem::take(&mut self.waiting);
+            self.done.extend(waiting.into_values().map(|t| (t, Err(DriverError::Closed))));
+            if let Some((tokens, _)) = &mut self.leaving {
+                self.done.extend(tokens.drain(..).map(|t| (t, Ok(Outcome::Done))));
+            }
+        }
+        finished
+    }
+
+    fn set_state(&mut self, state: ConnectionState) {
+        if self.state != state {
+            self.state = state.clone();
+            self.changes.push_back(state);
+        }
+    }
+
+    /// The first connection failed: report it and stop (no retries for a connection that never
+    /// worked: the caller gets the error instead).
+    fn fail_first(&mut self, now: Instant, error: DriverError) {
+        if matches!(self.first, First::Waiting) {
+            self.last_reason = error.to_string();
+            self.first = First::Ready(Err(error));
+            if self.leaving.is_none() {
+                let _ = self.machine.disconnect(now, ReasonCode::Success);
+                self.leaving = Some((Vec::new(), now + LINGER));
+            }
+            self.set_state(ConnectionState::Closed { reason: self.last_reason.clone() });
+        }
+    }
+
+    /// Turns the machine's events into completions, messages and state.
+    fn update(&mut self, now: Instant) {
+        while let Some(event) = self.machine.poll_event() {
+            match event {
+                ClientEvent::Connected { session_present, client_id } => {
+                    if matches!(self.first, First::Waiting) {
+                        self.first = First::Ready(Ok(client_id));
+                    }
+                    if self.leaving.is_none() {
+                        self.set_state(ConnectionState::Connected { session_present });
+                    }
+                }
+                ClientEvent::Refused { reason } => {
+                    self.fail_first(now, DriverError::Refused(reason));
+                    if self.leaving.is_none() {
+                        self.last_reason = format!("refused: {reason}");
+                        self.set_state(ConnectionState::Reconnecting { reason: self.last_reason.clone() });
+                    }
+                }
+                ClientEvent::Message(m) => self.inbox.push_back(m),
+                ClientEvent::Published { id, reason } => {
+                    if let Some(t) = self.waiting.remove(&id) {
+                        let r = if reason.is_error() { Err(DriverError::Rejected(reason)) } else { Ok(Outcome::Done) };
+                        self.done.push_back((t, r));
+                    }
+                }
+                ClientEvent::Subscribed { id, reason_codes } | ClientEvent::Unsubscribed { id, reason_codes } => {
+                    if let Some(t) = self.waiting.remove(&id) {
+                        self.done.push_back((t, Ok(Outcome::Codes(reason_codes))));
+                    }
+                }
+                ClientEvent::Aborted { id } => {
+                    if let Some(t) = self.waiting.remove(&id) {
+                        self.done.push_back((t, Err(DriverError::ConnectionLost)));
+                    }
+                }
+                ClientEvent::Disconnected { reason } => {
+                    let text = match (&reason, self.machine.last_close_reason()) {
+                        (DisconnectReason::TransportLost, Some(close)) => close.to_string(),
+                        (DisconnectReason::ConnectTimeout, _) if matches!(self.first, First::Waiting) => {
+                            format!("{reason} (is an MQTT broker listening there?)")
+                        }
+                        _ => reason.to_string(),
+                    };
+                    self.last_reason = text.clone();
+                    self.fail_first(now, DriverError::Unreachable(text.clone()));
+                    if self.leaving.is_none() {
+                        self.set_state(ConnectionState::Reconnecting { reason: text });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+crate::machine::forward_machine!(impl<T> for ClientDriver<T>);

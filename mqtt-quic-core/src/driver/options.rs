@@ -1,0 +1,212 @@
+//! How a client connects and where a server listens, whatever adapter drives them: the
+//! options every adapter's `Client::connect` and `Server::start` take, and the addresses a
+//! server reports.
+
+use crate::client::{ClientMachine, ClientMachineConfig, ReconnectPolicy};
+use crate::config::{ClientConfig, ConfigError, TransportSettings};
+use crate::session::client::ClientSessionConfig;
+use crate::tls::ClientTls;
+use crate::url::{BrokerUrl, Transport};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::ClientError;
+
+/// [`ClientOptions::message_buffer`]'s default.
+pub(super) const DEFAULT_MESSAGE_BUFFER: usize = 1024;
+
+/// How a client connects, whatever drives it.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The MQTT session: protocol version, client id, keep-alive, credentials, will...
+    pub session: ClientSessionConfig,
+    /// How to trust the broker (QUIC and `mqtts://`). Required for those; adapters fill in the
+    /// operating system's CAs when the application gives none.
+    pub tls: Option<ClientTls>,
+    /// The name the broker's certificate must carry, if not the URL's host.
+    pub server_name: Option<String>,
+    /// Reconnect after the connection is lost (with the core's jittered backoff); `None` ends
+    /// the client instead. The first connection is never retried: its failure is the
+    /// connect call's error.
+    pub reconnect: Option<ReconnectPolicy>,
+    /// QUIC transport settings.
+    pub transport: TransportSettings,
+    /// Try 0-RTT when resuming over QUIC.
+    pub zero_rtt: bool,
+    /// Messages held for the application before the driver stops reading from the network.
+    pub message_buffer: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            session: ClientSessionConfig::default(),
+            tls: None,
+            server_name: None,
+            reconnect: Some(ReconnectPolicy::default()),
+            transport: TransportSettings::default(),
+            zero_rtt: true,
+            message_buffer: DEFAULT_MESSAGE_BUFFER,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// MQTT 5, a server-assigned client id, clean start, keep-alive 60 s, reconnecting.
+    pub fn new() -> ClientOptions {
+        ClientOptions::default()
+    }
+
+    /// Sets the client identifier.
+    pub fn client_id(mut self, id: impl Into<String>) -> ClientOptions {
+        self.session.client_id = id.into();
+        self
+    }
+
+    /// Sets user name and password.
+    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<Bytes>) -> ClientOptions {
+        self.session.username = Some(username.into());
+        self.session.password = Some(password.into());
+        self
+    }
+
+    /// Sets how the broker's certificate is checked.
+    pub fn tls(mut self, tls: ClientTls) -> ClientOptions {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The name the broker's certificate is checked against for `url`.
+    pub fn server_name(&self, url: &BrokerUrl) -> String {
+        self.server_name.clone().unwrap_or_else(|| url.host.clone())
+    }
+
+    /// The machine for `url`, whose host resolved to `server`: QUIC for `quic://`, a byte
+    /// stream the adapter carries otherwise (with TLS for `mqtts://`: see
+    /// [`ClientOptions::stream_tls`]). `secret` (32 bytes from the operating system's random
+    /// source) keys the QUIC endpoint and drives connection ids and backoff jitter.
+    pub fn machine(&self, url: &BrokerUrl, server: SocketAddr, secret: [u8; 32]) -> Result<ClientMachine, ConfigError> {
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&secret[..8]);
+        let seed = u64::from_le_bytes(seed);
+        match url.transport {
+            Transport::Quic => {
+                let mut quic = ClientConfig::new(self.tls.clone().ok_or_else(no_trust)?);
+                quic.transport = self.transport.clone();
+                quic.zero_rtt = self.zero_rtt;
+                quic.seed = seed;
+                quic.secret = Some(crate::config::Secret::new(secret));
+                ClientMachine::new(ClientMachineConfig {
+                    quic,
+                    session: self.session.clone(),
+                    server,
+                    server_name: self.server_name(url),
+                    reconnect: self.reconnect,
+                })
+            }
+            Transport::Tcp | Transport::Tls => ClientMachine::over_stream(self.session.clone(), self.reconnect, seed),
+        }
+    }
+
+    /// For `mqtts://`: the rustls configuration and server name to wrap the TCP stream in;
+    /// `None` for other transports.
+    pub fn stream_tls(
+        &self,
+        url: &BrokerUrl,
+    ) -> Result<Option<(rustls::ClientConfig, rustls_pki_types::ServerName<'static>)>, ConfigError> {
+        if url.transport != Transport::Tls {
+            return Ok(None);
+        }
+        let config = self.tls.as_ref().ok_or_else(no_trust)?.rustls_config(false)?;
+        let name = rustls_pki_types::ServerName::try_from(self.server_name(url))
+            .map_err(|e| ConfigError::Invalid(format!("server name: {e}")))?;
+        Ok(Some((config, name)))
+    }
+}
+
+fn no_trust() -> ConfigError {
+    ConfigError::Invalid("no TLS trust configured (a CA, a pinned certificate, or the system's CAs)".into())
+}
+
+/// The broker address to use among those `url`'s host resolved to (or why there is none).
+/// IPv4 is preferred when a name has both kinds: brokers listen on 0.0.0.0 by default, and
+/// `localhost` often resolves to `::1` first.
+pub fn pick_address(
+    url: &BrokerUrl,
+    resolved: std::io::Result<impl Iterator<Item = SocketAddr>>,
+) -> Result<SocketAddr, ClientError> {
+    let resolve = |reason: String| ClientError::Resolve { host: url.host.clone(), reason };
+    let mut addrs: Vec<SocketAddr> = resolved.map_err(|e| resolve(e.to_string()))?.collect();
+    addrs.sort_by_key(|a| a.is_ipv6());
+    addrs.first().copied().ok_or_else(|| resolve("no address".into()))
+}
+
+/// The local address a client's UDP socket binds to for a broker at `server`: any address of
+/// the same family, any port.
+pub fn local_bind_address(server: SocketAddr) -> SocketAddr {
+    if server.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    }
+}
+
+/// Where and how a broker server listens, for every adapter's server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The broker machine's settings; its QUIC configuration also supplies the certificate for
+    /// a TLS listener, and its `max_queued_bytes` bounds what waits for each client.
+    pub broker: crate::broker::machine::BrokerConfig,
+    /// UDP address for MQTT over QUIC, if any.
+    pub quic: Option<SocketAddr>,
+    /// TCP address for plain MQTT, if any.
+    pub tcp: Option<SocketAddr>,
+    /// TCP address for MQTT over TLS, if any (adapters without TLS over TCP refuse to start
+    /// with one).
+    pub tls: Option<SocketAddr>,
+    /// Most simultaneous connections on the TCP listener; more are closed at accept.
+    pub tcp_max_connections: usize,
+    /// Most simultaneous connections on the TLS listener.
+    pub tls_max_connections: usize,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// How long a shutdown waits for clients to take their DISCONNECT.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerOptions {
+    /// QUIC on `0.0.0.0:14567` and TCP on `0.0.0.0:1883`, no TLS listener, with this
+    /// certificate and default broker settings.
+    pub fn new(tls: crate::tls::ServerTls) -> ServerOptions {
+        ServerOptions {
+            broker: crate::broker::machine::BrokerConfig::new(crate::config::ServerConfig::new(tls)),
+            quic: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::QUIC_PORT))),
+            tcp: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::TCP_PORT))),
+            tls: None,
+            tcp_max_connections: 100_000,
+            tls_max_connections: 100_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// QUIC and TCP on 127.0.0.1 with ports chosen by the system (tests, embedding).
+    pub fn loopback(tls: crate::tls::ServerTls) -> ServerOptions {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServerOptions { quic: Some(any), tcp: Some(any), ..ServerOptions::new(tls) }
+    }
+}
+
+/// Where a broker server listens, as every adapter's `Server::addresses` reports it: the
+/// addresses actually bound (with the ports the system chose for port 0), `None` for a
+/// listener that is not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServerAddresses {
+    /// MQTT over QUIC (UDP).
+    pub quic: Option<SocketAddr>,
+    /// Plain MQTT (TCP).
+    pub tcp: Option<SocketAddr>,
+    /// MQTT over TLS (TCP); always `None` for adapters without a TLS listener.
+    pub tls: Option<SocketAddr>,
+}
