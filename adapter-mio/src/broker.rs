@@ -226,7 +226,8 @@ impl MioBroker {
 
     /// The broker machine (in-process subscriptions and publishes, statistics). The messages
     /// of its in-process subscriptions ([`Broker::subscribe_local`]) come out of
-    /// [`MioBroker::poll_message`].
+    /// [`MioBroker::poll_message`]: they wait there until taken, so a caller that subscribes
+    /// polls them after every event.
     pub fn broker(&mut self) -> &mut Broker {
         &mut self.broker
     }

@@ -1,18 +1,20 @@
 //! [`Client`]: a [`MioClient`] on a thread of its own, behind a handle with the tokio and
 //! async-std clients' methods (blocking instead of async, the same names and result types).
 //!
+//! Take messages on another thread than the one making calls (as [`Client::on_message`] does):
+//! the client stops reading from the network while `message_buffer` messages wait untaken
+//! (the core's back-pressure rule, [`MessageBacklog`]), and a call blocked on the broker's
+//! answer would then wait for an answer nobody reads.
+//!
 //! ```no_run
 //! use adapter_mio::client::{Client, ClientOptions};
 //! use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
 //! use mqtt_quic_core::tls::ClientTls;
 //!
 //! let client = Client::connect("quic://127.0.0.1:14567", ClientOptions::new().tls(ClientTls::insecure()))?;
-//! let mut messages = client.messages().expect("taken once");
+//! client.on_message(|m| println!("{}: {:?}", m.topic, m.payload));
 //! client.subscribe(TopicFilter::new("sensors/#")?, QoS::AtLeastOnce)?;
 //! client.publish(Publish::new(TopicName::new("sensors/1")?, "21.5").with_qos(QoS::AtLeastOnce))?;
-//! if let Some(m) = messages.recv() {
-//!     println!("{}: {:?}", m.topic, m.payload);
-//! }
 //! client.disconnect()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -139,7 +141,9 @@ impl StateChanges {
 
 /// A handle to a connected client whose calls block until done; clones share the connection,
 /// which ends with [`Client::disconnect`] or when every handle is dropped. Its
-/// [`MioClient`] runs on a thread of its own.
+/// [`MioClient`] runs on a thread of its own. Take messages on another thread than the one
+/// making calls (see the module docs): a call waits for the broker's answer, which is not read
+/// while `message_buffer` messages wait untaken.
 #[derive(Clone)]
 pub struct Client {
     handle: Arc<Handle>,

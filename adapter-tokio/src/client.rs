@@ -175,7 +175,10 @@ impl Client {
 
     /// A receiver of connection state changes.
     pub fn state_changes(&self) -> StateChanges {
-        StateChanges { rx: self.state.clone() }
+        // Changes after this call, as in the other adapters: the state now counts as seen.
+        let mut rx = self.state.clone();
+        rx.borrow_and_update();
+        StateChanges { rx }
     }
 
     /// The incoming messages, to pull. There is one such stream per connection: the first call

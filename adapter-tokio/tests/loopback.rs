@@ -394,3 +394,19 @@ async fn concurrent_publishes_keep_the_order_of_the_calls() {
     }
     s.shutdown().await;
 }
+
+/// `state_changes` reports what changes after the call, as in the other adapters: its first
+/// `recv` is the next state, not the one the client is in (found in review).
+#[tokio::test]
+async fn state_changes_start_after_the_call() {
+    let s = server().await;
+    let c = client(&url("quic", s.quic_addr()), "watcher").await;
+    let mut changes = c.state_changes();
+    assert!(matches!(c.state(), ConnectionState::Connected { .. }));
+    let early = timeout(Duration::from_millis(200), changes.recv()).await;
+    assert!(early.is_err(), "nothing changed yet, but recv gave {early:?}");
+    c.disconnect().await.unwrap();
+    let next = timeout(Duration::from_secs(5), changes.recv()).await.unwrap();
+    assert!(matches!(next, Some(ConnectionState::Closed { .. })), "{next:?}");
+    s.shutdown().await;
+}

@@ -1,6 +1,6 @@
 //! The client machine: one MQTT session over QUIC (the machine owns the QUIC endpoint) or over
 //! a byte stream the adapter carries (TCP, TLS over TCP), and the reconnect policy. Adapters
-//! drive it through [`Machine`](crate::Machine) (QUIC) or the `*_stream` calls (byte streams), and forward
+//! drive it through [`Machine`](crate::Machine) (QUIC) or the `handle_stream_*` calls and `poll_stream` (byte streams), and forward
 //! commands.
 //!
 //! Over a byte stream the machine still decides when to connect: it asks for a stream with

@@ -56,8 +56,9 @@
 //!   `Result<_, `[`error::CommandError`]`>`, the one command error of the crate;
 //! - outputs are polled until they return `None`: `poll_transmit` (datagrams), `poll_timeout`,
 //!   `poll_event`, and `poll_stream` (byte-stream output);
-//! - `is_done()` says a machine has finished for good (session ended, client stopped, broker
-//!   shut down) and may be dropped.
+//! - `is_done` says a machine has finished for good and may be dropped: a server session that
+//!   ended, a client machine that stopped, a driver whose disconnect completed or lingered long
+//!   enough (`is_done(now)`), a broker after shutdown (`is_done(now)`).
 //!
 //! After **every** input or command, drain in this order:
 //!

@@ -201,7 +201,7 @@ impl Broker {
         }
         let Some(auth) = self.config.auth.clone() else { return self.admit(now, conn, c) };
         // Where it comes from, when known (QUIC always; byte streams when the adapter said,
-        // with [`Broker::open_stream_from`]).
+        // with [`Broker::handle_stream_open`]).
         let ip = remote.map(|a| a.ip());
         let (max, max_per_ip) = (self.config.max_pending_auth, self.config.max_pending_auth_per_ip);
         if let Some(code) = self.logins.refusal(now, ip, max, max_per_ip) {

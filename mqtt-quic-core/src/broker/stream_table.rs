@@ -93,9 +93,11 @@ impl<W> StreamTable<W> {
         self.ended.push(id);
     }
 
-    /// Forgets a connection's writer without telling the broker (the adapter tells it, or
-    /// already has).
+    /// Forgets a connection without telling the broker (the adapter tells it, or already has:
+    /// a connection the broker closed or aborted). Its transport is kept until the events are
+    /// next drained, for their log lines.
     pub fn remove(&mut self, id: StreamId) -> Option<W> {
+        self.ended.push(id);
         self.writers.remove(&id)
     }
 
@@ -173,5 +175,35 @@ impl<W> StreamTable<W> {
                 return Some(handling);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::machine::BrokerConfig;
+    use crate::config::ServerConfig;
+    use crate::tls::{SelfSigned, ServerTls};
+
+    /// A connection forgotten without `closed` (the mio broker's path for connections the
+    /// broker closed itself) leaves nothing behind once the events are drained: its transport
+    /// name went with it (found in review: one entry per such connection used to stay forever).
+    #[test]
+    fn every_way_out_forgets_the_transport() {
+        let cert = SelfSigned::generate(&["localhost"]).unwrap();
+        let mut broker =
+            Broker::new(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()))).unwrap();
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let remote: SocketAddr = "192.0.2.1:1883".parse().unwrap();
+        let mut table = StreamTable::new();
+        let removed = table.open(&mut broker, now, remote, "tcp", ());
+        let closed = table.open(&mut broker, now, remote, "tls", ());
+        assert_eq!(table.transport(&Peer::Stream(closed)), "tls");
+        table.remove(removed);
+        table.closed(&mut broker, now, closed);
+        while table.poll_event(&mut broker).is_some() {}
+        assert!(table.is_empty());
+        assert!(table.transports.is_empty(), "{:?}", table.transports);
     }
 }

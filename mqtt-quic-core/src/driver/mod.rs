@@ -296,8 +296,9 @@ impl<T> ClientDriver<T> {
         self.inbox.pop_front()
     }
 
-    /// Messages waiting for the application (an adapter stops reading the network while this
-    /// is at its limit, so a slow application slows the broker down instead of growing memory).
+    /// Messages received and not yet taken with [`ClientDriver::poll_message`] (what the
+    /// adapter has handed on but the application has not taken counts in the
+    /// [`MessageBacklog`] instead; [`ClientDriver::is_reading`] weighs both).
     pub fn pending_messages(&self) -> usize {
         self.inbox.len()
     }

@@ -301,7 +301,16 @@ impl Outbound {
     /// receive state, and would take a new message under it for a duplicate). Returns how many.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Publish) -> bool) -> usize {
         let before = self.pending();
-        self.inflight.retain(|e| e.released || e.publish.qos() == QoS::ExactlyOnce || keep(&e.publish));
+        let mut i = 0;
+        while i < self.inflight.len() {
+            let e = &self.inflight[i];
+            if e.released || e.publish.qos() == QoS::ExactlyOnce || keep(&e.publish) {
+                i += 1;
+            } else {
+                // Through `remove`, so the identifier is free and the resend cursor stays right.
+                self.remove(i);
+            }
+        }
         self.queued.retain(|q| keep(&q.publish));
         before - self.pending()
     }
