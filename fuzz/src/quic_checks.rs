@@ -85,7 +85,7 @@ pub fn sessions(data: &[u8]) {
         now += Duration::from_millis(u64::from(*delay) * 10);
         if mode & 2 == 0 {
             server.handle_timeout(now);
-            server.handle_bytes(now, piece);
+            server.handle_stream_data(now, piece);
             while let Some(event) = server.poll_event() {
                 match event {
                     ServerEvent::Connect(_) => {
@@ -101,7 +101,7 @@ pub fn sessions(data: &[u8]) {
             while server.poll_transmit().is_some() {}
         } else {
             client.handle_timeout(now);
-            client.handle_bytes(now, piece);
+            client.handle_stream_data(now, piece);
             while client.poll_event().is_some() {}
             while client.poll_transmit().is_some() {}
             assert!(client.pending_publishes() == 0, "nothing was published, nothing may be pending");

@@ -230,17 +230,17 @@ pub fn server_session(data: &[u8]) {
     let mut session = ServerSession::new(now, config.clone());
     let mut watch = Watch::new(protocol, true, connect_limits(&script.connect));
     let mut resumed = false;
-    session.handle_bytes(now, &connect_bytes);
+    session.handle_stream_data(now, &connect_bytes);
     serve(&mut session, &mut watch, now, &mut resumed, None);
     for step in script.steps {
         match step {
             ServerStep::Packet(packet) => {
                 if let Some(bytes) = encode(protocol, &packet) {
                     watch.acknowledged(&packet);
-                    session.handle_bytes(now, &bytes);
+                    session.handle_stream_data(now, &bytes);
                 }
             }
-            ServerStep::Raw(bytes) => session.handle_bytes(now, &bytes),
+            ServerStep::Raw(bytes) => session.handle_stream_data(now, &bytes),
             ServerStep::Wait(t) => {
                 now += Duration::from_millis(u64::from(t) * 10);
                 session.handle_timeout(now);
@@ -249,7 +249,7 @@ pub fn server_session(data: &[u8]) {
                 let _ = session.publish(now, publish);
             }
             ServerStep::Reconnect => {
-                session.connection_lost();
+                session.handle_stream_closed(now);
                 while session.poll_event().is_some() {}
                 let state = session.take_state();
                 let mut connect = script.connect.clone();
@@ -258,7 +258,7 @@ pub fn server_session(data: &[u8]) {
                 session = ServerSession::new(now, config.clone());
                 watch = Watch::new(protocol, true, connect_limits(&script.connect));
                 resumed = false;
-                session.handle_bytes(now, &bytes);
+                session.handle_stream_data(now, &bytes);
                 serve(&mut session, &mut watch, now, &mut resumed, Some(state));
                 continue;
             }
@@ -390,15 +390,15 @@ pub fn client_session(data: &[u8]) {
                 let packet = Packet::ConnAck(Box::new(ack));
                 watch.acknowledged(&packet);
                 let bytes = encode(protocol, &packet).expect("CONNACK encodes");
-                client.handle_bytes(now, &bytes);
+                client.handle_stream_data(now, &bytes);
             }
             ClientStep::Packet(packet) => {
                 if let Some(bytes) = encode(protocol, &packet) {
                     watch.acknowledged(&packet);
-                    client.handle_bytes(now, &bytes);
+                    client.handle_stream_data(now, &bytes);
                 }
             }
-            ClientStep::Raw(bytes) => client.handle_bytes(now, &bytes),
+            ClientStep::Raw(bytes) => client.handle_stream_data(now, &bytes),
             ClientStep::Wait(t) => {
                 now += Duration::from_millis(u64::from(t) * 100);
                 client.handle_timeout(now);
@@ -421,7 +421,7 @@ pub fn client_session(data: &[u8]) {
                 let _ = client.disconnect(now, ReasonCode::Success);
             }
             ClientStep::Reconnect => {
-                client.connection_lost(now);
+                client.handle_stream_closed(now);
                 drain_client(&mut client, &mut watch);
                 watch = Watch::new(protocol, false, unlimited());
                 let _ = client.connect(now);

@@ -234,7 +234,7 @@ impl ClientMachine {
         if !self.session.is_connected() {
             // Nothing to say DISCONNECT on: drop a half-open connection quietly.
             self.close_link(now);
-            self.session.connection_lost(now);
+            self.session.handle_stream_closed(now);
             self.pump(now);
             return Err(CommandError::NotConnected);
         }
@@ -246,7 +246,7 @@ impl ClientMachine {
     /// Drops the current connection as if the network had failed (tests and "switch network now").
     pub fn drop_connection(&mut self, now: Instant) {
         if self.close_link(now) {
-            self.session.connection_lost(now);
+            self.session.handle_stream_closed(now);
             self.after_loss(now);
         }
         self.pump(now);
@@ -270,7 +270,7 @@ impl ClientMachine {
     /// Over a byte stream: bytes read from the connection.
     pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
         if let Link::Stream { open: true, .. } = self.link {
-            self.session.handle_bytes(now, data);
+            self.session.handle_stream_data(now, data);
             self.pump(now);
         }
     }
@@ -280,7 +280,7 @@ impl ClientMachine {
     pub fn handle_stream_closed(&mut self, now: Instant) {
         if let Link::Stream { open, .. } = &mut self.link {
             if std::mem::take(open) {
-                self.session.connection_lost(now);
+                self.session.handle_stream_closed(now);
                 self.after_loss(now);
             }
         }
@@ -363,7 +363,7 @@ impl ClientMachine {
                     progressed = true;
                     match event {
                         quic::Event::Received { conn: c, data } if Some(c) == *conn => {
-                            self.session.handle_bytes(now, &data);
+                            self.session.handle_stream_data(now, &data);
                         }
                         quic::Event::Closed { conn: c, reason } if Some(c) == *conn => {
                             *conn = None;
@@ -375,7 +375,7 @@ impl ClientMachine {
                 }
             }
             if std::mem::take(&mut lost) {
-                self.session.connection_lost(now);
+                self.session.handle_stream_closed(now);
                 self.after_loss(now);
             }
             progressed |= self.drain_session_bytes(now, false);
@@ -407,7 +407,7 @@ impl ClientMachine {
                             }
                         }
                     }
-                    self.session.connection_lost(now);
+                    self.session.handle_stream_closed(now);
                     self.after_loss(now);
                 }
                 self.events.push_back(event);

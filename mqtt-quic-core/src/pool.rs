@@ -153,7 +153,7 @@ impl ClientPool {
                 match event {
                     quic::Event::Received { conn, data } => {
                         if let Some(&i) = self.by_conn.get(&conn) {
-                            self.members[i].session.handle_bytes(now, &data);
+                            self.members[i].session.handle_stream_data(now, &data);
                             self.dirty.insert(i);
                         }
                     }
@@ -161,7 +161,7 @@ impl ClientPool {
                         if let Some(i) = self.by_conn.remove(&conn) {
                             self.members[i].conn = None;
                             self.members[i].closed = Some(reason);
-                            self.members[i].session.connection_lost(now);
+                            self.members[i].session.handle_stream_closed(now);
                             self.dirty.insert(i);
                         }
                     }

@@ -559,7 +559,7 @@ fn a_byte_stream_client_and_a_quic_client_share_the_broker() {
         while let Some((id, out)) = w.broker().poll_stream() {
             assert_eq!(id, stream);
             match out {
-                StreamOutput::Data(bytes) => tcp.handle_bytes(now, &bytes),
+                StreamOutput::Data(bytes) => tcp.handle_stream_data(now, &bytes),
                 StreamOutput::Close => closed = true,
                 _ => {}
             }

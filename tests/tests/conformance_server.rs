@@ -602,7 +602,7 @@ fn a_qos_1_packet_identifier_reused_after_puback_is_a_new_message() {
     // Client side.
     let (mut client, now) = connected_client(ClientSessionConfig::default());
     for payload in ["first", "second"] {
-        client.handle_bytes(now, &encode(&message("t", payload, QoS::AtLeastOnce, 5, false).into()));
+        client.handle_stream_data(now, &encode(&message("t", payload, QoS::AtLeastOnce, 5, false).into()));
         assert_eq!(transmitted(&mut client), [Packet::PubAck(ack(5))]);
     }
     let got: Vec<Bytes> = std::iter::from_fn(|| client.poll_event())
@@ -634,9 +634,9 @@ fn a_qos_2_packet_identifier_reused_after_pubcomp_is_a_new_message() {
     // Client side.
     let (mut client, now) = connected_client(ClientSessionConfig::default());
     for payload in ["first", "second"] {
-        client.handle_bytes(now, &encode(&message("t", payload, QoS::ExactlyOnce, 9, false).into()));
+        client.handle_stream_data(now, &encode(&message("t", payload, QoS::ExactlyOnce, 9, false).into()));
         assert_eq!(transmitted(&mut client), [Packet::PubRec(ack(9))]);
-        client.handle_bytes(now, &encode(&Packet::PubRel(ack(9))));
+        client.handle_stream_data(now, &encode(&Packet::PubRel(ack(9))));
         assert_eq!(transmitted(&mut client), [Packet::PubComp(ack(9))]);
     }
     let got: Vec<Bytes> = std::iter::from_fn(|| client.poll_event())
@@ -820,7 +820,7 @@ fn connected_client_with(config: ClientSessionConfig, connack: ConnAck) -> (Clie
     let mut client = ClientSession::new(config).unwrap();
     client.connect(now).unwrap();
     assert!(matches!(&transmitted(&mut client)[..], [Packet::Connect(_)]));
-    client.handle_bytes(now, &encode(&connack.into()));
+    client.handle_stream_data(now, &encode(&connack.into()));
     assert!(client.is_connected());
     while client.poll_event().is_some() {}
     (client, now)
@@ -834,7 +834,7 @@ fn connected_client(config: ClientSessionConfig) -> (ClientSession, Instant) {
 fn accepted_server_session() -> (ServerSession, Instant) {
     let now = start();
     let mut server = ServerSession::new(now, ServerSessionConfig::default());
-    server.handle_bytes(now, &encode(&connect("c").into()));
+    server.handle_stream_data(now, &encode(&connect("c").into()));
     assert!(matches!(server.poll_event(), Some(ServerEvent::Connect(_))));
     server.accept(now, false, None).unwrap();
     while server.poll_transmit().is_some() {}
@@ -901,13 +901,13 @@ fn a_client_with_no_send_quota_keeps_processing_other_packets() {
 
     client.subscribe(now, vec![sub("x", QoS::AtLeastOnce)], None).unwrap();
     assert!(matches!(&transmitted(&mut client)[..], [Packet::Subscribe(_)]));
-    client.handle_bytes(now, &encode(&message("in", "y", QoS::AtLeastOnce, 7, false).into()));
+    client.handle_stream_data(now, &encode(&message("in", "y", QoS::AtLeastOnce, 7, false).into()));
     assert_eq!(transmitted(&mut client), [Packet::PubAck(ack(7))]);
     let later = now + std::time::Duration::from_secs(10);
     client.handle_timeout(later);
     assert_eq!(transmitted(&mut client), [Packet::PingReq]);
 
-    client.handle_bytes(later, &encode(&Packet::PubAck(Ack::new(first))));
+    client.handle_stream_data(later, &encode(&Packet::PubAck(Ack::new(first))));
     assert_eq!(summary(&transmitted(&mut client)), [entry("t", "2", false)]);
 }
 

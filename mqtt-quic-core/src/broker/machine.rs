@@ -146,7 +146,7 @@ impl Broker {
                     && live.session.refuse(now, ReasonCode::ServerUnavailable).is_err()
                 {
                     // Not connected yet (no CONNECT): there is nobody to tell.
-                    live.session.connection_lost();
+                    live.session.handle_stream_closed(now);
                 }
                 self.dirty.insert(peer);
             }
@@ -190,7 +190,7 @@ impl Broker {
             live.detail.get_or_insert_with(|| "the connection closed".into());
         }
         self.links.forget_stream(id);
-        self.lost(Peer::Stream(id));
+        self.lost(now, Peer::Stream(id));
         self.pump(now);
     }
 
@@ -255,7 +255,7 @@ impl Broker {
                         if let Some(live) = self.conns.get_mut(&Peer::Quic(conn)) {
                             live.detail.get_or_insert_with(|| format!("QUIC: {reason}"));
                         }
-                        self.lost(Peer::Quic(conn));
+                        self.lost(now, Peer::Quic(conn));
                     }
                     quic::Event::Migrated { conn, remote } => {
                         let client = self.conns.get(&Peer::Quic(conn)).and_then(|l| l.client.clone());
@@ -272,13 +272,13 @@ impl Broker {
 
     fn received(&mut self, now: Instant, peer: Peer, data: &[u8]) {
         self.stats.bytes_received += data.len() as u64;
-        self.live(now, peer).session.handle_bytes(now, data);
+        self.live(now, peer).session.handle_stream_data(now, data);
         self.dirty.insert(peer);
     }
 
-    fn lost(&mut self, peer: Peer) {
+    fn lost(&mut self, now: Instant, peer: Peer) {
         if let Some(live) = self.conns.get_mut(&peer) {
-            live.session.connection_lost();
+            live.session.handle_stream_closed(now);
             self.dirty.insert(peer);
         }
     }
@@ -299,7 +299,7 @@ impl Broker {
         self.links.abort(now, peer);
         if let Peer::Stream(_) = peer {
             // QUIC reports the closed connection itself; a byte stream is gone now.
-            self.lost(peer);
+            self.lost(now, peer);
         }
     }
 

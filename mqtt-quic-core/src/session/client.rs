@@ -177,7 +177,7 @@ enum State {
     Idle,
     Connecting,
     Connected,
-    /// Disconnected event sent; waiting for `connection_lost` or a new `connect`.
+    /// Disconnected event sent; waiting for `handle_stream_closed` or a new `connect`.
     Closed,
 }
 
@@ -267,7 +267,7 @@ impl ClientSession {
     }
 
     /// Starts a connection over a fresh transport: queues CONNECT. Later calls (after
-    /// [`ClientSession::connection_lost`]) resume the session: `clean_start` is then false.
+    /// [`ClientSession::handle_stream_closed`]) resume the session: `clean_start` is then false.
     pub fn connect(&mut self, now: Instant) -> Result<(), CommandError> {
         if matches!(self.state, State::Connecting | State::Connected) {
             return Err(CommandError::AlreadyConnected);
@@ -438,7 +438,7 @@ impl ClientSession {
 
     /// The transport closed. In-flight and queued publishes are kept for the next
     /// [`ClientSession::connect`].
-    pub fn connection_lost(&mut self, _now: Instant) {
+    pub fn handle_stream_closed(&mut self, _now: Instant) {
         if matches!(self.state, State::Connecting | State::Connected) {
             self.close(DisconnectReason::TransportLost);
         }
@@ -457,7 +457,7 @@ impl ClientSession {
     }
 
     /// Bytes received from the transport.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+    pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
         if !matches!(self.state, State::Connecting | State::Connected) {
             return;
         }

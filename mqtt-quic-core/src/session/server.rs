@@ -402,7 +402,7 @@ impl ServerSession {
     }
 
     /// The transport closed.
-    pub fn connection_lost(&mut self) {
+    pub fn handle_stream_closed(&mut self, _now: Instant) {
         if self.state != State::Ended {
             let will = self.will.take();
             self.events.push_back(ServerEvent::Ended { reason: EndReason::TransportLost, will });
@@ -411,7 +411,7 @@ impl ServerSession {
     }
 
     /// Bytes from the transport.
-    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+    pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
         if self.state == State::Ended {
             return;
         }

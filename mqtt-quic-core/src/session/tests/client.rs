@@ -140,7 +140,7 @@ fn resume_resends_within_a_smaller_receive_maximum_in_order() {
     let first: Vec<PacketId> =
         h.sent().iter().filter_map(|p| if let Packet::Publish(p) = p { p.packet_id() } else { None }).collect();
     assert_eq!(first.len(), 5);
-    h.session.connection_lost(h.now);
+    h.session.handle_stream_closed(h.now);
     h.events();
     h.session.connect(h.now).unwrap();
     h.sent();
@@ -511,7 +511,7 @@ fn resumed_session_resends_publish_with_dup_and_pubrel() {
         sent.iter().filter_map(|p| if let Packet::Publish(p) = p { p.packet_id() } else { None }).collect();
     h.feed(Packet::PubRec(Ack::new(ids[1])));
     h.sent();
-    h.session.connection_lost(h.now);
+    h.session.handle_stream_closed(h.now);
     assert_eq!(h.events(), [ClientEvent::Disconnected { reason: DisconnectReason::TransportLost }]);
     h.session.connect(h.now).unwrap();
     let Packet::Connect(c) = h.sent().remove(0) else { panic!() };
@@ -542,7 +542,7 @@ fn lost_session_sends_pending_publishes_again_and_resubscribes() {
     h.session.publish(h.now, publish("q1", QoS::AtLeastOnce)).unwrap();
     let pending = h.session.unsubscribe(h.now, vec![TopicFilter::new("x").unwrap()]).unwrap();
     h.sent();
-    h.session.connection_lost(h.now);
+    h.session.handle_stream_closed(h.now);
     assert!(h.events().contains(&ClientEvent::Aborted { id: pending }));
     h.session.connect(h.now).unwrap();
     h.sent();
@@ -621,7 +621,7 @@ fn server_breaking_the_protocol_gets_the_reason_code() {
     assert_eq!(h.sent(), [Disconnect::new(ReasonCode::ProtocolError).into()]);
     // Malformed bytes.
     let mut h = H::v5();
-    h.session.handle_bytes(h.now, &[0x40, 0x02, 0x00, 0x00]);
+    h.session.handle_stream_data(h.now, &[0x40, 0x02, 0x00, 0x00]);
     assert_eq!(h.sent(), [Disconnect::new(ReasonCode::MalformedPacket).into()]);
     assert!(h.events().contains(&ClientEvent::Disconnected {
         reason: DisconnectReason::ProtocolViolation(ReasonCode::MalformedPacket)

@@ -13,7 +13,7 @@ mod server;
 /// What the harness needs of a session: the polling contract both roles share.
 pub(super) trait Role {
     type Event;
-    fn handle_bytes(&mut self, now: Instant, data: &[u8]);
+    fn handle_stream_data(&mut self, now: Instant, data: &[u8]);
     fn handle_timeout(&mut self, now: Instant);
     fn poll_transmit(&mut self) -> Option<Bytes>;
     fn poll_event(&mut self) -> Option<Self::Event>;
@@ -21,8 +21,8 @@ pub(super) trait Role {
 
 impl Role for ClientSession {
     type Event = ClientEvent;
-    fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
-        ClientSession::handle_bytes(self, now, data)
+    fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
+        ClientSession::handle_stream_data(self, now, data)
     }
     fn handle_timeout(&mut self, now: Instant) {
         ClientSession::handle_timeout(self, now)
@@ -37,8 +37,8 @@ impl Role for ClientSession {
 
 impl Role for ServerSession {
     type Event = ServerEvent;
-    fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
-        ServerSession::handle_bytes(self, now, data)
+    fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
+        ServerSession::handle_stream_data(self, now, data)
     }
     fn handle_timeout(&mut self, now: Instant) {
         ServerSession::handle_timeout(self, now)
@@ -79,7 +79,7 @@ impl<S: Role> Harness<S> {
     pub(super) fn feed(&mut self, packet: Packet) {
         let mut b = BytesMut::new();
         packet.encode(self.protocol, &mut b).unwrap();
-        self.session.handle_bytes(self.now, &b);
+        self.session.handle_stream_data(self.now, &b);
     }
 
     /// What the session wrote, decoded (a CONNECT sets the protocol the peer decodes in).

@@ -131,7 +131,7 @@ fn packets_pipelined_after_connect_wait_for_the_decision() {
     };
     Packet::from(sub).encode(Protocol::V5, &mut b).unwrap();
     Packet::PingReq.encode(Protocol::V5, &mut b).unwrap();
-    h.session.handle_bytes(h.now, &b);
+    h.session.handle_stream_data(h.now, &b);
     assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]), "handled before the decision");
     assert!(h.sent().is_empty());
     h.session.accept(h.now, false, None).unwrap();
@@ -146,11 +146,11 @@ fn what_waits_behind_an_undecided_connect_is_bounded() {
     let mut b = BytesMut::new();
     Packet::from(connect(Protocol::V5)).encode(Protocol::V5, &mut b).unwrap();
     Packet::PingReq.encode(Protocol::V5, &mut b).unwrap();
-    h.session.handle_bytes(h.now, &b);
+    h.session.handle_stream_data(h.now, &b);
     assert!(matches!(h.events()[..], [ServerEvent::Connect(_)]));
     // The broker has not decided; the client keeps sending.
     for _ in 0..600 {
-        h.session.handle_bytes(h.now, &[0xC0, 0x00]);
+        h.session.handle_stream_data(h.now, &[0xC0, 0x00]);
     }
     assert_eq!(ended(&mut h), Some(EndReason::ProtocolViolation(ReasonCode::QuotaExceeded)));
 }
@@ -171,7 +171,7 @@ fn connect_must_come_first_and_once() {
 fn unsupported_version_gets_the_refusal_its_client_can_read() {
     let answer = |level: u8| {
         let mut h = H::new(ServerSessionConfig::default());
-        h.session.handle_bytes(h.now, &[0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60, 0, 0]);
+        h.session.handle_stream_data(h.now, &[0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', level, 0x02, 0, 60, 0, 0]);
         let mut buf = BytesMut::new();
         while let Some(b) = h.session.poll_transmit() {
             buf.extend_from_slice(&b);
@@ -193,7 +193,7 @@ fn a_will_with_a_wildcard_topic_is_refused_with_0x90() {
         0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x06, 0, 60, 0, 0, 1, b'c', 0, 0, 3, b'a', b'/', b'#', 0, 1, b'x',
     ];
     bytes[1] = (bytes.len() - 2) as u8;
-    h.session.handle_bytes(h.now, &bytes);
+    h.session.handle_stream_data(h.now, &bytes);
     assert_eq!(h.sent(), [ConnAck { reason_code: ReasonCode::TopicNameInvalid, ..Default::default() }.into()]);
     assert!(h.session.is_done());
 }
@@ -425,7 +425,7 @@ fn messages_above_the_client_maximum_packet_size_are_refused() {
 
 /// Ends `h`'s connection and returns the session state, as the broker keeps it.
 fn lose(h: &mut H) -> SessionState {
-    h.session.connection_lost();
+    h.session.handle_stream_closed(h.now);
     h.events();
     h.session.take_state()
 }
@@ -636,7 +636,7 @@ fn will_follows_how_the_connection_ended() {
         })
     };
     let mut h = H::connected(ServerSessionConfig::default(), with_will());
-    h.session.connection_lost();
+    h.session.handle_stream_closed(h.now);
     assert_eq!(will_of(&mut h), Some(true), "ungraceful: will");
     let mut h = H::connected(ServerSessionConfig::default(), with_will());
     h.feed(Disconnect::default().into());
@@ -673,7 +673,7 @@ fn resumed_state_keeps_qos2_exactly_once_and_resends_unacknowledged() {
     // Our QoS 1 message to the client is not acknowledged.
     h.session.publish(h.now, publish("out", QoS::AtLeastOnce, 1)).unwrap();
     h.sent();
-    h.session.connection_lost();
+    h.session.handle_stream_closed(h.now);
     h.events();
     let state = h.session.take_state();
     assert_eq!(state.pending(), 1);
