@@ -52,8 +52,10 @@
 //!   for byte streams (TCP, TLS) one vocabulary on every machine that carries them:
 //!   `handle_stream_open`, `handle_stream_data`, `handle_stream_written` (the broker counts
 //!   what is still unwritten against a client), `handle_stream_closed`;
-//! - commands (`connect`, `send`, `publish`, `subscribe`, ...) return
-//!   `Result<_, `[`error::CommandError`]`>`, the one command error of the crate;
+//! - commands to QUIC endpoints, sessions, client machines and pools (`connect`, `send`,
+//!   `publish`, `subscribe`, ...) return `Result<_, `[`error::CommandError`]`>`, the one command
+//!   error of the crate; the broker's in-process `publish_local` answers with the MQTT reason
+//!   code a client would get for the same message;
 //! - outputs are polled until they return `None`: `poll_transmit` (datagrams), `poll_timeout`,
 //!   `poll_event`, and `poll_stream` (byte-stream output);
 //! - `is_done` says a machine has finished for good and may be dropped: a server session that
