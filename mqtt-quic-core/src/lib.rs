@@ -144,6 +144,7 @@ pub mod config;
 pub mod driver;
 pub mod error;
 pub mod machine;
+pub mod persist;
 pub mod pool;
 pub mod quic;
 pub mod rng;

@@ -1,0 +1,133 @@
+//! Persistence, the sans-IO way: the broker describes the state that must survive a crash as
+//! storage operations, the adapter writes them, and the broker holds back what promises
+//! durability until the adapter says they are on disk.
+//!
+//! # The contract
+//!
+//! - With [`Persistence::Sync`] or [`Persistence::Periodic`] configured, the broker journals
+//!   every change to durable state (kept sessions and their subscriptions, both directions of
+//!   QoS 1/2 state, offline queues, retained messages, delayed wills). Poll
+//!   [`Broker::poll_store`](crate::broker::machine::Broker::poll_store) after every input, like
+//!   the other outputs: each [`StoreBatch`] is a list of [`StoreOp`]s to apply in order, in one
+//!   transaction, numbered by `seq`.
+//! - Batches may be committed together (group commit): one transaction and one sync for
+//!   everything polled so far. Then report the highest `seq` committed with
+//!   [`Broker::handle_stored`](crate::broker::machine::Broker::handle_stored).
+//! - With `Sync`, a connection whose packet changed durable state gets no further output (its
+//!   PUBACK, PUBREC, PUBCOMP, SUBACK, CONNACK, ...) until the batch holding that change is
+//!   reported stored: what is acknowledged is on disk.
+//! - On start, before any listener opens, the adapter reads every record back and hands them
+//!   to [`Broker::restore`](crate::broker::machine::Broker::restore).
+//!
+//! Records are opaque bytes to the store: keys and values are encoded here (`records.rs`), so
+//! every adapter stores the same format and the core never touches a file. A store only needs
+//! four tables of ordered byte keys, prefix deletes, and a wall-clock stamp per value (so the
+//! broker learns how old each record is: offline sessions expire, wills fire and messages
+//! expire across a restart as if the broker had run on).
+
+use std::time::Duration;
+
+/// The version of the record format in [`Table`]s. A store holding a newer version than this
+/// build knows must be refused: its records may not mean what this build would read.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// How durable the broker's state is (the `persistence` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Persistence {
+    /// Nothing is stored: a restart starts empty.
+    Off,
+    /// State is written in batches and synced to disk at intervals: a crash loses at most the
+    /// last interval; acknowledgements do not wait for the disk.
+    Periodic,
+    /// Acknowledgements wait for the disk: once PUBACK, PUBREC, PUBCOMP or SUBACK went out, what
+    /// it acknowledges survives a crash.
+    #[default]
+    Sync,
+}
+
+impl Persistence {
+    /// Whether the broker journals its state at all.
+    pub fn is_on(self) -> bool {
+        self != Persistence::Off
+    }
+}
+
+/// A table of the store. Keys sort as bytes; each table's key and value format is in
+/// `records.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// Kept sessions by client id: owner, expiry, subscriptions, QoS 2 ids awaiting PUBREL.
+    Sessions,
+    /// Messages for a session (queued or in flight) by client id and message number.
+    Messages,
+    /// Retained messages by topic.
+    Retained,
+    /// Delayed wills by client id.
+    Wills,
+}
+
+impl Table {
+    /// Every table.
+    pub const ALL: [Table; 4] = [Table::Sessions, Table::Messages, Table::Retained, Table::Wills];
+
+    /// The table's name in a store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Sessions => "sessions",
+            Table::Messages => "messages",
+            Table::Retained => "retained",
+            Table::Wills => "wills",
+        }
+    }
+}
+
+/// One change to apply to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Insert or replace a record. The store stamps the value with the wall-clock time of the
+    /// write (see [`StoredRecord::age`]).
+    Put {
+        /// Which table.
+        table: Table,
+        /// Its key.
+        key: Vec<u8>,
+        /// Its value.
+        value: Vec<u8>,
+    },
+    /// Remove a record (nothing happens if there is none).
+    Delete {
+        /// Which table.
+        table: Table,
+        /// Its key.
+        key: Vec<u8>,
+    },
+    /// Remove every record whose key starts with `prefix`.
+    DeletePrefix {
+        /// Which table.
+        table: Table,
+        /// The prefix.
+        prefix: Vec<u8>,
+    },
+}
+
+/// Operations to apply in order, atomically, numbered so the adapter can report them stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreBatch {
+    /// Increases by one per batch, from 1.
+    pub seq: u64,
+    /// The changes.
+    pub ops: Vec<StoreOp>,
+}
+
+/// A record read back from the store at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Its table.
+    pub table: Table,
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Its value, as put.
+    pub value: Vec<u8>,
+    /// How long ago it was written (wall clock; zero if the clock went backwards).
+    pub age: Duration,
+}
