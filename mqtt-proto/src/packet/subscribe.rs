@@ -27,7 +27,9 @@ pub struct SubscriptionOptions {
 }
 
 impl SubscriptionOptions {
-    pub(crate) fn decode(byte: u8, v5: bool) -> Result<SubscriptionOptions, DecodeError> {
+    /// Reads the options byte of a SUBSCRIBE (MQTT 5 layout with `v5`, else QoS only); the
+    /// same byte [`SubscriptionOptions::encode`] writes, so it also serves stores.
+    pub fn decode(byte: u8, v5: bool) -> Result<SubscriptionOptions, DecodeError> {
         let reserved = if v5 { 0b1100_0000 } else { 0b1111_1100 };
         if byte & reserved != 0 {
             return Err(DecodeError::InvalidSubscriptionOptions(byte));
@@ -50,7 +52,8 @@ impl SubscriptionOptions {
         })
     }
 
-    pub(crate) fn encode(self, v5: bool) -> u8 {
+    /// The options byte of a SUBSCRIBE (MQTT 5 layout with `v5`, else QoS only).
+    pub fn encode(self, v5: bool) -> u8 {
         let mut byte = self.qos as u8;
         if v5 {
             byte |= (u8::from(self.no_local) << 2)

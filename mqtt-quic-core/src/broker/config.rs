@@ -3,6 +3,7 @@
 //! guarding against zero or overflow on every input.
 
 use super::auth::Auth;
+use crate::persist::Persistence;
 use crate::config::{invalid, ConfigError, ServerConfig, MAX_DURATION};
 use crate::session::server::ServerSessionConfig;
 use std::sync::Arc;
@@ -77,6 +78,11 @@ pub struct BrokerConfig {
     /// backlog still reaches four times this is disconnected. For byte streams the adapter
     /// reports what it has written with [`Broker::handle_stream_written`](super::machine::Broker::handle_stream_written).
     pub max_queued_bytes: usize,
+    /// Whether the broker journals its durable state for a store, and whether acknowledgements
+    /// wait for it (see [`crate::persist`]). `Off` here, because an embedding application that
+    /// does not drain [`Broker::poll_store`](super::machine::Broker::poll_store) would see its
+    /// acknowledgements held forever; the `mqttq` broker defaults to `Sync`.
+    pub persistence: Persistence,
 }
 
 impl BrokerConfig {
@@ -104,6 +110,7 @@ impl BrokerConfig {
             auth_failure_window: Duration::from_secs(60),
             auth: None,
             max_queued_bytes: 16 << 20,
+            persistence: Persistence::Off,
         }
     }
 

@@ -13,9 +13,11 @@ pub use super::config::BrokerConfig;
 pub use super::events::BrokerEvent;
 pub use super::links::{Peer, StreamId, StreamOutput};
 pub use super::local::LocalSubscription;
+pub use super::restore::Restored;
 pub use super::sys::Stats;
 
 use super::auth::{AuthId, AuthRequest, AuthVerdict};
+use super::journal::Journal;
 use super::links::Links;
 use super::local::LOCAL_BASE;
 use super::policy::{may_read, Logins};
@@ -50,6 +52,8 @@ pub(super) struct Live {
     pub(super) detail: Option<String>,
     /// QoS 0 messages dropped because it did not keep up.
     pub(super) dropped: u64,
+    /// With `Persistence::Sync`: the store batch its output waits for (see `journal`).
+    pub(super) barrier: u64,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -78,6 +82,8 @@ pub struct Broker {
     pub(super) schedule: Schedule,
     /// Set by a shutdown: the latest moment it ends.
     pub(super) closing_until: Option<Instant>,
+    /// Durable state changes waiting for the store, and output held until they are stored.
+    pub(super) journal: Journal,
 }
 
 impl Broker {
@@ -103,6 +109,7 @@ impl Broker {
             stats: Stats::default(),
             schedule: Schedule::default(),
             closing_until: None,
+            journal: Journal::new(config.persistence),
             config,
         })
     }
@@ -190,6 +197,7 @@ impl Broker {
             live.detail.get_or_insert_with(|| "the connection closed".into());
         }
         self.links.forget_stream(id);
+        self.journal.forget(Peer::Stream(id));
         self.lost(now, Peer::Stream(id));
         self.pump(now);
     }
@@ -255,6 +263,7 @@ impl Broker {
                         if let Some(live) = self.conns.get_mut(&Peer::Quic(conn)) {
                             live.detail.get_or_insert_with(|| format!("QUIC: {reason}"));
                         }
+                        self.journal.forget(Peer::Quic(conn));
                         self.lost(now, Peer::Quic(conn));
                     }
                     quic::Event::Migrated { conn, remote } => {
@@ -297,6 +306,7 @@ impl Broker {
             live.detail = Some("slow consumer: it took nothing for the write timeout, or fell too far behind".into());
         }
         self.links.abort(now, peer);
+        self.journal.forget(peer);
         if let Peer::Stream(_) = peer {
             // QUIC reports the closed connection itself; a byte stream is gone now.
             self.lost(now, peer);
@@ -337,6 +347,7 @@ impl Broker {
             hello: None,
             detail: None,
             dropped: 0,
+            barrier: 0,
         })
     }
 
@@ -344,6 +355,7 @@ impl Broker {
     fn serve(&mut self, now: Instant, conn: Peer) {
         // Handling an event can raise more (accepting CONNECT releases the packets the client
         // sent right after it), so go on until the session is quiet.
+        let changes = self.journal.changes();
         loop {
             let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
             let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
@@ -354,18 +366,26 @@ impl Broker {
                 self.on_event(now, conn, event);
             }
         }
+        // What its packets changed durably is acknowledged only once stored.
+        let barrier = self.journal.barrier().filter(|_| self.journal.changes() != changes);
         let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
+        if let Some(barrier) = barrier {
+            live.barrier = barrier;
+        }
         let out: Vec<Bytes> = std::iter::from_fn(|| live.session.poll_transmit()).collect();
         let ended = live.session.is_done();
+        self.journal_live(conn);
         for bytes in out {
             self.stats.bytes_sent += bytes.len() as u64;
-            self.send(now, conn, bytes);
+            self.emit(now, conn, bytes);
         }
         if ended {
             if let Some(Live { auth: Some(id), .. }) = self.conns.remove(&conn) {
                 self.logins.abandon(id);
             }
-            self.links.finish(now, conn);
+            if self.journal.finish(conn) {
+                self.links.finish(now, conn);
+            }
         }
         self.rearm(conn);
     }
@@ -379,8 +399,11 @@ impl Broker {
                 self.stats.messages_received += 1;
                 let mut reason = self.publish_refusal(conn, &p.topic);
                 // A retained message the store has no room for is refused as a whole.
-                if reason == ReasonCode::Success && p.retain && self.retained.set(now, &p).is_err() {
-                    reason = ReasonCode::QuotaExceeded;
+                if reason == ReasonCode::Success && p.retain {
+                    match self.retained.set(now, &p) {
+                        Ok(()) => self.journal_retained(now, &p),
+                        Err(_) => reason = ReasonCode::QuotaExceeded,
+                    }
                 }
                 if let Some(live) = self.conns.get_mut(&conn) {
                     live.session.acknowledge(p.qos_pid, reason);
@@ -392,6 +415,7 @@ impl Broker {
             ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {
                 if let Some(key) = key {
                     self.subscribe(now, conn, key, packet_id, subscriptions, subscription_id);
+                    self.journal_client(conn);
                 }
             }
             ServerEvent::Unsubscribe { packet_id, filters } => {
@@ -409,6 +433,7 @@ impl Broker {
                     if let Some(live) = self.conns.get_mut(&conn) {
                         let _ = live.session.unsuback(packet_id, codes);
                     }
+                    self.journal_client(conn);
                 }
             }
             ServerEvent::Delivered { id } => {
@@ -422,6 +447,7 @@ impl Broker {
                     self.conns.get(&conn).and_then(|l| l.client.as_ref()).and_then(|c| self.registry.get_mut(c));
                 if let Some(record) = record.filter(|r| r.conn == Some(conn)) {
                     record.expiry = secs.min(self.config.max_session_expiry);
+                    self.journal_client(conn);
                 }
             }
             ServerEvent::Ended { will, reason } => {
@@ -445,8 +471,8 @@ impl Broker {
     /// nobody can be told of a refusal, so a full store keeps its older messages and the
     /// message is routed all the same. (Client and in-process publishes are refused instead.)
     pub(super) fn publish(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
-        if publish.retain {
-            let _ = self.retained.set(now, &publish);
+        if publish.retain && self.retained.set(now, &publish).is_ok() {
+            self.journal_retained(now, &publish);
         }
         self.route(now, publish, from);
     }
@@ -503,6 +529,7 @@ impl Broker {
                     self.stats.messages_sent += 1;
                 }
                 self.dirty.insert(conn);
+                self.journal_live(conn);
                 return id;
             }
         }
@@ -511,6 +538,8 @@ impl Broker {
             let (max_bytes, max_queue) = (self.config.max_offline_bytes, self.config.max_offline_queue);
             if !self.registry.enqueue(now, key, publish, max_bytes, max_queue) {
                 self.stats.messages_dropped += 1;
+            } else if let Some((id, state)) = self.registry.kept_by_key(key) {
+                self.journal.state(id, state);
             }
         }
         None

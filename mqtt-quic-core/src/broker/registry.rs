@@ -36,8 +36,17 @@ pub(super) struct Record {
     pub(super) expiry: u32,
     /// When the offline session is discarded.
     expires_at: Option<Instant>,
-    /// A will waiting for its delay.
-    will: Option<(Instant, Will)>,
+    /// A will waiting for its delay, as the message it becomes.
+    will: Option<(Instant, Publish)>,
+    /// Kept across restarts: its changes are journaled for the store.
+    pub(super) durable: bool,
+}
+
+impl Record {
+    /// When the offline session is discarded (`None` while connected, or never).
+    pub(super) fn expires_at(&self) -> Option<Instant> {
+        self.expires_at
+    }
 }
 
 /// The two deadlines of an offline session, each filed apart under its client id.
@@ -97,6 +106,53 @@ impl Registry {
         self.clients.get_mut(id)
     }
 
+    /// The state of an offline session.
+    pub(super) fn kept(&self, id: &str) -> Option<&SessionState> {
+        self.clients.get(id)?.kept.as_ref()
+    }
+
+    /// The state of an offline session, by key, with its client id.
+    pub(super) fn kept_by_key(&mut self, key: SessionKey) -> Option<(&str, &mut SessionState)> {
+        let id = self.keys.get(&key)?;
+        Some((id.as_str(), self.clients.get_mut(id)?.kept.as_mut()?))
+    }
+
+    /// A session read back from a store, offline: its state, its expiry (`expires_at`, `None`
+    /// for never) and its pending will. Returns its key, for its subscriptions.
+    pub(super) fn restore(
+        &mut self,
+        id: &str,
+        owner: Option<String>,
+        expiry: u32,
+        state: SessionState,
+        expires_at: Option<Instant>,
+        will: Option<(Instant, Publish)>,
+    ) -> SessionKey {
+        self.next_key += 1;
+        let key = self.next_key;
+        let record = Record {
+            key,
+            owner,
+            queued_bytes: 0,
+            conn: None,
+            kept: None,
+            expiry,
+            expires_at,
+            will,
+            durable: true,
+        };
+        if let Some(at) = expires_at {
+            self.timers.set((id.to_string(), RecordTimer::Expiry), Some(at));
+        }
+        if let Some((at, _)) = &record.will {
+            self.timers.set((id.to_string(), RecordTimer::Will), Some(*at));
+        }
+        self.clients.insert(id.to_string(), record);
+        self.keys.insert(key, id.to_string());
+        self.keep(id, state);
+        key
+    }
+
     /// A session by its key, with its client id.
     pub(super) fn by_key(&self, key: SessionKey) -> Option<(&String, &Record)> {
         let id = self.keys.get(&key)?;
@@ -128,7 +184,13 @@ impl Registry {
     /// state comes out (and its bytes leave the offline budget), and its expiry and will are
     /// cancelled, timer entries included, so a client that comes and goes does not grow the
     /// timers.
-    fn attach(&mut self, id: &str, username: &Option<String>, expiry: u32, conn: Peer) -> Option<SessionState> {
+    fn attach(
+        &mut self,
+        id: &str,
+        username: &Option<String>,
+        expiry: u32,
+        conn: Peer,
+    ) -> (Option<SessionState>, bool) {
         let next_key = &mut self.next_key;
         let record = self.clients.entry(id.to_string()).or_insert_with(|| {
             *next_key += 1;
@@ -141,6 +203,7 @@ impl Registry {
                 expiry,
                 expires_at: None,
                 will: None,
+                durable: false,
             }
         });
         let state = record.kept.take();
@@ -150,11 +213,12 @@ impl Registry {
         if record.expires_at.take().is_some() {
             self.timers.remove(&(id.to_string(), RecordTimer::Expiry));
         }
-        if record.will.take().is_some() {
+        let will = record.will.take().is_some();
+        if will {
             self.timers.remove(&(id.to_string(), RecordTimer::Will));
         }
         self.keys.insert(record.key, id.to_string());
-        state
+        (state, will)
     }
 
     /// Keeps a session's state while its client is away, counting its messages against the
@@ -170,12 +234,12 @@ impl Registry {
 
     /// Starts an offline session's clocks: its will (delayed, at most until the session
     /// expires) and its expiry (none for `u32::MAX`).
-    fn arm(&mut self, now: Instant, id: &str, will: Option<Will>) {
-        let Some(record) = self.clients.get_mut(id) else { return };
+    fn arm(&mut self, now: Instant, id: &str, will: Option<Will>) -> Option<(Instant, Publish)> {
+        let record = self.clients.get_mut(id)?;
         if let Some(will) = will {
             let delay = will.properties.will_delay_interval.unwrap_or(0);
             let at = now + Duration::from_secs(u64::from(delay.min(record.expiry)));
-            record.will = Some((at, will));
+            record.will = Some((at, will_message(will)));
             self.timers.set((id.to_string(), RecordTimer::Will), Some(at));
         }
         record.expires_at = match record.expiry {
@@ -185,6 +249,7 @@ impl Registry {
         if let Some(at) = record.expires_at {
             self.timers.set((id.to_string(), RecordTimer::Expiry), Some(at));
         }
+        record.will.clone()
     }
 
     /// Forgets a session: its queue (and the bytes it counted) and its timer entries. (Its
@@ -264,9 +329,16 @@ impl Broker {
         if c.clean_start {
             self.remove_record(&id);
         }
-        let state = self.registry.attach(&id, &username, expiry, conn);
+        let (state, cancelled_will) = self.registry.attach(&id, &username, expiry, conn);
+        let durable = self.journal.is_on() && expiry > 0;
+        if let Some(record) = self.registry.get_mut(&id) {
+            if record.durable && cancelled_will {
+                self.journal.will(&id, None);
+            }
+            record.durable = durable;
+        }
         let Some(live) = self.conns.get_mut(&conn) else { return };
-        live.client = Some(id);
+        live.client = Some(id.clone());
         live.username = username;
         let asked = c.properties.session_expiry_interval.unwrap_or(0);
         if c.protocol.is_v5() && asked != expiry {
@@ -298,6 +370,7 @@ impl Broker {
                 let _ = live.session.accept(now, false, assigned.as_deref());
             }
         }
+        self.journal_attach(conn, &id, durable);
         self.events.push_back(connected);
     }
 
@@ -321,7 +394,7 @@ impl Broker {
                 let dropped = old.dropped;
                 let out: Vec<Bytes> = std::iter::from_fn(|| old.session.poll_transmit()).collect();
                 for bytes in out {
-                    self.send(now, other, bytes);
+                    self.emit(now, other, bytes);
                 }
                 // Serving the ended session closes its transport.
                 self.dirty.insert(other);
@@ -335,6 +408,8 @@ impl Broker {
                 if let Some(r) = self.registry.get_mut(id) {
                     r.conn = None;
                 }
+                let mut state = state;
+                self.journal.state(id, &mut state);
                 self.registry.keep(id, state);
             }
         }
@@ -357,8 +432,17 @@ impl Broker {
             return;
         }
         record.conn = None;
+        let durable = record.durable;
+        self.journal.state(&id, &mut state);
         self.registry.keep(&id, state);
-        self.registry.arm(now, &id, will);
+        let will = self.registry.arm(now, &id, will);
+        if durable {
+            // Its record now says when it expires; a delayed will waits on disk too.
+            self.journal.session(&id);
+            if will.as_ref().is_some_and(|(at, _)| *at > now) {
+                self.journal.will(&id, will);
+            }
+        }
         self.fire(now);
     }
 
@@ -367,6 +451,9 @@ impl Broker {
     pub(super) fn remove_record(&mut self, id: &str) -> Option<Record> {
         let record = self.registry.remove(id)?;
         self.router.remove_session(record.key);
+        if record.durable {
+            self.journal.delete_session(id);
+        }
         Some(record)
     }
 
@@ -377,7 +464,10 @@ impl Broker {
             // A reconnect cancels both; entries it made stale are skipped here.
             if record.will.as_ref().is_some_and(|(t, _)| *t <= now) {
                 if let Some((_, will)) = record.will.take() {
-                    self.publish(now, will_message(will), None);
+                    if record.durable {
+                        self.journal.will(&id, None);
+                    }
+                    self.publish(now, will, None);
                 }
             }
             let Some(record) = self.registry.clients.get(&id) else { continue };
@@ -385,7 +475,7 @@ impl Broker {
                 if let Some(record) = self.remove_record(&id) {
                     if let Some((_, will)) = record.will {
                         // A session that ends before its will delay publishes the will then.
-                        self.publish(now, will_message(will), None);
+                        self.publish(now, will, None);
                     }
                 }
             }

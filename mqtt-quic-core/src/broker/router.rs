@@ -179,6 +179,26 @@ impl Router {
         }
     }
 
+    /// A session's subscription to `filter`, with its options.
+    pub fn entry(&self, session: SessionKey, filter: &TopicFilter) -> Option<Entry> {
+        let (group, path, hash) = split(filter);
+        let mut node = &self.root;
+        for level in &path {
+            node = match *level {
+                "+" => node.plus.as_deref()?,
+                literal => node.children.get(literal)?,
+            };
+        }
+        let subscribers = if hash { &node.hash } else { &node.exact };
+        match group {
+            None => {
+                let i = subscribers.direct.binary_search_by_key(&session, |(k, _)| *k).ok()?;
+                Some(subscribers.direct[i].1)
+            }
+            Some(g) => subscribers.shared.get(g)?.members.get(&session).copied(),
+        }
+    }
+
     /// The filters a session is subscribed to.
     pub fn filters(&self, session: SessionKey) -> &[TopicFilter] {
         self.by_session.get(&session).map_or(&[], |v| v.as_slice())

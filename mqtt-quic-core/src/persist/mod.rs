@@ -131,3 +131,7 @@ pub struct StoredRecord {
     /// How long ago it was written (wall clock; zero if the clock went backwards).
     pub age: Duration,
 }
+
+pub(crate) mod records;
+
+pub use records::RecordError;

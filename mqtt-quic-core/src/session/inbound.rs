@@ -26,6 +26,8 @@ pub(crate) struct Inbound {
     unacked_qos1: BTreeSet<u16>,
     /// QoS 2 messages acknowledged with PUBREC, waiting for PUBREL.
     qos2: BTreeSet<u16>,
+    /// Whether `qos2` changed since [`Inbound::take_changed`] (a store keeps it).
+    changed: bool,
 }
 
 impl Inbound {
@@ -57,25 +59,45 @@ impl Inbound {
             return Arrival::OverLimit;
         }
         self.qos2.insert(id);
+        self.changed = true;
         Arrival::New
     }
 
     /// PUBREL for this identifier, or a QoS 2 message refused with PUBREC: the exchange is
     /// over. False when no such message waited (PUBCOMP then says 0x92).
     pub(crate) fn release(&mut self, id: u16) -> bool {
-        self.qos2.remove(&id)
+        let released = self.qos2.remove(&id);
+        self.changed |= released;
+        released
+    }
+
+    /// Whether the QoS 2 identifiers awaiting PUBREL changed since the last call.
+    pub(crate) fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The QoS 2 identifiers awaiting PUBREL (what a store keeps).
+    pub(crate) fn qos2_ids(&self) -> impl Iterator<Item = u16> + '_ {
+        self.qos2.iter().copied()
+    }
+
+    /// Inbound state read back from a store: these QoS 2 identifiers await PUBREL.
+    pub(crate) fn restored(ids: impl IntoIterator<Item = u16>) -> Inbound {
+        Inbound { unacked_qos1: BTreeSet::new(), qos2: ids.into_iter().collect(), changed: false }
     }
 
     /// What outlives a connection: the QoS 2 messages awaiting PUBREL (unacknowledged QoS 1
     /// messages are the peer's to resend). Leaves this empty.
     pub(crate) fn take_kept(&mut self) -> Inbound {
         self.unacked_qos1.clear();
-        Inbound { unacked_qos1: BTreeSet::new(), qos2: std::mem::take(&mut self.qos2) }
+        let changed = std::mem::take(&mut self.changed);
+        Inbound { unacked_qos1: BTreeSet::new(), qos2: std::mem::take(&mut self.qos2), changed }
     }
 
     /// Forgets everything (the peer has no session).
     pub(crate) fn clear(&mut self) {
         self.unacked_qos1.clear();
+        self.changed |= !self.qos2.is_empty();
         self.qos2.clear();
     }
 }

@@ -25,7 +25,7 @@ mod alias_in;
 pub mod alias_out;
 pub mod client;
 mod inbound;
-mod outbound;
+pub(crate) mod outbound;
 pub mod packet_id;
 pub mod server;
 pub mod state;

@@ -30,6 +30,18 @@ struct InFlight {
     publish: Publish,
 }
 
+impl InFlight {
+    fn kept(&self) -> Kept {
+        Kept {
+            id: self.id,
+            publish: self.publish.clone(),
+            packet_id: Some(self.packet_id),
+            released: self.released,
+            at: None,
+        }
+    }
+}
+
 /// One of our messages waiting for a slot in the window.
 #[derive(Debug, Clone)]
 struct Queued {
@@ -37,6 +49,12 @@ struct Queued {
     publish: Publish,
     /// When it was queued: message expiry counts down from here.
     at: Instant,
+}
+
+impl Queued {
+    fn kept(&self) -> Kept {
+        Kept { id: self.id, publish: self.publish.clone(), packet_id: None, released: false, at: Some(self.at) }
+    }
 }
 
 /// What the window wants done next (see [`Outbound::next_step`]).
@@ -81,9 +99,81 @@ pub(crate) struct Outbound {
     /// Timed redelivery only (see [`Outbound::note_sent`]): per identifier in flight, when its
     /// PUBLISH or PUBREL last went out on this connection and how often it has been resent.
     resend: BTreeMap<u16, (Instant, u32)>,
+    /// With persistence, every change to a kept message, for the broker's journal (see
+    /// [`Outbound::journal`]); `None` when nobody stores this window.
+    changes: Option<Vec<Change>>,
+}
+
+/// A change to one of our messages, for a store (see [`Outbound::journal`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Change {
+    /// A new message (never stored before).
+    Add(Kept),
+    /// The message as it now stands (sent, released, or queued again).
+    Put(Kept),
+    /// The message with this id is complete or dropped.
+    Remove(u64),
+}
+
+/// One kept message as a store sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Kept {
+    /// The window's id for it: unique within the session, increasing in queue order.
+    pub(crate) id: u64,
+    /// The message (with its identifier, when in flight).
+    pub(crate) publish: Publish,
+    /// In flight under this identifier, or still queued.
+    pub(crate) packet_id: Option<PacketId>,
+    /// QoS 2, PUBREC received: PUBREL is what is owed.
+    pub(crate) released: bool,
+    /// When it was queued, while it waits (message expiry counts down from here); `None` once
+    /// sent.
+    pub(crate) at: Option<Instant>,
 }
 
 impl Outbound {
+    /// Starts (or stops) recording every change to the kept messages, for a store; the changes
+    /// are taken with [`Outbound::take_changes`].
+    pub(crate) fn journal(&mut self, on: bool) {
+        self.changes = on.then(Vec::new);
+    }
+
+    /// Whether changes are recorded.
+    pub(crate) fn is_journaled(&self) -> bool {
+        self.changes.is_some()
+    }
+
+    /// The changes recorded since the last call.
+    pub(crate) fn take_changes(&mut self) -> Vec<Change> {
+        self.changes.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn note(&mut self, change: impl FnOnce() -> Change) {
+        if let Some(changes) = &mut self.changes {
+            changes.push(change());
+        }
+    }
+
+    /// Every kept message as a store sees it, in flight first (in sending order), then queued.
+    pub(crate) fn kept(&self) -> impl Iterator<Item = Kept> + '_ {
+        let inflight = self.inflight.iter().map(InFlight::kept);
+        inflight.chain(self.queued.iter().map(Queued::kept))
+    }
+
+    /// Puts back one message read from a store (its expiry interval already reduced by the
+    /// time it spent on disk), in the order they are stored (by id): in flight under its
+    /// identifier, or queued as of `now`. Call [`Outbound::resume`] after the last.
+    pub(crate) fn restore(&mut self, now: Instant, kept: Kept) {
+        self.next_id = self.next_id.max(kept.id);
+        let Kept { id, publish, packet_id, released, .. } = kept;
+        match packet_id {
+            Some(packet_id) if !self.inflight.iter().any(|e| e.packet_id == packet_id) => {
+                self.inflight.push(InFlight { packet_id, released, id, publish })
+            }
+            _ => self.queued.push_back(Queued { id, publish, at: now }),
+        }
+    }
+
     /// A fresh id for a message (for a role that has no request ids of its own).
     pub(crate) fn new_id(&mut self) -> u64 {
         self.next_id += 1;
@@ -102,7 +192,9 @@ impl Outbound {
 
     /// Queues a message under the caller's `id`; it goes out from [`Outbound::next_step`].
     pub(crate) fn push(&mut self, id: u64, publish: Publish, now: Instant) {
-        self.queued.push_back(Queued { id, publish, at: now });
+        let queued = Queued { id, publish, at: now };
+        self.note(|| Change::Add(queued.kept()));
+        self.queued.push_back(queued);
     }
 
     /// A packet identifier for something other than a PUBLISH (a client's SUBSCRIBE), from the
@@ -151,13 +243,17 @@ impl Outbound {
         while self.inflight.len() < limit {
             let Queued { id, mut publish, at } = self.queued.pop_front()?;
             if let Some(reason) = refuse(&publish) {
+                self.note(|| Change::Remove(id));
                 return Some(Step::Dropped { id, reason });
             }
             if let (true, Some(secs)) = (expire, publish.properties.message_expiry_interval) {
                 let waited = now.saturating_duration_since(at).as_secs();
                 match u64::from(secs).checked_sub(waited).filter(|left| *left > 0) {
                     Some(left) => publish.properties.message_expiry_interval = Some(left as u32),
-                    None => continue,
+                    None => {
+                        self.note(|| Change::Remove(id));
+                        continue;
+                    }
                 }
             }
             let Some(packet_id) = self.ids.allocate() else {
@@ -165,7 +261,9 @@ impl Outbound {
                 return None;
             };
             publish.qos_pid = QosPid::from_parts(publish.qos(), packet_id);
-            self.inflight.push(InFlight { packet_id, released: false, id, publish: publish.clone() });
+            let entry = InFlight { packet_id, released: false, id, publish: publish.clone() };
+            self.note(|| Change::Put(entry.kept()));
+            self.inflight.push(entry);
             self.resent = self.inflight.len();
             return Some(Step::Publish(publish));
         }
@@ -178,6 +276,7 @@ impl Outbound {
 
     fn remove(&mut self, index: usize) -> u64 {
         let entry = self.inflight.remove(index);
+        self.note(|| Change::Remove(entry.id));
         if index < self.resent {
             self.resent -= 1;
         }
@@ -200,6 +299,8 @@ impl Outbound {
             return PubRec::Completed(self.remove(i));
         }
         self.inflight[i].released = true;
+        let entry = self.inflight[i].kept();
+        self.note(|| Change::Put(entry));
         PubRec::Release
     }
 
@@ -228,9 +329,11 @@ impl Outbound {
     /// The peer lost the session: what was in flight goes out again as new messages, ahead of
     /// the queue, with new identifiers.
     pub(crate) fn requeue_inflight(&mut self, now: Instant) {
-        for entry in self.inflight.drain(..).rev() {
+        for entry in std::mem::take(&mut self.inflight).into_iter().rev() {
             self.ids.release(entry.packet_id);
-            self.queued.push_front(Queued { id: entry.id, publish: entry.publish, at: now });
+            let queued = Queued { id: entry.id, publish: entry.publish, at: now };
+            self.note(|| Change::Put(queued.kept()));
+            self.queued.push_front(queued);
         }
         self.resent = 0;
     }
@@ -311,7 +414,14 @@ impl Outbound {
                 self.remove(i);
             }
         }
-        self.queued.retain(|q| keep(&q.publish));
+        let changes = &mut self.changes;
+        self.queued.retain(|q| {
+            let kept = keep(&q.publish);
+            if let (false, Some(changes)) = (kept, changes.as_mut()) {
+                changes.push(Change::Remove(q.id));
+            }
+            kept
+        });
         before - self.pending()
     }
 
@@ -330,10 +440,14 @@ impl Outbound {
                 i += 1;
             }
         }
+        let changes = &mut self.changes;
         self.queued.retain(|q| {
             let take = ids.contains(&q.id);
             if take {
                 out.push(q.publish.clone());
+                if let Some(changes) = changes.as_mut() {
+                    changes.push(Change::Remove(q.id));
+                }
             }
             !take
         });

@@ -7,6 +7,7 @@
 use super::alias_in::IncomingAliases;
 use super::alias_out::OutgoingAliases;
 use super::inbound::{Arrival, Inbound};
+use super::outbound::{Change, Kept};
 use super::outbound::{Outbound, PubRec, Step};
 use super::timer::{earliest, Timer};
 use super::writer::Writer;
@@ -273,6 +274,33 @@ impl ServerSession {
     /// [`ServerSession::resume`]; the configured `server_keep_alive`, if any, still wins.
     pub fn impose_keep_alive(&mut self, secs: u16) {
         self.imposed_keep_alive = Some(secs);
+    }
+
+    /// Starts recording changes to durable state for a store (see [`crate::persist`]); with
+    /// `on` false, stops.
+    pub(crate) fn journal(&mut self, on: bool) {
+        self.outbound.journal(on);
+    }
+
+    /// Whether changes are recorded for a store.
+    pub(crate) fn is_journaled(&self) -> bool {
+        self.outbound.is_journaled()
+    }
+
+    /// The changes to our kept messages since the last call, and whether the client's QoS 2
+    /// identifiers awaiting PUBREL changed.
+    pub(crate) fn take_changes(&mut self) -> (Vec<Change>, bool) {
+        (self.outbound.take_changes(), self.inbound.take_changed())
+    }
+
+    /// Every kept message, as a store sees it.
+    pub(crate) fn kept_messages(&self) -> Vec<Kept> {
+        self.outbound.kept().collect()
+    }
+
+    /// The client's QoS 2 identifiers awaiting PUBREL.
+    pub(crate) fn qos2_ids(&self) -> Vec<u16> {
+        self.inbound.qos2_ids().collect()
     }
 
     /// The session state to keep after the connection ended (see [`SessionState`]).

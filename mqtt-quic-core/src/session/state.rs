@@ -4,7 +4,7 @@
 //! returns; the broker meanwhile queues messages into it and applies its budgets.
 
 use super::inbound::Inbound;
-use super::outbound::Outbound;
+use super::outbound::{Change, Kept, Outbound};
 use mqtt_proto::Publish;
 use std::time::Instant;
 
@@ -64,6 +64,30 @@ impl SessionState {
         let id = self.outbound.new_id();
         self.outbound.push(id, publish, now);
         true
+    }
+}
+
+impl SessionState {
+    /// A session read back from a store: the client's QoS 2 identifiers awaiting PUBREL, and
+    /// our messages in stored (id) order, queued ones as of `now`. Changes are recorded.
+    pub(crate) fn restored(now: Instant, qos2: Vec<u16>, messages: Vec<Kept>) -> SessionState {
+        let mut outbound = Outbound::default();
+        for kept in messages {
+            outbound.restore(now, kept);
+        }
+        outbound.resume();
+        outbound.journal(true);
+        SessionState { inbound: Inbound::restored(qos2), outbound }
+    }
+
+    /// See [`ServerSession::take_changes`](super::server::ServerSession::take_changes).
+    pub(crate) fn take_changes(&mut self) -> (Vec<Change>, bool) {
+        (self.outbound.take_changes(), self.inbound.take_changed())
+    }
+
+    /// The client's QoS 2 identifiers awaiting PUBREL.
+    pub(crate) fn qos2_ids(&self) -> Vec<u16> {
+        self.inbound.qos2_ids().collect()
     }
 }
 

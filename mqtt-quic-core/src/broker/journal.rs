@@ -1,0 +1,405 @@
+//! The journal: what changed in the broker's durable state since the last batch, coalesced per
+//! record, and the acknowledgements held until it is on disk (see [`crate::persist`]).
+//!
+//! Changes are coalesced by key until the adapter polls a batch: a message queued and
+//! acknowledged within one batch is never written at all, and a session changed ten times is
+//! written once, from its state at that moment. Session records are read from the broker's
+//! state when the batch is made; messages, retained messages and wills are kept as their
+//! changes come (they are cheap to clone and expensive to look up).
+//!
+//! Holding acknowledgements: a connection whose packet changed durable state is given a
+//! barrier, the number of the batch that will carry the change. Its output from then on waits
+//! in order behind the barrier until the adapter reports that batch stored, so its PUBACK,
+//! PUBREC, PUBCOMP, SUBACK or CONNACK never promises what a crash could still take back.
+
+use super::links::Peer;
+use super::machine::Broker;
+use crate::persist::records::{
+    client_key, message_key, messages_prefix, MessageRecord, SessionRecord, TimedMessage,
+};
+use crate::persist::{Persistence, StoreBatch, StoreOp, Table};
+use crate::session::outbound::{Change, Kept};
+use crate::session::server::SessionState;
+use bytes::Bytes;
+use mqtt_proto::{Publish, QoS};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// A message's pending change: its latest state, or its removal.
+#[derive(Debug)]
+struct MessageChange {
+    /// The message, or `None` to delete it.
+    kept: Option<Kept>,
+    /// Added within this batch: never written, so removing it writes nothing.
+    fresh: bool,
+}
+
+/// Output held behind barriers, per connection, in order.
+#[derive(Debug, Default)]
+struct Held {
+    items: VecDeque<(u64, Bytes)>,
+    /// The connection's session ended: finish its transport once everything is out.
+    finish: bool,
+}
+
+/// The broker's pending store changes and held output.
+#[derive(Debug)]
+pub(super) struct Journal {
+    mode: Persistence,
+    /// The number the next batch gets.
+    next: u64,
+    /// The highest batch reported stored.
+    stored: u64,
+    /// Bumped on every change, so the broker can tell whether handling a packet changed
+    /// anything durable.
+    changes: u64,
+    /// Sessions to delete with everything under them, before anything else in the batch.
+    deleted: BTreeSet<String>,
+    /// Sessions whose record is to be written from their current state.
+    sessions: BTreeSet<String>,
+    messages: BTreeMap<(String, u64), MessageChange>,
+    /// Retained messages: the message and when it was set, or `None` to delete.
+    retained: BTreeMap<String, Option<(Instant, Publish)>>,
+    /// Delayed wills: when the delay ends and the message, or `None` to delete.
+    wills: BTreeMap<String, Option<(Instant, Publish)>>,
+    held: BTreeMap<Peer, Held>,
+}
+
+impl Journal {
+    pub(super) fn new(mode: Persistence) -> Journal {
+        Journal {
+            mode,
+            next: 1,
+            stored: 0,
+            changes: 0,
+            deleted: BTreeSet::new(),
+            sessions: BTreeSet::new(),
+            messages: BTreeMap::new(),
+            retained: BTreeMap::new(),
+            wills: BTreeMap::new(),
+            held: BTreeMap::new(),
+        }
+    }
+
+    /// Whether anything is journaled.
+    pub(super) fn is_on(&self) -> bool {
+        self.mode.is_on()
+    }
+
+    /// A counter that moves on every change.
+    pub(super) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The barrier for a change made now: the batch that will carry it, when acknowledgements
+    /// wait for the disk.
+    pub(super) fn barrier(&self) -> Option<u64> {
+        (self.mode == Persistence::Sync).then_some(self.next)
+    }
+
+    /// The session's record is to be written (or deleted, if it is no longer kept).
+    pub(super) fn session(&mut self, id: &str) {
+        if self.is_on() {
+            self.changes += 1;
+            if !self.sessions.contains(id) {
+                self.sessions.insert(id.to_string());
+            }
+        }
+    }
+
+    /// The session is gone, with its messages and will.
+    pub(super) fn delete_session(&mut self, id: &str) {
+        if !self.is_on() {
+            return;
+        }
+        self.changes += 1;
+        self.sessions.remove(id);
+        self.wills.remove(id);
+        let stale: Vec<(String, u64)> =
+            self.messages.range((id.to_string(), 0)..=(id.to_string(), u64::MAX)).map(|(k, _)| k.clone()).collect();
+        for key in stale {
+            self.messages.remove(&key);
+        }
+        self.deleted.insert(id.to_string());
+    }
+
+    /// Changes to a session's messages (see `Outbound::take_changes`).
+    pub(super) fn messages(&mut self, id: &str, changes: Vec<Change>) {
+        for change in changes {
+            self.changes += 1;
+            let (mid, kept, fresh) = match change {
+                Change::Add(k) => (k.id, Some(k), true),
+                Change::Put(k) => (k.id, Some(k), false),
+                Change::Remove(mid) => (mid, None, false),
+            };
+            let key = (id.to_string(), mid);
+            match (self.messages.get_mut(&key), kept) {
+                // Added and gone within one batch: nothing to write.
+                (Some(pending), None) if pending.fresh => drop(self.messages.remove(&key)),
+                (Some(pending), kept) => pending.kept = kept,
+                (None, kept) => drop(self.messages.insert(key, MessageChange { kept, fresh })),
+            }
+        }
+    }
+
+    /// A retained message set (`Some`) or cleared.
+    pub(super) fn retained(&mut self, now: Instant, topic: &str, publish: Option<&Publish>) {
+        if self.is_on() {
+            self.changes += 1;
+            self.retained.insert(topic.to_string(), publish.map(|p| (now, p.detached())));
+        }
+    }
+
+    /// A delayed will pending (`Some`: when its delay ends, and the message) or gone.
+    pub(super) fn will(&mut self, id: &str, will: Option<(Instant, Publish)>) {
+        if self.is_on() {
+            self.changes += 1;
+            self.wills.insert(id.to_string(), will);
+        }
+    }
+
+    /// Changes in a kept (offline) session's state.
+    pub(super) fn state(&mut self, id: &str, state: &mut SessionState) {
+        let (changes, inbound) = state.take_changes();
+        if !self.is_on() {
+            return;
+        }
+        if inbound {
+            self.session(id);
+        }
+        self.messages(id, changes);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.deleted.is_empty()
+            && self.sessions.is_empty()
+            && self.messages.is_empty()
+            && self.retained.is_empty()
+            && self.wills.is_empty()
+    }
+
+    /// Holds `bytes` for `peer` if it waits behind a barrier (or already holds output); gives
+    /// them back to send now otherwise.
+    pub(super) fn hold(&mut self, peer: Peer, barrier: u64, bytes: Bytes) -> Option<Bytes> {
+        match self.held.get_mut(&peer) {
+            Some(held) => held.items.push_back((barrier, bytes)),
+            None if barrier > self.stored => {
+                self.held.entry(peer).or_default().items.push_back((barrier, bytes));
+            }
+            None => return Some(bytes),
+        }
+        None
+    }
+
+    /// The connection's session ended: whether its transport can be finished now (nothing is
+    /// held for it); otherwise it is finished once its output is released.
+    pub(super) fn finish(&mut self, peer: Peer) -> bool {
+        match self.held.get_mut(&peer) {
+            Some(held) => {
+                held.finish = true;
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// The connection's transport is gone: whatever it held goes nowhere.
+    pub(super) fn forget(&mut self, peer: Peer) {
+        self.held.remove(&peer);
+    }
+
+    /// Batches up to `seq` are stored: the output they held, per connection, in order, and
+    /// whether to finish the connection after it.
+    pub(super) fn stored(&mut self, seq: u64) -> Vec<(Peer, Vec<Bytes>, bool)> {
+        self.stored = self.stored.max(seq.min(self.next - 1));
+        let mut out = Vec::new();
+        let stored = self.stored;
+        self.held.retain(|peer, held| {
+            let mut ready = Vec::new();
+            while held.items.front().is_some_and(|(b, _)| *b <= stored) {
+                ready.extend(held.items.pop_front().map(|(_, bytes)| bytes));
+            }
+            let done = held.items.is_empty();
+            if !ready.is_empty() || done {
+                out.push((*peer, ready, done && held.finish));
+            }
+            !done
+        });
+        out
+    }
+}
+
+impl Broker {
+    /// The next batch of storage operations, when persistence is on and something changed.
+    /// Poll it after every input (see [`crate::persist`]); apply each batch's operations in
+    /// order and atomically, then report the highest batch stored with
+    /// [`Broker::handle_stored`].
+    #[must_use]
+    pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
+        if self.journal.is_empty() {
+            return None;
+        }
+        let seq = self.journal.next;
+        self.journal.next += 1;
+        let mut ops = Vec::new();
+        for id in std::mem::take(&mut self.journal.deleted) {
+            ops.push(StoreOp::Delete { table: Table::Sessions, key: client_key(&id) });
+            ops.push(StoreOp::DeletePrefix { table: Table::Messages, prefix: messages_prefix(&id) });
+            ops.push(StoreOp::Delete { table: Table::Wills, key: client_key(&id) });
+        }
+        for id in std::mem::take(&mut self.journal.sessions) {
+            match self.session_record(now, &id) {
+                Some(record) => ops.push(StoreOp::Put { table: Table::Sessions, key: client_key(&id), value: record.encode() }),
+                None => {
+                    ops.push(StoreOp::Delete { table: Table::Sessions, key: client_key(&id) });
+                    ops.push(StoreOp::DeletePrefix { table: Table::Messages, prefix: messages_prefix(&id) });
+                }
+            }
+        }
+        for ((id, mid), change) in std::mem::take(&mut self.journal.messages) {
+            let key = message_key(&id, mid);
+            ops.push(match change.kept {
+                Some(kept) => {
+                    let waited = kept.at.map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+                    let record =
+                        MessageRecord { packet_id: kept.packet_id, released: kept.released, waited, publish: kept.publish };
+                    StoreOp::Put { table: Table::Messages, key, value: record.encode() }
+                }
+                None => StoreOp::Delete { table: Table::Messages, key },
+            });
+        }
+        for (topic, change) in std::mem::take(&mut self.journal.retained) {
+            let key = topic.into_bytes();
+            ops.push(match change {
+                Some((at, publish)) => {
+                    let record = TimedMessage { time: now.saturating_duration_since(at), publish };
+                    StoreOp::Put { table: Table::Retained, key, value: record.encode() }
+                }
+                None => StoreOp::Delete { table: Table::Retained, key },
+            });
+        }
+        for (id, change) in std::mem::take(&mut self.journal.wills) {
+            let key = client_key(&id);
+            ops.push(match change {
+                Some((at, publish)) => {
+                    let record = TimedMessage { time: at.saturating_duration_since(now), publish };
+                    StoreOp::Put { table: Table::Wills, key, value: record.encode() }
+                }
+                None => StoreOp::Delete { table: Table::Wills, key },
+            });
+        }
+        Some(StoreBatch { seq, ops })
+    }
+
+    /// The adapter stored every batch up to `seq` (see [`Broker::poll_store`]): output held
+    /// for it goes out.
+    pub fn handle_stored(&mut self, now: Instant, seq: u64) {
+        self.tick(now);
+        for (peer, out, finish) in self.journal.stored(seq) {
+            for bytes in out {
+                self.send(now, peer, bytes);
+            }
+            if finish {
+                self.links.finish(now, peer);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// A session's record as it stands, if it is kept across a restart (its expiry is not 0).
+    fn session_record(&self, now: Instant, id: &str) -> Option<SessionRecord> {
+        let record = self.registry.get(id).filter(|r| r.expiry > 0)?;
+        let live = record.conn.and_then(|c| self.conns.get(&c));
+        let qos2 = match (live, self.registry.kept(id)) {
+            (Some(live), _) => live.session.qos2_ids(),
+            (None, Some(state)) => state.qos2_ids(),
+            (None, None) => Vec::new(),
+        };
+        let subscriptions = self
+            .router
+            .filters(record.key)
+            .iter()
+            .filter_map(|f| self.router.entry(record.key, f).map(|e| (f.clone(), e)))
+            .collect();
+        Some(SessionRecord {
+            owner: record.owner.clone(),
+            expiry: record.expiry,
+            expires_in: record.expires_at().map(|at| at.saturating_duration_since(now)),
+            subscriptions,
+            qos2,
+        })
+    }
+
+    /// Hands a connection's bytes on, or holds them behind its barrier.
+    pub(super) fn emit(&mut self, now: Instant, conn: Peer, bytes: Bytes) {
+        let barrier = self.conns.get(&conn).map_or(0, |l| l.barrier);
+        if let Some(bytes) = self.journal.hold(conn, barrier, bytes) {
+            self.send(now, conn, bytes);
+        }
+    }
+
+    /// Journals what changed in a live session's durable state; a QoS 2 message put in flight
+    /// to it holds its output (the client must not see a QoS 2 message the broker could lose
+    /// and then route again under another identifier), as does a change to the client's QoS 2
+    /// receive state (PUBREC, PUBCOMP).
+    pub(super) fn journal_live(&mut self, conn: Peer) {
+        if !self.journal.is_on() {
+            return;
+        }
+        let Some(live) = self.conns.get_mut(&conn) else { return };
+        let Some(id) = live.client.clone() else { return };
+        if !live.session.is_journaled() {
+            return;
+        }
+        let (changes, inbound) = live.session.take_changes();
+        let qos2 = changes.iter().any(|c| matches!(c, Change::Put(k) if k.packet_id.is_some() && !k.released && k.publish.qos() == QoS::ExactlyOnce));
+        if inbound {
+            self.journal.session(&id);
+        }
+        if qos2 || inbound {
+            if let Some(barrier) = self.journal.barrier() {
+                live.barrier = barrier;
+            }
+        }
+        self.journal.messages(&id, changes);
+    }
+
+    /// The session record of the client on `conn` is to be written again (its subscriptions
+    /// or expiry changed).
+    pub(super) fn journal_client(&mut self, conn: Peer) {
+        // Only sessions kept across restarts are journaled (the flag is set at CONNECT).
+        let live = self.conns.get(&conn).filter(|l| l.session.is_journaled());
+        if let Some(id) = live.and_then(|l| l.client.as_deref()) {
+            self.journal.session(id);
+        }
+    }
+
+    /// A retained message was set (an empty payload clears it). `$SYS` statistics are made
+    /// anew by every broker run and are not stored.
+    pub(super) fn journal_retained(&mut self, now: Instant, publish: &Publish) {
+        let topic = publish.topic.as_str();
+        if !topic.starts_with("$SYS/") {
+            let set = (!publish.payload.is_empty()).then_some(publish);
+            self.journal.retained(now, topic, set);
+        }
+    }
+
+    /// A connection's session now belongs to client `id`: with persistence on and a session
+    /// kept across restarts, its changes are recorded from here on (everything it holds
+    /// already is written once).
+    pub(super) fn journal_attach(&mut self, conn: Peer, id: &str, persistent: bool) {
+        if !self.journal.is_on() {
+            return;
+        }
+        let Some(live) = self.conns.get_mut(&conn) else { return };
+        let was = live.session.is_journaled();
+        live.session.journal(persistent);
+        if persistent && !was {
+            let all = live.session.kept_messages().into_iter().map(Change::Put).collect();
+            self.journal.messages(id, all);
+        }
+        if persistent || was {
+            self.journal.session(id);
+        }
+    }
+}
