@@ -10,6 +10,7 @@ use mqtt_quic_core::broker::lifecycle::{Handling, Level};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::config::Secret;
+use mqtt_store::{BrokerStore, StoreError};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 
@@ -28,7 +29,7 @@ pub struct Server {
     tcp: Option<SocketAddr>,
     tls: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
-    driver: JoinHandle<()>,
+    driver: JoinHandle<Option<String>>,
     acceptors: Vec<JoinHandle<()>>,
     /// Closes when every connection task has ended (each holds a sender).
     alive: mpsc::Receiver<()>,
@@ -155,6 +156,11 @@ impl Server {
         // The QUIC keys and the assigned client ids come from the OS random source, unless the
         // application gave its own key material.
         options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
+        // The store is read back before any listener opens: no client sees a broker that has
+        // not yet remembered its sessions.
+        let mut broker = Broker::new(options.broker.clone())?;
+        let (stored_tx, stored_rx) = mpsc::unbounded_channel();
+        let store = BrokerStore::open(&options, &mut broker, clock(), move |r| drop(stored_tx.send(r)))?;
         let udp = match options.quic {
             Some(addr) => {
                 Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
@@ -182,7 +188,6 @@ impl Server {
             }
             None => None,
         };
-        let broker = Broker::new(options.broker.clone())?;
         let quic_addr = udp.as_ref().map(|u| u.local_addr()).transpose().ok().flatten();
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
@@ -203,15 +208,20 @@ impl Server {
         drop((streams_tx, alive_tx));
         let grace = options.shutdown_grace;
         let (stop_tx, stop_rx) = oneshot::channel();
-        let driver = tokio::spawn(drive(broker, udp, streams_rx, stop_rx, options));
+        let store = (store, stored_rx);
+        let driver = tokio::spawn(drive(broker, udp, streams_rx, stop_rx, store, options));
         let driver = tokio::spawn(async move {
             // A broker task that panics takes the broker down with it: say so where
             // `Server::wait` (and so a supervisor watching the process) can see it.
-            if let Err(e) = driver.await {
-                if e.is_panic() {
+            match driver.await {
+                Ok(Ok(())) => None,
+                // The store failed: the broker stopped (or its last commit at shutdown failed).
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) if e.is_panic() => {
                     tracing::error!("the broker task panicked: {e}");
                     std::panic::resume_unwind(e.into_panic());
                 }
+                Err(_) => None,
             }
         });
         for (what, addr) in [("QUIC", quic_addr), ("TCP", tcp_addr), ("TLS", tls_addr)] {
@@ -261,7 +271,9 @@ impl Server {
             let _ = stop.send(());
         }
         if !self.driver.is_finished() {
-            let _ = (&mut self.driver).await;
+            if let Ok(Some(e)) = (&mut self.driver).await {
+                error!("{e}");
+            }
         }
         // Let connection tasks write out what the broker gave them last (DISCONNECT).
         let _ = tokio::time::timeout(self.grace, self.alive.recv()).await;
@@ -272,8 +284,9 @@ impl Server {
     /// nothing any more should exit with a failure status so that its supervisor restarts it.
     pub async fn wait(&mut self) -> Result<(), ServerError> {
         match (&mut self.driver).await {
-            Ok(()) if self.stop.is_none() => Ok(()),
-            Ok(()) => Err(ServerError::Stopped("the broker task ended")),
+            Ok(Some(e)) => Err(ServerError::Store(e)),
+            Ok(None) if self.stop.is_none() => Ok(()),
+            Ok(None) => Err(ServerError::Stopped("the broker task ended")),
             Err(e) if e.is_panic() => Err(ServerError::Stopped("the broker task panicked")),
             Err(_) => Err(ServerError::Stopped("the broker task was cancelled")),
         }
@@ -293,9 +306,11 @@ async fn drive(
     mut udp: Option<Udp>,
     mut streams: mpsc::Receiver<StreamIn>,
     mut stop: oneshot::Receiver<()>,
+    (mut store, mut stored): (BrokerStore, mpsc::UnboundedReceiver<Result<u64, StoreError>>),
     options: ServerOptions,
-) {
+) -> Result<(), StoreError> {
     enum Input {
+        Stored(Option<Result<u64, StoreError>>),
         Udp(io::Result<()>),
         Stream(Option<StreamIn>),
         Auth(Option<(AuthId, AuthVerdict)>),
@@ -346,6 +361,8 @@ async fn drive(
                 }
             }));
         }
+        // What changed durably goes to the store thread, which commits in groups and reports.
+        store.submit(&mut broker, clock());
         if broker.is_done(clock()) {
             break;
         }
@@ -354,6 +371,8 @@ async fn drive(
         let wake_at = [deadline, udp_paused_until].into_iter().flatten().min();
         let wake_at = wake_at.unwrap_or_else(|| tokio::time::Instant::now() + NEVER);
         let input = tokio::select! {
+            biased;
+            r = stored.recv() => Input::Stored(r),
             r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
@@ -362,6 +381,13 @@ async fn drive(
         };
         let now = clock();
         match input {
+            Input::Stored(Some(Ok(seq))) => broker.handle_stored(now, seq),
+            Input::Stored(Some(Err(e))) => {
+                // Nothing more can be acknowledged: stop rather than hold every client forever.
+                error!("{e}; stopping the broker");
+                return Err(e);
+            }
+            Input::Stored(None) => {}
             Input::Udp(Ok(())) => {
                 udp_errors = 0;
                 if let Some(udp) = &udp {
@@ -410,6 +436,7 @@ async fn drive(
         }
     }
     info!("broker stopped");
+    store.close()
 }
 
 /// Receives on the QUIC socket, if there is one (else never).

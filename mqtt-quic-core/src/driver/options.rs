@@ -173,6 +173,12 @@ pub struct ServerOptions {
     pub tls_handshake_timeout: Duration,
     /// How long a shutdown waits for clients to take their DISCONNECT.
     pub shutdown_grace: Duration,
+    /// Where the store lives when `broker.persistence` is on (required then): the adapter
+    /// loads it before opening any listener, and writes the broker's batches to it.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// With `Persistence::Periodic`: how often the store is synced to disk (a crash loses at
+    /// most this much).
+    pub sync_interval: Duration,
 }
 
 impl ServerOptions {
@@ -188,6 +194,8 @@ impl ServerOptions {
             tls_max_connections: 100_000,
             tls_handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(2),
+            data_dir: None,
+            sync_interval: Duration::from_secs(1),
         }
     }
 

@@ -6,6 +6,7 @@ use adapter_tokio::server::{Server, ServerOptions};
 use clap::Args;
 use mqtt_quic_core::broker::auth::FileAuth;
 use mqtt_quic_core::config::{Congestion, MAX_DURATION};
+use mqtt_quic_core::persist::Persistence;
 use mqtt_quic_core::tls::fingerprint_hex;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,10 +39,18 @@ pub struct BrokerArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
-    /// Where the generated certificate lives [default: $MQTTQ_DATA_DIR, $XDG_DATA_HOME/mqttq or
-    /// ~/.local/share/mqttq].
+    /// Where the store and the generated certificate live [default: $MQTTQ_DATA_DIR,
+    /// $XDG_DATA_HOME/mqttq or ~/.local/share/mqttq].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// sync: an acknowledged message, subscription or session survives a crash (PUBACK, PUBREC
+    /// and SUBACK wait for the disk); periodic: state is synced every --sync-interval (a crash
+    /// loses at most that); off: nothing survives a restart [default: sync].
+    #[arg(long, value_name = "MODE", value_parser = ["sync", "periodic", "off"])]
+    persistence: Option<String>,
+    /// With --persistence periodic: seconds between syncs to disk [default: 1].
+    #[arg(long, value_name = "SECS")]
+    sync_interval: Option<u64>,
     /// TOML configuration file (see the crate docs for every key).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -112,6 +121,17 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
     options.tcp_max_connections = file.tcp.max_connections.unwrap_or(options.tcp_max_connections);
     options.tls_max_connections = file.tls.max_connections.unwrap_or(options.tls_max_connections);
+
+    options.broker.persistence = match args.persistence.as_deref().or(file.persistence.as_deref()).unwrap_or("sync") {
+        "sync" => Persistence::Sync,
+        "periodic" => Persistence::Periodic,
+        "off" => Persistence::Off,
+        other => return Err(format!("persistence: `{other}` is not sync, periodic or off")),
+    };
+    if let Some(secs) = args.sync_interval.or(file.sync_interval) {
+        options.sync_interval = seconds("sync interval", secs, 1)?;
+    }
+    options.data_dir = Some(data_dir.clone());
 
     let b = &mut options.broker;
     if let Some(t) = args.timeout.or(file.timeout) {

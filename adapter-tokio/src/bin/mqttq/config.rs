@@ -2,6 +2,8 @@
 //!
 //! ```toml
 //! data_dir = "/var/lib/mqttq"
+//! persistence = "sync"        # "sync" (default), "periodic" or "off": see README, Persistence
+//! sync_interval = 1           # with "periodic": seconds between syncs to disk
 //! cert = "/etc/mqttq/cert.pem"
 //! key = "/etc/mqttq/key.pem"
 //! timeout = 10                # CONNECT / handshake timeout, seconds
@@ -58,6 +60,8 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
+    pub persistence: Option<String>,
+    pub sync_interval: Option<u64>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub timeout: Option<u64>,
