@@ -67,14 +67,17 @@
 //!   is synced, so `mqttq.redb` exists only as a completely created store. An existing
 //!   `mqttq.redb` of 0 bytes is therefore damage (a truncation), and is refused like any
 //!   other file redb rejects; only a missing file starts an empty store.
+//! - A truncated file (shorter than its header says, as an interrupted copy leaves it) is
+//!   refused: the missing tail may hold pages the last commit uses (`tests/torn.rs` tries
+//!   lengths from 0 bytes to one byte short; every one is refused).
 //! - redb reports some damage (notably a file shorter than its header says) by panicking
 //!   rather than returning an error. The store catches those panics and returns
 //!   [`StoreError::Corrupt`]; the panic message still reaches the process's panic hook (by
 //!   default, a line on stderr). This needs the default `panic = "unwind"`.
-//! - A clean shutdown is trusted: redb does not re-verify every page's checksum on open. Bytes
-//!   changed inside a cleanly closed file may go unnoticed, fail a read
-//!   ([`StoreError::Corrupt`]), or come back as changed values, which reach the broker's
-//!   record decoding as they are.
+//! - redb checks a file's checksums on open only after a crash; [`Store::open`] also runs
+//!   redb's integrity check (every page in use against its checksum: about 30 ms for 100,000
+//!   records in a 67 MB file, against 90 ms to load them), so bytes changed in a file since it
+//!   was closed cleanly are refused as [`StoreError::Corrupt`], never loaded as records.
 //!
 //! [`StoreBatch`]: mqtt_quic_core::persist::StoreBatch
 //! [`StoreOp`]: mqtt_quic_core::persist::StoreOp
