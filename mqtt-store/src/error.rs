@@ -14,7 +14,7 @@ use redb::{CommitError, DatabaseError, SetDurabilityError, StorageError, TableEr
 pub enum StoreError {
     /// The file or its directory could not be created, opened or read (permissions, a missing
     /// mount, a full disk, ...).
-    #[error("cannot open the store {}: {source}; check that the path is writable and the disk is mounted", path.display())]
+    #[error("cannot open or read the store {}: {source}; check that the path is writable and the disk is mounted", path.display())]
     Io {
         /// The file (or directory) that failed.
         path: PathBuf,

@@ -76,7 +76,7 @@
 //!   default, a line on stderr). This needs the default `panic = "unwind"`.
 //! - redb checks a file's checksums on open only after a crash; [`Store::open`] also runs
 //!   redb's integrity check (every page in use against its checksum: about 30 ms for 100,000
-//!   records in a 67 MB file, against 90 ms to load them), so bytes changed in a file since it
+//!   records in a 67 MB file, against 90 ms to load them, release build), so bytes changed in a file since it
 //!   was closed cleanly are refused as [`StoreError::Corrupt`], never loaded as records.
 //!
 //! [`StoreBatch`]: mqtt_quic_core::persist::StoreBatch

@@ -132,3 +132,15 @@ fn periodic_mode_syncs_when_the_interval_is_up_even_when_idle() {
     // No notification for a sync without new batches.
     assert!(notified.try_iter().next().is_none());
 }
+
+#[test]
+fn a_worker_whose_notify_panics_reports_it_on_close() {
+    let tmp = TempDir::new("worker-panic");
+    let worker = StoreWorker::spawn(Store::open(tmp.path()).unwrap(), SyncMode::Sync, |_| panic!("notify failed"));
+    worker.submit(batch(1));
+    // Ignored or not (the thread may be gone already), it must not block or panic.
+    worker.submit(batch(2));
+    let error = worker.close().unwrap_err();
+    assert!(matches!(&error, StoreError::Commit { detail, .. } if detail.contains("notify failed")), "{error:?}");
+    assert!(error.to_string().contains(FILE_NAME));
+}
