@@ -161,6 +161,9 @@ impl Server {
         let mut broker = Broker::new(options.broker.clone())?;
         let (stored_tx, stored_rx) = mpsc::unbounded_channel();
         let store = BrokerStore::open(&options, &mut broker, clock(), move |r| drop(stored_tx.send(r)))?;
+        if let Some(line) = store.summary() {
+            info!("{line}");
+        }
         let udp = match options.quic {
             Some(addr) => {
                 Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)

@@ -86,10 +86,12 @@
 //! [`Table::name`]: mqtt_quic_core::persist::Table::name
 //! [`FORMAT_VERSION`]: mqtt_quic_core::persist::FORMAT_VERSION
 
+mod broker;
 mod error;
 mod store;
 mod worker;
 
+pub use broker::BrokerStore;
 pub use error::StoreError;
 pub use store::{Store, FILE_NAME};
 pub use worker::{StoreWorker, SyncMode};

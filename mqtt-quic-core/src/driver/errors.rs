@@ -127,9 +127,6 @@ pub enum ServerError {
     /// do), or persistence is on without a data directory.
     #[error("{0}")]
     Store(String),
-    /// A record in the store could not be read back: the store is damaged.
-    #[error("the store is damaged: {0}; restore it from a backup or move it aside to start empty")]
-    Restore(#[from] crate::persist::RecordError),
     /// The adapter does not offer this listener.
     #[error("not supported here: {0}")]
     Unsupported(&'static str),
