@@ -496,6 +496,11 @@ fn kill_delay(i: u32) -> Duration {
     Duration::from_millis(30 + u64::from((i * 157 + 11) % 371))
 }
 
+/// The round a payload (`q1-<round>-<n>`) was published in; `u32::MAX` for anything else.
+fn round_of(payload: &str) -> u32 {
+    payload.split('-').nth(1).and_then(|r| r.parse().ok()).unwrap_or(u32::MAX)
+}
+
 #[test]
 fn sigkill_loses_nothing_acknowledged() {
     let started = Instant::now();
@@ -530,7 +535,8 @@ fn sigkill_loses_nothing_acknowledged() {
     let mut published: HashMap<&str, HashSet<String>> = HashMap::new();
     let mut acked: HashMap<&str, Vec<String>> = HashMap::new();
     let mut per_round = Vec::new();
-    let mut last_broker = String::new();
+    // What each round's broker printed (stdout and stderr), for failure reports.
+    let mut outputs = Vec::new();
     for i in 0..ITERATIONS {
         let (mut b, addr) = Broker::start(&data, Some(&config), &log(&i.to_string()));
         let (tx, connected) = mpsc::channel();
@@ -560,7 +566,7 @@ fn sigkill_loses_nothing_acknowledged() {
             retained.extend(r.join().expect("retained publisher thread"));
         }
         per_round.push(round);
-        last_broker = b.output();
+        outputs.push(b.output());
     }
 
     // 3. The last restart: the subscriber's session is there, with everything queued for it.
@@ -613,29 +619,50 @@ fn sigkill_loses_nothing_acknowledged() {
         retained[last_acked].0,
         started.elapsed().as_secs_f64(),
     );
-    let report = || {
-        format!(
-            "last killed broker:\n{last_broker}\nfinal broker:\n{}",
-            std::fs::read_to_string(log("final")).unwrap_or_default()
-        )
+    // The payloads by round (the round is in the payload), then what the brokers of those
+    // rounds and the final one printed.
+    let report = |payloads: &[&String]| {
+        let mut by_round: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+        for p in payloads {
+            by_round.entry(round_of(p)).or_default().push(p);
+        }
+        let mut text = String::new();
+        for (round, list) in &by_round {
+            let shown = &list[..list.len().min(20)];
+            text += &format!("round {round}: {} payloads, first {shown:?}\n", list.len());
+        }
+        for round in by_round.keys().filter(|r| **r < ITERATIONS) {
+            text += &format!(
+                "--- broker of round {round} (SIGKILLed after {:?}):\n{}\n",
+                kill_delay(*round),
+                outputs[*round as usize]
+            );
+        }
+        text + &format!("--- final broker:\n{}", std::fs::read_to_string(log("final")).unwrap_or_default())
     };
     assert!(got.strange.is_empty(), "unexpected packets: {:?}", got.strange);
     // The subscriptions survived: messages came on both topics without subscribing again.
-    assert!(!got.q1.is_empty() && !got.q2.is_empty(), "nothing delivered on one of the topics\n{}", report());
+    assert!(!got.q1.is_empty() && !got.q2.is_empty(), "nothing delivered on one of the topics\n{}", report(&[]));
     let lost_q1: Vec<&String> = acked_q1.iter().filter(|p| !got.q1.contains_key(*p)).collect();
-    assert!(lost_q1.is_empty(), "{} acknowledged QoS 1 messages lost: {lost_q1:?}\n{}", lost_q1.len(), report());
+    assert!(lost_q1.is_empty(), "{} acknowledged QoS 1 messages lost:\n{}", lost_q1.len(), report(&lost_q1));
     let lost_q2: Vec<&String> = acked_q2.iter().filter(|p| !got.q2.contains_key(*p)).collect();
-    assert!(lost_q2.is_empty(), "{} acknowledged QoS 2 messages lost: {lost_q2:?}\n{}", lost_q2.len(), report());
-    let twice_q2: Vec<(&String, &u32)> = got.q2.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice_q2.is_empty(), "QoS 2 messages delivered more than once: {twice_q2:?}\n{}", report());
+    assert!(lost_q2.is_empty(), "{} acknowledged QoS 2 messages lost:\n{}", lost_q2.len(), report(&lost_q2));
+    let twice_q2: Vec<&String> = got.q2.iter().filter(|(_, n)| **n > 1).map(|(p, _)| p).collect();
+    assert!(
+        twice_q2.is_empty(),
+        "{} QoS 2 messages delivered more than once: {:?}\n{}",
+        twice_q2.len(),
+        got.q2.iter().filter(|(_, n)| **n > 1).take(20).collect::<Vec<_>>(),
+        report(&twice_q2)
+    );
     let unknown: Vec<&String> = (got.q1.keys().filter(|p| !published[Q1].contains(*p)))
         .chain(got.q2.keys().filter(|p| !published[Q2].contains(*p)))
         .collect();
-    assert!(unknown.is_empty(), "received messages never published: {unknown:?}");
+    assert!(unknown.is_empty(), "{} received messages never published:\n{}", unknown.len(), report(&unknown));
     assert!(
         allowed.contains(&now_retained.as_str()),
         "retained is {now_retained:?}, expected one of {allowed:?}\n{}",
-        report()
+        report(&[])
     );
     // Not vacuous: most rounds got messages acknowledged on both topics before the kill.
     let productive = per_round.iter().filter(|r| r[0] > 0 && r[1] > 0).count();
