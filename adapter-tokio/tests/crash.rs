@@ -707,7 +707,8 @@ fn torn_store_is_refused_with_one_line() {
 
     let mut b = Broker::spawn(&data, None, &tmp.0.join("broker-2.stderr"));
     let (code, err) = b.finish();
-    let out: Vec<String> = b.lines.try_iter().collect();
+    // All of stdout: the channel closes once the reader has seen the pipe's end.
+    let out: Vec<String> = std::iter::from_fn(|| b.lines.recv_timeout(WAIT).ok()).collect();
     assert!(!out.iter().any(|l| l.contains("ready")), "the broker started on a torn store: {out:?}\n{err}");
     assert_ne!(code, 0, "the broker exited successfully on a torn store: {err}");
     assert!(err.contains(file.to_str().unwrap()), "the error does not name {}: {err}", file.display());
