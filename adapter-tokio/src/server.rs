@@ -332,6 +332,7 @@ async fn drive(
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
     let mut streams_open = true;
+    let mut store_reports = true;
     loop {
         // Drain outputs: datagrams, stream bytes, events.
         let batch = udp.as_ref().map_or(1, |u| u.max_gso_segments());
@@ -375,7 +376,8 @@ async fn drive(
         let wake_at = wake_at.unwrap_or_else(|| tokio::time::Instant::now() + NEVER);
         let input = tokio::select! {
             biased;
-            r = stored.recv() => Input::Stored(r),
+            // Closed at once when persistence is off (and when the store thread stopped).
+            r = stored.recv(), if store_reports => Input::Stored(r),
             r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
@@ -390,7 +392,7 @@ async fn drive(
                 error!("{e}; stopping the broker");
                 return Err(e);
             }
-            Input::Stored(None) => {}
+            Input::Stored(None) => store_reports = false,
             Input::Udp(Ok(())) => {
                 udp_errors = 0;
                 if let Some(udp) = &udp {

@@ -72,8 +72,10 @@
 //!   lengths from 0 bytes to one byte short; every one is refused).
 //! - redb reports some damage (notably a file shorter than its header says) by panicking
 //!   rather than returning an error. The store catches those panics and returns
-//!   [`StoreError::Corrupt`]; the panic message still reaches the process's panic hook (by
-//!   default, a line on stderr). This needs the default `panic = "unwind"`.
+//!   [`StoreError::Corrupt`]. While redb runs, the process's panic hook is silenced for that
+//!   thread (the store wraps the hook once, on first use, and passes every other panic on), so
+//!   an operator sees the one-line error, not redb's assertion. This needs the default
+//!   `panic = "unwind"`.
 //! - redb checks a file's checksums on open only after a crash; [`Store::open`] also runs
 //!   redb's integrity check (every page in use against its checksum: about 30 ms for 100,000
 //!   records in a 67 MB file, against 90 ms to load them, release build), so bytes changed in a file since it

@@ -66,13 +66,37 @@ fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
+thread_local! {
+    /// Set while [`guarded`] runs redb on this thread: a panic there is expected, turned into
+    /// an error, and not to be printed.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Wraps the process's panic hook, once, so that panics caught by [`guarded`] print nothing
+/// (the operator gets the one-line error instead); every other panic goes to the hook as before.
+fn quiet_guarded_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, turning a panic inside it (redb asserts on some damaged files rather than
 /// returning an error) into the error `on_panic` makes of its message.
 fn guarded<T>(
     f: impl FnOnce() -> Result<T, StoreError>,
     on_panic: impl FnOnce(String) -> StoreError,
 ) -> Result<T, StoreError> {
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
+    quiet_guarded_panics();
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    match result {
         Ok(result) => result,
         Err(payload) => Err(on_panic(error::panic_text(payload.as_ref()))),
     }

@@ -45,8 +45,11 @@ impl Broker {
         if let Some(code) = self.topic_refusal(publish.topic.as_str()) {
             return Err(code);
         }
-        if publish.retain && self.retained.set(now, &publish).is_err() {
-            return Err(ReasonCode::QuotaExceeded);
+        if publish.retain {
+            if self.retained.set(now, &publish).is_err() {
+                return Err(ReasonCode::QuotaExceeded);
+            }
+            self.journal_retained(now, &publish);
         }
         self.route(now, publish, None);
         self.pump(now);
