@@ -332,6 +332,10 @@ async fn drive(
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
     let mut streams_open = true;
+    // With persistence off (or once the commit thread has ended) nobody holds the sender, and
+    // a closed channel is always ready: selecting on it would spin and starve every other
+    // input.
+    let mut stored_open = true;
     loop {
         // Drain outputs: datagrams, stream bytes, events.
         let batch = udp.as_ref().map_or(1, |u| u.max_gso_segments());
@@ -375,7 +379,7 @@ async fn drive(
         let wake_at = wake_at.unwrap_or_else(|| tokio::time::Instant::now() + NEVER);
         let input = tokio::select! {
             biased;
-            r = stored.recv() => Input::Stored(r),
+            r = stored.recv(), if stored_open => Input::Stored(r),
             r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
@@ -390,7 +394,7 @@ async fn drive(
                 error!("{e}; stopping the broker");
                 return Err(e);
             }
-            Input::Stored(None) => {}
+            Input::Stored(None) => stored_open = false,
             Input::Udp(Ok(())) => {
                 udp_errors = 0;
                 if let Some(udp) = &udp {
