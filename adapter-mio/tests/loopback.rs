@@ -199,7 +199,10 @@ fn an_embedded_mio_broker_persists_without_a_waker() {
     broker.broker().subscribe_local(now, &TopicFilter::new("embedded/#").unwrap(), QoS::AtLeastOnce);
     broker.handle_timeout(poll.registry());
     let (_, retained) = broker.poll_message().expect("the retained message, restored");
-    assert_eq!((retained.topic.as_str(), &retained.payload[..], retained.retain), ("embedded/kept", &b"stored"[..], true));
+    assert_eq!(
+        (retained.topic.as_str(), &retained.payload[..], retained.retain),
+        ("embedded/kept", &b"stored"[..], true)
+    );
     broker.shutdown(poll.registry());
     assert!(broker.is_done());
     broker.close().unwrap();

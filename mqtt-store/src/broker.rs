@@ -41,9 +41,12 @@ impl BrokerStore {
         };
         let store = Store::open(dir).map_err(|e| ServerError::Store(e.to_string()))?;
         let records = store.load().map_err(|e| ServerError::Store(e.to_string()))?;
-        let restored = broker
-            .restore(now, records)
-            .map_err(|e| ServerError::Store(format!("{}: {e}; restore it from a backup or move it aside to start empty", store.path().display())))?;
+        let restored = broker.restore(now, records).map_err(|e| {
+            ServerError::Store(format!(
+                "{}: {e}; restore it from a backup or move it aside to start empty",
+                store.path().display()
+            ))
+        })?;
         let path = store.path().to_path_buf();
         let worker = StoreWorker::spawn(store, sync, notify);
         Ok(BrokerStore { worker: Some(worker), restored: Some((restored, path)), submitted: 0 })
