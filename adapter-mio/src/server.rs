@@ -104,11 +104,12 @@ impl Server {
         }
     }
 
-    /// Blocks until the broker's thread ends, which it does only through
-    /// [`Server::shutdown`] or when the store fails: then the error is
+    /// Blocks until the broker's thread ends, which it does by itself only when the store
+    /// fails (for a process that serves until it is killed): then the error is
     /// [`ServerError::Store`] (the broker stopped serving, since nothing more could be
     /// acknowledged), and a process that serves nothing any more should exit with a failure
-    /// status so that its supervisor restarts it.
+    /// status so that its supervisor restarts it. Any other end is [`ServerError::Stopped`] (a
+    /// bug). After it returns, [`Server::shutdown`] has nothing left to wait for.
     pub fn wait(&mut self) -> Result<(), ServerError> {
         let Some(thread) = self.thread.take() else {
             return Err(ServerError::Stopped("the broker thread ended"));
