@@ -14,6 +14,7 @@ use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::config::Secret;
 use mqtt_quic_core::Datagram;
+use mqtt_store::{BrokerStore, StoreError};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,22 +56,34 @@ impl StreamWriter<()> for Writer {
     }
 }
 
-/// A running broker.
+/// A running broker. Dropping it does not stop it: call [`Server::shutdown`].
 pub struct Server {
     quic: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
     stop: Sender<()>,
-    broker: JoinHandle<()>,
+    /// The broker task; `None` once [`Server::wait`] has seen it end.
+    broker: Option<JoinHandle<Result<(), StoreError>>>,
     acceptor: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Opens the listeners, then serves.
+    /// Reads the store back (with `options.broker.persistence` on: from `options.data_dir`),
+    /// opens the listeners, then serves. Fails before serving anyone if the store cannot be
+    /// opened or read ([`ServerError::Store`]) or a listener cannot be opened.
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
         // QUIC keys and assigned client ids from the OS random source, unless given.
         options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
         if options.tls.is_some() {
             return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
+        }
+        // The store is read back before any listener opens: no client sees a broker that has
+        // not yet remembered its sessions. The commit thread's reports come back through a
+        // channel the broker task waits on with its other inputs.
+        let mut machine = Broker::new(options.broker.clone())?;
+        let (stored_tx, stored_rx) = async_channel::unbounded();
+        let store = BrokerStore::open(&options, &mut machine, now(), move |r| drop(stored_tx.try_send(r)))?;
+        if let Some(line) = store.summary() {
+            log::info!("{line}");
         }
         let udp = match options.quic {
             Some(addr) => Some(UdpSocket::bind(addr).await.map_err(|source| ServerError::Bind {
@@ -86,7 +99,6 @@ impl Server {
             }
             None => None,
         };
-        let machine = Broker::new(options.broker.clone())?;
         let quic = udp.as_ref().and_then(|u| u.local_addr().ok());
         let tcp = listener.as_ref().and_then(|l| l.local_addr().ok());
         let (to_broker, from_conns) = async_channel::bounded(1024);
@@ -94,8 +106,9 @@ impl Server {
         let acceptor =
             listener.map(|l| async_std::task::spawn(accept(l, to_broker, options.tcp_max_connections, write_timeout)));
         let (stop, stopped) = async_channel::bounded(1);
-        let broker = async_std::task::spawn(serve(machine, udp, from_conns, stopped, options.shutdown_grace));
-        Ok(Server { quic, tcp, stop, broker, acceptor })
+        let store = (store, stored_rx);
+        let broker = async_std::task::spawn(serve(machine, udp, from_conns, stopped, store, options.shutdown_grace));
+        Ok(Server { quic, tcp, stop, broker: Some(broker), acceptor })
     }
 
     /// The QUIC listener's address.
@@ -114,18 +127,41 @@ impl Server {
         ServerAddresses { quic: self.quic, tcp: self.tcp, tls: None }
     }
 
-    /// Stops accepting, disconnects everyone gracefully (DISCONNECT 0x8B for MQTT 5) and waits.
+    /// Stops accepting, disconnects everyone gracefully (DISCONNECT 0x8B for MQTT 5), waits,
+    /// and closes the store (a last durable commit). A store error is logged, as every one is
+    /// (see [`Server::wait`] to get it as a value).
     pub async fn shutdown(self) {
         if let Some(a) = self.acceptor {
             a.cancel().await;
         }
         let _ = self.stop.try_send(());
-        self.broker.await;
+        if let Some(broker) = self.broker {
+            // Logged by the broker task already.
+            let _ = broker.await;
+        }
+    }
+
+    /// Waits until the broker task ends, which it does only through [`Server::shutdown`] or
+    /// when the store fails: then the error is [`ServerError::Store`] (the broker stopped
+    /// serving, since nothing more could be acknowledged), and a process that serves nothing
+    /// any more should exit with a failure status so that its supervisor restarts it.
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        let Some(broker) = self.broker.as_mut() else {
+            return Err(ServerError::Stopped("the broker task ended"));
+        };
+        let ended = broker.await;
+        self.broker = None;
+        match ended {
+            Err(e) => Err(ServerError::Store(e.to_string())),
+            Ok(()) => Err(ServerError::Stopped("the broker task ended")),
+        }
     }
 }
 
 /// What woke the broker task.
 enum Wake {
+    /// A report from the store's commit thread (`None`: it has ended, or there is none).
+    Stored(Option<Result<u64, StoreError>>),
     Datagram(io::Result<(usize, SocketAddr)>),
     Conn(Option<FromConn>),
     Auth(Option<(AuthId, AuthVerdict)>),
@@ -139,8 +175,9 @@ async fn serve(
     udp: Option<UdpSocket>,
     from_conns: Receiver<FromConn>,
     stop: Receiver<()>,
+    (mut store, stored): (BrokerStore, Receiver<Result<u64, StoreError>>),
     grace: Duration,
-) {
+) -> Result<(), StoreError> {
     let mut streams: StreamTable<Writer> = StreamTable::new();
     let (mut out, mut inbuf) = (Vec::new(), vec![0u8; 65_536]);
     let mut stopping = false;
@@ -148,6 +185,9 @@ async fn serve(
     let mut udp_errors = 0u32;
     let mut udp_paused_until: Option<std::time::Instant> = None;
     let mut auth_open = true;
+    // With persistence off nobody holds the report channel's sender: a closed channel is
+    // always ready, and racing it would spin.
+    let mut stored_open = true;
     // Password checks (PBKDF2, milliseconds each) run on threads of their own, a few at a time,
     // so they never hold up this task; verdicts come back through a channel.
     let (requests, verdicts) = auth_workers();
@@ -170,6 +210,8 @@ async fn serve(
         while let Some(request) = broker.poll_auth() {
             let _ = requests.try_send(request);
         }
+        // What changed durably goes to the store thread, which commits in groups and reports.
+        store.submit(&mut broker, now());
         if broker.is_done(now()) {
             break;
         }
@@ -206,9 +248,24 @@ async fn serve(
             }
             Wake::Auth(verdicts.recv().await.ok())
         };
-        let wake = future::or(future::or(future::or(datagram, auth), conn), future::or(stop_or_timer, timer)).await;
+        let reported = async {
+            if !stored_open {
+                future::pending::<()>().await;
+            }
+            Wake::Stored(stored.recv().await.ok())
+        };
+        // `or` polls its first future first: reports before new input.
+        let inputs = future::or(future::or(datagram, auth), conn);
+        let wake = future::or(future::or(reported, inputs), future::or(stop_or_timer, timer)).await;
         let t = now();
         match wake {
+            Wake::Stored(Some(Ok(seq))) => broker.handle_stored(t, seq),
+            Wake::Stored(Some(Err(e))) => {
+                // Nothing more can be acknowledged: stop rather than hold every client forever.
+                log::error!("{e}; stopping the broker");
+                return Err(e);
+            }
+            Wake::Stored(None) => stored_open = false,
             Wake::Datagram(Ok((n, from))) => {
                 udp_errors = 0;
                 broker.handle_datagram(t, Datagram::new(from, &inbuf[..n]));
@@ -245,6 +302,9 @@ async fn serve(
             Wake::Timer => broker.handle_timeout(t),
         }
     }
+    log::info!("broker stopped");
+    // The last commit, durable.
+    store.close().inspect_err(|e| log::error!("{e}"))
 }
 
 /// Starts the password-checking threads: requests go in through the first channel (unbounded:

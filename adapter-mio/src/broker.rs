@@ -6,7 +6,7 @@ use crate::now;
 use crate::udp::Udp;
 use mio::event::Event;
 use mio::net::TcpListener;
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry, Token, Waker};
 use mqtt_proto::Publish;
 use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::Handling;
@@ -14,10 +14,11 @@ use mqtt_quic_core::broker::machine::{Broker, LocalSubscription, StreamId};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 use mqtt_quic_core::Datagram;
+use mqtt_store::{BrokerStore, StoreError};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 
 /// How long a connection the broker closed reads (and discards) what its client still sends
@@ -89,12 +90,51 @@ impl StreamWriter<Sockets<'_>> for ConnToken {
     }
 }
 
-/// How often the loop looks for password verdicts while some are outstanding.
+/// How often the loop looks for password verdicts and store reports while some are
+/// outstanding, when no [`MioBroker::set_waker`] waker tells it.
 const AUTH_POLL: Duration = Duration::from_millis(2);
+
+/// The `Waker` of the caller's `Poll`, once given ([`MioBroker::set_waker`]), shared with the
+/// threads that work for the broker off its loop (password checks, the store's commits).
+#[derive(Clone, Default)]
+struct LoopWaker(Arc<OnceLock<Arc<Waker>>>);
+
+impl LoopWaker {
+    /// Wakes the loop, if a waker was given.
+    fn wake(&self) {
+        if let Some(waker) = self.0.get() {
+            let _ = waker.wake();
+        }
+    }
+
+    /// Whether a waker was given (then nothing needs to be looked for on a short timeout).
+    fn is_set(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
 
 /// A broker registered with a caller's `Registry`. It uses the tokens from `base` upwards:
 /// `base` for UDP, `base + 1` for the TCP listener, and one per TCP connection after that, so
 /// keep your own tokens below `base`.
+///
+/// # Driving it
+///
+/// After every `Poll::poll`, hand it each event ([`MioBroker::handle_event`]), then call
+/// [`MioBroker::handle_timeout`] (whether or not a timer is due: it also picks up the work
+/// done off the loop), and sleep at most [`MioBroker::timeout`] in the next poll.
+///
+/// # Persistence
+///
+/// With `options.broker.persistence` on, [`MioBroker::bind`] reads the store in
+/// `options.data_dir` back into the broker before it opens any listener, and a thread of its
+/// own commits the broker's changes (see [`mqtt_quic_core::persist`]). Its reports reach the
+/// broker in `handle_event` and `handle_timeout`, with nothing new for the loop to do: while a
+/// commit is outstanding, [`MioBroker::timeout`] stays short (a couple of milliseconds), as it
+/// does for password checks; give the broker your `Poll`'s `Waker` with
+/// [`MioBroker::set_waker`] to be woken instead. If the store fails, the broker logs the error
+/// and stops (it drops its sockets and [`MioBroker::is_done`] turns true: nothing more could be
+/// acknowledged). At the end, [`MioBroker::close`] makes the last commit durably and returns
+/// the store's error, if any; dropping the broker commits too, but nobody learns of an error.
 pub struct MioBroker {
     broker: Broker,
     udp: Option<Udp>,
@@ -120,12 +160,22 @@ pub struct MioBroker {
     auth: AuthWorkers,
     /// Messages of in-process subscriptions (see [`MioBroker::poll_message`]).
     local: VecDeque<(LocalSubscription, Publish)>,
+    /// The store (nothing at all with persistence off) and its commit thread's reports.
+    store: BrokerStore,
+    reports: mpsc::Receiver<Result<u64, StoreError>>,
+    /// The highest batch reported stored.
+    reported: u64,
+    /// Whether the store failed: the broker has stopped.
+    failed: bool,
+    /// Wakes the caller's loop when a verdict or a report comes, once given.
+    waker: LoopWaker,
 }
 
 /// Threads that verify passwords. The loop hands them requests and collects verdicts when it
 /// wakes; while any is out, [`MioBroker::timeout`] is kept short so that a verdict is picked up
 /// within a couple of milliseconds without a second `Waker` on the caller's `Poll` (mio allows
-/// one per `Poll`, and the caller may have its own).
+/// one per `Poll`, and the caller may have its own), unless the caller shares its own
+/// ([`MioBroker::set_waker`]).
 struct AuthWorkers {
     requests: Option<mpsc::Sender<AuthRequest>>,
     verdicts: mpsc::Receiver<(AuthId, AuthVerdict)>,
@@ -134,7 +184,7 @@ struct AuthWorkers {
 
 impl AuthWorkers {
     /// Starts the threads (none without authentication); they end when the broker is dropped.
-    fn start(needed: bool) -> AuthWorkers {
+    fn start(needed: bool, waker: &LoopWaker) -> AuthWorkers {
         let (done, verdicts) = mpsc::channel();
         if !needed {
             return AuthWorkers { requests: None, verdicts, out: 0 };
@@ -143,13 +193,14 @@ impl AuthWorkers {
         let jobs = Arc::new(std::sync::Mutex::new(jobs));
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1));
         for _ in 0..workers {
-            let (jobs, done) = (jobs.clone(), done.clone());
+            let (jobs, done, waker) = (jobs.clone(), done.clone(), waker.clone());
             let spawned = std::thread::Builder::new().name("mqtt-auth".into()).spawn(move || loop {
                 let job = jobs.lock().map_err(drop).and_then(|j| j.recv().map_err(drop));
                 let Ok(request) = job else { break };
                 if done.send((request.id(), request.verify())).is_err() {
                     break;
                 }
+                waker.wake();
             });
             // Without a thread the requests wait, and their clients time out at CONNECT.
             drop(spawned);
@@ -159,17 +210,33 @@ impl AuthWorkers {
 }
 
 impl MioBroker {
-    /// Opens the listeners and registers them.
-    pub fn bind(options: ServerOptions, registry: &Registry, base: Token) -> Result<MioBroker, ServerError> {
+    /// Reads the store back (with `options.broker.persistence` on: from `options.data_dir`),
+    /// then opens the listeners and registers them. Fails before opening any listener if the
+    /// store cannot be opened or read ([`ServerError::Store`]).
+    pub fn bind(mut options: ServerOptions, registry: &Registry, base: Token) -> Result<MioBroker, ServerError> {
         if options.tls.is_some() {
             return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
         }
-        let auth = AuthWorkers::start(options.broker.auth.is_some());
-        let mut config = options.broker;
-        let write_timeout = config.write_timeout;
+        let write_timeout = options.broker.write_timeout;
         // QUIC keys and assigned client ids from the OS random source, unless given.
-        config.quic.secret.get_or_insert_with(|| mqtt_quic_core::config::Secret::new(crate::os_secret()));
-        let broker = Broker::new(config)?;
+        options.broker.quic.secret.get_or_insert_with(|| mqtt_quic_core::config::Secret::new(crate::os_secret()));
+        let mut broker = Broker::new(options.broker.clone())?;
+        // The store is read back before any listener opens: no client sees a broker that has
+        // not yet remembered its sessions. Reports come back through a channel, picked up
+        // whenever the loop hands the broker something (see "Persistence" above).
+        let waker = LoopWaker::default();
+        let (reported, reports) = mpsc::channel();
+        let wake = waker.clone();
+        let mut store = BrokerStore::open(&options, &mut broker, now(), move |r| {
+            let _ = reported.send(r);
+            wake.wake();
+        })?;
+        if let Some(line) = store.summary() {
+            log::info!("{line}");
+        }
+        // What restoring changed (records dropped as expired) goes to the store at once.
+        store.submit(&mut broker, now());
+        let auth = AuthWorkers::start(options.broker.auth.is_some(), &waker);
         let mut udp = match options.quic {
             Some(addr) => {
                 Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
@@ -205,6 +272,41 @@ impl MioBroker {
             shutdown_until: None,
             auth,
             local: VecDeque::new(),
+            store,
+            reports,
+            reported: 0,
+            failed: false,
+            waker,
+        })
+    }
+
+    /// Gives the broker your `Poll`'s `Waker` (mio allows one per `Poll`; share yours): the
+    /// broker's threads (the store's commits, password checks) then wake your loop when they
+    /// have something for it, instead of [`MioBroker::timeout`] staying short while they work.
+    /// When it wakes your `Poll`, call [`MioBroker::handle_timeout`] as after every poll. Only
+    /// the first call counts.
+    pub fn set_waker(&mut self, waker: Arc<Waker>) {
+        let _ = self.waker.0.set(waker);
+    }
+
+    /// Closes the store: commits what is left, durably, and stops its thread. Call it once
+    /// [`MioBroker::is_done`] (after [`MioBroker::shutdown`], or when the store failed). With
+    /// persistence off it does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::Store`] if the store failed while the broker ran (the error it stopped
+    /// for) or the last commit failed (then it is also logged).
+    pub fn close(mut self) -> Result<(), ServerError> {
+        if !self.failed {
+            self.store.submit(&mut self.broker, now());
+        }
+        let failed = self.failed;
+        self.store.close().map_err(|e| {
+            if !failed {
+                log::error!("{e}");
+            }
+            ServerError::Store(e.to_string())
         })
     }
 
@@ -244,8 +346,15 @@ impl MioBroker {
         if token.0 < self.base {
             return false;
         }
+        if self.failed {
+            // Stopped: its sockets are gone; an event polled before that is stale.
+            return token.0 < self.next;
+        }
         let t = now();
         self.collect_verdicts();
+        if !self.collect_reports(registry) {
+            return true;
+        }
         if token.0 == self.base {
             if let Some(udp) = &mut self.udp {
                 if event.is_writable() {
@@ -290,6 +399,43 @@ impl MioBroker {
         true
     }
 
+    /// Hands the broker the store's reports; false if the store failed (the broker then
+    /// stops: see [`MioBroker::stop`]).
+    fn collect_reports(&mut self, registry: &Registry) -> bool {
+        while let Ok(report) = self.reports.try_recv() {
+            match report {
+                Ok(seq) => {
+                    self.reported = self.reported.max(seq);
+                    self.broker.handle_stored(now(), seq);
+                }
+                Err(e) => {
+                    // Nothing more can be acknowledged: stop rather than hold every client
+                    // forever. `close` returns the error.
+                    log::error!("{e}; stopping the broker");
+                    self.stop(registry);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The store failed: drops every socket (clients see their connections end) and serves
+    /// no more.
+    fn stop(&mut self, registry: &Registry) {
+        self.failed = true;
+        if let Some(mut l) = self.listener.take() {
+            let _ = registry.deregister(&mut l);
+        }
+        if let Some(mut udp) = self.udp.take() {
+            let _ = registry.deregister(&mut udp.socket);
+        }
+        for (_, (_, mut conn)) in self.conns.drain() {
+            let _ = registry.deregister(&mut conn.stream);
+        }
+        self.closing.clear();
+    }
+
     /// Hands the broker the verdicts the password threads have reached.
     fn collect_verdicts(&mut self) {
         while let Ok((id, verdict)) = self.auth.verdicts.try_recv() {
@@ -327,8 +473,12 @@ impl MioBroker {
         }
     }
 
-    /// Sends what the broker has: datagrams, and bytes for each TCP connection.
+    /// Sends what the broker has: datagrams, and bytes for each TCP connection; hands what
+    /// changed durably to the store.
     fn flush(&mut self, registry: &Registry) {
+        if self.failed {
+            return;
+        }
         if let Some(udp) = &mut self.udp {
             if !udp.is_stalled() || udp.retry() {
                 while let Some(t) = self.broker.poll_transmit(now(), &mut self.buf) {
@@ -357,22 +507,36 @@ impl MioBroker {
                 }
             }
         }
+        // The store thread commits in groups and reports (see `collect_reports`).
+        self.store.submit(&mut self.broker, now());
     }
 
-    /// How long `Poll::poll` may sleep before [`MioBroker::handle_timeout`] is due.
+    /// How long `Poll::poll` may sleep before [`MioBroker::handle_timeout`] is due (`None`:
+    /// until an event; always `None` once the store failed).
     pub fn timeout(&mut self) -> Option<Duration> {
+        if self.failed {
+            return None;
+        }
         let next = self.broker.poll_timeout().into_iter().chain(self.closing.values().copied()).min();
         let due = next.map(|t| t.saturating_duration_since(now()));
-        if self.auth.out > 0 {
-            // A verdict may arrive at any moment: look again soon.
+        let awaited = self.auth.out > 0 || self.store.submitted() > self.reported;
+        if awaited && !self.waker.is_set() {
+            // A verdict or a store report may arrive at any moment: look again soon.
             return Some(due.map_or(AUTH_POLL, |d| d.min(AUTH_POLL)));
         }
         due
     }
 
-    /// Fires due timers and sends what they produced.
+    /// Fires due timers, takes what the broker's threads have for it (password verdicts, store
+    /// reports) and sends what they produced.
     pub fn handle_timeout(&mut self, registry: &Registry) {
+        if self.failed {
+            return;
+        }
         self.collect_verdicts();
+        if !self.collect_reports(registry) {
+            return;
+        }
         let t = now();
         let overdue: Vec<Token> = self.closing.iter().filter(|(_, at)| **at <= t).map(|(token, _)| *token).collect();
         for token in overdue {
@@ -383,8 +547,11 @@ impl MioBroker {
     }
 
     /// Starts a graceful shutdown (see [`Broker::shutdown`]); keep driving until
-    /// [`MioBroker::is_done`].
+    /// [`MioBroker::is_done`], then [`MioBroker::close`] the store.
     pub fn shutdown(&mut self, registry: &Registry) {
+        if self.failed {
+            return;
+        }
         if let Some(l) = &mut self.listener {
             let _ = registry.deregister(l);
         }
@@ -395,8 +562,12 @@ impl MioBroker {
     }
 
     /// Whether a shutdown has finished: the broker is done and the TCP connections it closed
-    /// have written their last bytes (DISCONNECT 0x8B) and drained, or the grace is over.
+    /// have written their last bytes (DISCONNECT 0x8B) and drained, or the grace is over. Also
+    /// true once the store failed (the broker stopped; [`MioBroker::close`] returns why).
     pub fn is_done(&self) -> bool {
+        if self.failed {
+            return true;
+        }
         let t = now();
         self.broker.is_done(t) && (self.closing.is_empty() || self.shutdown_until.is_some_and(|until| t >= until))
     }

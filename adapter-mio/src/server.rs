@@ -27,17 +27,22 @@ pub struct Server {
     addresses: ServerAddresses,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
+    /// The broker's thread, with the store's error if it failed.
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
 
 impl Server {
-    /// Opens the listeners (QUIC and plain TCP: a TLS listener is refused with
-    /// [`ServerError::Unsupported`]), then serves on a new thread.
+    /// Reads the store back (with `options.broker.persistence` on: from `options.data_dir`;
+    /// [`ServerError::Store`] if it cannot be opened or read), opens the listeners (QUIC and
+    /// plain TCP: a TLS listener is refused with [`ServerError::Unsupported`]), then serves on
+    /// a new thread.
     pub fn start(options: ServerOptions) -> Result<Server, ServerError> {
         const WAKE: Token = Token(0);
         let mut poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let mut broker = MioBroker::bind(options, poll.registry(), Token(1))?;
+        // Store reports and password verdicts wake the loop at once.
+        broker.set_waker(waker.clone());
         let addresses = broker.addresses();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
@@ -49,7 +54,8 @@ impl Server {
                     shutting = true;
                     broker.shutdown(poll.registry());
                 }
-                if shutting && broker.is_done() {
+                // Done after a shutdown, or at once if the store failed.
+                if broker.is_done() {
                     break;
                 }
                 let timeout = broker.timeout();
@@ -63,6 +69,9 @@ impl Server {
                 }
                 broker.handle_timeout(poll.registry());
             }
+            log::info!("broker stopped");
+            // The last commit, durable; an error is logged (by the broker) and kept for `wait`.
+            broker.close()
         })?;
         Ok(Server { addresses, stop, waker, thread: Some(thread) })
     }
@@ -83,13 +92,32 @@ impl Server {
     }
 
     /// Stops accepting, tells every client the server is shutting down (DISCONNECT 0x8B for
-    /// MQTT 5), waits up to the shutdown grace for them to go, and returns once the broker's
-    /// thread has ended.
+    /// MQTT 5), waits up to the shutdown grace for them to go, closes the store (a last durable
+    /// commit) and returns once the broker's thread has ended. A store error is logged, as
+    /// every one is (see [`Server::wait`] to get it as a value).
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
         if let Some(t) = self.thread.take() {
+            // Logged on the thread already.
             let _ = t.join();
+        }
+    }
+
+    /// Blocks until the broker's thread ends, which it does by itself only when the store
+    /// fails (for a process that serves until it is killed): then the error is
+    /// [`ServerError::Store`] (the broker stopped serving, since nothing more could be
+    /// acknowledged), and a process that serves nothing any more should exit with a failure
+    /// status so that its supervisor restarts it. Any other end is [`ServerError::Stopped`] (a
+    /// bug). After it returns, [`Server::shutdown`] has nothing left to wait for.
+    pub fn wait(&mut self) -> Result<(), ServerError> {
+        let Some(thread) = self.thread.take() else {
+            return Err(ServerError::Stopped("the broker thread ended"));
+        };
+        match thread.join() {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => Err(ServerError::Stopped("the broker thread ended")),
+            Err(_) => Err(ServerError::Stopped("the broker thread panicked")),
         }
     }
 }

@@ -149,3 +149,81 @@ fn threaded_client_and_server() {
     }
     server.shutdown();
 }
+
+/// A `MioBroker` with `Persistence::Sync` in the application's own loop, driven as before
+/// (`handle_event`, `handle_timeout`, `timeout`) and given no waker: the store's reports still
+/// reach it (PUBACK waits for the disk, and comes), `close` makes the last commit, and a new
+/// broker on the same directory has the retained message.
+#[test]
+fn an_embedded_mio_broker_persists_without_a_waker() {
+    use adapter_mio::broker::MioBroker;
+    use mio::{Poll, Token};
+    use mqtt_quic_core::persist::Persistence;
+    let dir = std::env::temp_dir().join(format!("mqtt-adapter-mio-embedded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let persistent = || {
+        let mut o = broker_options();
+        o.broker.persistence = Persistence::Sync;
+        o.data_dir = Some(dir.clone());
+        o
+    };
+    #[allow(clippy::disallowed_methods)]
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+
+    let mut poll = Poll::new().unwrap();
+    let mut broker = MioBroker::bind(persistent(), poll.registry(), Token(10)).unwrap();
+    let url = format!("mqtt://{}", broker.tcp_addr().unwrap());
+    let publisher = std::thread::spawn(move || {
+        let mut client = Client::connect(&url, options("publisher")).unwrap();
+        let mut p = Publish::new(TopicName::new("embedded/kept").unwrap(), "stored").with_qos(QoS::AtLeastOnce);
+        p.retain = true;
+        #[allow(clippy::disallowed_methods)]
+        let start = std::time::Instant::now();
+        client.publish(p).unwrap();
+        // The loop sleeps up to 5 s when the broker says nothing is due: the PUBACK, held until
+        // the store reports, comes at once only if `timeout` keeps the loop looking for it.
+        assert!(start.elapsed() < Duration::from_secs(2), "PUBACK took {:?}", start.elapsed());
+        client.disconnect().unwrap();
+    });
+    drive(&mut poll, &mut broker, deadline, &|_| publisher.is_finished());
+    publisher.join().unwrap();
+    broker.shutdown(poll.registry());
+    drive(&mut poll, &mut broker, deadline, &MioBroker::is_done);
+    assert!(broker.is_done());
+    broker.close().unwrap();
+
+    let poll = Poll::new().unwrap();
+    let mut broker = MioBroker::bind(persistent(), poll.registry(), Token(10)).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::Instant::now();
+    broker.broker().subscribe_local(now, &TopicFilter::new("embedded/#").unwrap(), QoS::AtLeastOnce);
+    broker.handle_timeout(poll.registry());
+    let (_, retained) = broker.poll_message().expect("the retained message, restored");
+    assert_eq!(
+        (retained.topic.as_str(), &retained.payload[..], retained.retain),
+        ("embedded/kept", &b"stored"[..], true)
+    );
+    broker.shutdown(poll.registry());
+    assert!(broker.is_done());
+    broker.close().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Drives `broker` in `poll`'s loop, as an application does, until `until` or the deadline.
+fn drive(
+    poll: &mut mio::Poll,
+    broker: &mut adapter_mio::broker::MioBroker,
+    deadline: std::time::Instant,
+    until: &dyn Fn(&adapter_mio::broker::MioBroker) -> bool,
+) {
+    let mut events = mio::Events::with_capacity(256);
+    #[allow(clippy::disallowed_methods)]
+    while !until(broker) && std::time::Instant::now() < deadline {
+        let timeout = broker.timeout().map_or(Duration::from_secs(5), |t| t.min(Duration::from_secs(5)));
+        poll.poll(&mut events, Some(timeout)).unwrap();
+        for event in events.iter() {
+            broker.handle_event(poll.registry(), event);
+        }
+        broker.handle_timeout(poll.registry());
+    }
+}

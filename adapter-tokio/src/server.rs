@@ -332,7 +332,10 @@ async fn drive(
     let mut buf = Vec::with_capacity(2048);
     let mut stopping = false;
     let mut streams_open = true;
-    let mut store_reports = true;
+    // With persistence off (or once the commit thread has ended) nobody holds the sender, and
+    // a closed channel is always ready: selecting on it would spin and starve every other
+    // input.
+    let mut stored_open = true;
     loop {
         // Drain outputs: datagrams, stream bytes, events.
         let batch = udp.as_ref().map_or(1, |u| u.max_gso_segments());
@@ -376,8 +379,7 @@ async fn drive(
         let wake_at = wake_at.unwrap_or_else(|| tokio::time::Instant::now() + NEVER);
         let input = tokio::select! {
             biased;
-            // Closed at once when persistence is off (and when the store thread stopped).
-            r = stored.recv(), if store_reports => Input::Stored(r),
+            r = stored.recv(), if stored_open => Input::Stored(r),
             r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
@@ -392,7 +394,7 @@ async fn drive(
                 error!("{e}; stopping the broker");
                 return Err(e);
             }
-            Input::Stored(None) => store_reports = false,
+            Input::Stored(None) => stored_open = false,
             Input::Udp(Ok(())) => {
                 udp_errors = 0;
                 if let Some(udp) = &udp {

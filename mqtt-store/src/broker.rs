@@ -16,6 +16,8 @@ pub struct BrokerStore {
     worker: Option<StoreWorker>,
     /// What was read back, and from where.
     restored: Option<(Restored, PathBuf)>,
+    /// The highest batch handed to the commit thread.
+    submitted: u64,
 }
 
 impl BrokerStore {
@@ -30,7 +32,7 @@ impl BrokerStore {
         notify: impl FnMut(Result<u64, StoreError>) + Send + 'static,
     ) -> Result<BrokerStore, ServerError> {
         let sync = match options.broker.persistence {
-            Persistence::Off => return Ok(BrokerStore { worker: None, restored: None }),
+            Persistence::Off => return Ok(BrokerStore { worker: None, restored: None, submitted: 0 }),
             Persistence::Sync => SyncMode::Sync,
             Persistence::Periodic => SyncMode::Periodic(options.sync_interval),
         };
@@ -47,7 +49,7 @@ impl BrokerStore {
         })?;
         let path = store.path().to_path_buf();
         let worker = StoreWorker::spawn(store, sync, notify);
-        Ok(BrokerStore { worker: Some(worker), restored: Some((restored, path)) })
+        Ok(BrokerStore { worker: Some(worker), restored: Some((restored, path)), submitted: 0 })
     }
 
     /// The log line for what was read back at start (`None` with persistence off).
@@ -69,9 +71,19 @@ impl BrokerStore {
     pub fn submit(&mut self, broker: &mut Broker, now: Instant) {
         while let Some(batch) = broker.poll_store(now) {
             if let Some(worker) = &self.worker {
+                self.submitted = self.submitted.max(batch.seq);
                 worker.submit(batch);
             }
         }
+    }
+
+    /// The highest batch `seq` handed to the commit thread so far (0 before the first, and
+    /// always with persistence off). Every batch submitted is reported (`notify(Ok(seq))` with
+    /// this `seq` or a higher one) unless the store fails first, so an adapter that cannot be
+    /// woken by `notify` knows whether a report is still to come: while this is above the
+    /// highest `seq` it was given, one is.
+    pub fn submitted(&self) -> u64 {
+        self.submitted
     }
 
     /// Commits what is left durably and stops the commit thread.

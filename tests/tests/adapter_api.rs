@@ -1,6 +1,6 @@
 //! The three adapters expose one API: the same client (`connect`, `publish`, `subscribe`,
 //! `subscribe_many`, `unsubscribe`, `messages`, `on_message`, `state_changes`, `disconnect`)
-//! and server (`start`, `addresses`, `shutdown`) with the same argument and result types, the
+//! and server (`start`, `addresses`, `wait`, `shutdown`) with the same argument and result types, the
 //! async adapters as futures and mio blocking. This file fails to compile when one diverges:
 //! each adapter's methods are bound, by one macro, to the exact types every adapter must have.
 
@@ -79,6 +79,8 @@ macro_rules! adapter_api {
             let _: ServerAddresses = server.addresses();
             let _: Option<SocketAddr> = server.quic_addr();
             let _: Option<SocketAddr> = server.tcp_addr();
+            let mut server = server;
+            let _: PhantomData<Result<(), ServerError>> = $yields(server.wait());
             let _: PhantomData<()> = $yields(server.shutdown());
         }
     };

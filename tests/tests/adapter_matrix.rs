@@ -1,8 +1,9 @@
 //! Clients of each adapter against brokers of each adapter (tokio, mio, async-std), QoS 0, 1
-//! and 2 publish/subscribe over QUIC and over TCP, on real loopback sockets.
+//! and 2 publish/subscribe over QUIC and over TCP, on real loopback sockets; and what every
+//! broker adapter does with the store (persistence).
 
 use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
-use mqtt_quic_core::driver::{ClientOptions, ServerOptions};
+use mqtt_quic_core::driver::{ClientOptions, ServerError, ServerOptions};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -118,27 +119,31 @@ fn start_broker(adapter: Adapter) -> TestBroker {
 }
 
 fn start_broker_with(adapter: Adapter, tweak: impl FnOnce(&mut ServerOptions)) -> TestBroker {
+    try_start_broker(adapter, tweak).unwrap_or_else(|e| panic!("{adapter:?} broker: {e}"))
+}
+
+fn try_start_broker(adapter: Adapter, tweak: impl FnOnce(&mut ServerOptions)) -> Result<TestBroker, ServerError> {
     let cert = SelfSigned::generate(&["localhost"]).unwrap();
     let mut options = ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap());
     tweak(&mut options);
-    match adapter {
+    Ok(match adapter {
         Adapter::Tokio => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-            let server = rt.block_on(adapter_tokio::server::Server::start(options)).unwrap();
+            let server = rt.block_on(adapter_tokio::server::Server::start(options))?;
             let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
             TestBroker { quic, tcp, stop: Box::new(move || rt.block_on(server.shutdown())) }
         }
         Adapter::Mio => {
-            let handle = adapter_mio::broker::spawn(options).unwrap();
+            let handle = adapter_mio::broker::spawn(options)?;
             let (quic, tcp) = (handle.quic_addr().unwrap(), handle.tcp_addr().unwrap());
             TestBroker { quic, tcp, stop: Box::new(move || handle.shutdown()) }
         }
         Adapter::AsyncStd => {
-            let server = async_std::task::block_on(adapter_async_std::server::Server::start(options)).unwrap();
+            let server = async_std::task::block_on(adapter_async_std::server::Server::start(options))?;
             let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
             TestBroker { quic, tcp, stop: Box::new(move || async_std::task::block_on(server.shutdown())) }
         }
-    }
+    })
 }
 
 /// One broker adapter against every client adapter, over both transports.
@@ -270,5 +275,229 @@ fn every_broker_adapter_lets_a_client_read_its_disconnect() {
         );
         assert!(end.is_none(), "{adapter:?} broker: the connection ended with {end:?}, not a clean close");
         (broker.stop)();
+    }
+}
+
+/// A blocking MQTT 5 client on a raw TCP socket, for the persistence tests: they need what the
+/// adapters' clients do not show (CONNACK's session present flag) and exact control of each
+/// packet. Every read waits at most [`WAIT`].
+struct Raw {
+    stream: std::net::TcpStream,
+    decoder: mqtt_proto::Decoder,
+    buf: bytes::BytesMut,
+    next_id: u16,
+}
+
+impl Raw {
+    /// Connects over TCP and sends CONNECT (clean start unless `persistent`, which also asks
+    /// for an hour of session expiry); returns the client and CONNACK's session present flag.
+    fn connect(addr: SocketAddr, id: &str, persistent: bool) -> (Raw, bool) {
+        use mqtt_proto::{Connect, MqttString, Packet, Protocol, ReasonCode};
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut raw =
+            Raw { stream, decoder: mqtt_proto::Decoder::new(Protocol::V5), buf: bytes::BytesMut::new(), next_id: 0 };
+        let mut connect = Connect::new(Protocol::V5, MqttString::try_from(id).unwrap());
+        if persistent {
+            connect.clean_start = false;
+            connect.properties.session_expiry_interval = Some(3600);
+        }
+        raw.send(Packet::from(connect));
+        match raw.recv() {
+            Packet::ConnAck(ack) if ack.reason_code == ReasonCode::Success => (raw, ack.session_present),
+            other => panic!("client {id}: expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    fn send(&mut self, packet: mqtt_proto::Packet) {
+        use std::io::Write;
+        let mut out = bytes::BytesMut::new();
+        packet.encode(mqtt_proto::Protocol::V5, &mut out).unwrap();
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// The next packet; fails if none comes within [`WAIT`] or the connection ends.
+    fn recv(&mut self) -> mqtt_proto::Packet {
+        use std::io::Read;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(packet) = self.decoder.decode(&mut self.buf).unwrap() {
+                return packet;
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("the broker closed the connection while a packet was expected"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("no packet from the broker within {WAIT:?}: {e}"),
+            }
+        }
+    }
+
+    fn packet_id(&mut self) -> mqtt_proto::PacketId {
+        self.next_id += 1;
+        mqtt_proto::PacketId::new(self.next_id).unwrap()
+    }
+
+    /// Subscribes to one filter at QoS 1 and waits for the SUBACK granting it.
+    fn subscribe(&mut self, filter: &str) {
+        use mqtt_proto::{Packet, ReasonCode, Subscribe, Subscription};
+        let packet_id = self.packet_id();
+        let subscriptions = vec![Subscription::new(TopicFilter::new(filter).unwrap(), QoS::AtLeastOnce)];
+        self.send(Packet::Subscribe(Subscribe {
+            packet_id,
+            properties: Default::default(),
+            subscriptions: subscriptions.into(),
+        }));
+        match self.recv() {
+            Packet::SubAck(ack) if ack.packet_id == packet_id => {
+                assert_eq!(&ack.reason_codes[..], [ReasonCode::GrantedQos1], "SUBACK for {filter}")
+            }
+            other => panic!("expected SUBACK {packet_id}, got {other:?}"),
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK (success).
+    fn publish(&mut self, topic: &str, payload: &str, retain: bool) {
+        use mqtt_proto::{Packet, QosPid, ReasonCode};
+        let packet_id = self.packet_id();
+        let mut p = Publish::new(TopicName::new(topic).unwrap(), payload.to_string());
+        p.qos_pid = QosPid::from_parts(QoS::AtLeastOnce, packet_id);
+        p.retain = retain;
+        self.send(Packet::Publish(p));
+        match self.recv() {
+            Packet::PubAck(ack) if ack.packet_id == packet_id => assert_eq!(ack.reason_code, ReasonCode::Success),
+            other => panic!("expected PUBACK {packet_id}, got {other:?}"),
+        }
+    }
+
+    /// The next packet, which must be a PUBLISH (acknowledged if QoS 1): its topic, payload and
+    /// retain flag.
+    fn message(&mut self) -> (String, String, bool) {
+        use mqtt_proto::{Ack, Packet, QosPid};
+        match self.recv() {
+            Packet::Publish(p) => {
+                if let QosPid::AtLeastOnce(id) = p.qos_pid {
+                    self.send(Packet::PubAck(Ack::new(id)));
+                }
+                (p.topic.to_string(), String::from_utf8_lossy(&p.payload).into_owned(), p.retain)
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Sends DISCONNECT (normal, session kept as asked at CONNECT) and waits until the broker
+    /// closes the connection.
+    fn disconnect(mut self) {
+        use mqtt_proto::{Disconnect, Packet, ReasonCode};
+        use std::io::Read;
+        self.send(Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+        let mut chunk = [0u8; 256];
+        while matches!(self.stream.read(&mut chunk), Ok(n) if n > 0) {}
+    }
+}
+
+/// A data directory of its own under the system's temporary directory, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mqtt-adapter-matrix-{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One broker adapter with `Persistence::Sync`: a kept session (with its subscription and the
+/// QoS 1 messages queued for it while offline) and a retained message survive a graceful
+/// shutdown and a new server on the same data directory.
+fn restart_keeps_state(adapter: Adapter) {
+    use mqtt_quic_core::persist::Persistence;
+    let dir = TempDir::new(&format!("{adapter:?}"));
+    let persistent = |o: &mut ServerOptions| {
+        o.broker.persistence = Persistence::Sync;
+        o.data_dir = Some(dir.0.clone());
+    };
+
+    let broker = start_broker_with(adapter, persistent);
+    let (sub, present) = Raw::connect(broker.tcp, "keeper", true);
+    assert!(!present, "{adapter:?} broker: a session was present before any was made");
+    let mut sub = sub;
+    sub.subscribe("persist/queue/#");
+    sub.disconnect();
+    let (mut publisher, _) = Raw::connect(broker.tcp, "publisher", false);
+    for i in 0..3 {
+        publisher.publish(&format!("persist/queue/{i}"), &format!("queued {i}"), false);
+    }
+    publisher.publish("persist/retained", "kept", true);
+    publisher.disconnect();
+    (broker.stop)();
+
+    let broker = start_broker_with(adapter, persistent);
+    let (mut sub, present) = Raw::connect(broker.tcp, "keeper", true);
+    assert!(present, "{adapter:?} broker: the session was not restored");
+    for i in 0..3 {
+        assert_eq!(
+            sub.message(),
+            (format!("persist/queue/{i}"), format!("queued {i}"), false),
+            "{adapter:?} broker: queued message {i}"
+        );
+    }
+    let (mut fresh, present) = Raw::connect(broker.tcp, "fresh", false);
+    assert!(!present);
+    fresh.subscribe("persist/retained");
+    assert_eq!(
+        fresh.message(),
+        ("persist/retained".to_string(), "kept".to_string(), true),
+        "{adapter:?} broker: the retained message"
+    );
+    fresh.disconnect();
+    sub.disconnect();
+    (broker.stop)();
+}
+
+#[test]
+fn the_tokio_broker_restores_sessions_queues_and_retained_messages_from_its_store() {
+    restart_keeps_state(Adapter::Tokio);
+}
+
+#[test]
+fn the_mio_broker_restores_sessions_queues_and_retained_messages_from_its_store() {
+    restart_keeps_state(Adapter::Mio);
+}
+
+#[test]
+fn the_async_std_broker_restores_sessions_queues_and_retained_messages_from_its_store() {
+    restart_keeps_state(Adapter::AsyncStd);
+}
+
+/// Persistence on without a data directory: every broker adapter refuses to start, with
+/// `ServerError::Store` saying why.
+#[test]
+fn every_broker_adapter_refuses_persistence_without_a_data_directory() {
+    use mqtt_quic_core::persist::Persistence;
+    for adapter in ADAPTERS {
+        let started = try_start_broker(adapter, |o| {
+            o.broker.persistence = Persistence::Sync;
+            o.data_dir = None;
+        });
+        match started {
+            Err(ServerError::Store(message)) => {
+                assert!(message.contains("no data directory"), "{adapter:?} broker: {message}")
+            }
+            Err(other) => panic!("{adapter:?} broker: expected ServerError::Store, got {other}"),
+            Ok(broker) => {
+                (broker.stop)();
+                panic!("{adapter:?} broker: started with persistence on and no data directory");
+            }
+        }
     }
 }
