@@ -259,7 +259,7 @@ async fn serve(
         let wake = future::or(future::or(reported, inputs), future::or(stop_or_timer, timer)).await;
         let t = now();
         match wake {
-            Wake::Stored(Some(Ok(seq))) => broker.handle_stored(t, seq),
+            Wake::Stored(Some(Ok(seq))) => store.stored(&mut broker, t, seq),
             Wake::Stored(Some(Err(e))) => {
                 // Nothing more can be acknowledged: stop rather than hold every client forever.
                 log::error!("{e}; stopping the broker");

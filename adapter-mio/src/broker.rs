@@ -163,8 +163,6 @@ pub struct MioBroker {
     /// The store (nothing at all with persistence off) and its commit thread's reports.
     store: BrokerStore,
     reports: mpsc::Receiver<Result<u64, StoreError>>,
-    /// The highest batch reported stored.
-    reported: u64,
     /// Whether the store failed: the broker has stopped.
     failed: bool,
     /// Wakes the caller's loop when a verdict or a report comes, once given.
@@ -274,7 +272,6 @@ impl MioBroker {
             local: VecDeque::new(),
             store,
             reports,
-            reported: 0,
             failed: false,
             waker,
         })
@@ -405,8 +402,7 @@ impl MioBroker {
         while let Ok(report) = self.reports.try_recv() {
             match report {
                 Ok(seq) => {
-                    self.reported = self.reported.max(seq);
-                    self.broker.handle_stored(now(), seq);
+                    self.store.stored(&mut self.broker, now(), seq);
                 }
                 Err(e) => {
                     // Nothing more can be acknowledged: stop rather than hold every client
@@ -519,7 +515,7 @@ impl MioBroker {
         }
         let next = self.broker.poll_timeout().into_iter().chain(self.closing.values().copied()).min();
         let due = next.map(|t| t.saturating_duration_since(now()));
-        let awaited = self.auth.out > 0 || self.store.submitted() > self.reported;
+        let awaited = self.auth.out > 0 || self.store.is_committing();
         if awaited && !self.waker.is_set() {
             // A verdict or a store report may arrive at any moment: look again soon.
             return Some(due.map_or(AUTH_POLL, |d| d.min(AUTH_POLL)));

@@ -388,7 +388,7 @@ async fn drive(
         };
         let now = clock();
         match input {
-            Input::Stored(Some(Ok(seq))) => broker.handle_stored(now, seq),
+            Input::Stored(Some(Ok(seq))) => store.stored(&mut broker, now, seq),
             Input::Stored(Some(Err(e))) => {
                 // Nothing more can be acknowledged: stop rather than hold every client forever.
                 error!("{e}; stopping the broker");

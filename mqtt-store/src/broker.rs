@@ -18,6 +18,8 @@ pub struct BrokerStore {
     restored: Option<(Restored, PathBuf)>,
     /// The highest batch handed to the commit thread.
     submitted: u64,
+    /// The highest batch reported stored.
+    reported: u64,
 }
 
 impl BrokerStore {
@@ -32,7 +34,7 @@ impl BrokerStore {
         notify: impl FnMut(Result<u64, StoreError>) + Send + 'static,
     ) -> Result<BrokerStore, ServerError> {
         let sync = match options.broker.persistence {
-            Persistence::Off => return Ok(BrokerStore { worker: None, restored: None, submitted: 0 }),
+            Persistence::Off => return Ok(BrokerStore { worker: None, restored: None, submitted: 0, reported: 0 }),
             Persistence::Sync => SyncMode::Sync,
             Persistence::Periodic => SyncMode::Periodic(options.sync_interval),
         };
@@ -49,7 +51,7 @@ impl BrokerStore {
         })?;
         let path = store.path().to_path_buf();
         let worker = StoreWorker::spawn(store, sync, notify);
-        Ok(BrokerStore { worker: Some(worker), restored: Some((restored, path)), submitted: 0 })
+        Ok(BrokerStore { worker: Some(worker), restored: Some((restored, path)), submitted: 0, reported: 0 })
     }
 
     /// The log line for what was read back at start (`None` with persistence off).
@@ -66,24 +68,36 @@ impl BrokerStore {
         ))
     }
 
-    /// Hands every batch the broker has ready to the commit thread. Call it after every input,
-    /// with the other outputs.
+    /// Hands the broker's changes to the commit thread, when it is idle. Call it after every
+    /// input, with the other outputs.
+    ///
+    /// One commit is in flight at a time: while it syncs, the broker's journal keeps collecting
+    /// (and coalescing) changes, and the next batch carries all of them. A message delivered to
+    /// a client and acknowledged by it within one commit is never written at all, and the busier
+    /// the broker, the more one sync carries.
     pub fn submit(&mut self, broker: &mut Broker, now: Instant) {
+        let Some(worker) = &self.worker else { return };
+        if self.reported < self.submitted {
+            return;
+        }
         while let Some(batch) = broker.poll_store(now) {
-            if let Some(worker) = &self.worker {
-                self.submitted = self.submitted.max(batch.seq);
-                worker.submit(batch);
-            }
+            self.submitted = self.submitted.max(batch.seq);
+            worker.submit(batch);
         }
     }
 
-    /// The highest batch `seq` handed to the commit thread so far (0 before the first, and
-    /// always with persistence off). Every batch submitted is reported (`notify(Ok(seq))` with
-    /// this `seq` or a higher one) unless the store fails first, so an adapter that cannot be
-    /// woken by `notify` knows whether a report is still to come: while this is above the
-    /// highest `seq` it was given, one is.
-    pub fn submitted(&self) -> u64 {
-        self.submitted
+    /// The commit thread reported batches up to `seq` stored: the broker releases what waited
+    /// for them. Call it with each `Ok(seq)` the `notify` of [`BrokerStore::open`] gave, on the
+    /// broker's thread; then [`BrokerStore::submit`] (with the other outputs) sends what
+    /// collected meanwhile.
+    pub fn stored(&mut self, broker: &mut Broker, now: Instant, seq: u64) {
+        self.reported = self.reported.max(seq);
+        broker.handle_stored(now, seq);
+    }
+
+    /// Whether a commit is in flight (its report is still to come).
+    pub fn is_committing(&self) -> bool {
+        self.reported < self.submitted
     }
 
     /// Commits what is left durably and stops the commit thread.

@@ -168,6 +168,11 @@ impl Journal {
         self.messages(id, changes);
     }
 
+    /// Whether held output waits on the batch not yet made.
+    fn awaited(&self) -> bool {
+        self.held.values().any(|h| h.items.back().is_some_and(|(barrier, _)| *barrier >= self.next))
+    }
+
     fn is_empty(&self) -> bool {
         self.deleted.is_empty()
             && self.sessions.is_empty()
@@ -234,7 +239,10 @@ impl Broker {
     /// [`Broker::handle_stored`].
     #[must_use]
     pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
-        if self.journal.is_empty() {
+        // Output may wait on a batch whose changes all cancelled out (a message delivered and
+        // acknowledged before it was written): the batch goes out empty, so that its number is
+        // reported once everything before it is stored.
+        if self.journal.is_empty() && !self.journal.awaited() {
             return None;
         }
         let seq = self.journal.next;
