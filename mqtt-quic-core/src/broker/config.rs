@@ -3,8 +3,8 @@
 //! guarding against zero or overflow on every input.
 
 use super::auth::Auth;
-use crate::persist::Persistence;
 use crate::config::{invalid, ConfigError, ServerConfig, MAX_DURATION};
+use crate::persist::Persistence;
 use crate::session::server::ServerSessionConfig;
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,9 +14,7 @@
 
 use super::links::Peer;
 use super::machine::Broker;
-use crate::persist::records::{
-    client_key, message_key, messages_prefix, MessageRecord, SessionRecord, TimedMessage,
-};
+use crate::persist::records::{client_key, message_key, messages_prefix, MessageRecord, SessionRecord, TimedMessage};
 use crate::persist::{Persistence, StoreBatch, StoreOp, Table};
 use crate::session::outbound::{Change, Kept};
 use crate::session::server::SessionState;
@@ -249,7 +247,9 @@ impl Broker {
         }
         for id in std::mem::take(&mut self.journal.sessions) {
             match self.session_record(now, &id) {
-                Some(record) => ops.push(StoreOp::Put { table: Table::Sessions, key: client_key(&id), value: record.encode() }),
+                Some(record) => {
+                    ops.push(StoreOp::Put { table: Table::Sessions, key: client_key(&id), value: record.encode() })
+                }
                 None => {
                     ops.push(StoreOp::Delete { table: Table::Sessions, key: client_key(&id) });
                     ops.push(StoreOp::DeletePrefix { table: Table::Messages, prefix: messages_prefix(&id) });
@@ -261,8 +261,12 @@ impl Broker {
             ops.push(match change.kept {
                 Some(kept) => {
                     let waited = kept.at.map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
-                    let record =
-                        MessageRecord { packet_id: kept.packet_id, released: kept.released, waited, publish: kept.publish };
+                    let record = MessageRecord {
+                        packet_id: kept.packet_id,
+                        released: kept.released,
+                        waited,
+                        publish: kept.publish,
+                    };
                     StoreOp::Put { table: Table::Messages, key, value: record.encode() }
                 }
                 None => StoreOp::Delete { table: Table::Messages, key },

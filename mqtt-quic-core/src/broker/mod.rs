@@ -35,9 +35,9 @@
 pub mod auth;
 mod config;
 mod events;
+mod journal;
 pub mod lifecycle;
 pub mod limiter;
-mod journal;
 mod links;
 mod local;
 pub mod machine;

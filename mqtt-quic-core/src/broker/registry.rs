@@ -130,17 +130,8 @@ impl Registry {
     ) -> SessionKey {
         self.next_key += 1;
         let key = self.next_key;
-        let record = Record {
-            key,
-            owner,
-            queued_bytes: 0,
-            conn: None,
-            kept: None,
-            expiry,
-            expires_at,
-            will,
-            durable: true,
-        };
+        let record =
+            Record { key, owner, queued_bytes: 0, conn: None, kept: None, expiry, expires_at, will, durable: true };
         if let Some(at) = expires_at {
             self.timers.set((id.to_string(), RecordTimer::Expiry), Some(at));
         }
@@ -184,13 +175,7 @@ impl Registry {
     /// state comes out (and its bytes leave the offline budget), and its expiry and will are
     /// cancelled, timer entries included, so a client that comes and goes does not grow the
     /// timers.
-    fn attach(
-        &mut self,
-        id: &str,
-        username: &Option<String>,
-        expiry: u32,
-        conn: Peer,
-    ) -> (Option<SessionState>, bool) {
+    fn attach(&mut self, id: &str, username: &Option<String>, expiry: u32, conn: Peer) -> (Option<SessionState>, bool) {
         let next_key = &mut self.next_key;
         let record = self.clients.entry(id.to_string()).or_insert_with(|| {
             *next_key += 1;

@@ -120,7 +120,9 @@ impl Broker {
                     None => age_message(m.publish, m_age + m.waited),
                 };
                 match publish {
-                    Some(publish) => kept.push(Kept { id: mid, publish, packet_id: m.packet_id, released: m.released, at: None }),
+                    Some(publish) => {
+                        kept.push(Kept { id: mid, publish, packet_id: m.packet_id, released: m.released, at: None })
+                    }
                     None => done.dropped += 1,
                 }
             }

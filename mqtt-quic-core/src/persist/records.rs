@@ -17,7 +17,9 @@
 use super::Table;
 use crate::broker::router::Entry;
 use bytes::{Bytes, BytesMut};
-use mqtt_proto::{Decoder, Packet, PacketId, Protocol, Publish, QosPid, SubscriptionId, SubscriptionOptions, TopicFilter};
+use mqtt_proto::{
+    Decoder, Packet, PacketId, Protocol, Publish, QosPid, SubscriptionId, SubscriptionOptions, TopicFilter,
+};
 use std::fmt;
 use std::time::Duration;
 
@@ -335,7 +337,8 @@ mod tests {
         };
         let bytes = record.encode();
         assert_eq!(SessionRecord::decode(b"c", &bytes).unwrap(), record);
-        let bare = SessionRecord { owner: None, expiry: u32::MAX, expires_in: None, subscriptions: vec![], qos2: vec![] };
+        let bare =
+            SessionRecord { owner: None, expiry: u32::MAX, expires_in: None, subscriptions: vec![], qos2: vec![] };
         assert_eq!(SessionRecord::decode(b"c", &bare.encode()).unwrap(), bare);
         // Every truncation is an error, never a panic.
         for n in 0..bytes.len() {
@@ -345,9 +348,11 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        for (packet_id, released, qos) in
-            [(None, false, QoS::AtLeastOnce), (PacketId::new(5), false, QoS::ExactlyOnce), (PacketId::new(6), true, QoS::ExactlyOnce)]
-        {
+        for (packet_id, released, qos) in [
+            (None, false, QoS::AtLeastOnce),
+            (PacketId::new(5), false, QoS::ExactlyOnce),
+            (PacketId::new(6), true, QoS::ExactlyOnce),
+        ] {
             let mut publish = message(qos);
             publish.qos_pid = QosPid::from_parts(qos, packet_id.unwrap_or(PacketId::MIN));
             let record = MessageRecord { packet_id, released, waited: Duration::from_millis(42), publish };
