@@ -208,9 +208,43 @@ impl Store {
         self.messages(id).into_iter().find(|(_, _, v)| v.ends_with(p.as_bytes())).map(|(id, rel, _)| (id, rel))
     }
 
-    fn has_session(&self, id: &str) -> bool {
-        self.disk.contains_key(&(Table::Sessions, id.as_bytes().to_vec()))
+    /// Client `id`'s stored session, read as `persist/records.rs` lays it out: flags (bit 0
+    /// owner, bit 1 expiry time left), owner, expiry (u32), time left (u64), subscriptions (u32
+    /// count; filter, options u8, subscription identifier u32 each), the client's QoS 2
+    /// identifiers awaiting PUBREL (u16 count, u16 each), little-endian, strings u16-prefixed.
+    fn session(&self, id: &str) -> Option<StoredSession> {
+        let v = self.disk.get(&(Table::Sessions, id.as_bytes().to_vec()))?;
+        let mut at = 0;
+        let mut take = |n: usize| {
+            at += n;
+            &v[at - n..at]
+        };
+        let flags = take(1)[0];
+        if flags & 1 != 0 {
+            let n = u16::from_le_bytes(take(2).try_into().unwrap());
+            take(usize::from(n));
+        }
+        take(4);
+        if flags & 2 != 0 {
+            take(8);
+        }
+        let mut subscriptions = Vec::new();
+        for _ in 0..u32::from_le_bytes(take(4).try_into().unwrap()) {
+            let n = u16::from_le_bytes(take(2).try_into().unwrap());
+            subscriptions.push(String::from_utf8(take(usize::from(n)).to_vec()).unwrap());
+            take(5);
+        }
+        let count = u16::from_le_bytes(take(2).try_into().unwrap());
+        let qos2 = (0..count).map(|_| u16::from_le_bytes(take(2).try_into().unwrap())).collect();
+        assert_eq!(at, v.len(), "the session record is read to its end");
+        Some(StoredSession { subscriptions, qos2 })
     }
+}
+
+/// What the checks read of a stored session.
+struct StoredSession {
+    subscriptions: Vec<String>,
+    qos2: Vec<u16>,
 }
 
 /// What the broker wrote to one stream and its client has not read yet.
@@ -435,22 +469,30 @@ impl Run {
         if let Some(conn) = self.p.conn {
             let fresh = self.net.wires.get_mut(&conn).map(|w| std::mem::take(&mut w.fresh)).unwrap_or_default();
             for packet in fresh {
-                let (packet_id, qos) = match &packet {
-                    Packet::PubAck(a) => (a.packet_id.get(), QoS::AtLeastOnce),
-                    Packet::PubRec(a) => (a.packet_id.get(), QoS::ExactlyOnce),
+                let (ack, qos) = match &packet {
+                    Packet::PubAck(a) => (a, QoS::AtLeastOnce),
+                    Packet::PubRec(a) => (a, QoS::ExactlyOnce),
+                    Packet::PubComp(a) => {
+                        // The release is stored: a crash cannot bring back an identifier `p`
+                        // will now use for a new message (which would be taken for a duplicate).
+                        let session = self.net.store.session("p").expect("p's session is stored");
+                        assert!(
+                            !session.qos2.contains(&a.packet_id.get()),
+                            "PUBCOMP {} to p before the release is stored",
+                            a.packet_id.get()
+                        );
+                        continue;
+                    }
                     Packet::ConnAck(ack) => {
                         assert_eq!(ack.reason_code, ReasonCode::Success);
                         assert!(ack.session_present || !self.p.session, "p's session was promised");
-                        assert!(self.net.store.has_session("p"), "CONNACK to p before its session is stored");
+                        assert!(self.net.store.session("p").is_some(), "CONNACK to p before its session is stored");
                         continue;
                     }
                     _ => continue,
                 };
-                let ack = match &packet {
-                    Packet::PubAck(a) | Packet::PubRec(a) => a,
-                    _ => unreachable!(),
-                };
                 assert_eq!(ack.reason_code, ReasonCode::Success, "{packet:?}");
+                let packet_id = ack.packet_id.get();
                 let out = self.p.inflight.iter().find(|o| o.packet_id == packet_id && o.qos == qos && !o.released);
                 let out = out.unwrap_or_else(|| panic!("{packet:?} for nothing p sent")).clone();
                 self.p.acked.insert(out.n, out.qos);
@@ -467,6 +509,11 @@ impl Run {
                     "{packet:?} acknowledges m{} while the disk holds no copy for s",
                     out.n
                 );
+                // A PUBREC: the disk knows the identifier is taken, so a resend is a duplicate.
+                if qos == QoS::ExactlyOnce {
+                    let session = self.net.store.session("p").expect("p's session is stored");
+                    assert!(session.qos2.contains(&packet_id), "PUBREC {packet_id} to p before the disk holds it");
+                }
             }
         }
         if let Some(conn) = self.s.conn {
@@ -493,7 +540,7 @@ impl Run {
                     }
                     Packet::ConnAck(ack) => {
                         assert_eq!(ack.reason_code, ReasonCode::Success);
-                        assert!(self.net.store.has_session("s"), "CONNACK to s before its session is stored");
+                        assert!(self.net.store.session("s").is_some(), "CONNACK to s before its session is stored");
                     }
                     _ => {}
                 }
@@ -710,6 +757,12 @@ impl Run {
         self.until(|r| r.net.wires[&conn].packets.iter().any(|p| matches!(p, Packet::SubAck(_))));
         let Some(Packet::SubAck(ack)) = self.net.take(conn) else { panic!("not a SUBACK") };
         assert_eq!(&ack.reason_codes[..], [ReasonCode::GrantedQos1, ReasonCode::GrantedQos2]);
+        let stored = self.net.store.session("s").map(|s| s.subscriptions);
+        assert_eq!(
+            stored,
+            Some(vec!["t/1".to_string(), "t/2".to_string()]),
+            "SUBACK before the subscriptions are stored"
+        );
         if !self.s.online {
             self.s_leave();
         }
@@ -933,7 +986,7 @@ fn connack_and_suback_of_a_kept_session_wait_for_the_store() {
     assert_eq!(net.store.pending.len(), 1);
     net.commit_all();
     assert!(matches!(net.take(s), Some(Packet::SubAck(a)) if a.packet_id == pid(3)), "SUBACK once stored");
-    assert!(net.store.has_session("s"));
+    assert_eq!(net.store.session("s").unwrap().subscriptions, ["t/1"]);
 }
 
 /// A client without a kept session (expiry 0), publishing where no kept session subscribes,
