@@ -10,11 +10,23 @@
 //! seeded generator (publish, read and acknowledge, commit, let time pass, drop a connection,
 //! reconnect, crash). Time is virtual and nothing touches a socket, so a seed is a run.
 //!
+//! `p` publishes within a window of its own (1 to 8 per seed), reads its acknowledgements at
+//! random steps and resends what is owed when it comes back (QoS 2 always, QoS 1 on half the
+//! seeds; never an old retained message, which would replace a newer one). `s` either stays
+//! online, reading and acknowledging at random steps (some seeds with a Receive Maximum of 1 to
+//! 4, so messages also queue in its live session), leaving and coming back, taking its session
+//! over from a live connection; or it leaves before publishing starts and comes back at the
+//! end. Like a real persistent client, `s` keeps its QoS 2 receive state across connections and
+//! broker crashes: a QoS 2 PUBLISH whose identifier awaits PUBREL is a duplicate.
+//!
 //! What is checked:
-//! - while the run goes on, that the broker's output never promises what is not on disk: a
+//! - while the run goes on, that the broker's output never promises what is not on disk (the
+//!   disk as it is when the output is collected, right after the input that released it): a
 //!   PUBACK or PUBREC to `p` for a message `s` has not processed yet while `disk` holds no copy
-//!   of it for `s`, a QoS 2 PUBLISH or a PUBREL to `s` that `disk` does not hold as sent (or
-//!   released), a CONNACK without the session it says is present;
+//!   of it for `s`; a PUBREC to `p` while `disk` does not hold its identifier in `p`'s QoS 2
+//!   state, a PUBCOMP while it still does; a QoS 2 PUBLISH or a PUBREL to `s` that `disk` does
+//!   not hold as sent under that identifier (or released); a CONNACK without its session stored,
+//!   a SUBACK without its subscriptions, a CONNACK saying a session promised earlier is gone;
 //! - at the end, once everything is committed and `s` has read all it is sent, that every
 //!   QoS 1 message `p` got a PUBACK for reached `s` at least once, that no QoS 2 message reached
 //!   `s` twice (and every one `p` got a PUBREC for, once), and that a new subscriber gets the
@@ -22,8 +34,12 @@
 //! - across all seeds, that crashes did throw away batches not yet stored (so the property is
 //!   tested against real losses, and can fail).
 //!
-//! A few focused tests at the end pin down the holding itself: PUBACK and SUBACK wait for the
-//! batch that carries what they acknowledge, and a client without a kept session is not held.
+//! A few focused tests at the end pin down the holding itself: PUBACK, CONNACK and SUBACK wait
+//! for the batch that carries what they acknowledge, and a client without a kept session is
+//! not held.
+//!
+//! To follow a failing seed: `SEED=n TRACE=1 cargo test -p mqtt-tests --test persistence_sim`
+//! prints its packets, batches and crashes; `SEEDS=n` runs seeds 0 to n - 1 instead of 300.
 
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
@@ -252,8 +268,9 @@ struct StoredSession {
 struct Wire {
     buf: BytesMut,
     packets: VecDeque<Packet>,
-    /// Packets that arrived since the checks last looked (see `Run::observe`).
+    /// Packets that arrived since the checks last looked (see `Run::after`).
     fresh: Vec<Packet>,
+    /// The broker closed the stream.
     closed: bool,
     /// The client closed the stream: the broker may still say Close, never send data.
     gone: bool,
@@ -288,11 +305,13 @@ impl Net {
             let wire = self.wires.get_mut(&id).unwrap_or_else(|| panic!("output for stream {id:?} nobody has"));
             match out {
                 StreamOutput::Data(bytes) => {
-                    assert!(!wire.gone, "data for stream {id:?} after it closed");
+                    assert!(!wire.gone && !wire.closed, "data for stream {id:?} after it closed");
                     self.broker.handle_stream_written(id, bytes.len());
                     wire.buf.extend_from_slice(&bytes);
                 }
-                StreamOutput::Close | StreamOutput::Abort => wire.closed = true,
+                StreamOutput::Close => wire.closed = true,
+                // Only a client that takes nothing is aborted; these read everything at once.
+                StreamOutput::Abort => panic!("stream {id:?} aborted"),
                 other => panic!("unexpected stream output {other:?}"),
             }
             let mut decoder = Decoder::new(Protocol::V5);
@@ -433,6 +452,8 @@ struct Subscriber {
     receive_maximum: Option<NonZeroU16>,
     /// Identifiers of QoS 2 messages taken and awaiting PUBREL.
     held: BTreeSet<u16>,
+    /// QoS 2 PUBLISHes that came again while their identifier was held (not delivered).
+    duplicates: usize,
     /// Deliveries to the application: message number to how often, per QoS.
     qos1: BTreeMap<usize, u32>,
     qos2: BTreeMap<usize, u32>,
@@ -444,7 +465,8 @@ struct Run {
     net: Net,
     p: Publisher,
     s: Subscriber,
-    /// Crashes that threw away batches not yet stored, and those batches.
+    /// Crashes, those that threw away batches not yet stored, and those batches.
+    crashes: usize,
     lossy_crashes: usize,
     lost_batches: usize,
 }
@@ -456,16 +478,17 @@ impl Run {
             Publisher { limit: 1 + (rng.next_u64() % 8) as usize, resend_qos1: rng.chance(0.5), ..Default::default() };
         let receive_maximum = rng.chance(0.5).then(|| NonZeroU16::new(1 + (rng.next_u64() % 4) as u16).unwrap());
         let s = Subscriber { online: rng.chance(0.5), receive_maximum, ..Default::default() };
-        Run { rng, net: Net::new(start()), p, s, lossy_crashes: 0, lost_batches: 0 }
+        Run { rng, net: Net::new(start()), p, s, crashes: 0, lossy_crashes: 0, lost_batches: 0 }
     }
 
     fn below(&mut self, n: usize) -> usize {
         (self.rng.next_u64() % n as u64) as usize
     }
 
-    /// Checks what the broker wrote since the last look against the disk at this moment (see
-    /// the module docs), and records what `p` was acknowledged.
-    fn observe(&mut self) {
+    /// After every input, once the net has collected the broker's output: checks what the
+    /// broker wrote since the last look against the disk at this moment (see the module docs),
+    /// and records what `p` was acknowledged.
+    fn after(&mut self) {
         if let Some(conn) = self.p.conn {
             let fresh = self.net.wires.get_mut(&conn).map(|w| std::mem::take(&mut w.fresh)).unwrap_or_default();
             for packet in fresh {
@@ -548,11 +571,6 @@ impl Run {
         }
     }
 
-    /// After every input (the net has collected the broker's output): the checks.
-    fn after(&mut self) {
-        self.observe();
-    }
-
     fn commit(&mut self) {
         let n = self.below(self.net.store.pending.len() + 1);
         self.net.commit(n);
@@ -612,6 +630,8 @@ impl Run {
                             // A new message unless its identifier still awaits PUBREL.
                             if self.s.held.insert(id.get()) {
                                 *self.s.qos2.entry(n).or_default() += 1;
+                            } else {
+                                self.s.duplicates += 1;
                             }
                             answers.push(Packet::PubRec(Ack::new(id)));
                         }
@@ -770,6 +790,7 @@ impl Run {
 
     fn crash(&mut self) {
         let lost = self.net.crash();
+        self.crashes += 1;
         self.lossy_crashes += usize::from(lost > 0);
         self.lost_batches += lost;
         self.p.conn = None;
@@ -837,8 +858,22 @@ impl Run {
     }
 }
 
-/// Runs one seed; returns (crashes that lost batches, batches lost, messages acknowledged).
-fn run(seed: u64) -> (usize, usize, usize) {
+/// What the runs went through, summed over seeds (the evidence that they tested something).
+#[derive(Debug, Default)]
+struct Tally {
+    /// Crashes, and those that threw away batches not yet stored.
+    crashes: usize,
+    lossy_crashes: usize,
+    /// Batches thrown away.
+    lost_batches: usize,
+    /// Messages acknowledged to `p`.
+    acked: usize,
+    /// QoS 2 PUBLISHes to `s` that its receive state took for duplicates.
+    duplicates: usize,
+}
+
+/// Runs one seed, adding to `tally`.
+fn run(seed: u64, tally: &mut Tally) {
     let mut r = Run::new(seed);
     r.setup();
     let mut crashes = vec![r.below(STEPS)];
@@ -890,7 +925,11 @@ fn run(seed: u64) -> (usize, usize, usize) {
             "seed {seed}: retained {retained:?}, latest acknowledged m{latest}"
         );
     }
-    (r.lossy_crashes, r.lost_batches, r.p.acked.len())
+    tally.crashes += r.crashes;
+    tally.lossy_crashes += r.lossy_crashes;
+    tally.lost_batches += r.lost_batches;
+    tally.acked += r.p.acked.len();
+    tally.duplicates += r.s.duplicates;
 }
 
 /// Names the seed of a run that fails.
@@ -908,24 +947,22 @@ impl Drop for Seed {
 /// prints its packets, batches and crashes, `SEEDS=n` runs seeds 0 to n - 1.
 #[test]
 fn nothing_acknowledged_is_lost_across_crashes() {
-    let (mut lossy, mut lost, mut acked) = (0, 0, 0);
+    let mut tally = Tally::default();
     let seeds = std::env::var("SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SEEDS);
     for seed in 0..seeds {
         if std::env::var("SEED").is_ok_and(|s| s != seed.to_string()) {
             continue;
         }
         let _guard = Seed(seed);
-        let (l, b, a) = run(seed);
-        lossy += l;
-        lost += b;
-        acked += a;
+        run(seed, &mut tally);
     }
     // The crashes did lose batches not yet stored: the property was tested against losses.
     if std::env::var("SEED").is_err() {
-        assert!(lossy > seeds as usize / 4, "only {lossy} crashes lost anything");
-        assert!(acked > seeds as usize * 10, "only {acked} messages acknowledged");
+        assert!(tally.lossy_crashes > seeds as usize / 4, "too few crashes lost anything: {tally:?}");
+        assert!(tally.acked > seeds as usize * 10, "too few messages acknowledged: {tally:?}");
+        assert!(tally.duplicates > 0, "no QoS 2 message came twice: {tally:?}");
     }
-    println!("{seeds} seeds: {lossy} crashes lost {lost} batches; {acked} messages acknowledged");
+    println!("{seeds} seeds: {tally:?}");
 }
 
 // Focused tests: what waits for the disk, and what does not.
