@@ -36,7 +36,9 @@
 //!
 //! A few focused tests at the end pin down the holding itself: PUBACK, CONNACK and SUBACK wait
 //! for the batch that carries what they acknowledge, and a client without a kept session is
-//! not held.
+//! not held; and the two faults this simulation found, each in a few packets: a resumed
+//! session's queued QoS 2 message sent before it was stored in flight, a PUBREL to a
+//! subscriber sent before its release was stored.
 //!
 //! To follow a failing seed: `SEED=n TRACE=1 cargo test -p mqtt-tests --test persistence_sim`
 //! prints its packets, batches and crashes; `SEEDS=n` runs seeds 0 to n - 1 instead of 300.
@@ -1043,4 +1045,60 @@ fn a_client_without_a_kept_session_is_acknowledged_at_once() {
     assert!(net.store.pending.is_empty(), "no batch: nothing to store");
     let got: Vec<Packet> = net.wires.get_mut(&reader).unwrap().packets.drain(..).collect();
     assert_eq!(got.iter().filter(|p| matches!(p, Packet::Publish(_))).count(), 2, "both delivered");
+}
+
+/// A persistent subscriber `s` on `t/2` at QoS 2, connected, every batch committed.
+fn qos2_subscriber(net: &mut Net) -> StreamId {
+    let s = connected(net, "s", EXPIRY);
+    net.send(s, [subscribe(1, &[("t/2", QoS::ExactlyOnce)])]);
+    net.commit_all();
+    assert!(matches!(net.take(s), Some(Packet::SubAck(_))));
+    s
+}
+
+/// A resumed session's queued QoS 2 message goes out under an identifier only once the store
+/// holds it in flight under that identifier (the changes resume makes were once dropped, and
+/// the store kept the message as queued: after a crash it went out again under another
+/// identifier, a duplicate for the client).
+#[test]
+fn a_resumed_sessions_qos2_message_is_stored_in_flight_before_it_is_sent() {
+    let mut net = Net::new(start());
+    let s = qos2_subscriber(&mut net);
+    net.close(s);
+    let p = connected(&mut net, "p", 0);
+    net.send(p, [publish(0, QoS::ExactlyOnce, 1)]);
+    net.commit_all();
+    assert!(matches!(net.take(p), Some(Packet::PubRec(_))));
+    assert_eq!(net.store.message("s", 0), Some((None, false)), "queued for s");
+
+    let s = net.open();
+    net.send(s, [connect("s", false, EXPIRY).into()]);
+    assert!(net.take(s).is_none(), "CONNACK before the session is stored");
+    net.commit_all();
+    assert!(matches!(net.take(s), Some(Packet::ConnAck(a)) if a.session_present));
+    let Some(Packet::Publish(m)) = net.take(s) else { panic!("m0 after the CONNACK") };
+    let sent = m.qos_pid.packet_id().map(|p| p.get());
+    assert_eq!(net.store.message("s", 0), Some((sent, false)), "stored in flight under the identifier sent");
+}
+
+/// PUBREL to a subscriber waits for the store to hold its message released: sent earlier, the
+/// client answers PUBCOMP and frees the identifier, and a broker restarted from a store still
+/// holding the message unreleased sends the PUBLISH again, a new message to the client.
+#[test]
+fn pubrel_to_a_subscriber_waits_for_the_release_to_be_stored() {
+    let mut net = Net::new(start());
+    let s = qos2_subscriber(&mut net);
+    let p = connected(&mut net, "p", 0);
+    net.send(p, [publish(0, QoS::ExactlyOnce, 1)]);
+    net.commit_all();
+    let Some(Packet::Publish(m)) = net.take(s) else { panic!("m0 to s") };
+    let id = m.qos_pid.packet_id().unwrap();
+    net.send(s, [Packet::PubRec(Ack::new(id))]);
+    assert!(net.take(s).is_none(), "PUBREL before the release is stored");
+    net.commit_all();
+    assert!(matches!(net.take(s), Some(Packet::PubRel(a)) if a.packet_id == id), "PUBREL once stored");
+    assert_eq!(net.store.message("s", 0), Some((Some(id.get()), true)));
+    net.send(s, [Packet::PubComp(Ack::new(id))]);
+    net.commit_all();
+    assert_eq!(net.store.message("s", 0), None, "gone once complete");
 }
