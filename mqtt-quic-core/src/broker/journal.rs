@@ -352,8 +352,11 @@ impl Broker {
 
     /// Journals what changed in a live session's durable state; a QoS 2 message put in flight
     /// to it holds its output (the client must not see a QoS 2 message the broker could lose
-    /// and then route again under another identifier), as does a change to the client's QoS 2
-    /// receive state (PUBREC, PUBCOMP).
+    /// and then route again under another identifier), as does one released (the PUBREL must
+    /// not go out before the store knows it: the client answers PUBCOMP and frees the
+    /// identifier, and a broker restarted from a store that still has the message unreleased
+    /// would send the PUBLISH again, which the client takes for a new message [MQTT-4.3.3-6]),
+    /// and a change to the client's QoS 2 receive state (PUBREC, PUBCOMP).
     pub(super) fn journal_live(&mut self, conn: Peer) {
         if !self.journal.is_on() {
             return;
@@ -364,7 +367,9 @@ impl Broker {
             return;
         }
         let (changes, inbound) = live.session.take_changes();
-        let qos2 = changes.iter().any(|c| matches!(c, Change::Put(k) if k.packet_id.is_some() && !k.released && k.publish.qos() == QoS::ExactlyOnce));
+        let qos2 = changes
+            .iter()
+            .any(|c| matches!(c, Change::Put(k) if k.packet_id.is_some() && k.publish.qos() == QoS::ExactlyOnce));
         if inbound {
             self.journal.session(&id);
         }

@@ -133,9 +133,18 @@ pub(crate) struct Kept {
 
 impl Outbound {
     /// Starts (or stops) recording every change to the kept messages, for a store; the changes
-    /// are taken with [`Outbound::take_changes`].
+    /// are taken with [`Outbound::take_changes`]. Turning it on while it is on keeps what was
+    /// recorded: a resumed session puts its queued messages in flight (new identifiers) before
+    /// the broker confirms it is journaled, and those changes must reach the store (found by
+    /// tests/persistence_sim.rs: they were dropped here, so the store kept a QoS 2 message as
+    /// queued that the client had been sent under an identifier, and after a crash the broker
+    /// sent it again under another, a duplicate).
     pub(crate) fn journal(&mut self, on: bool) {
-        self.changes = on.then(Vec::new);
+        if !on {
+            self.changes = None;
+        } else if self.changes.is_none() {
+            self.changes = Some(Vec::new());
+        }
     }
 
     /// Whether changes are recorded.
