@@ -16,6 +16,9 @@ use mqtt_quic_core::tls::{SelfSigned, ServerTls};
 use mqtt_store::Store;
 use std::time::Instant;
 
+
+// A measuring tool run by hand: it reads the clock.
+#[allow(clippy::disallowed_methods)]
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(dir), n) = (args.next(), args.next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(100_000)) else {
