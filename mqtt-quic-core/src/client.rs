@@ -10,6 +10,7 @@
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
 use crate::machine::Datagram;
+use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
 use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
 use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
@@ -198,6 +199,25 @@ impl ClientMachine {
     /// The session (for inspection).
     pub fn session(&self) -> &ClientSession {
         &self.session
+    }
+
+    /// Takes the session's state from a client store, before [`ClientMachine::start`]: see
+    /// [`ClientSession::restore`]. From then on poll [`ClientMachine::poll_store`] after every
+    /// input and report commits with [`ClientMachine::handle_stored`].
+    pub fn restore(&mut self, now: Instant, records: Vec<StoredRecord>) -> Result<ClientRestored, RestoreError> {
+        self.session.restore(now, records)
+    }
+
+    /// With a store: the next batch of changes to write (see [`ClientSession::poll_store`]).
+    #[must_use]
+    pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
+        self.session.poll_store(now)
+    }
+
+    /// Batches up to `seq` are stored: output that waited for them goes out.
+    pub fn handle_stored(&mut self, now: Instant, seq: u64) {
+        self.session.handle_stored(seq);
+        self.flush(now);
     }
 
     /// See [`ClientSession::publish`].

@@ -14,23 +14,15 @@
 
 use super::links::Peer;
 use super::machine::Broker;
-use crate::persist::records::{client_key, message_key, messages_prefix, MessageRecord, SessionRecord, TimedMessage};
+use crate::persist::log::MessageLog;
+use crate::persist::records::{client_key, messages_prefix, SessionRecord, TimedMessage};
 use crate::persist::{Persistence, StoreBatch, StoreOp, Table};
-use crate::session::outbound::{Change, Kept};
+use crate::session::outbound::Change;
 use crate::session::server::SessionState;
 use bytes::Bytes;
 use mqtt_proto::{Publish, QoS};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::{Duration, Instant};
-
-/// A message's pending change: its latest state, or its removal.
-#[derive(Debug)]
-struct MessageChange {
-    /// The message, or `None` to delete it.
-    kept: Option<Kept>,
-    /// Added within this batch: never written, so removing it writes nothing.
-    fresh: bool,
-}
+use std::time::Instant;
 
 /// Output held behind barriers, per connection, in order.
 #[derive(Debug, Default)]
@@ -55,7 +47,8 @@ pub(super) struct Journal {
     deleted: BTreeSet<String>,
     /// Sessions whose record is to be written from their current state.
     sessions: BTreeSet<String>,
-    messages: BTreeMap<(String, u64), MessageChange>,
+    /// Sessions' messages (the part of the journal a client's store shares).
+    messages: MessageLog,
     /// Retained messages: the message and when it was set, or `None` to delete.
     retained: BTreeMap<String, Option<(Instant, Publish)>>,
     /// Delayed wills: when the delay ends and the message, or `None` to delete.
@@ -72,7 +65,7 @@ impl Journal {
             changes: 0,
             deleted: BTreeSet::new(),
             sessions: BTreeSet::new(),
-            messages: BTreeMap::new(),
+            messages: MessageLog::default(),
             retained: BTreeMap::new(),
             wills: BTreeMap::new(),
             held: BTreeMap::new(),
@@ -113,31 +106,13 @@ impl Journal {
         self.changes += 1;
         self.sessions.remove(id);
         self.wills.remove(id);
-        let stale: Vec<(String, u64)> =
-            self.messages.range((id.to_string(), 0)..=(id.to_string(), u64::MAX)).map(|(k, _)| k.clone()).collect();
-        for key in stale {
-            self.messages.remove(&key);
-        }
+        self.messages.forget(id);
         self.deleted.insert(id.to_string());
     }
 
     /// Changes to a session's messages (see `Outbound::take_changes`).
     pub(super) fn messages(&mut self, id: &str, changes: Vec<Change>) {
-        for change in changes {
-            self.changes += 1;
-            let (mid, kept, fresh) = match change {
-                Change::Add(k) => (k.id, Some(k), true),
-                Change::Put(k) => (k.id, Some(k), false),
-                Change::Remove(mid) => (mid, None, false),
-            };
-            let key = (id.to_string(), mid);
-            match (self.messages.get_mut(&key), kept) {
-                // Added and gone within one batch: nothing to write.
-                (Some(pending), None) if pending.fresh => drop(self.messages.remove(&key)),
-                (Some(pending), kept) => pending.kept = kept,
-                (None, kept) => drop(self.messages.insert(key, MessageChange { kept, fresh })),
-            }
-        }
+        self.changes += self.messages.record(id, changes) as u64;
     }
 
     /// A retained message set (`Some`) or cleared.
@@ -264,22 +239,7 @@ impl Broker {
                 }
             }
         }
-        for ((id, mid), change) in std::mem::take(&mut self.journal.messages) {
-            let key = message_key(&id, mid);
-            ops.push(match change.kept {
-                Some(kept) => {
-                    let waited = kept.at.map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
-                    let record = MessageRecord {
-                        packet_id: kept.packet_id,
-                        released: kept.released,
-                        waited,
-                        publish: kept.publish,
-                    };
-                    StoreOp::Put { table: Table::Messages, key, value: record.encode() }
-                }
-                None => StoreOp::Delete { table: Table::Messages, key },
-            });
-        }
+        self.journal.messages.drain_into(now, &mut ops);
         for (topic, change) in std::mem::take(&mut self.journal.retained) {
             let key = topic.into_bytes();
             ops.push(match change {

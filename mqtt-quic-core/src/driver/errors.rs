@@ -30,6 +30,10 @@ pub enum DriverError {
     /// certificate).
     #[error("{0}")]
     Unreachable(String),
+    /// The client store failed (one line naming the file and what to do): the client stopped,
+    /// since it could no longer keep what it promises to keep.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// Why a client could not connect, or an operation failed: one error type for the clients of
@@ -84,6 +88,11 @@ pub enum ClientError {
     /// The client has been disconnected.
     #[error("the client is closed")]
     Closed,
+    /// The client store ([`ClientOptions::store`](super::ClientOptions::store)) could not be
+    /// opened, read or written: one line naming the file and what to do. A client whose store
+    /// fails while running stops.
+    #[error("{0}")]
+    Store(String),
 }
 
 impl ClientError {
@@ -96,6 +105,7 @@ impl ClientError {
             DriverError::Refused(r) => ClientError::Refused(r),
             DriverError::Unreachable(reason) => ClientError::Unreachable { url: url.to_string(), reason },
             DriverError::Closed => ClientError::Closed,
+            DriverError::Store(reason) => ClientError::Store(reason),
         }
     }
 }

@@ -41,6 +41,7 @@ pub use outcome::{ConnectionState, Outcome};
 
 use crate::client::{ClientMachine, StreamCommand};
 use crate::machine::Datagram;
+use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
 use crate::quic::Transmit;
 use crate::session::client::{ClientEvent, CommandError, DisconnectReason, RequestId};
 use mqtt_proto::{Publish, ReasonCode, Subscription, TopicFilter};
@@ -85,6 +86,9 @@ pub struct ClientDriver<T> {
     leaving: Option<(Vec<T>, Instant)>,
     last_reason: String,
     backlog: MessageBacklog,
+    /// Why the client store failed, once it has: the client stops, and its waiting callers
+    /// get this.
+    store_failed: Option<String>,
 }
 
 impl<T> ClientDriver<T> {
@@ -101,7 +105,49 @@ impl<T> ClientDriver<T> {
             leaving: None,
             last_reason: "connection lost".into(),
             backlog: MessageBacklog::new(DEFAULT_MESSAGE_BUFFER),
+            store_failed: None,
         }
+    }
+
+    /// Takes the session's state from a client store before [`ClientDriver::start`] (see
+    /// [`ClientSession::restore`](crate::session::client::ClientSession::restore)); then hand
+    /// every batch of [`ClientDriver::poll_store`] to the store, and report what is written
+    /// with [`ClientDriver::handle_stored`] (or [`ClientDriver::handle_store_failed`]).
+    pub fn restore(&mut self, now: Instant, records: Vec<StoredRecord>) -> Result<ClientRestored, RestoreError> {
+        self.machine.restore(now, records)
+    }
+
+    /// With a store: the next batch of changes to write; poll it after every input, like the
+    /// other outputs.
+    #[must_use]
+    pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
+        self.machine.poll_store(now)
+    }
+
+    /// Batches up to `seq` are stored: output that waited for them goes out.
+    pub fn handle_stored(&mut self, now: Instant, seq: u64) {
+        self.machine.handle_stored(now, seq);
+        self.update(now);
+    }
+
+    /// The store failed (`reason`: one line naming the file and what to do): nothing can be
+    /// kept any more, so the client stops as if disconnected, with an error DISCONNECT (the
+    /// broker publishes the will). Waiting callers, and the first connection if it is still
+    /// pending, fail with [`DriverError::Store`].
+    pub fn handle_store_failed(&mut self, now: Instant, reason: &str) {
+        if self.store_failed.is_some() {
+            return;
+        }
+        let text = format!("the client store failed: {reason}");
+        self.store_failed = Some(text.clone());
+        self.fail_first(now, DriverError::Store(text.clone()));
+        if self.leaving.is_none() {
+            let _ = self.machine.disconnect(now, ReasonCode::UnspecifiedError);
+            self.leaving = Some((Vec::new(), now + LINGER));
+        }
+        self.last_reason = text.clone();
+        self.set_state(ConnectionState::Closed { reason: text });
+        self.update(now);
     }
 
     /// Sets how many messages may wait for the application before the adapter stops reading
@@ -327,7 +373,8 @@ impl<T> ClientDriver<T> {
                 self.first = First::Ready(Err(DriverError::Unreachable(self.last_reason.clone())));
             }
             let waiting = std::mem::take(&mut self.waiting);
-            self.done.extend(waiting.into_values().map(|t| (t, Err(DriverError::Closed))));
+            let error = || self.store_failed.clone().map_or(DriverError::Closed, DriverError::Store);
+            self.done.extend(waiting.into_values().map(|t| (t, Err(error()))));
             if let Some((tokens, _)) = &mut self.leaving {
                 self.done.extend(tokens.drain(..).map(|t| (t, Ok(Outcome::Done))));
             }

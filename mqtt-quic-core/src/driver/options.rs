@@ -36,6 +36,21 @@ pub struct ClientOptions {
     pub zero_rtt: bool,
     /// Messages held for the application before the driver stops reading from the network.
     pub message_buffer: usize,
+    /// A directory for the client store (paho's and mqtt.go's "persistence"): unacknowledged
+    /// QoS 1 and 2 messages, with their packet identifiers, and the broker's QoS 2 messages
+    /// awaiting PUBREL survive a restart of the application. The client opens it before its
+    /// first connection and resumes from what it holds (see
+    /// [`ClientSession::restore`](crate::session::client::ClientSession::restore) for what
+    /// comes back and how it is resent).
+    ///
+    /// One directory belongs to one client id (a store holding another client's records is
+    /// refused, and two running clients cannot share one: the second gets
+    /// [`ClientError::Store`]). The session must outlive its connections: a client id,
+    /// `clean_start` false and, in MQTT 5, a session expiry above 0; otherwise connecting fails
+    /// with [`ClientError::Config`]. Adapters without a store refuse the option
+    /// ([`ClientError::Unsupported`]). `None` (the default): nothing is stored, and what was
+    /// unacknowledged when the process stops is lost.
+    pub store: Option<std::path::PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +63,7 @@ impl Default for ClientOptions {
             transport: TransportSettings::default(),
             zero_rtt: true,
             message_buffer: DEFAULT_MESSAGE_BUFFER,
+            store: None,
         }
     }
 }
@@ -68,6 +84,18 @@ impl ClientOptions {
     pub fn credentials(mut self, username: impl Into<String>, password: impl Into<Bytes>) -> ClientOptions {
         self.session.username = Some(username.into());
         self.session.password = Some(password.into());
+        self
+    }
+
+    /// Keeps the session in a client store in `dir` (see [`ClientOptions::store`]), with the
+    /// settings a store needs: no clean start and, when the session expiry is 0, a session
+    /// expiry of one day. Set the client id too.
+    pub fn store(mut self, dir: impl Into<std::path::PathBuf>) -> ClientOptions {
+        self.store = Some(dir.into());
+        self.session.clean_start = false;
+        if self.session.session_expiry == 0 {
+            self.session.session_expiry = 24 * 3600;
+        }
         self
     }
 

@@ -132,6 +132,10 @@ pub struct StoredRecord {
     pub age: Duration,
 }
 
+pub(crate) mod client;
+pub(crate) mod log;
 pub(crate) mod records;
+
+pub use client::{ClientRestored, RestoreError};
 
 pub use records::RecordError;

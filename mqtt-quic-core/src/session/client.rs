@@ -8,6 +8,8 @@ use super::timer::{earliest, Timer};
 use super::writer::Writer;
 use super::DEFAULT_WINDOW;
 use crate::config::ConfigError;
+use crate::persist::client::{self as client_store, ClientJournal};
+use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
     Ack, Auth, ConnAck, Connect, ConnectProperties, Decoder, Disconnect, MqttString, Packet, PacketId, Protocol,
@@ -215,6 +217,12 @@ pub struct ClientSession {
     /// When we last wrote a packet: keep-alive counts from here.
     last_sent: Option<Instant>,
     ping_deadline: Timer,
+    /// With a store (see [`ClientSession::restore`]): changes to write, and the output that
+    /// waits for them.
+    store: Option<ClientJournal>,
+    /// Our side ended the connection while output waited for the store: that output was
+    /// dropped, and the DISCONNECT goes out without waiting.
+    unheld: bool,
 }
 
 impl ClientSession {
@@ -252,8 +260,102 @@ impl ClientSession {
             connack_deadline: Timer::default(),
             last_sent: None,
             ping_deadline: Timer::default(),
+            store: None,
+            unheld: false,
             config,
         })
+    }
+
+    /// Takes the session's state from a client store and journals every change from now on
+    /// (see [`crate::persist::client`]): call it once, before the first
+    /// [`ClientSession::connect`], with every record the store holds (none for a new store).
+    /// Then poll [`ClientSession::poll_store`] after every input and report what was written
+    /// with [`ClientSession::handle_stored`]; output that promises what a crash could take back
+    /// (QoS 2 PUBLISH and PUBREL, PUBREC, PUBCOMP) waits in [`ClientSession::poll_transmit`]
+    /// until the batch recording it is stored.
+    ///
+    /// The messages come back as they were: queued, or in flight under their packet
+    /// identifiers, or released (PUBREL owed); the broker's QoS 2 identifiers awaiting PUBREL
+    /// come back too. On CONNACK with the session present, what was in flight goes out again
+    /// under the same identifiers (PUBLISH with DUP, or PUBREL); without it, in-flight messages
+    /// go out again as new messages and the QoS 2 identifiers are forgotten, as after any lost
+    /// session. Their completions are reported with request ids this run never handed out
+    /// (the stored ones). Message expiry intervals are sent as stored, not reduced by the time
+    /// on disk (a client never counts them down).
+    ///
+    /// Refused unless the session can outlive a connection: it needs a client id, `clean_start`
+    /// false and, in MQTT 5, a session expiry above 0 ([`RestoreError::Config`]): with a clean
+    /// start the broker would discard the very session the store resumes (paho and mqtt.go
+    /// silently reset their store then; refusing says so instead). A record of another client
+    /// id, or one that cannot be read, is [`RestoreError::Record`].
+    pub fn restore(&mut self, now: Instant, records: Vec<StoredRecord>) -> Result<ClientRestored, RestoreError> {
+        if self.state != State::Idle || self.store.is_some() || self.next_request > 0 {
+            return Err(RestoreError::TooLate);
+        }
+        let c = &self.config;
+        client_store::check_config(&c.client_id, c.clean_start, c.protocol.is_v5(), c.session_expiry)?;
+        let loaded = client_store::load(&self.client_id, records)?;
+        let mut restored = ClientRestored { qos2_received: loaded.qos2.len(), ..Default::default() };
+        for kept in loaded.messages {
+            restored.messages += 1;
+            restored.in_flight += usize::from(kept.packet_id.is_some());
+            // New requests number on from the stored ones, so messages stay in queue order.
+            self.next_request = self.next_request.max(kept.id);
+            self.outbound.restore(now, kept);
+        }
+        self.outbound.resume();
+        self.outbound.journal(true);
+        self.inbound = Inbound::restored(loaded.qos2);
+        self.store = Some(ClientJournal::new(&self.client_id, self.config.session_expiry));
+        Ok(restored)
+    }
+
+    /// With a store: the next batch of changes to write (see [`ClientSession::restore`] and
+    /// [`crate::persist`]). Apply each batch's operations in order and atomically; batches may
+    /// be committed together. `None` when nothing changed, or without a store.
+    #[must_use]
+    pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
+        self.collect();
+        let inbound = &self.inbound;
+        self.store.as_mut()?.batch(now, || inbound.qos2_ids().collect())
+    }
+
+    /// Batches up to `seq` are stored: output that waited for them can go
+    /// ([`ClientSession::poll_transmit`]).
+    pub fn handle_stored(&mut self, seq: u64) {
+        if let Some(store) = &mut self.store {
+            store.stored(seq);
+        }
+    }
+
+    /// Whether the session journals its state for a store.
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Moves the outbound and inbound changes into the store's journal.
+    fn collect(&mut self) {
+        if let Some(store) = &mut self.store {
+            store.record(self.outbound.take_changes(), self.inbound.take_changed());
+        }
+    }
+
+    /// Whether output waits for the store.
+    fn is_holding(&mut self) -> bool {
+        self.collect();
+        !self.unheld && self.store.as_ref().is_some_and(ClientJournal::is_holding)
+    }
+
+    /// Our side is ending the connection: output still waiting for the store is dropped so
+    /// that the DISCONNECT goes out now. That is safe: everything held is kept state that the
+    /// next connection sends again (a message, PUBREL), or that the broker sends again and we
+    /// answer again (its PUBLISH, PUBREL); a QoS 0 message or SUBSCRIBE held with it is lost
+    /// or aborted as on a lost connection.
+    fn drop_held_output(&mut self) {
+        if self.is_holding() {
+            self.writer.clear();
+            self.unheld = true;
+        }
     }
 
     /// Whether CONNACK accepted the current connection.
@@ -273,6 +375,7 @@ impl ClientSession {
             return Err(CommandError::AlreadyConnected);
         }
         self.inbuf.clear();
+        self.unheld = false;
         self.writer.reset(self.config.protocol);
         self.aliases.clear();
         self.out_aliases.clear();
@@ -397,6 +500,7 @@ impl ClientSession {
         if self.state != State::Connected {
             return Err(CommandError::NotConnected);
         }
+        self.drop_held_output();
         self.write(now, &Disconnect::new(reason).into());
         self.close(DisconnectReason::Local);
         Ok(())
@@ -511,9 +615,13 @@ impl ClientSession {
         earliest([self.connack_deadline.at()].into_iter().chain(keep_alive))
     }
 
-    /// Bytes to write to the transport, if any.
+    /// Bytes to write to the transport, if any. With a store, output that waits for a batch
+    /// to be stored stays here until [`ClientSession::handle_stored`] reports it.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        if self.is_holding() {
+            return None;
+        }
         self.writer.take()
     }
 
@@ -593,6 +701,7 @@ impl ClientSession {
     /// The server broke the protocol: tell it why (MQTT 5) and end the connection.
     fn violation(&mut self, now: Instant, code: ReasonCode) {
         if self.config.protocol.is_v5() && self.state == State::Connected {
+            self.drop_held_output();
             self.write(now, &Disconnect::new(code).into());
         }
         self.close(DisconnectReason::ProtocolViolation(code));

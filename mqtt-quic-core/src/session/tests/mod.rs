@@ -8,6 +8,8 @@ use mqtt_proto::{Decoder, Packet, Protocol};
 use std::time::{Duration, Instant};
 
 mod client;
+mod client_store;
+mod client_store_broker;
 mod server;
 
 /// What the harness needs of a session: the polling contract both roles share.
