@@ -27,6 +27,7 @@ use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
+use mqtt_store::{ClientStore, StoreError};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -45,6 +46,9 @@ const COMMAND_BATCH: usize = 256;
 
 /// Where a command's result goes.
 type Reply = oneshot::Sender<Result<Outcome, ClientError>>;
+
+/// The client store's commit reports, from its thread.
+type StoredRx = mpsc::UnboundedReceiver<Result<u64, StoreError>>;
 
 /// Incoming messages, in order. A [`futures_core::Stream`], or call [`Messages::recv`].
 ///
@@ -120,6 +124,13 @@ impl Client {
     /// Connects to `url` (`quic://`, `mqtt+quic://`, `mqtt://`, `tcp://`, `mqtts://`) and
     /// resolves once the broker accepts the connection (CONNACK). Without `options.tls`, QUIC
     /// and `mqtts://` trust the operating system's CAs.
+    ///
+    /// With [`ClientOptions::store`], the store is opened and read first (on a blocking
+    /// thread): what the last run left unacknowledged goes out again on this connection (see
+    /// [`ClientOptions::store`]), and commits run on a thread of their own while the client
+    /// lives. The store is closed once the client ends ([`Client::disconnect`], or every handle
+    /// dropped), after a last commit; a client stopped any other way (its runtime shut down,
+    /// the process killed) leaves what was committed, which is what it resumes from.
     pub async fn connect(url: &str, mut options: ClientOptions) -> Result<Client, ClientError> {
         let url: BrokerUrl = url.parse()?;
         let addr = pick_address(&url, tokio::net::lookup_host(url.authority()).await)?;
@@ -146,10 +157,29 @@ impl Client {
         // Unbounded: the driver's backlog rule bounds what waits here.
         let (msg_tx, msg_rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
-        let driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let mut driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let (store, stored) = match options.store.clone() {
+            Some(dir) => {
+                // Opening checks the whole file: not on the runtime's threads.
+                let (back, store) = tokio::task::spawn_blocking(move || {
+                    let store = ClientStore::open(&dir, &mut driver, clock());
+                    (driver, store)
+                })
+                .await
+                .map_err(|e| ClientError::Store(format!("opening the client store failed: {e}")))?;
+                driver = back;
+                let (tx, rx) = mpsc::unbounded_channel();
+                let store = store?.spawn(move |r| drop(tx.send(r)));
+                debug!("{}", store.summary());
+                (Some(store), Some(rx))
+            }
+            None => (None, None),
+        };
         let backlog = driver.backlog().clone();
         let driver = Driver {
             driver,
+            store,
+            stored,
             io,
             url: url.to_string(),
             commands: commands_rx,
@@ -244,7 +274,9 @@ impl Client {
     }
 
     /// Sends DISCONNECT (normal, so the broker discards the will), waits for the connection to
-    /// close, and ends the client. Unacknowledged QoS 1 and 2 publishes are abandoned.
+    /// close, and ends the client. Unacknowledged QoS 1 and 2 publishes are abandoned, unless
+    /// the client has a store ([`ClientOptions::store`]): then they stay in it for the next
+    /// client with that store, and the store is closed before this returns.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
         self.call(|tx| Command::Disconnect(Some(tx))).await.map(drop)
     }
@@ -303,6 +335,10 @@ enum Io {
 /// does the rest, and results go out through channels.
 struct Driver {
     driver: ClientDriver<Reply>,
+    /// The client store, if configured.
+    store: Option<ClientStore>,
+    /// Its commit reports.
+    stored: Option<StoredRx>,
     io: Io,
     url: String,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -320,15 +356,28 @@ enum Input {
     /// The application took messages: there is room to read again.
     Room,
     Timer,
+    /// The client store committed batches up to this one, or failed (`None`: its thread is
+    /// gone, after an error already reported).
+    Stored(Option<Result<u64, StoreError>>),
 }
 
 impl Driver {
     async fn run(mut self) {
         self.driver.start(clock());
         loop {
+            // Changes go to the store before the output they came with reaches the network.
+            if let Some(store) = &mut self.store {
+                store.submit(&mut self.driver, clock());
+            }
             self.flush().await;
             self.outputs();
             if self.driver.is_done(clock()) {
+                if let Some(store) = self.store.take() {
+                    // The last commit; what is unfinished stays for the next run.
+                    if let Err(e) = store.close(&mut self.driver, clock()) {
+                        debug!("{e}");
+                    }
+                }
                 self.outputs();
                 break;
             }
@@ -340,6 +389,7 @@ impl Driver {
                 c = self.commands.recv(), if self.driver.is_accepting() => Input::Command(c),
                 i = wait_io(&mut self.io, reading) => i,
                 _ = room, if !reading => Input::Room,
+                r = recv_stored(&mut self.stored) => Input::Stored(r),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)) => Input::Timer,
             };
             let now = clock();
@@ -385,6 +435,12 @@ impl Driver {
                 Input::Opened(Err(e)) => self.driver.handle_stream_failed(now, &e.to_string()),
                 Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(now),
+                Input::Stored(r) => match (r, &mut self.store) {
+                    (Some(Ok(seq)), Some(store)) => store.stored(&mut self.driver, now, seq),
+                    (Some(Err(e)), Some(store)) => store.failed(&mut self.driver, now, e),
+                    (None, _) => self.stored = None,
+                    (Some(_), None) => {}
+                },
             }
         }
     }
@@ -443,6 +499,14 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+/// The next report of the client store's thread (never, without a store).
+async fn recv_stored(rx: &mut Option<StoredRx>) -> Option<Result<u64, StoreError>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,5 +1,6 @@
 //! `mqtt-store`: the broker's persistence store, shared by the tokio, mio and async-std
-//! adapters.
+//! adapters, and the clients' store ([`ClientStore`]: unacknowledged QoS 1 and 2 messages and
+//! QoS 2 receive state surviving a client restart), in the same file format.
 //!
 //! The core (`mqtt_quic_core::persist`) describes what must survive a crash as [`StoreBatch`]es
 //! of [`StoreOp`]s on four tables of opaque byte keys and values. This crate writes them to
@@ -89,11 +90,13 @@
 //! [`FORMAT_VERSION`]: mqtt_quic_core::persist::FORMAT_VERSION
 
 mod broker;
+mod client;
 mod error;
 mod store;
 mod worker;
 
 pub use broker::BrokerStore;
+pub use client::ClientStore;
 pub use error::StoreError;
 pub use store::{Store, FILE_NAME};
 pub use worker::{StoreWorker, SyncMode};
