@@ -12,6 +12,7 @@ use mqtt_quic_core::client::StreamCommand;
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_quic_core::Datagram;
+use mqtt_store::ClientStore;
 
 pub use crate::threaded::{Client, Messages, StateChanges};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
@@ -39,12 +40,21 @@ pub struct MioClient {
     /// Input was left unread because the application is behind on its messages (see
     /// [`MioClient::poll_message`]): read it once there is room.
     paused: bool,
+    /// The client store ([`ClientOptions::store`]), committing inline.
+    store: Option<ClientStore>,
 }
 
 impl MioClient {
     /// Starts connecting to `url` (`quic://` or `mqtt://`; the name is resolved here, blocking)
     /// with its socket registered under `token`. The outcome comes from
     /// [`MioClient::poll_connected`] once you drive the loop. QUIC needs `options.tls`.
+    ///
+    /// With [`ClientOptions::store`], the store is opened and read here, before the first
+    /// connection (what the last run left unacknowledged goes out again on it), and every
+    /// change is committed durably, on the caller's thread, before the output it came with is
+    /// sent: one sync (a few milliseconds on most disks) per turn of the loop that changed
+    /// something, and nothing is lost if the process dies after it. The store is closed when
+    /// the client is done ([`MioClient::is_done`]) or dropped.
     pub fn connect(
         url: &str,
         options: ClientOptions,
@@ -54,6 +64,18 @@ impl MioClient {
         let url: BrokerUrl = url.parse()?;
         let addr = pick_address(&url, url.authority().to_socket_addrs())?;
         let machine = options.machine(&url, addr, os_secret())?;
+        if url.transport == Transport::Tls {
+            // Refused before the store is opened.
+            return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
+        }
+        let mut driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let store = match &options.store {
+            Some(dir) => Some(ClientStore::open(dir, &mut driver, now())?),
+            None => None,
+        };
+        if let Some(store) = &store {
+            log::debug!("{}", store.summary());
+        }
         let io = match url.transport {
             Transport::Quic => {
                 let local = local_bind_address(addr);
@@ -66,13 +88,14 @@ impl MioClient {
         };
         let mut client = MioClient {
             url: url.to_string(),
-            driver: ClientDriver::new(machine).with_message_buffer(options.message_buffer),
+            driver,
             io,
             token,
             next: 0,
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
             buf: Vec::with_capacity(2048),
             paused: false,
+            store,
         };
         client.driver.start(now());
         client.flush(registry);
@@ -197,9 +220,13 @@ impl MioClient {
         self.driver.is_accepting()
     }
 
-    /// Sends what the machine has for the network, and opens or closes the TCP connection
-    /// when it asks.
+    /// Commits the store's changes (which releases the output that waited for them), then
+    /// sends what the machine has for the network, and opens or closes the TCP connection when
+    /// it asks.
     fn flush(&mut self, registry: &Registry) {
+        if let Some(store) = &mut self.store {
+            store.submit(&mut self.driver, now());
+        }
         match &mut self.io {
             Io::Quic(udp) => {
                 if udp.is_stalled() && !udp.retry() {
@@ -324,6 +351,12 @@ impl MioClient {
     pub fn is_done(&mut self, registry: &Registry) -> bool {
         let done = self.driver.is_done(now());
         if done {
+            if let Some(store) = self.store.take() {
+                // The last commit; what is unfinished stays for the next run.
+                if let Err(e) = store.close(&mut self.driver, now()) {
+                    log::warn!("{e}");
+                }
+            }
             match &mut self.io {
                 Io::Quic(udp) => drop(registry.deregister(&mut udp.socket)),
                 Io::Stream { conn, .. } => {

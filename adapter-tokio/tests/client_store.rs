@@ -124,7 +124,11 @@ fn unacknowledged_publishes_survive_a_client_restart() {
         let mut messages = sub.messages().unwrap();
         sub.subscribe(TopicFilter::new("restart/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
         let restarted = timeout(WAIT, Client::connect(&url, options(dir.path()))).await.unwrap().unwrap();
-        for i in 0..5 {
+        // A new message after the restored ones: once it is acknowledged, so are they (one
+        // stream, answered in order), and it goes after them.
+        let p = Publish::new(topic("restart/t"), "m5").with_qos(QoS::AtLeastOnce);
+        timeout(WAIT, restarted.publish(p)).await.unwrap().unwrap();
+        for i in 0..6 {
             let m = timeout(WAIT, messages.recv()).await.expect("a restored message arrives").unwrap();
             assert_eq!((m.topic.as_str(), &m.payload[..]), ("restart/t", format!("m{i}").as_bytes()));
         }
