@@ -12,6 +12,7 @@ use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, Dri
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use mqtt_quic_core::Datagram;
+use mqtt_store::{ClientStore, StoreError};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -115,6 +116,11 @@ pub struct Client {
 impl Client {
     /// Connects to `url` (`quic://`, `mqtt+quic://`, `mqtt://`, `tcp://`) and resolves once
     /// the broker accepts (CONNACK). QUIC needs `options.tls`.
+    ///
+    /// With [`ClientOptions::store`], the store is opened and read first (on a blocking
+    /// thread): what the last run left unacknowledged goes out again on this connection, and
+    /// commits run on a thread of their own while the client lives. The store is closed, after
+    /// a last commit, once the client ends ([`Client::disconnect`], or every handle dropped).
     pub async fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
         let url: BrokerUrl = url.parse()?;
         if url.transport == Transport::Tls {
@@ -141,10 +147,28 @@ impl Client {
         // Unbounded: the driver's backlog rule bounds what waits here.
         let (msg_tx, msg_rx) = async_channel::unbounded();
         let (first_tx, first_rx) = async_channel::bounded(1);
-        let driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let mut driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let (store, stored) = match options.store.clone() {
+            Some(dir) => {
+                // Opening checks the whole file: not on the executor's threads.
+                let (back, store) = async_std::task::spawn_blocking(move || {
+                    let store = ClientStore::open(&dir, &mut driver, now());
+                    (driver, store)
+                })
+                .await;
+                driver = back;
+                let (tx, rx) = async_channel::unbounded();
+                let store = store?.spawn(move |r| drop(tx.try_send(r)));
+                log::debug!("{}", store.summary());
+                (Some(store), Some(rx))
+            }
+            None => (None, None),
+        };
         let backlog = driver.backlog().clone();
         let task = Task {
             driver,
+            store,
+            stored,
             io,
             commands: commands_rx,
             messages: msg_tx,
@@ -236,7 +260,9 @@ impl Client {
         Ok(self.call(|tx| Command::Unsubscribe(filters, tx)).await?.into_codes())
     }
 
-    /// Disconnects cleanly and waits for the connection to close.
+    /// Disconnects cleanly and waits for the connection to close. With a store
+    /// ([`ClientOptions::store`]), unacknowledged QoS 1 and 2 messages stay in it for the next
+    /// client with that store, and the store is closed before this returns.
     pub async fn disconnect(&self) -> Result<(), ClientError> {
         self.call(|tx| Command::Disconnect(Some(tx))).await.map(drop)
     }
@@ -257,11 +283,18 @@ enum Input {
     /// The application took messages: there is room to read again.
     Room,
     Timer,
+    /// The client store committed batches up to this one, or failed (`None`: its thread is
+    /// gone, after an error already reported).
+    Stored(Option<Result<u64, StoreError>>),
 }
 
 /// The task that owns the driver.
 struct Task {
     driver: ClientDriver<Reply>,
+    /// The client store ([`ClientOptions::store`]), committing on a thread of its own.
+    store: Option<ClientStore>,
+    /// Its commit reports.
+    stored: Option<Receiver<Result<u64, StoreError>>>,
     io: Io,
     commands: Receiver<Command>,
     messages: Sender<Publish>,
@@ -274,9 +307,19 @@ impl Task {
     async fn run(mut self) {
         self.driver.start(now());
         loop {
+            // Changes go to the store before the output they came with reaches the network.
+            if let Some(store) = &mut self.store {
+                store.submit(&mut self.driver, now());
+            }
             self.send_out().await;
             self.hand_out();
             if self.driver.is_done(now()) {
+                if let Some(store) = self.store.take() {
+                    // The last commit; what is unfinished stays for the next run.
+                    if let Err(e) = store.close(&mut self.driver, now()) {
+                        log::warn!("{e}");
+                    }
+                }
                 self.hand_out();
                 break;
             }
@@ -305,8 +348,18 @@ impl Task {
                 room.await;
                 Input::Room
             };
-            let input =
-                future::or(future::or(next_command, input(&mut self.io, reading)), future::or(room, timer)).await;
+            let stored = self.stored.clone();
+            let stored = async move {
+                match stored {
+                    Some(rx) => Input::Stored(rx.recv().await.ok()),
+                    None => future::pending().await,
+                }
+            };
+            let input = future::or(
+                future::or(next_command, input(&mut self.io, reading)),
+                future::or(future::or(room, timer), stored),
+            )
+            .await;
             let t = now();
             match input {
                 // `None`: every handle is gone, nobody can use the connection any more.
@@ -345,6 +398,12 @@ impl Task {
                 Input::Opened(Err(e)) => self.driver.handle_stream_failed(t, &e.to_string()),
                 Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(t),
+                Input::Stored(r) => match (r, &mut self.store) {
+                    (Some(Ok(seq)), Some(store)) => store.stored(&mut self.driver, t, seq),
+                    (Some(Err(e)), Some(store)) => store.failed(&mut self.driver, t, e),
+                    (None, _) => self.stored = None,
+                    (Some(_), None) => {}
+                },
             }
         }
     }

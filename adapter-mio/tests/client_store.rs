@@ -106,7 +106,8 @@ fn unacknowledged_publishes_survive_a_client_restart() {
     // The first run: four messages (the third QoS 2) that are never acknowledged.
     let mut poll = Poll::new().unwrap();
     let mut events = Events::with_capacity(64);
-    let mut client = MioClient::connect(&format!("mqtt://{silent}"), options(dir.path()), poll.registry(), Token(0)).unwrap();
+    let mut client =
+        MioClient::connect(&format!("mqtt://{silent}"), options(dir.path()), poll.registry(), Token(0)).unwrap();
     let deadline = Instant::now() + WAIT;
     let connected = loop {
         if let Some(r) = client.poll_connected() {

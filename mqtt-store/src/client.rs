@@ -34,7 +34,10 @@ pub struct ClientStore {
 
 impl std::fmt::Debug for ClientStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientStore").field("path", &self.path).field("restored", &self.restored).finish_non_exhaustive()
+        f.debug_struct("ClientStore")
+            .field("path", &self.path)
+            .field("restored", &self.restored)
+            .finish_non_exhaustive()
     }
 }
 
