@@ -11,7 +11,7 @@ use adapter_mio::broker::spawn;
 use adapter_mio::client::MioClient;
 use bytes::BytesMut;
 use mio::{Events, Poll, Token};
-use mqtt_proto::{ConnAck, Decoder, Packet, Protocol, Publish, QoS, TopicFilter, TopicName};
+use mqtt_proto::{Decoder, Packet, Protocol, Publish, QoS, TopicFilter, TopicName};
 use mqtt_quic_core::driver::{ClientOptions, ServerOptions};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
 use std::io::{Read, Write};
@@ -68,7 +68,7 @@ fn silent_broker() -> (SocketAddr, mpsc::Receiver<Publish>) {
                 match packet {
                     Packet::Connect(_) => {
                         let mut out = BytesMut::new();
-                        Packet::ConnAck(Box::new(ConnAck::default())).encode(Protocol::V5, &mut out).unwrap();
+                        Packet::ConnAck(Box::default()).encode(Protocol::V5, &mut out).unwrap();
                         stream.write_all(&out).unwrap();
                     }
                     Packet::Publish(p) => drop(tx.send(p)),

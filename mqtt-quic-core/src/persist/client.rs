@@ -2,23 +2,7 @@
 //! application restarted with the same client id and store picks up where it stopped (the
 //! paho / mqtt.go "persistence" habit).
 //!
-//! What is kept, in the broker's record format (one store belongs to one client id):
-//! - every QoS 1 and 2 message the application published and the broker has not acknowledged
-//!   (queued, or in flight under its packet identifier, or released awaiting PUBCOMP):
-//!   [`Table::Messages`], keyed by `message_key(client_id, request id)`;
-//! - the broker's QoS 2 messages received (PUBREC sent) and not yet released, so a resent
-//!   PUBLISH is not delivered twice: the identifiers in a [`Table::Sessions`] record for the
-//!   client id (no owner, no subscriptions), absent when there are none.
-//!
-//! Output that promises what a crash could take back waits for the batch that records it (the
-//! broker's `Sync` rule, for one connection): a QoS 2 PUBLISH sent under an identifier, a
-//! PUBREL, and the PUBREC and PUBCOMP that change the QoS 2 receive state. Otherwise a client
-//! restarted from an older store would send a QoS 2 message again under another identifier, or
-//! PUBLISH again after its PUBREL, or take a resent message for a new one, and the broker would
-//! deliver it twice. QoS 1 needs no wait: at worst a restart sends a message again, which QoS 1
-//! allows. Nothing waits for a message to be stored when it is published: the application
-//! learns it was accepted from PUBACK or PUBCOMP, which come later than its batch in any
-//! adapter that commits batches in order.
+//! What is kept and which output waits for it: see "Client stores" in [`crate::persist`].
 
 use super::log::MessageLog;
 use super::records::{client_key, split_message_key, text_key, MessageRecord, SessionRecord};

@@ -1,6 +1,7 @@
-//! Persistence, the sans-IO way: the broker describes the state that must survive a crash as
-//! storage operations, the adapter writes them, and the broker holds back what promises
-//! durability until the adapter says they are on disk.
+//! Persistence, the sans-IO way: the broker (or a client, see "Client stores" below)
+//! describes the state that must survive a crash as storage operations, the adapter writes
+//! them, and the machine holds back what promises durability until the adapter says they are
+//! on disk.
 //!
 //! # The contract
 //!
@@ -18,6 +19,31 @@
 //!   reported stored: what is acknowledged is on disk.
 //! - On start, before any listener opens, the adapter reads every record back and hands them
 //!   to [`Broker::restore`](crate::broker::machine::Broker::restore).
+//!
+//! # Client stores
+//!
+//! A client keeps its side of the session the same way, in the same record format
+//! ([`ClientSession::restore`](crate::session::client::ClientSession::restore),
+//! `poll_store`, `handle_stored`; the adapters' clients do it all when
+//! [`ClientOptions::store`](crate::driver::ClientOptions::store) names a directory): one store
+//! per client id, holding
+//! - every QoS 1 and 2 message the application published and the broker has not acknowledged
+//!   (queued, in flight under its packet identifier, or released awaiting PUBCOMP), in
+//!   [`Table::Messages`] under the client id and the message's request id;
+//! - the broker's QoS 2 messages received (PUBREC sent) and not yet released, so that a resent
+//!   PUBLISH is not delivered twice: their identifiers in a [`Table::Sessions`] record for the
+//!   client id (no owner, no subscriptions), absent when there are none.
+//!
+//! Output that promises what a crash could take back waits for the batch that records it (the
+//! broker's `Sync` rule, for one connection): a QoS 2 PUBLISH sent under an identifier, a
+//! PUBREL, and the PUBREC and PUBCOMP that change the QoS 2 receive state. Otherwise a client
+//! restarted from an older store would send a QoS 2 message again under another identifier,
+//! or PUBLISH again after its PUBREL, or take a resent message for a new one, and the broker
+//! would deliver it twice. QoS 1 output never waits: at worst a restart sends a message again,
+//! which QoS 1 allows. Nor does a message wait to be stored before it is sent: the application
+//! learns it was accepted from PUBACK or PUBCOMP, later than its batch in any adapter that
+//! commits batches in order. The adapters' clients hand every batch to the store before the
+//! output it came with goes to the network.
 //!
 //! Records are opaque bytes to the store: keys and values are encoded here (`records.rs`), so
 //! every adapter stores the same format and the core never touches a file. A store only needs

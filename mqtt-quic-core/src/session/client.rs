@@ -267,7 +267,7 @@ impl ClientSession {
     }
 
     /// Takes the session's state from a client store and journals every change from now on
-    /// (see [`crate::persist::client`]): call it once, before the first
+    /// (see "Client stores" in [`crate::persist`]): call it once, before the first
     /// [`ClientSession::connect`], with every record the store holds (none for a new store).
     /// Then poll [`ClientSession::poll_store`] after every input and report what was written
     /// with [`ClientSession::handle_stored`]; output that promises what a crash could take back
