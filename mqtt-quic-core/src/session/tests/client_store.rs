@@ -272,3 +272,41 @@ fn another_clients_records_are_refused() {
     let e = h.session.restore(h.now, broker.records()).unwrap_err();
     assert!(e.to_string().contains("broker's store"), "{e}");
 }
+
+/// A store that fails stops the client: its DISCONNECT goes out (with an error code, so the
+/// broker publishes the will) even though a QoS 2 PUBLISH waited for the store, and the
+/// waiting caller gets the store's error.
+#[test]
+fn a_failed_store_stops_the_driver_and_fails_its_callers() {
+    use crate::client::{ClientMachine, StreamCommand};
+    use crate::driver::{ClientDriver, ConnectionState, DriverError};
+    use bytes::BytesMut;
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::Instant::now();
+    let machine = ClientMachine::over_stream(store_config(), None, 1).unwrap();
+    let mut driver: ClientDriver<u32> = ClientDriver::new(machine);
+    driver.restore(now, vec![]).unwrap();
+    driver.start(now);
+    assert_eq!(driver.poll_stream(), Some(StreamCommand::Open));
+    driver.handle_stream_open(now);
+    assert!(matches!(driver.poll_stream(), Some(StreamCommand::Data(_))), "CONNECT");
+    let mut connack = BytesMut::new();
+    Packet::ConnAck(Box::default()).encode(Protocol::V5, &mut connack).unwrap();
+    driver.handle_stream_data(now, &connack);
+    assert!(matches!(driver.poll_connected(), Some(Ok(_))));
+    driver.publish(now, publish("a", QoS::ExactlyOnce), 7);
+    assert_eq!(driver.poll_stream(), None, "the QoS 2 PUBLISH waits for its batch");
+    assert!(driver.poll_store(now).is_some());
+    driver.handle_store_failed(now, "the disk is full");
+    let Some(StreamCommand::Data(bytes)) = driver.poll_stream() else { panic!("DISCONNECT") };
+    let mut bytes = BytesMut::from(&bytes[..]);
+    let sent = Decoder::new(Protocol::V5).decode(&mut bytes).unwrap();
+    assert!(matches!(&sent, Some(Packet::Disconnect(d)) if d.reason_code == ReasonCode::UnspecifiedError), "{sent:?}");
+    assert!(bytes.is_empty(), "the held PUBLISH is not sent");
+    assert_eq!(driver.poll_stream(), Some(StreamCommand::Close));
+    assert!(driver.is_done(now));
+    let (token, result) = driver.poll_completion().unwrap();
+    assert_eq!(token, 7);
+    assert!(matches!(&result, Err(DriverError::Store(e)) if e.contains("the disk is full")), "{result:?}");
+    assert!(matches!(driver.state(), ConnectionState::Closed { reason } if reason.contains("client store failed")));
+}
