@@ -40,10 +40,11 @@
 //! restarted from an older store would send a QoS 2 message again under another identifier,
 //! or PUBLISH again after its PUBREL, or take a resent message for a new one, and the broker
 //! would deliver it twice. QoS 1 output never waits: at worst a restart sends a message again,
-//! which QoS 1 allows. Nor does a message wait to be stored before it is sent: the application
-//! learns it was accepted from PUBACK or PUBCOMP, later than its batch in any adapter that
-//! commits batches in order. The adapters' clients hand every batch to the store before the
-//! output it came with goes to the network.
+//! which QoS 1 allows. Nor does a message wait to be stored before it is sent: a crash before
+//! its batch is committed may lose it, but the application had not been told it was accepted
+//! (that is PUBACK or PUBCOMP, after which the broker has it). The adapters' clients hand every
+//! batch to the store before the output it came with goes to the network, so a client that
+//! stops (rather than crashes) loses nothing.
 //!
 //! Records are opaque bytes to the store: keys and values are encoded here (`records.rs`), so
 //! every adapter stores the same format and the core never touches a file. A store only needs
