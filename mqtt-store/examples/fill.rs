@@ -16,7 +16,6 @@ use mqtt_quic_core::tls::{SelfSigned, ServerTls};
 use mqtt_store::Store;
 use std::time::Instant;
 
-
 // A measuring tool run by hand: it reads the clock.
 #[allow(clippy::disallowed_methods)]
 fn main() {
