@@ -112,22 +112,7 @@ pub fn sessions(data: &[u8]) {
 /// Input: records of `[delay_ms: u8][stream: u8][len: u8][len bytes]`. Stream numbers pick one
 /// of four byte-stream clients; a stream that was closed is opened again on its next record.
 pub fn broker(data: &[u8]) {
-    let tls = server_tls();
-    let mut config = BrokerConfig::new(ServerConfig::new(tls.clone()));
-    config.max_retained = 8;
-    config.max_offline_queue = 8;
-    config.max_subscriptions_per_client = 8;
-    // No depth limit here: what the fuzzer builds (wills, retained topics, filters thousands of
-    // levels deep) must reach the subscription trie and the retained store, whose walks and
-    // drops must not recurse.
-    config.max_topic_levels = usize::MAX;
-    config.max_topic_length = usize::MAX;
-    // Authentication and an ACL, so the fuzzer also drives password checks (handed out and
-    // answered at the next step, or never when the connection goes first), session ownership,
-    // will and delivery-time authorization.
-    config.auth = Some(std::sync::Arc::new(fuzz_auth()));
-    config.max_pending_auth = 2;
-    let mut broker = Broker::new(config).expect("valid config");
+    let mut broker = Broker::new(fuzz_broker_config()).expect("valid config");
     #[allow(clippy::disallowed_methods)] // the harness owns the clock
     let mut now = Instant::now();
     let mut streams = [None; 4];
@@ -161,6 +146,25 @@ pub fn broker(data: &[u8]) {
         }
         while broker.poll_event().is_some() {}
     }
+}
+
+/// The `broker` targets' configuration: small limits, no depth limits, authentication.
+pub(crate) fn fuzz_broker_config() -> BrokerConfig {
+    let mut config = BrokerConfig::new(ServerConfig::new(server_tls().clone()));
+    config.max_retained = 8;
+    config.max_offline_queue = 8;
+    config.max_subscriptions_per_client = 8;
+    // No depth limit here: what the fuzzer builds (wills, retained topics, filters thousands of
+    // levels deep) must reach the subscription trie and the retained store, whose walks and
+    // drops must not recurse.
+    config.max_topic_levels = usize::MAX;
+    config.max_topic_length = usize::MAX;
+    // Authentication and an ACL, so the fuzzer also drives password checks (handed out and
+    // answered at the next step, or never when the connection goes first), session ownership,
+    // will and delivery-time authorization.
+    config.auth = Some(std::sync::Arc::new(fuzz_auth()));
+    config.max_pending_auth = 2;
+    config
 }
 
 /// The `broker` target's authentication: anonymous clients allowed, user `u` with password `p`

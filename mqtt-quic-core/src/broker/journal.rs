@@ -168,6 +168,17 @@ impl Journal {
         self.messages(id, changes);
     }
 
+    /// When nothing is outstanding, nothing is journaled and yet output waits on the next
+    /// batch (its changes cancelled out): that batch number is used up without a batch, and
+    /// returned, so that the output can be released.
+    fn skip_empty(&mut self) -> Option<u64> {
+        if self.stored + 1 != self.next || !self.is_empty() || !self.awaited() {
+            return None;
+        }
+        self.next += 1;
+        Some(self.next - 1)
+    }
+
     /// Whether held output waits on the batch not yet made.
     fn awaited(&self) -> bool {
         self.held.values().any(|h| h.items.back().is_some_and(|(barrier, _)| *barrier >= self.next))
@@ -307,12 +318,22 @@ impl Broker {
     /// for it goes out.
     pub fn handle_stored(&mut self, now: Instant, seq: u64) {
         self.tick(now);
-        for (peer, out, finish) in self.journal.stored(seq) {
-            for bytes in out {
-                self.send(now, peer, bytes);
+        let mut seq = seq;
+        loop {
+            for (peer, out, finish) in self.journal.stored(seq) {
+                for bytes in out {
+                    self.send(now, peer, bytes);
+                }
+                if finish {
+                    self.links.finish(now, peer);
+                }
             }
-            if finish {
-                self.links.finish(now, peer);
+            // Output waiting on changes that all cancelled out meanwhile (messages delivered
+            // and acknowledged before they were written), with nothing else outstanding, needs
+            // no batch and no trip to the disk: it goes now.
+            match self.journal.skip_empty() {
+                Some(skipped) => seq = skipped,
+                None => break,
             }
         }
         self.pump(now);
