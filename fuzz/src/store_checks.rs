@@ -5,8 +5,8 @@
 //! held acknowledgements and restoring hold for any history, and a damaged store is an error
 //! from `Broker::restore`, never a panic.
 
-use crate::quic_checks::fuzz_broker_config;
-use mqtt_quic_core::broker::machine::{Broker, StreamOutput};
+use crate::quic_checks::{advance, drain, fuzz_broker_config, next_record};
+use mqtt_quic_core::broker::machine::Broker;
 use mqtt_quic_core::persist::{Persistence, StoreBatch, StoreOp, StoredRecord, Table};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -50,18 +50,11 @@ pub fn broker_store(data: &[u8]) {
     let mut now = Instant::now();
     let mut streams = [None; 4];
     let mut rest = data;
-    while let [delay, which, len, tail @ ..] = rest {
-        let n = usize::from(*len).min(tail.len());
-        let (piece, next) = tail.split_at(n);
-        rest = next;
-        now += Duration::from_millis(u64::from(*delay) * 50);
-        mqtt_quic_core::Machine::handle_timeout(&mut broker, now);
-        while let Some(request) = broker.poll_auth() {
-            let verdict = request.verify();
-            broker.handle_auth_result(now, request.id(), verdict);
-        }
-        let slot = usize::from(*which % 4);
-        match *which {
+    while let Some((delay, which, piece)) = next_record(&mut rest) {
+        now += Duration::from_millis(u64::from(delay) * 50);
+        advance(&mut broker, now);
+        let slot = usize::from(which % 4);
+        match which {
             0..=239 => {
                 let id = *streams[slot].get_or_insert_with(|| broker.handle_stream_open(now, None));
                 broker.handle_stream_data(now, id, piece);
@@ -72,7 +65,7 @@ pub fn broker_store(data: &[u8]) {
                 }
             }
             244 | 245 => {
-                let keep = if *which == 244 { 0 } else { pending.len() / 2 };
+                let keep = if which == 244 { 0 } else { pending.len() / 2 };
                 let done: Vec<StoreBatch> = pending.drain(..pending.len() - keep).collect();
                 for batch in &done {
                     apply(&mut disk, batch);
@@ -111,16 +104,7 @@ pub fn broker_store(data: &[u8]) {
             }
             _ => {}
         }
-        while let Some((id, out)) = broker.poll_stream() {
-            if matches!(out, StreamOutput::Close) {
-                for s in streams.iter_mut() {
-                    if *s == Some(id) {
-                        *s = None;
-                    }
-                }
-            }
-        }
-        while broker.poll_event().is_some() {}
+        drain(&mut broker, &mut streams);
         pending.extend(std::iter::from_fn(|| broker.poll_store(now)));
         // Nothing grows without bound while the disk keeps up.
         assert!(pending.len() <= data.len() + 1, "batches pile up: {}", pending.len());
