@@ -112,8 +112,62 @@ pub fn sessions(data: &[u8]) {
 /// Input: records of `[delay_ms: u8][stream: u8][len: u8][len bytes]`. Stream numbers pick one
 /// of four byte-stream clients; a stream that was closed is opened again on its next record.
 pub fn broker(data: &[u8]) {
-    let tls = server_tls();
-    let mut config = BrokerConfig::new(ServerConfig::new(tls.clone()));
+    let mut broker = Broker::new(fuzz_broker_config()).expect("valid config");
+    #[allow(clippy::disallowed_methods)] // the harness owns the clock
+    let mut now = Instant::now();
+    let mut streams = [None; 4];
+    let mut rest = data;
+    while let Some((delay, which, piece)) = next_record(&mut rest) {
+        now += Duration::from_millis(u64::from(delay) * 50);
+        advance(&mut broker, now);
+        let slot = usize::from(which % 4);
+        let id = *streams[slot].get_or_insert_with(|| broker.handle_stream_open(now, None));
+        if which >= 252 {
+            broker.handle_stream_closed(now, id);
+            streams[slot] = None;
+        } else {
+            broker.handle_stream_data(now, id, piece);
+        }
+        drain(&mut broker, &mut streams);
+    }
+}
+
+/// Takes the next `[delay: u8][which: u8][len: u8][len bytes]` record off the front of `rest`
+/// (the bytes cut short at the end of the input).
+pub(crate) fn next_record<'a>(rest: &mut &'a [u8]) -> Option<(u8, u8, &'a [u8])> {
+    let [delay, which, len, tail @ ..] = *rest else { return None };
+    let (piece, next) = tail.split_at(usize::from(*len).min(tail.len()));
+    *rest = next;
+    Some((*delay, *which, piece))
+}
+
+/// The broker's timers at `now`, and the password checks it handed out, answered at once.
+pub(crate) fn advance(broker: &mut Broker, now: Instant) {
+    mqtt_quic_core::Machine::handle_timeout(broker, now);
+    while let Some(request) = broker.poll_auth() {
+        let verdict = request.verify();
+        broker.handle_auth_result(now, request.id(), verdict);
+    }
+}
+
+/// Takes the broker's stream output and events; a stream it closed is forgotten (the next
+/// record for its slot opens a new one).
+pub(crate) fn drain(broker: &mut Broker, streams: &mut [Option<mqtt_quic_core::broker::machine::StreamId>; 4]) {
+    while let Some((id, out)) = broker.poll_stream() {
+        if matches!(out, mqtt_quic_core::broker::machine::StreamOutput::Close) {
+            for s in streams.iter_mut() {
+                if *s == Some(id) {
+                    *s = None;
+                }
+            }
+        }
+    }
+    while broker.poll_event().is_some() {}
+}
+
+/// The `broker` targets' configuration: small limits, no depth limits, authentication.
+pub(crate) fn fuzz_broker_config() -> BrokerConfig {
+    let mut config = BrokerConfig::new(ServerConfig::new(server_tls().clone()));
     config.max_retained = 8;
     config.max_offline_queue = 8;
     config.max_subscriptions_per_client = 8;
@@ -127,40 +181,7 @@ pub fn broker(data: &[u8]) {
     // will and delivery-time authorization.
     config.auth = Some(std::sync::Arc::new(fuzz_auth()));
     config.max_pending_auth = 2;
-    let mut broker = Broker::new(config).expect("valid config");
-    #[allow(clippy::disallowed_methods)] // the harness owns the clock
-    let mut now = Instant::now();
-    let mut streams = [None; 4];
-    let mut rest = data;
-    while let [delay, which, len, tail @ ..] = rest {
-        let n = usize::from(*len).min(tail.len());
-        let (piece, next) = tail.split_at(n);
-        rest = next;
-        now += Duration::from_millis(u64::from(*delay) * 50);
-        mqtt_quic_core::Machine::handle_timeout(&mut broker, now);
-        while let Some(request) = broker.poll_auth() {
-            let verdict = request.verify();
-            broker.handle_auth_result(now, request.id(), verdict);
-        }
-        let slot = usize::from(*which % 4);
-        let id = *streams[slot].get_or_insert_with(|| broker.handle_stream_open(now, None));
-        if *which >= 252 {
-            broker.handle_stream_closed(now, id);
-            streams[slot] = None;
-        } else {
-            broker.handle_stream_data(now, id, piece);
-        }
-        while let Some((id, out)) = broker.poll_stream() {
-            if matches!(out, mqtt_quic_core::broker::machine::StreamOutput::Close) {
-                for s in streams.iter_mut() {
-                    if *s == Some(id) {
-                        *s = None;
-                    }
-                }
-            }
-        }
-        while broker.poll_event().is_some() {}
-    }
+    config
 }
 
 /// The `broker` target's authentication: anonymous clients allowed, user `u` with password `p`

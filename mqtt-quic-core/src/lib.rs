@@ -71,8 +71,8 @@
 //! 2. `poll_timeout()`: the one instant at which to call `handle_timeout` next (absolute, not a
 //!    duration). Calling `handle_timeout` early is a no-op;
 //! 3. `poll_event()` until `None` (and the machine's other outputs: `poll_stream` for byte
-//!    streams, `poll_auth` for the broker), acting on each (which may issue more commands,
-//!    after which the rule applies again from step 1).
+//!    streams, `poll_auth` and `poll_store` for the broker), acting on each (which may issue
+//!    more commands, after which the rule applies again from step 1).
 //!
 //! ```
 //! use mqtt_quic_core::config::{ClientConfig, ServerConfig};
@@ -114,7 +114,10 @@
 //!
 //! The broker's [`broker::machine::Broker::poll_auth`] hands out password checks (PBKDF2 takes
 //! milliseconds), which the adapter runs on another thread and answers with
-//! `handle_auth_result`.
+//! `handle_auth_result`. Its [`broker::machine::Broker::poll_store`] hands out the changes to
+//! durable state as storage batches, which the adapter commits (one sync for many) and
+//! answers with `handle_stored`; acknowledgements that promise durability wait for that
+//! answer (see [`persist`]).
 //!
 //! # 0-RTT and replay
 //!

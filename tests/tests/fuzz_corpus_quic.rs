@@ -6,6 +6,8 @@
 mod quic_checks;
 #[path = "../../fuzz/src/session_checks.rs"]
 mod session_checks;
+#[path = "../../fuzz/src/store_checks.rs"]
+mod store_checks;
 
 use bytes::Bytes;
 use mqtt_quic_core::config::ClientConfig;
@@ -48,6 +50,11 @@ fn replay_broker_corpus() {
 }
 
 #[test]
+fn replay_broker_store_corpus() {
+    replay("broker_store", store_checks::broker_store);
+}
+
+#[test]
 fn replay_server_session_corpus() {
     replay("server_session", session_checks::server_session);
 }
@@ -76,6 +83,7 @@ fn replay_one() {
         "broker_quic" => quic_checks::broker_quic(&data),
         "sessions" => quic_checks::sessions(&data),
         "broker" => quic_checks::broker(&data),
+        "broker_store" => store_checks::broker_store(&data),
         "quic_server" => quic_checks::quic_server(&data),
         other => panic!("unknown target {other}"),
     }

@@ -83,6 +83,12 @@ pub struct BrokerConfig {
     /// does not drain [`Broker::poll_store`](super::machine::Broker::poll_store) would see its
     /// acknowledgements held forever; the `mqttq` broker defaults to `Sync`.
     pub persistence: Persistence,
+    /// With persistence on: how long a store batch holding nothing but newly routed QoS 1
+    /// messages may wait before it goes (PostgreSQL's `commit_delay`, for the same reason).
+    /// A subscriber that acknowledges a message within it spares its write altogether, and the
+    /// publisher's PUBACK goes out then, without a trip to the disk; otherwise the message is
+    /// written when the delay runs out. 0 writes everything at once.
+    pub commit_delay: Duration,
 }
 
 impl BrokerConfig {
@@ -111,6 +117,7 @@ impl BrokerConfig {
             auth: None,
             max_queued_bytes: 16 << 20,
             persistence: Persistence::Off,
+            commit_delay: Duration::from_millis(1),
         }
     }
 
@@ -124,6 +131,9 @@ impl BrokerConfig {
             ("write timeout", Some(self.write_timeout)),
             ("auth failure window", Some(self.auth_failure_window)),
         ];
+        if self.commit_delay > Duration::from_secs(1) {
+            return Err(invalid("commit delay must be at most a second".to_string()));
+        }
         for (name, d) in durations {
             if d.is_some_and(|d| d.is_zero() || d > MAX_DURATION) {
                 return Err(invalid(format!("{name} must be above zero and at most a year")));

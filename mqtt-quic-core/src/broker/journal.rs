@@ -22,7 +22,7 @@ use crate::session::server::SessionState;
 use bytes::Bytes;
 use mqtt_proto::{Publish, QoS};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Output held behind barriers, per connection, in order.
 #[derive(Debug, Default)]
@@ -54,11 +54,24 @@ pub(super) struct Journal {
     /// Delayed wills: when the delay ends and the message, or `None` to delete.
     wills: BTreeMap<String, Option<(Instant, Publish)>>,
     held: BTreeMap<Peer, Held>,
+    /// How long a batch of nothing but fresh QoS 1 messages may wait (see
+    /// `BrokerConfig::commit_delay`).
+    delay: Duration,
+    /// The broker's latest time (set on every input).
+    now: Option<Instant>,
+    /// When the oldest message waiting out the commit delay arrived.
+    oldest: Option<Instant>,
+    /// The commit delay ran out: the next batch goes whatever it holds.
+    ripe: bool,
 }
 
 impl Journal {
-    pub(super) fn new(mode: Persistence) -> Journal {
+    pub(super) fn new(mode: Persistence, delay: Duration) -> Journal {
         Journal {
+            delay,
+            now: None,
+            oldest: None,
+            ripe: false,
             mode,
             next: 1,
             stored: 0,
@@ -112,7 +125,39 @@ impl Journal {
 
     /// Changes to a session's messages (see `Outbound::take_changes`).
     pub(super) fn messages(&mut self, id: &str, changes: Vec<Change>) {
-        self.changes += self.messages.record(id, changes) as u64;
+        let recorded = self.messages.record(id, changes);
+        self.changes += recorded.changes as u64;
+        if recorded.deferrable && self.oldest.is_none() {
+            self.oldest = self.now;
+        }
+    }
+
+    /// The broker's clock moved to `now`: the commit delay may have run out.
+    pub(super) fn tick(&mut self, now: Instant) {
+        self.now = Some(now);
+        if self.oldest.is_some_and(|at| at + self.delay <= now) {
+            self.oldest = None;
+            self.ripe = true;
+        }
+    }
+
+    /// When the commit delay of the messages waiting out runs out.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.oldest.filter(|_| !self.messages.is_empty()).map(|at| at + self.delay)
+    }
+
+    /// Whether a batch may wait: it would hold nothing but fresh QoS 1 messages, within the
+    /// commit delay. Their clients may acknowledge them meanwhile, and then they are never
+    /// written; a publisher's PUBACK waiting on them goes out then (or once they are stored,
+    /// when the delay runs out first).
+    fn may_wait(&self) -> bool {
+        !self.ripe
+            && self.deleted.is_empty()
+            && self.sessions.is_empty()
+            && self.retained.is_empty()
+            && self.wills.is_empty()
+            && self.oldest.is_some()
+            && self.messages.all_deferrable()
     }
 
     /// A retained message set (`Some`) or cleared.
@@ -141,6 +186,17 @@ impl Journal {
             self.session(id);
         }
         self.messages(id, changes);
+    }
+
+    /// When nothing is outstanding, nothing is journaled and yet output waits on the next
+    /// batch (its changes cancelled out): that batch number is used up without a batch, and
+    /// returned, so that the output can be released.
+    fn skip_empty(&mut self) -> Option<u64> {
+        if self.stored + 1 != self.next || !self.is_empty() || !self.awaited() {
+            return None;
+        }
+        self.next += 1;
+        Some(self.next - 1)
     }
 
     /// Whether held output waits on the batch not yet made.
@@ -214,12 +270,12 @@ impl Broker {
     /// [`Broker::handle_stored`].
     #[must_use]
     pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
-        // Output may wait on a batch whose changes all cancelled out (a message delivered and
-        // acknowledged before it was written): the batch goes out empty, so that its number is
-        // reported once everything before it is stored.
-        if self.journal.is_empty() && !self.journal.awaited() {
+        self.journal.tick(now);
+        if self.journal.is_empty() || self.journal.may_wait() {
             return None;
         }
+        self.journal.ripe = false;
+        self.journal.oldest = None;
         let seq = self.journal.next;
         self.journal.next += 1;
         let mut ops = Vec::new();
@@ -267,6 +323,12 @@ impl Broker {
     /// for it goes out.
     pub fn handle_stored(&mut self, now: Instant, seq: u64) {
         self.tick(now);
+        self.release(now, seq);
+        self.pump(now);
+    }
+
+    /// Sends the output held for batches up to `seq`, finishing connections that ended.
+    pub(super) fn release(&mut self, now: Instant, seq: u64) {
         for (peer, out, finish) in self.journal.stored(seq) {
             for bytes in out {
                 self.send(now, peer, bytes);
@@ -275,7 +337,19 @@ impl Broker {
                 self.links.finish(now, peer);
             }
         }
-        self.pump(now);
+    }
+
+    /// Output waiting on changes that all cancelled out meanwhile (messages delivered and
+    /// acknowledged before they were written), with nothing else outstanding, needs no batch
+    /// and no trip to the disk: it goes now. Returns whether anything was released.
+    pub(super) fn release_cancelled(&mut self, now: Instant) -> bool {
+        match self.journal.skip_empty() {
+            Some(seq) => {
+                self.release(now, seq);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A session's record as it stands, if it is kept across a restart (its expiry is not 0).

@@ -109,7 +109,7 @@ impl Broker {
             stats: Stats::default(),
             schedule: Schedule::default(),
             closing_until: None,
-            journal: Journal::new(config.persistence),
+            journal: Journal::new(config.persistence, config.commit_delay),
             config,
         })
     }
@@ -274,7 +274,12 @@ impl Broker {
                     }
                 }
             }
-            let Some(conn) = self.dirty.pop_first() else { break };
+            let Some(conn) = self.dirty.pop_first() else {
+                if self.release_cancelled(now) {
+                    continue;
+                }
+                break;
+            };
             self.serve(now, conn);
         }
     }
@@ -623,7 +628,8 @@ impl Broker {
     /// timeout check or periodic work.
     fn next_deadline(&self) -> Option<Instant> {
         let sessions = self.session_timers.next();
-        [self.registry.next_deadline(), sessions, self.links.next_deadline(), self.schedule.next_deadline()]
+        let store = self.journal.deadline();
+        [self.registry.next_deadline(), sessions, self.links.next_deadline(), self.schedule.next_deadline(), store]
             .into_iter()
             .flatten()
             .min()

@@ -5,7 +5,7 @@
 use super::machine::Broker;
 use crate::persist::records::{split_message_key, text_key, MessageRecord, SessionRecord, TimedMessage};
 use crate::persist::{RecordError, StoredRecord, Table};
-use crate::session::outbound::Kept;
+use crate::session::outbound::{Change, Kept};
 use crate::session::server::SessionState;
 use mqtt_proto::Publish;
 use std::collections::BTreeMap;
@@ -81,6 +81,9 @@ impl Broker {
             }
         }
         let mut done = Restored::default();
+        // Wills of sessions that ended while the broker was down go out once every session is
+        // back, so that each of them can receive them.
+        let mut due_wills = Vec::new();
         for (age, record) in retained {
             let topic = record.publish.topic.as_str().to_string();
             match age_message(record.publish, age + record.time) {
@@ -102,9 +105,7 @@ impl Broker {
                         // Expired while the broker was down: gone, and its will due.
                         done.dropped += 1 + messages.remove(&id).map_or(0, |m| m.len());
                         self.journal.delete_session(&id);
-                        if let Some((_, will)) = will {
-                            self.publish(now, will.publish, None);
-                        }
+                        due_wills.extend(will.map(|(_, w)| w.publish));
                         continue;
                     }
                 },
@@ -123,7 +124,10 @@ impl Broker {
                     Some(publish) => {
                         kept.push(Kept { id: mid, publish, packet_id: m.packet_id, released: m.released, at: None })
                     }
-                    None => done.dropped += 1,
+                    None => {
+                        done.dropped += 1;
+                        self.journal.messages(&id, vec![Change::Remove(mid)]);
+                    }
                 }
             }
             done.messages += kept.len();
@@ -136,6 +140,9 @@ impl Broker {
             }
             done.sessions += 1;
         }
+        for will in due_wills {
+            self.publish(now, will, None);
+        }
         // Messages and wills of no session: left over, never to be delivered.
         for (id, list) in messages {
             done.dropped += list.len();
@@ -146,5 +153,147 @@ impl Broker {
             self.journal.delete_session(&id);
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::machine::BrokerConfig;
+    use crate::config::{Secret, ServerConfig};
+    use crate::persist::records::{client_key, message_key, SessionRecord, TimedMessage};
+    use crate::persist::{Persistence, StoreOp};
+    use crate::tls::{SelfSigned, ServerTls};
+    use mqtt_proto::{PacketId, QoS, QosPid, TopicName};
+
+    fn broker() -> Broker {
+        let cert = SelfSigned::generate(&["localhost"]).unwrap();
+        let mut config = BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()));
+        config.quic.secret = Some(Secret::new([1; 32]));
+        config.persistence = Persistence::Sync;
+        Broker::new(config).unwrap()
+    }
+
+    fn message(topic: &str, expiry: Option<u32>) -> Publish {
+        let mut p = Publish::new(TopicName::new(topic).unwrap(), &b"x"[..]);
+        p.qos_pid = QosPid::from_parts(QoS::AtLeastOnce, PacketId::MIN);
+        p.properties.message_expiry_interval = expiry;
+        p
+    }
+
+    /// The test's clock (the machine never reads one).
+    #[allow(clippy::disallowed_methods)]
+    fn start() -> Instant {
+        Instant::now()
+    }
+
+    fn record(table: Table, key: Vec<u8>, value: Vec<u8>, age: Duration) -> StoredRecord {
+        StoredRecord { table, key, value, age }
+    }
+
+    /// Time on disk counts: a session, a queued message, a retained message that expired
+    /// while the broker was down are gone (and deleted from the store); what is left keeps
+    /// what remains of its time; the will of a session that expired meanwhile is published.
+    #[test]
+    fn records_age_by_their_time_on_disk() {
+        let mut b = broker();
+        let now = start();
+        let hour = Duration::from_secs(3600);
+        let session = |expires_in| SessionRecord {
+            owner: None,
+            expiry: 7200,
+            expires_in: Some(expires_in),
+            subscriptions: vec![],
+            qos2: vec![],
+        };
+        let queued = |expiry| MessageRecord {
+            packet_id: None,
+            released: false,
+            waited: Duration::ZERO,
+            publish: message("q", expiry),
+        };
+        let records = vec![
+            record(Table::Sessions, client_key("alive"), session(2 * hour).encode(), hour),
+            record(Table::Sessions, client_key("gone"), session(hour / 2).encode(), hour),
+            record(Table::Messages, message_key("alive", 1), queued(Some(60)).encode(), hour),
+            record(Table::Messages, message_key("alive", 2), queued(Some(7200)).encode(), hour),
+            record(Table::Messages, message_key("alive", 3), queued(None).encode(), hour),
+            record(Table::Messages, message_key("nobody", 1), queued(None).encode(), hour),
+            record(
+                Table::Retained,
+                b"r/old".to_vec(),
+                TimedMessage {
+                    time: Duration::ZERO,
+                    publish: {
+                        let mut p = message("r/old", Some(60));
+                        p.retain = true;
+                        p
+                    },
+                }
+                .encode(),
+                hour,
+            ),
+            record(
+                Table::Retained,
+                b"r/new".to_vec(),
+                TimedMessage {
+                    time: Duration::ZERO,
+                    publish: {
+                        let mut p = message("r/new", Some(7200));
+                        p.retain = true;
+                        p
+                    },
+                }
+                .encode(),
+                hour,
+            ),
+            record(
+                Table::Wills,
+                client_key("gone"),
+                TimedMessage {
+                    time: 2 * hour,
+                    publish: {
+                        let mut p = message("r/will", None);
+                        p.retain = true;
+                        p
+                    },
+                }
+                .encode(),
+                hour,
+            ),
+        ];
+        let done = b.restore(now, records).unwrap();
+        assert_eq!((done.sessions, done.messages, done.retained, done.wills), (1, 2, 1, 0));
+        // The expired session, the expired message and retained one, the orphan message.
+        assert_eq!(done.dropped, 4);
+        assert!(b.has_session("alive") && !b.has_session("gone"));
+        // The will of the session that expired meanwhile was published (and retained).
+        let retained = b.retained.matching(now, &mqtt_proto::TopicFilter::new("r/#").unwrap(), 10);
+        let mut topics: Vec<&str> = retained.iter().map(|p| p.topic.as_str()).collect();
+        topics.sort();
+        assert_eq!(topics, ["r/new", "r/will"]);
+        let kept = retained.iter().find(|p| p.topic.as_str() == "r/new").unwrap();
+        assert_eq!(kept.properties.message_expiry_interval, Some(3600), "an hour on disk counts");
+        // The store is told to forget what was dropped.
+        let batch = b.poll_store(now).unwrap();
+        let deletes = |table| {
+            batch.ops.iter().filter(move |op| match op {
+                StoreOp::Delete { table: t, .. } | StoreOp::DeletePrefix { table: t, .. } => *t == table,
+                StoreOp::Put { .. } => false,
+            })
+        };
+        assert!(deletes(Table::Sessions).count() >= 2, "{batch:?}");
+        assert!(batch.ops.contains(&StoreOp::Delete { table: Table::Messages, key: message_key("alive", 1) }));
+        assert!(batch.ops.contains(&StoreOp::Delete { table: Table::Retained, key: b"r/old".to_vec() }));
+    }
+
+    /// A record that cannot be read is an error naming it, not a panic or a silent skip.
+    #[test]
+    fn a_damaged_record_is_an_error() {
+        let mut b = broker();
+        let bad = vec![record(Table::Sessions, client_key("c"), vec![1, 2, 3], Duration::ZERO)];
+        let e = b.restore(start(), bad).unwrap_err();
+        assert_eq!(e.table, "sessions");
+        assert!(e.to_string().contains("sessions record c"), "{e}");
     }
 }

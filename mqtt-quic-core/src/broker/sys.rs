@@ -52,6 +52,7 @@ impl Broker {
     /// Starts the clocks that need a first `now` (uptime, `$SYS` publishing), and does the
     /// periodic work that is due.
     pub(super) fn tick(&mut self, now: Instant) {
+        self.journal.tick(now);
         let schedule = &mut self.schedule;
         if schedule.started.is_none() {
             schedule.started = Some(now);

@@ -165,6 +165,8 @@ impl ClientJournal {
             self.barrier = self.next;
         }
         self.session |= inbound;
+        // A client commits at once: the broker's commit delay (`Recorded::deferrable`) does not
+        // apply.
         self.messages.record(&self.client_id, changes);
     }
 

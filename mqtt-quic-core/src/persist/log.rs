@@ -9,6 +9,7 @@
 use super::records::{message_key, MessageRecord};
 use super::{StoreOp, Table};
 use crate::session::outbound::{Change, Kept};
+use mqtt_proto::QoS;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,18 @@ struct Pending {
     kept: Option<Kept>,
     /// Added within this batch: never written, so removing it writes nothing.
     fresh: bool,
+    /// A fresh QoS 1 message: its write may wait (the broker's commit delay), in case its
+    /// client acknowledges it first (then it is never written).
+    deferrable: bool,
+}
+
+/// What [`MessageLog::record`] recorded.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Recorded {
+    /// How many changes.
+    pub(crate) changes: usize,
+    /// Whether a fresh QoS 1 message came (one whose write may wait).
+    pub(crate) deferrable: bool,
 }
 
 /// Pending changes to kept messages, by client id and message id.
@@ -28,9 +41,9 @@ pub(crate) struct MessageLog {
 }
 
 impl MessageLog {
-    /// Records changes to client `id`'s messages; returns how many there were.
-    pub(crate) fn record(&mut self, id: &str, changes: Vec<Change>) -> usize {
-        let count = changes.len();
+    /// Records changes to client `id`'s messages.
+    pub(crate) fn record(&mut self, id: &str, changes: Vec<Change>) -> Recorded {
+        let mut recorded = Recorded { changes: changes.len(), deferrable: false };
         for change in changes {
             let (mid, kept, fresh) = match change {
                 Change::Add(k) => (k.id, Some(k), true),
@@ -38,14 +51,27 @@ impl MessageLog {
                 Change::Remove(mid) => (mid, None, false),
             };
             let key = (id.to_string(), mid);
+            let qos1 = kept.as_ref().is_some_and(|k| k.publish.qos() == QoS::AtLeastOnce);
             match (self.pending.get_mut(&key), kept) {
                 // Added and gone within one batch: nothing to write.
                 (Some(pending), None) if pending.fresh => drop(self.pending.remove(&key)),
-                (Some(pending), kept) => pending.kept = kept,
-                (None, kept) => drop(self.pending.insert(key, Pending { kept, fresh })),
+                (Some(pending), kept) => {
+                    pending.deferrable &= qos1;
+                    pending.kept = kept;
+                }
+                (None, kept) => {
+                    let deferrable = fresh && qos1;
+                    recorded.deferrable |= deferrable;
+                    self.pending.insert(key, Pending { kept, fresh, deferrable });
+                }
             }
         }
-        count
+        recorded
+    }
+
+    /// Whether every pending change is a fresh QoS 1 message (see [`Recorded::deferrable`]).
+    pub(crate) fn all_deferrable(&self) -> bool {
+        self.pending.values().all(|m| m.deferrable)
     }
 
     /// Forgets what is pending for client `id` (its messages are deleted whole).

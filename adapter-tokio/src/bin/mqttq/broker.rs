@@ -132,6 +132,12 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         options.sync_interval = seconds("sync interval", secs, 1)?;
     }
     options.data_dir = Some(data_dir.clone());
+    if let Some(us) = file.commit_delay_us {
+        if us > 1_000_000 {
+            return Err(format!("commit_delay_us: {us} is out of range (0 to 1000000)"));
+        }
+        options.broker.commit_delay = Duration::from_micros(us);
+    }
 
     let b = &mut options.broker;
     if let Some(t) = args.timeout.or(file.timeout) {

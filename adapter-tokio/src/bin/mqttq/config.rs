@@ -4,6 +4,7 @@
 //! data_dir = "/var/lib/mqttq"
 //! persistence = "sync"        # "sync" (default), "periodic" or "off": see README, Persistence
 //! sync_interval = 1           # with "periodic": seconds between syncs to disk
+//! commit_delay_us = 1000      # a store batch of new QoS 1 messages waits this long (0: never)
 //! cert = "/etc/mqttq/cert.pem"
 //! key = "/etc/mqttq/key.pem"
 //! timeout = 10                # CONNECT / handshake timeout, seconds
@@ -62,6 +63,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub persistence: Option<String>,
     pub sync_interval: Option<u64>,
+    pub commit_delay_us: Option<u64>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub timeout: Option<u64>,
