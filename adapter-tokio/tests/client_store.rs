@@ -172,3 +172,34 @@ async fn a_store_with_a_clean_start_is_refused() {
     assert!(e.to_string().contains("clean_start"), "{e}");
     server.shutdown().await;
 }
+
+/// Over QUIC too, QoS 2 output that waits for the store goes out once it is stored (the
+/// machine sends the session's released bytes on the QUIC stream), both ways.
+#[tokio::test]
+async fn qos2_over_quic_with_a_store() {
+    use mqtt_quic_core::tls::{fingerprint_hex, ClientTls};
+    let dir = TempDir::new("quic");
+    let cert = SelfSigned::generate(&["localhost"]).unwrap();
+    let server = Server::start(ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap())).await.unwrap();
+    let url = format!("quic://localhost:{}", server.quic_addr().unwrap().port());
+    let tls = ClientTls::pinned(&fingerprint_hex(&cert.fingerprint)).unwrap();
+    let client = Client::connect(&url, options(dir.path()).tls(tls)).await.unwrap();
+    let mut messages = client.messages().unwrap();
+    client.subscribe(TopicFilter::new("quic/#").unwrap(), QoS::ExactlyOnce).await.unwrap();
+    for i in 0..3 {
+        let p = Publish::new(topic("quic/t"), format!("m{i}")).with_qos(QoS::ExactlyOnce);
+        timeout(WAIT, client.publish(p)).await.unwrap().unwrap();
+    }
+    for i in 0..3 {
+        let m = timeout(WAIT, messages.recv()).await.unwrap().unwrap();
+        assert_eq!((&m.payload[..], m.qos()), (format!("m{i}").as_bytes(), QoS::ExactlyOnce));
+    }
+    // A round trip after our last PUBREC: once it is answered, the broker's PUBREL for the last
+    // message has come too (one stream, answered in order).
+    let p = Publish::new(topic("elsewhere"), "x").with_qos(QoS::AtLeastOnce);
+    timeout(WAIT, client.publish(p)).await.unwrap().unwrap();
+    client.disconnect().await.unwrap();
+    server.shutdown().await;
+    let store = mqtt_store::Store::open(dir.path()).unwrap();
+    assert_eq!(store.load().unwrap(), vec![], "every exchange completed, both ways");
+}
