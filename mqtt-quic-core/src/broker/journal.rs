@@ -8,9 +8,15 @@
 //! changes come (they are cheap to clone and expensive to look up).
 //!
 //! Holding acknowledgements: a connection whose packet changed durable state is given a
-//! barrier, the number of the batch that will carry the change. Its output from then on waits
-//! in order behind the barrier until the adapter reports that batch stored, so its PUBACK,
-//! PUBREC, PUBCOMP, SUBACK or CONNACK never promises what a crash could still take back.
+//! ticket, and its output from then on waits in order behind the ticket until it is satisfied,
+//! so its PUBACK, PUBREC, PUBCOMP, SUBACK or CONNACK never promises what a crash could still
+//! take back. A ticket waits for two things: a batch number (the batch that carries the
+//! session, subscription, retained message, will or QoS 2 state the packet changed), and each
+//! message the packet routed to a kept session, until that message is either written (then
+//! for its batch) or acknowledged by its subscriber before it was (then for nothing: it is no
+//! longer the broker's to keep). So a publisher whose subscribers are quick gets its PUBACK
+//! as soon as they have acknowledged, without a trip to the disk, and one whose subscriber is
+//! slow or offline once the message is synced.
 
 use super::links::Peer;
 use super::machine::Broker;
@@ -24,7 +30,16 @@ use mqtt_proto::{Publish, QoS};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-/// Output held behind barriers, per connection, in order.
+/// What a connection's held output waits for (see the module docs).
+#[derive(Debug, Default)]
+struct Ticket {
+    /// This batch stored (0: none).
+    batch: u64,
+    /// Messages neither written nor acknowledged yet.
+    waiting: usize,
+}
+
+/// Output held behind tickets, per connection, in order.
 #[derive(Debug, Default)]
 struct Held {
     items: VecDeque<(u64, Bytes)>,
@@ -40,9 +55,15 @@ pub(super) struct Journal {
     next: u64,
     /// The highest batch reported stored.
     stored: u64,
-    /// Bumped on every change, so the broker can tell whether handling a packet changed
-    /// anything durable.
-    changes: u64,
+    /// Unsatisfied tickets, by number; a number not here is satisfied.
+    tickets: BTreeMap<u64, Ticket>,
+    /// The last ticket number given out.
+    last_ticket: u64,
+    /// The ticket of the packet being handled (`Journal::open`), and whether it changed
+    /// anything beyond new messages.
+    window: Option<(u64, bool)>,
+    /// A ticket was satisfied since the last release.
+    releasable: bool,
     /// Sessions to delete with everything under them, before anything else in the batch.
     deleted: BTreeSet<String>,
     /// Sessions whose record is to be written from their current state.
@@ -75,7 +96,10 @@ impl Journal {
             mode,
             next: 1,
             stored: 0,
-            changes: 0,
+            tickets: BTreeMap::new(),
+            last_ticket: 0,
+            window: None,
+            releasable: false,
             deleted: BTreeSet::new(),
             sessions: BTreeSet::new(),
             messages: MessageLog::default(),
@@ -90,21 +114,66 @@ impl Journal {
         self.mode.is_on()
     }
 
-    /// A counter that moves on every change.
-    pub(super) fn changes(&self) -> u64 {
-        self.changes
+    /// Starts handling a connection's packets: what they change is what their answers wait
+    /// for (with `Persistence::Sync`).
+    pub(super) fn open(&mut self) {
+        if self.mode == Persistence::Sync {
+            self.last_ticket += 1;
+            self.window = Some((self.last_ticket, false));
+        }
     }
 
-    /// The barrier for a change made now: the batch that will carry it, when acknowledgements
-    /// wait for the disk.
-    pub(super) fn barrier(&self) -> Option<u64> {
-        (self.mode == Persistence::Sync).then_some(self.next)
+    /// Done handling a connection's packets: the ticket its output from now on waits behind,
+    /// if they changed anything durable.
+    pub(super) fn close(&mut self) -> Option<u64> {
+        let (id, other) = self.window.take()?;
+        if other {
+            self.tickets.entry(id).or_default().batch = self.next;
+        }
+        self.tickets.contains_key(&id).then_some(id)
+    }
+
+    /// The ticket `current` (a connection's), made to wait also for the batch that will carry
+    /// a change made now; a new ticket if `current` is satisfied already (with
+    /// `Persistence::Sync`). Output made before the change and not sent yet may be behind
+    /// `current`: it must wait for both, so `current` is kept rather than replaced.
+    pub(super) fn batch_ticket(&mut self, current: u64) -> Option<u64> {
+        if self.mode != Persistence::Sync {
+            return None;
+        }
+        if let Some(t) = self.tickets.get_mut(&current) {
+            t.batch = t.batch.max(self.next);
+            return Some(current);
+        }
+        self.last_ticket += 1;
+        self.tickets.insert(self.last_ticket, Ticket { batch: self.next, waiting: 0 });
+        Some(self.last_ticket)
+    }
+
+    /// A change that is not a new message: the open ticket waits for the next batch.
+    fn other(&mut self) {
+        if let Some((_, other)) = &mut self.window {
+            *other = true;
+        }
+    }
+
+    /// A message ticket `id` waited for was written in batch `batch`, or acknowledged (`0`).
+    fn settle(&mut self, id: u64, batch: u64) {
+        let open = self.window.map(|w| w.0);
+        if let Some(t) = self.tickets.get_mut(&id) {
+            t.waiting = t.waiting.saturating_sub(1);
+            t.batch = t.batch.max(batch);
+            if t.waiting == 0 && t.batch <= self.stored && open != Some(id) {
+                self.tickets.remove(&id);
+                self.releasable = true;
+            }
+        }
     }
 
     /// The session's record is to be written (or deleted, if it is no longer kept).
     pub(super) fn session(&mut self, id: &str) {
         if self.is_on() {
-            self.changes += 1;
+            self.other();
             if !self.sessions.contains(id) {
                 self.sessions.insert(id.to_string());
             }
@@ -116,17 +185,29 @@ impl Journal {
         if !self.is_on() {
             return;
         }
-        self.changes += 1;
+        self.other();
         self.sessions.remove(id);
         self.wills.remove(id);
-        self.messages.forget(id);
+        // What waited for its messages waits for the deletion instead.
+        for waiter in self.messages.forget(id) {
+            self.settle(waiter, self.next);
+        }
         self.deleted.insert(id.to_string());
     }
 
     /// Changes to a session's messages (see `Outbound::take_changes`).
     pub(super) fn messages(&mut self, id: &str, changes: Vec<Change>) {
-        let recorded = self.messages.record(id, changes);
-        self.changes += recorded.changes as u64;
+        let waiter = self.window.map(|w| w.0);
+        let recorded = self.messages.record(id, changes, waiter);
+        if let (Some(waiter), true) = (waiter, recorded.waiting > 0) {
+            self.tickets.entry(waiter).or_default().waiting += recorded.waiting;
+        }
+        for cancelled in recorded.cancelled {
+            self.settle(cancelled, 0);
+        }
+        if recorded.other {
+            self.other();
+        }
         if recorded.deferrable && self.oldest.is_none() {
             self.oldest = self.now;
         }
@@ -163,7 +244,7 @@ impl Journal {
     /// A retained message set (`Some`) or cleared.
     pub(super) fn retained(&mut self, now: Instant, topic: &str, publish: Option<&Publish>) {
         if self.is_on() {
-            self.changes += 1;
+            self.other();
             self.retained.insert(topic.to_string(), publish.map(|p| (now, p.detached())));
         }
     }
@@ -171,7 +252,7 @@ impl Journal {
     /// A delayed will pending (`Some`: when its delay ends, and the message) or gone.
     pub(super) fn will(&mut self, id: &str, will: Option<(Instant, Publish)>) {
         if self.is_on() {
-            self.changes += 1;
+            self.other();
             self.wills.insert(id.to_string(), will);
         }
     }
@@ -188,20 +269,17 @@ impl Journal {
         self.messages(id, changes);
     }
 
-    /// When nothing is outstanding, nothing is journaled and yet output waits on the next
-    /// batch (its changes cancelled out): that batch number is used up without a batch, and
-    /// returned, so that the output can be released.
-    fn skip_empty(&mut self) -> Option<u64> {
-        if self.stored + 1 != self.next || !self.is_empty() || !self.awaited() {
-            return None;
+    /// When nothing is outstanding and nothing is journaled, yet a ticket waits on the next
+    /// batch (its changes cancelled out), that batch number is used up without a batch.
+    fn skip_empty(&mut self) {
+        let next = self.next;
+        if self.stored + 1 == next
+            && self.is_empty()
+            && self.tickets.values().any(|t| t.waiting == 0 && t.batch == next)
+        {
+            self.next += 1;
+            self.stored(next);
         }
-        self.next += 1;
-        Some(self.next - 1)
-    }
-
-    /// Whether held output waits on the batch not yet made.
-    fn awaited(&self) -> bool {
-        self.held.values().any(|h| h.items.back().is_some_and(|(barrier, _)| *barrier >= self.next))
     }
 
     fn is_empty(&self) -> bool {
@@ -212,13 +290,13 @@ impl Journal {
             && self.wills.is_empty()
     }
 
-    /// Holds `bytes` for `peer` if it waits behind a barrier (or already holds output); gives
-    /// them back to send now otherwise.
-    pub(super) fn hold(&mut self, peer: Peer, barrier: u64, bytes: Bytes) -> Option<Bytes> {
+    /// Holds `bytes` for `peer` if its ticket is not satisfied (or it already holds output);
+    /// gives them back to send now otherwise.
+    pub(super) fn hold(&mut self, peer: Peer, ticket: u64, bytes: Bytes) -> Option<Bytes> {
         match self.held.get_mut(&peer) {
-            Some(held) => held.items.push_back((barrier, bytes)),
-            None if barrier > self.stored => {
-                self.held.entry(peer).or_default().items.push_back((barrier, bytes));
+            Some(held) => held.items.push_back((ticket, bytes)),
+            None if self.tickets.contains_key(&ticket) => {
+                self.held.entry(peer).or_default().items.push_back((ticket, bytes));
             }
             None => return Some(bytes),
         }
@@ -242,15 +320,27 @@ impl Journal {
         self.held.remove(&peer);
     }
 
-    /// Batches up to `seq` are stored: the output they held, per connection, in order, and
-    /// whether to finish the connection after it.
-    pub(super) fn stored(&mut self, seq: u64) -> Vec<(Peer, Vec<Bytes>, bool)> {
+    /// Batches up to `seq` are stored: the tickets they satisfy are done.
+    fn stored(&mut self, seq: u64) {
         self.stored = self.stored.max(seq.min(self.next - 1));
+        let (stored, open) = (self.stored, self.window.map(|w| w.0));
+        let before = self.tickets.len();
+        self.tickets.retain(|id, t| t.waiting > 0 || t.batch > stored || open == Some(*id));
+        self.releasable |= self.tickets.len() != before;
+    }
+
+    /// The output no longer held, per connection, in order, and whether to finish the
+    /// connection after it.
+    fn release(&mut self) -> Vec<(Peer, Vec<Bytes>, bool)> {
+        self.skip_empty();
+        if !std::mem::take(&mut self.releasable) {
+            return Vec::new();
+        }
         let mut out = Vec::new();
-        let stored = self.stored;
+        let tickets = &self.tickets;
         self.held.retain(|peer, held| {
             let mut ready = Vec::new();
-            while held.items.front().is_some_and(|(b, _)| *b <= stored) {
+            while held.items.front().is_some_and(|(t, _)| !tickets.contains_key(t)) {
                 ready.extend(held.items.pop_front().map(|(_, bytes)| bytes));
             }
             let done = held.items.is_empty();
@@ -295,7 +385,9 @@ impl Broker {
                 }
             }
         }
-        self.journal.messages.drain_into(now, &mut ops);
+        for waiter in self.journal.messages.drain_into(now, &mut ops) {
+            self.journal.settle(waiter, seq);
+        }
         for (topic, change) in std::mem::take(&mut self.journal.retained) {
             let key = topic.into_bytes();
             ops.push(match change {
@@ -323,13 +415,16 @@ impl Broker {
     /// for it goes out.
     pub fn handle_stored(&mut self, now: Instant, seq: u64) {
         self.tick(now);
-        self.release(now, seq);
+        self.journal.stored(seq);
         self.pump(now);
     }
 
-    /// Sends the output held for batches up to `seq`, finishing connections that ended.
-    pub(super) fn release(&mut self, now: Instant, seq: u64) {
-        for (peer, out, finish) in self.journal.stored(seq) {
+    /// Sends the output whose tickets are satisfied, finishing connections that ended. Returns
+    /// whether anything was released.
+    pub(super) fn release_held(&mut self, now: Instant) -> bool {
+        let released = self.journal.release();
+        let any = !released.is_empty();
+        for (peer, out, finish) in released {
             for bytes in out {
                 self.send(now, peer, bytes);
             }
@@ -337,19 +432,7 @@ impl Broker {
                 self.links.finish(now, peer);
             }
         }
-    }
-
-    /// Output waiting on changes that all cancelled out meanwhile (messages delivered and
-    /// acknowledged before they were written), with nothing else outstanding, needs no batch
-    /// and no trip to the disk: it goes now. Returns whether anything was released.
-    pub(super) fn release_cancelled(&mut self, now: Instant) -> bool {
-        match self.journal.skip_empty() {
-            Some(seq) => {
-                self.release(now, seq);
-                true
-            }
-            None => false,
-        }
+        any
     }
 
     /// A session's record as it stands, if it is kept across a restart (its expiry is not 0).
@@ -376,10 +459,10 @@ impl Broker {
         })
     }
 
-    /// Hands a connection's bytes on, or holds them behind its barrier.
+    /// Hands a connection's bytes on, or holds them behind its ticket.
     pub(super) fn emit(&mut self, now: Instant, conn: Peer, bytes: Bytes) {
-        let barrier = self.conns.get(&conn).map_or(0, |l| l.barrier);
-        if let Some(bytes) = self.journal.hold(conn, barrier, bytes) {
+        let ticket = self.conns.get(&conn).map_or(0, |l| l.gate);
+        if let Some(bytes) = self.journal.hold(conn, ticket, bytes) {
             self.send(now, conn, bytes);
         }
     }
@@ -407,12 +490,15 @@ impl Broker {
         if inbound {
             self.journal.session(&id);
         }
+        // Recorded before the ticket is made, so that it is for the batch that carries them.
+        self.journal.messages(&id, changes);
         if qos2 || inbound {
-            if let Some(barrier) = self.journal.barrier() {
-                live.barrier = barrier;
+            if let Some(live) = self.conns.get_mut(&conn) {
+                if let Some(ticket) = self.journal.batch_ticket(live.gate) {
+                    live.gate = ticket;
+                }
             }
         }
-        self.journal.messages(&id, changes);
     }
 
     /// The session record of the client on `conn` is to be written again (its subscriptions

@@ -52,8 +52,8 @@ pub(super) struct Live {
     pub(super) detail: Option<String>,
     /// QoS 0 messages dropped because it did not keep up.
     pub(super) dropped: u64,
-    /// With `Persistence::Sync`: the store batch its output waits for (see `journal`).
-    pub(super) barrier: u64,
+    /// With `Persistence::Sync`: the ticket its output waits behind (see `journal`).
+    pub(super) gate: u64,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -275,7 +275,7 @@ impl Broker {
                 }
             }
             let Some(conn) = self.dirty.pop_first() else {
-                if self.release_cancelled(now) {
+                if self.release_held(now) {
                     continue;
                 }
                 break;
@@ -352,7 +352,7 @@ impl Broker {
             hello: None,
             detail: None,
             dropped: 0,
-            barrier: 0,
+            gate: 0,
         })
     }
 
@@ -360,9 +360,12 @@ impl Broker {
     fn serve(&mut self, now: Instant, conn: Peer) {
         // Handling an event can raise more (accepting CONNECT releases the packets the client
         // sent right after it), so go on until the session is quiet.
-        let changes = self.journal.changes();
+        self.journal.open();
         loop {
-            let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
+            let Some(live) = self.conns.get_mut(&conn) else {
+                let _ = self.journal.close();
+                return self.rearm(conn);
+            };
             let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
             if events.is_empty() {
                 break;
@@ -371,11 +374,11 @@ impl Broker {
                 self.on_event(now, conn, event);
             }
         }
-        // What its packets changed durably is acknowledged only once stored.
-        let barrier = self.journal.barrier().filter(|_| self.journal.changes() != changes);
+        // What its packets changed durably is acknowledged only once kept.
+        let ticket = self.journal.close();
         let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
-        if let Some(barrier) = barrier {
-            live.barrier = barrier;
+        if let Some(ticket) = ticket {
+            live.gate = ticket;
         }
         let out: Vec<Bytes> = std::iter::from_fn(|| live.session.poll_transmit()).collect();
         let ended = live.session.is_done();

@@ -167,7 +167,7 @@ impl ClientJournal {
         self.session |= inbound;
         // A client commits at once: the broker's commit delay (`Recorded::deferrable`) does not
         // apply.
-        self.messages.record(&self.client_id, changes);
+        self.messages.record(&self.client_id, changes, None);
     }
 
     /// Whether output waits for a batch not yet reported stored.
@@ -201,7 +201,8 @@ impl ClientJournal {
                 StoreOp::Put { table: Table::Sessions, key, value: record.encode() }
             });
         }
-        self.messages.drain_into(now, &mut ops);
+        // No waiters: a client holds its output by batch number alone.
+        let _ = self.messages.drain_into(now, &mut ops);
         Some(StoreBatch { seq, ops })
     }
 

@@ -23,15 +23,23 @@ struct Pending {
     /// A fresh QoS 1 message: its write may wait (the broker's commit delay), in case its
     /// client acknowledges it first (then it is never written).
     deferrable: bool,
+    /// What waits for this message to be written or acknowledged (the broker's ticket for
+    /// the PUBACK of the publish that routed it here).
+    waiter: Option<u64>,
 }
 
 /// What [`MessageLog::record`] recorded.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Recorded {
-    /// How many changes.
-    pub(crate) changes: usize,
     /// Whether a fresh QoS 1 message came (one whose write may wait).
     pub(crate) deferrable: bool,
+    /// How many new messages now wait with the waiter given.
+    pub(crate) waiting: usize,
+    /// The waiters of messages completed before they were written: they no longer wait for
+    /// them.
+    pub(crate) cancelled: Vec<u64>,
+    /// Whether a message not new in this batch changed (its new state is to be written).
+    pub(crate) other: bool,
 }
 
 /// Pending changes to kept messages, by client id and message id.
@@ -41,9 +49,9 @@ pub(crate) struct MessageLog {
 }
 
 impl MessageLog {
-    /// Records changes to client `id`'s messages.
-    pub(crate) fn record(&mut self, id: &str, changes: Vec<Change>) -> Recorded {
-        let mut recorded = Recorded { changes: changes.len(), deferrable: false };
+    /// Records changes to client `id`'s messages; messages new here get `waiter`.
+    pub(crate) fn record(&mut self, id: &str, changes: Vec<Change>, waiter: Option<u64>) -> Recorded {
+        let mut recorded = Recorded::default();
         for change in changes {
             let (mid, kept, fresh) = match change {
                 Change::Add(k) => (k.id, Some(k), true),
@@ -54,15 +62,22 @@ impl MessageLog {
             let qos1 = kept.as_ref().is_some_and(|k| k.publish.qos() == QoS::AtLeastOnce);
             match (self.pending.get_mut(&key), kept) {
                 // Added and gone within one batch: nothing to write.
-                (Some(pending), None) if pending.fresh => drop(self.pending.remove(&key)),
+                (Some(pending), None) if pending.fresh => {
+                    recorded.cancelled.extend(pending.waiter);
+                    self.pending.remove(&key);
+                }
                 (Some(pending), kept) => {
+                    recorded.other |= !pending.fresh && kept.is_some();
                     pending.deferrable &= qos1;
                     pending.kept = kept;
                 }
                 (None, kept) => {
                     let deferrable = fresh && qos1;
                     recorded.deferrable |= deferrable;
-                    self.pending.insert(key, Pending { kept, fresh, deferrable });
+                    recorded.other |= !fresh && kept.is_some();
+                    let waiter = waiter.filter(|_| fresh);
+                    recorded.waiting += usize::from(waiter.is_some());
+                    self.pending.insert(key, Pending { kept, fresh, deferrable, waiter });
                 }
             }
         }
@@ -74,13 +89,12 @@ impl MessageLog {
         self.pending.values().all(|m| m.deferrable)
     }
 
-    /// Forgets what is pending for client `id` (its messages are deleted whole).
-    pub(crate) fn forget(&mut self, id: &str) {
+    /// Forgets what is pending for client `id` (its messages are deleted whole); returns the
+    /// waiters of what it forgot (they wait for the deletion instead).
+    pub(crate) fn forget(&mut self, id: &str) -> Vec<u64> {
         let stale: Vec<(String, u64)> =
             self.pending.range((id.to_string(), 0)..=(id.to_string(), u64::MAX)).map(|(k, _)| k.clone()).collect();
-        for key in stale {
-            self.pending.remove(&key);
-        }
+        stale.iter().filter_map(|key| self.pending.remove(key)).filter_map(|p| p.waiter).collect()
     }
 
     /// Whether nothing is pending.
@@ -89,9 +103,11 @@ impl MessageLog {
     }
 
     /// Appends the store operations for everything pending, as of `now` (a queued message's
-    /// time waited counts to here), and empties the log.
-    pub(crate) fn drain_into(&mut self, now: Instant, ops: &mut Vec<StoreOp>) {
+    /// time waited counts to here), and empties the log. Returns the waiters of what it wrote.
+    pub(crate) fn drain_into(&mut self, now: Instant, ops: &mut Vec<StoreOp>) -> Vec<u64> {
+        let mut waiters = Vec::new();
         for ((id, mid), change) in std::mem::take(&mut self.pending) {
+            waiters.extend(change.waiter);
             let key = message_key(&id, mid);
             ops.push(match change.kept {
                 Some(kept) => {
@@ -107,5 +123,6 @@ impl MessageLog {
                 None => StoreOp::Delete { table: Table::Messages, key },
             });
         }
+        waiters
     }
 }
