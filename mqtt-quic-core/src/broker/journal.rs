@@ -80,10 +80,9 @@ pub(super) struct Journal {
     delay: Duration,
     /// The broker's latest time (set on every input).
     now: Option<Instant>,
-    /// When the oldest message waiting out the commit delay arrived.
+    /// When the oldest message waiting out the commit delay arrived (`None` once its delay
+    /// ran out: the next poll writes it).
     oldest: Option<Instant>,
-    /// The commit delay ran out: the next batch goes whatever it holds.
-    ripe: bool,
 }
 
 impl Journal {
@@ -92,7 +91,6 @@ impl Journal {
             delay,
             now: None,
             oldest: None,
-            ripe: false,
             mode,
             next: 1,
             stored: 0,
@@ -198,7 +196,7 @@ impl Journal {
     /// Changes to a session's messages (see `Outbound::take_changes`).
     pub(super) fn messages(&mut self, id: &str, changes: Vec<Change>) {
         let waiter = self.window.map(|w| w.0);
-        let recorded = self.messages.record(id, changes, waiter);
+        let recorded = self.messages.record(id, changes, waiter, self.now);
         if let (Some(waiter), true) = (waiter, recorded.waiting > 0) {
             self.tickets.entry(waiter).or_default().waiting += recorded.waiting;
         }
@@ -218,7 +216,6 @@ impl Journal {
         self.now = Some(now);
         if self.oldest.is_some_and(|at| at + self.delay <= now) {
             self.oldest = None;
-            self.ripe = true;
         }
     }
 
@@ -227,18 +224,16 @@ impl Journal {
         self.oldest.filter(|_| !self.messages.is_empty()).map(|at| at + self.delay)
     }
 
-    /// Whether a batch may wait: it would hold nothing but fresh QoS 1 messages, within the
-    /// commit delay. Their clients may acknowledge them meanwhile, and then they are never
+    /// Whether a batch may wait: it would hold nothing but fresh QoS 1 messages, each within
+    /// the commit delay. Their clients may acknowledge them meanwhile, and then they are never
     /// written; a publisher's PUBACK waiting on them goes out then (or once they are stored,
     /// when the delay runs out first).
-    fn may_wait(&self) -> bool {
-        !self.ripe
-            && self.deleted.is_empty()
+    fn may_wait(&self, now: Instant) -> bool {
+        self.deleted.is_empty()
             && self.sessions.is_empty()
             && self.retained.is_empty()
             && self.wills.is_empty()
-            && self.oldest.is_some()
-            && self.messages.all_deferrable()
+            && !self.messages.has_ripe(now, self.delay)
     }
 
     /// A retained message set (`Some`) or cleared.
@@ -361,11 +356,10 @@ impl Broker {
     #[must_use]
     pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
         self.journal.tick(now);
-        if self.journal.is_empty() || self.journal.may_wait() {
+        if self.journal.is_empty() || self.journal.may_wait(now) {
+            self.journal.oldest = self.journal.messages.oldest_young();
             return None;
         }
-        self.journal.ripe = false;
-        self.journal.oldest = None;
         let seq = self.journal.next;
         self.journal.next += 1;
         let mut ops = Vec::new();
@@ -385,9 +379,13 @@ impl Broker {
                 }
             }
         }
-        for waiter in self.journal.messages.drain_into(now, &mut ops) {
+        // New QoS 1 messages within their commit delay wait for the next batch (their
+        // subscribers may acknowledge them first).
+        let delay = Some(self.journal.delay);
+        for waiter in self.journal.messages.drain_into(now, &mut ops, delay) {
             self.journal.settle(waiter, seq);
         }
+        self.journal.oldest = self.journal.messages.oldest_young();
         for (topic, change) in std::mem::take(&mut self.journal.retained) {
             let key = topic.into_bytes();
             ops.push(match change {

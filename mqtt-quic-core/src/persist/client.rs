@@ -167,7 +167,7 @@ impl ClientJournal {
         self.session |= inbound;
         // A client commits at once: the broker's commit delay (`Recorded::deferrable`) does not
         // apply.
-        self.messages.record(&self.client_id, changes, None);
+        self.messages.record(&self.client_id, changes, None, None);
     }
 
     /// Whether output waits for a batch not yet reported stored.
@@ -202,7 +202,7 @@ impl ClientJournal {
             });
         }
         // No waiters: a client holds its output by batch number alone.
-        let _ = self.messages.drain_into(now, &mut ops);
+        let _ = self.messages.drain_into(now, &mut ops, None);
         Some(StoreBatch { seq, ops })
     }
 

@@ -26,6 +26,15 @@ struct Pending {
     /// What waits for this message to be written or acknowledged (the broker's ticket for
     /// the PUBACK of the publish that routed it here).
     waiter: Option<u64>,
+    /// When a deferrable message came (its commit delay counts from here).
+    since: Option<Instant>,
+}
+
+impl Pending {
+    /// Whether its write may still wait at `now`, with commit delay `delay`.
+    fn young(&self, now: Instant, delay: Duration) -> bool {
+        self.deferrable && self.since.is_some_and(|at| at + delay > now)
+    }
 }
 
 /// What [`MessageLog::record`] recorded.
@@ -49,8 +58,14 @@ pub(crate) struct MessageLog {
 }
 
 impl MessageLog {
-    /// Records changes to client `id`'s messages; messages new here get `waiter`.
-    pub(crate) fn record(&mut self, id: &str, changes: Vec<Change>, waiter: Option<u64>) -> Recorded {
+    /// Records changes to client `id`'s messages, at `now`; messages new here get `waiter`.
+    pub(crate) fn record(
+        &mut self,
+        id: &str,
+        changes: Vec<Change>,
+        waiter: Option<u64>,
+        now: Option<Instant>,
+    ) -> Recorded {
         let mut recorded = Recorded::default();
         for change in changes {
             let (mid, kept, fresh) = match change {
@@ -77,16 +92,23 @@ impl MessageLog {
                     recorded.other |= !fresh && kept.is_some();
                     let waiter = waiter.filter(|_| fresh);
                     recorded.waiting += usize::from(waiter.is_some());
-                    self.pending.insert(key, Pending { kept, fresh, deferrable, waiter });
+                    let since = now.filter(|_| deferrable);
+                    self.pending.insert(key, Pending { kept, fresh, deferrable, waiter, since });
                 }
             }
         }
         recorded
     }
 
-    /// Whether every pending change is a fresh QoS 1 message (see [`Recorded::deferrable`]).
-    pub(crate) fn all_deferrable(&self) -> bool {
-        self.pending.values().all(|m| m.deferrable)
+    /// Whether something pending is to be written at `now`: anything but a fresh QoS 1
+    /// message younger than `delay` (see [`Recorded::deferrable`]).
+    pub(crate) fn has_ripe(&self, now: Instant, delay: Duration) -> bool {
+        self.pending.values().any(|m| !m.young(now, delay))
+    }
+
+    /// When the oldest message whose write waits came.
+    pub(crate) fn oldest_young(&self) -> Option<Instant> {
+        self.pending.values().filter(|m| m.deferrable).filter_map(|m| m.since).min()
     }
 
     /// Forgets what is pending for client `id` (its messages are deleted whole); returns the
@@ -103,10 +125,15 @@ impl MessageLog {
     }
 
     /// Appends the store operations for everything pending, as of `now` (a queued message's
-    /// time waited counts to here), and empties the log. Returns the waiters of what it wrote.
-    pub(crate) fn drain_into(&mut self, now: Instant, ops: &mut Vec<StoreOp>) -> Vec<u64> {
+    /// time waited counts to here), and empties the log, except, with `defer`, fresh QoS 1
+    /// messages younger than it. Returns the waiters of what it wrote.
+    pub(crate) fn drain_into(&mut self, now: Instant, ops: &mut Vec<StoreOp>, defer: Option<Duration>) -> Vec<u64> {
         let mut waiters = Vec::new();
         for ((id, mid), change) in std::mem::take(&mut self.pending) {
+            if defer.is_some_and(|d| change.young(now, d)) {
+                self.pending.insert((id, mid), change);
+                continue;
+            }
             waiters.extend(change.waiter);
             let key = message_key(&id, mid);
             ops.push(match change.kept {
