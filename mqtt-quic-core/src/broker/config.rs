@@ -83,11 +83,11 @@ pub struct BrokerConfig {
     /// does not drain [`Broker::poll_store`](super::machine::Broker::poll_store) would see its
     /// acknowledgements held forever; the `mqttq` broker defaults to `Sync`.
     pub persistence: Persistence,
-    /// With persistence on: how long a store batch holding nothing but newly routed QoS 1
-    /// messages may wait before it goes (PostgreSQL's `commit_delay`, for the same reason).
-    /// A subscriber that acknowledges a message within it spares its write altogether, and the
-    /// publisher's PUBACK goes out then, without a trip to the disk; otherwise the message is
-    /// written when the delay runs out. 0 writes everything at once.
+    /// With persistence on: how long a newly routed QoS 1 message for a kept session stays out
+    /// of store batches (PostgreSQL's `commit_delay`, for the same reason). A subscriber that
+    /// acknowledges it within the delay spares its write altogether, and the publisher's
+    /// PUBACK goes out then, without a trip to the disk; otherwise the message is written in
+    /// the first batch after the delay. 0 writes everything at once.
     pub commit_delay: Duration,
 }
 

@@ -128,7 +128,13 @@ impl Journal {
         if other {
             self.tickets.entry(id).or_default().batch = self.next;
         }
-        self.tickets.contains_key(&id).then_some(id)
+        // Its messages may all have been acknowledged while it was open.
+        let t = self.tickets.get(&id)?;
+        if t.waiting == 0 && t.batch <= self.stored {
+            self.tickets.remove(&id);
+            return None;
+        }
+        Some(id)
     }
 
     /// The ticket `current` (a connection's), made to wait also for the batch that will carry

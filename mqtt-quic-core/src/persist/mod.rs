@@ -16,12 +16,13 @@
 //!   [`Broker::handle_stored`](crate::broker::machine::Broker::handle_stored). Polling only
 //!   while no commit is in flight (as `mqtt-store`'s `BrokerStore` does) lets the broker
 //!   coalesce what changes meanwhile: a message delivered and acknowledged before it was
-//!   written is never written. A batch of nothing but new QoS 1 messages also waits out
+//!   written is never written. A new QoS 1 message is also left out of batches for
 //!   `BrokerConfig::commit_delay` (1 ms), so that subscribers that acknowledge at once spare
-//!   the disk; `poll_timeout` includes its end.
+//!   the disk; `poll_timeout` includes the end of the delay.
 //! - With `Sync`, a connection whose packet changed durable state gets no further output (its
-//!   PUBACK, PUBREC, PUBCOMP, SUBACK, CONNACK, ...) until the batch holding that change is
-//!   reported stored: what is acknowledged is on disk.
+//!   PUBACK, PUBREC, PUBCOMP, SUBACK, CONNACK, ...) until that change is kept: the batch
+//!   holding it reported stored, or, for a message copy routed to a kept session, that copy
+//!   acknowledged by its subscriber before it was written (see `broker/journal.rs`).
 //! - On start, before any listener opens, the adapter reads every record back and hands them
 //!   to [`Broker::restore`](crate::broker::machine::Broker::restore).
 //!

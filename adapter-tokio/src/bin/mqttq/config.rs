@@ -4,7 +4,7 @@
 //! data_dir = "/var/lib/mqttq"
 //! persistence = "sync"        # "sync" (default), "periodic" or "off": see README, Persistence
 //! sync_interval = 1           # with "periodic": seconds between syncs to disk
-//! commit_delay_us = 1000      # a store batch of new QoS 1 messages waits this long (0: never)
+//! commit_delay_us = 1000      # new QoS 1 messages wait this long for their subscribers' acks before being written (0: never)
 //! cert = "/etc/mqttq/cert.pem"
 //! key = "/etc/mqttq/key.pem"
 //! timeout = 10                # CONNECT / handshake timeout, seconds
