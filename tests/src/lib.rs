@@ -1,6 +1,8 @@
 //! Helpers shared by the workspace's integration tests: a deterministic network simulator, a
-//! host type for brokers and clients on it, and a throw-away certificate authority.
+//! host type for brokers and clients on it, a throw-away certificate authority, and real-socket
+//! fixtures.
 
+pub mod fixtures;
 pub mod node;
 pub mod pki;
 pub mod sim;
