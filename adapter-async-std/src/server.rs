@@ -304,7 +304,7 @@ async fn serve(
     }
     log::info!("broker stopped");
     // The last commit, durable.
-    store.close().inspect_err(|e| log::error!("{e}"))
+    store.close(&mut broker, now()).inspect_err(|e| log::error!("{e}"))
 }
 
 /// Starts the password-checking threads: requests go in through the first channel (unbounded:

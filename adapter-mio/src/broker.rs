@@ -295,11 +295,9 @@ impl MioBroker {
     /// [`ServerError::Store`] if the store failed while the broker ran (the error it stopped
     /// for) or the last commit failed (then it is also logged).
     pub fn close(mut self) -> Result<(), ServerError> {
-        if !self.failed {
-            self.store.submit(&mut self.broker, now());
-        }
         let failed = self.failed;
-        self.store.close().map_err(|e| {
+        // (A store that failed ignores what it is handed and reports its error.)
+        self.store.close(&mut self.broker, now()).map_err(|e| {
             if !failed {
                 log::error!("{e}");
             }

@@ -443,7 +443,7 @@ async fn drive(
         }
     }
     info!("broker stopped");
-    store.close()
+    store.close(&mut broker, clock())
 }
 
 /// Receives on the QUIC socket, if there is one (else never).

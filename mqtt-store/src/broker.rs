@@ -100,8 +100,15 @@ impl BrokerStore {
         self.reported < self.submitted
     }
 
-    /// Commits what is left durably and stops the commit thread.
-    pub fn close(self) -> Result<(), StoreError> {
-        self.worker.map_or(Ok(()), StoreWorker::close)
+    /// Hands the commit thread everything the broker still has journaled (commit delay or
+    /// not: a graceful shutdown loses nothing), commits it durably and stops the thread. Call it
+    /// once the broker is done.
+    pub fn close(self, broker: &mut Broker, now: Instant) -> Result<(), StoreError> {
+        let Some(worker) = self.worker else { return Ok(()) };
+        // Batches are committed in the order they are handed over, after any in flight.
+        while let Some(batch) = broker.flush_store(now) {
+            worker.submit(batch);
+        }
+        worker.close()
     }
 }

@@ -1141,3 +1141,32 @@ fn a_message_acknowledged_within_the_commit_delay_is_never_written() {
     assert!(net.store.pending.is_empty());
     assert!(net.store.message("s", 0).is_none());
 }
+
+/// With `Sync` and password checks, the CONNACK of a kept session still waits for its record:
+/// the session is admitted when the verdict comes back, outside the handling of the CONNECT.
+#[test]
+fn connack_after_a_password_check_waits_for_the_store() {
+    use mqtt_quic_core::broker::auth::FileAuth;
+    let entry = FileAuth::hash_password("u", "p", [9; 16], std::num::NonZeroU32::MIN);
+    let auth = FileAuth::new(false).with_passwords(&entry).unwrap();
+    let mut net = Net::new(start());
+    net.broker = {
+        let mut config = config();
+        config.auth = Some(std::sync::Arc::new(auth));
+        Broker::new(config).unwrap()
+    };
+    let s = net.open();
+    let mut c = connect("s", true, EXPIRY);
+    c.username = Some(MqttString::try_from("u").unwrap());
+    c.password = Some(Bytes::from_static(b"p"));
+    net.send(s, [c.into()]);
+    let request = net.broker.poll_auth().expect("a password check");
+    let verdict = request.verify();
+    net.broker.handle_auth_result(net.now, request.id(), verdict);
+    net.settle();
+    assert!(net.take(s).is_none(), "CONNACK before the session is stored");
+    assert_eq!(net.store.pending.len(), 1, "the session's record is in a batch");
+    net.commit_all();
+    assert!(matches!(net.take(s), Some(Packet::ConnAck(_))), "CONNACK once stored");
+    assert!(net.store.session("s").is_some());
+}

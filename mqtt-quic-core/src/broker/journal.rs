@@ -43,6 +43,8 @@ struct Ticket {
 #[derive(Debug, Default)]
 struct Held {
     items: VecDeque<(u64, Bytes)>,
+    /// Bytes in `items`.
+    bytes: usize,
     /// The connection's session ended: finish its transport once everything is out.
     finish: bool,
 }
@@ -64,6 +66,9 @@ pub(super) struct Journal {
     window: Option<(u64, bool)>,
     /// A ticket was satisfied since the last release.
     releasable: bool,
+    /// A client's PUBLISH is being routed: the copies it makes are what its acknowledgement
+    /// waits for (and may wait out the commit delay).
+    pub(super) routing: bool,
     /// Sessions to delete with everything under them, before anything else in the batch.
     deleted: BTreeSet<String>,
     /// Sessions whose record is to be written from their current state.
@@ -98,6 +103,7 @@ impl Journal {
             last_ticket: 0,
             window: None,
             releasable: false,
+            routing: false,
             deleted: BTreeSet::new(),
             sessions: BTreeSet::new(),
             messages: MessageLog::default(),
@@ -154,6 +160,22 @@ impl Journal {
         Some(self.last_ticket)
     }
 
+    /// The ticket a connection's output waits behind becomes `new`. If its current one `old`
+    /// is not satisfied yet and none of its output is held, output made under `old` and not
+    /// sent yet would slip behind `new` alone: a marker keeps it (and all that follows) behind
+    /// `old` too.
+    pub(super) fn regate(&mut self, peer: Peer, old: u64, new: u64) -> u64 {
+        if old != new && self.tickets.contains_key(&old) && !self.held.contains_key(&peer) {
+            self.held.entry(peer).or_default().items.push_back((old, Bytes::new()));
+        }
+        new
+    }
+
+    /// Bytes held for `peer` (they count against its backlog like bytes the transport has).
+    pub(super) fn held_bytes(&self, peer: Peer) -> usize {
+        self.held.get(&peer).map_or(0, |h| h.bytes)
+    }
+
     /// A change that is not a new message: the open ticket waits for the next batch.
     fn other(&mut self) {
         if let Some((_, other)) = &mut self.window {
@@ -201,7 +223,7 @@ impl Journal {
 
     /// Changes to a session's messages (see `Outbound::take_changes`).
     pub(super) fn messages(&mut self, id: &str, changes: Vec<Change>) {
-        let waiter = self.window.map(|w| w.0);
+        let waiter = self.window.map(|w| w.0).filter(|_| self.routing);
         let recorded = self.messages.record(id, changes, waiter, self.now);
         if let (Some(waiter), true) = (waiter, recorded.waiting > 0) {
             self.tickets.entry(waiter).or_default().waiting += recorded.waiting;
@@ -294,13 +316,13 @@ impl Journal {
     /// Holds `bytes` for `peer` if its ticket is not satisfied (or it already holds output);
     /// gives them back to send now otherwise.
     pub(super) fn hold(&mut self, peer: Peer, ticket: u64, bytes: Bytes) -> Option<Bytes> {
-        match self.held.get_mut(&peer) {
-            Some(held) => held.items.push_back((ticket, bytes)),
-            None if self.tickets.contains_key(&ticket) => {
-                self.held.entry(peer).or_default().items.push_back((ticket, bytes));
-            }
+        let held = match self.held.get_mut(&peer) {
+            Some(held) => held,
+            None if self.tickets.contains_key(&ticket) => self.held.entry(peer).or_default(),
             None => return Some(bytes),
-        }
+        };
+        held.bytes += bytes.len();
+        held.items.push_back((ticket, bytes));
         None
     }
 
@@ -342,7 +364,10 @@ impl Journal {
         self.held.retain(|peer, held| {
             let mut ready = Vec::new();
             while held.items.front().is_some_and(|(t, _)| !tickets.contains_key(t)) {
-                ready.extend(held.items.pop_front().map(|(_, bytes)| bytes));
+                // (Markers from `regate` are empty: nothing to send.)
+                let bytes = held.items.pop_front().map(|(_, bytes)| bytes).filter(|b| !b.is_empty());
+                held.bytes -= bytes.as_ref().map_or(0, Bytes::len);
+                ready.extend(bytes);
             }
             let done = held.items.is_empty();
             if !ready.is_empty() || done {
@@ -366,6 +391,24 @@ impl Broker {
             self.journal.oldest = self.journal.messages.oldest_young();
             return None;
         }
+        self.make_batch(now, Some(self.journal.delay))
+    }
+
+    /// Everything journaled, as one last batch, commit delay or not: for an adapter closing
+    /// its store at shutdown (after the last [`Broker::poll_store`]), so that nothing the
+    /// broker changed is left out.
+    #[must_use]
+    pub fn flush_store(&mut self, now: Instant) -> Option<StoreBatch> {
+        self.journal.tick(now);
+        if self.journal.is_empty() {
+            return None;
+        }
+        self.make_batch(now, None)
+    }
+
+    /// The next batch: everything journaled, except, with `defer`, new QoS 1 copies younger
+    /// than it.
+    fn make_batch(&mut self, now: Instant, defer: Option<Duration>) -> Option<StoreBatch> {
         let seq = self.journal.next;
         self.journal.next += 1;
         let mut ops = Vec::new();
@@ -380,6 +423,10 @@ impl Broker {
                     ops.push(StoreOp::Put { table: Table::Sessions, key: client_key(&id), value: record.encode() })
                 }
                 None => {
+                    // Not kept any more: its pending messages go with it, not after it.
+                    for waiter in self.journal.messages.forget(&id) {
+                        self.journal.settle(waiter, seq);
+                    }
                     ops.push(StoreOp::Delete { table: Table::Sessions, key: client_key(&id) });
                     ops.push(StoreOp::DeletePrefix { table: Table::Messages, prefix: messages_prefix(&id) });
                 }
@@ -387,8 +434,7 @@ impl Broker {
         }
         // New QoS 1 messages within their commit delay wait for the next batch (their
         // subscribers may acknowledge them first).
-        let delay = Some(self.journal.delay);
-        for waiter in self.journal.messages.drain_into(now, &mut ops, delay) {
+        for waiter in self.journal.messages.drain_into(now, &mut ops, defer) {
             self.journal.settle(waiter, seq);
         }
         self.journal.oldest = self.journal.messages.oldest_young();
@@ -499,7 +545,7 @@ impl Broker {
         if qos2 || inbound {
             if let Some(live) = self.conns.get_mut(&conn) {
                 if let Some(ticket) = self.journal.batch_ticket(live.gate) {
-                    live.gate = ticket;
+                    live.gate = self.journal.regate(conn, live.gate, ticket);
                 }
             }
         }
@@ -528,7 +574,7 @@ impl Broker {
     /// A connection's session now belongs to client `id`: with persistence on and a session
     /// kept across restarts, its changes are recorded from here on (everything it holds
     /// already is written once).
-    pub(super) fn journal_attach(&mut self, conn: Peer, id: &str, persistent: bool) {
+    pub(super) fn journal_attach(&mut self, conn: Peer, id: &str, persistent: bool, removed: bool) {
         if !self.journal.is_on() {
             return;
         }
@@ -539,8 +585,22 @@ impl Broker {
             let all = live.session.kept_messages().into_iter().map(Change::Put).collect();
             self.journal.messages(id, all);
         }
-        if persistent || was {
+        if persistent {
             self.journal.session(id);
+        } else if was {
+            // No longer kept across restarts: its record and messages go (including messages
+            // journaled but not written yet, which would otherwise come back at a restart).
+            self.journal.delete_session(id);
+        }
+        // CONNACK (session present or not) and what a resumed session resends wait for the
+        // session's record, or its removal, to be stored: also when the CONNECT was admitted
+        // outside the handling of its packets (after a password check).
+        if persistent || was || removed {
+            if let Some(live) = self.conns.get_mut(&conn) {
+                if let Some(ticket) = self.journal.batch_ticket(live.gate) {
+                    live.gate = self.journal.regate(conn, live.gate, ticket);
+                }
+            }
         }
     }
 }

@@ -332,7 +332,7 @@ impl Broker {
     fn over_budget(&self, peer: Peer) -> bool {
         // What the session holds that has not reached the transport counts too: a burst (the
         // retained messages of a SUBSCRIBE to `#`) is written before the transport sees any.
-        let buffered = self.conns.get(&peer).map_or(0, |l| l.session.buffered());
+        let buffered = self.conns.get(&peer).map_or(0, |l| l.session.buffered()) + self.journal.held_bytes(peer);
         self.links.over_budget(peer, buffered)
     }
 
@@ -378,7 +378,7 @@ impl Broker {
         let ticket = self.journal.close();
         let Some(live) = self.conns.get_mut(&conn) else { return self.rearm(conn) };
         if let Some(ticket) = ticket {
-            live.gate = ticket;
+            live.gate = self.journal.regate(conn, live.gate, ticket);
         }
         let out: Vec<Bytes> = std::iter::from_fn(|| live.session.poll_transmit()).collect();
         let ended = live.session.is_done();
@@ -417,7 +417,9 @@ impl Broker {
                     live.session.acknowledge(p.qos_pid, reason);
                 }
                 if reason == ReasonCode::Success {
+                    self.journal.routing = true;
                     self.route(now, p, key);
+                    self.journal.routing = false;
                 }
             }
             ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {

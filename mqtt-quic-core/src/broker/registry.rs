@@ -311,9 +311,7 @@ impl Broker {
         self.take_over(now, &id);
         // Clean start discards any kept session [MQTT-3.1.2-4].
         let existed = self.registry.contains(&id) && !c.clean_start;
-        if c.clean_start {
-            self.remove_record(&id);
-        }
+        let removed = c.clean_start && self.remove_record(&id).is_some_and(|r| r.durable);
         let (state, cancelled_will) = self.registry.attach(&id, &username, expiry, conn);
         let durable = self.journal.is_on() && expiry > 0;
         if let Some(record) = self.registry.get_mut(&id) {
@@ -355,7 +353,7 @@ impl Broker {
                 let _ = live.session.accept(now, false, assigned.as_deref());
             }
         }
-        self.journal_attach(conn, &id, durable);
+        self.journal_attach(conn, &id, durable, removed);
         self.events.push_back(connected);
     }
 

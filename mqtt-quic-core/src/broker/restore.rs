@@ -133,7 +133,11 @@ impl Broker {
             done.messages += kept.len();
             let will = will.map(|(w_age, w)| (now + w.time.saturating_sub(w_age), w.publish));
             done.wills += usize::from(will.is_some());
-            let state = SessionState::restored(now, record.qos2, kept);
+            let mut state = SessionState::restored(now, record.qos2, kept);
+            if !self.journal.is_on() {
+                // Restored into a broker that stores nothing: nobody would take its changes.
+                state.outbound.journal(false);
+            }
             let key = self.registry.restore(&id, record.owner, record.expiry, state, expires_at, will);
             for (filter, entry) in &record.subscriptions {
                 self.router.subscribe(key, filter, *entry);

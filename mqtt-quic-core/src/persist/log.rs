@@ -47,7 +47,8 @@ pub(crate) struct Recorded {
     /// The waiters of messages completed before they were written: they no longer wait for
     /// them.
     pub(crate) cancelled: Vec<u64>,
-    /// Whether a message not new in this batch changed (its new state is to be written).
+    /// Whether a message not new in this batch changed (its new state is to be written), or a
+    /// new one came without a waiter.
     pub(crate) other: bool,
 }
 
@@ -87,9 +88,13 @@ impl MessageLog {
                     pending.kept = kept;
                 }
                 (None, kept) => {
-                    let deferrable = fresh && qos1;
+                    // Only a copy routed from a PUBLISH whose acknowledgement waits for it may
+                    // wait out the commit delay: its publisher resends it if it is lost. Any
+                    // other new message (moved from a leaving shared-subscription member, a
+                    // will) is written with the change that made it, never after it.
+                    let deferrable = fresh && qos1 && waiter.is_some();
                     recorded.deferrable |= deferrable;
-                    recorded.other |= !fresh && kept.is_some();
+                    recorded.other |= kept.is_some() && (!fresh || waiter.is_none());
                     let waiter = waiter.filter(|_| fresh);
                     recorded.waiting += usize::from(waiter.is_some());
                     let since = now.filter(|_| deferrable);

@@ -277,10 +277,17 @@ impl MessageRecord {
             _ => Some(PacketId::new(raw).ok_or_else(|| r.err("packet identifier 0"))?),
         };
         let publish = r.publish()?;
+        let released = flags & 2 != 0;
         if publish.qos() == mqtt_proto::QoS::AtMostOnce {
             return Err(r.err("a kept message has QoS 0"));
         }
-        Ok(MessageRecord { packet_id, released: flags & 2 != 0, waited, publish })
+        if released && (packet_id.is_none() || publish.qos() != mqtt_proto::QoS::ExactlyOnce) {
+            return Err(r.err("released but not a QoS 2 message in flight"));
+        }
+        if packet_id.is_some() && publish.packet_id() != packet_id {
+            return Err(r.err("its packet identifier differs from its PUBLISH's"));
+        }
+        Ok(MessageRecord { packet_id, released, waited, publish })
     }
 }
 
