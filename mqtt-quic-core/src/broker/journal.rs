@@ -280,16 +280,18 @@ impl Journal {
         }
     }
 
-    /// Changes in a kept (offline) session's state.
-    pub(super) fn state(&mut self, id: &str, state: &mut SessionState) {
+    /// Changes in a kept (offline) session's state; returns whether there were any.
+    pub(super) fn state(&mut self, id: &str, state: &mut SessionState) -> bool {
         let (changes, inbound) = state.take_changes();
         if !self.is_on() {
-            return;
+            return false;
         }
+        let changed = inbound || !changes.is_empty();
         if inbound {
             self.session(id);
         }
         self.messages(id, changes);
+        changed
     }
 
     /// When nothing is outstanding and nothing is journaled, yet a ticket waits on the next

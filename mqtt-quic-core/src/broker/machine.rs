@@ -549,7 +549,7 @@ impl Broker {
             if !self.registry.enqueue(now, key, publish, max_bytes, max_queue) {
                 self.stats.messages_dropped += 1;
             } else if let Some((id, state)) = self.registry.kept_by_key(key) {
-                self.journal.state(id, state);
+                let _ = self.journal.state(id, state);
             }
         }
         None

@@ -373,9 +373,18 @@ impl Broker {
                         _ => None,
                     })
                     .filter(|w| w.properties.will_delay_interval.unwrap_or(0) == 0);
-                let state = old.session.take_state();
+                let mut state = old.session.take_state();
                 let dropped = old.dropped;
                 let out: Vec<Bytes> = std::iter::from_fn(|| old.session.poll_transmit()).collect();
+                // What the old connection's last packets changed (a PUBREL it was just sent,
+                // a PUBREC) is stored before those packets go out.
+                if self.journal.state(id, &mut state) {
+                    if let Some(old) = self.conns.get_mut(&other) {
+                        if let Some(ticket) = self.journal.batch_ticket(old.gate) {
+                            old.gate = self.journal.regate(other, old.gate, ticket);
+                        }
+                    }
+                }
                 for bytes in out {
                     self.emit(now, other, bytes);
                 }
@@ -391,8 +400,6 @@ impl Broker {
                 if let Some(r) = self.registry.get_mut(id) {
                     r.conn = None;
                 }
-                let mut state = state;
-                self.journal.state(id, &mut state);
                 self.registry.keep(id, state);
             }
         }
@@ -416,7 +423,7 @@ impl Broker {
         }
         record.conn = None;
         let durable = record.durable;
-        self.journal.state(&id, &mut state);
+        let _ = self.journal.state(&id, &mut state);
         self.registry.keep(&id, state);
         let will = self.registry.arm(now, &id, will);
         if durable {
