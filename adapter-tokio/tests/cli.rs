@@ -3,7 +3,9 @@
 // Subprocesses run on the wall clock: the deadlines here are real time.
 #![allow(clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -26,15 +28,7 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("mqttq did not start");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = common::stdout_lines(&mut child);
         Proc { child, lines }
     }
 

@@ -11,6 +11,8 @@
 #![cfg(unix)]
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
     Ack, ConnAck, Connect, Decoder, Disconnect, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid,
@@ -18,7 +20,7 @@ use mqtt_proto::{
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -90,15 +92,7 @@ impl Broker {
             .stderr(File::create(stderr).unwrap())
             .spawn()
             .expect("mqttq did not start");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = common::stdout_lines(&mut child);
         Broker { child, lines, stdout: Vec::new(), stderr: stderr.to_path_buf() }
     }
 
