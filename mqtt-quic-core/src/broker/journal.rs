@@ -256,12 +256,22 @@ impl Journal {
     /// the commit delay. Their clients may acknowledge them meanwhile, and then they are never
     /// written; a publisher's PUBACK waiting on them goes out then (or once they are stored,
     /// when the delay runs out first).
-    fn may_wait(&self, now: Instant) -> bool {
-        self.deleted.is_empty()
+    fn may_wait(&mut self, now: Instant) -> bool {
+        if !(self.deleted.is_empty()
             && self.sessions.is_empty()
             && self.retained.is_empty()
             && self.wills.is_empty()
-            && !self.messages.has_ripe(now, self.delay)
+            && !self.messages.has_undeferrable())
+        {
+            return false;
+        }
+        // `oldest` is never later than the oldest waiting copy's arrival (it is not moved
+        // forward when that copy is acknowledged): only once its delay has passed is the exact
+        // one looked for, so a poll after every input costs no scan.
+        if self.oldest.is_none_or(|at| at + self.delay <= now) {
+            self.oldest = self.messages.oldest_young();
+        }
+        self.oldest.is_some_and(|at| at + self.delay > now)
     }
 
     /// A retained message set (`Some`) or cleared.
@@ -390,7 +400,6 @@ impl Broker {
     pub fn poll_store(&mut self, now: Instant) -> Option<StoreBatch> {
         self.journal.tick(now);
         if self.journal.is_empty() || self.journal.may_wait(now) {
-            self.journal.oldest = self.journal.messages.oldest_young();
             return None;
         }
         self.make_batch(now, Some(self.journal.delay))

@@ -56,6 +56,9 @@ pub(crate) struct Recorded {
 #[derive(Debug, Default)]
 pub(crate) struct MessageLog {
     pending: BTreeMap<(String, u64), Pending>,
+    /// How many of `pending` may not wait (written with the next batch whatever its age), so
+    /// that whether a batch may wait is known without a scan.
+    undeferrable: usize,
 }
 
 impl MessageLog {
@@ -80,10 +83,12 @@ impl MessageLog {
                 // Added and gone within one batch: nothing to write.
                 (Some(pending), None) if pending.fresh => {
                     recorded.cancelled.extend(pending.waiter);
+                    self.undeferrable -= usize::from(!pending.deferrable);
                     self.pending.remove(&key);
                 }
                 (Some(pending), kept) => {
                     recorded.other |= !pending.fresh && kept.is_some();
+                    self.undeferrable += usize::from(pending.deferrable && !qos1);
                     pending.deferrable &= qos1;
                     pending.kept = kept;
                 }
@@ -98,6 +103,7 @@ impl MessageLog {
                     let waiter = waiter.filter(|_| fresh);
                     recorded.waiting += usize::from(waiter.is_some());
                     let since = now.filter(|_| deferrable);
+                    self.undeferrable += usize::from(!deferrable);
                     self.pending.insert(key, Pending { kept, fresh, deferrable, waiter, since });
                 }
             }
@@ -105,13 +111,13 @@ impl MessageLog {
         recorded
     }
 
-    /// Whether something pending is to be written at `now`: anything but a fresh QoS 1
-    /// message younger than `delay` (see [`Recorded::deferrable`]).
-    pub(crate) fn has_ripe(&self, now: Instant, delay: Duration) -> bool {
-        self.pending.values().any(|m| !m.young(now, delay))
+    /// Whether something pending is to be written with the next batch whatever its age
+    /// (anything but a fresh QoS 1 copy, see [`Recorded::deferrable`]).
+    pub(crate) fn has_undeferrable(&self) -> bool {
+        self.undeferrable > 0
     }
 
-    /// When the oldest message whose write waits came.
+    /// When the oldest message whose write may wait came (a scan: for when a deadline passed).
     pub(crate) fn oldest_young(&self) -> Option<Instant> {
         self.pending.values().filter(|m| m.deferrable).filter_map(|m| m.since).min()
     }
@@ -121,7 +127,9 @@ impl MessageLog {
     pub(crate) fn forget(&mut self, id: &str) -> Vec<u64> {
         let stale: Vec<(String, u64)> =
             self.pending.range((id.to_string(), 0)..=(id.to_string(), u64::MAX)).map(|(k, _)| k.clone()).collect();
-        stale.iter().filter_map(|key| self.pending.remove(key)).filter_map(|p| p.waiter).collect()
+        let gone: Vec<Pending> = stale.iter().filter_map(|key| self.pending.remove(key)).collect();
+        self.undeferrable -= gone.iter().filter(|p| !p.deferrable).count();
+        gone.into_iter().filter_map(|p| p.waiter).collect()
     }
 
     /// Whether nothing is pending.
@@ -134,6 +142,8 @@ impl MessageLog {
     /// messages younger than it. Returns the waiters of what it wrote.
     pub(crate) fn drain_into(&mut self, now: Instant, ops: &mut Vec<StoreOp>, defer: Option<Duration>) -> Vec<u64> {
         let mut waiters = Vec::new();
+        // What stays is young and deferrable.
+        self.undeferrable = 0;
         for ((id, mid), change) in std::mem::take(&mut self.pending) {
             if defer.is_some_and(|d| change.young(now, d)) {
                 self.pending.insert((id, mid), change);
