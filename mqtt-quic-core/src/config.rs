@@ -54,7 +54,21 @@ pub struct TransportSettings {
     /// time to CONNACK drops from 1089 ms to 394 ms (`lossy_grid.rs`, `connect_times`); a path
     /// slower than that costs a spurious resend of the first flight, nothing more.
     pub initial_rtt: Duration,
+    /// Data streams (EMQX's multi-stream mode) a client may have open at once besides its MQTT
+    /// control stream; 0 refuses them (single-stream mode). Each costs the peer a stream's
+    /// receive window at most, so this bounds what a connection can make us buffer.
+    pub data_streams: u32,
+    /// Offer QUIC datagrams (RFC 9221) for QoS 0 messages. Off by default: the transport
+    /// parameter is sent only when this is on, so a peer sees no datagram support otherwise.
+    pub datagrams: bool,
 }
+
+/// Bytes of received datagrams a connection buffers until they are read (older ones are
+/// dropped beyond it), and of datagrams waiting to be sent.
+const DATAGRAM_BUFFER: usize = 64 * 1024;
+
+/// Most data streams a connection may be allowed: each may hold a stream window of our memory.
+pub const MAX_DATA_STREAMS: u32 = 1024;
 
 impl Default for TransportSettings {
     fn default() -> Self {
@@ -69,6 +83,8 @@ impl Default for TransportSettings {
             max_udp_payload: 1472,
             initial_mtu: 1200,
             initial_rtt: Duration::from_millis(100),
+            data_streams: 16,
+            datagrams: false,
         }
     }
 }
@@ -115,6 +131,9 @@ impl TransportSettings {
                 return Err(invalid(format!("{name} must be between 1 and 2^62 - 1")));
             }
         }
+        if self.data_streams > MAX_DATA_STREAMS {
+            return Err(invalid(format!("data_streams must be at most {MAX_DATA_STREAMS}")));
+        }
         if self.send_window == 0 {
             return Err(invalid("send_window must be above zero"));
         }
@@ -140,9 +159,16 @@ impl TransportSettings {
         t.send_window(self.send_window);
         t.initial_mtu(self.initial_mtu);
         t.initial_rtt(self.initial_rtt);
-        // One MQTT stream per connection in single-stream mode; a few spare for multi-stream.
-        t.max_concurrent_bidi_streams(VarInt::from_u32(16));
-        t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        // The control stream and the data streams allowed besides it.
+        t.max_concurrent_bidi_streams(VarInt::from_u32(self.data_streams.saturating_add(1)));
+        // Some clients put their data streams one way (answers come on the control stream).
+        t.max_concurrent_uni_streams(VarInt::from_u32(self.data_streams));
+        if self.datagrams {
+            t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+            t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+        } else {
+            t.datagram_receive_buffer_size(None);
+        }
         match self.congestion {
             Congestion::NewReno => t.congestion_controller_factory(Arc::new(NewRenoConfig::default())),
             Congestion::Cubic => t.congestion_controller_factory(Arc::new(CubicConfig::default())),

@@ -63,6 +63,12 @@ pub enum CommandError {
     /// Nothing to subscribe or unsubscribe.
     #[error("at least one topic filter is needed")]
     Empty,
+    /// The peer allows no more streams now (its stream limit): wait until one ends.
+    #[error("the peer allows no more streams now")]
+    StreamLimit,
+    /// No such stream on this connection (never opened, or ended).
+    #[error("unknown or ended stream")]
+    UnknownStream,
     /// All 65 535 packet identifiers are in use.
     #[error("no free packet identifier")]
     NoPacketId,

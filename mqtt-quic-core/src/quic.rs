@@ -1,5 +1,10 @@
-//! The QUIC machine: one quinn-proto endpoint and its connections, each carrying one MQTT byte
-//! stream (EMQX single-stream mode).
+//! The QUIC machine: one quinn-proto endpoint and its connections, each carrying an MQTT byte
+//! stream (EMQX single-stream mode) and, in EMQX's multi-stream mode, data streams besides it
+//! ([`Lane`]), plus QUIC datagrams (RFC 9221) where both sides enabled them.
+//!
+//! The client opens every stream. Its first bidirectional stream is the control stream: its end
+//! ends the connection. Later ones are data streams, each ending on its own
+//! ([`Event::LaneEnded`]) without touching the connection.
 //!
 //! The same type serves both ends: built with [`QuicEndpoint::server`] it accepts connections,
 //! with [`QuicEndpoint::client`] it opens them (any number, to any servers, each addressed by a
@@ -11,7 +16,7 @@ use crate::rng::SplitMix64;
 use crate::timers::TimerIndex;
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
-    ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
+    ConnectionError, ConnectionHandle, DatagramEvent, Dir, SendDatagramError, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
     StreamEvent, StreamId, VarInt, WriteError,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -29,6 +34,67 @@ const FINISH_GRACE: Duration = Duration::from_secs(5);
 /// Identifies one connection of an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub usize);
+
+/// One MQTT stream of a connection, by its QUIC stream id: [`Lane::CONTROL`] (the client's first
+/// bidirectional stream, the only one in single-stream mode) or a data stream. Data streams are
+/// bidirectional (EMQX's multi-stream mode: answers and deliveries travel on them) or, as some
+/// clients open them, unidirectional from the client (packets for the connection's session,
+/// answered on the control stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lane(pub u64);
+
+impl Lane {
+    /// The control stream: CONNECT, AUTH, PINGREQ, DISCONNECT (and everything else in
+    /// single-stream mode).
+    pub const CONTROL: Lane = Lane(0);
+
+    /// Whether this is the control stream.
+    pub fn is_control(self) -> bool {
+        self == Lane::CONTROL
+    }
+
+    /// Whether this stream goes one way only (client to server): nothing can be sent on it.
+    pub fn is_unidirectional(self) -> bool {
+        self.0 & 2 != 0
+    }
+
+    fn of(id: StreamId) -> Lane {
+        Lane(VarInt::from(id).into_inner())
+    }
+}
+
+/// How a data stream ended (see [`Event::LaneEnded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum LaneEnd {
+    /// The peer finished its side (FIN): it sends nothing more on it.
+    #[error("the peer finished the stream")]
+    Finished,
+    /// The peer reset its side with this code.
+    #[error("the peer reset the stream (code {0})")]
+    Reset(u64),
+    /// The peer asked us to stop sending on it (STOP_SENDING) with this code.
+    #[error("the peer stopped reading the stream (code {0})")]
+    Stopped(u64),
+}
+
+/// Why a datagram could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DatagramError {
+    /// Datagrams are off on this side, or the peer did not offer them.
+    #[error("QUIC datagrams were not negotiated with the peer")]
+    NotNegotiated,
+    /// Larger than the path allows now (see [`QuicEndpoint::max_datagram_size`]).
+    #[error("the datagram is larger than the path allows")]
+    TooLarge,
+    /// The send buffer is full of datagrams QUIC has not sent yet: this one is dropped.
+    #[error("the datagram send buffer is full")]
+    Full,
+    /// No such connection.
+    #[error("unknown or closed connection")]
+    UnknownConnection,
+}
 
 /// Application error codes sent in CONNECTION_CLOSE.
 pub mod close_code {
@@ -98,6 +164,40 @@ pub enum Event {
         /// The bytes.
         data: Bytes,
     },
+    /// The peer opened a data stream (a server in multi-stream mode). Fires once per stream;
+    /// its bytes follow as [`Event::LaneReceived`].
+    LaneOpened {
+        /// The connection.
+        conn: ConnId,
+        /// The stream.
+        lane: Lane,
+    },
+    /// Bytes arrived on a data stream, in order. Fires as often as data arrives.
+    LaneReceived {
+        /// The connection.
+        conn: ConnId,
+        /// The stream.
+        lane: Lane,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// A data stream ended on the peer's side. Fires once per stream; the connection goes on.
+    /// After a FIN, what is still sent on the stream goes out; otherwise the stream is gone.
+    LaneEnded {
+        /// The connection.
+        conn: ConnId,
+        /// The stream.
+        lane: Lane,
+        /// How.
+        reason: LaneEnd,
+    },
+    /// A QUIC datagram arrived. Fires once per datagram.
+    DatagramReceived {
+        /// The connection.
+        conn: ConnId,
+        /// Its payload.
+        data: Bytes,
+    },
     /// The peer's address changed and the connection followed it (a NAT rebinding, or the
     /// client moving to another network). Fires once per change.
     Migrated {
@@ -145,20 +245,38 @@ impl Transmit {
 
 pub use crate::error::CommandError;
 
+/// A data stream of a connection.
+struct DataLane {
+    id: StreamId,
+    /// Bytes waiting for flow-control credit.
+    outbound: VecDeque<Bytes>,
+    /// This side asked to finish it once `outbound` is written.
+    finish_requested: bool,
+    /// This side's FIN is sent (or the peer stopped the stream).
+    finished: bool,
+    /// The peer's side ended (FIN read, or reset).
+    recv_done: bool,
+}
+
 struct Conn {
     quic: quinn_proto::Connection,
     /// The peer's address as last reported (to see a migration).
     remote: SocketAddr,
-    /// The MQTT stream, once opened (client) or accepted (server).
+    /// The MQTT stream (the control stream), once opened (client) or accepted (server).
     stream: Option<StreamId>,
     /// Bytes waiting for flow-control credit.
     outbound: VecDeque<Bytes>,
-    /// Their total.
+    /// Bytes waiting on all the connection's streams.
     queued: usize,
-    /// Bytes QUIC has taken from `outbound` so far: progress, for a stalled-writer check.
+    /// Bytes QUIC has taken from the connection's streams so far: progress, for a
+    /// stalled-writer check.
     written: u64,
     /// Client bytes written before the handshake completed, kept to resend if 0-RTT is rejected.
     early: Vec<Bytes>,
+    /// Data streams (multi-stream mode), by QUIC stream id.
+    lanes: BTreeMap<Lane, DataLane>,
+    /// Most data streams accepted from the peer at once (0 on a client: a server opens none).
+    lane_limit: usize,
     finish_requested: bool,
     finished: bool,
     connected: bool,
@@ -169,8 +287,44 @@ struct Conn {
     closed_reported: bool,
 }
 
+/// Writes `outbound` to stream `id` while flow control allows, counting into `queued` and
+/// `written`; each chunk (or part) taken goes to `sent`. Returns false when the peer stopped
+/// the stream (what waited is dropped).
+fn write_queue(
+    quic: &mut quinn_proto::Connection,
+    id: StreamId,
+    outbound: &mut VecDeque<Bytes>,
+    queued: &mut usize,
+    written: &mut u64,
+    mut sent: impl FnMut(Bytes),
+) -> bool {
+    while let Some(front) = outbound.front_mut() {
+        match quic.send_stream(id).write(front) {
+            Ok(n) if n == front.len() => {
+                *queued -= n;
+                *written += n as u64;
+                sent(outbound.pop_front().unwrap_or_default());
+            }
+            Ok(n) => {
+                *queued -= n;
+                *written += n as u64;
+                sent(front.split_to(n));
+                return true;
+            }
+            Err(WriteError::Blocked) => return true,
+            Err(WriteError::Stopped(_)) | Err(WriteError::ClosedStream) => {
+                *queued -= outbound.iter().map(Bytes::len).sum::<usize>();
+                outbound.clear();
+                return false;
+            }
+        }
+    }
+    true
+}
+
 impl Conn {
     fn new(quic: quinn_proto::Connection, now: Instant, settings: &TransportSettings) -> Conn {
+        let lane_limit = if quic.side().is_client() { 0 } else { settings.data_streams as usize };
         Conn {
             remote: quic.remote_address(),
             quic,
@@ -179,6 +333,8 @@ impl Conn {
             queued: 0,
             written: 0,
             early: Vec::new(),
+            lanes: BTreeMap::new(),
+            lane_limit,
             finish_requested: false,
             finished: false,
             connected: false,
@@ -188,7 +344,7 @@ impl Conn {
         }
     }
 
-    /// Writes queued bytes while flow control allows; finishes the stream once asked and empty.
+    /// Writes queued bytes while flow control allows; finishes streams once asked and empty.
     /// Keeps `queued` and `written` in step.
     fn flush(&mut self) {
         if self.stream.is_none() && self.quic.side().is_client() && !self.outbound.is_empty() {
@@ -196,36 +352,46 @@ impl Conn {
             // at once when resuming with 0-RTT.
             self.stream = self.quic.streams().open(Dir::Bi);
         }
-        let Some(id) = self.stream else { return };
-        while let Some(front) = self.outbound.front_mut() {
-            match self.quic.send_stream(id).write(front) {
-                Ok(n) if n == front.len() => {
-                    self.queued -= n;
-                    self.written += n as u64;
-                    let sent = self.outbound.pop_front();
-                    if !self.connected {
-                        self.early.extend(sent);
-                    }
+        if let Some(id) = self.stream {
+            let (connected, early) = (self.connected, &mut self.early);
+            write_queue(&mut self.quic, id, &mut self.outbound, &mut self.queued, &mut self.written, |b| {
+                if !connected {
+                    early.push(b);
                 }
-                Ok(n) => {
-                    self.queued -= n;
-                    self.written += n as u64;
-                    let sent = front.split_to(n);
-                    if !self.connected {
-                        self.early.push(sent);
-                    }
-                    return;
-                }
-                Err(WriteError::Blocked) => return,
-                Err(WriteError::Stopped(_)) | Err(WriteError::ClosedStream) => {
-                    self.outbound.clear();
-                    self.queued = 0;
-                    return;
-                }
+            });
+            if self.outbound.is_empty() && self.finish_requested && !self.finished {
+                self.finished = self.quic.send_stream(id).finish().is_ok();
             }
         }
-        if self.finish_requested && !self.finished {
-            self.finished = self.quic.send_stream(id).finish().is_ok();
+        let mut done = Vec::new();
+        for (index, lane) in &mut self.lanes {
+            let open =
+                write_queue(&mut self.quic, lane.id, &mut lane.outbound, &mut self.queued, &mut self.written, drop);
+            if !open {
+                lane.finished = true;
+            } else if lane.outbound.is_empty() && lane.finish_requested && !lane.finished {
+                lane.finished = true;
+                let _ = self.quic.send_stream(lane.id).finish();
+            }
+            if lane.finished && lane.recv_done {
+                done.push(*index);
+            }
+        }
+        for index in done {
+            self.lanes.remove(&index);
+        }
+    }
+
+    /// Ends a data stream both ways at once (RESET_STREAM and STOP_SENDING) and forgets it.
+    fn reset_lane(&mut self, index: Lane, code: u32) {
+        if let Some(lane) = self.lanes.remove(&index) {
+            self.queued -= lane.outbound.iter().map(Bytes::len).sum::<usize>();
+            if lane.id.dir() == Dir::Bi {
+                let _ = self.quic.send_stream(lane.id).reset(VarInt::from_u32(code));
+            }
+            if !lane.recv_done {
+                let _ = self.quic.recv_stream(lane.id).stop(VarInt::from_u32(code));
+            }
         }
     }
 }
@@ -436,6 +602,101 @@ impl QuicEndpoint {
         }
         self.drive(now, ConnectionHandle(conn.0));
         Ok(())
+    }
+
+    /// Opens a data stream (a client in multi-stream mode, once connected). The server learns
+    /// of it with the first bytes sent on it.
+    pub fn open_lane(&mut self, now: Instant, conn: ConnId) -> Result<Lane, CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        if !c.quic.side().is_client() {
+            return Err(CommandError::NotAClient);
+        }
+        // The control stream is the first: data streams wait for it and for the handshake.
+        if !c.connected || c.stream.is_none() || c.finish_requested {
+            return Err(CommandError::NotConnected);
+        }
+        let id = c.quic.streams().open(Dir::Bi).ok_or(CommandError::StreamLimit)?;
+        let lane = DataLane { id, outbound: VecDeque::new(), finish_requested: false, finished: false, recv_done: false };
+        c.lanes.insert(Lane::of(id), lane);
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(Lane::of(id))
+    }
+
+    /// Queues bytes on one stream of `conn`: the control stream is [`QuicEndpoint::send`]'s.
+    pub fn send_lane(&mut self, now: Instant, conn: ConnId, lane: Lane, data: Bytes) -> Result<(), CommandError> {
+        if lane.is_control() {
+            return self.send(now, conn, data);
+        }
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        let l = c.lanes.get_mut(&lane).ok_or(CommandError::UnknownStream)?;
+        if l.finish_requested || l.finished {
+            return Err(CommandError::Finished);
+        }
+        if !data.is_empty() {
+            c.queued += data.len();
+            self.queued_total += data.len();
+            l.outbound.push_back(data);
+        }
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// Finishes a data stream after what is queued on it (FIN); it is forgotten once the peer
+    /// has ended its side too.
+    pub fn finish_lane(&mut self, now: Instant, conn: ConnId, lane: Lane) -> Result<(), CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        c.lanes.get_mut(&lane).ok_or(CommandError::UnknownStream)?.finish_requested = true;
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// Ends a data stream at once, both ways, with an application error code (what waited on
+    /// it is dropped). The connection goes on.
+    pub fn reset_lane(&mut self, now: Instant, conn: ConnId, lane: Lane, code: u32) -> Result<(), CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        if !c.lanes.contains_key(&lane) {
+            return Err(CommandError::UnknownStream);
+        }
+        let before = c.queued;
+        c.reset_lane(lane, code);
+        self.queued_total -= before - c.queued;
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// Sets a data stream's send priority: when several streams have bytes waiting, the
+    /// higher one's go first (equal ones share). The control stream stays at 0.
+    pub fn set_lane_priority(&mut self, conn: ConnId, lane: Lane, priority: i32) -> Result<(), CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        let id = c.lanes.get(&lane).ok_or(CommandError::UnknownStream)?.id;
+        c.quic.send_stream(id).set_priority(priority).map_err(|_| CommandError::UnknownStream)
+    }
+
+    /// The data streams of `conn` now open, in order.
+    pub fn lanes(&self, conn: ConnId) -> Vec<Lane> {
+        self.conns.get(&conn.0).map_or_else(Vec::new, |c| c.lanes.keys().copied().collect())
+    }
+
+    /// Sends one QUIC datagram (RFC 9221): unreliable, unordered, never resent.
+    pub fn send_datagram(&mut self, now: Instant, conn: ConnId, data: Bytes) -> Result<(), DatagramError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(DatagramError::UnknownConnection)?;
+        c.quic.datagrams().send(data, false).map_err(|e| match e {
+            SendDatagramError::UnsupportedByPeer | SendDatagramError::Disabled => DatagramError::NotNegotiated,
+            SendDatagramError::TooLarge => DatagramError::TooLarge,
+            SendDatagramError::Blocked(_) => DatagramError::Full,
+        })?;
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(())
+    }
+
+    /// The largest datagram `conn` can carry now, or `None` when datagrams were not negotiated
+    /// (off on either side).
+    pub fn max_datagram_size(&mut self, conn: ConnId) -> Option<usize> {
+        let c = self.conns.get_mut(&conn.0)?;
+        if !self.settings.datagrams {
+            return None;
+        }
+        c.quic.datagrams().max_size()
     }
 
     /// Bytes queued on `conn` and not yet accepted by QUIC flow control (for back-pressure).
@@ -660,6 +921,8 @@ impl QuicEndpoint {
     /// Runs the endpoint/connection exchange and turns quinn events into ours.
     fn drive(&mut self, now: Instant, handle: ConnectionHandle) {
         let Some(c) = self.conns.get_mut(&handle.0) else { return };
+        // What this call adds to or takes from the connection's queues, for the total.
+        let before = c.queued;
         while let Some(event) = c.quic.poll_endpoint_events() {
             if let Some(reply) = self.inner.handle_event(handle, event) {
                 c.quic.handle_event(reply);
@@ -682,26 +945,46 @@ impl QuicEndpoint {
                         c.stream = None;
                         for b in c.early.drain(..).rev() {
                             c.queued += b.len();
-                            self.queued_total += b.len();
                             c.outbound.push_front(b);
                         }
                     }
                     c.early.clear();
                     self.events.push_back(Event::Connected { conn, remote: c.quic.remote_address(), zero_rtt });
                 }
-                QuinnEvent::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
-                    while let Some(id) = c.quic.streams().accept(Dir::Bi) {
-                        if c.stream.is_none() {
+                QuinnEvent::Stream(StreamEvent::Opened { dir }) => {
+                    while let Some(id) = c.quic.streams().accept(dir) {
+                        if dir == Dir::Bi && c.stream.is_none() && !c.quic.side().is_client() {
                             c.stream = Some(id);
                             read_stream(c, now, conn, id, &mut self.events);
+                        } else if c.stream.is_some() && c.lanes.len() < c.lane_limit {
+                            // Multi-stream mode: a data stream. One that goes one way has
+                            // nothing to finish on our side.
+                            let one_way = dir == Dir::Uni;
+                            let lane = DataLane {
+                                id,
+                                outbound: VecDeque::new(),
+                                finish_requested: one_way,
+                                finished: one_way,
+                                recv_done: false,
+                            };
+                            c.lanes.insert(Lane::of(id), lane);
+                            self.events.push_back(Event::LaneOpened { conn, lane: Lane::of(id) });
+                            read_lane(c, conn, id, &mut self.events);
                         } else {
-                            // Single-stream mode: further streams are refused.
+                            // Single-stream mode, a client (servers open no streams), or more
+                            // data streams than allowed: refused both ways.
                             let _ = c.quic.recv_stream(id).stop(VarInt::from_u32(close_code::STREAM_ERROR));
+                            if dir == Dir::Bi {
+                                let _ = c.quic.send_stream(id).reset(VarInt::from_u32(close_code::STREAM_ERROR));
+                            }
                         }
                     }
                 }
                 QuinnEvent::Stream(StreamEvent::Readable { id }) if Some(id) == c.stream => {
                     read_stream(c, now, conn, id, &mut self.events);
+                }
+                QuinnEvent::Stream(StreamEvent::Readable { id }) if c.lanes.contains_key(&Lane::of(id)) => {
+                    read_lane(c, conn, id, &mut self.events);
                 }
                 QuinnEvent::Stream(StreamEvent::Finished { id }) if Some(id) == c.stream => {
                     // The peer acknowledged everything up to our FIN: the MQTT session ended
@@ -718,8 +1001,19 @@ impl QuicEndpoint {
                     );
                     report_close(c, conn, CloseReason::StreamReset(error_code.into_inner()), &mut self.events);
                 }
+                QuinnEvent::Stream(StreamEvent::Stopped { id, error_code }) if c.lanes.contains_key(&Lane::of(id)) => {
+                    // The peer reads nothing more of this data stream: it is over, both ways.
+                    let (lane, code) = (Lane::of(id), error_code.into_inner());
+                    c.reset_lane(lane, close_code::STREAM_ERROR);
+                    self.events.push_back(Event::LaneEnded { conn, lane, reason: LaneEnd::Stopped(code) });
+                }
+                QuinnEvent::DatagramReceived => {
+                    while let Some(data) = c.quic.datagrams().recv() {
+                        self.events.push_back(Event::DatagramReceived { conn, data });
+                    }
+                }
                 QuinnEvent::Stream(_) | QuinnEvent::HandshakeDataReady => {}
-                QuinnEvent::DatagramReceived | QuinnEvent::DatagramsUnblocked => {}
+                QuinnEvent::DatagramsUnblocked => {}
                 QuinnEvent::ConnectionLost { reason } => {
                     let reason = match reason {
                         ConnectionError::TimedOut => CloseReason::TimedOut,
@@ -744,9 +1038,8 @@ impl QuicEndpoint {
             c.remote = remote;
             self.events.push_back(Event::Migrated { conn, remote });
         }
-        let before = c.queued;
         c.flush();
-        self.queued_total -= before - c.queued;
+        self.queued_total = self.queued_total + c.queued - before;
         while let Some(event) = c.quic.poll_endpoint_events() {
             if let Some(reply) = self.inner.handle_event(handle, event) {
                 c.quic.handle_event(reply);
@@ -768,6 +1061,49 @@ fn report_close(c: &mut Conn, conn: ConnId, reason: CloseReason, events: &mut Ve
     if !c.closed_reported {
         c.closed_reported = true;
         events.push_back(Event::Closed { conn, reason });
+    }
+}
+
+/// Reads everything available on a data stream; a FIN or reset ends the stream (a reset ends it
+/// both ways at once).
+fn read_lane(c: &mut Conn, conn: ConnId, id: StreamId, events: &mut VecDeque<Event>) {
+    let lane = Lane::of(id);
+    let mut recv = c.quic.recv_stream(id);
+    let Ok(mut chunks) = recv.read(true) else { return };
+    let mut end = None;
+    loop {
+        match chunks.next(usize::MAX) {
+            Ok(Some(chunk)) => events.push_back(Event::LaneReceived { conn, lane, data: chunk.bytes }),
+            Ok(None) => {
+                end = Some(LaneEnd::Finished);
+                break;
+            }
+            Err(ReadError::Blocked) => break,
+            Err(ReadError::Reset(code)) => {
+                end = Some(LaneEnd::Reset(code.into_inner()));
+                break;
+            }
+        }
+    }
+    let _ = chunks.finalize();
+    match end {
+        Some(LaneEnd::Finished) => {
+            if let Some(l) = c.lanes.get_mut(&lane) {
+                l.recv_done = true;
+                if l.finished {
+                    c.lanes.remove(&lane);
+                }
+            }
+            events.push_back(Event::LaneEnded { conn, lane, reason: LaneEnd::Finished });
+        }
+        Some(reason) => {
+            if let Some(l) = c.lanes.get_mut(&lane) {
+                l.recv_done = true;
+            }
+            c.reset_lane(lane, close_code::STREAM_ERROR);
+            events.push_back(Event::LaneEnded { conn, lane, reason });
+        }
+        None => {}
     }
 }
 

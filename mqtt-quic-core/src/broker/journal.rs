@@ -21,6 +21,7 @@
 use super::links::Peer;
 use super::machine::Broker;
 use crate::persist::log::MessageLog;
+use crate::quic::Lane;
 use crate::persist::records::{client_key, messages_prefix, SessionRecord, TimedMessage};
 use crate::persist::{Persistence, StoreBatch, StoreOp, Table};
 use crate::session::outbound::Change;
@@ -39,10 +40,19 @@ struct Ticket {
     waiting: usize,
 }
 
+/// One piece of a connection's held output.
+#[derive(Debug)]
+pub(super) enum Out {
+    /// Bytes for one of its streams (empty: a marker from `regate`, nothing to send).
+    Data(Lane, Bytes),
+    /// Finish this data stream (its last bytes came before).
+    FinishLane(Lane),
+}
+
 /// Output held behind tickets, per connection, in order.
 #[derive(Debug, Default)]
 struct Held {
-    items: VecDeque<(u64, Bytes)>,
+    items: VecDeque<(u64, Out)>,
     /// Bytes in `items`.
     bytes: usize,
     /// The connection's session ended: finish its transport once everything is out.
@@ -166,7 +176,7 @@ impl Journal {
     /// `old` too.
     pub(super) fn regate(&mut self, peer: Peer, old: u64, new: u64) -> u64 {
         if old != new && self.tickets.contains_key(&old) && !self.held.contains_key(&peer) {
-            self.held.entry(peer).or_default().items.push_back((old, Bytes::new()));
+            self.held.entry(peer).or_default().items.push_back((old, Out::Data(Lane::CONTROL, Bytes::new())));
         }
         new
     }
@@ -327,14 +337,16 @@ impl Journal {
 
     /// Holds `bytes` for `peer` if its ticket is not satisfied (or it already holds output);
     /// gives them back to send now otherwise.
-    pub(super) fn hold(&mut self, peer: Peer, ticket: u64, bytes: Bytes) -> Option<Bytes> {
+    pub(super) fn hold(&mut self, peer: Peer, ticket: u64, out: Out) -> Option<Out> {
         let held = match self.held.get_mut(&peer) {
             Some(held) => held,
             None if self.tickets.contains_key(&ticket) => self.held.entry(peer).or_default(),
-            None => return Some(bytes),
+            None => return Some(out),
         };
-        held.bytes += bytes.len();
-        held.items.push_back((ticket, bytes));
+        if let Out::Data(_, bytes) = &out {
+            held.bytes += bytes.len();
+        }
+        held.items.push_back((ticket, out));
         None
     }
 
@@ -366,7 +378,7 @@ impl Journal {
 
     /// The output no longer held, per connection, in order, and whether to finish the
     /// connection after it.
-    fn release(&mut self) -> Vec<(Peer, Vec<Bytes>, bool)> {
+    fn release(&mut self) -> Vec<(Peer, Vec<Out>, bool)> {
         self.skip_empty();
         if !std::mem::take(&mut self.releasable) {
             return Vec::new();
@@ -377,9 +389,15 @@ impl Journal {
             let mut ready = Vec::new();
             while held.items.front().is_some_and(|(t, _)| !tickets.contains_key(t)) {
                 // (Markers from `regate` are empty: nothing to send.)
-                let bytes = held.items.pop_front().map(|(_, bytes)| bytes).filter(|b| !b.is_empty());
-                held.bytes -= bytes.as_ref().map_or(0, Bytes::len);
-                ready.extend(bytes);
+                match held.items.pop_front().map(|(_, out)| out) {
+                    Some(Out::Data(_, bytes)) if bytes.is_empty() => {}
+                    Some(Out::Data(lane, bytes)) => {
+                        held.bytes -= bytes.len();
+                        ready.push(Out::Data(lane, bytes));
+                    }
+                    Some(out) => ready.push(out),
+                    None => {}
+                }
             }
             let done = held.items.is_empty();
             if !ready.is_empty() || done {
@@ -486,8 +504,11 @@ impl Broker {
         let released = self.journal.release();
         let any = !released.is_empty();
         for (peer, out, finish) in released {
-            for bytes in out {
-                self.send(now, peer, bytes);
+            for out in out {
+                match out {
+                    Out::Data(lane, bytes) => self.send_on(now, peer, lane, bytes),
+                    Out::FinishLane(lane) => self.finish_lane_now(now, peer, lane),
+                }
             }
             if finish {
                 self.links.finish(now, peer);
@@ -520,11 +541,19 @@ impl Broker {
         })
     }
 
-    /// Hands a connection's bytes on, or holds them behind its ticket.
-    pub(super) fn emit(&mut self, now: Instant, conn: Peer, bytes: Bytes) {
+    /// Hands bytes for one of a connection's streams on, or holds them behind its ticket.
+    pub(super) fn emit_on(&mut self, now: Instant, conn: Peer, lane: Lane, bytes: Bytes) {
         let ticket = self.conns.get(&conn).map_or(0, |l| l.gate);
-        if let Some(bytes) = self.journal.hold(conn, ticket, bytes) {
-            self.send(now, conn, bytes);
+        if let Some(Out::Data(lane, bytes)) = self.journal.hold(conn, ticket, Out::Data(lane, bytes)) {
+            self.send_on(now, conn, lane, bytes);
+        }
+    }
+
+    /// Finishes a data stream after the output that came before, now or once it is released.
+    pub(super) fn finish_lane(&mut self, now: Instant, conn: Peer, lane: Lane) {
+        let ticket = self.conns.get(&conn).map_or(0, |l| l.gate);
+        if self.journal.hold(conn, ticket, Out::FinishLane(lane)).is_some() {
+            self.finish_lane_now(now, conn, lane);
         }
     }
 

@@ -9,7 +9,7 @@
 
 use super::config::BrokerConfig;
 use crate::config::ConfigError;
-use crate::quic::{self, ConnId, QuicEndpoint};
+use crate::quic::{self, ConnId, Lane, QuicEndpoint};
 use crate::timers::TimerIndex;
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -105,14 +105,16 @@ impl Links {
         }
     }
 
-    /// Hands bytes to a connection's transport. Returns whether the connection has fallen so
+    /// Hands bytes to one stream of a connection's transport (a byte stream has only the
+    /// control stream). Returns whether the connection has fallen so
     /// far behind (four times its backlog limit) that it must be dropped; otherwise, if bytes
     /// now wait, the write timeout starts counting for it.
     #[must_use]
-    pub(super) fn send(&mut self, now: Instant, peer: Peer, bytes: Bytes) -> bool {
+    pub(super) fn send(&mut self, now: Instant, peer: Peer, lane: Lane, bytes: Bytes) -> bool {
         match peer {
             Peer::Quic(conn) => {
-                let _ = self.quic.send(now, conn, bytes);
+                // A data stream that ended meanwhile takes nothing more: its bytes are dropped.
+                let _ = self.quic.send_lane(now, conn, lane, bytes);
             }
             Peer::Stream(id) => {
                 self.backlog.entry(id).or_default().0 += bytes.len();

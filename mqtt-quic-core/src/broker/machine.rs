@@ -28,7 +28,8 @@ use super::shared::SharedPending;
 use super::sys::Schedule;
 use crate::config::ConfigError;
 use crate::machine::Datagram;
-use crate::quic::{self, Transmit};
+use crate::quic::{self, Lane, Transmit};
+use super::lanes::LaneState;
 use crate::session::server::{ServerEvent, ServerSession};
 use crate::timers::TimerIndex;
 use bytes::Bytes;
@@ -54,6 +55,12 @@ pub(super) struct Live {
     pub(super) dropped: u64,
     /// With `Persistence::Sync`: the ticket its output waits behind (see `journal`).
     pub(super) gate: u64,
+    /// Its data streams (multi-stream mode, see `lanes`).
+    pub(super) lanes: BTreeMap<Lane, LaneState>,
+    /// The number its next data stream gets.
+    pub(super) next_lane: u64,
+    /// It asked for QoS 0 messages as QUIC datagrams (see `datagrams`).
+    pub(super) datagrams: bool,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -84,6 +91,8 @@ pub struct Broker {
     pub(super) closing_until: Option<Instant>,
     /// Durable state changes waiting for the store, and output held until they are stored.
     pub(super) journal: Journal,
+    /// Data streams' subscriber keys: which connection and stream.
+    pub(super) lane_keys: BTreeMap<SessionKey, (Peer, Lane)>,
 }
 
 impl Broker {
@@ -110,6 +119,7 @@ impl Broker {
             schedule: Schedule::default(),
             closing_until: None,
             journal: Journal::new(config.persistence, config.commit_delay),
+            lane_keys: BTreeMap::new(),
             config,
         })
     }
@@ -266,6 +276,14 @@ impl Broker {
                         self.journal.forget(Peer::Quic(conn));
                         self.lost(now, Peer::Quic(conn));
                     }
+                    quic::Event::LaneOpened { conn, lane } => self.lane_opened(now, Peer::Quic(conn), lane),
+                    quic::Event::LaneReceived { conn, lane, data } => {
+                        self.lane_received(now, Peer::Quic(conn), lane, &data)
+                    }
+                    quic::Event::LaneEnded { conn, lane, reason } => {
+                        self.lane_ended(now, Peer::Quic(conn), lane, reason)
+                    }
+                    quic::Event::DatagramReceived { conn, data } => self.datagram_received(now, Peer::Quic(conn), data),
                     quic::Event::Migrated { conn, remote } => {
                         let client = self.conns.get(&Peer::Quic(conn)).and_then(|l| l.client.clone());
                         if let Some(client_id) = client {
@@ -297,16 +315,8 @@ impl Broker {
         }
     }
 
-    /// Hands bytes to a connection's transport; one fallen too far behind is dropped.
-    pub(super) fn send(&mut self, now: Instant, peer: Peer, bytes: Bytes) {
-        if self.links.send(now, peer, bytes) {
-            // Not reading at all: its session ends as for a lost connection (will, kept session).
-            self.drop_slow(now, peer);
-        }
-    }
-
     /// Ends a connection that does not take what is sent to it.
-    fn drop_slow(&mut self, now: Instant, peer: Peer) {
+    pub(super) fn drop_slow(&mut self, now: Instant, peer: Peer) {
         if let Some(live) = self.conns.get_mut(&peer) {
             live.detail = Some("slow consumer: it took nothing for the write timeout, or fell too far behind".into());
         }
@@ -329,7 +339,7 @@ impl Broker {
 
     /// Whether QoS 0 messages for this connection are dropped now: its own backlog, or all
     /// clients' together, is over its limit.
-    fn over_budget(&self, peer: Peer) -> bool {
+    pub(super) fn over_budget(&self, peer: Peer) -> bool {
         // What the session holds that has not reached the transport counts too: a burst (the
         // retained messages of a SUBSCRIBE to `#`) is written before the transport sees any.
         let buffered = self.conns.get(&peer).map_or(0, |l| l.session.buffered()) + self.journal.held_bytes(peer);
@@ -342,7 +352,7 @@ impl Broker {
         self.session_timers.set(conn, next);
     }
 
-    fn live(&mut self, now: Instant, conn: Peer) -> &mut Live {
+    pub(super) fn live(&mut self, now: Instant, conn: Peer) -> &mut Live {
         let config = self.config.session.clone();
         self.conns.entry(conn).or_insert_with(|| Live {
             session: ServerSession::new(now, config),
@@ -353,13 +363,17 @@ impl Broker {
             detail: None,
             dropped: 0,
             gate: 0,
+            lanes: BTreeMap::new(),
+            next_lane: 0,
+            datagrams: false,
         })
     }
 
     /// Moves one connection's events and bytes along.
     fn serve(&mut self, now: Instant, conn: Peer) {
         // Handling an event can raise more (accepting CONNECT releases the packets the client
-        // sent right after it), so go on until the session is quiet.
+        // sent right after it, and the data streams that waited), so go on until the session
+        // and its streams are quiet.
         self.journal.open();
         loop {
             let Some(live) = self.conns.get_mut(&conn) else {
@@ -367,11 +381,19 @@ impl Broker {
                 return self.rearm(conn);
             };
             let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
-            if events.is_empty() {
+            let waiting = live.lanes.values().any(|l| l.session.is_none());
+            if waiting {
+                self.activate_lanes(now, conn);
+            }
+            let lane_events = self.lane_events(conn);
+            if events.is_empty() && lane_events.is_empty() {
                 break;
             }
             for event in events {
-                self.on_event(now, conn, event);
+                self.on_event(now, conn, Lane::CONTROL, None, event);
+            }
+            for (lane, key, event) in lane_events {
+                self.on_event(now, conn, lane, Some(key), event);
             }
         }
         // What its packets changed durably is acknowledged only once kept.
@@ -385,7 +407,12 @@ impl Broker {
         self.journal_live(conn);
         for bytes in out {
             self.stats.bytes_sent += bytes.len() as u64;
-            self.emit(now, conn, bytes);
+            self.emit_on(now, conn, Lane::CONTROL, bytes);
+        }
+        if ended {
+            self.drop_lanes(now, conn);
+        } else {
+            self.lane_output(now, conn);
         }
         if ended {
             if let Some(Live { auth: Some(id), .. }) = self.conns.remove(&conn) {
@@ -398,9 +425,14 @@ impl Broker {
         self.rearm(conn);
     }
 
-    fn on_event(&mut self, now: Instant, conn: Peer, event: ServerEvent) {
+    /// A session's event: the connection's (`lane` the control stream), or one of its data
+    /// streams' (`stream_key` then the stream's subscriber key), answered on the stream it came
+    /// from.
+    fn on_event(&mut self, now: Instant, conn: Peer, lane: Lane, stream_key: Option<SessionKey>, event: ServerEvent) {
         let key =
             self.conns.get(&conn).and_then(|l| l.client.as_ref()).and_then(|c| self.registry.get(c)).map(|r| r.key);
+        // Who subscribes: the session, or the data stream.
+        let subscriber = stream_key.or(key);
         match event {
             ServerEvent::Connect(c) => self.on_connect(now, conn, *c),
             ServerEvent::Publish(p) => {
@@ -413,8 +445,8 @@ impl Broker {
                         Err(_) => reason = ReasonCode::QuotaExceeded,
                     }
                 }
-                if let Some(live) = self.conns.get_mut(&conn) {
-                    live.session.acknowledge(p.qos_pid, reason);
+                if let Some(session) = self.session_on(conn, lane) {
+                    session.acknowledge(p.qos_pid, reason);
                 }
                 if reason == ReasonCode::Success {
                     self.journal.routing = true;
@@ -423,13 +455,15 @@ impl Broker {
                 }
             }
             ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {
-                if let Some(key) = key {
-                    self.subscribe(now, conn, key, packet_id, subscriptions, subscription_id);
-                    self.journal_client(conn);
+                if let Some(key) = subscriber {
+                    self.subscribe(now, (conn, lane), key, packet_id, subscriptions, subscription_id);
+                    if lane.is_control() {
+                        self.journal_client(conn);
+                    }
                 }
             }
             ServerEvent::Unsubscribe { packet_id, filters } => {
-                if let Some(key) = key {
+                if let Some(key) = subscriber {
                     let codes = filters
                         .iter()
                         .map(|f| {
@@ -440,14 +474,16 @@ impl Broker {
                             }
                         })
                         .collect();
-                    if let Some(live) = self.conns.get_mut(&conn) {
-                        let _ = live.session.unsuback(packet_id, codes);
+                    if let Some(session) = self.session_on(conn, lane) {
+                        let _ = session.unsuback(packet_id, codes);
                     }
-                    self.journal_client(conn);
+                    if lane.is_control() {
+                        self.journal_client(conn);
+                    }
                 }
             }
             ServerEvent::Delivered { id } => {
-                if let Some(key) = key {
+                if let Some(key) = subscriber {
                     self.shared.acknowledged(key, id);
                 }
             }
@@ -460,6 +496,8 @@ impl Broker {
                     self.journal_client(conn);
                 }
             }
+            // A data stream's end is seen by `lane_output`.
+            ServerEvent::Ended { .. } if !lane.is_control() => {}
             ServerEvent::Ended { will, reason } => {
                 self.report_end(conn, reason);
                 self.on_end(now, conn, will)
@@ -525,7 +563,14 @@ impl Broker {
                 return None;
             }
         }
+        if self.lane_keys.contains_key(&key) {
+            return self.deliver_lane(now, key, publish);
+        }
+        let mut publish = publish;
         if let Some(conn) = record.conn {
+            if publish.qos() == QoS::AtMostOnce && self.conns.get(&conn).is_some_and(|l| l.datagrams) {
+                publish = self.try_datagram(now, conn, publish)?;
+            }
             if publish.qos() == QoS::AtMostOnce && self.over_budget(conn) {
                 self.stats.messages_dropped += 1;
                 if let Some(live) = self.conns.get_mut(&conn) {
@@ -560,7 +605,7 @@ impl Broker {
     fn subscribe(
         &mut self,
         now: Instant,
-        conn: Peer,
+        (conn, lane): (Peer, Lane),
         key: SessionKey,
         packet_id: PacketId,
         subscriptions: Vec<Subscription>,
@@ -619,8 +664,8 @@ impl Broker {
         let codes =
             subscriptions.iter().map(|s| decided.get(&s.filter).copied().unwrap_or(ReasonCode::UnspecifiedError));
         let codes: Vec<ReasonCode> = codes.collect();
-        if let Some(live) = self.conns.get_mut(&conn) {
-            let _ = live.session.suback(packet_id, codes);
+        if let Some(session) = self.session_on(conn, lane) {
+            let _ = session.suback(packet_id, codes);
         }
         // After the SUBACK, through the same path as live traffic: read rights, and the
         // client's backlog limit for QoS 0 and its queue limit for QoS 1 and 2.

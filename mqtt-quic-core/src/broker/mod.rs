@@ -22,6 +22,9 @@
 //! - `policy`: CONNECT admission (the password check handed out as [`auth::AuthRequest`]s, the
 //!   per-address login limit of `limiter`), `$` topics, topic and subscription limits, read
 //!   rights at delivery.
+//! - `lanes`: data streams of EMQX's multi-stream mode (each a session of its own within the
+//!   connection's), and one-way data streams feeding the connection's session.
+//! - `datagrams`: QoS 0 messages in QUIC datagrams, both ways.
 //! - `shared`: redelivery of shared-subscription messages a leaving member did not acknowledge.
 //! - `sys`: `$SYS/broker/` statistics and the periodic work.
 //! - `local`: in-process subscribe and publish for the embedding application.
@@ -35,7 +38,9 @@
 pub mod auth;
 mod config;
 mod events;
+mod datagrams;
 mod journal;
+mod lanes;
 pub mod lifecycle;
 pub mod limiter;
 mod links;

@@ -179,6 +179,7 @@ impl Broker {
         let username = c.username.as_ref().map(|u| u.as_str().to_string());
         if let Some(live) = self.conns.get_mut(&conn) {
             live.hello = Some((c.client_id.to_string(), username.clone(), remote));
+            live.datagrams = super::datagrams::asks_for_datagrams(&c);
         }
         if self.closing_until.is_some() {
             // Shutting down: a client that reconnects at once must not land here again.

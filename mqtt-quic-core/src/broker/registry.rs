@@ -13,7 +13,8 @@ use super::events::BrokerEvent;
 use super::links::Peer;
 use super::local::LOCAL_BASE;
 use super::machine::Broker;
-use super::router::SessionKey;
+use super::router::{owner, SessionKey};
+use crate::quic::Lane;
 use crate::session::server::{message_cost, EndReason, ServerEvent, SessionState};
 use crate::timers::TimerIndex;
 use bytes::Bytes;
@@ -145,15 +146,17 @@ impl Registry {
     }
 
     /// A session by its key, with its client id.
+    /// A data stream's subscriber key gives its connection's session.
     pub(super) fn by_key(&self, key: SessionKey) -> Option<(&String, &Record)> {
-        let id = self.keys.get(&key)?;
+        let id = self.keys.get(&owner(key))?;
         Some((id, self.clients.get(id)?))
     }
 
     /// Whether a session can take a message now: in-process subscriptions always, clients while
     /// connected.
     pub(super) fn is_online(&self, key: SessionKey) -> bool {
-        key > LOCAL_BASE || self.keys.get(&key).and_then(|id| self.clients.get(id)).is_some_and(|r| r.conn.is_some())
+        key > LOCAL_BASE
+            || self.keys.get(&owner(key)).and_then(|id| self.clients.get(id)).is_some_and(|r| r.conn.is_some())
     }
 
     /// A client id for a client that sent none: unpredictable (a keyed hash of a counter, the
@@ -386,7 +389,7 @@ impl Broker {
                     }
                 }
                 for bytes in out {
-                    self.emit(now, other, bytes);
+                    self.emit_on(now, other, Lane::CONTROL, bytes);
                 }
                 // Serving the ended session closes its transport.
                 self.dirty.insert(other);

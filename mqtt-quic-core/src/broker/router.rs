@@ -17,6 +17,28 @@ use std::hash::BuildHasherDefault;
 /// A session, as the broker numbers them.
 pub type SessionKey = u64;
 
+/// Subscriber keys of data streams (EMQX's multi-stream mode) have this bit, their
+/// connection's session key above [`LANE_SEQ_BITS`] and a number of the connection below: the
+/// router then knows, for No Local, whose they are.
+const LANE_FLAG: SessionKey = 1 << 62;
+const LANE_SEQ_BITS: u32 = 24;
+/// The highest data-stream number of one connection.
+pub(crate) const LANE_SEQ_MAX: u64 = (1 << LANE_SEQ_BITS) - 1;
+
+/// The subscriber key of data stream `seq` of the connection whose session is `owner`.
+pub(crate) fn lane_key(owner: SessionKey, seq: u64) -> SessionKey {
+    LANE_FLAG | (owner << LANE_SEQ_BITS) | (seq & LANE_SEQ_MAX)
+}
+
+/// The session a subscriber key belongs to: itself, or a data stream's connection's.
+pub(crate) fn owner(key: SessionKey) -> SessionKey {
+    if key & LANE_FLAG != 0 && key & (1 << 63) == 0 {
+        (key & !LANE_FLAG) >> LANE_SEQ_BITS
+    } else {
+        key
+    }
+}
+
 /// A fixed-key hasher: the index must not depend on unseeded randomness.
 type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
 
@@ -381,7 +403,8 @@ fn add(
     publisher: Option<SessionKey>,
     shared: Option<&TopicFilter>,
 ) {
-    if entry.options.no_local && publisher == Some(session) {
+    // No Local spares every stream of the publishing connection [MQTT-3.8.3-3].
+    if entry.options.no_local && publisher == Some(owner(session)) {
         return;
     }
     found.push(Delivery {

@@ -31,6 +31,13 @@ pub struct Stats {
     pub auth_failures: u64,
     /// Clients disconnected because their connection took nothing for the write timeout.
     pub stalled_clients: u64,
+    /// QUIC datagrams received from clients.
+    pub datagrams_received: u64,
+    /// QoS 0 messages sent as QUIC datagrams.
+    pub datagrams_sent: u64,
+    /// Datagrams dropped: received ones that were not a QoS 0 PUBLISH the client could send,
+    /// and messages the datagram send buffer had no room for.
+    pub datagrams_dropped: u64,
 }
 
 /// The clocks of the periodic work.
@@ -87,6 +94,9 @@ impl Broker {
             ("messages/denied", self.stats.messages_denied.to_string()),
             ("clients/auth failures", self.stats.auth_failures.to_string()),
             ("clients/stalled", self.stats.stalled_clients.to_string()),
+            ("datagrams/received", self.stats.datagrams_received.to_string()),
+            ("datagrams/sent", self.stats.datagrams_sent.to_string()),
+            ("datagrams/dropped", self.stats.datagrams_dropped.to_string()),
             ("uptime", format!("{uptime} seconds")),
         ];
         for (name, value) in values {

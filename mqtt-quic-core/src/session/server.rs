@@ -187,6 +187,8 @@ pub struct ServerSession {
     connect_expiry: u32,
     /// A packet that arrived after CONNECT while the broker was deciding on it.
     held: Option<Packet>,
+    /// A data stream's session (see [`ServerSession::data_stream`]).
+    data_stream: bool,
 }
 
 impl ServerSession {
@@ -212,8 +214,102 @@ impl ServerSession {
             aliases_out: OutgoingAliases::default(),
             connect_expiry: 0,
             held: None,
+            data_stream: false,
             config,
         }
+    }
+
+    /// The session of a data stream of this connection (EMQX's multi-stream mode), once its
+    /// CONNECT is accepted: PUBLISH through UNSUBACK with their own packet identifiers,
+    /// in-flight window and QoS 2 state, under the limits the connection agreed. The
+    /// connection's keep-alive, will and session stay with this (the control stream's)
+    /// session; CONNECT, DISCONNECT and AUTH on a data stream are protocol errors that end the
+    /// data stream only, and it never sends DISCONNECT (its end is the stream's reset).
+    /// Topic aliases are not used towards the client on data streams (the client may keep one
+    /// table per connection); the client's own aliases are per stream.
+    pub fn data_stream(&self, now: Instant) -> Result<ServerSession, CommandError> {
+        if self.state != State::Connected {
+            return Err(CommandError::WrongState);
+        }
+        let protocol = self.writer.protocol();
+        let mut lane = ServerSession::new(now, self.config.clone());
+        lane.deadline.clear();
+        lane.decoder.set_protocol(protocol);
+        lane.writer.set_protocol(protocol);
+        lane.writer.set_max(self.writer.max());
+        lane.client_receive_maximum = self.client_receive_maximum;
+        lane.connect_expiry = self.connect_expiry;
+        lane.state = State::Connected;
+        lane.data_stream = true;
+        Ok(lane)
+    }
+
+    /// A packet arrived on another stream of the connection: it counts for the keep-alive as
+    /// one on this stream would [MQTT-3.1.2-22].
+    pub fn handle_activity(&mut self, now: Instant) {
+        self.touch(now);
+    }
+
+    /// A packet from a one-way data stream of the connection (a client that opens its data
+    /// streams unidirectional): handled as if it came on this stream, and answered here.
+    /// Only PUBLISH, its acknowledgements, SUBSCRIBE and UNSUBSCRIBE may come that way: any
+    /// other packet, or any packet before CONNACK, is refused with `Err` (the caller ends that
+    /// stream; the connection goes on).
+    pub fn handle_stream_packet(&mut self, now: Instant, packet: Packet) -> Result<(), CommandError> {
+        let data = matches!(
+            packet,
+            Packet::Publish(_)
+                | Packet::PubAck(_)
+                | Packet::PubRec(_)
+                | Packet::PubRel(_)
+                | Packet::PubComp(_)
+                | Packet::Subscribe(_)
+                | Packet::Unsubscribe(_)
+        );
+        if self.state != State::Connected || !data {
+            return Err(CommandError::WrongState);
+        }
+        self.touch(now);
+        self.handle_packet(now, packet);
+        Ok(())
+    }
+
+    /// A QoS 0 message encoded as one datagram for the client (no topic alias: datagrams
+    /// arrive in any order), or `None` when the client's Maximum Packet Size rules it out or
+    /// the session is not connected.
+    pub fn encode_datagram(&self, publish: &Publish) -> Option<Bytes> {
+        if self.state != State::Connected || publish.qos() != QoS::AtMostOnce {
+            return None;
+        }
+        let mut publish = publish.clone();
+        publish.properties.topic_alias = None;
+        let protocol = self.writer.protocol();
+        if publish.encoded_len(protocol).ok()? > self.writer.max() as usize {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        Packet::Publish(publish).encode(protocol, &mut out).ok()?;
+        Some(out.freeze())
+    }
+
+    /// A QUIC datagram from the client: one whole QoS 0 PUBLISH, handled like one on the
+    /// stream. Returns false, and does nothing else, for anything else (another packet, a QoS 1
+    /// or 2 one, a topic alias, which cannot work on an unordered path, trailing bytes, bytes
+    /// that do not decode, anything before CONNACK): a datagram may be lost anyway, so one
+    /// that is dropped ends nothing, and the caller counts it.
+    pub fn handle_datagram(&mut self, now: Instant, data: Bytes) -> bool {
+        if self.state != State::Connected {
+            return false;
+        }
+        let mut buf = data;
+        let mut decoder = Decoder::new(self.writer.protocol()).with_max_packet_size(self.config.maximum_packet_size);
+        let Ok(Some(Packet::Publish(publish))) = decoder.decode_bytes(&mut buf) else { return false };
+        if !buf.is_empty() || publish.qos() != QoS::AtMostOnce || publish.properties.topic_alias.is_some() {
+            return false;
+        }
+        self.touch(now);
+        self.on_publish(publish);
+        true
     }
 
     /// The protocol the client speaks (known after CONNECT).
@@ -581,7 +677,9 @@ impl ServerSession {
             Packet::ConnAck(_) => ConnAck { reason_code: code, ..Default::default() }.into(),
             _ => Disconnect::new(code).into(),
         };
-        let _ = self.writer.write(&bare);
+        if !self.data_stream {
+            let _ = self.writer.write(&bare);
+        }
         self.writer.cut_off();
         self.end(EndReason::ProtocolViolation(code));
     }
@@ -599,7 +697,9 @@ impl ServerSession {
     /// CONNACK with it when CONNECT itself is bad; then end.
     fn violation(&mut self, code: ReasonCode) {
         match self.state {
-            State::Connected if self.writer.protocol().is_v5() => self.write(&Disconnect::new(code).into()),
+            State::Connected if self.writer.protocol().is_v5() && !self.data_stream => {
+                self.write(&Disconnect::new(code).into())
+            }
             State::AwaitConnect => self.write(&ConnAck { reason_code: code, ..Default::default() }.into()),
             _ => {}
         }
@@ -703,6 +803,10 @@ impl ServerSession {
                 .events
                 .push_back(ServerEvent::Unsubscribe { packet_id: u.packet_id, filters: u.filters.iter().collect() }),
             (State::Connected, Packet::PingReq) => self.write(&Packet::PingResp),
+            // The control stream's packets, on a data stream.
+            (State::Connected, Packet::Disconnect(_) | Packet::Auth(_)) if self.data_stream => {
+                self.violation(ReasonCode::ProtocolError)
+            }
             (State::Connected, Packet::Disconnect(d)) => {
                 if let Some(secs) = d.properties.session_expiry_interval {
                     // A session that was to end with the connection cannot be made to outlive
