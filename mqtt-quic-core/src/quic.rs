@@ -622,6 +622,23 @@ impl QuicEndpoint {
         Ok(Lane::of(id))
     }
 
+    /// Opens a one-way data stream to the server (as some clients put their data streams):
+    /// what is sent on it is answered on the control stream.
+    pub fn open_uni_lane(&mut self, now: Instant, conn: ConnId) -> Result<Lane, CommandError> {
+        let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
+        if !c.quic.side().is_client() {
+            return Err(CommandError::NotAClient);
+        }
+        if !c.connected || c.stream.is_none() || c.finish_requested {
+            return Err(CommandError::NotConnected);
+        }
+        let id = c.quic.streams().open(Dir::Uni).ok_or(CommandError::StreamLimit)?;
+        let lane = DataLane { id, outbound: VecDeque::new(), finish_requested: false, finished: false, recv_done: true };
+        c.lanes.insert(Lane::of(id), lane);
+        self.drive(now, ConnectionHandle(conn.0));
+        Ok(Lane::of(id))
+    }
+
     /// Queues bytes on one stream of `conn`: the control stream is [`QuicEndpoint::send`]'s.
     pub fn send_lane(&mut self, now: Instant, conn: ConnId, lane: Lane, data: Bytes) -> Result<(), CommandError> {
         if lane.is_control() {

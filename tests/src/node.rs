@@ -4,7 +4,7 @@
 
 use mqtt_quic_core::broker::machine::Broker;
 use mqtt_quic_core::client::ClientMachine;
-use mqtt_quic_core::quic::Transmit;
+use mqtt_quic_core::quic::{self, QuicEndpoint, Transmit};
 use mqtt_quic_core::session::client::ClientEvent;
 use mqtt_quic_core::{Datagram, Machine};
 use std::time::Instant;
@@ -15,6 +15,8 @@ pub enum Node {
     Broker(Box<Broker>),
     /// A client and the events it has reported so far.
     Client(Box<ClientMachine>, Vec<ClientEvent>),
+    /// A bare QUIC endpoint (a client driven packet by packet) and its events so far.
+    Quic(Box<QuicEndpoint>, Vec<quic::Event>),
 }
 
 impl Node {
@@ -27,7 +29,7 @@ impl Node {
     pub fn as_broker(&mut self) -> &mut Broker {
         match self {
             Node::Broker(b) => b,
-            Node::Client(..) => panic!("not the broker"),
+            _ => panic!("not the broker"),
         }
     }
 
@@ -35,7 +37,15 @@ impl Node {
     pub fn as_client(&mut self) -> &mut ClientMachine {
         match self {
             Node::Client(c, _) => c,
-            Node::Broker(_) => panic!("not a client"),
+            _ => panic!("not a client"),
+        }
+    }
+
+    /// The bare QUIC endpoint and its events; panics on another host (a test bug).
+    pub fn as_quic(&mut self) -> (&mut QuicEndpoint, &mut Vec<quic::Event>) {
+        match self {
+            Node::Quic(q, e) => (q, e),
+            _ => panic!("not a bare QUIC host"),
         }
     }
 
@@ -43,7 +53,7 @@ impl Node {
     pub fn events(&mut self) -> &mut Vec<ClientEvent> {
         match self {
             Node::Client(_, e) => e,
-            Node::Broker(_) => panic!("not a client"),
+            _ => panic!("not a client"),
         }
     }
 
@@ -51,6 +61,7 @@ impl Node {
         match self {
             Node::Broker(b) => b.as_mut(),
             Node::Client(c, _) => c.as_mut(),
+            Node::Quic(q, _) => q.as_mut(),
         }
     }
 
@@ -59,6 +70,7 @@ impl Node {
     fn collect(&mut self, now: Instant) {
         match self {
             Node::Client(c, events) => events.extend(std::iter::from_fn(|| c.poll_event())),
+            Node::Quic(q, events) => events.extend(std::iter::from_fn(|| q.poll_event())),
             Node::Broker(b) => {
                 while let Some(request) = b.poll_auth() {
                     let verdict = request.verify();

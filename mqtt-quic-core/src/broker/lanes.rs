@@ -53,6 +53,13 @@ pub(super) struct LaneState {
     finishing: bool,
 }
 
+impl LaneState {
+    /// Whether it waits for the connection's CONNACK.
+    pub(super) fn is_waiting(&self) -> bool {
+        self.session.is_none() && self.inbound.is_none()
+    }
+}
+
 impl Broker {
     /// The client opened a data stream.
     pub(super) fn lane_opened(&mut self, now: Instant, peer: Peer, lane: Lane) {
@@ -124,7 +131,7 @@ impl Broker {
         let owner = self.conns.get(&peer).and_then(|l| l.client.as_ref()).and_then(|c| self.registry.get(c));
         let Some(owner) = owner.filter(|r| r.conn == Some(peer)).map(|r| r.key) else { return };
         let Some(live) = self.conns.get(&peer) else { return };
-        let waiting = live.lanes.iter().filter(|(_, s)| s.session.is_none() && s.inbound.is_none());
+        let waiting = live.lanes.iter().filter(|(_, s)| s.is_waiting());
         let waiting: Vec<Lane> = waiting.map(|(l, _)| *l).collect();
         let max = self.config.session.maximum_packet_size;
         for lane in waiting {

@@ -124,6 +124,11 @@ impl Broker {
         })
     }
 
+    /// Subscriptions held, of sessions, data streams and the application.
+    pub fn subscriptions(&self) -> usize {
+        self.router.len()
+    }
+
     /// Connected clients.
     pub fn connected(&self) -> usize {
         self.registry.connected()
@@ -376,15 +381,15 @@ impl Broker {
         // and its streams are quiet.
         self.journal.open();
         loop {
+            // Data streams that waited for CONNACK feed their packets in first.
+            if self.conns.get(&conn).is_some_and(|l| l.lanes.values().any(|l| l.is_waiting())) {
+                self.activate_lanes(now, conn);
+            }
             let Some(live) = self.conns.get_mut(&conn) else {
                 let _ = self.journal.close();
                 return self.rearm(conn);
             };
             let events: Vec<ServerEvent> = std::iter::from_fn(|| live.session.poll_event()).collect();
-            let waiting = live.lanes.values().any(|l| l.session.is_none());
-            if waiting {
-                self.activate_lanes(now, conn);
-            }
             let lane_events = self.lane_events(conn);
             if events.is_empty() && lane_events.is_empty() {
                 break;

@@ -1,0 +1,438 @@
+//! EMQX's multi-stream mode and QUIC datagrams on the broker, in the simulator, with bare QUIC
+//! clients that write and read MQTT packet by packet on the streams they choose: data streams
+//! before CONNACK, acknowledgements on the stream of their packet, packet identifiers per stream,
+//! subscriptions per stream, a data stream's end, one-way data streams (as the `mqtt5` crate's
+//! client opens them), datagrams both ways and the opt-in for them.
+
+use bytes::{Bytes, BytesMut};
+use mqtt_proto::{
+    Ack, Connect, Decoder, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid, Subscribe,
+    Subscription, SubscriptionOptions, TopicFilter, TopicName,
+};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
+use mqtt_quic_core::config::{ClientConfig, ServerConfig, TransportSettings};
+use mqtt_quic_core::quic::{self, ConnId, Lane, LaneEnd, QuicEndpoint};
+use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_tests::node::Node;
+use mqtt_tests::sim::{Link, Sim};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+fn cert() -> &'static SelfSigned {
+    static CERT: OnceLock<SelfSigned> = OnceLock::new();
+    CERT.get_or_init(|| SelfSigned::generate(&["broker.test"]).unwrap())
+}
+
+const BROKER: usize = 0;
+
+fn broker_addr() -> SocketAddr {
+    "10.0.0.1:14567".parse().unwrap()
+}
+
+/// A bare client: its connection and a decoder per stream.
+struct Raw {
+    host: usize,
+    conn: ConnId,
+    decoders: BTreeMap<Lane, (Decoder, BytesMut)>,
+    /// Packets received so far, with their stream (datagrams: `None`).
+    got: Vec<(Option<Lane>, Packet)>,
+    ended: Vec<(Lane, LaneEnd)>,
+    closed: Option<quic::CloseReason>,
+    connected: bool,
+}
+
+struct World {
+    sim: Sim<Node>,
+}
+
+fn transport(datagrams: bool) -> TransportSettings {
+    TransportSettings { datagrams, ..TransportSettings::default() }
+}
+
+impl World {
+    fn new(seed: u64, datagrams: bool, link: Link) -> World {
+        let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+        qc.seed = seed;
+        qc.transport = transport(datagrams);
+        let mut sim = Sim::new(seed, link);
+        sim.add_host(broker_addr(), Node::Broker(Box::new(Broker::new(BrokerConfig::new(qc)).unwrap())));
+        World { sim }
+    }
+
+    fn broker(&mut self) -> &mut Broker {
+        self.sim.machine(BROKER).as_broker()
+    }
+
+    /// A bare client on its own address, connected at the QUIC level (no MQTT yet).
+    fn raw(&mut self, n: u8, datagrams: bool) -> Raw {
+        let mut qc = ClientConfig::new(ClientTls::insecure());
+        qc.seed = u64::from(n) * 7;
+            qc.transport = transport(datagrams);
+        let endpoint = QuicEndpoint::client(&qc).unwrap();
+        let host =
+            self.sim.add_host(format!("10.0.1.{n}:5000{n}").parse().unwrap(), Node::Quic(Box::new(endpoint), Vec::new()));
+        let now = self.sim.now();
+        let conn = self.sim.machine(host).as_quic().0.connect(now, broker_addr(), "broker.test").unwrap();
+        let mut raw =
+            Raw { host, conn, decoders: BTreeMap::new(), got: Vec::new(), ended: Vec::new(), closed: None, connected: false };
+        assert!(self.run_until(|w| {
+            w.take(&mut raw);
+            raw.connected
+        }));
+        raw
+    }
+
+    fn run_until(&mut self, mut done: impl FnMut(&mut World) -> bool) -> bool {
+        for _ in 0..50_000 {
+            if done(self) {
+                return true;
+            }
+            if !self.sim.step() {
+                return done(self);
+            }
+        }
+        done(self)
+    }
+
+    fn settle(&mut self, raws: &mut [&mut Raw]) {
+        let until = self.sim.now() + Duration::from_millis(300);
+        self.sim.drive_to(until);
+        for raw in raws {
+            self.take(raw);
+        }
+    }
+
+    /// Decodes what the bare client received since the last call.
+    fn take(&mut self, raw: &mut Raw) {
+        let events = std::mem::take(self.sim.machine(raw.host).as_quic().1);
+        for e in events {
+            let (lane, data) = match e {
+                quic::Event::Received { data, .. } => (Lane::CONTROL, data),
+                quic::Event::LaneReceived { lane, data, .. } => (lane, data),
+                quic::Event::LaneEnded { lane, reason, .. } => {
+                    raw.ended.push((lane, reason));
+                    continue;
+                }
+                quic::Event::DatagramReceived { data, .. } => {
+                    let mut d = Decoder::new(Protocol::V5);
+                    let mut buf = BytesMut::from(&data[..]);
+                    raw.got.push((None, d.decode(&mut buf).unwrap().unwrap()));
+                    continue;
+                }
+                quic::Event::Closed { reason, .. } => {
+                    raw.closed = Some(reason);
+                    continue;
+                }
+                quic::Event::Connected { .. } => {
+                    raw.connected = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            let (decoder, buf) =
+                raw.decoders.entry(lane).or_insert_with(|| (Decoder::new(Protocol::V5), BytesMut::new()));
+            buf.extend_from_slice(&data);
+            while let Some(p) = decoder.decode(buf).unwrap() {
+                raw.got.push((Some(lane), p));
+            }
+        }
+    }
+
+    fn send(&mut self, raw: &Raw, lane: Lane, packet: Packet) {
+        let mut out = BytesMut::new();
+        packet.encode(Protocol::V5, &mut out).unwrap();
+        let now = self.sim.now();
+        self.sim.machine(raw.host).as_quic().0.send_lane(now, raw.conn, lane, out.freeze()).unwrap();
+    }
+
+    fn open(&mut self, raw: &Raw) -> Lane {
+        let now = self.sim.now();
+        self.sim.machine(raw.host).as_quic().0.open_lane(now, raw.conn).unwrap()
+    }
+
+    fn connect(&mut self, raw: &mut Raw, id: &str, datagrams: bool) {
+        let mut c = Connect::new(Protocol::V5, MqttString::try_from(id).unwrap());
+        if datagrams {
+            c.properties.user_properties.push((
+                MqttString::try_from("quic-datagrams").unwrap(),
+                MqttString::try_from("qos0").unwrap(),
+            ));
+        }
+        self.send(raw, Lane::CONTROL, Packet::Connect(Box::new(c)));
+        assert!(self.run_until(|w| {
+            w.take(raw);
+            raw.got.iter().any(|(_, p)| matches!(p, Packet::ConnAck(_)))
+        }));
+        raw.got.retain(|(_, p)| !matches!(p, Packet::ConnAck(_)));
+    }
+}
+
+fn publish(topic: &str, payload: &str, qos: QoS, id: u16) -> Packet {
+    let mut p = Publish::new(TopicName::new(topic).unwrap(), Bytes::copy_from_slice(payload.as_bytes()));
+    p.qos_pid = QosPid::from_parts(qos, PacketId::new(id).unwrap_or(PacketId::MIN));
+    Packet::Publish(p)
+}
+
+fn subscribe(filter: &str, qos: QoS, id: u16) -> Packet {
+    let sub = Subscription {
+        filter: TopicFilter::new(filter).unwrap(),
+        options: SubscriptionOptions { qos, ..Default::default() },
+    };
+    Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(id).unwrap(),
+        properties: Default::default(),
+        subscriptions: vec![sub].into(),
+    })
+}
+
+/// The packets received on `lane` (datagrams with `None`), taken.
+fn on(raw: &mut Raw, lane: Option<Lane>) -> Vec<Packet> {
+    let (mine, rest) = std::mem::take(&mut raw.got).into_iter().partition(|(l, _)| *l == lane);
+    raw.got = rest;
+    mine.into_iter().map(|(_, p)| p).collect()
+}
+
+fn payloads(packets: &[Packet]) -> Vec<String> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn data_streams_carry_their_own_acks_ids_and_subscriptions() {
+    let mut w = World::new(1, false, Link::default());
+    let mut sub = w.raw(1, false);
+    // A data stream opened and used before CONNACK waits for it.
+    let mut c = Connect::new(Protocol::V5, MqttString::try_from("sub").unwrap());
+    c.keep_alive = 30;
+    w.send(&sub, Lane::CONTROL, Packet::Connect(Box::new(c)));
+    let a = w.open(&sub);
+    w.send(&sub, a, subscribe("t/a", QoS::AtLeastOnce, 1));
+    let b = w.open(&sub);
+    // The same filter on two streams is two subscriptions, each with its packet id 1.
+    w.send(&sub, b, subscribe("t/a", QoS::AtLeastOnce, 1));
+    w.send(&sub, b, subscribe("t/b", QoS::AtLeastOnce, 2));
+    w.settle(&mut [&mut sub]);
+    assert!(matches!(on(&mut sub, Some(Lane::CONTROL))[..], [Packet::ConnAck(_)]));
+    let on_a = on(&mut sub, Some(a));
+    let on_b = on(&mut sub, Some(b));
+    assert!(matches!(&on_a[..], [Packet::SubAck(s)] if s.packet_id.get() == 1), "{on_a:?}");
+    assert!(matches!(&on_b[..], [Packet::SubAck(x), Packet::SubAck(y)] if x.packet_id.get() == 1 && y.packet_id.get() == 2));
+    assert_eq!(w.broker().subscriptions(), 3);
+
+    let mut publ = w.raw(2, false);
+    w.connect(&mut publ, "pub", false);
+    let p = w.open(&publ);
+    w.send(&publ, p, publish("t/a", "one", QoS::AtLeastOnce, 7));
+    w.send(&publ, p, publish("t/b", "two", QoS::AtLeastOnce, 8));
+    w.settle(&mut [&mut sub, &mut publ]);
+    // The PUBACKs travel on the stream of their PUBLISH.
+    let acks = on(&mut publ, Some(p));
+    assert!(
+        matches!(&acks[..], [Packet::PubAck(x), Packet::PubAck(y)] if x.packet_id.get() == 7 && y.packet_id.get() == 8),
+        "{acks:?}"
+    );
+    assert!(on(&mut publ, Some(Lane::CONTROL)).iter().all(|p| !matches!(p, Packet::PubAck(_))));
+    // Each subscription's deliveries travel on its stream, numbered by that stream.
+    let on_a = on(&mut sub, Some(a));
+    let on_b = on(&mut sub, Some(b));
+    assert_eq!(payloads(&on_a), ["one"]);
+    assert_eq!(payloads(&on_b), ["one", "two"]);
+    let ids = |ps: &[Packet]| -> Vec<u16> {
+        ps.iter().filter_map(|p| if let Packet::Publish(p) = p { p.packet_id().map(|i| i.get()) } else { None }).collect()
+    };
+    assert_eq!(ids(&on_a), [1]);
+    assert_eq!(ids(&on_b), [1, 2]);
+    assert!(payloads(&on(&mut sub, Some(Lane::CONTROL))).is_empty());
+    // The subscriber acknowledges on each stream; nothing is resent.
+    w.send(&sub, a, Packet::PubAck(Ack::new(PacketId::new(1).unwrap())));
+    w.send(&sub, b, Packet::PubAck(Ack::new(PacketId::new(1).unwrap())));
+    w.send(&sub, b, Packet::PubAck(Ack::new(PacketId::new(2).unwrap())));
+    w.settle(&mut [&mut sub, &mut publ]);
+    assert!(sub.got.is_empty(), "{:?}", sub.got);
+
+    // Resetting a data stream ends it and its subscriptions only.
+    let now = w.sim.now();
+    w.sim.machine(sub.host).as_quic().0.reset_lane(now, sub.conn, b, 0).unwrap();
+    w.settle(&mut [&mut sub, &mut publ]);
+    assert_eq!(w.broker().subscriptions(), 1);
+    w.send(&publ, p, publish("t/a", "three", QoS::AtMostOnce, 0));
+    w.send(&publ, Lane::CONTROL, publish("t/b", "four", QoS::AtMostOnce, 0));
+    w.settle(&mut [&mut sub, &mut publ]);
+    assert_eq!(payloads(&on(&mut sub, Some(a))), ["three"]);
+    assert!(sub.got.is_empty() && sub.closed.is_none(), "{:?} {:?}", sub.got, sub.closed);
+    assert_eq!(w.broker().connected(), 2);
+}
+
+#[test]
+fn a_broken_data_stream_ends_alone_and_the_control_stream_ends_the_connection() {
+    let mut w = World::new(2, false, Link::default());
+    let mut c = w.raw(1, false);
+    w.connect(&mut c, "c", false);
+    let good = w.open(&c);
+    w.send(&c, good, subscribe("x", QoS::AtMostOnce, 1));
+    // CONNECT on a data stream is a protocol error: that stream is reset, nothing else.
+    let bad = w.open(&c);
+    w.send(&c, bad, Packet::Connect(Box::new(Connect::new(Protocol::V5, MqttString::try_from("again").unwrap()))));
+    w.settle(&mut [&mut c]);
+    assert!(c.ended.iter().any(|(l, e)| *l == bad && matches!(e, LaneEnd::Reset(1) | LaneEnd::Stopped(1))), "{:?}", c.ended);
+    assert!(c.closed.is_none());
+    assert_eq!(w.broker().subscriptions(), 1);
+    // Malformed bytes likewise.
+    let junk = w.open(&c);
+    let now = w.sim.now();
+    w.sim.machine(c.host).as_quic().0.send_lane(now, c.conn, junk, Bytes::from_static(&[0xF0, 0x00])).unwrap();
+    w.settle(&mut [&mut c]);
+    assert!(c.ended.iter().any(|(l, _)| *l == junk));
+    assert!(c.closed.is_none());
+    assert_eq!(w.broker().connected(), 1);
+    // Finishing the control stream ends the connection, and its data streams with it.
+    let now = w.sim.now();
+    w.sim.machine(c.host).as_quic().0.finish(now, c.conn).unwrap();
+    w.settle(&mut [&mut c]);
+    assert_eq!(w.broker().connected(), 0);
+    assert_eq!(w.broker().subscriptions(), 0);
+}
+
+#[test]
+fn a_finished_data_stream_gets_its_acks_then_our_fin() {
+    let mut w = World::new(3, false, Link::default());
+    let mut sub = w.raw(1, false);
+    w.connect(&mut sub, "sub", false);
+    w.send(&sub, Lane::CONTROL, subscribe("t/#", QoS::AtLeastOnce, 1));
+    let mut publ = w.raw(2, false);
+    w.connect(&mut publ, "pub", false);
+    // One stream per PUBLISH, finished right after it (a "per-publish" client).
+    let mut lanes = Vec::new();
+    for i in 0..20u16 {
+        let lane = w.open(&publ);
+        w.send(&publ, lane, publish("t/x", &format!("m{i}"), QoS::AtLeastOnce, 1));
+        let now = w.sim.now();
+        w.sim.machine(publ.host).as_quic().0.finish_lane(now, publ.conn, lane).unwrap();
+        lanes.push(lane);
+        w.settle(&mut [&mut sub, &mut publ]);
+    }
+    for lane in &lanes {
+        assert!(matches!(&on(&mut publ, Some(*lane))[..], [Packet::PubAck(a)] if a.packet_id.get() == 1));
+        assert!(publ.ended.contains(&(*lane, LaneEnd::Finished)), "no FIN on {lane:?}");
+    }
+    let got = payloads(&on(&mut sub, Some(Lane::CONTROL)));
+    assert_eq!(got, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // More streams than the concurrent limit were used: finished ones were freed.
+    assert!(lanes.len() > TransportSettings::default().data_streams as usize);
+}
+
+#[test]
+fn one_way_data_streams_feed_the_session_and_are_answered_on_the_control_stream() {
+    let mut w = World::new(4, false, Link::default());
+    let mut sub = w.raw(1, false);
+    w.connect(&mut sub, "sub", false);
+    let mut publ = w.raw(2, false);
+    w.connect(&mut publ, "pub", false);
+    // As the `mqtt5` crate's client does: unidirectional streams, one per topic.
+    let now = w.sim.now();
+    let uni = w.sim.machine(sub.host).as_quic().0.open_uni_lane(now, sub.conn).unwrap();
+    assert!(uni.is_unidirectional());
+    w.send(&sub, uni, subscribe("u/1", QoS::AtLeastOnce, 3));
+    w.settle(&mut [&mut sub, &mut publ]);
+    assert!(matches!(&on(&mut sub, Some(Lane::CONTROL))[..], [Packet::SubAck(s)] if s.packet_id.get() == 3));
+    let now = w.sim.now();
+    let puni = w.sim.machine(publ.host).as_quic().0.open_uni_lane(now, publ.conn).unwrap();
+    w.send(&publ, puni, publish("u/1", "hello", QoS::AtLeastOnce, 9));
+    w.settle(&mut [&mut sub, &mut publ]);
+    assert!(matches!(&on(&mut publ, Some(Lane::CONTROL))[..], [Packet::PubAck(a)] if a.packet_id.get() == 9));
+    assert_eq!(payloads(&on(&mut sub, Some(Lane::CONTROL))), ["hello"]);
+    // The subscription is the session's: it outlives the stream it came on.
+    let now = w.sim.now();
+    w.sim.machine(sub.host).as_quic().0.finish_lane(now, sub.conn, uni).unwrap();
+    w.settle(&mut [&mut sub, &mut publ]);
+    assert_eq!(w.broker().subscriptions(), 1);
+}
+
+#[test]
+fn stream_subscriptions_do_not_outlive_the_connection_of_a_kept_session() {
+    let mut w = World::new(5, false, Link::default());
+    let mut sub = w.raw(1, false);
+    let mut c = Connect::new(Protocol::V5, MqttString::try_from("kept").unwrap());
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(600);
+    w.send(&sub, Lane::CONTROL, Packet::Connect(Box::new(c.clone())));
+    w.settle(&mut [&mut sub]);
+    w.send(&sub, Lane::CONTROL, subscribe("k/control", QoS::AtLeastOnce, 1));
+    let lane = w.open(&sub);
+    w.send(&sub, lane, subscribe("k/stream", QoS::AtLeastOnce, 1));
+    w.settle(&mut [&mut sub]);
+    assert_eq!(w.broker().subscriptions(), 2);
+    let now = w.sim.now();
+    w.sim.machine(sub.host).as_quic().0.close(now, sub.conn, 0, "gone").unwrap();
+    w.settle(&mut [&mut sub]);
+    // Offline: the session keeps its control-stream subscription only.
+    assert_eq!(w.broker().subscriptions(), 1);
+    let mut publ = w.raw(2, false);
+    w.connect(&mut publ, "pub", false);
+    w.send(&publ, Lane::CONTROL, publish("k/control", "queued", QoS::AtLeastOnce, 1));
+    w.send(&publ, Lane::CONTROL, publish("k/stream", "not queued", QoS::AtLeastOnce, 2));
+    w.settle(&mut [&mut publ]);
+    let mut back = w.raw(3, false);
+    w.send(&back, Lane::CONTROL, Packet::Connect(Box::new(c)));
+    w.settle(&mut [&mut back]);
+    assert_eq!(payloads(&on(&mut back, Some(Lane::CONTROL))), ["queued"]);
+}
+
+#[test]
+fn datagrams_carry_qos0_both_ways_for_clients_that_ask() {
+    let mut w = World::new(6, true, Link::default());
+    let mut asks = w.raw(1, true);
+    w.connect(&mut asks, "asks", true);
+    w.send(&asks, Lane::CONTROL, subscribe("d/#", QoS::AtLeastOnce, 1));
+    let mut quiet = w.raw(2, true);
+    w.connect(&mut quiet, "quiet", false);
+    w.send(&quiet, Lane::CONTROL, subscribe("d/#", QoS::AtMostOnce, 1));
+    let mut publ = w.raw(3, true);
+    w.connect(&mut publ, "pub", false);
+    w.settle(&mut [&mut asks, &mut quiet, &mut publ]);
+    on(&mut asks, Some(Lane::CONTROL));
+    on(&mut quiet, Some(Lane::CONTROL));
+    let datagram = |p: Packet| {
+        let mut out = BytesMut::new();
+        p.encode(Protocol::V5, &mut out).unwrap();
+        out.freeze()
+    };
+    let now = w.sim.now();
+    let q = w.sim.machine(publ.host).as_quic().0;
+    q.send_datagram(now, publ.conn, datagram(publish("d/1", "by datagram", QoS::AtMostOnce, 0))).unwrap();
+    // Not a QoS 0 PUBLISH: dropped and counted, nothing else happens.
+    q.send_datagram(now, publ.conn, datagram(publish("d/1", "qos1", QoS::AtLeastOnce, 4))).unwrap();
+    q.send_datagram(now, publ.conn, Bytes::from_static(&[0x30, 0x7F])).unwrap();
+    w.settle(&mut [&mut asks, &mut quiet, &mut publ]);
+    // The client that asked gets QoS 0 as a datagram; the other on its stream.
+    assert_eq!(payloads(&on(&mut asks, None)), ["by datagram"]);
+    assert_eq!(payloads(&on(&mut quiet, Some(Lane::CONTROL))), ["by datagram"]);
+    assert!(on(&mut publ, Some(Lane::CONTROL)).is_empty() && publ.closed.is_none());
+    // QoS 1 keeps to the stream, and a message too large for a datagram goes there too.
+    w.send(&publ, Lane::CONTROL, publish("d/2", "reliable", QoS::AtLeastOnce, 5));
+    let big = "x".repeat(4000);
+    w.send(&publ, Lane::CONTROL, publish("d/3", &big, QoS::AtMostOnce, 0));
+    w.settle(&mut [&mut asks, &mut quiet, &mut publ]);
+    assert_eq!(payloads(&on(&mut asks, Some(Lane::CONTROL))), ["reliable", &big]);
+    assert!(on(&mut asks, None).is_empty());
+    let stats = w.broker().stats();
+    assert_eq!((stats.datagrams_received, stats.datagrams_sent, stats.datagrams_dropped), (3, 1, 2));
+}
+
+#[test]
+fn datagrams_are_not_offered_unless_enabled() {
+    let mut w = World::new(7, false, Link::default());
+    let mut c = w.raw(1, true);
+    w.connect(&mut c, "c", true);
+    assert_eq!(w.sim.machine(c.host).as_quic().0.max_datagram_size(c.conn), None);
+    let now = w.sim.now();
+    let err = w.sim.machine(c.host).as_quic().0.send_datagram(now, c.conn, Bytes::from_static(b"x")).unwrap_err();
+    assert_eq!(err, quic::DatagramError::NotNegotiated);
+}
