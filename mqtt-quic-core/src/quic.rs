@@ -275,7 +275,7 @@ struct Conn {
     early: Vec<Bytes>,
     /// Data streams (multi-stream mode), by QUIC stream id.
     lanes: BTreeMap<Lane, DataLane>,
-    /// Most data streams accepted from the peer at once (0 on a client: a server opens none).
+    /// Most data streams accepted from the peer at once.
     lane_limit: usize,
     finish_requested: bool,
     finished: bool,
@@ -324,7 +324,7 @@ fn write_queue(
 
 impl Conn {
     fn new(quic: quinn_proto::Connection, now: Instant, settings: &TransportSettings) -> Conn {
-        let lane_limit = if quic.side().is_client() { 0 } else { settings.data_streams as usize };
+        let lane_limit = settings.data_streams as usize;
         Conn {
             remote: quic.remote_address(),
             quic,
@@ -604,13 +604,11 @@ impl QuicEndpoint {
         Ok(())
     }
 
-    /// Opens a data stream (a client in multi-stream mode, once connected). The server learns
-    /// of it with the first bytes sent on it.
+    /// Opens a two-way data stream, once connected: a client's in multi-stream mode, or a
+    /// server's way back for a one-way stream of its client (where the client allows the server
+    /// streams). The peer learns of it with the first bytes sent on it.
     pub fn open_lane(&mut self, now: Instant, conn: ConnId) -> Result<Lane, CommandError> {
         let c = self.conns.get_mut(&conn.0).ok_or(CommandError::UnknownConnection)?;
-        if !c.quic.side().is_client() {
-            return Err(CommandError::NotAClient);
-        }
         // The control stream is the first: data streams wait for it and for the handshake.
         if !c.connected || c.stream.is_none() || c.finish_requested {
             return Err(CommandError::NotConnected);
@@ -990,8 +988,8 @@ impl QuicEndpoint {
                             self.events.push_back(Event::LaneOpened { conn, lane: Lane::of(id) });
                             read_lane(c, conn, id, &mut self.events);
                         } else {
-                            // Single-stream mode, a client (servers open no streams), or more
-                            // data streams than allowed: refused both ways.
+                            // Single-stream mode, or more data streams than allowed: refused
+                            // both ways.
                             let _ = c.quic.recv_stream(id).stop(VarInt::from_u32(close_code::STREAM_ERROR));
                             if dir == Dir::Bi {
                                 let _ = c.quic.send_stream(id).reset(VarInt::from_u32(close_code::STREAM_ERROR));

@@ -344,7 +344,7 @@ fn a_finished_data_stream_gets_its_acks_then_our_fin() {
 }
 
 #[test]
-fn one_way_data_streams_feed_the_session_and_are_answered_on_the_control_stream() {
+fn one_way_data_streams_are_answered_on_the_control_stream_and_delivered_on_a_way_back() {
     let mut w = World::new(4, false, Link::default());
     let mut sub = w.raw(1, false);
     w.connect(&mut sub, "sub", false);
@@ -355,19 +355,44 @@ fn one_way_data_streams_feed_the_session_and_are_answered_on_the_control_stream(
     let uni = w.sim.machine(sub.host).as_quic().0.open_uni_lane(now, sub.conn).unwrap();
     assert!(uni.is_unidirectional());
     w.send(&sub, uni, subscribe("u/1", QoS::AtLeastOnce, 3));
+    w.send(&sub, Lane::CONTROL, subscribe("u/2", QoS::AtLeastOnce, 4));
     w.settle(&mut [&mut sub, &mut publ]);
-    assert!(matches!(&on(&mut sub, Some(Lane::CONTROL))[..], [Packet::SubAck(s)] if s.packet_id.get() == 3));
+    // (Two streams: in either order.)
+    let mut acks: Vec<u16> = on(&mut sub, Some(Lane::CONTROL))
+        .iter()
+        .map(|p| if let Packet::SubAck(a) = p { a.packet_id.get() } else { 0 })
+        .collect();
+    acks.sort();
+    assert_eq!(acks, [3, 4]);
     let now = w.sim.now();
     let puni = w.sim.machine(publ.host).as_quic().0.open_uni_lane(now, publ.conn).unwrap();
     w.send(&publ, puni, publish("u/1", "hello", QoS::AtLeastOnce, 9));
+    w.send(&publ, puni, publish("u/2", "control", QoS::AtLeastOnce, 10));
     w.settle(&mut [&mut sub, &mut publ]);
-    assert!(matches!(&on(&mut publ, Some(Lane::CONTROL))[..], [Packet::PubAck(a)] if a.packet_id.get() == 9));
-    assert_eq!(payloads(&on(&mut sub, Some(Lane::CONTROL))), ["hello"]);
-    // The subscription is the session's: it outlives the stream it came on.
+    let acks = on(&mut publ, Some(Lane::CONTROL));
+    assert!(
+        matches!(&acks[..], [Packet::PubAck(a), Packet::PubAck(b)] if a.packet_id.get() == 9 && b.packet_id.get() == 10)
+    );
+    // The one-way stream's subscription is delivered on a stream the broker opened back; the
+    // session's on the control stream.
+    assert_eq!(payloads(&on(&mut sub, Some(Lane::CONTROL))), ["control"]);
+    let back: Vec<(Option<Lane>, Packet)> = std::mem::take(&mut sub.got);
+    assert!(
+        matches!(&back[..], [(Some(l), Packet::Publish(p))] if !l.is_unidirectional() && l.0 & 1 == 1 && &p.payload[..] == b"hello"),
+        "{back:?}"
+    );
+    let (Some(way_back), Packet::Publish(p)) = &back[0] else { unreachable!() };
+    // Acknowledged on the way back: nothing is resent.
+    w.send(&sub, *way_back, Packet::PubAck(Ack::new(p.packet_id().unwrap())));
+    w.settle(&mut [&mut sub, &mut publ]);
+    assert!(sub.got.is_empty());
+    // The subscription ends with the one-way stream (and the way back is finished).
+    assert_eq!(w.broker().subscriptions(), 2);
     let now = w.sim.now();
     w.sim.machine(sub.host).as_quic().0.finish_lane(now, sub.conn, uni).unwrap();
     w.settle(&mut [&mut sub, &mut publ]);
     assert_eq!(w.broker().subscriptions(), 1);
+    assert!(sub.ended.contains(&(*way_back, LaneEnd::Finished)), "{:?}", sub.ended);
 }
 
 #[test]

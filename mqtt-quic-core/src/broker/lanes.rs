@@ -18,9 +18,14 @@
 //! - a client that finishes (FIN) a data stream gets what is due on it, then our FIN: its
 //!   subscriptions end there, since it can no longer acknowledge on it.
 //!
-//! Some clients (the `mqtt5` crate's) open their data streams one way, client to server: a
-//! PUBLISH or SUBSCRIBE on such a stream is the connection's session's, answered on the
-//! control stream, where its deliveries go too.
+//! Some clients (the `mqtt5` crate's) open their data streams one way, client to server: what
+//! comes on such a stream is handled by the connection's session and answered on the control
+//! stream (the client cannot read the stream it wrote). A subscription made on one still
+//! belongs to that stream, like one made on a two-way stream: its deliveries travel on a
+//! stream the broker opens back to the client for it (two-way, so the client acknowledges
+//! QoS 1 and 2 deliveries there), and it ends with the one-way stream. Where the client allows
+//! the broker no streams, such a subscription is the session's and delivered on the control
+//! stream.
 //!
 //! Across a reconnect, stream subscriptions are not part of the session: they are not stored,
 //! nothing is queued for them while the client is away, and a resumed session has only the
@@ -34,7 +39,11 @@ use super::router::{lane_key, SessionKey, LANE_SEQ_MAX};
 use crate::quic::{close_code, Lane, LaneEnd};
 use crate::session::server::{ServerEvent, ServerSession};
 use bytes::{Bytes, BytesMut};
-use mqtt_proto::Decoder;
+use mqtt_proto::{Decoder, Packet, PacketId};
+
+/// SUBSCRIBEs and UNSUBSCRIBEs from one-way streams whose answers a connection remembers at once
+/// (the session answers each at once, so more means a session that dropped some).
+const MAX_ORIGINS: usize = 64;
 use std::time::Instant;
 
 /// One data stream of a live connection.
@@ -51,6 +60,9 @@ pub(super) struct LaneState {
     pub(super) key: SessionKey,
     /// The client finished its side: ours follows once what is due is out.
     finishing: bool,
+    /// A one-way stream's way back: the stream the broker opened for the deliveries of the
+    /// subscriptions made on it.
+    back: Option<Lane>,
 }
 
 impl LaneState {
@@ -64,7 +76,8 @@ impl Broker {
     /// The client opened a data stream.
     pub(super) fn lane_opened(&mut self, now: Instant, peer: Peer, lane: Lane) {
         let live = self.live(now, peer);
-        let state = LaneState { session: None, inbound: None, early: BytesMut::new(), key: 0, finishing: false };
+        let state =
+            LaneState { session: None, inbound: None, early: BytesMut::new(), key: 0, finishing: false, back: None };
         live.lanes.insert(lane, state);
         self.dirty.insert(peer);
     }
@@ -103,6 +116,15 @@ impl Broker {
         loop {
             match decoder.decode(&mut state.early) {
                 Ok(Some(packet)) => {
+                    // Which stream a SUBSCRIBE or UNSUBSCRIBE came on, for the session's event.
+                    match &packet {
+                        Packet::Subscribe(s) => live.origins.push_back((s.packet_id, lane)),
+                        Packet::Unsubscribe(u) => live.origins.push_back((u.packet_id, lane)),
+                        _ => {}
+                    }
+                    if live.origins.len() > MAX_ORIGINS {
+                        live.origins.pop_front();
+                    }
                     if live.session.handle_stream_packet(now, packet).is_err() {
                         return false;
                     }
@@ -204,6 +226,11 @@ impl Broker {
         }
         for (lane, failed) in over {
             if lane.is_unidirectional() {
+                let back = self.conns.get(&peer).and_then(|l| l.lanes.get(&lane)).and_then(|s| s.back);
+                if let Some(back) = back {
+                    self.end_lane(now, peer, back);
+                    self.finish_lane(now, peer, back);
+                }
                 self.drop_lane(now, peer, lane);
             } else if failed {
                 self.lane_failed(now, peer, lane);
@@ -227,9 +254,57 @@ impl Broker {
     /// handed it unacknowledged goes to another member.
     pub(super) fn drop_lane(&mut self, now: Instant, peer: Peer, lane: Lane) {
         self.end_lane(now, peer, lane);
-        if let Some(live) = self.conns.get_mut(&peer) {
-            live.lanes.remove(&lane);
+        let Some(state) = self.conns.get_mut(&peer).and_then(|l| l.lanes.remove(&lane)) else { return };
+        if let (Some(back), Peer::Quic(conn)) = (state.back, peer) {
+            if self.conns.get(&peer).is_some_and(|l| l.lanes.contains_key(&back)) {
+                let _ = self.links.quic.reset_lane(now, conn, back, close_code::STREAM_ERROR);
+                self.drop_lane(now, peer, back);
+            }
         }
+    }
+
+    /// Where a SUBSCRIBE or UNSUBSCRIBE the control session reports came from: the one-way
+    /// stream it was read on, if it was.
+    pub(super) fn origin(&mut self, peer: Peer, packet_id: PacketId) -> Option<Lane> {
+        let live = self.conns.get_mut(&peer)?;
+        let at = live.origins.iter().position(|(id, _)| *id == packet_id)?;
+        live.origins.remove(at).map(|(_, lane)| lane)
+    }
+
+    /// The subscriber key of a one-way stream's subscriptions: that of the stream the broker
+    /// opens back to the client for their deliveries (opened at the first one). `None` when it
+    /// cannot be opened (the client allows the broker no streams, or the one-way stream is
+    /// gone): the subscription is then the session's.
+    pub(super) fn way_back(&mut self, now: Instant, peer: Peer, one_way: Lane) -> Option<SessionKey> {
+        let Peer::Quic(conn) = peer else { return None };
+        let live = self.conns.get(&peer)?;
+        let back = live.lanes.get(&one_way)?.back;
+        if let Some(key) = back.and_then(|b| live.lanes.get(&b)).and_then(|s| s.session.as_ref().map(|_| s.key)) {
+            return Some(key);
+        }
+        let owner = live.client.as_ref().and_then(|c| self.registry.get(c)).map(|r| r.key)?;
+        if live.next_lane > LANE_SEQ_MAX {
+            return None;
+        }
+        let session = live.session.data_stream(now).ok()?;
+        let back = self.links.quic.open_lane(now, conn).ok()?;
+        let live = self.conns.get_mut(&peer)?;
+        let key = lane_key(owner, live.next_lane);
+        live.next_lane += 1;
+        let state = LaneState {
+            session: Some(session),
+            inbound: None,
+            early: BytesMut::new(),
+            key,
+            finishing: false,
+            back: None,
+        };
+        live.lanes.insert(back, state);
+        if let Some(s) = live.lanes.get_mut(&one_way) {
+            s.back = Some(back);
+        }
+        self.lane_keys.insert(key, (peer, back));
+        Some(key)
     }
 
     /// Ends a data stream's MQTT state (its stream may still carry its last bytes).

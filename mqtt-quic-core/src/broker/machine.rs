@@ -61,6 +61,9 @@ pub(super) struct Live {
     pub(super) next_lane: u64,
     /// It asked for QoS 0 messages as QUIC datagrams (see `datagrams`).
     pub(super) datagrams: bool,
+    /// SUBSCRIBEs and UNSUBSCRIBEs read on one-way data streams, by packet id, in order, until
+    /// the session reports them (see `lanes`).
+    pub(super) origins: VecDeque<(PacketId, Lane)>,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -371,6 +374,7 @@ impl Broker {
             lanes: BTreeMap::new(),
             next_lane: 0,
             datagrams: false,
+            origins: VecDeque::new(),
         })
     }
 
@@ -436,8 +440,21 @@ impl Broker {
     fn on_event(&mut self, now: Instant, conn: Peer, lane: Lane, stream_key: Option<SessionKey>, event: ServerEvent) {
         let key =
             self.conns.get(&conn).and_then(|l| l.client.as_ref()).and_then(|c| self.registry.get(c)).map(|r| r.key);
-        // Who subscribes: the session, or the data stream.
-        let subscriber = stream_key.or(key);
+        // Who subscribes: the session, or the data stream (for one read on a one-way stream,
+        // the stream opened back for its deliveries).
+        let mut subscriber = stream_key.or(key);
+        let one_way = match &event {
+            ServerEvent::Subscribe { packet_id, .. } | ServerEvent::Unsubscribe { packet_id, .. }
+                if lane.is_control() && self.conns.get(&conn).is_some_and(|l| !l.origins.is_empty()) =>
+            {
+                self.origin(conn, *packet_id)
+            }
+            _ => None,
+        };
+        if let Some(one_way) = one_way {
+            subscriber = self.way_back(now, conn, one_way).or(subscriber);
+        }
+        let durable = lane.is_control() && subscriber == key;
         match event {
             ServerEvent::Connect(c) => self.on_connect(now, conn, *c),
             ServerEvent::Publish(p) => {
@@ -462,7 +479,7 @@ impl Broker {
             ServerEvent::Subscribe { packet_id, subscriptions, subscription_id } => {
                 if let Some(key) = subscriber {
                     self.subscribe(now, (conn, lane), key, packet_id, subscriptions, subscription_id);
-                    if lane.is_control() {
+                    if durable {
                         self.journal_client(conn);
                     }
                 }
@@ -482,7 +499,7 @@ impl Broker {
                     if let Some(session) = self.session_on(conn, lane) {
                         let _ = session.unsuback(packet_id, codes);
                     }
-                    if lane.is_control() {
+                    if durable {
                         self.journal_client(conn);
                     }
                 }

@@ -5,7 +5,7 @@ use adapter_tokio::files;
 use adapter_tokio::server::{Server, ServerOptions};
 use clap::Args;
 use mqtt_quic_core::broker::auth::FileAuth;
-use mqtt_quic_core::config::{Congestion, MAX_DURATION};
+use mqtt_quic_core::config::{Congestion, MAX_DATA_STREAMS, MAX_DURATION};
 use mqtt_quic_core::persist::Persistence;
 use mqtt_quic_core::tls::fingerprint_hex;
 use std::net::SocketAddr;
@@ -54,6 +54,11 @@ pub struct BrokerArgs {
     /// TOML configuration file (see the crate docs for every key).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Offer QUIC datagrams (RFC 9221): clients may publish QoS 0 in them, and those that ask
+    /// (CONNECT user property `quic-datagrams` = `qos0`) get their QoS 0 messages in them
+    /// [default: off, or `datagrams` in [quic]].
+    #[arg(long)]
+    datagrams: bool,
     /// Seconds a client has to complete the QUIC/TLS handshake and send CONNECT [default: 10].
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
@@ -175,6 +180,18 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
     if let Some(ms) = q.initial_rtt_ms {
         b.quic.transport.initial_rtt = Duration::from_millis(ms.min(u64::from(u32::MAX)));
+    }
+    if let Some(n) = q.data_streams {
+        if n > MAX_DATA_STREAMS {
+            return Err(format!("[quic] data_streams: {n} is above the most allowed, {MAX_DATA_STREAMS}"));
+        }
+        b.quic.transport.data_streams = n;
+    }
+    if let Some(d) = q.datagrams {
+        b.quic.transport.datagrams = d;
+    }
+    if args.datagrams {
+        b.quic.transport.datagrams = true;
     }
     // Keys copied as they are (each overrides its default when present).
     macro_rules! copy {

@@ -43,6 +43,8 @@
 //! stateless_retry = false
 //! congestion = "bbr"          # "bbr" (default: best under random loss), "cubic" or "newreno"
 //! initial_rtt_ms = 100        # RTT assumed before the first sample (raise on satellite links)
+//! data_streams = 16           # EMQX multi-stream: data streams per connection besides control (0: off)
+//! datagrams = false           # QoS 0 in QUIC datagrams (RFC 9221), for clients that ask
 //!
 //! [tcp]
 //! listen = "0.0.0.0:1883"
@@ -112,6 +114,8 @@ pub struct QuicSection {
     pub stateless_retry: Option<bool>,
     pub congestion: Option<String>,
     pub initial_rtt_ms: Option<u64>,
+    pub data_streams: Option<u32>,
+    pub datagrams: Option<bool>,
 }
 
 /// `[tcp]` and `[tls]`.
