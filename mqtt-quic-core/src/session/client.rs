@@ -534,6 +534,12 @@ impl ClientSession {
         self.state == State::Connected
     }
 
+    /// The subscriptions the server granted on this session (on a data stream: on this
+    /// stream), which it makes again when the server has forgotten them.
+    pub fn subscriptions(&self) -> &[Subscription] {
+        &self.subscriptions
+    }
+
     /// Publishes in flight plus those waiting.
     pub fn pending_publishes(&self) -> usize {
         self.outbound.pending()
