@@ -211,9 +211,11 @@ fn streams_carry_their_own_subscriptions_publishes_and_acks() {
     assert_eq!(on("a"), ["a0", "a1", "a2", "a3", "a4"]);
     assert_eq!(on("b"), ["b0", "b1", "b2", "b3", "b4"]);
     assert!(got.contains(&"plain".to_string()));
-    // Request ids are one numbering across the control session and every stream.
-    let unique: BTreeSet<RequestId> = ids.iter().copied().collect();
-    assert_eq!(unique.len(), ids.len());
+    // Request ids are one numbering across a machine's control session and every stream.
+    let publisher = &ids[2..];
+    let unique: BTreeSet<RequestId> = publisher.iter().copied().collect();
+    assert_eq!(unique.len(), publisher.len());
+    assert!(sub_a != sub_b);
 
     // The control session never had "t/a": unsubscribing there finds nothing.
     let now = w.sim.now();
@@ -245,7 +247,7 @@ fn a_reconnect_makes_stream_subscriptions_again_and_resends_qos1() {
     let a = w.c(s).open_stream(now, 0).unwrap();
     let id = w.subscribe_on(s, a, "t/#");
     assert!(matches!(w.wait(s, id), ClientEvent::Subscribed { .. }));
-    let old_lane = w.c(s).stream_lane(a).unwrap();
+    assert!(w.c(s).stream_lane(a).is_some());
 
     // The subscriber's connection drops: the broker forgets the stream subscription.
     let now = w.sim.now();
@@ -253,7 +255,8 @@ fn a_reconnect_makes_stream_subscriptions_again_and_resends_qos1() {
     assert!(w.run_until(|w| w.broker().subscriptions() == 0));
     // Once back, the handle has a new stream and its subscription again.
     assert!(w.run_until(|w| w.c(s).is_connected() && w.broker().subscriptions() == 1));
-    assert!(w.c(s).stream_lane(a).is_some_and(|l| l != old_lane || w.c(s).is_connected()));
+    // (On a new QUIC connection the stream may have the same number as before.)
+    assert!(w.c(s).stream_lane(a).is_some());
     let now = w.sim.now();
     let q = w.c(p).open_stream(now, 0).unwrap();
     let id = w.publish_on(p, q, "t/x", "after", QoS::AtLeastOnce);
