@@ -224,13 +224,17 @@ impl<T> ClientDriver<T> {
         self.update(now);
     }
 
-    /// Opens a data stream with send `priority` (see "Data streams" in
-    /// [`crate::client`]); completes at once with [`Outcome::Stream`] (its QUIC stream opens
-    /// once connected; over a byte stream the handle's traffic goes on the one stream).
-    pub fn open_stream(&mut self, now: Instant, priority: i32, token: T) {
-        let r = self.machine.open_stream(now, priority).map(Outcome::Stream).map_err(DriverError::from);
-        self.done.push_back((token, r));
+    /// Opens a data stream with send `priority` (see "Data streams" in [`crate::client`]):
+    /// the handle is there at once, its QUIC stream opens once connected, and over a byte
+    /// stream the handle's traffic goes on the one stream. ([`Command::OpenStream`] completes
+    /// with [`Outcome::Stream`].)
+    pub fn open_stream(&mut self, now: Instant, priority: i32) -> Result<StreamHandle, DriverError> {
+        if self.leaving.is_some() {
+            return Err(DriverError::Closed);
+        }
+        let r = self.machine.open_stream(now, priority).map_err(DriverError::from);
         self.update(now);
+        r
     }
 
     /// Publishes on a data stream; completes as [`ClientDriver::publish`] does, or with
@@ -257,14 +261,13 @@ impl<T> ClientDriver<T> {
         self.update(now);
     }
 
-    /// Closes a data stream (see [`ClientMachine::close_stream`]); `token`, if any, completes
-    /// with [`Outcome::Done`] at once (or the error, for a handle already closed).
-    pub fn close_stream(&mut self, now: Instant, handle: StreamHandle, token: Option<T>) {
-        let r = self.machine.close_stream(now, handle).map(|()| Outcome::Done).map_err(DriverError::from);
-        if let Some(t) = token {
-            self.done.push_back((t, r));
-        }
+    /// Closes a data stream (see [`ClientMachine::close_stream`]): its pending requests
+    /// complete with [`DriverError::ConnectionLost`]. ([`Command::CloseStream`]'s token
+    /// completes with [`Outcome::Done`], or the error for a handle already closed.)
+    pub fn close_stream(&mut self, now: Instant, handle: StreamHandle) -> Result<(), DriverError> {
+        let r = self.machine.close_stream(now, handle).map_err(DriverError::from);
         self.update(now);
+        r
     }
 
     /// Disconnects for good (DISCONNECT, normal: the broker drops the will). `token`, if any,
@@ -289,11 +292,17 @@ impl<T> ClientDriver<T> {
             Some(Command::Subscribe(s, t)) => self.subscribe(now, s, t),
             Some(Command::Unsubscribe(f, t)) => self.unsubscribe(now, f, t),
             Some(Command::Disconnect(t)) => self.disconnect(now, t),
-            Some(Command::OpenStream(priority, t)) => self.open_stream(now, priority, t),
+            Some(Command::OpenStream(priority, t)) => {
+                let r = self.open_stream(now, priority).map(Outcome::Stream);
+                self.done.push_back((t, r));
+            }
             Some(Command::PublishOn(h, p, t)) => self.publish_on(now, h, p, t),
             Some(Command::SubscribeOn(h, s, t)) => self.subscribe_on(now, h, s, t),
             Some(Command::UnsubscribeOn(h, f, t)) => self.unsubscribe_on(now, h, f, t),
-            Some(Command::CloseStream(h, t)) => self.close_stream(now, h, t),
+            Some(Command::CloseStream(h, t)) => {
+                let r = self.close_stream(now, h).map(|()| Outcome::Done);
+                self.done.extend(t.map(|t| (t, r)));
+            }
             None => self.disconnect(now, None),
         }
     }

@@ -51,6 +51,16 @@ impl Outcome {
         }
     }
 
+    /// The handle of [`Command::OpenStream`](super::Command::OpenStream)'s outcome: what every
+    /// adapter's `open_stream` returns. Any other outcome (a bug) reads as
+    /// [`ClientError::Closed`].
+    pub fn into_stream(self) -> Result<StreamHandle, ClientError> {
+        match self {
+            Outcome::Stream(handle) => Ok(handle),
+            _ => Err(ClientError::Closed),
+        }
+    }
+
     /// What every adapter's `subscribe` (one filter) returns for its SUBACK: the QoS the broker
     /// granted, or [`ClientError::Rejected`] with the failure code it answered with. A SUBACK
     /// without a code for the filter (a broker bug) counts as Unspecified error, so a caller
