@@ -39,7 +39,8 @@ struct Shared {
 /// back on it, and the broker delivers on it what its subscriptions match. Messages arrive
 /// with the client's others (in [`Client::messages`]).
 ///
-/// Dropping it closes the stream, as [`ClientStream::close`] does.
+/// Dropping it closes the stream, as [`ClientStream::close`] does. While it lives it keeps
+/// the connection, as a [`Client`] handle does.
 pub struct ClientStream {
     commands: Sender<Command>,
     handle: StreamHandle,

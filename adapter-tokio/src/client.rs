@@ -299,7 +299,8 @@ impl Client {
 /// back on it, and the broker delivers on it what its subscriptions match. Messages arrive
 /// with the client's others (in [`Client::messages`]).
 ///
-/// Dropping it closes the stream, as [`ClientStream::close`] does.
+/// Dropping it closes the stream, as [`ClientStream::close`] does. While it lives it keeps
+/// the connection, as a [`Client`] handle does.
 pub struct ClientStream {
     commands: mpsc::UnboundedSender<Command>,
     handle: StreamHandle,
