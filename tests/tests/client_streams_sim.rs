@@ -5,13 +5,15 @@
 //! session does not know them), that deliveries keep flowing after a reconnect, and how
 //! requests in flight on a stream end when its connection drops.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
-    PacketId, Publish, QoS, QosPid, ReasonCode, Subscription, SubscriptionOptions, TopicFilter, TopicName,
+    Decoder, Packet, PacketId, Protocol, Publish, QoS, QosPid, ReasonCode, Subscription, SubscriptionOptions,
+    TopicFilter, TopicName,
 };
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
 use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig, ReconnectPolicy, StreamCommand, StreamHandle};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
+use mqtt_quic_core::quic::{self, ConnId, Lane, QuicEndpoint};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, RequestId};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use mqtt_tests::node::Node;
@@ -422,4 +424,159 @@ fn over_a_byte_stream_stream_handles_fall_back_to_the_one_stream() {
     assert!(pipes.clients[0].0.is_connected());
     assert_eq!(pipes.broker.subscriptions(), 1);
     assert!(pipes.clients[0].0.publish_on(now, a, message("f/3", "x", QoS::AtMostOnce)).is_err());
+}
+
+/// A bare QUIC server in place of the broker, driven packet by packet: what the client sends
+/// on each stream, and a way to answer or reset any stream.
+struct Bare {
+    decoders: std::collections::BTreeMap<Lane, (Decoder, BytesMut)>,
+    got: Vec<(Lane, Packet)>,
+    ended: Vec<Lane>,
+    conn: Option<ConnId>,
+}
+
+const SERVER: usize = 0;
+
+fn bare_world(seed: u64) -> (Sim<Node>, usize) {
+    let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    qc.seed = seed;
+    let mut sim = Sim::new(seed, Link::default());
+    sim.add_host(broker_addr(), Node::Quic(Box::new(QuicEndpoint::server(&qc).unwrap()), Vec::new()));
+    let mut cc = ClientConfig::new(ClientTls::insecure());
+    cc.seed = 11;
+    let client = ClientMachine::new(ClientMachineConfig {
+        quic: cc,
+        session: ClientSessionConfig { client_id: "c".into(), ..Default::default() },
+        server: broker_addr(),
+        server_name: "broker.test".into(),
+        reconnect: None,
+    })
+    .unwrap();
+    let host = sim.add_host("10.0.1.1:50001".parse().unwrap(), Node::client(client));
+    (sim, host)
+}
+
+impl Bare {
+    fn take(&mut self, sim: &mut Sim<Node>) {
+        for e in std::mem::take(sim.machine(SERVER).as_quic().1) {
+            let (lane, data) = match e {
+                quic::Event::Received { conn, data } => {
+                    self.conn = Some(conn);
+                    (Lane::CONTROL, data)
+                }
+                quic::Event::LaneReceived { lane, data, .. } => (lane, data),
+                quic::Event::LaneEnded { lane, .. } => {
+                    self.ended.push(lane);
+                    continue;
+                }
+                _ => continue,
+            };
+            let (decoder, buf) =
+                self.decoders.entry(lane).or_insert_with(|| (Decoder::new(Protocol::V5), BytesMut::new()));
+            buf.extend_from_slice(&data);
+            while let Some(p) = decoder.decode(buf).unwrap() {
+                self.got.push((lane, p));
+            }
+        }
+    }
+
+    fn send(&mut self, sim: &mut Sim<Node>, lane: Lane, packet: Packet) {
+        let mut out = BytesMut::new();
+        packet.encode(Protocol::V5, &mut out).unwrap();
+        let now = sim.now();
+        sim.machine(SERVER).as_quic().0.send_lane(now, self.conn.unwrap(), lane, out.freeze()).unwrap();
+    }
+
+    /// Runs until the client has sent a packet `pick` likes; takes it, with its stream.
+    fn wait(&mut self, sim: &mut Sim<Node>, pick: impl Fn(&Packet) -> bool) -> (Lane, Packet) {
+        for _ in 0..50_000 {
+            self.take(sim);
+            if let Some(i) = self.got.iter().position(|(_, p)| pick(p)) {
+                return self.got.remove(i);
+            }
+            assert!(sim.step(), "the simulation ran dry");
+        }
+        panic!("the client did not send it");
+    }
+}
+
+fn client_events(sim: &mut Sim<Node>, host: usize) -> &mut Vec<ClientEvent> {
+    sim.machine(host).events()
+}
+
+fn run_until_event(sim: &mut Sim<Node>, host: usize, pick: impl Fn(&ClientEvent) -> bool) {
+    for _ in 0..50_000 {
+        if client_events(sim, host).iter().any(&pick) {
+            return;
+        }
+        assert!(sim.step(), "the simulation ran dry");
+    }
+    panic!("no such event");
+}
+
+#[test]
+fn a_stream_the_server_ends_fails_its_pending_requests_and_reopens_on_next_use() {
+    let (mut sim, c) = bare_world(4);
+    let mut srv = Bare { decoders: Default::default(), got: Vec::new(), ended: Vec::new(), conn: None };
+    let now = sim.now();
+    sim.machine(c).as_client().start(now).unwrap();
+    srv.wait(&mut sim, |p| matches!(p, Packet::Connect(_)));
+    srv.send(&mut sim, Lane::CONTROL, Packet::ConnAck(Box::default()));
+    run_until_event(&mut sim, c, |e| matches!(e, ClientEvent::Connected { .. }));
+
+    // A subscribe on a stream; the server resets the stream instead of answering.
+    let now = sim.now();
+    let h = sim.machine(c).as_client().open_stream(now, 3).unwrap();
+    let x = sim.machine(c).as_client().subscribe_on(now, h, vec![sub("x")], None).unwrap();
+    let (l1, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
+    assert!(!l1.is_control());
+    let now = sim.now();
+    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn.unwrap(), l1, 1).unwrap();
+    run_until_event(&mut sim, c, |e| *e == ClientEvent::Aborted { id: x });
+    assert_eq!(sim.machine(c).as_client().stream_lane(h), None);
+    assert!(sim.machine(c).as_client().is_connected());
+
+    // The handle's next command opens a new stream.
+    let now = sim.now();
+    let y = sim.machine(c).as_client().subscribe_on(now, h, vec![sub("y")], None).unwrap();
+    let (l2, p) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
+    assert!(l2 != l1 && !l2.is_control());
+    let Packet::Subscribe(s) = p else { unreachable!() };
+    assert_eq!(s.subscriptions.iter().map(|s| s.filter.to_string()).collect::<Vec<_>>(), ["y"]);
+    let ack = mqtt_proto::SubAck {
+        packet_id: s.packet_id,
+        properties: Default::default(),
+        reason_codes: vec![ReasonCode::GrantedQos2].into(),
+    };
+    srv.send(&mut sim, l2, Packet::SubAck(ack));
+    run_until_event(&mut sim, c, |e| matches!(e, ClientEvent::Subscribed { id, .. } if *id == y));
+
+    // Reset again: the granted subscription is made again on the next stream, before the
+    // publish that reopened it.
+    let now = sim.now();
+    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn.unwrap(), l2, 1).unwrap();
+    let until = sim.now() + Duration::from_millis(200);
+    sim.drive_to(until);
+    assert_eq!(sim.machine(c).as_client().stream_lane(h), None);
+    let now = sim.now();
+    sim.machine(c).as_client().publish_on(now, h, message("t", "m", QoS::AtLeastOnce)).unwrap();
+    let (l3, p) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
+    assert!(l3 != l2 && !l3.is_control());
+    assert!(matches!(p, Packet::Subscribe(s) if s.subscriptions.iter().map(|s| s.filter.to_string()).collect::<Vec<_>>() == ["y"]));
+    let (l, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Publish(_)));
+    assert_eq!(l, l3);
+
+    // A control packet on a data stream breaks it: the client resets that stream only.
+    srv.send(&mut sim, l3, Packet::PingResp);
+    for _ in 0..50_000 {
+        srv.take(&mut sim);
+        if srv.ended.contains(&l3) {
+            break;
+        }
+        assert!(sim.step());
+    }
+    assert!(srv.ended.contains(&l3));
+    assert!(sim.machine(c).as_client().is_connected());
+    // The QoS 1 message in flight there is kept, for the stream's next QUIC stream.
+    assert_eq!(sim.machine(c).as_client().stream_session(h).unwrap().pending_publishes(), 1);
 }
