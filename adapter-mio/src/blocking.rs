@@ -149,7 +149,11 @@ impl Client {
     }
 
     /// Unsubscribes on a data stream; returns UNSUBACK's codes.
-    pub fn unsubscribe_on(&mut self, stream: StreamHandle, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
+    pub fn unsubscribe_on(
+        &mut self,
+        stream: StreamHandle,
+        filters: Vec<TopicFilter>,
+    ) -> Result<Vec<ReasonCode>, ClientError> {
         let t = self.inner.unsubscribe_on(self.poll.registry(), stream, filters);
         Ok(self.wait(t)?.into_codes())
     }

@@ -346,7 +346,12 @@ impl MioClient {
     }
 
     /// Unsubscribes on a data stream; completes with UNSUBACK's codes.
-    pub fn unsubscribe_on(&mut self, registry: &Registry, stream: StreamHandle, filters: Vec<TopicFilter>) -> RequestToken {
+    pub fn unsubscribe_on(
+        &mut self,
+        registry: &Registry,
+        stream: StreamHandle,
+        filters: Vec<TopicFilter>,
+    ) -> RequestToken {
         let token = self.token();
         self.driver.unsubscribe_on(now(), stream, filters, token);
         self.flush(registry);

@@ -360,7 +360,12 @@ impl ClientMachine {
 
     /// Publishes on a data stream: see [`ClientSession::publish`] and "Data streams" in the
     /// module docs. [`CommandError::UnknownStream`] for a closed handle.
-    pub fn publish_on(&mut self, now: Instant, handle: StreamHandle, publish: Publish) -> Result<RequestId, CommandError> {
+    pub fn publish_on(
+        &mut self,
+        now: Instant,
+        handle: StreamHandle,
+        publish: Publish,
+    ) -> Result<RequestId, CommandError> {
         self.on_stream(now, handle, |s, now| s.publish(now, publish))
     }
 

@@ -16,8 +16,8 @@ use crate::rng::SplitMix64;
 use crate::timers::TimerIndex;
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{
-    ConnectionError, ConnectionHandle, DatagramEvent, Dir, SendDatagramError, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
-    StreamEvent, StreamId, VarInt, WriteError,
+    ConnectionError, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event as QuinnEvent, Incoming, ReadError,
+    SendDatagramError, StreamEvent, StreamId, VarInt, WriteError,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -616,7 +616,8 @@ impl QuicEndpoint {
             return Err(CommandError::NotConnected);
         }
         let id = c.quic.streams().open(Dir::Bi).ok_or(CommandError::StreamLimit)?;
-        let lane = DataLane { id, outbound: VecDeque::new(), finish_requested: false, finished: false, recv_done: false };
+        let lane =
+            DataLane { id, outbound: VecDeque::new(), finish_requested: false, finished: false, recv_done: false };
         c.lanes.insert(Lane::of(id), lane);
         self.drive(now, ConnectionHandle(conn.0));
         Ok(Lane::of(id))
@@ -633,7 +634,8 @@ impl QuicEndpoint {
             return Err(CommandError::NotConnected);
         }
         let id = c.quic.streams().open(Dir::Uni).ok_or(CommandError::StreamLimit)?;
-        let lane = DataLane { id, outbound: VecDeque::new(), finish_requested: false, finished: false, recv_done: true };
+        let lane =
+            DataLane { id, outbound: VecDeque::new(), finish_requested: false, finished: false, recv_done: true };
         c.lanes.insert(Lane::of(id), lane);
         self.drive(now, ConnectionHandle(conn.0));
         Ok(Lane::of(id))

@@ -175,7 +175,9 @@ fn streams_carry_their_own_subscriptions_publishes_and_acks() {
     let sub_a = w.subscribe_on(s, a, "t/a");
     w.start(s);
     w.start(p);
-    assert!(matches!(w.wait(s, sub_a), ClientEvent::Subscribed { ref reason_codes, .. } if reason_codes == &[ReasonCode::GrantedQos2]));
+    assert!(
+        matches!(w.wait(s, sub_a), ClientEvent::Subscribed { ref reason_codes, .. } if reason_codes == &[ReasonCode::GrantedQos2])
+    );
     let sub_b = w.subscribe_on(s, b, "t/b");
     assert!(matches!(w.wait(s, sub_b), ClientEvent::Subscribed { .. }));
     assert_eq!(w.broker().subscriptions(), 2);
@@ -222,11 +224,15 @@ fn streams_carry_their_own_subscriptions_publishes_and_acks() {
     // The control session never had "t/a": unsubscribing there finds nothing.
     let now = w.sim.now();
     let un = w.c(s).unsubscribe(now, vec![TopicFilter::new("t/a").unwrap()]).unwrap();
-    assert!(matches!(w.wait(s, un), ClientEvent::Unsubscribed { ref reason_codes, .. } if reason_codes == &[ReasonCode::NoSubscriptionExisted]));
+    assert!(
+        matches!(w.wait(s, un), ClientEvent::Unsubscribed { ref reason_codes, .. } if reason_codes == &[ReasonCode::NoSubscriptionExisted])
+    );
     // On its stream it is there.
     let now = w.sim.now();
     let un = w.c(s).unsubscribe_on(now, a, vec![TopicFilter::new("t/a").unwrap()]).unwrap();
-    assert!(matches!(w.wait(s, un), ClientEvent::Unsubscribed { ref reason_codes, .. } if reason_codes == &[ReasonCode::Success]));
+    assert!(
+        matches!(w.wait(s, un), ClientEvent::Unsubscribed { ref reason_codes, .. } if reason_codes == &[ReasonCode::Success])
+    );
     assert_eq!(w.broker().subscriptions(), 1);
     // Closing a stream ends its subscriptions at the broker; the others go on.
     let now = w.sim.now();
@@ -414,7 +420,10 @@ fn over_a_byte_stream_stream_handles_fall_back_to_the_one_stream() {
     pipes.run_until(|p| payloads(&p.clients[0].2) == ["one", "two"]);
     pipes.run_until(|p| {
         [one, two].iter().all(|id| {
-            p.clients[1].2.iter().any(|e| matches!(e, ClientEvent::Published { id: i, reason: ReasonCode::Success } if i == id))
+            p.clients[1]
+                .2
+                .iter()
+                .any(|e| matches!(e, ClientEvent::Published { id: i, reason: ReasonCode::Success } if i == id))
         })
     });
     // Closing a handle there closes nothing but the handle.
@@ -562,7 +571,9 @@ fn a_stream_the_server_ends_fails_its_pending_requests_and_reopens_on_next_use()
     sim.machine(c).as_client().publish_on(now, h, message("t", "m", QoS::AtLeastOnce)).unwrap();
     let (l3, p) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
     assert!(l3 != l2 && !l3.is_control());
-    assert!(matches!(p, Packet::Subscribe(s) if s.subscriptions.iter().map(|s| s.filter.to_string()).collect::<Vec<_>>() == ["y"]));
+    assert!(
+        matches!(p, Packet::Subscribe(s) if s.subscriptions.iter().map(|s| s.filter.to_string()).collect::<Vec<_>>() == ["y"])
+    );
     let (l, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Publish(_)));
     assert_eq!(l, l3);
 

@@ -6,8 +6,8 @@
 
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{
-    Ack, Connect, Decoder, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid, Subscribe,
-    Subscription, SubscriptionOptions, TopicFilter, TopicName,
+    Ack, Connect, Decoder, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid, Subscribe, Subscription,
+    SubscriptionOptions, TopicFilter, TopicName,
 };
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig, TransportSettings};
@@ -69,14 +69,22 @@ impl World {
     fn raw(&mut self, n: u8, datagrams: bool) -> Raw {
         let mut qc = ClientConfig::new(ClientTls::insecure());
         qc.seed = u64::from(n) * 7;
-            qc.transport = transport(datagrams);
+        qc.transport = transport(datagrams);
         let endpoint = QuicEndpoint::client(&qc).unwrap();
-        let host =
-            self.sim.add_host(format!("10.0.1.{n}:5000{n}").parse().unwrap(), Node::Quic(Box::new(endpoint), Vec::new()));
+        let host = self
+            .sim
+            .add_host(format!("10.0.1.{n}:5000{n}").parse().unwrap(), Node::Quic(Box::new(endpoint), Vec::new()));
         let now = self.sim.now();
         let conn = self.sim.machine(host).as_quic().0.connect(now, broker_addr(), "broker.test").unwrap();
-        let mut raw =
-            Raw { host, conn, decoders: BTreeMap::new(), got: Vec::new(), ended: Vec::new(), closed: None, connected: false };
+        let mut raw = Raw {
+            host,
+            conn,
+            decoders: BTreeMap::new(),
+            got: Vec::new(),
+            ended: Vec::new(),
+            closed: None,
+            connected: false,
+        };
         assert!(self.run_until(|w| {
             w.take(&mut raw);
             raw.connected
@@ -155,10 +163,9 @@ impl World {
     fn connect(&mut self, raw: &mut Raw, id: &str, datagrams: bool) {
         let mut c = Connect::new(Protocol::V5, MqttString::try_from(id).unwrap());
         if datagrams {
-            c.properties.user_properties.push((
-                MqttString::try_from("quic-datagrams").unwrap(),
-                MqttString::try_from("qos0").unwrap(),
-            ));
+            c.properties
+                .user_properties
+                .push((MqttString::try_from("quic-datagrams").unwrap(), MqttString::try_from("qos0").unwrap()));
         }
         self.send(raw, Lane::CONTROL, Packet::Connect(Box::new(c)));
         assert!(self.run_until(|w| {
@@ -223,7 +230,9 @@ fn data_streams_carry_their_own_acks_ids_and_subscriptions() {
     let on_a = on(&mut sub, Some(a));
     let on_b = on(&mut sub, Some(b));
     assert!(matches!(&on_a[..], [Packet::SubAck(s)] if s.packet_id.get() == 1), "{on_a:?}");
-    assert!(matches!(&on_b[..], [Packet::SubAck(x), Packet::SubAck(y)] if x.packet_id.get() == 1 && y.packet_id.get() == 2));
+    assert!(
+        matches!(&on_b[..], [Packet::SubAck(x), Packet::SubAck(y)] if x.packet_id.get() == 1 && y.packet_id.get() == 2)
+    );
     assert_eq!(w.broker().subscriptions(), 3);
 
     let mut publ = w.raw(2, false);
@@ -245,7 +254,9 @@ fn data_streams_carry_their_own_acks_ids_and_subscriptions() {
     assert_eq!(payloads(&on_a), ["one"]);
     assert_eq!(payloads(&on_b), ["one", "two"]);
     let ids = |ps: &[Packet]| -> Vec<u16> {
-        ps.iter().filter_map(|p| if let Packet::Publish(p) = p { p.packet_id().map(|i| i.get()) } else { None }).collect()
+        ps.iter()
+            .filter_map(|p| if let Packet::Publish(p) = p { p.packet_id().map(|i| i.get()) } else { None })
+            .collect()
     };
     assert_eq!(ids(&on_a), [1]);
     assert_eq!(ids(&on_b), [1, 2]);
@@ -281,7 +292,11 @@ fn a_broken_data_stream_ends_alone_and_the_control_stream_ends_the_connection() 
     let bad = w.open(&c);
     w.send(&c, bad, Packet::Connect(Box::new(Connect::new(Protocol::V5, MqttString::try_from("again").unwrap()))));
     w.settle(&mut [&mut c]);
-    assert!(c.ended.iter().any(|(l, e)| *l == bad && matches!(e, LaneEnd::Reset(1) | LaneEnd::Stopped(1))), "{:?}", c.ended);
+    assert!(
+        c.ended.iter().any(|(l, e)| *l == bad && matches!(e, LaneEnd::Reset(1) | LaneEnd::Stopped(1))),
+        "{:?}",
+        c.ended
+    );
     assert!(c.closed.is_none());
     assert_eq!(w.broker().subscriptions(), 1);
     // Malformed bytes likewise.

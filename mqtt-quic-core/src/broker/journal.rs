@@ -21,9 +21,9 @@
 use super::links::Peer;
 use super::machine::Broker;
 use crate::persist::log::MessageLog;
-use crate::quic::Lane;
 use crate::persist::records::{client_key, messages_prefix, SessionRecord, TimedMessage};
 use crate::persist::{Persistence, StoreBatch, StoreOp, Table};
+use crate::quic::Lane;
 use crate::session::outbound::Change;
 use crate::session::server::SessionState;
 use bytes::Bytes;

@@ -18,6 +18,7 @@ pub use super::sys::Stats;
 
 use super::auth::{AuthId, AuthRequest, AuthVerdict};
 use super::journal::Journal;
+use super::lanes::LaneState;
 use super::links::Links;
 use super::local::LOCAL_BASE;
 use super::policy::{may_read, Logins};
@@ -29,7 +30,6 @@ use super::sys::Schedule;
 use crate::config::ConfigError;
 use crate::machine::Datagram;
 use crate::quic::{self, Lane, Transmit};
-use super::lanes::LaneState;
 use crate::session::server::{ServerEvent, ServerSession};
 use crate::timers::TimerIndex;
 use bytes::Bytes;

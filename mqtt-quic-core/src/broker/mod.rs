@@ -37,8 +37,8 @@
 
 pub mod auth;
 mod config;
-mod events;
 mod datagrams;
+mod events;
 mod journal;
 mod lanes;
 pub mod lifecycle;

@@ -380,7 +380,10 @@ impl ClientSession {
             if let Some(packet_id) = self.outbound.allocate_id() {
                 let subscriptions = self.subscriptions.iter().cloned().collect();
                 self.requests.insert(packet_id.get(), Request::Resubscribe);
-                self.write(now, &Packet::Subscribe(Subscribe { packet_id, properties: Default::default(), subscriptions }));
+                self.write(
+                    now,
+                    &Packet::Subscribe(Subscribe { packet_id, properties: Default::default(), subscriptions }),
+                );
             }
         }
         for waiting in std::mem::take(&mut self.waiting) {
