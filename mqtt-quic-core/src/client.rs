@@ -35,9 +35,14 @@
 //!   subscriptions again, as after a reconnect).
 //! - [`ClientMachine::close_stream`] ends a handle: its stream is finished (FIN) and
 //!   everything still pending on it ends with [`ClientEvent::Aborted`].
+//! - A stream the server does not allow yet (its limit on concurrent streams) stays without
+//!   a QUIC stream, its requests waiting as while disconnected; it is tried again at the
+//!   handle's next command and at the next connection.
 //! - Over a byte stream (TCP, TLS) there is only one stream: a handle's commands go to the
 //!   control session, exactly as [`ClientMachine::publish`] and its siblings would, and the
-//!   priority is ignored. Code written for streams thus runs unchanged over TCP.
+//!   priority is ignored. Code written for streams thus runs unchanged over TCP. Closing a
+//!   handle there ends nothing but the handle: what was subscribed through it is the
+//!   connection's, and stays.
 //! - Messages published on streams are not journaled in a client store.
 
 use crate::backoff::Backoff;
