@@ -7,7 +7,7 @@ use async_std::io::{ReadExt, WriteExt};
 use async_std::net::{TcpStream, UdpSocket};
 use futures_lite::future;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
-use mqtt_quic_core::client::StreamCommand;
+use mqtt_quic_core::client::{StreamCommand, StreamHandle};
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
@@ -32,6 +32,88 @@ type Command = mqtt_quic_core::driver::Command<Reply>;
 struct Shared {
     state: Mutex<ConnectionState>,
     watchers: Mutex<Vec<Sender<ConnectionState>>>,
+}
+
+/// A data stream of a [`Client`], from [`Client::open_stream`]: publishes, subscribes and
+/// unsubscribes made through it travel on its own QUIC stream, their acknowledgements come
+/// back on it, and the broker delivers on it what its subscriptions match. Messages arrive
+/// with the client's others (in [`Client::messages`]).
+///
+/// Dropping it closes the stream, as [`ClientStream::close`] does. While it lives it keeps
+/// the connection, as a [`Client`] handle does.
+pub struct ClientStream {
+    commands: Sender<Command>,
+    handle: StreamHandle,
+    /// Closed by `close`: nothing to do on drop.
+    closed: bool,
+}
+
+impl ClientStream {
+    /// The core's handle for this stream.
+    pub fn handle(&self) -> StreamHandle {
+        self.handle
+    }
+
+    /// Hands the command over now (commands keep the order of the calls) and returns the
+    /// wait for its result.
+    fn call(
+        &self,
+        make: impl FnOnce(Reply) -> Command,
+    ) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
+        let (tx, rx) = async_channel::bounded(1);
+        let sent = self.commands.try_send(make(tx)).is_ok();
+        async move {
+            if !sent {
+                return Err(ClientError::Closed);
+            }
+            rx.recv().await.map_err(|_| ClientError::Closed)?.map_err(|e| ClientError::from_driver(e, ""))
+        }
+    }
+
+    /// Publishes on this stream; resolves as [`Client::publish`] does. A QoS 2 message in
+    /// flight when the connection drops fails with [`ClientError::ConnectionLost`] (the
+    /// broker's QoS 2 state for it ended with the stream, so it is not sent again).
+    pub fn publish(&self, publish: Publish) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
+        let handle = self.handle;
+        let done = self.call(move |tx| Command::PublishOn(handle, publish, tx));
+        async move { done.await.map(drop) }
+    }
+
+    /// Subscribes to one filter on this stream (its messages are delivered on it); resolves
+    /// with the granted QoS, as [`Client::subscribe`] does.
+    pub async fn subscribe(&self, filter: TopicFilter, qos: QoS) -> Result<QoS, ClientError> {
+        let handle = self.handle;
+        self.call(|tx| Command::SubscribeOn(handle, vec![Subscription::new(filter, qos)], tx)).await?.granted_qos()
+    }
+
+    /// Subscribes to several filters on this stream; resolves with SUBACK's code for each.
+    pub async fn subscribe_many(&self, subscriptions: Vec<Subscription>) -> Result<Vec<ReasonCode>, ClientError> {
+        let handle = self.handle;
+        Ok(self.call(|tx| Command::SubscribeOn(handle, subscriptions, tx)).await?.into_codes())
+    }
+
+    /// Unsubscribes on this stream; resolves with UNSUBACK's codes.
+    pub async fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
+        let handle = self.handle;
+        Ok(self.call(|tx| Command::UnsubscribeOn(handle, filters, tx)).await?.into_codes())
+    }
+
+    /// Closes the stream: the broker drops its subscriptions, and what is still pending on it
+    /// fails with [`ClientError::ConnectionLost`].
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.closed = true;
+        let handle = self.handle;
+        self.call(|tx| Command::CloseStream(handle, Some(tx))).await.map(drop)
+    }
+}
+
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        if !self.closed {
+            // Fails only once the client is gone, and the stream with it.
+            let _ = self.commands.try_send(Command::CloseStream(self.handle, None));
+        }
+    }
 }
 
 /// Incoming messages, in order: a `Stream`, or call [`Messages::recv`].
@@ -258,6 +340,18 @@ impl Client {
     /// Unsubscribes; resolves with UNSUBACK's codes (empty for MQTT 3.1.1).
     pub async fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
         Ok(self.call(|tx| Command::Unsubscribe(filters, tx)).await?.into_codes())
+    }
+
+    /// Opens a data stream (EMQX's multi-stream mode) with send `priority`: traffic put on it
+    /// through the returned [`ClientStream`] is not held up behind the other streams' (QUIC
+    /// delivers each stream in order, streams independently), and when several streams have
+    /// bytes waiting the higher priority's go first. Its QUIC stream opens once connected,
+    /// and again after each reconnect, making its subscriptions again (see "Data streams" in
+    /// [`mqtt_quic_core::client`] for what happens to requests in flight then). Over `mqtt://`
+    /// there is one stream: the handle's traffic goes on it.
+    pub async fn open_stream(&self, priority: i32) -> Result<ClientStream, ClientError> {
+        let handle = self.call(|tx| Command::OpenStream(priority, tx)).await?.into_stream()?;
+        Ok(ClientStream { commands: self.commands.clone(), handle, closed: false })
     }
 
     /// Disconnects cleanly and waits for the connection to close. With a store

@@ -20,7 +20,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::client::{MioClient, RequestToken};
+use crate::client::{MioClient, RequestToken, StreamHandle};
 use crate::now;
 use mio::{Events, Poll, Token};
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
@@ -126,6 +126,41 @@ impl Client {
     pub fn unsubscribe(&mut self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
         let t = self.inner.unsubscribe(self.poll.registry(), filters);
         Ok(self.wait(t)?.into_codes())
+    }
+
+    /// Opens a data stream (EMQX's multi-stream mode) with send `priority`; see
+    /// [`MioClient::open_stream`]. Use the handle with [`Client::publish_on`] and its siblings
+    /// (this client is used through `&mut`, so its streams are handles rather than objects).
+    pub fn open_stream(&mut self, priority: i32) -> Result<StreamHandle, ClientError> {
+        self.inner.open_stream(self.poll.registry(), priority)
+    }
+
+    /// Publishes on a data stream and returns when done, as [`Client::publish`] does.
+    pub fn publish_on(&mut self, stream: StreamHandle, publish: Publish) -> Result<(), ClientError> {
+        let t = self.inner.publish_on(self.poll.registry(), stream, publish);
+        self.wait(t).map(drop)
+    }
+
+    /// Subscribes to one filter on a data stream (its messages are delivered on it); returns
+    /// the granted QoS, as [`Client::subscribe`] does.
+    pub fn subscribe_on(&mut self, stream: StreamHandle, filter: TopicFilter, qos: QoS) -> Result<QoS, ClientError> {
+        let t = self.inner.subscribe_on(self.poll.registry(), stream, vec![Subscription::new(filter, qos)]);
+        self.wait(t)?.granted_qos()
+    }
+
+    /// Unsubscribes on a data stream; returns UNSUBACK's codes.
+    pub fn unsubscribe_on(
+        &mut self,
+        stream: StreamHandle,
+        filters: Vec<TopicFilter>,
+    ) -> Result<Vec<ReasonCode>, ClientError> {
+        let t = self.inner.unsubscribe_on(self.poll.registry(), stream, filters);
+        Ok(self.wait(t)?.into_codes())
+    }
+
+    /// Closes a data stream (see [`MioClient::close_stream`]).
+    pub fn close_stream(&mut self, stream: StreamHandle) -> Result<(), ClientError> {
+        self.inner.close_stream(self.poll.registry(), stream)
     }
 
     /// The next message, waiting at most `timeout`; `None` if none came.

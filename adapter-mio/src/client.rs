@@ -9,12 +9,13 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use mqtt_proto::{Publish, Subscription, TopicFilter};
 use mqtt_quic_core::client::StreamCommand;
+pub use mqtt_quic_core::client::StreamHandle;
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_quic_core::Datagram;
 use mqtt_store::ClientStore;
 
-pub use crate::threaded::{Client, Messages, StateChanges};
+pub use crate::threaded::{Client, ClientStream, Messages, StateChanges};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -306,6 +307,63 @@ impl MioClient {
         self.driver.unsubscribe(now(), filters, token);
         self.flush(registry);
         token
+    }
+
+    /// Opens a data stream (EMQX's multi-stream mode) with send `priority`: what is published,
+    /// subscribed or unsubscribed through its handle ([`MioClient::publish_on`] and siblings)
+    /// travels on its own QUIC stream, so it is not held up behind the other streams' traffic,
+    /// and the higher priority's bytes go first. Its QUIC stream opens once connected, and
+    /// again after each reconnect, making its subscriptions again (see "Data streams" in
+    /// [`mqtt_quic_core::client`]). Over `mqtt://` there is one stream: the handle's traffic
+    /// goes on it. Messages arrive in [`MioClient::poll_message`] with the others.
+    pub fn open_stream(&mut self, registry: &Registry, priority: i32) -> Result<StreamHandle, ClientError> {
+        let r = self.driver.open_stream(now(), priority);
+        self.flush(registry);
+        r.map_err(|e| self.error(e))
+    }
+
+    /// Publishes on a data stream; completes as [`MioClient::publish`] does (a QoS 2 message
+    /// in flight when the connection drops fails with [`DriverError::ConnectionLost`]).
+    pub fn publish_on(&mut self, registry: &Registry, stream: StreamHandle, publish: Publish) -> RequestToken {
+        let token = self.token();
+        self.driver.publish_on(now(), stream, publish, token);
+        self.flush(registry);
+        token
+    }
+
+    /// Subscribes on a data stream (the messages are delivered on it); completes with
+    /// SUBACK's codes.
+    pub fn subscribe_on(
+        &mut self,
+        registry: &Registry,
+        stream: StreamHandle,
+        subscriptions: Vec<Subscription>,
+    ) -> RequestToken {
+        let token = self.token();
+        self.driver.subscribe_on(now(), stream, subscriptions, token);
+        self.flush(registry);
+        token
+    }
+
+    /// Unsubscribes on a data stream; completes with UNSUBACK's codes.
+    pub fn unsubscribe_on(
+        &mut self,
+        registry: &Registry,
+        stream: StreamHandle,
+        filters: Vec<TopicFilter>,
+    ) -> RequestToken {
+        let token = self.token();
+        self.driver.unsubscribe_on(now(), stream, filters, token);
+        self.flush(registry);
+        token
+    }
+
+    /// Closes a data stream: the broker drops its subscriptions, and what is still pending on
+    /// it completes with [`DriverError::ConnectionLost`].
+    pub fn close_stream(&mut self, registry: &Registry, stream: StreamHandle) -> Result<(), ClientError> {
+        let r = self.driver.close_stream(now(), stream);
+        self.flush(registry);
+        r.map_err(|e| self.error(e))
     }
 
     /// Disconnects (DISCONNECT, then the connection closes); the token completes when done.

@@ -19,7 +19,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::client::{MioClient, RequestToken};
+use crate::client::{MioClient, RequestToken, StreamHandle};
 use mio::{Events, Poll, Token, Waker};
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState, MessageBacklog, Outcome};
@@ -255,10 +255,93 @@ impl Client {
         Ok(self.call(|tx| Command::Unsubscribe(filters, tx))?.into_codes())
     }
 
+    /// Opens a data stream (EMQX's multi-stream mode) with send `priority`: traffic put on it
+    /// through the returned [`ClientStream`] is not held up behind the other streams' (QUIC
+    /// delivers each stream in order, streams independently), and when several streams have
+    /// bytes waiting the higher priority's go first. Its QUIC stream opens once connected,
+    /// and again after each reconnect, making its subscriptions again (see "Data streams" in
+    /// [`mqtt_quic_core::client`] for what happens to requests in flight then). Over `mqtt://`
+    /// there is one stream: the handle's traffic goes on it.
+    pub fn open_stream(&self, priority: i32) -> Result<ClientStream, ClientError> {
+        let stream = self.call(|tx| Command::OpenStream(priority, tx))?.into_stream()?;
+        Ok(ClientStream { handle: self.handle.clone(), stream, closed: false })
+    }
+
     /// Sends DISCONNECT (normal, so the broker discards the will), waits for the connection to
     /// close, and ends the client. Unacknowledged QoS 1 and 2 publishes are abandoned.
     pub fn disconnect(&self) -> Result<(), ClientError> {
         self.call(|tx| Command::Disconnect(Some(tx))).map(drop)
+    }
+}
+
+/// A data stream of a [`Client`], from [`Client::open_stream`]: publishes, subscribes and
+/// unsubscribes made through it travel on its own QUIC stream, their acknowledgements come
+/// back on it, and the broker delivers on it what its subscriptions match. Messages arrive
+/// with the client's others (in [`Client::messages`]).
+///
+/// Dropping it closes the stream, as [`ClientStream::close`] does. While it lives it keeps
+/// the connection, as a [`Client`] handle does.
+pub struct ClientStream {
+    handle: Arc<Handle>,
+    stream: StreamHandle,
+    /// Closed by `close`: nothing to do on drop.
+    closed: bool,
+}
+
+impl ClientStream {
+    /// The core's handle for this stream.
+    pub fn handle(&self) -> StreamHandle {
+        self.stream
+    }
+
+    /// Hands the command to the client's thread and waits for its result.
+    fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, ClientError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let commands = self.handle.commands.as_ref().ok_or(ClientError::Closed)?;
+        commands.send(make(tx)).map_err(|_| ClientError::Closed)?;
+        let _ = self.handle.waker.wake();
+        rx.recv().map_err(|_| ClientError::Closed)?
+    }
+
+    /// Publishes on this stream and returns when done, as [`Client::publish`] does. A QoS 2
+    /// message in flight when the connection drops fails with [`ClientError::ConnectionLost`]
+    /// (the broker's QoS 2 state for it ended with the stream, so it is not sent again).
+    pub fn publish(&self, publish: Publish) -> Result<(), ClientError> {
+        self.call(|tx| Command::PublishOn(self.stream, publish, tx)).map(drop)
+    }
+
+    /// Subscribes to one filter on this stream (its messages are delivered on it); returns
+    /// the granted QoS, as [`Client::subscribe`] does.
+    pub fn subscribe(&self, filter: TopicFilter, qos: QoS) -> Result<QoS, ClientError> {
+        self.call(|tx| Command::SubscribeOn(self.stream, vec![Subscription::new(filter, qos)], tx))?.granted_qos()
+    }
+
+    /// Subscribes to several filters on this stream; returns SUBACK's code for each.
+    pub fn subscribe_many(&self, subscriptions: Vec<Subscription>) -> Result<Vec<ReasonCode>, ClientError> {
+        Ok(self.call(|tx| Command::SubscribeOn(self.stream, subscriptions, tx))?.into_codes())
+    }
+
+    /// Unsubscribes on this stream; returns UNSUBACK's codes.
+    pub fn unsubscribe(&self, filters: Vec<TopicFilter>) -> Result<Vec<ReasonCode>, ClientError> {
+        Ok(self.call(|tx| Command::UnsubscribeOn(self.stream, filters, tx))?.into_codes())
+    }
+
+    /// Closes the stream: the broker drops its subscriptions, and what is still pending on it
+    /// fails with [`ClientError::ConnectionLost`].
+    pub fn close(mut self) -> Result<(), ClientError> {
+        self.closed = true;
+        self.call(|tx| Command::CloseStream(self.stream, Some(tx))).map(drop)
+    }
+}
+
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        if let (false, Some(commands)) = (self.closed, self.handle.commands.as_ref()) {
+            // Fails only once the client is gone, and the stream with it.
+            if commands.send(Command::CloseStream(self.stream, None)).is_ok() {
+                let _ = self.handle.waker.wake();
+            }
+        }
     }
 }
 
@@ -343,6 +426,21 @@ impl Thread {
                 Command::Subscribe(s, reply) => (self.inner.subscribe(registry, s), Some(reply)),
                 Command::Unsubscribe(f, reply) => (self.inner.unsubscribe(registry, f), Some(reply)),
                 Command::Disconnect(reply) => (self.inner.disconnect(registry), reply),
+                Command::PublishOn(h, p, reply) => (self.inner.publish_on(registry, h, p), Some(reply)),
+                Command::SubscribeOn(h, s, reply) => (self.inner.subscribe_on(registry, h, s), Some(reply)),
+                Command::UnsubscribeOn(h, f, reply) => (self.inner.unsubscribe_on(registry, h, f), Some(reply)),
+                // Done at once: answered here.
+                Command::OpenStream(priority, reply) => {
+                    let _ = reply.send(self.inner.open_stream(registry, priority).map(Outcome::Stream));
+                    continue;
+                }
+                Command::CloseStream(h, reply) => {
+                    let r = self.inner.close_stream(registry, h).map(|()| Outcome::Done);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             if let Some(reply) = reply {
@@ -381,8 +479,14 @@ impl Thread {
 /// Where a command's result would go.
 fn reply_of(command: Command) -> Option<Reply> {
     match command {
-        Command::Publish(_, r) | Command::Subscribe(_, r) | Command::Unsubscribe(_, r) => Some(r),
-        Command::Disconnect(r) => r,
+        Command::Publish(_, r)
+        | Command::Subscribe(_, r)
+        | Command::Unsubscribe(_, r)
+        | Command::OpenStream(_, r)
+        | Command::PublishOn(_, _, r)
+        | Command::SubscribeOn(_, _, r)
+        | Command::UnsubscribeOn(_, _, r) => Some(r),
+        Command::Disconnect(r) | Command::CloseStream(_, r) => r,
         _ => None,
     }
 }

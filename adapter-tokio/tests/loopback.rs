@@ -410,3 +410,49 @@ async fn state_changes_start_after_the_call() {
     assert!(matches!(next, Some(ConnectionState::Closed { .. })), "{next:?}");
     s.shutdown().await;
 }
+
+/// Data streams over real sockets: a subscriber with a subscription on each of two streams, a
+/// publisher publishing on a stream of its own, and a stream handle over TCP (which falls back
+/// to the one stream there is).
+#[tokio::test]
+async fn data_streams_publish_and_receive_over_quic_and_fall_back_over_tcp() {
+    let s = server().await;
+    let quic = url("quic", s.quic_addr());
+    let sub = client(&quic, "stream-sub").await;
+    let mut messages = sub.messages().unwrap();
+    let a = sub.open_stream(1).await.unwrap();
+    let b = sub.open_stream(0).await.unwrap();
+    assert_ne!(a.handle(), b.handle());
+    assert_eq!(a.subscribe(TopicFilter::new("a/#").unwrap(), QoS::AtLeastOnce).await.unwrap(), QoS::AtLeastOnce);
+    assert_eq!(b.subscribe(TopicFilter::new("b/#").unwrap(), QoS::ExactlyOnce).await.unwrap(), QoS::ExactlyOnce);
+    let publisher = client(&quic, "stream-pub").await;
+    let out = publisher.open_stream(5).await.unwrap();
+    out.publish(Publish::new(topic("a/1"), "one").with_qos(QoS::AtLeastOnce)).await.unwrap();
+    out.publish(Publish::new(topic("b/1"), "two").with_qos(QoS::ExactlyOnce)).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("message timed out").unwrap();
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    got.sort();
+    assert_eq!(got, ["one", "two"]);
+    // Closing a stream ends its subscription: "b/#" no longer delivers, "a/#" still does.
+    b.close().await.unwrap();
+    out.publish(Publish::new(topic("b/2"), "gone").with_qos(QoS::AtLeastOnce)).await.unwrap();
+    out.publish(Publish::new(topic("a/2"), "three").with_qos(QoS::AtLeastOnce)).await.unwrap();
+    let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("message timed out").unwrap();
+    assert_eq!(&m.payload[..], b"three");
+
+    // Over TCP a stream handle works the same, on the one stream.
+    let tcp = client(&url("mqtt", s.tcp_addr()), "stream-tcp").await;
+    let t = tcp.open_stream(0).await.unwrap();
+    t.publish(Publish::new(topic("a/3"), "four").with_qos(QoS::ExactlyOnce)).await.unwrap();
+    let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("message timed out").unwrap();
+    assert_eq!(&m.payload[..], b"four");
+    drop(t);
+    drop(a);
+    tcp.disconnect().await.unwrap();
+    publisher.disconnect().await.unwrap();
+    sub.disconnect().await.unwrap();
+    s.shutdown().await;
+}

@@ -6,18 +6,56 @@
 //! Over a byte stream the machine still decides when to connect: it asks for a stream with
 //! [`StreamCommand::Open`] (at [`ClientMachine::start`] and after each reconnect delay), and the
 //! adapter answers with [`ClientMachine::handle_stream_open`] or [`ClientMachine::handle_stream_closed`].
+//!
+//! # Data streams (EMQX's multi-stream mode)
+//!
+//! Everything goes on one stream by default. [`ClientMachine::open_stream`] gives traffic a
+//! stream of its own, so that a slow or lossy topic does not hold up the others (QUIC delivers
+//! each stream in order, but streams independently of each other): publishes, subscribes and
+//! unsubscribes made through its [`StreamHandle`] ([`ClientMachine::publish_on`],
+//! [`ClientMachine::subscribe_on`], [`ClientMachine::unsubscribe_on`]) travel on it, their
+//! acknowledgements come back on it, and the server delivers on it what its subscriptions
+//! match. Each handle owns a [`ClientSession::data_stream`] session: its own packet
+//! identifiers and in-flight window, under the limits of the connection's CONNACK. Its events
+//! come out of [`ClientMachine::poll_event`] like the control session's, with request ids from
+//! the same numbering, so a caller need not know which stream a request went on.
+//!
+//! - Over QUIC, the handle's QUIC stream is opened once CONNACK has come (the server serves a
+//!   data stream only after it), with the handle's priority: when several streams have bytes
+//!   waiting, the higher priority's go first. Commands given before (or while reconnecting)
+//!   wait in the handle's session.
+//! - The server forgets a stream's subscriptions when the stream or the connection ends. After
+//!   a reconnect each handle gets a new QUIC stream and makes its subscriptions again on it,
+//!   and its unacknowledged QoS 1 publishes go out again (DUP). A QoS 2 publish in flight when
+//!   the connection dropped cannot keep its exactly-once promise (the server's QoS 2 state for
+//!   it died with the stream): it ends with [`ClientEvent::Aborted`] instead of being resent.
+//! - When the server ends a handle's stream (a reset, a FIN), the handle's pending
+//!   subscribes, unsubscribes and QoS 2 publishes end with [`ClientEvent::Aborted`]; the
+//!   handle stays usable, and its next command opens a new stream (which makes its
+//!   subscriptions again, as after a reconnect).
+//! - [`ClientMachine::close_stream`] ends a handle: its stream is finished (FIN) and
+//!   everything still pending on it ends with [`ClientEvent::Aborted`].
+//! - A stream the server does not allow yet (its limit on concurrent streams) stays without
+//!   a QUIC stream, its requests waiting as while disconnected; it is tried again at the
+//!   handle's next command and at the next connection.
+//! - Over a byte stream (TCP, TLS) there is only one stream: a handle's commands go to the
+//!   control session, exactly as [`ClientMachine::publish`] and its siblings would, and the
+//!   priority is ignored. Code written for streams thus runs unchanged over TCP. Closing a
+//!   handle there ends nothing but the handle: what was subscribed through it is the
+//!   connection's, and stays.
+//! - Messages published on streams are not journaled in a client store.
 
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, ConfigError};
 use crate::machine::Datagram;
 use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
-use crate::quic::{self, ConnId, QuicEndpoint, Transmit};
+use crate::quic::{self, ConnId, Lane, QuicEndpoint, Transmit};
 use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
 use bytes::Bytes;
 use mqtt_proto::{Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -74,6 +112,26 @@ pub enum StreamCommand {
     Close,
 }
 
+/// Names one of a client machine's data streams (see "Data streams" in the module docs).
+/// Handles are never reused within a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamHandle(u64);
+
+impl StreamHandle {
+    /// The handle's number (the first stream a machine opens is 1).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// One data stream: its session, and its QUIC stream on the current connection.
+struct DataStream {
+    session: ClientSession,
+    priority: i32,
+    /// Its QUIC stream, while open on the current connection.
+    lane: Option<Lane>,
+}
+
 /// The transport under the session.
 enum Link {
     Quic {
@@ -100,6 +158,10 @@ pub struct ClientMachine {
     reconnect_at: Option<Instant>,
     stopped: bool,
     events: VecDeque<ClientEvent>,
+    /// Data streams (see "Data streams" in the module docs).
+    streams: BTreeMap<StreamHandle, DataStream>,
+    /// The last handle given out.
+    last_stream: u64,
 }
 
 impl ClientMachine {
@@ -141,6 +203,8 @@ impl ClientMachine {
             reconnect_at: None,
             stopped: false,
             events: VecDeque::new(),
+            streams: BTreeMap::new(),
+            last_stream: 0,
         })
     }
 
@@ -244,6 +308,155 @@ impl ClientMachine {
         let id = self.session.unsubscribe(now, filters)?;
         self.flush(now);
         Ok(id)
+    }
+
+    /// Opens a data stream with send `priority` (higher goes first; the control stream is at
+    /// 0): see "Data streams" in the module docs. Over QUIC its QUIC stream opens now if
+    /// connected, else once CONNACK comes; over a byte stream the handle stands for the one
+    /// stream there is. Refused with [`CommandError::NotConnected`] after
+    /// [`ClientMachine::disconnect`].
+    pub fn open_stream(&mut self, now: Instant, priority: i32) -> Result<StreamHandle, CommandError> {
+        if self.stopped {
+            return Err(CommandError::NotConnected);
+        }
+        self.last_stream += 1;
+        let handle = StreamHandle(self.last_stream);
+        let session = self.session.data_stream();
+        self.streams.insert(handle, DataStream { session, priority, lane: None });
+        self.open_lane(now, handle);
+        self.flush(now);
+        Ok(handle)
+    }
+
+    /// Ends a data stream (see "Data streams" in the module docs): what it had written goes
+    /// out, then its FIN; the server drops its subscriptions, and its pending requests end with
+    /// [`ClientEvent::Aborted`]. [`CommandError::UnknownStream`] for a handle already closed.
+    pub fn close_stream(&mut self, now: Instant, handle: StreamHandle) -> Result<(), CommandError> {
+        let mut stream = self.streams.remove(&handle).ok_or(CommandError::UnknownStream)?;
+        self.share_requests(&mut stream.session);
+        let last = stream.session.close_data_stream(now);
+        if let (Link::Quic { endpoint, conn: Some(conn), .. }, Some(lane)) = (&mut self.link, stream.lane) {
+            if let Some(bytes) = last {
+                let _ = endpoint.send_lane(now, *conn, lane, bytes);
+            }
+            let _ = endpoint.finish_lane(now, *conn, lane);
+        }
+        self.events.extend(std::iter::from_fn(|| stream.session.poll_event()).filter(is_request_event));
+        self.pump(now);
+        Ok(())
+    }
+
+    /// The data streams open (handles given out and not closed).
+    pub fn streams(&self) -> Vec<StreamHandle> {
+        self.streams.keys().copied().collect()
+    }
+
+    /// The QUIC stream a handle's traffic travels on now: `None` over a byte stream, while
+    /// not connected, or for an unknown handle.
+    pub fn stream_lane(&self, handle: StreamHandle) -> Option<Lane> {
+        self.streams.get(&handle)?.lane
+    }
+
+    /// A data stream's session (for inspection); over a byte stream it is unused (the
+    /// control session carries the handle's traffic).
+    pub fn stream_session(&self, handle: StreamHandle) -> Option<&ClientSession> {
+        self.streams.get(&handle).map(|s| &s.session)
+    }
+
+    /// Publishes on a data stream: see [`ClientSession::publish`] and "Data streams" in the
+    /// module docs. [`CommandError::UnknownStream`] for a closed handle.
+    pub fn publish_on(
+        &mut self,
+        now: Instant,
+        handle: StreamHandle,
+        publish: Publish,
+    ) -> Result<RequestId, CommandError> {
+        self.on_stream(now, handle, |s, now| s.publish(now, publish))
+    }
+
+    /// Subscribes on a data stream: deliveries for these subscriptions travel on it. See
+    /// [`ClientSession::subscribe`] and "Data streams" in the module docs.
+    pub fn subscribe_on(
+        &mut self,
+        now: Instant,
+        handle: StreamHandle,
+        subscriptions: Vec<Subscription>,
+        subscription_id: Option<SubscriptionId>,
+    ) -> Result<RequestId, CommandError> {
+        self.on_stream(now, handle, |s, now| s.subscribe(now, subscriptions, subscription_id))
+    }
+
+    /// Unsubscribes on a data stream (from what was subscribed on it). See
+    /// [`ClientSession::unsubscribe`].
+    pub fn unsubscribe_on(
+        &mut self,
+        now: Instant,
+        handle: StreamHandle,
+        filters: Vec<TopicFilter>,
+    ) -> Result<RequestId, CommandError> {
+        self.on_stream(now, handle, |s, now| s.unsubscribe(now, filters))
+    }
+
+    /// Runs a command on a data stream's session (over a byte stream, on the control session),
+    /// opening its QUIC stream first if it has none and the connection is up.
+    fn on_stream(
+        &mut self,
+        now: Instant,
+        handle: StreamHandle,
+        command: impl FnOnce(&mut ClientSession, Instant) -> Result<RequestId, CommandError>,
+    ) -> Result<RequestId, CommandError> {
+        if !self.streams.contains_key(&handle) {
+            return Err(CommandError::UnknownStream);
+        }
+        if let Link::Stream { .. } = self.link {
+            let id = command(&mut self.session, now)?;
+            self.flush(now);
+            return Ok(id);
+        }
+        self.open_lane(now, handle);
+        let Some(mut stream) = self.streams.remove(&handle) else { return Err(CommandError::UnknownStream) };
+        self.share_requests(&mut stream.session);
+        let r = command(&mut stream.session, now);
+        self.session.set_request_counter(stream.session.request_counter());
+        self.streams.insert(handle, stream);
+        let id = r?;
+        self.flush(now);
+        Ok(id)
+    }
+
+    /// Continues the machine's request numbering in a data stream's session.
+    fn share_requests(&self, session: &mut ClientSession) {
+        session.set_request_counter(self.session.request_counter());
+    }
+
+    /// Over QUIC and connected: gives a data stream without one its QUIC stream, and its
+    /// session goes live on it. A stream the server does not allow yet (its stream limit) is
+    /// tried again at the handle's next command or the next connection.
+    fn open_lane(&mut self, now: Instant, handle: StreamHandle) {
+        let Link::Quic { endpoint, conn: Some(conn), .. } = &mut self.link else { return };
+        if !self.session.is_connected() {
+            return;
+        }
+        let Some(stream) = self.streams.get_mut(&handle) else { return };
+        if stream.lane.is_some() {
+            return;
+        }
+        let Ok(lane) = endpoint.open_lane(now, *conn) else { return };
+        let _ = endpoint.set_lane_priority(*conn, lane, stream.priority);
+        stream.session.set_request_counter(self.session.request_counter());
+        if stream.session.resume_data_stream(now, &self.session).is_ok() {
+            stream.lane = Some(lane);
+        } else {
+            let _ = endpoint.reset_lane(now, *conn, lane, quic::close_code::STREAM_ERROR);
+        }
+    }
+
+    /// The connection's session ended: every data stream's QUIC stream is gone with it.
+    fn lanes_lost(&mut self, now: Instant) {
+        for stream in self.streams.values_mut() {
+            stream.lane = None;
+            stream.session.handle_stream_closed(now);
+        }
     }
 
     /// Disconnects for good (no reconnect): DISCONNECT, then the stream is finished. Without a
@@ -364,6 +577,15 @@ impl ClientMachine {
                 _ => {}
             }
         }
+        if let Link::Quic { endpoint, conn: Some(conn), .. } = &mut self.link {
+            for stream in self.streams.values_mut() {
+                let Some(lane) = stream.lane else { continue };
+                while let Some(bytes) = stream.session.poll_transmit() {
+                    any = true;
+                    let _ = endpoint.send_lane(now, *conn, lane, bytes);
+                }
+            }
+        }
         any
     }
 
@@ -390,6 +612,20 @@ impl ClientMachine {
                             *last_close = Some(reason);
                             lost = true;
                         }
+                        quic::Event::LaneReceived { conn: c, lane, data } if Some(c) == *conn => {
+                            if let Some(s) = self.streams.values_mut().find(|s| s.lane == Some(lane)) {
+                                s.session.handle_stream_data(now, &data);
+                            }
+                        }
+                        quic::Event::LaneEnded { conn: c, lane, .. } if Some(c) == *conn => {
+                            // The server ended the stream: it forgot its subscriptions and
+                            // QoS state. The handle gets a new stream at its next command.
+                            if let Some(s) = self.streams.values_mut().find(|s| s.lane == Some(lane)) {
+                                s.lane = None;
+                                s.session.handle_stream_closed(now);
+                                let _ = endpoint.reset_lane(now, c, lane, quic::close_code::NORMAL);
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -399,11 +635,16 @@ impl ClientMachine {
                 self.after_loss(now);
             }
             progressed |= self.drain_session_bytes(now, false);
+            progressed |= self.stream_events(now);
             while let Some(event) = self.session.poll_event() {
                 progressed = true;
                 let ended = match &event {
                     ClientEvent::Connected { .. } => {
                         self.backoff.reset();
+                        let handles: Vec<StreamHandle> = self.streams.keys().copied().collect();
+                        for handle in handles {
+                            self.open_lane(now, handle);
+                        }
                         false
                     }
                     // A lost transport was handled where it was noticed.
@@ -411,6 +652,9 @@ impl ClientMachine {
                     ClientEvent::Refused { .. } => true,
                     _ => false,
                 };
+                if let ClientEvent::Disconnected { .. } = event {
+                    self.lanes_lost(now);
+                }
                 if ended {
                     // The session is over on this connection: end the stream after what the
                     // session wrote last (DISCONNECT), and come back later unless stopped.
@@ -436,6 +680,37 @@ impl ClientMachine {
                 break;
             }
         }
+    }
+}
+
+/// Whether a data stream's event is one the machine reports (its connection's events are the
+/// control session's to report).
+fn is_request_event(event: &ClientEvent) -> bool {
+    !matches!(event, ClientEvent::Connected { .. } | ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. })
+}
+
+impl ClientMachine {
+    /// Moves the data streams' events to the machine's; a stream whose session the server
+    /// broke (a control packet on it, bytes that do not decode) is reset, and its handle gets
+    /// a new stream at its next command. Whether there were any.
+    fn stream_events(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        for stream in self.streams.values_mut() {
+            while let Some(event) = stream.session.poll_event() {
+                any = true;
+                if let ClientEvent::Disconnected { reason: DisconnectReason::ProtocolViolation(_) } = event {
+                    if let (Link::Quic { endpoint, conn: Some(conn), .. }, Some(lane)) = (&mut self.link, stream.lane) {
+                        let _ = endpoint.reset_lane(now, *conn, lane, quic::close_code::STREAM_ERROR);
+                    }
+                    stream.lane = None;
+                    stream.session.handle_stream_closed(now);
+                }
+                if is_request_event(&event) {
+                    self.events.push_back(event);
+                }
+            }
+        }
+        any
     }
 }
 

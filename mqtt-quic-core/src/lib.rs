@@ -27,6 +27,10 @@
 //! A client is the same picture with one session: [`client::ClientMachine`] owns a
 //! [`session::client::ClientSession`] and either a [`quic::QuicEndpoint`] or a byte stream the
 //! adapter carries.
+//! Over QUIC it can also put traffic on data streams of its own (EMQX's multi-stream mode:
+//! [`client::ClientMachine::open_stream`], one [`session::client::ClientSession::data_stream`]
+//! session per stream; see "Data streams" in [`client`]), so that one slow topic does not hold
+//! up the others; over a byte stream those handles fall back to the one stream.
 //!
 //! # Which type do I drive?
 //!

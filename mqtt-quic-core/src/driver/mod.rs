@@ -39,7 +39,7 @@ use options::DEFAULT_MESSAGE_BUFFER;
 pub use options::{local_bind_address, pick_address, ClientOptions, ServerAddresses, ServerOptions};
 pub use outcome::{ConnectionState, Outcome};
 
-use crate::client::{ClientMachine, StreamCommand};
+use crate::client::{ClientMachine, StreamCommand, StreamHandle};
 use crate::machine::Datagram;
 use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
 use crate::quic::Transmit;
@@ -64,6 +64,16 @@ pub enum Command<T> {
     Unsubscribe(Vec<TopicFilter>, T),
     /// See [`ClientDriver::disconnect`].
     Disconnect(Option<T>),
+    /// See [`ClientDriver::open_stream`].
+    OpenStream(i32, T),
+    /// See [`ClientDriver::publish_on`].
+    PublishOn(StreamHandle, Publish, T),
+    /// See [`ClientDriver::subscribe_on`].
+    SubscribeOn(StreamHandle, Vec<Subscription>, T),
+    /// See [`ClientDriver::unsubscribe_on`].
+    UnsubscribeOn(StreamHandle, Vec<TopicFilter>, T),
+    /// See [`ClientDriver::close_stream`].
+    CloseStream(StreamHandle, Option<T>),
 }
 
 enum First {
@@ -214,6 +224,52 @@ impl<T> ClientDriver<T> {
         self.update(now);
     }
 
+    /// Opens a data stream with send `priority` (see "Data streams" in [`crate::client`]):
+    /// the handle is there at once, its QUIC stream opens once connected, and over a byte
+    /// stream the handle's traffic goes on the one stream. ([`Command::OpenStream`] completes
+    /// with [`Outcome::Stream`].)
+    pub fn open_stream(&mut self, now: Instant, priority: i32) -> Result<StreamHandle, DriverError> {
+        if self.leaving.is_some() {
+            return Err(DriverError::Closed);
+        }
+        let r = self.machine.open_stream(now, priority).map_err(DriverError::from);
+        self.update(now);
+        r
+    }
+
+    /// Publishes on a data stream; completes as [`ClientDriver::publish`] does, or with
+    /// [`DriverError::ConnectionLost`] for a QoS 2 message whose stream ended under it (see
+    /// [`ClientEvent::Aborted`]).
+    pub fn publish_on(&mut self, now: Instant, handle: StreamHandle, publish: Publish, token: T) {
+        let r = self.machine.publish_on(now, handle, publish);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Subscribes on a data stream (its deliveries travel on it); completes with SUBACK's
+    /// codes.
+    pub fn subscribe_on(&mut self, now: Instant, handle: StreamHandle, subscriptions: Vec<Subscription>, token: T) {
+        let r = self.machine.subscribe_on(now, handle, subscriptions, None);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Unsubscribes on a data stream; completes with UNSUBACK's codes.
+    pub fn unsubscribe_on(&mut self, now: Instant, handle: StreamHandle, filters: Vec<TopicFilter>, token: T) {
+        let r = self.machine.unsubscribe_on(now, handle, filters);
+        self.track(r, token);
+        self.update(now);
+    }
+
+    /// Closes a data stream (see [`ClientMachine::close_stream`]): its pending requests
+    /// complete with [`DriverError::ConnectionLost`]. ([`Command::CloseStream`]'s token
+    /// completes with [`Outcome::Done`], or the error for a handle already closed.)
+    pub fn close_stream(&mut self, now: Instant, handle: StreamHandle) -> Result<(), DriverError> {
+        let r = self.machine.close_stream(now, handle).map_err(DriverError::from);
+        self.update(now);
+        r
+    }
+
     /// Disconnects for good (DISCONNECT, normal: the broker drops the will). `token`, if any,
     /// completes with [`Outcome::Done`] once the transport has closed (or after a short
     /// linger), when [`ClientDriver::is_done`] turns true.
@@ -236,6 +292,17 @@ impl<T> ClientDriver<T> {
             Some(Command::Subscribe(s, t)) => self.subscribe(now, s, t),
             Some(Command::Unsubscribe(f, t)) => self.unsubscribe(now, f, t),
             Some(Command::Disconnect(t)) => self.disconnect(now, t),
+            Some(Command::OpenStream(priority, t)) => {
+                let r = self.open_stream(now, priority).map(Outcome::Stream);
+                self.done.push_back((t, r));
+            }
+            Some(Command::PublishOn(h, p, t)) => self.publish_on(now, h, p, t),
+            Some(Command::SubscribeOn(h, s, t)) => self.subscribe_on(now, h, s, t),
+            Some(Command::UnsubscribeOn(h, f, t)) => self.unsubscribe_on(now, h, f, t),
+            Some(Command::CloseStream(h, t)) => {
+                let r = self.close_stream(now, h).map(|()| Outcome::Done);
+                self.done.extend(t.map(|t| (t, r)));
+            }
             None => self.disconnect(now, None),
         }
     }

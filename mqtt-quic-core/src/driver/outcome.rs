@@ -4,6 +4,7 @@
 use mqtt_proto::{QoS, ReasonCode};
 
 use super::ClientError;
+use crate::client::StreamHandle;
 
 /// Where the connection stands, as users see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,8 @@ pub enum Outcome {
     Done,
     /// SUBACK's or UNSUBACK's reason codes, one per filter (empty UNSUBACK codes for 3.1.1).
     Codes(Vec<ReasonCode>),
+    /// A data stream was opened (see [`ClientDriver::open_stream`](super::ClientDriver::open_stream)).
+    Stream(StreamHandle),
 }
 
 impl Outcome {
@@ -44,7 +47,17 @@ impl Outcome {
     pub fn into_codes(self) -> Vec<ReasonCode> {
         match self {
             Outcome::Codes(codes) => codes,
-            Outcome::Done => Vec::new(),
+            Outcome::Done | Outcome::Stream(_) => Vec::new(),
+        }
+    }
+
+    /// The handle of [`Command::OpenStream`](super::Command::OpenStream)'s outcome: what every
+    /// adapter's `open_stream` returns. Any other outcome (a bug) reads as
+    /// [`ClientError::Closed`].
+    pub fn into_stream(self) -> Result<StreamHandle, ClientError> {
+        match self {
+            Outcome::Stream(handle) => Ok(handle),
+            _ => Err(ClientError::Closed),
         }
     }
 

@@ -148,7 +148,14 @@ pub enum ClientEvent {
         reason_codes: Vec<ReasonCode>,
     },
     /// A subscribe or unsubscribe whose connection ended before it was acknowledged. It may or
-    /// may not have taken effect; repeat it on the next connection.
+    /// may not have taken effect; repeat it on the next connection. Fires once per request.
+    ///
+    /// On a data stream (see [`ClientSession::data_stream`]) it also ends a QoS 2 publish that
+    /// was in flight when the stream ended (the connection was lost, the server reset the
+    /// stream, or the stream was closed): the server's QoS 2 state for it died with the stream,
+    /// so sending it again could deliver it twice, and the session gives it up instead (it may
+    /// or may not have been delivered). Closing a data stream ends every publish still pending
+    /// on it this way.
     Aborted {
         /// The request.
         id: RequestId,
@@ -172,6 +179,14 @@ enum Request {
     Unsubscribe(RequestId, Vec<TopicFilter>),
     /// A resubscription after a lost session: no event.
     Resubscribe,
+}
+
+/// A data stream's subscribe or unsubscribe, made while its stream was not open: it goes out
+/// once the stream is (see [`ClientSession::resume_data_stream`]).
+#[derive(Debug, Clone)]
+enum Waiting {
+    Subscribe(RequestId, Vec<Subscription>, Option<SubscriptionId>),
+    Unsubscribe(RequestId, Vec<TopicFilter>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +238,10 @@ pub struct ClientSession {
     /// Our side ended the connection while output waited for the store: that output was
     /// dropped, and the DISCONNECT goes out without waiting.
     unheld: bool,
+    /// A data stream's session (see [`ClientSession::data_stream`]).
+    data_stream: bool,
+    /// A data stream's requests made while its stream was not open.
+    waiting: VecDeque<Waiting>,
 }
 
 impl ClientSession {
@@ -262,8 +281,163 @@ impl ClientSession {
             ping_deadline: Timer::default(),
             store: None,
             unheld: false,
+            data_stream: false,
+            waiting: VecDeque::new(),
             config,
         })
+    }
+
+    /// The session of a data stream of this connection (EMQX's multi-stream mode, mirroring
+    /// [`ServerSession::data_stream`](crate::session::server::ServerSession::data_stream)):
+    /// PUBLISH through UNSUBACK with its own packet identifiers, in-flight window and QoS 2
+    /// state, under the limits the server announced in this session's CONNACK. It is not
+    /// connected until [`ClientSession::resume_data_stream`] says its QUIC stream is open;
+    /// QoS 1 and 2 publishes, subscribes and unsubscribes made before wait for it (QoS 0 needs
+    /// the stream, as it needs a connection on the control stream).
+    ///
+    /// CONNECT, keep-alive, AUTH and DISCONNECT stay with this (the control stream's) session:
+    /// a data stream sends none of them ([`ClientSession::connect`], [`ClientSession::auth`]
+    /// and [`ClientSession::disconnect`] are refused with [`CommandError::WrongState`]), and a
+    /// CONNACK, PINGRESP, AUTH or DISCONNECT arriving on it is a protocol error that ends the
+    /// stream only ([`ClientEvent::Disconnected`] with
+    /// [`DisconnectReason::ProtocolViolation`], and no DISCONNECT written). It uses no topic
+    /// aliases towards the server (a server may keep one alias table per connection, not per
+    /// stream), and has no store: what it publishes is not kept across a restart.
+    ///
+    /// Request ids continue this session's numbering; a caller with several sessions keeps
+    /// them apart (as [`ClientMachine`](crate::client::ClientMachine) does).
+    pub fn data_stream(&self) -> ClientSession {
+        let config = ClientSessionConfig { keep_alive: 0, will: None, ..self.config.clone() };
+        let decoder = Decoder::new(self.config.protocol).with_max_packet_size(config.maximum_packet_size);
+        let mut writer = Writer::new(self.config.protocol);
+        writer.set_max(self.writer.max());
+        ClientSession {
+            decoder,
+            state: State::Idle,
+            inbuf: BytesMut::new(),
+            writer,
+            events: VecDeque::new(),
+            next_request: self.next_request,
+            outbound: Outbound::default(),
+            inbound: Inbound::default(),
+            requests: BTreeMap::new(),
+            subscriptions: Vec::new(),
+            aliases: IncomingAliases::default(),
+            out_aliases: BTreeMap::new(),
+            server_topic_alias_maximum: 0,
+            server_receive_maximum: self.server_receive_maximum,
+            server_maximum_qos: self.server_maximum_qos,
+            server_retain_available: self.server_retain_available,
+            keep_alive: Duration::ZERO,
+            client_id: self.client_id.clone(),
+            connack_deadline: Timer::default(),
+            last_sent: None,
+            ping_deadline: Timer::default(),
+            store: None,
+            unheld: false,
+            data_stream: true,
+            waiting: VecDeque::new(),
+            config,
+        }
+    }
+
+    /// Whether this is a data stream's session (see [`ClientSession::data_stream`]).
+    pub fn is_data_stream(&self) -> bool {
+        self.data_stream
+    }
+
+    /// A data stream's session goes live on a newly opened QUIC stream, `control` being the
+    /// connection's session, connected: it takes the limits of `control`'s CONNACK, and since
+    /// the server knows nothing of a new stream, it makes its subscriptions again, sends its
+    /// unacknowledged QoS 1 publishes again (with DUP), then what waited. Refused with
+    /// [`CommandError::WrongState`] for a session that is not a data stream's, one already
+    /// live, or while `control` is not connected.
+    pub fn resume_data_stream(&mut self, now: Instant, control: &ClientSession) -> Result<(), CommandError> {
+        if !self.data_stream || self.state == State::Connected || control.state != State::Connected {
+            return Err(CommandError::WrongState);
+        }
+        self.server_receive_maximum = control.server_receive_maximum;
+        self.server_maximum_qos = control.server_maximum_qos;
+        self.server_retain_available = control.server_retain_available;
+        self.server_topic_alias_maximum = 0;
+        self.config.protocol = control.config.protocol;
+        self.decoder.set_protocol(control.config.protocol);
+        self.writer.reset(control.config.protocol);
+        self.writer.set_max(control.writer.max());
+        self.inbuf.clear();
+        self.aliases.clear();
+        self.out_aliases.clear();
+        // The server's QoS 2 messages on the old stream are forgotten with it.
+        self.inbound.clear();
+        self.abandon_qos2();
+        self.state = State::Connected;
+        self.outbound.resend_all();
+        let (refuse, events) = (self.refusal(), &mut self.events);
+        self.outbound.drop_refused(refuse, |id, reason| {
+            events.push_back(ClientEvent::Published { id: RequestId(id), reason });
+        });
+        if !self.subscriptions.is_empty() {
+            if let Some(packet_id) = self.outbound.allocate_id() {
+                let subscriptions = self.subscriptions.iter().cloned().collect();
+                self.requests.insert(packet_id.get(), Request::Resubscribe);
+                self.write(
+                    now,
+                    &Packet::Subscribe(Subscribe { packet_id, properties: Default::default(), subscriptions }),
+                );
+            }
+        }
+        for waiting in std::mem::take(&mut self.waiting) {
+            let (id, r) = match waiting {
+                Waiting::Subscribe(id, subs, sid) => (id, self.send_subscribe(now, id, subs, sid)),
+                Waiting::Unsubscribe(id, filters) => (id, self.send_unsubscribe(now, id, filters)),
+            };
+            // Refused under the server's limits (too large, no identifier left): it cannot be
+            // made on this stream.
+            if r.is_err() {
+                self.events.push_back(ClientEvent::Aborted { id });
+            }
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    /// A data stream gives up its QoS 2 publishes in flight (see [`ClientEvent::Aborted`]).
+    fn abandon_qos2(&mut self) {
+        for id in self.outbound.abandon(|p, inflight| inflight && p.qos() == QoS::ExactlyOnce) {
+            self.events.push_back(ClientEvent::Aborted { id: RequestId(id) });
+        }
+    }
+
+    /// A data stream is closed for good: every request still pending on it ends with
+    /// [`ClientEvent::Aborted`] (publishes queued or in flight, subscribes and unsubscribes
+    /// sent or waiting), and it forgets its subscriptions. Returns the bytes it had not yet
+    /// handed out, to send before the stream's FIN. Does nothing to a control session.
+    pub fn close_data_stream(&mut self, now: Instant) -> Option<Bytes> {
+        if !self.data_stream {
+            return None;
+        }
+        let ids = self.outbound.abandon(|_, _| true);
+        self.events.extend(ids.into_iter().map(|id| ClientEvent::Aborted { id: RequestId(id) }));
+        for waiting in std::mem::take(&mut self.waiting) {
+            let (Waiting::Subscribe(id, ..) | Waiting::Unsubscribe(id, _)) = waiting;
+            self.events.push_back(ClientEvent::Aborted { id });
+        }
+        let bytes = self.writer.take();
+        self.handle_stream_closed(now);
+        self.subscriptions.clear();
+        bytes
+    }
+
+    /// The request numbering shared by a connection's sessions (see
+    /// [`ClientSession::data_stream`]): the last id handed out.
+    pub(crate) fn request_counter(&self) -> u64 {
+        self.next_request
+    }
+
+    /// Continues the numbering from `last` (the last id another session of the connection
+    /// handed out).
+    pub(crate) fn set_request_counter(&mut self, last: u64) {
+        self.next_request = self.next_request.max(last);
     }
 
     /// Takes the session's state from a client store and journals every change from now on
@@ -289,7 +463,7 @@ impl ClientSession {
     /// silently reset their store then; refusing says so instead). A record of another client
     /// id, or one that cannot be read, is [`RestoreError::Record`].
     pub fn restore(&mut self, now: Instant, records: Vec<StoredRecord>) -> Result<ClientRestored, RestoreError> {
-        if self.state != State::Idle || self.store.is_some() || self.next_request > 0 {
+        if self.state != State::Idle || self.store.is_some() || self.next_request > 0 || self.data_stream {
             return Err(RestoreError::TooLate);
         }
         let c = &self.config;
@@ -363,6 +537,12 @@ impl ClientSession {
         self.state == State::Connected
     }
 
+    /// The subscriptions the server granted on this session (on a data stream: on this
+    /// stream), which it makes again when the server has forgotten them.
+    pub fn subscriptions(&self) -> &[Subscription] {
+        &self.subscriptions
+    }
+
     /// Publishes in flight plus those waiting.
     pub fn pending_publishes(&self) -> usize {
         self.outbound.pending()
@@ -371,6 +551,9 @@ impl ClientSession {
     /// Starts a connection over a fresh transport: queues CONNECT. Later calls (after
     /// [`ClientSession::handle_stream_closed`]) resume the session: `clean_start` is then false.
     pub fn connect(&mut self, now: Instant) -> Result<(), CommandError> {
+        if self.data_stream {
+            return Err(CommandError::WrongState);
+        }
         if matches!(self.state, State::Connecting | State::Connected) {
             return Err(CommandError::AlreadyConnected);
         }
@@ -449,9 +632,25 @@ impl ClientSession {
         if subscriptions.is_empty() {
             return Err(CommandError::Empty);
         }
+        if self.data_stream && self.state != State::Connected {
+            let id = self.request_id();
+            self.waiting.push_back(Waiting::Subscribe(id, subscriptions, subscription_id));
+            return Ok(id);
+        }
         if self.state != State::Connected {
             return Err(CommandError::NotConnected);
         }
+        self.send_subscribe(now, RequestId(self.next_request + 1), subscriptions, subscription_id)
+    }
+
+    /// Writes a SUBSCRIBE for request `id` (the next one, unless it waited).
+    fn send_subscribe(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        subscriptions: Vec<Subscription>,
+        subscription_id: Option<SubscriptionId>,
+    ) -> Result<RequestId, CommandError> {
         let mut packet = Subscribe {
             packet_id: PacketId::MIN,
             properties: Default::default(),
@@ -465,7 +664,7 @@ impl ClientSession {
         let Packet::Subscribe(mut packet) = packet else { unreachable!("built above") };
         packet.packet_id = self.outbound.allocate_id().ok_or(CommandError::NoPacketId)?;
         let packet_id = packet.packet_id;
-        let id = self.request_id();
+        let id = self.take_request_id(id);
         self.requests.insert(packet_id.get(), Request::Subscribe(id, subscriptions));
         self.write(now, &Packet::Subscribe(packet));
         Ok(id)
@@ -476,9 +675,24 @@ impl ClientSession {
         if filters.is_empty() {
             return Err(CommandError::Empty);
         }
+        if self.data_stream && self.state != State::Connected {
+            let id = self.request_id();
+            self.waiting.push_back(Waiting::Unsubscribe(id, filters));
+            return Ok(id);
+        }
         if self.state != State::Connected {
             return Err(CommandError::NotConnected);
         }
+        self.send_unsubscribe(now, RequestId(self.next_request + 1), filters)
+    }
+
+    /// Writes an UNSUBSCRIBE for request `id` (the next one, unless it waited).
+    fn send_unsubscribe(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        filters: Vec<TopicFilter>,
+    ) -> Result<RequestId, CommandError> {
         let packet = Packet::Unsubscribe(Unsubscribe {
             packet_id: PacketId::MIN,
             properties: Default::default(),
@@ -488,7 +702,7 @@ impl ClientSession {
         let Packet::Unsubscribe(mut packet) = packet else { unreachable!("built above") };
         packet.packet_id = self.outbound.allocate_id().ok_or(CommandError::NoPacketId)?;
         let packet_id = packet.packet_id;
-        let id = self.request_id();
+        let id = self.take_request_id(id);
         self.requests.insert(packet_id.get(), Request::Unsubscribe(id, filters));
         self.write(now, &Packet::Unsubscribe(packet));
         Ok(id)
@@ -497,6 +711,9 @@ impl ClientSession {
     /// Sends DISCONNECT with `reason` (MQTT 5; 3.1.1 has no code) and ends the connection.
     /// Use [`ReasonCode::DisconnectWithWill`] to have the server publish the will anyway.
     pub fn disconnect(&mut self, now: Instant, reason: ReasonCode) -> Result<(), CommandError> {
+        if self.data_stream {
+            return Err(CommandError::WrongState);
+        }
         if self.state != State::Connected {
             return Err(CommandError::NotConnected);
         }
@@ -508,6 +725,9 @@ impl ClientSession {
 
     /// Answers an AUTH challenge (MQTT 5 enhanced authentication).
     pub fn auth(&mut self, now: Instant, mut auth: Auth) -> Result<(), CommandError> {
+        if self.data_stream {
+            return Err(CommandError::WrongState);
+        }
         if !matches!(self.state, State::Connecting | State::Connected) {
             return Err(CommandError::NotConnected);
         }
@@ -545,6 +765,9 @@ impl ClientSession {
     pub fn handle_stream_closed(&mut self, _now: Instant) {
         if matches!(self.state, State::Connecting | State::Connected) {
             self.close(DisconnectReason::TransportLost);
+        }
+        if self.data_stream {
+            self.abandon_qos2();
         }
         // Subscribe and unsubscribe are not resent on resumption: report them unfinished.
         for (packet_id, request) in std::mem::take(&mut self.requests) {
@@ -636,6 +859,15 @@ impl ClientSession {
         RequestId(self.next_request)
     }
 
+    /// Request `id` is made now: the next id when it is the next one, else one that waited.
+    fn take_request_id(&mut self, id: RequestId) -> RequestId {
+        if id.0 > self.next_request {
+            self.request_id()
+        } else {
+            id
+        }
+    }
+
     /// Refuses a request whose packet would exceed the server's Maximum Packet Size
     /// [MQTT-3.2.2-15].
     fn check_size(&self, packet: &Packet) -> Result<(), CommandError> {
@@ -700,7 +932,7 @@ impl ClientSession {
 
     /// The server broke the protocol: tell it why (MQTT 5) and end the connection.
     fn violation(&mut self, now: Instant, code: ReasonCode) {
-        if self.config.protocol.is_v5() && self.state == State::Connected {
+        if self.config.protocol.is_v5() && self.state == State::Connected && !self.data_stream {
             self.drop_held_output();
             self.write(now, &Disconnect::new(code).into());
         }
@@ -759,6 +991,12 @@ impl ClientSession {
     fn handle_packet(&mut self, now: Instant, packet: Packet) {
         let v5 = self.config.protocol.is_v5();
         match (self.state, packet) {
+            // The control stream's packets, on a data stream.
+            (State::Connected, Packet::ConnAck(_) | Packet::PingResp | Packet::Disconnect(_) | Packet::Auth(_))
+                if self.data_stream =>
+            {
+                self.violation(now, ReasonCode::ProtocolError)
+            }
             (State::Connecting, Packet::ConnAck(ack)) => self.on_connack(now, *ack),
             (State::Connecting, Packet::Auth(auth)) if v5 => self.events.push_back(ClientEvent::Auth(auth)),
             (State::Connecting, Packet::Disconnect(d)) if v5 => self.close(DisconnectReason::ByServer(d.reason_code)),

@@ -463,6 +463,33 @@ impl Outbound {
         out
     }
 
+    /// Takes out the messages `drop` picks, in flight (`true`) or queued (`false`), freeing
+    /// their identifiers, and returns their ids: what a client's data stream gives up when the
+    /// stream ends (its QoS 2 exchanges died with it) or is closed (everything).
+    pub(crate) fn abandon(&mut self, mut drop: impl FnMut(&Publish, bool) -> bool) -> Vec<u64> {
+        let mut ids = Vec::new();
+        let mut i = 0;
+        while i < self.inflight.len() {
+            if drop(&self.inflight[i].publish, true) {
+                ids.push(self.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        let changes = &mut self.changes;
+        self.queued.retain(|q| {
+            let gone = drop(&q.publish, false);
+            if gone {
+                ids.push(q.id);
+                if let Some(changes) = changes.as_mut() {
+                    changes.push(Change::Remove(q.id));
+                }
+            }
+            !gone
+        });
+        ids
+    }
+
     /// Every kept message.
     pub(crate) fn messages(&self) -> impl Iterator<Item = &Publish> {
         self.inflight.iter().map(|e| &e.publish).chain(self.queued.iter().map(|q| &q.publish))

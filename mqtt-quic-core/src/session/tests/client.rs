@@ -666,3 +666,102 @@ fn mqtt_311_session() {
     assert!(h.sent().is_empty());
     assert!(matches!(h.events()[..], [ClientEvent::Disconnected { .. }]));
 }
+
+/// A control session connected with `connack`, and a data stream's session of it.
+fn with_data_stream(connack: ConnAck) -> (H, H) {
+    let control = H::connected(ClientSessionConfig::default(), connack);
+    let stream = Harness::with(Protocol::V5, |_| control.session.data_stream());
+    (control, stream)
+}
+
+#[test]
+fn a_data_stream_waits_for_its_stream_then_obeys_the_connack_limits_without_aliases() {
+    let mut ack = ConnAck::default();
+    ack.properties.receive_maximum = NonZeroU16::new(2);
+    ack.properties.topic_alias_maximum = Some(10);
+    ack.properties.maximum_qos = Some(QoS::AtLeastOnce);
+    let (control, mut d) = with_data_stream(ack);
+    assert!(d.session.is_data_stream() && !control.session.is_data_stream());
+    // The control stream's packets are not a data stream's to send.
+    assert_eq!(d.session.connect(d.now), Err(CommandError::WrongState));
+    assert_eq!(d.session.disconnect(d.now, ReasonCode::Success), Err(CommandError::WrongState));
+    assert_eq!(d.session.auth(d.now, Auth::default()), Err(CommandError::WrongState));
+    // The CONNACK's limits hold from the start.
+    assert_eq!(
+        d.session.publish(d.now, publish("a", QoS::ExactlyOnce)),
+        Err(CommandError::QosNotSupported(QoS::AtLeastOnce))
+    );
+    // Before its stream is open, requests wait (QoS 0 needs the stream).
+    assert_eq!(d.session.publish(d.now, publish("a", QoS::AtMostOnce)), Err(CommandError::NotConnected));
+    let sub = d
+        .session
+        .subscribe(d.now, vec![Subscription::new(TopicFilter::new("s").unwrap(), QoS::AtLeastOnce)], None)
+        .unwrap();
+    let ids: Vec<RequestId> =
+        (0..3).map(|_| d.session.publish(d.now, publish("a/b", QoS::AtLeastOnce)).unwrap()).collect();
+    assert!(ids.iter().all(|id| *id > sub));
+    assert!(d.sent().is_empty());
+    d.session.resume_data_stream(d.now, &control.session).unwrap();
+    assert_eq!(d.session.resume_data_stream(d.now, &control.session), Err(CommandError::WrongState));
+    let sent = d.sent();
+    // The SUBSCRIBE, then as many PUBLISHes as the Receive Maximum allows, none with an alias.
+    assert!(matches!(&sent[0], Packet::Subscribe(s) if s.subscriptions.len() == 1), "{sent:?}");
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    for p in &sent[1..] {
+        let Packet::Publish(p) = p else { panic!("{p:?}") };
+        assert!(p.properties.topic_alias.is_none() && p.topic.as_str() == "a/b");
+    }
+}
+
+#[test]
+fn a_data_stream_that_ends_gives_up_qos_2_in_flight_and_resends_qos_1_on_the_next() {
+    let (control, mut d) = with_data_stream(ConnAck::default());
+    d.session.resume_data_stream(d.now, &control.session).unwrap();
+    let filter = TopicFilter::new("s/#").unwrap();
+    let sub = d.session.subscribe(d.now, vec![Subscription::new(filter.clone(), QoS::AtLeastOnce)], None).unwrap();
+    let Packet::Subscribe(s) = d.sent().remove(0) else { panic!() };
+    d.feed(
+        SubAck {
+            packet_id: s.packet_id,
+            properties: Default::default(),
+            reason_codes: vec![ReasonCode::GrantedQos1].into(),
+        }
+        .into(),
+    );
+    assert!(matches!(&d.events()[..], [ClientEvent::Subscribed { id, .. }] if *id == sub));
+    let one = d.session.publish(d.now, publish("t", QoS::AtLeastOnce)).unwrap();
+    let two = d.session.publish(d.now, publish("t", QoS::ExactlyOnce)).unwrap();
+    assert_eq!(d.sent().len(), 2);
+    d.session.handle_stream_closed(d.now);
+    // Its stream (and the server's QoS 2 state with it) is gone: QoS 2 is given up.
+    let events = d.events();
+    assert!(events.contains(&ClientEvent::Aborted { id: two }), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, ClientEvent::Aborted { id } if *id == one)));
+    // On its next stream: the subscription again, then the QoS 1 message again (DUP).
+    d.session.resume_data_stream(d.now, &control.session).unwrap();
+    let sent = d.sent();
+    assert!(
+        matches!(&sent[..], [Packet::Subscribe(s), Packet::Publish(p)]
+        if s.subscriptions.iter().next().is_some_and(|s| s.filter == filter) && p.dup && p.qos() == QoS::AtLeastOnce),
+        "{sent:?}"
+    );
+    assert_eq!(d.session.pending_publishes(), 1);
+    // Closing it for good ends what is left.
+    assert!(d.session.close_data_stream(d.now).is_none());
+    assert!(d.events().contains(&ClientEvent::Aborted { id: one }));
+    assert!(d.session.subscriptions().is_empty());
+}
+
+#[test]
+fn a_control_packet_on_a_data_stream_ends_that_stream_without_disconnect() {
+    for packet in [Packet::PingResp, ConnAck::default().into(), Disconnect::new(ReasonCode::Success).into()] {
+        let (control, mut d) = with_data_stream(ConnAck::default());
+        d.session.resume_data_stream(d.now, &control.session).unwrap();
+        d.feed(packet);
+        assert_eq!(
+            d.events(),
+            [ClientEvent::Disconnected { reason: DisconnectReason::ProtocolViolation(ReasonCode::ProtocolError) }]
+        );
+        assert!(d.sent().is_empty(), "no DISCONNECT on a data stream");
+    }
+}
