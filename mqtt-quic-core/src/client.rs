@@ -46,6 +46,7 @@
 //! - Messages published on streams are not journaled in a client store.
 
 use crate::backoff::Backoff;
+use crate::broker::DATAGRAM_PROPERTY;
 use crate::config::{ClientConfig, ConfigError};
 use crate::machine::Datagram;
 use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
@@ -54,7 +55,7 @@ use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
 use bytes::Bytes;
-use mqtt_proto::{Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
+use mqtt_proto::{MqttString, Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -160,6 +161,12 @@ pub struct ClientMachine {
     events: VecDeque<ClientEvent>,
     /// Data streams (see "Data streams" in the module docs).
     streams: BTreeMap<StreamHandle, DataStream>,
+    /// Streams the server opened on the current connection (some brokers deliver on a stream
+    /// of their own per topic), each with a session that takes its messages and acknowledges
+    /// them there.
+    incoming: BTreeMap<Lane, ClientSession>,
+    /// QoS 0 in QUIC datagrams both ways (the configuration's `transport.datagrams`).
+    datagrams: bool,
     /// The last handle given out.
     last_stream: u64,
 }
@@ -168,6 +175,14 @@ impl ClientMachine {
     /// A machine over QUIC, not yet connected.
     pub fn new(mut config: ClientMachineConfig) -> Result<ClientMachine, ConfigError> {
         keep_quic_alive(&mut config.quic, config.session.keep_alive);
+        let datagrams = config.quic.transport.datagrams;
+        if datagrams && config.session.protocol.is_v5() {
+            // Ask the broker for QoS 0 messages as datagrams (see the broker's `datagrams`).
+            let (k, v) = (MqttString::try_from(DATAGRAM_PROPERTY), MqttString::try_from("qos0"));
+            if let (Ok(k), Ok(v)) = (k, v) {
+                config.session.connect_properties.user_properties.push((k, v));
+            }
+        }
         let link = Link::Quic {
             endpoint: Box::new(QuicEndpoint::client(&config.quic)?),
             conn: None,
@@ -175,7 +190,9 @@ impl ClientMachine {
             server: config.server,
             server_name: config.server_name,
         };
-        ClientMachine::with_link(link, config.session, config.reconnect, config.quic.seed)
+        let mut machine = ClientMachine::with_link(link, config.session, config.reconnect, config.quic.seed)?;
+        machine.datagrams = datagrams;
+        Ok(machine)
     }
 
     /// A machine over a byte stream (TCP, TLS over TCP) that the adapter opens when asked
@@ -205,6 +222,8 @@ impl ClientMachine {
             events: VecDeque::new(),
             streams: BTreeMap::new(),
             last_stream: 0,
+            incoming: BTreeMap::new(),
+            datagrams: false,
         })
     }
 
@@ -285,7 +304,19 @@ impl ClientMachine {
     }
 
     /// See [`ClientSession::publish`].
+    /// With datagrams on (and negotiated), a QoS 0 message that fits one goes as a QUIC
+    /// datagram: unreliable and unordered, never resent.
     pub fn publish(&mut self, now: Instant, publish: Publish) -> Result<RequestId, CommandError> {
+        if let (true, Link::Quic { endpoint, conn: Some(conn), .. }) = (self.datagrams, &mut self.link) {
+            if let Some(max) = endpoint.max_datagram_size(*conn) {
+                if let Some((id, bytes)) = self.session.publish_datagram(&publish, max)? {
+                    // A full send buffer drops it, as a lost datagram would be.
+                    let _ = endpoint.send_datagram(now, *conn, bytes);
+                    self.flush(now);
+                    return Ok(id);
+                }
+            }
+        }
         let id = self.session.publish(now, publish)?;
         self.flush(now);
         Ok(id)
@@ -457,6 +488,7 @@ impl ClientMachine {
             stream.lane = None;
             stream.session.handle_stream_closed(now);
         }
+        self.incoming.clear();
     }
 
     /// Disconnects for good (no reconnect): DISCONNECT, then the stream is finished. Without a
@@ -585,6 +617,15 @@ impl ClientMachine {
                     let _ = endpoint.send_lane(now, *conn, lane, bytes);
                 }
             }
+            for (lane, session) in &mut self.incoming {
+                while let Some(bytes) = session.poll_transmit() {
+                    any = true;
+                    // (Nothing can be sent on a stream the server opened one way.)
+                    if !lane.is_unidirectional() {
+                        let _ = endpoint.send_lane(now, *conn, *lane, bytes);
+                    }
+                }
+            }
         }
         any
     }
@@ -612,9 +653,43 @@ impl ClientMachine {
                             *last_close = Some(reason);
                             lost = true;
                         }
+                        quic::Event::LaneOpened { conn: c, lane } if Some(c) == *conn => {
+                            // The server opened a stream to deliver on: take what comes.
+                            let mut session = self.session.data_stream();
+                            if session.resume_data_stream(now, &self.session).is_ok() {
+                                self.incoming.insert(lane, session);
+                            } else {
+                                let _ = endpoint.reset_lane(now, c, lane, quic::close_code::STREAM_ERROR);
+                            }
+                        }
+                        quic::Event::DatagramReceived { conn: c, data } if Some(c) == *conn => {
+                            if self.datagrams {
+                                self.session.handle_datagram(data);
+                            }
+                        }
                         quic::Event::LaneReceived { conn: c, lane, data } if Some(c) == *conn => {
                             if let Some(s) = self.streams.values_mut().find(|s| s.lane == Some(lane)) {
                                 s.session.handle_stream_data(now, &data);
+                            } else if let Some(s) = self.incoming.get_mut(&lane) {
+                                s.handle_stream_data(now, &data);
+                            }
+                        }
+                        quic::Event::LaneEnded { conn: c, lane, .. }
+                            if self.incoming.contains_key(&lane) && Some(c) == *conn =>
+                        {
+                            // A stream the server opened, ended by it: ours ends after what
+                            // is due on it.
+                            if let Some(mut session) = self.incoming.remove(&lane) {
+                                while let Some(bytes) = session.poll_transmit() {
+                                    if !lane.is_unidirectional() {
+                                        let _ = endpoint.send_lane(now, c, lane, bytes);
+                                    }
+                                }
+                                let events = std::iter::from_fn(|| session.poll_event());
+                                self.events.extend(events.filter(is_request_event));
+                            }
+                            if !lane.is_unidirectional() {
+                                let _ = endpoint.finish_lane(now, c, lane);
                             }
                         }
                         quic::Event::LaneEnded { conn: c, lane, .. } if Some(c) == *conn => {
@@ -695,6 +770,23 @@ impl ClientMachine {
     /// a new stream at its next command. Whether there were any.
     fn stream_events(&mut self, now: Instant) -> bool {
         let mut any = false;
+        let mut broken = Vec::new();
+        for (lane, session) in &mut self.incoming {
+            while let Some(event) = session.poll_event() {
+                any = true;
+                if let ClientEvent::Disconnected { .. } = event {
+                    broken.push(*lane);
+                } else if is_request_event(&event) {
+                    self.events.push_back(event);
+                }
+            }
+        }
+        for lane in broken {
+            self.incoming.remove(&lane);
+            if let Link::Quic { endpoint, conn: Some(conn), .. } = &mut self.link {
+                let _ = endpoint.reset_lane(now, *conn, lane, quic::close_code::STREAM_ERROR);
+            }
+        }
         for stream in self.streams.values_mut() {
             while let Some(event) = stream.session.poll_event() {
                 any = true;

@@ -53,4 +53,6 @@ pub mod retained;
 pub mod router;
 mod shared;
 pub mod stream_table;
+
+pub use datagrams::DATAGRAM_PROPERTY;
 mod sys;

@@ -621,6 +621,58 @@ impl ClientSession {
         Ok(id)
     }
 
+    /// A QoS 0 message as one QUIC datagram (RFC 9221), for a caller that negotiated
+    /// datagrams: checked as [`ClientSession::publish`] checks it, encoded without a topic alias
+    /// (datagrams arrive in any order), and reported [`ClientEvent::Published`] at once. `Ok(None)`
+    /// when it is not QoS 0 or would not fit in `max` bytes: publish it on the stream instead.
+    pub fn publish_datagram(
+        &mut self,
+        publish: &Publish,
+        max: usize,
+    ) -> Result<Option<(RequestId, Bytes)>, CommandError> {
+        if publish.qos() != QoS::AtMostOnce {
+            return Ok(None);
+        }
+        if self.state != State::Connected {
+            return Err(CommandError::NotConnected);
+        }
+        if publish.retain && !self.server_retain_available {
+            return Err(CommandError::RetainNotSupported);
+        }
+        let mut publish = publish.clone();
+        publish.dup = false;
+        publish.properties.topic_alias = None;
+        publish.properties.subscription_identifiers = mqtt_proto::WireList::new();
+        let size = publish.encoded_len(self.config.protocol).unwrap_or(usize::MAX);
+        if size > self.writer.max() as usize || size > max {
+            return Ok(None);
+        }
+        let mut out = BytesMut::new();
+        if Packet::Publish(publish).encode(self.config.protocol, &mut out).is_err() {
+            return Ok(None);
+        }
+        let id = self.request_id();
+        self.events.push_back(ClientEvent::Published { id, reason: ReasonCode::Success });
+        Ok(Some((id, out.freeze())))
+    }
+
+    /// A QUIC datagram from the server: a QoS 0 message is reported as
+    /// [`ClientEvent::Message`]. Anything else (another packet, a topic alias, bytes that do not
+    /// decode) is dropped: a datagram may be lost anyway. Returns whether it was a message.
+    pub fn handle_datagram(&mut self, data: Bytes) -> bool {
+        if self.state != State::Connected {
+            return false;
+        }
+        let mut buf = data;
+        let mut decoder = Decoder::new(self.config.protocol).with_max_packet_size(self.config.maximum_packet_size);
+        let Ok(Some(Packet::Publish(publish))) = decoder.decode_bytes(&mut buf) else { return false };
+        if !buf.is_empty() || publish.qos() != QoS::AtMostOnce || publish.properties.topic_alias.is_some() {
+            return false;
+        }
+        self.events.push_back(ClientEvent::Message(publish));
+        true
+    }
+
     /// Subscribes, tagging deliveries with `subscription_id` (MQTT 5) when given; completes with
     /// [`ClientEvent::Subscribed`].
     pub fn subscribe(
