@@ -48,6 +48,7 @@
 use crate::backoff::Backoff;
 use crate::broker::DATAGRAM_PROPERTY;
 use crate::config::{ClientConfig, ConfigError};
+use crate::flow_header::{self, FlowHeader};
 use crate::machine::Datagram;
 use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
 use crate::quic::{self, ConnId, Lane, QuicEndpoint, Transmit};
@@ -131,6 +132,16 @@ struct DataStream {
     priority: i32,
     /// Its QUIC stream, while open on the current connection.
     lane: Option<Lane>,
+    /// Something arrived on that QUIC stream (a server that resets a stream it never answered
+    /// on refuses data streams altogether).
+    heard: bool,
+}
+
+/// A stream the server opened: its session, and, until its start is read, the bytes that may
+/// be an MQoQ flow header (see [`crate::flow_header`]).
+struct Incoming {
+    session: ClientSession,
+    start: Option<Vec<u8>>,
 }
 
 /// The transport under the session.
@@ -164,9 +175,12 @@ pub struct ClientMachine {
     /// Streams the server opened on the current connection (some brokers deliver on a stream
     /// of their own per topic), each with a session that takes its messages and acknowledges
     /// them there.
-    incoming: BTreeMap<Lane, ClientSession>,
+    incoming: BTreeMap<Lane, Incoming>,
     /// QoS 0 in QUIC datagrams both ways (the configuration's `transport.datagrams`).
     datagrams: bool,
+    /// The server refused a data stream before answering anything on it: it does not speak
+    /// EMQX's multi-stream mode, so handles use the control stream from then on.
+    streams_refused: bool,
     /// The last handle given out.
     last_stream: u64,
 }
@@ -224,6 +238,7 @@ impl ClientMachine {
             last_stream: 0,
             incoming: BTreeMap::new(),
             datagrams: false,
+            streams_refused: false,
         })
     }
 
@@ -353,7 +368,7 @@ impl ClientMachine {
         self.last_stream += 1;
         let handle = StreamHandle(self.last_stream);
         let session = self.session.data_stream();
-        self.streams.insert(handle, DataStream { session, priority, lane: None });
+        self.streams.insert(handle, DataStream { session, priority, lane: None, heard: false });
         self.open_lane(now, handle);
         self.flush(now);
         Ok(handle)
@@ -439,7 +454,7 @@ impl ClientMachine {
         if !self.streams.contains_key(&handle) {
             return Err(CommandError::UnknownStream);
         }
-        if let Link::Stream { .. } = self.link {
+        if matches!(self.link, Link::Stream { .. }) || self.streams_refused {
             let id = command(&mut self.session, now)?;
             self.flush(now);
             return Ok(id);
@@ -455,6 +470,13 @@ impl ClientMachine {
         Ok(id)
     }
 
+    /// Whether the server refused a data stream before answering anything on it (a broker
+    /// without EMQX's multi-stream mode): the requests in flight on it ended with
+    /// [`ClientEvent::Aborted`], and stream handles use the control stream from then on.
+    pub fn streams_refused(&self) -> bool {
+        self.streams_refused
+    }
+
     /// Continues the machine's request numbering in a data stream's session.
     fn share_requests(&self, session: &mut ClientSession) {
         session.set_request_counter(self.session.request_counter());
@@ -465,7 +487,7 @@ impl ClientMachine {
     /// tried again at the handle's next command or the next connection.
     fn open_lane(&mut self, now: Instant, handle: StreamHandle) {
         let Link::Quic { endpoint, conn: Some(conn), .. } = &mut self.link else { return };
-        if !self.session.is_connected() {
+        if !self.session.is_connected() || self.streams_refused {
             return;
         }
         let Some(stream) = self.streams.get_mut(&handle) else { return };
@@ -617,7 +639,7 @@ impl ClientMachine {
                     let _ = endpoint.send_lane(now, *conn, lane, bytes);
                 }
             }
-            for (lane, session) in &mut self.incoming {
+            for (lane, Incoming { session, .. }) in &mut self.incoming {
                 while let Some(bytes) = session.poll_transmit() {
                     any = true;
                     // (Nothing can be sent on a stream the server opened one way.)
@@ -657,7 +679,7 @@ impl ClientMachine {
                             // The server opened a stream to deliver on: take what comes.
                             let mut session = self.session.data_stream();
                             if session.resume_data_stream(now, &self.session).is_ok() {
-                                self.incoming.insert(lane, session);
+                                self.incoming.insert(lane, Incoming { session, start: Some(Vec::new()) });
                             } else {
                                 let _ = endpoint.reset_lane(now, c, lane, quic::close_code::STREAM_ERROR);
                             }
@@ -669,9 +691,31 @@ impl ClientMachine {
                         }
                         quic::Event::LaneReceived { conn: c, lane, data } if Some(c) == *conn => {
                             if let Some(s) = self.streams.values_mut().find(|s| s.lane == Some(lane)) {
+                                s.heard = true;
                                 s.session.handle_stream_data(now, &data);
                             } else if let Some(s) = self.incoming.get_mut(&lane) {
-                                s.handle_stream_data(now, &data);
+                                if let Some(start) = &mut s.start {
+                                    // Bounded: a header is at most 18 bytes.
+                                    start.extend_from_slice(&data[..data.len().min(32)]);
+                                    match flow_header::parse(start) {
+                                        FlowHeader::Incomplete if start.len() < 32 => continue,
+                                        FlowHeader::None => {
+                                            s.start = None;
+                                            s.session.handle_stream_data(now, &data);
+                                        }
+                                        FlowHeader::ServerData(n) => {
+                                            let skip = n - (start.len() - data.len().min(32));
+                                            s.start = None;
+                                            s.session.handle_stream_data(now, &data[skip.min(data.len())..]);
+                                        }
+                                        FlowHeader::Incomplete | FlowHeader::Refused => {
+                                            self.incoming.remove(&lane);
+                                            let _ = endpoint.reset_lane(now, c, lane, quic::close_code::STREAM_ERROR);
+                                        }
+                                    }
+                                } else {
+                                    s.session.handle_stream_data(now, &data);
+                                }
                             }
                         }
                         quic::Event::LaneEnded { conn: c, lane, .. }
@@ -679,7 +723,7 @@ impl ClientMachine {
                         {
                             // A stream the server opened, ended by it: ours ends after what
                             // is due on it.
-                            if let Some(mut session) = self.incoming.remove(&lane) {
+                            if let Some(Incoming { mut session, .. }) = self.incoming.remove(&lane) {
                                 while let Some(bytes) = session.poll_transmit() {
                                     if !lane.is_unidirectional() {
                                         let _ = endpoint.send_lane(now, c, lane, bytes);
@@ -692,12 +736,26 @@ impl ClientMachine {
                                 let _ = endpoint.finish_lane(now, c, lane);
                             }
                         }
-                        quic::Event::LaneEnded { conn: c, lane, .. } if Some(c) == *conn => {
+                        quic::Event::LaneEnded { conn: c, lane, reason } if Some(c) == *conn => {
                             // The server ended the stream: it forgot its subscriptions and
-                            // QoS state. The handle gets a new stream at its next command.
+                            // QoS state. The handle gets a new stream at its next command, or
+                            // uses the control stream if the server refuses data streams.
                             if let Some(s) = self.streams.values_mut().find(|s| s.lane == Some(lane)) {
                                 s.lane = None;
-                                s.session.handle_stream_closed(now);
+                                // (Application error 1 is EMQX's and our broker's "this stream
+                                // broke the protocol": a server that says it speaks the mode.)
+                                let code = match reason {
+                                    quic::LaneEnd::Reset(code) | quic::LaneEnd::Stopped(code) => Some(code),
+                                    _ => None,
+                                };
+                                if !s.heard && code.is_some_and(|c| c != u64::from(quic::close_code::STREAM_ERROR)) {
+                                    // Nothing waits for a stream that will not come: what was
+                                    // in flight on it ends now.
+                                    self.streams_refused = true;
+                                    let _ = s.session.close_data_stream(now);
+                                } else {
+                                    s.session.handle_stream_closed(now);
+                                }
                                 let _ = endpoint.reset_lane(now, c, lane, quic::close_code::NORMAL);
                             }
                         }
@@ -771,7 +829,7 @@ impl ClientMachine {
     fn stream_events(&mut self, now: Instant) -> bool {
         let mut any = false;
         let mut broken = Vec::new();
-        for (lane, session) in &mut self.incoming {
+        for (lane, Incoming { session, .. }) in &mut self.incoming {
             while let Some(event) = session.poll_event() {
                 any = true;
                 if let ClientEvent::Disconnected { .. } = event {

@@ -150,6 +150,7 @@ pub mod client;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod flow_header;
 pub mod machine;
 pub mod persist;
 pub mod pool;

@@ -669,3 +669,28 @@ fn clients_with_datagrams_on_send_and_receive_qos0_in_datagrams() {
     // to the other.
     assert_eq!((stats.datagrams_received, stats.datagrams_sent, stats.datagrams_dropped), (1, 1, 0));
 }
+
+#[test]
+fn a_server_that_refuses_data_streams_gets_the_handles_traffic_on_the_control_stream() {
+    // The `mqtt5` crate's broker resets a client's two-way data stream at once (code 0xB5).
+    let (mut sim, c) = bare_world(7);
+    let mut srv = Bare { decoders: Default::default(), got: Vec::new(), ended: Vec::new(), conn: None };
+    let now = sim.now();
+    sim.machine(c).as_client().start(now).unwrap();
+    srv.wait(&mut sim, |p| matches!(p, Packet::Connect(_)));
+    srv.send(&mut sim, Lane::CONTROL, Packet::ConnAck(Box::default()));
+    run_until_event(&mut sim, c, |e| matches!(e, ClientEvent::Connected { .. }));
+    let now = sim.now();
+    let h = sim.machine(c).as_client().open_stream(now, 0).unwrap();
+    let x = sim.machine(c).as_client().subscribe_on(now, h, vec![sub("x")], None).unwrap();
+    let (l1, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
+    let now = sim.now();
+    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn.unwrap(), l1, 0xB5).unwrap();
+    run_until_event(&mut sim, c, |e| *e == ClientEvent::Aborted { id: x });
+    assert!(sim.machine(c).as_client().streams_refused());
+    // From then on the handle's traffic takes the control stream.
+    let now = sim.now();
+    sim.machine(c).as_client().subscribe_on(now, h, vec![sub("y")], None).unwrap();
+    let (l2, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
+    assert_eq!(l2, Lane::CONTROL);
+}

@@ -78,6 +78,14 @@ pub struct ConnArgs {
     /// Where a local broker keeps its certificate (see `mqttq broker --data-dir`).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Over QUIC: publish or subscribe on a data stream of its own (EMQX's multi-stream mode)
+    /// instead of the control stream. Over TCP and TLS there is only one stream.
+    #[arg(long)]
+    pub data_stream: bool,
+    /// Over QUIC: QoS 0 in QUIC datagrams (RFC 9221), both ways, where the broker offers them
+    /// (a QoS 0 message too large for a datagram goes on the stream).
+    #[arg(long)]
+    pub datagrams: bool,
     /// Print debug logs to stderr (or set RUST_LOG).
     #[arg(short = 'd', long)]
     pub debug: bool,
@@ -116,6 +124,7 @@ impl ConnArgs {
         s.connect_timeout = Duration::from_secs(10);
         // A command-line client reports a lost connection instead of hiding it behind retries.
         options.reconnect = None;
+        options.transport.datagrams = self.datagrams;
         if self.url()?.transport != Transport::Tcp {
             options.tls = Some(self.trust()?);
         }

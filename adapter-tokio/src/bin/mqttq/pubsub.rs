@@ -1,7 +1,7 @@
 //! `mqttq pub` and `mqttq sub`.
 
 use crate::conn::ConnArgs;
-use adapter_tokio::client::{Client, ConnectionState};
+use adapter_tokio::client::{Client, ClientStream, ConnectionState};
 use bytes::Bytes;
 use clap::Args;
 use mqtt_proto::{Publish, QoS, Subscription, TopicFilter, TopicName};
@@ -96,22 +96,43 @@ pub async fn publish(args: PubArgs) -> Result<(), String> {
     let message = |payload: Bytes| {
         Publish { retain: args.retain, ..Publish::new(topic.clone(), payload) }.with_qos(qos(args.qos))
     };
-    let outcome = match payload {
-        Some(p) => client.publish(message(p)).await.map_err(|e| e.to_string()),
-        None => publish_lines(&client, message).await,
+    let stream = match args.conn.data_stream {
+        true => Some(client.open_stream(0).await.map_err(|e| e.to_string())?),
+        false => None,
     };
+    let outcome = match (payload, &stream) {
+        (Some(p), None) => client.publish(message(p)).await.map_err(|e| e.to_string()),
+        (Some(p), Some(s)) => match s.publish(message(p.clone())).await {
+            // A broker without EMQX's multi-stream mode refuses the stream (the client then
+            // uses the control stream): once more, there.
+            Err(e) if matches!(client.state(), ConnectionState::Connected { .. }) => {
+                refused(&e);
+                client.publish(message(p)).await.map_err(|e| e.to_string())
+            }
+            r => r.map_err(|e| e.to_string()),
+        },
+        (None, _) => publish_lines(&client, stream.as_ref(), message).await,
+    };
+    drop(stream);
     let _ = client.disconnect().await;
     outcome
 }
 
 /// `-l`: one message per line of stdin, acknowledgements awaited in a window so a slow
 /// broker does not make input pile up in memory.
-async fn publish_lines(client: &Client, message: impl Fn(Bytes) -> Publish) -> Result<(), String> {
+async fn publish_lines(
+    client: &Client,
+    stream: Option<&ClientStream>,
+    message: impl Fn(Bytes) -> Publish,
+) -> Result<(), String> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut pending = tokio::task::JoinSet::new();
     while let Some(line) = lines.next_line().await.map_err(|e| format!("stdin: {e}"))? {
         // Queued in line order now; only the acknowledgements are awaited out of order.
-        pending.spawn(client.publish(message(Bytes::from(line))));
+        match stream {
+            Some(s) => pending.spawn(s.publish(message(Bytes::from(line)))),
+            None => pending.spawn(client.publish(message(Bytes::from(line)))),
+        };
         while pending.len() >= PIPELINE {
             if let Some(r) = pending.join_next().await {
                 r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
@@ -122,6 +143,11 @@ async fn publish_lines(client: &Client, message: impl Fn(Bytes) -> Publish) -> R
         r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Says that the data stream failed and the control stream is used instead.
+fn refused(e: &impl std::fmt::Display) {
+    eprintln!("mqttq: the data stream failed ({e}): the broker may not support data streams; using the control stream");
 }
 
 /// Subscribes and prints messages until `-C` is reached, the connection ends, or Ctrl-C.
@@ -137,8 +163,22 @@ pub async fn subscribe(args: SubArgs) -> Result<(), String> {
     }
     let client = args.conn.connect(options).await?;
     let mut messages = client.messages().ok_or("message stream already taken")?;
-    let subscriptions = filters.into_iter().map(|f| Subscription::new(f, qos(args.qos))).collect();
-    let codes = client.subscribe_many(subscriptions).await.map_err(|e| e.to_string())?;
+    let subscriptions: Vec<Subscription> = filters.into_iter().map(|f| Subscription::new(f, qos(args.qos))).collect();
+    let stream = match args.conn.data_stream {
+        true => Some(client.open_stream(0).await.map_err(|e| e.to_string())?),
+        false => None,
+    };
+    let codes = match &stream {
+        Some(s) => match s.subscribe_many(subscriptions.clone()).await {
+            Err(e) if matches!(client.state(), ConnectionState::Connected { .. }) => {
+                refused(&e);
+                s.subscribe_many(subscriptions).await
+            }
+            r => r,
+        },
+        None => client.subscribe_many(subscriptions).await,
+    };
+    let codes = codes.map_err(|e| e.to_string())?;
     for (code, topic) in codes.iter().zip(&args.topic) {
         if code.is_error() {
             let _ = client.disconnect().await;
@@ -180,6 +220,7 @@ pub async fn subscribe(args: SubArgs) -> Result<(), String> {
             break Ok(());
         }
     };
+    drop(stream);
     let _ = client.disconnect().await;
     result
 }
