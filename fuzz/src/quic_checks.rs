@@ -9,7 +9,9 @@
 //!
 //! - `broker_quic`: the broker machine and three QUIC client machines joined by a network the
 //!   fuzzer controls (delivery, loss, duplication, corruption, reordering, injected datagrams,
-//!   time) while the clients publish, subscribe, disconnect, die and reconnect, never panic.
+//!   time) while the clients publish, subscribe (on data streams too), disconnect, die and
+//!   reconnect, and a bare QUIC peer opens, writes, finishes and resets data streams (both
+//!   kinds) and sends datagrams, never panic.
 //!
 //! `tests/tests/fuzz_corpus_quic.rs` replays the committed corpora.
 
@@ -231,6 +233,66 @@ enum NetStep {
     Kill { which: u8 },
     /// Client `which` connects again (a new QUIC connection; 0-RTT when it holds a ticket).
     Start { which: u8 },
+    /// Client `which` opens a data stream with this priority.
+    OpenStream { which: u8, priority: i8 },
+    /// Client `which` publishes on one of its data streams.
+    PublishOn { which: u8, stream: u8, topic: u8, qos: u8, payload: Vec<u8> },
+    /// Client `which` subscribes on one of its data streams.
+    SubscribeOn { which: u8, stream: u8, filter: u8, qos: u8 },
+    /// Client `which` closes one of its data streams.
+    CloseStream { which: u8, stream: u8 },
+    /// The bare peer connects (again) and sends CONNECT on its control stream.
+    BareConnect { id: u8 },
+    /// The bare peer opens a data stream, two-way or one-way.
+    BareOpen { two_way: bool },
+    /// The bare peer writes on one of its streams (0: control) a canned packet, or the bytes.
+    BareSend { stream: u8, canned: u8, bytes: Vec<u8> },
+    /// The bare peer finishes one of its streams (0: control).
+    BareFinish { stream: u8 },
+    /// The bare peer resets one of its data streams with a code.
+    BareReset { stream: u8, code: u8 },
+    /// The bare peer sends a datagram: a canned packet, or the bytes.
+    BareDatagram { canned: u8, bytes: Vec<u8> },
+}
+
+/// Packets the bare peer can send whole (`canned` picks one; past the end, the fuzzer's bytes).
+fn canned_packets() -> Vec<Vec<u8>> {
+    use mqtt_proto::{
+        Ack, Connect, MqttString, Packet, PacketId, Protocol, Publish, QoS, Subscribe, Subscription, TopicFilter,
+        TopicName,
+    };
+    let id = PacketId::new(1).unwrap();
+    let sub = |f: &str, qos| Subscription::new(TopicFilter::new(f).unwrap(), qos);
+    let packets: Vec<Packet> = vec![
+        Packet::Subscribe(Subscribe {
+            packet_id: id,
+            properties: Default::default(),
+            subscriptions: vec![sub("a/#", QoS::AtLeastOnce)].into(),
+        }),
+        Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(2).unwrap(),
+            properties: Default::default(),
+            subscriptions: vec![sub("#", QoS::ExactlyOnce)].into(),
+        }),
+        Packet::Publish(Publish::new(TopicName::new("a/b").unwrap(), &b"x"[..])),
+        Packet::Publish(Publish::new(TopicName::new("a").unwrap(), &b"q1"[..]).with_qos(QoS::AtLeastOnce)),
+        Packet::Publish(Publish::new(TopicName::new("a/b").unwrap(), &b"q2"[..]).with_qos(QoS::ExactlyOnce)),
+        Packet::PubAck(Ack::new(id)),
+        Packet::PubRec(Ack::new(id)),
+        Packet::PubRel(Ack::new(id)),
+        Packet::PubComp(Ack::new(id)),
+        Packet::PingReq,
+        Packet::Disconnect(Default::default()),
+        Packet::Connect(Box::new(Connect::new(Protocol::V5, MqttString::try_from("bare").unwrap()))),
+    ];
+    packets
+        .iter()
+        .map(|p| {
+            let mut out = bytes::BytesMut::new();
+            p.encode(Protocol::V5, &mut out).expect("encodes");
+            out.to_vec()
+        })
+        .collect()
 }
 
 const CLIENTS: usize = 3;
@@ -254,6 +316,8 @@ pub fn broker_quic(data: &[u8]) {
     let tls = server_tls();
     let mut quic = ServerConfig::new(tls.clone());
     quic.max_connections = 4;
+    quic.transport.datagrams = true;
+    quic.transport.data_streams = 4;
     let mut config = BrokerConfig::new(quic);
     config.max_retained = 8;
     config.max_offline_queue = 8;
@@ -267,6 +331,7 @@ pub fn broker_quic(data: &[u8]) {
         .map(|i| {
             let mut quic = ClientConfig::new(ClientTls::insecure());
             quic.seed = i as u64;
+            quic.transport.datagrams = i == 2;
             let session = mqtt_quic_core::session::client::ClientSessionConfig {
                 client_id: format!("c{}", i % 2), // two share an id: takeovers
                 clean_start: i == 0,
@@ -287,8 +352,20 @@ pub fn broker_quic(data: &[u8]) {
             client
         })
         .collect();
+    // The bare peer: a QUIC endpoint written to packet by packet, at the address after the
+    // clients'; its datagrams travel in the clients' queues under its index.
+    let mut bare = {
+        let mut quic = ClientConfig::new(ClientTls::insecure());
+        quic.seed = 99;
+        quic.transport.datagrams = true;
+        QuicEndpoint::client(&quic).expect("valid config")
+    };
+    let mut bare_conn = None;
+    let mut bare_lanes: Vec<mqtt_quic_core::quic::Lane> = Vec::new();
+    let canned = canned_packets();
+    let mut streams: Vec<Vec<mqtt_quic_core::client::StreamHandle>> = vec![Vec::new(); CLIENTS];
     let mut to_broker: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
-    let mut to_client: [VecDeque<Vec<u8>>; CLIENTS] = Default::default();
+    let mut to_client: [VecDeque<Vec<u8>>; CLIENTS + 1] = Default::default();
     let mut buf = Vec::new();
     // Besides four ordinary ones, topics and filters past the broker's depth and length limits
     // (refused with 0x90 / 0x8F), and a SUBSCRIBE of 300 copies of `#` (merged into one).
@@ -311,9 +388,16 @@ pub fn broker_quic(data: &[u8]) {
         // Collect what everyone wants to send.
         let mut pump = |broker: &mut Broker,
                         clients: &mut [ClientMachine],
+                        bare: &mut QuicEndpoint,
                         to_broker: &mut VecDeque<(usize, Vec<u8>)>,
-                        to_client: &mut [VecDeque<Vec<u8>>; CLIENTS],
+                        to_client: &mut [VecDeque<Vec<u8>>; CLIENTS + 1],
                         now: Instant| {
+            while let Some(t) = bare.poll_transmit(now, &mut buf) {
+                if to_broker.len() < QUEUE {
+                    to_broker.push_back((CLIENTS, buf[..t.size].to_vec()));
+                }
+            }
+            while bare.poll_event().is_some() {}
             for (i, client) in clients.iter_mut().enumerate() {
                 while let Some(t) = client.poll_transmit(now, &mut buf) {
                     if to_broker.len() < QUEUE {
@@ -323,7 +407,7 @@ pub fn broker_quic(data: &[u8]) {
                 while client.poll_event().is_some() {}
             }
             while let Some(t) = broker.poll_transmit(now, &mut buf) {
-                if let Some(i) = (0..CLIENTS).find(|&i| client_addr(i) == t.destination) {
+                if let Some(i) = (0..=CLIENTS).find(|&i| client_addr(i) == t.destination) {
                     if to_client[i].len() < QUEUE {
                         to_client[i].push_back(buf[..t.size].to_vec());
                     }
@@ -331,9 +415,10 @@ pub fn broker_quic(data: &[u8]) {
             }
             while broker.poll_event().is_some() {}
         };
-        pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
+        pump(&mut broker, &mut clients, &mut bare, &mut to_broker, &mut to_client, now);
         let deliver = |broker: &mut Broker,
                        clients: &mut [ClientMachine],
+                       bare: &mut QuicEndpoint,
                        to_broker: bool,
                        which: u8,
                        data: Vec<u8>,
@@ -342,23 +427,27 @@ pub fn broker_quic(data: &[u8]) {
             if to_broker {
                 broker.handle_datagram(now, Datagram::new(client_addr(from), &data));
             } else {
-                clients[usize::from(which) % CLIENTS].handle_datagram(now, Datagram::new(broker_addr, &data));
+                match usize::from(which) % (CLIENTS + 1) {
+                    CLIENTS => bare.handle_datagram(now, Datagram::new(broker_addr, &data)),
+                    i => clients[i].handle_datagram(now, Datagram::new(broker_addr, &data)),
+                }
             }
         };
         let pop = |to_broker_q: &mut VecDeque<(usize, Vec<u8>)>,
-                   to_client: &mut [VecDeque<Vec<u8>>; CLIENTS],
+                   to_client: &mut [VecDeque<Vec<u8>>; CLIENTS + 1],
                    to_broker: bool,
                    which: u8| {
             if to_broker {
                 to_broker_q.pop_front()
             } else {
-                to_client[usize::from(which) % CLIENTS].pop_front().map(|d| (0, d))
+                to_client[usize::from(which) % (CLIENTS + 1)].pop_front().map(|d| (0, d))
             }
         };
         match step {
             NetStep::Wait(t) => {
                 now += Duration::from_millis(u64::from(t) * 5);
                 broker.handle_timeout(now);
+                bare.handle_timeout(now);
                 for client in clients.iter_mut() {
                     client.handle_timeout(now);
                 }
@@ -373,15 +462,18 @@ pub fn broker_quic(data: &[u8]) {
                     }
                     for (i, q) in to_client.iter_mut().enumerate() {
                         while let Some(d) = q.pop_front() {
-                            clients[i].handle_datagram(now, Datagram::new(broker_addr, &d));
+                            match clients.get_mut(i) {
+                                Some(client) => client.handle_datagram(now, Datagram::new(broker_addr, &d)),
+                                None => bare.handle_datagram(now, Datagram::new(broker_addr, &d)),
+                            }
                         }
                     }
-                    pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
+                    pump(&mut broker, &mut clients, &mut bare, &mut to_broker, &mut to_client, now);
                 }
             }
             NetStep::Deliver { to_broker: tb, which } => {
                 if let Some((from, d)) = pop(&mut to_broker, &mut to_client, tb, which) {
-                    deliver(&mut broker, &mut clients, tb, which, d, from, now);
+                    deliver(&mut broker, &mut clients, &mut bare, tb, which, d, from, now);
                 }
             }
             NetStep::Drop { to_broker: tb, which } => {
@@ -389,8 +481,8 @@ pub fn broker_quic(data: &[u8]) {
             }
             NetStep::Duplicate { to_broker: tb, which } => {
                 if let Some((from, d)) = pop(&mut to_broker, &mut to_client, tb, which) {
-                    deliver(&mut broker, &mut clients, tb, which, d.clone(), from, now);
-                    deliver(&mut broker, &mut clients, tb, which, d, from, now);
+                    deliver(&mut broker, &mut clients, &mut bare, tb, which, d.clone(), from, now);
+                    deliver(&mut broker, &mut clients, &mut bare, tb, which, d, from, now);
                 }
             }
             NetStep::Corrupt { to_broker: tb, which, at, xor } => {
@@ -399,7 +491,7 @@ pub fn broker_quic(data: &[u8]) {
                         let i = usize::from(at) % d.len();
                         d[i] ^= xor;
                     }
-                    deliver(&mut broker, &mut clients, tb, which, d, from, now);
+                    deliver(&mut broker, &mut clients, &mut bare, tb, which, d, from, now);
                 }
             }
             NetStep::Reorder { to_broker: tb, which } => {
@@ -408,7 +500,7 @@ pub fn broker_quic(data: &[u8]) {
                         to_broker.swap(0, 1);
                     }
                 } else {
-                    let q = &mut to_client[usize::from(which) % CLIENTS];
+                    let q = &mut to_client[usize::from(which) % (CLIENTS + 1)];
                     if q.len() >= 2 {
                         q.swap(0, 1);
                     }
@@ -438,8 +530,95 @@ pub fn broker_quic(data: &[u8]) {
             NetStep::Start { which } => {
                 let _ = clients[usize::from(which) % CLIENTS].start(now);
             }
+            NetStep::OpenStream { which, priority } => {
+                let i = usize::from(which) % CLIENTS;
+                if streams[i].len() < 4 {
+                    if let Ok(h) = clients[i].open_stream(now, i32::from(priority)) {
+                        streams[i].push(h);
+                    }
+                }
+            }
+            NetStep::PublishOn { which, stream, topic, qos: q, payload } => {
+                let i = usize::from(which) % CLIENTS;
+                if let Some(&h) = streams[i].get(usize::from(stream) % streams[i].len().max(1)) {
+                    let p = Publish::new(TopicName::new(topics[usize::from(topic) % topics.len()]).unwrap(), payload)
+                        .with_qos(qos(q));
+                    let _ = clients[i].publish_on(now, h, p);
+                }
+            }
+            NetStep::SubscribeOn { which, stream, filter, qos: q } => {
+                let i = usize::from(which) % CLIENTS;
+                if let Some(&h) = streams[i].get(usize::from(stream) % streams[i].len().max(1)) {
+                    let _ = clients[i].subscribe_on(now, h, subscriptions(filter, qos(q)), None);
+                }
+            }
+            NetStep::CloseStream { which, stream } => {
+                let i = usize::from(which) % CLIENTS;
+                if !streams[i].is_empty() {
+                    let at = usize::from(stream) % streams[i].len();
+                    let h = streams[i].remove(at);
+                    let _ = clients[i].close_stream(now, h);
+                }
+            }
+            NetStep::BareConnect { id } => {
+                if let Some(c) = bare_conn.take() {
+                    let _ = bare.close(now, c, 0, "again");
+                }
+                bare_lanes.clear();
+                if let Ok(c) = bare.connect(now, broker_addr, "fuzz") {
+                    let connect = mqtt_proto::Connect::new(
+                        mqtt_proto::Protocol::V5,
+                        mqtt_proto::MqttString::try_from(format!("c{}", id % 3)).unwrap(),
+                    );
+                    let mut out = bytes::BytesMut::new();
+                    mqtt_proto::Packet::Connect(Box::new(connect)).encode(mqtt_proto::Protocol::V5, &mut out).unwrap();
+                    let _ = bare.send(now, c, out.freeze());
+                    bare_conn = Some(c);
+                }
+            }
+            NetStep::BareOpen { two_way } => {
+                if let (Some(c), true) = (bare_conn, bare_lanes.len() < 8) {
+                    let lane = if two_way { bare.open_lane(now, c) } else { bare.open_uni_lane(now, c) };
+                    bare_lanes.extend(lane.ok());
+                }
+            }
+            NetStep::BareSend { stream, canned: pick, bytes } => {
+                if let Some(c) = bare_conn {
+                    let data = canned.get(usize::from(pick)).cloned().unwrap_or(bytes);
+                    let lane = match usize::from(stream) % (bare_lanes.len() + 1) {
+                        0 => mqtt_quic_core::quic::Lane::CONTROL,
+                        n => bare_lanes[n - 1],
+                    };
+                    let _ = bare.send_lane(now, c, lane, data.into());
+                }
+            }
+            NetStep::BareFinish { stream } => {
+                if let Some(c) = bare_conn {
+                    match usize::from(stream) % (bare_lanes.len() + 1) {
+                        0 => {
+                            let _ = bare.finish(now, c);
+                        }
+                        n => {
+                            let _ = bare.finish_lane(now, c, bare_lanes[n - 1]);
+                        }
+                    }
+                }
+            }
+            NetStep::BareReset { stream, code } => {
+                if let (Some(c), false) = (bare_conn, bare_lanes.is_empty()) {
+                    let at = usize::from(stream) % bare_lanes.len();
+                    let lane = bare_lanes.remove(at);
+                    let _ = bare.reset_lane(now, c, lane, u32::from(code));
+                }
+            }
+            NetStep::BareDatagram { canned: pick, bytes } => {
+                if let Some(c) = bare_conn {
+                    let data = canned.get(usize::from(pick)).cloned().unwrap_or(bytes);
+                    let _ = bare.send_datagram(now, c, data.into());
+                }
+            }
         }
-        pump(&mut broker, &mut clients, &mut to_broker, &mut to_client, now);
+        pump(&mut broker, &mut clients, &mut bare, &mut to_broker, &mut to_client, now);
         assert!(broker.connections() <= 4, "the broker holds more connections than it may");
         // A deadline may fall due while datagrams are handled (a loss time from a late ACK):
         // that means "call handle_timeout now". After handle_timeout, none may be left due, or
@@ -454,6 +633,9 @@ pub fn broker_quic(data: &[u8]) {
             if let Some(deadline) = client.poll_timeout() {
                 assert!(deadline > now, "client deadline not in the future after handle_timeout");
             }
+        }
+        if let Some(deadline) = bare.poll_timeout() {
+            assert!(deadline > now, "bare peer deadline not in the future after handle_timeout");
         }
     }
 }

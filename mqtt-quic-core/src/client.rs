@@ -684,10 +684,8 @@ impl ClientMachine {
                                 let _ = endpoint.reset_lane(now, c, lane, quic::close_code::STREAM_ERROR);
                             }
                         }
-                        quic::Event::DatagramReceived { conn: c, data } if Some(c) == *conn => {
-                            if self.datagrams {
-                                self.session.handle_datagram(data);
-                            }
+                        quic::Event::DatagramReceived { conn: c, data } if Some(c) == *conn && self.datagrams => {
+                            self.session.handle_datagram(data);
                         }
                         quic::Event::LaneReceived { conn: c, lane, data } if Some(c) == *conn => {
                             if let Some(s) = self.streams.values_mut().find(|s| s.lane == Some(lane)) {
