@@ -137,11 +137,74 @@ struct DataStream {
     heard: bool,
 }
 
-/// A stream the server opened: its session, and, until its start is read, the bytes that may
-/// be an MQoQ flow header (see [`crate::flow_header`]).
-struct Incoming {
-    session: ClientSession,
+/// A stream the server opened (some brokers deliver on one per topic): a session that takes
+/// its messages and acknowledges them (there, or on the control stream for a one-way stream),
+/// created once the connection's CONNACK is in (the stream may arrive with it).
+struct ServerStream {
+    session: Option<ClientSession>,
+    /// Until its start is read: the bytes that may be an MQoQ flow header (see
+    /// [`crate::flow_header`]).
     start: Option<Vec<u8>>,
+    /// Bytes that came before the session could be made.
+    early: Vec<u8>,
+}
+
+/// Bytes a server-opened stream may carry before CONNACK is read.
+const SERVER_STREAM_EARLY: usize = 64 * 1024;
+
+impl ServerStream {
+    fn new() -> ServerStream {
+        ServerStream { session: None, start: Some(Vec::new()), early: Vec::new() }
+    }
+
+    /// Bytes from the stream. False when it must be refused: another flow type than a
+    /// server's data flow, or too much before CONNACK.
+    fn feed(&mut self, now: Instant, data: &[u8]) -> bool {
+        let Some(session) = &mut self.session else {
+            if self.early.len() + data.len() > SERVER_STREAM_EARLY {
+                return false;
+            }
+            self.early.extend_from_slice(data);
+            return true;
+        };
+        let Some(start) = &mut self.start else {
+            session.handle_stream_data(now, data);
+            return true;
+        };
+        // Bounded: a header is at most 18 bytes.
+        let before = start.len();
+        start.extend_from_slice(&data[..data.len().min(32)]);
+        match flow_header::parse(start) {
+            FlowHeader::Incomplete if start.len() < 32 => true,
+            FlowHeader::None => {
+                self.start = None;
+                session.handle_stream_data(now, data);
+                true
+            }
+            FlowHeader::ServerData(n) => {
+                // The header ends `n - before` bytes into this chunk (it did not end before).
+                self.start = None;
+                session.handle_stream_data(now, &data[(n - before).min(data.len())..]);
+                true
+            }
+            FlowHeader::Incomplete | FlowHeader::Refused => false,
+        }
+    }
+
+    /// Makes its session once `control` is connected, and hands it what waited. False when
+    /// what waited must be refused.
+    fn activate(&mut self, now: Instant, control: &ClientSession) -> bool {
+        if self.session.is_some() || !control.is_connected() {
+            return true;
+        }
+        let mut session = control.data_stream();
+        if session.resume_data_stream(now, control).is_err() {
+            return false;
+        }
+        self.session = Some(session);
+        let early = std::mem::take(&mut self.early);
+        self.feed(now, &early)
+    }
 }
 
 /// The transport under the session.
@@ -175,7 +238,7 @@ pub struct ClientMachine {
     /// Streams the server opened on the current connection (some brokers deliver on a stream
     /// of their own per topic), each with a session that takes its messages and acknowledges
     /// them there.
-    incoming: BTreeMap<Lane, Incoming>,
+    incoming: BTreeMap<Lane, ServerStream>,
     /// QoS 0 in QUIC datagrams both ways (the configuration's `transport.datagrams`).
     datagrams: bool,
     /// The server refused a data stream before answering anything on it: it does not speak
@@ -494,8 +557,22 @@ impl ClientMachine {
         if stream.lane.is_some() {
             return;
         }
-        let Ok(lane) = endpoint.open_lane(now, *conn) else { return };
+        let lane = match endpoint.open_lane(now, *conn) {
+            Ok(lane) => lane,
+            Err(quic::CommandError::StreamLimit) if self.streams.values().all(|s| s.lane.is_none()) => {
+                // The server allows no stream besides the control stream (a broker without
+                // the multi-stream mode, or with it off): handles use the control stream, and
+                // what waited for this one ends.
+                self.streams_refused = true;
+                if let Some(stream) = self.streams.get_mut(&handle) {
+                    let _ = stream.session.close_data_stream(now);
+                }
+                return;
+            }
+            Err(_) => return,
+        };
         let _ = endpoint.set_lane_priority(*conn, lane, stream.priority);
+        stream.heard = false;
         stream.session.set_request_counter(self.session.request_counter());
         if stream.session.resume_data_stream(now, &self.session).is_ok() {
             stream.lane = Some(lane);
@@ -639,13 +716,16 @@ impl ClientMachine {
                     let _ = endpoint.send_lane(now, *conn, lane, bytes);
                 }
             }
-            for (lane, Incoming { session, .. }) in &mut self.incoming {
+            for (lane, stream) in &mut self.incoming {
+                let Some(session) = &mut stream.session else { continue };
                 while let Some(bytes) = session.poll_transmit() {
                     any = true;
-                    // (Nothing can be sent on a stream the server opened one way.)
-                    if !lane.is_unidirectional() {
-                        let _ = endpoint.send_lane(now, *conn, *lane, bytes);
-                    }
+                    // Acknowledgements for a stream the server opened one way go on the
+                    // control stream (nothing can be sent on it).
+                    let _ = match lane.is_unidirectional() {
+                        true => endpoint.send(now, *conn, bytes),
+                        false => endpoint.send_lane(now, *conn, *lane, bytes),
+                    };
                 }
             }
         }
@@ -676,13 +756,9 @@ impl ClientMachine {
                             lost = true;
                         }
                         quic::Event::LaneOpened { conn: c, lane } if Some(c) == *conn => {
-                            // The server opened a stream to deliver on: take what comes.
-                            let mut session = self.session.data_stream();
-                            if session.resume_data_stream(now, &self.session).is_ok() {
-                                self.incoming.insert(lane, Incoming { session, start: Some(Vec::new()) });
-                            } else {
-                                let _ = endpoint.reset_lane(now, c, lane, quic::close_code::STREAM_ERROR);
-                            }
+                            // The server opened a stream to deliver on: take what comes (its
+                            // session is made below, once CONNACK is in).
+                            self.incoming.insert(lane, ServerStream::new());
                         }
                         quic::Event::DatagramReceived { conn: c, data } if Some(c) == *conn && self.datagrams => {
                             self.session.handle_datagram(data);
@@ -692,27 +768,9 @@ impl ClientMachine {
                                 s.heard = true;
                                 s.session.handle_stream_data(now, &data);
                             } else if let Some(s) = self.incoming.get_mut(&lane) {
-                                if let Some(start) = &mut s.start {
-                                    // Bounded: a header is at most 18 bytes.
-                                    start.extend_from_slice(&data[..data.len().min(32)]);
-                                    match flow_header::parse(start) {
-                                        FlowHeader::Incomplete if start.len() < 32 => continue,
-                                        FlowHeader::None => {
-                                            s.start = None;
-                                            s.session.handle_stream_data(now, &data);
-                                        }
-                                        FlowHeader::ServerData(n) => {
-                                            let skip = n - (start.len() - data.len().min(32));
-                                            s.start = None;
-                                            s.session.handle_stream_data(now, &data[skip.min(data.len())..]);
-                                        }
-                                        FlowHeader::Incomplete | FlowHeader::Refused => {
-                                            self.incoming.remove(&lane);
-                                            let _ = endpoint.reset_lane(now, c, lane, quic::close_code::STREAM_ERROR);
-                                        }
-                                    }
-                                } else {
-                                    s.session.handle_stream_data(now, &data);
+                                if !s.feed(now, &data) {
+                                    self.incoming.remove(&lane);
+                                    let _ = endpoint.reset_lane(now, c, lane, quic::close_code::STREAM_ERROR);
                                 }
                             }
                         }
@@ -721,11 +779,12 @@ impl ClientMachine {
                         {
                             // A stream the server opened, ended by it: ours ends after what
                             // is due on it.
-                            if let Some(Incoming { mut session, .. }) = self.incoming.remove(&lane) {
+                            if let Some(ServerStream { session: Some(mut session), .. }) = self.incoming.remove(&lane) {
                                 while let Some(bytes) = session.poll_transmit() {
-                                    if !lane.is_unidirectional() {
-                                        let _ = endpoint.send_lane(now, c, lane, bytes);
-                                    }
+                                    let _ = match lane.is_unidirectional() {
+                                        true => endpoint.send(now, c, bytes),
+                                        false => endpoint.send_lane(now, c, lane, bytes),
+                                    };
                                 }
                                 let events = std::iter::from_fn(|| session.poll_event());
                                 self.events.extend(events.filter(is_request_event));
@@ -827,7 +886,15 @@ impl ClientMachine {
     fn stream_events(&mut self, now: Instant) -> bool {
         let mut any = false;
         let mut broken = Vec::new();
-        for (lane, Incoming { session, .. }) in &mut self.incoming {
+        // Streams the server opened get their sessions once CONNACK is in.
+        let control = &self.session;
+        for (lane, stream) in &mut self.incoming {
+            if !stream.activate(now, control) {
+                broken.push(*lane);
+            }
+        }
+        for (lane, stream) in &mut self.incoming {
+            let Some(session) = &mut stream.session else { continue };
             while let Some(event) = session.poll_event() {
                 any = true;
                 if let ClientEvent::Disconnected { .. } = event {

@@ -55,8 +55,8 @@ pub struct TransportSettings {
     /// slower than that costs a spurious resend of the first flight, nothing more.
     pub initial_rtt: Duration,
     /// Data streams (EMQX's multi-stream mode) a client may have open at once besides its MQTT
-    /// control stream; 0 refuses them (single-stream mode). Each costs the peer a stream's
-    /// receive window at most, so this bounds what a connection can make us buffer.
+    /// control stream, two-way and one-way each; 0 refuses them (single-stream mode). On a
+    /// client, the streams a server may open (ways back, delivery streams).
     pub data_streams: u32,
     /// Offer QUIC datagrams (RFC 9221) for QoS 0 messages. Off by default: the transport
     /// parameter is sent only when this is on, so a peer sees no datagram support otherwise.

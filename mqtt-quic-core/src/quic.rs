@@ -2,9 +2,10 @@
 //! stream (EMQX single-stream mode) and, in EMQX's multi-stream mode, data streams besides it
 //! ([`Lane`]), plus QUIC datagrams (RFC 9221) where both sides enabled them.
 //!
-//! The client opens every stream. Its first bidirectional stream is the control stream: its end
-//! ends the connection. Later ones are data streams, each ending on its own
-//! ([`Event::LaneEnded`]) without touching the connection.
+//! The client's first bidirectional stream is the control stream: its end ends the connection.
+//! Later streams are data streams, each ending on its own ([`Event::LaneEnded`]) without
+//! touching the connection. The client opens them; a server opens one only as the way back of
+//! a client's one-way stream (see the broker's `lanes`).
 //!
 //! The same type serves both ends: built with [`QuicEndpoint::server`] it accepts connections,
 //! with [`QuicEndpoint::client`] it opens them (any number, to any servers, each addressed by a
@@ -53,7 +54,7 @@ impl Lane {
         self == Lane::CONTROL
     }
 
-    /// Whether this stream goes one way only (client to server): nothing can be sent on it.
+    /// Whether this stream goes one way only (from the side that opened it).
     pub fn is_unidirectional(self) -> bool {
         self.0 & 2 != 0
     }
@@ -164,8 +165,9 @@ pub enum Event {
         /// The bytes.
         data: Bytes,
     },
-    /// The peer opened a data stream (a server in multi-stream mode). Fires once per stream;
-    /// its bytes follow as [`Event::LaneReceived`].
+    /// The peer opened a data stream (a client's, on a server in multi-stream mode; a server's
+    /// way back, or a broker's delivery stream, on a client). Fires once per stream; its bytes
+    /// follow as [`Event::LaneReceived`].
     LaneOpened {
         /// The connection.
         conn: ConnId,
@@ -386,13 +388,20 @@ impl Conn {
     fn reset_lane(&mut self, index: Lane, code: u32) {
         if let Some(lane) = self.lanes.remove(&index) {
             self.queued -= lane.outbound.iter().map(Bytes::len).sum::<usize>();
-            if lane.id.dir() == Dir::Bi {
+            let ours = lane.id.initiator() == self.quic.side();
+            if lane.id.dir() == Dir::Bi || ours {
                 let _ = self.quic.send_stream(lane.id).reset(VarInt::from_u32(code));
             }
-            if !lane.recv_done {
+            if !lane.recv_done && (lane.id.dir() == Dir::Bi || !ours) {
                 let _ = self.quic.recv_stream(lane.id).stop(VarInt::from_u32(code));
             }
         }
+    }
+
+    /// Data streams the peer opened that are still open (what its allowance counts).
+    fn peer_lanes(&self) -> usize {
+        let side = self.quic.side();
+        self.lanes.values().filter(|l| l.id.initiator() != side).count()
     }
 }
 
@@ -697,6 +706,9 @@ impl QuicEndpoint {
     /// Sends one QUIC datagram (RFC 9221): unreliable, unordered, never resent.
     pub fn send_datagram(&mut self, now: Instant, conn: ConnId, data: Bytes) -> Result<(), DatagramError> {
         let c = self.conns.get_mut(&conn.0).ok_or(DatagramError::UnknownConnection)?;
+        if !self.settings.datagrams {
+            return Err(DatagramError::NotNegotiated);
+        }
         c.quic.datagrams().send(data, false).map_err(|e| match e {
             SendDatagramError::UnsupportedByPeer | SendDatagramError::Disabled => DatagramError::NotNegotiated,
             SendDatagramError::TooLarge => DatagramError::TooLarge,
@@ -973,7 +985,7 @@ impl QuicEndpoint {
                         if dir == Dir::Bi && c.stream.is_none() && !c.quic.side().is_client() {
                             c.stream = Some(id);
                             read_stream(c, now, conn, id, &mut self.events);
-                        } else if c.stream.is_some() && c.lanes.len() < c.lane_limit {
+                        } else if c.stream.is_some() && c.peer_lanes() < c.lane_limit {
                             // Multi-stream mode: a data stream. One that goes one way has
                             // nothing to finish on our side.
                             let one_way = dir == Dir::Uni;

@@ -65,13 +65,17 @@ impl Node {
         }
     }
 
-    /// Gathers client events; on the broker, answers password checks at once (the simulated
-    /// host has no other thread, and the answer is deterministic).
+    /// Gathers client events; on the broker, answers password checks and store batches at once
+    /// (the simulated host has no other thread, and the answers are deterministic).
     fn collect(&mut self, now: Instant) {
         match self {
             Node::Client(c, events) => events.extend(std::iter::from_fn(|| c.poll_event())),
             Node::Quic(q, events) => events.extend(std::iter::from_fn(|| q.poll_event())),
             Node::Broker(b) => {
+                // A store that keeps everything at once (when persistence is on).
+                while let Some(batch) = b.poll_store(now) {
+                    b.handle_stored(now, batch.seq);
+                }
                 while let Some(request) = b.poll_auth() {
                     let verdict = request.verify();
                     b.handle_auth_result(now, request.id(), verdict);

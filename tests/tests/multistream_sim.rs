@@ -11,6 +11,7 @@ use mqtt_proto::{
 };
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig, TransportSettings};
+use mqtt_quic_core::persist::Persistence;
 use mqtt_quic_core::quic::{self, ConnId, Lane, LaneEnd, QuicEndpoint};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use mqtt_tests::node::Node;
@@ -53,11 +54,18 @@ fn transport(datagrams: bool) -> TransportSettings {
 
 impl World {
     fn new(seed: u64, datagrams: bool, link: Link) -> World {
+        World::with(seed, datagrams, link, Persistence::Off)
+    }
+
+    /// With persistence on, the broker's store keeps every batch at once (see `Node`).
+    fn with(seed: u64, datagrams: bool, link: Link, persistence: Persistence) -> World {
         let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
         qc.seed = seed;
         qc.transport = transport(datagrams);
         let mut sim = Sim::new(seed, link);
-        sim.add_host(broker_addr(), Node::Broker(Box::new(Broker::new(BrokerConfig::new(qc)).unwrap())));
+        let mut config = BrokerConfig::new(qc);
+        config.persistence = persistence;
+        sim.add_host(broker_addr(), Node::Broker(Box::new(Broker::new(config).unwrap())));
         World { sim }
     }
 
@@ -341,6 +349,100 @@ fn a_finished_data_stream_gets_its_acks_then_our_fin() {
     assert_eq!(got, (0..20).map(|i| format!("m{i}")).collect::<Vec<_>>());
     // More streams than the concurrent limit were used: finished ones were freed.
     assert!(lanes.len() > TransportSettings::default().data_streams as usize);
+}
+
+#[test]
+fn finished_streams_leave_nothing_behind_when_acknowledgements_wait_for_the_store() {
+    // With Persistence::Sync, a PUBACK for a message routed to a kept session waits for the
+    // store, and so does the FIN after it.
+    let mut w = World::with(8, false, Link::default(), Persistence::Sync);
+    let mut sub = w.raw(1, false);
+    let mut c = Connect::new(Protocol::V5, MqttString::try_from("kept").unwrap());
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(600);
+    w.send(&sub, Lane::CONTROL, Packet::Connect(Box::new(c)));
+    w.send(&sub, Lane::CONTROL, subscribe("t/#", QoS::AtLeastOnce, 1));
+    let mut publ = w.raw(2, false);
+    w.connect(&mut publ, "pub", false);
+    w.settle(&mut [&mut sub, &mut publ]);
+    let mut lanes = Vec::new();
+    for i in 0..20u16 {
+        let lane = w.open(&publ);
+        w.send(&publ, lane, publish("t/x", &format!("m{i}"), QoS::AtLeastOnce, 1));
+        let now = w.sim.now();
+        w.sim.machine(publ.host).as_quic().0.finish_lane(now, publ.conn, lane).unwrap();
+        lanes.push(lane);
+        w.settle(&mut [&mut sub, &mut publ]);
+    }
+    for lane in &lanes {
+        assert!(matches!(&on(&mut publ, Some(*lane))[..], [Packet::PubAck(_)]), "no PUBACK on {lane:?}");
+        assert!(publ.ended.contains(&(*lane, LaneEnd::Finished)), "no FIN on {lane:?}");
+    }
+    assert_eq!(w.broker().data_streams(), 0);
+    assert_eq!(w.broker().subscriptions(), 1);
+}
+
+#[test]
+fn a_takeover_ends_the_old_connections_streams_and_keeps_the_new_ones() {
+    let mut w = World::new(9, false, Link::default());
+    let kept = || {
+        let mut c = Connect::new(Protocol::V5, MqttString::try_from("same").unwrap());
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(600);
+        Packet::Connect(Box::new(c))
+    };
+    let mut old = w.raw(1, false);
+    w.send(&old, Lane::CONTROL, kept());
+    w.settle(&mut [&mut old]);
+    let a = w.open(&old);
+    w.send(&old, a, subscribe("old", QoS::AtLeastOnce, 1));
+    w.settle(&mut [&mut old]);
+    assert_eq!(w.broker().subscriptions(), 1);
+    // The new connection's stream is opened before its CONNACK.
+    let mut new = w.raw(2, false);
+    w.send(&new, Lane::CONTROL, kept());
+    let b = w.open(&new);
+    w.send(&new, b, subscribe("new", QoS::AtLeastOnce, 1));
+    w.settle(&mut [&mut old, &mut new]);
+    assert!(matches!(&on(&mut new, Some(b))[..], [Packet::SubAck(_)]));
+    assert_eq!(w.broker().subscriptions(), 1, "the old stream's subscription ends with it");
+    let mut publ = w.raw(3, false);
+    w.connect(&mut publ, "pub", false);
+    w.send(&publ, Lane::CONTROL, publish("old", "to old", QoS::AtMostOnce, 0));
+    w.send(&publ, Lane::CONTROL, publish("new", "to new", QoS::AtMostOnce, 0));
+    w.settle(&mut [&mut old, &mut new, &mut publ]);
+    assert_eq!(payloads(&on(&mut new, Some(b))), ["to new"]);
+    assert!(payloads(&on(&mut new, Some(Lane::CONTROL))).is_empty());
+    assert!(payloads(&on(&mut old, Some(a))).is_empty());
+}
+
+#[test]
+fn streams_before_connack_are_bounded() {
+    let mut w = World::new(10, false, Link::default());
+    let mut c = w.raw(1, false);
+    // The first byte of a CONNECT that never comes, then one-way streams with 200 KB each,
+    // finished (QUIC frees their slots, so the client may open more).
+    let now = w.sim.now();
+    w.sim.machine(c.host).as_quic().0.send(now, c.conn, Bytes::from_static(&[0x10])).unwrap();
+    w.settle(&mut [&mut c]);
+    let chunk = Bytes::from(vec![0x30u8; 200_000]);
+    let mut lanes = Vec::new();
+    for _ in 0..40 {
+        let now = w.sim.now();
+        let Ok(lane) = w.sim.machine(c.host).as_quic().0.open_uni_lane(now, c.conn) else { break };
+        let q = w.sim.machine(c.host).as_quic().0;
+        let _ = q.send_lane(now, c.conn, lane, chunk.clone());
+        let _ = q.finish_lane(now, c.conn, lane);
+        lanes.push(lane);
+        let until = w.sim.now() + Duration::from_millis(50);
+        w.sim.drive_to(until);
+        w.take(&mut c);
+    }
+    w.settle(&mut [&mut c]);
+    let limit = TransportSettings::default().data_streams as usize;
+    assert!(lanes.len() > 2 * limit, "opened {}", lanes.len());
+    assert!(w.broker().data_streams() <= limit, "{} streams held", w.broker().data_streams());
+    assert_eq!(w.broker().connected(), 0);
 }
 
 #[test]

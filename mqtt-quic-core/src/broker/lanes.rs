@@ -34,30 +34,42 @@
 //! messages in flight on a stream that ends are dropped with its subscription, as after an
 //! UNSUBSCRIBE; those of a shared subscription go to another member of the group.
 
+//!
+//! Limits: before CONNACK a connection may hold at most `data_streams` waiting streams and one
+//! packet's worth (`maximum_packet_size`) of their bytes in all; more resets the stream. At most
+//! [`MAX_ORIGINS`] SUBSCRIBEs and UNSUBSCRIBEs read on one-way streams may wait for the session
+//! at once; more resets the stream they came on. A connection's subscriptions, on all its
+//! streams together, count against `max_subscriptions_per_client`.
+
 use super::machine::{Broker, Peer};
-use super::router::{lane_key, SessionKey, LANE_SEQ_MAX};
+use super::router::{lane_key, owner, SessionKey, LANE_SEQ_MAX};
 use crate::quic::{close_code, Lane, LaneEnd};
 use crate::session::server::{ServerEvent, ServerSession};
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{Decoder, Packet, PacketId};
-
-/// SUBSCRIBEs and UNSUBSCRIBEs from one-way streams whose answers a connection remembers at once
-/// (the session answers each at once, so more means a session that dropped some).
-const MAX_ORIGINS: usize = 64;
 use std::time::Instant;
+
+/// SUBSCRIBEs and UNSUBSCRIBEs read on one-way streams that may wait for the session at once.
+pub(super) const MAX_ORIGINS: usize = 1024;
+
+/// Where a data stream is in its life.
+enum Phase {
+    /// Waiting for the connection's CONNACK; its bytes are buffered.
+    Waiting,
+    /// A two-way stream: its session and subscriber key (see `router::lane_key`).
+    Live { session: Box<ServerSession>, key: SessionKey },
+    /// A one-way stream: its packets decoded for the control session.
+    OneWay(Decoder),
+    /// Its MQTT state is over; the stream waits for its last bytes (and FIN) to go out.
+    Ended,
+}
 
 /// One data stream of a live connection.
 pub(super) struct LaneState {
-    /// A two-way stream's session, once the connection's CONNECT is accepted.
-    pub(super) session: Option<ServerSession>,
-    /// A one-way stream's packet decoder, from then on (its packets are the control
-    /// session's).
-    inbound: Option<Decoder>,
+    phase: Phase,
     /// Bytes that arrived before CONNACK; on a one-way stream, those of a packet not yet
     /// complete.
     early: BytesMut,
-    /// Its subscriber key (see `router::lane_key`), once it has a session.
-    pub(super) key: SessionKey,
     /// The client finished its side: ours follows once what is due is out.
     finishing: bool,
     /// A one-way stream's way back: the stream the broker opened for the deliveries of the
@@ -68,16 +80,35 @@ pub(super) struct LaneState {
 impl LaneState {
     /// Whether it waits for the connection's CONNACK.
     pub(super) fn is_waiting(&self) -> bool {
-        self.session.is_none() && self.inbound.is_none()
+        matches!(self.phase, Phase::Waiting)
+    }
+
+    /// Its session's next deadline (a two-way stream's timed resends, MQTT 3.1.1).
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Live { session, .. } => session.poll_timeout(),
+            _ => None,
+        }
+    }
+
+    /// Fires its session's timers.
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Live { session, .. } = &mut self.phase {
+            session.handle_timeout(now);
+        }
     }
 }
 
 impl Broker {
-    /// The client opened a data stream.
+    /// The client opened a data stream. Before CONNACK, at most `data_streams` may wait.
     pub(super) fn lane_opened(&mut self, now: Instant, peer: Peer, lane: Lane) {
-        let live = self.live(now, peer);
-        let state =
-            LaneState { session: None, inbound: None, early: BytesMut::new(), key: 0, finishing: false, back: None };
+        let max_waiting = self.config.quic.transport.data_streams as usize;
+        // A connection whose session is over (a refused CONNECT, a DISCONNECT) takes none.
+        let Some(live) = self.conns.get_mut(&peer) else { return self.reset_lane(now, peer, lane) };
+        if live.lanes.values().filter(|l| l.is_waiting()).count() >= max_waiting {
+            return self.reset_lane(now, peer, lane);
+        }
+        let state = LaneState { phase: Phase::Waiting, early: BytesMut::new(), finishing: false, back: None };
         live.lanes.insert(lane, state);
         self.dirty.insert(peer);
     }
@@ -87,45 +118,55 @@ impl Broker {
         self.stats.bytes_received += data.len() as u64;
         let max = self.config.session.maximum_packet_size as usize;
         let Some(live) = self.conns.get_mut(&peer) else { return };
+        // What all the connection's waiting streams hold: one packet's worth at most.
+        let waiting: usize = live.lanes.values().filter(|l| l.is_waiting()).map(|l| l.early.len()).sum();
         let Some(state) = live.lanes.get_mut(&lane) else { return };
-        match (&mut state.session, &mut state.inbound) {
-            (Some(session), _) => {
+        match &mut state.phase {
+            Phase::Live { session, .. } => {
                 session.handle_stream_data(now, data);
                 live.session.handle_activity(now);
             }
-            (None, Some(_)) => {
+            Phase::OneWay(_) => {
                 state.early.extend_from_slice(data);
                 if !self.decode_one_way(now, peer, lane) {
                     return self.lane_failed(now, peer, lane);
                 }
             }
-            (None, None) if state.early.len() + data.len() <= max => state.early.extend_from_slice(data),
+            Phase::Waiting if waiting + data.len() <= max => state.early.extend_from_slice(data),
             // More than a packet before CONNACK: the client does not wait as it should.
-            (None, None) => return self.lane_failed(now, peer, lane),
+            Phase::Waiting => return self.lane_failed(now, peer, lane),
+            Phase::Ended => return,
         }
         self.dirty.insert(peer);
     }
 
     /// Hands the whole packets buffered for a one-way stream to the control session. Returns
-    /// false when the stream must end: bytes that do not decode, or a packet that does not
-    /// belong on a data stream. (A packet's size is bounded by the decoder, so the buffer is.)
+    /// false when the stream must end: bytes that do not decode, a packet that does not belong
+    /// on a data stream, or too many SUBSCRIBEs and UNSUBSCRIBEs waiting. (A packet's size is
+    /// bounded by the decoder, so the buffer is.)
     fn decode_one_way(&mut self, now: Instant, peer: Peer, lane: Lane) -> bool {
         let Some(live) = self.conns.get_mut(&peer) else { return true };
         let Some(state) = live.lanes.get_mut(&lane) else { return true };
-        let Some(decoder) = &mut state.inbound else { return true };
+        let Phase::OneWay(decoder) = &mut state.phase else { return true };
         loop {
             match decoder.decode(&mut state.early) {
                 Ok(Some(packet)) => {
                     // Which stream a SUBSCRIBE or UNSUBSCRIBE came on, for the session's event.
-                    match &packet {
-                        Packet::Subscribe(s) => live.origins.push_back((s.packet_id, lane)),
-                        Packet::Unsubscribe(u) => live.origins.push_back((u.packet_id, lane)),
-                        _ => {}
-                    }
-                    if live.origins.len() > MAX_ORIGINS {
-                        live.origins.pop_front();
+                    let origin = match &packet {
+                        Packet::Subscribe(s) => Some(s.packet_id),
+                        Packet::Unsubscribe(u) => Some(u.packet_id),
+                        _ => None,
+                    };
+                    if let Some(id) = origin {
+                        if live.origins.len() >= MAX_ORIGINS {
+                            return false;
+                        }
+                        live.origins.push_back((id, lane));
                     }
                     if live.session.handle_stream_packet(now, packet).is_err() {
+                        if origin.is_some() {
+                            live.origins.pop_back();
+                        }
                         return false;
                     }
                 }
@@ -148,20 +189,31 @@ impl Broker {
         }
     }
 
+    /// The next subscriber key for a data stream of session `owner`: a number no live stream
+    /// of that session holds (the numbers go round after 2^24 streams).
+    fn next_lane_key(&mut self, owner: SessionKey) -> SessionKey {
+        loop {
+            self.lane_seq = (self.lane_seq + 1) & LANE_SEQ_MAX;
+            let key = lane_key(owner, self.lane_seq);
+            if !self.lane_keys.contains_key(&key) {
+                return key;
+            }
+        }
+    }
+
     /// Gives the data streams that waited for CONNACK their sessions, once it is sent.
     pub(super) fn activate_lanes(&mut self, now: Instant, peer: Peer) {
         let owner = self.conns.get(&peer).and_then(|l| l.client.as_ref()).and_then(|c| self.registry.get(c));
         let Some(owner) = owner.filter(|r| r.conn == Some(peer)).map(|r| r.key) else { return };
         let Some(live) = self.conns.get(&peer) else { return };
-        let waiting = live.lanes.iter().filter(|(_, s)| s.is_waiting());
-        let waiting: Vec<Lane> = waiting.map(|(l, _)| *l).collect();
+        let waiting: Vec<Lane> = live.lanes.iter().filter(|(_, s)| s.is_waiting()).map(|(l, _)| *l).collect();
         let max = self.config.session.maximum_packet_size;
         for lane in waiting {
             let Some(live) = self.conns.get_mut(&peer) else { return };
             if lane.is_unidirectional() {
                 let protocol = live.session.protocol();
                 if let Some(state) = live.lanes.get_mut(&lane) {
-                    state.inbound = Some(Decoder::new(protocol).with_max_packet_size(max));
+                    state.phase = Phase::OneWay(Decoder::new(protocol).with_max_packet_size(max));
                 }
                 if !self.decode_one_way(now, peer, lane) {
                     self.lane_failed(now, peer, lane);
@@ -169,30 +221,25 @@ impl Broker {
                 continue;
             }
             let Ok(mut session) = live.session.data_stream(now) else { return };
-            if live.next_lane > LANE_SEQ_MAX {
-                self.lane_failed(now, peer, lane);
-                continue;
-            }
-            let key = lane_key(owner, live.next_lane);
-            live.next_lane += 1;
-            let Some(state) = live.lanes.get_mut(&lane) else { continue };
+            let key = self.next_lane_key(owner);
+            let Some(state) = self.conns.get_mut(&peer).and_then(|l| l.lanes.get_mut(&lane)) else { continue };
             let early = std::mem::take(&mut state.early);
             if !early.is_empty() {
                 session.handle_stream_data(now, &early);
             }
-            state.session = Some(session);
-            state.key = key;
+            state.phase = Phase::Live { session: Box::new(session), key };
             self.lane_keys.insert(key, (peer, lane));
         }
     }
 
-    /// The events of a connection's data streams, with the stream each came from.
+    /// The events of a connection's two-way data streams, with the stream and subscriber key
+    /// each came from.
     pub(super) fn lane_events(&mut self, peer: Peer) -> Vec<(Lane, SessionKey, ServerEvent)> {
         let Some(live) = self.conns.get_mut(&peer) else { return Vec::new() };
         let mut events = Vec::new();
         for (lane, state) in &mut live.lanes {
-            if let Some(session) = &mut state.session {
-                events.extend(std::iter::from_fn(|| session.poll_event()).map(|e| (*lane, state.key, e)));
+            if let Phase::Live { session, key } = &mut state.phase {
+                events.extend(std::iter::from_fn(|| session.poll_event()).map(|e| (*lane, *key, e)));
             }
         }
         events
@@ -206,18 +253,18 @@ impl Broker {
         let mut out = Vec::new();
         let mut over = Vec::new();
         for (lane, state) in &mut live.lanes {
-            let Some(session) = &mut state.session else {
-                if state.finishing && state.inbound.is_some() {
-                    // A one-way stream the client finished: nothing of ours is on it.
-                    over.push((*lane, true));
+            match &mut state.phase {
+                Phase::Live { session, .. } => {
+                    out.extend(std::iter::from_fn(|| session.poll_transmit()).map(|b| (*lane, b)));
+                    if session.is_done() {
+                        over.push((*lane, true));
+                    } else if state.finishing {
+                        over.push((*lane, false));
+                    }
                 }
-                continue;
-            };
-            out.extend(std::iter::from_fn(|| session.poll_transmit()).map(|b| (*lane, b)));
-            if session.is_done() {
-                over.push((*lane, true));
-            } else if state.finishing {
-                over.push((*lane, false));
+                // A one-way stream the client finished: nothing of ours is on it.
+                Phase::OneWay(_) if state.finishing => over.push((*lane, false)),
+                _ => {}
             }
         }
         for (lane, bytes) in out {
@@ -226,6 +273,7 @@ impl Broker {
         }
         for (lane, failed) in over {
             if lane.is_unidirectional() {
+                // Its way back ends too, after what is due on it.
                 let back = self.conns.get(&peer).and_then(|l| l.lanes.get(&lane)).and_then(|s| s.back);
                 if let Some(back) = back {
                     self.end_lane(now, peer, back);
@@ -241,23 +289,29 @@ impl Broker {
         }
     }
 
-    /// A data stream broke the protocol (or could not be served): reset it, end its
-    /// subscriptions.
-    fn lane_failed(&mut self, now: Instant, peer: Peer, lane: Lane) {
+    /// Resets a stream both ways (QUIC only).
+    fn reset_lane(&mut self, now: Instant, peer: Peer, lane: Lane) {
         if let Peer::Quic(conn) = peer {
             let _ = self.links.quic.reset_lane(now, conn, lane, close_code::STREAM_ERROR);
         }
+    }
+
+    /// A data stream broke the protocol (or could not be served): reset it, end its
+    /// subscriptions.
+    fn lane_failed(&mut self, now: Instant, peer: Peer, lane: Lane) {
+        self.reset_lane(now, peer, lane);
         self.drop_lane(now, peer, lane);
     }
 
     /// Forgets a data stream: its subscriptions end, and what a shared subscription had
-    /// handed it unacknowledged goes to another member.
+    /// handed it unacknowledged goes to another member. A one-way stream's way back goes with
+    /// it.
     pub(super) fn drop_lane(&mut self, now: Instant, peer: Peer, lane: Lane) {
         self.end_lane(now, peer, lane);
         let Some(state) = self.conns.get_mut(&peer).and_then(|l| l.lanes.remove(&lane)) else { return };
-        if let (Some(back), Peer::Quic(conn)) = (state.back, peer) {
+        if let Some(back) = state.back {
             if self.conns.get(&peer).is_some_and(|l| l.lanes.contains_key(&back)) {
-                let _ = self.links.quic.reset_lane(now, conn, back, close_code::STREAM_ERROR);
+                self.reset_lane(now, peer, back);
                 self.drop_lane(now, peer, back);
             }
         }
@@ -271,31 +325,38 @@ impl Broker {
         live.origins.remove(at).map(|(_, lane)| lane)
     }
 
-    /// The subscriber key of a one-way stream's subscriptions: that of the stream the broker
-    /// opens back to the client for their deliveries (opened at the first one). `None` when it
-    /// cannot be opened (the client allows the broker no streams, or the one-way stream is
-    /// gone): the subscription is then the session's.
-    pub(super) fn way_back(&mut self, now: Instant, peer: Peer, one_way: Lane) -> Option<SessionKey> {
-        let Peer::Quic(conn) = peer else { return None };
+    /// The subscriber key of a one-way stream's way back, if it has one.
+    pub(super) fn way_back_key(&self, peer: Peer, one_way: Lane) -> Option<SessionKey> {
         let live = self.conns.get(&peer)?;
-        let back = live.lanes.get(&one_way)?.back;
-        if let Some(key) = back.and_then(|b| live.lanes.get(&b)).and_then(|s| s.session.as_ref().map(|_| s.key)) {
+        let back = live.lanes.get(&one_way)?.back?;
+        match &live.lanes.get(&back)?.phase {
+            Phase::Live { key, .. } => Some(*key),
+            _ => None,
+        }
+    }
+
+    /// The subscriber key of a one-way stream's subscriptions: that of the stream the broker
+    /// opens back to the client for their deliveries (opened at the first SUBSCRIBE). `None`
+    /// when it cannot be opened (the client allows the broker no streams, or the one-way stream
+    /// is gone): the subscription is then the session's.
+    pub(super) fn way_back(&mut self, now: Instant, peer: Peer, one_way: Lane) -> Option<SessionKey> {
+        if let Some(key) = self.way_back_key(peer, one_way) {
             return Some(key);
         }
-        let owner = live.client.as_ref().and_then(|c| self.registry.get(c)).map(|r| r.key)?;
-        if live.next_lane > LANE_SEQ_MAX {
+        let Peer::Quic(conn) = peer else { return None };
+        let live = self.conns.get(&peer)?;
+        let state = live.lanes.get(&one_way)?;
+        if state.finishing || state.back.is_some() {
             return None;
         }
+        let owner = live.client.as_ref().and_then(|c| self.registry.get(c)).map(|r| r.key)?;
         let session = live.session.data_stream(now).ok()?;
         let back = self.links.quic.open_lane(now, conn).ok()?;
+        let key = self.next_lane_key(owner);
         let live = self.conns.get_mut(&peer)?;
-        let key = lane_key(owner, live.next_lane);
-        live.next_lane += 1;
         let state = LaneState {
-            session: Some(session),
-            inbound: None,
+            phase: Phase::Live { session: Box::new(session), key },
             early: BytesMut::new(),
-            key,
             finishing: false,
             back: None,
         };
@@ -311,21 +372,24 @@ impl Broker {
     fn end_lane(&mut self, now: Instant, peer: Peer, lane: Lane) {
         let Some(live) = self.conns.get_mut(&peer) else { return };
         let Some(state) = live.lanes.get_mut(&lane) else { return };
-        let Some(mut session) = state.session.take() else { return };
-        // Nothing more comes from it (a FIN lane keeps its place until the FIN is out).
-        let key = state.key;
         state.finishing = false;
+        let Phase::Live { mut session, key } = std::mem::replace(&mut state.phase, Phase::Ended) else { return };
         self.lane_keys.remove(&key);
         self.router.remove_session(key);
         let mut kept = session.take_state();
         self.redistribute(now, key, &mut kept);
     }
 
-    /// Every data stream of a connection that ended.
+    /// Every data stream of a connection that ended, or whose session another connection
+    /// took over.
     pub(super) fn drop_lanes(&mut self, now: Instant, peer: Peer) {
         let lanes: Vec<Lane> = self.conns.get(&peer).map_or_else(Vec::new, |l| l.lanes.keys().copied().collect());
         for lane in lanes {
+            self.reset_lane(now, peer, lane);
             self.drop_lane(now, peer, lane);
+        }
+        if let Some(live) = self.conns.get_mut(&peer) {
+            live.origins.clear();
         }
     }
 
@@ -340,10 +404,15 @@ impl Broker {
             }
             return None;
         }
-        let session = self.conns.get_mut(&peer)?.lanes.get_mut(&lane)?.session.as_mut()?;
+        let Phase::Live { session, .. } = &mut self.conns.get_mut(&peer)?.lanes.get_mut(&lane)?.phase else {
+            return None;
+        };
         let id = session.publish(now, publish).ok();
         if id.is_some() {
             self.stats.messages_sent += 1;
+        } else {
+            // Its queue is full (or the message is too large for the client).
+            self.stats.messages_dropped += 1;
         }
         self.dirty.insert(peer);
         id
@@ -355,11 +424,23 @@ impl Broker {
         if lane.is_control() {
             return Some(&mut live.session);
         }
-        live.lanes.get_mut(&lane)?.session.as_mut()
+        match &mut live.lanes.get_mut(&lane)?.phase {
+            Phase::Live { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Subscriptions held by session `key` (a session or a data stream's subscriber key) and
+    /// every data stream of its connection: what `max_subscriptions_per_client` limits.
+    pub(super) fn subscriptions_of(&self, key: SessionKey) -> usize {
+        let owner = owner(key);
+        let streams = self.lane_keys.range(lane_key(owner, 0)..=lane_key(owner, LANE_SEQ_MAX));
+        self.router.filters(owner).len() + streams.map(|(k, _)| self.router.filters(*k).len()).sum::<usize>()
     }
 
     /// Sends our FIN on a data stream and forgets it.
     pub(super) fn finish_lane_now(&mut self, now: Instant, peer: Peer, lane: Lane) {
+        self.end_lane(now, peer, lane);
         if let Peer::Quic(conn) = peer {
             let _ = self.links.quic.finish_lane(now, conn, lane);
         }

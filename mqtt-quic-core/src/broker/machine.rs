@@ -57,8 +57,6 @@ pub(super) struct Live {
     pub(super) gate: u64,
     /// Its data streams (multi-stream mode, see `lanes`).
     pub(super) lanes: BTreeMap<Lane, LaneState>,
-    /// The number its next data stream gets.
-    pub(super) next_lane: u64,
     /// It asked for QoS 0 messages as QUIC datagrams (see `datagrams`).
     pub(super) datagrams: bool,
     /// SUBSCRIBEs and UNSUBSCRIBEs read on one-way data streams, by packet id, in order, until
@@ -96,6 +94,8 @@ pub struct Broker {
     pub(super) journal: Journal,
     /// Data streams' subscriber keys: which connection and stream.
     pub(super) lane_keys: BTreeMap<SessionKey, (Peer, Lane)>,
+    /// The number the last data stream's subscriber key got (see `lanes`).
+    pub(super) lane_seq: u64,
 }
 
 impl Broker {
@@ -123,6 +123,7 @@ impl Broker {
             closing_until: None,
             journal: Journal::new(config.persistence, config.commit_delay),
             lane_keys: BTreeMap::new(),
+            lane_seq: 0,
             config,
         })
     }
@@ -130,6 +131,12 @@ impl Broker {
     /// Subscriptions held, of sessions, data streams and the application.
     pub fn subscriptions(&self) -> usize {
         self.router.len()
+    }
+
+    /// Data streams the broker holds state for, on all connections (multi-stream mode).
+    pub fn data_streams(&self) -> usize {
+        debug_assert!(self.lane_keys.len() <= self.conns.values().map(|l| l.lanes.len()).sum::<usize>());
+        self.conns.values().map(|l| l.lanes.len()).sum()
     }
 
     /// Connected clients.
@@ -356,7 +363,10 @@ impl Broker {
 
     /// Files a connection's session deadline (or forgets it, for a connection that is gone).
     fn rearm(&mut self, conn: Peer) {
-        let next = self.conns.get(&conn).and_then(|l| l.session.poll_timeout());
+        let next = self.conns.get(&conn).and_then(|l| {
+            let streams = l.lanes.values().filter_map(|s| s.poll_timeout());
+            streams.chain(l.session.poll_timeout()).min()
+        });
         self.session_timers.set(conn, next);
     }
 
@@ -372,7 +382,6 @@ impl Broker {
             dropped: 0,
             gate: 0,
             lanes: BTreeMap::new(),
-            next_lane: 0,
             datagrams: false,
             origins: VecDeque::new(),
         })
@@ -452,7 +461,13 @@ impl Broker {
             _ => None,
         };
         if let Some(one_way) = one_way {
-            subscriber = self.way_back(now, conn, one_way).or(subscriber);
+            // A SUBSCRIBE opens the way back (once); an UNSUBSCRIBE acts on it if it exists,
+            // on the session's subscriptions otherwise.
+            subscriber = match event {
+                ServerEvent::Subscribe { .. } => self.way_back(now, conn, one_way),
+                _ => self.way_back_key(conn, one_way),
+            }
+            .or(subscriber);
         }
         let durable = lane.is_control() && subscriber == key;
         match event {
@@ -724,6 +739,9 @@ impl Broker {
         while let Some(conn) = self.session_timers.pop_due(now) {
             if let Some(live) = self.conns.get_mut(&conn) {
                 live.session.handle_timeout(now);
+                for stream in live.lanes.values_mut() {
+                    stream.handle_timeout(now);
+                }
                 self.dirty.insert(conn);
             }
         }

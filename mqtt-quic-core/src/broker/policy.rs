@@ -158,7 +158,7 @@ impl Broker {
             !auth.can_subscribe(live.client.as_deref().unwrap_or(""), live.username.as_deref(), filter)
         }) {
             Some(ReasonCode::NotAuthorized)
-        } else if !already && self.router.filters(key).len() >= self.config.max_subscriptions_per_client {
+        } else if !already && self.subscriptions_of(key) >= self.config.max_subscriptions_per_client {
             Some(ReasonCode::QuotaExceeded)
         } else {
             None

@@ -145,8 +145,8 @@ impl Registry {
         key
     }
 
-    /// A session by its key, with its client id.
-    /// A data stream's subscriber key gives its connection's session.
+    /// A session by its key (a data stream's subscriber key gives its connection's session),
+    /// with its client id.
     pub(super) fn by_key(&self, key: SessionKey) -> Option<(&String, &Record)> {
         let id = self.keys.get(&owner(key))?;
         Some((id, self.clients.get(id)?))
@@ -365,6 +365,9 @@ impl Broker {
     fn take_over(&mut self, now: Instant, id: &str) {
         let mut taken_over_will = None;
         if let Some(other) = self.registry.get(id).and_then(|r| r.conn) {
+            // Its data streams end now: their subscriber keys are the session's, which the
+            // new connection's streams are about to use.
+            self.drop_lanes(now, other);
             if let Some(old) = self.conns.get_mut(&other) {
                 let _ = old.session.disconnect(ReasonCode::SessionTakenOver);
                 old.client = None;
