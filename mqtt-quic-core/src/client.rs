@@ -43,7 +43,25 @@
 //!   priority is ignored. Code written for streams thus runs unchanged over TCP. Closing a
 //!   handle there ends nothing but the handle: what was subscribed through it is the
 //!   connection's, and stays.
+//! - A server without the multi-stream mode refuses data streams: it resets the first one
+//!   before answering anything on it (with another code than EMQX's 1, "this stream broke the
+//!   protocol"), or allows no stream besides the control stream. Then what was in flight on
+//!   handles ends with [`ClientEvent::Aborted`], and from then on, for the machine's life (the
+//!   server stays the same), handles use the control stream as over TCP
+//!   ([`ClientMachine::streams_refused`]).
+//! - Streams the server opens (some brokers deliver on a stream of their own per topic, behind
+//!   an MQoQ flow header, see [`crate::flow_header`]) are read like the control stream: their
+//!   messages come out as [`ClientEvent::Message`], acknowledged on that stream (on the control
+//!   stream for a one-way one).
 //! - Messages published on streams are not journaled in a client store.
+//!
+//! # Datagrams
+//!
+//! With `transport.datagrams` on, the CONNECT asks the broker for QoS 0 messages as QUIC
+//! datagrams (user property `quic-datagrams` = `qos0`), received datagrams carrying a QoS 0
+//! PUBLISH come out as [`ClientEvent::Message`], and [`ClientMachine::publish`] sends a QoS 0
+//! message that fits one as a datagram (unreliable and unordered: it may be lost, and may
+//! overtake messages sent on the stream before it).
 
 use crate::backoff::Backoff;
 use crate::broker::DATAGRAM_PROPERTY;
