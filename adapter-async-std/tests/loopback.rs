@@ -64,3 +64,31 @@ fn server_shutdown_is_seen_by_clients() {
         assert!(format!("{state:?}").contains("0x8B"), "{state:?}");
     });
 }
+
+#[test]
+fn data_streams_carry_their_own_subscriptions_and_publishes() {
+    async_std::task::block_on(async {
+        let server = Server::start(server_options()).await.unwrap();
+        let quic = format!("quic://{}", server.quic_addr().unwrap());
+        let sub = Client::connect(&quic, options("sub")).await.unwrap();
+        let mut messages = sub.messages().unwrap();
+        let a = sub.open_stream(1).await.unwrap();
+        assert_eq!(a.subscribe(TopicFilter::new("a/#").unwrap(), QoS::AtLeastOnce).await.unwrap(), QoS::AtLeastOnce);
+        let publisher = Client::connect(&quic, options("pub")).await.unwrap();
+        let out = publisher.open_stream(0).await.unwrap();
+        out.publish(Publish::new(TopicName::new("a/1").unwrap(), "one").with_qos(QoS::ExactlyOnce)).await.unwrap();
+        let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("timed out").unwrap();
+        assert_eq!(&m.payload[..], b"one");
+        // Closing the stream ends its subscription.
+        a.close().await.unwrap();
+        out.publish(Publish::new(TopicName::new("a/2").unwrap(), "gone").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        sub.subscribe(TopicFilter::new("marker").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        publisher.publish(Publish::new(TopicName::new("marker").unwrap(), "m").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("timed out").unwrap();
+        assert_eq!(m.topic.as_str(), "marker", "the closed stream's subscription still delivered");
+        drop(out);
+        publisher.disconnect().await.unwrap();
+        sub.disconnect().await.unwrap();
+        server.shutdown().await;
+    });
+}

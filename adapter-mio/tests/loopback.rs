@@ -227,3 +227,21 @@ fn drive(
         broker.handle_timeout(poll.registry());
     }
 }
+
+#[test]
+fn data_streams_carry_their_own_subscriptions_and_publishes() {
+    let broker = spawn(broker_options()).unwrap();
+    let quic = format!("quic://{}", broker.quic_addr().unwrap());
+    let mut sub = Client::connect(&quic, options("sub")).unwrap();
+    let a = sub.open_stream(1).unwrap();
+    assert_eq!(sub.subscribe_on(a, TopicFilter::new("a/#").unwrap(), QoS::AtLeastOnce).unwrap(), QoS::AtLeastOnce);
+    let mut publisher = Client::connect(&quic, options("pub")).unwrap();
+    let out = publisher.open_stream(0).unwrap();
+    let p = Publish::new(TopicName::new("a/1").unwrap(), "one").with_qos(QoS::ExactlyOnce);
+    publisher.publish_on(out, p).unwrap();
+    let m = sub.recv(Duration::from_secs(5)).unwrap().expect("nothing arrived");
+    assert_eq!(&m.payload[..], b"one");
+    publisher.disconnect().unwrap();
+    sub.disconnect().unwrap();
+    broker.shutdown();
+}
