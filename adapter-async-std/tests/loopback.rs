@@ -83,7 +83,10 @@ fn data_streams_carry_their_own_subscriptions_and_publishes() {
         a.close().await.unwrap();
         out.publish(Publish::new(TopicName::new("a/2").unwrap(), "gone").with_qos(QoS::AtLeastOnce)).await.unwrap();
         sub.subscribe(TopicFilter::new("marker").unwrap(), QoS::AtLeastOnce).await.unwrap();
-        publisher.publish(Publish::new(TopicName::new("marker").unwrap(), "m").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        publisher
+            .publish(Publish::new(TopicName::new("marker").unwrap(), "m").with_qos(QoS::AtLeastOnce))
+            .await
+            .unwrap();
         let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("timed out").unwrap();
         assert_eq!(m.topic.as_str(), "marker", "the closed stream's subscription still delivered");
         drop(out);
