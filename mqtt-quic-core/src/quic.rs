@@ -1093,75 +1093,59 @@ fn report_close(c: &mut Conn, conn: ConnId, reason: CloseReason, events: &mut Ve
     }
 }
 
+/// Reads everything available on stream `id`, each chunk to `chunk`, and returns the stream's
+/// end if it came: `Ok(())` for a FIN, `Err(code)` for a reset. `None` also when the stream
+/// cannot be read (already ended).
+fn drain_stream(c: &mut Conn, id: StreamId, mut chunk: impl FnMut(Bytes)) -> Option<Result<(), u64>> {
+    let mut recv = c.quic.recv_stream(id);
+    let Ok(mut chunks) = recv.read(true) else { return None };
+    let end = loop {
+        match chunks.next(usize::MAX) {
+            Ok(Some(c)) => chunk(c.bytes),
+            Ok(None) => break Some(Ok(())),
+            Err(ReadError::Blocked) => break None,
+            Err(ReadError::Reset(code)) => break Some(Err(code.into_inner())),
+        }
+    };
+    // Returns flow-control credit to the peer; without it the stream stalls.
+    let _ = chunks.finalize();
+    end
+}
+
 /// Reads everything available on a data stream; a FIN or reset ends the stream (a reset ends it
 /// both ways at once).
 fn read_lane(c: &mut Conn, conn: ConnId, id: StreamId, events: &mut VecDeque<Event>) {
     let lane = Lane::of(id);
-    let mut recv = c.quic.recv_stream(id);
-    let Ok(mut chunks) = recv.read(true) else { return };
-    let mut end = None;
-    loop {
-        match chunks.next(usize::MAX) {
-            Ok(Some(chunk)) => events.push_back(Event::LaneReceived { conn, lane, data: chunk.bytes }),
-            Ok(None) => {
-                end = Some(LaneEnd::Finished);
-                break;
-            }
-            Err(ReadError::Blocked) => break,
-            Err(ReadError::Reset(code)) => {
-                end = Some(LaneEnd::Reset(code.into_inner()));
-                break;
-            }
-        }
+    let end = drain_stream(c, id, |data| events.push_back(Event::LaneReceived { conn, lane, data }));
+    let Some(end) = end else { return };
+    if let Some(l) = c.lanes.get_mut(&lane) {
+        l.recv_done = true;
     }
-    let _ = chunks.finalize();
-    match end {
-        Some(LaneEnd::Finished) => {
-            if let Some(l) = c.lanes.get_mut(&lane) {
-                l.recv_done = true;
-                if l.finished {
-                    c.lanes.remove(&lane);
-                }
+    let reason = match end {
+        Ok(()) => {
+            if c.lanes.get(&lane).is_some_and(|l| l.finished) {
+                c.lanes.remove(&lane);
             }
-            events.push_back(Event::LaneEnded { conn, lane, reason: LaneEnd::Finished });
+            LaneEnd::Finished
         }
-        Some(reason) => {
-            if let Some(l) = c.lanes.get_mut(&lane) {
-                l.recv_done = true;
-            }
+        Err(code) => {
             c.reset_lane(lane, close_code::STREAM_ERROR);
-            events.push_back(Event::LaneEnded { conn, lane, reason });
+            LaneEnd::Reset(code)
         }
-        None => {}
-    }
+    };
+    events.push_back(Event::LaneEnded { conn, lane, reason });
 }
 
 /// Reads everything available on the MQTT stream; a FIN or reset ends the connection.
 fn read_stream(c: &mut Conn, now: Instant, conn: ConnId, id: StreamId, events: &mut VecDeque<Event>) {
-    let mut recv = c.quic.recv_stream(id);
-    let Ok(mut chunks) = recv.read(true) else { return };
-    let mut end = None;
-    loop {
-        match chunks.next(usize::MAX) {
-            Ok(Some(chunk)) => events.push_back(Event::Received { conn, data: chunk.bytes }),
-            Ok(None) => {
-                end = Some(CloseReason::StreamFinished);
-                break;
-            }
-            Err(ReadError::Blocked) => break,
-            Err(ReadError::Reset(code)) => {
-                end = Some(CloseReason::StreamReset(code.into_inner()));
-                break;
-            }
-        }
-    }
-    // Returns flow-control credit to the peer; without it the stream stalls.
-    let _ = chunks.finalize();
-    if let Some(reason) = end {
-        let code = if reason == CloseReason::StreamFinished { close_code::NORMAL } else { close_code::STREAM_ERROR };
-        c.quic.close(now, VarInt::from_u32(code), Bytes::new());
-        report_close(c, conn, reason, events);
-    }
+    let end = drain_stream(c, id, |data| events.push_back(Event::Received { conn, data }));
+    let (code, reason) = match end {
+        None => return,
+        Some(Ok(())) => (close_code::NORMAL, CloseReason::StreamFinished),
+        Some(Err(code)) => (close_code::STREAM_ERROR, CloseReason::StreamReset(code)),
+    };
+    c.quic.close(now, VarInt::from_u32(code), Bytes::new());
+    report_close(c, conn, reason, events);
 }
 
 #[cfg(test)]
