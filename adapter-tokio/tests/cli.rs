@@ -330,3 +330,31 @@ fn passwd_creates_the_file_private() {
     assert_eq!(mode, 0o600, "mode {mode:o}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// README "Scaling out": a broker behind a QUIC-LB balancer, from its configuration file,
+/// serves QUIC as usual; a server id that cannot be one is a one-line error.
+#[test]
+fn a_quic_lb_server_id_from_the_config_file() {
+    let dir = temp_dir("quic-lb");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.to_str().unwrap();
+    let config = dir.join("broker.toml");
+    std::fs::write(&config, "[quic]\nlisten = \"127.0.0.1:0\"\nserver_id = \"4d51\"\nlb_config_rotation = 1\n")
+        .unwrap();
+    let b = Proc::spawn(&["broker", "--tcp", "off", "--data-dir", data, "--config", config.to_str().unwrap()]);
+    let quic = b.expect("listening: quic").rsplit(':').next().unwrap().to_string();
+    b.expect("ready");
+    let sub = Proc::spawn(&["sub", "-p", &quic, "--data-dir", data, "-t", "lb", "-C", "1"]);
+    // Retained, so it does not matter whether the subscription or the publish comes first.
+    let (code, _, err) = run(&["pub", "-p", &quic, "--data-dir", data, "-t", "lb", "-m", "routed", "-r"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(sub.expect("routed"), "routed");
+    drop(b);
+    std::fs::write(&config, "[quic]\nserver_id = \"4d5\"\n").unwrap();
+    let (_, err) = broker_fails(data, &["--config", config.to_str().unwrap()]);
+    assert!(err.contains("server_id"), "{err}");
+    std::fs::write(&config, "[quic]\nserver_id = \"00112233445566778899aabbccddeeff\"\n").unwrap();
+    let (_, err) = broker_fails(data, &["--config", config.to_str().unwrap()]);
+    assert!(err.contains("1 to 15"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -207,6 +207,9 @@ pub struct ServerConfig {
     /// are derived. The adapters fill it in; leave it `None` only where runs must replay from
     /// `seed`.
     pub secret: Option<Secret>,
+    /// Connection ids a QUIC-LB-aware load balancer can route (see [`crate::cid`]): this
+    /// server's id in every connection id it issues. `None`: random ids.
+    pub load_balancer: Option<crate::cid::QuicLb>,
 }
 
 /// 32 bytes of key material from the operating system's random source (see
@@ -244,6 +247,7 @@ impl ServerConfig {
             stateless_retry: false,
             seed: 0,
             secret: None,
+            load_balancer: None,
         }
     }
 }

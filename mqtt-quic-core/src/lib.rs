@@ -146,6 +146,7 @@
 pub mod backoff;
 pub mod bbr;
 pub mod broker;
+pub mod cid;
 pub mod client;
 pub mod config;
 pub mod driver;

@@ -485,6 +485,7 @@ pub(crate) mod domain {
     pub const RNG: u8 = 2;
     pub const TOKEN: u8 = 3;
     pub const CLIENT_ID: u8 = 4;
+    pub const CID: u8 = 5;
 }
 
 fn endpoint_config(
@@ -521,12 +522,14 @@ impl QuicEndpoint {
         server.migration(true);
         let clock = Arc::new(DrivenClock::default());
         server.time_source(clock.clone());
-        let inner = quinn_proto::Endpoint::new(
-            Arc::new(endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?),
-            Some(Arc::new(server)),
-            false,
-            None,
-        );
+        let mut endpoint_config = endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?;
+        if let Some(lb) = &config.load_balancer {
+            lb.validate()?;
+            let (lb, key) = (lb.clone(), derive_key(config.secret.as_ref(), config.seed, domain::CID));
+            endpoint_config
+                .cid_generator(move || Box::new(crate::cid::QuicLbGenerator::new(lb.clone(), key)) as Box<_>);
+        }
+        let inner = quinn_proto::Endpoint::new(Arc::new(endpoint_config), Some(Arc::new(server)), false, None);
         let mut endpoint =
             QuicEndpoint::with(inner, None, config.transport.clone(), config.max_connections, config.stateless_retry);
         endpoint.max_handshakes_per_ip = config.max_handshakes_per_ip;

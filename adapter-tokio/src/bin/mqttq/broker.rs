@@ -5,6 +5,7 @@ use adapter_tokio::files;
 use adapter_tokio::server::{Server, ServerOptions};
 use clap::Args;
 use mqtt_quic_core::broker::auth::FileAuth;
+use mqtt_quic_core::cid::QuicLb;
 use mqtt_quic_core::config::{Congestion, MAX_DATA_STREAMS, MAX_DURATION};
 use mqtt_quic_core::persist::Persistence;
 use mqtt_quic_core::tls::fingerprint_hex;
@@ -193,6 +194,16 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     if args.datagrams {
         b.quic.transport.datagrams = true;
     }
+    if let Some(hex) = &q.server_id {
+        let id = parse_hex(hex).ok_or_else(|| format!("[quic] server_id: `{hex}` is not hex bytes (e.g. \"4d51\")"))?;
+        let mut lb = QuicLb::new(id);
+        lb.config_rotation = q.lb_config_rotation.unwrap_or(lb.config_rotation);
+        lb.nonce_len = q.lb_nonce_len.unwrap_or(lb.nonce_len);
+        lb.validate().map_err(|e| format!("[quic] server_id: {e}"))?;
+        b.quic.load_balancer = Some(lb);
+    } else if q.lb_config_rotation.is_some() || q.lb_nonce_len.is_some() {
+        return Err("[quic] lb_config_rotation and lb_nonce_len need server_id".into());
+    }
     // Keys copied as they are (each overrides its default when present).
     macro_rules! copy {
         ($($key:ident => $($field:ident).+),* $(,)?) => {$(
@@ -286,4 +297,13 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Bytes from hex digits (an even number of them, at least two).
+fn parse_hex(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.trim();
+    if hex.is_empty() || hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
 }

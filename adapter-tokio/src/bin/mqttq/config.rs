@@ -45,6 +45,10 @@
 //! initial_rtt_ms = 100        # RTT assumed before the first sample (raise on satellite links)
 //! data_streams = 16           # EMQX multi-stream: data streams per connection besides control (0: off)
 //! datagrams = false           # QoS 0 in QUIC datagrams (RFC 9221), for clients that ask
+//! server_id = "4d51"          # behind a QUIC-LB balancer: this broker's id (hex, 1-15 bytes) in
+//!                             # every connection id (draft-ietf-quic-load-balancers, plaintext)
+//! lb_config_rotation = 0      # with server_id: the balancer's config rotation codepoint (0-6)
+//! lb_nonce_len = 8            # with server_id: random bytes after it (4-18)
 //!
 //! [tcp]
 //! listen = "0.0.0.0:1883"
@@ -116,6 +120,9 @@ pub struct QuicSection {
     pub initial_rtt_ms: Option<u64>,
     pub data_streams: Option<u32>,
     pub datagrams: Option<bool>,
+    pub server_id: Option<String>,
+    pub lb_config_rotation: Option<u8>,
+    pub lb_nonce_len: Option<usize>,
 }
 
 /// `[tcp]` and `[tls]`.
