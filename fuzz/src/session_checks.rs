@@ -11,6 +11,10 @@
 //!   [MQTT-3.3.4-7] [MQTT-3.3.4-9] (a PUBLISH is unacknowledged until PUBACK, PUBCOMP, or a
 //!   failing PUBREC).
 //!
+//! With `data_stream` set, the server session's steps go to a data stream's session of the
+//! connection (EMQX's multi-stream mode), which must also never send CONNACK, DISCONNECT or
+//! AUTH.
+//!
 //! `tests/tests/fuzz_corpus_quic.rs` replays the committed corpora through these functions.
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -45,6 +49,9 @@ enum ServerStep {
 #[derive(Arbitrary, Debug)]
 struct ServerScript {
     v5: bool,
+    /// The steps go to a data stream's session of the connection (EMQX's multi-stream mode)
+    /// instead of the connection's own.
+    data_stream: bool,
     connect: Connect,
     steps: Vec<ServerStep>,
 }
@@ -71,6 +78,8 @@ struct Watch {
     server_side: bool,
     /// Limits from a CONNACK the client was given, until it reports being connected.
     offered: Option<Limits>,
+    /// A data stream's session: no CONNACK first, and never CONNACK or DISCONNECT.
+    data_stream: bool,
 }
 
 impl Watch {
@@ -84,7 +93,13 @@ impl Watch {
             disconnected: false,
             server_side,
             offered: None,
+            data_stream: false,
         }
+    }
+
+    /// The watch of a data stream's session.
+    fn data_stream(protocol: Protocol, limits: Limits) -> Watch {
+        Watch { first: false, data_stream: true, ..Watch::new(protocol, true, limits) }
     }
 
     /// Bytes the sender wrote.
@@ -111,6 +126,12 @@ impl Watch {
             assert!(size <= max as usize, "{size}-byte packet exceeds the peer's maximum {max}: {packet:?}");
         }
         let first = std::mem::take(&mut self.first);
+        if self.data_stream {
+            assert!(
+                !matches!(packet, Packet::ConnAck(_) | Packet::Disconnect(_) | Packet::Auth(_)),
+                "a data stream's session sent a control packet: {packet:?}"
+            );
+        }
         if self.server_side {
             assert_eq!(first, matches!(packet, Packet::ConnAck(_)), "CONNACK must come first, once: {packet:?}");
             assert!(
@@ -232,21 +253,35 @@ pub fn server_session(data: &[u8]) {
     let mut resumed = false;
     session.handle_stream_data(now, &connect_bytes);
     serve(&mut session, &mut watch, now, &mut resumed, None);
+    // With `data_stream`, the steps go to a data stream of the connection, once accepted.
+    let lane = |session: &ServerSession, now| {
+        script.data_stream.then(|| session.data_stream(now).ok()).flatten().map(|lane| {
+            (lane, Watch::data_stream(protocol, connect_limits(&script.connect)), true)
+        })
+    };
+    let mut stream = lane(&session, now);
     for step in script.steps {
+        let (target, target_watch) = match &mut stream {
+            Some((lane, lane_watch, _)) => (lane, lane_watch),
+            None => (&mut session, &mut watch),
+        };
         match step {
             ServerStep::Packet(packet) => {
                 if let Some(bytes) = encode(protocol, &packet) {
-                    watch.acknowledged(&packet);
-                    session.handle_stream_data(now, &bytes);
+                    target_watch.acknowledged(&packet);
+                    target.handle_stream_data(now, &bytes);
                 }
             }
-            ServerStep::Raw(bytes) => session.handle_stream_data(now, &bytes),
+            ServerStep::Raw(bytes) => target.handle_stream_data(now, &bytes),
             ServerStep::Wait(t) => {
                 now += Duration::from_millis(u64::from(t) * 10);
-                session.handle_timeout(now);
+                target.handle_timeout(now);
+                if stream.is_some() {
+                    session.handle_timeout(now);
+                }
             }
             ServerStep::Route(publish) => {
-                let _ = session.publish(now, publish);
+                let _ = target.publish(now, publish);
             }
             ServerStep::Reconnect => {
                 session.handle_stream_closed(now);
@@ -260,8 +295,12 @@ pub fn server_session(data: &[u8]) {
                 resumed = false;
                 session.handle_stream_data(now, &bytes);
                 serve(&mut session, &mut watch, now, &mut resumed, Some(state));
+                stream = lane(&session, now);
                 continue;
             }
+        }
+        if let Some((lane, lane_watch, accepted)) = &mut stream {
+            serve(lane, lane_watch, now, accepted, None);
         }
         serve(&mut session, &mut watch, now, &mut resumed, None);
     }
