@@ -255,9 +255,11 @@ pub fn server_session(data: &[u8]) {
     serve(&mut session, &mut watch, now, &mut resumed, None);
     // With `data_stream`, the steps go to a data stream of the connection, once accepted.
     let lane = |session: &ServerSession, now| {
-        script.data_stream.then(|| session.data_stream(now).ok()).flatten().map(|lane| {
-            (lane, Watch::data_stream(protocol, connect_limits(&script.connect)), true)
-        })
+        script
+            .data_stream
+            .then(|| session.data_stream(now).ok())
+            .flatten()
+            .map(|lane| (lane, Watch::data_stream(protocol, connect_limits(&script.connect)), true))
     };
     let mut stream = lane(&session, now);
     for step in script.steps {
