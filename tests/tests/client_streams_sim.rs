@@ -694,3 +694,41 @@ fn a_server_that_refuses_data_streams_gets_the_handles_traffic_on_the_control_st
     let (l2, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
     assert_eq!(l2, Lane::CONTROL);
 }
+
+/// Where the message published alone lands among those of a flood on another stream, as the
+/// subscriber receives them: the flood's stream has priority `flood`, the single one's `single`.
+fn position_of_single(seed: u64, flood: i32, single: i32) -> usize {
+    let mut w = World::new(seed);
+    let s = w.client(1, "sub");
+    let p = w.client(2, "pub");
+    w.start(s);
+    w.start(p);
+    let now = w.sim.now();
+    let id = w.c(s).subscribe(now, vec![sub("#")], None).unwrap();
+    w.wait(s, id);
+    let now = w.sim.now();
+    let big = w.c(p).open_stream(now, flood).unwrap();
+    let small = w.c(p).open_stream(now, single).unwrap();
+    // Both streams open (on the first command), then everything is queued at once.
+    w.publish_on(p, big, "warm", "x", QoS::AtMostOnce);
+    w.publish_on(p, small, "warm", "x", QoS::AtMostOnce);
+    w.settle();
+    w.events(s).clear();
+    let payload = "f".repeat(8_000);
+    for _ in 0..100 {
+        w.publish_on(p, big, "flood", &payload, QoS::AtMostOnce);
+    }
+    w.publish_on(p, small, "single", "s", QoS::AtMostOnce);
+    assert!(w.run_until(|w| w.payloads(s).len() == 101), "got {}", w.payloads(s).len());
+    w.payloads(s).iter().position(|m| m == "s").unwrap()
+}
+
+#[test]
+fn a_higher_priority_stream_goes_first() {
+    // The single message after a 800 KB flood: on a stream of higher priority it overtakes the
+    // flood; on one of lower priority it waits behind all of it.
+    let first = position_of_single(12, 0, 10);
+    let last = position_of_single(12, 10, 0);
+    assert!(first < 20, "the higher-priority message came {first}th");
+    assert_eq!(last, 100, "the lower-priority message came {last}th");
+}
