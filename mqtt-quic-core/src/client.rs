@@ -202,7 +202,7 @@ impl ServerStream {
             FlowHeader::ServerData(n) => {
                 // The header ends `n - before` bytes into this chunk (it did not end before).
                 self.start = None;
-                session.handle_stream_data(now, &data[(n - before).min(data.len())..]);
+                session.handle_stream_data(now, &data[n.saturating_sub(before).min(data.len())..]);
                 true
             }
             FlowHeader::Incomplete | FlowHeader::Refused => false,

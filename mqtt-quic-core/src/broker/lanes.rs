@@ -8,7 +8,7 @@
 //! the subscriptions end with the stream.
 //!
 //! The rules, as EMQX has them:
-//! - a data stream opened before CONNACK waits (its bytes buffered, at most one packet's worth)
+//! - a data stream opened before CONNACK waits (its bytes buffered, within the limits below)
 //!   and is served once the CONNECT is accepted; one opened on a connection that is refused
 //!   ends with it;
 //! - an acknowledgement travels on the stream of the packet it acknowledges;
@@ -33,7 +33,6 @@
 //! new streams (EMQX's data streams die with their stream in the same way). QoS 1 and 2
 //! messages in flight on a stream that ends are dropped with its subscription, as after an
 //! UNSUBSCRIBE; those of a shared subscription go to another member of the group.
-
 //!
 //! Limits: before CONNACK a connection may hold at most `data_streams` waiting streams and one
 //! packet's worth (`maximum_packet_size`) of their bytes in all; more resets the stream. At most
