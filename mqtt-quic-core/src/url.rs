@@ -1,5 +1,5 @@
-//! Broker addresses as URLs: `quic://host:port` (also `mqtt+quic://`), `mqtt://` (also
-//! `tcp://`) and `mqtts://` (also `ssl://`, `tls://`).
+//! Broker addresses as URLs: `quic://host:port` (also `mqtt+quic://` and `mqtt-quic://`),
+//! `mqtt://` (also `tcp://`) and `mqtts://` (also `ssl://`, `tls://`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -47,7 +47,8 @@ impl FromStr for Transport {
     type Err = UrlError;
     fn from_str(s: &str) -> Result<Transport, UrlError> {
         match s.to_ascii_lowercase().as_str() {
-            "quic" | "mqtt+quic" => Ok(Transport::Quic),
+            // `mqtt-quic://` is what NanoMQ and EMQX's tools write.
+            "quic" | "mqtt+quic" | "mqtt-quic" => Ok(Transport::Quic),
             "mqtt" | "tcp" => Ok(Transport::Tcp),
             "mqtts" | "ssl" | "tls" | "mqtt+tls" => Ok(Transport::Tls),
             _ => Err(UrlError::Scheme(s.to_string())),
@@ -150,6 +151,7 @@ mod tests {
 
     #[test]
     fn schemes_hosts_and_ports() {
+        assert_eq!("mqtt-quic://b:1".parse::<BrokerUrl>().unwrap().transport, Transport::Quic);
         let u: BrokerUrl = "mqtt+quic://broker.example:1000".parse().unwrap();
         assert_eq!(u, BrokerUrl::new(Transport::Quic, "broker.example", Some(1000)));
         assert_eq!("tcp://h".parse::<BrokerUrl>().unwrap(), BrokerUrl::new(Transport::Tcp, "h", Some(1883)));
