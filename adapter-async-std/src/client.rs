@@ -54,20 +54,12 @@ impl ClientStream {
         self.handle
     }
 
-    /// Hands the command over now (commands keep the order of the calls) and returns the
-    /// wait for its result.
+    /// Hands the command over now (see [`call`]).
     fn call(
         &self,
         make: impl FnOnce(Reply) -> Command,
     ) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
-        let (tx, rx) = async_channel::bounded(1);
-        let sent = self.commands.try_send(make(tx)).is_ok();
-        async move {
-            if !sent {
-                return Err(ClientError::Closed);
-            }
-            rx.recv().await.map_err(|_| ClientError::Closed)?.map_err(|e| ClientError::from_driver(e, ""))
-        }
+        call(&self.commands, make)
     }
 
     /// Publishes on this stream; resolves as [`Client::publish`] does. A QoS 2 message in
@@ -301,21 +293,12 @@ impl Client {
         true
     }
 
-    /// Hands the command over now (commands keep the order of the calls) and returns the wait
-    /// for its result.
+    /// Hands the command over now (see [`call`]).
     fn call(
         &self,
         make: impl FnOnce(Reply) -> Command,
     ) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
-        let (tx, rx) = async_channel::bounded(1);
-        let sent = self.commands.try_send(make(tx)).is_ok();
-        async move {
-            if !sent {
-                return Err(ClientError::Closed);
-            }
-            // Failures after the first connection concern commands: no URL to name.
-            rx.recv().await.map_err(|_| ClientError::Closed)?.map_err(|e| ClientError::from_driver(e, ""))
-        }
+        call(&self.commands, make)
     }
 
     /// Publishes; resolves when done (QoS 0 written, QoS 1 PUBACK, QoS 2 PUBCOMP). The
@@ -583,5 +566,22 @@ async fn input(io: &mut Io, reading: bool) -> Input {
         }
         Io::Stream { conn: Some(c), inbuf, .. } if reading => Input::Read(c.read(inbuf).await),
         _ => future::pending().await,
+    }
+}
+
+/// Hands a command over now (commands keep the order of the calls) and returns the wait for
+/// its result.
+fn call(
+    commands: &Sender<Command>,
+    make: impl FnOnce(Reply) -> Command,
+) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
+    let (tx, rx) = async_channel::bounded(1);
+    let sent = commands.try_send(make(tx)).is_ok();
+    async move {
+        if !sent {
+            return Err(ClientError::Closed);
+        }
+        // Failures after the first connection concern commands: no URL to name.
+        rx.recv().await.map_err(|_| ClientError::Closed)?.map_err(|e| ClientError::from_driver(e, ""))
     }
 }

@@ -51,6 +51,17 @@ struct Handle {
     waker: Arc<Waker>,
 }
 
+impl Handle {
+    /// Hands a command to the client's thread and waits for its result.
+    fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, ClientError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let commands = self.commands.as_ref().ok_or(ClientError::Closed)?;
+        commands.send(make(tx)).map_err(|_| ClientError::Closed)?;
+        let _ = self.waker.wake();
+        rx.recv().map_err(|_| ClientError::Closed)?
+    }
+}
+
 impl Drop for Handle {
     fn drop(&mut self) {
         // Closed first, so that the woken thread finds it closed.
@@ -225,11 +236,7 @@ impl Client {
 
     /// Hands the command to the client's thread and waits for its result.
     fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, ClientError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let commands = self.handle.commands.as_ref().ok_or(ClientError::Closed)?;
-        commands.send(make(tx)).map_err(|_| ClientError::Closed)?;
-        let _ = self.handle.waker.wake();
-        rx.recv().map_err(|_| ClientError::Closed)?
+        self.handle.call(make)
     }
 
     /// Publishes and returns when done: QoS 0 once written, QoS 1 on PUBACK, QoS 2 on PUBCOMP.
@@ -296,11 +303,7 @@ impl ClientStream {
 
     /// Hands the command to the client's thread and waits for its result.
     fn call(&self, make: impl FnOnce(Reply) -> Command) -> Result<Outcome, ClientError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let commands = self.handle.commands.as_ref().ok_or(ClientError::Closed)?;
-        commands.send(make(tx)).map_err(|_| ClientError::Closed)?;
-        let _ = self.handle.waker.wake();
-        rx.recv().map_err(|_| ClientError::Closed)?
+        self.handle.call(make)
     }
 
     /// Publishes on this stream and returns when done, as [`Client::publish`] does. A QoS 2

@@ -229,20 +229,12 @@ impl Client {
         true
     }
 
-    /// Hands the command to the driver now (so commands keep the order of the calls, however
-    /// their futures are awaited) and returns the wait for its result.
+    /// Hands the command to the driver now (see [`call`]).
     fn call(
         &self,
         make: impl FnOnce(Reply) -> Command,
     ) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.commands.send(make(tx)).is_ok();
-        async move {
-            if !sent {
-                return Err(ClientError::Closed);
-            }
-            rx.await.map_err(|_| ClientError::Closed)?
-        }
+        call(&self.commands, make)
     }
 
     /// Publishes and resolves when done: QoS 0 once written, QoS 1 on PUBACK, QoS 2 on PUBCOMP.
@@ -314,20 +306,12 @@ impl ClientStream {
         self.handle
     }
 
-    /// Hands the command to the driver now and returns the wait for its result (see
-    /// [`Client::publish`] for why now).
+    /// Hands the command to the driver now (see [`call`]).
     fn call(
         &self,
         make: impl FnOnce(Reply) -> Command,
     ) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
-        let (tx, rx) = oneshot::channel();
-        let sent = self.commands.send(make(tx)).is_ok();
-        async move {
-            if !sent {
-                return Err(ClientError::Closed);
-            }
-            rx.await.map_err(|_| ClientError::Closed)?
-        }
+        call(&self.commands, make)
     }
 
     /// Publishes on this stream; resolves as [`Client::publish`] does. A QoS 2 message in
@@ -373,6 +357,22 @@ impl Drop for ClientStream {
             // Fails only once the client is gone, and the stream with it.
             let _ = self.commands.send(Command::CloseStream(self.handle, None));
         }
+    }
+}
+
+/// Hands a command to the driver now (so commands keep the order of the calls, however their
+/// futures are awaited) and returns the wait for its result.
+fn call(
+    commands: &mpsc::UnboundedSender<Command>,
+    make: impl FnOnce(Reply) -> Command,
+) -> impl Future<Output = Result<Outcome, ClientError>> + 'static {
+    let (tx, rx) = oneshot::channel();
+    let sent = commands.send(make(tx)).is_ok();
+    async move {
+        if !sent {
+            return Err(ClientError::Closed);
+        }
+        rx.await.map_err(|_| ClientError::Closed)?
     }
 }
 
