@@ -4,8 +4,10 @@
 
 pub mod fixtures;
 pub mod node;
+pub mod pipes;
 pub mod pki;
 pub mod sim;
+pub mod tap;
 
 /// The Rust examples in the workspace README, compiled (and run unless marked `no_run`) as
 /// doctests of this crate, which depends on every adapter.

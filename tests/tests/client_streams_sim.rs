@@ -5,23 +5,24 @@
 //! session does not know them), that deliveries keep flowing after a reconnect, and how
 //! requests in flight on a stream end when its connection drops.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use mqtt_proto::{
-    Decoder, Packet, PacketId, Protocol, Publish, QoS, QosPid, ReasonCode, Subscription, SubscriptionOptions,
-    TopicFilter, TopicName,
+    Packet, PacketId, Publish, QoS, QosPid, ReasonCode, Subscription, SubscriptionOptions, TopicFilter, TopicName,
 };
-use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
-use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig, ReconnectPolicy, StreamCommand, StreamHandle};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
+use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig, ReconnectPolicy, StreamHandle};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
-use mqtt_quic_core::quic::{self, ConnId, Lane, QuicEndpoint};
+use mqtt_quic_core::quic::{ConnId, Lane, QuicEndpoint};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, RequestId};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use mqtt_tests::node::Node;
+use mqtt_tests::pipes::Pipes;
 use mqtt_tests::sim::{Link, Sim};
+use mqtt_tests::tap::{encode, Tap};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn cert() -> &'static SelfSigned {
     static CERT: OnceLock<SelfSigned> = OnceLock::new();
@@ -308,97 +309,9 @@ fn a_stream_subscribe_made_while_reconnecting_waits_for_the_connection() {
     assert!(w.run_until(|w| w.payloads(s) == ["hello"]));
 }
 
-/// Clients on in-memory byte streams and a broker (no QUIC streams).
-struct Pipes {
-    broker: Broker,
-    clients: Vec<(ClientMachine, Option<StreamId>, Vec<ClientEvent>)>,
-    now: Instant,
-}
-
-impl Pipes {
-    fn new(n: usize) -> Pipes {
-        let cert = SelfSigned::generate(&["localhost"]).unwrap();
-        let broker =
-            Broker::new(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()))).unwrap();
-        let clients = (0..n)
-            .map(|i| {
-                let session = ClientSessionConfig { client_id: format!("c{i}"), ..Default::default() };
-                (ClientMachine::over_stream(session, Some(policy()), i as u64).unwrap(), None, Vec::new())
-            })
-            .collect();
-        // The origin of virtual time; only differences matter from here on.
-        #[allow(clippy::disallowed_methods)]
-        let now = Instant::now();
-        Pipes { broker, clients, now }
-    }
-
-    /// Moves everything both ways until quiet, then advances the clock by 10 ms.
-    fn run(&mut self) {
-        loop {
-            let mut moved = false;
-            for (client, stream, events) in &mut self.clients {
-                while let Some(cmd) = client.poll_stream() {
-                    moved = true;
-                    match cmd {
-                        StreamCommand::Open => {
-                            *stream = Some(self.broker.handle_stream_open(self.now, None));
-                            client.handle_stream_open(self.now);
-                        }
-                        StreamCommand::Data(bytes) => {
-                            if let Some(id) = *stream {
-                                self.broker.handle_stream_data(self.now, id, &bytes);
-                            }
-                        }
-                        StreamCommand::Close => {
-                            if let Some(id) = stream.take() {
-                                self.broker.handle_stream_closed(self.now, id);
-                            }
-                        }
-                        other => panic!("unexpected {other:?}"),
-                    }
-                }
-                events.extend(std::iter::from_fn(|| client.poll_event()));
-            }
-            while let Some((id, out)) = self.broker.poll_stream() {
-                moved = true;
-                if let StreamOutput::Data(bytes) = &out {
-                    self.broker.handle_stream_written(id, bytes.len());
-                }
-                let Some((client, stream, _)) = self.clients.iter_mut().find(|c| c.1 == Some(id)) else { continue };
-                match out {
-                    StreamOutput::Data(bytes) => client.handle_stream_data(self.now, &bytes),
-                    StreamOutput::Close | StreamOutput::Abort => {
-                        *stream = None;
-                        client.handle_stream_closed(self.now);
-                    }
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            if !moved {
-                break;
-            }
-        }
-        self.now += Duration::from_millis(10);
-        self.broker.handle_timeout(self.now);
-        for (client, _, _) in &mut self.clients {
-            client.handle_timeout(self.now);
-        }
-    }
-
-    fn run_until(&mut self, mut done: impl FnMut(&Pipes) -> bool) {
-        for _ in 0..2000 {
-            if done(self) {
-                return;
-            }
-            self.run();
-        }
-        panic!("condition not reached");
-    }
-}
-
 #[test]
 fn over_a_byte_stream_stream_handles_fall_back_to_the_one_stream() {
-    let mut pipes = Pipes::new(2);
+    let mut pipes = Pipes::new(2, policy());
     let now = pipes.now;
     for (c, _, _) in &mut pipes.clients {
         c.start(now).unwrap();
@@ -429,7 +342,7 @@ fn over_a_byte_stream_stream_handles_fall_back_to_the_one_stream() {
     // Closing a handle there closes nothing but the handle.
     let now = pipes.now;
     pipes.clients[0].0.close_stream(now, a).unwrap();
-    pipes.run();
+    pipes.run(Duration::from_millis(10));
     assert!(pipes.clients[0].0.is_connected());
     assert_eq!(pipes.broker.subscriptions(), 1);
     assert!(pipes.clients[0].0.publish_on(now, a, message("f/3", "x", QoS::AtMostOnce)).is_err());
@@ -437,11 +350,9 @@ fn over_a_byte_stream_stream_handles_fall_back_to_the_one_stream() {
 
 /// A bare QUIC server in place of the broker, driven packet by packet: what the client sends
 /// on each stream, and a way to answer or reset any stream.
+#[derive(Default)]
 struct Bare {
-    decoders: std::collections::BTreeMap<Lane, (Decoder, BytesMut)>,
-    got: Vec<(Lane, Packet)>,
-    ended: Vec<Lane>,
-    conn: Option<ConnId>,
+    tap: Tap,
 }
 
 const SERVER: usize = 0;
@@ -467,46 +378,44 @@ fn bare_world(seed: u64) -> (Sim<Node>, usize) {
 
 impl Bare {
     fn take(&mut self, sim: &mut Sim<Node>) {
-        for e in std::mem::take(sim.machine(SERVER).as_quic().1) {
-            let (lane, data) = match e {
-                quic::Event::Received { conn, data } => {
-                    self.conn = Some(conn);
-                    (Lane::CONTROL, data)
-                }
-                quic::Event::LaneReceived { lane, data, .. } => (lane, data),
-                quic::Event::LaneEnded { lane, .. } => {
-                    self.ended.push(lane);
-                    continue;
-                }
-                _ => continue,
-            };
-            let (decoder, buf) =
-                self.decoders.entry(lane).or_insert_with(|| (Decoder::new(Protocol::V5), BytesMut::new()));
-            buf.extend_from_slice(&data);
-            while let Some(p) = decoder.decode(buf).unwrap() {
-                self.got.push((lane, p));
-            }
-        }
+        self.tap.take(std::mem::take(sim.machine(SERVER).as_quic().1));
+    }
+
+    /// The connection the client came on.
+    fn conn(&self) -> ConnId {
+        self.tap.conn.expect("the client has sent something")
     }
 
     fn send(&mut self, sim: &mut Sim<Node>, lane: Lane, packet: Packet) {
-        let mut out = BytesMut::new();
-        packet.encode(Protocol::V5, &mut out).unwrap();
         let now = sim.now();
-        sim.machine(SERVER).as_quic().0.send_lane(now, self.conn.unwrap(), lane, out.freeze()).unwrap();
+        let conn = self.conn();
+        sim.machine(SERVER).as_quic().0.send_lane(now, conn, lane, encode(&packet)).unwrap();
     }
 
     /// Runs until the client has sent a packet `pick` likes; takes it, with its stream.
     fn wait(&mut self, sim: &mut Sim<Node>, pick: impl Fn(&Packet) -> bool) -> (Lane, Packet) {
         for _ in 0..50_000 {
             self.take(sim);
-            if let Some(i) = self.got.iter().position(|(_, p)| pick(p)) {
-                return self.got.remove(i);
+            if let Some(i) = self.tap.got.iter().position(|(_, p)| pick(p)) {
+                let (lane, packet) = self.tap.got.remove(i);
+                return (lane.expect("the bare server takes no datagrams"), packet);
             }
             assert!(sim.step(), "the simulation ran dry");
         }
         panic!("the client did not send it");
     }
+}
+
+/// [`bare_world`] with the client started and given CONNACK.
+fn bare_connected(seed: u64) -> (Sim<Node>, usize, Bare) {
+    let (mut sim, c) = bare_world(seed);
+    let mut srv = Bare::default();
+    let now = sim.now();
+    sim.machine(c).as_client().start(now).unwrap();
+    srv.wait(&mut sim, |p| matches!(p, Packet::Connect(_)));
+    srv.send(&mut sim, Lane::CONTROL, Packet::ConnAck(Box::default()));
+    run_until_event(&mut sim, c, |e| matches!(e, ClientEvent::Connected { .. }));
+    (sim, c, srv)
 }
 
 fn client_events(sim: &mut Sim<Node>, host: usize) -> &mut Vec<ClientEvent> {
@@ -525,13 +434,7 @@ fn run_until_event(sim: &mut Sim<Node>, host: usize, pick: impl Fn(&ClientEvent)
 
 #[test]
 fn a_stream_the_server_ends_fails_its_pending_requests_and_reopens_on_next_use() {
-    let (mut sim, c) = bare_world(4);
-    let mut srv = Bare { decoders: Default::default(), got: Vec::new(), ended: Vec::new(), conn: None };
-    let now = sim.now();
-    sim.machine(c).as_client().start(now).unwrap();
-    srv.wait(&mut sim, |p| matches!(p, Packet::Connect(_)));
-    srv.send(&mut sim, Lane::CONTROL, Packet::ConnAck(Box::default()));
-    run_until_event(&mut sim, c, |e| matches!(e, ClientEvent::Connected { .. }));
+    let (mut sim, c, mut srv) = bare_connected(4);
 
     // A subscribe on a stream; the server resets the stream instead of answering.
     let now = sim.now();
@@ -540,7 +443,7 @@ fn a_stream_the_server_ends_fails_its_pending_requests_and_reopens_on_next_use()
     let (l1, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
     assert!(!l1.is_control());
     let now = sim.now();
-    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn.unwrap(), l1, 1).unwrap();
+    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn(), l1, 1).unwrap();
     run_until_event(&mut sim, c, |e| *e == ClientEvent::Aborted { id: x });
     assert_eq!(sim.machine(c).as_client().stream_lane(h), None);
     assert!(sim.machine(c).as_client().is_connected());
@@ -563,7 +466,7 @@ fn a_stream_the_server_ends_fails_its_pending_requests_and_reopens_on_next_use()
     // Reset again: the granted subscription is made again on the next stream, before the
     // publish that reopened it.
     let now = sim.now();
-    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn.unwrap(), l2, 1).unwrap();
+    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn(), l2, 1).unwrap();
     let until = sim.now() + Duration::from_millis(200);
     sim.drive_to(until);
     assert_eq!(sim.machine(c).as_client().stream_lane(h), None);
@@ -581,12 +484,12 @@ fn a_stream_the_server_ends_fails_its_pending_requests_and_reopens_on_next_use()
     srv.send(&mut sim, l3, Packet::PingResp);
     for _ in 0..50_000 {
         srv.take(&mut sim);
-        if srv.ended.contains(&l3) {
+        if srv.tap.ended(l3) {
             break;
         }
         assert!(sim.step());
     }
-    assert!(srv.ended.contains(&l3));
+    assert!(srv.tap.ended(l3));
     assert!(sim.machine(c).as_client().is_connected());
     // The QoS 1 message in flight there is kept, for the stream's next QUIC stream.
     assert_eq!(sim.machine(c).as_client().stream_session(h).unwrap().pending_publishes(), 1);
@@ -595,15 +498,9 @@ fn a_stream_the_server_ends_fails_its_pending_requests_and_reopens_on_next_use()
 #[test]
 fn messages_on_streams_the_server_opens_are_taken_and_acknowledged_there() {
     // Some brokers (the `mqtt5` crate's, by default) deliver on a stream they open per topic.
-    let (mut sim, c) = bare_world(5);
-    let mut srv = Bare { decoders: Default::default(), got: Vec::new(), ended: Vec::new(), conn: None };
+    let (mut sim, c, mut srv) = bare_connected(5);
     let now = sim.now();
-    sim.machine(c).as_client().start(now).unwrap();
-    srv.wait(&mut sim, |p| matches!(p, Packet::Connect(_)));
-    srv.send(&mut sim, Lane::CONTROL, Packet::ConnAck(Box::default()));
-    run_until_event(&mut sim, c, |e| matches!(e, ClientEvent::Connected { .. }));
-    let now = sim.now();
-    let lane = sim.machine(SERVER).as_quic().0.open_lane(now, srv.conn.unwrap()).unwrap();
+    let lane = sim.machine(SERVER).as_quic().0.open_lane(now, srv.conn()).unwrap();
     let mut p = message("by/server", "on its stream", QoS::AtLeastOnce);
     p.qos_pid = QosPid::from_parts(QoS::AtLeastOnce, PacketId::new(5).unwrap());
     srv.send(&mut sim, lane, Packet::Publish(p));
@@ -614,15 +511,15 @@ fn messages_on_streams_the_server_opens_are_taken_and_acknowledged_there() {
     assert!(matches!(ack, Packet::PubAck(a) if a.packet_id.get() == 5));
     // The server finishes it: the client's side follows.
     let now = sim.now();
-    sim.machine(SERVER).as_quic().0.finish_lane(now, srv.conn.unwrap(), lane).unwrap();
+    sim.machine(SERVER).as_quic().0.finish_lane(now, srv.conn(), lane).unwrap();
     for _ in 0..50_000 {
         srv.take(&mut sim);
-        if srv.ended.contains(&lane) {
+        if srv.tap.ended(lane) {
             break;
         }
         assert!(sim.step());
     }
-    assert!(srv.ended.contains(&lane));
+    assert!(srv.tap.ended(lane));
     assert!(sim.machine(c).as_client().is_connected());
 }
 
@@ -673,19 +570,13 @@ fn clients_with_datagrams_on_send_and_receive_qos0_in_datagrams() {
 #[test]
 fn a_server_that_refuses_data_streams_gets_the_handles_traffic_on_the_control_stream() {
     // The `mqtt5` crate's broker resets a client's two-way data stream at once (code 0xB5).
-    let (mut sim, c) = bare_world(7);
-    let mut srv = Bare { decoders: Default::default(), got: Vec::new(), ended: Vec::new(), conn: None };
-    let now = sim.now();
-    sim.machine(c).as_client().start(now).unwrap();
-    srv.wait(&mut sim, |p| matches!(p, Packet::Connect(_)));
-    srv.send(&mut sim, Lane::CONTROL, Packet::ConnAck(Box::default()));
-    run_until_event(&mut sim, c, |e| matches!(e, ClientEvent::Connected { .. }));
+    let (mut sim, c, mut srv) = bare_connected(7);
     let now = sim.now();
     let h = sim.machine(c).as_client().open_stream(now, 0).unwrap();
     let x = sim.machine(c).as_client().subscribe_on(now, h, vec![sub("x")], None).unwrap();
     let (l1, _) = srv.wait(&mut sim, |p| matches!(p, Packet::Subscribe(_)));
     let now = sim.now();
-    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn.unwrap(), l1, 0xB5).unwrap();
+    sim.machine(SERVER).as_quic().0.reset_lane(now, srv.conn(), l1, 0xB5).unwrap();
     run_until_event(&mut sim, c, |e| *e == ClientEvent::Aborted { id: x });
     assert!(sim.machine(c).as_client().streams_refused());
     // From then on the handle's traffic takes the control stream.

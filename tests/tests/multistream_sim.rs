@@ -4,9 +4,9 @@
 //! subscriptions per stream, a data stream's end, one-way data streams (as the `mqtt5` crate's
 //! client opens them), datagrams both ways and the opt-in for them.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use mqtt_proto::{
-    Ack, Connect, Decoder, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid, Subscribe, Subscription,
+    Ack, Connect, MqttString, Packet, PacketId, Protocol, Publish, QoS, QosPid, Subscribe, Subscription,
     SubscriptionOptions, TopicFilter, TopicName,
 };
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
@@ -16,6 +16,7 @@ use mqtt_quic_core::quic::{self, ConnId, Lane, LaneEnd, QuicEndpoint};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use mqtt_tests::node::Node;
 use mqtt_tests::sim::{Link, Sim};
+use mqtt_tests::tap::{encode, Tap};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -32,16 +33,24 @@ fn broker_addr() -> SocketAddr {
     "10.0.0.1:14567".parse().unwrap()
 }
 
-/// A bare client: its connection and a decoder per stream.
+/// A bare client: its connection and what it received.
 struct Raw {
     host: usize,
     conn: ConnId,
-    decoders: BTreeMap<Lane, (Decoder, BytesMut)>,
-    /// Packets received so far, with their stream (datagrams: `None`).
-    got: Vec<(Option<Lane>, Packet)>,
-    ended: Vec<(Lane, LaneEnd)>,
-    closed: Option<quic::CloseReason>,
-    connected: bool,
+    tap: Tap,
+}
+
+impl std::ops::Deref for Raw {
+    type Target = Tap;
+    fn deref(&self) -> &Tap {
+        &self.tap
+    }
+}
+
+impl std::ops::DerefMut for Raw {
+    fn deref_mut(&mut self) -> &mut Tap {
+        &mut self.tap
+    }
 }
 
 struct World {
@@ -84,15 +93,7 @@ impl World {
             .add_host(format!("10.0.1.{n}:5000{n}").parse().unwrap(), Node::Quic(Box::new(endpoint), Vec::new()));
         let now = self.sim.now();
         let conn = self.sim.machine(host).as_quic().0.connect(now, broker_addr(), "broker.test").unwrap();
-        let mut raw = Raw {
-            host,
-            conn,
-            decoders: BTreeMap::new(),
-            got: Vec::new(),
-            ended: Vec::new(),
-            closed: None,
-            connected: false,
-        };
+        let mut raw = Raw { host, conn, tap: Tap::default() };
         assert!(self.run_until(|w| {
             w.take(&mut raw);
             raw.connected
@@ -123,44 +124,12 @@ impl World {
     /// Decodes what the bare client received since the last call.
     fn take(&mut self, raw: &mut Raw) {
         let events = std::mem::take(self.sim.machine(raw.host).as_quic().1);
-        for e in events {
-            let (lane, data) = match e {
-                quic::Event::Received { data, .. } => (Lane::CONTROL, data),
-                quic::Event::LaneReceived { lane, data, .. } => (lane, data),
-                quic::Event::LaneEnded { lane, reason, .. } => {
-                    raw.ended.push((lane, reason));
-                    continue;
-                }
-                quic::Event::DatagramReceived { data, .. } => {
-                    let mut d = Decoder::new(Protocol::V5);
-                    let mut buf = BytesMut::from(&data[..]);
-                    raw.got.push((None, d.decode(&mut buf).unwrap().unwrap()));
-                    continue;
-                }
-                quic::Event::Closed { reason, .. } => {
-                    raw.closed = Some(reason);
-                    continue;
-                }
-                quic::Event::Connected { .. } => {
-                    raw.connected = true;
-                    continue;
-                }
-                _ => continue,
-            };
-            let (decoder, buf) =
-                raw.decoders.entry(lane).or_insert_with(|| (Decoder::new(Protocol::V5), BytesMut::new()));
-            buf.extend_from_slice(&data);
-            while let Some(p) = decoder.decode(buf).unwrap() {
-                raw.got.push((Some(lane), p));
-            }
-        }
+        raw.tap.take(events);
     }
 
     fn send(&mut self, raw: &Raw, lane: Lane, packet: Packet) {
-        let mut out = BytesMut::new();
-        packet.encode(Protocol::V5, &mut out).unwrap();
         let now = self.sim.now();
-        self.sim.machine(raw.host).as_quic().0.send_lane(now, raw.conn, lane, out.freeze()).unwrap();
+        self.sim.machine(raw.host).as_quic().0.send_lane(now, raw.conn, lane, encode(&packet)).unwrap();
     }
 
     fn open(&mut self, raw: &Raw) -> Lane {
@@ -541,16 +510,11 @@ fn datagrams_carry_qos0_both_ways_for_clients_that_ask() {
     w.settle(&mut [&mut asks, &mut quiet, &mut publ]);
     on(&mut asks, Some(Lane::CONTROL));
     on(&mut quiet, Some(Lane::CONTROL));
-    let datagram = |p: Packet| {
-        let mut out = BytesMut::new();
-        p.encode(Protocol::V5, &mut out).unwrap();
-        out.freeze()
-    };
     let now = w.sim.now();
     let q = w.sim.machine(publ.host).as_quic().0;
-    q.send_datagram(now, publ.conn, datagram(publish("d/1", "by datagram", QoS::AtMostOnce, 0))).unwrap();
+    q.send_datagram(now, publ.conn, encode(&publish("d/1", "by datagram", QoS::AtMostOnce, 0))).unwrap();
     // Not a QoS 0 PUBLISH: dropped and counted, nothing else happens.
-    q.send_datagram(now, publ.conn, datagram(publish("d/1", "qos1", QoS::AtLeastOnce, 4))).unwrap();
+    q.send_datagram(now, publ.conn, encode(&publish("d/1", "qos1", QoS::AtLeastOnce, 4))).unwrap();
     q.send_datagram(now, publ.conn, Bytes::from_static(&[0x30, 0x7F])).unwrap();
     w.settle(&mut [&mut asks, &mut quiet, &mut publ]);
     // The client that asked gets QoS 0 as a datagram; the other on its stream.
@@ -649,10 +613,8 @@ fn head_of_line(seed: u64, loss: f64, mode: &str) -> Vec<(f64, f64)> {
         *id = id.checked_add(1).unwrap_or(1);
         let packet = publish(&format!("hol/{topic}"), &format!("{topic} {sent_us}"), pub_qos, *id);
         if datagrams {
-            let mut out = BytesMut::new();
-            packet.encode(Protocol::V5, &mut out).unwrap();
             let now = w.sim.now();
-            let _ = w.sim.machine(publ.host).as_quic().0.send_datagram(now, publ.conn, out.freeze());
+            let _ = w.sim.machine(publ.host).as_quic().0.send_datagram(now, publ.conn, encode(&packet));
         } else {
             w.send(&publ, lane, packet);
         }

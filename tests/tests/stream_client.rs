@@ -3,115 +3,19 @@
 
 use bytes::Bytes;
 use mqtt_proto::{QoS, Subscription, TopicFilter, TopicName};
-use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
-use mqtt_quic_core::client::{ClientMachine, ReconnectPolicy, StreamCommand};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
+use mqtt_quic_core::client::{ReconnectPolicy, StreamCommand};
 use mqtt_quic_core::config::ServerConfig;
-use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
+use mqtt_quic_core::session::client::{ClientEvent, DisconnectReason};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
-use std::time::{Duration, Instant};
+use mqtt_tests::pipes::Pipes;
+use std::time::Duration;
 
-/// Two clients on byte streams and a broker; `None` streams are closed.
-struct Pipes {
-    broker: Broker,
-    clients: Vec<(ClientMachine, Option<StreamId>, Vec<ClientEvent>)>,
-    now: Instant,
-    opens: usize,
-    /// Clients whose output is not delivered (a socket nobody reads), counted in bytes.
-    stalled: Vec<(StreamId, usize)>,
-}
-
-impl Pipes {
-    fn new(n: usize) -> Pipes {
-        let cert = SelfSigned::generate(&["localhost"]).unwrap();
-        let broker =
-            Broker::new(BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()))).unwrap();
-        let clients = (0..n)
-            .map(|i| {
-                let session = ClientSessionConfig { client_id: format!("c{i}"), ..Default::default() };
-                let policy = ReconnectPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
-                (ClientMachine::over_stream(session, Some(policy), i as u64).unwrap(), None, Vec::new())
-            })
-            .collect();
-        // The origin of virtual time; only differences matter from here on.
-        #[allow(clippy::disallowed_methods)]
-        let now = Instant::now();
-        Pipes { broker, clients, now, opens: 0, stalled: Vec::new() }
-    }
-
-    /// Moves everything both ways until quiet, then advances the clock by `step`.
-    fn run(&mut self, step: Duration) {
-        loop {
-            let mut moved = false;
-            for (client, stream, events) in &mut self.clients {
-                while let Some(cmd) = client.poll_stream() {
-                    moved = true;
-                    match cmd {
-                        StreamCommand::Open => {
-                            self.opens += 1;
-                            *stream = Some(self.broker.handle_stream_open(self.now, None));
-                            client.handle_stream_open(self.now);
-                        }
-                        StreamCommand::Data(bytes) => {
-                            if let Some(id) = *stream {
-                                self.broker.handle_stream_data(self.now, id, &bytes);
-                            }
-                        }
-                        StreamCommand::Close => {
-                            if let Some(id) = stream.take() {
-                                self.broker.handle_stream_closed(self.now, id);
-                            }
-                        }
-                        other => panic!("unexpected {other:?}"),
-                    }
-                }
-                events.extend(std::iter::from_fn(|| client.poll_event()));
-            }
-            while let Some((id, out)) = self.broker.poll_stream() {
-                moved = true;
-                if let Some(s) = self.stalled.iter_mut().find(|s| s.0 == id) {
-                    if let StreamOutput::Data(bytes) = &out {
-                        s.1 += bytes.len();
-                        continue;
-                    }
-                }
-                if let StreamOutput::Data(bytes) = &out {
-                    self.broker.handle_stream_written(id, bytes.len());
-                }
-                let Some((client, stream, _)) = self.clients.iter_mut().find(|c| c.1 == Some(id)) else { continue };
-                match out {
-                    StreamOutput::Data(bytes) => client.handle_stream_data(self.now, &bytes),
-                    StreamOutput::Close | StreamOutput::Abort => {
-                        *stream = None;
-                        client.handle_stream_closed(self.now);
-                    }
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            if !moved {
-                break;
-            }
-        }
-        self.now += step;
-        self.broker.handle_timeout(self.now);
-        for (client, _, _) in &mut self.clients {
-            client.handle_timeout(self.now);
-        }
-    }
-
-    fn run_until(&mut self, mut done: impl FnMut(&Pipes) -> bool) {
-        for _ in 0..2000 {
-            if done(self) {
-                return;
-            }
-            self.run(Duration::from_millis(10));
-        }
-        panic!("condition not reached");
-    }
-}
+const POLICY: ReconnectPolicy = ReconnectPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
 
 #[test]
 fn publish_and_receive_over_streams_then_reconnect_after_loss() {
-    let mut p = Pipes::new(2);
+    let mut p = Pipes::new(2, POLICY);
     let now = p.now;
     for (c, _, _) in &mut p.clients {
         c.start(now).unwrap();
@@ -154,7 +58,7 @@ fn publish_and_receive_over_streams_then_reconnect_after_loss() {
 
 #[test]
 fn a_failed_open_is_retried_with_backoff() {
-    let mut p = Pipes::new(1);
+    let mut p = Pipes::new(1, POLICY);
     let start = p.now;
     p.clients[0].0.start(start).unwrap();
     // The adapter could not connect (refused): it says so, and the machine asks again later.
@@ -169,7 +73,7 @@ fn a_failed_open_is_retried_with_backoff() {
 
 #[test]
 fn shutdown_tells_clients_and_closes_every_stream() {
-    let mut p = Pipes::new(2);
+    let mut p = Pipes::new(2, POLICY);
     let now = p.now;
     for (c, _, _) in &mut p.clients {
         c.start(now).unwrap();
@@ -193,7 +97,7 @@ fn shutdown_tells_clients_and_closes_every_stream() {
 
 #[test]
 fn a_stream_nobody_reads_loses_qos_0_then_is_cut_off_at_four_times_the_allowance() {
-    let mut p = Pipes::new(2);
+    let mut p = Pipes::new(2, POLICY);
     let mut config = BrokerConfig::new(ServerConfig::new(
         ServerTls::from_self_signed(&SelfSigned::generate(&["localhost"]).unwrap()).unwrap(),
     ));
