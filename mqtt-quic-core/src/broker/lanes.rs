@@ -117,8 +117,14 @@ impl Broker {
         self.stats.bytes_received += data.len() as u64;
         let max = self.config.session.maximum_packet_size as usize;
         let Some(live) = self.conns.get_mut(&peer) else { return };
-        // What all the connection's waiting streams hold: one packet's worth at most.
-        let waiting: usize = live.lanes.values().filter(|l| l.is_waiting()).map(|l| l.early.len()).sum();
+        // What all the connection's waiting streams hold (one packet's worth at most), counted
+        // only while this one waits.
+        let waiting = match live.lanes.get(&lane) {
+            Some(state) if state.is_waiting() => {
+                live.lanes.values().filter(|l| l.is_waiting()).map(|l| l.early.len()).sum()
+            }
+            _ => 0,
+        };
         let Some(state) = live.lanes.get_mut(&lane) else { return };
         match &mut state.phase {
             Phase::Live { session, .. } => {

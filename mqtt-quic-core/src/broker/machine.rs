@@ -24,7 +24,7 @@ use super::local::LOCAL_BASE;
 use super::policy::{may_read, Logins};
 use super::registry::Registry;
 use super::retained::RetainedStore;
-use super::router::{Entry, Router, SessionKey};
+use super::router::{is_lane_key, Entry, Router, SessionKey};
 use super::shared::SharedPending;
 use super::sys::Schedule;
 use crate::config::ConfigError;
@@ -600,12 +600,16 @@ impl Broker {
                 return None;
             }
         }
-        if self.lane_keys.contains_key(&key) {
+        if is_lane_key(key) {
             return self.deliver_lane(now, key, publish);
         }
         let mut publish = publish;
         if let Some(conn) = record.conn {
-            if publish.qos() == QoS::AtMostOnce && self.conns.get(&conn).is_some_and(|l| l.datagrams) {
+            // (The configuration first: without datagrams no connection can have asked.)
+            if self.config.quic.transport.datagrams
+                && publish.qos() == QoS::AtMostOnce
+                && self.conns.get(&conn).is_some_and(|l| l.datagrams)
+            {
                 publish = self.try_datagram(now, conn, publish)?;
             }
             if publish.qos() == QoS::AtMostOnce && self.over_budget(conn) {

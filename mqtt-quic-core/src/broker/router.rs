@@ -30,9 +30,14 @@ pub(crate) fn lane_key(owner: SessionKey, seq: u64) -> SessionKey {
     LANE_FLAG | (owner << LANE_SEQ_BITS) | (seq & LANE_SEQ_MAX)
 }
 
+/// Whether a subscriber key is a data stream's (see [`lane_key`]).
+pub(crate) fn is_lane_key(key: SessionKey) -> bool {
+    key & LANE_FLAG != 0 && key & (1 << 63) == 0
+}
+
 /// The session a subscriber key belongs to: itself, or a data stream's connection's.
 pub(crate) fn owner(key: SessionKey) -> SessionKey {
-    if key & LANE_FLAG != 0 && key & (1 << 63) == 0 {
+    if is_lane_key(key) {
         (key & !LANE_FLAG) >> LANE_SEQ_BITS
     } else {
         key
