@@ -196,24 +196,32 @@ impl Client {
     /// commits run on a thread of their own while the client lives. The store is closed, after
     /// a last commit, once the client ends ([`Client::disconnect`], or every handle dropped).
     pub async fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
-        let url: BrokerUrl = url.parse()?;
-        if url.transport == Transport::Tls {
+        Client::connect_urls([url], options).await
+    }
+
+    /// Connects to the first of several brokers that answers, in order (`quic://` first, then
+    /// `mqtt://` for networks that block UDP), keeping one MQTT session across them, and moves
+    /// back to the first once it answers again (see [`mqtt_quic_core::fallback`]). Host names
+    /// are resolved again on each attempt.
+    pub async fn connect_urls<S: AsRef<str>>(
+        urls: impl IntoIterator<Item = S>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let urls = urls.into_iter().map(|u| u.as_ref().parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
+        if urls.iter().any(|u| u.transport == Transport::Tls) {
             return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
         }
-        let addr = pick_address(&url, async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority()).await)?;
-        let machine = options.machine(&url, addr, os_secret())?;
-        let io = match url.transport {
-            Transport::Quic => {
-                let local = local_bind_address(addr);
-                Io::Quic { socket: UdpSocket::bind(local).await?, buf: Vec::new(), inbuf: vec![0; 65_536] }
-            }
-            _ => Io::Stream {
-                addr,
-                timeout: options.session.connect_timeout,
-                conn: None,
-                opening: None,
-                inbuf: vec![0; 65_536],
-            },
+        let shown = urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
+        let machine = options.machine(&urls, os_secret())?;
+        let io = Io {
+            socket: None,
+            buf: Vec::new(),
+            udp_in: vec![0; 65_536],
+            timeout: options.session.connect_timeout,
+            conn: None,
+            opening: None,
+            resolving: None,
+            inbuf: vec![0; 65_536],
         };
         let shared =
             Arc::new(Shared { state: Mutex::new(ConnectionState::Connecting), watchers: Mutex::new(Vec::new()) });
@@ -221,7 +229,9 @@ impl Client {
         // Unbounded: the driver's backlog rule bounds what waits here.
         let (msg_tx, msg_rx) = async_channel::unbounded();
         let (first_tx, first_rx) = async_channel::bounded(1);
-        let mut driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let mut driver = ClientDriver::new(machine)
+            .with_message_buffer(options.message_buffer)
+            .retry_first_connection(options.retry_first_connection);
         let (store, stored) = match options.store.clone() {
             Some(dir) => {
                 // Opening checks the whole file: not on the executor's threads.
@@ -248,7 +258,7 @@ impl Client {
             messages: msg_tx,
             shared: shared.clone(),
             first: Some(first_tx),
-            url: url.to_string(),
+            url: shown,
         };
         async_std::task::spawn(task.run());
         let client_id = first_rx.recv().await.map_err(|_| ClientError::Closed)??;
@@ -346,10 +356,36 @@ impl Client {
 }
 
 type Opening = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+type Resolving = Pin<Box<dyn Future<Output = (BrokerUrl, Result<SocketAddr, String>)> + Send>>;
 
-enum Io {
-    Quic { socket: UdpSocket, buf: Vec<u8>, inbuf: Vec<u8> },
-    Stream { addr: SocketAddr, timeout: Duration, conn: Option<TcpStream>, opening: Option<Opening>, inbuf: Vec<u8> },
+/// The client's sockets: a UDP socket for QUIC (bound on first use, for the family of the
+/// broker's address) and a TCP stream, either or both in use while falling back or moving
+/// back between brokers.
+struct Io {
+    socket: Option<UdpSocket>,
+    buf: Vec<u8>,
+    udp_in: Vec<u8>,
+    timeout: Duration,
+    conn: Option<TcpStream>,
+    opening: Option<Opening>,
+    resolving: Option<Resolving>,
+    inbuf: Vec<u8>,
+}
+
+impl Io {
+    /// The UDP socket for datagrams to `to`, bound now if there is none of its family.
+    async fn udp_for(&mut self, to: SocketAddr) -> io::Result<&UdpSocket> {
+        let fits = self.socket.as_ref().and_then(|u| u.local_addr().ok()).is_some_and(|a| a.is_ipv4() == to.is_ipv4());
+        if !fits {
+            self.socket = Some(UdpSocket::bind(local_bind_address(to)).await?);
+        }
+        self.socket.as_ref().ok_or_else(|| io::Error::other("no UDP socket"))
+    }
+}
+
+/// Resolves `url`'s host now (names are resolved on each attempt).
+async fn lookup(url: &BrokerUrl) -> Result<SocketAddr, ClientError> {
+    pick_address(url, async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority()).await)
 }
 
 enum Input {
@@ -357,6 +393,7 @@ enum Input {
     Datagram(io::Result<(usize, SocketAddr)>),
     Read(io::Result<usize>),
     Opened(io::Result<TcpStream>),
+    Resolved(BrokerUrl, Result<SocketAddr, String>),
     /// The application took messages: there is room to read again.
     Room,
     Timer,
@@ -449,29 +486,22 @@ impl Task {
                     }
                 }
                 Input::Datagram(Ok((n, from))) => {
-                    if let Io::Quic { inbuf, .. } = &self.io {
-                        self.driver.handle_datagram(t, Datagram::new(from, &inbuf[..n]));
-                    }
+                    self.driver.handle_datagram(t, Datagram::new(from, &self.io.udp_in[..n]));
                 }
                 Input::Datagram(Err(_)) => async_std::task::sleep(Duration::from_millis(1)).await,
                 Input::Read(Ok(n)) if n > 0 => {
-                    if let Io::Stream { inbuf, .. } = &self.io {
-                        self.driver.handle_stream_data(t, &inbuf[..n]);
-                    }
+                    self.driver.handle_stream_data(t, &self.io.inbuf[..n]);
                 }
                 Input::Read(_) => {
-                    if let Io::Stream { conn, .. } = &mut self.io {
-                        *conn = None;
-                    }
+                    self.io.conn = None;
                     self.driver.handle_stream_closed(t);
                 }
                 Input::Opened(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    if let Io::Stream { conn, .. } = &mut self.io {
-                        *conn = Some(stream);
-                    }
+                    self.io.conn = Some(stream);
                     self.driver.handle_stream_open(t);
                 }
+                Input::Resolved(url, r) => self.driver.handle_resolved(t, &url, r),
                 Input::Opened(Err(e)) => self.driver.handle_stream_failed(t, &e.to_string()),
                 Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(t),
@@ -511,62 +541,96 @@ impl Task {
 
     /// Sends what the machine has for the network.
     async fn send_out(&mut self) {
-        match &mut self.io {
-            Io::Quic { socket, buf, .. } => {
-                while let Some(t) = self.driver.poll_transmit(now(), buf) {
-                    for d in t.datagrams(buf) {
+        let io = &mut self.io;
+        loop {
+            let mut buf = std::mem::take(&mut io.buf);
+            let t = self.driver.poll_transmit(now(), &mut buf);
+            if let Some(t) = &t {
+                if let Ok(socket) = io.udp_for(t.destination).await {
+                    for d in t.datagrams(&buf) {
                         let _ = socket.send_to(d, t.destination).await;
                     }
                 }
             }
-            Io::Stream { addr, timeout, conn, opening, .. } => {
-                while let Some(cmd) = self.driver.poll_stream() {
-                    match cmd {
-                        StreamCommand::Open => {
-                            let (addr, timeout) = (*addr, *timeout);
-                            *opening = Some(Box::pin(async_std::io::timeout(timeout, TcpStream::connect(addr))));
-                        }
-                        StreamCommand::Data(bytes) => {
-                            let failed = match conn {
-                                Some(c) => c.write_all(&bytes).await.is_err(),
-                                None => false,
-                            };
-                            if failed {
-                                *conn = None;
-                                self.driver.handle_stream_closed(now());
-                            }
-                        }
-                        StreamCommand::Close => {
-                            if let Some(c) = conn.take() {
-                                let _ = c.shutdown(std::net::Shutdown::Write);
-                            }
-                        }
-                        _ => {}
+            io.buf = buf;
+            if t.is_none() {
+                break;
+            }
+        }
+        while let Some(cmd) = self.driver.poll_stream() {
+            match cmd {
+                StreamCommand::Open(url) => {
+                    let timeout = io.timeout;
+                    io.opening = Some(Box::pin(async_std::io::timeout(timeout, async move {
+                        let url = url.ok_or_else(|| io::Error::other("no broker URL"))?;
+                        let addr = lookup(&url).await.map_err(|e| io::Error::other(e.to_string()))?;
+                        TcpStream::connect(addr).await
+                    })));
+                }
+                StreamCommand::Resolve(url) => {
+                    io.resolving = Some(Box::pin(async move {
+                        let r = lookup(&url).await.map_err(|e| e.to_string());
+                        (url, r)
+                    }));
+                }
+                StreamCommand::Data(bytes) => {
+                    let failed = match &mut io.conn {
+                        Some(c) => c.write_all(&bytes).await.is_err(),
+                        None => false,
+                    };
+                    if failed {
+                        io.conn = None;
+                        self.driver.handle_stream_closed(now());
                     }
                 }
+                StreamCommand::Close => {
+                    io.opening = None;
+                    if let Some(c) = io.conn.take() {
+                        let _ = c.shutdown(std::net::Shutdown::Write);
+                    }
+                }
+                _ => {}
             }
         }
     }
 }
 
-/// The next input from the connection: a datagram, stream bytes (while `reading`), or the
-/// outcome of opening a stream.
+/// The next input from the connection: a datagram, stream bytes (while `reading`), the
+/// outcome of opening a stream, or a resolved name.
 async fn input(io: &mut Io, reading: bool) -> Input {
-    match io {
-        Io::Quic { socket, inbuf, .. } if reading => Input::Datagram(socket.recv_from(inbuf).await),
-        Io::Stream { opening: opening @ Some(_), .. } => {
-            // Taken out only once done: this future may be dropped for another input first.
-            let result = std::future::poll_fn(|cx| match opening.as_mut() {
-                Some(f) => f.as_mut().poll(cx),
-                None => std::task::Poll::Pending,
-            })
-            .await;
-            *opening = None;
-            Input::Opened(result)
+    let Io { socket, udp_in, conn, opening, resolving, inbuf, .. } = io;
+    let datagram = async {
+        match socket {
+            Some(socket) if reading => Input::Datagram(socket.recv_from(udp_in).await),
+            _ => future::pending().await,
         }
-        Io::Stream { conn: Some(c), inbuf, .. } if reading => Input::Read(c.read(inbuf).await),
-        _ => future::pending().await,
-    }
+    };
+    let opened = async {
+        // Taken out only once done: this future may be dropped for another input first.
+        let result = std::future::poll_fn(|cx| match opening.as_mut() {
+            Some(f) => f.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        *opening = None;
+        Input::Opened(result)
+    };
+    let resolved = async {
+        let (url, r) = std::future::poll_fn(|cx| match resolving.as_mut() {
+            Some(f) => f.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        *resolving = None;
+        Input::Resolved(url, r)
+    };
+    let read = async {
+        match conn {
+            Some(c) if reading => Input::Read(c.read(inbuf).await),
+            _ => future::pending().await,
+        }
+    };
+    future::or(future::or(datagram, opened), future::or(resolved, read)).await
 }
 
 /// Hands a command over now (commands keep the order of the calls) and returns the wait for

@@ -95,3 +95,26 @@ fn data_streams_carry_their_own_subscriptions_and_publishes() {
         server.shutdown().await;
     });
 }
+
+#[test]
+fn falls_back_to_tcp_when_nothing_answers_on_udp() {
+    async_std::task::block_on(async {
+        let server = Server::start(server_options()).await.unwrap();
+        // A UDP port that takes datagrams and never answers (a network that drops UDP).
+        let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let urls = [format!("quic://{}", hole.local_addr().unwrap()), format!("mqtt://{}", server.tcp_addr().unwrap())];
+        let mut o = options("fallback");
+        o.fallback.handshake_timeout = Duration::from_millis(300);
+        #[allow(clippy::disallowed_methods)] // a real-socket test reads the real clock
+        let started = std::time::Instant::now();
+        let c = timeout(Duration::from_secs(10), Client::connect_urls(&urls, o)).await.unwrap().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let mut messages = c.messages().unwrap();
+        c.subscribe(TopicFilter::new("fb").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        c.publish(Publish::new(TopicName::new("fb").unwrap(), "tcp").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        let m = timeout(Duration::from_secs(5), messages.recv()).await.expect("timed out").unwrap();
+        assert_eq!(&m.payload[..], b"tcp");
+        c.disconnect().await.unwrap();
+        server.shutdown().await;
+    });
+}

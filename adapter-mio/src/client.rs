@@ -24,9 +24,32 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestToken(pub u64);
 
-enum Io {
-    Quic(Udp),
-    Stream { addr: SocketAddr, conn: Option<Conn>, connecting: bool },
+/// The client's sockets, registered under its token: a UDP socket for QUIC (bound on first
+/// use, for the family of the broker's address) and a TCP stream, either or both in use while
+/// falling back or moving back between brokers.
+struct Io {
+    udp: Option<Udp>,
+    conn: Option<Conn>,
+    /// The TCP connection is being opened.
+    connecting: bool,
+}
+
+impl Io {
+    /// The UDP socket for datagrams to `to`, bound and registered now if there is none of
+    /// its family.
+    fn udp_for(&mut self, registry: &Registry, token: Token, to: SocketAddr) -> std::io::Result<&mut Udp> {
+        let fits =
+            self.udp.as_ref().and_then(|u| u.socket.local_addr().ok()).is_some_and(|a| a.is_ipv4() == to.is_ipv4());
+        if !fits {
+            if let Some(mut old) = self.udp.take() {
+                let _ = registry.deregister(&mut old.socket);
+            }
+            let mut udp = Udp::bind(local_bind_address(to))?;
+            registry.register(&mut udp.socket, token, Interest::READABLE | Interest::WRITABLE)?;
+            self.udp = Some(udp);
+        }
+        self.udp.as_mut().ok_or_else(|| std::io::Error::other("no UDP socket"))
+    }
 }
 
 /// An MQTT client (QUIC or TCP) registered with a caller's `Registry` under one token.
@@ -62,14 +85,29 @@ impl MioClient {
         registry: &Registry,
         token: Token,
     ) -> Result<MioClient, ClientError> {
-        let url: BrokerUrl = url.parse()?;
-        let addr = pick_address(&url, url.authority().to_socket_addrs())?;
-        let machine = options.machine(&url, addr, os_secret())?;
-        if url.transport == Transport::Tls {
+        MioClient::connect_urls(&[url], options, registry, token)
+    }
+
+    /// Starts connecting to the first of several brokers that answers, in order (`quic://`
+    /// first, then `mqtt://` for networks that block UDP), keeping one MQTT session across
+    /// them, and moving back to the first once it answers again (see
+    /// [`mqtt_quic_core::fallback`]). Names are resolved on each attempt, blocking the loop
+    /// while they are.
+    pub fn connect_urls(
+        urls: &[&str],
+        options: ClientOptions,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<MioClient, ClientError> {
+        let urls = urls.iter().map(|u| u.parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
+        if urls.iter().any(|u| u.transport == Transport::Tls) {
             // Refused before the store is opened.
             return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
         }
-        let mut driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let machine = options.machine(&urls, os_secret())?;
+        let mut driver = ClientDriver::new(machine)
+            .with_message_buffer(options.message_buffer)
+            .retry_first_connection(options.retry_first_connection);
         let store = match &options.store {
             Some(dir) => Some(ClientStore::open(dir, &mut driver, now())?),
             None => None,
@@ -77,18 +115,9 @@ impl MioClient {
         if let Some(store) = &store {
             log::debug!("{}", store.summary());
         }
-        let io = match url.transport {
-            Transport::Quic => {
-                let local = local_bind_address(addr);
-                let mut udp = Udp::bind(local)?;
-                registry.register(&mut udp.socket, token, Interest::READABLE | Interest::WRITABLE)?;
-                Io::Quic(udp)
-            }
-            Transport::Tcp => Io::Stream { addr, conn: None, connecting: false },
-            Transport::Tls => return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)")),
-        };
+        let io = Io { udp: None, conn: None, connecting: false };
         let mut client = MioClient {
-            url: url.to_string(),
+            url: urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
             driver,
             io,
             token,
@@ -119,38 +148,36 @@ impl MioClient {
         if event.is_readable() && !reading {
             self.paused = true;
         }
-        match &mut self.io {
-            Io::Quic(udp) => {
-                if event.is_writable() {
-                    udp.retry();
+        // (The UDP socket and the TCP stream share the token: the event may be either's.)
+        if let (Some(udp), true) = (&mut self.io.udp, event.is_writable()) {
+            udp.retry();
+        }
+        let io = &mut self.io;
+        if io.connecting && (event.is_writable() || event.is_error() || event.is_write_closed()) {
+            match io.conn.as_ref().map(|c| (c.stream.take_error(), c.stream.peer_addr())) {
+                Some((Ok(None), Ok(_))) => {
+                    io.connecting = false;
+                    self.driver.handle_stream_open(t);
                 }
-                if event.is_readable() && reading {
-                    self.read(registry);
-                }
-            }
-            Io::Stream { conn, connecting, .. } => {
-                if *connecting && (event.is_writable() || event.is_error() || event.is_write_closed()) {
-                    *connecting = false;
-                    match conn.as_ref().map(|c| (c.stream.take_error(), c.stream.peer_addr())) {
-                        Some((Ok(None), Ok(_))) => self.driver.handle_stream_open(t),
-                        Some((Ok(Some(e)) | Err(e), _)) | Some((_, Err(e))) => {
-                            if let Some(mut c) = conn.take() {
-                                let _ = registry.deregister(&mut c.stream);
-                            }
-                            self.driver.handle_stream_failed(t, &e.to_string());
-                        }
-                        None => {}
+                // Not yet: the event was the UDP socket's.
+                Some((Ok(None), Err(e))) if e.kind() == std::io::ErrorKind::NotConnected && !event.is_error() => {}
+                Some((Ok(Some(e)) | Err(e), _)) | Some((_, Err(e))) => {
+                    io.connecting = false;
+                    if let Some(mut c) = io.conn.take() {
+                        let _ = registry.deregister(&mut c.stream);
                     }
+                    self.driver.handle_stream_failed(t, &e.to_string());
                 }
-                if let Some(c) = conn.as_mut() {
-                    if event.is_writable() && c.flush().is_none() {
-                        self.drop_stream(registry);
-                    }
-                }
-                if event.is_readable() && reading {
-                    self.read(registry);
-                }
+                None => io.connecting = false,
             }
+        }
+        if let Some(c) = self.io.conn.as_mut() {
+            if !self.io.connecting && event.is_writable() && c.flush().is_none() {
+                self.drop_stream(registry);
+            }
+        }
+        if event.is_readable() && reading {
+            self.read(registry);
         }
         self.flush(registry);
         true
@@ -160,24 +187,21 @@ impl MioClient {
     fn read(&mut self, registry: &Registry) {
         let t = now();
         let driver = &mut self.driver;
-        match &mut self.io {
-            Io::Quic(udp) => udp.recv_all(|from, data| driver.handle_datagram(t, Datagram::new(from, data))),
-            Io::Stream { conn: Some(c), .. } => {
-                if let ReadOutcome::Closed = c.read_all(&mut self.read_buf, |data| driver.handle_stream_data(t, data)) {
-                    self.drop_stream(registry);
-                }
+        if let Some(udp) = &mut self.io.udp {
+            udp.recv_all(|from, data| driver.handle_datagram(t, Datagram::new(from, data)));
+        }
+        if let (Some(c), false) = (&mut self.io.conn, self.io.connecting) {
+            if let ReadOutcome::Closed = c.read_all(&mut self.read_buf, |data| driver.handle_stream_data(t, data)) {
+                self.drop_stream(registry);
             }
-            Io::Stream { .. } => {}
         }
     }
 
     fn drop_stream(&mut self, registry: &Registry) {
-        if let Io::Stream { conn, connecting, .. } = &mut self.io {
-            *connecting = false;
-            if let Some(mut c) = conn.take() {
-                let _ = registry.deregister(&mut c.stream);
-                self.driver.handle_stream_closed(now());
-            }
+        self.io.connecting = false;
+        if let Some(mut c) = self.io.conn.take() {
+            let _ = registry.deregister(&mut c.stream);
+            self.driver.handle_stream_closed(now());
         }
     }
 
@@ -228,54 +252,63 @@ impl MioClient {
         if let Some(store) = &mut self.store {
             store.submit(&mut self.driver, now());
         }
-        match &mut self.io {
-            Io::Quic(udp) => {
-                if udp.is_stalled() && !udp.retry() {
-                    return;
-                }
-                while let Some(t) = self.driver.poll_transmit(now(), &mut self.buf) {
+        loop {
+            if self.io.udp.as_mut().is_some_and(|u| u.is_stalled() && !u.retry()) {
+                break;
+            }
+            let Some(t) = self.driver.poll_transmit(now(), &mut self.buf) else { break };
+            match self.io.udp_for(registry, self.token, t.destination) {
+                Ok(udp) => {
                     if !udp.send(&t, &self.buf) {
                         break;
                     }
                 }
+                Err(e) => log::debug!("UDP socket for {}: {e}", t.destination),
             }
-            Io::Stream { .. } => {
-                while let Some(cmd) = self.driver.poll_stream() {
-                    let Io::Stream { addr, conn, connecting } = &mut self.io else { return };
-                    match cmd {
-                        StreamCommand::Open => match TcpStream::connect(*addr) {
-                            Ok(mut stream) => {
-                                match registry.register(
-                                    &mut stream,
-                                    self.token,
-                                    Interest::READABLE | Interest::WRITABLE,
-                                ) {
-                                    Ok(()) => {
-                                        *conn = Some(Conn::new(stream));
-                                        *connecting = true;
-                                    }
-                                    Err(e) => self.driver.handle_stream_failed(now(), &e.to_string()),
-                                }
-                            }
-                            Err(e) => self.driver.handle_stream_failed(now(), &e.to_string()),
-                        },
-                        StreamCommand::Data(bytes) if conn.as_mut().is_some_and(|c| c.write(&bytes).is_none()) => {
-                            self.drop_stream(registry);
+        }
+        while let Some(cmd) = self.driver.poll_stream() {
+            let io = &mut self.io;
+            match cmd {
+                StreamCommand::Open(url) => {
+                    let opened = match url.map(|u| pick_address(&u, u.authority().to_socket_addrs())) {
+                        Some(Ok(addr)) => TcpStream::connect(addr).map_err(|e| e.to_string()),
+                        Some(Err(e)) => Err(e.to_string()),
+                        None => Err("no broker URL".into()),
+                    };
+                    let registered = opened.and_then(|mut stream| {
+                        registry
+                            .register(&mut stream, self.token, Interest::READABLE | Interest::WRITABLE)
+                            .map(|()| stream)
+                            .map_err(|e| e.to_string())
+                    });
+                    match registered {
+                        Ok(stream) => {
+                            io.conn = Some(Conn::new(stream));
+                            io.connecting = true;
                         }
-                        StreamCommand::Close => {
-                            if let Some(c) = conn.as_mut() {
-                                c.closing = true;
-                                let _ = c.flush();
-                                if c.is_drained() {
-                                    if let Some(mut c) = conn.take() {
-                                        let _ = registry.deregister(&mut c.stream);
-                                    }
-                                }
-                            }
-                        }
-                        _ => {}
+                        Err(e) => self.driver.handle_stream_failed(now(), &e),
                     }
                 }
+                StreamCommand::Resolve(url) => {
+                    let r = pick_address(&url, url.authority().to_socket_addrs()).map_err(|e| e.to_string());
+                    self.driver.handle_resolved(now(), &url, r);
+                }
+                StreamCommand::Data(bytes) if io.conn.as_mut().is_some_and(|c| c.write(&bytes).is_none()) => {
+                    self.drop_stream(registry);
+                }
+                StreamCommand::Close => {
+                    io.connecting = false;
+                    if let Some(c) = io.conn.as_mut() {
+                        c.closing = true;
+                        let _ = c.flush();
+                        if c.is_drained() {
+                            if let Some(mut c) = io.conn.take() {
+                                let _ = registry.deregister(&mut c.stream);
+                            }
+                        }
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -415,13 +448,11 @@ impl MioClient {
                     log::warn!("{e}");
                 }
             }
-            match &mut self.io {
-                Io::Quic(udp) => drop(registry.deregister(&mut udp.socket)),
-                Io::Stream { conn, .. } => {
-                    if let Some(mut c) = conn.take() {
-                        let _ = registry.deregister(&mut c.stream);
-                    }
-                }
+            if let Some(mut udp) = self.io.udp.take() {
+                let _ = registry.deregister(&mut udp.socket);
+            }
+            if let Some(mut c) = self.io.conn.take() {
+                let _ = registry.deregister(&mut c.stream);
             }
         }
         done

@@ -245,3 +245,24 @@ fn data_streams_carry_their_own_subscriptions_and_publishes() {
     sub.disconnect().unwrap();
     broker.shutdown();
 }
+
+#[test]
+fn falls_back_to_tcp_when_nothing_answers_on_udp() {
+    let broker = spawn(broker_options()).unwrap();
+    // A UDP port that takes datagrams and never answers (a network that drops UDP).
+    let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (quic, tcp) =
+        (format!("quic://{}", hole.local_addr().unwrap()), format!("mqtt://{}", broker.tcp_addr().unwrap()));
+    let mut o = options("fallback");
+    o.fallback.handshake_timeout = Duration::from_millis(300);
+    #[allow(clippy::disallowed_methods)] // a real-socket test reads the real clock
+    let started = std::time::Instant::now();
+    let mut c = Client::connect_urls(&[&quic, &tcp], o).unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    c.subscribe(TopicFilter::new("fb").unwrap(), QoS::AtLeastOnce).unwrap();
+    c.publish(Publish::new(TopicName::new("fb").unwrap(), "tcp").with_qos(QoS::AtLeastOnce)).unwrap();
+    let m = c.recv(Duration::from_secs(5)).unwrap().expect("a message");
+    assert_eq!(&m.payload[..], b"tcp");
+    c.disconnect().unwrap();
+    broker.shutdown();
+}

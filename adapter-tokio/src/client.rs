@@ -25,7 +25,9 @@ use crate::{clock, NEVER};
 use bytes::BytesMut;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::{StreamCommand, StreamHandle};
-use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, MessageBacklog, Outcome};
+use mqtt_quic_core::driver::{
+    local_bind_address, pick_address, tls_server_name, ClientDriver, MessageBacklog, Outcome,
+};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
 use mqtt_store::{ClientStore, StoreError};
 use std::future::Future;
@@ -131,33 +133,50 @@ impl Client {
     /// lives. The store is closed once the client ends ([`Client::disconnect`], or every handle
     /// dropped), after a last commit; a client stopped any other way (its runtime shut down,
     /// the process killed) leaves what was committed, which is what it resumes from.
-    pub async fn connect(url: &str, mut options: ClientOptions) -> Result<Client, ClientError> {
-        let url: BrokerUrl = url.parse()?;
-        let addr = pick_address(&url, tokio::net::lookup_host(url.authority()).await)?;
-        if options.tls.is_none() && url.transport != Transport::Tcp {
+    pub async fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        Client::connect_urls([url], options).await
+    }
+
+    /// Connects to the first of several brokers that answers, in order (say `quic://` first,
+    /// then `mqtts://` or `mqtt://` for networks that block UDP), keeping one MQTT session
+    /// across them: a QUIC attempt gets [`ClientOptions::fallback`]'s handshake timeout before
+    /// the next URL is tried, and once connected on a later URL the client tries the first
+    /// again now and then and moves back to it (see [`mqtt_quic_core::fallback`]). Host names
+    /// are resolved again on each attempt. Resolves once a broker accepts the connection; the
+    /// error lists what each URL said when none did.
+    pub async fn connect_urls<S: AsRef<str>>(
+        urls: impl IntoIterator<Item = S>,
+        mut options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let urls = urls.into_iter().map(|u| u.as_ref().parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
+        let shown = urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
+        if options.tls.is_none() && urls.iter().any(|u| u.transport != Transport::Tcp) {
             options.tls = Some(files::client_tls_from_system().map_err(|e| ClientError::Trust(e.to_string()))?);
         }
-        let machine = options.machine(&url, addr, crate::os_secret())?;
-        let io = match url.transport {
-            Transport::Quic => {
-                let local = local_bind_address(addr);
-                let udp = Udp::bind(local).map_err(|e| unreachable(&url, e))?;
-                Io::Quic { udp, buf: Vec::with_capacity(2048) }
-            }
-            Transport::Tcp | Transport::Tls => {
-                let tls = options
-                    .stream_tls(&url)?
-                    .map(|(config, name)| (tokio_rustls::TlsConnector::from(Arc::new(config)), name));
-                let connector = Connector { addr, tls, timeout: options.session.connect_timeout };
-                Io::Stream { connector, conn: None, opening: None, buf: BytesMut::new() }
-            }
+        let machine = options.machine(&urls, crate::os_secret())?;
+        let tls = match urls.iter().any(|u| u.transport == Transport::Tls) {
+            true => Some(Arc::new(options.stream_tls_config()?)),
+            false => None,
+        };
+        let connector =
+            Connector { tls, server_name: options.server_name.clone(), timeout: options.session.connect_timeout };
+        let io = Io {
+            udp: None,
+            datagram_buf: Vec::with_capacity(2048),
+            connector,
+            conn: None,
+            opening: None,
+            resolving: None,
+            buf: BytesMut::new(),
         };
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(ConnectionState::Connecting);
         // Unbounded: the driver's backlog rule bounds what waits here.
         let (msg_tx, msg_rx) = mpsc::unbounded_channel();
         let (first_tx, first_rx) = oneshot::channel();
-        let mut driver = ClientDriver::new(machine).with_message_buffer(options.message_buffer);
+        let mut driver = ClientDriver::new(machine)
+            .with_message_buffer(options.message_buffer)
+            .retry_first_connection(options.retry_first_connection);
         let (store, stored) = match options.store.clone() {
             Some(dir) => {
                 // Opening checks the whole file: not on the runtime's threads.
@@ -181,7 +200,7 @@ impl Client {
             store,
             stored,
             io,
-            url: url.to_string(),
+            url: shown,
             commands: commands_rx,
             messages: msg_tx,
             state: state_tx,
@@ -376,33 +395,40 @@ fn call(
     }
 }
 
-fn unreachable(url: &BrokerUrl, reason: impl std::fmt::Display) -> ClientError {
-    ClientError::Unreachable { url: url.to_string(), reason: reason.to_string() }
-}
-
 /// A byte stream to the broker: TCP, or TLS over TCP.
 trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
 type BoxStream = Box<dyn ByteStream>;
 type Opening = Pin<Box<dyn Future<Output = io::Result<BoxStream>> + Send>>;
+type Resolving = Pin<Box<dyn Future<Output = (BrokerUrl, Result<SocketAddr, String>)> + Send>>;
 
 /// Opens byte-stream connections when the machine asks.
 struct Connector {
-    addr: SocketAddr,
-    tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
+    /// For `mqtts://`.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The name certificates must carry, if not the URL's host.
+    server_name: Option<String>,
     timeout: Duration,
 }
 
 impl Connector {
-    fn open(&self) -> Opening {
-        let (addr, tls, timeout) = (self.addr, self.tls.clone(), self.timeout);
+    /// Resolves `url`'s host now (a broker that moved is found) and connects.
+    fn open(&self, url: Option<BrokerUrl>) -> Opening {
+        let tls = self.tls.clone();
+        let (timeout, server_name) = (self.timeout, self.server_name.clone());
         Box::pin(async move {
+            let url = url.ok_or_else(|| io::Error::other("no broker URL"))?;
             let work = async {
+                let addr = pick_address(&url, tokio::net::lookup_host(url.authority()).await)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
                 let _ = tcp.set_nodelay(true);
-                Ok::<BoxStream, io::Error>(match tls {
-                    None => Box::new(tcp),
-                    Some((connector, name)) => Box::new(connector.connect(name, tcp).await?),
+                Ok::<BoxStream, io::Error>(match (url.transport, tls) {
+                    (Transport::Tls, Some(config)) => {
+                        let name = tls_server_name(server_name.as_deref(), &url).map_err(io::Error::other)?;
+                        Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?)
+                    }
+                    _ => Box::new(tcp),
                 })
             };
             tokio::time::timeout(timeout, work)
@@ -412,17 +438,36 @@ impl Connector {
     }
 }
 
-enum Io {
-    Quic {
-        udp: Udp,
-        buf: Vec<u8>,
-    },
-    Stream {
-        connector: Connector,
-        conn: Option<(ReadHalf<BoxStream>, WriteHalf<BoxStream>)>,
-        opening: Option<Opening>,
-        buf: BytesMut,
-    },
+/// Resolves a QUIC broker's name, as the machine asks on each attempt.
+fn resolve(url: BrokerUrl) -> Resolving {
+    Box::pin(async move {
+        let r = pick_address(&url, tokio::net::lookup_host(url.authority()).await).map_err(|e| e.to_string());
+        (url, r)
+    })
+}
+
+/// The client's sockets: a UDP socket for QUIC (bound on first use, for the family of the
+/// broker's address) and a byte stream, either or both in use while falling back or moving
+/// back between brokers.
+struct Io {
+    udp: Option<Udp>,
+    datagram_buf: Vec<u8>,
+    connector: Connector,
+    conn: Option<(ReadHalf<BoxStream>, WriteHalf<BoxStream>)>,
+    opening: Option<Opening>,
+    resolving: Option<Resolving>,
+    buf: BytesMut,
+}
+
+impl Io {
+    /// The UDP socket for datagrams to `to`, bound now if there is none of its family.
+    fn udp_for(&mut self, to: SocketAddr) -> io::Result<&Udp> {
+        let fits = self.udp.as_ref().and_then(|u| u.local_addr().ok()).is_some_and(|a| a.is_ipv4() == to.is_ipv4());
+        if !fits {
+            self.udp = Some(Udp::bind(local_bind_address(to))?);
+        }
+        self.udp.as_ref().ok_or_else(|| io::Error::other("no UDP socket"))
+    }
 }
 
 /// The task that owns the machine: socket input and time in, the core's [`ClientDriver`]
@@ -447,6 +492,7 @@ enum Input {
     Datagrams(io::Result<()>),
     Bytes(io::Result<usize>),
     Opened(io::Result<BoxStream>),
+    Resolved(BrokerUrl, Result<SocketAddr, String>),
     /// The application took messages: there is room to read again.
     Room,
     Timer,
@@ -498,7 +544,7 @@ impl Driver {
                     }
                 }
                 Input::Datagrams(Ok(())) => {
-                    if let Io::Quic { udp, .. } = &self.io {
+                    if let Some(udp) = &self.io.udp {
                         for d in udp.datagrams() {
                             self.driver.handle_datagram(now, d);
                         }
@@ -509,23 +555,18 @@ impl Driver {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Input::Bytes(Ok(0)) | Input::Bytes(Err(_)) => {
-                    if let Io::Stream { conn, .. } = &mut self.io {
-                        *conn = None;
-                    }
+                    self.io.conn = None;
                     self.driver.handle_stream_closed(now);
                 }
                 Input::Bytes(Ok(_)) => {
-                    if let Io::Stream { buf, .. } = &mut self.io {
-                        let data = buf.split();
-                        self.driver.handle_stream_data(now, &data);
-                    }
+                    let data = self.io.buf.split();
+                    self.driver.handle_stream_data(now, &data);
                 }
                 Input::Opened(Ok(stream)) => {
-                    if let Io::Stream { conn, .. } = &mut self.io {
-                        *conn = Some(tokio::io::split(stream));
-                    }
+                    self.io.conn = Some(tokio::io::split(stream));
                     self.driver.handle_stream_open(now);
                 }
+                Input::Resolved(url, r) => self.driver.handle_resolved(now, &url, r),
                 Input::Opened(Err(e)) => self.driver.handle_stream_failed(now, &e.to_string()),
                 Input::Room => {}
                 Input::Timer => self.driver.handle_timeout(now),
@@ -561,36 +602,47 @@ impl Driver {
 
     /// Sends what the machine has for the network.
     async fn flush(&mut self) {
-        match &mut self.io {
-            Io::Quic { udp, buf } => {
-                while let Some(t) = self.driver.poll_transmit_batch(clock(), udp.max_gso_segments(), buf) {
-                    if let Err(e) = udp.send(&t, &buf[..t.size]).await {
-                        debug!("UDP send to {} failed: {e}", t.destination);
-                    }
+        let io = &mut self.io;
+        loop {
+            let mut buf = std::mem::take(&mut io.datagram_buf);
+            let max = io.udp.as_ref().map_or(1, |u| u.max_gso_segments());
+            let t = self.driver.poll_transmit_batch(clock(), max, &mut buf);
+            if let Some(t) = &t {
+                let sent = match io.udp_for(t.destination) {
+                    Ok(udp) => udp.send(t, &buf[..t.size]).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = sent {
+                    debug!("UDP send to {} failed: {e}", t.destination);
                 }
             }
-            Io::Stream { connector, conn, opening, .. } => {
-                while let Some(cmd) = self.driver.poll_stream() {
-                    match cmd {
-                        StreamCommand::Open => *opening = Some(connector.open()),
-                        StreamCommand::Data(bytes) => {
-                            let failed = match conn {
-                                Some((_, w)) => w.write_all(&bytes).await.is_err(),
-                                None => false,
-                            };
-                            if failed {
-                                *conn = None;
-                                self.driver.handle_stream_closed(clock());
-                            }
-                        }
-                        StreamCommand::Close => {
-                            if let Some((_, mut w)) = conn.take() {
-                                let _ = w.shutdown().await;
-                            }
-                        }
-                        _ => {}
+            io.datagram_buf = buf;
+            if t.is_none() {
+                break;
+            }
+        }
+        while let Some(cmd) = self.driver.poll_stream() {
+            match cmd {
+                StreamCommand::Open(url) => io.opening = Some(io.connector.open(url)),
+                StreamCommand::Resolve(url) => io.resolving = Some(resolve(url)),
+                StreamCommand::Data(bytes) => {
+                    let failed = match &mut io.conn {
+                        Some((_, w)) => w.write_all(&bytes).await.is_err(),
+                        None => false,
+                    };
+                    if failed {
+                        io.conn = None;
+                        self.driver.handle_stream_closed(clock());
                     }
                 }
+                StreamCommand::Close => {
+                    // (A connection still opening is dropped with its future.)
+                    io.opening = None;
+                    if let Some((_, mut w)) = io.conn.take() {
+                        let _ = w.shutdown().await;
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -605,24 +657,47 @@ async fn recv_stored(rx: &mut Option<StoredRx>) -> Option<Result<u64, StoreError
 }
 
 /// Waits for input on the connection: a batch of datagrams, stream bytes (while `reading`),
-/// or the outcome of opening a stream.
+/// the outcome of opening a stream, or a resolved name.
 async fn wait_io(io: &mut Io, reading: bool) -> Input {
-    match io {
-        Io::Quic { udp, .. } if reading => Input::Datagrams(udp.recv().await),
-        Io::Stream { opening: opening @ Some(_), .. } => {
-            // Taken out only once done: this future may be dropped for another input first.
-            let result = std::future::poll_fn(|cx| match opening.as_mut() {
-                Some(f) => f.as_mut().poll(cx),
-                None => std::task::Poll::Pending,
-            })
-            .await;
-            *opening = None;
-            Input::Opened(result)
+    let Io { udp, conn, opening, resolving, buf, .. } = io;
+    let datagrams = async {
+        match udp {
+            Some(udp) if reading => Input::Datagrams(udp.recv().await),
+            _ => std::future::pending().await,
         }
-        Io::Stream { conn: Some((r, _)), buf, .. } if reading => {
-            buf.reserve(16 * 1024);
-            Input::Bytes(r.read_buf(buf).await)
+    };
+    let opened = async {
+        // Taken out only once done: this future may be dropped for another input first.
+        let result = std::future::poll_fn(|cx| match opening.as_mut() {
+            Some(f) => f.as_mut().poll(cx),
+            None => Poll::Pending,
+        })
+        .await;
+        *opening = None;
+        Input::Opened(result)
+    };
+    let resolved = async {
+        let (url, r) = std::future::poll_fn(|cx| match resolving.as_mut() {
+            Some(f) => f.as_mut().poll(cx),
+            None => Poll::Pending,
+        })
+        .await;
+        *resolving = None;
+        Input::Resolved(url, r)
+    };
+    let bytes = async {
+        match conn {
+            Some((r, _)) if reading => {
+                buf.reserve(16 * 1024);
+                Input::Bytes(r.read_buf(buf).await)
+            }
+            _ => std::future::pending().await,
         }
-        _ => std::future::pending().await,
+    };
+    tokio::select! {
+        i = datagrams => i,
+        i = opened => i,
+        i = resolved => i,
+        i = bytes => i,
     }
 }

@@ -456,3 +456,72 @@ async fn data_streams_publish_and_receive_over_quic_and_fall_back_over_tcp() {
     sub.disconnect().await.unwrap();
     s.shutdown().await;
 }
+
+/// A UDP relay to the broker's QUIC port that drops everything while `blocked` (a network
+/// that blocks UDP); returns its address.
+async fn udp_relay(to: SocketAddr, blocked: std::sync::Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    use std::sync::atomic::Ordering;
+    let outside = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = outside.local_addr().unwrap();
+    tokio::spawn(async move {
+        // One client: the relay's inside socket stands for it towards the broker.
+        let inside = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let client = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let (back_in, back_out, back_client, back_blocked) =
+            (inside.clone(), outside.clone(), client.clone(), blocked.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = back_in.recv(&mut buf).await {
+                let to = *back_client.lock().unwrap();
+                if let (Some(to), false) = (to, back_blocked.load(Ordering::SeqCst)) {
+                    let _ = back_out.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = outside.recv_from(&mut buf).await {
+            if blocked.load(Ordering::SeqCst) {
+                continue;
+            }
+            *client.lock().unwrap() = Some(from);
+            let _ = inside.send_to(&buf[..n], to).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic() {
+    use std::sync::atomic::Ordering;
+    let s = server().await;
+    let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let relay = udp_relay(s.addresses().quic.unwrap(), blocked.clone()).await;
+    let mut options = ClientOptions::new().client_id("roamer").tls(pinned());
+    options.session.session_expiry = 600;
+    options.fallback.handshake_timeout = Duration::from_millis(300);
+    options.fallback.retry_primary = Duration::from_millis(500);
+    let urls = [format!("quic://localhost:{}", relay.port()), url("mqtt", s.addresses().tcp)];
+    let c = timeout(Duration::from_secs(10), Client::connect_urls(&urls, options)).await.unwrap().unwrap();
+    let mut messages = c.messages().unwrap();
+    c.subscribe(TopicFilter::new("fb/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+    let other = client(&url("mqtt", s.addresses().tcp), "other").await;
+    other.publish(Publish::new(topic("fb/1"), "over tcp").with_qos(QoS::AtLeastOnce)).await.unwrap();
+    let m = timeout(Duration::from_secs(5), messages.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload[..], b"over tcp");
+
+    // UDP passes again: the client moves back to QUIC by itself, keeping its subscription
+    // (the session was new on TCP: `session_present` now says it moved).
+    blocked.store(false, Ordering::SeqCst);
+    let mut states = c.state_changes();
+    timeout(
+        Duration::from_secs(10),
+        states.wait_for(|s| matches!(s, ConnectionState::Connected { session_present: true })),
+    )
+    .await
+    .expect("moved back")
+    .unwrap();
+    other.publish(Publish::new(topic("fb/2"), "over quic").with_qos(QoS::AtLeastOnce)).await.unwrap();
+    let m = timeout(Duration::from_secs(5), messages.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload[..], b"over quic");
+    c.disconnect().await.unwrap();
+}

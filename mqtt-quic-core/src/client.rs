@@ -4,7 +4,7 @@
 //! commands.
 //!
 //! Over a byte stream the machine still decides when to connect: it asks for a stream with
-//! [`StreamCommand::Open`] (at [`ClientMachine::start`] and after each reconnect delay), and the
+//! [`StreamCommand::Open(_)`] (at [`ClientMachine::start`] and after each reconnect delay), and the
 //! adapter answers with [`ClientMachine::handle_stream_open`] or [`ClientMachine::handle_stream_closed`].
 //!
 //! # Data streams (EMQX's multi-stream mode)
@@ -66,6 +66,7 @@
 use crate::backoff::Backoff;
 use crate::broker::DATAGRAM_PROPERTY;
 use crate::config::{ClientConfig, ConfigError};
+use crate::fallback::{FallbackPolicy, Target, Targets};
 use crate::flow_header::{self, FlowHeader};
 use crate::machine::Datagram;
 use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
@@ -73,6 +74,7 @@ use crate::quic::{self, ConnId, Lane, QuicEndpoint, Transmit};
 use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
+use crate::url::{BrokerUrl, Transport};
 use bytes::Bytes;
 use mqtt_proto::{MqttString, Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
 use std::collections::{BTreeMap, VecDeque};
@@ -119,17 +121,26 @@ pub(crate) fn keep_quic_alive(quic: &mut ClientConfig, mqtt_keep_alive_secs: u16
     }
 }
 
-/// What a client over a byte stream asks of its adapter, from [`ClientMachine::poll_stream`].
+/// What a client machine asks of its adapter besides datagrams, from
+/// [`ClientMachine::poll_stream`]: opening and closing byte streams (TCP, TLS over TCP),
+/// writing to them, and resolving broker names for QUIC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StreamCommand {
-    /// Open a new connection to the broker; report the outcome with
-    /// [`ClientMachine::handle_stream_open`] or [`ClientMachine::handle_stream_closed`].
-    Open,
+    /// Open a new connection to the broker at this URL (`mqtt://`: TCP; `mqtts://`: TLS over
+    /// TCP), resolving its name now (names are resolved on each connection, so a broker that
+    /// moved is found); report the outcome with [`ClientMachine::handle_stream_open`] or
+    /// [`ClientMachine::handle_stream_failed`]. `None`: the one connection the machine was
+    /// made for ([`ClientMachine::over_stream`]).
+    Open(Option<BrokerUrl>),
     /// Write these bytes to the open connection.
     Data(Bytes),
     /// Close the connection after the bytes written before (the session is over on it).
     Close,
+    /// Resolve this QUIC URL's host name and answer with [`ClientMachine::handle_resolved`]
+    /// (the address to use, or why there is none). The UDP socket the machine's datagrams go
+    /// out on must be of the address's family.
+    Resolve(BrokerUrl),
 }
 
 /// Names one of a client machine's data streams (see "Data streams" in the module docs).
@@ -225,26 +236,84 @@ impl ServerStream {
     }
 }
 
-/// The transport under the session.
+/// The transport under the session now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Link {
-    Quic {
-        endpoint: Box<QuicEndpoint>,
-        conn: Option<ConnId>,
-        /// Why the last connection ended, as QUIC saw it.
-        last_close: Option<quic::CloseReason>,
-        server: SocketAddr,
-        server_name: String,
-    },
-    Stream {
-        /// A connection is open or being opened.
-        open: bool,
-        out: VecDeque<StreamCommand>,
-    },
+    /// A connection of the machine's QUIC endpoint (`None`: being resolved, or lost).
+    Quic { conn: Option<ConnId> },
+    /// A byte stream the adapter carries; `open`: a connection is open or being opened.
+    Stream { open: bool },
 }
 
-/// A client machine: a [`ClientSession`] over QUIC or a byte stream, reconnecting by itself.
+/// The QUIC connection `link` is on, with the endpoint. A free function so that callers may
+/// borrow the machine's other fields meanwhile.
+fn quic_conn<'a>(quic: &'a mut Option<Box<QuicEndpoint>>, link: &Link) -> Option<(&'a mut QuicEndpoint, ConnId)> {
+    match (quic, link) {
+        (Some(endpoint), Link::Quic { conn: Some(conn) }) => Some((endpoint, *conn)),
+        _ => None,
+    }
+}
+
+/// A QUIC handshake with the first broker while connected on another (see [`crate::fallback`]).
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    /// `None` while its name is being resolved.
+    conn: Option<ConnId>,
+    /// When it gives up.
+    deadline: Instant,
+}
+
+/// Settings of a client machine with a list of brokers to try in turn (see
+/// [`crate::fallback`]).
+#[derive(Debug, Clone)]
+pub struct ClientUrlsConfig {
+    /// The brokers, in order of preference (at least one).
+    pub urls: Vec<BrokerUrl>,
+    /// QUIC and TLS for `quic://` URLs (required when there is one; its `tls` also serves
+    /// `mqtts://`, which the adapter wraps).
+    pub quic: Option<ClientConfig>,
+    /// MQTT session.
+    pub session: ClientSessionConfig,
+    /// The name brokers' certificates must carry, if not each URL's host.
+    pub server_name: Option<String>,
+    /// Reconnect after a lost connection; `None` stays disconnected (the addresses are still
+    /// tried in turn for each connection).
+    pub reconnect: Option<ReconnectPolicy>,
+    /// When to fall back and move back.
+    pub fallback: FallbackPolicy,
+    /// Drives the reconnect jitter.
+    pub seed: u64,
+}
+
+/// A client machine: a [`ClientSession`] over QUIC or a byte stream, reconnecting by itself,
+/// to one broker or to the first of several that answers (see [`crate::fallback`]).
 pub struct ClientMachine {
     link: Link,
+    /// The QUIC endpoint, when a target is QUIC. It outlives connections and fallbacks: its
+    /// session tickets allow 0-RTT on the next QUIC connection.
+    quic: Option<Box<QuicEndpoint>>,
+    /// Commands for the adapter: byte streams to open, write and close, names to resolve.
+    io_out: VecDeque<StreamCommand>,
+    /// Why the last QUIC connection ended, as QUIC saw it.
+    last_close: Option<quic::CloseReason>,
+    targets: Targets,
+    fallback: FallbackPolicy,
+    /// The current QUIC attempt fails if its handshake has not completed by then (only set
+    /// when there is another target to fall back to).
+    handshake_deadline: Option<Instant>,
+    /// A name the adapter is resolving: for the current attempt (false) or a probe (true).
+    resolving: Option<(BrokerUrl, bool)>,
+    /// CONNACK accepted the current connection.
+    attempt_ok: bool,
+    /// Why the current connection or attempt ended, as the adapter or a timer said.
+    attempt_note: Option<String>,
+    /// Why the last connection, or the last series of attempts, failed.
+    last_failure: Option<String>,
+    probe: Option<Probe>,
+    /// When to try the first broker again.
+    probe_at: Option<Instant>,
+    /// A DISCONNECT of our own on the way back to the first broker: its event is not news.
+    moving_back: bool,
     session: ClientSession,
     reconnect: Option<ReconnectPolicy>,
     backoff: Backoff,
@@ -267,48 +336,103 @@ pub struct ClientMachine {
 }
 
 impl ClientMachine {
-    /// A machine over QUIC, not yet connected.
-    pub fn new(mut config: ClientMachineConfig) -> Result<ClientMachine, ConfigError> {
-        keep_quic_alive(&mut config.quic, config.session.keep_alive);
-        let datagrams = config.quic.transport.datagrams;
-        if datagrams && config.session.protocol.is_v5() {
-            // Ask the broker for QoS 0 messages as datagrams (see the broker's `datagrams`).
-            let (k, v) = (MqttString::try_from(DATAGRAM_PROPERTY), MqttString::try_from("qos0"));
-            if let (Ok(k), Ok(v)) = (k, v) {
-                config.session.connect_properties.user_properties.push((k, v));
-            }
-        }
-        let link = Link::Quic {
-            endpoint: Box::new(QuicEndpoint::client(&config.quic)?),
-            conn: None,
-            last_close: None,
-            server: config.server,
+    /// A machine over QUIC to one broker address, not yet connected.
+    pub fn new(config: ClientMachineConfig) -> Result<ClientMachine, ConfigError> {
+        let target = Target {
+            url: None,
+            transport: Transport::Quic,
+            addr: Some(config.server),
             server_name: config.server_name,
         };
-        let mut machine = ClientMachine::with_link(link, config.session, config.reconnect, config.quic.seed)?;
-        machine.datagrams = datagrams;
-        Ok(machine)
+        let seed = config.quic.seed;
+        ClientMachine::build(
+            vec![target],
+            Some(config.quic),
+            config.session,
+            config.reconnect,
+            Default::default(),
+            seed,
+        )
     }
 
     /// A machine over a byte stream (TCP, TLS over TCP) that the adapter opens when asked
-    /// ([`StreamCommand::Open`]). `seed` drives the reconnect jitter.
+    /// ([`StreamCommand::Open(_)`] with `None`). `seed` drives the reconnect jitter.
     pub fn over_stream(
         session: ClientSessionConfig,
         reconnect: Option<ReconnectPolicy>,
         seed: u64,
     ) -> Result<ClientMachine, ConfigError> {
-        ClientMachine::with_link(Link::Stream { open: false, out: VecDeque::new() }, session, reconnect, seed)
+        let target = Target { url: None, transport: Transport::Tcp, addr: None, server_name: String::new() };
+        ClientMachine::build(vec![target], None, session, reconnect, Default::default(), seed)
     }
 
-    fn with_link(
-        link: Link,
-        session: ClientSessionConfig,
+    /// A machine for a list of brokers, tried in turn (see [`crate::fallback`]): QUIC ones
+    /// through the machine's endpoint (host names resolved by the adapter on each attempt,
+    /// [`StreamCommand::Resolve`]), the others as byte streams the adapter opens
+    /// ([`StreamCommand::Open(_)`]).
+    pub fn with_urls(config: ClientUrlsConfig) -> Result<ClientMachine, ConfigError> {
+        if config.urls.is_empty() {
+            return Err(ConfigError::Invalid("no broker URL given".into()));
+        }
+        let targets: Vec<Target> = config
+            .urls
+            .iter()
+            .map(|url| Target::from_url(url, config.server_name.clone().unwrap_or_else(|| url.host.clone())))
+            .collect();
+        if config.quic.is_none() && targets.iter().any(|t| t.transport == Transport::Quic) {
+            return Err(ConfigError::Invalid("a quic:// URL needs a QUIC configuration (TLS trust)".into()));
+        }
+        ClientMachine::build(targets, config.quic, config.session, config.reconnect, config.fallback, config.seed)
+    }
+
+    fn build(
+        targets: Vec<Target>,
+        quic: Option<ClientConfig>,
+        mut session: ClientSessionConfig,
         reconnect: Option<ReconnectPolicy>,
+        fallback: FallbackPolicy,
         seed: u64,
     ) -> Result<ClientMachine, ConfigError> {
+        let targets = Targets::new(targets);
+        let mut datagrams = false;
+        let endpoint = match quic {
+            Some(mut quic) if targets.any_quic() => {
+                keep_quic_alive(&mut quic, session.keep_alive);
+                datagrams = quic.transport.datagrams;
+                if datagrams && session.protocol.is_v5() {
+                    // Ask the broker for QoS 0 messages as datagrams (see the broker's
+                    // `datagrams`).
+                    let (k, v) = (MqttString::try_from(DATAGRAM_PROPERTY), MqttString::try_from("qos0"));
+                    if let (Ok(k), Ok(v)) = (k, v) {
+                        session.connect_properties.user_properties.push((k, v));
+                    }
+                }
+                Some(Box::new(QuicEndpoint::client(&quic)?))
+            }
+            _ => None,
+        };
         let policy = reconnect.unwrap_or_default();
+        // Until the first attempt, the link is of the first target's kind: commands on stream
+        // handles wait in their sessions for a QUIC connection, as while reconnecting.
+        let link = match targets.current().transport {
+            Transport::Quic => Link::Quic { conn: None },
+            Transport::Tcp | Transport::Tls => Link::Stream { open: false },
+        };
         Ok(ClientMachine {
             link,
+            quic: endpoint,
+            io_out: VecDeque::new(),
+            last_close: None,
+            targets,
+            fallback,
+            handshake_deadline: None,
+            resolving: None,
+            attempt_ok: false,
+            attempt_note: None,
+            last_failure: None,
+            probe: None,
+            probe_at: None,
+            moving_back: false,
             session: ClientSession::new(session)?,
             reconnect,
             backoff: Backoff::new(policy.initial, policy.max, seed ^ 0x5EED),
@@ -318,35 +442,94 @@ impl ClientMachine {
             streams: BTreeMap::new(),
             last_stream: 0,
             incoming: BTreeMap::new(),
-            datagrams: false,
+            datagrams,
             streams_refused: false,
         })
     }
 
     /// Opens the connection (over QUIC, CONNECT travels in 0-RTT when a ticket allows; over a
-    /// byte stream, [`StreamCommand::Open`] asks the adapter for one).
+    /// byte stream, [`StreamCommand::Open(_)`] asks the adapter for one). With several brokers, a
+    /// first one that cannot be reached is left for the next.
     pub fn start(&mut self, now: Instant) -> Result<(), quic::CommandError> {
         self.stopped = false;
-        self.open(now)
+        match self.open(now) {
+            Err(e) if self.targets.len() > 1 => {
+                self.attempt_failed(now, DisconnectReason::TransportLost, e.to_string());
+                self.pump(now);
+                Ok(())
+            }
+            r => r,
+        }
     }
 
+    /// Starts an attempt on the current target.
     fn open(&mut self, now: Instant) -> Result<(), quic::CommandError> {
         self.reconnect_at = None;
-        match &mut self.link {
-            Link::Quic { endpoint, conn, server, server_name, .. } => {
-                *conn = Some(endpoint.connect(now, *server, server_name)?);
-                // The session is idle after a lost connection; `connect` cannot fail then.
-                let _ = self.session.connect(now);
-                self.flush(now);
+        self.attempt_ok = false;
+        self.attempt_note = None;
+        let target = self.targets.current().clone();
+        match target.transport {
+            Transport::Quic => {
+                self.link = Link::Quic { conn: None };
+                if self.targets.len() > 1 {
+                    self.handshake_deadline = Some(now + self.fallback.handshake_timeout);
+                }
+                match (target.addr, target.url) {
+                    (Some(addr), _) => self.connect_quic(now, addr, &target.server_name)?,
+                    (None, Some(url)) => {
+                        self.resolving = Some((url.clone(), false));
+                        self.io_out.push_back(StreamCommand::Resolve(url));
+                    }
+                    // (A QUIC target always has one or the other.)
+                    (None, None) => {}
+                }
             }
-            Link::Stream { open, out } => {
-                if !*open {
-                    *open = true;
-                    out.push_back(StreamCommand::Open);
+            Transport::Tcp | Transport::Tls => {
+                if self.link != (Link::Stream { open: true }) {
+                    self.link = Link::Stream { open: true };
+                    self.io_out.push_back(StreamCommand::Open(target.url));
                 }
             }
         }
         Ok(())
+    }
+
+    /// A QUIC connection for the current attempt; CONNECT goes out on it.
+    fn connect_quic(&mut self, now: Instant, addr: SocketAddr, server_name: &str) -> Result<(), quic::CommandError> {
+        let Some(endpoint) = &mut self.quic else { return Err(quic::CommandError::UnknownConnection) };
+        let conn = endpoint.connect(now, addr, server_name)?;
+        self.link = Link::Quic { conn: Some(conn) };
+        // The session is idle after a lost connection; `connect` cannot fail then.
+        let _ = self.session.connect(now);
+        self.flush(now);
+        Ok(())
+    }
+
+    /// The adapter resolved the name of a [`StreamCommand::Resolve`]: the address to use (of
+    /// the family of the UDP socket it will receive on), or why there is none (one line).
+    pub fn handle_resolved(&mut self, now: Instant, url: &BrokerUrl, result: Result<SocketAddr, String>) {
+        match self.resolving.take() {
+            Some((want, false)) if want == *url => {
+                if self.stopped || self.link != (Link::Quic { conn: None }) {
+                    return;
+                }
+                let name = self.targets.current().server_name.clone();
+                let connected = match result {
+                    Ok(addr) => self.connect_quic(now, addr, &name).map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("resolving {}: {e}", url.host)),
+                };
+                if let Err(text) = connected {
+                    self.attempt_note = Some(text);
+                    self.transport_lost(now);
+                }
+            }
+            Some((want, true)) if want == *url => match (result, self.targets.primary_to_retry().cloned()) {
+                (Ok(addr), Some(primary)) => self.probe_connect(now, addr, &primary.server_name),
+                _ => self.probe_failed(now),
+            },
+            other => self.resolving = other,
+        }
+        self.pump(now);
     }
 
     /// Whether the MQTT session is connected.
@@ -359,20 +542,32 @@ impl ClientMachine {
     /// one has also delivered its final bytes (DISCONNECT, FIN) and closed, so an adapter that
     /// keeps driving until this is true does not cut off a clean disconnect.
     pub fn is_done(&self) -> bool {
-        let idle = match &self.link {
-            Link::Quic { conn, endpoint, .. } => conn.is_none() && endpoint.connection_count() == 0,
-            Link::Stream { open, .. } => !*open,
+        let idle = match self.link {
+            Link::Quic { conn } => conn.is_none(),
+            Link::Stream { open } => !open,
         };
-        idle && self.reconnect_at.is_none() && (self.stopped || self.reconnect.is_none())
+        let quiet = self.quic.as_ref().is_none_or(|e| e.connection_count() == 0)
+            && self.probe.is_none()
+            && self.resolving.is_none();
+        idle && quiet && self.reconnect_at.is_none() && (self.stopped || self.reconnect.is_none())
     }
 
     /// Over QUIC: why the last connection ended (a TLS failure names the certificate problem),
     /// for adapters to report when a connection attempt fails.
     pub fn last_close_reason(&self) -> Option<&quic::CloseReason> {
-        match &self.link {
-            Link::Quic { last_close, .. } => last_close.as_ref(),
-            Link::Stream { .. } => None,
-        }
+        self.last_close.as_ref()
+    }
+
+    /// Why the last connection ended, or (with several brokers) why each failed in the last
+    /// series of attempts, as one line.
+    pub fn last_failure(&self) -> Option<&str> {
+        self.last_failure.as_deref()
+    }
+
+    /// The broker the machine is connected or connecting to: its index in the list (0 for a
+    /// machine made for one) and its URL, where it was made from one.
+    pub fn current_broker(&self) -> (usize, Option<&BrokerUrl>) {
+        (self.targets.index(), self.targets.current().url.as_ref())
     }
 
     /// The session (for inspection).
@@ -403,13 +598,15 @@ impl ClientMachine {
     /// With datagrams on (and negotiated), a QoS 0 message that fits one goes as a QUIC
     /// datagram: unreliable and unordered, never resent.
     pub fn publish(&mut self, now: Instant, publish: Publish) -> Result<RequestId, CommandError> {
-        if let (true, Link::Quic { endpoint, conn: Some(conn), .. }) = (self.datagrams, &mut self.link) {
-            if let Some(max) = endpoint.max_datagram_size(*conn) {
-                if let Some((id, bytes)) = self.session.publish_datagram(&publish, max)? {
-                    // A full send buffer drops it, as a lost datagram would be.
-                    let _ = endpoint.send_datagram(now, *conn, bytes);
-                    self.flush(now);
-                    return Ok(id);
+        if self.datagrams {
+            if let Some((endpoint, conn)) = quic_conn(&mut self.quic, &self.link) {
+                if let Some(max) = endpoint.max_datagram_size(conn) {
+                    if let Some((id, bytes)) = self.session.publish_datagram(&publish, max)? {
+                        // A full send buffer drops it, as a lost datagram would be.
+                        let _ = endpoint.send_datagram(now, conn, bytes);
+                        self.flush(now);
+                        return Ok(id);
+                    }
                 }
             }
         }
@@ -462,11 +659,11 @@ impl ClientMachine {
         let mut stream = self.streams.remove(&handle).ok_or(CommandError::UnknownStream)?;
         self.share_requests(&mut stream.session);
         let last = stream.session.close_data_stream(now);
-        if let (Link::Quic { endpoint, conn: Some(conn), .. }, Some(lane)) = (&mut self.link, stream.lane) {
+        if let (Some((endpoint, conn)), Some(lane)) = (quic_conn(&mut self.quic, &self.link), stream.lane) {
             if let Some(bytes) = last {
-                let _ = endpoint.send_lane(now, *conn, lane, bytes);
+                let _ = endpoint.send_lane(now, conn, lane, bytes);
             }
-            let _ = endpoint.finish_lane(now, *conn, lane);
+            let _ = endpoint.finish_lane(now, conn, lane);
         }
         self.events.extend(std::iter::from_fn(|| stream.session.poll_event()).filter(is_request_event));
         self.pump(now);
@@ -567,7 +764,7 @@ impl ClientMachine {
     /// session goes live on it. A stream the server does not allow yet (its stream limit) is
     /// tried again at the handle's next command or the next connection.
     fn open_lane(&mut self, now: Instant, handle: StreamHandle) {
-        let Link::Quic { endpoint, conn: Some(conn), .. } = &mut self.link else { return };
+        let Some((endpoint, conn)) = quic_conn(&mut self.quic, &self.link) else { return };
         if !self.session.is_connected() || self.streams_refused {
             return;
         }
@@ -575,7 +772,7 @@ impl ClientMachine {
         if stream.lane.is_some() {
             return;
         }
-        let lane = match endpoint.open_lane(now, *conn) {
+        let lane = match endpoint.open_lane(now, conn) {
             Ok(lane) => lane,
             Err(quic::CommandError::StreamLimit) if self.streams.values().all(|s| s.lane.is_none()) => {
                 // The server allows no stream besides the control stream (a broker without
@@ -589,13 +786,13 @@ impl ClientMachine {
             }
             Err(_) => return,
         };
-        let _ = endpoint.set_lane_priority(*conn, lane, stream.priority);
+        let _ = endpoint.set_lane_priority(conn, lane, stream.priority);
         stream.heard = false;
         stream.session.set_request_counter(self.session.request_counter());
         if stream.session.resume_data_stream(now, &self.session).is_ok() {
             stream.lane = Some(lane);
         } else {
-            let _ = endpoint.reset_lane(now, *conn, lane, quic::close_code::STREAM_ERROR);
+            let _ = endpoint.reset_lane(now, conn, lane, quic::close_code::STREAM_ERROR);
         }
     }
 
@@ -613,6 +810,10 @@ impl ClientMachine {
     pub fn disconnect(&mut self, now: Instant, reason: ReasonCode) -> Result<(), CommandError> {
         self.stopped = true;
         self.reconnect_at = None;
+        self.handshake_deadline = None;
+        self.probe_at = None;
+        self.resolving = None;
+        self.end_probe(now);
         if !self.session.is_connected() {
             // Nothing to say DISCONNECT on: drop a half-open connection quietly.
             self.close_link(now);
@@ -628,8 +829,7 @@ impl ClientMachine {
     /// Drops the current connection as if the network had failed (tests and "switch network now").
     pub fn drop_connection(&mut self, now: Instant) {
         if self.close_link(now) {
-            self.session.handle_stream_closed(now);
-            self.after_loss(now);
+            self.transport_lost(now);
         }
         self.pump(now);
     }
@@ -640,10 +840,10 @@ impl ClientMachine {
         self.events.pop_front()
     }
 
-    /// Over a byte stream: the connection asked for with [`StreamCommand::Open`] is up; CONNECT
+    /// Over a byte stream: the connection asked for with [`StreamCommand::Open(_)`] is up; CONNECT
     /// follows as [`StreamCommand::Data`].
     pub fn handle_stream_open(&mut self, now: Instant) {
-        if let Link::Stream { open: true, .. } = self.link {
+        if let Link::Stream { open: true } = self.link {
             let _ = self.session.connect(now);
             self.flush(now);
         }
@@ -651,53 +851,77 @@ impl ClientMachine {
 
     /// Over a byte stream: bytes read from the connection.
     pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
-        if let Link::Stream { open: true, .. } = self.link {
+        if let Link::Stream { open: true } = self.link {
             self.session.handle_stream_data(now, data);
             self.pump(now);
         }
     }
 
     /// Over a byte stream: the connection closed, failed, or could not be opened. The machine
-    /// reconnects later if its policy says so.
+    /// reconnects later if its policy says so (at once to the next broker, with several, if
+    /// this one never answered).
     pub fn handle_stream_closed(&mut self, now: Instant) {
-        if let Link::Stream { open, .. } = &mut self.link {
+        if let Link::Stream { open } = &mut self.link {
             if std::mem::take(open) {
-                self.session.handle_stream_closed(now);
-                self.after_loss(now);
+                self.transport_lost(now);
             }
         }
         self.pump(now);
     }
 
+    /// Over a byte stream: the connection could not be opened, or failed, for `reason` (one
+    /// line, reported with the failure); otherwise as [`ClientMachine::handle_stream_closed`].
+    pub fn handle_stream_failed(&mut self, now: Instant, reason: &str) {
+        if let Link::Stream { open: true } = self.link {
+            self.attempt_note = Some(reason.to_string());
+        }
+        self.handle_stream_closed(now);
+    }
+
     /// Over a byte stream: what the adapter should do next. The session's bytes come out here,
-    /// as one write for everything since the last call.
+    /// as one write for everything since the last call. Over QUIC: names to resolve, and the
+    /// closing of a byte stream fallen back from.
     #[must_use]
     pub fn poll_stream(&mut self) -> Option<StreamCommand> {
-        match &mut self.link {
-            Link::Stream { out, open } => out.pop_front().or_else(|| {
-                let bytes = if *open { self.session.poll_transmit() } else { None };
-                bytes.map(StreamCommand::Data)
-            }),
-            Link::Quic { .. } => None,
-        }
+        self.io_out.pop_front().or_else(|| match self.link {
+            Link::Stream { open: true } => self.session.poll_transmit().map(StreamCommand::Data),
+            _ => None,
+        })
     }
 
     /// Ends the current connection; whether there was one.
     fn close_link(&mut self, now: Instant) -> bool {
         match &mut self.link {
-            Link::Quic { endpoint, conn, .. } => match conn.take() {
-                Some(c) => {
+            Link::Quic { conn } => match (conn.take(), &mut self.quic) {
+                (Some(c), Some(endpoint)) => {
                     let _ = endpoint.close(now, c, quic::close_code::NORMAL, "dropped");
                     true
                 }
-                None => false,
+                _ => false,
             },
-            Link::Stream { open, out } => {
+            Link::Stream { open } => {
                 let was = std::mem::take(open);
                 if was {
-                    out.push_back(StreamCommand::Close);
+                    self.io_out.push_back(StreamCommand::Close);
                 }
                 was
+            }
+        }
+    }
+
+    /// Ends the current connection after what the session wrote last (its DISCONNECT).
+    fn finish_link(&mut self, now: Instant) {
+        self.drain_session_bytes(now, true);
+        match &mut self.link {
+            Link::Quic { conn } => {
+                if let (Some(c), Some(endpoint)) = (conn.take(), &mut self.quic) {
+                    let _ = endpoint.finish(now, c);
+                }
+            }
+            Link::Stream { open } => {
+                if std::mem::take(open) {
+                    self.io_out.push_back(StreamCommand::Close);
+                }
             }
         }
     }
@@ -712,26 +936,26 @@ impl ClientMachine {
     /// until the adapter asks ([`ClientMachine::poll_stream`]), so that everything written between
     /// two of its turns leaves in one write; `force` queues them now (before a Close).
     fn drain_session_bytes(&mut self, now: Instant, force: bool) -> bool {
-        if let (Link::Stream { .. }, false) = (&self.link, force) {
+        if let (Link::Stream { .. }, false) = (self.link, force) {
             return false;
         }
         let mut any = false;
         while let Some(bytes) = self.session.poll_transmit() {
             any = true;
-            match &mut self.link {
-                Link::Quic { endpoint, conn: Some(conn), .. } => {
-                    let _ = endpoint.send(now, *conn, bytes);
+            match (self.link, &mut self.quic) {
+                (Link::Quic { conn: Some(conn) }, Some(endpoint)) => {
+                    let _ = endpoint.send(now, conn, bytes);
                 }
-                Link::Stream { open: true, out } => out.push_back(StreamCommand::Data(bytes)),
+                (Link::Stream { open: true }, _) => self.io_out.push_back(StreamCommand::Data(bytes)),
                 _ => {}
             }
         }
-        if let Link::Quic { endpoint, conn: Some(conn), .. } = &mut self.link {
+        if let Some((endpoint, conn)) = quic_conn(&mut self.quic, &self.link) {
             for stream in self.streams.values_mut() {
                 let Some(lane) = stream.lane else { continue };
                 while let Some(bytes) = stream.session.poll_transmit() {
                     any = true;
-                    let _ = endpoint.send_lane(now, *conn, lane, bytes);
+                    let _ = endpoint.send_lane(now, conn, lane, bytes);
                 }
             }
             for (lane, stream) in &mut self.incoming {
@@ -741,13 +965,55 @@ impl ClientMachine {
                     // Acknowledgements for a stream the server opened one way go on the
                     // control stream (nothing can be sent on it).
                     let _ = match lane.is_unidirectional() {
-                        true => endpoint.send(now, *conn, bytes),
-                        false => endpoint.send_lane(now, *conn, *lane, bytes),
+                        true => endpoint.send(now, conn, bytes),
+                        false => endpoint.send_lane(now, conn, *lane, bytes),
                     };
                 }
             }
         }
         any
+    }
+
+    /// The transport under the session ended (`attempt_note` may say why). A session that
+    /// began on it reports its end as an event (handled in `pump`, in order with what it read
+    /// last, such as a refusing CONNACK); an idle one means the attempt failed before it began.
+    fn transport_lost(&mut self, now: Instant) {
+        let idle = self.session.is_idle();
+        self.session.handle_stream_closed(now);
+        if idle && !self.stopped && !self.attempt_ok {
+            let text = self.attempt_note.take().unwrap_or_else(|| "connection lost".into());
+            self.attempt_failed(now, DisconnectReason::TransportLost, text);
+        }
+    }
+
+    /// The current attempt failed before CONNACK (`text`: why, one line): the next broker is
+    /// tried at once, or, once every broker failed in a row, the failure is reported as
+    /// `reason` and the next series waits for the backoff.
+    fn attempt_failed(&mut self, now: Instant, reason: DisconnectReason, text: String) {
+        self.handshake_deadline = None;
+        self.resolving = self.resolving.take().filter(|(_, probe)| *probe);
+        if self.stopped {
+            return;
+        }
+        if !self.targets.failed(&text) {
+            self.last_failure = Some(text);
+            self.reconnect_at = Some(now);
+            return;
+        }
+        self.last_failure = Some(if self.targets.len() > 1 { self.targets.report() } else { text });
+        self.targets.new_round();
+        self.events.push_back(ClientEvent::Disconnected { reason });
+        self.after_loss(now);
+    }
+
+    /// A connected session lost its connection: reconnect after the backoff, starting with
+    /// the broker that was in use.
+    fn connection_lost(&mut self, now: Instant) {
+        self.end_probe(now);
+        self.probe_at = None;
+        self.last_failure = Some(self.attempt_note.take().unwrap_or_else(|| "connection lost".into()));
+        self.targets.new_round();
+        self.after_loss(now);
     }
 
     fn after_loss(&mut self, now: Instant) {
@@ -756,32 +1022,115 @@ impl ClientMachine {
         }
     }
 
+    /// Connected on a later broker than a QUIC first one: try the first again in a while.
+    fn schedule_probe(&mut self, now: Instant) {
+        self.probe_at = match (self.targets.primary_to_retry(), self.session.is_connected(), self.stopped) {
+            (Some(_), true, false) => Some(now + self.fallback.retry_primary),
+            _ => None,
+        };
+    }
+
+    /// Starts a QUIC handshake with the first broker, to move back to it.
+    fn start_probe(&mut self, now: Instant) {
+        self.probe_at = None;
+        let Some(primary) = self.targets.primary_to_retry().cloned() else { return };
+        if !self.session.is_connected() || self.probe.is_some() || self.quic.is_none() {
+            return;
+        }
+        self.probe = Some(Probe { conn: None, deadline: now + self.fallback.handshake_timeout });
+        match (primary.addr, primary.url) {
+            (Some(addr), _) => self.probe_connect(now, addr, &primary.server_name),
+            (None, Some(url)) => {
+                self.resolving = Some((url.clone(), true));
+                self.io_out.push_back(StreamCommand::Resolve(url));
+            }
+            (None, None) => self.probe_failed(now),
+        }
+    }
+
+    fn probe_connect(&mut self, now: Instant, addr: SocketAddr, server_name: &str) {
+        let (Some(endpoint), Some(probe)) = (&mut self.quic, &mut self.probe) else { return };
+        match endpoint.connect(now, addr, server_name) {
+            Ok(conn) => probe.conn = Some(conn),
+            Err(_) => self.probe_failed(now),
+        }
+    }
+
+    /// The first broker did not answer: try again later.
+    fn probe_failed(&mut self, now: Instant) {
+        self.end_probe(now);
+        self.schedule_probe(now);
+    }
+
+    fn end_probe(&mut self, now: Instant) {
+        if let Some(Probe { conn: Some(conn), .. }) = self.probe.take() {
+            if let Some(endpoint) = &mut self.quic {
+                let _ = endpoint.close(now, conn, quic::close_code::NORMAL, "not needed");
+            }
+        }
+        self.resolving = self.resolving.take().filter(|(_, probe)| !*probe);
+    }
+
+    /// The first broker answered the probe: DISCONNECT (normal: no will) on the connection in
+    /// use, and CONNECT on the probe's, which becomes the link.
+    fn move_back(&mut self, now: Instant, conn: ConnId) {
+        self.probe = None;
+        if self.session.disconnect(now, ReasonCode::Success).is_ok() {
+            self.moving_back = true;
+        }
+        self.finish_link(now);
+        self.lanes_lost(now);
+        self.session.handle_stream_closed(now);
+        self.targets.back_to_primary();
+        self.attempt_ok = false;
+        self.attempt_note = None;
+        self.handshake_deadline = None;
+        self.link = Link::Quic { conn: Some(conn) };
+        let _ = self.session.connect(now);
+        self.drain_session_bytes(now, false);
+    }
+
     /// Runs the exchange between the transport and the session until both are quiet.
     fn pump(&mut self, now: Instant) {
-        let mut lost = false;
         loop {
             let mut progressed = false;
-            if let Link::Quic { endpoint, conn, last_close, .. } = &mut self.link {
+            let mut lost = false;
+            let mut back = None;
+            let mut probe_lost = false;
+            if let Some(endpoint) = &mut self.quic {
+                let mut conn = match self.link {
+                    Link::Quic { conn } => conn,
+                    Link::Stream { .. } => None,
+                };
+                let probe = self.probe.and_then(|p| p.conn);
                 while let Some(event) = endpoint.poll_event() {
                     progressed = true;
                     match event {
-                        quic::Event::Received { conn: c, data } if Some(c) == *conn => {
+                        quic::Event::Connected { conn: c, .. } if Some(c) == conn => self.handshake_deadline = None,
+                        quic::Event::Connected { conn: c, .. } if Some(c) == probe => {
+                            back = Some(c);
+                            break;
+                        }
+                        quic::Event::Closed { conn: c, .. } if Some(c) == probe => probe_lost = true,
+                        quic::Event::Received { conn: c, data } if Some(c) == conn => {
                             self.session.handle_stream_data(now, &data);
                         }
-                        quic::Event::Closed { conn: c, reason } if Some(c) == *conn => {
-                            *conn = None;
-                            *last_close = Some(reason);
+                        quic::Event::Closed { conn: c, reason } if Some(c) == conn => {
+                            conn = None;
+                            self.link = Link::Quic { conn: None };
+                            self.attempt_note = Some(reason.to_string());
+                            self.last_close = Some(reason);
                             lost = true;
                         }
-                        quic::Event::LaneOpened { conn: c, lane } if Some(c) == *conn => {
+                        quic::Event::LaneOpened { conn: c, lane } if Some(c) == conn => {
                             // The server opened a stream to deliver on: take what comes (its
                             // session is made below, once CONNACK is in).
                             self.incoming.insert(lane, ServerStream::new());
                         }
-                        quic::Event::DatagramReceived { conn: c, data } if Some(c) == *conn && self.datagrams => {
+                        quic::Event::DatagramReceived { conn: c, data } if Some(c) == conn && self.datagrams => {
                             self.session.handle_datagram(data);
                         }
-                        quic::Event::LaneReceived { conn: c, lane, data } if Some(c) == *conn => {
+                        quic::Event::LaneReceived { conn: c, lane, data } if Some(c) == conn => {
                             if let Some(s) = self.streams.values_mut().find(|s| s.lane == Some(lane)) {
                                 s.heard = true;
                                 s.session.handle_stream_data(now, &data);
@@ -793,7 +1142,7 @@ impl ClientMachine {
                             }
                         }
                         quic::Event::LaneEnded { conn: c, lane, .. }
-                            if self.incoming.contains_key(&lane) && Some(c) == *conn =>
+                            if self.incoming.contains_key(&lane) && Some(c) == conn =>
                         {
                             // A stream the server opened, ended by it: ours ends after what
                             // is due on it.
@@ -811,7 +1160,7 @@ impl ClientMachine {
                                 let _ = endpoint.finish_lane(now, c, lane);
                             }
                         }
-                        quic::Event::LaneEnded { conn: c, lane, reason } if Some(c) == *conn => {
+                        quic::Event::LaneEnded { conn: c, lane, reason } if Some(c) == conn => {
                             // The server ended the stream: it forgot its subscriptions and
                             // QoS state. The handle gets a new stream at its next command, or
                             // uses the control stream if the server refuses data streams.
@@ -838,24 +1187,41 @@ impl ClientMachine {
                     }
                 }
             }
-            if std::mem::take(&mut lost) {
-                self.session.handle_stream_closed(now);
-                self.after_loss(now);
+            if let Some(conn) = back {
+                self.move_back(now, conn);
+            }
+            if probe_lost {
+                self.probe = None;
+                self.probe_failed(now);
+            }
+            if lost {
+                self.transport_lost(now);
             }
             progressed |= self.drain_session_bytes(now, false);
             progressed |= self.stream_events(now);
             while let Some(event) = self.session.poll_event() {
                 progressed = true;
-                let ended = match &event {
-                    ClientEvent::Connected { .. } => {
-                        self.backoff.reset();
-                        let handles: Vec<StreamHandle> = self.streams.keys().copied().collect();
-                        for handle in handles {
-                            self.open_lane(now, handle);
-                        }
-                        false
+                if let (true, ClientEvent::Disconnected { reason: DisconnectReason::Local }) =
+                    (self.moving_back, &event)
+                {
+                    // Our own DISCONNECT on the way back to the first broker.
+                    self.moving_back = false;
+                    continue;
+                }
+                if let ClientEvent::Connected { .. } = event {
+                    self.attempt_ok = true;
+                    self.handshake_deadline = None;
+                    self.targets.new_round();
+                    self.backoff.reset();
+                    let handles: Vec<StreamHandle> = self.streams.keys().copied().collect();
+                    for handle in handles {
+                        self.open_lane(now, handle);
                     }
-                    // A lost transport was handled where it was noticed.
+                    self.schedule_probe(now);
+                }
+                // A lost transport was noticed where it happened; anything else ends the
+                // session on this connection.
+                let ended = match &event {
                     ClientEvent::Disconnected { reason } => *reason != DisconnectReason::TransportLost,
                     ClientEvent::Refused { .. } => true,
                     _ => false,
@@ -864,23 +1230,28 @@ impl ClientMachine {
                     self.lanes_lost(now);
                 }
                 if ended {
-                    // The session is over on this connection: end the stream after what the
-                    // session wrote last (DISCONNECT), and come back later unless stopped.
-                    self.drain_session_bytes(now, true);
-                    match &mut self.link {
-                        Link::Quic { endpoint, conn, .. } => {
-                            if let Some(c) = conn.take() {
-                                let _ = endpoint.finish(now, c);
-                            }
-                        }
-                        Link::Stream { open, out } => {
-                            if std::mem::take(open) {
-                                out.push_back(StreamCommand::Close);
-                            }
-                        }
-                    }
+                    // End the stream after what the session wrote last (DISCONNECT).
+                    self.finish_link(now);
                     self.session.handle_stream_closed(now);
-                    self.after_loss(now);
+                }
+                match event {
+                    ClientEvent::Disconnected { reason } if !self.attempt_ok && !self.stopped => {
+                        // No CONNACK on this attempt: the next broker, or a report.
+                        let text = match (self.attempt_note.take(), &reason) {
+                            (Some(note), _) => note,
+                            (None, DisconnectReason::ConnectTimeout) => {
+                                format!("{reason} (is an MQTT broker listening there?)")
+                            }
+                            (None, _) => reason.to_string(),
+                        };
+                        self.attempt_failed(now, reason, text);
+                        continue;
+                    }
+                    ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. } => {
+                        self.connection_lost(now);
+                        self.attempt_ok = false;
+                    }
+                    _ => {}
                 }
                 self.events.push_back(event);
             }
@@ -924,16 +1295,16 @@ impl ClientMachine {
         }
         for lane in broken {
             self.incoming.remove(&lane);
-            if let Link::Quic { endpoint, conn: Some(conn), .. } = &mut self.link {
-                let _ = endpoint.reset_lane(now, *conn, lane, quic::close_code::STREAM_ERROR);
+            if let Some((endpoint, conn)) = quic_conn(&mut self.quic, &self.link) {
+                let _ = endpoint.reset_lane(now, conn, lane, quic::close_code::STREAM_ERROR);
             }
         }
         for stream in self.streams.values_mut() {
             while let Some(event) = stream.session.poll_event() {
                 any = true;
                 if let ClientEvent::Disconnected { reason: DisconnectReason::ProtocolViolation(_) } = event {
-                    if let (Link::Quic { endpoint, conn: Some(conn), .. }, Some(lane)) = (&mut self.link, stream.lane) {
-                        let _ = endpoint.reset_lane(now, *conn, lane, quic::close_code::STREAM_ERROR);
+                    if let (Some((endpoint, conn)), Some(lane)) = (quic_conn(&mut self.quic, &self.link), stream.lane) {
+                        let _ = endpoint.reset_lane(now, conn, lane, quic::close_code::STREAM_ERROR);
                     }
                     stream.lane = None;
                     stream.session.handle_stream_closed(now);
@@ -951,7 +1322,7 @@ impl ClientMachine {
 impl ClientMachine {
     /// Feeds one received UDP datagram (see [`Machine::handle_datagram`](crate::Machine::handle_datagram)).
     pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
-        if let Link::Quic { endpoint, .. } = &mut self.link {
+        if let Some(endpoint) = &mut self.quic {
             endpoint.handle_datagram(now, datagram);
             self.pump(now);
         }
@@ -959,13 +1330,34 @@ impl ClientMachine {
 
     /// Advances timers; early calls do nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Link::Quic { endpoint, .. } = &mut self.link {
+        if let Some(endpoint) = &mut self.quic {
             endpoint.handle_timeout(now);
         }
         self.session.handle_timeout(now);
         self.pump(now);
-        if self.reconnect_at.is_some_and(|t| t <= now) && !self.stopped && self.open(now).is_err() {
-            self.after_loss(now);
+        if self.handshake_deadline.is_some_and(|t| t <= now) {
+            // UDP blocked, or nothing QUIC there: the next broker.
+            self.handshake_deadline = None;
+            self.attempt_note = Some(format!(
+                "no QUIC handshake within {} ms (is UDP blocked?)",
+                self.fallback.handshake_timeout.as_millis()
+            ));
+            self.close_link(now);
+            self.transport_lost(now);
+            self.pump(now);
+        }
+        if self.probe.is_some_and(|p| p.deadline <= now) {
+            self.probe_failed(now);
+        }
+        if self.probe_at.is_some_and(|t| t <= now) {
+            self.start_probe(now);
+            self.pump(now);
+        }
+        if self.reconnect_at.is_some_and(|t| t <= now) && !self.stopped {
+            if let Err(e) = self.open(now) {
+                self.attempt_failed(now, DisconnectReason::TransportLost, e.to_string());
+            }
+            self.pump(now);
         }
     }
 
@@ -978,8 +1370,7 @@ impl ClientMachine {
     /// Up to `max_datagrams` datagrams to one destination at once (see [`Machine::poll_transmit_batch`](crate::Machine::poll_transmit_batch)).
     #[must_use]
     pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let Link::Quic { endpoint, .. } = &mut self.link else { return None };
-        let t = endpoint.poll_transmit_batch(now, max_datagrams, buf);
+        let t = self.quic.as_mut()?.poll_transmit_batch(now, max_datagrams, buf);
         self.pump(now);
         t
     }
@@ -987,11 +1378,12 @@ impl ClientMachine {
     /// When to call `handle_timeout` next.
     #[must_use]
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let quic = match &mut self.link {
-            Link::Quic { endpoint, .. } => endpoint.poll_timeout(),
-            Link::Stream { .. } => None,
-        };
-        [quic, self.session.poll_timeout(), self.reconnect_at].into_iter().flatten().min()
+        let quic = self.quic.as_mut().and_then(|e| e.poll_timeout());
+        let probe = self.probe.map(|p| p.deadline);
+        [quic, self.session.poll_timeout(), self.reconnect_at, self.handshake_deadline, probe, self.probe_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 

@@ -151,6 +151,7 @@ pub mod client;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod fallback;
 pub mod flow_header;
 pub mod machine;
 pub mod persist;

@@ -49,7 +49,7 @@ impl Pipes {
                 while let Some(cmd) = client.poll_stream() {
                     moved = true;
                     match cmd {
-                        StreamCommand::Open => {
+                        StreamCommand::Open(_) => {
                             self.opens += 1;
                             *stream = Some(self.broker.handle_stream_open(self.now, None));
                             client.handle_stream_open(self.now);

@@ -62,13 +62,13 @@ fn a_failed_open_is_retried_with_backoff() {
     let start = p.now;
     p.clients[0].0.start(start).unwrap();
     // The adapter could not connect (refused): it says so, and the machine asks again later.
-    assert_eq!(p.clients[0].0.poll_stream(), Some(StreamCommand::Open));
+    assert_eq!(p.clients[0].0.poll_stream(), Some(StreamCommand::Open(None)));
     p.clients[0].0.handle_stream_closed(start);
     assert_eq!(p.clients[0].0.poll_stream(), None);
     let retry = p.clients[0].0.poll_timeout().expect("a reconnect deadline");
     assert!(retry > start && retry <= start + Duration::from_millis(100));
     p.clients[0].0.handle_timeout(retry);
-    assert_eq!(p.clients[0].0.poll_stream(), Some(StreamCommand::Open));
+    assert_eq!(p.clients[0].0.poll_stream(), Some(StreamCommand::Open(None)));
 }
 
 #[test]

@@ -36,7 +36,7 @@ mod outcome;
 pub use backlog::MessageBacklog;
 pub use errors::{ClientError, DriverError, ServerError};
 use options::DEFAULT_MESSAGE_BUFFER;
-pub use options::{local_bind_address, pick_address, ClientOptions, ServerAddresses, ServerOptions};
+pub use options::{local_bind_address, pick_address, tls_server_name, ClientOptions, ServerAddresses, ServerOptions};
 pub use outcome::{ConnectionState, Outcome};
 
 use crate::client::{ClientMachine, StreamCommand, StreamHandle};
@@ -99,6 +99,9 @@ pub struct ClientDriver<T> {
     /// Why the client store failed, once it has: the client stops, and its waiting callers
     /// get this.
     store_failed: Option<String>,
+    /// An unreachable broker on the first connection is retried like a lost connection (see
+    /// [`ClientDriver::retry_first_connection`]).
+    retry_first: bool,
 }
 
 impl<T> ClientDriver<T> {
@@ -116,7 +119,18 @@ impl<T> ClientDriver<T> {
             last_reason: "connection lost".into(),
             backlog: MessageBacklog::new(DEFAULT_MESSAGE_BUFFER),
             store_failed: None,
+            retry_first: false,
         }
+    }
+
+    /// Keeps trying the first connection while no broker can be reached (a device that boots
+    /// before its network), with the machine's reconnect backoff: the first connection's
+    /// outcome then waits for a broker's answer. A broker's refusal (CONNACK with an error)
+    /// and a failed store are still reported at once. Adapters pass
+    /// [`ClientOptions::retry_first_connection`]; it needs a reconnect policy.
+    pub fn retry_first_connection(mut self, retry: bool) -> ClientDriver<T> {
+        self.retry_first = retry;
+        self
     }
 
     /// Takes the session's state from a client store before [`ClientDriver::start`] (see
@@ -150,7 +164,7 @@ impl<T> ClientDriver<T> {
         }
         let text = format!("the client store failed: {reason}");
         self.store_failed = Some(text.clone());
-        self.fail_first(now, DriverError::Store(text.clone()));
+        self.fail_first_now(now, DriverError::Store(text.clone()));
         if self.leaving.is_none() {
             let _ = self.machine.disconnect(now, ReasonCode::UnspecifiedError);
             self.leaving = Some((Vec::new(), now + LINGER));
@@ -192,7 +206,7 @@ impl<T> ClientDriver<T> {
     /// Starts the first connection; its outcome comes from [`ClientDriver::poll_connected`].
     pub fn start(&mut self, now: Instant) {
         if let Err(e) = self.machine.start(now) {
-            self.fail_first(now, DriverError::Unreachable(e.to_string()));
+            self.fail_first_now(now, DriverError::Unreachable(e.to_string()));
         }
         self.update(now);
     }
@@ -365,10 +379,23 @@ impl<T> ClientDriver<T> {
     }
 
     /// Over a byte stream: a connection could not be opened (or a write failed) for this
-    /// reason; the first connection's failure is reported with it.
+    /// reason; the first connection's failure is reported with it (with several brokers, once
+    /// every one failed).
     pub fn handle_stream_failed(&mut self, now: Instant, reason: &str) {
-        self.fail_first(now, DriverError::Unreachable(reason.to_string()));
-        self.handle_stream_closed(now);
+        self.machine.handle_stream_failed(now, reason);
+        self.update(now);
+    }
+
+    /// Over QUIC: the answer to a [`StreamCommand::Resolve`] (see
+    /// [`ClientMachine::handle_resolved`]).
+    pub fn handle_resolved(
+        &mut self,
+        now: Instant,
+        url: &crate::url::BrokerUrl,
+        result: Result<std::net::SocketAddr, String>,
+    ) {
+        self.machine.handle_resolved(now, url, result);
+        self.update(now);
     }
 
     /// Advances timers.
@@ -459,6 +486,15 @@ impl<T> ClientDriver<T> {
     /// The first connection failed: report it and stop (no retries for a connection that never
     /// worked: the caller gets the error instead).
     fn fail_first(&mut self, now: Instant, error: DriverError) {
+        if self.retry_first && matches!(error, DriverError::Unreachable(_)) && self.store_failed.is_none() {
+            self.last_reason = error.to_string();
+            return;
+        }
+        self.fail_first_now(now, error);
+    }
+
+    /// [`ClientDriver::fail_first`] whatever the retry setting says.
+    fn fail_first_now(&mut self, now: Instant, error: DriverError) {
         if matches!(self.first, First::Waiting) {
             self.last_reason = error.to_string();
             self.first = First::Ready(Err(error));
@@ -507,10 +543,9 @@ impl<T> ClientDriver<T> {
                     }
                 }
                 ClientEvent::Disconnected { reason } => {
-                    let text = match (&reason, self.machine.last_close_reason()) {
-                        (DisconnectReason::TransportLost, Some(close)) => close.to_string(),
-                        (DisconnectReason::ConnectTimeout, _) if matches!(self.first, First::Waiting) => {
-                            format!("{reason} (is an MQTT broker listening there?)")
+                    let text = match (&reason, self.machine.last_failure()) {
+                        (DisconnectReason::TransportLost | DisconnectReason::ConnectTimeout, Some(why)) => {
+                            why.to_string()
                         }
                         _ => reason.to_string(),
                     };

@@ -2,8 +2,9 @@
 //! options every adapter's `Client::connect` and `Server::start` take, and the addresses a
 //! server reports.
 
-use crate::client::{ClientMachine, ClientMachineConfig, ReconnectPolicy};
+use crate::client::{ClientMachine, ClientUrlsConfig, ReconnectPolicy};
 use crate::config::{ClientConfig, ConfigError, TransportSettings};
+use crate::fallback::FallbackPolicy;
 use crate::session::client::ClientSessionConfig;
 use crate::tls::ClientTls;
 use crate::url::{BrokerUrl, Transport};
@@ -51,6 +52,13 @@ pub struct ClientOptions {
     /// ([`ClientError::Unsupported`]). `None` (the default): nothing is stored, and what was
     /// unacknowledged when the process stops is lost.
     pub store: Option<std::path::PathBuf>,
+    /// With several broker URLs: when a QUIC attempt gives way to the next URL, and how often
+    /// the first is tried again (see [`crate::fallback`]).
+    pub fallback: FallbackPolicy,
+    /// Keep trying the first connection while no broker can be reached (a device that boots
+    /// before its network) instead of failing the connect call; see
+    /// [`ClientDriver::retry_first_connection`](super::ClientDriver::retry_first_connection).
+    pub retry_first_connection: bool,
 }
 
 impl Default for ClientOptions {
@@ -64,6 +72,8 @@ impl Default for ClientOptions {
             zero_rtt: true,
             message_buffer: DEFAULT_MESSAGE_BUFFER,
             store: None,
+            fallback: FallbackPolicy::default(),
+            retry_first_connection: false,
         }
     }
 }
@@ -110,47 +120,51 @@ impl ClientOptions {
         self.server_name.clone().unwrap_or_else(|| url.host.clone())
     }
 
-    /// The machine for `url`, whose host resolved to `server`: QUIC for `quic://`, a byte
-    /// stream the adapter carries otherwise (with TLS for `mqtts://`: see
-    /// [`ClientOptions::stream_tls`]). `secret` (32 bytes from the operating system's random
+    /// The machine for `urls`, tried in turn (see [`crate::fallback`]): QUIC for `quic://`, a
+    /// byte stream the adapter carries otherwise (with TLS for `mqtts://`: see
+    /// [`ClientOptions::stream_tls_config`]). `secret` (32 bytes from the operating system's random
     /// source) keys the QUIC endpoint and drives connection ids and backoff jitter.
-    pub fn machine(&self, url: &BrokerUrl, server: SocketAddr, secret: [u8; 32]) -> Result<ClientMachine, ConfigError> {
+    pub fn machine(&self, urls: &[BrokerUrl], secret: [u8; 32]) -> Result<ClientMachine, ConfigError> {
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&secret[..8]);
         let seed = u64::from_le_bytes(seed);
-        match url.transport {
-            Transport::Quic => {
+        let quic = match urls.iter().any(|u| u.transport == Transport::Quic) {
+            true => {
                 let mut quic = ClientConfig::new(self.tls.clone().ok_or_else(no_trust)?);
                 quic.transport = self.transport.clone();
                 quic.zero_rtt = self.zero_rtt;
                 quic.seed = seed;
                 quic.secret = Some(crate::config::Secret::new(secret));
-                ClientMachine::new(ClientMachineConfig {
-                    quic,
-                    session: self.session.clone(),
-                    server,
-                    server_name: self.server_name(url),
-                    reconnect: self.reconnect,
-                })
+                Some(quic)
             }
-            Transport::Tcp | Transport::Tls => ClientMachine::over_stream(self.session.clone(), self.reconnect, seed),
-        }
+            false => None,
+        };
+        ClientMachine::with_urls(ClientUrlsConfig {
+            urls: urls.to_vec(),
+            quic,
+            session: self.session.clone(),
+            server_name: self.server_name.clone(),
+            reconnect: self.reconnect,
+            fallback: self.fallback,
+            seed,
+        })
     }
 
-    /// For `mqtts://`: the rustls configuration and server name to wrap the TCP stream in;
-    /// `None` for other transports.
-    pub fn stream_tls(
-        &self,
-        url: &BrokerUrl,
-    ) -> Result<Option<(rustls::ClientConfig, rustls_pki_types::ServerName<'static>)>, ConfigError> {
-        if url.transport != Transport::Tls {
-            return Ok(None);
-        }
-        let config = self.tls.as_ref().ok_or_else(no_trust)?.rustls_config(false)?;
-        let name = rustls_pki_types::ServerName::try_from(self.server_name(url))
-            .map_err(|e| ConfigError::Invalid(format!("server name: {e}")))?;
-        Ok(Some((config, name)))
+    /// For `mqtts://` URLs: the rustls configuration to wrap TCP streams in (name each
+    /// connection with [`tls_server_name`]).
+    pub fn stream_tls_config(&self) -> Result<rustls::ClientConfig, ConfigError> {
+        Ok(self.tls.as_ref().ok_or_else(no_trust)?.rustls_config(false)?)
     }
+}
+
+/// The name a TLS broker at `url` must carry in its certificate: `server_name` when given
+/// ([`ClientOptions::server_name`]), else the URL's host.
+pub fn tls_server_name(
+    server_name: Option<&str>,
+    url: &BrokerUrl,
+) -> Result<rustls_pki_types::ServerName<'static>, ConfigError> {
+    rustls_pki_types::ServerName::try_from(server_name.unwrap_or(&url.host).to_string())
+        .map_err(|e| ConfigError::Invalid(format!("server name: {e}")))
 }
 
 fn no_trust() -> ConfigError {

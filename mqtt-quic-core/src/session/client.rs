@@ -537,6 +537,12 @@ impl ClientSession {
         self.state == State::Connected
     }
 
+    /// Whether no connection has begun since the last one ended (nothing to report about the
+    /// transport: a session that was connecting or connected reports its end as an event).
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Idle
+    }
+
     /// The subscriptions the server granted on this session (on a data stream: on this
     /// stream), which it makes again when the server has forgotten them.
     pub fn subscriptions(&self) -> &[Subscription] {

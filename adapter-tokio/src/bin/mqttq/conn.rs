@@ -47,9 +47,18 @@ pub struct ConnArgs {
     /// Transport.
     #[arg(long, value_enum, default_value = "quic")]
     pub transport: TransportArg,
-    /// Broker URL (quic://, mqtt://, mqtts://), instead of --host/--port/--transport.
+    /// Broker URL (quic://, mqtt://, mqtts://), instead of --host/--port/--transport. Repeat
+    /// it to fall back: the URLs are tried in order (a QUIC one gets --fallback-timeout to
+    /// finish its handshake), and the client moves back to the first once it answers again.
     #[arg(long, conflicts_with_all = ["host", "port", "transport"])]
-    pub url: Option<String>,
+    pub url: Vec<String>,
+    /// With several --url: seconds a QUIC attempt may take before the next URL is tried.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.0)]
+    pub fallback_timeout: f64,
+    /// Keep trying to connect while no broker can be reached (a device that boots before its
+    /// network), and reconnect after a lost connection, instead of exiting.
+    #[arg(long)]
+    pub retry_connect: bool,
     /// Client identifier [default: assigned by the broker].
     #[arg(short = 'i', long = "id")]
     pub id: Option<String>,
@@ -95,17 +104,26 @@ pub struct ConnArgs {
 }
 
 impl ConnArgs {
-    /// The broker URL these flags name.
+    /// The broker URL these flags name (the first, with several --url).
     pub fn url(&self) -> Result<BrokerUrl, String> {
-        if let Some(url) = &self.url {
-            return url.parse().map_err(|e: adapter_tokio::url::UrlError| e.to_string());
+        Ok(self.urls()?.remove(0))
+    }
+
+    /// The broker URLs these flags name, in order of preference (at least one).
+    pub fn urls(&self) -> Result<Vec<BrokerUrl>, String> {
+        if !self.url.is_empty() {
+            return self
+                .url
+                .iter()
+                .map(|u| u.parse().map_err(|e: adapter_tokio::url::UrlError| e.to_string()))
+                .collect();
         }
         let transport = match self.transport {
             TransportArg::Quic => Transport::Quic,
             TransportArg::Tcp => Transport::Tcp,
             TransportArg::Tls => Transport::Tls,
         };
-        Ok(BrokerUrl::new(transport, self.host.clone(), self.port))
+        Ok(vec![BrokerUrl::new(transport, self.host.clone(), self.port)])
     }
 
     /// Client options from the flags.
@@ -122,10 +140,18 @@ impl ConnArgs {
         s.username = self.username.clone();
         s.password = self.password.clone().map(Bytes::from);
         s.connect_timeout = Duration::from_secs(10);
-        // A command-line client reports a lost connection instead of hiding it behind retries.
-        options.reconnect = None;
+        // A command-line client reports a lost connection instead of hiding it behind retries,
+        // unless told to retry.
+        if !self.retry_connect {
+            options.reconnect = None;
+        }
+        options.retry_first_connection = self.retry_connect;
+        if !(self.fallback_timeout > 0.0 && self.fallback_timeout < 3600.0) {
+            return Err("--fallback-timeout: expected seconds above 0 and below 3600".into());
+        }
+        options.fallback.handshake_timeout = Duration::from_secs_f64(self.fallback_timeout);
         options.transport.datagrams = self.datagrams;
-        if self.url()?.transport != Transport::Tcp {
+        if self.urls()?.iter().any(|u| u.transport != Transport::Tcp) {
             options.tls = Some(self.trust()?);
         }
         Ok(options)
@@ -148,7 +174,7 @@ impl ConnArgs {
     /// Sets up logging and connects.
     pub async fn connect(&self, options: ClientOptions) -> Result<Client, String> {
         crate::init_logging(self.debug.then_some("debug"), "warn")?;
-        let url = self.url()?;
-        Client::connect(&url.to_string(), options).await.map_err(|e| e.to_string())
+        let urls: Vec<String> = self.urls()?.iter().map(|u| u.to_string()).collect();
+        Client::connect_urls(&urls, options).await.map_err(|e| e.to_string())
     }
 }

@@ -60,7 +60,7 @@ pub async fn run(args: ShellArgs) -> Result<(), String> {
                 } else {
                     let mut conn = args.conn.clone();
                     if let Some(url) = rest.first() {
-                        (conn.url, conn.port) = (Some(url.to_string()), None);
+                        (conn.url, conn.port) = (vec![url.to_string()], None);
                     }
                     if let Some(id) = rest.get(1) {
                         conn.id = Some(id.to_string());

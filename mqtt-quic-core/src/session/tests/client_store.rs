@@ -287,7 +287,7 @@ fn a_failed_store_stops_the_driver_and_fails_its_callers() {
     let mut driver: ClientDriver<u32> = ClientDriver::new(machine);
     driver.restore(now, vec![]).unwrap();
     driver.start(now);
-    assert_eq!(driver.poll_stream(), Some(StreamCommand::Open));
+    assert_eq!(driver.poll_stream(), Some(StreamCommand::Open(None)));
     driver.handle_stream_open(now);
     assert!(matches!(driver.poll_stream(), Some(StreamCommand::Data(_))), "CONNECT");
     let mut connack = BytesMut::new();

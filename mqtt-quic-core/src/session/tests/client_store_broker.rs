@@ -98,7 +98,7 @@ impl Net {
                 while let Some(command) = n.machine.poll_stream() {
                     progress = true;
                     match command {
-                        StreamCommand::Open => {
+                        StreamCommand::Open(_) => {
                             n.stream = Some(self.broker.handle_stream_open(self.now, None));
                             n.machine.handle_stream_open(self.now);
                         }
@@ -118,6 +118,7 @@ impl Net {
                                 self.broker.handle_stream_closed(self.now, id);
                             }
                         }
+                        other => panic!("a byte-stream client asked for {other:?}"),
                     }
                 }
                 while let Some(e) = n.machine.poll_event() {
