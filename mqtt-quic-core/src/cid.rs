@@ -121,9 +121,99 @@ impl ConnectionIdGenerator for QuicLbGenerator {
     }
 }
 
+/// Length of a [`TaggedCidGenerator`] connection id.
+pub const TAGGED_CID_LEN: usize = 16;
+
+/// The tag of a nonce: what marks a tagged connection id.
+fn tag(nonce: [u8; 8]) -> [u8; 8] {
+    // A fixed mix, not a secret: the ids are on the wire anyway. What matters is that a
+    // server's random or QUIC-LB ids (and the encrypted bytes after them) match it with
+    // probability 2^-64.
+    let mut z = u64::from_le_bytes(nonce) ^ 0x6D71_7474_7162_7267;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)).to_le_bytes()
+}
+
+/// Connection ids that mark packets as a client endpoint's when it shares a UDP socket with a
+/// server endpoint (a broker's bridges use the broker's socket): 8 bytes of nonce, the first
+/// of which is the endpoint's marker (which bridge), and 8 of their tag. [`tagged_marker`]
+/// tells such a packet from the server's, and whose it is.
+pub(crate) struct TaggedCidGenerator {
+    rng: SplitMix64,
+    marker: u8,
+}
+
+impl TaggedCidGenerator {
+    pub(crate) fn new(key: [u8; 32], marker: u8) -> TaggedCidGenerator {
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&key[..8]);
+        TaggedCidGenerator { rng: SplitMix64::new(u64::from_le_bytes(seed)), marker }
+    }
+}
+
+impl ConnectionIdGenerator for TaggedCidGenerator {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let mut nonce = self.rng.next_u64().to_le_bytes();
+        nonce[0] = self.marker;
+        let mut cid = [0u8; TAGGED_CID_LEN];
+        cid[..8].copy_from_slice(&nonce);
+        cid[8..].copy_from_slice(&tag(nonce));
+        ConnectionId::new(&cid)
+    }
+
+    fn cid_len(&self) -> usize {
+        TAGGED_CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The marker of the tagged connection id a received QUIC datagram is addressed to, if it is
+/// addressed to one (see [`TaggedCidGenerator`]): the destination id of its first packet, from
+/// a long header's length byte or, in a short header, the fixed length.
+pub fn tagged_marker(datagram: &[u8]) -> Option<u8> {
+    let first = *datagram.first()?;
+    let dcid = if first & 0x80 != 0 {
+        match datagram.get(5) {
+            Some(&len) if usize::from(len) == TAGGED_CID_LEN => datagram.get(6..6 + TAGGED_CID_LEN),
+            _ => None,
+        }
+    } else {
+        datagram.get(1..1 + TAGGED_CID_LEN)
+    };
+    let dcid = dcid?;
+    let mut nonce = [0u8; 8];
+    nonce.copy_from_slice(&dcid[..8]);
+    (tag(nonce) == dcid[8..]).then_some(nonce[0])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tagged_ids_are_told_from_others() {
+        let mut g = TaggedCidGenerator::new([3; 32], 7);
+        let cid = g.generate_cid();
+        let mut short = vec![0x40];
+        short.extend_from_slice(&cid);
+        short.extend_from_slice(&[0xAA; 30]);
+        assert_eq!(tagged_marker(&short), Some(7));
+        let mut long = vec![0xC0, 0, 0, 0, 1, TAGGED_CID_LEN as u8];
+        long.extend_from_slice(&cid);
+        long.extend_from_slice(&[0; 30]);
+        assert_eq!(tagged_marker(&long), Some(7));
+        short[3] ^= 1;
+        assert_eq!(tagged_marker(&short), None);
+        let mut rng = SplitMix64::new(9);
+        let random: Vec<u8> = (0..64).map(|_| rng.next_u64() as u8).collect();
+        for d in [&random[..], &[], &[0x40, 1, 2]] {
+            assert_eq!(tagged_marker(d), None);
+        }
+    }
 
     #[test]
     fn ids_carry_the_server_id_and_differ() {

@@ -570,6 +570,19 @@ impl ClientMachine {
         (self.targets.index(), self.targets.current().url.as_ref())
     }
 
+    /// Over QUIC: the address of the broker the current connection (or the move back to the
+    /// first broker) talks to.
+    pub fn quic_remotes(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        let conns = [
+            match self.link {
+                Link::Quic { conn } => conn,
+                Link::Stream { .. } => None,
+            },
+            self.probe.and_then(|p| p.conn),
+        ];
+        conns.into_iter().flatten().filter_map(|c| self.quic.as_ref()?.remote_address(c))
+    }
+
     /// The session (for inspection).
     pub fn session(&self) -> &ClientSession {
         &self.session
@@ -613,6 +626,14 @@ impl ClientMachine {
         let id = self.session.publish(now, publish)?;
         self.flush(now);
         Ok(id)
+    }
+
+    /// With `manual_acks`: acknowledges the server's message with this packet identifier (see
+    /// [`ClientSession::ack`]).
+    pub fn ack(&mut self, now: Instant, id: mqtt_proto::PacketId) -> Result<(), CommandError> {
+        self.session.ack(now, id)?;
+        self.flush(now);
+        Ok(())
     }
 
     /// See [`ClientSession::subscribe`].

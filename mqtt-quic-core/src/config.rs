@@ -268,12 +268,22 @@ pub struct ClientConfig {
     /// 32 bytes from the operating system's random source for the endpoint's keys and
     /// connection ids (see [`ServerConfig::secret`]); the adapters fill it in.
     pub secret: Option<Secret>,
+    /// Connection ids that tell this endpoint's packets from a server's on a shared UDP socket,
+    /// carrying this marker (see [`crate::cid::tagged_marker`]): what a broker's bridges use.
+    pub tagged_cids: Option<u8>,
 }
 
 impl ClientConfig {
     /// Defaults around a trust policy.
     pub fn new(tls: ClientTls) -> ClientConfig {
-        ClientConfig { tls, transport: TransportSettings::default(), zero_rtt: true, seed: 0, secret: None }
+        ClientConfig {
+            tls,
+            transport: TransportSettings::default(),
+            zero_rtt: true,
+            seed: 0,
+            secret: None,
+            tagged_cids: None,
+        }
     }
 }
 

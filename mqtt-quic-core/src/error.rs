@@ -72,4 +72,8 @@ pub enum CommandError {
     /// All 65 535 packet identifiers are in use.
     #[error("no free packet identifier")]
     NoPacketId,
+    /// No message with this packet identifier waits for the application's acknowledgement
+    /// (its connection ended; the server sends it again).
+    #[error("no message with this packet identifier waits for acknowledgement")]
+    UnknownMessage,
 }

@@ -145,6 +145,7 @@
 
 pub mod backoff;
 pub mod bbr;
+pub mod bridge;
 pub mod broker;
 pub mod cid;
 pub mod client;

@@ -486,6 +486,7 @@ pub(crate) mod domain {
     pub const TOKEN: u8 = 3;
     pub const CLIENT_ID: u8 = 4;
     pub const CID: u8 = 5;
+    pub const BRIDGE: u8 = 6;
 }
 
 fn endpoint_config(
@@ -545,12 +546,12 @@ impl QuicEndpoint {
             .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
         let mut client = quinn_proto::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(config.transport.quinn()));
-        let inner = quinn_proto::Endpoint::new(
-            Arc::new(endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?),
-            None,
-            false,
-            None,
-        );
+        let mut endpoint_config = endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?;
+        if let Some(marker) = config.tagged_cids {
+            let key = derive_key(config.secret.as_ref(), config.seed, domain::CID);
+            endpoint_config.cid_generator(move || Box::new(crate::cid::TaggedCidGenerator::new(key, marker)) as Box<_>);
+        }
+        let inner = quinn_proto::Endpoint::new(Arc::new(endpoint_config), None, false, None);
         Ok(QuicEndpoint::with(inner, Some(client), config.transport.clone(), usize::MAX, false))
     }
 

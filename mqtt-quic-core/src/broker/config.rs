@@ -89,6 +89,9 @@ pub struct BrokerConfig {
     /// PUBACK goes out then, without a trip to the disk; otherwise the message is written in
     /// the first batch after the delay. 0 writes everything at once.
     pub commit_delay: Duration,
+    /// Bridges to upstream brokers (see [`crate::bridge`]): they connect once the broker
+    /// starts ([`Broker::start`](super::machine::Broker::start)).
+    pub bridges: Vec<crate::bridge::config::BridgeConfig>,
 }
 
 impl BrokerConfig {
@@ -118,6 +121,7 @@ impl BrokerConfig {
             max_queued_bytes: 16 << 20,
             persistence: Persistence::Off,
             commit_delay: Duration::from_millis(1),
+            bridges: Vec::new(),
         }
     }
 
@@ -149,6 +153,12 @@ impl BrokerConfig {
         for (name, n) in counts {
             if n == 0 {
                 return Err(invalid(format!("{name} must be at least 1")));
+            }
+        }
+        for (i, bridge) in self.bridges.iter().enumerate() {
+            bridge.validate()?;
+            if self.bridges[..i].iter().any(|b| b.name == bridge.name) {
+                return Err(invalid(format!("two bridges are named `{}`", bridge.name)));
             }
         }
         Ok(())

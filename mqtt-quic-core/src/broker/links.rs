@@ -61,6 +61,10 @@ pub(super) struct Links {
     stalls: BTreeMap<Peer, (Instant, u64)>,
     stall_timers: TimerIndex<Peer>,
     next_stream: u64,
+    /// Streams the broker carries itself (its bridges' sessions here), and their output,
+    /// which goes to them instead of the adapter.
+    internal: std::collections::BTreeSet<StreamId>,
+    internal_out: VecDeque<(StreamId, StreamOutput)>,
     /// From the configuration: see [`BrokerConfig::write_timeout`].
     write_timeout: Duration,
     /// See [`BrokerConfig::max_queued_bytes`].
@@ -80,6 +84,8 @@ impl Links {
             stalls: BTreeMap::new(),
             stall_timers: TimerIndex::new(),
             next_stream: 0,
+            internal: Default::default(),
+            internal_out: VecDeque::new(),
             write_timeout: config.write_timeout,
             max_queued_bytes: config.max_queued_bytes,
             max_total_queued_bytes: config.max_total_queued_bytes,
@@ -90,6 +96,31 @@ impl Links {
     pub(super) fn open_stream(&mut self) -> StreamId {
         self.next_stream += 1;
         StreamId(self.next_stream)
+    }
+
+    /// Numbers a stream the broker carries itself (see `internal`).
+    pub(super) fn open_internal_stream(&mut self) -> StreamId {
+        let id = self.open_stream();
+        self.internal.insert(id);
+        id
+    }
+
+    /// Output for a byte stream: the adapter's, or the broker's own for an internal one.
+    pub(super) fn push_stream(&mut self, id: StreamId, output: StreamOutput) {
+        match self.internal.contains(&id) {
+            true => self.internal_out.push_back((id, output)),
+            false => self.out.push_back((id, output)),
+        }
+    }
+
+    /// An internal stream is closed (after its last output was taken).
+    pub(super) fn forget_internal(&mut self, id: StreamId) {
+        self.internal.remove(&id);
+    }
+
+    /// The next output for an internal stream.
+    pub(super) fn poll_internal(&mut self) -> Option<(StreamId, StreamOutput)> {
+        self.internal_out.pop_front()
     }
 
     /// Notes where a byte stream comes from (the adapter knows; QUIC tells itself).
@@ -119,7 +150,7 @@ impl Links {
             Peer::Stream(id) => {
                 self.backlog.entry(id).or_default().0 += bytes.len();
                 self.backlog_total += bytes.len();
-                self.out.push_back((id, StreamOutput::Data(bytes)));
+                self.push_stream(id, StreamOutput::Data(bytes));
             }
         }
         if self.backlog(peer) > self.max_queued_bytes.saturating_mul(4) {
@@ -143,7 +174,7 @@ impl Links {
             }
             Peer::Stream(id) => {
                 self.forget_stream(id);
-                self.out.push_back((id, StreamOutput::Close));
+                self.push_stream(id, StreamOutput::Close);
             }
         }
     }
@@ -158,7 +189,7 @@ impl Links {
             }
             Peer::Stream(id) => {
                 self.forget_stream(id);
-                self.out.push_back((id, StreamOutput::Abort));
+                self.push_stream(id, StreamOutput::Abort);
             }
         }
     }

@@ -62,6 +62,9 @@ pub(super) struct Live {
     /// SUBSCRIBEs and UNSUBSCRIBEs read on one-way data streams, by packet id, in order, until
     /// the session reports them (see `lanes`).
     pub(super) origins: VecDeque<(PacketId, Lane)>,
+    /// The broker's own connection (a bridge's session here): no password check, no ACL, and
+    /// the only one that may use a `$bridge/` client id.
+    pub(super) internal: bool,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -96,6 +99,10 @@ pub struct Broker {
     pub(super) lane_keys: BTreeMap<SessionKey, (Peer, Lane)>,
     /// The number the last data stream's subscriber key got (see `lanes`).
     pub(super) lane_seq: u64,
+    /// Bridges to upstream brokers (see `bridges`).
+    pub(super) bridges: Vec<super::bridges::BridgeSlot>,
+    /// Outgoing connections and name resolutions the bridges need, for the adapter.
+    pub(super) dials: VecDeque<super::bridges::Dial>,
 }
 
 impl Broker {
@@ -106,6 +113,14 @@ impl Broker {
             ring::hmac::HMAC_SHA256,
             &quic::derive_key(config.quic.secret.as_ref(), config.quic.seed, quic::domain::CLIENT_ID),
         );
+        let mut bridges = Vec::new();
+        for (i, bridge) in config.bridges.iter().enumerate() {
+            let marker = u8::try_from(i).map_err(|_| ConfigError::Invalid("at most 256 bridges".into()))?;
+            let secret =
+                quic::derive_key(config.quic.secret.as_ref(), config.quic.seed ^ i as u64, quic::domain::BRIDGE);
+            let bridge = crate::bridge::Bridge::new(bridge.clone(), secret, marker)?;
+            bridges.push(super::bridges::BridgeSlot::new(bridge));
+        }
         Ok(Broker {
             links: Links::new(&config)?,
             conns: BTreeMap::new(),
@@ -124,6 +139,8 @@ impl Broker {
             journal: Journal::new(config.persistence, config.commit_delay),
             lane_keys: BTreeMap::new(),
             lane_seq: 0,
+            bridges,
+            dials: VecDeque::new(),
             config,
         })
     }
@@ -171,6 +188,7 @@ impl Broker {
     pub fn shutdown(&mut self, now: Instant, grace: Duration) {
         self.tick(now);
         self.closing_until.get_or_insert(now + grace);
+        self.stop_bridges(now);
         let peers: Vec<Peer> = self.conns.keys().copied().collect();
         for peer in peers {
             if let Some(live) = self.conns.get_mut(&peer) {
@@ -210,7 +228,9 @@ impl Broker {
     /// Bytes read from a byte-stream connection.
     pub fn handle_stream_data(&mut self, now: Instant, id: StreamId, data: &[u8]) {
         self.tick(now);
-        if self.conns.contains_key(&Peer::Stream(id)) {
+        if self.dialed_data(now, id, data) {
+            self.pump(now);
+        } else if self.conns.contains_key(&Peer::Stream(id)) {
             self.received(now, Peer::Stream(id), data);
             self.pump(now);
         }
@@ -218,13 +238,20 @@ impl Broker {
 
     /// The byte-stream connection closed (or failed).
     pub fn handle_stream_closed(&mut self, now: Instant, id: StreamId) {
+        if !self.dialed_closed(now, id) {
+            self.stream_closed(now, id);
+        }
+        self.pump(now);
+    }
+
+    /// A byte stream ended (the adapter closed it, or the broker an internal one).
+    pub(super) fn stream_closed(&mut self, now: Instant, id: StreamId) {
         if let Some(live) = self.conns.get_mut(&Peer::Stream(id)) {
             live.detail.get_or_insert_with(|| "the connection closed".into());
         }
         self.links.forget_stream(id);
         self.journal.forget(Peer::Stream(id));
         self.lost(now, Peer::Stream(id));
-        self.pump(now);
     }
 
     /// Output for byte-stream connections: bytes to write, or the signal to close.
@@ -308,7 +335,7 @@ impl Broker {
                 }
             }
             let Some(conn) = self.dirty.pop_first() else {
-                if self.release_held(now) {
+                if self.release_held(now) || self.pump_bridges(now) {
                     continue;
                 }
                 break;
@@ -317,7 +344,7 @@ impl Broker {
         }
     }
 
-    fn received(&mut self, now: Instant, peer: Peer, data: &[u8]) {
+    pub(super) fn received(&mut self, now: Instant, peer: Peer, data: &[u8]) {
         self.stats.bytes_received += data.len() as u64;
         self.live(now, peer).session.handle_stream_data(now, data);
         self.dirty.insert(peer);
@@ -384,6 +411,7 @@ impl Broker {
             lanes: BTreeMap::new(),
             datagrams: false,
             origins: VecDeque::new(),
+            internal: false,
         })
     }
 
@@ -732,7 +760,9 @@ impl Broker {
     /// Feeds one received UDP datagram.
     pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
         self.tick(now);
-        self.links.quic.handle_datagram(now, datagram);
+        if self.bridges.is_empty() || !self.bridge_datagram(now, &datagram) {
+            self.links.quic.handle_datagram(now, datagram);
+        }
         self.pump(now);
     }
 
@@ -751,6 +781,7 @@ impl Broker {
         }
         self.fire(now);
         self.check_stalls(now);
+        self.bridge_timeouts(now);
         self.pump(now);
     }
 
@@ -763,7 +794,10 @@ impl Broker {
     /// Up to `max_datagrams` datagrams to one destination at once (see [`Machine::poll_transmit_batch`](crate::Machine::poll_transmit_batch)).
     #[must_use]
     pub fn poll_transmit_batch(&mut self, now: Instant, max_datagrams: usize, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let t = self.links.quic.poll_transmit_batch(now, max_datagrams, buf);
+        let mut t = self.links.quic.poll_transmit_batch(now, max_datagrams, buf);
+        if t.is_none() && !self.bridges.is_empty() {
+            t = self.bridge_transmit(now, max_datagrams, buf);
+        }
         self.pump(now);
         t
     }
@@ -771,7 +805,8 @@ impl Broker {
     /// When to call `handle_timeout` next.
     #[must_use]
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        [self.links.quic.poll_timeout(), self.next_deadline(), self.closing_until].into_iter().flatten().min()
+        let bridges = if self.bridges.is_empty() { None } else { self.bridge_deadline() };
+        [self.links.quic.poll_timeout(), self.next_deadline(), self.closing_until, bridges].into_iter().flatten().min()
     }
 }
 

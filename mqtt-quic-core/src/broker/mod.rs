@@ -25,6 +25,9 @@
 //! - `lanes`: data streams of EMQX's multi-stream mode (each a session of its own within the
 //!   connection's), and one-way data streams feeding the connection's session.
 //! - `datagrams`: QoS 0 messages in QUIC datagrams, both ways.
+//! - `bridges`: the broker's bridges to upstream brokers ([`crate::bridge`]): their sessions
+//!   here on internal streams, their upstream connections through the broker's socket and
+//!   the adapter's dialling ([`Dial`]).
 //! - `shared`: redelivery of shared-subscription messages a leaving member did not acknowledge.
 //! - `sys`: `$SYS/broker/` statistics and the periodic work.
 //! - `local`: in-process subscribe and publish for the embedding application.
@@ -36,6 +39,7 @@
 //!   failed logins per address.
 
 pub mod auth;
+mod bridges;
 mod config;
 mod datagrams;
 mod events;
@@ -54,5 +58,6 @@ pub mod router;
 mod shared;
 pub mod stream_table;
 
+pub use bridges::{BridgeId, Dial, DialTls};
 pub use datagrams::DATAGRAM_PROPERTY;
 mod sys;

@@ -129,7 +129,7 @@ impl Broker {
     /// `$` topics are the broker's (e.g. `$SYS`), clients may not publish there.
     pub(super) fn publish_refusal(&self, conn: Peer, topic: &TopicName) -> ReasonCode {
         let allowed = || match (&self.config.auth, self.conns.get(&conn)) {
-            (Some(auth), Some(live)) => {
+            (Some(auth), Some(live)) if !live.internal => {
                 auth.can_publish(live.client.as_deref().unwrap_or(""), live.username.as_deref(), topic)
             }
             _ => true,
@@ -155,7 +155,8 @@ impl Broker {
         if self.topic_refusal(filter.match_filter()).is_some() {
             Some(ReasonCode::TopicFilterInvalid)
         } else if self.config.auth.as_ref().zip(self.conns.get(&conn)).is_some_and(|(auth, live)| {
-            !auth.can_subscribe(live.client.as_deref().unwrap_or(""), live.username.as_deref(), filter)
+            !live.internal
+                && !auth.can_subscribe(live.client.as_deref().unwrap_or(""), live.username.as_deref(), filter)
         }) {
             Some(ReasonCode::NotAuthorized)
         } else if !already && self.subscriptions_of(key) >= self.config.max_subscriptions_per_client {
@@ -177,6 +178,7 @@ impl Broker {
     pub(super) fn on_connect(&mut self, now: Instant, conn: Peer, c: Connect) {
         let remote = self.links.remote_addr(conn);
         let username = c.username.as_ref().map(|u| u.as_str().to_string());
+        let internal = self.conns.get(&conn).is_some_and(|l| l.internal);
         if let Some(live) = self.conns.get_mut(&conn) {
             live.hello = Some((c.client_id.to_string(), username.clone(), remote));
             live.datagrams = super::datagrams::asks_for_datagrams(&c);
@@ -184,6 +186,10 @@ impl Broker {
         if self.closing_until.is_some() {
             // Shutting down: a client that reconnects at once must not land here again.
             return self.refuse(now, conn, ReasonCode::ServerUnavailable);
+        }
+        // Bridges' sessions here are the broker's own: no client may take one over.
+        if !internal && c.client_id.as_str().starts_with(crate::bridge::LOCAL_CLIENT_PREFIX) {
+            return self.refuse(now, conn, ReasonCode::ClientIdentifierNotValid);
         }
         // Enhanced authentication (an AUTH exchange) is not offered: a client that asks for it
         // is refused with 0x8C and the connection closed [MQTT-4.12.0-1].
@@ -200,7 +206,7 @@ impl Broker {
                 return self.refuse(now, conn, ReasonCode::NotAuthorized);
             }
         }
-        let Some(auth) = self.config.auth.clone() else { return self.admit(now, conn, c) };
+        let Some(auth) = self.config.auth.clone().filter(|_| !internal) else { return self.admit(now, conn, c) };
         // Where it comes from, when known (QUIC always; byte streams when the adapter said,
         // with [`Broker::handle_stream_open`]).
         let ip = remote.map(|a| a.ip());
@@ -248,5 +254,7 @@ pub(super) fn may_read(registry: &Registry, auth: Option<&dyn Auth>, key: Sessio
     if key > LOCAL_BASE {
         return true;
     }
-    registry.by_key(key).is_some_and(|(id, r)| auth.can_read(id, r.owner.as_deref(), topic))
+    registry.by_key(key).is_some_and(|(id, r)| {
+        id.starts_with(crate::bridge::LOCAL_CLIENT_PREFIX) || auth.can_read(id, r.owner.as_deref(), topic)
+    })
 }

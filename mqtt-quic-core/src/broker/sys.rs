@@ -65,7 +65,9 @@ impl Broker {
             schedule.started = Some(now);
             schedule.next_sys = self.config.sys_interval.map(|i| now + i);
             schedule.next_housekeeping = Some(now + HOUSEKEEPING);
+            self.start_bridges(now);
         }
+        let schedule = &mut self.schedule;
         if schedule.next_housekeeping.is_some_and(|at| at <= now) {
             schedule.next_housekeeping = Some(now + HOUSEKEEPING);
             self.retained.purge_expired(now);
@@ -99,6 +101,7 @@ impl Broker {
             ("datagrams/dropped", self.stats.datagrams_dropped.to_string()),
             ("uptime", format!("{uptime} seconds")),
         ];
+        let values = values.into_iter().map(|(n, v)| (n.to_string(), v)).chain(self.bridge_sys_values());
         for (name, value) in values {
             let Ok(topic) = mqtt_proto::TopicName::new(format!("$SYS/broker/{name}")) else { continue };
             let mut p = Publish::new(topic, value.into_bytes());

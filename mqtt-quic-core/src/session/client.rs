@@ -55,6 +55,10 @@ pub struct ClientSessionConfig {
     pub max_inflight: u16,
     /// Most publishes waiting for an in-flight slot; beyond it `publish` fails with `QueueFull`.
     pub max_queued: usize,
+    /// The application acknowledges the server's QoS 1 and 2 messages itself, with
+    /// [`ClientSession::ack`], once it has done with them (a bridge: once they are kept
+    /// elsewhere); until then the server keeps them. Off: acknowledged on arrival.
+    pub manual_acks: bool,
 }
 
 impl Default for ClientSessionConfig {
@@ -75,6 +79,7 @@ impl Default for ClientSessionConfig {
             connect_timeout: Duration::from_secs(10),
             max_inflight: DEFAULT_WINDOW,
             max_queued: 10_000,
+            manual_acks: false,
         }
     }
 }
@@ -242,6 +247,9 @@ pub struct ClientSession {
     data_stream: bool,
     /// A data stream's requests made while its stream was not open.
     waiting: VecDeque<Waiting>,
+    /// With `manual_acks`: the server's QoS 1 and 2 messages handed on and not yet
+    /// acknowledged on this connection, by packet identifier.
+    held: BTreeMap<u16, QoS>,
 }
 
 impl ClientSession {
@@ -283,6 +291,7 @@ impl ClientSession {
             unheld: false,
             data_stream: false,
             waiting: VecDeque::new(),
+            held: BTreeMap::new(),
             config,
         })
     }
@@ -337,6 +346,7 @@ impl ClientSession {
             unheld: false,
             data_stream: true,
             waiting: VecDeque::new(),
+            held: BTreeMap::new(),
             config,
         }
     }
@@ -781,6 +791,21 @@ impl ClientSession {
         Ok(())
     }
 
+    /// With `manual_acks`: acknowledges the server's QoS 1 or 2 message with this packet
+    /// identifier (PUBACK, or PUBREC and then the rest of the exchange). Fails with
+    /// [`CommandError::UnknownMessage`] when no such message waits on this connection: the
+    /// connection it came on has ended, and the server will send it again.
+    pub fn ack(&mut self, now: Instant, id: PacketId) -> Result<(), CommandError> {
+        let qos = self.held.remove(&id.get()).ok_or(CommandError::UnknownMessage)?;
+        if qos == QoS::ExactlyOnce {
+            let _ = self.inbound.qos2(id.get(), u16::MAX);
+            self.write(now, &Packet::PubRec(Ack::new(id)));
+        } else {
+            self.write(now, &Packet::PubAck(Ack::new(id)));
+        }
+        Ok(())
+    }
+
     /// Answers an AUTH challenge (MQTT 5 enhanced authentication).
     pub fn auth(&mut self, now: Instant, mut auth: Auth) -> Result<(), CommandError> {
         if self.data_stream {
@@ -839,6 +864,8 @@ impl ClientSession {
         self.state = State::Idle;
         self.inbuf.clear();
         self.writer.clear();
+        // What was not acknowledged comes again on the next connection.
+        self.held.clear();
     }
 
     /// Bytes received from the transport.
@@ -1164,6 +1191,22 @@ impl ClientSession {
         }
         match publish.qos_pid {
             QosPid::AtMostOnce => self.events.push_back(ClientEvent::Message(publish)),
+            QosPid::AtLeastOnce(id) | QosPid::ExactlyOnce(id) if self.config.manual_acks => {
+                let qos = publish.qos();
+                if self.held.contains_key(&id.get()) {
+                    // Sent again before we acknowledged it: the application has it.
+                    return;
+                }
+                if qos == QoS::ExactlyOnce && self.inbound.qos2_ids().any(|i| i == id.get()) {
+                    // Acknowledged (PUBREC) before: say so again, do not deliver again.
+                    return self.write(now, &Packet::PubRec(Ack::new(id)));
+                }
+                if self.held.len() + self.inbound.waiting() >= usize::from(self.config.receive_maximum) {
+                    return self.violation(now, ReasonCode::ReceiveMaximumExceeded);
+                }
+                self.held.insert(id.get(), qos);
+                self.events.push_back(ClientEvent::Message(publish));
+            }
             QosPid::AtLeastOnce(id) => {
                 self.events.push_back(ClientEvent::Message(publish));
                 self.write(now, &Packet::PubAck(Ack::new(id)));

@@ -31,7 +31,7 @@ pub(crate) struct Inbound {
 }
 
 impl Inbound {
-    fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.unacked_qos1.len() + self.qos2.len()
     }
 
