@@ -12,7 +12,9 @@ use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::Handling;
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
+use mqtt_quic_core::broker::{BridgeId, Dial};
 use mqtt_quic_core::config::Secret;
+use mqtt_quic_core::url::BrokerUrl;
 use mqtt_quic_core::Datagram;
 use mqtt_store::{BrokerStore, StoreError};
 use std::io;
@@ -27,6 +29,11 @@ pub use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 enum FromConn {
     /// A connection: its writer's queue, its abort signal, where to send its id, its peer.
     Opened(Sender<StreamOutput>, Sender<()>, Sender<StreamId>, SocketAddr),
+    /// A connection dialled for a bridge is up (with its writer's queue and abort signal), or
+    /// failed.
+    Dialed(StreamId, Result<(Sender<StreamOutput>, Sender<()>), String>),
+    /// A name resolved for a bridge.
+    Resolved(BridgeId, BrokerUrl, Result<SocketAddr, String>),
     Bytes(StreamId, Bytes),
     Wrote(StreamId, usize),
     Gone(StreamId),
@@ -103,11 +110,14 @@ impl Server {
         let tcp = listener.as_ref().and_then(|l| l.local_addr().ok());
         let (to_broker, from_conns) = async_channel::bounded(1024);
         let write_timeout = options.broker.write_timeout;
+        // Connections dialled for bridges come in the same way as accepted ones.
+        let dial = (to_broker.clone(), write_timeout);
         let acceptor =
             listener.map(|l| async_std::task::spawn(accept(l, to_broker, options.tcp_max_connections, write_timeout)));
         let (stop, stopped) = async_channel::bounded(1);
         let store = (store, stored_rx);
-        let broker = async_std::task::spawn(serve(machine, udp, from_conns, stopped, store, options.shutdown_grace));
+        let broker =
+            async_std::task::spawn(serve(machine, udp, (from_conns, dial), stopped, store, options.shutdown_grace));
         Ok(Server { quic, tcp, stop, broker: Some(broker), acceptor })
     }
 
@@ -173,7 +183,7 @@ enum Wake {
 async fn serve(
     mut broker: Broker,
     udp: Option<UdpSocket>,
-    from_conns: Receiver<FromConn>,
+    (from_conns, (dial_tx, write_timeout)): (Receiver<FromConn>, (Sender<FromConn>, Duration)),
     stop: Receiver<()>,
     (mut store, stored): (BrokerStore, Receiver<Result<u64, StoreError>>),
     grace: Duration,
@@ -191,6 +201,8 @@ async fn serve(
     // Password checks (PBKDF2, milliseconds each) run on threads of their own, a few at a time,
     // so they never hold up this task; verdicts come back through a channel.
     let (requests, verdicts) = auth_workers();
+    // Bridges start connecting upstream.
+    broker.start(now());
     loop {
         while let Some(t) = broker.poll_transmit(now(), &mut out) {
             if let Some(udp) = &udp {
@@ -209,6 +221,9 @@ async fn serve(
         }
         while let Some(request) = broker.poll_auth() {
             let _ = requests.try_send(request);
+        }
+        while let Some(dial) = broker.poll_dial() {
+            async_std::task::spawn(dial_out(dial, dial_tx.clone(), write_timeout));
         }
         // What changed durably goes to the store thread, which commits in groups and reports.
         store.submit(&mut broker, now());
@@ -290,6 +305,13 @@ async fn serve(
                     streams.closed(&mut broker, t, id);
                 }
             }
+            Wake::Conn(Some(FromConn::Dialed(id, result))) => {
+                let result = result.map(|(queue, abort)| streams.dialed(id, "bridge", Writer { queue, abort }));
+                broker.handle_dialed(t, id, result);
+            }
+            Wake::Conn(Some(FromConn::Resolved(bridge, url, result))) => {
+                broker.handle_resolved(t, bridge, &url, result)
+            }
             Wake::Conn(Some(FromConn::Bytes(id, data))) => broker.handle_stream_data(t, id, &data),
             Wake::Conn(Some(FromConn::Wrote(id, n))) => broker.handle_stream_written(id, n),
             Wake::Conn(Some(FromConn::Gone(id))) => streams.closed(&mut broker, t, id),
@@ -343,22 +365,70 @@ async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize, 
         live.fetch_add(1, Ordering::Relaxed);
         let (to_broker, live) = (to_broker.clone(), live.clone());
         async_std::task::spawn(async move {
-            carry(stream, remote, to_broker, write_timeout).await;
+            carry(stream, None, remote, to_broker, write_timeout).await;
             live.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-/// Moves one connection's bytes until either side ends it.
-async fn carry(stream: TcpStream, remote: SocketAddr, to_broker: Sender<FromConn>, write_timeout: Duration) {
+/// Does what the broker asks for its bridges: opens a TCP connection (then carried like an
+/// accepted one) or resolves a name, and reports back. This adapter has no TLS over TCP.
+async fn dial_out(dial: Dial, to_broker: Sender<FromConn>, write_timeout: Duration) {
+    let lookup = |url: BrokerUrl| async move {
+        let resolved = async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority()).await;
+        mqtt_quic_core::driver::pick_address(&url, resolved).map_err(|e| e.to_string())
+    };
+    match dial {
+        Dial::Open { id, tls: Some(_), .. } => {
+            let refused = Err("mqtts:// (this adapter has no TLS over TCP)".to_string());
+            let _ = to_broker.send(FromConn::Dialed(id, refused)).await;
+        }
+        Dial::Open { id, url, tls: None } => {
+            let opened = async {
+                let addr = lookup(url).await.map_err(io::Error::other)?;
+                Ok((TcpStream::connect(addr).await?, addr))
+            };
+            match async_std::io::timeout(Duration::from_secs(10), opened).await {
+                Ok((stream, addr)) => carry(stream, Some(id), addr, to_broker, write_timeout).await,
+                Err(e) => drop(to_broker.send(FromConn::Dialed(id, Err(e.to_string()))).await),
+            }
+        }
+        Dial::Resolve { bridge, url } => {
+            let result = lookup(url.clone()).await;
+            let _ = to_broker.send(FromConn::Resolved(bridge, url, result)).await;
+        }
+        _ => {}
+    }
+}
+
+/// Moves one connection's bytes until either side ends it: an accepted one (`dialed` `None`:
+/// the broker numbers it now), or one dialled for a bridge under the broker's number.
+async fn carry(
+    stream: TcpStream,
+    dialed: Option<StreamId>,
+    remote: SocketAddr,
+    to_broker: Sender<FromConn>,
+    write_timeout: Duration,
+) {
     let _ = stream.set_nodelay(true);
     let (writer, outputs) = async_channel::unbounded();
-    let (reply, id) = async_channel::bounded(1);
     let (abort, aborted) = async_channel::bounded(1);
-    if to_broker.send(FromConn::Opened(writer, abort, reply, remote)).await.is_err() {
-        return;
-    }
-    let Ok(id) = id.recv().await else { return };
+    let id = match dialed {
+        Some(id) => {
+            if to_broker.send(FromConn::Dialed(id, Ok((writer, abort)))).await.is_err() {
+                return;
+            }
+            id
+        }
+        None => {
+            let (reply, id) = async_channel::bounded(1);
+            if to_broker.send(FromConn::Opened(writer, abort, reply, remote)).await.is_err() {
+                return;
+            }
+            let Ok(id) = id.recv().await else { return };
+            id
+        }
+    };
     let (mut reading, mut writing) = (stream.clone(), stream.clone());
     let inbound = async {
         let mut buf = vec![0u8; 16 * 1024];

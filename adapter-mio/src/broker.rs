@@ -12,10 +12,11 @@ use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::Handling;
 use mqtt_quic_core::broker::machine::{Broker, LocalSubscription, StreamId};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
+use mqtt_quic_core::broker::Dial;
 use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 use mqtt_quic_core::Datagram;
 use mqtt_store::{BrokerStore, StoreError};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, OnceLock};
@@ -167,6 +168,8 @@ pub struct MioBroker {
     failed: bool,
     /// Wakes the caller's loop when a verdict or a report comes, once given.
     waker: LoopWaker,
+    /// Connections dialled for bridges whose TCP connect has not completed yet.
+    dialing: HashSet<Token>,
 }
 
 /// Threads that verify passwords. The loop hands them requests and collects verdicts when it
@@ -274,6 +277,12 @@ impl MioBroker {
             reports,
             failed: false,
             waker,
+            dialing: HashSet::new(),
+        })
+        .map(|mut b| {
+            // Bridges start connecting upstream.
+            b.broker.start(now());
+            b
         })
     }
 
@@ -362,6 +371,8 @@ impl MioBroker {
             }
         } else if token.0 == self.base + 1 {
             self.accept(registry);
+        } else if self.dialing.contains(&token) {
+            self.dialed(registry, token, event);
         } else if let Some((id, conn)) = self.conns.get_mut(&token) {
             let id = *id;
             let mut closed = false;
@@ -461,6 +472,68 @@ impl MioBroker {
         }
     }
 
+    /// Does what the broker asks for its bridges: a TCP connection (registered now, reported
+    /// once connected, then carried like an accepted one) or a name (resolved here, blocking
+    /// the loop while it is). This adapter has no TLS over TCP.
+    fn dial(&mut self, registry: &Registry, dial: Dial) {
+        let lookup = |url: &mqtt_quic_core::url::BrokerUrl| {
+            use std::net::ToSocketAddrs;
+            mqtt_quic_core::driver::pick_address(url, url.authority().to_socket_addrs()).map_err(|e| e.to_string())
+        };
+        match dial {
+            Dial::Open { id, tls: Some(_), .. } => {
+                self.broker.handle_dialed(now(), id, Err("mqtts:// (this adapter has no TLS over TCP)".into()))
+            }
+            Dial::Open { id, url, tls: None } => {
+                let token = Token(self.next);
+                let opened =
+                    lookup(&url).and_then(|addr| mio::net::TcpStream::connect(addr).map_err(|e| e.to_string()));
+                let registered = opened.and_then(|mut stream| {
+                    registry
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .map(|()| stream)
+                        .map_err(|e| e.to_string())
+                });
+                match registered {
+                    Ok(stream) => {
+                        self.next += 1;
+                        self.conns.insert(token, (id, Conn::new(stream)));
+                        self.dialing.insert(token);
+                    }
+                    Err(e) => self.broker.handle_dialed(now(), id, Err(e)),
+                }
+            }
+            Dial::Resolve { bridge, url } => {
+                let result = lookup(&url);
+                self.broker.handle_resolved(now(), bridge, &url, result);
+            }
+            _ => {}
+        }
+    }
+
+    /// Readiness of a dialled connection still connecting: connected (from now on carried
+    /// like an accepted one), or failed.
+    fn dialed(&mut self, registry: &Registry, token: Token, event: &Event) {
+        let Some((id, conn)) = self.conns.get(&token) else { return };
+        let id = *id;
+        let outcome = match (conn.stream.take_error(), conn.stream.peer_addr()) {
+            (Ok(None), Ok(_)) => Ok(()),
+            (Ok(None), Err(e)) if e.kind() == io::ErrorKind::NotConnected && !event.is_error() => return,
+            (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+        };
+        self.dialing.remove(&token);
+        match outcome {
+            Ok(()) => {
+                self.streams.dialed(id, "bridge", ConnToken(token));
+                self.broker.handle_dialed(now(), id, Ok(()));
+            }
+            Err(e) => {
+                Sockets::drop_conn(&mut self.conns, &mut self.closing, registry, token);
+                self.broker.handle_dialed(now(), id, Err(e));
+            }
+        }
+    }
+
     fn drop_conn(&mut self, registry: &Registry, token: Token) {
         if let Some(id) = Sockets::drop_conn(&mut self.conns, &mut self.closing, registry, token) {
             self.streams.remove(id);
@@ -472,6 +545,9 @@ impl MioBroker {
     fn flush(&mut self, registry: &Registry) {
         if self.failed {
             return;
+        }
+        while let Some(dial) = self.broker.poll_dial() {
+            self.dial(registry, dial);
         }
         if let Some(udp) = &mut self.udp {
             if !udp.is_stalled() || udp.retry() {

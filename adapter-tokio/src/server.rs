@@ -9,7 +9,9 @@ use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::{Handling, Level};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
+use mqtt_quic_core::broker::{BridgeId, Dial};
 use mqtt_quic_core::config::Secret;
+use mqtt_quic_core::url::BrokerUrl;
 use mqtt_store::{BrokerStore, StoreError};
 use std::io;
 use std::net::SocketAddr;
@@ -45,6 +47,10 @@ enum StreamIn {
         /// "tcp" or "tls", for the log.
         transport: &'static str,
     },
+    /// A connection dialled for a bridge ([`Dial::Open`]) is up (with its outbox) or failed.
+    Dialed(StreamId, Result<OutboxSender, String>),
+    /// A name resolved for a bridge ([`Dial::Resolve`]).
+    Resolved(BridgeId, BrokerUrl, Result<SocketAddr, String>),
     Data(StreamId, Bytes),
     /// The writer put this many bytes on the socket.
     Written(StreamId, usize),
@@ -208,11 +214,13 @@ impl Server {
             let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
             acceptors.push(tokio::spawn(accept(listener, acceptor, limit, to, options.clone())));
         }
+        // Connections dialled for bridges come in the same way as accepted ones.
+        let dial_tx = streams_tx.clone();
         drop((streams_tx, alive_tx));
         let grace = options.shutdown_grace;
         let (stop_tx, stop_rx) = oneshot::channel();
         let store = (store, stored_rx);
-        let driver = tokio::spawn(drive(broker, udp, streams_rx, stop_rx, store, options));
+        let driver = tokio::spawn(drive(broker, udp, (streams_rx, dial_tx), stop_rx, store, options));
         let driver = tokio::spawn(async move {
             // A broker task that panics takes the broker down with it: say so where
             // `Server::wait` (and so a supervisor watching the process) can see it.
@@ -307,7 +315,7 @@ const WRITE_PIECE: usize = 64 * 1024;
 async fn drive(
     mut broker: Broker,
     mut udp: Option<Udp>,
-    mut streams: mpsc::Receiver<StreamIn>,
+    (mut streams, dial_tx): (mpsc::Receiver<StreamIn>, mpsc::Sender<StreamIn>),
     mut stop: oneshot::Receiver<()>,
     (mut store, mut stored): (BrokerStore, mpsc::UnboundedReceiver<Result<u64, StoreError>>),
     options: ServerOptions,
@@ -336,6 +344,8 @@ async fn drive(
     // a closed channel is always ready: selecting on it would spin and starve every other
     // input.
     let mut stored_open = true;
+    // Bridges start connecting upstream.
+    broker.start(clock());
     loop {
         // Drain outputs: datagrams, stream bytes, events.
         let batch = udp.as_ref().map_or(1, |u| u.max_gso_segments());
@@ -367,6 +377,9 @@ async fn drive(
                     let _ = tx.send((id, verdict));
                 }
             }));
+        }
+        while let Some(dial) = broker.poll_dial() {
+            drop(tokio::spawn(dial_out(dial, dial_tx.clone(), options.clone())));
         }
         // What changed durably goes to the store thread, which commits in groups and reports.
         store.submit(&mut broker, clock());
@@ -423,6 +436,13 @@ async fn drive(
                 if reply.send(id).is_err() {
                     table.closed(&mut broker, now, id);
                 }
+            }
+            Input::Stream(Some(StreamIn::Dialed(id, result))) => {
+                let result = result.map(|out| table.dialed(id, "bridge", out));
+                broker.handle_dialed(now, id, result);
+            }
+            Input::Stream(Some(StreamIn::Resolved(bridge, url, result))) => {
+                broker.handle_resolved(now, bridge, &url, result)
             }
             Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_data(now, id, &data),
             Input::Stream(Some(StreamIn::Written(id, n))) => broker.handle_stream_written(id, n),
@@ -507,7 +527,54 @@ async fn accept(
     }
 }
 
-/// Moves one connection's bytes to and from the broker task until either side ends it.
+/// Does what the broker asks for its bridges: opens a connection (then carried by
+/// [`carry`] like an accepted one) or resolves a name, and reports back.
+async fn dial_out(dial: Dial, broker: mpsc::Sender<StreamIn>, options: ServerOptions) {
+    let lookup = |url: &BrokerUrl| {
+        let authority = url.authority();
+        let url = url.clone();
+        async move {
+            mqtt_quic_core::driver::pick_address(&url, tokio::net::lookup_host(authority).await)
+                .map_err(|e| e.to_string())
+        }
+    };
+    match dial {
+        Dial::Open { id, url, tls } => {
+            let timeout = options.tls_handshake_timeout;
+            let opened = tokio::time::timeout(timeout, async {
+                let addr = lookup(&url).await?;
+                let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let _ = tcp.set_nodelay(true);
+                Ok::<_, String>((tcp, addr))
+            })
+            .await
+            .unwrap_or_else(|_| Err("connection timed out".into()));
+            let write_timeout = options.broker.write_timeout;
+            let (tcp, addr) = match opened {
+                Ok(ok) => ok,
+                Err(e) => return drop(broker.send(StreamIn::Dialed(id, Err(e))).await),
+            };
+            match tls {
+                None => carry(tcp, Some(id), addr, "bridge", broker, write_timeout).await,
+                Some(tls) => {
+                    let connector = tokio_rustls::TlsConnector::from(tls.config);
+                    match tokio::time::timeout(timeout, connector.connect(tls.server_name, tcp)).await {
+                        Ok(Ok(stream)) => carry(stream, Some(id), addr, "bridge", broker, write_timeout).await,
+                        Ok(Err(e)) => drop(broker.send(StreamIn::Dialed(id, Err(format!("TLS: {e}")))).await),
+                        Err(_) => drop(broker.send(StreamIn::Dialed(id, Err("TLS handshake timed out".into()))).await),
+                    }
+                }
+            }
+        }
+        Dial::Resolve { bridge, url } => {
+            let result = lookup(&url).await;
+            let _ = broker.send(StreamIn::Resolved(bridge, url, result)).await;
+        }
+        _ => {}
+    }
+}
+
+/// Moves one accepted connection's bytes to and from the broker task until either side ends it.
 async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     remote: SocketAddr,
@@ -515,13 +582,38 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     broker: mpsc::Sender<StreamIn>,
     write_timeout: Duration,
 ) {
+    carry(stream, None, remote, transport, broker, write_timeout).await
+}
+
+/// Moves one connection's bytes to and from the broker task until either side ends it: an
+/// accepted one (`dialed` `None`: the broker numbers it now) or one dialled for a bridge
+/// under the broker's number.
+async fn carry<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    dialed: Option<StreamId>,
+    remote: SocketAddr,
+    transport: &'static str,
+    broker: mpsc::Sender<StreamIn>,
+    write_timeout: Duration,
+) {
     let outbox = Outbox::default();
-    let (reply, id) = oneshot::channel();
-    let open = StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote, transport };
-    if broker.send(open).await.is_err() {
-        return;
-    }
-    let Ok(id) = id.await else { return };
+    let id = match dialed {
+        Some(id) => {
+            if broker.send(StreamIn::Dialed(id, Ok(OutboxSender(outbox.clone())))).await.is_err() {
+                return;
+            }
+            id
+        }
+        None => {
+            let (reply, id) = oneshot::channel();
+            let open = StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote, transport };
+            if broker.send(open).await.is_err() {
+                return;
+            }
+            let Ok(id) = id.await else { return };
+            id
+        }
+    };
     let (mut reader, mut writer) = tokio::io::split(stream);
     let read = async {
         // Small while idle, so that an idle connection costs little; a read that fills the

@@ -525,3 +525,48 @@ async fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic() {
     assert_eq!(&m.payload[..], b"over quic");
     c.disconnect().await.unwrap();
 }
+
+/// An edge broker bridged to a cloud broker, over QUIC and over TCP (dialled by the adapter):
+/// messages go out and come in, each once.
+#[tokio::test]
+async fn a_bridge_carries_messages_both_ways_over_quic_and_tcp() {
+    use mqtt_quic_core::bridge::config::BridgeConfig;
+    let cloud = server().await;
+    for upstream in [url("quic", cloud.addresses().quic), url("mqtt", cloud.addresses().tcp)] {
+        let mut bridge = BridgeConfig::new("cloud", vec![upstream.parse().unwrap()]);
+        bridge.tls = Some(pinned());
+        bridge.client_id = format!("edge-{}", upstream.split(':').next().unwrap());
+        bridge.mappings = ["up/# out 1 \"\" site/", "down/# in 1"].iter().map(|m| m.parse().unwrap()).collect();
+        let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+        options.broker.bridges = vec![bridge];
+        let edge = Server::start(options).await.unwrap();
+
+        let at_cloud = client(&url("mqtt", cloud.addresses().tcp), "cloud-app").await;
+        let mut cloud_messages = at_cloud.messages().unwrap();
+        at_cloud.subscribe(TopicFilter::new("site/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        let at_edge = client(&url("quic", edge.addresses().quic), "edge-app").await;
+        let mut edge_messages = at_edge.messages().unwrap();
+        at_edge.subscribe(TopicFilter::new("down/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        // The bridge connects by itself; its subscription upstream is made once it does.
+        let mut delivered = false;
+        for i in 0..50 {
+            at_cloud
+                .publish(Publish::new(topic("down/cmd"), format!("c{i}")).with_qos(QoS::AtLeastOnce))
+                .await
+                .unwrap();
+            if let Ok(Some(m)) = timeout(Duration::from_millis(200), edge_messages.recv()).await {
+                assert_eq!(m.topic.as_str(), "down/cmd", "{upstream}");
+                delivered = true;
+                break;
+            }
+        }
+        assert!(delivered, "{upstream}: nothing came in over the bridge");
+        at_edge.publish(Publish::new(topic("up/t"), "reading").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        let m = timeout(Duration::from_secs(5), cloud_messages.recv()).await.expect("out over the bridge").unwrap();
+        assert_eq!((m.topic.as_str(), &m.payload[..]), ("site/up/t", &b"reading"[..]), "{upstream}");
+        at_edge.disconnect().await.unwrap();
+        at_cloud.disconnect().await.unwrap();
+        edge.shutdown().await;
+    }
+    cloud.shutdown().await;
+}

@@ -108,14 +108,15 @@ impl Broker {
     /// The outcome of a [`Dial::Open`]: connected, or why not (one line).
     pub fn handle_dialed(&mut self, now: Instant, id: StreamId, result: Result<(), String>) {
         self.tick(now);
-        if let Some(slot) = self.bridges.iter_mut().find(|s| s.dialed == Some(id)) {
-            match result {
-                Ok(()) => slot.bridge.handle_stream_open(now),
-                Err(e) => {
-                    slot.dialed = None;
-                    slot.bridge.handle_stream_failed(now, &e);
-                }
+        match (self.bridges.iter_mut().find(|s| s.dialed == Some(id)), result) {
+            (Some(slot), Ok(())) => slot.bridge.handle_stream_open(now),
+            (Some(slot), Err(e)) => {
+                slot.dialed = None;
+                slot.bridge.handle_stream_failed(now, &e);
             }
+            // Given up meanwhile (the bridge moved on, the broker is shutting down): close it.
+            (None, Ok(())) => self.links.push_stream(id, StreamOutput::Close),
+            (None, Err(_)) => {}
         }
         self.pump(now);
     }
@@ -231,8 +232,21 @@ impl Broker {
             if slot.bridge.take_state_change() || slot.published.is_none() {
                 let up = slot.bridge.stats().connected;
                 if slot.published != Some(up) {
+                    let first = slot.published.is_none();
                     slot.published = Some(up);
                     let name = slot.bridge.name().to_string();
+                    let upstream = slot.bridge.upstream();
+                    let detail = match up {
+                        true => upstream.current_broker().1.map_or_else(String::new, |u| u.to_string()),
+                        false => upstream.last_failure().unwrap_or("not connected yet").to_string(),
+                    };
+                    if !first || up {
+                        self.events.push_back(super::events::BrokerEvent::BridgeState {
+                            name: name.clone(),
+                            connected: up,
+                            detail,
+                        });
+                    }
                     self.publish_bridge_state(now, &name, up);
                     moved = true;
                 }

@@ -73,6 +73,15 @@ pub enum BrokerEvent {
         /// QoS 0 messages it lost on this connection because it read slower than they came.
         dropped: u64,
     },
+    /// A bridge's upstream connection came up or went down (see [`crate::bridge`]).
+    BridgeState {
+        /// The bridge's name.
+        name: String,
+        /// Connected now.
+        connected: bool,
+        /// Where (connected), or why not (down).
+        detail: String,
+    },
 }
 
 impl Broker {

@@ -103,6 +103,12 @@ pub fn log_line(event: &BrokerEvent, transport: impl Fn(&Peer) -> &'static str) 
             transport(peer),
             detail.as_deref().map_or_else(String::new, |d| format!(" ({d})")),
         )),
+        BrokerEvent::BridgeState { name, connected: true, detail } => {
+            info(format!("bridge connected: name={name:?} to={detail}"))
+        }
+        BrokerEvent::BridgeState { name, connected: false, detail } => {
+            Some(LogLine { level: Level::Warn, text: format!("bridge disconnected: name={name:?} ({detail})") })
+        }
         _ => None,
     }
 }

@@ -85,6 +85,14 @@ impl<W> StreamTable<W> {
         id
     }
 
+    /// A connection the adapter dialled for the broker ([`crate::broker::Dial::Open`]) is up
+    /// under the broker's `id`: from now on it is routed like an accepted one. Report it to
+    /// the broker with [`Broker::handle_dialed`].
+    pub fn dialed(&mut self, id: StreamId, transport: &'static str, writer: W) {
+        self.writers.insert(id, writer);
+        self.transports.insert(id, transport);
+    }
+
     /// The connection ended (closed by the client, failed, or its task finished): the table
     /// forgets its writer and the broker learns (ending the session if it was live).
     pub fn closed(&mut self, broker: &mut Broker, now: Instant, id: StreamId) {

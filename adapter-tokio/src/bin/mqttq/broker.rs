@@ -4,11 +4,14 @@ use crate::config::FileConfig;
 use adapter_tokio::files;
 use adapter_tokio::server::{Server, ServerOptions};
 use clap::Args;
+use mqtt_proto::Protocol;
+use mqtt_quic_core::bridge::config::BridgeConfig;
 use mqtt_quic_core::broker::auth::FileAuth;
 use mqtt_quic_core::cid::QuicLb;
 use mqtt_quic_core::config::{Congestion, MAX_DATA_STREAMS, MAX_DURATION};
 use mqtt_quic_core::persist::Persistence;
-use mqtt_quic_core::tls::fingerprint_hex;
+use mqtt_quic_core::tls::{fingerprint_hex, ClientTls};
+use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -253,6 +256,16 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         b.auth = Some(Arc::new(auth));
     }
 
+    for (i, section) in file.bridge.iter().enumerate() {
+        let bridge = bridge_config(i, section)?;
+        println!(
+            "bridge: {} -> {}",
+            bridge.name,
+            bridge.urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ")
+        );
+        options.broker.bridges.push(bridge);
+    }
+
     let server = Server::start(options).await.map_err(|e| e.to_string())?;
     for (what, addr) in [("quic", server.quic_addr()), ("tcp", server.tcp_addr()), ("tls", server.tls_addr())] {
         if let Some(addr) = addr {
@@ -270,6 +283,76 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     info!("shutdown requested");
     server.shutdown().await;
     Ok(())
+}
+
+/// A `[[bridge]]` section as the core's bridge configuration; errors name the bridge and key.
+fn bridge_config(i: usize, s: &crate::config::BridgeSection) -> Result<BridgeConfig, String> {
+    let name = s.name.clone().unwrap_or_else(|| format!("bridge{}", i + 1));
+    let bad = |key: &str, why: String| format!("[[bridge]] `{name}`: {key}: {why}");
+    let trust_given = s.bridge_cafile.is_some() || s.bridge_fingerprint.is_some() || s.bridge_insecure == Some(true);
+    let entries = s.address.as_ref().map(|a| a.entries()).unwrap_or_default();
+    if entries.is_empty() {
+        return Err(bad("address", "no upstream address".into()));
+    }
+    let mut urls = Vec::new();
+    for entry in entries {
+        // mosquitto writes `host:port`: TCP, or TLS when a CA is given.
+        let url = match entry.contains("://") {
+            true => entry.clone(),
+            false if trust_given => format!("mqtts://{entry}"),
+            false => format!("mqtt://{entry}"),
+        };
+        urls.push(url.parse::<BrokerUrl>().map_err(|e| bad("address", e.to_string()))?);
+    }
+    let mut b = BridgeConfig::new(name.clone(), urls);
+    for line in &s.topic {
+        b.mappings
+            .push(line.parse().map_err(|e: mqtt_quic_core::bridge::config::MappingError| bad("topic", e.to_string()))?);
+    }
+    if let Some(v) = &s.bridge_protocol_version {
+        b.protocol = match v.to_ascii_lowercase().as_str() {
+            "mqttv50" | "mqttv5" | "5" => Protocol::V5,
+            "mqttv311" | "311" => Protocol::V3_1_1,
+            other => return Err(bad("bridge_protocol_version", format!("`{other}` (use mqttv50 or mqttv311)"))),
+        };
+    }
+    if let Some(id) = &s.remote_clientid {
+        b.client_id = id.clone();
+    }
+    b.username = s.remote_username.clone();
+    b.password = s.remote_password.clone().map(bytes::Bytes::from);
+    if let Some(c) = s.cleansession {
+        b.clean_start = c;
+    }
+    if let Some(e) = s.session_expiry {
+        b.session_expiry = e;
+    }
+    if let Some(k) = s.keepalive_interval {
+        b.keep_alive = k;
+    }
+    b.server_name = s.server_name.clone();
+    if let Some(t) = s.fallback_timeout {
+        if !(t > 0.0 && t < 3600.0) {
+            return Err(bad("fallback_timeout", "expected seconds above 0 and below 3600".into()));
+        }
+        b.fallback.handshake_timeout = Duration::from_secs_f64(t);
+    }
+    if let Some(n) = s.max_inflight {
+        b.max_inflight = n;
+    }
+    if b.urls.iter().any(|u| u.transport != Transport::Tcp) {
+        b.tls = Some(if s.bridge_insecure == Some(true) {
+            ClientTls::insecure()
+        } else if let Some(fp) = &s.bridge_fingerprint {
+            ClientTls::pinned(fp).map_err(|e| bad("bridge_fingerprint", e.to_string()))?
+        } else if let Some(ca) = &s.bridge_cafile {
+            files::client_tls_from_ca_file(ca).map_err(|e| bad("bridge_cafile", e.to_string()))?
+        } else {
+            files::client_tls_from_system().map_err(|e| bad("bridge_cafile", e.to_string()))?
+        });
+    }
+    b.validate().map_err(|e| e.to_string())?;
+    Ok(b)
 }
 
 /// A duration given in seconds by the operator: at least `min`, at most a year (beyond that a

@@ -57,6 +57,26 @@
 //! [tls]
 //! listen = "0.0.0.0:8883"
 //! max_connections = 100000
+//!
+//! # A bridge to an upstream broker (repeat the section for more). Keys as mosquitto's bridge
+//! # settings (`connection`, `address`, `topic`, `remote_clientid`, ... are accepted too).
+//! [[bridge]]
+//! name = "cloud"              # $SYS/broker/connection/cloud/state; our session: $bridge/cloud
+//! address = ["quic://cloud.example.com:14567", "mqtts://cloud.example.com:8883"]
+//! topic = [                   # mosquitto: pattern [out|in|both [qos [local-prefix remote-prefix]]]
+//!     "sensors/# out 1 \"\" site1/",
+//!     "cmd/# in 1",
+//! ]
+//! bridge_protocol_version = "mqttv50"   # or "mqttv311"
+//! remote_clientid = "site1-edge"
+//! remote_username = "site1"
+//! remote_password = "secret"
+//! cleansession = false        # keep the upstream session across outages
+//! session_expiry = 604800     # MQTT 5: how long upstream keeps it, seconds
+//! keepalive_interval = 60
+//! bridge_cafile = "/etc/mqttq/cloud-ca.pem"   # or bridge_fingerprint = "..." / bridge_insecure = true
+//! fallback_timeout = 3        # seconds a QUIC attempt may take before the next address
+//! max_inflight = 100          # messages taken here and not yet acknowledged upstream
 //! ```
 
 use serde::Deserialize;
@@ -105,6 +125,57 @@ pub struct FileConfig {
     pub tcp: Listener,
     #[serde(default)]
     pub tls: Listener,
+    #[serde(default)]
+    pub bridge: Vec<BridgeSection>,
+}
+
+/// `[[bridge]]`: keys as mosquitto names them, with its aliases and a few of NanoMQ's.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSection {
+    #[serde(alias = "connection")]
+    pub name: Option<String>,
+    #[serde(alias = "addresses", alias = "server")]
+    pub address: Option<OneOrMany>,
+    #[serde(default)]
+    pub topic: Vec<String>,
+    #[serde(alias = "protocol")]
+    pub bridge_protocol_version: Option<String>,
+    #[serde(alias = "clientid")]
+    pub remote_clientid: Option<String>,
+    #[serde(alias = "username")]
+    pub remote_username: Option<String>,
+    #[serde(alias = "password")]
+    pub remote_password: Option<String>,
+    #[serde(alias = "clean_start")]
+    pub cleansession: Option<bool>,
+    pub session_expiry: Option<u32>,
+    #[serde(alias = "keepalive")]
+    pub keepalive_interval: Option<u16>,
+    pub bridge_cafile: Option<PathBuf>,
+    pub bridge_fingerprint: Option<String>,
+    pub bridge_insecure: Option<bool>,
+    pub server_name: Option<String>,
+    pub fallback_timeout: Option<f64>,
+    pub max_inflight: Option<u16>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// Every entry, a string being split on whitespace (mosquitto's `address a:1883 b:1883`).
+    pub fn entries(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => s.split_whitespace().map(str::to_string).collect(),
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
 }
 
 /// `[quic]`.
@@ -159,6 +230,11 @@ mod tests {
         assert_eq!(c.quic.congestion.as_deref(), Some("bbr"));
         assert_eq!(c.quic.initial_rtt_ms, Some(100));
         assert_eq!(c.tls.listen.as_deref(), Some("0.0.0.0:8883"));
+        assert_eq!(c.bridge[0].topic.len(), 2);
+        assert_eq!(c.bridge[0].address.as_ref().unwrap().entries().len(), 2);
+        let mosquitto = "[[bridge]]\nconnection = \"c\"\naddress = \"a:1883 b:1884\"\ntopic = [\"# both 1\"]\n";
+        let m: FileConfig = toml::from_str(mosquitto).unwrap();
+        assert_eq!(m.bridge[0].address.as_ref().unwrap().entries(), ["a:1883", "b:1884"]);
         let e = toml::from_str::<FileConfig>("[quic]\nidle_timout = 3\n").unwrap_err();
         assert!(e.message().contains("idle_timout"), "{}", e.message());
     }
