@@ -502,3 +502,116 @@ fn our_client_over_quic_through_an_aioquic_relay_to_mosquitto() {
     }
     drop(relay);
 }
+
+/// mosquitto on `port` with its store in `dir` (so a restart keeps its sessions, as a
+/// production broker does), once it listens.
+fn mosquitto_with_store(port: u16, dir: &Path) -> Peer {
+    let program = require("mosquitto", "mosquitto");
+    std::fs::create_dir_all(dir).expect("mosquitto store dir");
+    let config = dir.join("mosquitto.conf");
+    let text = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+        dir.display()
+    );
+    std::fs::write(&config, text).expect("mosquitto config");
+    let peer = Peer::spawn("mosquitto", Command::new(program).arg("-c").arg(&config));
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    peer
+}
+
+/// Our broker bridged to Debian's mosquitto over TCP (MQTT 5): topics out (with a remote
+/// prefix), in, and both ways without loops; then mosquitto is stopped during a QoS 1 flow and
+/// started again 3 s later: every message our broker acknowledged meanwhile reaches mosquitto's
+/// subscriber.
+#[test]
+fn our_broker_bridged_to_mosquitto_through_an_outage() {
+    use mqtt_quic_core::bridge::config::BridgeConfig;
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let store = scratch().join(format!("mosquitto-store-{port}"));
+    let mut mosquitto = mosquitto_with_store(port, &store);
+    let data = scratch().join(format!("edge-{port}"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut bridge = BridgeConfig::new("mosquitto", vec![format!("mqtt://127.0.0.1:{port}").parse().unwrap()]);
+        bridge.client_id = "edge-interop".into();
+        bridge.mappings =
+            ["edge/# out 1 \"\" site1/", "cmd/# in 1", "loop/# both 1"].iter().map(|m| m.parse().unwrap()).collect();
+        bridge.reconnect = mqtt_quic_core::client::ReconnectPolicy {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(1),
+        };
+        let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+        options.broker.persistence = mqtt_quic_core::persist::Persistence::Sync;
+        options.data_dir = Some(data.clone());
+        options.broker.bridges = vec![bridge];
+        let edge = Server::start(options).await.expect("edge broker");
+
+        let mut kept = ClientOptions::new().client_id("cloud-app");
+        kept.session.clean_start = false;
+        kept.session.session_expiry = 3600;
+        let cloud = Client::connect(&format!("mqtt://127.0.0.1:{port}"), kept).await.expect("to mosquitto");
+        let mut at_cloud = cloud.messages().unwrap();
+        for f in ["site1/#", "loop/#"] {
+            cloud.subscribe(TopicFilter::new(f).unwrap(), QoS::AtLeastOnce).await.unwrap();
+        }
+        let local = format!("mqtt://{}", edge.tcp_addr().unwrap());
+        let app = Client::connect(&local, ClientOptions::new().client_id("edge-app")).await.expect("to the edge");
+        let mut at_edge = app.messages().unwrap();
+        for f in ["cmd/#", "loop/#"] {
+            app.subscribe(TopicFilter::new(f).unwrap(), QoS::AtLeastOnce).await.unwrap();
+        }
+        let topic = |t: &str| TopicName::new(t).unwrap();
+        // In: once the bridge is up and subscribed, mosquitto's messages come down.
+        let mut came = false;
+        for i in 0..50 {
+            cloud.publish(Publish::new(topic("cmd/ping"), format!("p{i}")).with_qos(QoS::AtLeastOnce)).await.unwrap();
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), at_edge.recv()).await {
+                assert_eq!(m.topic.as_str(), "cmd/ping");
+                came = true;
+                break;
+            }
+        }
+        assert!(came, "nothing came in from mosquitto over the bridge");
+        // Out, under the remote prefix.
+        app.publish(Publish::new(topic("edge/t"), "e1").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        let m = tokio::time::timeout(WAIT, at_cloud.recv()).await.expect("out to mosquitto").unwrap();
+        assert_eq!((m.topic.as_str(), &m.payload[..]), ("site1/edge/t", &b"e1"[..]));
+        // Both ways: each side sees each message once (an echo would make it twice).
+        cloud.publish(Publish::new(topic("loop/c"), "from mosquitto").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        app.publish(Publish::new(topic("loop/e"), "from the edge").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (side, rx) in [("mosquitto", &mut at_cloud), ("edge", &mut at_edge)] {
+            let mut got = Vec::new();
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+                if m.topic.as_str().starts_with("loop/") {
+                    got.push(m.topic.to_string());
+                }
+            }
+            got.sort();
+            assert_eq!(got, ["loop/c", "loop/e"], "{side}");
+        }
+
+        // mosquitto stops (saving its sessions); the edge keeps acknowledging.
+        mosquitto.signal("TERM");
+        let _ = mosquitto.finish();
+        for i in 0..20 {
+            app.publish(Publish::new(topic("edge/t"), format!("o{i}")).with_qos(QoS::AtLeastOnce)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let _mosquitto = mosquitto_with_store(port, &store);
+        let mut missing: std::collections::BTreeSet<String> = (0..20).map(|i| format!("o{i}")).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !missing.is_empty() && Instant::now() < deadline {
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), at_cloud.recv()).await {
+                missing.remove(&String::from_utf8_lossy(&m.payload).into_owned());
+            }
+        }
+        assert!(missing.is_empty(), "acknowledged by the edge and lost: {missing:?}");
+        app.disconnect().await.unwrap();
+        edge.shutdown().await;
+    });
+}
