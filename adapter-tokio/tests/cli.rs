@@ -358,3 +358,64 @@ fn a_quic_lb_server_id_from_the_config_file() {
     assert!(err.contains("1 to 15"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// README "Scaling out": an edge broker bridged to a cloud broker over QUIC by a `[[bridge]]`
+/// section written with mosquitto's keys; a message published at the edge reaches the cloud
+/// under the remote prefix, and a bad mapping is a one-line error naming the bridge.
+#[test]
+fn a_bridge_from_the_config_file() {
+    let dir = temp_dir("bridge");
+    let (cloud_dir, edge_dir) = (dir.join("cloud"), dir.join("edge"));
+    std::fs::create_dir_all(&cloud_dir).unwrap();
+    std::fs::create_dir_all(&edge_dir).unwrap();
+    let cloud_data = cloud_dir.to_str().unwrap();
+    let cloud = Proc::spawn(&["broker", "--quic", "127.0.0.1:0", "--tcp", "off", "--data-dir", cloud_data]);
+    let fingerprint = cloud.expect("fingerprint: ").trim_start_matches("fingerprint: ").to_string();
+    let cloud_port = cloud.expect("listening: quic").rsplit(':').next().unwrap().to_string();
+    cloud.expect("ready");
+    let config = edge_dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[bridge]]\nconnection = \"cloud\"\naddress = \"quic://127.0.0.1:{cloud_port}\"\n\
+             topic = [\"sensors/# out 1 \\\"\\\" site1/\"]\nremote_clientid = \"site1-edge\"\n\
+             bridge_fingerprint = \"{fingerprint}\"\n"
+        ),
+    )
+    .unwrap();
+    let edge_data = edge_dir.to_str().unwrap();
+    let edge = Proc::spawn(&[
+        "broker",
+        "--quic",
+        "127.0.0.1:0",
+        "--tcp",
+        "off",
+        "--data-dir",
+        edge_data,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let bridge_line = edge.expect("bridge: ");
+    assert!(bridge_line.contains("cloud -> quic://127.0.0.1:"), "{bridge_line}");
+    let edge_port = edge.expect("listening: quic").rsplit(':').next().unwrap().to_string();
+    edge.expect("ready");
+    let sub = Proc::spawn(&["sub", "-p", &cloud_port, "--data-dir", cloud_data, "-t", "site1/#", "-q", "1", "-C", "1"]);
+    // The subscription may come after the message: publish until it arrives.
+    let mut got = false;
+    for _ in 0..20 {
+        let (code, _, err) =
+            run(&["pub", "-p", &edge_port, "--data-dir", edge_data, "-t", "sensors/t", "-m", "21.5", "-q", "1"]);
+        assert_eq!((code, err.as_str()), (0, ""));
+        if sub.lines.recv_timeout(Duration::from_millis(500)).is_ok_and(|l| l == "21.5") {
+            got = true;
+            break;
+        }
+    }
+    assert!(got, "nothing reached the cloud over the bridge");
+    drop((sub, edge));
+    std::fs::write(&config, "[[bridge]]\nname = \"x\"\naddress = \"mqtt://h\"\ntopic = [\"a out 3\"]\n").unwrap();
+    let (_, err) = broker_fails(edge_data, &["--config", config.to_str().unwrap()]);
+    assert!(err.contains("`x`") && err.contains("QoS"), "{err}");
+    drop(cloud);
+    let _ = std::fs::remove_dir_all(&dir);
+}
