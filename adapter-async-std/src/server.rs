@@ -83,6 +83,7 @@ impl Server {
         if options.tls.is_some() {
             return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
         }
+        options.check_bridges()?;
         // The store is read back before any listener opens: no client sees a broker that has
         // not yet remembered its sessions. The commit thread's reports come back through a
         // channel the broker task waits on with its other inputs.

@@ -47,12 +47,15 @@ pub struct Client {
 impl Client {
     /// Connects and returns once the broker accepted (CONNACK), or with why it did not.
     pub fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
-        Client::connect_urls(&[url], options)
+        Client::connect_urls([url], options)
     }
 
     /// Connects to the first of several brokers that answers, in order, keeping one MQTT
     /// session across them (see [`MioClient::connect_urls`](crate::client::MioClient::connect_urls)).
-    pub fn connect_urls(urls: &[&str], options: ClientOptions) -> Result<Client, ClientError> {
+    pub fn connect_urls<S: AsRef<str>>(
+        urls: impl IntoIterator<Item = S>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
         let poll = Poll::new()?;
         let inner = MioClient::connect_urls(urls, options, poll.registry(), Token(0))?;
         let mut c =

@@ -218,6 +218,7 @@ impl MioBroker {
         if options.tls.is_some() {
             return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
         }
+        options.check_bridges()?;
         let write_timeout = options.broker.write_timeout;
         // QUIC keys and assigned client ids from the OS random source, unless given.
         options.broker.quic.secret.get_or_insert_with(|| mqtt_quic_core::config::Secret::new(crate::os_secret()));

@@ -85,7 +85,7 @@ impl MioClient {
         registry: &Registry,
         token: Token,
     ) -> Result<MioClient, ClientError> {
-        MioClient::connect_urls(&[url], options, registry, token)
+        MioClient::connect_urls([url], options, registry, token)
     }
 
     /// Starts connecting to the first of several brokers that answers, in order (`quic://`
@@ -93,13 +93,13 @@ impl MioClient {
     /// them, and moving back to the first once it answers again (see
     /// [`mqtt_quic_core::fallback`]). Names are resolved on each attempt, blocking the loop
     /// while they are.
-    pub fn connect_urls(
-        urls: &[&str],
+    pub fn connect_urls<S: AsRef<str>>(
+        urls: impl IntoIterator<Item = S>,
         options: ClientOptions,
         registry: &Registry,
         token: Token,
     ) -> Result<MioClient, ClientError> {
-        let urls = urls.iter().map(|u| u.parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
+        let urls = urls.into_iter().map(|u| u.as_ref().parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
         if urls.iter().any(|u| u.transport == Transport::Tls) {
             // Refused before the store is opened.
             return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));

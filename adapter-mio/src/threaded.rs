@@ -167,12 +167,15 @@ impl Client {
     /// Connects to `url` (`quic://`, `mqtt+quic://`, `mqtt://`, `tcp://`) and returns once the
     /// broker accepts (CONNACK), or with why it did not. QUIC needs `options.tls`.
     pub fn connect(url: &str, options: ClientOptions) -> Result<Client, ClientError> {
-        Client::connect_urls(&[url], options)
+        Client::connect_urls([url], options)
     }
 
     /// Connects to the first of several brokers that answers, in order, keeping one MQTT
     /// session across them (see [`MioClient::connect_urls`]).
-    pub fn connect_urls(urls: &[&str], options: ClientOptions) -> Result<Client, ClientError> {
+    pub fn connect_urls<S: AsRef<str>>(
+        urls: impl IntoIterator<Item = S>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let inner = MioClient::connect_urls(urls, options, poll.registry(), SOCKET)?;

@@ -257,7 +257,7 @@ fn falls_back_to_tcp_when_nothing_answers_on_udp() {
     o.fallback.handshake_timeout = Duration::from_millis(300);
     #[allow(clippy::disallowed_methods)] // a real-socket test reads the real clock
     let started = std::time::Instant::now();
-    let mut c = Client::connect_urls(&[&quic, &tcp], o).unwrap();
+    let mut c = Client::connect_urls([&quic, &tcp], o).unwrap();
     assert!(started.elapsed() >= Duration::from_millis(300));
     c.subscribe(TopicFilter::new("fb").unwrap(), QoS::AtLeastOnce).unwrap();
     c.publish(Publish::new(TopicName::new("fb").unwrap(), "tcp").with_qos(QoS::AtLeastOnce)).unwrap();

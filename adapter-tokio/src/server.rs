@@ -162,6 +162,7 @@ impl Server {
         // The QUIC keys and the assigned client ids come from the OS random source, unless the
         // application gave its own key material.
         options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
+        options.check_bridges()?;
         // The store is read back before any listener opens: no client sees a broker that has
         // not yet remembered its sessions.
         let mut broker = Broker::new(options.broker.clone())?;

@@ -1,4 +1,4 @@
-//! The three adapters expose one API: the same client (`connect`, `publish`, `subscribe`,
+//! The three adapters expose one API: the same client (`connect`, `connect_urls`, `publish`, `subscribe`,
 //! `subscribe_many`, `unsubscribe`, `messages`, `on_message`, `state_changes`, `disconnect`)
 //! and server (`start`, `addresses`, `wait`, `shutdown`) with the same argument and result types, the
 //! async adapters as futures and mio blocking. This file fails to compile when one diverges:
@@ -56,7 +56,9 @@ macro_rules! adapter_api {
             sendable::<StateChanges>();
 
             // The client.
-            let _: PhantomData<Result<Client, ClientError>> = $yields(Client::connect(url, options));
+            let _: PhantomData<Result<Client, ClientError>> = $yields(Client::connect(url, options.clone()));
+            let urls = ["quic://a", "mqtt://a"];
+            let _: PhantomData<Result<Client, ClientError>> = $yields(Client::connect_urls(urls, options));
             let _: PhantomData<Result<(), ClientError>> = $yields(client.publish(publish));
             let _: PhantomData<Result<QoS, ClientError>> = $yields(client.subscribe(filter, QoS::AtLeastOnce));
             let _: PhantomData<Result<Vec<ReasonCode>, ClientError>> = $yields(client.subscribe_many(subscriptions));

@@ -241,11 +241,40 @@ impl ServerOptions {
         }
     }
 
+    /// What the listeners must allow for the bridges: a bridge's QUIC connection leaves from
+    /// the broker's UDP socket (see [`crate::bridge`]), so a `quic://` upstream needs the QUIC
+    /// listener, and one bound to a loopback address reaches only upstreams on this host.
+    /// Adapters call it before opening anything.
+    pub fn check_bridges(&self) -> Result<(), ConfigError> {
+        for bridge in &self.broker.bridges {
+            for url in bridge.urls.iter().filter(|u| u.transport == Transport::Quic) {
+                let why = match self.quic {
+                    None => "the QUIC listener is off".to_string(),
+                    Some(addr) if addr.ip().is_loopback() && !is_local(&url.host) => {
+                        format!("the QUIC listener is bound to {addr}, which cannot reach it")
+                    }
+                    _ => continue,
+                };
+                return Err(ConfigError::Invalid(format!(
+                    "bridge `{}` to {url}: its QUIC connection leaves from the broker's QUIC socket, and {why} \
+                     (listen on 0.0.0.0, or bridge over mqtts://)",
+                    bridge.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// QUIC and TCP on 127.0.0.1 with ports chosen by the system (tests, embedding).
     pub fn loopback(tls: crate::tls::ServerTls) -> ServerOptions {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         ServerOptions { quic: Some(any), tcp: Some(any), ..ServerOptions::new(tls) }
     }
+}
+
+/// Whether a URL host is this machine (a loopback address, or `localhost`).
+fn is_local(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Where a broker server listens, as every adapter's `Server::addresses` reports it: the
