@@ -169,13 +169,14 @@ pub fn roundtrip(protocol: Protocol, packet: &Packet) {
     }
 }
 
-/// What the encoder is documented to normalise: DUP is not sent on QoS 0, and a refusing CONNACK
-/// never says a session is present.
+/// What the encoder is documented to normalise: DUP is not sent on QoS 0, a refusing CONNACK
+/// never says a session is present, and MQTT 5 has no bridge flag.
 fn normalized(packet: &Packet) -> Packet {
     let mut p = packet.clone();
     match &mut p {
         Packet::Publish(publish) if publish.qos() == mqtt_proto::QoS::AtMostOnce => publish.dup = false,
         Packet::ConnAck(ack) if ack.reason_code != mqtt_proto::ReasonCode::Success => ack.session_present = false,
+        Packet::Connect(c) if c.protocol.is_v5() => c.bridge = false,
         _ => {}
     }
     p

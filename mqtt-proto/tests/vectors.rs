@@ -409,3 +409,21 @@ fn v311_drops_mqtt5_only_fields() {
     assert_eq!(enc(V3, &subscribe.clone().into()), [0x82, 11, 0, 2, 0, 1, b'a', 0x02, 0, 2, b'b', b'c', 0x01]);
     assert_eq!(enc(V5, &subscribe.into()), [0x82, 12, 0, 2, 0, 0, 1, b'a', 0x2E, 0, 2, b'b', b'c', 0x01]);
 }
+
+/// mosquitto's bridge flag: the protocol level's top bit in MQTT 3.1.1 (0x84) and 3.1 (0x83),
+/// read and written; MQTT 5 has none (0x85 is an unknown level).
+#[test]
+fn mosquitto_bridge_flag() {
+    use mqtt_proto::{Connect, DecodeError, Decoder, MqttString, Packet, Protocol};
+    let mut c = Connect::new(Protocol::V3_1_1, MqttString::try_from("edge").unwrap());
+    c.bridge = true;
+    let mut out = bytes::BytesMut::new();
+    Packet::Connect(Box::new(c.clone())).encode(Protocol::V3_1_1, &mut out).unwrap();
+    assert_eq!(out[8], 0x84, "protocol level with the bridge bit");
+    let mut wire = out.clone();
+    let decoded = Decoder::new(Protocol::V3_1_1).decode(&mut wire).unwrap().unwrap();
+    assert_eq!(decoded, Packet::Connect(Box::new(c)));
+    let mut v5 = out.clone();
+    v5[8] = 0x85;
+    assert_eq!(Decoder::new(Protocol::V5).decode(&mut v5), Err(DecodeError::UnsupportedProtocolLevel(0x85)));
+}

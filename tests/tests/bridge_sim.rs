@@ -439,3 +439,26 @@ fn clients_cannot_take_a_bridge_session() {
     );
     assert!(net.run_until(Duration::from_secs(5), |n| n.bridge_up()), "the bridge itself is unaffected");
 }
+
+/// MQTT 3.1.1 has no No Local: the bridge says it is one with mosquitto's flag (protocol level
+/// 0x84), and the upstream (ours here) then does not send it back what it published.
+#[test]
+fn a_3_1_1_bridge_uses_mosquitto_s_flag_and_does_not_loop() {
+    let mut b = bridge(&["quic://cloud.test"], &["chat/# both 1"]);
+    b.protocol = mqtt_proto::Protocol::V3_1_1;
+    let mut net = Net::new(b);
+    let now = net.now;
+    net.cloud.subscribe_local(now, &filter("chat/#"), QoS::AtLeastOnce);
+    net.edge.subscribe_local(now, &filter("chat/#"), QoS::AtLeastOnce);
+    assert!(net.run_until(Duration::from_secs(5), |n| n.bridge_up() && n.client.is_connected()));
+    net.run_until(Duration::from_millis(500), |_| false);
+    net.publish("chat/edge", "from the edge", QoS::AtLeastOnce);
+    let now = net.now;
+    net.cloud.publish_local(now, Publish::new(TopicName::new("chat/cloud").unwrap(), "from the cloud")).unwrap();
+    net.run_until(Duration::from_secs(3), |_| false);
+    for side in [&net.at_cloud, &net.at_edge] {
+        let mut chat = Net::payloads(side, "chat/");
+        chat.sort();
+        assert_eq!(chat, ["from the cloud", "from the edge"]);
+    }
+}

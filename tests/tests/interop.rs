@@ -615,3 +615,61 @@ fn our_broker_bridged_to_mosquitto_through_an_outage() {
         edge.shutdown().await;
     });
 }
+
+/// An MQTT 3.1.1 bridge to mosquitto: 3.1.1 has no No Local, so the bridge says it is one with
+/// mosquitto's flag (protocol level 0x84), and mosquitto does not send back what it published:
+/// a topic mapped both ways arrives once on each side.
+#[test]
+fn a_3_1_1_bridge_to_mosquitto_does_not_loop() {
+    use mqtt_quic_core::bridge::config::BridgeConfig;
+    let mosquitto = Mosquitto::start();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut bridge =
+            BridgeConfig::new("mosquitto", vec![format!("mqtt://127.0.0.1:{}", mosquitto.port).parse().unwrap()]);
+        bridge.protocol = Protocol::V3_1_1;
+        bridge.client_id = "edge-311".into();
+        bridge.mappings = vec!["loop/# both 1".parse().unwrap()];
+        let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+        options.broker.bridges = vec![bridge];
+        let edge = Server::start(options).await.expect("edge broker");
+        let cloud = Client::connect(&format!("mqtt://127.0.0.1:{}", mosquitto.port), ClientOptions::new())
+            .await
+            .expect("to mosquitto");
+        let mut at_cloud = cloud.messages().unwrap();
+        cloud.subscribe(TopicFilter::new("loop/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        let app = Client::connect(&format!("mqtt://{}", edge.tcp_addr().unwrap()), ClientOptions::new())
+            .await
+            .expect("to the edge");
+        let mut at_edge = app.messages().unwrap();
+        app.subscribe(TopicFilter::new("loop/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        // Wait for the bridge: mosquitto's messages come down once it is up.
+        let mut up = false;
+        for _ in 0..50 {
+            cloud.publish(Publish::new(TopicName::new("loop/probe").unwrap(), "p")).await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(200), at_edge.recv()).await.is_ok() {
+                up = true;
+                break;
+            }
+        }
+        assert!(up, "the bridge did not come up");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        while tokio::time::timeout(Duration::from_millis(100), at_edge.recv()).await.is_ok() {}
+        while tokio::time::timeout(Duration::from_millis(100), at_cloud.recv()).await.is_ok() {}
+        app.publish(Publish::new(TopicName::new("loop/e").unwrap(), "edge").with_qos(QoS::AtLeastOnce)).await.unwrap();
+        cloud
+            .publish(Publish::new(TopicName::new("loop/c").unwrap(), "cloud").with_qos(QoS::AtLeastOnce))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (side, rx) in [("mosquitto", &mut at_cloud), ("edge", &mut at_edge)] {
+            let mut got = Vec::new();
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+                got.push(m.topic.to_string());
+            }
+            got.sort();
+            assert_eq!(got, ["loop/c", "loop/e"], "{side}");
+        }
+        edge.shutdown().await;
+    });
+}

@@ -32,6 +32,11 @@ pub struct Connect {
     pub password: Option<Bytes>,
     /// MQTT 5 properties (empty for 3.1.1).
     pub properties: PropBox<ConnectProperties>,
+    /// mosquitto's bridge flag (MQTT 3.1 and 3.1.1 only: the protocol level with its top bit
+    /// set, 0x83 or 0x84): the client is a bridge, and the server should not send it back the
+    /// messages it published (the No Local that 3.1.1 lacks). Not sent in MQTT 5, which has
+    /// No Local instead.
+    pub bridge: bool,
 }
 
 /// The will message of a CONNECT.
@@ -63,13 +68,16 @@ impl Connect {
             username: None,
             password: None,
             properties: PropBox::default(),
+            bridge: false,
         }
     }
 
     pub(super) fn read(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
         let name = r.binary()?;
         let level = r.u8()?;
-        let protocol = match (&name[..], level) {
+        // mosquitto's bridges set the top bit of a 3.1 or 3.1.1 level.
+        let bridge = matches!((&name[..], level), (b"MQTT", 0x84) | (b"MQIsdp", 0x83));
+        let protocol = match (&name[..], level & if bridge { 0x7F } else { 0xFF }) {
             (b"MQTT", 4) => Protocol::V3_1_1,
             (b"MQTT", 5) => Protocol::V5,
             (b"MQIsdp", 3) => Protocol::V3_1,
@@ -108,7 +116,7 @@ impl Connect {
         };
         let username = if has_username { Some(r.string()?) } else { None };
         let password = if has_password { Some(r.binary()?) } else { None };
-        Ok(Connect { protocol, clean_start, keep_alive, client_id, will, username, password, properties })
+        Ok(Connect { protocol, clean_start, keep_alive, client_id, will, username, password, properties, bridge })
     }
 
     pub(super) fn sizes(&self) -> Result<Sizes, EncodeError> {
@@ -163,9 +171,12 @@ impl Connect {
         }
         // The variable header before the properties, written at once.
         let [ka_hi, ka_lo] = self.keep_alive.to_be_bytes();
+        let bridge = if self.bridge { 0x80 } else { 0 };
         match self.protocol {
-            Protocol::V3_1 => out.put_slice(&[0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, flags, ka_hi, ka_lo]),
-            Protocol::V3_1_1 => out.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, flags, ka_hi, ka_lo]),
+            Protocol::V3_1 => {
+                out.put_slice(&[0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3 | bridge, flags, ka_hi, ka_lo])
+            }
+            Protocol::V3_1_1 => out.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4 | bridge, flags, ka_hi, ka_lo]),
             Protocol::V5 => out.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', 5, flags, ka_hi, ka_lo]),
         }
         if v5 {

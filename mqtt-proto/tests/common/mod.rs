@@ -134,10 +134,13 @@ pub fn connect(protocol: Protocol) -> impl Strategy<Value = Connect> {
             properties: if v5 { props.into() } else { Default::default() },
         },
     );
-    (any::<bool>(), any::<u16>(), string(), opt(will), opt(string()), opt(binary()), connect_properties()).prop_map(
-        move |(clean_start, keep_alive, client_id, will, username, password, props)| {
+    let flags = (any::<bool>(), any::<bool>());
+    (flags, any::<u16>(), string(), opt(will), opt(string()), opt(binary()), connect_properties()).prop_map(
+        move |((clean_start, bridge), keep_alive, client_id, will, username, password, props)| {
             let mut c = Connect::new(protocol, client_id);
             c.clean_start = clean_start;
+            // mosquitto's bridge flag exists in 3.1 and 3.1.1 only.
+            c.bridge = bridge && !v5;
             c.keep_alive = keep_alive;
             c.will = will;
             // 3.1.1 needs a user name to carry a password [MQTT-3.1.2-22].

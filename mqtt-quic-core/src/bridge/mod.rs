@@ -21,8 +21,9 @@
 //!
 //! Loops: when a topic goes both ways, what the bridge publishes here must not be taken by its
 //! own subscription and sent back, and what it publishes upstream must not come back down. Its
-//! subscriptions here are No Local, and so are its MQTT 5 subscriptions upstream. (MQTT 3.1.1
-//! has no No Local: with a 3.1.1 upstream, do not map a topic both ways.)
+//! subscriptions here are No Local, and so are its MQTT 5 subscriptions upstream. MQTT 3.1.1
+//! has no No Local: there the bridge sets mosquitto's bridge flag in its CONNECT (protocol
+//! level 0x84), which mosquitto and this broker honour with the same effect.
 //!
 //! The bridge's QUIC endpoint shares the broker's UDP socket: its connection ids are tagged
 //! ([`crate::cid::tagged_marker`]), so the broker tells its datagrams from its clients'. Its TCP and
@@ -108,6 +109,8 @@ impl Bridge {
             username: config.username.clone(),
             password: config.password.clone(),
             manual_acks: true,
+            // MQTT 3.1.1 has no No Local: mosquitto's bridge flag asks for it.
+            bridge: true,
             // Upstream publishes wait in the session while it is unreachable: room for every
             // message taken here and not yet acknowledged.
             max_queued: usize::from(config.max_inflight) * 2,

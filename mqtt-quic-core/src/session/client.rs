@@ -59,6 +59,10 @@ pub struct ClientSessionConfig {
     /// [`ClientSession::ack`], once it has done with them (a bridge: once they are kept
     /// elsewhere); until then the server keeps them. Off: acknowledged on arrival.
     pub manual_acks: bool,
+    /// Say in CONNECT that this client is a bridge (mosquitto's flag, MQTT 3.1 and 3.1.1): a
+    /// server that knows it does not send back what the bridge published. MQTT 5 uses No Local
+    /// instead.
+    pub bridge: bool,
 }
 
 impl Default for ClientSessionConfig {
@@ -80,6 +84,7 @@ impl Default for ClientSessionConfig {
             max_inflight: DEFAULT_WINDOW,
             max_queued: 10_000,
             manual_acks: false,
+            bridge: false,
         }
     }
 }
@@ -582,6 +587,7 @@ impl ClientSession {
         self.decoder.set_protocol(self.config.protocol);
         let mut connect = Connect::new(self.config.protocol, string(&self.client_id));
         connect.clean_start = self.config.clean_start;
+        connect.bridge = self.config.bridge;
         connect.keep_alive = self.config.keep_alive;
         connect.will = self.config.will.clone();
         connect.username = self.config.username.as_deref().map(string);

@@ -185,6 +185,9 @@ pub struct ServerSession {
     aliases_out: OutgoingAliases,
     /// The Session Expiry Interval of the client's CONNECT (0 when absent).
     connect_expiry: u32,
+    /// The client said it is a bridge (mosquitto's flag, MQTT 3.1.1): its subscriptions are
+    /// No Local and Retain As Published, as a 3.1.1 bridge expects.
+    bridge: bool,
     /// A packet that arrived after CONNECT while the broker was deciding on it.
     held: Option<Packet>,
     /// A data stream's session (see [`ServerSession::data_stream`]).
@@ -213,6 +216,7 @@ impl ServerSession {
             imposed_keep_alive: None,
             aliases_out: OutgoingAliases::default(),
             connect_expiry: 0,
+            bridge: false,
             held: None,
             data_stream: false,
             config,
@@ -794,11 +798,20 @@ impl ServerSession {
                 }
                 self.write(&Packet::PubComp(comp));
             }
-            (State::Connected, Packet::Subscribe(s)) => self.events.push_back(ServerEvent::Subscribe {
-                packet_id: s.packet_id,
-                subscription_id: s.properties.subscription_identifier,
-                subscriptions: s.subscriptions.iter().collect(),
-            }),
+            (State::Connected, Packet::Subscribe(s)) => {
+                let mut subscriptions: Vec<_> = s.subscriptions.iter().collect();
+                if self.bridge {
+                    for sub in &mut subscriptions {
+                        sub.options.no_local = true;
+                        sub.options.retain_as_published = true;
+                    }
+                }
+                self.events.push_back(ServerEvent::Subscribe {
+                    packet_id: s.packet_id,
+                    subscription_id: s.properties.subscription_identifier,
+                    subscriptions,
+                })
+            }
             (State::Connected, Packet::Unsubscribe(u)) => self
                 .events
                 .push_back(ServerEvent::Unsubscribe { packet_id: u.packet_id, filters: u.filters.iter().collect() }),
@@ -839,6 +852,7 @@ impl ServerSession {
         // [MQTT-3.1.2-24] (found by the `server_session` fuzzer).
         let p = &*connect.properties;
         self.connect_expiry = p.session_expiry_interval.unwrap_or(0);
+        self.bridge = connect.bridge && !v5;
         if v5 && self.config.outgoing_topic_aliases {
             self.aliases_out = OutgoingAliases::new(p.topic_alias_maximum.unwrap_or(0));
         }
