@@ -508,6 +508,9 @@ fn our_client_over_quic_through_an_aioquic_relay_to_mosquitto() {
 fn mosquitto_with_store(port: u16, dir: &Path) -> Peer {
     let program = require("mosquitto", "mosquitto");
     std::fs::create_dir_all(dir).expect("mosquitto store dir");
+    // mosquitto started as root runs as the `mosquitto` user: it must be able to write here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("store dir mode");
     let config = dir.join("mosquitto.conf");
     let text = format!(
         "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
@@ -597,7 +600,8 @@ fn our_broker_bridged_to_mosquitto_through_an_outage() {
 
         // mosquitto stops (saving its sessions); the edge keeps acknowledging.
         mosquitto.signal("TERM");
-        let _ = mosquitto.finish();
+        let (_, lines) = mosquitto.finish();
+        assert!(!lines.iter().any(|l| l.contains("Error saving")), "mosquitto could not save its store: {lines:#?}");
         for i in 0..20 {
             app.publish(Publish::new(topic("edge/t"), format!("o{i}")).with_qos(QoS::AtLeastOnce)).await.unwrap();
         }
