@@ -252,6 +252,14 @@ impl MioClient {
         if let Some(store) = &mut self.store {
             store.submit(&mut self.driver, now());
         }
+        // Answering a command (a resolved name) can make datagrams to send, and sending can
+        // make commands: until neither has anything.
+        while self.flush_once(registry) {}
+    }
+
+    /// One pass of [`MioClient::flush`]; whether a stream command was carried out.
+    fn flush_once(&mut self, registry: &Registry) -> bool {
+        let mut commands = false;
         loop {
             if self.io.udp.as_mut().is_some_and(|u| u.is_stalled() && !u.retry()) {
                 break;
@@ -267,6 +275,7 @@ impl MioClient {
             }
         }
         while let Some(cmd) = self.driver.poll_stream() {
+            commands = true;
             let io = &mut self.io;
             match cmd {
                 StreamCommand::Open(url) => {
@@ -311,6 +320,7 @@ impl MioClient {
                 _ => {}
             }
         }
+        commands
     }
 
     fn token(&mut self) -> RequestToken {

@@ -18,7 +18,9 @@ fn options(id: &str) -> ClientOptions {
 #[test]
 fn qos_0_1_2_over_quic_and_tcp() {
     let broker = spawn(broker_options()).unwrap();
-    let quic = format!("quic://{}", broker.quic_addr().unwrap());
+    // By name: the client resolves it (found in review: a name's first QUIC packet was once
+    // never sent by this adapter).
+    let quic = format!("quic://localhost:{}", broker.quic_addr().unwrap().port());
     let tcp = format!("mqtt://{}", broker.tcp_addr().unwrap());
     for (from, to) in [(&quic, &quic), (&tcp, &tcp), (&tcp, &quic), (&quic, &tcp)] {
         let mut sub = Client::connect(to, options("sub")).unwrap();

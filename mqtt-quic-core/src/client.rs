@@ -314,6 +314,9 @@ pub struct ClientMachine {
     probe_at: Option<Instant>,
     /// A DISCONNECT of our own on the way back to the first broker: its event is not news.
     moving_back: bool,
+    /// Connecting to the first broker after moving back: a refusal there sends the client to
+    /// the next broker (the one that worked) rather than back to the first.
+    moved_back: bool,
     session: ClientSession,
     reconnect: Option<ReconnectPolicy>,
     backoff: Backoff,
@@ -433,6 +436,7 @@ impl ClientMachine {
             probe: None,
             probe_at: None,
             moving_back: false,
+            moved_back: false,
             session: ClientSession::new(session)?,
             reconnect,
             backoff: Backoff::new(policy.initial, policy.max, seed ^ 0x5EED),
@@ -568,6 +572,17 @@ impl ClientMachine {
     /// machine made for one) and its URL, where it was made from one.
     pub fn current_broker(&self) -> (usize, Option<&BrokerUrl>) {
         (self.targets.index(), self.targets.current().url.as_ref())
+    }
+
+    /// Bytes waiting to be sent on the current connection: over QUIC, what the endpoint holds
+    /// for it; over a byte stream, what the session has not handed out yet (the adapter's own
+    /// backlog is not known here).
+    pub fn queued_bytes(&self) -> usize {
+        let quic = match (&self.quic, self.link) {
+            (Some(endpoint), Link::Quic { conn: Some(conn) }) => endpoint.queued(conn),
+            _ => 0,
+        };
+        quic + self.session.buffered()
     }
 
     /// Over QUIC: the address of the broker the current connection (or the move back to the
@@ -1095,10 +1110,15 @@ impl ClientMachine {
     /// The first broker answered the probe: DISCONNECT (normal: no will) on the connection in
     /// use, and CONNECT on the probe's, which becomes the link.
     fn move_back(&mut self, now: Instant, conn: ConnId) {
+        if !self.session.is_connected() {
+            // The connection in use ended meanwhile: the reconnect under way decides.
+            return self.probe_failed(now);
+        }
         self.probe = None;
         if self.session.disconnect(now, ReasonCode::Success).is_ok() {
             self.moving_back = true;
         }
+        self.moved_back = true;
         self.finish_link(now);
         self.lanes_lost(now);
         self.session.handle_stream_closed(now);
@@ -1231,9 +1251,21 @@ impl ClientMachine {
                 }
                 if let ClientEvent::Connected { .. } = event {
                     self.attempt_ok = true;
+                    self.moved_back = false;
                     self.handshake_deadline = None;
                     self.targets.new_round();
                     self.backoff.reset();
+                    if let Link::Stream { .. } = self.link {
+                        // Over a byte stream the handles use the control session: what waited
+                        // in their sessions for a QUIC stream ends now (instead of waiting for
+                        // a QUIC connection that may not come), and they start afresh.
+                        for stream in self.streams.values_mut() {
+                            let _ = stream.session.close_data_stream(now);
+                            let ended = std::iter::from_fn(|| stream.session.poll_event());
+                            self.events.extend(ended.filter(is_request_event));
+                            stream.session = self.session.data_stream();
+                        }
+                    }
                     let handles: Vec<StreamHandle> = self.streams.keys().copied().collect();
                     for handle in handles {
                         self.open_lane(now, handle);
@@ -1267,6 +1299,13 @@ impl ClientMachine {
                         };
                         self.attempt_failed(now, reason, text);
                         continue;
+                    }
+                    ClientEvent::Refused { reason } if std::mem::take(&mut self.moved_back) => {
+                        // The first broker answered QUIC but refused the session: back to the
+                        // broker that worked, after the backoff.
+                        let _ = self.targets.failed(&format!("refused: {reason}"));
+                        self.connection_lost(now);
+                        self.attempt_ok = false;
                     }
                     ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. } => {
                         self.connection_lost(now);

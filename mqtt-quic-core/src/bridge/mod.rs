@@ -37,12 +37,12 @@ use crate::client::{ClientMachine, ClientUrlsConfig, StreamCommand};
 use crate::config::{ClientConfig, ConfigError};
 use crate::machine::Datagram;
 use crate::quic::Transmit;
-use crate::session::client::{ClientEvent, ClientSession, ClientSessionConfig, RequestId};
+use crate::session::client::{ClientEvent, ClientSession, ClientSessionConfig, CommandError, RequestId};
 use crate::url::BrokerUrl;
 use bytes::Bytes;
 use config::BridgeConfig;
 use mqtt_proto::{PacketId, Publish, QoS, RetainHandling, Subscription, SubscriptionOptions, TopicFilter, TopicName};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -77,8 +77,14 @@ pub struct Bridge {
     /// Messages taken upstream and published here, waiting for this broker's acknowledgement:
     /// the local request, and the upstream message's packet id.
     inbound: BTreeMap<RequestId, PacketId>,
-    subscribed_local: bool,
-    subscribed_upstream: bool,
+    subscribed_local: Subscribing,
+    subscribed_upstream: Subscribing,
+    /// Messages taken here that the upstream session had no room to queue, in order (at most
+    /// the local window: the broker sends no more unacknowledged).
+    waiting_out: VecDeque<(Publish, Option<PacketId>)>,
+    /// Bytes handed to the adapter for the upstream byte stream and not yet written (the
+    /// broker says).
+    stream_backlog: usize,
     stats: BridgeStats,
     /// The connection state changed since the last [`Bridge::take_state_change`].
     state_changed: bool,
@@ -143,8 +149,10 @@ impl Bridge {
             upstream,
             outbound: BTreeMap::new(),
             inbound: BTreeMap::new(),
-            subscribed_local: false,
-            subscribed_upstream: false,
+            subscribed_local: Subscribing::default(),
+            subscribed_upstream: Subscribing::default(),
+            waiting_out: VecDeque::new(),
+            stream_backlog: 0,
             stats: BridgeStats::default(),
             state_changed: true,
         })
@@ -270,6 +278,12 @@ impl Bridge {
         [self.upstream.poll_timeout(), self.local.poll_timeout()].into_iter().flatten().min()
     }
 
+    /// The broker's count of bytes given to the adapter for the upstream byte stream and not
+    /// yet written (see `upstream_busy`).
+    pub fn set_stream_backlog(&mut self, bytes: usize) {
+        self.stream_backlog = bytes;
+    }
+
     /// Whether the upstream QUIC connection talks to `remote`.
     pub fn talks_to(&self, remote: SocketAddr) -> bool {
         self.upstream.quic_remotes().any(|r| r == remote)
@@ -299,6 +313,7 @@ impl Bridge {
                 progressed = true;
                 self.local_event(now, event);
             }
+            progressed |= !self.waiting_out.is_empty() && self.retry_waiting(now);
             if !progressed {
                 break;
             }
@@ -311,19 +326,23 @@ impl Bridge {
                 self.stats.connected = true;
                 self.stats.connects += 1;
                 self.state_changed = true;
-                if !self.subscribed_upstream {
-                    // Once: the session keeps them (and makes them again if the upstream
-                    // broker lost it).
-                    self.subscribed_upstream = true;
-                    let subs = self.subscriptions(|m| m.direction.is_in(), |m| m.remote_filter(), true);
-                    if !subs.is_empty() {
-                        let _ = self.upstream.subscribe(now, subs, None);
-                    }
+                // Until the SUBACK comes: the session makes again only what was granted.
+                if !self.subscribed_upstream.done && self.subscribed_upstream.pending.is_none() {
+                    let subs = self.subscriptions(|m| m.direction.is_in(), |m| m.remote_filter());
+                    self.subscribed_upstream.pending = match subs.is_empty() {
+                        true => None,
+                        false => self.upstream.subscribe(now, subs, None).ok(),
+                    };
                 }
             }
-            ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. } if self.stats.connected => {
-                self.stats.connected = false;
-                self.state_changed = true;
+            ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. } => {
+                if self.stats.connected {
+                    self.stats.connected = false;
+                    self.state_changed = true;
+                }
+                // Those messages' packet ids mean nothing on the next connection: the
+                // upstream broker sends them again.
+                self.inbound.clear();
             }
             ClientEvent::Message(publish) => self.carry_in(now, publish),
             ClientEvent::Published { id, reason } => {
@@ -338,8 +357,10 @@ impl Bridge {
                     let _ = self.local.ack(now, pid);
                 }
             }
+            ClientEvent::Subscribed { id, .. } => self.subscribed_upstream.granted(id),
             ClientEvent::Aborted { id } => {
                 self.outbound.remove(&id);
+                self.subscribed_upstream.aborted(id);
             }
             _ => {}
         }
@@ -347,42 +368,55 @@ impl Bridge {
 
     fn local_event(&mut self, now: Instant, event: ClientEvent) {
         match event {
-            ClientEvent::Connected { session_present, .. } if !self.subscribed_local || !session_present => {
-                self.subscribed_local = true;
-                let subs = self.subscriptions(|m| m.direction.is_out(), |m| m.local_filter(), true);
-                if !subs.is_empty() {
-                    let _ = self.local.subscribe(now, subs, None);
+            ClientEvent::Connected { session_present, .. } => {
+                if !session_present {
+                    self.subscribed_local = Subscribing::default();
+                }
+                if !self.subscribed_local.done && self.subscribed_local.pending.is_none() {
+                    let subs = self.subscriptions(|m| m.direction.is_out(), |m| m.local_filter());
+                    self.subscribed_local.pending = match subs.is_empty() {
+                        true => None,
+                        false => self.local.subscribe(now, subs, None).ok(),
+                    };
                 }
             }
             ClientEvent::Message(publish) => self.carry_out(now, publish),
-            ClientEvent::Published { id, .. } => {
-                if let Some(pid) = self.inbound.remove(&id) {
+            ClientEvent::Published { id, reason } => {
+                if reason.is_error() {
+                    self.stats.dropped += 1;
+                } else {
                     self.stats.received += 1;
+                }
+                if let Some(pid) = self.inbound.remove(&id) {
                     let _ = self.upstream.ack(now, pid);
                 }
             }
+            ClientEvent::Subscribed { id, .. } => self.subscribed_local.granted(id),
+            ClientEvent::Aborted { id } => self.subscribed_local.aborted(id),
             ClientEvent::Disconnected { .. } => {
                 // Acknowledgements of messages from that connection have nowhere to go: the
                 // broker sends those messages again on the next one.
                 self.outbound.clear();
+                self.waiting_out.clear();
             }
             _ => {}
         }
     }
 
-    /// The subscriptions for the mappings `wanted` selects, on the filters `filter` gives.
+    /// The subscriptions for the mappings `wanted` selects, on the filters `filter` gives: No
+    /// Local (no loops), Retain As Published, retained messages only for a new subscription.
     fn subscriptions(
         &self,
         wanted: impl Fn(&config::TopicMapping) -> bool,
         filter: impl Fn(&config::TopicMapping) -> String,
-        no_local: bool,
     ) -> Vec<Subscription> {
         let mut subs: Vec<Subscription> = Vec::new();
         for m in self.config.mappings.iter().filter(|m| wanted(m)) {
             let Ok(f) = TopicFilter::new(filter(m)) else { continue };
             let options = SubscriptionOptions {
                 qos: m.qos,
-                no_local,
+                // (No Local is a protocol error on a shared subscription.)
+                no_local: f.shared().is_none(),
                 retain_as_published: true,
                 retain_handling: RetainHandling::SendIfNew,
             };
@@ -394,34 +428,75 @@ impl Bridge {
         subs
     }
 
+    /// Whether the upstream connection has so much waiting to be sent that QoS 0 messages are
+    /// dropped rather than queued (as the broker does for a slow client).
+    fn upstream_busy(&self) -> bool {
+        self.upstream.queued_bytes() + self.stream_backlog > UPSTREAM_BACKLOG
+    }
+
     /// A message taken here: upstream under its mapped topic, acknowledged here once the
     /// upstream broker acknowledged it.
     fn carry_out(&mut self, now: Instant, publish: Publish) {
         let pid = publish.qos_pid.packet_id();
-        let mapped = self.config.mappings.iter().find_map(|m| Some((m.to_remote(publish.topic.as_str())?, m.qos)));
-        let sent = mapped.and_then(|(topic, qos)| {
-            let out = forwarded(&publish, &topic, qos)?;
-            let qos = out.qos();
-            match self.upstream.publish(now, out) {
-                Ok(id) if qos > QoS::AtMostOnce => Some(Some(id)),
-                Ok(_) => {
-                    self.stats.sent += 1;
-                    Some(None)
-                }
-                Err(_) => None,
-            }
+        let limits = self.upstream.session();
+        let (max_qos, retain) = (limits.server_maximum_qos(), limits.server_retain_available());
+        let out = self.config.mappings.iter().find_map(|m| {
+            let topic = m.to_remote(publish.topic.as_str())?;
+            forwarded(&publish, &topic, m.qos.min(max_qos), retain)
         });
-        match (sent, pid) {
-            // Acknowledged here when the upstream broker acknowledges it.
-            (Some(Some(id)), Some(pid)) => drop(self.outbound.insert(id, pid)),
-            (sent, pid) => {
-                if sent.is_none() {
-                    self.stats.dropped += 1;
+        match out {
+            Some(out) => self.send_out(now, out, pid),
+            None => self.drop_local(now, pid),
+        }
+    }
+
+    /// Publishes upstream what was taken here (with its local packet id, QoS 1 and 2).
+    fn send_out(&mut self, now: Instant, out: Publish, pid: Option<PacketId>) {
+        let qos = out.qos();
+        if qos == QoS::AtMostOnce && self.upstream_busy() {
+            return self.drop_local(now, pid);
+        }
+        match self.upstream.publish(now, out.clone()) {
+            Ok(id) if qos > QoS::AtMostOnce => {
+                if let Some(pid) = pid {
+                    self.outbound.insert(id, pid);
                 }
+            }
+            Ok(_) => {
                 if let Some(pid) = pid {
                     let _ = self.local.ack(now, pid);
                 }
             }
+            // Queued upstream to the limit: it waits here (at most the local window), and is
+            // tried again as the queue drains.
+            Err(CommandError::QueueFull(_)) => self.waiting_out.push_back((out, pid)),
+            // QoS 0 with the upstream unreachable, or beyond what it accepts: never sendable.
+            Err(_) => self.drop_local(now, pid),
+        }
+    }
+
+    /// Tries again the messages the upstream queue had no room for; whether any went.
+    fn retry_waiting(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some((out, pid)) = self.waiting_out.pop_front() {
+            let before = self.waiting_out.len();
+            self.send_out(now, out, pid);
+            if self.waiting_out.len() > before {
+                // Still full: it went to the back; put it first again, in order.
+                if let Some(last) = self.waiting_out.pop_back() {
+                    self.waiting_out.push_front(last);
+                }
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+
+    fn drop_local(&mut self, now: Instant, pid: Option<PacketId>) {
+        self.stats.dropped += 1;
+        if let Some(pid) = pid {
+            let _ = self.local.ack(now, pid);
         }
     }
 
@@ -429,23 +504,20 @@ impl Bridge {
     /// once this broker acknowledged it.
     fn carry_in(&mut self, now: Instant, publish: Publish) {
         let pid = publish.qos_pid.packet_id();
-        let mapped = self.config.mappings.iter().find_map(|m| Some((m.to_local(publish.topic.as_str())?, m.qos)));
-        let published = mapped.and_then(|(topic, qos)| {
-            let here = forwarded(&publish, &topic, qos)?;
-            let qos = here.qos();
-            match self.local.publish(now, here) {
-                Ok(id) if qos > QoS::AtMostOnce => Some(Some(id)),
-                Ok(_) => {
-                    self.stats.received += 1;
-                    Some(None)
-                }
-                Err(_) => None,
-            }
+        let limits = &self.local;
+        let (max_qos, retain) = (limits.server_maximum_qos(), limits.server_retain_available());
+        let here = self.config.mappings.iter().find_map(|m| {
+            let topic = m.to_local(publish.topic.as_str())?;
+            forwarded(&publish, &topic, m.qos.min(max_qos), retain)
         });
-        match (published, pid) {
-            (Some(Some(id)), Some(pid)) => drop(self.inbound.insert(id, pid)),
-            (published, pid) => {
-                if published.is_none() {
+        let local_id = here.and_then(|here| {
+            let qos = here.qos();
+            self.local.publish(now, here).ok().map(|id| (id, qos))
+        });
+        match (local_id, pid) {
+            (Some((id, qos)), Some(pid)) if qos > QoS::AtMostOnce => drop(self.inbound.insert(id, pid)),
+            (local_id, pid) => {
+                if local_id.is_none() {
                     self.stats.dropped += 1;
                 }
                 if let Some(pid) = pid {
@@ -456,13 +528,40 @@ impl Bridge {
     }
 }
 
-/// `publish` as it goes on to the other side: under `topic`, at no more than `max_qos`, with
-/// its payload, retain flag and the properties that describe the message (not those of the
+/// A subscription request of the bridge: made again until its SUBACK comes.
+#[derive(Debug, Default)]
+struct Subscribing {
+    pending: Option<RequestId>,
+    done: bool,
+}
+
+impl Subscribing {
+    fn granted(&mut self, id: RequestId) {
+        if self.pending == Some(id) {
+            self.pending = None;
+            self.done = true;
+        }
+    }
+
+    fn aborted(&mut self, id: RequestId) {
+        if self.pending == Some(id) {
+            self.pending = None;
+        }
+    }
+}
+
+/// Bytes waiting for the upstream connection beyond which QoS 0 messages are dropped.
+const UPSTREAM_BACKLOG: usize = 4 << 20;
+
+/// `publish` as it goes on to the other side: under `topic`, at no more than `max_qos` (the
+/// mapping's and the other side's), with its payload, retain flag (where retained messages
+/// are available) and the properties that describe the message (not those of the
 /// hop it came on: topic alias, subscription identifiers).
-fn forwarded(publish: &Publish, topic: &str, max_qos: QoS) -> Option<Publish> {
+fn forwarded(publish: &Publish, topic: &str, max_qos: QoS, retain_available: bool) -> Option<Publish> {
     let mut out =
         Publish::new(TopicName::new(topic).ok()?, publish.payload.clone()).with_qos(publish.qos().min(max_qos));
-    out.retain = publish.retain;
+    // A side without retained messages gets the message, not the retaining.
+    out.retain = publish.retain && retain_available;
     let mut properties = publish.properties.clone();
     properties.topic_alias = None;
     properties.subscription_identifiers = Default::default();

@@ -67,13 +67,15 @@ pub(super) struct BridgeSlot {
     local_retry: Option<Instant>,
     /// Its upstream byte stream, while one is dialled or open.
     dialed: Option<StreamId>,
+    /// Bytes handed to the adapter for that stream and not yet reported written.
+    backlog: usize,
     /// The connection state last published under `$SYS`.
     published: Option<bool>,
 }
 
 impl BridgeSlot {
     pub(super) fn new(bridge: Bridge) -> BridgeSlot {
-        BridgeSlot { bridge, local: None, local_retry: None, dialed: None, published: None }
+        BridgeSlot { bridge, local: None, local_retry: None, dialed: None, backlog: 0, published: None }
     }
 }
 
@@ -144,10 +146,20 @@ impl Broker {
         true
     }
 
+    /// The adapter wrote bytes of a dialled connection, if `id` is one; whether it was.
+    pub(super) fn dialed_written(&mut self, id: StreamId, bytes: usize) -> bool {
+        let Some(slot) = self.bridges.iter_mut().find(|s| s.dialed == Some(id)) else { return false };
+        slot.backlog = slot.backlog.saturating_sub(bytes);
+        slot.bridge.set_stream_backlog(slot.backlog);
+        true
+    }
+
     /// A dialled connection closed, if `id` is one; whether it was.
     pub(super) fn dialed_closed(&mut self, now: Instant, id: StreamId) -> bool {
         let Some(slot) = self.bridges.iter_mut().find(|s| s.dialed == Some(id)) else { return false };
         slot.dialed = None;
+        slot.backlog = 0;
+        slot.bridge.set_stream_backlog(0);
         slot.bridge.handle_stream_failed(now, "the connection closed");
         true
     }
@@ -293,12 +305,18 @@ impl Broker {
                 self.dials.push_back(Dial::Open { id, url, tls });
             }
             StreamCommand::Data(bytes) => {
-                if let Some(id) = self.bridges[i].dialed {
+                let slot = &mut self.bridges[i];
+                if let Some(id) = slot.dialed {
+                    slot.backlog += bytes.len();
+                    slot.bridge.set_stream_backlog(slot.backlog);
                     self.links.push_stream(id, StreamOutput::Data(bytes));
                 }
             }
             StreamCommand::Close => {
-                if let Some(id) = self.bridges[i].dialed.take() {
+                let slot = &mut self.bridges[i];
+                if let Some(id) = slot.dialed.take() {
+                    slot.backlog = 0;
+                    slot.bridge.set_stream_backlog(0);
                     self.links.push_stream(id, StreamOutput::Close);
                 }
             }

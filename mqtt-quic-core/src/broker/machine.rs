@@ -263,6 +263,9 @@ impl Broker {
     /// The adapter wrote `bytes` of a byte stream's output to its socket: they no longer count
     /// against the client's backlog (see [`BrokerConfig::max_queued_bytes`]).
     pub fn handle_stream_written(&mut self, id: StreamId, bytes: usize) {
+        if !self.bridges.is_empty() && self.dialed_written(id, bytes) {
+            return;
+        }
         self.links.stream_written(id, bytes);
     }
 

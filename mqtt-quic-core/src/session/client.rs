@@ -57,7 +57,8 @@ pub struct ClientSessionConfig {
     pub max_queued: usize,
     /// The application acknowledges the server's QoS 1 and 2 messages itself, with
     /// [`ClientSession::ack`], once it has done with them (a bridge: once they are kept
-    /// elsewhere); until then the server keeps them. Off: acknowledged on arrival.
+    /// elsewhere); until then the server keeps them. Off: acknowledged on arrival. Only the
+    /// control stream's messages: data streams acknowledge on arrival.
     pub manual_acks: bool,
     /// Say in CONNECT that this client is a bridge (mosquitto's flag, MQTT 3.1 and 3.1.1): a
     /// server that knows it does not send back what the bridge published. MQTT 5 uses No Local
@@ -321,7 +322,8 @@ impl ClientSession {
     /// Request ids continue this session's numbering; a caller with several sessions keeps
     /// them apart (as [`ClientMachine`](crate::client::ClientMachine) does).
     pub fn data_stream(&self) -> ClientSession {
-        let config = ClientSessionConfig { keep_alive: 0, will: None, ..self.config.clone() };
+        // (Acknowledgements by hand are the control stream's: `ClientMachine::ack` takes no stream.)
+        let config = ClientSessionConfig { keep_alive: 0, will: None, manual_acks: false, ..self.config.clone() };
         let decoder = Decoder::new(self.config.protocol).with_max_packet_size(config.maximum_packet_size);
         let mut writer = Writer::new(self.config.protocol);
         writer.set_max(self.writer.max());
@@ -550,6 +552,21 @@ impl ClientSession {
     /// Whether CONNACK accepted the current connection.
     pub fn is_connected(&self) -> bool {
         self.state == State::Connected
+    }
+
+    /// Bytes written and not yet handed to the transport.
+    pub fn buffered(&self) -> usize {
+        self.writer.buffered()
+    }
+
+    /// The highest QoS the server accepts (from its last CONNACK; QoS 2 before any).
+    pub fn server_maximum_qos(&self) -> QoS {
+        self.server_maximum_qos
+    }
+
+    /// Whether the server accepts retained messages (from its last CONNACK).
+    pub fn server_retain_available(&self) -> bool {
+        self.server_retain_available
     }
 
     /// Whether no connection has begun since the last one ended (nothing to report about the
@@ -1207,7 +1224,10 @@ impl ClientSession {
                     // Acknowledged (PUBREC) before: say so again, do not deliver again.
                     return self.write(now, &Packet::PubRec(Ack::new(id)));
                 }
-                if self.held.len() + self.inbound.waiting() >= usize::from(self.config.receive_maximum) {
+                // (MQTT 3.1.1 cannot tell the server our Receive Maximum: there only the packet
+                // identifiers bound what is held.)
+                let window = usize::from(self.config.receive_maximum);
+                if self.config.protocol.is_v5() && self.held.len() + self.inbound.waiting() >= window {
                     return self.violation(now, ReasonCode::ReceiveMaximumExceeded);
                 }
                 self.held.insert(id.get(), qos);
