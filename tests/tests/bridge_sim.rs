@@ -462,3 +462,23 @@ fn a_3_1_1_bridge_uses_mosquitto_s_flag_and_does_not_loop() {
         assert_eq!(chat, ["from the cloud", "from the edge"]);
     }
 }
+
+/// An upstream that takes at most QoS 1 (as AWS IoT and Azure do) gets a QoS 2 mapping's
+/// messages at QoS 1, not refused and dropped (found in review).
+#[test]
+fn messages_go_at_the_upstream_s_maximum_qos() {
+    let mut net = Net::new(bridge(&["quic://cloud.test"], &["q2/# out 2"]));
+    let mut cloud = broker_config(2);
+    cloud.session.maximum_qos = QoS::AtLeastOnce;
+    net.cloud = Broker::new(cloud).unwrap();
+    let now = net.now;
+    net.cloud.subscribe_local(now, &filter("q2/#"), QoS::ExactlyOnce);
+    assert!(net.run_until(Duration::from_secs(5), |n| n.bridge_up() && n.client.is_connected()));
+    net.publish("q2/t", "exactly once here", QoS::ExactlyOnce);
+    assert!(net.run_until(Duration::from_secs(3), |n| !n.at_cloud.is_empty()));
+    assert_eq!(
+        (net.at_cloud[0].payload.as_ref(), net.at_cloud[0].qos()),
+        (&b"exactly once here"[..], QoS::AtLeastOnce)
+    );
+    assert_eq!(net.edge.bridges().next().unwrap().stats().dropped, 0);
+}
