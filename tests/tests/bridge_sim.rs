@@ -10,10 +10,11 @@ use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, BrokerEvent, StreamI
 use mqtt_quic_core::broker::Dial;
 use mqtt_quic_core::client::{ClientMachine, ReconnectPolicy, StreamCommand};
 use mqtt_quic_core::config::ServerConfig;
-use mqtt_quic_core::persist::{Persistence, StoreOp, StoredRecord, Table};
+use mqtt_quic_core::persist::Persistence;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use mqtt_quic_core::Datagram;
+use mqtt_tests::disk;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -67,7 +68,7 @@ struct Net {
     cloud: Broker,
     cloud_up: bool,
     udp_blocked: bool,
-    disk: BTreeMap<(Table, Vec<u8>), Vec<u8>>,
+    disk: disk::Disk,
     /// The edge's dialled streams and the cloud's numbers for them.
     dialed: BTreeMap<StreamId, StreamId>,
     client: ClientMachine,
@@ -215,16 +216,9 @@ impl Net {
             }
             while let Some(batch) = self.edge.poll_store(self.now) {
                 moved = true;
-                for op in batch.ops {
-                    match op {
-                        StoreOp::Put { table, key, value } => drop(self.disk.insert((table, key), value)),
-                        StoreOp::Delete { table, key } => drop(self.disk.remove(&(table, key))),
-                        StoreOp::DeletePrefix { table, prefix } => {
-                            self.disk.retain(|(t, k), _| *t != table || !k.starts_with(&prefix))
-                        }
-                    }
-                }
-                self.edge.handle_stored(self.now, batch.seq);
+                let seq = batch.seq;
+                disk::apply(&mut self.disk, batch);
+                self.edge.handle_stored(self.now, seq);
             }
             while let Some(e) = self.edge.poll_event() {
                 if let BrokerEvent::Message { publish, .. } = e {
@@ -282,18 +276,8 @@ impl Net {
 
     /// The edge broker restarts from its store; its client's connection drops with it.
     fn restart_edge(&mut self) {
-        let records: Vec<StoredRecord> = self
-            .disk
-            .iter()
-            .map(|((table, key), value)| StoredRecord {
-                table: *table,
-                key: key.clone(),
-                value: value.clone(),
-                age: Duration::ZERO,
-            })
-            .collect();
         self.edge = Broker::new(self.edge_config.clone()).unwrap();
-        self.edge.restore(self.now, records).unwrap();
+        self.edge.restore(self.now, disk::records(&self.disk)).unwrap();
         self.edge.start(self.now);
         self.dialed.clear();
         if self.client_stream.take().is_some() {

@@ -50,7 +50,7 @@ use mqtt_proto::{
 };
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
 use mqtt_quic_core::config::ServerConfig;
-use mqtt_quic_core::persist::{Persistence, StoreBatch, StoreOp, StoredRecord, Table};
+use mqtt_quic_core::persist::{Persistence, StoreBatch, StoredRecord, Table};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
 use mqtt_tests::sim::Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -165,15 +165,7 @@ struct Store {
 impl Store {
     /// Applies one batch's operations in order.
     fn apply(&mut self, batch: StoreBatch) {
-        for op in batch.ops {
-            match op {
-                StoreOp::Put { table, key, value } => drop(self.disk.insert((table, key), value)),
-                StoreOp::Delete { table, key } => drop(self.disk.remove(&(table, key))),
-                StoreOp::DeletePrefix { table, prefix } => {
-                    self.disk.retain(|(t, k), _| *t != table || !k.starts_with(&prefix))
-                }
-            }
-        }
+        mqtt_tests::disk::apply(&mut self.disk, batch);
     }
 
     /// Takes a batch the broker polled (numbered in increasing order; a number is skipped when
@@ -196,15 +188,7 @@ impl Store {
 
     /// What a restarted broker reads back (all written just now, in virtual time).
     fn records(&self) -> Vec<StoredRecord> {
-        let records = self.disk.iter();
-        records
-            .map(|((table, key), value)| StoredRecord {
-                table: *table,
-                key: key.clone(),
-                value: value.clone(),
-                age: Duration::ZERO,
-            })
-            .collect()
+        mqtt_tests::disk::records(&self.disk)
     }
 
     /// The stored messages of client `id`: (packet identifier if in flight, released, payload).
