@@ -16,7 +16,7 @@ use mqtt_quic_core::broker::Dial;
 use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 use mqtt_quic_core::Datagram;
 use mqtt_store::{BrokerStore, StoreError};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, OnceLock};
@@ -168,9 +168,19 @@ pub struct MioBroker {
     failed: bool,
     /// Wakes the caller's loop when a verdict or a report comes, once given.
     waker: LoopWaker,
-    /// Connections dialled for bridges whose TCP connect has not completed yet.
-    dialing: HashSet<Token>,
+    /// Outcomes of the bridges' dials, from their threads, and how many are out.
+    dials: (mpsc::Sender<DialOutcome>, mpsc::Receiver<DialOutcome>),
+    dials_out: usize,
 }
+
+/// What a dialling thread did (see `MioBroker::dial`).
+enum DialOutcome {
+    Opened(mqtt_quic_core::broker::machine::StreamId, Result<std::net::TcpStream, String>),
+    Resolved(mqtt_quic_core::broker::BridgeId, mqtt_quic_core::url::BrokerUrl, Result<SocketAddr, String>),
+}
+
+/// How long a bridge's TCP connect may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Threads that verify passwords. The loop hands them requests and collects verdicts when it
 /// wakes; while any is out, [`MioBroker::timeout`] is kept short so that a verdict is picked up
@@ -278,7 +288,8 @@ impl MioBroker {
             reports,
             failed: false,
             waker,
-            dialing: HashSet::new(),
+            dials: mpsc::channel(),
+            dials_out: 0,
         })
         .map(|mut b| {
             // Bridges start connecting upstream.
@@ -357,6 +368,7 @@ impl MioBroker {
         }
         let t = now();
         self.collect_verdicts();
+        self.collect_dials(registry);
         if !self.collect_reports(registry) {
             return true;
         }
@@ -372,8 +384,6 @@ impl MioBroker {
             }
         } else if token.0 == self.base + 1 {
             self.accept(registry);
-        } else if self.dialing.contains(&token) {
-            self.dialed(registry, token, event);
         } else if let Some((id, conn)) = self.conns.get_mut(&token) {
             let id = *id;
             let mut closed = false;
@@ -473,64 +483,71 @@ impl MioBroker {
         }
     }
 
-    /// Does what the broker asks for its bridges: a TCP connection (registered now, reported
-    /// once connected, then carried like an accepted one) or a name (resolved here, blocking
-    /// the loop while it is). This adapter has no TLS over TCP.
-    fn dial(&mut self, registry: &Registry, dial: Dial) {
+    /// Does what the broker asks for its bridges on a thread of its own (a name lookup or a TCP
+    /// connect can take seconds; the loop goes on meanwhile): a TCP connection (then carried
+    /// like an accepted one) or a name. Outcomes come back in `collect_dials`. This adapter has
+    /// no TLS over TCP.
+    fn dial(&mut self, dial: Dial) {
         let lookup = |url: &mqtt_quic_core::url::BrokerUrl| {
             use std::net::ToSocketAddrs;
             mqtt_quic_core::driver::pick_address(url, url.authority().to_socket_addrs()).map_err(|e| e.to_string())
         };
-        match dial {
+        let (tx, wake) = (self.dials.0.clone(), self.waker.clone());
+        let job: Box<dyn FnOnce() -> DialOutcome + Send> = match dial {
             Dial::Open { id, tls: Some(_), .. } => {
-                self.broker.handle_dialed(now(), id, Err("mqtts:// (this adapter has no TLS over TCP)".into()))
+                let refused = Err("mqtts:// (this adapter has no TLS over TCP)".to_string());
+                return self.broker.handle_dialed(now(), id, refused);
             }
-            Dial::Open { id, url, tls: None } => {
-                let token = Token(self.next);
-                let opened =
-                    lookup(&url).and_then(|addr| mio::net::TcpStream::connect(addr).map_err(|e| e.to_string()));
-                let registered = opened.and_then(|mut stream| {
-                    registry
-                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                        .map(|()| stream)
-                        .map_err(|e| e.to_string())
+            Dial::Open { id, url, tls: None } => Box::new(move || {
+                let opened = lookup(&url).and_then(|addr| {
+                    std::net::TcpStream::connect_timeout(&addr, DIAL_TIMEOUT).map_err(|e| e.to_string())
                 });
-                match registered {
-                    Ok(stream) => {
-                        self.next += 1;
-                        self.conns.insert(token, (id, Conn::new(stream)));
-                        self.dialing.insert(token);
-                    }
-                    Err(e) => self.broker.handle_dialed(now(), id, Err(e)),
-                }
-            }
-            Dial::Resolve { bridge, url } => {
+                DialOutcome::Opened(id, opened)
+            }),
+            Dial::Resolve { bridge, url } => Box::new(move || {
                 let result = lookup(&url);
-                self.broker.handle_resolved(now(), bridge, &url, result);
-            }
-            _ => {}
+                DialOutcome::Resolved(bridge, url, result)
+            }),
+            _ => return,
+        };
+        self.dials_out += 1;
+        let spawned = std::thread::Builder::new().name("mqtt-dial".into()).spawn(move || {
+            let _ = tx.send(job());
+            wake.wake();
+        });
+        if spawned.is_err() {
+            // No thread: the bridge's attempt times out and is made again.
+            self.dials_out -= 1;
         }
     }
 
-    /// Readiness of a dialled connection still connecting: connected (from now on carried
-    /// like an accepted one), or failed.
-    fn dialed(&mut self, registry: &Registry, token: Token, event: &Event) {
-        let Some((id, conn)) = self.conns.get(&token) else { return };
-        let id = *id;
-        let outcome = match (conn.stream.take_error(), conn.stream.peer_addr()) {
-            (Ok(None), Ok(_)) => Ok(()),
-            (Ok(None), Err(e)) if e.kind() == io::ErrorKind::NotConnected && !event.is_error() => return,
-            (Ok(Some(e)) | Err(e), _) | (_, Err(e)) => Err(e.to_string()),
-        };
-        self.dialing.remove(&token);
-        match outcome {
-            Ok(()) => {
-                self.streams.dialed(id, "bridge", ConnToken(token));
-                self.broker.handle_dialed(now(), id, Ok(()));
-            }
-            Err(e) => {
-                Sockets::drop_conn(&mut self.conns, &mut self.closing, registry, token);
-                self.broker.handle_dialed(now(), id, Err(e));
+    /// Hands the broker what the dialling threads have done.
+    fn collect_dials(&mut self, registry: &Registry) {
+        while let Ok(outcome) = self.dials.1.try_recv() {
+            self.dials_out = self.dials_out.saturating_sub(1);
+            match outcome {
+                DialOutcome::Opened(id, Ok(stream)) => {
+                    let token = Token(self.next);
+                    let registered = stream.set_nonblocking(true).map_err(|e| e.to_string()).and_then(|()| {
+                        let mut stream = mio::net::TcpStream::from_std(stream);
+                        let _ = stream.set_nodelay(true);
+                        registry
+                            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                            .map(|()| stream)
+                            .map_err(|e| e.to_string())
+                    });
+                    match registered {
+                        Ok(stream) => {
+                            self.next += 1;
+                            self.conns.insert(token, (id, Conn::new(stream)));
+                            self.streams.dialed(id, "bridge", ConnToken(token));
+                            self.broker.handle_dialed(now(), id, Ok(()));
+                        }
+                        Err(e) => self.broker.handle_dialed(now(), id, Err(e)),
+                    }
+                }
+                DialOutcome::Opened(id, Err(e)) => self.broker.handle_dialed(now(), id, Err(e)),
+                DialOutcome::Resolved(bridge, url, result) => self.broker.handle_resolved(now(), bridge, &url, result),
             }
         }
     }
@@ -548,7 +565,7 @@ impl MioBroker {
             return;
         }
         while let Some(dial) = self.broker.poll_dial() {
-            self.dial(registry, dial);
+            self.dial(dial);
         }
         if let Some(udp) = &mut self.udp {
             if !udp.is_stalled() || udp.retry() {
@@ -590,7 +607,7 @@ impl MioBroker {
         }
         let next = self.broker.poll_timeout().into_iter().chain(self.closing.values().copied()).min();
         let due = next.map(|t| t.saturating_duration_since(now()));
-        let awaited = self.auth.out > 0 || self.store.is_committing();
+        let awaited = self.auth.out > 0 || self.store.is_committing() || self.dials_out > 0;
         if awaited && !self.waker.is_set() {
             // A verdict or a store report may arrive at any moment: look again soon.
             return Some(due.map_or(AUTH_POLL, |d| d.min(AUTH_POLL)));
@@ -605,6 +622,7 @@ impl MioBroker {
             return;
         }
         self.collect_verdicts();
+        self.collect_dials(registry);
         if !self.collect_reports(registry) {
             return;
         }

@@ -268,3 +268,37 @@ fn falls_back_to_tcp_when_nothing_answers_on_udp() {
     c.disconnect().unwrap();
     broker.shutdown();
 }
+
+/// A mio broker bridged to another over TCP (dialled on a thread) and over QUIC (through its
+/// own UDP socket): a message published at the edge reaches the upstream under its prefix.
+#[test]
+fn a_bridge_carries_messages_over_tcp_and_quic() {
+    use mqtt_quic_core::bridge::config::BridgeConfig;
+    let cloud = spawn(broker_options()).unwrap();
+    let upstreams = [
+        format!("mqtt://127.0.0.1:{}", cloud.tcp_addr().unwrap().port()),
+        format!("quic://localhost:{}", cloud.quic_addr().unwrap().port()),
+    ];
+    for upstream in upstreams {
+        let mut bridge = BridgeConfig::new("cloud", vec![upstream.parse().unwrap()]);
+        bridge.tls = Some(ClientTls::insecure());
+        bridge.client_id = format!("edge-{}", &upstream[..4]);
+        bridge.mappings = vec!["up/# out 1 \"\" site/".parse().unwrap()];
+        let mut edge_options = broker_options();
+        edge_options.broker.bridges = vec![bridge];
+        let edge = spawn(edge_options).unwrap();
+        let mut at_cloud =
+            Client::connect(&format!("mqtt://{}", cloud.tcp_addr().unwrap()), options("cloud-app")).unwrap();
+        at_cloud.subscribe(TopicFilter::new("site/#").unwrap(), QoS::AtLeastOnce).unwrap();
+        let mut at_edge =
+            Client::connect(&format!("mqtt://{}", edge.tcp_addr().unwrap()), options("edge-app")).unwrap();
+        // Queued in the bridge's session until it connects upstream.
+        at_edge.publish(Publish::new(TopicName::new("up/t").unwrap(), "reading").with_qos(QoS::AtLeastOnce)).unwrap();
+        let m = at_cloud.recv(Duration::from_secs(10)).unwrap().unwrap_or_else(|| panic!("{upstream}: nothing"));
+        assert_eq!((m.topic.as_str(), &m.payload[..]), ("site/up/t", &b"reading"[..]), "{upstream}");
+        at_edge.disconnect().unwrap();
+        at_cloud.disconnect().unwrap();
+        edge.shutdown();
+    }
+    cloud.shutdown();
+}

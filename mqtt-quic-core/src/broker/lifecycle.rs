@@ -72,19 +72,24 @@ pub fn handle(event: BrokerEvent, transport: impl Fn(&Peer) -> &'static str) -> 
 /// client's lifecycle.
 pub fn log_line(event: &BrokerEvent, transport: impl Fn(&Peer) -> &'static str) -> Option<LogLine> {
     let addr = |remote: &Option<SocketAddr>| remote.map_or_else(|| "-".to_string(), |a| a.to_string());
+    // A bridge's session here rides a stream the broker carries itself, not the adapter's.
+    let transport = |peer: &Peer, client_id: &str| match client_id.starts_with(crate::bridge::LOCAL_CLIENT_PREFIX) {
+        true => "internal",
+        false => transport(peer),
+    };
     let info = |text: String| Some(LogLine { level: Level::Info, text });
     match event {
         BrokerEvent::ClientConnected { client_id, username, peer, remote, protocol, session_present } => info(format!(
             "client connected: id={client_id:?} user={:?} transport={} from={} protocol={protocol:?} session_present={session_present}",
             username.as_deref().unwrap_or(""),
-            transport(peer),
+            transport(peer, client_id),
             addr(remote),
         )),
         BrokerEvent::ClientRefused { client_id, username, peer, remote, reason } => {
             let text = format!(
                 "client refused: id={client_id:?} user={:?} transport={} from={} reason={reason:?} (0x{:02X})",
                 username.as_deref().unwrap_or(""),
-                transport(peer),
+                transport(peer, client_id),
                 addr(remote),
                 *reason as u8,
             );
@@ -100,7 +105,7 @@ pub fn log_line(event: &BrokerEvent, transport: impl Fn(&Peer) -> &'static str) 
         }
         BrokerEvent::ClientDisconnected { client_id, peer, reason, detail, dropped } => info(format!(
             "client disconnected: id={client_id:?} transport={} reason={reason:?}{} dropped_qos0={dropped}",
-            transport(peer),
+            transport(peer, client_id),
             detail.as_deref().map_or_else(String::new, |d| format!(" ({d})")),
         )),
         BrokerEvent::BridgeState { name, connected: true, detail } => {
