@@ -121,7 +121,7 @@ impl ConnectionIdGenerator for QuicLbGenerator {
     }
 }
 
-/// Length of a [`TaggedCidGenerator`] connection id.
+/// Length of a tagged connection id (see [`tagged_marker`]).
 pub const TAGGED_CID_LEN: usize = 16;
 
 /// The tag of a nonce: what marks a tagged connection id.
@@ -172,8 +172,9 @@ impl ConnectionIdGenerator for TaggedCidGenerator {
 }
 
 /// The marker of the tagged connection id a received QUIC datagram is addressed to, if it is
-/// addressed to one (see [`TaggedCidGenerator`]): the destination id of its first packet, from
-/// a long header's length byte or, in a short header, the fixed length.
+/// addressed to one (8 bytes of nonce whose first is the marker, 8 of their tag): the
+/// destination id of its first packet, from a long header's length byte or, in a short
+/// header, the fixed length.
 pub fn tagged_marker(datagram: &[u8]) -> Option<u8> {
     let first = *datagram.first()?;
     let dcid = if first & 0x80 != 0 {

@@ -4,7 +4,7 @@
 //! commands.
 //!
 //! Over a byte stream the machine still decides when to connect: it asks for a stream with
-//! [`StreamCommand::Open(_)`] (at [`ClientMachine::start`] and after each reconnect delay), and the
+//! [`StreamCommand::Open`] (at [`ClientMachine::start`] and after each reconnect delay), and the
 //! adapter answers with [`ClientMachine::handle_stream_open`] or [`ClientMachine::handle_stream_closed`].
 //!
 //! # Data streams (EMQX's multi-stream mode)
@@ -359,7 +359,7 @@ impl ClientMachine {
     }
 
     /// A machine over a byte stream (TCP, TLS over TCP) that the adapter opens when asked
-    /// ([`StreamCommand::Open(_)`] with `None`). `seed` drives the reconnect jitter.
+    /// ([`StreamCommand::Open`] with `None`). `seed` drives the reconnect jitter.
     pub fn over_stream(
         session: ClientSessionConfig,
         reconnect: Option<ReconnectPolicy>,
@@ -372,7 +372,7 @@ impl ClientMachine {
     /// A machine for a list of brokers, tried in turn (see [`crate::fallback`]): QUIC ones
     /// through the machine's endpoint (host names resolved by the adapter on each attempt,
     /// [`StreamCommand::Resolve`]), the others as byte streams the adapter opens
-    /// ([`StreamCommand::Open(_)`]).
+    /// ([`StreamCommand::Open`]).
     pub fn with_urls(config: ClientUrlsConfig) -> Result<ClientMachine, ConfigError> {
         if config.urls.is_empty() {
             return Err(ConfigError::Invalid("no broker URL given".into()));
@@ -452,7 +452,7 @@ impl ClientMachine {
     }
 
     /// Opens the connection (over QUIC, CONNECT travels in 0-RTT when a ticket allows; over a
-    /// byte stream, [`StreamCommand::Open(_)`] asks the adapter for one). With several brokers, a
+    /// byte stream, [`StreamCommand::Open`] asks the adapter for one). With several brokers, a
     /// first one that cannot be reached is left for the next.
     pub fn start(&mut self, now: Instant) -> Result<(), quic::CommandError> {
         self.stopped = false;
@@ -876,7 +876,7 @@ impl ClientMachine {
         self.events.pop_front()
     }
 
-    /// Over a byte stream: the connection asked for with [`StreamCommand::Open(_)`] is up; CONNECT
+    /// Over a byte stream: the connection asked for with [`StreamCommand::Open`] is up; CONNECT
     /// follows as [`StreamCommand::Data`].
     pub fn handle_stream_open(&mut self, now: Instant) {
         if let Link::Stream { open: true } = self.link {
