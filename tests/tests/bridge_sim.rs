@@ -466,3 +466,32 @@ fn messages_go_at_the_upstream_s_maximum_qos() {
     );
     assert_eq!(net.edge.bridges().next().unwrap().stats().dropped, 0);
 }
+
+/// The in direction across a restart of the edge: what the cloud holds for the bridge's kept
+/// session there while the edge is down arrives once it is back, and is acknowledged to the
+/// cloud only once the edge has it.
+#[test]
+fn messages_coming_in_survive_a_restart_of_the_edge() {
+    let mut net = Net::new(bridge(&["quic://cloud.test"], &MAPPINGS));
+    assert!(net.run_until(Duration::from_secs(5), |n| n.bridge_up() && n.client.is_connected()));
+    net.run_until(Duration::from_millis(500), |_| false);
+    // The edge goes down; the cloud's publishers go on.
+    net.cloud_up = false;
+    net.run_until(Duration::from_secs(1), |_| false);
+    for i in 0..20 {
+        let now = net.now;
+        let p = Publish::new(TopicName::new("cmd/x").unwrap(), format!("c{i}")).with_qos(QoS::AtLeastOnce);
+        net.cloud.publish_local(now, p).unwrap();
+    }
+    net.restart_edge();
+    let now = net.now;
+    net.edge.subscribe_local(now, &filter("cmd/#"), QoS::AtLeastOnce);
+    net.cloud_up = true;
+    // The old QUIC connection to the cloud is given up at its idle timeout, then the bridge's
+    // session there hands over what it kept.
+    assert!(net.run_until(Duration::from_secs(40), |n| Net::payloads(&n.at_edge, "cmd/").len() >= 20));
+    let got = Net::payloads(&net.at_edge, "cmd/");
+    for i in 0..20 {
+        assert!(got.contains(&format!("c{i}")), "lost c{i}: {got:?}");
+    }
+}
