@@ -224,7 +224,8 @@ async fn serve(
             let _ = requests.try_send(request);
         }
         while let Some(dial) = broker.poll_dial() {
-            async_std::task::spawn(dial_out(dial, dial_tx.clone(), write_timeout));
+            let udp_local = udp.as_ref().and_then(|u| u.local_addr().ok());
+            async_std::task::spawn(dial_out(dial, dial_tx.clone(), write_timeout, udp_local));
         }
         // What changed durably goes to the store thread, which commits in groups and reports.
         store.submit(&mut broker, now());
@@ -374,7 +375,7 @@ async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize, 
 
 /// Does what the broker asks for its bridges: opens a TCP connection (then carried like an
 /// accepted one) or resolves a name, and reports back. This adapter has no TLS over TCP.
-async fn dial_out(dial: Dial, to_broker: Sender<FromConn>, write_timeout: Duration) {
+async fn dial_out(dial: Dial, to_broker: Sender<FromConn>, write_timeout: Duration, udp: Option<SocketAddr>) {
     let lookup = |url: BrokerUrl| async move {
         let resolved = async_std::net::ToSocketAddrs::to_socket_addrs(&url.authority()).await;
         mqtt_quic_core::driver::pick_address(&url, resolved).map_err(|e| e.to_string())
@@ -395,7 +396,8 @@ async fn dial_out(dial: Dial, to_broker: Sender<FromConn>, write_timeout: Durati
             }
         }
         Dial::Resolve { bridge, url } => {
-            let result = lookup(url.clone()).await;
+            // For the broker's UDP socket, which the bridge's QUIC connection leaves from.
+            let result = lookup(url.clone()).await.map(|a| mqtt_quic_core::driver::for_socket(a, udp));
             let _ = to_broker.send(FromConn::Resolved(bridge, url, result)).await;
         }
         _ => {}

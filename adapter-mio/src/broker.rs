@@ -547,7 +547,12 @@ impl MioBroker {
                     }
                 }
                 DialOutcome::Opened(id, Err(e)) => self.broker.handle_dialed(now(), id, Err(e)),
-                DialOutcome::Resolved(bridge, url, result) => self.broker.handle_resolved(now(), bridge, &url, result),
+                DialOutcome::Resolved(bridge, url, result) => {
+                    // For the broker's UDP socket, which the bridge's QUIC connection leaves from.
+                    let local = self.udp.as_ref().and_then(|u| u.socket.local_addr().ok());
+                    let result = result.map(|a| mqtt_quic_core::driver::for_socket(a, local));
+                    self.broker.handle_resolved(now(), bridge, &url, result)
+                }
             }
         }
     }

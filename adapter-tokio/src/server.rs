@@ -380,7 +380,8 @@ async fn drive(
             }));
         }
         while let Some(dial) = broker.poll_dial() {
-            drop(tokio::spawn(dial_out(dial, dial_tx.clone(), options.clone())));
+            let udp_local = udp.as_ref().and_then(|u| u.local_addr().ok());
+            drop(tokio::spawn(dial_out(dial, dial_tx.clone(), options.clone(), udp_local)));
         }
         // What changed durably goes to the store thread, which commits in groups and reports.
         store.submit(&mut broker, clock());
@@ -530,7 +531,7 @@ async fn accept(
 
 /// Does what the broker asks for its bridges: opens a connection (then carried by
 /// [`carry`] like an accepted one) or resolves a name, and reports back.
-async fn dial_out(dial: Dial, broker: mpsc::Sender<StreamIn>, options: ServerOptions) {
+async fn dial_out(dial: Dial, broker: mpsc::Sender<StreamIn>, options: ServerOptions, udp: Option<SocketAddr>) {
     let lookup = |url: &BrokerUrl| {
         let authority = url.authority();
         let url = url.clone();
@@ -568,7 +569,8 @@ async fn dial_out(dial: Dial, broker: mpsc::Sender<StreamIn>, options: ServerOpt
             }
         }
         Dial::Resolve { bridge, url } => {
-            let result = lookup(&url).await;
+            // For the broker's UDP socket, which the bridge's QUIC connection leaves from.
+            let result = lookup(&url).await.map(|a| mqtt_quic_core::driver::for_socket(a, udp));
             let _ = broker.send(StreamIn::Resolved(bridge, url, result)).await;
         }
         _ => {}

@@ -570,3 +570,33 @@ async fn a_bridge_carries_messages_both_ways_over_quic_and_tcp() {
     }
     cloud.shutdown().await;
 }
+
+/// A broker listening on `[::]` bridged over QUIC to an IPv4 upstream: the bridge's packets
+/// leave from the broker's dual-stack socket to the IPv4-mapped address.
+#[tokio::test]
+async fn a_quic_bridge_from_a_dual_stack_socket_to_ipv4() {
+    use mqtt_quic_core::bridge::config::BridgeConfig;
+    if std::net::UdpSocket::bind("[::]:0").is_err() {
+        eprintln!("no IPv6 here: skipped");
+        return;
+    }
+    let cloud = server().await;
+    let upstream = format!("quic://127.0.0.1:{}", cloud.addresses().quic.unwrap().port());
+    let mut bridge = BridgeConfig::new("cloud", vec![upstream.parse().unwrap()]);
+    bridge.tls = Some(ClientTls::insecure());
+    bridge.client_id = "edge-v6".into();
+    bridge.mappings = vec!["up/# out 1".parse().unwrap()];
+    let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).unwrap());
+    options.quic = Some("[::]:0".parse().unwrap());
+    options.broker.bridges = vec![bridge];
+    let edge = Server::start(options).await.unwrap();
+    let at_cloud = client(&url("mqtt", cloud.addresses().tcp), "cloud-app").await;
+    let mut messages = at_cloud.messages().unwrap();
+    at_cloud.subscribe(TopicFilter::new("up/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+    let at_edge = client(&url("mqtt", edge.addresses().tcp), "edge-app").await;
+    at_edge.publish(Publish::new(topic("up/t"), "via v4-mapped").with_qos(QoS::AtLeastOnce)).await.unwrap();
+    let m = timeout(Duration::from_secs(10), messages.recv()).await.expect("over the bridge").unwrap();
+    assert_eq!(&m.payload[..], b"via v4-mapped");
+    edge.shutdown().await;
+    cloud.shutdown().await;
+}

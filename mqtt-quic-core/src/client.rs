@@ -283,6 +283,10 @@ pub struct ClientUrlsConfig {
     pub fallback: FallbackPolicy,
     /// Drives the reconnect jitter.
     pub seed: u64,
+    /// Ask the adapter to resolve IP literals too ([`StreamCommand::Resolve`]), so that it can
+    /// give the address in the form its UDP socket needs (a broker's bridge on a `[::]`
+    /// socket: IPv4-mapped). Off: literals are used as they are.
+    pub resolve_literals: bool,
 }
 
 /// A client machine: a [`ClientSession`] over QUIC or a byte stream, reconnecting by itself,
@@ -380,7 +384,13 @@ impl ClientMachine {
         let targets: Vec<Target> = config
             .urls
             .iter()
-            .map(|url| Target::from_url(url, config.server_name.clone().unwrap_or_else(|| url.host.clone())))
+            .map(|url| {
+                let mut target = Target::from_url(url, config.server_name.clone().unwrap_or_else(|| url.host.clone()));
+                if config.resolve_literals && target.transport == Transport::Quic {
+                    target.addr = None;
+                }
+                target
+            })
             .collect();
         if config.quic.is_none() && targets.iter().any(|t| t.transport == Transport::Quic) {
             return Err(ConfigError::Invalid("a quic:// URL needs a QUIC configuration (TLS trust)".into()));

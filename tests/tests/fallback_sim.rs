@@ -60,6 +60,7 @@ impl Net {
             reconnect: Some(ReconnectPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(1) }),
             fallback: policy(),
             seed: 7,
+            resolve_literals: false,
         })
         .unwrap();
         // The origin of virtual time; only differences matter from here on.

@@ -130,6 +130,8 @@ impl Bridge {
             reconnect: Some(config.reconnect),
             fallback: config.fallback,
             seed,
+            // The broker's adapter gives addresses in the form the broker's socket needs.
+            resolve_literals: true,
         })?;
         let local = ClientSession::new(ClientSessionConfig {
             client_id: format!("{LOCAL_CLIENT_PREFIX}{}", config.name),

@@ -36,7 +36,9 @@ mod outcome;
 pub use backlog::MessageBacklog;
 pub use errors::{ClientError, DriverError, ServerError};
 use options::DEFAULT_MESSAGE_BUFFER;
-pub use options::{local_bind_address, pick_address, tls_server_name, ClientOptions, ServerAddresses, ServerOptions};
+pub use options::{
+    for_socket, local_bind_address, pick_address, tls_server_name, ClientOptions, ServerAddresses, ServerOptions,
+};
 pub use outcome::{ConnectionState, Outcome};
 
 use crate::client::{ClientMachine, StreamCommand, StreamHandle};

@@ -147,6 +147,7 @@ impl ClientOptions {
             reconnect: self.reconnect,
             fallback: self.fallback,
             seed,
+            resolve_literals: false,
         })
     }
 
@@ -182,6 +183,18 @@ pub fn pick_address(
     let mut addrs: Vec<SocketAddr> = resolved.map_err(|e| resolve(e.to_string()))?.collect();
     addrs.sort_by_key(|a| a.is_ipv6());
     addrs.first().copied().ok_or_else(|| resolve("no address".into()))
+}
+
+/// `addr` as a UDP socket bound to `local` can send to it: an IPv4 address becomes IPv4-mapped
+/// IPv6 for an IPv6 socket (dual-stack), as the broker's bridges need when the broker listens on
+/// `[::]` (their QUIC connections leave from its socket).
+pub fn for_socket(addr: SocketAddr, local: Option<SocketAddr>) -> SocketAddr {
+    match (addr, local) {
+        (SocketAddr::V4(v4), Some(SocketAddr::V6(_))) => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        _ => addr,
+    }
 }
 
 /// The local address a client's UDP socket binds to for a broker at `server`: any address of
