@@ -15,3 +15,27 @@ pub mod tap;
 #[doc = include_str!("../../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// A test harness that moves in steps of virtual time.
+pub trait Stepped {
+    /// The virtual clock.
+    fn now(&self) -> std::time::Instant;
+
+    /// Moves everything until quiet, then advances the clock one step.
+    fn step(&mut self);
+
+    /// Steps until `done`, for at most `limit` of virtual time; whether it came.
+    fn run_until(&mut self, limit: std::time::Duration, mut done: impl FnMut(&mut Self) -> bool) -> bool
+    where
+        Self: Sized,
+    {
+        let end = self.now() + limit;
+        while self.now() < end {
+            if done(self) {
+                return true;
+            }
+            self.step();
+        }
+        done(self)
+    }
+}

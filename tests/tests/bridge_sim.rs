@@ -14,7 +14,7 @@ use mqtt_quic_core::persist::Persistence;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use mqtt_quic_core::Datagram;
-use mqtt_tests::disk;
+use mqtt_tests::{disk, Stepped};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -57,6 +57,16 @@ fn edge_config(bridge: BridgeConfig) -> BrokerConfig {
     config.persistence = Persistence::Sync;
     config.bridges = vec![bridge];
     config
+}
+
+impl Stepped for Net {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn step(&mut self) {
+        self.step_once();
+    }
 }
 
 /// The edge broker (with the bridge and a store), the cloud broker, a client of the edge over
@@ -115,7 +125,7 @@ impl Net {
         }
     }
 
-    fn step(&mut self) {
+    fn step_once(&mut self) {
         let mut buf = Vec::new();
         loop {
             let mut moved = false;
@@ -239,17 +249,6 @@ impl Net {
         self.edge.handle_timeout(self.now);
         self.cloud.handle_timeout(self.now);
         self.client.handle_timeout(self.now);
-    }
-
-    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&mut Net) -> bool) -> bool {
-        let end = self.now + limit;
-        while self.now < end {
-            if done(self) {
-                return true;
-            }
-            self.step();
-        }
-        done(self)
     }
 
     fn bridge_up(&self) -> bool {

@@ -15,6 +15,7 @@ use mqtt_quic_core::session::client::ClientSessionConfig;
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
 use mqtt_quic_core::url::BrokerUrl;
 use mqtt_quic_core::Datagram;
+use mqtt_tests::Stepped;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,16 @@ const STEP: Duration = Duration::from_millis(10);
 
 fn policy() -> FallbackPolicy {
     FallbackPolicy { handshake_timeout: Duration::from_secs(3), retry_primary: Duration::from_secs(20) }
+}
+
+impl Stepped for Net {
+    fn now(&self) -> Instant {
+        self.now
+    }
+
+    fn step(&mut self) {
+        self.run();
+    }
 }
 
 /// One broker serving QUIC and TCP, one client driver, and a network whose UDP and TCP can be
@@ -178,18 +189,6 @@ impl Net {
         self.now += STEP;
         self.broker.handle_timeout(self.now);
         self.client.handle_timeout(self.now);
-    }
-
-    /// Runs until `done`, at most `limit` of virtual time; whether it came.
-    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&mut Net) -> bool) -> bool {
-        let end = self.now + limit;
-        while self.now < end {
-            if done(self) {
-                return true;
-            }
-            self.run();
-        }
-        done(self)
     }
 
     fn connected_on(&self) -> Option<usize> {
