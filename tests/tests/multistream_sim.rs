@@ -132,6 +132,21 @@ impl World {
         self.sim.machine(raw.host).as_quic().0.send_lane(now, raw.conn, lane, encode(&packet)).unwrap();
     }
 
+    /// A "per-publish" client: `n` QoS 1 PUBLISHes to `t/x` (`m0`, `m1`, ...), each on a data
+    /// stream of its own finished right after it; the streams used.
+    fn publish_per_stream(&mut self, publ: &mut Raw, sub: &mut Raw, n: u16) -> Vec<Lane> {
+        let mut lanes = Vec::new();
+        for i in 0..n {
+            let lane = self.open(publ);
+            self.send(publ, lane, publish("t/x", &format!("m{i}"), QoS::AtLeastOnce, 1));
+            let now = self.sim.now();
+            self.sim.machine(publ.host).as_quic().0.finish_lane(now, publ.conn, lane).unwrap();
+            lanes.push(lane);
+            self.settle(&mut [&mut *sub, &mut *publ]);
+        }
+        lanes
+    }
+
     fn open(&mut self, raw: &Raw) -> Lane {
         let now = self.sim.now();
         self.sim.machine(raw.host).as_quic().0.open_lane(now, raw.conn).unwrap()
@@ -300,16 +315,8 @@ fn a_finished_data_stream_gets_its_acks_then_our_fin() {
     w.send(&sub, Lane::CONTROL, subscribe("t/#", QoS::AtLeastOnce, 1));
     let mut publ = w.raw(2, false);
     w.connect(&mut publ, "pub", false);
-    // One stream per PUBLISH, finished right after it (a "per-publish" client).
-    let mut lanes = Vec::new();
-    for i in 0..20u16 {
-        let lane = w.open(&publ);
-        w.send(&publ, lane, publish("t/x", &format!("m{i}"), QoS::AtLeastOnce, 1));
-        let now = w.sim.now();
-        w.sim.machine(publ.host).as_quic().0.finish_lane(now, publ.conn, lane).unwrap();
-        lanes.push(lane);
-        w.settle(&mut [&mut sub, &mut publ]);
-    }
+    // One stream per PUBLISH, finished right after it.
+    let lanes = w.publish_per_stream(&mut publ, &mut sub, 20);
     for lane in &lanes {
         assert!(matches!(&on(&mut publ, Some(*lane))[..], [Packet::PubAck(a)] if a.packet_id.get() == 1));
         assert!(publ.ended.contains(&(*lane, LaneEnd::Finished)), "no FIN on {lane:?}");
@@ -334,15 +341,7 @@ fn finished_streams_leave_nothing_behind_when_acknowledgements_wait_for_the_stor
     let mut publ = w.raw(2, false);
     w.connect(&mut publ, "pub", false);
     w.settle(&mut [&mut sub, &mut publ]);
-    let mut lanes = Vec::new();
-    for i in 0..20u16 {
-        let lane = w.open(&publ);
-        w.send(&publ, lane, publish("t/x", &format!("m{i}"), QoS::AtLeastOnce, 1));
-        let now = w.sim.now();
-        w.sim.machine(publ.host).as_quic().0.finish_lane(now, publ.conn, lane).unwrap();
-        lanes.push(lane);
-        w.settle(&mut [&mut sub, &mut publ]);
-    }
+    let lanes = w.publish_per_stream(&mut publ, &mut sub, 20);
     for lane in &lanes {
         assert!(matches!(&on(&mut publ, Some(*lane))[..], [Packet::PubAck(_)]), "no PUBACK on {lane:?}");
         assert!(publ.ended.contains(&(*lane, LaneEnd::Finished)), "no FIN on {lane:?}");
