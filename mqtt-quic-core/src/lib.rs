@@ -163,6 +163,7 @@ pub mod session;
 pub mod timers;
 pub mod tls;
 pub mod url;
+pub mod ws;
 
 pub use machine::{Datagram, Machine};
 pub use quinn_proto::EcnCodepoint;
