@@ -10,7 +10,7 @@ use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::{StreamCommand, StreamHandle};
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
 pub use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState};
-use mqtt_quic_core::url::{BrokerUrl, Transport};
+use mqtt_quic_core::url::BrokerUrl;
 use mqtt_quic_core::Datagram;
 use mqtt_store::{ClientStore, StoreError};
 use std::future::Future;
@@ -208,8 +208,8 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client, ClientError> {
         let urls = urls.into_iter().map(|u| u.as_ref().parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
-        if urls.iter().any(|u| u.transport == Transport::Tls) {
-            return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
+        if urls.iter().any(|u| u.transport.is_tls()) {
+            return Err(ClientError::Unsupported("mqtts:// and wss:// (this adapter has no TLS over TCP)"));
         }
         let shown = urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
         let machine = options.machine(&urls, os_secret())?;

@@ -27,8 +27,9 @@ pub use mqtt_quic_core::driver::{ServerAddresses, ServerError, ServerOptions};
 
 /// From connection tasks to the broker task.
 enum FromConn {
-    /// A connection: its writer's queue, its abort signal, where to send its id, its peer.
-    Opened(Sender<StreamOutput>, Sender<()>, Sender<StreamId>, SocketAddr),
+    /// A connection: its writer's queue, its abort signal, where to send its id, its peer, its
+    /// transport (`tcp`, or `ws` for MQTT over WebSocket).
+    Opened(Sender<StreamOutput>, Sender<()>, Sender<StreamId>, SocketAddr, &'static str),
     /// A connection dialled for a bridge is up (with its writer's queue and abort signal), or
     /// failed.
     Dialed(StreamId, Result<(Sender<StreamOutput>, Sender<()>), String>),
@@ -67,10 +68,11 @@ impl StreamWriter<()> for Writer {
 pub struct Server {
     quic: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
+    ws: Option<SocketAddr>,
     stop: Sender<()>,
     /// The broker task; `None` once [`Server::wait`] has seen it end.
     broker: Option<JoinHandle<Result<(), StoreError>>>,
-    acceptor: Option<JoinHandle<()>>,
+    acceptors: Vec<JoinHandle<()>>,
 }
 
 impl Server {
@@ -80,8 +82,10 @@ impl Server {
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
         // QUIC keys and assigned client ids from the OS random source, unless given.
         options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
-        if options.tls.is_some() {
-            return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
+        if options.tls.is_some() || options.wss.is_some() {
+            return Err(ServerError::Unsupported(
+                "a TLS or wss listener (this adapter serves QUIC, plain TCP and ws)",
+            ));
         }
         options.check_bridges()?;
         // The store is read back before any listener opens: no client sees a broker that has
@@ -101,25 +105,38 @@ impl Server {
             })?),
             None => None,
         };
-        let listener = match options.tcp {
-            Some(addr) => {
-                Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what: "TCP", addr, source })?)
+        let bind = |what: &'static str, addr: Option<SocketAddr>| async move {
+            match addr {
+                Some(addr) => {
+                    TcpListener::bind(addr).await.map(Some).map_err(|source| ServerError::Bind { what, addr, source })
+                }
+                None => Ok(None),
             }
-            None => None,
         };
+        let listener = bind("TCP", options.tcp).await?;
+        let ws_listener = bind("WebSocket (TCP)", options.ws).await?;
         let quic = udp.as_ref().and_then(|u| u.local_addr().ok());
         let tcp = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let ws = ws_listener.as_ref().and_then(|l| l.local_addr().ok());
         let (to_broker, from_conns) = async_channel::bounded(1024);
         let write_timeout = options.broker.write_timeout;
         // Connections dialled for bridges come in the same way as accepted ones.
         let dial = (to_broker.clone(), write_timeout);
-        let acceptor =
-            listener.map(|l| async_std::task::spawn(accept(l, to_broker, options.tcp_max_connections, write_timeout)));
+        // Both listeners count against one limit.
+        let live = Arc::new(AtomicUsize::new(0));
+        let mut acceptors = Vec::new();
+        for (listener, transport) in [(listener, "tcp"), (ws_listener, "ws")] {
+            if let Some(l) = listener {
+                let limit = (live.clone(), options.tcp_max_connections);
+                acceptors.push(async_std::task::spawn(accept(l, transport, to_broker.clone(), limit, write_timeout)));
+            }
+        }
+        drop(to_broker);
         let (stop, stopped) = async_channel::bounded(1);
         let store = (store, stored_rx);
         let broker =
             async_std::task::spawn(serve(machine, udp, (from_conns, dial), stopped, store, options.shutdown_grace));
-        Ok(Server { quic, tcp, stop, broker: Some(broker), acceptor })
+        Ok(Server { quic, tcp, ws, stop, broker: Some(broker), acceptors })
     }
 
     /// The QUIC listener's address.
@@ -135,14 +152,14 @@ impl Server {
     /// Every listener's address (the same type from every adapter's server; never a TLS one
     /// here).
     pub fn addresses(&self) -> ServerAddresses {
-        ServerAddresses { quic: self.quic, tcp: self.tcp, tls: None }
+        ServerAddresses { quic: self.quic, tcp: self.tcp, tls: None, ws: self.ws, wss: None }
     }
 
     /// Stops accepting, disconnects everyone gracefully (DISCONNECT 0x8B for MQTT 5), waits,
     /// and closes the store (a last durable commit). A store error is logged, as every one is
     /// (see [`Server::wait`] to get it as a value).
     pub async fn shutdown(self) {
-        if let Some(a) = self.acceptor {
+        for a in self.acceptors {
             a.cancel().await;
         }
         let _ = self.stop.try_send(());
@@ -301,8 +318,8 @@ async fn serve(
             // No password thread is left (none could be started): no verdict can come again,
             // and polling a closed channel would spin.
             Wake::Auth(None) => auth_open = false,
-            Wake::Conn(Some(FromConn::Opened(queue, abort, reply, remote))) => {
-                let id = streams.open(&mut broker, t, remote, "tcp", Writer { queue, abort });
+            Wake::Conn(Some(FromConn::Opened(queue, abort, reply, remote, transport))) => {
+                let id = streams.open(&mut broker, t, remote, transport, Writer { queue, abort });
                 if reply.try_send(id).is_err() {
                     streams.closed(&mut broker, t, id);
                 }
@@ -353,9 +370,15 @@ fn auth_workers() -> (Sender<AuthRequest>, Receiver<(AuthId, AuthVerdict)>) {
     (requests, verdicts)
 }
 
-/// Accepts TCP connections, each served by a task of its own.
-async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize, write_timeout: Duration) {
-    let live = Arc::new(AtomicUsize::new(0));
+/// Accepts TCP connections (carrying `transport`: `tcp` or `ws`), each served by a task of its
+/// own, while fewer than `max` connections counted in `live` are open.
+async fn accept(
+    listener: TcpListener,
+    transport: &'static str,
+    to_broker: Sender<FromConn>,
+    (live, max): (Arc<AtomicUsize>, usize),
+    write_timeout: Duration,
+) {
     loop {
         let Ok((stream, remote)) = listener.accept().await else {
             async_std::task::sleep(Duration::from_millis(50)).await;
@@ -367,7 +390,7 @@ async fn accept(listener: TcpListener, to_broker: Sender<FromConn>, max: usize, 
         live.fetch_add(1, Ordering::Relaxed);
         let (to_broker, live) = (to_broker.clone(), live.clone());
         async_std::task::spawn(async move {
-            carry(stream, None, remote, to_broker, write_timeout).await;
+            carry(stream, None, (remote, transport), to_broker, write_timeout).await;
             live.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -391,7 +414,7 @@ async fn dial_out(dial: Dial, to_broker: Sender<FromConn>, write_timeout: Durati
                 Ok((TcpStream::connect(addr).await?, addr))
             };
             match async_std::io::timeout(Duration::from_secs(10), opened).await {
-                Ok((stream, addr)) => carry(stream, Some(id), addr, to_broker, write_timeout).await,
+                Ok((stream, addr)) => carry(stream, Some(id), (addr, "bridge"), to_broker, write_timeout).await,
                 Err(e) => drop(to_broker.send(FromConn::Dialed(id, Err(e.to_string()))).await),
             }
         }
@@ -409,7 +432,7 @@ async fn dial_out(dial: Dial, to_broker: Sender<FromConn>, write_timeout: Durati
 async fn carry(
     stream: TcpStream,
     dialed: Option<StreamId>,
-    remote: SocketAddr,
+    (remote, transport): (SocketAddr, &'static str),
     to_broker: Sender<FromConn>,
     write_timeout: Duration,
 ) {
@@ -425,7 +448,7 @@ async fn carry(
         }
         None => {
             let (reply, id) = async_channel::bounded(1);
-            if to_broker.send(FromConn::Opened(writer, abort, reply, remote)).await.is_err() {
+            if to_broker.send(FromConn::Opened(writer, abort, reply, remote, transport)).await.is_err() {
                 return;
             }
             let Ok(id) = id.recv().await else { return };

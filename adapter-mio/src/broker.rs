@@ -115,8 +115,8 @@ impl LoopWaker {
 }
 
 /// A broker registered with a caller's `Registry`. It uses the tokens from `base` upwards:
-/// `base` for UDP, `base + 1` for the TCP listener, and one per TCP connection after that, so
-/// keep your own tokens below `base`.
+/// `base` for UDP, `base + 1` for the TCP listener, `base + 2` for the WebSocket listener, and
+/// one per TCP connection after that, so keep your own tokens below `base`.
 ///
 /// # Driving it
 ///
@@ -140,6 +140,9 @@ pub struct MioBroker {
     broker: Broker,
     udp: Option<Udp>,
     listener: Option<TcpListener>,
+    /// MQTT over WebSocket (`ServerOptions::ws`): the broker speaks WebSocket on its
+    /// connections.
+    ws_listener: Option<TcpListener>,
     conns: HashMap<Token, (StreamId, Conn)>,
     /// Which connection each of the broker's streams is, and its transport (see
     /// [`StreamTable`]).
@@ -225,8 +228,8 @@ impl MioBroker {
     /// then opens the listeners and registers them. Fails before opening any listener if the
     /// store cannot be opened or read ([`ServerError::Store`]).
     pub fn bind(mut options: ServerOptions, registry: &Registry, base: Token) -> Result<MioBroker, ServerError> {
-        if options.tls.is_some() {
-            return Err(ServerError::Unsupported("a TLS listener (this adapter serves QUIC and plain TCP)"));
+        if options.tls.is_some() || options.wss.is_some() {
+            return Err(ServerError::Unsupported("a TLS or wss listener (this adapter serves QUIC, plain TCP and ws)"));
         }
         options.check_bridges()?;
         let write_timeout = options.broker.write_timeout;
@@ -255,26 +258,30 @@ impl MioBroker {
             }
             None => None,
         };
-        let mut listener = match options.tcp {
-            Some(addr) => {
-                Some(TcpListener::bind(addr).map_err(|source| ServerError::Bind { what: "TCP", addr, source })?)
-            }
-            None => None,
+        let bind = |what: &'static str, addr: Option<SocketAddr>| match addr {
+            Some(addr) => TcpListener::bind(addr).map(Some).map_err(|source| ServerError::Bind { what, addr, source }),
+            None => Ok(None),
         };
+        let mut listener = bind("TCP", options.tcp)?;
+        let mut ws_listener = bind("WebSocket (TCP)", options.ws)?;
         if let Some(u) = &mut udp {
             registry.register(&mut u.socket, base, Interest::READABLE | Interest::WRITABLE)?;
         }
         if let Some(l) = &mut listener {
             registry.register(l, Token(base.0 + 1), Interest::READABLE)?;
         }
+        if let Some(l) = &mut ws_listener {
+            registry.register(l, Token(base.0 + 2), Interest::READABLE)?;
+        }
         Ok(MioBroker {
             broker,
             udp,
             listener,
+            ws_listener,
             conns: HashMap::new(),
             streams: StreamTable::new(),
             base: base.0,
-            next: base.0 + 2,
+            next: base.0 + 3,
             max_connections: options.tcp_max_connections,
             grace: options.shutdown_grace,
             buf: Vec::with_capacity(2048),
@@ -339,7 +346,8 @@ impl MioBroker {
     /// Every listener's address (the same type from every adapter's server; never a TLS one
     /// here).
     pub fn addresses(&self) -> ServerAddresses {
-        ServerAddresses { quic: self.quic_addr(), tcp: self.tcp_addr(), tls: None }
+        let ws = self.ws_listener.as_ref().and_then(|l| l.local_addr().ok());
+        ServerAddresses { quic: self.quic_addr(), tcp: self.tcp_addr(), tls: None, ws, wss: None }
     }
 
     /// The broker machine (in-process subscriptions and publishes, statistics). The messages
@@ -383,7 +391,9 @@ impl MioBroker {
                 }
             }
         } else if token.0 == self.base + 1 {
-            self.accept(registry);
+            self.accept(registry, false);
+        } else if token.0 == self.base + 2 {
+            self.accept(registry, true);
         } else if let Some((id, conn)) = self.conns.get_mut(&token) {
             let id = *id;
             let mut closed = false;
@@ -440,7 +450,7 @@ impl MioBroker {
     /// no more.
     fn stop(&mut self, registry: &Registry) {
         self.failed = true;
-        if let Some(mut l) = self.listener.take() {
+        for mut l in [self.listener.take(), self.ws_listener.take()].into_iter().flatten() {
             let _ = registry.deregister(&mut l);
         }
         if let Some(mut udp) = self.udp.take() {
@@ -460,8 +470,13 @@ impl MioBroker {
         }
     }
 
-    fn accept(&mut self, registry: &Registry) {
-        let Some(listener) = &self.listener else { return };
+    /// Takes the connections waiting on the TCP listener, or on the WebSocket one.
+    fn accept(&mut self, registry: &Registry, websocket: bool) {
+        let (listener, transport) = match websocket {
+            false => (&self.listener, "tcp"),
+            true => (&self.ws_listener, "ws"),
+        };
+        let Some(listener) = listener else { return };
         loop {
             match listener.accept() {
                 Ok((mut stream, remote)) => {
@@ -473,7 +488,7 @@ impl MioBroker {
                     if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
                         continue;
                     }
-                    let id = self.streams.open(&mut self.broker, now(), remote, "tcp", ConnToken(token));
+                    let id = self.streams.open(&mut self.broker, now(), remote, transport, ConnToken(token));
                     self.conns.insert(token, (id, Conn::new(stream)));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -646,10 +661,9 @@ impl MioBroker {
         if self.failed {
             return;
         }
-        if let Some(l) = &mut self.listener {
-            let _ = registry.deregister(l);
+        for mut l in [self.listener.take(), self.ws_listener.take()].into_iter().flatten() {
+            let _ = registry.deregister(&mut l);
         }
-        self.listener = None;
         self.shutdown_until = Some(now() + self.grace);
         self.broker.shutdown(now(), self.grace);
         self.flush(registry);

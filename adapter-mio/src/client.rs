@@ -16,7 +16,7 @@ use mqtt_quic_core::Datagram;
 use mqtt_store::ClientStore;
 
 pub use crate::threaded::{Client, ClientStream, Messages, StateChanges};
-use mqtt_quic_core::url::{BrokerUrl, Transport};
+use mqtt_quic_core::url::BrokerUrl;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
@@ -100,9 +100,9 @@ impl MioClient {
         token: Token,
     ) -> Result<MioClient, ClientError> {
         let urls = urls.into_iter().map(|u| u.as_ref().parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
-        if urls.iter().any(|u| u.transport == Transport::Tls) {
+        if urls.iter().any(|u| u.transport.is_tls()) {
             // Refused before the store is opened.
-            return Err(ClientError::Unsupported("mqtts:// (this adapter has no TLS over TCP)"));
+            return Err(ClientError::Unsupported("mqtts:// and wss:// (this adapter has no TLS over TCP)"));
         }
         let machine = options.machine(&urls, os_secret())?;
         let mut driver = ClientDriver::new(machine)

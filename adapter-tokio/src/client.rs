@@ -150,11 +150,11 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let urls = urls.into_iter().map(|u| u.as_ref().parse()).collect::<Result<Vec<BrokerUrl>, _>>()?;
         let shown = urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
-        if options.tls.is_none() && urls.iter().any(|u| u.transport != Transport::Tcp) {
+        if options.tls.is_none() && urls.iter().any(|u| u.transport == Transport::Quic || u.transport.is_tls()) {
             options.tls = Some(files::client_tls_from_system().map_err(|e| ClientError::Trust(e.to_string()))?);
         }
         let machine = options.machine(&urls, crate::os_secret())?;
-        let tls = match urls.iter().any(|u| u.transport == Transport::Tls) {
+        let tls = match urls.iter().any(|u| u.transport.is_tls()) {
             true => Some(Arc::new(options.stream_tls_config()?)),
             false => None,
         };
@@ -404,7 +404,7 @@ type Resolving = Pin<Box<dyn Future<Output = (BrokerUrl, Result<SocketAddr, Stri
 
 /// Opens byte-stream connections when the machine asks.
 struct Connector {
-    /// For `mqtts://`.
+    /// For `mqtts://` and `wss://`.
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The name certificates must carry, if not the URL's host.
     server_name: Option<String>,
@@ -424,7 +424,7 @@ impl Connector {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
                 let _ = tcp.set_nodelay(true);
                 Ok::<BoxStream, io::Error>(match (url.transport, tls) {
-                    (Transport::Tls, Some(config)) => {
+                    (t, Some(config)) if t.is_tls() => {
                         let name = tls_server_name(server_name.as_deref(), &url).map_err(io::Error::other)?;
                         Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?)
                     }

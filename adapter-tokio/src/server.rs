@@ -30,6 +30,8 @@ pub struct Server {
     quic: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
     tls: Option<SocketAddr>,
+    ws: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     driver: JoinHandle<Option<String>>,
     acceptors: Vec<JoinHandle<()>>,
@@ -44,7 +46,8 @@ enum StreamIn {
         out: OutboxSender,
         reply: oneshot::Sender<StreamId>,
         remote: SocketAddr,
-        /// "tcp" or "tls", for the log.
+        /// "tcp", "tls", "ws" or "wss", for the log (and the broker speaks WebSocket on the
+        /// last two).
         transport: &'static str,
     },
     /// A connection dialled for a bridge ([`Dial::Open`]) is up (with its outbox) or failed.
@@ -191,29 +194,48 @@ impl Server {
             })?),
             None => None,
         };
-        let acceptor = match &tls {
-            Some(_) => {
+        let bind = |what: &'static str, addr: Option<SocketAddr>| async move {
+            match addr {
+                Some(addr) => TcpListener::bind(addr)
+                    .await
+                    .map(Some)
+                    .map_err(|source| ServerError::Bind { what, addr, source }),
+                None => Ok(None),
+            }
+        };
+        let ws = bind("WebSocket (TCP)", options.ws).await?;
+        let wss = bind("secure WebSocket (TCP)", options.wss).await?;
+        let acceptor = match tls.is_some() || wss.is_some() {
+            true => {
                 let config = options.broker.quic.tls.rustls_config(false)?;
                 Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
             }
-            None => None,
+            false => None,
         };
         let quic_addr = udp.as_ref().map(|u| u.local_addr()).transpose().ok().flatten();
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
+        let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
+        let wss_addr = wss.as_ref().and_then(|l| l.local_addr().ok());
 
         let (streams_tx, streams_rx) = mpsc::channel(1024);
         let (alive_tx, alive) = mpsc::channel(1);
         let mut acceptors = Vec::new();
-        if let Some(listener) = tcp {
-            let limit = Arc::new(Semaphore::new(options.tcp_max_connections));
-            let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
-            acceptors.push(tokio::spawn(accept(listener, None, limit, to, options.clone())));
-        }
-        if let Some(listener) = tls {
-            let limit = Arc::new(Semaphore::new(options.tls_max_connections));
-            let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
-            acceptors.push(tokio::spawn(accept(listener, acceptor, limit, to, options.clone())));
+        // WebSocket listeners share the limit of their kind (plain or TLS).
+        let tcp_limit = Arc::new(Semaphore::new(options.tcp_max_connections));
+        let tls_limit = Arc::new(Semaphore::new(options.tls_max_connections));
+        let listeners = [
+            (tcp, "tcp", None, &tcp_limit),
+            (tls, "tls", acceptor.clone(), &tls_limit),
+            (ws, "ws", None, &tcp_limit),
+            (wss, "wss", acceptor, &tls_limit),
+        ];
+        for (listener, transport, acceptor, limit) in listeners {
+            if let Some(listener) = listener {
+                let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
+                let listening = Listening { transport, acceptor, limit: limit.clone() };
+                acceptors.push(tokio::spawn(accept(listener, listening, to, options.clone())));
+            }
         }
         // Connections dialled for bridges come in the same way as accepted ones.
         let dial_tx = streams_tx.clone();
@@ -236,7 +258,14 @@ impl Server {
                 Err(_) => None,
             }
         });
-        for (what, addr) in [("QUIC", quic_addr), ("TCP", tcp_addr), ("TLS", tls_addr)] {
+        let listening = [
+            ("QUIC", quic_addr),
+            ("TCP", tcp_addr),
+            ("TLS", tls_addr),
+            ("WebSocket", ws_addr),
+            ("secure WebSocket", wss_addr),
+        ];
+        for (what, addr) in listening {
             if let Some(addr) = addr {
                 info!("listening for MQTT over {what} on {addr}");
             }
@@ -245,6 +274,8 @@ impl Server {
             quic: quic_addr,
             tcp: tcp_addr,
             tls: tls_addr,
+            ws: ws_addr,
+            wss: wss_addr,
             stop: Some(stop_tx),
             driver,
             acceptors,
@@ -270,7 +301,7 @@ impl Server {
 
     /// Every listener's address (the same type from every adapter's server).
     pub fn addresses(&self) -> ServerAddresses {
-        ServerAddresses { quic: self.quic, tcp: self.tcp, tls: self.tls }
+        ServerAddresses { quic: self.quic, tcp: self.tcp, tls: self.tls, ws: self.ws, wss: self.wss }
     }
 
     /// Stops accepting, tells every client the server is shutting down (DISCONNECT 0x8B for
@@ -484,14 +515,17 @@ struct Tasks {
     alive: mpsc::Sender<()>,
 }
 
-/// Accepts connections on a TCP listener (with TLS when `acceptor` is set).
-async fn accept(
-    listener: TcpListener,
+/// What a TCP listener serves: its transport's name (`tcp`, `tls`, `ws`, `wss`), TLS when
+/// `acceptor` is set, and the connection limit it counts against.
+struct Listening {
+    transport: &'static str,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     limit: Arc<Semaphore>,
-    tasks: Tasks,
-    options: ServerOptions,
-) {
+}
+
+/// Accepts connections on a TCP listener.
+async fn accept(listener: TcpListener, listening: Listening, tasks: Tasks, options: ServerOptions) {
+    let Listening { transport, acceptor, limit } = listening;
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -515,12 +549,12 @@ async fn accept(
         match acceptor {
             None => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
-                connection(socket, peer, "tcp", broker, write_timeout).await
+                connection(socket, peer, transport, broker, write_timeout).await
             })),
             Some(acceptor) => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
                 match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
-                    Ok(Ok(tls)) => connection(tls, peer, "tls", broker, write_timeout).await,
+                    Ok(Ok(tls)) => connection(tls, peer, transport, broker, write_timeout).await,
                     Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
                     Err(_) => debug!("TLS handshake with {peer} timed out"),
                 }

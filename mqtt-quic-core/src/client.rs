@@ -74,7 +74,9 @@ use crate::quic::{self, ConnId, Lane, QuicEndpoint, Transmit};
 use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
+use crate::rng::SplitMix64;
 use crate::url::{BrokerUrl, Transport};
+use crate::ws::WsConn;
 use bytes::Bytes;
 use mqtt_proto::{MqttString, Publish, ReasonCode, Subscription, SubscriptionId, TopicFilter};
 use std::collections::{BTreeMap, VecDeque};
@@ -340,6 +342,11 @@ pub struct ClientMachine {
     streams_refused: bool,
     /// The last handle given out.
     last_stream: u64,
+    /// The WebSocket layer of the current byte stream, for a `ws://` or `wss://` broker: it
+    /// frames the session's bytes, and CONNECT waits for its handshake.
+    ws: Option<WsConn>,
+    /// Draws each WebSocket connection's key and masks.
+    ws_seeds: SplitMix64,
 }
 
 impl ClientMachine {
@@ -429,7 +436,7 @@ impl ClientMachine {
         // handles wait in their sessions for a QUIC connection, as while reconnecting.
         let link = match targets.current().transport {
             Transport::Quic => Link::Quic { conn: None },
-            Transport::Tcp | Transport::Tls => Link::Stream { open: false },
+            Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => Link::Stream { open: false },
         };
         Ok(ClientMachine {
             link,
@@ -458,6 +465,8 @@ impl ClientMachine {
             incoming: BTreeMap::new(),
             datagrams,
             streams_refused: false,
+            ws: None,
+            ws_seeds: SplitMix64::new(seed ^ 0x5753_5753),
         })
     }
 
@@ -498,7 +507,7 @@ impl ClientMachine {
                     (None, None) => {}
                 }
             }
-            Transport::Tcp | Transport::Tls => {
+            Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => {
                 if self.link != (Link::Stream { open: true }) {
                     self.link = Link::Stream { open: true };
                     self.io_out.push_back(StreamCommand::Open(target.url));
@@ -890,15 +899,62 @@ impl ClientMachine {
     /// follows as [`StreamCommand::Data`].
     pub fn handle_stream_open(&mut self, now: Instant) {
         if let Link::Stream { open: true } = self.link {
-            let _ = self.session.connect(now);
-            self.flush(now);
+            let target = self.targets.current();
+            match target.url.as_ref().filter(|u| u.transport.is_websocket()) {
+                // Over WebSocket, the upgrade comes first; CONNECT once it is accepted.
+                Some(url) => {
+                    let mut ws = WsConn::client(&url.authority(), url.websocket_path(), self.ws_seeds.next_u64());
+                    while let Some(bytes) = ws.poll_output() {
+                        self.io_out.push_back(StreamCommand::Data(bytes));
+                    }
+                    self.ws = Some(ws);
+                }
+                None => {
+                    self.ws = None;
+                    let _ = self.session.connect(now);
+                    self.flush(now);
+                }
+            }
         }
     }
 
     /// Over a byte stream: bytes read from the connection.
     pub fn handle_stream_data(&mut self, now: Instant, data: &[u8]) {
         if let Link::Stream { open: true } = self.link {
-            self.session.handle_stream_data(now, data);
+            match &mut self.ws {
+                None => self.session.handle_stream_data(now, data),
+                Some(ws) => {
+                    let was_open = ws.is_open();
+                    let mut mqtt = Vec::new();
+                    let result = ws.receive(data, &mut mqtt);
+                    let (now_open, closed) = (ws.is_open(), ws.is_closed());
+                    while let Some(bytes) = ws.poll_output() {
+                        self.io_out.push_back(StreamCommand::Data(bytes));
+                    }
+                    if !was_open && now_open {
+                        let _ = self.session.connect(now);
+                    }
+                    if !mqtt.is_empty() {
+                        self.session.handle_stream_data(now, &mqtt);
+                    }
+                    if closed {
+                        // The server closed the WebSocket, refused the upgrade or broke the
+                        // framing: the connection is over.
+                        let note = match result {
+                            Err(e) => e.to_string(),
+                            Ok(()) => "the broker closed the WebSocket".to_string(),
+                        };
+                        self.drain_session_bytes(now, true);
+                        self.attempt_note = Some(note);
+                        if let Link::Stream { open } = &mut self.link {
+                            *open = false;
+                        }
+                        self.io_out.push_back(StreamCommand::Close);
+                        self.ws = None;
+                        self.transport_lost(now);
+                    }
+                }
+            }
             self.pump(now);
         }
     }
@@ -907,6 +963,7 @@ impl ClientMachine {
     /// reconnects later if its policy says so (at once to the next broker, with several, if
     /// this one never answered).
     pub fn handle_stream_closed(&mut self, now: Instant) {
+        self.ws = None;
         if let Link::Stream { open } = &mut self.link {
             if std::mem::take(open) {
                 self.transport_lost(now);
@@ -930,7 +987,12 @@ impl ClientMachine {
     #[must_use]
     pub fn poll_stream(&mut self) -> Option<StreamCommand> {
         self.io_out.pop_front().or_else(|| match self.link {
-            Link::Stream { open: true } => self.session.poll_transmit().map(StreamCommand::Data),
+            Link::Stream { open: true } => match &mut self.ws {
+                None => self.session.poll_transmit().map(StreamCommand::Data),
+                // Nothing of MQTT before the upgrade is accepted.
+                Some(ws) if !ws.is_open() => None,
+                Some(ws) => self.session.poll_transmit().map(|bytes| StreamCommand::Data(ws.frame(&bytes))),
+            },
             _ => None,
         })
     }
@@ -950,6 +1012,7 @@ impl ClientMachine {
                 if was {
                     self.io_out.push_back(StreamCommand::Close);
                 }
+                self.ws = None;
                 was
             }
         }
@@ -966,6 +1029,13 @@ impl ClientMachine {
             }
             Link::Stream { open } => {
                 if std::mem::take(open) {
+                    // A WebSocket says goodbye with a closing frame.
+                    if let Some(mut ws) = self.ws.take() {
+                        ws.close();
+                        while let Some(bytes) = ws.poll_output() {
+                            self.io_out.push_back(StreamCommand::Data(bytes));
+                        }
+                    }
                     self.io_out.push_back(StreamCommand::Close);
                 }
             }
@@ -985,6 +1055,10 @@ impl ClientMachine {
         if let (Link::Stream { .. }, false) = (self.link, force) {
             return false;
         }
+        // Over WebSocket, nothing of MQTT goes before the upgrade is accepted.
+        if self.ws.as_ref().is_some_and(|ws| !ws.is_open()) {
+            return false;
+        }
         let mut any = false;
         while let Some(bytes) = self.session.poll_transmit() {
             any = true;
@@ -992,7 +1066,10 @@ impl ClientMachine {
                 (Link::Quic { conn: Some(conn) }, Some(endpoint)) => {
                     let _ = endpoint.send(now, conn, bytes);
                 }
-                (Link::Stream { open: true }, _) => self.io_out.push_back(StreamCommand::Data(bytes)),
+                (Link::Stream { open: true }, _) => match &mut self.ws {
+                    Some(ws) => self.io_out.push_back(StreamCommand::Data(ws.frame(&bytes))),
+                    None => self.io_out.push_back(StreamCommand::Data(bytes)),
+                },
                 _ => {}
             }
         }

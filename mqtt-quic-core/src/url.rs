@@ -1,5 +1,6 @@
 //! Broker addresses as URLs: `quic://host:port` (also `mqtt+quic://` and `mqtt-quic://`),
-//! `mqtt://` (also `tcp://`) and `mqtts://` (also `ssl://`, `tls://`).
+//! `mqtt://` (also `tcp://`), `mqtts://` (also `ssl://`, `tls://`), and MQTT over WebSocket,
+//! `ws://host:port/path` and `wss://` (the path defaults to `/mqtt`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,6 +22,10 @@ pub enum Transport {
     Tcp,
     /// MQTT over TLS over TCP.
     Tls,
+    /// MQTT over WebSocket over TCP.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
 }
 
 impl Transport {
@@ -30,6 +35,8 @@ impl Transport {
             Transport::Quic => QUIC_PORT,
             Transport::Tcp => TCP_PORT,
             Transport::Tls => TLS_PORT,
+            Transport::Ws => crate::ws::WS_PORT,
+            Transport::Wss => crate::ws::WSS_PORT,
         }
     }
 
@@ -39,7 +46,20 @@ impl Transport {
             Transport::Quic => "quic",
             Transport::Tcp => "mqtt",
             Transport::Tls => "mqtts",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
+    }
+
+    /// Whether the bytes go over TLS (`mqtts`, `wss`): what the adapter puts below the
+    /// stream when it opens one.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    /// Whether MQTT travels in WebSocket frames (`ws`, `wss`).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, Transport::Ws | Transport::Wss)
     }
 }
 
@@ -51,6 +71,8 @@ impl FromStr for Transport {
             "quic" | "mqtt+quic" | "mqtt-quic" => Ok(Transport::Quic),
             "mqtt" | "tcp" => Ok(Transport::Tcp),
             "mqtts" | "ssl" | "tls" | "mqtt+tls" => Ok(Transport::Tls),
+            "ws" => Ok(Transport::Ws),
+            "wss" => Ok(Transport::Wss),
             _ => Err(UrlError::Scheme(s.to_string())),
         }
     }
@@ -61,7 +83,7 @@ impl FromStr for Transport {
 #[non_exhaustive]
 pub enum UrlError {
     /// The part before `://` is not a transport we speak.
-    #[error("unknown scheme `{0}` (use quic://, mqtt:// or mqtts://)")]
+    #[error("unknown scheme `{0}` (use quic://, mqtt://, mqtts://, ws:// or wss://)")]
     Scheme(String),
     /// No `scheme://`.
     #[error("`{0}` is not a broker URL (expected e.g. quic://localhost:14567)")]
@@ -72,6 +94,9 @@ pub enum UrlError {
     /// The port is not a number from 1 to 65535.
     #[error("bad port `{0}` (expected 1-65535)")]
     Port(String),
+    /// A path on a URL whose transport has none (only `ws://` and `wss://` do).
+    #[error("`{0}`: only ws:// and wss:// URLs have a path")]
+    Path(String),
 }
 
 /// A broker to connect to.
@@ -83,12 +108,24 @@ pub struct BrokerUrl {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// The HTTP path of a WebSocket URL (with its leading `/`); empty for the other
+    /// transports, and for a WebSocket URL without one, which asks for
+    /// [`crate::ws::DEFAULT_PATH`].
+    pub path: String,
 }
 
 impl BrokerUrl {
     /// A URL from its parts.
     pub fn new(transport: Transport, host: impl Into<String>, port: Option<u16>) -> BrokerUrl {
-        BrokerUrl { transport, host: host.into(), port: port.unwrap_or(transport.default_port()) }
+        BrokerUrl { transport, host: host.into(), port: port.unwrap_or(transport.default_port()), path: String::new() }
+    }
+
+    /// The path a WebSocket client asks for: the URL's, or [`crate::ws::DEFAULT_PATH`].
+    pub fn websocket_path(&self) -> &str {
+        match self.path.as_str() {
+            "" => crate::ws::DEFAULT_PATH,
+            p => p,
+        }
     }
 
     /// `host:port` as the resolver wants it (IPv6 literals in brackets).
@@ -104,7 +141,7 @@ impl BrokerUrl {
 impl FromStr for BrokerUrl {
     type Err = UrlError;
 
-    /// Parses `scheme://host[:port][/]`.
+    /// Parses `scheme://host[:port][/]`, and `ws[s]://host[:port][/path]`.
     ///
     /// ```
     /// use mqtt_quic_core::url::{BrokerUrl, Transport};
@@ -115,7 +152,15 @@ impl FromStr for BrokerUrl {
     fn from_str(s: &str) -> Result<BrokerUrl, UrlError> {
         let (scheme, rest) = s.split_once("://").ok_or_else(|| UrlError::Shape(s.to_string()))?;
         let transport: Transport = scheme.parse()?;
-        let rest = rest.trim_end_matches('/');
+        let (rest, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let path = match (transport.is_websocket(), path) {
+            (_, "" | "/") => String::new(),
+            (true, p) => p.to_string(),
+            (false, _) => return Err(UrlError::Path(s.to_string())),
+        };
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or_else(|| UrlError::Shape(s.to_string()))?;
             match after {
@@ -135,13 +180,13 @@ impl FromStr for BrokerUrl {
             None => None,
             Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| UrlError::Port(p.to_string()))?),
         };
-        Ok(BrokerUrl::new(transport, host, port))
+        Ok(BrokerUrl { path, ..BrokerUrl::new(transport, host, port) })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.transport.scheme(), self.authority())
+        write!(f, "{}://{}{}", self.transport.scheme(), self.authority(), self.path)
     }
 }
 
@@ -163,5 +208,16 @@ mod tests {
         assert!(matches!("mqtt://:1883".parse::<BrokerUrl>(), Err(UrlError::NoHost(_))));
         assert!(matches!("mqtt://h:0".parse::<BrokerUrl>(), Err(UrlError::Port(_))));
         assert!(matches!("mqtt://h:99999".parse::<BrokerUrl>(), Err(UrlError::Port(_))));
+        assert!(matches!("mqtt://h/topic".parse::<BrokerUrl>(), Err(UrlError::Path(_))));
+    }
+
+    #[test]
+    fn websocket_urls_keep_their_path() {
+        let u: BrokerUrl = "ws://[::1]:9001/ws/mqtt".parse().unwrap();
+        assert_eq!((u.transport, u.host.as_str(), u.port, u.path.as_str()), (Transport::Ws, "::1", 9001, "/ws/mqtt"));
+        assert_eq!(u.to_string(), "ws://[::1]:9001/ws/mqtt");
+        let u: BrokerUrl = "wss://broker.example".parse().unwrap();
+        assert_eq!((u.port, u.websocket_path(), u.transport.is_tls()), (8084, "/mqtt", true));
+        assert_eq!("ws://h/".parse::<BrokerUrl>().unwrap().port, 8083);
     }
 }

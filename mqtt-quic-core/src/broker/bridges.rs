@@ -10,7 +10,7 @@ use crate::bridge::Bridge;
 use crate::client::StreamCommand;
 use crate::machine::Datagram;
 use crate::quic::Transmit;
-use crate::url::{BrokerUrl, Transport};
+use crate::url::BrokerUrl;
 use mqtt_proto::{Publish, TopicName};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -294,7 +294,7 @@ impl Broker {
         match command {
             StreamCommand::Open(Some(url)) => {
                 let tls = match url.transport {
-                    Transport::Tls => match self.dial_tls(i, &url) {
+                    t if t.is_tls() => match self.dial_tls(i, &url) {
                         Ok(tls) => Some(tls),
                         Err(e) => return self.bridges[i].bridge.handle_stream_failed(now, &e),
                     },

@@ -92,6 +92,10 @@ pub struct BrokerConfig {
     /// Bridges to upstream brokers (see [`crate::bridge`]): they connect once the broker
     /// starts ([`Broker::start`](super::machine::Broker::start)).
     pub bridges: Vec<crate::bridge::config::BridgeConfig>,
+    /// The path MQTT over WebSocket is served on, for connections the adapter opens with
+    /// [`Broker::handle_stream_open_ws`](super::machine::Broker::handle_stream_open_ws)
+    /// (EMQX's `/mqtt` by default); upgrade requests for other paths are answered 404.
+    pub websocket_path: String,
 }
 
 impl BrokerConfig {
@@ -122,6 +126,7 @@ impl BrokerConfig {
             persistence: Persistence::Off,
             commit_delay: Duration::from_millis(1),
             bridges: Vec::new(),
+            websocket_path: crate::ws::DEFAULT_PATH.to_string(),
         }
     }
 
@@ -154,6 +159,12 @@ impl BrokerConfig {
             if n == 0 {
                 return Err(invalid(format!("{name} must be at least 1")));
             }
+        }
+        if !self.websocket_path.starts_with('/') || self.websocket_path.contains(char::is_whitespace) {
+            return Err(invalid(format!(
+                "websocket path `{}` must start with / and hold no spaces",
+                self.websocket_path
+            )));
         }
         for (i, bridge) in self.bridges.iter().enumerate() {
             bridge.validate()?;

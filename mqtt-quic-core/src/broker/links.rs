@@ -11,6 +11,7 @@ use super::config::BrokerConfig;
 use crate::config::ConfigError;
 use crate::quic::{self, ConnId, Lane, QuicEndpoint};
 use crate::timers::TimerIndex;
+use crate::ws::{WsConn, WsError};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -65,6 +66,9 @@ pub(super) struct Links {
     /// which goes to them instead of the adapter.
     internal: std::collections::BTreeSet<StreamId>,
     internal_out: VecDeque<(StreamId, StreamOutput)>,
+    /// The WebSocket layer of byte streams that carry MQTT over WebSocket: output is framed
+    /// on its way to the adapter, input unframed on its way in.
+    websockets: BTreeMap<StreamId, WsConn>,
     /// From the configuration: see [`BrokerConfig::write_timeout`].
     write_timeout: Duration,
     /// See [`BrokerConfig::max_queued_bytes`].
@@ -86,6 +90,7 @@ impl Links {
             next_stream: 0,
             internal: Default::default(),
             internal_out: VecDeque::new(),
+            websockets: BTreeMap::new(),
             write_timeout: config.write_timeout,
             max_queued_bytes: config.max_queued_bytes,
             max_total_queued_bytes: config.max_total_queued_bytes,
@@ -96,6 +101,44 @@ impl Links {
     pub(super) fn open_stream(&mut self) -> StreamId {
         self.next_stream += 1;
         StreamId(self.next_stream)
+    }
+
+    /// Numbers a new byte stream that carries MQTT over WebSocket served at `path`.
+    pub(super) fn open_websocket(&mut self, path: &str) -> StreamId {
+        let id = self.open_stream();
+        self.websockets.insert(id, WsConn::server(path));
+        id
+    }
+
+    /// Bytes read from a WebSocket stream: `None` if the stream is not one; otherwise the MQTT
+    /// bytes they carried are appended to `mqtt`, and what the WebSocket layer answers (its
+    /// handshake, Pongs, a closing frame) is queued for the adapter. `Some(Err)`: the
+    /// WebSocket connection is over (a refused upgrade, a broken frame, the peer's close),
+    /// and the caller ends it.
+    pub(super) fn websocket_in(&mut self, id: StreamId, data: &[u8], mqtt: &mut Vec<u8>) -> Option<Result<(), String>> {
+        let ws = self.websockets.get_mut(&id)?;
+        let result = ws.receive(data, mqtt).map_err(|e: WsError| e.to_string());
+        let result = match (result, ws.is_closed()) {
+            (Ok(()), true) => Err("the client closed the WebSocket".to_string()),
+            (result, _) => result,
+        };
+        self.flush_websocket(id);
+        Some(result)
+    }
+
+    /// Queues what a stream's WebSocket layer has to write, counted in the stream's backlog
+    /// like everything else the adapter reports written.
+    fn flush_websocket(&mut self, id: StreamId) {
+        let Some(ws) = self.websockets.get_mut(&id) else { return };
+        let mut extra = 0;
+        while let Some(bytes) = ws.poll_output() {
+            extra += bytes.len();
+            self.out.push_back((id, StreamOutput::Data(bytes)));
+        }
+        if extra > 0 {
+            self.backlog.entry(id).or_default().0 += extra;
+            self.backlog_total += extra;
+        }
     }
 
     /// Numbers a stream the broker carries itself (see `internal`).
@@ -148,6 +191,10 @@ impl Links {
                 let _ = self.quic.send_lane(now, conn, lane, bytes);
             }
             Peer::Stream(id) => {
+                let bytes = match self.websockets.get_mut(&id) {
+                    Some(ws) => ws.frame(&bytes),
+                    None => bytes,
+                };
                 self.backlog.entry(id).or_default().0 += bytes.len();
                 self.backlog_total += bytes.len();
                 self.push_stream(id, StreamOutput::Data(bytes));
@@ -173,6 +220,11 @@ impl Links {
                 let _ = self.quic.finish(now, conn);
             }
             Peer::Stream(id) => {
+                // A WebSocket says goodbye with a closing frame first.
+                if let Some(ws) = self.websockets.get_mut(&id) {
+                    ws.close();
+                    self.flush_websocket(id);
+                }
                 self.forget_stream(id);
                 self.push_stream(id, StreamOutput::Close);
             }
@@ -205,6 +257,7 @@ impl Links {
             self.backlog_total -= backlog;
         }
         self.remote.remove(&id);
+        self.websockets.remove(&id);
         self.forget_stall(Peer::Stream(id));
     }
 

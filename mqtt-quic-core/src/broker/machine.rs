@@ -103,6 +103,8 @@ pub struct Broker {
     pub(super) bridges: Vec<super::bridges::BridgeSlot>,
     /// Outgoing connections and name resolutions the bridges need, for the adapter.
     pub(super) dials: VecDeque<super::bridges::Dial>,
+    /// Scratch space for the MQTT bytes of WebSocket frames, kept between reads.
+    ws_buf: Vec<u8>,
 }
 
 impl Broker {
@@ -138,6 +140,7 @@ impl Broker {
             closing_until: None,
             journal: Journal::new(config.persistence, config.commit_delay),
             lane_keys: BTreeMap::new(),
+            ws_buf: Vec::new(),
             lane_seq: 0,
             bridges,
             dials: VecDeque::new(),
@@ -225,15 +228,55 @@ impl Broker {
         id
     }
 
+    /// A byte-stream connection accepted on a WebSocket listener (`ws`, or `wss` with TLS
+    /// below): as [`Broker::handle_stream_open`], and the broker also speaks WebSocket on it
+    /// (see [`crate::ws`]): it answers the upgrade request for
+    /// [`BrokerConfig::websocket_path`], and MQTT flows in binary frames. The connect timeout
+    /// covers the upgrade too.
+    pub fn handle_stream_open_ws(&mut self, now: Instant, remote: Option<SocketAddr>) -> StreamId {
+        self.tick(now);
+        let id = self.links.open_websocket(&self.config.websocket_path);
+        if let Some(remote) = remote {
+            self.links.set_remote(id, remote);
+        }
+        self.live(now, Peer::Stream(id));
+        self.rearm(Peer::Stream(id));
+        id
+    }
+
     /// Bytes read from a byte-stream connection.
     pub fn handle_stream_data(&mut self, now: Instant, id: StreamId, data: &[u8]) {
         self.tick(now);
         if self.dialed_data(now, id, data) {
             self.pump(now);
         } else if self.conns.contains_key(&Peer::Stream(id)) {
-            self.received(now, Peer::Stream(id), data);
+            let mut mqtt = std::mem::take(&mut self.ws_buf);
+            match self.links.websocket_in(id, data, &mut mqtt) {
+                None => self.received(now, Peer::Stream(id), data),
+                Some(result) => {
+                    if !mqtt.is_empty() {
+                        self.received(now, Peer::Stream(id), &mqtt);
+                    }
+                    if let Err(why) = result {
+                        self.websocket_over(now, id, why);
+                    }
+                }
+            }
+            mqtt.clear();
+            self.ws_buf = mqtt;
             self.pump(now);
         }
+    }
+
+    /// A WebSocket connection is over at its own layer: its answer (an HTTP refusal, a closing
+    /// frame) is queued, the adapter is told to close it, and the session sees a lost
+    /// connection (its will goes out, as for any connection that ends without DISCONNECT).
+    fn websocket_over(&mut self, now: Instant, id: StreamId, why: String) {
+        if let Some(live) = self.conns.get_mut(&Peer::Stream(id)) {
+            live.detail.get_or_insert(why);
+        }
+        self.links.finish(now, Peer::Stream(id));
+        self.stream_closed(now, id);
     }
 
     /// The byte-stream connection closed (or failed).

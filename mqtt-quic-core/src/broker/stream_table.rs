@@ -69,8 +69,10 @@ impl<W> StreamTable<W> {
         StreamTable::default()
     }
 
-    /// A connection was accepted from `remote` over `transport` (`"tcp"`, `"tls"`): the broker
-    /// numbers it, and its output goes to `writer`.
+    /// A connection was accepted from `remote` over `transport` (`"tcp"`, `"tls"`, or `"ws"`
+    /// and `"wss"` for MQTT over WebSocket, which the broker then speaks on it, see
+    /// [`Broker::handle_stream_open_ws`]): the broker numbers it, and its output goes to
+    /// `writer`.
     pub fn open(
         &mut self,
         broker: &mut Broker,
@@ -79,7 +81,10 @@ impl<W> StreamTable<W> {
         transport: &'static str,
         writer: W,
     ) -> StreamId {
-        let id = broker.handle_stream_open(now, Some(remote));
+        let id = match transport {
+            "ws" | "wss" => broker.handle_stream_open_ws(now, Some(remote)),
+            _ => broker.handle_stream_open(now, Some(remote)),
+        };
         self.writers.insert(id, writer);
         self.transports.insert(id, transport);
         id

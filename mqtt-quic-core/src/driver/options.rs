@@ -220,6 +220,13 @@ pub struct ServerOptions {
     /// TCP address for MQTT over TLS, if any (adapters without TLS over TCP refuse to start
     /// with one).
     pub tls: Option<SocketAddr>,
+    /// TCP address for MQTT over WebSocket (`ws://`, served at `broker.websocket_path`), if
+    /// any. Its connections count against `tcp_max_connections`.
+    pub ws: Option<SocketAddr>,
+    /// TCP address for MQTT over WebSocket over TLS (`wss://`), if any (adapters without TLS
+    /// over TCP refuse to start with one). Its connections count against
+    /// `tls_max_connections`.
+    pub wss: Option<SocketAddr>,
     /// Most simultaneous connections on the TCP listener; more are closed at accept.
     pub tcp_max_connections: usize,
     /// Most simultaneous connections on the TLS listener.
@@ -245,6 +252,8 @@ impl ServerOptions {
             quic: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::QUIC_PORT))),
             tcp: Some(SocketAddr::from(([0, 0, 0, 0], crate::url::TCP_PORT))),
             tls: None,
+            ws: None,
+            wss: None,
             tcp_max_connections: 100_000,
             tls_max_connections: 100_000,
             tls_handshake_timeout: Duration::from_secs(10),
@@ -301,4 +310,8 @@ pub struct ServerAddresses {
     pub tcp: Option<SocketAddr>,
     /// MQTT over TLS (TCP); always `None` for adapters without a TLS listener.
     pub tls: Option<SocketAddr>,
+    /// MQTT over WebSocket (TCP).
+    pub ws: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (TCP); always `None` for adapters without TLS over TCP.
+    pub wss: Option<SocketAddr>,
 }

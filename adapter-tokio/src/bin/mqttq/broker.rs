@@ -340,7 +340,7 @@ fn bridge_config(i: usize, s: &crate::config::BridgeSection) -> Result<BridgeCon
     if let Some(n) = s.max_inflight {
         b.max_inflight = n;
     }
-    if b.urls.iter().any(|u| u.transport != Transport::Tcp) {
+    if b.urls.iter().any(|u| u.transport == Transport::Quic || u.transport.is_tls()) {
         b.tls = Some(if s.bridge_insecure == Some(true) {
             ClientTls::insecure()
         } else if let Some(fp) = &s.bridge_fingerprint {

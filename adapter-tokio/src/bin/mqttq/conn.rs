@@ -151,7 +151,7 @@ impl ConnArgs {
         }
         options.fallback.handshake_timeout = Duration::from_secs_f64(self.fallback_timeout);
         options.transport.datagrams = self.datagrams;
-        if self.urls()?.iter().any(|u| u.transport != Transport::Tcp) {
+        if self.urls()?.iter().any(|u| u.transport == Transport::Quic || u.transport.is_tls()) {
             options.tls = Some(self.trust()?);
         }
         Ok(options)
