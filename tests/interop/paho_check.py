@@ -3,6 +3,10 @@
 
 Usage:
     python3 paho_check.py --host 127.0.0.1 --port 1883 --mqtt 5|3.1.1 --scenario NAME|all
+        [--transport tcp|websockets [--ws-path /mqtt]] [--cafile CA.pem]
+
+`--transport websockets` runs the same scenarios over MQTT over WebSocket; `--cafile` puts
+TLS below (mqtts, or wss with websockets), trusting that CA.
 
 Scenarios (each one checks itself): connect, qos, retained, will, shared,
 session, unsubscribe, topic_alias.  `--scenario all` runs them in that order.
@@ -66,6 +70,9 @@ class Ctx:
         self.debug = args.debug
         self.scenario = "-"
         self.peers = []
+        self.transport = args.transport
+        self.ws_path = args.ws_path
+        self.cafile = args.cafile
 
     def client_id(self, name):
         return f"paho-{self.run}-{self.scenario}-{name}"
@@ -87,7 +94,12 @@ class Peer:
             protocol=ctx.protocol,
             clean_session=None if ctx.v5 else clean_session,
             reconnect_on_failure=False,
+            transport=ctx.transport,
         )
+        if ctx.transport == "websockets":
+            self.client.ws_set_options(path=ctx.ws_path)
+        if ctx.cafile:
+            self.client.tls_set(ca_certs=ctx.cafile)
         self.connacks = queue.Queue()
         self.msgs = sink if sink is not None else queue.Queue()
         self.disconnected = threading.Event()
@@ -245,8 +257,10 @@ class Peer:
         self.stop()          # network thread gone: nothing more is sent
         sock = self.client.socket()
         check(sock is not None, f"{self.name}: no socket to close")
+        # Over WebSocket (or TLS) paho hands out a wrapper: the TCP socket is underneath.
+        raw = getattr(sock, "_socket", sock)
         try:
-            sock.shutdown(2)  # socket.SHUT_RDWR: FIN now, no MQTT DISCONNECT
+            raw.shutdown(2)  # socket.SHUT_RDWR: FIN now, no MQTT DISCONNECT
         except OSError:
             pass
         sock.close()
@@ -552,6 +566,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=30.0,
                     help="hard limit for the whole run, seconds [30]")
     ap.add_argument("--debug", action="store_true", help="print paho's log")
+    ap.add_argument("--transport", choices=["tcp", "websockets"], default="tcp")
+    ap.add_argument("--ws-path", default="/mqtt")
+    ap.add_argument("--cafile", help="connect over TLS, trusting this CA (PEM)")
     args = ap.parse_args()
     ctx = Ctx(args)
 

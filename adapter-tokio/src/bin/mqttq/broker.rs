@@ -37,6 +37,17 @@ pub struct BrokerArgs {
     /// TCP address for MQTT over TLS, or `off` [default: off].
     #[arg(long, value_name = "ADDR|off")]
     tls: Option<String>,
+    /// TCP address for MQTT over WebSocket (ws://, EMQX's port is 8083), or `off`
+    /// [default: off].
+    #[arg(long, value_name = "ADDR|off")]
+    ws: Option<String>,
+    /// TCP address for MQTT over secure WebSocket (wss://, EMQX's port is 8084; the
+    /// certificate of QUIC and TLS), or `off` [default: off].
+    #[arg(long, value_name = "ADDR|off")]
+    wss: Option<String>,
+    /// The HTTP path MQTT over WebSocket is served on [default: /mqtt].
+    #[arg(long, value_name = "PATH")]
+    ws_path: Option<String>,
     /// Certificate chain (PEM) for QUIC and TLS [default: self-signed, in the data directory].
     #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
@@ -125,7 +136,12 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     options.quic = listener("quic", args.quic.as_deref().or(file.quic.listen.as_deref()), options.quic)?;
     options.tcp = listener("tcp", args.tcp.as_deref().or(file.tcp.listen.as_deref()), options.tcp)?;
     options.tls = listener("tls", args.tls.as_deref().or(file.tls.listen.as_deref()), None)?;
-    if options.quic.is_none() && options.tcp.is_none() && options.tls.is_none() {
+    options.ws = listener("ws", args.ws.as_deref().or(file.ws.listen.as_deref()), None)?;
+    options.wss = listener("wss", args.wss.as_deref().or(file.wss.listen.as_deref()), None)?;
+    if let Some(path) = args.ws_path.or(file.ws.path).or(file.wss.path) {
+        options.broker.websocket_path = path;
+    }
+    if [options.quic, options.tcp, options.tls, options.ws, options.wss].iter().all(Option::is_none) {
         return Err("every listener is off: nothing to serve".into());
     }
     options.tcp_max_connections = file.tcp.max_connections.unwrap_or(options.tcp_max_connections);
@@ -267,7 +283,8 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
 
     let server = Server::start(options).await.map_err(|e| e.to_string())?;
-    for (what, addr) in [("quic", server.quic_addr()), ("tcp", server.tcp_addr()), ("tls", server.tls_addr())] {
+    let at = server.addresses();
+    for (what, addr) in [("quic", at.quic), ("tcp", at.tcp), ("tls", at.tls), ("ws", at.ws), ("wss", at.wss)] {
         if let Some(addr) = addr {
             println!("listening: {what} {addr}");
         }

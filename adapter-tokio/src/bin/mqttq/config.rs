@@ -58,6 +58,13 @@
 //! listen = "0.0.0.0:8883"
 //! max_connections = 100000
 //!
+//! [ws]                        # MQTT over WebSocket (counts against [tcp]'s max_connections)
+//! listen = "0.0.0.0:8083"
+//! path = "/mqtt"              # where ws:// and wss:// serve MQTT (give it in either section)
+//!
+//! [wss]                       # over TLS, with the certificate above (counts against [tls]'s)
+//! listen = "0.0.0.0:8084"
+//!
 //! # A bridge to an upstream broker (repeat the section for more). Keys as mosquitto's bridge
 //! # settings (`connection`, `address`, `topic`, `remote_clientid`, ... are accepted too).
 //! [[bridge]]
@@ -125,6 +132,10 @@ pub struct FileConfig {
     pub tcp: Listener,
     #[serde(default)]
     pub tls: Listener,
+    #[serde(default)]
+    pub ws: WsListener,
+    #[serde(default)]
+    pub wss: WsListener,
     #[serde(default)]
     pub bridge: Vec<BridgeSection>,
 }
@@ -202,6 +213,14 @@ pub struct QuicSection {
 pub struct Listener {
     pub listen: Option<String>,
     pub max_connections: Option<usize>,
+}
+
+/// `[ws]` and `[wss]`: their connections count against `[tcp]`'s and `[tls]`'s limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsListener {
+    pub listen: Option<String>,
+    pub path: Option<String>,
 }
 
 impl FileConfig {
