@@ -6,10 +6,14 @@
 //! - an aioquic MQTT-over-QUIC client (`tests/interop/quic_mqtt_client.py`, ALPN `mqtt`, one
 //!   bidirectional stream) against our broker over QUIC;
 //! - our client against the mosquitto broker over TCP, and over QUIC through an aioquic relay
-//!   (`tests/interop/quic_tcp_relay.py`) in front of it.
+//!   (`tests/interop/quic_tcp_relay.py`) in front of it;
+//! - MQTT over WebSocket (ws and wss): paho-mqtt's scenarios, MQTT.js in node
+//!   (`tests/interop/mqttjs_check.mjs`) and MQTT.js in a headless Chromium page
+//!   (`tests/interop/browser_check.mjs`, driven by playwright-core) against our broker.
 //!
-//! The peers come from Debian (mosquitto, mosquitto-clients) and PyPI (paho-mqtt, aioquic; see
-//! `tests/interop/requirements.txt`); `.ci/run` installs them. A test whose peer is missing fails
+//! The peers come from Debian (mosquitto, mosquitto-clients, chromium), PyPI (paho-mqtt,
+//! aioquic; see `tests/interop/requirements.txt`) and npm (mqtt, playwright-core; see
+//! `tests/interop/package.json`); `.ci/run` installs them. A test whose peer is missing fails
 //! and says how to install it: it never passes without having talked to the peer.
 
 // Real processes on real sockets: the wall clock is the only clock here.
@@ -178,7 +182,9 @@ struct OurBroker {
 impl OurBroker {
     fn start() -> OurBroker {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).expect("server TLS"));
+        let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).expect("server TLS"));
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        (options.ws, options.wss) = (Some(any), Some(any));
         let server = runtime.block_on(Server::start(options)).expect("our broker starts");
         OurBroker { runtime, server: Some(server) }
     }
@@ -189,6 +195,12 @@ impl OurBroker {
 
     fn quic_port(&self) -> u16 {
         self.server.as_ref().and_then(Server::quic_addr).expect("QUIC listener").port()
+    }
+
+    /// The ports of the WebSocket listeners: plain, and over TLS.
+    fn ws_ports(&self) -> (u16, u16) {
+        let at = self.server.as_ref().expect("server").addresses();
+        (at.ws.expect("ws listener").port(), at.wss.expect("wss listener").port())
     }
 }
 
@@ -383,6 +395,110 @@ fn paho_against_our_broker() {
             );
         }
     }
+}
+
+/// paho-mqtt's whole scenario list over MQTT over WebSocket, both protocol versions, and over
+/// secure WebSocket (TLS with our certificate).
+#[test]
+fn paho_over_websocket_against_our_broker() {
+    let python = require_python("paho.mqtt.client");
+    let broker = OurBroker::start();
+    let (ws, wss) = broker.ws_ports();
+    let cafile = scratch().join("cert.pem");
+    let runs: [(&str, u16, Option<&Path>, &str); 3] =
+        [("5", ws, None, "all"), ("3.1.1", ws, None, "all"), ("5", wss, Some(&cafile), "qos")];
+    for (v, port, ca, scenario) in runs {
+        let mut command = Command::new(&python);
+        command.arg(interop_dir().join("paho_check.py")).args(["--port", &port.to_string(), "--mqtt", v]);
+        command.args(["--transport", "websockets", "--scenario", scenario]);
+        if let Some(ca) = ca {
+            command.args(["--host", "localhost", "--cafile"]).arg(ca);
+        }
+        let name = format!("paho_check.py websockets --mqtt {v} tls={}", ca.is_some());
+        let lines = Peer::spawn(&name, &mut command).succeed();
+        let expected: &[&str] = match scenario {
+            "all" => &["connect", "qos", "retained", "will", "shared", "session", "unsubscribe", "topic_alias"],
+            _ => &["qos"],
+        };
+        for scenario in expected {
+            assert!(lines.iter().any(|l| l.starts_with(&format!("ok: {scenario} "))), "{name}: {scenario}: {lines:#?}");
+        }
+    }
+}
+
+/// node with the npm packages of `tests/interop/package.json`, or a failure that says how to
+/// get them.
+fn require_node_modules() -> PathBuf {
+    let node = require("node", "nodejs");
+    assert!(
+        interop_dir().join("node_modules/mqtt/package.json").is_file(),
+        "interop peer: MQTT.js is not installed: `npm ci --prefix tests/interop` (.ci/run does this)"
+    );
+    node
+}
+
+/// MQTT.js (the npm `mqtt` package) in node over ws:// (MQTT 5 and 3.1.1) and wss://.
+#[test]
+fn mqttjs_over_websocket_against_our_broker() {
+    let node = require_node_modules();
+    let broker = OurBroker::start();
+    let (ws, wss) = broker.ws_ports();
+    let cafile = scratch().join("cert.pem");
+    let runs = [
+        (format!("ws://127.0.0.1:{ws}/mqtt"), "5", false),
+        (format!("ws://127.0.0.1:{ws}/mqtt"), "3.1.1", false),
+        (format!("wss://localhost:{wss}/mqtt"), "5", true),
+    ];
+    for (url, v, tls) in runs {
+        let mut command = Command::new(&node);
+        command.arg(interop_dir().join("mqttjs_check.mjs")).args([&url, "--mqtt", v]);
+        if tls {
+            command.arg("--ca").arg(&cafile);
+        }
+        let lines = Peer::spawn(&format!("mqttjs_check.mjs {url} --mqtt {v}"), &mut command).succeed();
+        for check in ["qos", "retained", "all"] {
+            assert!(lines.iter().any(|l| l.starts_with(&format!("ok: {check} mqtt={v}"))), "{url} {v}: {lines:#?}");
+        }
+    }
+}
+
+/// MQTT.js in a real browser: a headless Chromium page connects over ws://, subscribes, and
+/// says hello; our client, over QUIC, receives it and answers, and the page lists the answer
+/// in its DOM (checked, and a screenshot taken, by `browser_check.mjs`).
+#[test]
+fn mqttjs_in_chromium_against_our_broker() {
+    let node = require_node_modules();
+    let chromium = require("chromium", "chromium");
+    let broker = OurBroker::start();
+    let (ws, _) = broker.ws_ports();
+    let run = format!("r{}", std::process::id());
+    let screenshot = scratch().join("browser.png");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let tls = ClientTls::with_ca_pem(cert().cert_pem.as_bytes()).expect("CA");
+    let quic = format!("quic://127.0.0.1:{}", broker.quic_port());
+    let mut options = ClientOptions::new().tls(tls);
+    options.server_name = Some("localhost".into());
+    let ours = runtime.block_on(Client::connect(&quic, options)).expect("our client connects");
+    let mut messages = ours.messages().expect("message stream");
+    let out = TopicFilter::new(format!("browser/{run}/out")).expect("filter");
+    runtime.block_on(ours.subscribe(out, QoS::AtLeastOnce)).expect("subscribe");
+
+    let mut command = Command::new(&node);
+    command.arg(interop_dir().join("browser_check.mjs")).args([&format!("ws://127.0.0.1:{ws}/mqtt"), &run]);
+    command.arg(&screenshot).env("CHROMIUM", &chromium);
+    let page = Peer::spawn("browser_check.mjs", &mut command);
+    let hello = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(30), messages.recv()).await })
+        .expect("the page's hello in time")
+        .expect("a message");
+    assert_eq!(&hello.payload[..], b"hello from chromium");
+    let answer = Publish::new(TopicName::new(format!("browser/{run}/in")).expect("topic"), "hello page");
+    runtime.block_on(ours.publish(answer.with_qos(QoS::AtLeastOnce))).expect("answer");
+    let lines = page.succeed();
+    let want = format!("ok: page received browser/{run}/in hello page");
+    assert!(lines.iter().any(|l| *l == want), "{lines:#?}");
+    assert!(std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 0), "no screenshot");
+    runtime.block_on(ours.disconnect()).expect("disconnect");
 }
 
 #[test]
