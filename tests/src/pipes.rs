@@ -1,8 +1,8 @@
-//! A broker and client machines joined by in-memory byte streams (the TCP/TLS path), bytes
-//! passed with a virtual clock.
+//! A broker and client machines joined by in-memory byte streams (the TCP/TLS path, or MQTT
+//! over WebSocket), bytes passed with a virtual clock.
 
 use mqtt_quic_core::broker::machine::{Broker, BrokerConfig, StreamId, StreamOutput};
-use mqtt_quic_core::client::{ClientMachine, ReconnectPolicy, StreamCommand};
+use mqtt_quic_core::client::{ClientMachine, ClientUrlsConfig, ReconnectPolicy, StreamCommand};
 use mqtt_quic_core::config::ServerConfig;
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig};
 use mqtt_quic_core::tls::{SelfSigned, ServerTls};
@@ -41,6 +41,26 @@ impl Pipes {
         Pipes { broker, clients, now, opens: 0, stalled: Vec::new() }
     }
 
+    /// As [`Pipes::new`], with clients that speak MQTT over WebSocket to `url` (`ws://...`): the
+    /// broker serves each of their connections as one accepted on a WebSocket listener.
+    pub fn over_websocket(n: usize, policy: ReconnectPolicy, url: &str) -> Pipes {
+        let mut pipes = Pipes::new(0, policy);
+        for i in 0..n {
+            let config = ClientUrlsConfig {
+                urls: vec![url.parse().unwrap()],
+                quic: None,
+                session: ClientSessionConfig { client_id: format!("c{i}"), ..Default::default() },
+                server_name: None,
+                reconnect: Some(policy),
+                fallback: Default::default(),
+                seed: i as u64,
+                resolve_literals: false,
+            };
+            pipes.clients.push((ClientMachine::with_urls(config).unwrap(), None, Vec::new()));
+        }
+        pipes
+    }
+
     /// Moves everything both ways until quiet, then advances the clock by `step`.
     pub fn run(&mut self, step: Duration) {
         loop {
@@ -49,9 +69,12 @@ impl Pipes {
                 while let Some(cmd) = client.poll_stream() {
                     moved = true;
                     match cmd {
-                        StreamCommand::Open(_) => {
+                        StreamCommand::Open(url) => {
                             self.opens += 1;
-                            *stream = Some(self.broker.handle_stream_open(self.now, None));
+                            *stream = Some(match url.is_some_and(|u| u.transport.is_websocket()) {
+                                true => self.broker.handle_stream_open_ws(self.now, None),
+                                false => self.broker.handle_stream_open(self.now, None),
+                            });
                             client.handle_stream_open(self.now);
                         }
                         StreamCommand::Data(bytes) => {
