@@ -6,6 +6,7 @@ use async_channel::{Receiver, Sender};
 use async_std::io::{ReadExt, WriteExt};
 use async_std::net::{TcpStream, UdpSocket};
 use futures_lite::future;
+use futures_lite::io::{ReadHalf, WriteHalf};
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::client::{StreamCommand, StreamHandle};
 use mqtt_quic_core::driver::{local_bind_address, pick_address, ClientDriver, DriverError, MessageBacklog, Outcome};
@@ -213,11 +214,52 @@ impl Client {
         }
         let shown = urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
         let machine = options.machine(&urls, os_secret())?;
+        Client::start(machine, None, options, shown).await
+    }
+
+    /// Connects over a connection the application opens itself: `connect` is called for the
+    /// first connection and again on each reconnect, and yields any byte stream (a Unix socket,
+    /// an in-memory pipe, a tunnel); MQTT is spoken on it as on TCP. A call that fails, or
+    /// takes longer than the session's connect timeout, counts as a failed connection. `name`
+    /// is how errors name the broker.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), adapter_async_std::client::ClientError> {
+    /// use adapter_async_std::client::{Client, ClientOptions};
+    /// let client = Client::connect_with("unix:/run/mqtt.sock", ClientOptions::new(), || {
+    ///     async_std::os::unix::net::UnixStream::connect("/run/mqtt.sock")
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_with<F, Fut, S>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<S>> + Send + 'static,
+        S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Send + Unpin + 'static,
+    {
+        let machine = options.stream_machine(os_secret())?;
+        let own: OwnConnector = Arc::new(move || {
+            let opening = connect();
+            Box::pin(async move { opening.await.map(|s| Box::new(s) as BoxStream) }) as Opening
+        });
+        Client::start(machine, Some(own), options, name.to_string()).await
+    }
+
+    /// Runs a client over `machine`, its byte streams opened with `own` (else to the URLs the
+    /// machine names); resolves once the first connection is accepted (or refused).
+    async fn start(
+        machine: mqtt_quic_core::client::ClientMachine,
+        own: Option<OwnConnector>,
+        options: ClientOptions,
+        shown: String,
+    ) -> Result<Client, ClientError> {
         let io = Io {
             socket: None,
             buf: Vec::new(),
             udp_in: vec![0; 65_536],
             timeout: options.session.connect_timeout,
+            own,
             conn: None,
             opening: None,
             resolving: None,
@@ -355,7 +397,13 @@ impl Client {
     }
 }
 
-type Opening = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+/// A byte stream to the broker: TCP, or the application's own.
+trait ByteStream: futures_lite::AsyncRead + futures_lite::AsyncWrite + Send + Unpin {}
+impl<T: futures_lite::AsyncRead + futures_lite::AsyncWrite + Send + Unpin> ByteStream for T {}
+type BoxStream = Box<dyn ByteStream>;
+type Opening = Pin<Box<dyn Future<Output = io::Result<BoxStream>> + Send>>;
+/// The application's connector (see [`Client::connect_with`]).
+type OwnConnector = Arc<dyn Fn() -> Opening + Send + Sync>;
 type Resolving = Pin<Box<dyn Future<Output = (BrokerUrl, Result<SocketAddr, String>)> + Send>>;
 
 /// The client's sockets: a UDP socket for QUIC (bound on first use, for the family of the
@@ -366,7 +414,9 @@ struct Io {
     buf: Vec<u8>,
     udp_in: Vec<u8>,
     timeout: Duration,
-    conn: Option<TcpStream>,
+    /// The application's connector (see [`Client::connect_with`]), if it gave one.
+    own: Option<OwnConnector>,
+    conn: Option<(ReadHalf<BoxStream>, WriteHalf<BoxStream>)>,
     opening: Option<Opening>,
     resolving: Option<Resolving>,
     inbuf: Vec<u8>,
@@ -392,7 +442,7 @@ enum Input {
     Command(Option<Command>),
     Datagram(io::Result<(usize, SocketAddr)>),
     Read(io::Result<usize>),
-    Opened(io::Result<TcpStream>),
+    Opened(io::Result<BoxStream>),
     Resolved(BrokerUrl, Result<SocketAddr, String>),
     /// The application took messages: there is room to read again.
     Room,
@@ -497,8 +547,7 @@ impl Task {
                     self.driver.handle_stream_closed(t);
                 }
                 Input::Opened(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    self.io.conn = Some(stream);
+                    self.io.conn = Some(futures_lite::io::split(stream));
                     self.driver.handle_stream_open(t);
                 }
                 Input::Resolved(url, r) => self.driver.handle_resolved(t, &url, r),
@@ -561,11 +610,17 @@ impl Task {
             match cmd {
                 StreamCommand::Open(url) => {
                     let timeout = io.timeout;
-                    io.opening = Some(Box::pin(async_std::io::timeout(timeout, async move {
-                        let url = url.ok_or_else(|| io::Error::other("no broker URL"))?;
-                        let addr = lookup(&url).await.map_err(|e| io::Error::other(e.to_string()))?;
-                        TcpStream::connect(addr).await
-                    })));
+                    let opening: Opening = match &io.own {
+                        Some(connect) => connect(),
+                        None => Box::pin(async move {
+                            let url = url.ok_or_else(|| io::Error::other("no broker URL"))?;
+                            let addr = lookup(&url).await.map_err(|e| io::Error::other(e.to_string()))?;
+                            let tcp = TcpStream::connect(addr).await?;
+                            let _ = tcp.set_nodelay(true);
+                            Ok(Box::new(tcp) as BoxStream)
+                        }),
+                    };
+                    io.opening = Some(Box::pin(async_std::io::timeout(timeout, opening)));
                 }
                 StreamCommand::Resolve(url) => {
                     io.resolving = Some(Box::pin(async move {
@@ -575,7 +630,7 @@ impl Task {
                 }
                 StreamCommand::Data(bytes) => {
                     let failed = match &mut io.conn {
-                        Some(c) => c.write_all(&bytes).await.is_err(),
+                        Some((_, w)) => w.write_all(&bytes).await.is_err(),
                         None => false,
                     };
                     if failed {
@@ -585,8 +640,8 @@ impl Task {
                 }
                 StreamCommand::Close => {
                     io.opening = None;
-                    if let Some(c) = io.conn.take() {
-                        let _ = c.shutdown(std::net::Shutdown::Write);
+                    if let Some((_, mut w)) = io.conn.take() {
+                        let _ = futures_lite::AsyncWriteExt::close(&mut w).await;
                     }
                 }
                 _ => {}
@@ -626,7 +681,7 @@ async fn input(io: &mut Io, reading: bool) -> Input {
     };
     let read = async {
         match conn {
-            Some(c) if reading => Input::Read(c.read(inbuf).await),
+            Some((r, _)) if reading => Input::Read(r.read(inbuf).await),
             _ => future::pending().await,
         }
     };

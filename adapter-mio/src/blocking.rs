@@ -58,6 +58,36 @@ impl Client {
     ) -> Result<Client, ClientError> {
         let poll = Poll::new()?;
         let inner = MioClient::connect_urls(urls, options, poll.registry(), Token(0))?;
+        Client::connected(poll, inner)
+    }
+
+    /// Connects over a connection the application opens itself, as a reader and a writer
+    /// (`Read` and `Write`: a Unix socket, a serial line, a pipe to a tunnel), opened again on
+    /// each reconnect; see [`MioClient::connect_with`].
+    ///
+    /// ```no_run
+    /// use adapter_mio::blocking::Client;
+    /// use mqtt_quic_core::driver::ClientOptions;
+    /// use std::os::unix::net::UnixStream;
+    /// let client = Client::connect_with("unix:/run/mqtt.sock", ClientOptions::new(), || {
+    ///     let s = UnixStream::connect("/run/mqtt.sock")?;
+    ///     Ok((s.try_clone()?, s))
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn connect_with<F, R, W>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
+    where
+        F: Fn() -> std::io::Result<(R, W)> + Send + 'static,
+        R: std::io::Read + Send + 'static,
+        W: std::io::Write + Send + 'static,
+    {
+        let poll = Poll::new()?;
+        let inner = MioClient::connect_with(name, options, poll.registry(), Token(0), connect)?;
+        Client::connected(poll, inner)
+    }
+
+    /// Drives a starting client until the broker accepts it (or refuses).
+    fn connected(poll: Poll, inner: MioClient) -> Result<Client, ClientError> {
         let mut c =
             Client { poll, events: Events::with_capacity(256), inner, early: VecDeque::new(), inbox: VecDeque::new() };
         let deadline = now() + PATIENCE;

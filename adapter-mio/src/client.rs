@@ -1,7 +1,7 @@
 //! A client that lives in your `mio::Poll` loop ([`MioClient`]), or on a thread of its own
 //! ([`Client`], with the same methods as the tokio and async-std clients, blocking).
 
-use crate::conn::{Conn, ReadOutcome};
+use crate::conn::{Conn, ReadOutcome, Stream};
 use crate::udp::Udp;
 use crate::{now, os_secret};
 use mio::event::Event;
@@ -17,6 +17,7 @@ use mqtt_store::ClientStore;
 
 pub use crate::threaded::{Client, ClientStream, Messages, StateChanges};
 use mqtt_quic_core::url::BrokerUrl;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
@@ -32,6 +33,43 @@ struct Io {
     conn: Option<Conn>,
     /// The TCP connection is being opened.
     connecting: bool,
+    /// The application's connector (see [`MioClient::connect_with`]), if it gave one.
+    own: Option<OwnConnector>,
+}
+
+/// The application's connector: a reader and a writer for each connection.
+type OwnConnector = Box<dyn Fn() -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> + Send>;
+
+/// Opens the application's connection and joins it to one end of a socket pair, which the
+/// loop polls like a TCP stream: one thread copies what the connection reads into the pair,
+/// another what the loop writes into the connection (flushing each piece, so a buffered
+/// writer holds nothing back).
+fn open_piped(connect: &OwnConnector) -> std::io::Result<Stream> {
+    let (mut reader, mut writer) = connect()?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let mut into_pair = theirs.try_clone()?;
+    let mut from_pair = theirs;
+    std::thread::Builder::new().name("mqtt-conn-in".into()).spawn(move || {
+        let _ = std::io::copy(&mut reader, &mut into_pair);
+        // The loop sees the end of the stream.
+        let _ = into_pair.shutdown(std::net::Shutdown::Write);
+    })?;
+    std::thread::Builder::new().name("mqtt-conn-out".into()).spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from_pair.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if writer.write_all(&buf[..n]).and_then(|()| writer.flush()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // Dropping the writer closes the application's side of it.
+    })?;
+    ours.set_nonblocking(true)?;
+    Ok(Stream::Piped(mio::net::UnixStream::from_std(ours)))
 }
 
 impl Io {
@@ -105,6 +143,53 @@ impl MioClient {
             return Err(ClientError::Unsupported("mqtts:// and wss:// (this adapter has no TLS over TCP)"));
         }
         let machine = options.machine(&urls, os_secret())?;
+        let shown = urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ");
+        MioClient::start(machine, None, options, shown, registry, token)
+    }
+
+    /// Starts connecting over a connection the application opens itself: `connect` is called
+    /// (on the loop's thread, blocking it while it runs) for the first connection and again on
+    /// each reconnect, and gives the connection as a reader and a writer (for a socket:
+    /// `Ok((s.try_clone()?, s))`). Two threads of the client's own move bytes between them and
+    /// one end of a socket pair that the loop polls; they end when the connection does (the
+    /// reader's when it reads the end of the stream). `name` is how errors name the broker.
+    ///
+    /// ```no_run
+    /// use adapter_mio::client::MioClient;
+    /// use mqtt_quic_core::driver::ClientOptions;
+    /// use std::os::unix::net::UnixStream;
+    /// let poll = mio::Poll::new()?;
+    /// let client = MioClient::connect_with("unix:/run/mqtt.sock", ClientOptions::new(), poll.registry(), mio::Token(0), || {
+    ///     let s = UnixStream::connect("/run/mqtt.sock")?;
+    ///     Ok((s.try_clone()?, s))
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn connect_with<F, R, W>(
+        name: &str,
+        options: ClientOptions,
+        registry: &Registry,
+        token: Token,
+        connect: F,
+    ) -> Result<MioClient, ClientError>
+    where
+        F: Fn() -> std::io::Result<(R, W)> + Send + 'static,
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        let machine = options.stream_machine(os_secret())?;
+        let own: OwnConnector = Box::new(move || connect().map(|(r, w)| (Box::new(r) as _, Box::new(w) as _)));
+        MioClient::start(machine, Some(own), options, name.to_string(), registry, token)
+    }
+
+    fn start(
+        machine: mqtt_quic_core::client::ClientMachine,
+        own: Option<OwnConnector>,
+        options: ClientOptions,
+        shown: String,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<MioClient, ClientError> {
         let mut driver = ClientDriver::new(machine)
             .with_message_buffer(options.message_buffer)
             .retry_first_connection(options.retry_first_connection);
@@ -115,9 +200,9 @@ impl MioClient {
         if let Some(store) = &store {
             log::debug!("{}", store.summary());
         }
-        let io = Io { udp: None, conn: None, connecting: false };
+        let io = Io { udp: None, conn: None, connecting: false, own };
         let mut client = MioClient {
-            url: urls.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
+            url: shown,
             driver,
             io,
             token,
@@ -154,7 +239,7 @@ impl MioClient {
         }
         let io = &mut self.io;
         if io.connecting && (event.is_writable() || event.is_error() || event.is_write_closed()) {
-            match io.conn.as_ref().map(|c| (c.stream.take_error(), c.stream.peer_addr())) {
+            match io.conn.as_ref().map(|c| (c.stream.take_error(), c.stream.connected())) {
                 Some((Ok(None), Ok(_))) => {
                     io.connecting = false;
                     self.driver.handle_stream_open(t);
@@ -279,10 +364,11 @@ impl MioClient {
             let io = &mut self.io;
             match cmd {
                 StreamCommand::Open(url) => {
-                    let opened = match url.map(|u| pick_address(&u, u.authority().to_socket_addrs())) {
-                        Some(Ok(addr)) => TcpStream::connect(addr).map_err(|e| e.to_string()),
-                        Some(Err(e)) => Err(e.to_string()),
-                        None => Err("no broker URL".into()),
+                    let opened = match (&io.own, url.map(|u| pick_address(&u, u.authority().to_socket_addrs()))) {
+                        (Some(connect), _) => open_piped(connect).map_err(|e| e.to_string()),
+                        (None, Some(Ok(addr))) => TcpStream::connect(addr).map(Stream::Tcp).map_err(|e| e.to_string()),
+                        (None, Some(Err(e))) => Err(e.to_string()),
+                        (None, None) => Err("no broker URL".into()),
                     };
                     let registered = opened.and_then(|mut stream| {
                         registry
@@ -292,7 +378,10 @@ impl MioClient {
                     });
                     match registered {
                         Ok(stream) => {
-                            io.conn = Some(Conn::new(stream));
+                            if let Stream::Tcp(tcp) = &stream {
+                                let _ = tcp.set_nodelay(true);
+                            }
+                            io.conn = Some(Conn::over(stream));
                             io.connecting = true;
                         }
                         Err(e) => self.driver.handle_stream_failed(now(), &e),

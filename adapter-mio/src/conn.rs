@@ -1,11 +1,95 @@
-//! A non-blocking TCP connection with an output buffer.
+//! A non-blocking connection with an output buffer: TCP, or one end of a socket pair whose
+//! other end carries the application's own connection (see
+//! [`MioClient::connect_with`](crate::client::MioClient::connect_with)).
 
 use bytes::{Buf, BytesMut};
-use mio::net::TcpStream;
+use mio::event::Source;
+use mio::net::{TcpStream, UnixStream};
+use mio::{Interest, Registry, Token};
 use std::io::{self, Read, Write};
 
+/// The socket under a [`Conn`].
+pub(crate) enum Stream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// Our end of a socket pair; threads move bytes between the other end and the
+    /// application's connection.
+    Piped(UnixStream),
+}
+
+impl Stream {
+    /// A pending connect's error, if it failed.
+    pub fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            Stream::Tcp(s) => s.take_error(),
+            Stream::Piped(s) => s.take_error(),
+        }
+    }
+
+    /// Whether a TCP connect has completed (`Err(NotConnected)` while it has not); a socket
+    /// pair is connected from the start.
+    pub fn connected(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().map(drop),
+            Stream::Piped(_) => Ok(()),
+        }
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Piped(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Piped(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Piped(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for Stream {
+    fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.register(registry, token, interests),
+            Stream::Piped(s) => s.register(registry, token, interests),
+        }
+    }
+
+    fn reregister(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.reregister(registry, token, interests),
+            Stream::Piped(s) => s.reregister(registry, token, interests),
+        }
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.deregister(registry),
+            Stream::Piped(s) => s.deregister(registry),
+        }
+    }
+}
+
 pub(crate) struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     out: BytesMut,
     /// Close once `out` is written.
     pub closing: bool,
@@ -22,6 +106,11 @@ pub(crate) enum ReadOutcome {
 impl Conn {
     pub fn new(stream: TcpStream) -> Conn {
         let _ = stream.set_nodelay(true);
+        Conn::over(Stream::Tcp(stream))
+    }
+
+    /// A connection over any [`Stream`].
+    pub fn over(stream: Stream) -> Conn {
         Conn { stream, out: BytesMut::new(), closing: false }
     }
 
@@ -61,7 +150,7 @@ impl Conn {
             }
         }
         if self.out.is_empty() && self.closing {
-            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            self.stream.shutdown_write();
         }
         Some(written)
     }

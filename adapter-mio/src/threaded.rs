@@ -179,6 +179,25 @@ impl Client {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let inner = MioClient::connect_urls(urls, options, poll.registry(), SOCKET)?;
+        Client::spawn(poll, waker, inner)
+    }
+
+    /// Connects over a connection the application opens itself, as a reader and a writer
+    /// (`Read` and `Write`), opened again on each reconnect; see [`MioClient::connect_with`].
+    pub fn connect_with<F, R, W>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
+    where
+        F: Fn() -> std::io::Result<(R, W)> + Send + 'static,
+        R: std::io::Read + Send + 'static,
+        W: std::io::Write + Send + 'static,
+    {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let inner = MioClient::connect_with(name, options, poll.registry(), SOCKET, connect)?;
+        Client::spawn(poll, waker, inner)
+    }
+
+    /// Runs a starting client on a thread of its own; returns once the broker accepts it.
+    fn spawn(poll: Poll, waker: Arc<Waker>, inner: MioClient) -> Result<Client, ClientError> {
         let shared =
             Arc::new(Shared { state: Mutex::new(ConnectionState::Connecting), watchers: Mutex::new(Vec::new()) });
         let (commands, commands_rx) = mpsc::channel();

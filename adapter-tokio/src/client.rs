@@ -24,7 +24,7 @@ use crate::url::{BrokerUrl, Transport};
 use crate::{clock, NEVER};
 use bytes::BytesMut;
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
-use mqtt_quic_core::client::{StreamCommand, StreamHandle};
+use mqtt_quic_core::client::{ClientMachine, StreamCommand, StreamHandle};
 use mqtt_quic_core::driver::{
     local_bind_address, pick_address, tls_server_name, ClientDriver, MessageBacklog, Outcome,
 };
@@ -158,12 +158,55 @@ impl Client {
             true => Some(Arc::new(options.stream_tls_config()?)),
             false => None,
         };
-        let connector =
-            Connector { tls, server_name: options.server_name.clone(), timeout: options.session.connect_timeout };
+        let connector = Connector::Urls { tls, server_name: options.server_name.clone() };
+        Client::start(machine, connector, options, shown).await
+    }
+
+    /// Connects over a connection the application opens itself: `connect` is called for the
+    /// first connection and again on each reconnect, and yields any byte stream (a Unix socket,
+    /// an in-memory duplex, a tunnel, TLS of its own making); MQTT is spoken on it as on TCP.
+    /// A call that fails, or takes longer than the session's connect timeout, counts as a
+    /// failed connection (retried under [`ClientOptions::reconnect`] once connected). `name`
+    /// is how errors and logs name the broker.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), adapter_tokio::client::ClientError> {
+    /// use adapter_tokio::client::{Client, ClientOptions};
+    /// // MQTT over a Unix socket (a broker behind a local proxy, say).
+    /// let client = Client::connect_with("unix:/run/mqtt.sock", ClientOptions::new(), || {
+    ///     tokio::net::UnixStream::connect("/run/mqtt.sock")
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_with<F, Fut, S>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<S>> + Send + 'static,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let machine = options.stream_machine(crate::os_secret())?;
+        let own: OwnConnector = Arc::new(move || {
+            let opening = connect();
+            Box::pin(async move { opening.await.map(|s| Box::new(s) as BoxStream) }) as Opening
+        });
+        Client::start(machine, Connector::Own(own), options, name.to_string()).await
+    }
+
+    /// Runs a client over `machine`, its streams opened by `connector`; resolves once the first
+    /// connection is accepted (or refused).
+    async fn start(
+        machine: ClientMachine,
+        connector: Connector,
+        options: ClientOptions,
+        shown: String,
+    ) -> Result<Client, ClientError> {
+        let timeout = options.session.connect_timeout;
         let io = Io {
             udp: None,
             datagram_buf: Vec::with_capacity(2048),
             connector,
+            timeout,
             conn: None,
             opening: None,
             resolving: None,
@@ -402,20 +445,37 @@ type BoxStream = Box<dyn ByteStream>;
 type Opening = Pin<Box<dyn Future<Output = io::Result<BoxStream>> + Send>>;
 type Resolving = Pin<Box<dyn Future<Output = (BrokerUrl, Result<SocketAddr, String>)> + Send>>;
 
-/// Opens byte-stream connections when the machine asks.
-struct Connector {
-    /// For `mqtts://` and `wss://`.
-    tls: Option<Arc<rustls::ClientConfig>>,
-    /// The name certificates must carry, if not the URL's host.
-    server_name: Option<String>,
-    timeout: Duration,
+/// The application's connector (see [`Client::connect_with`]).
+type OwnConnector = Arc<dyn Fn() -> Opening + Send + Sync>;
+
+/// Opens byte-stream connections when the machine asks, within `timeout`.
+enum Connector {
+    /// To the URL the machine names.
+    Urls {
+        /// For `mqtts://` and `wss://`.
+        tls: Option<Arc<rustls::ClientConfig>>,
+        /// The name certificates must carry, if not the URL's host.
+        server_name: Option<String>,
+    },
+    /// However the application opens them.
+    Own(OwnConnector),
 }
 
 impl Connector {
-    /// Resolves `url`'s host now (a broker that moved is found) and connects.
-    fn open(&self, url: Option<BrokerUrl>) -> Opening {
-        let tls = self.tls.clone();
-        let (timeout, server_name) = (self.timeout, self.server_name.clone());
+    /// Connects: to `url` (its host resolved now, so a broker that moved is found), or with the
+    /// application's connector.
+    fn open(&self, url: Option<BrokerUrl>, timeout: Duration) -> Opening {
+        let (tls, server_name) = match self {
+            Connector::Urls { tls, server_name } => (tls.clone(), server_name.clone()),
+            Connector::Own(connect) => {
+                let opening = connect();
+                return Box::pin(async move {
+                    tokio::time::timeout(timeout, opening)
+                        .await
+                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connection timed out"))?
+                });
+            }
+        };
         Box::pin(async move {
             let url = url.ok_or_else(|| io::Error::other("no broker URL"))?;
             let work = async {
@@ -453,6 +513,8 @@ struct Io {
     udp: Option<Udp>,
     datagram_buf: Vec<u8>,
     connector: Connector,
+    /// How long opening a connection may take.
+    timeout: Duration,
     conn: Option<(ReadHalf<BoxStream>, WriteHalf<BoxStream>)>,
     opening: Option<Opening>,
     resolving: Option<Resolving>,
@@ -623,7 +685,7 @@ impl Driver {
         }
         while let Some(cmd) = self.driver.poll_stream() {
             match cmd {
-                StreamCommand::Open(url) => io.opening = Some(io.connector.open(url)),
+                StreamCommand::Open(url) => io.opening = Some(io.connector.open(url, io.timeout)),
                 StreamCommand::Resolve(url) => io.resolving = Some(resolve(url)),
                 StreamCommand::Data(bytes) => {
                     let failed = match &mut io.conn {

@@ -5,7 +5,9 @@
 //! - `sessions`: a server session and a client session fed fuzzer-chosen bytes as if from their
 //!   peers never panic, and keep what they hold within their limits.
 //! - `broker`: the broker machine with four byte-stream clients sending fuzzer-chosen bytes
-//!   (routing, takeovers, wills, retained messages and limits all reachable) never panics.
+//!   (routing, takeovers, wills, retained messages and limits all reachable), and two MQTT over
+//!   WebSocket clients (one sending raw frames, one whose bytes the harness frames), never
+//!   panics.
 //!
 //! - `broker_quic`: the broker machine and three QUIC client machines joined by a network the
 //!   fuzzer controls (delivery, loss, duplication, corruption, reordering, injected datagrams,
@@ -111,22 +113,40 @@ pub fn sessions(data: &[u8]) {
     }
 }
 
-/// Input: records of `[delay_ms: u8][stream: u8][len: u8][len bytes]`. Stream numbers pick one
-/// of four byte-stream clients; a stream that was closed is opened again on its next record.
+/// Input: records of `[delay_ms: u8][stream: u8][len: u8][len bytes]`. Stream numbers below
+/// 192 pick one of four byte-stream clients (252 and up close one); 192 to 251 one of two
+/// WebSocket clients, upgraded by the harness when opened: an even number sends its bytes as
+/// they are (frames as the fuzzer makes them), an odd one has them framed (masked, binary) by
+/// the harness, so MQTT reaches the session through the framing; 248 to 251 close one. A stream
+/// that was closed is opened again on its next record.
 pub fn broker(data: &[u8]) {
+    const UPGRADE: &[u8] = b"GET /mqtt HTTP/1.1\r\nHost: fuzz\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n";
     let mut broker = Broker::new(fuzz_broker_config()).expect("valid config");
     #[allow(clippy::disallowed_methods)] // the harness owns the clock
     let mut now = Instant::now();
-    let mut streams = [None; 4];
+    let mut streams = [None; 6];
+    // Frames the odd WebSocket client's bytes as a client would.
+    let mut framer = mqtt_quic_core::ws::WsConn::client("fuzz", "/mqtt", 1);
     let mut rest = data;
     while let Some((delay, which, piece)) = next_record(&mut rest) {
         now += Duration::from_millis(u64::from(delay) * 50);
         advance(&mut broker, now);
-        let slot = usize::from(which % 4);
-        let id = *streams[slot].get_or_insert_with(|| broker.handle_stream_open(now, None));
-        if which >= 252 {
+        let websocket = (192..252).contains(&which);
+        let slot = if websocket { 4 + usize::from(which & 1) } else { usize::from(which % 4) };
+        let id = *streams[slot].get_or_insert_with(|| match websocket {
+            false => broker.handle_stream_open(now, None),
+            true => {
+                let id = broker.handle_stream_open_ws(now, None);
+                broker.handle_stream_data(now, id, UPGRADE);
+                id
+            }
+        });
+        if which >= 248 {
             broker.handle_stream_closed(now, id);
             streams[slot] = None;
+        } else if slot == 5 {
+            broker.handle_stream_data(now, id, &framer.frame(piece));
         } else {
             broker.handle_stream_data(now, id, piece);
         }
@@ -154,7 +174,7 @@ pub(crate) fn advance(broker: &mut Broker, now: Instant) {
 
 /// Takes the broker's stream output and events; a stream it closed is forgotten (the next
 /// record for its slot opens a new one).
-pub(crate) fn drain(broker: &mut Broker, streams: &mut [Option<mqtt_quic_core::broker::machine::StreamId>; 4]) {
+pub(crate) fn drain(broker: &mut Broker, streams: &mut [Option<mqtt_quic_core::broker::machine::StreamId>]) {
     while let Some((id, out)) = broker.poll_stream() {
         if matches!(out, mqtt_quic_core::broker::machine::StreamOutput::Close) {
             for s in streams.iter_mut() {

@@ -125,9 +125,7 @@ impl ClientOptions {
     /// [`ClientOptions::stream_tls_config`]). `secret` (32 bytes from the operating system's random
     /// source) keys the QUIC endpoint and drives connection ids and backoff jitter.
     pub fn machine(&self, urls: &[BrokerUrl], secret: [u8; 32]) -> Result<ClientMachine, ConfigError> {
-        let mut seed = [0u8; 8];
-        seed.copy_from_slice(&secret[..8]);
-        let seed = u64::from_le_bytes(seed);
+        let seed = seed_of(&secret);
         let quic = match urls.iter().any(|u| u.transport == Transport::Quic) {
             true => {
                 let mut quic = ClientConfig::new(self.tls.clone().ok_or_else(no_trust)?);
@@ -149,6 +147,15 @@ impl ClientOptions {
             seed,
             resolve_literals: false,
         })
+    }
+
+    /// The machine for a connection the application opens itself (its own connector: a Unix
+    /// socket, an in-memory pipe, a tunnel), asked for with [`StreamCommand::Open`] `(None)`
+    /// on each (re)connect. `secret` drives the backoff jitter.
+    ///
+    /// [`StreamCommand::Open`]: crate::client::StreamCommand::Open
+    pub fn stream_machine(&self, secret: [u8; 32]) -> Result<ClientMachine, ConfigError> {
+        ClientMachine::over_stream(self.session.clone(), self.reconnect, seed_of(&secret))
     }
 
     /// For `mqtts://` URLs: the rustls configuration to wrap TCP streams in (name each
@@ -205,6 +212,13 @@ pub fn local_bind_address(server: SocketAddr) -> SocketAddr {
     } else {
         SocketAddr::from(([0u16; 8], 0))
     }
+}
+
+/// The seed a machine's jitter and ids draw from: the secret's first 8 bytes.
+fn seed_of(secret: &[u8; 32]) -> u64 {
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&secret[..8]);
+    u64::from_le_bytes(seed)
 }
 
 /// Where and how a broker server listens, for every adapter's server.
