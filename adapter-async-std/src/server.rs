@@ -8,8 +8,10 @@ use async_std::net::{TcpListener, TcpStream, UdpSocket};
 use async_std::task::JoinHandle;
 use bytes::Bytes;
 use futures_lite::future;
+use mqtt_proto::{Publish, QoS, TopicFilter};
 use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::Handling;
+use mqtt_quic_core::broker::local::{LocalSink, LocalSinks, LocalSubscription, DEFAULT_WINDOW};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::broker::{BridgeId, Dial};
@@ -73,9 +75,91 @@ pub struct Server {
     /// The broker task; `None` once [`Server::wait`] has seen it end.
     broker: Option<JoinHandle<Result<(), StoreError>>>,
     acceptors: Vec<JoinHandle<()>>,
+    /// In-process subscriptions and publishes, to the broker task.
+    local: Sender<LocalCommand>,
+}
+
+/// What the application asks of the broker in-process (see [`Server::subscribe`]).
+type LocalCommand = mqtt_quic_core::broker::local::LocalCommand<LocalTx>;
+
+/// An in-process subscription's queue, from the broker task's side: unbounded, because the
+/// broker's window bounds what is in it (see [`mqtt_quic_core::broker::local`]).
+struct LocalTx(Sender<Publish>);
+
+impl LocalSink for LocalTx {
+    fn deliver(&mut self, publish: Publish) -> bool {
+        self.0.try_send(publish).is_ok()
+    }
+}
+
+/// The messages of an in-process subscription ([`Server::subscribe`]), in order. Each one
+/// taken makes room for the next in the broker's window: one not taken holds the rest back in
+/// the broker (bounded there like a slow client's), never the broker itself. Dropping it ends
+/// the subscription.
+pub struct LocalMessages {
+    rx: Receiver<Publish>,
+    subscription: LocalSubscription,
+    broker: Sender<LocalCommand>,
+}
+
+impl LocalMessages {
+    /// The next message; `None` once the broker has stopped.
+    pub async fn recv(&self) -> Option<Publish> {
+        let publish = self.rx.recv().await.ok()?;
+        let _ = self.broker.try_send(LocalCommand::Taken(self.subscription, 1));
+        Some(publish)
+    }
+}
+
+impl Drop for LocalMessages {
+    fn drop(&mut self) {
+        let _ = self.broker.try_send(LocalCommand::Unsubscribe(self.subscription));
+    }
 }
 
 impl Server {
+    /// Subscribes the application in-process: messages matching `filter`, at up to `qos`,
+    /// from every transport, arrive in the returned stream (the retained ones first). No
+    /// connection is involved: no client id, no authentication.
+    pub async fn subscribe(&self, filter: TopicFilter, qos: QoS) -> Result<LocalMessages, ServerError> {
+        let (tx, rx) = async_channel::unbounded();
+        let (reply, subscription) = async_channel::bounded(1);
+        let reply = Box::new(move |s| reply.try_send(s).is_ok());
+        let command = LocalCommand::Subscribe { filter, qos, sink: LocalTx(tx), reply };
+        self.local.send(command).await.map_err(|_| ServerError::NotRunning)?;
+        let subscription = subscription.recv().await.map_err(|_| ServerError::NotRunning)?;
+        Ok(LocalMessages { rx, subscription, broker: self.local.clone() })
+    }
+
+    /// Subscribes `handler` in-process: it runs, on a task of its own, for each message
+    /// matching `filter` (see [`Server::subscribe`]), until the broker stops.
+    pub async fn on_message(
+        &self,
+        filter: TopicFilter,
+        qos: QoS,
+        mut handler: impl FnMut(Publish) + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let messages = self.subscribe(filter, qos).await?;
+        async_std::task::spawn(async move {
+            while let Some(m) = messages.recv().await {
+                handler(m);
+            }
+        });
+        Ok(())
+    }
+
+    /// Publishes from the application in-process, as a client would (retained if asked), to
+    /// subscribers on every transport; resolves once the broker has routed it, or with the
+    /// reason it refused it ([`ServerError::Refused`]).
+    pub async fn publish(&self, publish: Publish) -> Result<(), ServerError> {
+        let (reply, verdict) = async_channel::bounded(1);
+        let reply = Box::new(move |v| {
+            let _ = reply.try_send(v);
+        });
+        self.local.send(LocalCommand::Publish { publish, reply }).await.map_err(|_| ServerError::NotRunning)?;
+        verdict.recv().await.map_err(|_| ServerError::NotRunning)?.map_err(ServerError::Refused)
+    }
+
     /// Reads the store back (with `options.broker.persistence` on: from `options.data_dir`),
     /// opens the listeners, then serves. Fails before serving anyone if the store cannot be
     /// opened or read ([`ServerError::Store`]) or a listener cannot be opened.
@@ -83,9 +167,7 @@ impl Server {
         // QUIC keys and assigned client ids from the OS random source, unless given.
         options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
         if options.tls.is_some() || options.wss.is_some() {
-            return Err(ServerError::Unsupported(
-                "a TLS or wss listener (this adapter serves QUIC, plain TCP and ws)",
-            ));
+            return Err(ServerError::Unsupported("a TLS or wss listener (this adapter serves QUIC, plain TCP and ws)"));
         }
         options.check_bridges()?;
         // The store is read back before any listener opens: no client sees a broker that has
@@ -134,9 +216,10 @@ impl Server {
         drop(to_broker);
         let (stop, stopped) = async_channel::bounded(1);
         let store = (store, stored_rx);
-        let broker =
-            async_std::task::spawn(serve(machine, udp, (from_conns, dial), stopped, store, options.shutdown_grace));
-        Ok(Server { quic, tcp, ws, stop, broker: Some(broker), acceptors })
+        let (local, local_rx) = async_channel::unbounded();
+        let inputs = (from_conns, dial, local_rx);
+        let broker = async_std::task::spawn(serve(machine, udp, inputs, stopped, store, options.shutdown_grace));
+        Ok(Server { quic, tcp, ws, stop, broker: Some(broker), acceptors, local })
     }
 
     /// The QUIC listener's address.
@@ -193,6 +276,7 @@ enum Wake {
     Datagram(io::Result<(usize, SocketAddr)>),
     Conn(Option<FromConn>),
     Auth(Option<(AuthId, AuthVerdict)>),
+    Local(Option<LocalCommand>),
     Stop,
     Timer,
 }
@@ -201,7 +285,11 @@ enum Wake {
 async fn serve(
     mut broker: Broker,
     udp: Option<UdpSocket>,
-    (from_conns, (dial_tx, write_timeout)): (Receiver<FromConn>, (Sender<FromConn>, Duration)),
+    (from_conns, (dial_tx, write_timeout), local): (
+        Receiver<FromConn>,
+        (Sender<FromConn>, Duration),
+        Receiver<LocalCommand>,
+    ),
     stop: Receiver<()>,
     (mut store, stored): (BrokerStore, Receiver<Result<u64, StoreError>>),
     grace: Duration,
@@ -216,6 +304,9 @@ async fn serve(
     // With persistence off nobody holds the report channel's sender: a closed channel is
     // always ready, and racing it would spin.
     let mut stored_open = true;
+    // In-process subscriptions' queues; the channel stays open while the server handle lives.
+    let mut sinks: LocalSinks<LocalTx> = LocalSinks::default();
+    let mut local_open = true;
     // Password checks (PBKDF2, milliseconds each) run on threads of their own, a few at a time,
     // so they never hold up this task; verdicts come back through a channel.
     let (requests, verdicts) = auth_workers();
@@ -230,11 +321,15 @@ async fn serve(
             }
         }
         streams.route(&mut broker, now(), &mut ());
-        // The same lifecycle lines as the other adapters, through the `log` facade. This
-        // server offers no in-process subscriptions, so no message event can come.
+        // The same lifecycle lines as the other adapters, through the `log` facade;
+        // in-process messages go to their subscriptions' queues.
         while let Some(handling) = streams.poll_event(&mut broker) {
-            if let Handling::Log(line) = handling {
-                crate::log_line(&line);
+            match handling {
+                Handling::Log(line) => crate::log_line(&line),
+                Handling::Message { subscription, publish } => {
+                    let _ = sinks.deliver(&mut broker, subscription, publish);
+                }
+                _ => {}
             }
         }
         while let Some(request) = broker.poll_auth() {
@@ -288,8 +383,14 @@ async fn serve(
             }
             Wake::Stored(stored.recv().await.ok())
         };
+        let local = async {
+            if !local_open {
+                future::pending::<()>().await;
+            }
+            Wake::Local(local.recv().await.ok())
+        };
         // `or` polls its first future first: reports before new input.
-        let inputs = future::or(future::or(datagram, auth), conn);
+        let inputs = future::or(future::or(datagram, auth), future::or(conn, local));
         let wake = future::or(future::or(reported, inputs), future::or(stop_or_timer, timer)).await;
         let t = now();
         match wake {
@@ -318,6 +419,8 @@ async fn serve(
             // No password thread is left (none could be started): no verdict can come again,
             // and polling a closed channel would spin.
             Wake::Auth(None) => auth_open = false,
+            Wake::Local(Some(command)) => sinks.handle(&mut broker, t, DEFAULT_WINDOW, command),
+            Wake::Local(None) => local_open = false,
             Wake::Conn(Some(FromConn::Opened(queue, abort, reply, remote, transport))) => {
                 let id = streams.open(&mut broker, t, remote, transport, Writer { queue, abort });
                 if reply.try_send(id).is_err() {

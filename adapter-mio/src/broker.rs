@@ -10,6 +10,7 @@ use mio::{Interest, Registry, Token, Waker};
 use mqtt_proto::Publish;
 use mqtt_quic_core::broker::auth::{AuthId, AuthRequest, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::Handling;
+use mqtt_quic_core::broker::local::{LocalCommand, LocalSink, LocalSinks, DEFAULT_WINDOW};
 use mqtt_quic_core::broker::machine::{Broker, LocalSubscription, StreamId};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::broker::Dial;
@@ -162,8 +163,11 @@ pub struct MioBroker {
     /// Password checks run on worker threads (see [`AuthWorkers`]), so the loop never spends
     /// milliseconds of PBKDF2 on one client while others wait.
     auth: AuthWorkers,
-    /// Messages of in-process subscriptions (see [`MioBroker::poll_message`]).
+    /// Messages of in-process subscriptions made on the machine directly (see
+    /// [`MioBroker::poll_message`]).
     local: VecDeque<(LocalSubscription, Publish)>,
+    /// In-process subscriptions with a sink and a window (see [`MioBroker::handle_local`]).
+    sinks: LocalSinks<Box<dyn LocalSink + Send>>,
     /// The store (nothing at all with persistence off) and its commit thread's reports.
     store: BrokerStore,
     reports: mpsc::Receiver<Result<u64, StoreError>>,
@@ -291,6 +295,7 @@ impl MioBroker {
             shutdown_until: None,
             auth,
             local: VecDeque::new(),
+            sinks: LocalSinks::default(),
             store,
             reports,
             failed: false,
@@ -358,8 +363,19 @@ impl MioBroker {
         &mut self.broker
     }
 
-    /// The next message for an in-process subscription, with the subscription it matched.
-    /// Take them after every turn of the loop: they wait here until taken.
+    /// What the application asks in-process (the threaded [`Server`](crate::server::Server)'s
+    /// `subscribe` and `publish` come here): subscriptions with a sink get a window of
+    /// [`DEFAULT_WINDOW`] messages, refilled by [`LocalCommand::Taken`] (see
+    /// [`mqtt_quic_core::broker::local`]). Their messages go to the sink, not to
+    /// [`MioBroker::poll_message`].
+    pub fn handle_local(&mut self, registry: &Registry, command: LocalCommand<Box<dyn LocalSink + Send>>) {
+        self.sinks.handle(&mut self.broker, now(), DEFAULT_WINDOW, command);
+        self.flush(registry);
+    }
+
+    /// The next message for an in-process subscription made on the machine directly
+    /// ([`MioBroker::broker`]), with the subscription it matched. Take them after every turn
+    /// of the loop: they wait here until taken.
     pub fn poll_message(&mut self) -> Option<(LocalSubscription, Publish)> {
         self.local.pop_front()
     }
@@ -604,7 +620,11 @@ impl MioBroker {
         while let Some(handling) = self.streams.poll_event(&mut self.broker) {
             match handling {
                 Handling::Log(line) => crate::log_line(&line),
-                Handling::Message { subscription, publish } => self.local.push_back((subscription, publish)),
+                Handling::Message { subscription, publish } => {
+                    if let Some(theirs) = self.sinks.deliver(&mut self.broker, subscription, publish) {
+                        self.local.push_back(theirs);
+                    }
+                }
                 _ => {}
             }
         }

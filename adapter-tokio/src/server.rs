@@ -5,8 +5,10 @@
 use crate::udp::Udp;
 use crate::{clock, NEVER};
 use bytes::{Bytes, BytesMut};
+use mqtt_proto::{Publish, QoS, TopicFilter};
 use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::{Handling, Level};
+use mqtt_quic_core::broker::local::{LocalSink, LocalSinks, LocalSubscription, DEFAULT_WINDOW};
 use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::broker::{BridgeId, Dial};
@@ -38,6 +40,46 @@ pub struct Server {
     /// Closes when every connection task has ended (each holds a sender).
     alive: mpsc::Receiver<()>,
     grace: Duration,
+    /// In-process subscriptions and publishes, to the broker task.
+    local: mpsc::UnboundedSender<LocalCommand>,
+}
+
+/// What the application asks of the broker in-process (see [`Server::subscribe`]).
+type LocalCommand = mqtt_quic_core::broker::local::LocalCommand<LocalTx>;
+
+/// An in-process subscription's queue, from the broker task's side: unbounded, because the
+/// broker's window bounds what is in it (see [`mqtt_quic_core::broker::local`]).
+struct LocalTx(mpsc::UnboundedSender<Publish>);
+
+impl LocalSink for LocalTx {
+    fn deliver(&mut self, publish: Publish) -> bool {
+        self.0.send(publish).is_ok()
+    }
+}
+
+/// The messages of an in-process subscription ([`Server::subscribe`]), in order. Each one
+/// taken makes room for the next in the broker's window: one not taken holds the rest back in
+/// the broker (bounded there like a slow client's), never the broker itself. Dropping it ends
+/// the subscription.
+pub struct LocalMessages {
+    rx: mpsc::UnboundedReceiver<Publish>,
+    subscription: LocalSubscription,
+    broker: mpsc::UnboundedSender<LocalCommand>,
+}
+
+impl LocalMessages {
+    /// The next message; `None` once the broker has stopped.
+    pub async fn recv(&mut self) -> Option<Publish> {
+        let publish = self.rx.recv().await?;
+        let _ = self.broker.send(LocalCommand::Taken(self.subscription, 1));
+        Some(publish)
+    }
+}
+
+impl Drop for LocalMessages {
+    fn drop(&mut self) {
+        let _ = self.broker.send(LocalCommand::Unsubscribe(self.subscription));
+    }
 }
 
 /// What connection tasks tell the broker task.
@@ -159,6 +201,58 @@ impl StreamWriter<()> for OutboxSender {
 }
 
 impl Server {
+    /// Subscribes the application in-process (mqttd's `@app.subscribe`): messages matching
+    /// `filter`, at up to `qos`, from every transport, arrive in the returned stream (the
+    /// retained ones first). No connection is involved: no client id, no authentication.
+    ///
+    /// ```no_run
+    /// # async fn run(server: adapter_tokio::server::Server) -> Result<(), Box<dyn std::error::Error>> {
+    /// use mqtt_proto::{QoS, TopicFilter};
+    /// let mut readings = server.subscribe(TopicFilter::new("sensors/#")?, QoS::AtLeastOnce).await?;
+    /// while let Some(m) = readings.recv().await {
+    ///     println!("{}: {:?}", m.topic, m.payload);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe(&self, filter: TopicFilter, qos: QoS) -> Result<LocalMessages, ServerError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (reply, subscription) = oneshot::channel();
+        let reply = Box::new(move |s| reply.send(s).is_ok());
+        let command = LocalCommand::Subscribe { filter, qos, sink: LocalTx(tx), reply };
+        self.local.send(command).map_err(|_| ServerError::NotRunning)?;
+        let subscription = subscription.await.map_err(|_| ServerError::NotRunning)?;
+        Ok(LocalMessages { rx, subscription, broker: self.local.clone() })
+    }
+
+    /// Subscribes `handler` in-process: it runs, on a task of its own, for each message
+    /// matching `filter` (see [`Server::subscribe`]), until the broker stops.
+    pub async fn on_message(
+        &self,
+        filter: TopicFilter,
+        qos: QoS,
+        mut handler: impl FnMut(Publish) + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let mut messages = self.subscribe(filter, qos).await?;
+        drop(tokio::spawn(async move {
+            while let Some(m) = messages.recv().await {
+                handler(m);
+            }
+        }));
+        Ok(())
+    }
+
+    /// Publishes from the application in-process, as a client would (retained if asked), to
+    /// subscribers on every transport; resolves once the broker has routed it, or with the
+    /// reason it refused it ([`ServerError::Refused`]).
+    pub async fn publish(&self, publish: Publish) -> Result<(), ServerError> {
+        let (reply, verdict) = oneshot::channel();
+        let reply = Box::new(move |verdict| {
+            let _ = reply.send(verdict);
+        });
+        self.local.send(LocalCommand::Publish { publish, reply }).map_err(|_| ServerError::NotRunning)?;
+        verdict.await.map_err(|_| ServerError::NotRunning)?.map_err(ServerError::Refused)
+    }
+
     /// Opens every listener, then starts serving. Fails before serving anyone if a listener
     /// cannot be opened.
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
@@ -196,10 +290,9 @@ impl Server {
         };
         let bind = |what: &'static str, addr: Option<SocketAddr>| async move {
             match addr {
-                Some(addr) => TcpListener::bind(addr)
-                    .await
-                    .map(Some)
-                    .map_err(|source| ServerError::Bind { what, addr, source }),
+                Some(addr) => {
+                    TcpListener::bind(addr).await.map(Some).map_err(|source| ServerError::Bind { what, addr, source })
+                }
                 None => Ok(None),
             }
         };
@@ -243,7 +336,9 @@ impl Server {
         let grace = options.shutdown_grace;
         let (stop_tx, stop_rx) = oneshot::channel();
         let store = (store, stored_rx);
-        let driver = tokio::spawn(drive(broker, udp, (streams_rx, dial_tx), stop_rx, store, options));
+        let (local, local_rx) = mpsc::unbounded_channel();
+        let streams = (streams_rx, dial_tx, local_rx);
+        let driver = tokio::spawn(drive(broker, udp, streams, stop_rx, store, options));
         let driver = tokio::spawn(async move {
             // A broker task that panics takes the broker down with it: say so where
             // `Server::wait` (and so a supervisor watching the process) can see it.
@@ -281,6 +376,7 @@ impl Server {
             acceptors,
             alive,
             grace,
+            local,
         })
     }
 
@@ -347,7 +443,11 @@ const WRITE_PIECE: usize = 64 * 1024;
 async fn drive(
     mut broker: Broker,
     mut udp: Option<Udp>,
-    (mut streams, dial_tx): (mpsc::Receiver<StreamIn>, mpsc::Sender<StreamIn>),
+    (mut streams, dial_tx, mut local): (
+        mpsc::Receiver<StreamIn>,
+        mpsc::Sender<StreamIn>,
+        mpsc::UnboundedReceiver<LocalCommand>,
+    ),
     mut stop: oneshot::Receiver<()>,
     (mut store, mut stored): (BrokerStore, mpsc::UnboundedReceiver<Result<u64, StoreError>>),
     options: ServerOptions,
@@ -357,6 +457,7 @@ async fn drive(
         Udp(io::Result<()>),
         Stream(Option<StreamIn>),
         Auth(Option<(AuthId, AuthVerdict)>),
+        Local(Option<LocalCommand>),
         Timer,
         Stop,
     }
@@ -376,6 +477,9 @@ async fn drive(
     // a closed channel is always ready: selecting on it would spin and starve every other
     // input.
     let mut stored_open = true;
+    // In-process subscriptions' queues; the channel stays open while the server handle lives.
+    let mut sinks: LocalSinks<LocalTx> = LocalSinks::default();
+    let mut local_open = true;
     // Bridges start connecting upstream.
     broker.start(clock());
     loop {
@@ -391,13 +495,17 @@ async fn drive(
         table.route(&mut broker, clock(), &mut ());
         // One line per client event, at info (a refusal for wrong credentials at warn):
         // greppable by `client connected`, `client refused`, `client migrated` and
-        // `client disconnected`. This server offers no in-process subscriptions.
+        // `client disconnected`. In-process messages go to their subscriptions' queues.
         while let Some(handling) = table.poll_event(&mut broker) {
-            if let Handling::Log(line) = handling {
-                match line.level {
+            match handling {
+                Handling::Log(line) => match line.level {
                     Level::Warn => warn!("{}", line.text),
                     _ => info!("{}", line.text),
+                },
+                Handling::Message { subscription, publish } => {
+                    let _ = sinks.deliver(&mut broker, subscription, publish);
                 }
+                _ => {}
             }
         }
         while let Some(request) = broker.poll_auth() {
@@ -429,6 +537,7 @@ async fn drive(
             r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
+            l = local.recv(), if local_open => Input::Local(l),
             _ = tokio::time::sleep_until(wake_at) => Input::Timer,
             _ = &mut stop, if !stopping => Input::Stop,
         };
@@ -464,6 +573,8 @@ async fn drive(
             }
             Input::Auth(Some((id, verdict))) => broker.handle_auth_result(now, id, verdict),
             Input::Auth(None) => {}
+            Input::Local(None) => local_open = false,
+            Input::Local(Some(command)) => sinks.handle(&mut broker, now, DEFAULT_WINDOW, command),
             Input::Stream(Some(StreamIn::Open { out, reply, remote, transport })) => {
                 let id = table.open(&mut broker, now, remote, transport, out);
                 if reply.send(id).is_err() {

@@ -71,10 +71,10 @@ use crate::flow_header::{self, FlowHeader};
 use crate::machine::Datagram;
 use crate::persist::{ClientRestored, RestoreError, StoreBatch, StoredRecord};
 use crate::quic::{self, ConnId, Lane, QuicEndpoint, Transmit};
+use crate::rng::SplitMix64;
 use crate::session::client::{
     ClientEvent, ClientSession, ClientSessionConfig, CommandError, DisconnectReason, RequestId,
 };
-use crate::rng::SplitMix64;
 use crate::url::{BrokerUrl, Transport};
 use crate::ws::WsConn;
 use bytes::Bytes;

@@ -97,7 +97,8 @@ fn kept(id: &str) -> ClientOptions {
 /// A publisher over plain TCP, with the tokio client.
 fn publish(runtime: &tokio::runtime::Runtime, tcp: SocketAddr, topic: &str, payload: &'static str) {
     runtime.block_on(async {
-        let client = adapter_tokio::client::Client::connect(&format!("mqtt://{tcp}"), ClientOptions::new()).await.unwrap();
+        let client =
+            adapter_tokio::client::Client::connect(&format!("mqtt://{tcp}"), ClientOptions::new()).await.unwrap();
         let publish = Publish::new(TopicName::new(topic).unwrap(), payload).with_qos(QoS::AtLeastOnce);
         client.publish(publish).await.unwrap();
         client.disconnect().await.unwrap();
@@ -141,8 +142,9 @@ fn async_std_client_over_its_own_connection_reconnects_through_it() {
     let path = proxy.path.clone();
     async_std::task::block_on(async {
         let connector = move || async_std::os::unix::net::UnixStream::connect(path.clone());
-        let client =
-            adapter_async_std::client::Client::connect_with("unix proxy", kept("own-async-std"), connector).await.unwrap();
+        let client = adapter_async_std::client::Client::connect_with("unix proxy", kept("own-async-std"), connector)
+            .await
+            .unwrap();
         let mut messages = client.messages().unwrap();
         client.subscribe(TopicFilter::new("own/async-std").unwrap(), QoS::AtLeastOnce).await.unwrap();
         for (round, payload) in ["first", "after the cut"].into_iter().enumerate() {
@@ -192,7 +194,8 @@ fn mio_clients_over_their_own_connection_reconnect_through_it() {
     }
     client.disconnect().unwrap();
     // The blocking client, once, over the same kind of connection.
-    let mut blocking = adapter_mio::blocking::Client::connect_with("unix proxy", ClientOptions::new(), connect).unwrap();
+    let mut blocking =
+        adapter_mio::blocking::Client::connect_with("unix proxy", ClientOptions::new(), connect).unwrap();
     blocking.subscribe(TopicFilter::new("own/blocking").unwrap(), QoS::AtLeastOnce).unwrap();
     publish(&runtime, tcp, "own/blocking", "blocking");
     let m = blocking.recv(WAIT).unwrap().unwrap();

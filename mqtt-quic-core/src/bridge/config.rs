@@ -243,7 +243,9 @@ impl BridgeConfig {
         if self.max_inflight == 0 {
             return bad("max_inflight must be at least 1".into());
         }
-        if self.urls.iter().any(|u| u.transport == crate::url::Transport::Quic || u.transport.is_tls()) && self.tls.is_none() {
+        if self.urls.iter().any(|u| u.transport == crate::url::Transport::Quic || u.transport.is_tls())
+            && self.tls.is_none()
+        {
             return bad("a quic:// or mqtts:// address needs TLS trust (a CA file, a fingerprint, or insecure)".into());
         }
         Ok(())

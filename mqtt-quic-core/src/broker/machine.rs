@@ -88,6 +88,8 @@ pub struct Broker {
     pub(super) shared: SharedPending,
     pub(super) events: VecDeque<BrokerEvent>,
     pub(super) next_local: SessionKey,
+    /// The flow control of windowed in-process subscriptions (see `local`).
+    pub(super) local_windows: BTreeMap<SessionKey, super::local::LocalWindow>,
     pub(super) stats: Stats,
     /// Uptime, `$SYS` and housekeeping clocks.
     pub(super) schedule: Schedule,
@@ -135,6 +137,7 @@ impl Broker {
             shared: SharedPending::default(),
             events: VecDeque::new(),
             next_local: LOCAL_BASE,
+            local_windows: BTreeMap::new(),
             stats: Stats::default(),
             schedule: Schedule::default(),
             closing_until: None,
@@ -663,7 +666,7 @@ impl Broker {
     /// are checked here, on every path that delivers, not only at SUBSCRIBE.
     pub(super) fn deliver(&mut self, now: Instant, key: SessionKey, publish: Publish) -> Option<u64> {
         if key > LOCAL_BASE {
-            self.events.push_back(BrokerEvent::Message { subscription: LocalSubscription(key), publish });
+            self.deliver_local(key, publish);
             return None;
         }
         let (id, record) = self.registry.by_key(key)?;

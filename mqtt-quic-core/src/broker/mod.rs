@@ -48,7 +48,7 @@ mod lanes;
 pub mod lifecycle;
 pub mod limiter;
 mod links;
-mod local;
+pub mod local;
 pub mod machine;
 mod policy;
 mod registry;

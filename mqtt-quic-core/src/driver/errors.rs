@@ -144,4 +144,11 @@ pub enum ServerError {
     /// with a failure status so that its supervisor restarts it).
     #[error("the broker stopped unexpectedly: {0}")]
     Stopped(&'static str),
+    /// An in-process call reached a broker that is no longer running (it was shut down).
+    #[error("the broker is not running")]
+    NotRunning,
+    /// The broker refused an in-process publish, with the reason code a client would get for
+    /// it (a topic beyond the limits, no room for a retained message).
+    #[error("the broker refused the message: {0:?}")]
+    Refused(mqtt_proto::ReasonCode),
 }
