@@ -1,5 +1,5 @@
 //! Clients of each adapter against brokers of each adapter (tokio, mio, async-std), QoS 0, 1
-//! and 2 publish/subscribe over QUIC and over TCP, on real loopback sockets; and what every
+//! and 2 publish/subscribe over QUIC, TCP and WebSocket, on real loopback sockets; and what every
 //! broker adapter does with the store (persistence).
 
 use mqtt_proto::{Publish, QoS, TopicFilter, TopicName};
@@ -111,6 +111,8 @@ fn connect(adapter: Adapter, url: &str, id: &str) -> Box<dyn TestClient> {
 struct TestBroker {
     quic: SocketAddr,
     tcp: SocketAddr,
+    /// MQTT over WebSocket.
+    ws: SocketAddr,
     stop: Box<dyn FnOnce()>,
 }
 
@@ -125,33 +127,41 @@ fn start_broker_with(adapter: Adapter, tweak: impl FnOnce(&mut ServerOptions)) -
 fn try_start_broker(adapter: Adapter, tweak: impl FnOnce(&mut ServerOptions)) -> Result<TestBroker, ServerError> {
     let cert = SelfSigned::generate(&["localhost"]).unwrap();
     let mut options = ServerOptions::loopback(ServerTls::from_self_signed(&cert).unwrap());
+    options.ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     tweak(&mut options);
     Ok(match adapter {
         Adapter::Tokio => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             let server = rt.block_on(adapter_tokio::server::Server::start(options))?;
-            let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
-            TestBroker { quic, tcp, stop: Box::new(move || rt.block_on(server.shutdown())) }
+            let at = server.addresses();
+            let (quic, tcp, ws) = (at.quic.unwrap(), at.tcp.unwrap(), at.ws.unwrap());
+            TestBroker { quic, tcp, ws, stop: Box::new(move || rt.block_on(server.shutdown())) }
         }
         Adapter::Mio => {
             let handle = adapter_mio::broker::spawn(options)?;
-            let (quic, tcp) = (handle.quic_addr().unwrap(), handle.tcp_addr().unwrap());
-            TestBroker { quic, tcp, stop: Box::new(move || handle.shutdown()) }
+            let at = handle.addresses();
+            let (quic, tcp, ws) = (at.quic.unwrap(), at.tcp.unwrap(), at.ws.unwrap());
+            TestBroker { quic, tcp, ws, stop: Box::new(move || handle.shutdown()) }
         }
         Adapter::AsyncStd => {
             let server = async_std::task::block_on(adapter_async_std::server::Server::start(options))?;
-            let (quic, tcp) = (server.quic_addr().unwrap(), server.tcp_addr().unwrap());
-            TestBroker { quic, tcp, stop: Box::new(move || async_std::task::block_on(server.shutdown())) }
+            let at = server.addresses();
+            let (quic, tcp, ws) = (at.quic.unwrap(), at.tcp.unwrap(), at.ws.unwrap());
+            TestBroker { quic, tcp, ws, stop: Box::new(move || async_std::task::block_on(server.shutdown())) }
         }
     })
 }
 
-/// One broker adapter against every client adapter, over both transports.
+/// One broker adapter against every client adapter, over QUIC, TCP and WebSocket.
 fn matrix_for(broker_adapter: Adapter) {
     let broker = start_broker(broker_adapter);
     for client_adapter in ADAPTERS {
-        for (transport, url) in [("quic", format!("quic://{}", broker.quic)), ("tcp", format!("mqtt://{}", broker.tcp))]
-        {
+        let urls = [
+            ("quic", format!("quic://{}", broker.quic)),
+            ("tcp", format!("mqtt://{}", broker.tcp)),
+            ("ws", format!("ws://{}/mqtt", broker.ws)),
+        ];
+        for (transport, url) in urls {
             let case = format!("{client_adapter:?} clients, {broker_adapter:?} broker, {transport}");
             let topic = format!("m/{client_adapter:?}/{transport}");
             let mut sub = connect(client_adapter, &url, &format!("sub-{client_adapter:?}-{transport}"));

@@ -496,7 +496,7 @@ fn mqttjs_in_chromium_against_our_broker() {
     runtime.block_on(ours.publish(answer.with_qos(QoS::AtLeastOnce))).expect("answer");
     let lines = page.succeed();
     let want = format!("ok: page received browser/{run}/in hello page");
-    assert!(lines.iter().any(|l| *l == want), "{lines:#?}");
+    assert!(lines.contains(&want), "{lines:#?}");
     assert!(std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 0), "no screenshot");
     runtime.block_on(ours.disconnect()).expect("disconnect");
 }
