@@ -419,3 +419,35 @@ fn a_bridge_from_the_config_file() {
     drop(cloud);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `mqttq broker --ws` and `--wss` serve MQTT over WebSocket on their path; `pub` and `sub` reach
+/// them with `--transport ws` or a `ws://`/`wss://` URL; a client asking for another path is
+/// told the broker's answer.
+#[test]
+fn websocket_listeners_and_clients() {
+    let dir = temp_dir("ws");
+    let data = dir.to_str().unwrap();
+    let args = ["broker", "--quic", "off", "--tcp", "off", "--data-dir", data, "--ws", "127.0.0.1:0"];
+    let b = Proc::spawn(&[&args[..], &["--wss", "127.0.0.1:0", "--ws-path", "/dash/mqtt"]].concat());
+    let port = |l: String| l.rsplit(':').next().unwrap().to_string();
+    let ws = port(b.expect("listening: ws "));
+    let wss = port(b.expect("listening: wss "));
+    b.expect("ready");
+    let mut sub =
+        Proc::spawn(&["sub", "--url", &format!("ws://127.0.0.1:{ws}/dash/mqtt"), "-t", "w/#", "-C", "2", "-v"]);
+    // Retained, so that it arrives whenever the subscriber's SUBSCRIBE lands.
+    let wss_url = format!("wss://localhost:{wss}/dash/mqtt");
+    let (code, _, err) =
+        run(&["pub", "--url", &wss_url, "--data-dir", data, "-t", "w/tls", "-m", "over wss", "-q", "1", "-r"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(sub.expect("w/tls"), "w/tls over wss");
+    let (code, _, err) =
+        run(&["pub", "--url", &format!("ws://127.0.0.1:{ws}/dash/mqtt"), "-V", "311", "-t", "w/3", "-m", "v3"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(sub.expect("w/3"), "w/3 v3");
+    assert_eq!(sub.finish(), (0, String::new()));
+    let (code, _, err) = run(&["pub", "--transport", "ws", "-p", &ws, "-t", "w/x", "-m", "wrong path"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 404"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,6 +19,10 @@ pub enum TransportArg {
     Tcp,
     // MQTT over TLS (default port 8883).
     Tls,
+    // MQTT over WebSocket (default port 8083, path /mqtt).
+    Ws,
+    // MQTT over WebSocket over TLS (default port 8084, path /mqtt).
+    Wss,
 }
 
 /// MQTT versions on the command line (`-V 5`, `-V 311`, `-V mqttv5`, ...).
@@ -41,14 +45,15 @@ pub struct ConnArgs {
     /// Broker host.
     #[arg(short = 'h', long, default_value = "localhost")]
     pub host: String,
-    /// Broker port [default: 14567 for quic, 1883 for tcp, 8883 for tls].
+    /// Broker port [default: 14567 for quic, 1883 for tcp, 8883 for tls, 8083 for ws, 8084 for
+    /// wss].
     #[arg(short = 'p', long)]
     pub port: Option<u16>,
     /// Transport.
     #[arg(long, value_enum, default_value = "quic")]
     pub transport: TransportArg,
-    /// Broker URL (quic://, mqtt://, mqtts://), instead of --host/--port/--transport. Repeat
-    /// it to fall back: the URLs are tried in order (a QUIC one gets --fallback-timeout to
+    /// Broker URL (quic://, mqtt://, mqtts://, ws://host:port/path, wss://), instead of
+    /// --host/--port/--transport. Repeat it to fall back: the URLs are tried in order (a QUIC one gets --fallback-timeout to
     /// finish its handshake), and the client moves back to the first once it answers again.
     #[arg(long, conflicts_with_all = ["host", "port", "transport"])]
     pub url: Vec<String>,
@@ -122,6 +127,8 @@ impl ConnArgs {
             TransportArg::Quic => Transport::Quic,
             TransportArg::Tcp => Transport::Tcp,
             TransportArg::Tls => Transport::Tls,
+            TransportArg::Ws => Transport::Ws,
+            TransportArg::Wss => Transport::Wss,
         };
         Ok(vec![BrokerUrl::new(transport, self.host.clone(), self.port)])
     }
