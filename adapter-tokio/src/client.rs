@@ -154,11 +154,12 @@ impl Client {
             options.tls = Some(files::client_tls_from_system().map_err(|e| ClientError::Trust(e.to_string()))?);
         }
         let machine = options.machine(&urls, crate::os_secret())?;
-        let tls = match urls.iter().any(|u| u.transport.is_tls()) {
-            true => Some(Arc::new(options.stream_tls_config()?)),
-            false => None,
+        let tls = |transport: Transport| match urls.iter().any(|u| u.transport == transport) {
+            true => options.stream_tls_config(transport).map(|c| Some(Arc::new(c))),
+            false => Ok(None),
         };
-        let connector = Connector::Urls { tls, server_name: options.server_name.clone() };
+        let (tls, tls_ws) = (tls(Transport::Tls)?, tls(Transport::Wss)?);
+        let connector = Connector::Urls { tls, tls_ws, server_name: options.server_name.clone() };
         Client::start(machine, connector, options, shown).await
     }
 
@@ -452,8 +453,10 @@ type OwnConnector = Arc<dyn Fn() -> Opening + Send + Sync>;
 enum Connector {
     /// To the URL the machine names.
     Urls {
-        /// For `mqtts://` and `wss://`.
+        /// For `mqtts://` (ALPN `mqtt`).
         tls: Option<Arc<rustls::ClientConfig>>,
+        /// For `wss://` (ALPN `http/1.1`).
+        tls_ws: Option<Arc<rustls::ClientConfig>>,
         /// The name certificates must carry, if not the URL's host.
         server_name: Option<String>,
     },
@@ -466,7 +469,13 @@ impl Connector {
     /// application's connector.
     fn open(&self, url: Option<BrokerUrl>, timeout: Duration) -> Opening {
         let (tls, server_name) = match self {
-            Connector::Urls { tls, server_name } => (tls.clone(), server_name.clone()),
+            Connector::Urls { tls, tls_ws, server_name } => {
+                let tls = match url.as_ref().map(|u| u.transport) {
+                    Some(Transport::Wss) => tls_ws.clone(),
+                    _ => tls.clone(),
+                };
+                (tls, server_name.clone())
+            }
             Connector::Own(connect) => {
                 let opening = connect();
                 return Box::pin(async move {

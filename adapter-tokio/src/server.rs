@@ -13,7 +13,7 @@ use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::broker::{BridgeId, Dial};
 use mqtt_quic_core::config::Secret;
-use mqtt_quic_core::url::BrokerUrl;
+use mqtt_quic_core::url::{BrokerUrl, Transport};
 use mqtt_store::{BrokerStore, StoreError};
 use std::io;
 use std::net::SocketAddr;
@@ -298,13 +298,17 @@ impl Server {
         };
         let ws = bind("WebSocket (TCP)", options.ws).await?;
         let wss = bind("secure WebSocket (TCP)", options.wss).await?;
-        let acceptor = match tls.is_some() || wss.is_some() {
-            true => {
-                let config = options.broker.quic.tls.rustls_config(false)?;
-                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        // The TLS listener offers ALPN `mqtt`; wss `http/1.1`, as browsers expect.
+        let acceptor = |listener: Option<&TcpListener>, transport: Transport| match listener {
+            Some(_) => {
+                let mut config = options.broker.quic.tls.rustls_config(false)?;
+                config.alpn_protocols = vec![transport.alpn().to_vec()];
+                Ok::<_, ServerError>(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
             }
-            false => None,
+            None => Ok(None),
         };
+        let (acceptor, ws_acceptor) =
+            (acceptor(tls.as_ref(), Transport::Tls)?, acceptor(wss.as_ref(), Transport::Wss)?);
         let quic_addr = udp.as_ref().map(|u| u.local_addr()).transpose().ok().flatten();
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
@@ -319,9 +323,9 @@ impl Server {
         let tls_limit = Arc::new(Semaphore::new(options.tls_max_connections));
         let listeners = [
             (tcp, "tcp", None, &tcp_limit),
-            (tls, "tls", acceptor.clone(), &tls_limit),
+            (tls, "tls", acceptor, &tls_limit),
             (ws, "ws", None, &tcp_limit),
-            (wss, "wss", acceptor, &tls_limit),
+            (wss, "wss", ws_acceptor, &tls_limit),
         ];
         for (listener, transport, acceptor, limit) in listeners {
             if let Some(listener) = listener {

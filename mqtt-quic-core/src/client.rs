@@ -347,6 +347,9 @@ pub struct ClientMachine {
     ws: Option<WsConn>,
     /// Draws each WebSocket connection's key and masks.
     ws_seeds: SplitMix64,
+    /// The current WebSocket upgrade fails if the broker has not accepted it by then (the
+    /// session's connect timeout, which starts only with CONNECT).
+    ws_deadline: Option<Instant>,
 }
 
 impl ClientMachine {
@@ -467,6 +470,7 @@ impl ClientMachine {
             streams_refused: false,
             ws: None,
             ws_seeds: SplitMix64::new(seed ^ 0x5753_5753),
+            ws_deadline: None,
         })
     }
 
@@ -908,6 +912,7 @@ impl ClientMachine {
                         self.io_out.push_back(StreamCommand::Data(bytes));
                     }
                     self.ws = Some(ws);
+                    self.ws_deadline = Some(now + self.session.connect_timeout());
                 }
                 None => {
                     self.ws = None;
@@ -932,6 +937,7 @@ impl ClientMachine {
                         self.io_out.push_back(StreamCommand::Data(bytes));
                     }
                     if !was_open && now_open {
+                        self.ws_deadline = None;
                         let _ = self.session.connect(now);
                     }
                     if !mqtt.is_empty() {
@@ -1482,6 +1488,15 @@ impl ClientMachine {
         }
         self.session.handle_timeout(now);
         self.pump(now);
+        if self.ws_deadline.is_some_and(|t| t <= now) {
+            self.ws_deadline = None;
+            if self.ws.as_ref().is_some_and(|ws| !ws.is_open()) {
+                self.attempt_note = Some("the broker did not accept the WebSocket upgrade in time".into());
+                self.close_link(now);
+                self.transport_lost(now);
+                self.pump(now);
+            }
+        }
         if self.handshake_deadline.is_some_and(|t| t <= now) {
             // UDP blocked, or nothing QUIC there: the next broker.
             self.handshake_deadline = None;
@@ -1527,7 +1542,8 @@ impl ClientMachine {
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let quic = self.quic.as_mut().and_then(|e| e.poll_timeout());
         let probe = self.probe.map(|p| p.deadline);
-        [quic, self.session.poll_timeout(), self.reconnect_at, self.handshake_deadline, probe, self.probe_at]
+        let ws = self.ws_deadline;
+        [quic, self.session.poll_timeout(), self.reconnect_at, self.handshake_deadline, probe, self.probe_at, ws]
             .into_iter()
             .flatten()
             .min()

@@ -57,6 +57,16 @@ impl Transport {
         matches!(self, Transport::Tls | Transport::Wss)
     }
 
+    /// The ALPN protocol a TLS connection for this transport offers: `mqtt` (QUIC, `mqtts`),
+    /// or `http/1.1` for `wss`, where TLS carries HTTP first (what browsers and HTTP proxies
+    /// offer and expect).
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Transport::Ws | Transport::Wss => b"http/1.1",
+            _ => crate::tls::ALPN_MQTT,
+        }
+    }
+
     /// Whether MQTT travels in WebSocket frames (`ws`, `wss`).
     pub fn is_websocket(self) -> bool {
         matches!(self, Transport::Ws | Transport::Wss)

@@ -146,3 +146,73 @@ fn an_upgrade_that_never_completes_is_ended_by_the_connect_timeout() {
     assert!(ended, "the broker closed the silent upgrade");
     assert_eq!(p.broker.connections(), 0);
 }
+
+/// Found in review: a client that sends Pings and reads nothing made the broker queue Pongs
+/// without end. Pongs count against the client's backlog like everything else: past its limit
+/// they stop (RFC 6455 lets a Pong answer only the latest Ping).
+#[test]
+fn a_ping_flood_from_a_client_that_does_not_read_stays_bounded() {
+    use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
+    use mqtt_quic_core::config::ServerConfig;
+    use mqtt_quic_core::tls::{SelfSigned, ServerTls};
+    let cert = SelfSigned::generate(&["localhost"]).unwrap();
+    let mut config = BrokerConfig::new(ServerConfig::new(ServerTls::from_self_signed(&cert).unwrap()));
+    config.max_queued_bytes = 4096;
+    let mut broker = Broker::new(config).unwrap();
+    let p = Pipes::new(0, POLICY);
+    let now = p.now;
+    let id = broker.handle_stream_open_ws(now, None);
+    let mut ws = WsConn::client("broker.test", "/mqtt", 9);
+    broker.handle_stream_data(now, id, &ws.poll_output().unwrap());
+    let ping = {
+        let mut frame = vec![0x89, 0x80 | 125, 0, 0, 0, 0];
+        frame.extend_from_slice(&[b'p'; 125]);
+        frame
+    };
+    let mut queued = 0;
+    for _ in 0..10_000 {
+        broker.handle_stream_data(now, id, &ping);
+        // Nothing is reported written: the client reads nothing.
+        while let Some((_, out)) = broker.poll_stream() {
+            if let StreamOutput::Data(bytes) = out {
+                queued += bytes.len();
+            }
+        }
+    }
+    assert!(queued <= 4096 + 127 + 200, "{queued} bytes queued for a client that reads nothing");
+}
+
+/// Found in review: a `ws://` client whose server accepts TCP and never answers the upgrade
+/// waited for ever (CONNECT, and so its timeout, waits for the upgrade). The upgrade gets the
+/// session's connect timeout.
+#[test]
+fn a_client_gives_up_on_an_upgrade_that_is_never_answered() {
+    use mqtt_quic_core::client::{ClientMachine, ClientUrlsConfig, StreamCommand};
+    let config = ClientUrlsConfig {
+        urls: vec!["ws://broker.test/mqtt".parse().unwrap()],
+        quic: None,
+        session: ClientSessionConfig { client_id: "c".into(), ..Default::default() },
+        server_name: None,
+        reconnect: None,
+        fallback: Default::default(),
+        seed: 1,
+        resolve_literals: false,
+    };
+    let mut client = ClientMachine::with_urls(config).unwrap();
+    let mut now = Pipes::new(0, POLICY).now;
+    client.start(now).unwrap();
+    assert!(matches!(client.poll_stream(), Some(StreamCommand::Open(Some(_)))));
+    client.handle_stream_open(now);
+    assert!(matches!(client.poll_stream(), Some(StreamCommand::Data(_))), "the upgrade request");
+    let mut closed = false;
+    for _ in 0..200 {
+        now += Duration::from_millis(100);
+        client.handle_timeout(now);
+        while let Some(command) = client.poll_stream() {
+            closed |= matches!(command, StreamCommand::Close);
+        }
+    }
+    assert!(closed, "the connection was closed");
+    let why = client.last_failure().unwrap_or_default();
+    assert!(why.contains("WebSocket upgrade"), "{why}");
+}

@@ -329,7 +329,8 @@ impl Broker {
     fn dial_tls(&self, i: usize, url: &BrokerUrl) -> Result<DialTls, String> {
         let config = self.bridges[i].bridge.config();
         let trust = config.tls.as_ref().ok_or("no TLS trust configured")?;
-        let rustls = trust.rustls_config(false).map_err(|e| e.to_string())?;
+        let mut rustls = trust.rustls_config(false).map_err(|e| e.to_string())?;
+        rustls.alpn_protocols = vec![url.transport.alpn().to_vec()];
         let server_name =
             crate::driver::tls_server_name(config.server_name.as_deref(), url).map_err(|e| e.to_string())?;
         Ok(DialTls { config: Arc::new(rustls), server_name })

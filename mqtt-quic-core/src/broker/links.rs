@@ -112,33 +112,43 @@ impl Links {
 
     /// Bytes read from a WebSocket stream: `None` if the stream is not one; otherwise the MQTT
     /// bytes they carried are appended to `mqtt`, and what the WebSocket layer answers (its
-    /// handshake, Pongs, a closing frame) is queued for the adapter. `Some(Err)`: the
-    /// WebSocket connection is over (a refused upgrade, a broken frame, the peer's close),
-    /// and the caller ends it.
-    pub(super) fn websocket_in(&mut self, id: StreamId, data: &[u8], mqtt: &mut Vec<u8>) -> Option<Result<(), String>> {
+    /// handshake, Pongs, a closing frame) is queued for the adapter, counted and watched like
+    /// any output. `Some(Err)`: the WebSocket connection is over (a refused upgrade, a broken
+    /// frame, the peer's close, or a client that sends Pings and reads none of the Pongs: over
+    /// four times its backlog limit), and the caller ends it.
+    pub(super) fn websocket_in(
+        &mut self,
+        now: Instant,
+        id: StreamId,
+        data: &[u8],
+        mqtt: &mut Vec<u8>,
+    ) -> Option<Result<(), String>> {
         let ws = self.websockets.get_mut(&id)?;
+        // A client that does not read gets no more Pongs (RFC 6455 allows answering only the
+        // latest Ping): what waits for it stays bounded.
+        ws.set_answer_pings(self.backlog.get(&id).map_or(0, |b| b.0) <= self.max_queued_bytes);
         let result = ws.receive(data, mqtt).map_err(|e: WsError| e.to_string());
         let result = match (result, ws.is_closed()) {
             (Ok(()), true) => Err("the client closed the WebSocket".to_string()),
             (result, _) => result,
         };
-        self.flush_websocket(id);
+        if self.flush_websocket(now, id) {
+            return Some(Err("slow consumer: it does not read what is sent to it".to_string()));
+        }
         Some(result)
     }
 
     /// Queues what a stream's WebSocket layer has to write, counted in the stream's backlog
-    /// like everything else the adapter reports written.
-    fn flush_websocket(&mut self, id: StreamId) {
-        let Some(ws) = self.websockets.get_mut(&id) else { return };
+    /// like everything else the adapter reports written (and watched by the write timeout).
+    /// Returns whether the stream has fallen too far behind (see [`Links::send`]).
+    fn flush_websocket(&mut self, now: Instant, id: StreamId) -> bool {
+        let Some(ws) = self.websockets.get_mut(&id) else { return false };
         let mut extra = 0;
         while let Some(bytes) = ws.poll_output() {
             extra += bytes.len();
             self.out.push_back((id, StreamOutput::Data(bytes)));
         }
-        if extra > 0 {
-            self.backlog.entry(id).or_default().0 += extra;
-            self.backlog_total += extra;
-        }
+        extra > 0 && self.queued(now, Peer::Stream(id), extra)
     }
 
     /// Numbers a stream the broker carries itself (see `internal`).
@@ -195,11 +205,26 @@ impl Links {
                     Some(ws) => ws.frame(&bytes),
                     None => bytes,
                 };
-                self.backlog.entry(id).or_default().0 += bytes.len();
-                self.backlog_total += bytes.len();
+                let n = bytes.len();
                 self.push_stream(id, StreamOutput::Data(bytes));
+                return self.queued(now, peer, n);
             }
         }
+        self.watch(now, peer)
+    }
+
+    /// `n` more bytes wait for a byte stream: counted in its backlog, and watched.
+    fn queued(&mut self, now: Instant, peer: Peer, n: usize) -> bool {
+        if let Peer::Stream(id) = peer {
+            self.backlog.entry(id).or_default().0 += n;
+            self.backlog_total += n;
+        }
+        self.watch(now, peer)
+    }
+
+    /// Whether a connection has fallen so far behind (four times its backlog limit) that it
+    /// must be dropped; otherwise, if bytes now wait, the write timeout starts counting for it.
+    fn watch(&mut self, now: Instant, peer: Peer) -> bool {
         if self.backlog(peer) > self.max_queued_bytes.saturating_mul(4) {
             return true;
         }
@@ -223,7 +248,8 @@ impl Links {
                 // A WebSocket says goodbye with a closing frame first.
                 if let Some(ws) = self.websockets.get_mut(&id) {
                     ws.close();
-                    self.flush_websocket(id);
+                    // (The connection ends now whatever its backlog.)
+                    let _ = self.flush_websocket(now, id);
                 }
                 self.forget_stream(id);
                 self.push_stream(id, StreamOutput::Close);

@@ -254,13 +254,16 @@ impl Broker {
             self.pump(now);
         } else if self.conns.contains_key(&Peer::Stream(id)) {
             let mut mqtt = std::mem::take(&mut self.ws_buf);
-            match self.links.websocket_in(id, data, &mut mqtt) {
+            match self.links.websocket_in(now, id, data, &mut mqtt) {
                 None => self.received(now, Peer::Stream(id), data),
                 Some(result) => {
                     if !mqtt.is_empty() {
                         self.received(now, Peer::Stream(id), &mqtt);
                     }
                     if let Err(why) = result {
+                        // The session's answers to what came before the end go out first,
+                        // framed, before the closing frame.
+                        self.pump(now);
                         self.websocket_over(now, id, why);
                     }
                 }

@@ -158,10 +158,12 @@ impl ClientOptions {
         ClientMachine::over_stream(self.session.clone(), self.reconnect, seed_of(&secret))
     }
 
-    /// For `mqtts://` URLs: the rustls configuration to wrap TCP streams in (name each
-    /// connection with [`tls_server_name`]).
-    pub fn stream_tls_config(&self) -> Result<rustls::ClientConfig, ConfigError> {
-        Ok(self.tls.as_ref().ok_or_else(no_trust)?.rustls_config(false)?)
+    /// For `mqtts://` and `wss://` URLs: the rustls configuration to wrap TCP streams in
+    /// (name each connection with [`tls_server_name`]), offering `transport`'s ALPN protocol.
+    pub fn stream_tls_config(&self, transport: Transport) -> Result<rustls::ClientConfig, ConfigError> {
+        let mut config = self.tls.as_ref().ok_or_else(no_trust)?.rustls_config(false)?;
+        config.alpn_protocols = vec![transport.alpn().to_vec()];
+        Ok(config)
     }
 }
 

@@ -549,6 +549,12 @@ impl ClientSession {
         }
     }
 
+    /// How long CONNACK may take (the session's configuration); a client machine gives a
+    /// WebSocket upgrade as long.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.config.connect_timeout
+    }
+
     /// Whether CONNACK accepted the current connection.
     pub fn is_connected(&self) -> bool {
         self.state == State::Connected

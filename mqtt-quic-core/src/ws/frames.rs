@@ -45,11 +45,13 @@ pub(crate) struct Deframer {
     reading: Reading,
     /// A fragmented binary message is open: continuation frames belong to it.
     in_message: bool,
+    /// The peer's closing frame came: nothing after it is read.
+    closed: bool,
 }
 
 impl Deframer {
     pub(crate) fn new(masked: bool) -> Deframer {
-        Deframer { masked, reading: Reading::Header { buf: [0; MAX_HEADER], len: 0 }, in_message: false }
+        Deframer { masked, reading: Reading::Header { buf: [0; MAX_HEADER], len: 0 }, in_message: false, closed: false }
     }
 
     /// Takes bytes from the peer: the payload of data frames is appended to `payload`, control
@@ -61,7 +63,7 @@ impl Deframer {
         payload: &mut Vec<u8>,
         control: &mut Vec<ControlIn>,
     ) -> Result<(), WsError> {
-        while !data.is_empty() {
+        while !data.is_empty() && !self.closed {
             match &mut self.reading {
                 Reading::Header { buf, len } => {
                     let take = (MAX_HEADER - *len).min(data.len());
@@ -109,8 +111,16 @@ impl Deframer {
                         match op {
                             Control::Ping => control.push(ControlIn::Ping(body)),
                             Control::Close => {
+                                // A body is a 2-byte status and a reason; 1 byte is neither.
+                                if body.len() == 1 {
+                                    return Err(WsError::Frame("a closing frame with a 1-byte body".into()));
+                                }
                                 let code = (body.len() >= 2).then(|| u16::from_be_bytes([body[0], body[1]]));
                                 control.push(ControlIn::Close(code));
+                                // Nothing after the peer's closing frame counts (§5.5.1).
+                                self.closed = true;
+                                self.reading = Reading::Header { buf: [0; MAX_HEADER], len: 0 };
+                                return Ok(());
                             }
                             // Pongs answer nothing we asked: ignored, as §5.5.3 allows.
                             _ => {}
@@ -153,7 +163,10 @@ impl Deframer {
                 if length == 0 {
                     match op {
                         Control::Ping => control.push(ControlIn::Ping(Vec::new())),
-                        Control::Close => control.push(ControlIn::Close(None)),
+                        Control::Close => {
+                            control.push(ControlIn::Close(None));
+                            self.closed = true;
+                        }
                         _ => {}
                     }
                     return Ok(NEXT);

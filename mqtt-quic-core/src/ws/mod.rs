@@ -38,7 +38,6 @@ mod handshake;
 
 pub use handshake::MAX_HTTP;
 
-use crate::rng::SplitMix64;
 use bytes::Bytes;
 use frames::{ControlIn, Deframer};
 use std::collections::VecDeque;
@@ -79,8 +78,41 @@ mod status {
 enum Role {
     /// Serves MQTT on this path.
     Server { path: String },
-    /// Sent this key; masks its frames with this generator's bytes.
-    Client { key: String, masks: SplitMix64 },
+    /// Sent this key; masks its frames with these bytes.
+    Client { key: String, masks: MaskStream },
+}
+
+/// A client's key and frame masks: SHA-256 of the seed and a counter, so that neither the
+/// masks nor the key sent in clear tell anything about the seed (which also drives other
+/// choices of the client machine), nor the next mask.
+#[derive(Debug)]
+struct MaskStream {
+    seed: u64,
+    counter: u64,
+    block: [u8; 32],
+    used: usize,
+}
+
+impl MaskStream {
+    fn new(seed: u64) -> MaskStream {
+        MaskStream { seed, counter: 0, block: [0; 32], used: 32 }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for byte in out {
+            if self.used == self.block.len() {
+                let mut input = [0u8; 24];
+                input[..8].copy_from_slice(b"mqtt-ws\0");
+                input[8..16].copy_from_slice(&self.seed.to_le_bytes());
+                input[16..].copy_from_slice(&self.counter.to_le_bytes());
+                self.counter += 1;
+                self.block.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &input).as_ref());
+                self.used = 0;
+            }
+            *byte = self.block[self.used];
+            self.used += 1;
+        }
+    }
 }
 
 /// Where the connection is.
@@ -105,6 +137,8 @@ pub struct WsConn {
     /// Bytes to write besides framed MQTT, in order, before any frame made after them.
     out: VecDeque<Bytes>,
     control: Vec<ControlIn>,
+    /// Whether Pings get Pongs (see [`WsConn::set_answer_pings`]).
+    answer_pings: bool,
 }
 
 impl WsConn {
@@ -118,10 +152,9 @@ impl WsConn {
     /// `path`: its upgrade request is the first output. `seed` draws the key and the frame
     /// masks (from the OS random source in adapters, fixed in simulations).
     pub fn client(authority: &str, path: &str, seed: u64) -> WsConn {
-        let mut masks = SplitMix64::new(seed);
+        let mut masks = MaskStream::new(seed);
         let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&masks.next_u64().to_le_bytes());
-        key[8..].copy_from_slice(&masks.next_u64().to_le_bytes());
+        masks.fill(&mut key);
         let key = data_encoding::BASE64.encode(&key);
         let path = if path.is_empty() { DEFAULT_PATH } else { path };
         let request = handshake::request(authority, path, &key);
@@ -139,7 +172,16 @@ impl WsConn {
             deframer: Deframer::new(masked),
             out: VecDeque::new(),
             control: Vec::new(),
+            answer_pings: true,
         }
+    }
+
+    /// Whether Pings are answered (yes by default). The broker turns it off while a client
+    /// does not read what is sent to it, so that a Ping flood cannot pile up Pongs; RFC 6455
+    /// §5.5.3 allows answering only the latest Ping of several, which is what happens anyway
+    /// to the Pings of one read.
+    pub fn set_answer_pings(&mut self, answer: bool) {
+        self.answer_pings = answer;
     }
 
     /// Takes bytes read from the connection; the MQTT bytes they carry are appended to `mqtt`.
@@ -170,6 +212,15 @@ impl WsConn {
                 let before = self.http.len();
                 let take = data.len().min(MAX_HTTP + 1 - before.min(MAX_HTTP));
                 self.http.extend_from_slice(&data[..take]);
+                // Parse the first read (garbage is refused at once), then only once the headers
+                // can have ended (a blank line among the new bytes and the three before them)
+                // or the limit is passed: a request sent a byte at a time is not parsed again
+                // for every byte.
+                let tail = &self.http[before.saturating_sub(3)..];
+                let ended = tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
+                if before > 0 && !ended && self.http.len() <= MAX_HTTP {
+                    return Ok(());
+                }
                 let used = match &self.role {
                     Role::Server { path } => match handshake::accept(&self.http, path) {
                         Ok(None) => return Ok(()),
@@ -193,21 +244,29 @@ impl WsConn {
                 self.http = Vec::new();
             }
         }
-        self.deframer.feed(data, mqtt, &mut self.control)?;
+        let fed = self.deframer.feed(data, mqtt, &mut self.control);
+        // One Pong for the latest Ping of this read (RFC 6455 §5.5.3 allows it), then the
+        // answer to a closing frame.
+        let mut ping = None;
+        let mut close = None;
         for control in std::mem::take(&mut self.control) {
             match control {
-                ControlIn::Ping(body) => {
-                    let mask = self.mask();
-                    self.out.push_back(frames::pong(&body, mask));
-                }
-                ControlIn::Close(code) => {
-                    // Echo the peer's status (§5.5.1), then nothing more flows.
-                    let mask = self.mask();
-                    self.out.push_back(frames::close(code.unwrap_or(status::NORMAL), mask));
-                    self.state = State::Closed;
-                    break;
-                }
+                ControlIn::Ping(body) => ping = Some(body),
+                ControlIn::Close(code) => close = Some(code),
             }
+        }
+        if let (Some(body), true) = (ping, self.answer_pings) {
+            let mask = self.mask();
+            self.out.push_back(frames::pong(&body, mask));
+        }
+        fed?;
+        if let Some(code) = close {
+            // Echo the peer's status when it is one that may be sent (§7.4), else Normal;
+            // then nothing more flows.
+            let code = code.filter(|c| matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)).unwrap_or(status::NORMAL);
+            let mask = self.mask();
+            self.out.push_back(frames::close(code, mask));
+            self.state = State::Closed;
         }
         Ok(())
     }
@@ -248,7 +307,11 @@ impl WsConn {
     /// A client's next frame mask; a server sends unmasked frames.
     fn mask(&mut self) -> Option<[u8; 4]> {
         match &mut self.role {
-            Role::Client { masks, .. } => Some((masks.next_u64() as u32).to_le_bytes()),
+            Role::Client { masks, .. } => {
+                let mut mask = [0u8; 4];
+                masks.fill(&mut mask);
+                Some(mask)
+            }
             Role::Server { .. } => None,
         }
     }

@@ -169,3 +169,51 @@ fn a_client_reports_a_refused_upgrade() {
     let (_, mut client) = pair();
     assert!(client.receive(&frames::binary(b"x", Some([1, 1, 1, 1])), &mut Vec::new()).is_err());
 }
+
+/// Found in review: a Ping flood from a client that reads nothing piled up Pongs. One read's
+/// Pings get one Pong (the latest), and none while the broker says the client is behind.
+#[test]
+fn pings_of_one_read_get_one_pong_and_none_while_the_client_is_behind() {
+    let (mut server, _) = pair();
+    let ping = |body: &[u8]| frames::frame(OpCode::Control(Control::Ping), body, Some([1, 2, 3, 4]));
+    let mut wire = ping(b"a").to_vec();
+    wire.extend_from_slice(&ping(b"b"));
+    wire.extend_from_slice(&ping(b"c"));
+    server.receive(&wire, &mut Vec::new()).unwrap();
+    assert_eq!(all_output(&mut server), [0x8A, 0x01, b'c']);
+    server.set_answer_pings(false);
+    server.receive(&ping(b"d"), &mut Vec::new()).unwrap();
+    assert!(server.poll_output().is_none());
+    assert!(server.is_open());
+}
+
+/// Nothing after the peer's closing frame reaches MQTT; a status that may not be sent back
+/// (1005, 1006, 1015, below 1000) is answered with Normal; a 1-byte closing body is an error.
+#[test]
+fn a_closing_frame_ends_the_input_and_only_valid_statuses_are_echoed() {
+    let (mut server, mut client) = pair();
+    let mut wire = frames::close(1006, Some([7, 7, 7, 7])).to_vec();
+    wire.extend_from_slice(&client.frame(&[0xC0, 0x00]));
+    let mut mqtt = Vec::new();
+    server.receive(&wire, &mut mqtt).unwrap();
+    assert!(mqtt.is_empty() && server.is_closed());
+    assert_eq!(all_output(&mut server), [0x88, 0x02, 0x03, 0xE8]);
+    let (mut server, _) = pair();
+    server.receive(&frames::close(4001, Some([0, 0, 0, 0])), &mut Vec::new()).unwrap();
+    assert_eq!(all_output(&mut server), [0x88, 0x02, 0x0F, 0xA1]);
+    let (mut server, _) = pair();
+    let one_byte = frames::frame(OpCode::Control(Control::Close), &[3], Some([0, 0, 0, 0]));
+    assert!(matches!(server.receive(&one_byte, &mut Vec::new()), Err(WsError::Frame(_))));
+}
+
+/// The key and masks come from SHA-256 of the seed: two seeds give unrelated keys, one seed
+/// the same ones (simulations replay).
+#[test]
+fn client_keys_and_masks_follow_the_seed_only() {
+    let request = |seed| WsConn::client("b", "/mqtt", seed).poll_output().unwrap();
+    assert_eq!(request(1), request(1));
+    assert_ne!(request(1), request(2));
+    let mut a = WsConn::client("b", "/mqtt", 1);
+    let (f1, f2) = (a.frame(b"x"), a.frame(b"x"));
+    assert_ne!(f1[2..6], f2[2..6], "each frame its own mask");
+}
