@@ -20,7 +20,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::client::{MioClient, RequestToken, StreamHandle};
+use crate::client::{MioClient, OwnConnection, RequestToken, StreamHandle};
 use crate::now;
 use mio::{Events, Poll, Token};
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
@@ -61,25 +61,23 @@ impl Client {
         Client::connected(poll, inner)
     }
 
-    /// Connects over a connection the application opens itself, as a reader and a writer
-    /// (`Read` and `Write`: a Unix socket, a serial line, a pipe to a tunnel), opened again on
-    /// each reconnect; see [`MioClient::connect_with`].
+    /// Connects over a connection the application opens itself (`Read + Write`: a Unix
+    /// socket, a serial line, a tunnel; see [`OwnConnection`]), opened again on each
+    /// reconnect; see [`MioClient::connect_with`].
     ///
     /// ```no_run
     /// use adapter_mio::blocking::Client;
     /// use mqtt_quic_core::driver::ClientOptions;
     /// use std::os::unix::net::UnixStream;
     /// let client = Client::connect_with("unix:/run/mqtt.sock", ClientOptions::new(), || {
-    ///     let s = UnixStream::connect("/run/mqtt.sock")?;
-    ///     Ok((s.try_clone()?, s))
+    ///     UnixStream::connect("/run/mqtt.sock")
     /// })?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn connect_with<F, R, W>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
+    pub fn connect_with<F, C>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
     where
-        F: Fn() -> std::io::Result<(R, W)> + Send + 'static,
-        R: std::io::Read + Send + 'static,
-        W: std::io::Write + Send + 'static,
+        F: Fn() -> std::io::Result<C> + Send + 'static,
+        C: OwnConnection,
     {
         let poll = Poll::new()?;
         let inner = MioClient::connect_with(name, options, poll.registry(), Token(0), connect)?;

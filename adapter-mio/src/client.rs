@@ -19,6 +19,7 @@ pub use crate::threaded::{Client, ClientStream, Messages, StateChanges};
 use mqtt_quic_core::url::BrokerUrl;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Identifies a command in [`MioClient::poll_completion`].
@@ -37,24 +38,71 @@ struct Io {
     own: Option<OwnConnector>,
 }
 
-/// The application's connector: a reader and a writer for each connection.
-type OwnConnector = Box<dyn Fn() -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> + Send>;
+/// A blocking connection the application opens for the mio clients
+/// ([`MioClient::connect_with`]): read on one thread while written on another, and shut down
+/// to end it (which also ends a read blocked on it). Implemented for TCP and Unix sockets;
+/// implement it for a connection of your own (a serial line, a tunnel).
+pub trait OwnConnection: Read + Write + Send + Sync + 'static {
+    /// Another handle on the same connection.
+    fn try_clone(&self) -> std::io::Result<Self>
+    where
+        Self: Sized;
+    /// Ends the connection both ways.
+    fn shutdown(&self) -> std::io::Result<()>;
+}
+
+impl OwnConnection for std::net::TcpStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::net::TcpStream::try_clone(self)
+    }
+    fn shutdown(&self) -> std::io::Result<()> {
+        std::net::TcpStream::shutdown(self, std::net::Shutdown::Both)
+    }
+}
+
+impl OwnConnection for std::os::unix::net::UnixStream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        std::os::unix::net::UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::shutdown(self, std::net::Shutdown::Both)
+    }
+}
+
+/// One opened connection of the application's: a reader, a writer, and its shutdown.
+struct Piped {
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    shutdown: Arc<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// The application's connector.
+type OwnConnector = Box<dyn Fn() -> std::io::Result<Piped> + Send>;
 
 /// Opens the application's connection and joins it to one end of a socket pair, which the
 /// loop polls like a TCP stream: one thread copies what the connection reads into the pair,
 /// another what the loop writes into the connection (flushing each piece, so a buffered
-/// writer holds nothing back).
+/// writer holds nothing back). Whichever side ends first shuts the connection down, so the
+/// other thread ends too (a read blocked on the connection returns).
 fn open_piped(connect: &OwnConnector) -> std::io::Result<Stream> {
-    let (mut reader, mut writer) = connect()?;
+    let Piped { mut reader, mut writer, shutdown } = connect()?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut into_pair = theirs.try_clone()?;
     let mut from_pair = theirs;
-    std::thread::Builder::new().name("mqtt-conn-in".into()).spawn(move || {
+    let shutdown_in = shutdown.clone();
+    let spawned = std::thread::Builder::new().name("mqtt-conn-in".into()).spawn(move || {
         let _ = std::io::copy(&mut reader, &mut into_pair);
-        // The loop sees the end of the stream.
+        // The loop sees the end of the stream; the writing thread's read of the pair ends
+        // once the loop drops its end.
         let _ = into_pair.shutdown(std::net::Shutdown::Write);
-    })?;
-    std::thread::Builder::new().name("mqtt-conn-out".into()).spawn(move || {
+        shutdown_in();
+    });
+    if let Err(e) = spawned {
+        shutdown();
+        return Err(e);
+    }
+    let shutdown_out = shutdown.clone();
+    let spawned = std::thread::Builder::new().name("mqtt-conn-out".into()).spawn(move || {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match from_pair.read(&mut buf) {
@@ -66,8 +114,15 @@ fn open_piped(connect: &OwnConnector) -> std::io::Result<Stream> {
                 }
             }
         }
-        // Dropping the writer closes the application's side of it.
-    })?;
+        // The loop closed its end (or the connection failed): end the connection, which
+        // also ends the reading thread.
+        shutdown_out();
+    });
+    if let Err(e) = spawned {
+        // The reading thread ends with the connection.
+        shutdown();
+        return Err(e);
+    }
     ours.set_nonblocking(true)?;
     Ok(Stream::Piped(mio::net::UnixStream::from_std(ours)))
 }
@@ -149,23 +204,21 @@ impl MioClient {
 
     /// Starts connecting over a connection the application opens itself: `connect` is called
     /// (on the loop's thread, blocking it while it runs) for the first connection and again on
-    /// each reconnect, and gives the connection as a reader and a writer (for a socket:
-    /// `Ok((s.try_clone()?, s))`). Two threads of the client's own move bytes between them and
-    /// one end of a socket pair that the loop polls; they end when the connection does (the
-    /// reader's when it reads the end of the stream). `name` is how errors name the broker.
+    /// each reconnect, and gives a blocking [`OwnConnection`] (a Unix socket, a TCP stream of
+    /// its own making, a serial line). Two threads of the client's own move bytes between it
+    /// and one end of a socket pair that the loop polls; when either side ends, the connection
+    /// is shut down, which ends both threads. `name` is how errors name the broker.
     ///
     /// ```no_run
     /// use adapter_mio::client::MioClient;
     /// use mqtt_quic_core::driver::ClientOptions;
     /// use std::os::unix::net::UnixStream;
     /// let poll = mio::Poll::new()?;
-    /// let client = MioClient::connect_with("unix:/run/mqtt.sock", ClientOptions::new(), poll.registry(), mio::Token(0), || {
-    ///     let s = UnixStream::connect("/run/mqtt.sock")?;
-    ///     Ok((s.try_clone()?, s))
-    /// })?;
+    /// let connect = || UnixStream::connect("/run/mqtt.sock");
+    /// let client = MioClient::connect_with("unix:/run/mqtt.sock", ClientOptions::new(), poll.registry(), mio::Token(0), connect)?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn connect_with<F, R, W>(
+    pub fn connect_with<F, C>(
         name: &str,
         options: ClientOptions,
         registry: &Registry,
@@ -173,12 +226,17 @@ impl MioClient {
         connect: F,
     ) -> Result<MioClient, ClientError>
     where
-        F: Fn() -> std::io::Result<(R, W)> + Send + 'static,
-        R: Read + Send + 'static,
-        W: Write + Send + 'static,
+        F: Fn() -> std::io::Result<C> + Send + 'static,
+        C: OwnConnection,
     {
         let machine = options.stream_machine(os_secret())?;
-        let own: OwnConnector = Box::new(move || connect().map(|(r, w)| (Box::new(r) as _, Box::new(w) as _)));
+        let own: OwnConnector = Box::new(move || {
+            let conn = connect()?;
+            let reader = conn.try_clone()?;
+            let closer = conn.try_clone()?;
+            let shutdown: Box<dyn Fn() + Send + Sync> = Box::new(move || drop(closer.shutdown()));
+            Ok(Piped { reader: Box::new(reader), writer: Box::new(conn), shutdown: Arc::new(shutdown) })
+        });
         MioClient::start(machine, Some(own), options, name.to_string(), registry, token)
     }
 

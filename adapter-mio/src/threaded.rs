@@ -19,7 +19,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::client::{MioClient, RequestToken, StreamHandle};
+use crate::client::{MioClient, OwnConnection, RequestToken, StreamHandle};
 use mio::{Events, Poll, Token, Waker};
 use mqtt_proto::{Publish, QoS, ReasonCode, Subscription, TopicFilter};
 use mqtt_quic_core::driver::{ClientError, ClientOptions, ConnectionState, MessageBacklog, Outcome};
@@ -182,13 +182,12 @@ impl Client {
         Client::spawn(poll, waker, inner)
     }
 
-    /// Connects over a connection the application opens itself, as a reader and a writer
-    /// (`Read` and `Write`), opened again on each reconnect; see [`MioClient::connect_with`].
-    pub fn connect_with<F, R, W>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
+    /// Connects over a connection the application opens itself (`Read + Write`; see
+    /// [`OwnConnection`]), opened again on each reconnect; see [`MioClient::connect_with`].
+    pub fn connect_with<F, C>(name: &str, options: ClientOptions, connect: F) -> Result<Client, ClientError>
     where
-        F: Fn() -> std::io::Result<(R, W)> + Send + 'static,
-        R: std::io::Read + Send + 'static,
-        W: std::io::Write + Send + 'static,
+        F: Fn() -> std::io::Result<C> + Send + 'static,
+        C: OwnConnection,
     {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);

@@ -107,6 +107,9 @@ pub enum UrlError {
     /// A path on a URL whose transport has none (only `ws://` and `wss://` do).
     #[error("`{0}`: only ws:// and wss:// URLs have a path")]
     Path(String),
+    /// A WebSocket path with spaces or control characters, which cannot go in a request.
+    #[error("`{0}`: a WebSocket path may not hold spaces or control characters")]
+    BadPath(String),
 }
 
 /// A broker to connect to.
@@ -118,9 +121,9 @@ pub struct BrokerUrl {
     pub host: String,
     /// Port.
     pub port: u16,
-    /// The HTTP path of a WebSocket URL (with its leading `/`); empty for the other
-    /// transports, and for a WebSocket URL without one, which asks for
-    /// [`crate::ws::DEFAULT_PATH`].
+    /// The HTTP path of a WebSocket URL (with its leading `/`, as written: `ws://h/` asks for
+    /// `/`); empty for the other transports, and for a WebSocket URL without one, which asks
+    /// for [`crate::ws::DEFAULT_PATH`].
     pub path: String,
 }
 
@@ -167,7 +170,10 @@ impl FromStr for BrokerUrl {
             None => (rest, ""),
         };
         let path = match (transport.is_websocket(), path) {
-            (_, "" | "/") => String::new(),
+            (_, "") | (false, "/") => String::new(),
+            (true, p) if p.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err(UrlError::BadPath(s.to_string()))
+            }
             (true, p) => p.to_string(),
             (false, _) => return Err(UrlError::Path(s.to_string())),
         };
@@ -228,6 +234,9 @@ mod tests {
         assert_eq!(u.to_string(), "ws://[::1]:9001/ws/mqtt");
         let u: BrokerUrl = "wss://broker.example".parse().unwrap();
         assert_eq!((u.port, u.websocket_path(), u.transport.is_tls()), (8084, "/mqtt", true));
-        assert_eq!("ws://h/".parse::<BrokerUrl>().unwrap().port, 8083);
+        let root: BrokerUrl = "ws://h/".parse().unwrap();
+        assert_eq!((root.port, root.websocket_path()), (8083, "/"), "an explicit / is asked for as given");
+        assert!(matches!("ws://h/a b".parse::<BrokerUrl>(), Err(UrlError::BadPath(_))));
+        assert!(matches!("ws://h/a\r\nX: y".parse::<BrokerUrl>(), Err(UrlError::BadPath(_))));
     }
 }

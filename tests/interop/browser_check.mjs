@@ -1,7 +1,7 @@
 // Interop check: MQTT.js in a real headless Chromium page (Debian's chromium, driven by
 // playwright-core) against a broker's ws:// listener.
 //
-// Usage: node browser_check.mjs WS-URL RUN SCREENSHOT.png
+// Usage: node browser_check.mjs WS-URL RUN SCREENSHOT.png   (WS-URL: ws:// or wss://)
 //
 // Serves browser_page.html and MQTT.js's browser bundle on a loopback port, opens the page,
 // which subscribes to browser/RUN/in and publishes "hello from chromium" on browser/RUN/out.
@@ -37,9 +37,10 @@ const origin = `http://127.0.0.1:${server.address().port}`;
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
   headless: true,
-  // As root (CI), Chromium needs --no-sandbox; the rest keeps it off the (closed) network.
+  // As root (CI), Chromium needs --no-sandbox; the broker's certificate is self-signed (for
+  // wss://); the rest keeps Chromium off the (closed) network.
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
+    '--disable-component-update', '--disable-sync', '--ignore-certificate-errors'],
 });
 try {
   const tab = await browser.newPage();

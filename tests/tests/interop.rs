@@ -462,17 +462,24 @@ fn mqttjs_over_websocket_against_our_broker() {
     }
 }
 
-/// MQTT.js in a real browser: a headless Chromium page connects over ws://, subscribes, and
-/// says hello; our client, over QUIC, receives it and answers, and the page lists the answer
-/// in its DOM (checked, and a screenshot taken, by `browser_check.mjs`).
+/// MQTT.js in a real browser: a headless Chromium page connects over ws:// and then wss://
+/// (TLS with ALPN http/1.1, as browsers offer), subscribes, and says hello; our client, over
+/// QUIC, receives it and answers, and the page lists the answer in its DOM (checked, and a
+/// screenshot taken, by `browser_check.mjs`).
 #[test]
 fn mqttjs_in_chromium_against_our_broker() {
+    let broker = OurBroker::start();
+    let (ws, wss) = broker.ws_ports();
+    browser_round_trip(&broker, &format!("ws://127.0.0.1:{ws}/mqtt"), "ws");
+    browser_round_trip(&broker, &format!("wss://localhost:{wss}/mqtt"), "wss");
+}
+
+/// One page in Chromium against `url`, answered by our client over QUIC.
+fn browser_round_trip(broker: &OurBroker, url: &str, tag: &str) {
     let node = require_node_modules();
     let chromium = require("chromium", "chromium");
-    let broker = OurBroker::start();
-    let (ws, _) = broker.ws_ports();
-    let run = format!("r{}", std::process::id());
-    let screenshot = scratch().join("browser.png");
+    let run = format!("r{}{tag}", std::process::id());
+    let screenshot = scratch().join(format!("browser-{tag}.png"));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let tls = ClientTls::with_ca_pem(cert().cert_pem.as_bytes()).expect("CA");
     let quic = format!("quic://127.0.0.1:{}", broker.quic_port());
@@ -484,7 +491,7 @@ fn mqttjs_in_chromium_against_our_broker() {
     runtime.block_on(ours.subscribe(out, QoS::AtLeastOnce)).expect("subscribe");
 
     let mut command = Command::new(&node);
-    command.arg(interop_dir().join("browser_check.mjs")).args([&format!("ws://127.0.0.1:{ws}/mqtt"), &run]);
+    command.arg(interop_dir().join("browser_check.mjs")).args([url, &run]);
     command.arg(&screenshot).env("CHROMIUM", &chromium);
     let page = Peer::spawn("browser_check.mjs", &mut command);
     let hello = runtime

@@ -166,16 +166,14 @@ fn async_std_client_over_its_own_connection_reconnects_through_it() {
     runtime.block_on(server.shutdown());
 }
 
-/// The mio clients take the connection as a reader and a writer (`Read + Write`).
+/// The mio clients take a blocking `Read + Write` connection (`OwnConnection`: it can be
+/// cloned and shut down).
 #[test]
 fn mio_clients_over_their_own_connection_reconnect_through_it() {
     let (runtime, server, tcp) = broker();
     let proxy = UnixProxy::start(tcp, "mio");
     let path = proxy.path.clone();
-    let connect = move || {
-        let s = UnixStream::connect(&path)?;
-        Ok((s.try_clone()?, s))
-    };
+    let connect = move || UnixStream::connect(&path);
     let client = adapter_mio::client::Client::connect_with("unix proxy", kept("own-mio"), connect.clone()).unwrap();
     let mut messages = client.messages().unwrap();
     client.subscribe(TopicFilter::new("own/mio").unwrap(), QoS::AtLeastOnce).unwrap();
@@ -203,4 +201,42 @@ fn mio_clients_over_their_own_connection_reconnect_through_it() {
     blocking.disconnect().unwrap();
     assert_eq!(proxy.accepted(), 3);
     runtime.block_on(server.shutdown());
+}
+
+/// The names of this process's threads that start with `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// Found in review: when the client gave up on a broker that never answered, the thread reading
+/// the application's connection stayed blocked for as long as the connection stayed open. Giving
+/// up now shuts the connection down, and both of its threads end.
+#[test]
+fn a_mio_client_that_gives_up_leaves_no_thread_behind() {
+    let path = std::env::temp_dir().join(format!("mqtt-own-{}-silent.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    // Accepts and holds connections, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let mut options = ClientOptions::new();
+    options.session.connect_timeout = Duration::from_millis(500);
+    options.reconnect = None;
+    let target = path.clone();
+    let result = adapter_mio::blocking::Client::connect_with("silent", options, move || UnixStream::connect(&target));
+    assert!(result.is_err(), "nobody answered");
+    let deadline = std::time::Instant::now() + WAIT;
+    while threads_named("mqtt-conn-") > 0 {
+        assert!(std::time::Instant::now() < deadline, "the connection's threads ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&path);
 }

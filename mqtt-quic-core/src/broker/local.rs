@@ -93,10 +93,12 @@ impl Broker {
         LocalSubscription(key)
     }
 
-    /// Ends an in-process subscription; what waited for it is dropped.
+    /// Ends an in-process subscription; what waited for it is dropped, including its messages
+    /// not yet polled from [`Broker::poll_event`].
     pub fn unsubscribe_local(&mut self, subscription: LocalSubscription) {
         self.router.remove_session(subscription.0);
         self.local_windows.remove(&subscription.0);
+        self.events.retain(|e| !matches!(e, BrokerEvent::Message { subscription: s, .. } if *s == subscription));
     }
 
     /// The application took `n` messages of a windowed subscription: as many waiting ones come
@@ -327,7 +329,13 @@ mod tests {
             b.publish_local(now, Publish::new(TopicName::new("u/1").unwrap(), format!("n{i}"))).unwrap();
         }
         assert_eq!(messages(&mut b).len(), 5);
+        // Found in review: messages of a subscription ended before they were polled stayed
+        // among the events (and piled up in the mio broker's queue for nobody).
+        for i in 0..3 {
+            b.publish_local(now, Publish::new(TopicName::new("u/1").unwrap(), format!("late{i}"))).unwrap();
+        }
         b.unsubscribe_local(all);
+        assert!(messages(&mut b).is_empty());
         b.unsubscribe_local(sub);
     }
 }
