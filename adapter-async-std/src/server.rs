@@ -104,7 +104,7 @@ pub struct LocalMessages {
 
 impl LocalMessages {
     /// The next message; `None` once the broker has stopped.
-    pub async fn recv(&self) -> Option<Publish> {
+    pub async fn recv(&mut self) -> Option<Publish> {
         let publish = self.rx.recv().await.ok()?;
         let _ = self.broker.try_send(LocalCommand::Taken(self.subscription, 1));
         Some(publish)
@@ -139,7 +139,7 @@ impl Server {
         qos: QoS,
         mut handler: impl FnMut(Publish) + Send + 'static,
     ) -> Result<(), ServerError> {
-        let messages = self.subscribe(filter, qos).await?;
+        let mut messages = self.subscribe(filter, qos).await?;
         async_std::task::spawn(async move {
             while let Some(m) = messages.recv().await {
                 handler(m);

@@ -77,14 +77,14 @@ pub struct LocalMessages {
 
 impl LocalMessages {
     /// The next message, waiting for it; `None` once the broker has stopped.
-    pub fn recv(&self) -> Option<Publish> {
+    pub fn recv(&mut self) -> Option<Publish> {
         let publish = self.rx.recv().ok()?;
         self.taken();
         Some(publish)
     }
 
     /// The next message, waiting at most `timeout`.
-    pub fn recv_timeout(&self, timeout: Duration) -> Option<Publish> {
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Publish> {
         let publish = self.rx.recv_timeout(timeout).ok()?;
         self.taken();
         Some(publish)
@@ -172,7 +172,7 @@ impl Server {
         qos: QoS,
         mut handler: impl FnMut(Publish) + Send + 'static,
     ) -> Result<(), ServerError> {
-        let messages = self.subscribe(filter, qos)?;
+        let mut messages = self.subscribe(filter, qos)?;
         std::thread::Builder::new().name("mqtt-handler".into()).spawn(move || {
             while let Some(m) = messages.recv() {
                 handler(m);

@@ -1,6 +1,6 @@
 //! The three adapters expose one API: the same client (`connect`, `connect_urls`, `publish`, `subscribe`,
 //! `subscribe_many`, `unsubscribe`, `messages`, `on_message`, `state_changes`, `disconnect`)
-//! and server (`start`, `addresses`, `wait`, `shutdown`) with the same argument and result types, the
+//! and server (`start`, `addresses`, `subscribe`, `on_message`, `publish`, `wait`, `shutdown`) with the same argument and result types, the
 //! async adapters as futures and mio blocking. This file fails to compile when one diverges:
 //! each adapter's methods are bound, by one macro, to the exact types every adapter must have.
 
@@ -59,8 +59,8 @@ macro_rules! adapter_api {
             let _: PhantomData<Result<Client, ClientError>> = $yields(Client::connect(url, options.clone()));
             let urls = ["quic://a", "mqtt://a"];
             let _: PhantomData<Result<Client, ClientError>> = $yields(Client::connect_urls(urls, options));
-            let _: PhantomData<Result<(), ClientError>> = $yields(client.publish(publish));
-            let _: PhantomData<Result<QoS, ClientError>> = $yields(client.subscribe(filter, QoS::AtLeastOnce));
+            let _: PhantomData<Result<(), ClientError>> = $yields(client.publish(publish.clone()));
+            let _: PhantomData<Result<QoS, ClientError>> = $yields(client.subscribe(filter.clone(), QoS::AtLeastOnce));
             let _: PhantomData<Result<Vec<ReasonCode>, ClientError>> = $yields(client.subscribe_many(subscriptions));
             let _: PhantomData<Result<Vec<ReasonCode>, ClientError>> = $yields(client.unsubscribe(filters));
             let messages: Option<Messages> = client.messages();
@@ -79,6 +79,16 @@ macro_rules! adapter_api {
             // The server.
             let _: PhantomData<Result<Server, ServerError>> = $yields(Server::start(server_options));
             let _: ServerAddresses = server.addresses();
+            // In-process handlers.
+            let _: PhantomData<Result<$krate::server::LocalMessages, ServerError>> =
+                $yields(server.subscribe(filter.clone(), QoS::AtLeastOnce));
+            let _: PhantomData<Result<(), ServerError>> =
+                $yields(server.on_message(filter, QoS::AtMostOnce, |_: Publish| {}));
+            let _: PhantomData<Result<(), ServerError>> = $yields(server.publish(publish));
+            fn local_recv(messages: &mut $krate::server::LocalMessages) {
+                let _: PhantomData<Option<Publish>> = $yields(messages.recv());
+            }
+            let _ = local_recv;
             let _: Option<SocketAddr> = server.quic_addr();
             let _: Option<SocketAddr> = server.tcp_addr();
             let mut server = server;

@@ -105,14 +105,14 @@ fn async_std_server_subscribe_on_message_and_publish() {
     async_std::task::block_on(async {
         let server = adapter_async_std::server::Server::start(options()).await.unwrap();
         let tcp = server.tcp_addr().unwrap();
-        let app = server.subscribe(TopicFilter::new("app/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        let mut app = server.subscribe(TopicFilter::new("app/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
         let counted = Arc::new(AtomicUsize::new(0));
         let count = counted.clone();
         let handler = move |_| {
             count.fetch_add(1, Ordering::SeqCst);
         };
         server.on_message(TopicFilter::new("app/#").unwrap(), QoS::AtMostOnce, handler).await.unwrap();
-        let stuck = server.subscribe(TopicFilter::new("flood/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
+        let mut stuck = server.subscribe(TopicFilter::new("flood/#").unwrap(), QoS::AtLeastOnce).await.unwrap();
 
         let state = Publish { retain: true, ..Publish::new(topic("app/state"), "ready").with_qos(QoS::AtLeastOnce) };
         server.publish(state).await.unwrap();
@@ -148,7 +148,7 @@ fn async_std_server_subscribe_on_message_and_publish() {
 fn mio_server_subscribe_on_message_and_publish() {
     let server = adapter_mio::server::Server::start(options()).unwrap();
     let tcp = server.tcp_addr().unwrap();
-    let app = server.subscribe(TopicFilter::new("app/#").unwrap(), QoS::AtLeastOnce).unwrap();
+    let mut app = server.subscribe(TopicFilter::new("app/#").unwrap(), QoS::AtLeastOnce).unwrap();
     let counted = Arc::new(AtomicUsize::new(0));
     let count = counted.clone();
     server
@@ -156,7 +156,7 @@ fn mio_server_subscribe_on_message_and_publish() {
             count.fetch_add(1, Ordering::SeqCst);
         })
         .unwrap();
-    let stuck = server.subscribe(TopicFilter::new("flood/#").unwrap(), QoS::AtLeastOnce).unwrap();
+    let mut stuck = server.subscribe(TopicFilter::new("flood/#").unwrap(), QoS::AtLeastOnce).unwrap();
 
     let state = Publish { retain: true, ..Publish::new(topic("app/state"), "ready").with_qos(QoS::AtLeastOnce) };
     server.publish(state).unwrap();
