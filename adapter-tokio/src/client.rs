@@ -1,4 +1,4 @@
-//! The async client: a task owns the core's [`ClientMachine`](mqtt_quic_core::client::ClientMachine) machine and its socket; [`Client`]
+//! The async client: a task owns the core's [`ClientMachine`] machine and its socket; [`Client`]
 //! is a cheap handle that sends it commands and awaits their acknowledgements.
 //!
 //! ```no_run
