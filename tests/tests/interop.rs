@@ -181,10 +181,15 @@ struct OurBroker {
 
 impl OurBroker {
     fn start() -> OurBroker {
+        OurBroker::start_with(|_| {})
+    }
+
+    fn start_with(tweak: impl FnOnce(&mut ServerOptions)) -> OurBroker {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let mut options = ServerOptions::loopback(ServerTls::from_self_signed(cert()).expect("server TLS"));
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         (options.ws, options.wss) = (Some(any), Some(any));
+        tweak(&mut options);
         let server = runtime.block_on(Server::start(options)).expect("our broker starts");
         OurBroker { runtime, server: Some(server) }
     }
@@ -395,6 +400,31 @@ fn paho_against_our_broker() {
             );
         }
     }
+}
+
+/// A password file written by mosquitto_passwd (PBKDF2-SHA512, `$7$`) works as it is: its
+/// user gets in with mosquitto_pub, a wrong password is refused.
+#[test]
+fn a_mosquitto_passwd_file_works_with_our_broker() {
+    let passwd = require("mosquitto_passwd", "mosquitto");
+    let file = scratch().join("mosquitto.passwd");
+    let _ = std::fs::remove_file(&file);
+    let made = Command::new(passwd).args(["-b", "-c"]).arg(&file).args(["alice", "s3cret"]).status().expect("run");
+    assert!(made.success(), "mosquitto_passwd failed");
+    let contents = std::fs::read_to_string(&file).expect("password file");
+    assert!(contents.contains(":$7$"), "{contents}");
+    let auth = mqtt_quic_core::broker::auth::FileAuth::new(false).with_passwords(&contents).expect("accepted");
+    let broker = OurBroker::start_with(|o| o.broker.auth = Some(std::sync::Arc::new(auth)));
+    let port = broker.tcp_port();
+    let publish = |password: &str| {
+        let args = ["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "alice", "-P", password, "-t", "t", "-m", "m"];
+        Command::new(require("mosquitto_pub", "mosquitto-clients")).args(args).output().expect("run")
+    };
+    assert!(publish("s3cret").status.success(), "the right password gets in");
+    let refused = publish("wrong");
+    assert!(!refused.status.success(), "a wrong password is refused");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.to_lowercase().contains("bad user name or password"), "{said}");
 }
 
 /// paho-mqtt's whole scenario list over MQTT over WebSocket, both protocol versions, and over

@@ -7,8 +7,12 @@
 //!
 //! One user per line, `name:$pbkdf2-sha256$ITERATIONS$SALT$HASH`, with SALT (16 bytes) and HASH
 //! (32 bytes) in lower-case hex; PBKDF2 with HMAC-SHA-256, a slow salted hash so a leaked file
-//! does not give the passwords away. [`FileAuth::hash_password`] writes such an entry. Blank
-//! lines and lines starting with `#` are ignored.
+//! does not give the passwords away. [`FileAuth::hash_password`] writes such an entry. Entries
+//! that mosquitto_passwd (mosquitto 2) writes are read too: `name:$7$ITERATIONS$SALT$HASH`,
+//! PBKDF2 with HMAC-SHA-512, SALT and HASH in base64, so a mosquitto password file can be used
+//! as it is (the two kinds may be mixed). mosquitto 1's `$6$` entries (one round of salted
+//! SHA-512, no work factor) are refused with a message saying how to renew them. Blank lines
+//! and lines starting with `#` are ignored.
 //!
 //! # ACL file
 //!
@@ -123,9 +127,51 @@ pub const DEFAULT_ITERATIONS: u32 = 100_000;
 
 #[derive(Debug, Clone)]
 struct Hash {
+    /// PBKDF2 with HMAC-SHA-256 (ours) or HMAC-SHA-512 (mosquitto's `$7$`).
+    sha512: bool,
     iterations: NonZeroU32,
     salt: Vec<u8>,
     hash: Vec<u8>,
+}
+
+impl Hash {
+    /// Whether `password` is the one hashed (in constant time).
+    fn verify(&self, password: &[u8]) -> bool {
+        let algorithm = if self.sha512 { ring::pbkdf2::PBKDF2_HMAC_SHA512 } else { ring::pbkdf2::PBKDF2_HMAC_SHA256 };
+        ring::pbkdf2::verify(algorithm, self.iterations, &self.salt, password, &self.hash).is_ok()
+    }
+}
+
+/// mosquitto_passwd's PBKDF2-SHA512 entries.
+const MOSQUITTO_SCHEME: &str = "$7$";
+
+/// Reads one password entry's hash: ours, or mosquitto's `$7$`.
+fn parse_hash(rest: &str) -> Result<Hash, &'static str> {
+    if let Some(rest) = rest.strip_prefix(MOSQUITTO_SCHEME) {
+        let mut parts = rest.split('$');
+        let (Some(iter), Some(salt), Some(hash), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("expected $7$ITERATIONS$SALT$HASH (mosquitto_passwd)");
+        };
+        let iterations = iter.parse::<NonZeroU32>().map_err(|_| "iterations must be a positive number")?;
+        let b64 = |s: &str| data_encoding::BASE64.decode(s.as_bytes()).ok();
+        let salt = b64(salt).filter(|s| !s.is_empty()).ok_or("salt is not base64")?;
+        let hash = b64(hash).filter(|h| h.len() == 64).ok_or("hash is not 64 bytes of base64")?;
+        return Ok(Hash { sha512: true, iterations, salt, hash });
+    }
+    if rest.starts_with("$6$") {
+        return Err("a mosquitto 1 ($6$) hash, one round of SHA-512: set the password again with \
+                    mosquitto_passwd 2 ($7$) or mqttq passwd");
+    }
+    let rest = rest.strip_prefix(SCHEME).ok_or("hash must start with $pbkdf2-sha256$ (or mosquitto's $7$)")?;
+    let mut parts = rest.split('$');
+    let (Some(iter), Some(salt), Some(hash), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err("expected $pbkdf2-sha256$ITERATIONS$SALT$HASH");
+    };
+    let iterations = iter.parse::<NonZeroU32>().map_err(|_| "iterations must be a positive number")?;
+    let salt = unhex(salt).ok_or("salt is not hex")?;
+    let hash = unhex(hash).filter(|h| h.len() == 32).ok_or("hash is not 32 bytes of hex")?;
+    Ok(Hash { sha512: false, iterations, salt, hash })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +224,13 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
+/// Roughly what checking against an entry costs, in half SHA-256 rounds: its iterations, an
+/// HMAC-SHA-512 round counted as about 1.5 HMAC-SHA-256 ones (on 64-bit machines).
+fn cost(hash: &Hash) -> u64 {
+    let per_round = if hash.sha512 { 3 } else { 2 };
+    u64::from(hash.iterations.get()) * per_round
+}
+
 fn derive(password: &[u8], salt: &[u8], iterations: NonZeroU32) -> [u8; 32] {
     let mut out = [0u8; 32];
     ring::pbkdf2::derive(ring::pbkdf2::PBKDF2_HMAC_SHA256, iterations, salt, password, &mut out);
@@ -191,7 +244,7 @@ impl FileAuth {
         FileAuth {
             allow_anonymous,
             passwords: BTreeMap::new(),
-            decoy: Hash { iterations, salt: vec![0x5a; 16], hash: vec![0; 32] },
+            decoy: Hash { sha512: false, iterations, salt: vec![0x5a; 16], hash: vec![0; 32] },
             acl: None,
         }
     }
@@ -223,19 +276,12 @@ impl FileAuth {
             }
             let bad = |message: &str| AuthFileError { line: n + 1, message: message.to_string() };
             let (user, rest) = line.split_once(':').ok_or_else(|| bad("expected name:hash"))?;
-            let rest = rest.strip_prefix(SCHEME).ok_or_else(|| bad("hash must start with $pbkdf2-sha256$"))?;
-            let mut parts = rest.split('$');
-            let (Some(iter), Some(salt), Some(hash), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-            else {
-                return Err(bad("expected $pbkdf2-sha256$ITERATIONS$SALT$HASH"));
-            };
-            let iterations = iter.parse::<NonZeroU32>().map_err(|_| bad("iterations must be a positive number"))?;
-            let salt = unhex(salt).ok_or_else(|| bad("salt is not hex"))?;
-            let hash = unhex(hash).filter(|h| h.len() == 32).ok_or_else(|| bad("hash is not 32 bytes of hex"))?;
-            if iterations > self.decoy.iterations || self.passwords.is_empty() {
-                self.decoy.iterations = iterations;
+            let hash = parse_hash(rest).map_err(bad)?;
+            // The decoy for unknown users costs what the file's most expensive entry does.
+            if self.passwords.is_empty() || cost(&hash) > cost(&self.decoy) {
+                self.decoy = Hash { salt: vec![0x5a; hash.salt.len()], hash: vec![0; hash.hash.len()], ..hash.clone() };
             }
-            self.passwords.insert(user.to_string(), Hash { iterations, salt, hash });
+            self.passwords.insert(user.to_string(), hash);
         }
         Ok(self)
     }
@@ -377,20 +423,13 @@ impl Auth for FileAuth {
                 return Ok(());
             }
             // As much work as for a known user, so timing does not reveal which names exist.
-            let d = &self.decoy;
-            let given = password.unwrap_or_default();
-            let _ = ring::pbkdf2::verify(ring::pbkdf2::PBKDF2_HMAC_SHA256, d.iterations, &d.salt, given, &d.hash);
+            let _ = self.decoy.verify(password.unwrap_or_default());
             return Err(ReasonCode::BadUserNameOrPassword);
         };
-        let given = password.unwrap_or_default();
-        ring::pbkdf2::verify(
-            ring::pbkdf2::PBKDF2_HMAC_SHA256,
-            expected.iterations,
-            &expected.salt,
-            given,
-            &expected.hash,
-        )
-        .map_err(|_| ReasonCode::BadUserNameOrPassword)
+        match expected.verify(password.unwrap_or_default()) {
+            true => Ok(()),
+            false => Err(ReasonCode::BadUserNameOrPassword),
+        }
     }
 
     fn can_publish(&self, client_id: &str, username: Option<&str>, t: &TopicName) -> bool {
@@ -425,6 +464,23 @@ mod tests {
         let err = FileAuth::new(false).with_passwords("alice:plain").unwrap_err();
         assert_eq!(err.line, 1);
         assert!(err.to_string().contains("pbkdf2"), "{err}");
+    }
+
+    /// A line `mosquitto_passwd -b -c pw alice secret` (mosquitto 2.0.11) wrote: PBKDF2-SHA512,
+    /// 101 rounds, accepted beside our own entries; mosquitto 1's `$6$` is refused with advice.
+    #[test]
+    fn mosquitto_passwd_entries_are_accepted() {
+        let mosquitto = "alice:$7$101$zyqhjer3mbAdPTxX$MFRHMcJZSqJ/TU4mP2ALlHzyNIiLcer9N5RPPMQ48PTteWmK8U++EKfowvH1gFgoSUSqrGZn6U5nbQqPslaT5w==";
+        let ours = FileAuth::hash_password("bob", "hunter2", [3; 16], n(1000));
+        let auth = FileAuth::new(false).with_passwords(&format!("{mosquitto}\n{ours}\n")).unwrap();
+        assert_eq!(auth.connect("c", Some("alice"), Some(b"secret")), Ok(()));
+        assert_eq!(auth.connect("c", Some("alice"), Some(b"Secret")), Err(ReasonCode::BadUserNameOrPassword));
+        assert_eq!(auth.connect("c", Some("bob"), Some(b"hunter2")), Ok(()));
+        assert_eq!(auth.connect("c", Some("carol"), Some(b"secret")), Err(ReasonCode::BadUserNameOrPassword));
+        let old = FileAuth::new(false).with_passwords("dave:$6$c2FsdA==$aGFzaA==").unwrap_err();
+        assert!(old.to_string().contains("mosquitto_passwd 2"), "{old}");
+        let cut = FileAuth::new(false).with_passwords("erin:$7$101$zyqhjer3mbAdPTxX$AAAA").unwrap_err();
+        assert!(cut.to_string().contains("64 bytes"), "{cut}");
     }
 
     #[test]
