@@ -6,6 +6,7 @@ use crate::udp::Udp;
 use crate::{clock, NEVER};
 use bytes::{Bytes, BytesMut};
 use mqtt_proto::{Publish, QoS, TopicFilter};
+use mqtt_quic_core::broker::auth::Auth;
 use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::{Handling, Level};
 use mqtt_quic_core::broker::local::{LocalSink, LocalSinks, LocalSubscription, DEFAULT_WINDOW};
@@ -13,6 +14,7 @@ use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::broker::{BridgeId, Dial};
 use mqtt_quic_core::config::Secret;
+use mqtt_quic_core::tls::ServerTls;
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use mqtt_store::{BrokerStore, StoreError};
 use std::io;
@@ -37,11 +39,25 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     driver: JoinHandle<Option<String>>,
     acceptors: Vec<JoinHandle<()>>,
+    /// The TLS and wss listeners' TLS, swapped by [`Server::reload_tls`], with the ALPN each
+    /// offers.
+    tls_acceptors: Vec<(SharedAcceptor, Transport)>,
+    /// Reloads, to the broker task.
+    reloads: mpsc::UnboundedSender<(Reload, oneshot::Sender<Result<(), ServerError>>)>,
     /// Closes when every connection task has ended (each holds a sender).
     alive: mpsc::Receiver<()>,
     grace: Duration,
     /// In-process subscriptions and publishes, to the broker task.
     local: mpsc::UnboundedSender<LocalCommand>,
+}
+
+/// A TLS listener's acceptor, replaced on a reload; each connection takes the one in force.
+type SharedAcceptor = Arc<std::sync::RwLock<tokio_rustls::TlsAcceptor>>;
+
+/// What a reload replaces (see [`Server::reload_auth`], [`Server::reload_tls`]).
+enum Reload {
+    Auth(Option<Arc<dyn Auth>>),
+    Tls(ServerTls),
 }
 
 /// What the application asks of the broker in-process (see [`Server::subscribe`]).
@@ -253,6 +269,35 @@ impl Server {
         verdict.await.map_err(|_| ServerError::NotRunning)?.map_err(ServerError::Refused)
     }
 
+    /// Replaces authentication and authorization (a re-read password file or ACL) without
+    /// dropping anyone: new logins and every delivery from now on are checked against `auth`.
+    pub async fn reload_auth(&self, auth: Option<Arc<dyn Auth>>) -> Result<(), ServerError> {
+        self.reload(Reload::Auth(auth)).await
+    }
+
+    /// Replaces the certificate of the QUIC, TLS and wss listeners (a renewed certificate)
+    /// without dropping anyone: new connections get `tls`, open ones keep theirs. On error
+    /// (a certificate rustls or QUIC cannot use) nothing changes.
+    pub async fn reload_tls(&self, tls: ServerTls) -> Result<(), ServerError> {
+        // Checked for every listener before anything changes.
+        let acceptors = self
+            .tls_acceptors
+            .iter()
+            .map(|(_, transport)| tls_acceptor(&tls, *transport))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.reload(Reload::Tls(tls)).await?;
+        for ((shared, _), acceptor) in self.tls_acceptors.iter().zip(acceptors) {
+            *shared.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
+        }
+        Ok(())
+    }
+
+    async fn reload(&self, reload: Reload) -> Result<(), ServerError> {
+        let (reply, done) = oneshot::channel();
+        self.reloads.send((reload, reply)).map_err(|_| ServerError::NotRunning)?;
+        done.await.map_err(|_| ServerError::NotRunning)?
+    }
+
     /// Opens every listener, then starts serving. Fails before serving anyone if a listener
     /// cannot be opened.
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
@@ -299,16 +344,20 @@ impl Server {
         let ws = bind("WebSocket (TCP)", options.ws).await?;
         let wss = bind("secure WebSocket (TCP)", options.wss).await?;
         // The TLS listener offers ALPN `mqtt`; wss `http/1.1`, as browsers expect.
+        let tls_config = &options.broker.quic.tls;
         let acceptor = |listener: Option<&TcpListener>, transport: Transport| match listener {
             Some(_) => {
-                let mut config = options.broker.quic.tls.rustls_config(false)?;
-                config.alpn_protocols = vec![transport.alpn().to_vec()];
-                Ok::<_, ServerError>(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+                Ok::<_, ServerError>(Some(Arc::new(std::sync::RwLock::new(tls_acceptor(tls_config, transport)?))))
             }
             None => Ok(None),
         };
         let (acceptor, ws_acceptor) =
             (acceptor(tls.as_ref(), Transport::Tls)?, acceptor(wss.as_ref(), Transport::Wss)?);
+        let tls_acceptors: Vec<(SharedAcceptor, Transport)> =
+            [(acceptor.clone(), Transport::Tls), (ws_acceptor.clone(), Transport::Wss)]
+                .into_iter()
+                .filter_map(|(a, t)| a.map(|a| (a, t)))
+                .collect();
         let quic_addr = udp.as_ref().map(|u| u.local_addr()).transpose().ok().flatten();
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
@@ -341,7 +390,8 @@ impl Server {
         let (stop_tx, stop_rx) = oneshot::channel();
         let store = (store, stored_rx);
         let (local, local_rx) = mpsc::unbounded_channel();
-        let streams = (streams_rx, dial_tx, local_rx);
+        let (reloads, reloads_rx) = mpsc::unbounded_channel();
+        let streams = (streams_rx, dial_tx, local_rx, reloads_rx);
         let driver = tokio::spawn(drive(broker, udp, streams, stop_rx, store, options));
         let driver = tokio::spawn(async move {
             // A broker task that panics takes the broker down with it: say so where
@@ -381,6 +431,8 @@ impl Server {
             alive,
             grace,
             local,
+            tls_acceptors,
+            reloads,
         })
     }
 
@@ -447,10 +499,11 @@ const WRITE_PIECE: usize = 64 * 1024;
 async fn drive(
     mut broker: Broker,
     mut udp: Option<Udp>,
-    (mut streams, dial_tx, mut local): (
+    (mut streams, dial_tx, mut local, mut reloads): (
         mpsc::Receiver<StreamIn>,
         mpsc::Sender<StreamIn>,
         mpsc::UnboundedReceiver<LocalCommand>,
+        mpsc::UnboundedReceiver<(Reload, oneshot::Sender<Result<(), ServerError>>)>,
     ),
     mut stop: oneshot::Receiver<()>,
     (mut store, mut stored): (BrokerStore, mpsc::UnboundedReceiver<Result<u64, StoreError>>),
@@ -462,6 +515,7 @@ async fn drive(
         Stream(Option<StreamIn>),
         Auth(Option<(AuthId, AuthVerdict)>),
         Local(Option<LocalCommand>),
+        Reload(Option<(Reload, oneshot::Sender<Result<(), ServerError>>)>),
         Timer,
         Stop,
     }
@@ -484,6 +538,7 @@ async fn drive(
     // In-process subscriptions' queues; the channel stays open while the server handle lives.
     let mut sinks: LocalSinks<LocalTx> = LocalSinks::default();
     let mut local_open = true;
+    let mut reloads_open = true;
     // Bridges start connecting upstream.
     broker.start(clock());
     loop {
@@ -542,6 +597,7 @@ async fn drive(
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
             l = local.recv(), if local_open => Input::Local(l),
+            r = reloads.recv(), if reloads_open => Input::Reload(r),
             _ = tokio::time::sleep_until(wake_at) => Input::Timer,
             _ = &mut stop, if !stopping => Input::Stop,
         };
@@ -578,6 +634,17 @@ async fn drive(
             Input::Auth(Some((id, verdict))) => broker.handle_auth_result(now, id, verdict),
             Input::Auth(None) => {}
             Input::Local(None) => local_open = false,
+            Input::Reload(None) => reloads_open = false,
+            Input::Reload(Some((reload, reply))) => {
+                let result = match reload {
+                    Reload::Auth(auth) => {
+                        broker.set_auth(auth);
+                        Ok(())
+                    }
+                    Reload::Tls(tls) => broker.set_server_tls(tls).map_err(ServerError::from),
+                };
+                let _ = reply.send(result);
+            }
             Input::Local(Some(command)) => sinks.handle(&mut broker, now, DEFAULT_WINDOW, command),
             Input::Stream(Some(StreamIn::Open { out, reply, remote, transport })) => {
                 let id = table.open(&mut broker, now, remote, transport, out);
@@ -634,8 +701,16 @@ struct Tasks {
 /// `acceptor` is set, and the connection limit it counts against.
 struct Listening {
     transport: &'static str,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    acceptor: Option<SharedAcceptor>,
     limit: Arc<Semaphore>,
+}
+
+/// A TLS acceptor with `tls`'s certificate, offering `transport`'s ALPN protocol (`mqtt` for
+/// the TLS listener, `http/1.1` for wss, as browsers expect).
+fn tls_acceptor(tls: &ServerTls, transport: Transport) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    let mut config = tls.rustls_config(false)?;
+    config.alpn_protocols = vec![transport.alpn().to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Accepts connections on a TCP listener.
@@ -657,7 +732,8 @@ async fn accept(listener: TcpListener, listening: Listening, tasks: Tasks, optio
         };
         let _ = socket.set_nodelay(true);
         let Tasks { broker, alive } = tasks.clone();
-        let acceptor = acceptor.clone();
+        // The acceptor in force now (a reload may have replaced it).
+        let acceptor = acceptor.as_ref().map(|a| a.read().unwrap_or_else(|e| e.into_inner()).clone());
         let handshake = options.tls_handshake_timeout;
         let write_timeout = options.broker.write_timeout;
         // Two kinds of task, so that a plain TCP connection's task is not sized for TLS state.

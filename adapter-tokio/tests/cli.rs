@@ -451,3 +451,68 @@ fn websocket_listeners_and_clients() {
     assert!(err.contains("HTTP 404"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGHUP re-reads the password file and the certificate without dropping anyone: a user added
+/// to the file gets in, a subscriber connected before stays connected and receives, new QUIC
+/// connections see the new certificate; a broken file keeps the old one and says why.
+#[test]
+fn sighup_reloads_passwords_and_certificate_without_dropping_anyone() {
+    use mqtt_quic_core::broker::auth::FileAuth;
+    use mqtt_quic_core::tls::{fingerprint_hex, SelfSigned, ServerTls};
+    let dir = temp_dir("reload");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let n = std::num::NonZeroU32::new(1000).unwrap();
+    let entry = |user: &str, pass: &str| FileAuth::hash_password(user, pass, [7; 16], n);
+    std::fs::write(path("pw"), format!("{}\n", entry("ann", "a-pass"))).unwrap();
+    let write_cert = |cert: &SelfSigned| {
+        std::fs::write(path("cert.pem"), &cert.cert_pem).unwrap();
+        std::fs::write(path("key.pem"), &cert.key_pem).unwrap();
+    };
+    write_cert(&SelfSigned::generate(&["localhost"]).unwrap());
+    let (pw, cert, key, data) = (path("pw"), path("cert.pem"), path("key.pem"), path("data"));
+    let args = ["broker", "--quic", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--password-file", &pw];
+    let b = Proc::spawn(&[&args[..], &["--cert", &cert, "--key", &key, "--data-dir", &data]].concat());
+    let port = |l: String| l.rsplit(':').next().unwrap().to_string();
+    let quic = port(b.expect("listening: quic"));
+    let tcp = port(b.expect("listening: tcp"));
+    b.expect("ready");
+    let sub_args = ["sub", "--transport", "tcp", "-p", &tcp, "-u", "ann", "-P", "a-pass", "-t", "r/#", "-v"];
+    let sub = Proc::spawn(&sub_args);
+    let publish = |user: &str, pass: &str, payload: &str| {
+        run(&["pub", "--transport", "tcp", "-p", &tcp, "-u", user, "-P", pass, "-t", "r/x", "-m", payload, "-q", "1"])
+    };
+    // Retained, so that it arrives whenever the subscriber's SUBSCRIBE lands.
+    let retained =
+        ["pub", "--transport", "tcp", "-p", &tcp, "-u", "ann", "-P", "a-pass", "-t", "r/x", "-m", "before", "-r"];
+    assert_eq!(run(&retained).0, 0);
+    sub.expect("r/x before");
+    assert_eq!(publish("bob", "b-pass", "refused").0, 1, "bob is not in the file yet");
+
+    // Bob joins the file, the certificate is renewed: SIGHUP.
+    std::fs::write(&pw, format!("{}\n{}\n", entry("ann", "a-pass"), entry("bob", "b-pass"))).unwrap();
+    let renewed = SelfSigned::generate(&["localhost"]).unwrap();
+    write_cert(&renewed);
+    let hup =
+        |p: &Proc| assert!(Command::new("kill").args(["-HUP", &p.child.id().to_string()]).status().unwrap().success());
+    hup(&b);
+    let line = b.expect("reload:");
+    assert_eq!(line, "reload: password file and ACL reloaded; certificate reloaded");
+    let (code, _, err) = publish("bob", "b-pass", "from bob");
+    assert_eq!((code, err.as_str()), (0, ""));
+    sub.expect("r/x from bob");
+    let fp = fingerprint_hex(&ServerTls::from_self_signed(&renewed).unwrap().fingerprint());
+    let (code, _, err) =
+        run(&["pub", "-p", &quic, "--fingerprint", &fp, "-u", "bob", "-P", "b-pass", "-t", "r/q", "-m", "new cert"]);
+    assert_eq!((code, err.as_str()), (0, ""), "QUIC serves the renewed certificate");
+    sub.expect("r/q new cert");
+
+    // A broken file: the old one stays in force.
+    std::fs::write(&pw, "bob:not a hash\n").unwrap();
+    hup(&b);
+    let line = b.expect("reload:");
+    assert!(line.contains("not reloaded") && line.contains("keeping the old ones"), "{line}");
+    assert_eq!(publish("bob", "b-pass", "still in").0, 0);
+    sub.expect("r/x still in");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -503,6 +503,26 @@ fn endpoint_config(
     Ok(config)
 }
 
+/// quinn-proto's server configuration for `config`, its tokens timed by `clock`.
+fn quinn_server_config(
+    config: &ServerConfig,
+    clock: &Arc<DrivenClock>,
+) -> Result<quinn_proto::ServerConfig, ConfigError> {
+    let tls = config.tls.rustls_config(config.zero_rtt)?;
+    let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
+    let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&derive_key(
+        config.secret.as_ref(),
+        config.seed,
+        domain::TOKEN,
+    ));
+    let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
+    server.transport_config(Arc::new(config.transport.quinn()));
+    server.migration(true);
+    server.time_source(clock.clone());
+    Ok(server)
+}
+
 impl QuicEndpoint {
     /// A server endpoint.
     pub fn server(config: &ServerConfig) -> Result<QuicEndpoint, ConfigError> {
@@ -510,19 +530,8 @@ impl QuicEndpoint {
         if config.max_connections == 0 || config.max_handshakes_per_ip == 0 {
             return Err(ConfigError::Invalid("max_connections and max_handshakes_per_ip must be at least 1".into()));
         }
-        let tls = config.tls.rustls_config(config.zero_rtt)?;
-        let crypto = quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls)
-            .map_err(|e| ConfigError::Invalid(format!("TLS configuration unusable for QUIC: {e}")))?;
-        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&derive_key(
-            config.secret.as_ref(),
-            config.seed,
-            domain::TOKEN,
-        ));
-        let mut server = quinn_proto::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
-        server.transport_config(Arc::new(config.transport.quinn()));
-        server.migration(true);
         let clock = Arc::new(DrivenClock::default());
-        server.time_source(clock.clone());
+        let server = quinn_server_config(config, &clock)?;
         let mut endpoint_config = endpoint_config(config.secret.as_ref(), config.seed, &config.transport)?;
         if let Some(lb) = &config.load_balancer {
             lb.validate()?;
@@ -536,6 +545,16 @@ impl QuicEndpoint {
         endpoint.max_handshakes_per_ip = config.max_handshakes_per_ip;
         endpoint.clock = clock;
         Ok(endpoint)
+    }
+
+    /// Serves new connections with `config`'s certificate (and client-certificate rules, and
+    /// transport settings); connections already open keep theirs. How a broker rotates its
+    /// certificate without dropping anyone. Address validation tokens issued before stay valid
+    /// (their key comes from the same secret).
+    pub fn set_server_config(&mut self, config: &ServerConfig) -> Result<(), ConfigError> {
+        let server = quinn_server_config(config, &self.clock)?;
+        self.inner.set_server_config(Some(Arc::new(server)));
+        Ok(())
     }
 
     /// A client endpoint, able to open any number of connections.

@@ -231,6 +231,29 @@ impl Broker {
         id
     }
 
+    /// Replaces authentication and authorization (a re-read password file or ACL): new logins
+    /// are checked against `auth`, and so is every delivery from now on (read rights are
+    /// checked per message), while connections stay up. `None` lets everyone in.
+    pub fn set_auth(&mut self, auth: Option<std::sync::Arc<dyn super::auth::Auth>>) {
+        self.config.auth = auth;
+    }
+
+    /// Replaces the certificate (and client-certificate rules) new QUIC connections get;
+    /// connections already open keep theirs. The adapter swaps its TLS listeners' too (from
+    /// [`Broker::config`]'s `quic.tls`). On error nothing changes.
+    pub fn set_server_tls(&mut self, tls: crate::tls::ServerTls) -> Result<(), ConfigError> {
+        let mut quic = self.config.quic.clone();
+        quic.tls = tls;
+        self.links.quic.set_server_config(&quic)?;
+        self.config.quic = quic;
+        Ok(())
+    }
+
+    /// The configuration in force (after [`Broker::set_auth`] and [`Broker::set_server_tls`]).
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
     /// A byte-stream connection accepted on a WebSocket listener (`ws`, or `wss` with TLS
     /// below): as [`Broker::handle_stream_open`], and the broker also speaks WebSocket on it
     /// (see [`crate::ws`]): it answers the upgrade request for

@@ -257,20 +257,16 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     if let Some(v) = file.write_timeout {
         b.write_timeout = seconds("write_timeout", v, 1)?;
     }
-    let passwords = args.password_file.as_ref().or(file.password_file.as_ref());
-    let acl = args.acl_file.as_ref().or(file.acl_file.as_ref());
-    if passwords.is_some() || acl.is_some() {
-        let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        let mut auth = FileAuth::new(file.allow_anonymous.unwrap_or(passwords.is_none()));
-        if let Some(p) = passwords {
-            auth = auth.with_passwords(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
-        }
-        if let Some(p) = acl {
-            auth = auth.with_acl(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
-            auth.check().map_err(|e| format!("{}: {e}", p.display()))?;
-        }
-        b.auth = Some(Arc::new(auth));
-    }
+    let auth_files = AuthFiles {
+        passwords: args.password_file.clone().or(file.password_file.clone()),
+        acl: args.acl_file.clone().or(file.acl_file.clone()),
+        allow_anonymous: file.allow_anonymous,
+    };
+    b.auth = auth_files.load()?;
+    let cert_files = match (args.cert.as_ref().or(file.cert.as_ref()), args.key.as_ref().or(file.key.as_ref())) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        _ => None,
+    };
 
     for (i, section) in file.bridge.iter().enumerate() {
         let bridge = bridge_config(i, section)?;
@@ -291,11 +287,15 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
     println!("ready");
     let mut server = server;
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        // Ends only if the broker stops by itself (a bug): exit with a failure status so that a
-        // supervisor restarts the broker.
-        stopped = server.wait() => return Err(stopped.err().map_or_else(|| "the broker stopped".into(), |e| e.to_string())),
+    let mut hangups = hangups();
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            // Ends only if the broker stops by itself (a bug): exit with a failure status so
+            // that a supervisor restarts the broker.
+            stopped = server.wait() => return Err(stopped.err().map_or_else(|| "the broker stopped".into(), |e| e.to_string())),
+            Some(()) = hangups.recv() => reload(&server, &auth_files, cert_files.as_ref()).await,
+        }
     }
     info!("shutdown requested");
     server.shutdown().await;
@@ -383,6 +383,85 @@ fn seconds(name: &str, value: u64, min: u64) -> Result<Duration, String> {
 }
 
 /// Ctrl-C, or SIGTERM where there is such a thing.
+/// The password file and ACL the broker was started with, read again on SIGHUP.
+struct AuthFiles {
+    passwords: Option<PathBuf>,
+    acl: Option<PathBuf>,
+    allow_anonymous: Option<bool>,
+}
+
+impl AuthFiles {
+    /// Reads and checks the files; `None` when there are none (everyone is let in).
+    fn load(&self) -> Result<Option<Arc<dyn mqtt_quic_core::broker::auth::Auth>>, String> {
+        if self.passwords.is_none() && self.acl.is_none() {
+            return Ok(None);
+        }
+        let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let mut auth = FileAuth::new(self.allow_anonymous.unwrap_or(self.passwords.is_none()));
+        if let Some(p) = &self.passwords {
+            auth = auth.with_passwords(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        if let Some(p) = &self.acl {
+            auth = auth.with_acl(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?;
+            auth.check().map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        Ok(Some(Arc::new(auth)))
+    }
+}
+
+/// SIGHUP (mosquitto's reload signal), as a stream; never on other systems.
+fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        drop(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // Several signals while one reload runs make one more reload.
+                let _ = tx.try_send(());
+            }
+        }));
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
+}
+
+/// Reads the password file, the ACL and the certificate again and hands them to the broker,
+/// without dropping a connection. Each file that cannot be used keeps the old version in force
+/// and says why; the outcome is one line on stdout (and in the log).
+async fn reload(server: &Server, auth: &AuthFiles, cert: Option<&(PathBuf, PathBuf)>) {
+    let mut done = Vec::new();
+    if auth.passwords.is_some() || auth.acl.is_some() {
+        match auth.load() {
+            Ok(loaded) => match server.reload_auth(loaded).await {
+                Ok(()) => done.push("password file and ACL reloaded".to_string()),
+                Err(e) => done.push(format!("password file and ACL not reloaded ({e}); keeping the old ones")),
+            },
+            Err(e) => done.push(format!("password file and ACL not reloaded ({e}); keeping the old ones")),
+        }
+    }
+    if let Some((cert, key)) = cert {
+        let loaded = files::server_tls_from_files(cert, key).map_err(|e| e.to_string());
+        match loaded {
+            Ok(tls) => match server.reload_tls(tls).await {
+                Ok(()) => done.push("certificate reloaded".to_string()),
+                Err(e) => done.push(format!("certificate not reloaded ({e}); keeping the old one")),
+            },
+            Err(e) => done.push(format!("certificate not reloaded ({e}); keeping the old one")),
+        }
+    }
+    if done.is_empty() {
+        done.push("nothing to reload (no password file, ACL or certificate files)".into());
+    }
+    let line = format!("reload: {}", done.join("; "));
+    if line.contains("not reloaded") {
+        tracing::warn!("{line}");
+    } else {
+        info!("{line}");
+    }
+    println!("{line}");
+}
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
