@@ -43,7 +43,7 @@ pub struct Server {
     /// offers.
     tls_acceptors: Vec<(SharedAcceptor, Transport)>,
     /// Reloads, to the broker task.
-    reloads: mpsc::UnboundedSender<(Reload, oneshot::Sender<Result<(), ServerError>>)>,
+    reloads: mpsc::UnboundedSender<ReloadRequest>,
     /// Closes when every connection task has ended (each holds a sender).
     alive: mpsc::Receiver<()>,
     grace: Duration,
@@ -59,6 +59,9 @@ enum Reload {
     Auth(Option<Arc<dyn Auth>>),
     Tls(ServerTls),
 }
+
+/// A reload on its way to the broker task, with where its outcome goes.
+type ReloadRequest = (Reload, oneshot::Sender<Result<(), ServerError>>);
 
 /// What the application asks of the broker in-process (see [`Server::subscribe`]).
 type LocalCommand = mqtt_quic_core::broker::local::LocalCommand<LocalTx>;
@@ -503,7 +506,7 @@ async fn drive(
         mpsc::Receiver<StreamIn>,
         mpsc::Sender<StreamIn>,
         mpsc::UnboundedReceiver<LocalCommand>,
-        mpsc::UnboundedReceiver<(Reload, oneshot::Sender<Result<(), ServerError>>)>,
+        mpsc::UnboundedReceiver<ReloadRequest>,
     ),
     mut stop: oneshot::Receiver<()>,
     (mut store, mut stored): (BrokerStore, mpsc::UnboundedReceiver<Result<u64, StoreError>>),
@@ -515,7 +518,7 @@ async fn drive(
         Stream(Option<StreamIn>),
         Auth(Option<(AuthId, AuthVerdict)>),
         Local(Option<LocalCommand>),
-        Reload(Option<(Reload, oneshot::Sender<Result<(), ServerError>>)>),
+        Reload(Option<ReloadRequest>),
         Timer,
         Stop,
     }
