@@ -71,7 +71,13 @@ pub fn client_tls_from_system() -> Result<ClientTls, FileError> {
 /// `$MQTTQ_DATA_DIR`, else `$XDG_DATA_HOME/mqttq`, else `~/.local/share/mqttq`, else `.mqttq`.
 pub fn default_data_dir() -> PathBuf {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    // systemd's StateDirectory= (a colon-separated list: the first is ours).
+    let state = || {
+        let dirs = std::env::var("STATE_DIRECTORY").ok()?;
+        dirs.split(':').next().filter(|d| !d.is_empty()).map(PathBuf::from)
+    };
     var("MQTTQ_DATA_DIR")
+        .or_else(state)
         .or_else(|| var("XDG_DATA_HOME").map(|d| d.join("mqttq")))
         .or_else(|| var("HOME").map(|h| h.join(".local/share/mqttq")))
         .unwrap_or_else(|| PathBuf::from(".mqttq"))

@@ -516,3 +516,60 @@ fn sighup_reloads_passwords_and_certificate_without_dropping_anyone() {
     sub.expect("r/x still in");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Running as a service: the broker keeps its data in systemd's `$STATE_DIRECTORY`, reports
+/// readiness and stopping on `$NOTIFY_SOCKET`, and `contrib/mqttq.service` passes
+/// `systemd-analyze verify` (where that tool is installed; the rest runs everywhere).
+#[test]
+fn runs_as_a_systemd_service() {
+    let dir = temp_dir("systemd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let state = dir.join("state");
+    let mut child = Command::new(MQTTQ)
+        .args(["broker", "--quic", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("STATE_DIRECTORY", &state)
+        .env_remove("MQTTQ_DATA_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within 15 s");
+    assert!(std::str::from_utf8(&buf[..n]).unwrap().starts_with("READY=1"), "{:?}", &buf[..n]);
+    assert!(state.join("cert.pem").exists(), "the data directory is $STATE_DIRECTORY");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let n = notify.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../contrib/mqttq.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "ExecStart=/usr/local/bin/mqttq broker",
+        "StateDirectory=mqttq",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit has `{line}`");
+    }
+    if let Ok(analyze) = which("systemd-analyze") {
+        // Verified with the binary just built in place of the installed one.
+        let here = dir.join("mqttq.service");
+        std::fs::write(&here, unit.replace("/usr/local/bin/mqttq", MQTTQ)).unwrap();
+        let out = Command::new(analyze).arg("verify").arg(&here).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        // Complaints about other units of the machine it runs on are not ours.
+        let ours: Vec<&str> = said.lines().filter(|l| l.contains("mqttq.service")).collect();
+        assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {said}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The path of `program` on `$PATH`.
+fn which(program: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file()).ok_or(())
+}

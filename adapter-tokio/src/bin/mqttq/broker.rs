@@ -25,6 +25,10 @@ With no flags: MQTT over QUIC on UDP 0.0.0.0:14567 and MQTT over TCP on 0.0.0.0:
 self-signed certificate generated into the data directory on first start (its path and SHA-256 \
 fingerprint are printed; `mqttq pub`/`sub` on this machine trust it automatically).
 
+SIGHUP re-reads the password file, the ACL and the certificate files without dropping \
+connections. Under systemd (Type=notify, see contrib/mqttq.service) readiness is reported once \
+every listener is open.
+
 Ctrl-C (or SIGTERM) shuts down gracefully: MQTT 5 clients get DISCONNECT (0x8B Server shutting \
 down) and queued bytes are flushed.")]
 pub struct BrokerArgs {
@@ -55,7 +59,7 @@ pub struct BrokerArgs {
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
     /// Where the store and the generated certificate live [default: $MQTTQ_DATA_DIR,
-    /// $XDG_DATA_HOME/mqttq or ~/.local/share/mqttq].
+    /// systemd's $STATE_DIRECTORY, $XDG_DATA_HOME/mqttq or ~/.local/share/mqttq].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// sync: an acknowledged message, subscription or session survives a crash (PUBACK, PUBREC
@@ -286,6 +290,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         }
     }
     println!("ready");
+    notify_systemd("READY=1\nSTATUS=serving");
     let mut server = server;
     let mut hangups = hangups();
     loop {
@@ -298,6 +303,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         }
     }
     info!("shutdown requested");
+    notify_systemd("STOPPING=1");
     server.shutdown().await;
     Ok(())
 }
@@ -383,6 +389,30 @@ fn seconds(name: &str, value: u64, min: u64) -> Result<Duration, String> {
 }
 
 /// Ctrl-C, or SIGTERM where there is such a thing.
+/// Tells systemd how the broker is doing (`Type=notify` units: readiness, stopping), when it
+/// runs under systemd (`$NOTIFY_SOCKET` set); otherwise nothing. Best effort: a failure to
+/// tell is not the broker's failure.
+fn notify_systemd(state: &str) {
+    #[cfg(unix)]
+    {
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else { return };
+        let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else { return };
+        let bytes = path.as_encoded_bytes();
+        // `@name`: a Linux abstract socket.
+        #[cfg(target_os = "linux")]
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            if let Ok(addr) = std::os::unix::net::SocketAddr::from_abstract_name(name) {
+                let _ = socket.send_to_addr(state.as_bytes(), &addr);
+            }
+            return;
+        }
+        let _ = socket.send_to(state.as_bytes(), std::path::Path::new(&path));
+    }
+    #[cfg(not(unix))]
+    let _ = state;
+}
+
 /// The password file and ACL the broker was started with, read again on SIGHUP.
 struct AuthFiles {
     passwords: Option<PathBuf>,
@@ -454,6 +484,7 @@ async fn reload(server: &Server, auth: &AuthFiles, cert: Option<&(PathBuf, PathB
         done.push("nothing to reload (no password file, ACL or certificate files)".into());
     }
     let line = format!("reload: {}", done.join("; "));
+    notify_systemd(&format!("STATUS={line}"));
     if line.contains("not reloaded") {
         tracing::warn!("{line}");
     } else {
