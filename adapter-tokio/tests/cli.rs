@@ -573,3 +573,48 @@ fn which(program: &str) -> Result<PathBuf, ()> {
     let path = std::env::var_os("PATH").ok_or(())?;
     std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file()).ok_or(())
 }
+
+/// `mqttq bench` prints a live line on stderr each second, its report as JSON (through serde)
+/// on stdout with `--json`, and a summary when stopped with Ctrl-C.
+#[test]
+fn bench_shows_progress_and_sums_up_when_interrupted() {
+    let dir = temp_dir("bench");
+    let (mut b, _, tcp) = broker(dir.to_str().unwrap());
+    let mut p = Proc::spawn(&[
+        "bench",
+        "--transport",
+        "tcp",
+        "-p",
+        &tcp,
+        "-n",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "2.5",
+        "--json",
+    ]);
+    let (code, err) = p.finish();
+    assert_eq!(code, 0, "{err}");
+    let live: Vec<&str> = err.lines().filter(|l| l.contains("received") && l.contains("/s")).collect();
+    assert!(live.len() >= 2, "a live line each second: {err}");
+    let out: Vec<String> = p.lines.try_iter().collect();
+    let json: serde_json::Value = serde_json::from_str(out.last().unwrap()).unwrap();
+    assert!(json["received"].as_u64().unwrap() > 500, "{json}");
+    assert_eq!(json["stopped_early"], false);
+
+    let mut p =
+        Proc::spawn(&["bench", "--transport", "tcp", "-p", &tcp, "-n", "2", "--rate", "200", "--duration", "60"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    p.interrupt();
+    let started = Instant::now();
+    let (code, err) = p.finish();
+    assert_eq!(code, 0, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "it stops at once");
+    let out: Vec<String> = p.lines.try_iter().collect();
+    assert!(out.iter().any(|l| l.starts_with("stopped after")), "{out:?}");
+    assert!(out.iter().any(|l| l.starts_with("received")), "{out:?}");
+    b.interrupt();
+    let _ = b.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}

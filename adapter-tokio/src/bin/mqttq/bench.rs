@@ -119,8 +119,80 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         sockets: args.sockets.max(1),
         bind: args.bind,
         window: args.window.max(1),
+        live: Default::default(),
     };
-    let report = load::run(config).await.map_err(|e| e.to_string())?;
+    let live = config.live.clone();
+    let started = std::time::Instant::now();
+    // A live line on stderr each second (stdout keeps the report alone, for scripts).
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.tick().await;
+        let mut before = live.snapshot();
+        loop {
+            every.tick().await;
+            let now = live.snapshot();
+            eprintln!(
+                "{:>4.0}s  sent {:>8}/s  received {:>8}/s  p99 {} us  errors {}",
+                started.elapsed().as_secs_f64(),
+                now.sent - before.sent,
+                now.received - before.received,
+                now.latency_since(&before, 0.99),
+                now.errors
+            );
+            before = now;
+        }
+    });
+    let live = config.live.clone();
+    let outcome = tokio::select! {
+        r = load::run(config) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    ticker.abort();
+    let report = match outcome {
+        Some(r) => r.map_err(|e| e.to_string())?,
+        None => {
+            // Stopped early: the summary of what happened so far.
+            let secs = started.elapsed().as_secs_f64();
+            let now = live.snapshot();
+            let none = load::LiveSnapshot::default();
+            let latency = |q| u32::try_from(now.latency_since(&none, q)).unwrap_or(u32::MAX);
+            let rate = |n: u64| n as f64 / secs.max(1e-9);
+            if args.json {
+                let json = load::JsonReport {
+                    connected: 0,
+                    connect_secs: 0.0,
+                    connects_per_sec: 0.0,
+                    sent: now.sent,
+                    received: now.received,
+                    secs,
+                    msgs_per_sec: rate(now.received),
+                    mb_per_sec: rate(now.received) * args.size.max(16) as f64 / 1e6,
+                    p50_us: latency(0.5),
+                    p99_us: latency(0.99),
+                    p999_us: latency(0.999),
+                    errors: now.errors,
+                    delivered_per_sec: rate(now.received),
+                    max_gap_ms: 0.0,
+                    connect_fresh_ms: 0.0,
+                    connect_resumed_ms: 0.0,
+                    stopped_early: true,
+                };
+                println!("{}", serde_json::to_string(&json).map_err(|e| e.to_string())?);
+            } else {
+                println!(
+                    "stopped after {secs:.1} s\nsent        {:>10}\nreceived    {:>10}   {:.0} msg/s\nlatency us  p50 {}  p99 {}  p999 {} (to within an eighth)\nerrors      {:>10}",
+                    now.sent,
+                    now.received,
+                    rate(now.received),
+                    latency(0.5),
+                    latency(0.99),
+                    latency(0.999),
+                    now.errors
+                );
+            }
+            return Ok(());
+        }
+    };
     if report.connected == 0 {
         let why = report.first_error.as_deref().unwrap_or("no connection completed");
         return Err(format!("no client connected: {why}"));

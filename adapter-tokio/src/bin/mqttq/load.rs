@@ -100,6 +100,104 @@ pub struct BenchConfig {
     pub bind: Vec<std::net::IpAddr>,
     /// Most QoS 1/2 publishes in flight per publisher when flat out.
     pub window: usize,
+    /// Running counts, for a live line while the run goes on (and a summary if it is stopped).
+    pub live: Arc<Live>,
+}
+
+/// Counts of a run so far, updated by every task as it goes (relaxed atomics: a display, not
+/// a measurement): what `mqttq bench` prints each second, and its summary when stopped early.
+#[derive(Debug, Default)]
+pub struct Live {
+    sent: AtomicU64,
+    received: AtomicU64,
+    errors: AtomicU64,
+    latencies: LatencyHistogram,
+}
+
+impl Live {
+    /// A snapshot of the counts.
+    pub fn snapshot(&self) -> LiveSnapshot {
+        LiveSnapshot {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            latencies: self.latencies.counts(),
+        }
+    }
+}
+
+/// [`Live`]'s counts at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct LiveSnapshot {
+    pub sent: u64,
+    pub received: u64,
+    pub errors: u64,
+    latencies: Vec<u64>,
+}
+
+impl LiveSnapshot {
+    /// The latency at quantile `q` of the deliveries since `before` (all of them with a
+    /// default `before`), in microseconds, to within an eighth.
+    pub fn latency_since(&self, before: &LiveSnapshot, q: f64) -> u64 {
+        let counts: Vec<u64> =
+            self.latencies.iter().enumerate().map(|(i, c)| c - before.latencies.get(i).copied().unwrap_or(0)).collect();
+        LatencyHistogram::quantile(&counts, q)
+    }
+}
+
+/// Delivery latencies in microseconds, in buckets of an eighth of a power of two (values below
+/// 8 exactly), counted with atomics so that tasks add to it without a lock.
+#[derive(Debug)]
+struct LatencyHistogram([AtomicU64; 256]);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl LatencyHistogram {
+    fn bucket(us: u32) -> usize {
+        if us < 8 {
+            return us as usize;
+        }
+        let e = 31 - us.leading_zeros() as usize; // 3 and up
+        let sub = ((us >> (e - 3)) & 7) as usize;
+        (e - 2) * 8 + sub
+    }
+
+    /// The smallest value of bucket `i`.
+    fn floor(i: usize) -> u64 {
+        if i < 8 {
+            return i as u64;
+        }
+        let (e, sub) = (i / 8 + 2, (i % 8) as u64);
+        (8 + sub) << (e - 3)
+    }
+
+    fn record(&self, us: u32) {
+        self.0[Self::bucket(us).min(255)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    fn quantile(counts: &[u64], q: f64) -> u64 {
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((total - 1) as f64 * q).round() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen > rank {
+                return Self::floor(i);
+            }
+        }
+        0
+    }
 }
 
 /// What a run measured.
@@ -171,27 +269,28 @@ impl Report {
         }
     }
 
-    /// The report as one JSON object.
+    /// The report as one JSON object (through serde).
     pub fn json(&self) -> String {
-        format!(
-            "{{\"connected\":{},\"connect_secs\":{:.4},\"connects_per_sec\":{:.1},\"sent\":{},\"received\":{},\"secs\":{:.3},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{},\"delivered_per_sec\":{:.1},\"max_gap_ms\":{:.1},\"connect_fresh_ms\":{:.2},\"connect_resumed_ms\":{:.2}}}",
-            self.connected,
-            self.connect_secs,
-            self.connect_rate(),
-            self.sent,
-            self.received,
-            self.secs,
-            self.rate(),
-            self.mb_per_sec(),
-            self.latency(0.5),
-            self.latency(0.99),
-            self.latency(0.999),
-            self.errors,
-            self.delivered_rate(),
-            self.max_gap.as_secs_f64() * 1000.0,
-            median(&self.connect_fresh_ms),
-            median(&self.connect_resumed_ms),
-        )
+        let json = JsonReport {
+            connected: self.connected,
+            connect_secs: self.connect_secs,
+            connects_per_sec: self.connect_rate(),
+            sent: self.sent,
+            received: self.received,
+            secs: self.secs,
+            msgs_per_sec: self.rate(),
+            mb_per_sec: self.mb_per_sec(),
+            p50_us: self.latency(0.5),
+            p99_us: self.latency(0.99),
+            p999_us: self.latency(0.999),
+            errors: self.errors,
+            delivered_per_sec: self.delivered_rate(),
+            max_gap_ms: self.max_gap.as_secs_f64() * 1000.0,
+            connect_fresh_ms: median(&self.connect_fresh_ms),
+            connect_resumed_ms: median(&self.connect_resumed_ms),
+            stopped_early: false,
+        };
+        serde_json::to_string(&json).unwrap_or_default()
     }
 
     /// The report as a small table.
@@ -214,6 +313,29 @@ impl Report {
             self.errors
         )
     }
+}
+
+/// The JSON form of a [`Report`] (and of the summary of a run stopped early).
+#[derive(Debug, serde::Serialize)]
+pub struct JsonReport {
+    pub connected: usize,
+    pub connect_secs: f64,
+    pub connects_per_sec: f64,
+    pub sent: u64,
+    pub received: u64,
+    pub secs: f64,
+    pub msgs_per_sec: f64,
+    pub mb_per_sec: f64,
+    pub p50_us: u32,
+    pub p99_us: u32,
+    pub p999_us: u32,
+    pub errors: u64,
+    pub delivered_per_sec: f64,
+    pub max_gap_ms: f64,
+    pub connect_fresh_ms: f64,
+    pub connect_resumed_ms: f64,
+    /// Stopped (Ctrl-C) before the end: the counts are what had happened by then.
+    pub stopped_early: bool,
 }
 
 /// The median of `v` (0 when empty).
@@ -257,9 +379,10 @@ fn roles(config: &BenchConfig) -> Vec<Role> {
     roles
 }
 
-/// Measurements of one task, merged at the end.
+/// Measurements of one task, merged at the end (and counted live as they come).
 #[derive(Default)]
 struct Tally {
+    live: Arc<Live>,
     connected: usize,
     last_connack: Option<Instant>,
     sent: u64,
@@ -276,12 +399,30 @@ struct Tally {
 }
 
 impl Tally {
+    fn new(config: &BenchConfig) -> Tally {
+        Tally { live: config.live.clone(), ..Tally::default() }
+    }
+
+    /// Counts a publish.
+    fn published(&mut self) {
+        self.sent += 1;
+        self.live.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` failures.
+    fn failed(&mut self, n: u64) {
+        self.errors += n;
+        self.live.errors.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Counts a delivery at `now` of a run whose publishing ends at `end`.
     fn arrived(&mut self, payload: &[u8], start: Instant, now: Instant, end: Instant) {
         self.received += 1;
+        self.live.received.fetch_add(1, Ordering::Relaxed);
         self.bytes += payload.len() as u64;
         if let Some(l) = latency_us(payload, start, now) {
             self.latencies.push(l);
+            self.live.latencies.record(l);
         }
         if now <= end + ON_TIME_GRACE {
             self.on_time += 1;
@@ -428,7 +569,7 @@ async fn pool_task(
     (ready, go): (Arc<Barrier>, Arc<Barrier>),
     totals: Arc<Totals>,
 ) -> Tally {
-    let mut tally = Tally::default();
+    let mut tally = Tally::new(&config);
     let mut buf = Vec::with_capacity(64 * 1024);
     let base = base_session(&config);
     let mut members = Vec::new();
@@ -447,7 +588,7 @@ async fn pool_task(
             match pool.add(clock(), session) {
                 Ok(i) => members.push((i, role.clone())),
                 Err(_) => {
-                    tally.errors += 1;
+                    tally.failed(1);
                     down += 1;
                 }
             }
@@ -468,7 +609,7 @@ async fn pool_task(
                 }
                 ClientEvent::Disconnected { .. } | ClientEvent::Refused { .. } => {
                     down += 1;
-                    tally.errors += 1;
+                    tally.failed(1);
                     tally.first_error.get_or_insert_with(|| failure(&pool, i, &e));
                     // A subscriber lost before its SUBACK will never send one: stop waiting.
                     let subscribes = members.iter().any(|(m, r)| *m == i && r.subscribes.is_some());
@@ -516,11 +657,11 @@ async fn pool_task(
                     let p = Publish::new(topic.clone(), payload(config.payload, start, due, seq)).with_qos(config.qos);
                     match pool.publish(now, *i, p) {
                         Ok(_) => {
-                            tally.sent += 1;
+                            tally.published();
                             totals.sent.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(_) => {
-                            tally.errors += 1;
+                            tally.failed(1);
                             break;
                         }
                     }
@@ -603,7 +744,7 @@ async fn run_stream(
     let url = config.url.to_string();
     let connect_started = clock();
     let mut clients = Vec::new();
-    let mut setup = Tally::default();
+    let mut setup = Tally::new(config);
     for (n, role) in roles.into_iter().enumerate() {
         let mut options = config.options.clone();
         options.session.client_id = format!("bench-{}-{n}", std::process::id());
@@ -613,13 +754,13 @@ async fn run_stream(
                 setup.last_connack = Some(clock());
                 if let Some(f) = &role.subscribes {
                     if c.subscribe(f.clone(), config.qos).await.is_err() {
-                        setup.errors += 1;
+                        setup.failed(1);
                     }
                 }
                 clients.push((c, role));
             }
             Err(e) => {
-                setup.errors += 1;
+                setup.failed(1);
                 setup.first_error.get_or_insert(e.to_string());
             }
         }
@@ -631,7 +772,7 @@ async fn run_stream(
     for (client, role) in clients {
         let (config, tallies) = (config.clone(), tallies.clone());
         tasks.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
+            let mut tally = Tally::new(&config);
             if let Some(topic) = role.publishes {
                 let interval = config.rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r));
                 // Publishes are queued in call order when `publish` is called, so the oldest
@@ -652,15 +793,15 @@ async fn run_stream(
                     seq += 1;
                     let p = Publish::new(topic.clone(), payload(config.payload, start, due, seq)).with_qos(config.qos);
                     inflight.push_back(client.publish(p));
-                    tally.sent += 1;
+                    tally.published();
                     while inflight.len() >= config.window.max(1) {
                         if let Some(done) = inflight.pop_front() {
-                            tally.errors += u64::from(done.await.is_err());
+                            tally.failed(u64::from(done.await.is_err()));
                         }
                     }
                 }
                 while let Some(done) = inflight.pop_front() {
-                    tally.errors += u64::from(done.await.is_err());
+                    tally.failed(u64::from(done.await.is_err()));
                 }
             }
             if role.subscribes.is_some() {
@@ -691,7 +832,7 @@ async fn connect_quic(
 ) -> Result<(Instant, Duration), ClientError> {
     let target = QuicTarget::resolve(config).await?;
     let base = base_session(config);
-    let mut tally = Tally::default();
+    let mut tally = Tally::new(config);
     let mut buf = Vec::with_capacity(64 * 1024);
     let started = clock();
     for n in 0..config.clients.max(1) {
@@ -701,13 +842,13 @@ async fn connect_quic(
                 ClientSessionConfig { client_id: format!("bench-{}-{n}", std::process::id()), ..base.clone() };
             let began = clock();
             let Ok(i) = pool.add(began, session) else {
-                tally.errors += 1;
+                tally.failed(1);
                 break;
             };
             let took = match until_connack(&mut pool, &mut udp, &mut buf, i).await {
                 Ok(took) => took,
                 Err(e) => {
-                    tally.errors += 1;
+                    tally.failed(1);
                     tally.first_error.get_or_insert(e);
                     break;
                 }
@@ -762,7 +903,7 @@ async fn until_connack(pool: &mut ClientPool, udp: &mut Udp, buf: &mut Vec<u8>, 
 /// TCP segment to CONNACK.
 async fn connect_stream(config: &BenchConfig, tallies: Arc<Mutex<Vec<Tally>>>) -> (Instant, Duration) {
     let url = config.url.to_string();
-    let mut tally = Tally::default();
+    let mut tally = Tally::new(config);
     let started = clock();
     for n in 0..config.clients.max(1) {
         let mut options = config.options.clone();
@@ -777,7 +918,7 @@ async fn connect_stream(config: &BenchConfig, tallies: Arc<Mutex<Vec<Tally>>>) -
                 let _ = c.disconnect().await;
             }
             Err(e) => {
-                tally.errors += 1;
+                tally.failed(1);
                 tally.first_error.get_or_insert(e.to_string());
             }
         }
@@ -799,6 +940,27 @@ fn failure(pool: &ClientPool, i: usize, event: &ClientEvent) -> String {
 /// tests with the generator itself; the assertions are theirs).
 #[cfg(test)]
 mod tests {
+    /// The live histogram's quantiles are within an eighth of the exact ones.
+    #[test]
+    fn live_latency_quantiles_are_within_an_eighth() {
+        let h = LatencyHistogram::default();
+        let values: Vec<u32> = (0..10_000u32).map(|i| i * 37 % 50_000 + 1).collect();
+        for v in &values {
+            h.record(*v);
+        }
+        let mut sorted = values.clone();
+        sorted.sort_unstable();
+        for q in [0.5, 0.9, 0.99] {
+            let exact = sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64;
+            let got = LatencyHistogram::quantile(&h.counts(), q) as f64;
+            assert!(got <= exact && got >= exact * 7.0 / 8.0 - 1.0, "q {q}: {got} vs {exact}");
+        }
+        for v in [0, 1, 7, 8, 9, 15, 16, 1000, u32::MAX] {
+            let b = LatencyHistogram::bucket(v).min(255);
+            assert!(LatencyHistogram::floor(b) <= u64::from(v), "{v}");
+        }
+    }
+
     use super::*;
     use adapter_tokio::server::{Server, ServerOptions};
     use mqtt_quic_core::tls::{fingerprint_hex, SelfSigned, ServerTls};
@@ -843,6 +1005,7 @@ mod tests {
                 sockets: 2,
                 bind: vec![],
                 window: 16,
+                live: Default::default(),
             };
             let report = run(config).await.unwrap();
             let fan = if scenario == Scenario::FanOut { 3 } else { 1 };
@@ -867,6 +1030,7 @@ mod tests {
                 sockets: 1,
                 bind: vec![],
                 window: 1,
+                live: Default::default(),
             })
             .await
             .unwrap();
@@ -887,6 +1051,7 @@ mod tests {
             sockets: 2,
             bind: vec![],
             window: 1,
+            live: Default::default(),
         })
         .await
         .unwrap();
