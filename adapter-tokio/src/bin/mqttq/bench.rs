@@ -122,7 +122,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         live: Default::default(),
     };
     let live = config.live.clone();
-    let started = std::time::Instant::now();
+    let started = load::clock();
     // A live line on stderr each second (stdout keeps the report alone, for scripts).
     let ticker = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
 
 /// The clock: tokio's, as the adapter's own tasks read it.
-fn clock() -> Instant {
+pub fn clock() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
