@@ -110,6 +110,8 @@ enum StreamIn {
         /// "tcp", "tls", "ws" or "wss", for the log (and the broker speaks WebSocket on the
         /// last two).
         transport: &'static str,
+        /// The common name of the client's certificate, when it presented one (TLS).
+        identity: Option<String>,
     },
     /// A connection dialled for a bridge ([`Dial::Open`]) is up (with its outbox) or failed.
     Dialed(StreamId, Result<OutboxSender, String>),
@@ -649,8 +651,11 @@ async fn drive(
                 let _ = reply.send(result);
             }
             Input::Local(Some(command)) => sinks.handle(&mut broker, now, DEFAULT_WINDOW, command),
-            Input::Stream(Some(StreamIn::Open { out, reply, remote, transport })) => {
+            Input::Stream(Some(StreamIn::Open { out, reply, remote, transport, identity })) => {
                 let id = table.open(&mut broker, now, remote, transport, out);
+                if let Some(identity) = identity {
+                    broker.set_stream_identity(id, identity);
+                }
                 if reply.send(id).is_err() {
                     table.closed(&mut broker, now, id);
                 }
@@ -711,7 +716,7 @@ struct Listening {
 /// A TLS acceptor with `tls`'s certificate, offering `transport`'s ALPN protocol (`mqtt` for
 /// the TLS listener, `http/1.1` for wss, as browsers expect).
 fn tls_acceptor(tls: &ServerTls, transport: Transport) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
-    let mut config = tls.rustls_config(false)?;
+    let mut config = tls.rustls_stream_config()?;
     config.alpn_protocols = vec![transport.alpn().to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
@@ -743,12 +748,22 @@ async fn accept(listener: TcpListener, listening: Listening, tasks: Tasks, optio
         match acceptor {
             None => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
-                connection(socket, peer, transport, broker, write_timeout).await
+                connection(socket, peer, (transport, None), broker, write_timeout).await
             })),
             Some(acceptor) => drop(tokio::spawn(async move {
                 let _held = (permit, alive);
                 match tokio::time::timeout(handshake, acceptor.accept(socket)).await {
-                    Ok(Ok(tls)) => connection(tls, peer, transport, broker, write_timeout).await,
+                    Ok(Ok(tls)) => {
+                        // The client's certificate, verified against the client CA when one
+                        // is required: its common name is its identity.
+                        let identity = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(|cert| mqtt_quic_core::tls::certificate_common_name(cert));
+                        connection(tls, peer, (transport, identity), broker, write_timeout).await
+                    }
                     Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
                     Err(_) => debug!("TLS handshake with {peer} timed out"),
                 }
@@ -785,11 +800,13 @@ async fn dial_out(dial: Dial, broker: mpsc::Sender<StreamIn>, options: ServerOpt
                 Err(e) => return drop(broker.send(StreamIn::Dialed(id, Err(e))).await),
             };
             match tls {
-                None => carry(tcp, Some(id), addr, "bridge", broker, write_timeout).await,
+                None => carry(tcp, Origin::Dialed(id), addr, "bridge", broker, write_timeout).await,
                 Some(tls) => {
                     let connector = tokio_rustls::TlsConnector::from(tls.config);
                     match tokio::time::timeout(timeout, connector.connect(tls.server_name, tcp)).await {
-                        Ok(Ok(stream)) => carry(stream, Some(id), addr, "bridge", broker, write_timeout).await,
+                        Ok(Ok(stream)) => {
+                            carry(stream, Origin::Dialed(id), addr, "bridge", broker, write_timeout).await
+                        }
                         Ok(Err(e)) => drop(broker.send(StreamIn::Dialed(id, Err(format!("TLS: {e}")))).await),
                         Err(_) => drop(broker.send(StreamIn::Dialed(id, Err("TLS handshake timed out".into()))).await),
                     }
@@ -809,35 +826,43 @@ async fn dial_out(dial: Dial, broker: mpsc::Sender<StreamIn>, options: ServerOpt
 async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     remote: SocketAddr,
-    transport: &'static str,
+    (transport, identity): (&'static str, Option<String>),
     broker: mpsc::Sender<StreamIn>,
     write_timeout: Duration,
 ) {
-    carry(stream, None, remote, transport, broker, write_timeout).await
+    carry(stream, Origin::Accepted(identity), remote, transport, broker, write_timeout).await
+}
+
+/// Where a carried connection comes from.
+enum Origin {
+    /// Accepted on a listener (with its client certificate's name, if it presented one): the
+    /// broker numbers it now.
+    Accepted(Option<String>),
+    /// Dialled for a bridge, under the broker's number.
+    Dialed(StreamId),
 }
 
 /// Moves one connection's bytes to and from the broker task until either side ends it: an
-/// accepted one (`dialed` `None`: the broker numbers it now) or one dialled for a bridge
-/// under the broker's number.
+/// accepted one or one dialled for a bridge (see [`Origin`]).
 async fn carry<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
-    dialed: Option<StreamId>,
+    origin: Origin,
     remote: SocketAddr,
     transport: &'static str,
     broker: mpsc::Sender<StreamIn>,
     write_timeout: Duration,
 ) {
     let outbox = Outbox::default();
-    let id = match dialed {
-        Some(id) => {
+    let id = match origin {
+        Origin::Dialed(id) => {
             if broker.send(StreamIn::Dialed(id, Ok(OutboxSender(outbox.clone())))).await.is_err() {
                 return;
             }
             id
         }
-        None => {
+        Origin::Accepted(identity) => {
             let (reply, id) = oneshot::channel();
-            let open = StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote, transport };
+            let open = StreamIn::Open { out: OutboxSender(outbox.clone()), reply, remote, transport, identity };
             if broker.send(open).await.is_err() {
                 return;
             }

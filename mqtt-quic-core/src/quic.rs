@@ -599,6 +599,14 @@ impl QuicEndpoint {
         }
     }
 
+    /// The end-entity certificate (DER) a connection's peer presented, if it presented one
+    /// (a server that requires client certificates has verified it).
+    pub fn peer_certificate(&self, conn: ConnId) -> Option<Vec<u8>> {
+        let identity = self.conns.get(&conn.0)?.quic.crypto_session().peer_identity()?;
+        let chain = identity.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+        chain.first().map(|c| c.to_vec())
+    }
+
     /// Number of open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()

@@ -113,6 +113,11 @@ pub struct ServerTls {
     chain: Vec<CertificateDer<'static>>,
     key_pem: Vec<u8>,
     client_ca: Option<Vec<CertificateDer<'static>>>,
+    /// With `client_ca`: whether a client without a certificate is let in (to log in with a
+    /// password instead); a certificate it does present must still verify.
+    client_optional: bool,
+    /// Whether the TLS-over-TCP listeners also speak TLS 1.2 (QUIC is TLS 1.3 always).
+    tls12: bool,
 }
 
 impl ServerTls {
@@ -120,7 +125,7 @@ impl ServerTls {
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ServerTls, TlsError> {
         let chain = certificates_from_pem(cert_pem)?;
         private_key_from_pem(key_pem)?;
-        Ok(ServerTls { chain, key_pem: key_pem.to_vec(), client_ca: None })
+        Ok(ServerTls { chain, key_pem: key_pem.to_vec(), client_ca: None, client_optional: false, tls12: false })
     }
 
     /// From a generated self-signed certificate.
@@ -131,7 +136,29 @@ impl ServerTls {
     /// Requires clients to present a certificate issued by one of the CAs in `ca_pem`.
     pub fn require_client_certificates(mut self, ca_pem: &[u8]) -> Result<ServerTls, TlsError> {
         self.client_ca = Some(certificates_from_pem(ca_pem)?);
+        self.client_optional = false;
         Ok(self)
+    }
+
+    /// Verifies the certificates clients present against the CAs in `ca_pem`, and lets in
+    /// clients that present none (mosquitto's `cafile` without `require_certificate`).
+    pub fn accept_client_certificates(mut self, ca_pem: &[u8]) -> Result<ServerTls, TlsError> {
+        self.client_ca = Some(certificates_from_pem(ca_pem)?);
+        self.client_optional = true;
+        Ok(self)
+    }
+
+    /// Lets the TLS-over-TCP listeners (`mqtts`, `wss`) speak TLS 1.2 too, for devices that
+    /// have nothing newer (mosquitto's `tls_version tlsv1.2`); QUIC stays TLS 1.3 only, as
+    /// RFC 9001 requires.
+    pub fn allow_tls12(mut self, allow: bool) -> ServerTls {
+        self.tls12 = allow;
+        self
+    }
+
+    /// Whether client certificates are required (see [`ServerTls::require_client_certificates`]).
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_ca.is_some() && !self.client_optional
     }
 
     /// The end-entity certificate's SHA-256 fingerprint.
@@ -141,8 +168,25 @@ impl ServerTls {
 
     /// A rustls server configuration: TLS 1.3 only, ALPN `mqtt`, 0-RTT when `early_data`.
     pub fn rustls_config(&self, early_data: bool) -> Result<rustls::ServerConfig, TlsError> {
-        let builder = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        self.build(early_data, &[&rustls::version::TLS13])
+    }
+
+    /// A rustls server configuration for a TLS-over-TCP listener: as
+    /// [`ServerTls::rustls_config`] without 0-RTT, with TLS 1.2 too when
+    /// [`ServerTls::allow_tls12`] said so.
+    pub fn rustls_stream_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        match self.tls12 {
+            true => self.build(false, &[&rustls::version::TLS13, &rustls::version::TLS12]),
+            false => self.build(false, &[&rustls::version::TLS13]),
+        }
+    }
+
+    fn build(
+        &self,
+        early_data: bool,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(cas) => {
@@ -150,9 +194,12 @@ impl ServerTls {
                 for ca in cas {
                     roots.add(ca.clone())?;
                 }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                    .build()
-                    .map_err(|e| TlsError::Certificate(e.to_string()))?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+                let verifier = match self.client_optional {
+                    true => verifier.allow_unauthenticated(),
+                    false => verifier,
+                };
+                let verifier = verifier.build().map_err(|e| TlsError::Certificate(e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
@@ -330,5 +377,99 @@ mod tests {
         let tls = ServerTls::from_self_signed(&cert).unwrap();
         assert_eq!(tls.fingerprint(), cert.fingerprint);
         assert!(tls.rustls_config(true).is_ok());
+    }
+}
+
+/// The Common Name (CN) of a DER certificate's subject: the identity mosquitto's
+/// `use_identity_as_username` takes as the user name of a client that logged in with a
+/// certificate. `None` when the certificate has none (or is not one: the certificate was
+/// verified before this is asked, so that only happens for a broken CA's certificates).
+///
+/// A small DER reader of its own, bounded by the input and without recursion: it walks
+/// Certificate, TBSCertificate, the fields before the subject, then the subject's attributes.
+pub fn certificate_common_name(der: &[u8]) -> Option<String> {
+    /// One DER element: its tag, its contents, and what follows it.
+    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = match first {
+            0..=0x7F => (usize::from(first), rest),
+            0x81..=0x84 => {
+                let n = usize::from(first & 0x7F);
+                if rest.len() < n {
+                    return None;
+                }
+                let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+                (len, &rest[n..])
+            }
+            _ => return None,
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let (tag, cert, _) = element(der)?;
+    (tag == SEQUENCE).then_some(())?;
+    let (tag, tbs, _) = element(cert)?;
+    (tag == SEQUENCE).then_some(())?;
+    let mut fields = tbs;
+    // An explicit version ([0]) comes first when present.
+    if fields.first() == Some(&0xA0) {
+        fields = element(fields)?.2;
+    }
+    // Serial number, signature algorithm, issuer, validity; then the subject.
+    for _ in 0..4 {
+        fields = element(fields)?.2;
+    }
+    let (tag, mut subject, _) = element(fields)?;
+    (tag == SEQUENCE).then_some(())?;
+    while !subject.is_empty() {
+        let (tag, set, rest) = element(subject)?;
+        subject = rest;
+        if tag != SET {
+            continue;
+        }
+        let mut attributes = set;
+        while !attributes.is_empty() {
+            let (_, attribute, rest) = element(attributes)?;
+            attributes = rest;
+            let (tag, oid, value) = element(attribute)?;
+            if tag != 0x06 || oid != CN {
+                continue;
+            }
+            let (tag, text, _) = element(value)?;
+            // UTF8String, PrintableString, TeletexString, IA5String.
+            if matches!(tag, 0x0C | 0x13 | 0x14 | 0x16) {
+                return std::str::from_utf8(text).ok().map(str::to_string);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::certificate_common_name;
+
+    #[test]
+    fn the_common_name_of_a_subject_and_nothing_from_garbage() {
+        let mut params = rcgen::CertificateParams::new(vec!["device.example".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::OrganizationName, "Acme");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "device-7");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(certificate_common_name(cert.der()).as_deref(), Some("device-7"));
+        let mut none = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap();
+        none.distinguished_name = rcgen::DistinguishedName::new();
+        let cert = none.self_signed(&key).unwrap();
+        assert_eq!(certificate_common_name(cert.der()), None);
+        // Cut short anywhere, or garbage: no name, no panic.
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        for cut in 0..der.len() {
+            let _ = certificate_common_name(&der[..cut]);
+        }
+        assert_eq!(certificate_common_name(&[0x30, 0x84, 0xFF, 0xFF, 0xFF, 0xFF]), None);
     }
 }

@@ -27,10 +27,15 @@ impl Pki {
         Pki { ca_pem: cert.pem(), issuer: Issuer::new(params, key) }
     }
 
-    /// A certificate for `names`, for a server (`client == false`) or a client.
+    /// A certificate for `names`, for a server (`client == false`) or a client; its subject's
+    /// common name is the first name (a client's identity).
     pub fn issue(&self, names: &[&str], client: bool) -> Issued {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
+        let mut params = CertificateParams::new(names.clone()).expect("leaf params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(rcgen::DnType::CommonName, first.as_str());
+        }
         params.extended_key_usages =
             vec![if client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth }];
         let key = KeyPair::generate().expect("leaf key");

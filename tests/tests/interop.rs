@@ -427,6 +427,79 @@ fn a_mosquitto_passwd_file_works_with_our_broker() {
     assert!(said.to_lowercase().contains("bad user name or password"), "{said}");
 }
 
+/// Mutual TLS as mosquitto users set it up (`cafile`, `require_certificate`,
+/// `use_identity_as_username`), with mosquitto_pub as the client over TLS (1.3, and 1.2 when
+/// allowed) and our client over QUIC: a device's certificate is its login, its common name its
+/// user name for the ACL; without a certificate the handshake fails.
+#[test]
+fn client_certificates_log_devices_in_as_mosquitto_does() {
+    let pub_program = require("mosquitto_pub", "mosquitto-clients");
+    let pki = mqtt_tests::pki::Pki::new();
+    let server = pki.issue(&["localhost"], false);
+    let device = pki.issue(&["device-7"], true);
+    let dir = scratch().join("mtls");
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (name, pem) in [("ca.pem", &pki.ca_pem), ("dev.pem", &device.cert_pem), ("dev.key", &device.key_pem)] {
+        std::fs::write(dir.join(name), pem).expect("write");
+    }
+    let tls = ServerTls::from_pem(server.cert_pem.as_bytes(), server.key_pem.as_bytes())
+        .and_then(|t| t.require_client_certificates(pki.ca_pem.as_bytes()))
+        .expect("server TLS")
+        .allow_tls12(true);
+    let acl = "user device-7\ntopic write devices/device-7/#\n";
+    let auth = mqtt_quic_core::broker::auth::FileAuth::new(false).with_acl(acl).expect("ACL");
+    let broker = OurBroker::start_with(|o| {
+        o.broker.quic.tls = tls;
+        o.tls = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        o.broker.use_identity_as_username = true;
+        o.broker.auth = Some(std::sync::Arc::new(auth));
+    });
+    let server_ref = broker.server.as_ref().expect("server");
+    let tls_port = server_ref.tls_addr().expect("TLS listener").port().to_string();
+    let mut seen = broker
+        .runtime
+        .block_on(server_ref.subscribe(TopicFilter::new("devices/#").expect("filter"), QoS::AtLeastOnce))
+        .expect("subscribe");
+    let publish = |extra: &[&str], topic: &str| {
+        let mut command = Command::new(&pub_program);
+        command.args(["-h", "localhost", "-p", &tls_port, "-q", "1", "-V", "mqttv5", "-t", topic, "-m", "m"]);
+        command.arg("--cafile").arg(dir.join("ca.pem")).args(extra);
+        command.output().expect("run mosquitto_pub")
+    };
+    let (cert, key) = (dir.join("dev.pem"), dir.join("dev.key"));
+    let with_cert = ["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+    let ok = publish(&with_cert, "devices/device-7/temp");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let tls12 = [&with_cert[..], &["--tls-version", "tlsv1.2"]].concat();
+    let ok12 = publish(&tls12, "devices/device-7/tls12");
+    assert!(ok12.status.success(), "TLS 1.2: {}", String::from_utf8_lossy(&ok12.stderr));
+    // Another device's topic: the ACL of user device-7 says no (the message goes nowhere).
+    let _ = publish(&with_cert, "devices/device-8/temp");
+    let refused = publish(&[], "devices/device-7/anon");
+    assert!(!refused.status.success(), "no certificate, no connection");
+
+    // Our client over QUIC, with the device's certificate.
+    let trust = ClientTls::with_ca_pem(pki.ca_pem.as_bytes())
+        .and_then(|t| t.with_client_certificate(device.cert_pem.as_bytes(), device.key_pem.as_bytes()))
+        .expect("client TLS");
+    let mut options = ClientOptions::new().tls(trust);
+    options.server_name = Some("localhost".into());
+    let quic = format!("quic://127.0.0.1:{}", broker.quic_port());
+    broker.runtime.block_on(async {
+        let client = Client::connect(&quic, options).await.expect("a certificate is a login over QUIC too");
+        let p = Publish::new(TopicName::new("devices/device-7/quic").expect("topic"), "q").with_qos(QoS::AtLeastOnce);
+        client.publish(p).await.expect("publish");
+        client.disconnect().await.expect("disconnect");
+    });
+    let mut topics = Vec::new();
+    broker.runtime.block_on(async {
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), seen.recv()).await {
+            topics.push(m.topic.to_string());
+        }
+    });
+    assert_eq!(topics, ["devices/device-7/temp", "devices/device-7/tls12", "devices/device-7/quic"]);
+}
+
 /// paho-mqtt's whole scenario list over MQTT over WebSocket, both protocol versions, and over
 /// secure WebSocket (TLS with our certificate).
 #[test]

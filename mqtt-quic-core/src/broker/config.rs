@@ -96,6 +96,12 @@ pub struct BrokerConfig {
     /// [`Broker::handle_stream_open_ws`](super::machine::Broker::handle_stream_open_ws)
     /// (EMQX's `/mqtt` by default); upgrade requests for other paths are answered 404.
     pub websocket_path: String,
+    /// mosquitto's `use_identity_as_username`: a client that logged in with a certificate
+    /// (QUIC, or TLS over TCP with `Broker::set_stream_identity`) has its certificate's common
+    /// name as its user name, whatever its CONNECT says, and no password check (the
+    /// certificate, verified against the client CA, is its credential); the ACL applies to
+    /// that name. Clients without a certificate are checked as usual.
+    pub use_identity_as_username: bool,
 }
 
 impl BrokerConfig {
@@ -127,6 +133,7 @@ impl BrokerConfig {
             commit_delay: Duration::from_millis(1),
             bridges: Vec::new(),
             websocket_path: crate::ws::DEFAULT_PATH.to_string(),
+            use_identity_as_username: false,
         }
     }
 

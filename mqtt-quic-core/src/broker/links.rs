@@ -66,6 +66,9 @@ pub(super) struct Links {
     /// which goes to them instead of the adapter.
     internal: std::collections::BTreeSet<StreamId>,
     internal_out: VecDeque<(StreamId, StreamOutput)>,
+    /// The identity (certificate common name) of byte streams whose client presented a
+    /// certificate, as the adapter said (see `Broker::set_stream_identity`).
+    identities: BTreeMap<StreamId, String>,
     /// The WebSocket layer of byte streams that carry MQTT over WebSocket: output is framed
     /// on its way to the adapter, input unframed on its way in.
     websockets: BTreeMap<StreamId, WsConn>,
@@ -91,6 +94,7 @@ impl Links {
             internal: Default::default(),
             internal_out: VecDeque::new(),
             websockets: BTreeMap::new(),
+            identities: BTreeMap::new(),
             write_timeout: config.write_timeout,
             max_queued_bytes: config.max_queued_bytes,
             max_total_queued_bytes: config.max_total_queued_bytes,
@@ -179,6 +183,19 @@ impl Links {
     /// Notes where a byte stream comes from (the adapter knows; QUIC tells itself).
     pub(super) fn set_remote(&mut self, id: StreamId, remote: SocketAddr) {
         self.remote.insert(id, remote);
+    }
+
+    /// Notes the identity a byte stream's client certificate carries.
+    pub(super) fn set_identity(&mut self, id: StreamId, identity: String) {
+        self.identities.insert(id, identity);
+    }
+
+    /// The common name of the certificate a connection's client presented, if any.
+    pub(super) fn identity(&self, conn: Peer) -> Option<String> {
+        match conn {
+            Peer::Quic(c) => self.quic.peer_certificate(c).and_then(|der| crate::tls::certificate_common_name(&der)),
+            Peer::Stream(id) => self.identities.get(&id).cloned(),
+        }
     }
 
     /// Where a connection comes from, when known.
@@ -284,6 +301,7 @@ impl Links {
         }
         self.remote.remove(&id);
         self.websockets.remove(&id);
+        self.identities.remove(&id);
         self.forget_stall(Peer::Stream(id));
     }
 

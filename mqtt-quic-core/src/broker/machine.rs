@@ -249,6 +249,15 @@ impl Broker {
         Ok(())
     }
 
+    /// The client of a byte stream presented a certificate whose common name is `identity`
+    /// (the adapter read it after the TLS handshake, see
+    /// [`crate::tls::certificate_common_name`]): with
+    /// [`BrokerConfig::use_identity_as_username`] it is the client's user name. Call it before
+    /// the stream's first data.
+    pub fn set_stream_identity(&mut self, id: StreamId, identity: String) {
+        self.links.set_identity(id, identity);
+    }
+
     /// The configuration in force (after [`Broker::set_auth`] and [`Broker::set_server_tls`]).
     pub fn config(&self) -> &BrokerConfig {
         &self.config

@@ -175,8 +175,23 @@ impl Broker {
 
     /// A CONNECT: what can be decided without knowing who the client is, then the password
     /// check (handed out, see [`Broker::poll_auth`]), then `Broker::admit`.
-    pub(super) fn on_connect(&mut self, now: Instant, conn: Peer, c: Connect) {
+    pub(super) fn on_connect(&mut self, now: Instant, conn: Peer, mut c: Connect) {
         let remote = self.links.remote_addr(conn);
+        // mosquitto's `use_identity_as_username`: the certificate's name is the user name, and
+        // the verified certificate the credential.
+        let by_certificate = match self.config.use_identity_as_username {
+            true => self.links.identity(conn),
+            false => None,
+        };
+        if let Some(name) = &by_certificate {
+            match mqtt_proto::MqttString::try_from(name.clone()) {
+                Ok(name) => {
+                    c.username = Some(name);
+                    c.password = None;
+                }
+                Err(_) => return self.refuse(now, conn, ReasonCode::BadUserNameOrPassword),
+            }
+        }
         let username = c.username.as_ref().map(|u| u.as_str().to_string());
         let internal = self.conns.get(&conn).is_some_and(|l| l.internal);
         if let Some(live) = self.conns.get_mut(&conn) {
@@ -206,7 +221,8 @@ impl Broker {
                 return self.refuse(now, conn, ReasonCode::NotAuthorized);
             }
         }
-        let Some(auth) = self.config.auth.clone().filter(|_| !internal) else { return self.admit(now, conn, c) };
+        let checked = internal || by_certificate.is_some();
+        let Some(auth) = self.config.auth.clone().filter(|_| !checked) else { return self.admit(now, conn, c) };
         // Where it comes from, when known (QUIC always; byte streams when the adapter said,
         // with [`Broker::handle_stream_open`]).
         let ip = remote.map(|a| a.ip());

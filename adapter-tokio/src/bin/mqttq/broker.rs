@@ -10,7 +10,7 @@ use mqtt_quic_core::broker::auth::FileAuth;
 use mqtt_quic_core::cid::QuicLb;
 use mqtt_quic_core::config::{Congestion, MAX_DATA_STREAMS, MAX_DURATION};
 use mqtt_quic_core::persist::Persistence;
-use mqtt_quic_core::tls::{fingerprint_hex, ClientTls};
+use mqtt_quic_core::tls::{fingerprint_hex, ClientTls, ServerTls};
 use mqtt_quic_core::url::{BrokerUrl, Transport};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +52,22 @@ pub struct BrokerArgs {
     /// The HTTP path MQTT over WebSocket is served on [default: /mqtt].
     #[arg(long, value_name = "PATH")]
     ws_path: Option<String>,
+    /// CA certificates (PEM) that client certificates are verified against, on the QUIC, TLS
+    /// and wss listeners (mosquitto's `cafile`); clients without one still get in unless
+    /// --require-certificate.
+    #[arg(long, value_name = "FILE")]
+    cafile: Option<PathBuf>,
+    /// With --cafile: refuse clients without a certificate (mutual TLS).
+    #[arg(long, requires = "cafile")]
+    require_certificate: bool,
+    /// A client's certificate common name is its user name, and its login (no password
+    /// checked); the ACL applies to that name.
+    #[arg(long, requires = "cafile")]
+    use_identity_as_username: bool,
+    /// The oldest TLS version the TLS and wss listeners speak: tlsv1.2 or tlsv1.3 [default:
+    /// tlsv1.3]. QUIC is TLS 1.3 always.
+    #[arg(long, value_name = "VERSION", value_parser = ["tlsv1.2", "tlsv1.3"])]
+    tls_version: Option<String>,
     /// Certificate chain (PEM) for QUIC and TLS [default: self-signed, in the data directory].
     #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
@@ -121,19 +137,26 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     crate::init_logging(args.verbosity.as_deref().or(file.verbosity.as_deref()), "info")?;
 
     let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(files::default_data_dir);
-    let tls = match (args.cert.as_ref().or(file.cert.as_ref()), args.key.as_ref().or(file.key.as_ref())) {
-        (Some(cert), Some(key)) => {
-            let tls = files::server_tls_from_files(cert, key).map_err(|e| e.to_string())?;
-            println!("certificate: {}", cert.display());
-            tls
-        }
-        (None, None) => {
-            let (tls, cert, _) = files::self_signed_in(&data_dir).map_err(|e| e.to_string())?;
-            println!("certificate: {} (self-signed)", cert.display());
-            tls
-        }
-        _ => return Err("give both a certificate and a key (cert and key)".into()),
+    let tls_files = TlsFiles {
+        cert: match (args.cert.as_ref().or(file.cert.as_ref()), args.key.as_ref().or(file.key.as_ref())) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => return Err("give both a certificate and a key (cert and key)".into()),
+        },
+        data_dir: data_dir.clone(),
+        cafile: args.cafile.clone().or(file.tls.cafile.clone()),
+        require_certificate: args.require_certificate || file.tls.require_certificate == Some(true),
+        tls12: match args.tls_version.as_deref().or(file.tls.tls_version.as_deref()) {
+            None | Some("tlsv1.3") => false,
+            Some("tlsv1.2") => true,
+            Some(other) => return Err(format!("tls_version `{other}`: use tlsv1.2 or tlsv1.3")),
+        },
     };
+    let tls = tls_files.load()?;
+    match &tls_files.cert {
+        Some((cert, _)) => println!("certificate: {}", cert.display()),
+        None => println!("certificate: {} (self-signed)", data_dir.join("cert.pem").display()),
+    }
     println!("fingerprint: {}", fingerprint_hex(&tls.fingerprint()));
 
     let mut options = ServerOptions::new(tls);
@@ -147,6 +170,11 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
     if [options.quic, options.tcp, options.tls, options.ws, options.wss].iter().all(Option::is_none) {
         return Err("every listener is off: nothing to serve".into());
+    }
+    options.broker.use_identity_as_username =
+        args.use_identity_as_username || file.tls.use_identity_as_username == Some(true);
+    if options.broker.use_identity_as_username && tls_files.cafile.is_none() {
+        return Err("use_identity_as_username needs cafile: the CA that client certificates are checked against".into());
     }
     options.tcp_max_connections = file.tcp.max_connections.unwrap_or(options.tcp_max_connections);
     options.tls_max_connections = file.tls.max_connections.unwrap_or(options.tls_max_connections);
@@ -267,10 +295,6 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         allow_anonymous: file.allow_anonymous,
     };
     b.auth = auth_files.load()?;
-    let cert_files = match (args.cert.as_ref().or(file.cert.as_ref()), args.key.as_ref().or(file.key.as_ref())) {
-        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
-        _ => None,
-    };
 
     for (i, section) in file.bridge.iter().enumerate() {
         let bridge = bridge_config(i, section)?;
@@ -299,7 +323,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
             // Ends only if the broker stops by itself (a bug): exit with a failure status so
             // that a supervisor restarts the broker.
             stopped = server.wait() => return Err(stopped.err().map_or_else(|| "the broker stopped".into(), |e| e.to_string())),
-            Some(()) = hangups.recv() => reload(&server, &auth_files, cert_files.as_ref()).await,
+            Some(()) = hangups.recv() => reload(&server, &auth_files, &tls_files).await,
         }
     }
     info!("shutdown requested");
@@ -413,6 +437,44 @@ fn notify_systemd(state: &str) {
     let _ = state;
 }
 
+/// The certificate the broker serves and its client-certificate settings, read again on
+/// SIGHUP.
+struct TlsFiles {
+    /// `--cert` and `--key`; `None`: the self-signed certificate in `data_dir`.
+    cert: Option<(PathBuf, PathBuf)>,
+    data_dir: PathBuf,
+    cafile: Option<PathBuf>,
+    require_certificate: bool,
+    tls12: bool,
+}
+
+impl TlsFiles {
+    /// Reads the files into the TLS the listeners serve.
+    fn load(&self) -> Result<ServerTls, String> {
+        let tls = match &self.cert {
+            Some((cert, key)) => files::server_tls_from_files(cert, key).map_err(|e| e.to_string())?,
+            None => files::self_signed_in(&self.data_dir).map_err(|e| e.to_string())?.0,
+        };
+        let tls = match &self.cafile {
+            None => tls,
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+                let tls = match self.require_certificate {
+                    true => tls.require_client_certificates(&pem),
+                    false => tls.accept_client_certificates(&pem),
+                };
+                tls.map_err(|e| format!("{}: {e}", ca.display()))?
+            }
+        };
+        Ok(tls.allow_tls12(self.tls12))
+    }
+
+    /// Whether a reload has files to read.
+    fn from_files(&self) -> bool {
+        self.cert.is_some() || self.cafile.is_some()
+    }
+}
+
 /// The password file and ACL the broker was started with, read again on SIGHUP.
 struct AuthFiles {
     passwords: Option<PathBuf>,
@@ -459,7 +521,7 @@ fn hangups() -> tokio::sync::mpsc::Receiver<()> {
 /// Reads the password file, the ACL and the certificate again and hands them to the broker,
 /// without dropping a connection. Each file that cannot be used keeps the old version in force
 /// and says why; the outcome is one line on stdout (and in the log).
-async fn reload(server: &Server, auth: &AuthFiles, cert: Option<&(PathBuf, PathBuf)>) {
+async fn reload(server: &Server, auth: &AuthFiles, tls: &TlsFiles) {
     let mut done = Vec::new();
     if auth.passwords.is_some() || auth.acl.is_some() {
         match auth.load() {
@@ -470,9 +532,8 @@ async fn reload(server: &Server, auth: &AuthFiles, cert: Option<&(PathBuf, PathB
             Err(e) => done.push(format!("password file and ACL not reloaded ({e}); keeping the old ones")),
         }
     }
-    if let Some((cert, key)) = cert {
-        let loaded = files::server_tls_from_files(cert, key).map_err(|e| e.to_string());
-        match loaded {
+    if tls.from_files() {
+        match tls.load() {
             Ok(tls) => match server.reload_tls(tls).await {
                 Ok(()) => done.push("certificate reloaded".to_string()),
                 Err(e) => done.push(format!("certificate not reloaded ({e}); keeping the old one")),

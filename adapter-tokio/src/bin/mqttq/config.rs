@@ -57,6 +57,10 @@
 //! [tls]
 //! listen = "0.0.0.0:8883"
 //! max_connections = 100000
+//! cafile = "/etc/mqttq/clients-ca.pem"  # verify client certificates (QUIC, TLS, wss) against it
+//! require_certificate = true   # with cafile: clients without a certificate are refused
+//! use_identity_as_username = true  # a certificate's common name is the user name (no password)
+//! tls_version = "tlsv1.2"      # the oldest TLS the TLS and wss listeners speak (QUIC: 1.3)
 //!
 //! [ws]                        # MQTT over WebSocket (counts against [tcp]'s max_connections)
 //! listen = "0.0.0.0:8083"
@@ -131,7 +135,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub tcp: Listener,
     #[serde(default)]
-    pub tls: Listener,
+    pub tls: TlsListener,
     #[serde(default)]
     pub ws: WsListener,
     #[serde(default)]
@@ -213,6 +217,19 @@ pub struct QuicSection {
 pub struct Listener {
     pub listen: Option<String>,
     pub max_connections: Option<usize>,
+}
+
+/// `[tls]`: the TLS listener, and mosquitto's client-certificate and TLS version settings
+/// (the client certificate settings apply to QUIC and wss too).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    pub listen: Option<String>,
+    pub max_connections: Option<usize>,
+    pub cafile: Option<PathBuf>,
+    pub require_certificate: Option<bool>,
+    pub use_identity_as_username: Option<bool>,
+    pub tls_version: Option<String>,
 }
 
 /// `[ws]` and `[wss]`: their connections count against `[tcp]`'s and `[tls]`'s limits.

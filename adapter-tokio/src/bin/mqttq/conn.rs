@@ -100,6 +100,13 @@ pub struct ConnArgs {
     /// (a QoS 0 message too large for a datagram goes on the stream).
     #[arg(long)]
     pub datagrams: bool,
+    /// Client certificate (PEM) to log in with, for brokers that verify client certificates
+    /// (QUIC, TLS, wss).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
     /// Print debug logs to stderr (or set RUST_LOG).
     #[arg(short = 'd', long)]
     pub debug: bool,
@@ -165,6 +172,19 @@ impl ConnArgs {
     }
 
     fn trust(&self) -> Result<ClientTls, String> {
+        let trust = self.server_trust()?;
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let read =
+                    |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+                trust.with_client_certificate(&read(cert)?, &read(key)?).map_err(|e| format!("--cert/--key: {e}"))
+            }
+            (None, None) => Ok(trust),
+            _ => Err("give both --cert and --key".into()),
+        }
+    }
+
+    fn server_trust(&self) -> Result<ClientTls, String> {
         if self.insecure {
             return Ok(ClientTls::insecure());
         }
