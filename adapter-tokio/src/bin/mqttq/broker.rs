@@ -470,7 +470,7 @@ impl TlsFiles {
     }
 
     /// Whether a reload has files to read.
-    fn from_files(&self) -> bool {
+    fn has_files(&self) -> bool {
         self.cert.is_some() || self.cafile.is_some()
     }
 }
@@ -532,7 +532,7 @@ async fn reload(server: &Server, auth: &AuthFiles, tls: &TlsFiles) {
             Err(e) => done.push(format!("password file and ACL not reloaded ({e}); keeping the old ones")),
         }
     }
-    if tls.from_files() {
+    if tls.has_files() {
         match tls.load() {
             Ok(tls) => match server.reload_tls(tls).await {
                 Ok(()) => done.push("certificate reloaded".to_string()),
