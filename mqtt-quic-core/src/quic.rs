@@ -451,6 +451,40 @@ pub struct QuicEndpoint {
     /// scan all connections.
     timers: TimerIndex<usize>,
     clock: Arc<DrivenClock>,
+    /// What the endpoint has seen so far (see [`QuicEndpoint::metrics`]).
+    counters: QuicCounters,
+}
+
+/// Counts of a QUIC endpoint's life, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuicCounters {
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Of those, the ones whose 0-RTT data was accepted (a resumed client's CONNECT with its
+    /// first flight).
+    pub zero_rtt_accepted: u64,
+    /// Connections whose peer moved to another address (NAT rebinding, a phone changing
+    /// networks) and stayed up.
+    pub migrations: u64,
+    /// Packets declared lost, by connections that have closed.
+    pub lost_packets_closed: u64,
+    /// Packets sent, by connections that have closed.
+    pub sent_packets_closed: u64,
+}
+
+/// A snapshot of a QUIC endpoint for metrics: its counters and its open connections' paths.
+#[derive(Debug, Clone, Default)]
+pub struct QuicMetrics {
+    /// Counts so far.
+    pub counters: QuicCounters,
+    /// Packets declared lost, by every connection so far (open and closed).
+    pub lost_packets: u64,
+    /// Packets sent, by every connection so far.
+    pub sent_packets: u64,
+    /// Each established connection's smoothed round-trip time.
+    pub rtts: Vec<Duration>,
+    /// Each established connection's congestion window, bytes.
+    pub cwnds: Vec<u64>,
 }
 
 fn seed_bytes(seed: u64, domain: u8) -> [u8; 32] {
@@ -596,7 +630,26 @@ impl QuicEndpoint {
             ready: BTreeSet::new(),
             timers: TimerIndex::new(),
             clock: Arc::default(),
+            counters: QuicCounters::default(),
         }
+    }
+
+    /// What the endpoint has seen so far, and where its open connections stand (round-trip
+    /// times and congestion windows, one entry per established connection).
+    pub fn metrics(&self) -> QuicMetrics {
+        let mut m = QuicMetrics { counters: self.counters, ..QuicMetrics::default() };
+        m.lost_packets = self.counters.lost_packets_closed;
+        m.sent_packets = self.counters.sent_packets_closed;
+        for c in self.conns.values() {
+            let path = c.quic.stats().path;
+            m.lost_packets += path.lost_packets;
+            m.sent_packets += path.sent_packets;
+            if c.connected {
+                m.rtts.push(path.rtt);
+                m.cwnds.push(path.cwnd);
+            }
+        }
+        m
     }
 
     /// The end-entity certificate (DER) a connection's peer presented, if it presented one
@@ -1009,6 +1062,8 @@ impl QuicEndpoint {
                         }
                     }
                     c.early.clear();
+                    self.counters.handshakes += 1;
+                    self.counters.zero_rtt_accepted += u64::from(zero_rtt == Some(true));
                     self.events.push_back(Event::Connected { conn, remote: c.quic.remote_address(), zero_rtt });
                 }
                 QuinnEvent::Stream(StreamEvent::Opened { dir }) => {
@@ -1096,6 +1151,7 @@ impl QuicEndpoint {
         let remote = c.quic.remote_address();
         if c.connected && !c.closed_reported && remote != c.remote {
             c.remote = remote;
+            self.counters.migrations += 1;
             self.events.push_back(Event::Migrated { conn, remote });
         }
         c.flush();
@@ -1108,6 +1164,9 @@ impl QuicEndpoint {
         if c.quic.is_drained() {
             report_close(c, conn, CloseReason::Local, &mut self.events);
             self.queued_total -= c.queued;
+            let path = c.quic.stats().path;
+            self.counters.lost_packets_closed += path.lost_packets;
+            self.counters.sent_packets_closed += path.sent_packets;
             self.conns.remove(&handle.0);
             self.ready.remove(&handle.0);
         } else {

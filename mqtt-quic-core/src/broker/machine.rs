@@ -14,7 +14,7 @@ pub use super::events::BrokerEvent;
 pub use super::links::{Peer, StreamId, StreamOutput};
 pub use super::local::LocalSubscription;
 pub use super::restore::Restored;
-pub use super::sys::Stats;
+pub use super::sys::{BrokerMetrics, Stats};
 
 use super::auth::{AuthId, AuthRequest, AuthVerdict};
 use super::journal::Journal;
@@ -107,6 +107,10 @@ pub struct Broker {
     pub(super) dials: VecDeque<super::bridges::Dial>,
     /// Scratch space for the MQTT bytes of WebSocket frames, kept between reads.
     ws_buf: Vec<u8>,
+    /// MQTT packets received and sent over clients' control streams, by type.
+    pub(super) packets: crate::session::packet_counts::PacketCounts,
+    /// `$SYS` load averages.
+    pub(super) loads: super::sys::Loads,
 }
 
 impl Broker {
@@ -144,6 +148,8 @@ impl Broker {
             journal: Journal::new(config.persistence, config.commit_delay),
             lane_keys: BTreeMap::new(),
             ws_buf: Vec::new(),
+            packets: Default::default(),
+            loads: Default::default(),
             lane_seq: 0,
             bridges,
             dials: VecDeque::new(),
@@ -533,6 +539,7 @@ impl Broker {
             live.gate = self.journal.regate(conn, live.gate, ticket);
         }
         let out: Vec<Bytes> = std::iter::from_fn(|| live.session.poll_transmit()).collect();
+        self.packets.add(&live.session.take_packet_counts());
         let ended = live.session.is_done();
         self.journal_live(conn);
         for bytes in out {

@@ -332,6 +332,7 @@ impl Broker {
         }
         let session_present = existed && state.is_some();
         let remote = live.hello.as_ref().and_then(|h| h.2);
+        self.stats.connects += 1;
         let connected = BrokerEvent::ClientConnected {
             client_id: live.client.clone().unwrap_or_default(),
             username: live.username.clone(),

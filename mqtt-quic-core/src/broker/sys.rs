@@ -38,6 +38,64 @@ pub struct Stats {
     /// Datagrams dropped: received ones that were not a QoS 0 PUBLISH the client could send,
     /// and messages the datagram send buffer had no room for.
     pub datagrams_dropped: u64,
+    /// Clients let in (CONNACK accepted), counting reconnects.
+    pub connects: u64,
+}
+
+/// Everything a metrics endpoint reports, at one moment (see [`Broker::metrics`]).
+#[derive(Debug, Clone, Default)]
+pub struct BrokerMetrics {
+    /// The `$SYS` counters.
+    pub stats: Stats,
+    /// Clients connected now.
+    pub connections: usize,
+    /// Sessions kept, connected or not.
+    pub sessions: usize,
+    /// Subscriptions.
+    pub subscriptions: usize,
+    /// Retained messages.
+    pub retained: usize,
+    /// Since the broker's first input.
+    pub uptime: Duration,
+    /// MQTT packets received and sent on clients' control streams, by type.
+    pub packets: crate::session::packet_counts::PacketCounts,
+    /// The QUIC endpoint: handshakes, 0-RTT, migrations, losses, round-trip times and
+    /// congestion windows.
+    pub quic: crate::quic::QuicMetrics,
+}
+
+/// mosquitto's `$SYS/broker/load/...`: rates per minute averaged over 1, 5 and 15 minutes.
+#[derive(Debug, Default)]
+pub(super) struct Loads {
+    /// When the counters were last read, and their values then.
+    last: Option<(Instant, [u64; LOADS])>,
+    /// Per counter, the 1, 5 and 15 minute averages.
+    averages: [[f64; 3]; LOADS],
+}
+
+/// The counters with load averages, and their `$SYS` names.
+const LOADS: usize = 5;
+const LOAD_NAMES: [&str; LOADS] =
+    ["messages/received", "messages/sent", "bytes/received", "bytes/sent", "connections"];
+const LOAD_WINDOWS: [(f64, &str); 3] = [(60.0, "1min"), (300.0, "5min"), (900.0, "15min")];
+
+impl Loads {
+    /// Takes the counters at `now` into the averages.
+    fn update(&mut self, now: Instant, values: [u64; LOADS]) {
+        if let Some((at, before)) = self.last {
+            let secs = now.saturating_duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                for (i, averages) in self.averages.iter_mut().enumerate() {
+                    let per_minute = values[i].saturating_sub(before[i]) as f64 * 60.0 / secs;
+                    for (avg, (window, _)) in averages.iter_mut().zip(LOAD_WINDOWS) {
+                        let keep = (-secs / window).exp();
+                        *avg = *avg * keep + per_minute * (1.0 - keep);
+                    }
+                }
+            }
+        }
+        self.last = Some((now, values));
+    }
 }
 
 /// The clocks of the periodic work.
@@ -101,7 +159,21 @@ impl Broker {
             ("datagrams/dropped", self.stats.datagrams_dropped.to_string()),
             ("uptime", format!("{uptime} seconds")),
         ];
-        let values = values.into_iter().map(|(n, v)| (n.to_string(), v)).chain(self.bridge_sys_values());
+        let s = &self.stats;
+        self.loads.update(now, [s.messages_received, s.messages_sent, s.bytes_received, s.bytes_sent, s.connects]);
+        let mut loads = Vec::new();
+        for (name, averages) in LOAD_NAMES.iter().zip(self.loads.averages) {
+            for ((_, window), avg) in LOAD_WINDOWS.iter().zip(averages) {
+                loads.push((format!("load/{name}/{window}"), format!("{avg:.2}")));
+            }
+        }
+        let version = ("version".to_string(), format!("mqtt-quic version {}", env!("CARGO_PKG_VERSION")));
+        let values = values
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .chain([version])
+            .chain(loads)
+            .chain(self.bridge_sys_values());
         for (name, value) in values {
             let Ok(topic) = mqtt_proto::TopicName::new(format!("$SYS/broker/{name}")) else { continue };
             let mut p = Publish::new(topic, value.into_bytes());
@@ -113,5 +185,19 @@ impl Broker {
     /// The counters behind `$SYS/broker/`.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Everything a metrics endpoint (Prometheus) reports, now.
+    pub fn metrics(&self, now: Instant) -> BrokerMetrics {
+        BrokerMetrics {
+            stats: self.stats,
+            connections: self.connected(),
+            sessions: self.sessions(),
+            subscriptions: self.router.len(),
+            retained: self.retained.len(),
+            uptime: self.schedule.started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
+            packets: self.packets,
+            quic: self.links.quic.metrics(),
+        }
     }
 }

@@ -26,6 +26,7 @@ pub mod alias_out;
 pub mod client;
 mod inbound;
 pub(crate) mod outbound;
+pub mod packet_counts;
 pub mod packet_id;
 pub mod server;
 pub mod state;

@@ -158,6 +158,9 @@ pub use super::state::{message_cost, SessionState};
 
 /// The server side of one MQTT connection.
 pub struct ServerSession {
+    /// Packets each way since the broker last took the counts (see
+    /// [`ServerSession::take_packet_counts`]).
+    packets: crate::session::packet_counts::PacketCounts,
     config: ServerSessionConfig,
     state: State,
     decoder: Decoder,
@@ -200,6 +203,7 @@ impl ServerSession {
         let mut deadline = Timer::default();
         deadline.set(now + config.connect_timeout);
         ServerSession {
+            packets: Default::default(),
             decoder: Decoder::new(Protocol::V5).with_max_packet_size(config.maximum_packet_size),
             deadline,
             state: State::AwaitConnect,
@@ -638,6 +642,12 @@ impl ServerSession {
         self.writer.take()
     }
 
+    /// The packets received and sent since the last call, by type (the broker adds them up for
+    /// its metrics).
+    pub fn take_packet_counts(&mut self) -> crate::session::packet_counts::PacketCounts {
+        std::mem::take(&mut self.packets)
+    }
+
     /// The next event.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
@@ -670,6 +680,7 @@ impl ServerSession {
         // Our packets are well formed, so the only way encoding fails is a size beyond what the
         // client accepts (PUBLISH sizes were checked by `publish`).
         if self.writer.write(packet).is_ok() {
+            self.packets.sent(packet.packet_type());
             return;
         }
         // [MQTT-3.1.2-24]: nothing beyond the client's Maximum Packet Size. We send no reason
@@ -763,6 +774,7 @@ impl ServerSession {
     }
 
     fn handle_packet(&mut self, now: Instant, packet: Packet) {
+        self.packets.received(packet.packet_type());
         match (self.state, packet) {
             (State::AwaitConnect, Packet::Connect(connect)) => self.on_connect(now, connect),
             // Anything before CONNECT: close without a word [MQTT-3.1.0-1].
