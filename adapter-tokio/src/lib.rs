@@ -26,6 +26,7 @@
 
 pub mod client;
 pub mod files;
+pub mod metrics;
 pub mod server;
 mod udp;
 pub use mqtt_quic_core::url;

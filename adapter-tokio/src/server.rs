@@ -10,7 +10,7 @@ use mqtt_quic_core::broker::auth::Auth;
 use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::{Handling, Level};
 use mqtt_quic_core::broker::local::{LocalSink, LocalSinks, LocalSubscription, DEFAULT_WINDOW};
-use mqtt_quic_core::broker::machine::{Broker, StreamId, StreamOutput};
+use mqtt_quic_core::broker::machine::{Broker, BrokerMetrics, StreamId, StreamOutput};
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::broker::{BridgeId, Dial};
 use mqtt_quic_core::config::Secret;
@@ -54,10 +54,27 @@ pub struct Server {
 /// A TLS listener's acceptor, replaced on a reload; each connection takes the one in force.
 type SharedAcceptor = Arc<std::sync::RwLock<tokio_rustls::TlsAcceptor>>;
 
-/// What a reload replaces (see [`Server::reload_auth`], [`Server::reload_tls`]).
+/// What a reload replaces (see [`Server::reload_auth`], [`Server::reload_tls`]), or a
+/// metrics snapshot asked for (see [`Server::metrics`]).
 enum Reload {
     Auth(Option<Arc<dyn Auth>>),
     Tls(ServerTls),
+    Metrics(oneshot::Sender<BrokerMetrics>),
+}
+
+/// Asks a running broker for its metrics (see [`Server::metrics_source`]).
+#[derive(Clone)]
+pub struct MetricsSource(mpsc::UnboundedSender<ReloadRequest>);
+
+impl MetricsSource {
+    /// The broker's metrics now.
+    pub async fn metrics(&self) -> Result<BrokerMetrics, ServerError> {
+        let (tx, rx) = oneshot::channel();
+        let (reply, done) = oneshot::channel();
+        self.0.send((Reload::Metrics(tx), reply)).map_err(|_| ServerError::NotRunning)?;
+        done.await.map_err(|_| ServerError::NotRunning)??;
+        rx.await.map_err(|_| ServerError::NotRunning)
+    }
 }
 
 /// A reload on its way to the broker task, with where its outcome goes.
@@ -295,6 +312,18 @@ impl Server {
             *shared.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
         }
         Ok(())
+    }
+
+    /// The broker's metrics now (render them for Prometheus with
+    /// [`crate::metrics::render`]).
+    pub async fn metrics(&self) -> Result<BrokerMetrics, ServerError> {
+        self.metrics_source().metrics().await
+    }
+
+    /// A handle that asks for the broker's metrics, for a task of its own (a metrics
+    /// endpoint) while the [`Server`] stays with whoever shuts it down.
+    pub fn metrics_source(&self) -> MetricsSource {
+        MetricsSource(self.reloads.clone())
     }
 
     async fn reload(&self, reload: Reload) -> Result<(), ServerError> {
@@ -647,6 +676,10 @@ async fn drive(
                         Ok(())
                     }
                     Reload::Tls(tls) => broker.set_server_tls(tls).map_err(ServerError::from),
+                    Reload::Metrics(reply) => {
+                        let _ = reply.send(broker.metrics(now));
+                        Ok(())
+                    }
                 };
                 let _ = reply.send(result);
             }

@@ -500,6 +500,53 @@ fn client_certificates_log_devices_in_as_mosquitto_does() {
     assert_eq!(topics, ["devices/device-7/temp", "devices/device-7/tls12", "devices/device-7/quic"]);
 }
 
+/// The Prometheus endpoint, read by the Prometheus project's own OpenMetrics parser after
+/// some traffic: every family parses, and the counters show what happened (a QUIC handshake,
+/// PUBLISH packets both ways, a round-trip time observed).
+#[test]
+fn prometheus_parses_our_metrics() {
+    let python = require_python("prometheus_client");
+    let broker = OurBroker::start();
+    let source = broker.server.as_ref().expect("server").metrics_source();
+    let url = broker.runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        drop(tokio::spawn(adapter_tokio::metrics::serve(listener, source)));
+        format!("http://{addr}/metrics")
+    });
+    let tls = ClientTls::with_ca_pem(cert().cert_pem.as_bytes()).expect("CA");
+    let mut options = ClientOptions::new().tls(tls);
+    options.server_name = Some("localhost".into());
+    let quic = format!("quic://127.0.0.1:{}", broker.quic_port());
+    let client = broker.runtime.block_on(Client::connect(&quic, options)).expect("connect");
+    let mut messages = client.messages().expect("messages");
+    broker.runtime.block_on(async {
+        client.subscribe(TopicFilter::new("m/#").expect("filter"), QoS::AtLeastOnce).await.expect("subscribe");
+        for i in 0..3 {
+            let p = Publish::new(TopicName::new("m/x").expect("topic"), format!("{i}")).with_qos(QoS::AtLeastOnce);
+            client.publish(p).await.expect("publish");
+            tokio::time::timeout(WAIT, messages.recv()).await.expect("delivered");
+        }
+    });
+    let mut command = Command::new(python);
+    command.arg(interop_dir().join("metrics_check.py")).arg(&url);
+    let lines = Peer::spawn("metrics_check.py", &mut command).succeed();
+    let value = |sample: &str| -> f64 {
+        let line = lines.iter().find(|l| l.starts_with(sample)).unwrap_or_else(|| panic!("no {sample}: {lines:#?}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
+    };
+    assert_eq!(value("mqttq_connections_count{}"), 1.0);
+    assert_eq!(value("mqttq_messages_received_total{}"), 3.0);
+    assert_eq!(value("mqttq_packets_received_total{type=\"publish\"}"), 3.0);
+    assert_eq!(value("mqttq_packets_sent_total{type=\"publish\"}"), 3.0);
+    assert_eq!(value("mqttq_packets_sent_total{type=\"connack\"}"), 1.0);
+    assert_eq!(value("mqttq_quic_handshakes_total{zero_rtt=\"none\"}"), 1.0);
+    assert_eq!(value("mqttq_quic_rtt_seconds_count{}"), 1.0);
+    assert!(value("mqttq_quic_packets_sent_total{}") > 0.0);
+    assert!(value("mqttq_bytes_received_total{}") > 0.0);
+    broker.runtime.block_on(client.disconnect()).expect("disconnect");
+}
+
 /// paho-mqtt's whole scenario list over MQTT over WebSocket, both protocol versions, and over
 /// secure WebSocket (TLS with our certificate).
 #[test]

@@ -75,8 +75,7 @@ pub(super) struct Loads {
 
 /// The counters with load averages, and their `$SYS` names.
 const LOADS: usize = 5;
-const LOAD_NAMES: [&str; LOADS] =
-    ["messages/received", "messages/sent", "bytes/received", "bytes/sent", "connections"];
+const LOAD_NAMES: [&str; LOADS] = ["messages/received", "messages/sent", "bytes/received", "bytes/sent", "connections"];
 const LOAD_WINDOWS: [(f64, &str); 3] = [(60.0, "1min"), (300.0, "5min"), (900.0, "15min")];
 
 impl Loads {

@@ -49,6 +49,9 @@ pub struct BrokerArgs {
     /// certificate of QUIC and TLS), or `off` [default: off].
     #[arg(long, value_name = "ADDR|off")]
     wss: Option<String>,
+    /// Address of the Prometheus metrics endpoint (GET /metrics), or `off` [default: off].
+    #[arg(long, value_name = "ADDR|off")]
+    metrics: Option<String>,
     /// The HTTP path MQTT over WebSocket is served on [default: /mqtt].
     #[arg(long, value_name = "PATH")]
     ws_path: Option<String>,
@@ -312,6 +315,14 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         if let Some(addr) = addr {
             println!("listening: {what} {addr}");
         }
+    }
+    let metrics_addr = listener("metrics", args.metrics.as_deref().or(file.metrics.listen.as_deref()), None)?;
+    if let Some(addr) = metrics_addr {
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+        println!("listening: metrics {}", metrics.local_addr().map_err(|e| e.to_string())?);
+        drop(tokio::spawn(adapter_tokio::metrics::serve(metrics, server.metrics_source())));
     }
     println!("ready");
     notify_systemd("READY=1\nSTATUS=serving");

@@ -62,6 +62,9 @@
 //! use_identity_as_username = true  # a certificate's common name is the user name (no password)
 //! tls_version = "tlsv1.2"      # the oldest TLS the TLS and wss listeners speak (QUIC: 1.3)
 //!
+//! [metrics]                   # Prometheus metrics at http://ADDR/metrics (off by default)
+//! listen = "127.0.0.1:9101"
+//!
 //! [ws]                        # MQTT over WebSocket (counts against [tcp]'s max_connections)
 //! listen = "0.0.0.0:8083"
 //! path = "/mqtt"              # where ws:// and wss:// serve MQTT (give it in either section)
@@ -136,6 +139,8 @@ pub struct FileConfig {
     pub tcp: Listener,
     #[serde(default)]
     pub tls: TlsListener,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     #[serde(default)]
     pub ws: WsListener,
     #[serde(default)]
@@ -230,6 +235,13 @@ pub struct TlsListener {
     pub require_certificate: Option<bool>,
     pub use_identity_as_username: Option<bool>,
     pub tls_version: Option<String>,
+}
+
+/// `[metrics]`: the Prometheus endpoint, off unless `listen` is given.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: Option<String>,
 }
 
 /// `[ws]` and `[wss]`: their connections count against `[tcp]`'s and `[tls]`'s limits.
