@@ -129,9 +129,12 @@ fn pub_and_sub_across_quic_and_tcp_then_graceful_shutdown() {
     b.interrupt();
     let (code, err) = b.finish();
     assert_eq!(code, 0, "broker exit: {err}");
+    // As mosquitto_sub, it stays to reconnect, and says why the connection went.
+    std::thread::sleep(Duration::from_millis(500));
+    sub.interrupt();
     let (code, err) = sub.finish();
-    assert_eq!(code, 1);
-    assert!(err.contains("Server shutting down (0x8B)"), "{err}");
+    assert_eq!(code, 0);
+    assert!(err.contains("Server shutting down (0x8B)") && err.contains("reconnecting"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -616,5 +619,139 @@ fn bench_shows_progress_and_sums_up_when_interrupted() {
     assert!(out.iter().any(|l| l.starts_with("received")), "{out:?}");
     b.interrupt();
     let _ = b.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// mosquitto_sub's and mosquitto_pub's flags behave as theirs do, checked side by side with the
+/// real tools on the same broker: `-F`, `-N`, `-T`, `-W` (status 27), `-E`, `-U`, `-L`, `-D`
+/// (read back by mosquitto_sub), `--will-*`, `-c`/`-x` on pub, and the broker's port-only
+/// listener address.
+#[test]
+fn mosquitto_flags_behave_as_mosquitto_s() {
+    let dir = temp_dir("mosqflags");
+    let data = dir.to_str().unwrap();
+    let b = Proc::spawn(&["broker", "--quic", "127.0.0.1:0", "--tcp", "0", "--data-dir", data]);
+    let tcp = b.expect("listening: tcp 0.0.0.0:").rsplit(':').next().unwrap().to_string();
+    b.expect("ready");
+    let mosquitto = |program: &str, args: &[&str]| {
+        let mut c = Command::new(program);
+        c.args(["-h", "127.0.0.1", "-p", &tcp]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.spawn().expect("mosquitto clients are installed (scripts/test installs them)")
+    };
+    let ours = |args: &[&str]| {
+        let all = [args, &["-h", "127.0.0.1", "-p", &tcp, "--transport", "tcp"][..]].concat();
+        Proc::spawn(&all)
+    };
+    let publish = |topic: &str, payload: &str| {
+        let (code, _, err) =
+            run(&["pub", "-h", "127.0.0.1", "-p", &tcp, "--transport", "tcp", "-t", topic, "-m", payload, "-q", "1"]);
+        assert_eq!((code, err.as_str()), (0, ""));
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(400));
+
+    // -F and -N and -T: the same bytes out of both.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case<'_>; 3] = [
+        (&["-t", "f/#", "-F", "%t|%p|%q|%r|%l|%x", "-C", "1"], &[("f/a", "hi")]),
+        (&["-t", "n/#", "-N", "-C", "2"], &[("n/1", "one"), ("n/2", "two")]),
+        (&["-t", "g/#", "-T", "g/skip", "-v", "-C", "1"], &[("g/skip", "no"), ("g/ok", "yes")]),
+    ];
+    for (args, messages) in cases {
+        let theirs = mosquitto("mosquitto_sub", args);
+        let mut mine = ours(&[&["sub"][..], args].concat());
+        settle();
+        for (topic, payload) in messages {
+            publish(topic, payload);
+        }
+        let theirs = theirs.wait_with_output().unwrap();
+        let (code, err) = mine.finish();
+        assert_eq!(code, 0, "{err}");
+        let mine: Vec<String> = mine.lines.try_iter().collect();
+        assert_eq!(mine.join("\n"), String::from_utf8_lossy(&theirs.stdout).trim_end(), "{args:?}");
+    }
+
+    // -W: both give up with status 27; -E: both leave once subscribed.
+    for (args, status) in [(&["-t", "w", "-W", "1"][..], 27), (&["-t", "e", "-E"][..], 0)] {
+        let theirs = mosquitto("mosquitto_sub", args).wait().unwrap().code();
+        let (code, _, _) = run(&[&["sub", "-h", "127.0.0.1", "-p", &tcp, "--transport", "tcp"][..], args].concat());
+        assert_eq!((theirs, code), (Some(status), status), "{args:?}");
+    }
+
+    // -D publish properties, read back by mosquitto_sub.
+    let theirs = mosquitto("mosquitto_sub", &["-V", "mqttv5", "-t", "d/#", "-F", "%C|%E|%P|%R|%D", "-C", "1"]);
+    settle();
+    let props = [
+        "-D",
+        "publish",
+        "content-type",
+        "text/plain",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "60",
+        "-D",
+        "publish",
+        "user-property",
+        "site",
+        "east",
+        "-D",
+        "publish",
+        "response-topic",
+        "r/t",
+        "-D",
+        "publish",
+        "correlation-data",
+        "abc",
+    ];
+    let (code, _, err) =
+        run(&[&["pub", "-h", "127.0.0.1", "-p", &tcp, "--transport", "tcp", "-t", "d/x", "-m", "hi"][..], &props]
+            .concat());
+    assert_eq!((code, err.as_str()), (0, ""));
+    let out = theirs.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "text/plain|60|site:east|r/t|abc");
+
+    // -L with credentials in the URL, and a will: a subscriber whose connection dies.
+    let mut watcher = ours(&["sub", "-t", "l/#", "-t", "wills/#", "-v", "-C", "2"]);
+    settle();
+    let url = format!("mqtt://someone:pw@127.0.0.1:{tcp}/l/x");
+    let (code, _, err) = run(&["pub", "-L", &url, "-m", "via -L"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    let mut doomed = ours(&["sub", "-t", "z", "--will-topic", "wills/me", "--will-payload", "gone", "--will-qos", "1"]);
+    settle();
+    let _ = doomed.child.kill();
+    let (code, err) = watcher.finish();
+    assert_eq!(code, 0, "{err}");
+    let seen: Vec<String> = watcher.lines.try_iter().collect();
+    assert_eq!(seen, ["l/x via -L", "wills/me gone"]);
+
+    // -c and -x on pub keep its session, as mosquitto_pub's do: a second connection with the
+    // same id finds it.
+    let keep = [
+        "pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &tcp,
+        "--transport",
+        "tcp",
+        "-i",
+        "keeper",
+        "-c",
+        "-x",
+        "60",
+        "-t",
+        "k",
+        "-m",
+        "1",
+    ];
+    for _ in 0..2 {
+        assert_eq!(run(&keep).0, 0);
+    }
+    let mut b = b;
+    b.interrupt();
+    let (_, log) = b.finish();
+    let kept = log.lines().filter(|l| l.contains("client connected") && l.contains("\"keeper\"")).collect::<Vec<_>>();
+    assert_eq!(kept.len(), 2, "{log}");
+    assert!(kept[1].contains("session_present=true"), "{}", kept[1]);
     let _ = std::fs::remove_dir_all(&dir);
 }

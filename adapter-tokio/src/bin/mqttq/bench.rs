@@ -71,11 +71,6 @@ pub struct BenchArgs {
     /// off, session expiry 300 s), so QoS 1/2 in flight is resent. QUIC clients never reconnect.
     #[arg(long)]
     reconnect: bool,
-    /// TCP/TLS clients' Session Expiry Interval (MQTT 5): above 0 their sessions outlive the
-    /// connection, so a persisting broker stores their subscriptions and what is in flight to
-    /// them (the durable workload). QUIC clients always use 0.
-    #[arg(long, value_name = "SECS")]
-    session_expiry: Option<u32>,
     /// Print the result as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -91,9 +86,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         options.session.clean_start = false;
         options.session.session_expiry = 300;
     }
-    if let Some(secs) = args.session_expiry {
-        options.session.session_expiry = secs;
-    }
+    // (`-x`/`--session-expiry` SECS, from the connection flags: TCP/TLS clients' sessions
+    // then outlive the connection, so a persisting broker stores their subscriptions and what
+    // is in flight to them, the durable workload; QUIC clients always use 0.)
     if let Some(c) = args.congestion {
         options.transport.congestion = match c {
             CongestionArg::Bbr => Congestion::Bbr,

@@ -125,9 +125,15 @@ fn listener(flag: &str, value: Option<&str>, default: Option<SocketAddr>) -> Res
     match value {
         None => Ok(default),
         Some("off") => Ok(None),
-        Some(v) => {
-            v.parse().map(Some).map_err(|_| format!("--{flag}: `{v}` is not an address like 0.0.0.0:1883 or `off`"))
-        }
+        // A port alone (mosquitto's `listener 1884`) listens on every address.
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => v
+            .parse::<u16>()
+            .map(|port| Some(SocketAddr::from(([0, 0, 0, 0], port))))
+            .map_err(|_| format!("--{flag}: `{v}` is not a port (1-65535)")),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("--{flag}: `{v}` is not an address like 0.0.0.0:1883, a port, or `off`")),
     }
 }
 

@@ -49,9 +49,14 @@ pub struct ConnArgs {
     /// wss].
     #[arg(short = 'p', long)]
     pub port: Option<u16>,
-    /// Transport.
-    #[arg(long, value_enum, default_value = "quic")]
-    pub transport: TransportArg,
+    /// Transport [default: from the port: 1883 tcp, 8883 tls, 8083 ws, 8084 wss; otherwise
+    /// quic].
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportArg>,
+    /// mosquitto's `-L`: broker, credentials and topic in one URL,
+    /// mqtt(s)://[username[:password]@]host[:port]/topic (ws, wss and quic schemes too).
+    #[arg(short = 'L', long = "url-with-topic", value_name = "URL", conflicts_with_all = ["host", "port", "transport", "url"])]
+    pub location: Option<String>,
     /// Broker URL (quic://, mqtt://, mqtts://, ws://host:port/path, wss://), instead of
     /// --host/--port/--transport. Repeat it to fall back: the URLs are tried in order (a QUIC one gets --fallback-timeout to
     /// finish its handshake), and the client moves back to the first once it answers again.
@@ -107,6 +112,29 @@ pub struct ConnArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub key: Option<std::path::PathBuf>,
+    /// Ask the broker to keep the session after disconnecting (no clean start).
+    #[arg(short = 'c', long = "disable-clean-session")]
+    pub persistent: bool,
+    /// Session expiry in seconds (MQTT 5) [default: 3600 with -c, else 0].
+    #[arg(short = 'x', long = "session-expiry")]
+    pub session_expiry: Option<u32>,
+    /// The will's topic: published by the broker if this client's connection ends without
+    /// DISCONNECT.
+    #[arg(long)]
+    pub will_topic: Option<String>,
+    /// The will's payload.
+    #[arg(long, requires = "will_topic")]
+    pub will_payload: Option<String>,
+    /// The will's QoS.
+    #[arg(long, requires = "will_topic", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub will_qos: u8,
+    /// Retain the will.
+    #[arg(long, requires = "will_topic")]
+    pub will_retain: bool,
+    /// MQTT 5 property: `-D COMMAND IDENTIFIER VALUE` (COMMAND connect, publish or will;
+    /// `user-property` takes a name and a value), as mosquitto_pub/sub. Repeat for more.
+    #[arg(short = 'D', long = "property", num_args = 3..=4, action = clap::ArgAction::Append, value_names = ["COMMAND", "IDENTIFIER", "VALUE"])]
+    pub property: Vec<String>,
     /// Print debug logs to stderr (or set RUST_LOG).
     #[arg(short = 'd', long)]
     pub debug: bool,
@@ -123,6 +151,10 @@ impl ConnArgs {
 
     /// The broker URLs these flags name, in order of preference (at least one).
     pub fn urls(&self) -> Result<Vec<BrokerUrl>, String> {
+        if let Some(l) = &self.location {
+            let l = crate::props::location(l)?;
+            return Ok(vec![l.url.parse().map_err(|e: adapter_tokio::url::UrlError| e.to_string())?]);
+        }
         if !self.url.is_empty() {
             return self
                 .url
@@ -130,7 +162,16 @@ impl ConnArgs {
                 .map(|u| u.parse().map_err(|e: adapter_tokio::url::UrlError| e.to_string()))
                 .collect();
         }
-        let transport = match self.transport {
+        // mosquitto users give `-p 1883` and mean TCP: a well-known port picks its transport
+        // when --transport does not.
+        let from_port = match self.port {
+            Some(1883) => TransportArg::Tcp,
+            Some(8883) => TransportArg::Tls,
+            Some(8083) => TransportArg::Ws,
+            Some(8084) => TransportArg::Wss,
+            _ => TransportArg::Quic,
+        };
+        let transport = match self.transport.unwrap_or(from_port) {
             TransportArg::Quic => Transport::Quic,
             TransportArg::Tcp => Transport::Tcp,
             TransportArg::Tls => Transport::Tls,
@@ -153,6 +194,30 @@ impl ConnArgs {
         };
         s.username = self.username.clone();
         s.password = self.password.clone().map(Bytes::from);
+        if let Some(l) = &self.location {
+            let l = crate::props::location(l)?;
+            if l.username.is_some() {
+                (s.username, s.password) = (l.username, l.password.map(Bytes::from));
+            }
+        }
+        let props = crate::props::parse(&self.property)?;
+        s.connect_properties = props.connect;
+        if self.persistent {
+            s.clean_start = false;
+            s.session_expiry = 3600;
+        }
+        if let Some(x) = self.session_expiry {
+            s.session_expiry = x;
+        }
+        if let Some(topic) = &self.will_topic {
+            s.will = Some(mqtt_proto::Will {
+                topic: mqtt_proto::TopicName::new(topic).map_err(|e| format!("--will-topic `{topic}`: {e}"))?,
+                payload: Bytes::from(self.will_payload.clone().unwrap_or_default()),
+                qos: mqtt_proto::QoS::from_u8(self.will_qos).unwrap_or(mqtt_proto::QoS::AtMostOnce),
+                retain: self.will_retain,
+                properties: props.will.into(),
+            });
+        }
         s.connect_timeout = Duration::from_secs(10);
         // A command-line client reports a lost connection instead of hiding it behind retries,
         // unless told to retry.
@@ -198,10 +263,35 @@ impl ConnArgs {
         files::client_tls_default(&dir).map_err(|e| e.to_string())
     }
 
+    /// The topic of `-L`, if given.
+    pub fn location_topic(&self) -> Result<Option<String>, String> {
+        self.location.as_deref().map(|l| crate::props::location(l).map(|l| l.topic)).transpose()
+    }
+
+    /// The PUBLISH properties of `-D publish ...`.
+    pub fn publish_properties(&self) -> Result<mqtt_proto::PublishProperties, String> {
+        Ok(crate::props::parse(&self.property)?.publish)
+    }
+
     /// Sets up logging and connects.
     pub async fn connect(&self, options: ClientOptions) -> Result<Client, String> {
         crate::init_logging(self.debug.then_some("debug"), "warn")?;
-        let urls: Vec<String> = self.urls()?.iter().map(|u| u.to_string()).collect();
-        Client::connect_urls(&urls, options).await.map_err(|e| e.to_string())
+        let urls = self.urls()?;
+        let shown: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+        Client::connect_urls(&shown, options).await.map_err(|e| {
+            let mut why = e.to_string();
+            // A QUIC attempt at a TCP-only port times out: say what was tried.
+            if urls.len() == 1
+                && urls[0].transport == Transport::Quic
+                && self.transport.is_none()
+                && self.url.is_empty()
+            {
+                why.push_str(&format!(
+                    " (tried MQTT over QUIC on UDP port {}; for TCP give --transport tcp, or -p 1883)",
+                    urls[0].port
+                ));
+            }
+            why
+        })
     }
 }

@@ -12,6 +12,7 @@ mod config;
 mod conn;
 mod load;
 mod passwd;
+mod props;
 mod pubsub;
 mod shell;
 /// The adapter's UDP socket (GSO, batched receives, ECN), compiled into the binary for the
@@ -119,5 +120,25 @@ mod tests {
         let e = Cli::try_parse_from(["mqttq", "pub", "-t", "a", "-m", "x", "-q", "3"]).err().unwrap();
         assert!(e.to_string().contains("-q"), "{e}");
         assert!(Cli::try_parse_from(["mqttq", "broker", "--bogus"]).is_err());
+    }
+
+    /// mosquitto users write `-p 1883` and mean TCP (and 8883 TLS, 8083/8084 WebSocket): a
+    /// well-known port picks its transport unless --transport says otherwise.
+    #[test]
+    fn a_well_known_port_picks_its_transport() {
+        let transport_of = |args: &[&str]| {
+            let all = [&["mqttq", "pub", "-t", "a", "-m", "x"][..], args].concat();
+            match Cli::try_parse_from(all).unwrap().command {
+                Command::Pub(p) => p.conn().url().unwrap().transport,
+                _ => unreachable!(),
+            }
+        };
+        use adapter_tokio::url::Transport;
+        assert_eq!(transport_of(&["-p", "1883"]), Transport::Tcp);
+        assert_eq!(transport_of(&["-p", "8883"]), Transport::Tls);
+        assert_eq!(transport_of(&["-p", "8083"]), Transport::Ws);
+        assert_eq!(transport_of(&["-p", "14567"]), Transport::Quic);
+        assert_eq!(transport_of(&[]), Transport::Quic);
+        assert_eq!(transport_of(&["-p", "1883", "--transport", "quic"]), Transport::Quic);
     }
 }

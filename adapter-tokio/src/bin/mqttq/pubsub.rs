@@ -19,8 +19,8 @@ pub struct PubArgs {
     #[command(flatten)]
     conn: ConnArgs,
     /// Topic to publish to.
-    #[arg(short = 't', long)]
-    topic: String,
+    #[arg(short = 't', long, required_unless_present = "location")]
+    topic: Option<String>,
     /// The message.
     #[arg(short = 'm', long, group = "payload")]
     message: Option<String>,
@@ -51,7 +51,7 @@ pub struct SubArgs {
     #[command(flatten)]
     conn: ConnArgs,
     /// Topic filter to subscribe to (repeat for several).
-    #[arg(short = 't', long, required = true)]
+    #[arg(short = 't', long, required_unless_present = "location")]
     topic: Vec<String>,
     /// Maximum quality of service: 0, 1 or 2.
     #[arg(short = 'q', long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
@@ -62,15 +62,85 @@ pub struct SubArgs {
     /// Print each message's topic before its payload.
     #[arg(short = 'v', long)]
     verbose: bool,
-    /// Ask the broker to keep the session after disconnecting (no clean start).
-    #[arg(short = 'c', long = "disable-clean-session")]
-    persistent: bool,
-    /// Session expiry in seconds with -c (MQTT 5) [default: 3600].
-    #[arg(short = 'x', long = "session-expiry", requires = "persistent")]
-    session_expiry: Option<u32>,
     /// Do not print messages with the retain flag (those stored before subscribing).
     #[arg(short = 'R', long = "no-retained")]
     no_retained: bool,
+    /// Stop after this many seconds, exiting with status 27 (as mosquitto_sub).
+    #[arg(short = 'W', long = "timeout", value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Print each message with this format: %t topic, %p payload, %q QoS, %r retain flag, %l
+    /// payload length, %x payload in hex, %U Unix time, %% a percent sign; \n, \t and \\
+    /// escapes.
+    #[arg(short = 'F', long = "format")]
+    format: Option<String>,
+    /// Do not end each message with a newline.
+    #[arg(short = 'N', long = "no-eol")]
+    no_eol: bool,
+    /// Do not print messages whose topic matches this filter (repeat for several).
+    #[arg(short = 'T', long = "filter-out")]
+    filter_out: Vec<String>,
+    /// Unsubscribe from this filter once connected (to clean up a kept session).
+    #[arg(short = 'U', long = "unsubscribe")]
+    unsubscribe: Vec<String>,
+    /// Exit once the subscriptions are acknowledged.
+    #[arg(short = 'E')]
+    exit_after_subscribe: bool,
+}
+
+/// The time of day since the Unix epoch, for `-F %U`: a command-line tool's own clock.
+#[allow(clippy::disallowed_methods)]
+fn wall_clock() -> std::time::Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
+/// One message as `-F FORMAT` says (see [`SubArgs`]).
+fn format_message(format: &str, m: &Publish) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '%' => match chars.next() {
+                Some('t') => out.extend_from_slice(m.topic.as_str().as_bytes()),
+                Some('p') => out.extend_from_slice(&m.payload),
+                Some('q') => out.extend_from_slice((m.qos() as u8).to_string().as_bytes()),
+                Some('r') => out.extend_from_slice(if m.retain { b"1" } else { b"0" }),
+                Some('l') => out.extend_from_slice(m.payload.len().to_string().as_bytes()),
+                Some('x') => {
+                    for b in m.payload.iter() {
+                        out.extend_from_slice(format!("{b:02x}").as_bytes());
+                    }
+                }
+                Some('U') => {
+                    let t = wall_clock();
+                    out.extend_from_slice(format!("{}.{:09}", t.as_secs(), t.subsec_nanos()).as_bytes());
+                }
+                Some('%') => out.push(b'%'),
+                Some(other) => out.extend_from_slice(format!("%{other}").as_bytes()),
+                None => out.push(b'%'),
+            },
+            '\\' => match chars.next() {
+                Some('n') => out.push(b'\n'),
+                Some('t') => out.push(b'\t'),
+                Some('r') => out.push(b'\r'),
+                Some('\\') => out.push(b'\\'),
+                Some(other) => {
+                    out.push(b'\\');
+                    out.extend_from_slice(other.to_string().as_bytes());
+                }
+                None => out.push(b'\\'),
+            },
+            c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+        }
+    }
+    out
+}
+
+impl PubArgs {
+    /// The connection flags.
+    #[cfg(test)]
+    pub fn conn(&self) -> &ConnArgs {
+        &self.conn
+    }
 }
 
 fn qos(q: u8) -> QoS {
@@ -79,7 +149,12 @@ fn qos(q: u8) -> QoS {
 
 /// Publishes as told, then disconnects.
 pub async fn publish(args: PubArgs) -> Result<(), String> {
-    let topic = TopicName::new(&args.topic).map_err(|e| format!("bad topic `{}`: {e}", args.topic))?;
+    let topic = match args.topic.clone().or(args.conn.location_topic()?) {
+        Some(t) => t,
+        None => return Err("give a topic: -t TOPIC or -L URL".into()),
+    };
+    let topic = TopicName::new(&topic).map_err(|e| format!("bad topic `{topic}`: {e}"))?;
+    let properties = args.conn.publish_properties()?;
     let payload: Option<Bytes> = match (&args.message, &args.file, args.stdin, args.null, args.lines) {
         (Some(m), ..) => Some(Bytes::from(m.clone())),
         (_, Some(f), ..) => Some(std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?.into()),
@@ -94,7 +169,9 @@ pub async fn publish(args: PubArgs) -> Result<(), String> {
     };
     let client = args.conn.connect(args.conn.options()?).await?;
     let message = |payload: Bytes| {
-        Publish { retain: args.retain, ..Publish::new(topic.clone(), payload) }.with_qos(qos(args.qos))
+        let mut p = Publish { retain: args.retain, ..Publish::new(topic.clone(), payload) }.with_qos(qos(args.qos));
+        p.properties = properties.clone().into();
+        p
     };
     let stream = match args.conn.data_stream {
         true => Some(client.open_stream(0).await.map_err(|e| e.to_string())?),
@@ -152,16 +229,21 @@ fn refused(e: &impl std::fmt::Display) {
 
 /// Subscribes and prints messages until `-C` is reached, the connection ends, or Ctrl-C.
 pub async fn subscribe(args: SubArgs) -> Result<(), String> {
-    let mut filters = Vec::new();
-    for t in &args.topic {
-        filters.push(TopicFilter::new(t).map_err(|e| format!("bad topic filter `{t}`: {e}"))?);
-    }
+    let mut topics = args.topic.clone();
+    topics.extend(args.conn.location_topic()?);
+    let filter = |t: &String| TopicFilter::new(t).map_err(|e| format!("bad topic filter `{t}`: {e}"));
+    let filters = topics.iter().map(filter).collect::<Result<Vec<_>, _>>()?;
+    let filter_out = args.filter_out.iter().map(filter).collect::<Result<Vec<_>, _>>()?;
+    let unsubscribe = args.unsubscribe.iter().map(filter).collect::<Result<Vec<_>, _>>()?;
     let mut options = args.conn.options()?;
-    if args.persistent {
-        options.session.clean_start = false;
-        options.session.session_expiry = args.session_expiry.unwrap_or(3600);
-    }
+    // As mosquitto_sub: once connected, a lost connection is made again (and the
+    // subscriptions with it) rather than the end.
+    options.reconnect.get_or_insert_with(Default::default);
     let client = args.conn.connect(options).await?;
+    let deadline = args.timeout.map(|s| tokio::time::Instant::now() + std::time::Duration::from_secs(s));
+    if !unsubscribe.is_empty() {
+        client.unsubscribe(unsubscribe).await.map_err(|e| e.to_string())?;
+    }
     let mut messages = client.messages().ok_or("message stream already taken")?;
     let subscriptions: Vec<Subscription> = filters.into_iter().map(|f| Subscription::new(f, qos(args.qos))).collect();
     let stream = match args.conn.data_stream {
@@ -179,21 +261,46 @@ pub async fn subscribe(args: SubArgs) -> Result<(), String> {
         None => client.subscribe_many(subscriptions).await,
     };
     let codes = codes.map_err(|e| e.to_string())?;
-    for (code, topic) in codes.iter().zip(&args.topic) {
+    for (code, topic) in codes.iter().zip(&topics) {
         if code.is_error() {
             let _ = client.disconnect().await;
             return Err(format!("subscription to `{topic}` refused: {code}"));
         }
     }
+    if args.exit_after_subscribe {
+        drop(stream);
+        let _ = client.disconnect().await;
+        return Ok(());
+    }
     let mut seen = 0u64;
     let mut out = std::io::stdout().lock();
+    let mut states = client.state_changes();
     let result = loop {
         if args.count.is_some_and(|c| seen >= c) {
             break Ok(());
         }
+        let timed_out = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let message = tokio::select! {
             m = messages.recv() => m,
+            Some(state) = states.recv() => {
+                // As mosquitto_sub: say why the connection went, and stay to reconnect.
+                if let ConnectionState::Reconnecting { reason } = state {
+                    eprintln!("mqttq: connection lost: {reason}; reconnecting");
+                }
+                continue;
+            }
             _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = timed_out => {
+                // mosquitto_sub's -W: status 27 once the time is up.
+                let _ = client.disconnect().await;
+                eprintln!("Timed out");
+                std::process::exit(27);
+            }
         };
         let Some(m) = message else {
             break Err(match client.state() {
@@ -204,18 +311,19 @@ pub async fn subscribe(args: SubArgs) -> Result<(), String> {
         if args.no_retained && m.retain {
             continue;
         }
+        if filter_out.iter().any(|f| f.matches(&m.topic)) {
+            continue;
+        }
         seen += 1;
-        let written = if args.verbose {
-            out.write_all(m.topic.as_str().as_bytes()).and_then(|_| out.write_all(b" "))
-        } else {
-            Ok(())
+        let mut line = match &args.format {
+            Some(format) => format_message(format, &m),
+            None if args.verbose => [m.topic.as_str().as_bytes(), b" ", &m.payload].concat(),
+            None => m.payload.to_vec(),
         };
-        if written
-            .and_then(|_| out.write_all(&m.payload))
-            .and_then(|_| out.write_all(b"\n"))
-            .and_then(|_| out.flush())
-            .is_err()
-        {
+        if !args.no_eol {
+            line.push(b'\n');
+        }
+        if out.write_all(&line).and_then(|_| out.flush()).is_err() {
             // Stdout closed (e.g. piped into `head`): stop quietly.
             break Ok(());
         }
