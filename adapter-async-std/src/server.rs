@@ -166,6 +166,9 @@ impl Server {
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
         // QUIC keys and assigned client ids from the OS random source, unless given.
         options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
+        if !options.extra_listeners.is_empty() {
+            return Err(ServerError::Unsupported("several listeners of a kind (this adapter opens one of each)"));
+        }
         if options.tls.is_some() || options.wss.is_some() {
             return Err(ServerError::Unsupported("a TLS or wss listener (this adapter serves QUIC, plain TCP and ws)"));
         }

@@ -232,6 +232,9 @@ impl MioBroker {
     /// then opens the listeners and registers them. Fails before opening any listener if the
     /// store cannot be opened or read ([`ServerError::Store`]).
     pub fn bind(mut options: ServerOptions, registry: &Registry, base: Token) -> Result<MioBroker, ServerError> {
+        if !options.extra_listeners.is_empty() {
+            return Err(ServerError::Unsupported("several listeners of a kind (this adapter opens one of each)"));
+        }
         if options.tls.is_some() || options.wss.is_some() {
             return Err(ServerError::Unsupported("a TLS or wss listener (this adapter serves QUIC, plain TCP and ws)"));
         }

@@ -42,6 +42,8 @@ pub struct Server {
     /// The TLS and wss listeners' TLS, swapped by [`Server::reload_tls`], with the ALPN each
     /// offers.
     tls_acceptors: Vec<(SharedAcceptor, Transport)>,
+    /// Every byte-stream listener's address, extra ones included.
+    listening_on: Vec<(Transport, SocketAddr)>,
     /// Reloads, to the broker task.
     reloads: mpsc::UnboundedSender<ReloadRequest>,
     /// Closes when every connection task has ended (each holds a sender).
@@ -377,6 +379,19 @@ impl Server {
         };
         let ws = bind("WebSocket (TCP)", options.ws).await?;
         let wss = bind("secure WebSocket (TCP)", options.wss).await?;
+        let mut extra = Vec::new();
+        for (transport, addr) in &options.extra_listeners {
+            let what = match transport {
+                Transport::Tcp => "TCP",
+                Transport::Tls => "TLS (TCP)",
+                Transport::Ws => "WebSocket (TCP)",
+                Transport::Wss => "secure WebSocket (TCP)",
+                Transport::Quic => {
+                    return Err(ServerError::Unsupported("several QUIC listeners (one UDP socket serves QUIC)"))
+                }
+            };
+            extra.push((*transport, bind(what, Some(*addr)).await?.ok_or(ServerError::Stopped("no listener"))?));
+        }
         // The TLS listener offers ALPN `mqtt`; wss `http/1.1`, as browsers expect.
         let tls_config = &options.broker.quic.tls;
         let acceptor = |listener: Option<&TcpListener>, transport: Transport| match listener {
@@ -385,8 +400,12 @@ impl Server {
             }
             None => Ok(None),
         };
-        let (acceptor, ws_acceptor) =
-            (acceptor(tls.as_ref(), Transport::Tls)?, acceptor(wss.as_ref(), Transport::Wss)?);
+        let more_tls = extra.iter().find(|(t, _)| *t == Transport::Tls).map(|(_, l)| l);
+        let more_wss = extra.iter().find(|(t, _)| *t == Transport::Wss).map(|(_, l)| l);
+        let (acceptor, ws_acceptor) = (
+            acceptor(tls.as_ref().or(more_tls), Transport::Tls)?,
+            acceptor(wss.as_ref().or(more_wss), Transport::Wss)?,
+        );
         let tls_acceptors: Vec<(SharedAcceptor, Transport)> =
             [(acceptor.clone(), Transport::Tls), (ws_acceptor.clone(), Transport::Wss)]
                 .into_iter()
@@ -397,6 +416,16 @@ impl Server {
         let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
         let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
         let wss_addr = wss.as_ref().and_then(|l| l.local_addr().ok());
+        let mut listening_on: Vec<(Transport, SocketAddr)> = [
+            (Transport::Tcp, tcp_addr),
+            (Transport::Tls, tls_addr),
+            (Transport::Ws, ws_addr),
+            (Transport::Wss, wss_addr),
+        ]
+        .into_iter()
+        .filter_map(|(t, a)| a.map(|a| (t, a)))
+        .collect();
+        listening_on.extend(extra.iter().filter_map(|(t, l)| l.local_addr().ok().map(|a| (*t, a))));
 
         let (streams_tx, streams_rx) = mpsc::channel(1024);
         let (alive_tx, alive) = mpsc::channel(1);
@@ -404,12 +433,20 @@ impl Server {
         // WebSocket listeners share the limit of their kind (plain or TLS).
         let tcp_limit = Arc::new(Semaphore::new(options.tcp_max_connections));
         let tls_limit = Arc::new(Semaphore::new(options.tls_max_connections));
-        let listeners = [
+        let mut listeners = vec![
             (tcp, "tcp", None, &tcp_limit),
-            (tls, "tls", acceptor, &tls_limit),
+            (tls, "tls", acceptor.clone(), &tls_limit),
             (ws, "ws", None, &tcp_limit),
-            (wss, "wss", ws_acceptor, &tls_limit),
+            (wss, "wss", ws_acceptor.clone(), &tls_limit),
         ];
+        for (transport, listener) in extra {
+            listeners.push(match transport {
+                Transport::Tls => (Some(listener), "tls", acceptor.clone(), &tls_limit),
+                Transport::Ws => (Some(listener), "ws", None, &tcp_limit),
+                Transport::Wss => (Some(listener), "wss", ws_acceptor.clone(), &tls_limit),
+                _ => (Some(listener), "tcp", None, &tcp_limit),
+            });
+        }
         for (listener, transport, acceptor, limit) in listeners {
             if let Some(listener) = listener {
                 let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
@@ -467,6 +504,7 @@ impl Server {
             local,
             tls_acceptors,
             reloads,
+            listening_on,
         })
     }
 
@@ -483,6 +521,13 @@ impl Server {
     /// The TLS listener's address.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls
+    }
+
+    /// Every byte-stream listener (TCP, TLS, ws, wss) with its address, the extra ones of
+    /// [`ServerOptions::extra_listeners`] included (see [`Server::addresses`] for the first of
+    /// each kind and QUIC).
+    pub fn stream_listeners(&self) -> &[(Transport, SocketAddr)] {
+        &self.listening_on
     }
 
     /// Every listener's address (the same type from every adapter's server).

@@ -724,6 +724,23 @@ fn mosquitto_flags_behave_as_mosquitto_s() {
     let seen: Vec<String> = watcher.lines.try_iter().collect();
     assert_eq!(seen, ["l/x via -L", "wills/me gone"]);
 
+    // -U: a kept session's subscription removed; what is published meanwhile no longer waits
+    // for it. The same with mosquitto_sub on its own client id.
+    for (who, ours_too) in [("mosq-u", false), ("ours-u", true)] {
+        let keep = ["-i", who, "-c", "-q", "1"];
+        let (first, drop_it) =
+            ([&keep[..], &["-t", "u/#", "-E"]].concat(), [&keep[..], &["-t", "v", "-U", "u/#", "-E"]].concat());
+        let later = [&keep[..], &["-t", "v", "-W", "1", "-C", "1"]].concat();
+        let sub = |args: &[&str]| match ours_too {
+            true => run(&[&["sub", "-h", "127.0.0.1", "-p", &tcp, "--transport", "tcp"][..], args].concat()).0,
+            false => mosquitto("mosquitto_sub", args).wait().unwrap().code().unwrap_or(-1),
+        };
+        assert_eq!(sub(&first), 0);
+        assert_eq!(sub(&drop_it), 0);
+        publish("u/x", "for nobody");
+        assert_eq!(sub(&later), 27, "{who}: nothing waited for the unsubscribed session");
+    }
+
     // -c and -x on pub keep its session, as mosquitto_pub's do: a second connection with the
     // same id finds it.
     let keep = [
@@ -753,5 +770,27 @@ fn mosquitto_flags_behave_as_mosquitto_s() {
     let kept = log.lines().filter(|l| l.contains("client connected") && l.contains("\"keeper\"")).collect::<Vec<_>>();
     assert_eq!(kept.len(), 2, "{log}");
     assert!(kept[1].contains("session_present=true"), "{}", kept[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Several listeners of a kind, as mosquitto's several `listener` lines: two TCP ports given
+/// as ports alone, both serving the same broker.
+#[test]
+fn several_listeners_of_a_kind() {
+    let dir = temp_dir("listeners");
+    let data = dir.to_str().unwrap();
+    let b = Proc::spawn(&["broker", "--quic", "off", "--tcp", "127.0.0.1:0", "--tcp", "0", "--data-dir", data]);
+    let port = |l: String| l.rsplit(':').next().unwrap().to_string();
+    let (first, second) = (port(b.expect("listening: tcp")), port(b.expect("listening: tcp")));
+    b.expect("ready");
+    assert_ne!(first, second);
+    let mut sub = Proc::spawn(&["sub", "-p", &first, "--transport", "tcp", "-t", "two/#", "-C", "1", "-v"]);
+    std::thread::sleep(Duration::from_millis(300));
+    // Retained: it arrives whenever the SUBSCRIBE lands.
+    let (code, _, err) =
+        run(&["pub", "-p", &second, "--transport", "tcp", "-t", "two/x", "-m", "across", "-q", "1", "-r"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(sub.expect("two/x"), "two/x across");
+    assert_eq!(sub.finish().0, 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -243,6 +243,11 @@ pub struct ServerOptions {
     /// over TCP refuse to start with one). Its connections count against
     /// `tls_max_connections`.
     pub wss: Option<SocketAddr>,
+    /// More listeners of the byte-stream kinds (`Transport::Tcp`, `Tls`, `Ws`, `Wss`) beside
+    /// the first of each above, as mosquitto's several `listener` lines (each counts against
+    /// its kind's connection limit). Adapters that do not offer them refuse to start with any
+    /// ([`ServerError::Unsupported`]).
+    pub extra_listeners: Vec<(Transport, SocketAddr)>,
     /// Most simultaneous connections on the TCP listener; more are closed at accept.
     pub tcp_max_connections: usize,
     /// Most simultaneous connections on the TLS listener.
@@ -270,6 +275,7 @@ impl ServerOptions {
             tls: None,
             ws: None,
             wss: None,
+            extra_listeners: Vec::new(),
             tcp_max_connections: 100_000,
             tls_max_connections: 100_000,
             tls_handshake_timeout: Duration::from_secs(10),

@@ -35,20 +35,21 @@ pub struct BrokerArgs {
     /// UDP address for MQTT over QUIC, or `off` [default: 0.0.0.0:14567].
     #[arg(long, value_name = "ADDR|off")]
     quic: Option<String>,
-    /// TCP address for plain MQTT, or `off` [default: 0.0.0.0:1883].
+    /// TCP address (or port) for plain MQTT, or `off`; repeat for several [default:
+    /// 0.0.0.0:1883].
     #[arg(long, value_name = "ADDR|off")]
-    tcp: Option<String>,
-    /// TCP address for MQTT over TLS, or `off` [default: off].
+    tcp: Vec<String>,
+    /// TCP address (or port) for MQTT over TLS, or `off`; repeat for several [default: off].
     #[arg(long, value_name = "ADDR|off")]
-    tls: Option<String>,
-    /// TCP address for MQTT over WebSocket (ws://, EMQX's port is 8083), or `off`
-    /// [default: off].
+    tls: Vec<String>,
+    /// TCP address (or port) for MQTT over WebSocket (ws://, EMQX's port is 8083), or `off`;
+    /// repeat for several [default: off].
     #[arg(long, value_name = "ADDR|off")]
-    ws: Option<String>,
-    /// TCP address for MQTT over secure WebSocket (wss://, EMQX's port is 8084; the
-    /// certificate of QUIC and TLS), or `off` [default: off].
+    ws: Vec<String>,
+    /// TCP address (or port) for MQTT over secure WebSocket (wss://, EMQX's port is 8084; the
+    /// certificate of QUIC and TLS), or `off`; repeat for several [default: off].
     #[arg(long, value_name = "ADDR|off")]
-    wss: Option<String>,
+    wss: Vec<String>,
     /// Address of the Prometheus metrics endpoint (GET /metrics), or `off` [default: off].
     #[arg(long, value_name = "ADDR|off")]
     metrics: Option<String>,
@@ -170,14 +171,39 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
 
     let mut options = ServerOptions::new(tls);
     options.quic = listener("quic", args.quic.as_deref().or(file.quic.listen.as_deref()), options.quic)?;
-    options.tcp = listener("tcp", args.tcp.as_deref().or(file.tcp.listen.as_deref()), options.tcp)?;
-    options.tls = listener("tls", args.tls.as_deref().or(file.tls.listen.as_deref()), None)?;
-    options.ws = listener("ws", args.ws.as_deref().or(file.ws.listen.as_deref()), None)?;
-    options.wss = listener("wss", args.wss.as_deref().or(file.wss.listen.as_deref()), None)?;
+    // Each kind: the flags, else the file's `listen` (one address or a list), else the default;
+    // the first is the kind's listener, the others extra ones.
+    let kinds = [
+        ("tcp", Transport::Tcp, &args.tcp, file.tcp.listen.as_ref(), options.tcp),
+        ("tls", Transport::Tls, &args.tls, file.tls.listen.as_ref(), None),
+        ("ws", Transport::Ws, &args.ws, file.ws.listen.as_ref(), None),
+        ("wss", Transport::Wss, &args.wss, file.wss.listen.as_ref(), None),
+    ];
+    for (flag, transport, given, in_file, default) in kinds {
+        let values: Vec<String> = match (given.is_empty(), in_file) {
+            (false, _) => given.clone(),
+            (true, Some(f)) => f.entries(),
+            (true, None) => Vec::new(),
+        };
+        let mut addrs = Vec::new();
+        for v in &values {
+            addrs.extend(listener(flag, Some(v), None)?);
+        }
+        let first = if values.is_empty() { default } else { addrs.first().copied() };
+        match transport {
+            Transport::Tcp => options.tcp = first,
+            Transport::Tls => options.tls = first,
+            Transport::Ws => options.ws = first,
+            _ => options.wss = first,
+        }
+        options.extra_listeners.extend(addrs.iter().skip(1).map(|a| (transport, *a)));
+    }
     if let Some(path) = args.ws_path.or(file.ws.path).or(file.wss.path) {
         options.broker.websocket_path = path;
     }
-    if [options.quic, options.tcp, options.tls, options.ws, options.wss].iter().all(Option::is_none) {
+    if [options.quic, options.tcp, options.tls, options.ws, options.wss].iter().all(Option::is_none)
+        && options.extra_listeners.is_empty()
+    {
         return Err("every listener is off: nothing to serve".into());
     }
     options.broker.use_identity_as_username =
@@ -316,11 +342,17 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
     }
 
     let server = Server::start(options).await.map_err(|e| e.to_string())?;
-    let at = server.addresses();
-    for (what, addr) in [("quic", at.quic), ("tcp", at.tcp), ("tls", at.tls), ("ws", at.ws), ("wss", at.wss)] {
-        if let Some(addr) = addr {
-            println!("listening: {what} {addr}");
-        }
+    if let Some(addr) = server.quic_addr() {
+        println!("listening: quic {addr}");
+    }
+    for (transport, addr) in server.stream_listeners() {
+        let what = match transport {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            _ => "wss",
+        };
+        println!("listening: {what} {addr}");
     }
     let metrics_addr = listener("metrics", args.metrics.as_deref().or(file.metrics.listen.as_deref()), None)?;
     if let Some(addr) = metrics_addr {

@@ -220,7 +220,7 @@ pub struct QuicSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
-    pub listen: Option<String>,
+    pub listen: Option<OneOrMany>,
     pub max_connections: Option<usize>,
 }
 
@@ -229,7 +229,7 @@ pub struct Listener {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsListener {
-    pub listen: Option<String>,
+    pub listen: Option<OneOrMany>,
     pub max_connections: Option<usize>,
     pub cafile: Option<PathBuf>,
     pub require_certificate: Option<bool>,
@@ -248,7 +248,7 @@ pub struct MetricsSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WsListener {
-    pub listen: Option<String>,
+    pub listen: Option<OneOrMany>,
     pub path: Option<String>,
 }
 
@@ -277,7 +277,7 @@ mod tests {
         let c: FileConfig = toml::from_str(&example).unwrap();
         assert_eq!(c.quic.congestion.as_deref(), Some("bbr"));
         assert_eq!(c.quic.initial_rtt_ms, Some(100));
-        assert_eq!(c.tls.listen.as_deref(), Some("0.0.0.0:8883"));
+        assert_eq!(c.tls.listen.as_ref().map(|l| l.entries()), Some(vec!["0.0.0.0:8883".to_string()]));
         assert_eq!(c.bridge[0].topic.len(), 2);
         assert_eq!(c.bridge[0].address.as_ref().unwrap().entries().len(), 2);
         let mosquitto = "[[bridge]]\nconnection = \"c\"\naddress = \"a:1883 b:1884\"\ntopic = [\"# both 1\"]\n";
