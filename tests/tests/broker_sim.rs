@@ -339,6 +339,31 @@ fn sys_topics_publish_statistics_but_not_to_leading_wildcards() {
     assert!(w.broker().stats().bytes_received > 0);
 }
 
+/// mosquitto's `$SYS/broker/version` and load averages: after two publications with traffic
+/// between them, the 1-minute average of messages received per minute is above zero (and
+/// below what an instant rate would say: an exponential average starts from zero).
+#[test]
+fn sys_topics_carry_the_version_and_load_averages() {
+    let mut w = World::new(13);
+    let admin = w.client(1, session("admin"));
+    let talker = w.client(2, session("talker"));
+    w.subscribe(admin, "$SYS/broker/#", QoS::AtMostOnce);
+    for i in 0..30 {
+        w.publish(talker, "chatter", &format!("{i}"), QoS::AtMostOnce, false);
+    }
+    let now = w.sim.now();
+    w.sim.drive_to(now + Duration::from_secs(21));
+    let seen = w.messages(admin);
+    let value =
+        |topic: &str| seen.iter().filter(|(t, _, _)| t == topic).map(|(_, v, _)| v.clone()).last().unwrap_or_default();
+    let version = value("$SYS/broker/version");
+    assert!(version.starts_with("mqtt-quic version "), "{version}");
+    let load: f64 = value("$SYS/broker/load/messages/received/1min").parse().unwrap();
+    assert!(load > 0.0 && load < 30.0 * 6.0, "{load}");
+    let slow: f64 = value("$SYS/broker/load/messages/received/15min").parse().unwrap();
+    assert!(slow > 0.0 && slow < load, "15 min {slow} vs 1 min {load}");
+}
+
 #[test]
 fn clients_may_not_publish_to_sys_topics() {
     let mut w = World::new(12);

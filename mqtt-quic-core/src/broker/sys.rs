@@ -122,6 +122,9 @@ impl Broker {
             schedule.started = Some(now);
             schedule.next_sys = self.config.sys_interval.map(|i| now + i);
             schedule.next_housekeeping = Some(now + HOUSEKEEPING);
+            // The load averages count from here.
+            let s = &self.stats;
+            self.loads.update(now, [s.messages_received, s.messages_sent, s.bytes_received, s.bytes_sent, s.connects]);
             self.start_bridges(now);
         }
         let schedule = &mut self.schedule;
