@@ -355,7 +355,7 @@ fn sys_topics_carry_the_version_and_load_averages() {
     w.sim.drive_to(now + Duration::from_secs(21));
     let seen = w.messages(admin);
     let value =
-        |topic: &str| seen.iter().filter(|(t, _, _)| t == topic).map(|(_, v, _)| v.clone()).last().unwrap_or_default();
+        |topic: &str| seen.iter().rev().find(|(t, _, _)| t == topic).map(|(_, v, _)| v.clone()).unwrap_or_default();
     let version = value("$SYS/broker/version");
     assert!(version.starts_with("mqtt-quic version "), "{version}");
     let load: f64 = value("$SYS/broker/load/messages/received/1min").parse().unwrap();
