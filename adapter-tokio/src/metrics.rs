@@ -11,8 +11,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// The packet types, as their labels.
 const PACKET_TYPES: [(PacketType, &str); 15] = [
@@ -41,6 +41,25 @@ struct TypeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabel {
+    quantile: &'static str,
+}
+
+/// The 0.5, 0.9, 0.99 and 1 quantiles of `values` (none when there are none).
+fn quantiles(mut values: Vec<f64>) -> Family<QuantileLabel, Gauge<f64, AtomicU64>> {
+    let family = Family::<QuantileLabel, Gauge<f64, AtomicU64>>::default();
+    values.sort_by(f64::total_cmp);
+    if values.is_empty() {
+        return family;
+    }
+    for (q, label) in [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99"), (1.0, "1")] {
+        let i = ((values.len() - 1) as f64 * q).round() as usize;
+        family.get_or_create(&QuantileLabel { quantile: label }).set(values[i]);
+    }
+    family
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,16 +124,20 @@ pub fn render(m: &BrokerMetrics) -> String {
     r.register("quic_datagrams_received", "QUIC datagrams received", counter(s.datagrams_received));
     r.register("quic_datagrams_sent", "QoS 0 messages sent as QUIC datagrams", counter(s.datagrams_sent));
     r.register("quic_datagrams_dropped", "QUIC datagrams dropped", counter(s.datagrams_dropped));
-    let rtt = Histogram::new(exponential_buckets(0.001, 2.0, 12));
-    for t in &q.rtts {
-        rtt.observe(t.as_secs_f64());
-    }
-    r.register("quic_rtt_seconds", "Smoothed round-trip time of each open QUIC connection", rtt);
-    let cwnd = Histogram::new(exponential_buckets(4096.0, 2.0, 12));
-    for w in &q.cwnds {
-        cwnd.observe(*w as f64);
-    }
-    r.register("quic_congestion_window_bytes", "Congestion window of each open QUIC connection", cwnd);
+    // Where the open connections stand now: quantiles over them, as gauges (a histogram of
+    // connections that come and go would go backwards, which Prometheus reads as a reset).
+    let rtts: Vec<f64> = q.rtts.iter().map(|t| t.as_secs_f64()).collect();
+    r.register(
+        "quic_rtt_seconds",
+        "Smoothed round-trip time over the open QUIC connections, by quantile (1: the largest)",
+        quantiles(rtts),
+    );
+    r.register(
+        "quic_congestion_window_bytes",
+        "Congestion window over the open QUIC connections, by quantile (1: the largest)",
+        quantiles(q.cwnds.iter().map(|w| *w as f64).collect()),
+    );
+    r.register("quic_connections_established", "Open QUIC connections past their handshake", gauge(q.rtts.len()));
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);
@@ -122,16 +145,22 @@ pub fn render(m: &BrokerMetrics) -> String {
 }
 
 /// Serves `GET /metrics` (Prometheus' text format) on `listener`, one request per connection;
-/// a request that is not that gets 404, one that takes over 5 s or 8 KiB is dropped.
+/// a request that is not that gets 404, one that takes over 5 s or 8 KiB is dropped, and at
+/// most 16 connections are served at once (more are closed at accept).
 pub async fn serve(listener: tokio::net::TcpListener, server: crate::server::MetricsSource) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A scraper needs one connection; a few at once are allowed, more are closed at once, so
+    // that a flood of idle connections cannot use up the broker's file descriptors.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         let server = server.clone();
         drop(tokio::spawn(async move {
+            let _slot = slot;
             let mut request = Vec::new();
             let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
                 let mut buf = [0u8; 1024];
@@ -148,8 +177,12 @@ pub async fn serve(listener: tokio::net::TcpListener, server: crate::server::Met
             }
             let first = request.split(|b| *b == b'\n').next().unwrap_or_default();
             let wanted = first.starts_with(b"GET /metrics ") || first.starts_with(b"GET /metrics?");
-            let response = match (wanted, server.metrics().await) {
-                (true, Ok(m)) => {
+            let snapshot = match wanted {
+                true => Some(server.metrics().await),
+                false => None,
+            };
+            let response = match snapshot {
+                Some(Ok(m)) => {
                     let body = render(&m);
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
@@ -157,13 +190,16 @@ pub async fn serve(listener: tokio::net::TcpListener, server: crate::server::Met
                         body.len()
                     )
                 }
-                (true, Err(_)) => {
+                Some(Err(_)) => {
                     "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
                 }
-                (false, _) => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+                None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
             };
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
+            let write = async {
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), write).await;
         }));
     }
 }

@@ -42,6 +42,8 @@ pub struct Server {
     /// The TLS and wss listeners' TLS, swapped by [`Server::reload_tls`], with the ALPN each
     /// offers.
     tls_acceptors: Vec<(SharedAcceptor, Transport)>,
+    /// Held while a certificate reload runs.
+    reloading: tokio::sync::Mutex<()>,
     /// Every byte-stream listener's address, extra ones included.
     listening_on: Vec<(Transport, SocketAddr)>,
     /// Reloads, to the broker task.
@@ -303,6 +305,9 @@ impl Server {
     /// without dropping anyone: new connections get `tls`, open ones keep theirs. On error
     /// (a certificate rustls or QUIC cannot use) nothing changes.
     pub async fn reload_tls(&self, tls: ServerTls) -> Result<(), ServerError> {
+        // One reload at a time: two at once could leave QUIC on one certificate and the TLS
+        // listeners on the other.
+        let _one = self.reloading.lock().await;
         // Checked for every listener before anything changes.
         let acceptors = self
             .tls_acceptors
@@ -505,6 +510,7 @@ impl Server {
             tls_acceptors,
             reloads,
             listening_on,
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 

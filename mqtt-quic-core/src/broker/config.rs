@@ -100,7 +100,8 @@ pub struct BrokerConfig {
     /// (QUIC, or TLS over TCP with `Broker::set_stream_identity`) has its certificate's common
     /// name as its user name, whatever its CONNECT says, and no password check (the
     /// certificate, verified against the client CA, is its credential); the ACL applies to
-    /// that name. Clients without a certificate are checked as usual.
+    /// that name. A client without one (no certificate, one without a common name, or a
+    /// listener without TLS) is refused with Bad user name or password, as mosquitto does.
     pub use_identity_as_username: bool,
 }
 

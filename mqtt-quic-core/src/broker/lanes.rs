@@ -257,10 +257,12 @@ impl Broker {
         let Some(live) = self.conns.get_mut(&peer) else { return };
         let mut out = Vec::new();
         let mut over = Vec::new();
+        let mut packets = crate::session::packet_counts::PacketCounts::default();
         for (lane, state) in &mut live.lanes {
             match &mut state.phase {
                 Phase::Live { session, .. } => {
                     out.extend(std::iter::from_fn(|| session.poll_transmit()).map(|b| (*lane, b)));
+                    packets.add(&session.take_packet_counts());
                     if session.is_done() {
                         over.push((*lane, true));
                     } else if state.finishing {
@@ -272,6 +274,7 @@ impl Broker {
                 _ => {}
             }
         }
+        self.packets.add(&packets);
         for (lane, bytes) in out {
             self.stats.bytes_sent += bytes.len() as u64;
             self.emit_on(now, peer, lane, bytes);

@@ -179,8 +179,14 @@ impl Broker {
         let remote = self.links.remote_addr(conn);
         // mosquitto's `use_identity_as_username`: the certificate's name is the user name, and
         // the verified certificate the credential.
-        let by_certificate = match self.config.use_identity_as_username {
-            true => self.links.identity(conn),
+        let internal = self.conns.get(&conn).is_some_and(|l| l.internal);
+        let by_certificate = match self.config.use_identity_as_username && !internal {
+            true => match self.links.identity(conn) {
+                Some(name) => Some(name),
+                // As mosquitto: no certificate (or one without a common name) is no login at
+                // all, whatever user name the CONNECT claims.
+                None => return self.refuse(now, conn, ReasonCode::BadUserNameOrPassword),
+            },
             false => None,
         };
         if let Some(name) = &by_certificate {
@@ -193,7 +199,6 @@ impl Broker {
             }
         }
         let username = c.username.as_ref().map(|u| u.as_str().to_string());
-        let internal = self.conns.get(&conn).is_some_and(|l| l.internal);
         if let Some(live) = self.conns.get_mut(&conn) {
             live.hello = Some((c.client_id.to_string(), username.clone(), remote));
             live.datagrams = super::datagrams::asks_for_datagrams(&c);

@@ -679,8 +679,11 @@ impl ServerSession {
     fn write(&mut self, packet: &Packet) {
         // Our packets are well formed, so the only way encoding fails is a size beyond what the
         // client accepts (PUBLISH sizes were checked by `publish`).
-        if self.writer.write(packet).is_ok() {
-            self.packets.sent(packet.packet_type());
+        if let Ok(written) = self.writer.write(packet) {
+            // (Not written: the connection is cut off, and nothing goes out any more.)
+            if written {
+                self.packets.sent(packet.packet_type());
+            }
             return;
         }
         // [MQTT-3.1.2-24]: nothing beyond the client's Maximum Packet Size. We send no reason

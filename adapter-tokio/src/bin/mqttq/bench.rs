@@ -86,9 +86,13 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         options.session.clean_start = false;
         options.session.session_expiry = 300;
     }
-    // (`-x`/`--session-expiry` SECS, from the connection flags: TCP/TLS clients' sessions
-    // then outlive the connection, so a persisting broker stores their subscriptions and what
-    // is in flight to them, the durable workload; QUIC clients always use 0.)
+    // `-x`/`--session-expiry` SECS (a connection flag) wins over --reconnect's 300: TCP/TLS
+    // clients' sessions then outlive the connection, so a persisting broker stores their
+    // subscriptions and what is in flight to them, the durable workload; QUIC clients always
+    // use 0.
+    if let Some(secs) = args.conn.session_expiry {
+        options.session.session_expiry = secs;
+    }
     if let Some(c) = args.congestion {
         options.transport.congestion = match c {
             CongestionArg::Bbr => Congestion::Bbr,

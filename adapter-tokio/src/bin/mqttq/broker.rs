@@ -362,10 +362,12 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         println!("listening: metrics {}", metrics.local_addr().map_err(|e| e.to_string())?);
         drop(tokio::spawn(adapter_tokio::metrics::serve(metrics, server.metrics_source())));
     }
+    // The reload signal is handled from here on: a `systemctl reload` right after readiness
+    // must not find SIGHUP's default action (the end of the process).
+    let mut hangups = hangups();
     println!("ready");
     notify_systemd("READY=1\nSTATUS=serving");
     let mut server = server;
-    let mut hangups = hangups();
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,

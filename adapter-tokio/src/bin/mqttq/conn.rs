@@ -200,7 +200,21 @@ impl ConnArgs {
                 (s.username, s.password) = (l.username, l.password.map(Bytes::from));
             }
         }
-        let props = crate::props::parse(&self.property)?;
+        let mut props = crate::props::parse(&self.property)?;
+        // The session writes these from its own settings: `-D connect` sets those.
+        let c = &mut props.connect;
+        if let Some(v) = c.session_expiry_interval.take() {
+            s.session_expiry = v;
+        }
+        if let Some(v) = c.receive_maximum.take() {
+            s.receive_maximum = v.get();
+        }
+        if let Some(v) = c.maximum_packet_size.take() {
+            s.maximum_packet_size = v.get();
+        }
+        if let Some(v) = c.topic_alias_maximum.take() {
+            s.topic_alias_maximum = v;
+        }
         s.connect_properties = props.connect;
         if self.persistent {
             s.clean_start = false;

@@ -66,7 +66,7 @@ pub struct SubArgs {
     #[arg(short = 'R', long = "no-retained")]
     no_retained: bool,
     /// Stop after this many seconds, exiting with status 27 (as mosquitto_sub).
-    #[arg(short = 'W', long = "timeout", value_name = "SECS")]
+    #[arg(short = 'W', long = "timeout", value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     timeout: Option<u64>,
     /// Print each message with this format: %t topic, %p payload, %q QoS, %r retain flag, %l
     /// payload length, %x payload in hex, %U Unix time, %% a percent sign; \n, \t and \\
@@ -239,11 +239,18 @@ pub async fn subscribe(args: SubArgs) -> Result<(), String> {
     // As mosquitto_sub: once connected, a lost connection is made again (and the
     // subscriptions with it) rather than the end.
     options.reconnect.get_or_insert_with(Default::default);
-    let client = args.conn.connect(options).await?;
+    // -W counts from the start, connecting included (the range above keeps it finite).
     let deadline = args.timeout.map(|s| tokio::time::Instant::now() + std::time::Duration::from_secs(s));
-    if !unsubscribe.is_empty() {
-        client.unsubscribe(unsubscribe).await.map_err(|e| e.to_string())?;
-    }
+    let client = match deadline {
+        Some(at) => match tokio::time::timeout_at(at, args.conn.connect(options)).await {
+            Ok(c) => c?,
+            Err(_) => {
+                eprintln!("Timed out");
+                std::process::exit(27);
+            }
+        },
+        None => args.conn.connect(options).await?,
+    };
     let mut messages = client.messages().ok_or("message stream already taken")?;
     let subscriptions: Vec<Subscription> = filters.into_iter().map(|f| Subscription::new(f, qos(args.qos))).collect();
     let stream = match args.conn.data_stream {
@@ -267,6 +274,16 @@ pub async fn subscribe(args: SubArgs) -> Result<(), String> {
             return Err(format!("subscription to `{topic}` refused: {code}"));
         }
     }
+    // -U after the subscriptions, as mosquitto_sub does (and again after each reconnect).
+    let unsubscribe_all = || {
+        let (client, filters) = (client.clone(), unsubscribe.clone());
+        async move {
+            if !filters.is_empty() {
+                let _ = client.unsubscribe(filters).await;
+            }
+        }
+    };
+    unsubscribe_all().await;
     if args.exit_after_subscribe {
         drop(stream);
         let _ = client.disconnect().await;
@@ -289,8 +306,10 @@ pub async fn subscribe(args: SubArgs) -> Result<(), String> {
             m = messages.recv() => m,
             Some(state) = states.recv() => {
                 // As mosquitto_sub: say why the connection went, and stay to reconnect.
-                if let ConnectionState::Reconnecting { reason } = state {
-                    eprintln!("mqttq: connection lost: {reason}; reconnecting");
+                match state {
+                    ConnectionState::Reconnecting { reason } => eprintln!("mqttq: connection lost: {reason}; reconnecting"),
+                    ConnectionState::Connected { .. } => drop(tokio::spawn(unsubscribe_all())),
+                    _ => {}
                 }
                 continue;
             }
