@@ -1,5 +1,5 @@
 //! The broker's metrics in Prometheus' text format: [`render`] turns a
-//! [`BrokerMetrics`](mqtt_quic_core::broker::machine::BrokerMetrics) snapshot (from
+//! [`BrokerMetrics`] snapshot (from
 //! [`Server::metrics`](crate::server::Server::metrics)) into what a `/metrics` endpoint
 //! serves, through the `prometheus-client` crate. Names follow EMQX's where it has one
 //! (`connections_count`, `messages_received`, `packets_publish_received`, ...), with the prefix

@@ -246,7 +246,7 @@ pub struct ServerOptions {
     /// More listeners of the byte-stream kinds (`Transport::Tcp`, `Tls`, `Ws`, `Wss`) beside
     /// the first of each above, as mosquitto's several `listener` lines (each counts against
     /// its kind's connection limit). Adapters that do not offer them refuse to start with any
-    /// ([`ServerError::Unsupported`]).
+    /// ([`ServerError::Unsupported`](super::ServerError::Unsupported)).
     pub extra_listeners: Vec<(Transport, SocketAddr)>,
     /// Most simultaneous connections on the TCP listener; more are closed at accept.
     pub tcp_max_connections: usize,
