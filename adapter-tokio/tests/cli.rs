@@ -647,14 +647,16 @@ fn mosquitto_flags_behave_as_mosquitto_s() {
             run(&["pub", "-h", "127.0.0.1", "-p", &tcp, "--transport", "tcp", "-t", topic, "-m", payload, "-q", "1"]);
         assert_eq!((code, err.as_str()), (0, ""));
     };
-    let settle = || std::thread::sleep(Duration::from_millis(400));
+    // Time for both subscribers to subscribe (each also gives up after -W 20 s, so that a
+    // missed message fails the test instead of hanging it).
+    let settle = || std::thread::sleep(Duration::from_millis(1000));
 
     // -F and -N and -T: the same bytes out of both.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
     let cases: [Case<'_>; 3] = [
-        (&["-t", "f/#", "-F", "%t|%p|%q|%r|%l|%x", "-C", "1"], &[("f/a", "hi")]),
-        (&["-t", "n/#", "-N", "-C", "2"], &[("n/1", "one"), ("n/2", "two")]),
-        (&["-t", "g/#", "-T", "g/skip", "-v", "-C", "1"], &[("g/skip", "no"), ("g/ok", "yes")]),
+        (&["-t", "f/#", "-F", "%t|%p|%q|%r|%l|%x", "-C", "1", "-W", "20"], &[("f/a", "hi")]),
+        (&["-t", "n/#", "-N", "-C", "2", "-W", "20"], &[("n/1", "one"), ("n/2", "two")]),
+        (&["-t", "g/#", "-T", "g/skip", "-v", "-C", "1", "-W", "20"], &[("g/skip", "no"), ("g/ok", "yes")]),
     ];
     for (args, messages) in cases {
         let theirs = mosquitto("mosquitto_sub", args);
@@ -678,7 +680,8 @@ fn mosquitto_flags_behave_as_mosquitto_s() {
     }
 
     // -D publish properties, read back by mosquitto_sub.
-    let theirs = mosquitto("mosquitto_sub", &["-V", "mqttv5", "-t", "d/#", "-F", "%C|%E|%P|%R|%D", "-C", "1"]);
+    let theirs =
+        mosquitto("mosquitto_sub", &["-V", "mqttv5", "-t", "d/#", "-F", "%C|%E|%P|%R|%D", "-C", "1", "-W", "20"]);
     settle();
     let props = [
         "-D",
@@ -711,7 +714,7 @@ fn mosquitto_flags_behave_as_mosquitto_s() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "text/plain|60|site:east|r/t|abc");
 
     // -L with credentials in the URL, and a will: a subscriber whose connection dies.
-    let mut watcher = ours(&["sub", "-t", "l/#", "-t", "wills/#", "-v", "-C", "2"]);
+    let mut watcher = ours(&["sub", "-t", "l/#", "-t", "wills/#", "-v", "-C", "2", "-W", "20"]);
     settle();
     let url = format!("mqtt://someone:pw@127.0.0.1:{tcp}/l/x");
     let (code, _, err) = run(&["pub", "-L", &url, "-m", "via -L"]);
