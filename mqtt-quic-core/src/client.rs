@@ -908,9 +908,7 @@ impl ClientMachine {
                 // Over WebSocket, the upgrade comes first; CONNECT once it is accepted.
                 Some(url) => {
                     let mut ws = WsConn::client(&url.authority(), url.websocket_path(), self.ws_seeds.next_u64());
-                    while let Some(bytes) = ws.poll_output() {
-                        self.io_out.push_back(StreamCommand::Data(bytes));
-                    }
+                    queue_ws_output(&mut self.io_out, &mut ws);
                     self.ws = Some(ws);
                     self.ws_deadline = Some(now + self.session.connect_timeout());
                 }
@@ -933,9 +931,7 @@ impl ClientMachine {
                     let mut mqtt = Vec::new();
                     let result = ws.receive(data, &mut mqtt);
                     let (now_open, closed) = (ws.is_open(), ws.is_closed());
-                    while let Some(bytes) = ws.poll_output() {
-                        self.io_out.push_back(StreamCommand::Data(bytes));
-                    }
+                    queue_ws_output(&mut self.io_out, ws);
                     if !was_open && now_open {
                         self.ws_deadline = None;
                         let _ = self.session.connect(now);
@@ -950,13 +946,8 @@ impl ClientMachine {
                             Err(e) => e.to_string(),
                             Ok(()) => "the broker closed the WebSocket".to_string(),
                         };
-                        self.drain_session_bytes(now, true);
                         self.attempt_note = Some(note);
-                        if let Link::Stream { open } = &mut self.link {
-                            *open = false;
-                        }
-                        self.io_out.push_back(StreamCommand::Close);
-                        self.ws = None;
+                        self.close_link(now);
                         self.transport_lost(now);
                     }
                 }
@@ -1038,9 +1029,7 @@ impl ClientMachine {
                     // A WebSocket says goodbye with a closing frame.
                     if let Some(mut ws) = self.ws.take() {
                         ws.close();
-                        while let Some(bytes) = ws.poll_output() {
-                            self.io_out.push_back(StreamCommand::Data(bytes));
-                        }
+                        queue_ws_output(&mut self.io_out, &mut ws);
                     }
                     self.io_out.push_back(StreamCommand::Close);
                 }
@@ -1547,6 +1536,14 @@ impl ClientMachine {
             .into_iter()
             .flatten()
             .min()
+    }
+}
+
+/// Queues what a WebSocket connection has to write besides framed MQTT (its upgrade request,
+/// Pongs, its closing frame) for the adapter, in order.
+fn queue_ws_output(io_out: &mut VecDeque<StreamCommand>, ws: &mut WsConn) {
+    while let Some(bytes) = ws.poll_output() {
+        io_out.push_back(StreamCommand::Data(bytes));
     }
 }
 

@@ -227,8 +227,17 @@ impl Broker {
     /// [`BrokerConfig::max_auth_failures`], as they are for QUIC): the broker numbers it and
     /// expects CONNECT on it within the connect timeout.
     pub fn handle_stream_open(&mut self, now: Instant, remote: Option<SocketAddr>) -> StreamId {
+        self.open_stream(now, remote, false)
+    }
+
+    /// A byte stream the adapter accepted, numbered now, with the WebSocket layer when
+    /// `websocket`; CONNECT is expected within the connect timeout.
+    fn open_stream(&mut self, now: Instant, remote: Option<SocketAddr>, websocket: bool) -> StreamId {
         self.tick(now);
-        let id = self.links.open_stream();
+        let id = match websocket {
+            true => self.links.open_websocket(&self.config.websocket_path),
+            false => self.links.open_stream(),
+        };
         if let Some(remote) = remote {
             self.links.set_remote(id, remote);
         }
@@ -275,14 +284,7 @@ impl Broker {
     /// [`BrokerConfig::websocket_path`], and MQTT flows in binary frames. The connect timeout
     /// covers the upgrade too.
     pub fn handle_stream_open_ws(&mut self, now: Instant, remote: Option<SocketAddr>) -> StreamId {
-        self.tick(now);
-        let id = self.links.open_websocket(&self.config.websocket_path);
-        if let Some(remote) = remote {
-            self.links.set_remote(id, remote);
-        }
-        self.live(now, Peer::Stream(id));
-        self.rearm(Peer::Stream(id));
-        id
+        self.open_stream(now, remote, true)
     }
 
     /// Bytes read from a byte-stream connection.

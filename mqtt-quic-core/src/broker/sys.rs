@@ -42,6 +42,13 @@ pub struct Stats {
     pub connects: u64,
 }
 
+impl Stats {
+    /// The counters with load averages, in the order of `LOAD_NAMES`.
+    fn load_counters(&self) -> [u64; LOADS] {
+        [self.messages_received, self.messages_sent, self.bytes_received, self.bytes_sent, self.connects]
+    }
+}
+
 /// Everything a metrics endpoint reports, at one moment (see [`Broker::metrics`]).
 #[derive(Debug, Clone, Default)]
 pub struct BrokerMetrics {
@@ -123,8 +130,7 @@ impl Broker {
             schedule.next_sys = self.config.sys_interval.map(|i| now + i);
             schedule.next_housekeeping = Some(now + HOUSEKEEPING);
             // The load averages count from here.
-            let s = &self.stats;
-            self.loads.update(now, [s.messages_received, s.messages_sent, s.bytes_received, s.bytes_sent, s.connects]);
+            self.loads.update(now, self.stats.load_counters());
             self.start_bridges(now);
         }
         let schedule = &mut self.schedule;
@@ -161,8 +167,7 @@ impl Broker {
             ("datagrams/dropped", self.stats.datagrams_dropped.to_string()),
             ("uptime", format!("{uptime} seconds")),
         ];
-        let s = &self.stats;
-        self.loads.update(now, [s.messages_received, s.messages_sent, s.bytes_received, s.bytes_sent, s.connects]);
+        self.loads.update(now, self.stats.load_counters());
         let mut loads = Vec::new();
         for (name, averages) in LOAD_NAMES.iter().zip(self.loads.averages) {
             for ((_, window), avg) in LOAD_WINDOWS.iter().zip(averages) {

@@ -574,30 +574,34 @@ fn hangups() -> tokio::sync::mpsc::Receiver<()> {
 /// and says why; the outcome is one line on stdout (and in the log).
 async fn reload(server: &Server, auth: &AuthFiles, tls: &TlsFiles) {
     let mut done = Vec::new();
-    if auth.passwords.is_some() || auth.acl.is_some() {
-        match auth.load() {
-            Ok(loaded) => match server.reload_auth(loaded).await {
-                Ok(()) => done.push("password file and ACL reloaded".to_string()),
-                Err(e) => done.push(format!("password file and ACL not reloaded ({e}); keeping the old ones")),
-            },
-            Err(e) => done.push(format!("password file and ACL not reloaded ({e}); keeping the old ones")),
+    let mut failed = false;
+    let mut report = |outcome: Result<(), String>, what: &str, old: &str| match outcome {
+        Ok(()) => done.push(format!("{what} reloaded")),
+        Err(e) => {
+            failed = true;
+            done.push(format!("{what} not reloaded ({e}); keeping the old {old}"));
         }
+    };
+    if auth.passwords.is_some() || auth.acl.is_some() {
+        let outcome = match auth.load() {
+            Ok(loaded) => server.reload_auth(loaded).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        report(outcome, "password file and ACL", "ones");
     }
     if tls.has_files() {
-        match tls.load() {
-            Ok(tls) => match server.reload_tls(tls).await {
-                Ok(()) => done.push("certificate reloaded".to_string()),
-                Err(e) => done.push(format!("certificate not reloaded ({e}); keeping the old one")),
-            },
-            Err(e) => done.push(format!("certificate not reloaded ({e}); keeping the old one")),
-        }
+        let outcome = match tls.load() {
+            Ok(loaded) => server.reload_tls(loaded).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        report(outcome, "certificate", "one");
     }
     if done.is_empty() {
         done.push("nothing to reload (no password file, ACL or certificate files)".into());
     }
     let line = format!("reload: {}", done.join("; "));
     notify_systemd(&format!("STATUS={line}"));
-    if line.contains("not reloaded") {
+    if failed {
         tracing::warn!("{line}");
     } else {
         info!("{line}");
