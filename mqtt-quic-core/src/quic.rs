@@ -287,6 +287,8 @@ struct Conn {
     /// end of the stream (a peer that keeps the connection alive without taking our FIN).
     finish_deadline: Option<Instant>,
     closed_reported: bool,
+    /// A server connection in its handshake: the source address it counts against.
+    handshake_ip: Option<std::net::IpAddr>,
 }
 
 /// Writes `outbound` to stream `id` while flow control allows, counting into `queued` and
@@ -340,6 +342,7 @@ impl Conn {
             finish_requested: false,
             finished: false,
             connected: false,
+            handshake_ip: None,
             handshake_deadline: Some(now + settings.handshake_timeout),
             finish_deadline: None,
             closed_reported: false,
@@ -436,7 +439,13 @@ pub struct QuicEndpoint {
     max_connections: usize,
     max_handshakes_per_ip: usize,
     stateless_retry: bool,
-    conns: BTreeMap<usize, Conn>,
+    /// Boxed: a connection is several KiB, and a map's nodes hold their values inline (each
+    /// half-empty node would waste that much per free slot).
+    conns: BTreeMap<usize, Box<Conn>>,
+    /// Accepted connections still in their handshake, by source address (the per-address
+    /// bound on handshakes in flight), kept up to date so a new one is checked without
+    /// scanning every connection.
+    handshaking: BTreeMap<std::net::IpAddr, usize>,
     /// Bytes queued on all connections' MQTT streams (the sum of their `queued`).
     queued_total: usize,
     events: VecDeque<Event>,
@@ -623,6 +632,7 @@ impl QuicEndpoint {
             max_handshakes_per_ip: usize::MAX,
             stateless_retry,
             conns: BTreeMap::new(),
+            handshaking: BTreeMap::new(),
             queued_total: 0,
             events: VecDeque::new(),
             responses: VecDeque::new(),
@@ -677,7 +687,7 @@ impl QuicEndpoint {
         let config = self.client.clone().ok_or(CommandError::NotAClient)?;
         let (handle, quic) =
             self.inner.connect(now, config, remote, server_name).map_err(|e| CommandError::Connect(e.to_string()))?;
-        self.conns.insert(handle.0, Conn::new(quic, now, &self.settings));
+        self.conns.insert(handle.0, Box::new(Conn::new(quic, now, &self.settings)));
         self.drive(now, handle);
         Ok(ConnId(handle.0))
     }
@@ -897,8 +907,7 @@ impl QuicEndpoint {
     fn incoming(&mut self, now: Instant, incoming: Incoming) {
         let mut buf = Vec::new();
         let ip = incoming.remote_address().ip();
-        let handshaking_from_ip =
-            self.conns.values().filter(|c| !c.connected && c.quic.remote_address().ip() == ip).count();
+        let handshaking_from_ip = self.handshaking.get(&ip).copied().unwrap_or(0);
         if self.conns.len() >= self.max_connections || handshaking_from_ip >= self.max_handshakes_per_ip {
             let t = self.inner.refuse(incoming, &mut buf);
             self.respond(t, buf);
@@ -912,7 +921,10 @@ impl QuicEndpoint {
         }
         match self.inner.accept(incoming, now, &mut buf, None) {
             Ok((handle, quic)) => {
-                self.conns.insert(handle.0, Conn::new(quic, now, &self.settings));
+                let mut c = Box::new(Conn::new(quic, now, &self.settings));
+                c.handshake_ip = Some(ip);
+                *self.handshaking.entry(ip).or_default() += 1;
+                self.conns.insert(handle.0, c);
                 self.drive(now, handle);
             }
             Err(e) => {
@@ -1046,6 +1058,7 @@ impl QuicEndpoint {
             match event {
                 QuinnEvent::Connected => {
                     c.connected = true;
+                    handshake_over(&mut self.handshaking, c);
                     c.handshake_deadline = None;
                     let zero_rtt = if c.quic.side().is_client() {
                         c.quic.has_0rtt().then(|| c.quic.accepted_0rtt())
@@ -1167,12 +1180,25 @@ impl QuicEndpoint {
             let path = c.quic.stats().path;
             self.counters.lost_packets_closed += path.lost_packets;
             self.counters.sent_packets_closed += path.sent_packets;
+            handshake_over(&mut self.handshaking, c);
             self.conns.remove(&handle.0);
             self.ready.remove(&handle.0);
         } else {
             self.ready.insert(handle.0);
         }
         self.rearm(handle.0);
+    }
+}
+
+/// A server connection's handshake ended (completed, or the connection is gone): it no longer
+/// counts against its source address.
+fn handshake_over(handshaking: &mut BTreeMap<std::net::IpAddr, usize>, c: &mut Conn) {
+    let Some(ip) = c.handshake_ip.take() else { return };
+    if let std::collections::btree_map::Entry::Occupied(mut e) = handshaking.entry(ip) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
     }
 }
 

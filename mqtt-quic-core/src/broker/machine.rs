@@ -72,7 +72,8 @@ pub struct Broker {
     pub(super) config: BrokerConfig,
     /// The transports (QUIC connections, byte streams) and their write accounting.
     pub(super) links: Links,
-    pub(super) conns: BTreeMap<Peer, Live>,
+    /// Boxed: a map node holds its values inline, and a session is over a KiB.
+    pub(super) conns: BTreeMap<Peer, Box<Live>>,
     /// Connections with something to do (bytes or events in, messages delivered to them), so a
     /// datagram for one connection does not make the broker look at all of them.
     pub(super) dirty: BTreeSet<Peer>,
@@ -491,19 +492,21 @@ impl Broker {
 
     pub(super) fn live(&mut self, now: Instant, conn: Peer) -> &mut Live {
         let config = self.config.session.clone();
-        self.conns.entry(conn).or_insert_with(|| Live {
-            session: ServerSession::new(now, config),
-            client: None,
-            username: None,
-            auth: None,
-            hello: None,
-            detail: None,
-            dropped: 0,
-            gate: 0,
-            lanes: BTreeMap::new(),
-            datagrams: false,
-            origins: VecDeque::new(),
-            internal: false,
+        self.conns.entry(conn).or_insert_with(|| {
+            Box::new(Live {
+                session: ServerSession::new(now, config),
+                client: None,
+                username: None,
+                auth: None,
+                hello: None,
+                detail: None,
+                dropped: 0,
+                gate: 0,
+                lanes: BTreeMap::new(),
+                datagrams: false,
+                origins: VecDeque::new(),
+                internal: false,
+            })
         })
     }
 
@@ -554,7 +557,7 @@ impl Broker {
             self.lane_output(now, conn);
         }
         if ended {
-            if let Some(Live { auth: Some(id), .. }) = self.conns.remove(&conn) {
+            if let Some(Live { auth: Some(id), .. }) = self.conns.remove(&conn).map(|l| *l) {
                 self.logins.abandon(id);
             }
             if self.journal.finish(conn) {
