@@ -88,13 +88,15 @@ impl QuicLb {
 pub(crate) struct QuicLbGenerator {
     config: QuicLb,
     rng: SplitMix64,
+    /// A sharded broker's shard: the first nonce byte.
+    shard: Option<u8>,
 }
 
 impl QuicLbGenerator {
-    pub(crate) fn new(config: QuicLb, key: [u8; 32]) -> QuicLbGenerator {
+    pub(crate) fn new(config: QuicLb, key: [u8; 32], shard: Option<u8>) -> QuicLbGenerator {
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&key[..8]);
-        QuicLbGenerator { config, rng: SplitMix64::new(u64::from_le_bytes(seed)) }
+        QuicLbGenerator { config, rng: SplitMix64::new(u64::from_le_bytes(seed)), shard }
     }
 }
 
@@ -108,6 +110,9 @@ impl ConnectionIdGenerator for QuicLbGenerator {
         for chunk in cid[1 + sid..len].chunks_mut(8) {
             let bytes = self.rng.next_u64().to_le_bytes();
             chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        if let Some(shard) = self.shard {
+            cid[1 + sid] = shard;
         }
         ConnectionId::new(&cid[..len])
     }
@@ -220,7 +225,7 @@ mod tests {
     fn ids_carry_the_server_id_and_differ() {
         let config = QuicLb { config_rotation: 2, server_id: vec![0xAB, 0xCD], nonce_len: 6 };
         config.validate().unwrap();
-        let mut g = QuicLbGenerator::new(config.clone(), [7; 32]);
+        let mut g = QuicLbGenerator::new(config.clone(), [7; 32], None);
         let a = g.generate_cid();
         let b = g.generate_cid();
         assert_eq!(a.len(), 9);

@@ -210,6 +210,9 @@ pub struct ServerConfig {
     /// Connection ids a QUIC-LB-aware load balancer can route (see [`crate::cid`]): this
     /// server's id in every connection id it issues. `None`: random ids.
     pub load_balancer: Option<crate::cid::QuicLb>,
+    /// With `load_balancer`: the shard of a sharded broker, written as the first nonce byte of
+    /// every connection id (see [`crate::broker::shard::shard_of_datagram`]).
+    pub shard: Option<u8>,
 }
 
 /// 32 bytes of key material from the operating system's random source (see
@@ -248,6 +251,7 @@ impl ServerConfig {
             seed: 0,
             secret: None,
             load_balancer: None,
+            shard: None,
         }
     }
 }

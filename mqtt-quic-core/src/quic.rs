@@ -579,8 +579,9 @@ impl QuicEndpoint {
         if let Some(lb) = &config.load_balancer {
             lb.validate()?;
             let (lb, key) = (lb.clone(), derive_key(config.secret.as_ref(), config.seed, domain::CID));
+            let shard = config.shard;
             endpoint_config
-                .cid_generator(move || Box::new(crate::cid::QuicLbGenerator::new(lb.clone(), key)) as Box<_>);
+                .cid_generator(move || Box::new(crate::cid::QuicLbGenerator::new(lb.clone(), key, shard)) as Box<_>);
         }
         let inner = quinn_proto::Endpoint::new(Arc::new(endpoint_config), Some(Arc::new(server)), false, None);
         let mut endpoint =

@@ -3,6 +3,7 @@
 //! read with [`Node::events`].
 
 use mqtt_quic_core::broker::machine::Broker;
+use mqtt_quic_core::broker::shard::ShardSet;
 use mqtt_quic_core::client::ClientMachine;
 use mqtt_quic_core::quic::{self, QuicEndpoint, Transmit};
 use mqtt_quic_core::session::client::ClientEvent;
@@ -13,6 +14,8 @@ use std::time::Instant;
 pub enum Node {
     /// The broker.
     Broker(Box<Broker>),
+    /// A sharded broker: its shards, driven together.
+    Shards(Box<ShardSet>),
     /// A client and the events it has reported so far.
     Client(Box<ClientMachine>, Vec<ClientEvent>),
     /// A bare QUIC endpoint (a client driven packet by packet) and its events so far.
@@ -30,6 +33,14 @@ impl Node {
         match self {
             Node::Broker(b) => b,
             _ => panic!("not the broker"),
+        }
+    }
+
+    /// The sharded broker; panics on another host (a test bug).
+    pub fn as_shards(&mut self) -> &mut ShardSet {
+        match self {
+            Node::Shards(s) => s,
+            _ => panic!("not a sharded broker"),
         }
     }
 
@@ -60,6 +71,7 @@ impl Node {
     fn machine(&mut self) -> &mut dyn Machine {
         match self {
             Node::Broker(b) => b.as_mut(),
+            Node::Shards(s) => s.as_mut(),
             Node::Client(c, _) => c.as_mut(),
             Node::Quic(q, _) => q.as_mut(),
         }
@@ -72,17 +84,38 @@ impl Node {
             Node::Client(c, events) => events.extend(std::iter::from_fn(|| c.poll_event())),
             Node::Quic(q, events) => events.extend(std::iter::from_fn(|| q.poll_event())),
             Node::Broker(b) => {
-                // A store that keeps everything at once (when persistence is on).
-                while let Some(batch) = b.poll_store(now) {
-                    b.handle_stored(now, batch.seq);
-                }
-                while let Some(request) = b.poll_auth() {
-                    let verdict = request.verify();
-                    b.handle_auth_result(now, request.id(), verdict);
-                }
+                answer(b, now);
             }
+            Node::Shards(set) => loop {
+                // An answer may move work to another shard, which may ask in turn.
+                let mut answered = false;
+                for b in set.shards() {
+                    answered |= answer(b, now);
+                }
+                set.exchange(now);
+                if !answered {
+                    break;
+                }
+            },
         }
     }
+}
+
+/// Answers a broker's password checks and store batches at once; returns whether there were
+/// any.
+fn answer(b: &mut Broker, now: Instant) -> bool {
+    let mut answered = false;
+    // A store that keeps everything at once (when persistence is on).
+    while let Some(batch) = b.poll_store(now) {
+        b.handle_stored(now, batch.seq);
+        answered = true;
+    }
+    while let Some(request) = b.poll_auth() {
+        let verdict = request.verify();
+        b.handle_auth_result(now, request.id(), verdict);
+        answered = true;
+    }
+    answered
 }
 
 impl Machine for Node {

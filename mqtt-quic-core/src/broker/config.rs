@@ -103,6 +103,10 @@ pub struct BrokerConfig {
     /// that name. A client without one (no certificate, one without a common name, or a
     /// listener without TLS) is refused with Bad user name or password, as mosquitto does.
     pub use_identity_as_username: bool,
+    /// This machine's shard, when the broker is made of several (see
+    /// [`crate::broker::shard`]); build each shard's configuration with
+    /// [`BrokerConfig::for_shard`]. `None` (or a count of 1): a broker of one machine.
+    pub shard: Option<crate::broker::shard::ShardConfig>,
 }
 
 impl BrokerConfig {
@@ -135,7 +139,34 @@ impl BrokerConfig {
             bridges: Vec::new(),
             websocket_path: crate::ws::DEFAULT_PATH.to_string(),
             use_identity_as_username: false,
+            shard: None,
         }
+    }
+
+    /// The configuration of shard `index` of `count` from the broker's: global limits split
+    /// between the shards (connections, sessions, queued bytes, logins waiting for their
+    /// password check), bridges on shard 0 only, and connection ids that carry the shard (in
+    /// the QUIC-LB layout, with server id 0 unless one is configured), so a datagram finds its
+    /// shard. With `count` 1 it is the configuration unchanged.
+    pub fn for_shard(&self, index: u16, count: u16) -> BrokerConfig {
+        let mut c = self.clone();
+        if count <= 1 {
+            return c;
+        }
+        let n = usize::from(count);
+        let split = |v: usize| v.div_ceil(n).max(1);
+        c.shard = Some(crate::broker::shard::ShardConfig { index, count });
+        c.quic.max_connections = split(c.quic.max_connections);
+        c.max_sessions = split(c.max_sessions);
+        c.max_total_queued_bytes = split(c.max_total_queued_bytes);
+        c.max_offline_bytes = split(c.max_offline_bytes);
+        c.max_pending_auth = split(c.max_pending_auth);
+        if index != 0 {
+            c.bridges.clear();
+        }
+        c.quic.load_balancer.get_or_insert_with(|| crate::cid::QuicLb::new(vec![0]));
+        c.quic.shard = Some(index as u8);
+        c
     }
 
     /// Checks the settings: durations a deadline is computed from (at most a year, so no
@@ -166,6 +197,20 @@ impl BrokerConfig {
         for (name, n) in counts {
             if n == 0 {
                 return Err(invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if let Some(shard) = self.shard {
+            if !(1..=256).contains(&shard.count) || shard.index >= shard.count {
+                return Err(invalid(format!(
+                    "shard {} of {} is not a shard (2 to 256 shards)",
+                    shard.index, shard.count
+                )));
+            }
+            if shard.count > 1 && self.quic.load_balancer.is_none() {
+                return Err(invalid(
+                    "a sharded broker needs connection ids that carry the shard: use BrokerConfig::for_shard"
+                        .to_string(),
+                ));
             }
         }
         if !self.websocket_path.starts_with('/') || self.websocket_path.contains(char::is_whitespace) {

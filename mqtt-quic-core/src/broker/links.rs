@@ -66,6 +66,10 @@ pub(super) struct Links {
     /// which goes to them instead of the adapter.
     internal: std::collections::BTreeSet<StreamId>,
     internal_out: VecDeque<(StreamId, StreamOutput)>,
+    /// Streams that stand for connections another shard relays here (see `broker::shard`),
+    /// and their output, which goes back to that shard.
+    relayed: std::collections::BTreeSet<StreamId>,
+    relayed_out: VecDeque<(StreamId, StreamOutput)>,
     /// The identity (certificate common name) of byte streams whose client presented a
     /// certificate, as the adapter said (see `Broker::set_stream_identity`).
     identities: BTreeMap<StreamId, String>,
@@ -93,6 +97,8 @@ impl Links {
             next_stream: 0,
             internal: Default::default(),
             internal_out: VecDeque::new(),
+            relayed: Default::default(),
+            relayed_out: VecDeque::new(),
             websockets: BTreeMap::new(),
             identities: BTreeMap::new(),
             write_timeout: config.write_timeout,
@@ -162,12 +168,33 @@ impl Links {
         id
     }
 
-    /// Output for a byte stream: the adapter's, or the broker's own for an internal one.
+    /// Numbers a stream standing for a connection another shard relays here.
+    pub(super) fn open_relayed(&mut self) -> StreamId {
+        let id = self.open_stream();
+        self.relayed.insert(id);
+        id
+    }
+
+    /// Output for a byte stream: the adapter's, the broker's own for an internal one, the
+    /// relaying shard's for a relayed one.
     pub(super) fn push_stream(&mut self, id: StreamId, output: StreamOutput) {
-        match self.internal.contains(&id) {
-            true => self.internal_out.push_back((id, output)),
-            false => self.out.push_back((id, output)),
+        if self.internal.contains(&id) {
+            self.internal_out.push_back((id, output));
+        } else if !self.relayed.is_empty() && self.relayed.contains(&id) {
+            self.relayed_out.push_back((id, output));
+        } else {
+            self.out.push_back((id, output));
         }
+    }
+
+    /// The next output for a relayed stream.
+    pub(super) fn poll_relayed(&mut self) -> Option<(StreamId, StreamOutput)> {
+        self.relayed_out.pop_front()
+    }
+
+    /// A relayed stream is gone.
+    pub(super) fn forget_relayed(&mut self, id: StreamId) {
+        self.relayed.remove(&id);
     }
 
     /// An internal stream is closed (after its last output was taken).
@@ -346,7 +373,7 @@ impl Links {
     }
 
     /// Bytes waiting to be sent to a connection.
-    fn backlog(&self, peer: Peer) -> usize {
+    pub(super) fn backlog(&self, peer: Peer) -> usize {
         match peer {
             Peer::Quic(conn) => self.quic.queued(conn),
             Peer::Stream(id) => self.backlog.get(&id).map_or(0, |b| b.0),

@@ -145,11 +145,8 @@ impl Broker {
         if let Some(code) = self.topic_refusal(publish.topic.as_str()) {
             return Err(code);
         }
-        if publish.retain {
-            if self.retained.set(now, &publish).is_err() {
-                return Err(ReasonCode::QuotaExceeded);
-            }
-            self.journal_retained(now, &publish);
+        if publish.retain && self.keep_retained(now, &publish).is_err() {
+            return Err(ReasonCode::QuotaExceeded);
         }
         self.route(now, publish, None);
         self.pump(now);

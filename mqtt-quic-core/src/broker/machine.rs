@@ -24,7 +24,7 @@ use super::local::LOCAL_BASE;
 use super::policy::{may_read, Logins};
 use super::registry::Registry;
 use super::retained::RetainedStore;
-use super::router::{is_lane_key, Entry, Router, SessionKey};
+use super::router::{is_lane_key, shard_of_key, Entry, Router, SessionKey};
 use super::shared::SharedPending;
 use super::sys::Schedule;
 use crate::config::ConfigError;
@@ -65,6 +65,9 @@ pub(super) struct Live {
     /// The broker's own connection (a bridge's session here): no password check, no ACL, and
     /// the only one that may use a `$bridge/` client id.
     pub(super) internal: bool,
+    /// In a sharded broker: its CONNECT said its session lives on this shard (see
+    /// `shard::relay`); until then its bytes wait.
+    pub(super) placed: bool,
 }
 
 /// The broker machine. See the crate docs for the driving contract.
@@ -112,6 +115,8 @@ pub struct Broker {
     pub(super) packets: crate::session::packet_counts::PacketCounts,
     /// `$SYS` load averages.
     pub(super) loads: super::sys::Loads,
+    /// In a sharded broker, what crosses shards (see `shard`); `None` in a broker of one.
+    pub(super) shard: Option<Box<super::shard::ShardState>>,
 }
 
 impl Broker {
@@ -130,13 +135,19 @@ impl Broker {
             let bridge = crate::bridge::Bridge::new(bridge.clone(), secret, marker)?;
             bridges.push(super::bridges::BridgeSlot::new(bridge));
         }
+        let shard = config.shard.filter(|s| s.count > 1).map(|s| Box::new(super::shard::ShardState::new(s)));
+        let mut router = Router::new();
+        if shard.is_some() {
+            router.track_interest();
+        }
         Ok(Broker {
+            shard,
             links: Links::new(&config)?,
             conns: BTreeMap::new(),
             dirty: BTreeSet::new(),
             session_timers: TimerIndex::new(),
             registry: Registry::new(id_key),
-            router: Router::new(),
+            router,
             retained: RetainedStore::new(config.max_retained, config.max_retained_bytes),
             logins: Logins::new(config.max_auth_failures, config.auth_failure_window),
             shared: SharedPending::default(),
@@ -160,7 +171,7 @@ impl Broker {
 
     /// Subscriptions held, of sessions, data streams and the application.
     pub fn subscriptions(&self) -> usize {
-        self.router.len()
+        self.router.len() - self.shard.as_ref().map_or(0, |s| s.routing.keys)
     }
 
     /// Data streams the broker holds state for, on all connections (multi-stream mode).
@@ -339,6 +350,7 @@ impl Broker {
         if let Some(live) = self.conns.get_mut(&Peer::Stream(id)) {
             live.detail.get_or_insert_with(|| "the connection closed".into());
         }
+        self.relay_lost(Peer::Stream(id), "the connection closed");
         self.links.forget_stream(id);
         self.journal.forget(Peer::Stream(id));
         self.lost(now, Peer::Stream(id));
@@ -405,6 +417,9 @@ impl Broker {
                         }
                     }
                     quic::Event::Closed { conn, reason } => {
+                        if self.shard.is_some() {
+                            self.relay_lost(Peer::Quic(conn), &format!("QUIC: {reason}"));
+                        }
                         if let Some(live) = self.conns.get_mut(&Peer::Quic(conn)) {
                             live.detail.get_or_insert_with(|| format!("QUIC: {reason}"));
                         }
@@ -428,7 +443,7 @@ impl Broker {
                 }
             }
             let Some(conn) = self.dirty.pop_first() else {
-                if self.release_held(now) || self.pump_bridges(now) {
+                if self.release_held(now) || self.pump_bridges(now) || self.pump_shard(now) {
                     continue;
                 }
                 break;
@@ -438,6 +453,13 @@ impl Broker {
     }
 
     pub(super) fn received(&mut self, now: Instant, peer: Peer, data: &[u8]) {
+        if !self.is_placed(peer) {
+            // A sharded broker reads the CONNECT first: its session may live elsewhere.
+            if let Some(bytes) = self.place(now, peer, data) {
+                self.received(now, peer, &bytes);
+            }
+            return;
+        }
         self.stats.bytes_received += data.len() as u64;
         self.live(now, peer).session.handle_stream_data(now, data);
         self.dirty.insert(peer);
@@ -452,9 +474,11 @@ impl Broker {
 
     /// Ends a connection that does not take what is sent to it.
     pub(super) fn drop_slow(&mut self, now: Instant, peer: Peer) {
+        const SLOW: &str = "slow consumer: it took nothing for the write timeout, or fell too far behind";
         if let Some(live) = self.conns.get_mut(&peer) {
-            live.detail = Some("slow consumer: it took nothing for the write timeout, or fell too far behind".into());
+            live.detail = Some(SLOW.into());
         }
+        self.relay_lost(peer, SLOW);
         self.links.abort(now, peer);
         self.journal.forget(peer);
         if let Peer::Stream(_) = peer {
@@ -466,7 +490,11 @@ impl Broker {
     /// The write-timeout check: connections that took nothing of what waits for them for the
     /// write timeout are dropped.
     fn check_stalls(&mut self, now: Instant) {
-        while let Some(peer) = self.links.next_stalled(now, |p| self.conns.contains_key(&p)) {
+        while let Some(peer) = {
+            let relays = self.shard.as_ref().map(|s| &s.relays);
+            let conns = &self.conns;
+            self.links.next_stalled(now, |p| conns.contains_key(&p) || relays.is_some_and(|r| r.is_relayed(p)))
+        } {
             self.stats.stalled_clients += 1;
             self.drop_slow(now, peer);
         }
@@ -482,7 +510,7 @@ impl Broker {
     }
 
     /// Files a connection's session deadline (or forgets it, for a connection that is gone).
-    fn rearm(&mut self, conn: Peer) {
+    pub(super) fn rearm(&mut self, conn: Peer) {
         let next = self.conns.get(&conn).and_then(|l| {
             let streams = l.lanes.values().filter_map(|s| s.poll_timeout());
             streams.chain(l.session.poll_timeout()).min()
@@ -506,6 +534,7 @@ impl Broker {
                 datagrams: false,
                 origins: VecDeque::new(),
                 internal: false,
+                placed: false,
             })
         })
     }
@@ -600,11 +629,8 @@ impl Broker {
                 self.stats.messages_received += 1;
                 let mut reason = self.publish_refusal(conn, &p.topic);
                 // A retained message the store has no room for is refused as a whole.
-                if reason == ReasonCode::Success && p.retain {
-                    match self.retained.set(now, &p) {
-                        Ok(()) => self.journal_retained(now, &p),
-                        Err(_) => reason = ReasonCode::QuotaExceeded,
-                    }
+                if reason == ReasonCode::Success && p.retain && self.keep_retained(now, &p).is_err() {
+                    reason = ReasonCode::QuotaExceeded;
                 }
                 if let Some(session) = self.session_on(conn, lane) {
                     session.acknowledge(p.qos_pid, reason);
@@ -680,10 +706,19 @@ impl Broker {
     /// nobody can be told of a refusal, so a full store keeps its older messages and the
     /// message is routed all the same. (Client and in-process publishes are refused instead.)
     pub(super) fn publish(&mut self, now: Instant, publish: Publish, from: Option<SessionKey>) {
-        if publish.retain && self.retained.set(now, &publish).is_ok() {
-            self.journal_retained(now, &publish);
+        if publish.retain {
+            let _ = self.keep_retained(now, &publish);
         }
         self.route(now, publish, from);
+    }
+
+    /// Keeps a retained message published here (an empty payload deletes): in the store, in
+    /// the journal, on the other shards. `Err` when the store has no room for it.
+    pub(super) fn keep_retained(&mut self, now: Instant, publish: &Publish) -> Result<(), ()> {
+        self.retained.set(now, publish).map_err(|_| ())?;
+        self.journal_retained(now, publish);
+        self.retained_here(publish);
+        Ok(())
     }
 
     /// Routes a message to every matching subscription.
@@ -692,19 +727,29 @@ impl Broker {
         // member whose rights exclude it does not swallow the group's message.
         let auth = self.config.auth.as_deref();
         let registry = &self.registry;
-        let eligible = |k| registry.is_online(k) && may_read(registry, auth, k, &publish.topic);
+        // (A key standing for another shard is eligible: that shard decides for its members.)
+        let eligible =
+            |k| shard_of_key(k).is_some() || registry.is_online(k) && may_read(registry, auth, k, &publish.topic);
         for d in self.router.route(&publish.topic, from, eligible) {
-            let mut out = publish.clone();
-            out.dup = false;
-            out.qos_pid = QosPid::from_parts(publish.qos().min(d.qos), PacketId::MIN);
-            out.retain = publish.retain && d.retain_as_published;
-            out.properties.topic_alias = None;
-            out.properties.subscription_identifiers = d.subscription_ids.into();
-            let acknowledged = out.qos() != QoS::AtMostOnce;
-            let id = self.deliver(now, d.session, out);
-            if let (Some(filter), Some(id), true) = (d.shared, id, acknowledged) {
-                self.shared.insert(d.session, id, filter);
+            match shard_of_key(d.session) {
+                Some(to) => self.forward_routed(to, &publish, d.shared),
+                None => self.deliver_routed(now, &publish, d),
             }
+        }
+    }
+
+    /// Hands a message to one subscriber the router chose, as its subscription asks.
+    pub(super) fn deliver_routed(&mut self, now: Instant, publish: &Publish, d: super::router::Delivery) {
+        let mut out = publish.clone();
+        out.dup = false;
+        out.qos_pid = QosPid::from_parts(publish.qos().min(d.qos), PacketId::MIN);
+        out.retain = publish.retain && d.retain_as_published;
+        out.properties.topic_alias = None;
+        out.properties.subscription_identifiers = d.subscription_ids.into();
+        let acknowledged = out.qos() != QoS::AtMostOnce;
+        let id = self.deliver(now, d.session, out);
+        if let (Some(filter), Some(id), true) = (d.shared, id, acknowledged) {
+            self.shared.insert(d.session, id, filter);
         }
     }
 
@@ -844,10 +889,18 @@ impl Broker {
     fn next_deadline(&self) -> Option<Instant> {
         let sessions = self.session_timers.next();
         let store = self.journal.deadline();
-        [self.registry.next_deadline(), sessions, self.links.next_deadline(), self.schedule.next_deadline(), store]
-            .into_iter()
-            .flatten()
-            .min()
+        let relays = self.shard.as_ref().and_then(|s| s.relays.deadline());
+        [
+            self.registry.next_deadline(),
+            sessions,
+            self.links.next_deadline(),
+            self.schedule.next_deadline(),
+            store,
+            relays,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -856,6 +909,9 @@ impl Broker {
     /// Feeds one received UDP datagram.
     pub fn handle_datagram(&mut self, now: Instant, datagram: Datagram<'_>) {
         self.tick(now);
+        if self.forward_datagram(&datagram) {
+            return;
+        }
         if self.bridges.is_empty() || !self.bridge_datagram(now, &datagram) {
             self.links.quic.handle_datagram(now, datagram);
         }

@@ -30,6 +30,7 @@
 //!   the adapter's dialling ([`Dial`]).
 //! - `shared`: redelivery of shared-subscription messages a leaving member did not acknowledge.
 //! - `sys`: `$SYS/broker/` statistics and the periodic work.
+//! - [`shard`]: one broker as several machines on several cores: what crosses them.
 //! - `local`: in-process subscribe and publish for the embedding application.
 //! - `events`: [`machine::BrokerEvent`], what the application is told.
 //! - [`stream_table`] and [`lifecycle`]: what every adapter does with the broker's output
@@ -55,6 +56,7 @@ mod registry;
 mod restore;
 pub mod retained;
 pub mod router;
+pub mod shard;
 mod shared;
 pub mod stream_table;
 

@@ -291,7 +291,7 @@ impl Broker {
     /// Takes the client in once it is authenticated: the rules that need its identity (see
     /// `Broker::identity_refusal`), then takeover, and its session accepted or resumed.
     pub(super) fn admit(&mut self, now: Instant, conn: Peer, c: Connect) {
-        let assigned = c.client_id.is_empty().then(|| self.registry.assign_client_id());
+        let assigned = c.client_id.is_empty().then(|| self.assign_client_id());
         let id = assigned.clone().unwrap_or_else(|| c.client_id.to_string());
         let username = c.username.as_ref().map(|u| u.as_str().to_string());
         let impose = match self.identity_refusal(&id, username.as_deref(), &c) {

@@ -44,6 +44,49 @@ pub(crate) fn owner(key: SessionKey) -> SessionKey {
     }
 }
 
+/// Subscriber keys standing for another shard of a sharded broker have this bit, the shard
+/// above bit 32 and a member number below (see `broker::shard`): its direct subscriptions
+/// are one key ([`DIRECT_MEMBER`]), each member of a shared subscription there another.
+const SHARD_FLAG: SessionKey = 1 << 61;
+/// The member number of a shard's key for its direct (not shared) subscriptions.
+pub(crate) const DIRECT_MEMBER: u32 = u32::MAX;
+
+/// The subscriber key standing for `member` of shard `shard`.
+pub(crate) fn shard_key(shard: u16, member: u32) -> SessionKey {
+    SHARD_FLAG | (u64::from(shard) << 32) | u64::from(member)
+}
+
+/// The shard a subscriber key stands for, if it is such a key.
+pub(crate) fn shard_of_key(key: SessionKey) -> Option<u16> {
+    (key & (1 << 63 | LANE_FLAG | SHARD_FLAG) == SHARD_FLAG).then_some((key >> 32) as u16)
+}
+
+/// The subscriptions of this shard's own subscribers, counted per filter, for a sharded broker
+/// to tell the other shards what to send it (see `broker::shard`).
+#[derive(Debug, Default)]
+struct InterestLog {
+    /// Subscribers per filter (members, for a shared subscription).
+    counts: BTreeMap<TopicFilter, u32>,
+    /// Filters whose count changed in a way the other shards must hear about: a direct filter
+    /// gained its first or lost its last subscriber, a shared one any member.
+    changed: std::collections::BTreeSet<TopicFilter>,
+}
+
+impl InterestLog {
+    fn note(&mut self, filter: &TopicFilter, added: bool) {
+        let count = self.counts.entry(filter.clone()).or_default();
+        let before = *count;
+        *count = if added { before + 1 } else { before.saturating_sub(1) };
+        let after = *count;
+        if after == 0 {
+            self.counts.remove(filter);
+        }
+        if filter.shared().is_some() || (before == 0) != (after == 0) {
+            self.changed.insert(filter.clone());
+        }
+    }
+}
+
 /// A fixed-key hasher: the index must not depend on unseeded randomness.
 type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
 
@@ -117,6 +160,8 @@ pub struct Router {
     root: Node,
     /// Each session's filters, so a session can be removed without searching the trie.
     by_session: Map<SessionKey, Vec<TopicFilter>>,
+    /// Counts of this shard's own subscriptions, in a sharded broker.
+    interest: Option<Box<InterestLog>>,
     count: usize,
 }
 
@@ -133,6 +178,20 @@ impl Router {
     /// An empty index.
     pub fn new() -> Router {
         Router::default()
+    }
+
+    /// From now on, counts the subscriptions of this shard's own subscribers per filter (not
+    /// those of keys standing for other shards), for [`Router::take_interest`].
+    pub(crate) fn track_interest(&mut self) {
+        self.interest.get_or_insert_with(Box::default);
+    }
+
+    /// The filters whose interest changed since the last call, with their counts now (0: no
+    /// subscriber left).
+    pub(crate) fn take_interest(&mut self) -> Vec<(TopicFilter, u32)> {
+        let Some(log) = self.interest.as_mut() else { return Vec::new() };
+        let changed = std::mem::take(&mut log.changed);
+        changed.into_iter().map(|f| (log.counts.get(&f).copied().unwrap_or(0), f)).map(|(n, f)| (f, n)).collect()
     }
 
     /// Number of subscriptions.
@@ -174,6 +233,9 @@ impl Router {
         if previous.is_none() {
             self.count += 1;
             self.by_session.entry(session).or_default().push(filter.clone());
+            if let (Some(log), None) = (self.interest.as_mut(), shard_of_key(session)) {
+                log.note(filter, true);
+            }
         }
         previous.is_none()
     }
@@ -184,6 +246,9 @@ impl Router {
         let removed = remove(&mut self.root, &path, hash, group, session);
         if removed {
             self.count -= 1;
+            if let (Some(log), None) = (self.interest.as_mut(), shard_of_key(session)) {
+                log.note(filter, false);
+            }
             if let Some(filters) = self.by_session.get_mut(&session) {
                 filters.retain(|f| f != filter);
                 if filters.is_empty() {
@@ -202,6 +267,9 @@ impl Router {
             let (group, path, hash) = split(&filter);
             if remove(&mut self.root, &path, hash, group, session) {
                 self.count -= 1;
+                if let (Some(log), None) = (self.interest.as_mut(), shard_of_key(session)) {
+                    log.note(&filter, false);
+                }
             }
         }
     }
@@ -272,7 +340,11 @@ impl Router {
             // highest QoS, every subscription identifier, in the order they were found.
             found.sort_by_key(|d| d.session);
             found.dedup_by(|later, kept| {
-                if later.session != kept.session {
+                // A key standing for another shard's shared members is picked once per group:
+                // two groups picking it are two messages for that shard to place.
+                if later.session != kept.session
+                    || (shard_of_key(kept.session).is_some() && later.shared != kept.shared)
+                {
                     return false;
                 }
                 kept.qos = kept.qos.max(later.qos);

@@ -43,6 +43,36 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Adds another shard's counters (see `broker::shard`).
+    pub(super) fn add(&mut self, other: &Stats) {
+        let Stats {
+            messages_received,
+            messages_sent,
+            bytes_received,
+            bytes_sent,
+            messages_dropped,
+            messages_denied,
+            auth_failures,
+            stalled_clients,
+            datagrams_received,
+            datagrams_sent,
+            datagrams_dropped,
+            connects,
+        } = other;
+        self.messages_received += messages_received;
+        self.messages_sent += messages_sent;
+        self.bytes_received += bytes_received;
+        self.bytes_sent += bytes_sent;
+        self.messages_dropped += messages_dropped;
+        self.messages_denied += messages_denied;
+        self.auth_failures += auth_failures;
+        self.stalled_clients += stalled_clients;
+        self.datagrams_received += datagrams_received;
+        self.datagrams_sent += datagrams_sent;
+        self.datagrams_dropped += datagrams_dropped;
+        self.connects += connects;
+    }
+
     /// The counters with load averages, in the order of `LOAD_NAMES`.
     fn load_counters(&self) -> [u64; LOADS] {
         [self.messages_received, self.messages_sent, self.bytes_received, self.bytes_sent, self.connects]
@@ -148,26 +178,36 @@ impl Broker {
 
     /// Publishes the statistics as retained messages under `$SYS/broker/`.
     fn publish_sys(&mut self, now: Instant) {
+        // In a sharded broker shard 0 publishes for all: the others report to it.
+        if self.shard.as_ref().is_some_and(|s| s.index != 0) {
+            let report = self.own_report();
+            if let Some(shard) = self.shard.as_mut() {
+                shard.send(0, super::shard::ShardMessage::Report(report));
+            }
+            return;
+        }
+        let total = self.broker_report();
+        let stats = total.stats;
         let uptime = self.schedule.started.map_or(0, |s| now.saturating_duration_since(s).as_secs());
         let values = [
-            ("clients/connected", self.connected().to_string()),
-            ("clients/total", self.sessions().to_string()),
-            ("messages/received", self.stats.messages_received.to_string()),
-            ("messages/sent", self.stats.messages_sent.to_string()),
-            ("messages/dropped", self.stats.messages_dropped.to_string()),
-            ("bytes/received", self.stats.bytes_received.to_string()),
-            ("bytes/sent", self.stats.bytes_sent.to_string()),
-            ("subscriptions/count", self.router.len().to_string()),
+            ("clients/connected", total.connected.to_string()),
+            ("clients/total", total.sessions.to_string()),
+            ("messages/received", stats.messages_received.to_string()),
+            ("messages/sent", stats.messages_sent.to_string()),
+            ("messages/dropped", stats.messages_dropped.to_string()),
+            ("bytes/received", stats.bytes_received.to_string()),
+            ("bytes/sent", stats.bytes_sent.to_string()),
+            ("subscriptions/count", total.subscriptions.to_string()),
             ("retained messages/count", self.retained.len().to_string()),
-            ("messages/denied", self.stats.messages_denied.to_string()),
-            ("clients/auth failures", self.stats.auth_failures.to_string()),
-            ("clients/stalled", self.stats.stalled_clients.to_string()),
-            ("datagrams/received", self.stats.datagrams_received.to_string()),
-            ("datagrams/sent", self.stats.datagrams_sent.to_string()),
-            ("datagrams/dropped", self.stats.datagrams_dropped.to_string()),
+            ("messages/denied", stats.messages_denied.to_string()),
+            ("clients/auth failures", stats.auth_failures.to_string()),
+            ("clients/stalled", stats.stalled_clients.to_string()),
+            ("datagrams/received", stats.datagrams_received.to_string()),
+            ("datagrams/sent", stats.datagrams_sent.to_string()),
+            ("datagrams/dropped", stats.datagrams_dropped.to_string()),
             ("uptime", format!("{uptime} seconds")),
         ];
-        self.loads.update(now, self.stats.load_counters());
+        self.loads.update(now, stats.load_counters());
         let mut loads = Vec::new();
         for (name, averages) in LOAD_NAMES.iter().zip(self.loads.averages) {
             for ((_, window), avg) in LOAD_WINDOWS.iter().zip(averages) {
@@ -200,7 +240,7 @@ impl Broker {
             stats: self.stats,
             connections: self.connected(),
             sessions: self.sessions(),
-            subscriptions: self.router.len(),
+            subscriptions: self.subscriptions(),
             retained: self.retained.len(),
             uptime: self.schedule.started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s)),
             packets: self.packets,

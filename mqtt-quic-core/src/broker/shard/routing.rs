@@ -1,0 +1,199 @@
+//! Messages across shards: other shards' interest indexed under keys standing for them,
+//! PUBLISHes forwarded to the shards that want them, shared subscriptions placed across all
+//! members, retained messages kept everywhere, `$SYS` figures added up on shard 0.
+
+use super::{ShardBatch, ShardMessage, ShardReport};
+use crate::broker::machine::Broker;
+use crate::broker::policy::may_read;
+use crate::broker::router::{shard_key, shard_of_key, Delivery, Entry, Router, DIRECT_MEMBER};
+use mqtt_proto::{Publish, QoS, SubscriptionOptions, TopicFilter, TopicName};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+/// Most members of one shared subscription one shard may announce (each is a key here).
+const MAX_MEMBERS: u32 = 1 << 16;
+
+/// What a shard keeps of the others.
+#[derive(Default)]
+pub(in crate::broker) struct Routing {
+    /// Members of shared subscriptions on other shards, as announced.
+    members: BTreeMap<(u16, TopicFilter), u32>,
+    /// Subscriptions in the router that stand for other shards (not counted as this shard's).
+    pub(in crate::broker) keys: usize,
+    /// Each retained topic's last change: Lamport clock and shard, compared as a pair.
+    versions: HashMap<TopicName, (u64, u16)>,
+    clock: u64,
+    /// The other shards' latest `$SYS` figures (on shard 0).
+    pub(in crate::broker) reports: BTreeMap<u16, ShardReport>,
+}
+
+impl Routing {
+    /// Queues what changed in this shard's interest for every other shard.
+    pub(super) fn flush_interest(
+        &mut self,
+        router: &mut Router,
+        out: &mut BTreeMap<u16, ShardBatch>,
+        index: u16,
+        count: u16,
+    ) {
+        for (filter, n) in router.take_interest() {
+            for to in (0..count).filter(|&s| s != index) {
+                out.entry(to).or_default().push(ShardMessage::Interest { filter: filter.clone(), count: n });
+            }
+        }
+    }
+}
+
+/// How a key standing for another shard subscribes: everything, as published (the shard
+/// decides for its own subscribers).
+fn standing_entry() -> Entry {
+    Entry {
+        options: SubscriptionOptions { qos: QoS::ExactlyOnce, retain_as_published: true, ..Default::default() },
+        subscription_id: None,
+    }
+}
+
+impl Broker {
+    /// Shard `from` has `count` subscribers to `filter` (members, for a shared one).
+    pub(super) fn remote_interest(&mut self, from: u16, filter: TopicFilter, count: u32) {
+        let Some(shard) = self.shard.as_mut() else { return };
+        let routing = &mut shard.routing;
+        if filter.shared().is_none() {
+            let key = shard_key(from, DIRECT_MEMBER);
+            if count > 0 {
+                if self.router.subscribe(key, &filter, standing_entry()) {
+                    routing.keys += 1;
+                }
+            } else if self.router.unsubscribe(key, &filter) {
+                routing.keys -= 1;
+            }
+            return;
+        }
+        let count = count.min(MAX_MEMBERS);
+        let had = routing.members.get(&(from, filter.clone())).copied().unwrap_or(0);
+        for member in count..had {
+            if self.router.unsubscribe(shard_key(from, member), &filter) {
+                routing.keys -= 1;
+            }
+        }
+        for member in had..count {
+            if self.router.subscribe(shard_key(from, member), &filter, standing_entry()) {
+                routing.keys += 1;
+            }
+        }
+        if count == 0 {
+            routing.members.remove(&(from, filter));
+        } else {
+            routing.members.insert((from, filter), count);
+        }
+    }
+
+    /// A delivery the router chose for a key standing for another shard: the message goes
+    /// there, once per shard for its direct subscribers, once per pick for shared ones.
+    pub(in crate::broker) fn forward_routed(&mut self, to: u16, publish: &Publish, shared: Option<TopicFilter>) {
+        let Some(shard) = self.shard.as_mut() else { return };
+        let message = match shared {
+            Some(filter) => ShardMessage::Shared { filter, publish: publish.clone() },
+            None => ShardMessage::Route(publish.clone()),
+        };
+        shard.send(to, message);
+    }
+
+    /// A message published on another shard, for this shard's direct subscribers.
+    pub(super) fn route_remote(&mut self, now: Instant, publish: Publish) {
+        // Shared groups are decided where it was published: none is picked here.
+        for d in self.router.route(&publish.topic, None, |_| false) {
+            if shard_of_key(d.session).is_none() {
+                self.deliver_routed(now, &publish, d);
+            }
+        }
+    }
+
+    /// A message for one of this shard's members of a shared subscription.
+    pub(super) fn shared_remote(&mut self, now: Instant, filter: &TopicFilter, publish: Publish) {
+        let auth = self.config.auth.as_deref();
+        let registry = &self.registry;
+        let here = |k| shard_of_key(k).is_none();
+        let eligible = |k| here(k) && registry.is_online(k) && may_read(registry, auth, k, &publish.topic);
+        // An online member that may read it; else any member (it waits in its session), as
+        // where no member is online in a broker of one shard.
+        let pick = self
+            .router
+            .pick_shared(filter, u64::MAX, eligible)
+            .or_else(|| self.router.pick_shared(filter, u64::MAX, here));
+        let Some((session, entry)) = pick else {
+            self.stats.messages_dropped += 1;
+            return;
+        };
+        let d = Delivery {
+            session,
+            qos: entry.options.qos,
+            retain_as_published: entry.options.retain_as_published,
+            subscription_ids: entry.subscription_id.into_iter().collect(),
+            shared: Some(filter.clone()),
+        };
+        self.deliver_routed(now, &publish, d);
+    }
+
+    /// A retained message was set (or deleted) here: every other shard keeps it too.
+    pub(in crate::broker) fn retained_here(&mut self, publish: &Publish) {
+        let Some(shard) = self.shard.as_mut() else { return };
+        let routing = &mut shard.routing;
+        routing.clock += 1;
+        if publish.payload.is_empty() {
+            routing.versions.remove(&publish.topic);
+        } else {
+            routing.versions.insert(publish.topic.clone(), (routing.clock, shard.index));
+        }
+        let clock = routing.clock;
+        shard.broadcast(ShardMessage::Retain { publish: publish.clone(), clock });
+    }
+
+    /// A retained message set on shard `from`: kept here unless this shard has seen a later
+    /// change of the topic (so concurrent changes settle on the same message everywhere).
+    pub(super) fn retain_remote(&mut self, now: Instant, from: u16, publish: Publish, clock: u64) {
+        let Some(shard) = self.shard.as_mut() else { return };
+        let routing = &mut shard.routing;
+        routing.clock = routing.clock.max(clock);
+        if routing.versions.get(&publish.topic).is_some_and(|&v| v > (clock, from)) {
+            return;
+        }
+        if self.retained.set(now, &publish).is_ok() {
+            let Some(shard) = self.shard.as_mut() else { return };
+            // (A deletion forgets the version: a change still in flight from before it could
+            // bring the topic back, as a set right after the deletion would.)
+            if publish.payload.is_empty() {
+                shard.routing.versions.remove(&publish.topic);
+            } else {
+                shard.routing.versions.insert(publish.topic.clone(), (clock, from));
+            }
+            // Every shard's store keeps every retained message: each restores on its own.
+            self.journal_retained(now, &publish);
+        }
+    }
+
+    /// This shard's own `$SYS` figures.
+    pub(in crate::broker) fn own_report(&self) -> ShardReport {
+        ShardReport {
+            stats: self.stats,
+            connected: self.connected(),
+            sessions: self.sessions(),
+            subscriptions: self.subscriptions(),
+        }
+    }
+
+    /// The `$SYS` figures of the whole broker: this shard's, plus the others' latest reports
+    /// on shard 0.
+    pub(in crate::broker) fn broker_report(&self) -> ShardReport {
+        let mut total = self.own_report();
+        if let Some(shard) = &self.shard {
+            for r in shard.routing.reports.values() {
+                total.stats.add(&r.stats);
+                total.connected += r.connected;
+                total.sessions += r.sessions;
+                total.subscriptions += r.subscriptions;
+            }
+        }
+        total
+    }
+}

@@ -1,0 +1,438 @@
+//! A sharded broker (several broker machines exchanging shard batches, see
+//! `mqtt_quic_core::broker::shard`) through the simulator with real client machines: MQTT's
+//! guarantees hold across shards. Each test places its clients deliberately: the shard that
+//! accepts a connection follows from the client's address (as `SO_REUSEPORT` would), the
+//! shard that keeps its session from its client id, so connections relayed to another shard,
+//! sessions on different shards and publishers and subscribers apart are all exercised.
+
+use bytes::Bytes;
+use mqtt_proto::{
+    PacketId, Publish, QoS, QosPid, ReasonCode, Subscription, SubscriptionOptions, TopicFilter, TopicName, Will,
+};
+use mqtt_quic_core::broker::machine::{Broker, BrokerConfig};
+use mqtt_quic_core::broker::shard::{home_of, ShardSet};
+use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig};
+use mqtt_quic_core::config::{ClientConfig, ServerConfig};
+use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
+use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_tests::node::Node;
+use mqtt_tests::sim::{Link, Sim};
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+const SHARDS: u16 = 4;
+const BROKER: usize = 0;
+
+fn cert() -> &'static SelfSigned {
+    static CERT: OnceLock<SelfSigned> = OnceLock::new();
+    CERT.get_or_init(|| SelfSigned::generate(&["broker.test"]).unwrap())
+}
+
+fn broker_addr() -> SocketAddr {
+    "10.0.0.1:14567".parse().unwrap()
+}
+
+fn config(seed: u64) -> BrokerConfig {
+    let mut qc = ServerConfig::new(ServerTls::from_self_signed(cert()).unwrap());
+    qc.seed = seed;
+    BrokerConfig::new(qc)
+}
+
+/// A client id whose session lives on shard `home`.
+fn homed(prefix: &str, home: u16) -> String {
+    (0..).map(|i| format!("{prefix}-{i}")).find(|id| home_of(id, SHARDS) == home).unwrap()
+}
+
+struct World {
+    sim: Sim<Node>,
+    next_host: u8,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        World::with(seed, config(seed), Link::default())
+    }
+
+    fn with(seed: u64, config: BrokerConfig, link: Link) -> World {
+        let mut sim = Sim::new(seed, link);
+        sim.add_host(broker_addr(), Node::Shards(Box::new(ShardSet::new(&config, SHARDS).unwrap())));
+        World { sim, next_host: 1 }
+    }
+
+    fn set(&mut self) -> &mut ShardSet {
+        self.sim.machine(BROKER).as_shards()
+    }
+
+    /// An address whose connections the broker takes on shard `shard`.
+    fn address_on(&mut self, shard: usize) -> SocketAddr {
+        let set = self.sim.machine(BROKER).as_shards();
+        (1..60000u16).map(|p| SocketAddr::from(([10, 0, 1, 1], p))).find(|a| set.shard_for(*a) == shard).unwrap()
+    }
+
+    /// A client whose connection lands on shard `on`, connected.
+    fn client_on(&mut self, on: usize, session: ClientSessionConfig) -> usize {
+        let mut addr = self.address_on(on);
+        // Distinct addresses for distinct hosts: the next port with the same shard.
+        while self.sim.hosts.iter().any(|h| h.addr == addr) {
+            let set = self.sim.machine(BROKER).as_shards();
+            let next = (addr.port() + 1..60000).map(|p| SocketAddr::from(([10, 0, 1, 1], p)));
+            addr = next.clone().find(|a| set.shard_for(*a) == on).unwrap();
+        }
+        let mut qc = ClientConfig::new(ClientTls::insecure());
+        qc.seed = u64::from(self.next_host) * 7;
+        self.next_host += 1;
+        let client = ClientMachine::new(ClientMachineConfig {
+            quic: qc,
+            session,
+            server: broker_addr(),
+            server_name: "broker.test".into(),
+            reconnect: None,
+        })
+        .unwrap();
+        let host = self.sim.add_host(addr, Node::client(client));
+        self.start(host);
+        host
+    }
+
+    fn start(&mut self, host: usize) {
+        let now = self.sim.now();
+        self.c(host).start(now).unwrap();
+        assert!(self.run_until(|w| w.c(host).is_connected()), "client {host} did not connect");
+    }
+
+    fn c(&mut self, host: usize) -> &mut ClientMachine {
+        self.sim.machine(host).as_client()
+    }
+
+    fn events(&mut self, host: usize) -> &mut Vec<ClientEvent> {
+        self.sim.machine(host).events()
+    }
+
+    fn run_until(&mut self, mut done: impl FnMut(&mut World) -> bool) -> bool {
+        for _ in 0..200_000 {
+            if done(self) {
+                return true;
+            }
+            if !self.sim.step() {
+                return done(self);
+            }
+        }
+        done(self)
+    }
+
+    fn settle(&mut self) {
+        let until = self.sim.now() + Duration::from_millis(300);
+        self.sim.drive_to(until);
+    }
+
+    fn subscribe(&mut self, host: usize, filter: &str, qos: QoS) {
+        self.events(host).clear();
+        let now = self.sim.now();
+        let sub = Subscription {
+            filter: TopicFilter::new(filter).unwrap(),
+            options: SubscriptionOptions { qos, ..Default::default() },
+        };
+        self.c(host).subscribe(now, vec![sub], None).unwrap();
+        assert!(self.run_until(|w| w.events(host).iter().any(|e| matches!(e, ClientEvent::Subscribed { .. }))));
+    }
+
+    fn publish(&mut self, host: usize, topic: &str, payload: &str, qos: QoS, retain: bool) {
+        let now = self.sim.now();
+        let mut p = Publish::new(TopicName::new(topic).unwrap(), Bytes::copy_from_slice(payload.as_bytes()));
+        p.qos_pid = QosPid::from_parts(qos, PacketId::MIN);
+        p.retain = retain;
+        self.c(host).publish(now, p).unwrap();
+    }
+
+    fn messages(&mut self, host: usize) -> Vec<(String, String, bool)> {
+        self.events(host)
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::Message(p) => {
+                    Some((p.topic.to_string(), String::from_utf8_lossy(&p.payload).into_owned(), p.retain))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn payloads(&mut self, host: usize) -> Vec<String> {
+        self.messages(host).into_iter().map(|(_, p, _)| p).collect()
+    }
+}
+
+fn session(id: &str) -> ClientSessionConfig {
+    ClientSessionConfig { client_id: id.into(), ..Default::default() }
+}
+
+/// Where a session lives: the one shard that holds it.
+fn holder(w: &mut World, id: &str) -> Vec<usize> {
+    (0..usize::from(SHARDS)).filter(|&i| w.set().shards()[i].has_session(id)).collect()
+}
+
+#[test]
+fn sessions_live_on_the_home_of_their_client_id_wherever_they_connect() {
+    let mut w = World::new(1);
+    // Every combination of accepting shard and home shard, including the same one.
+    let mut hosts = Vec::new();
+    for on in 0..usize::from(SHARDS) {
+        for home in 0..SHARDS {
+            let id = homed(&format!("c{on}"), home);
+            hosts.push((w.client_on(on, session(&id)), id, home));
+        }
+    }
+    for (_, id, home) in &hosts {
+        assert_eq!(holder(&mut w, id), [usize::from(*home)], "{id}");
+    }
+    assert_eq!(w.set().connected(), hosts.len());
+    // Everybody hears everybody: one message each, routed across every pair of shards.
+    for &(host, _, _) in &hosts {
+        w.subscribe(host, "all/#", QoS::AtLeastOnce);
+    }
+    for (i, &(host, _, _)) in hosts.iter().enumerate() {
+        w.publish(host, &format!("all/{i}"), &i.to_string(), QoS::AtLeastOnce, false);
+    }
+    let n = hosts.len();
+    assert!(w.run_until(|w| hosts.iter().all(|&(h, _, _)| w.messages(h).len() >= n)));
+    w.settle();
+    for &(host, _, _) in &hosts {
+        let mut got = w.payloads(host);
+        got.sort_by_key(|p| p.parse::<usize>().unwrap());
+        assert_eq!(got, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn one_publisher_s_messages_arrive_in_order_on_every_shard() {
+    let mut w = World::new(2);
+    // The publisher's session on shard 1, reached through shard 3; a subscriber homed on
+    // each shard.
+    let publisher = w.client_on(3, session(&homed("pub", 1)));
+    let subs: Vec<usize> = (0..SHARDS).map(|h| w.client_on(usize::from(h), session(&homed("sub", h)))).collect();
+    for &s in &subs {
+        w.subscribe(s, "seq", QoS::AtLeastOnce);
+    }
+    for i in 0..300 {
+        let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][i % 3];
+        w.publish(publisher, "seq", &i.to_string(), qos, false);
+    }
+    assert!(w.run_until(|w| subs.iter().all(|&s| w.messages(s).len() >= 300)));
+    for &s in &subs {
+        assert_eq!(w.payloads(s), (0..300).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn qos_1_and_2_hold_across_shards_on_a_lossy_link() {
+    let link = Link { loss: 0.1, reorder: 0.05, jitter: Duration::from_millis(5), ..Link::default() };
+    let mut w = World::with(3, config(3), link);
+    let publisher = w.client_on(0, session(&homed("pub", 2)));
+    let at_least = w.client_on(1, session(&homed("one", 3)));
+    let exactly = w.client_on(2, session(&homed("two", 0)));
+    w.subscribe(at_least, "data", QoS::AtLeastOnce);
+    w.subscribe(exactly, "data", QoS::ExactlyOnce);
+    for i in 0..200 {
+        w.publish(publisher, "data", &i.to_string(), QoS::ExactlyOnce, false);
+    }
+    assert!(w.run_until(|w| w.messages(exactly).len() >= 200 && w.messages(at_least).len() >= 200));
+    w.settle();
+    let expected: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    assert_eq!(w.payloads(exactly), expected, "exactly once, in order");
+    let mut once = w.payloads(at_least);
+    once.dedup();
+    assert_eq!(once, expected, "at least once, in order");
+}
+
+#[test]
+fn a_client_takes_its_session_over_from_a_connection_on_another_shard() {
+    let mut w = World::new(4);
+    let id = homed("device", 2);
+    let kept = ClientSessionConfig { clean_start: false, session_expiry: 600, ..session(&id) };
+    // First from shard 0, relayed to 2; it subscribes, then its link goes quiet.
+    let first = w.client_on(0, kept.clone());
+    w.subscribe(first, "jobs/#", QoS::AtLeastOnce);
+    let publisher = w.client_on(1, session(&homed("pub", 3)));
+    // The same client id from an address on shard 3: it takes the session over.
+    let second = w.client_on(3, kept);
+    assert!(w.run_until(|w| w.events(first).iter().any(|e| matches!(
+        e,
+        ClientEvent::Disconnected { reason: DisconnectReason::ByServer(ReasonCode::SessionTakenOver) }
+    ))));
+    let events = w.events(second).clone();
+    assert!(events.iter().any(|e| matches!(e, ClientEvent::Connected { session_present: true, .. })), "{events:?}");
+    assert_eq!(holder(&mut w, &id), [2]);
+    assert_eq!(w.set().connected(), 2);
+    // Its subscription came with it.
+    w.publish(publisher, "jobs/1", "build", QoS::AtLeastOnce, false);
+    assert!(w.run_until(|w| !w.messages(second).is_empty()));
+    assert_eq!(w.payloads(second), ["build"]);
+    // Offline, its messages wait in the session; back on yet another shard, it gets them.
+    let now = w.sim.now();
+    w.c(second).drop_connection(now);
+    w.settle();
+    for n in 0..3 {
+        w.publish(publisher, "jobs/2", &n.to_string(), QoS::AtLeastOnce, false);
+    }
+    w.settle();
+    w.events(second).clear();
+    w.start(second);
+    assert!(w.run_until(|w| w.messages(second).len() >= 3));
+    assert_eq!(w.payloads(second), ["0", "1", "2"]);
+}
+
+#[test]
+fn shared_subscriptions_are_balanced_over_members_on_every_shard() {
+    let mut w = World::new(5);
+    // Two members homed on shard 0, one on each of 1 and 2; the publisher on shard 3.
+    let homes = [0, 0, 1, 2];
+    let members: Vec<usize> =
+        homes.iter().enumerate().map(|(i, &h)| w.client_on(3 - i, session(&homed(&format!("m{i}"), h)))).collect();
+    for &m in &members {
+        w.subscribe(m, "$share/workers/jobs/#", QoS::AtLeastOnce);
+    }
+    let publisher = w.client_on(3, session(&homed("boss", 3)));
+    for i in 0..400 {
+        w.publish(publisher, &format!("jobs/{}", i % 7), &i.to_string(), QoS::AtLeastOnce, false);
+    }
+    let total = |w: &mut World| members.iter().map(|&m| w.messages(m).len()).sum::<usize>();
+    assert!(w.run_until(|w| total(w) >= 400));
+    w.settle();
+    assert_eq!(total(&mut w), 400, "each message once");
+    let mut all: Vec<usize> = members.iter().flat_map(|&m| w.payloads(m)).map(|p| p.parse().unwrap()).collect();
+    all.sort();
+    assert_eq!(all, (0..400).collect::<Vec<_>>());
+    for &m in &members {
+        let n = w.messages(m).len();
+        assert!((80..=120).contains(&n), "a member got {n} of 400");
+    }
+}
+
+#[test]
+fn retained_messages_are_found_on_every_shard_and_settle_alike() {
+    let mut w = World::new(6);
+    let a = w.client_on(0, session(&homed("a", 1)));
+    let b = w.client_on(2, session(&homed("b", 3)));
+    w.publish(a, "status/door", "open", QoS::AtLeastOnce, true);
+    w.settle();
+    for shard in w.set().shards() {
+        assert_eq!(shard.retained(), 1);
+    }
+    // Later subscribers on each shard find it.
+    for h in 0..SHARDS {
+        let s = w.client_on(usize::from(h), session(&homed("late", h)));
+        w.subscribe(s, "status/+", QoS::AtLeastOnce);
+        assert!(w.run_until(|w| !w.messages(s).is_empty()));
+        assert_eq!(w.messages(s), [("status/door".to_string(), "open".to_string(), true)]);
+    }
+    // Two shards change the same topic at the same moment (each before hearing of the other's
+    // change): every shard settles on the same one.
+    let now = w.sim.now();
+    for (shard, payload) in [(1, "from-1"), (3, "from-3")] {
+        let mut p = Publish::new(TopicName::new("status/window").unwrap(), Bytes::from_static(payload.as_bytes()));
+        p.retain = true;
+        w.set().shards()[shard].publish_local(now, p).unwrap();
+    }
+    w.set().exchange(now);
+    w.settle();
+    let mut seen = Vec::new();
+    for h in 0..SHARDS {
+        let s = w.client_on(usize::from(h), session(&homed("check", h)));
+        w.subscribe(s, "status/window", QoS::AtLeastOnce);
+        assert!(w.run_until(|w| !w.messages(s).is_empty()));
+        seen.push(w.payloads(s));
+    }
+    assert!(seen.windows(2).all(|p| p[0] == p[1]), "{seen:?}");
+    // Deleted everywhere.
+    w.publish(b, "status/door", "", QoS::AtLeastOnce, true);
+    w.settle();
+    for shard in w.set().shards() {
+        assert_eq!(shard.retained(), 1);
+    }
+}
+
+fn delayed_will(id: &str, delay: u32) -> ClientSessionConfig {
+    let mut will = Will {
+        topic: TopicName::new(format!("clients/{id}")).unwrap(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    };
+    will.properties.will_delay_interval = Some(delay);
+    ClientSessionConfig { will: Some(will), session_expiry: 600, ..session(id) }
+}
+
+#[test]
+fn wills_wait_for_their_delay_and_a_reconnect_on_another_shard_cancels_one() {
+    let mut w = World::new(7);
+    let watcher = w.client_on(0, session(&homed("watcher", 0)));
+    w.subscribe(watcher, "clients/#", QoS::AtLeastOnce);
+    let late_id = homed("late", 2);
+    let back_id = homed("back", 3);
+    let late = w.client_on(1, delayed_will(&late_id, 5));
+    let back = w.client_on(2, delayed_will(&back_id, 5));
+    let now = w.sim.now();
+    w.c(late).drop_connection(now);
+    w.c(back).drop_connection(now);
+    w.sim.drive_to(now + Duration::from_secs(3));
+    assert!(w.messages(watcher).is_empty(), "not before the delay");
+    // "back" returns within the delay, from an address on another shard.
+    let again = w.client_on(0, delayed_will(&back_id, 5));
+    w.sim.drive_to(now + Duration::from_secs(6));
+    assert_eq!(w.messages(watcher), [(format!("clients/{late_id}"), "gone".to_string(), false)]);
+    assert!(w.c(again).is_connected());
+    assert!(w.set().has_session(&late_id), "the session is kept until it expires");
+    w.sim.drive_to(now + Duration::from_secs(700));
+    assert!(!w.set().has_session(&late_id), "expired after 600 s");
+    let _ = back;
+}
+
+#[test]
+fn a_client_that_moves_to_another_address_keeps_its_connection_across_shards() {
+    let mut w = World::new(8);
+    let sub = w.client_on(1, session(&homed("sub", 2)));
+    w.subscribe(sub, "t", QoS::AtLeastOnce);
+    let publisher = w.client_on(0, session(&homed("pub", 0)));
+    w.publish(publisher, "t", "before", QoS::AtLeastOnce, false);
+    assert!(w.run_until(|w| w.messages(sub).len() == 1));
+    // A NAT rebinding: its datagrams now reach shard 3 first, which forwards them to shard 1,
+    // where its QUIC connection is.
+    let moved = w.address_on(3);
+    w.sim.set_address(sub, moved);
+    w.publish(publisher, "t", "after", QoS::AtLeastOnce, false);
+    assert!(w.run_until(|w| w.messages(sub).len() == 2));
+    assert_eq!(w.payloads(sub), ["before", "after"]);
+    assert!(w.c(sub).is_connected());
+}
+
+#[test]
+fn sys_topics_count_the_whole_broker() {
+    let mut config = config(9);
+    config.sys_interval = Some(Duration::from_secs(1));
+    let mut w = World::with(9, config, Link::default());
+    let admin = w.client_on(0, session(&homed("admin", 0)));
+    for h in 1..SHARDS {
+        let c = w.client_on(usize::from(h), session(&homed("c", h)));
+        w.subscribe(c, &format!("x/{h}"), QoS::AtMostOnce);
+    }
+    w.subscribe(admin, "$SYS/broker/clients/connected", QoS::AtMostOnce);
+    // Two intervals: the other shards report, then shard 0 publishes the sum.
+    let until = w.sim.now() + Duration::from_millis(2500);
+    w.sim.drive_to(until);
+    let counts: Vec<String> = w.payloads(admin);
+    assert_eq!(counts.last().map(String::as_str), Some("4"), "{counts:?}");
+}
+
+#[test]
+fn one_shard_is_the_broker_as_it_was() {
+    let c = config(10);
+    let one = c.for_shard(0, 1);
+    assert!(one.shard.is_none() && one.quic.load_balancer.is_none());
+    assert_eq!(format!("{:?}", one.quic.tls), format!("{:?}", c.quic.tls));
+    assert_eq!(Broker::new(one).unwrap().shard(), None);
+    // Global limits are split.
+    let three = c.for_shard(2, 3);
+    assert_eq!(three.max_sessions, c.max_sessions.div_ceil(3));
+    assert_eq!(three.quic.max_connections, c.quic.max_connections.div_ceil(3));
+}
