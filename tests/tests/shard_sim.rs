@@ -436,3 +436,174 @@ fn one_shard_is_the_broker_as_it_was() {
     assert_eq!(three.max_sessions, c.max_sessions.div_ceil(3));
     assert_eq!(three.quic.max_connections, c.quic.max_connections.div_ceil(3));
 }
+
+/// Byte streams into a sharded broker with a store per shard that commits only when told:
+/// what a publisher is acknowledged, and what a restarted broker reads back.
+mod durable {
+    use super::*;
+    use bytes::BytesMut;
+    use mqtt_proto::{Connect, Decoder, MqttString, Packet, Protocol, Subscribe};
+    use mqtt_quic_core::broker::machine::{StreamId, StreamOutput};
+    use mqtt_quic_core::persist::{Persistence, StoreBatch};
+    use mqtt_tests::disk::{self, Disk};
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    struct Rig {
+        set: ShardSet,
+        now: Instant,
+        disks: Vec<Disk>,
+        /// Batches polled and not committed yet, per shard.
+        pending: Vec<Vec<StoreBatch>>,
+        /// Shards whose batches are held back.
+        holding: Vec<bool>,
+        received: BTreeMap<StreamId, Vec<Packet>>,
+        buffers: BTreeMap<StreamId, BytesMut>,
+    }
+
+    fn durable_config() -> BrokerConfig {
+        let mut c = config(11);
+        c.persistence = Persistence::Sync;
+        c.sys_interval = None;
+        c
+    }
+
+    impl Rig {
+        fn new(disks: Vec<Disk>) -> Rig {
+            #[allow(clippy::disallowed_methods)] // the test's virtual epoch
+            let now = Instant::now();
+            let mut set = ShardSet::new(&durable_config(), SHARDS).unwrap();
+            for (shard, disk) in set.shards().iter_mut().zip(&disks) {
+                shard.restore(now, disk::records(disk)).unwrap();
+            }
+            let n = usize::from(SHARDS);
+            Rig {
+                set,
+                now,
+                disks,
+                pending: vec![Vec::new(); n],
+                holding: vec![false; n],
+                received: BTreeMap::new(),
+                buffers: BTreeMap::new(),
+            }
+        }
+
+        /// Moves everything along: store batches (committed unless held), stream output.
+        fn settle(&mut self) {
+            for _ in 0..20 {
+                // Past the commit delay each round.
+                self.now += Duration::from_millis(2);
+                self.set.handle_timeout(self.now);
+                let mut moved = false;
+                for (i, shard) in self.set.shards().iter_mut().enumerate() {
+                    while let Some(batch) = shard.poll_store(self.now) {
+                        self.pending[i].push(batch);
+                    }
+                    if !self.holding[i] {
+                        if let Some(last) = self.pending[i].last().map(|b| b.seq) {
+                            for batch in self.pending[i].drain(..) {
+                                disk::apply(&mut self.disks[i], batch);
+                            }
+                            shard.handle_stored(self.now, last);
+                            moved = true;
+                        }
+                    }
+                }
+                self.set.exchange(self.now);
+                while let Some((id, out)) = self.set.poll_stream() {
+                    moved = true;
+                    if let StreamOutput::Data(bytes) = out {
+                        self.set.handle_stream_written(id, bytes.len());
+                        let buf = self.buffers.entry(id).or_default();
+                        buf.extend_from_slice(&bytes);
+                        let mut decoder = Decoder::new(Protocol::V5);
+                        while let Some(p) = decoder.decode(buf).unwrap() {
+                            self.received.entry(id).or_default().push(p);
+                        }
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        fn open(&mut self) -> StreamId {
+            let id = self.set.handle_stream_open(self.now, None, false);
+            self.settle();
+            id
+        }
+
+        fn send(&mut self, id: StreamId, packets: impl IntoIterator<Item = Packet>) {
+            let mut bytes = BytesMut::new();
+            for p in packets {
+                p.encode(Protocol::V5, &mut bytes).unwrap();
+            }
+            self.set.handle_stream_data(self.now, id, &bytes);
+            self.settle();
+        }
+
+        fn got(&self, id: StreamId) -> &[Packet] {
+            self.received.get(&id).map_or(&[], |v| v.as_slice())
+        }
+    }
+
+    fn connect(id: &str, kept: bool) -> Packet {
+        let mut c = Connect::new(Protocol::V5, MqttString::try_from(id).unwrap());
+        c.clean_start = !kept;
+        c.keep_alive = 0;
+        if kept {
+            c.properties.session_expiry_interval = Some(3600);
+        }
+        c.into()
+    }
+
+    #[test]
+    fn a_publisher_is_acknowledged_once_another_shard_has_kept_its_message() {
+        let mut rig = Rig::new(vec![Disk::new(); usize::from(SHARDS)]);
+        // The subscriber's session lives on shard 2; it subscribes and goes away.
+        let sub_id = homed("keeper", 2);
+        let s = rig.open();
+        let filter = Subscription::new(TopicFilter::new("t").unwrap(), QoS::AtLeastOnce);
+        let subscribe = Subscribe {
+            packet_id: PacketId::MIN,
+            properties: Default::default(),
+            subscriptions: [filter].into_iter().collect(),
+        };
+        rig.send(s, [connect(&sub_id, true), subscribe.into()]);
+        assert!(rig.got(s).iter().any(|p| matches!(p, Packet::SubAck(_))), "{:?}", rig.got(s));
+        rig.set.handle_stream_closed(rig.now, s);
+        rig.settle();
+        // The publisher's session lives on shard 3. Shard 2's store is slow.
+        rig.holding[2] = true;
+        let p = rig.open();
+        let mut message = Publish::new(TopicName::new("t").unwrap(), Bytes::from_static(b"kept"));
+        message.qos_pid = QosPid::from_parts(QoS::AtLeastOnce, PacketId::MIN);
+        rig.send(p, [connect(&homed("writer", 3), false)]);
+        assert!(rig.got(p).iter().any(|x| matches!(x, Packet::ConnAck(_))));
+        rig.send(p, [message.into()]);
+        let acked = |rig: &Rig| rig.got(p).iter().any(|x| matches!(x, Packet::PubAck(_)));
+        assert!(!acked(&rig), "no PUBACK before shard 2 has the message on disk");
+        assert!(!rig.pending[2].is_empty(), "shard 2 journaled it");
+        rig.holding[2] = false;
+        rig.settle();
+        assert!(acked(&rig), "PUBACK once it is kept");
+        // A restart: every shard reads its own store back; the session and its message are
+        // on shard 2 again.
+        let disks = std::mem::take(&mut rig.disks);
+        let mut rig = Rig::new(disks);
+        assert_eq!(holder_in(&mut rig.set, &sub_id), [2]);
+        let again = rig.open();
+        rig.send(again, [connect(&sub_id, true)]);
+        let payloads: Vec<Bytes> = rig
+            .got(again)
+            .iter()
+            .filter_map(|x| if let Packet::Publish(m) = x { Some(m.payload.clone()) } else { None })
+            .collect();
+        assert_eq!(payloads, [Bytes::from_static(b"kept")]);
+    }
+
+    fn holder_in(set: &mut ShardSet, id: &str) -> Vec<usize> {
+        (0..usize::from(SHARDS)).filter(|&i| set.shards()[i].has_session(id)).collect()
+    }
+}

@@ -98,6 +98,14 @@ pub(super) struct Journal {
     /// When the oldest message waiting out the commit delay arrived (`None` once its delay
     /// ran out: the next poll writes it).
     oldest: Option<Instant>,
+    /// In a sharded broker: copies of a client's message routed to other shards, whose
+    /// keeping the ticket of its packet waits for (by the number the other shard answers).
+    remote: BTreeMap<u64, u64>,
+    next_remote: u64,
+    /// Tickets of messages routed here by other shards, and whom to tell (shard, their
+    /// number) once they are satisfied; the answers ready to go.
+    watchers: BTreeMap<u64, Vec<(u16, u64)>>,
+    kept: Vec<(u16, u64)>,
 }
 
 impl Journal {
@@ -120,7 +128,57 @@ impl Journal {
             retained: BTreeMap::new(),
             wills: BTreeMap::new(),
             held: BTreeMap::new(),
+            remote: BTreeMap::new(),
+            next_remote: 0,
+            watchers: BTreeMap::new(),
+            kept: Vec::new(),
         }
+    }
+
+    /// A copy of the client's message being routed goes to another shard (with
+    /// `Persistence::Sync`): its packet's answers wait until that shard says the copies it
+    /// made are kept (see [`Journal::remote_kept`]). The number to send along, if they wait.
+    pub(super) fn await_remote(&mut self) -> Option<u64> {
+        let (id, _) = self.window.filter(|_| self.routing && self.mode == Persistence::Sync)?;
+        self.tickets.entry(id).or_default().waiting += 1;
+        self.next_remote += 1;
+        self.remote.insert(self.next_remote, id);
+        Some(self.next_remote)
+    }
+
+    /// Another shard kept (or delivered and had acknowledged) its copies of a message routed
+    /// there with number `number`.
+    pub(super) fn remote_kept(&mut self, number: u64) {
+        if let Some(id) = self.remote.remove(&number) {
+            self.settle(id, 0);
+        }
+    }
+
+    /// Once ticket `ticket` is satisfied, shard `shard` is to hear `number` (see
+    /// [`Journal::take_kept`]).
+    pub(super) fn watch(&mut self, ticket: u64, shard: u16, number: u64) {
+        self.watchers.entry(ticket).or_default().push((shard, number));
+        self.notify();
+    }
+
+    /// The answers due to other shards: their numbers whose copies are now kept.
+    pub(super) fn take_kept(&mut self) -> Vec<(u16, u64)> {
+        std::mem::take(&mut self.kept)
+    }
+
+    /// Moves the watchers of satisfied tickets to the answers.
+    fn notify(&mut self) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        let (tickets, kept) = (&self.tickets, &mut self.kept);
+        self.watchers.retain(|id, w| {
+            let waiting = tickets.contains_key(id);
+            if !waiting {
+                kept.append(w);
+            }
+            waiting
+        });
     }
 
     /// Whether anything is journaled.
@@ -202,6 +260,7 @@ impl Journal {
             if t.waiting == 0 && t.batch <= self.stored && open != Some(id) {
                 self.tickets.remove(&id);
                 self.releasable = true;
+                self.notify();
             }
         }
     }
@@ -374,6 +433,7 @@ impl Journal {
         let before = self.tickets.len();
         self.tickets.retain(|id, t| t.waiting > 0 || t.batch > stored || open == Some(*id));
         self.releasable |= self.tickets.len() != before;
+        self.notify();
     }
 
     /// The output no longer held, per connection, in order, and whether to finish the

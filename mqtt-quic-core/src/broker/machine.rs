@@ -304,7 +304,7 @@ impl Broker {
         self.tick(now);
         if self.dialed_data(now, id, data) {
             self.pump(now);
-        } else if self.conns.contains_key(&Peer::Stream(id)) {
+        } else if self.conns.contains_key(&Peer::Stream(id)) || self.is_relayed(Peer::Stream(id)) {
             let mut mqtt = std::mem::take(&mut self.ws_buf);
             match self.links.websocket_in(now, id, data, &mut mqtt) {
                 None => self.received(now, Peer::Stream(id), data),

@@ -124,13 +124,27 @@ pub enum ShardMessage {
         count: u32,
     },
     /// A message published on the sender, for this shard's subscribers (not shared ones).
-    Route(Publish),
+    Route {
+        /// The message, as published.
+        publish: Publish,
+        /// With `Persistence::Sync`, for a QoS 1 or 2 message: the publisher's acknowledgement
+        /// waits until this shard answers [`ShardMessage::Kept`] with this number.
+        kept: Option<u64>,
+    },
     /// A message for one of this shard's members of the shared subscription `filter`.
     Shared {
         /// The shared subscription.
         filter: TopicFilter,
         /// The message, as published.
         publish: Publish,
+        /// As for [`ShardMessage::Route`].
+        kept: Option<u64>,
+    },
+    /// The copies this shard made of the message sent with number `kept` are kept (written,
+    /// or delivered and acknowledged): the publisher may have its acknowledgement.
+    Kept {
+        /// The number the message came with.
+        kept: u64,
     },
     /// A retained message set on the sender (an empty payload deletes), with its version.
     Retain {
@@ -276,8 +290,13 @@ impl Broker {
         for message in batch {
             match message {
                 ShardMessage::Interest { filter, count } => self.remote_interest(from, filter, count),
-                ShardMessage::Route(publish) => self.route_remote(now, publish),
-                ShardMessage::Shared { filter, publish } => self.shared_remote(now, &filter, publish),
+                ShardMessage::Route { publish, kept } => {
+                    self.remote_routing(from, kept, |b| b.route_remote(now, publish))
+                }
+                ShardMessage::Shared { filter, publish, kept } => {
+                    self.remote_routing(from, kept, |b| b.shared_remote(now, &filter, publish))
+                }
+                ShardMessage::Kept { kept } => self.journal.remote_kept(kept),
                 ShardMessage::Retain { publish, clock } => self.retain_remote(now, from, publish, clock),
                 ShardMessage::RelayOpen { relay, remote, identity, data } => {
                     self.relay_opened(now, from, relay, remote, identity, &data)
@@ -326,7 +345,14 @@ impl Broker {
             return false;
         }
         self.report_relayed(now);
-        self.relayed_output()
+        let kept = self.journal.take_kept();
+        let moved = !kept.is_empty();
+        if let Some(shard) = self.shard.as_mut() {
+            for (to, kept) in kept {
+                shard.send(to, ShardMessage::Kept { kept });
+            }
+        }
+        self.relayed_output() || moved
     }
 
     /// A client id for a client that sent none, whose home is this shard (the connection is

@@ -155,6 +155,11 @@ impl Broker {
         self.shard.is_none() || self.conns.get(&peer).is_some_and(|l| l.placed || l.internal)
     }
 
+    /// Whether a connection accepted here is relayed to its session's home.
+    pub(in crate::broker) fn is_relayed(&self, peer: Peer) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.relays.is_relayed(peer))
+    }
+
     /// Bytes of a connection not yet placed, or relayed: returns the bytes for a session here
     /// once its CONNECT says it lives here; relays them (the first ones with the CONNECT) if it
     /// lives on another shard; keeps them while the CONNECT is incomplete.

@@ -91,12 +91,37 @@ impl Broker {
     /// A delivery the router chose for a key standing for another shard: the message goes
     /// there, once per shard for its direct subscribers, once per pick for shared ones.
     pub(in crate::broker) fn forward_routed(&mut self, to: u16, publish: &Publish, shared: Option<TopicFilter>) {
-        let Some(shard) = self.shard.as_mut() else { return };
+        if self.shard.is_none() {
+            return;
+        }
+        // A client's QoS 1 or 2 message is acknowledged once every copy is kept, here or there.
+        let kept = if publish.qos() == QoS::AtMostOnce { None } else { self.journal.await_remote() };
+        let publish = publish.clone();
         let message = match shared {
-            Some(filter) => ShardMessage::Shared { filter, publish: publish.clone() },
-            None => ShardMessage::Route(publish.clone()),
+            Some(filter) => ShardMessage::Shared { filter, publish, kept },
+            None => ShardMessage::Route { publish, kept },
         };
-        shard.send(to, message);
+        if let Some(shard) = self.shard.as_mut() {
+            shard.send(to, message);
+        }
+    }
+
+    /// Routes a message from shard `from` with `route`; with a `kept` number, the copies it
+    /// makes are journaled like a client's, and `from` hears once they are kept.
+    pub(super) fn remote_routing(&mut self, from: u16, kept: Option<u64>, route: impl FnOnce(&mut Broker)) {
+        let Some(number) = kept else { return route(self) };
+        self.journal.open();
+        self.journal.routing = true;
+        route(self);
+        self.journal.routing = false;
+        match self.journal.close() {
+            Some(ticket) => self.journal.watch(ticket, from, number),
+            None => {
+                if let Some(shard) = self.shard.as_mut() {
+                    shard.send(from, ShardMessage::Kept { kept: number });
+                }
+            }
+        }
     }
 
     /// A message published on another shard, for this shard's direct subscribers.
