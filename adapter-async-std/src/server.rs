@@ -169,6 +169,9 @@ impl Server {
         if !options.extra_listeners.is_empty() {
             return Err(ServerError::Unsupported("several listeners of a kind (this adapter opens one of each)"));
         }
+        if options.shards > 1 {
+            return Err(ServerError::Unsupported("several shards (this adapter runs the broker on one machine)"));
+        }
         if options.tls.is_some() || options.wss.is_some() {
             return Err(ServerError::Unsupported("a TLS or wss listener (this adapter serves QUIC, plain TCP and ws)"));
         }

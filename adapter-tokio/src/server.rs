@@ -1,6 +1,9 @@
 //! The broker server: one task owns the core's [`Broker`] machine and feeds it UDP datagrams
 //! (QUIC), bytes of accepted TCP and TLS connections, and timeouts; other tasks only move bytes
-//! between sockets and that task.
+//! between sockets and that task. With several shards ([`ServerOptions::shards`]), one such
+//! task per shard, each with its own UDP socket on the QUIC port (`SO_REUSEPORT`: the kernel
+//! spreads the flows) and its share of the TCP connections (round robin); the tasks carry the
+//! shards' batches to each other over channels (see [`mqtt_quic_core::broker::shard`]).
 
 use crate::udp::Udp;
 use crate::{clock, NEVER};
@@ -11,6 +14,7 @@ use mqtt_quic_core::broker::auth::{AuthId, AuthVerdict};
 use mqtt_quic_core::broker::lifecycle::{Handling, Level};
 use mqtt_quic_core::broker::local::{LocalSink, LocalSinks, LocalSubscription, DEFAULT_WINDOW};
 use mqtt_quic_core::broker::machine::{Broker, BrokerMetrics, StreamId, StreamOutput};
+use mqtt_quic_core::broker::shard::ShardBatch;
 use mqtt_quic_core::broker::stream_table::{Delivery, StreamTable, StreamWriter};
 use mqtt_quic_core::broker::{BridgeId, Dial};
 use mqtt_quic_core::config::Secret;
@@ -36,7 +40,8 @@ pub struct Server {
     tls: Option<SocketAddr>,
     ws: Option<SocketAddr>,
     wss: Option<SocketAddr>,
-    stop: Option<oneshot::Sender<()>>,
+    /// One per shard.
+    stop: Vec<oneshot::Sender<()>>,
     driver: JoinHandle<Option<String>>,
     acceptors: Vec<JoinHandle<()>>,
     /// The TLS and wss listeners' TLS, swapped by [`Server::reload_tls`], with the ALPN each
@@ -46,8 +51,8 @@ pub struct Server {
     reloading: tokio::sync::Mutex<()>,
     /// Every byte-stream listener's address, extra ones included.
     listening_on: Vec<(Transport, SocketAddr)>,
-    /// Reloads, to the broker task.
-    reloads: mpsc::UnboundedSender<ReloadRequest>,
+    /// Reloads, to every shard's broker task.
+    reloads: Vec<mpsc::UnboundedSender<ReloadRequest>>,
     /// Closes when every connection task has ended (each holds a sender).
     alive: mpsc::Receiver<()>,
     grace: Duration,
@@ -68,21 +73,55 @@ enum Reload {
 
 /// Asks a running broker for its metrics (see [`Server::metrics_source`]).
 #[derive(Clone)]
-pub struct MetricsSource(mpsc::UnboundedSender<ReloadRequest>);
+pub struct MetricsSource(Vec<mpsc::UnboundedSender<ReloadRequest>>);
 
 impl MetricsSource {
-    /// The broker's metrics now.
+    /// The broker's metrics now (every shard's, added up).
     pub async fn metrics(&self) -> Result<BrokerMetrics, ServerError> {
-        let (tx, rx) = oneshot::channel();
-        let (reply, done) = oneshot::channel();
-        self.0.send((Reload::Metrics(tx), reply)).map_err(|_| ServerError::NotRunning)?;
-        done.await.map_err(|_| ServerError::NotRunning)??;
-        rx.await.map_err(|_| ServerError::NotRunning)
+        let mut total: Option<BrokerMetrics> = None;
+        for shard in &self.0 {
+            let (tx, rx) = oneshot::channel();
+            let (reply, done) = oneshot::channel();
+            shard.send((Reload::Metrics(tx), reply)).map_err(|_| ServerError::NotRunning)?;
+            done.await.map_err(|_| ServerError::NotRunning)??;
+            let metrics = rx.await.map_err(|_| ServerError::NotRunning)?;
+            match &mut total {
+                Some(t) => t.merge(metrics),
+                None => total = Some(metrics),
+            }
+        }
+        total.ok_or(ServerError::NotRunning)
     }
 }
 
 /// A reload on its way to the broker task, with where its outcome goes.
 type ReloadRequest = (Reload, oneshot::Sender<Result<(), ServerError>>);
+
+/// Sends a reload to one shard's broker task and waits for its outcome.
+async fn reload(shard: &mpsc::UnboundedSender<ReloadRequest>, reload: Reload) -> Result<(), ServerError> {
+    let (reply, done) = oneshot::channel();
+    shard.send((reload, reply)).map_err(|_| ServerError::NotRunning)?;
+    done.await.map_err(|_| ServerError::NotRunning)?
+}
+
+/// A shard's way to the others: their inboxes (by shard) and its own.
+struct ShardLink {
+    index: u16,
+    peers: Vec<mpsc::UnboundedSender<(u16, ShardBatch)>>,
+    inbox: mpsc::UnboundedReceiver<(u16, ShardBatch)>,
+}
+
+impl ShardLink {
+    /// Hands the broker's batches for the other shards to their tasks.
+    fn forward(&self, broker: &mut Broker) {
+        while let Some((to, batch)) = broker.poll_forward() {
+            if let Some(peer) = self.peers.get(usize::from(to)) {
+                // A shard that has stopped (at shutdown) takes nothing more.
+                let _ = peer.send((self.index, batch));
+            }
+        }
+    }
+}
 
 /// What the application asks of the broker in-process (see [`Server::subscribe`]).
 type LocalCommand = mqtt_quic_core::broker::local::LocalCommand<LocalTx>;
@@ -298,7 +337,10 @@ impl Server {
     /// Replaces authentication and authorization (a re-read password file or ACL) without
     /// dropping anyone: new logins and every delivery from now on are checked against `auth`.
     pub async fn reload_auth(&self, auth: Option<Arc<dyn Auth>>) -> Result<(), ServerError> {
-        self.reload(Reload::Auth(auth)).await
+        for shard in &self.reloads {
+            reload(shard, Reload::Auth(auth.clone())).await?;
+        }
+        Ok(())
     }
 
     /// Replaces the certificate of the QUIC, TLS and wss listeners (a renewed certificate)
@@ -314,7 +356,9 @@ impl Server {
             .iter()
             .map(|(_, transport)| tls_acceptor(&tls, *transport))
             .collect::<Result<Vec<_>, _>>()?;
-        self.reload(Reload::Tls(tls)).await?;
+        for shard in &self.reloads {
+            reload(shard, Reload::Tls(tls.clone())).await?;
+        }
         for ((shared, _), acceptor) in self.tls_acceptors.iter().zip(acceptors) {
             *shared.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
         }
@@ -333,12 +377,6 @@ impl Server {
         MetricsSource(self.reloads.clone())
     }
 
-    async fn reload(&self, reload: Reload) -> Result<(), ServerError> {
-        let (reply, done) = oneshot::channel();
-        self.reloads.send((reload, reply)).map_err(|_| ServerError::NotRunning)?;
-        done.await.map_err(|_| ServerError::NotRunning)?
-    }
-
     /// Opens every listener, then starts serving. Fails before serving anyone if a listener
     /// cannot be opened.
     pub async fn start(mut options: ServerOptions) -> Result<Server, ServerError> {
@@ -347,19 +385,36 @@ impl Server {
         options.broker.quic.secret.get_or_insert_with(|| Secret::new(crate::os_secret()));
         options.check_bridges()?;
         // The store is read back before any listener opens: no client sees a broker that has
-        // not yet remembered its sessions.
-        let mut broker = Broker::new(options.broker.clone())?;
-        let (stored_tx, stored_rx) = mpsc::unbounded_channel();
-        let store = BrokerStore::open(&options, &mut broker, clock(), move |r| drop(stored_tx.send(r)))?;
-        if let Some(line) = store.summary() {
-            info!("{line}");
-        }
-        let udp = match options.quic {
-            Some(addr) => {
-                Some(Udp::bind(addr).map_err(|source| ServerError::Bind { what: "QUIC (UDP)", addr, source })?)
+        // not yet remembered its sessions. Each shard reads its own.
+        let count = options.shards.max(1);
+        let mut brokers = Vec::new();
+        for index in 0..count {
+            let mut broker = Broker::new(options.broker.for_shard(index, count))?;
+            let (stored_tx, stored_rx) = mpsc::unbounded_channel();
+            let notify = move |r| drop(stored_tx.send(r));
+            let shard = broker.shard();
+            let store = BrokerStore::open_shard(&options, &mut broker, clock(), shard, notify)?;
+            if let Some(line) = store.summary() {
+                info!("{line}");
             }
-            None => None,
-        };
+            brokers.push((broker, (store, stored_rx)));
+        }
+        // One UDP socket per shard on the same port: the first picks the port (when asked
+        // for 0), the others share it.
+        let mut udps = Vec::new();
+        if let Some(addr) = options.quic {
+            let bind_err = |addr, source| ServerError::Bind { what: "QUIC (UDP)", addr, source };
+            if count == 1 {
+                udps.push(Udp::bind(addr).map_err(|e| bind_err(addr, e))?);
+            } else {
+                let first = Udp::bind_shared(addr).map_err(|e| bind_err(addr, e))?;
+                let shared = first.local_addr().map_err(|e| bind_err(addr, e))?;
+                udps.push(first);
+                for _ in 1..count {
+                    udps.push(Udp::bind_shared(shared).map_err(|e| bind_err(shared, e))?);
+                }
+            }
+        }
         let tcp = match options.tcp {
             Some(addr) => {
                 Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { what: "TCP", addr, source })?)
@@ -416,7 +471,7 @@ impl Server {
                 .into_iter()
                 .filter_map(|(a, t)| a.map(|a| (a, t)))
                 .collect();
-        let quic_addr = udp.as_ref().map(|u| u.local_addr()).transpose().ok().flatten();
+        let quic_addr = udps.first().map(|u| u.local_addr()).transpose().ok().flatten();
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let tls_addr = tls.as_ref().and_then(|l| l.local_addr().ok());
         let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
@@ -432,7 +487,8 @@ impl Server {
         .collect();
         listening_on.extend(extra.iter().filter_map(|(t, l)| l.local_addr().ok().map(|a| (*t, a))));
 
-        let (streams_tx, streams_rx) = mpsc::channel(1024);
+        let (streams_txs, streams_rxs): (Vec<_>, Vec<_>) = (0..count).map(|_| mpsc::channel(1024)).unzip();
+        let streams_txs: Arc<[mpsc::Sender<StreamIn>]> = streams_txs.into();
         let (alive_tx, alive) = mpsc::channel(1);
         let mut acceptors = Vec::new();
         // WebSocket listeners share the limit of their kind (plain or TLS).
@@ -454,35 +510,60 @@ impl Server {
         }
         for (listener, transport, acceptor, limit) in listeners {
             if let Some(listener) = listener {
-                let to = Tasks { broker: streams_tx.clone(), alive: alive_tx.clone() };
+                let to = Tasks { brokers: streams_txs.clone(), next: Default::default(), alive: alive_tx.clone() };
                 let listening = Listening { transport, acceptor, limit: limit.clone() };
                 acceptors.push(tokio::spawn(accept(listener, listening, to, options.clone())));
             }
         }
-        // Connections dialled for bridges come in the same way as accepted ones.
-        let dial_tx = streams_tx.clone();
-        drop((streams_tx, alive_tx));
         let grace = options.shutdown_grace;
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let store = (store, stored_rx);
+        // In-process subscriptions and bridges live on shard 0.
         let (local, local_rx) = mpsc::unbounded_channel();
-        let (reloads, reloads_rx) = mpsc::unbounded_channel();
-        let streams = (streams_rx, dial_tx, local_rx, reloads_rx);
-        let driver = tokio::spawn(drive(broker, udp, streams, stop_rx, store, options));
+        let mut local_rx = Some(local_rx);
+        // The shards' batches for each other.
+        let (forward_txs, forward_rxs): (Vec<_>, Vec<_>) = (0..count).map(|_| mpsc::unbounded_channel()).unzip();
+        let mut udps = udps.into_iter();
+        let (mut stop, mut reloads, mut drivers) = (Vec::new(), Vec::new(), Vec::new());
+        let shards = brokers.into_iter().zip(streams_rxs).zip(forward_rxs).enumerate();
+        for (index, (((broker, store), streams_rx), forward_rx)) in shards {
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let (reloads_tx, reloads_rx) = mpsc::unbounded_channel();
+            // Connections dialled for bridges come in the same way as accepted ones.
+            let dial_tx = streams_txs[index].clone();
+            let local_rx = local_rx.take().unwrap_or_else(|| mpsc::unbounded_channel().1);
+            let link =
+                (count > 1).then(|| ShardLink { index: index as u16, peers: forward_txs.clone(), inbox: forward_rx });
+            let streams = (streams_rx, dial_tx, local_rx, reloads_rx);
+            let task = drive(broker, udps.next(), streams, stop_rx, store, link, options.clone());
+            drivers.push(task);
+            stop.push(stop_tx);
+            reloads.push(reloads_tx);
+        }
+        drop((streams_txs, alive_tx, forward_txs));
         let driver = tokio::spawn(async move {
             // A broker task that panics takes the broker down with it: say so where
             // `Server::wait` (and so a supervisor watching the process) can see it.
-            match driver.await {
-                Ok(Ok(())) => None,
-                // The store failed: the broker stopped (or its last commit at shutdown failed).
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) if e.is_panic() => {
-                    tracing::error!("the broker task panicked: {e}");
-                    std::panic::resume_unwind(e.into_panic());
+            let mut drivers: tokio::task::JoinSet<_> = drivers.into_iter().collect();
+            while let Some(ended) = drivers.join_next().await {
+                match ended {
+                    Ok(Ok(())) => {}
+                    // A store failed: that shard stopped (or its last commit at shutdown
+                    // failed), and with it the broker.
+                    Ok(Err(e)) => {
+                        drivers.detach_all();
+                        return Some(e.to_string());
+                    }
+                    Err(e) if e.is_panic() => {
+                        tracing::error!("the broker task panicked: {e}");
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => None,
             }
+            None
         });
+        if count > 1 {
+            info!("{count} shards, each on a broker task of its own");
+        }
         let listening = [
             ("QUIC", quic_addr),
             ("TCP", tcp_addr),
@@ -501,7 +582,7 @@ impl Server {
             tls: tls_addr,
             ws: ws_addr,
             wss: wss_addr,
-            stop: Some(stop_tx),
+            stop,
             driver,
             acceptors,
             alive,
@@ -547,7 +628,7 @@ impl Server {
         for a in &self.acceptors {
             a.abort();
         }
-        if let Some(stop) = self.stop.take() {
+        for stop in self.stop.drain(..) {
             let _ = stop.send(());
         }
         if !self.driver.is_finished() {
@@ -565,7 +646,7 @@ impl Server {
     pub async fn wait(&mut self) -> Result<(), ServerError> {
         match (&mut self.driver).await {
             Ok(Some(e)) => Err(ServerError::Store(e)),
-            Ok(None) if self.stop.is_none() => Ok(()),
+            Ok(None) if self.stop.is_empty() => Ok(()),
             Ok(None) => Err(ServerError::Stopped("the broker task ended")),
             Err(e) if e.is_panic() => Err(ServerError::Stopped("the broker task panicked")),
             Err(_) => Err(ServerError::Stopped("the broker task was cancelled")),
@@ -592,10 +673,12 @@ async fn drive(
     ),
     mut stop: oneshot::Receiver<()>,
     (mut store, mut stored): (BrokerStore, mpsc::UnboundedReceiver<Result<u64, StoreError>>),
+    mut shard: Option<ShardLink>,
     options: ServerOptions,
 ) -> Result<(), StoreError> {
     enum Input {
         Stored(Option<Result<u64, StoreError>>),
+        Forward(Option<(u16, ShardBatch)>),
         Udp(io::Result<()>),
         Stream(Option<StreamIn>),
         Auth(Option<(AuthId, AuthVerdict)>),
@@ -626,8 +709,13 @@ async fn drive(
     let mut reloads_open = true;
     // Bridges start connecting upstream.
     broker.start(clock());
+    let mut inbox_open = shard.is_some();
     loop {
-        // Drain outputs: datagrams, stream bytes, events.
+        // Drain outputs: batches for the other shards first (a subscription's interest
+        // reaches them before its SUBACK leaves), then datagrams, stream bytes, events.
+        if let Some(link) = &shard {
+            link.forward(&mut broker);
+        }
         let batch = udp.as_ref().map_or(1, |u| u.max_gso_segments());
         while let Some(t) = broker.poll_transmit_batch(clock(), batch, &mut buf) {
             if let Some(udp) = &udp {
@@ -668,6 +756,9 @@ async fn drive(
         }
         // What changed durably goes to the store thread, which commits in groups and reports.
         store.submit(&mut broker, clock());
+        if let Some(link) = &shard {
+            link.forward(&mut broker);
+        }
         if broker.is_done(clock()) {
             break;
         }
@@ -678,6 +769,8 @@ async fn drive(
         let input = tokio::select! {
             biased;
             r = stored.recv(), if stored_open => Input::Stored(r),
+            // Batches from the other shards before network input that came after them.
+            b = inbox(&mut shard), if inbox_open => Input::Forward(b),
             r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
             s = streams.recv(), if streams_open => Input::Stream(s),
             a = auth_rx.recv() => Input::Auth(a),
@@ -695,6 +788,8 @@ async fn drive(
                 return Err(e);
             }
             Input::Stored(None) => stored_open = false,
+            Input::Forward(Some((from, batch))) => broker.handle_forward(now, from, batch),
+            Input::Forward(None) => inbox_open = false,
             Input::Udp(Ok(())) => {
                 udp_errors = 0;
                 if let Some(udp) = &udp {
@@ -773,6 +868,14 @@ async fn drive(
     store.close(&mut broker, clock())
 }
 
+/// The next batch from another shard (never without shards).
+async fn inbox(shard: &mut Option<ShardLink>) -> Option<(u16, ShardBatch)> {
+    match shard {
+        Some(link) => link.inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Receives on the QUIC socket, if there is one (else never).
 async fn recv(udp: &mut Option<Udp>) -> io::Result<()> {
     match udp {
@@ -785,8 +888,18 @@ async fn recv(udp: &mut Option<Udp>) -> io::Result<()> {
 /// task has ended.
 #[derive(Clone)]
 struct Tasks {
-    broker: mpsc::Sender<StreamIn>,
+    /// Every shard's broker task: connections are dealt out round robin.
+    brokers: Arc<[mpsc::Sender<StreamIn>]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
     alive: mpsc::Sender<()>,
+}
+
+impl Tasks {
+    /// The broker task the next connection goes to.
+    fn pick(&self) -> mpsc::Sender<StreamIn> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.brokers[n % self.brokers.len()].clone()
+    }
 }
 
 /// What a TCP listener serves: its transport's name (`tcp`, `tls`, `ws`, `wss`), TLS when
@@ -823,7 +936,7 @@ async fn accept(listener: TcpListener, listening: Listening, tasks: Tasks, optio
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let Tasks { broker, alive } = tasks.clone();
+        let (broker, alive) = (tasks.pick(), tasks.alive.clone());
         // The acceptor in force now (a reload may have replaced it).
         let acceptor = acceptor.as_ref().map(|a| a.read().unwrap_or_else(|e| e.into_inner()).clone());
         let handshake = options.tls_handshake_timeout;

@@ -22,7 +22,26 @@ pub(crate) struct Udp {
 impl Udp {
     /// Binds `addr` (port 0 picks one).
     pub fn bind(addr: SocketAddr) -> io::Result<Udp> {
-        let std = std::net::UdpSocket::bind(addr)?;
+        Udp::open(std::net::UdpSocket::bind(addr)?)
+    }
+
+    /// Binds `addr` with `SO_REUSEPORT`, so that several sockets (one per shard) share it and
+    /// the kernel spreads the flows over them (each flow, a sender's address and port, to one
+    /// socket). Where the platform has no `SO_REUSEPORT`, an error.
+    pub fn bind_shared(addr: SocketAddr) -> io::Result<Udp> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+        #[cfg(unix)]
+        socket.set_reuse_port(true)?;
+        #[cfg(not(unix))]
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "SO_REUSEPORT, which several shards need"));
+        #[cfg(unix)]
+        {
+            socket.bind(&addr.into())?;
+            Udp::open(socket.into())
+        }
+    }
+
+    fn open(std: std::net::UdpSocket) -> io::Result<Udp> {
         std.set_nonblocking(true)?;
         let state = UdpSocketState::new((&std).into())?;
         // Bigger kernel buffers ride out bursts; failure only costs drops under load.

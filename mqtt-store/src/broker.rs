@@ -6,9 +6,10 @@
 
 use crate::{Store, StoreError, StoreWorker, SyncMode};
 use mqtt_quic_core::broker::machine::{Broker, Restored};
+use mqtt_quic_core::broker::shard::ShardConfig;
 use mqtt_quic_core::driver::{ServerError, ServerOptions};
 use mqtt_quic_core::persist::Persistence;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// A broker server's store (nothing at all when persistence is off).
@@ -33,6 +34,22 @@ impl BrokerStore {
         now: Instant,
         notify: impl FnMut(Result<u64, StoreError>) + Send + 'static,
     ) -> Result<BrokerStore, ServerError> {
+        BrokerStore::open_shard(options, broker, now, None, notify)
+    }
+
+    /// As [`BrokerStore::open`], for one shard of a sharded broker (`shard` from
+    /// [`Broker::shard`]): each shard keeps its own store, in
+    /// `<data_dir>/shard-<index>-of-<count>` (see [`shard_dir`]), and reads back only its own.
+    /// Sessions live on the home shard of their client id, which depends on the number of
+    /// shards: a store written by another number of shards is refused with a message that
+    /// names it (see [`stored_shards`]).
+    pub fn open_shard(
+        options: &ServerOptions,
+        broker: &mut Broker,
+        now: Instant,
+        shard: Option<ShardConfig>,
+        notify: impl FnMut(Result<u64, StoreError>) + Send + 'static,
+    ) -> Result<BrokerStore, ServerError> {
         let sync = match options.broker.persistence {
             Persistence::Off => return Ok(BrokerStore { worker: None, restored: None, submitted: 0, reported: 0 }),
             Persistence::Sync => SyncMode::Sync,
@@ -41,7 +58,23 @@ impl BrokerStore {
         let Some(dir) = &options.data_dir else {
             return Err(ServerError::Store("persistence is on but no data directory is set".into()));
         };
-        let store = Store::open(dir).map_err(|e| ServerError::Store(e.to_string()))?;
+        let count = shard.map_or(1, |s| s.count.max(1));
+        match stored_shards(dir) {
+            Some(found) if found != count => {
+                return Err(ServerError::Store(format!(
+                    "{} holds the sessions of a broker of {found} shard{}, and this one has {count}: start it with \
+                     --shards {found} (or move the directory aside to start empty)",
+                    dir.display(),
+                    if found == 1 { "" } else { "s" }
+                )))
+            }
+            _ => {}
+        }
+        let dir = match shard.filter(|s| s.count > 1) {
+            Some(s) => shard_dir(dir, s),
+            None => dir.clone(),
+        };
+        let store = Store::open(&dir).map_err(|e| ServerError::Store(e.to_string()))?;
         let records = store.load().map_err(|e| ServerError::Store(e.to_string()))?;
         let restored = broker.restore(now, records).map_err(|e| {
             ServerError::Store(format!(
@@ -110,5 +143,47 @@ impl BrokerStore {
             worker.submit(batch);
         }
         worker.close()
+    }
+}
+
+/// Where shard `shard` of a sharded broker keeps its store under the data directory.
+pub fn shard_dir(dir: &Path, shard: ShardConfig) -> PathBuf {
+    dir.join(format!("shard-{}-of-{}", shard.index, shard.count))
+}
+
+/// How many shards wrote the store in `dir`: 1 for a store of its own (`mqttq.redb` there),
+/// the count of `shard-<i>-of-<count>` directories holding one, `None` for no store yet. A
+/// broker restarted with another number of shards would look for its sessions on other
+/// shards than those that kept them.
+pub fn stored_shards(dir: &Path) -> Option<u16> {
+    if dir.join(crate::FILE_NAME).exists() {
+        return Some(1);
+    }
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries.filter_map(Result::ok).find_map(|e| {
+        let name = e.file_name();
+        let count = name.to_str()?.strip_prefix("shard-")?.split_once("-of-")?.1.parse::<u16>().ok()?;
+        e.path().join(crate::FILE_NAME).exists().then_some(count)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_number_of_shards_is_read_from_the_layout() {
+        let dir = std::env::temp_dir().join(format!("mqtt-store-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(stored_shards(&dir), None);
+        let shard = shard_dir(&dir, ShardConfig { index: 2, count: 4 });
+        std::fs::create_dir_all(&shard).unwrap();
+        assert_eq!(stored_shards(&dir), None, "an empty shard directory is no store");
+        std::fs::write(shard.join(crate::FILE_NAME), b"x").unwrap();
+        assert_eq!(stored_shards(&dir), Some(4));
+        std::fs::write(dir.join(crate::FILE_NAME), b"x").unwrap();
+        assert_eq!(stored_shards(&dir), Some(1));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

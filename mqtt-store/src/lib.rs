@@ -95,7 +95,7 @@ mod error;
 mod store;
 mod worker;
 
-pub use broker::BrokerStore;
+pub use broker::{shard_dir, stored_shards, BrokerStore};
 pub use client::ClientStore;
 pub use error::StoreError;
 pub use store::{Store, FILE_NAME};

@@ -161,6 +161,11 @@ impl Links {
         extra > 0 && self.queued(now, Peer::Stream(id), extra)
     }
 
+    /// Whether a byte stream carries MQTT over WebSocket.
+    pub(super) fn is_websocket(&self, id: StreamId) -> bool {
+        self.websockets.contains_key(&id)
+    }
+
     /// Numbers a stream the broker carries itself (see `internal`).
     pub(super) fn open_internal_stream(&mut self) -> StreamId {
         let id = self.open_stream();

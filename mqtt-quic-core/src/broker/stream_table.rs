@@ -184,7 +184,8 @@ impl<W> StreamTable<W> {
                 }
                 return None;
             };
-            if let Some(handling) = lifecycle::handle(event, |peer| self.transport(peer)) {
+            let transport = |peer: &Peer| broker.relayed_transport(peer).unwrap_or_else(|| self.transport(peer));
+            if let Some(handling) = lifecycle::handle(event, transport) {
                 return Some(handling);
             }
         }

@@ -101,6 +101,31 @@ pub struct BrokerMetrics {
     pub quic: crate::quic::QuicMetrics,
 }
 
+impl BrokerMetrics {
+    /// Adds another shard's figures (see [`crate::broker::shard`]): counts add up, retained
+    /// messages (which every shard keeps) and uptime are the largest, the open connections'
+    /// round-trip times and windows are all listed.
+    pub fn merge(&mut self, other: BrokerMetrics) {
+        self.stats.add(&other.stats);
+        self.connections += other.connections;
+        self.sessions += other.sessions;
+        self.subscriptions += other.subscriptions;
+        self.retained = self.retained.max(other.retained);
+        self.uptime = self.uptime.max(other.uptime);
+        self.packets.add(&other.packets);
+        let (q, o) = (&mut self.quic, other.quic);
+        q.counters.handshakes += o.counters.handshakes;
+        q.counters.zero_rtt_accepted += o.counters.zero_rtt_accepted;
+        q.counters.migrations += o.counters.migrations;
+        q.counters.lost_packets_closed += o.counters.lost_packets_closed;
+        q.counters.sent_packets_closed += o.counters.sent_packets_closed;
+        q.lost_packets += o.lost_packets;
+        q.sent_packets += o.sent_packets;
+        q.rtts.extend(o.rtts);
+        q.cwnds.extend(o.cwnds);
+    }
+}
+
 /// mosquitto's `$SYS/broker/load/...`: rates per minute averaged over 1, 5 and 15 minutes.
 #[derive(Debug, Default)]
 pub(super) struct Loads {

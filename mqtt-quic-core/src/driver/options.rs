@@ -262,6 +262,10 @@ pub struct ServerOptions {
     /// With `Persistence::Periodic`: how often the store is synced to disk (a crash loses at
     /// most this much).
     pub sync_interval: Duration,
+    /// Broker machines, each on a core of its own (see [`crate::broker::shard`]); 1 is a
+    /// broker of one machine. Adapters that do not run shards refuse more than 1
+    /// ([`ServerError::Unsupported`](super::ServerError::Unsupported)).
+    pub shards: u16,
 }
 
 impl ServerOptions {
@@ -282,6 +286,7 @@ impl ServerOptions {
             shutdown_grace: Duration::from_secs(2),
             data_dir: None,
             sync_interval: Duration::from_secs(1),
+            shards: 1,
         }
     }
 

@@ -90,6 +90,11 @@ pub struct BrokerArgs {
     /// With --persistence periodic: seconds between syncs to disk [default: 1].
     #[arg(long, value_name = "SECS")]
     sync_interval: Option<u64>,
+    /// Broker machines, each on a core of its own, 1 to 256 [default: as many as the store in
+    /// --data-dir was written with; else the number of cores from 4 up, 1 below (on two cores
+    /// the clients and the broker share them, and one shard measured faster)].
+    #[arg(long, value_name = "N")]
+    shards: Option<u16>,
     /// TOML configuration file (see the crate docs for every key).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -224,6 +229,11 @@ pub async fn run(args: BrokerArgs) -> Result<(), String> {
         options.sync_interval = seconds("sync interval", secs, 1)?;
     }
     options.data_dir = Some(data_dir.clone());
+    options.shards = match args.shards.or(file.shards) {
+        Some(n) if (1..=256).contains(&n) => n,
+        Some(n) => return Err(format!("shards: {n} is out of range (1 to 256)")),
+        None => default_shards(&data_dir, options.broker.persistence.is_on()),
+    };
     if let Some(us) = file.commit_delay_us {
         if us > 1_000_000 {
             return Err(format!("commit_delay_us: {us} is out of range (0 to 1000000)"));
@@ -632,4 +642,20 @@ fn parse_hex(hex: &str) -> Option<Vec<u8>> {
         return None;
     }
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// The number of shards when none is asked for: the store's (a broker restarted with another
+/// number would look for its sessions on other shards), else one per core from 4 cores up.
+/// Below that one shard: `bench/multicore` and `bench/compare` on two cores measured it ahead,
+/// the clients and the broker sharing the cores (see BENCHMARKS.md).
+fn default_shards(data_dir: &std::path::Path, persistent: bool) -> u16 {
+    if let Some(n) = mqtt_store::stored_shards(data_dir).filter(|_| persistent) {
+        return n;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores >= 4 {
+        cores.min(256) as u16
+    } else {
+        1
+    }
 }

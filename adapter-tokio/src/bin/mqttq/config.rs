@@ -4,6 +4,7 @@
 //! data_dir = "/var/lib/mqttq"
 //! persistence = "sync"        # "sync" (default), "periodic" or "off": see README, Persistence
 //! sync_interval = 1           # with "periodic": seconds between syncs to disk
+//! shards = 8                  # broker machines, one per core (default: the store's, or the cores from 4 up)
 //! commit_delay_us = 1000      # new QoS 1 messages wait this long for their subscribers' acks before being written (0: never)
 //! cert = "/etc/mqttq/cert.pem"
 //! key = "/etc/mqttq/key.pem"
@@ -103,6 +104,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub persistence: Option<String>,
     pub sync_interval: Option<u64>,
+    pub shards: Option<u16>,
     pub commit_delay_us: Option<u64>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,

@@ -161,6 +161,8 @@ pub enum ShardMessage {
         remote: Option<SocketAddr>,
         /// Its certificate's common name, if it presented one.
         identity: Option<String>,
+        /// Its transport, for the log: `quic`, `ws` or `tcp` (TLS below included).
+        transport: String,
         /// The MQTT bytes received so far.
         data: Bytes,
     },
@@ -298,8 +300,8 @@ impl Broker {
                 }
                 ShardMessage::Kept { kept } => self.journal.remote_kept(kept),
                 ShardMessage::Retain { publish, clock } => self.retain_remote(now, from, publish, clock),
-                ShardMessage::RelayOpen { relay, remote, identity, data } => {
-                    self.relay_opened(now, from, relay, remote, identity, &data)
+                ShardMessage::RelayOpen { relay, remote, identity, transport, data } => {
+                    self.relay_opened(now, from, relay, (remote, identity, transport), &data)
                 }
                 ShardMessage::RelayData { relay, data } => self.relay_data(now, from, relay, &data),
                 ShardMessage::RelayClosed { relay, detail } => self.relay_closed(now, from, relay, detail),

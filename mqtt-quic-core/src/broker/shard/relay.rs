@@ -51,7 +51,7 @@ pub(in crate::broker) struct Relays {
     next_report: Option<Instant>,
     /// Connections relayed here: the shard that accepted each and its number, both ways.
     hosted: BTreeMap<(u16, u64), StreamId>,
-    hosted_by_stream: BTreeMap<StreamId, (u16, u64)>,
+    hosted_by_stream: BTreeMap<StreamId, (u16, u64, &'static str)>,
 }
 
 impl Relays {
@@ -155,6 +155,13 @@ impl Broker {
         self.shard.is_none() || self.conns.get(&peer).is_some_and(|l| l.placed || l.internal)
     }
 
+    /// The transport of a connection relayed here (`quic`, `ws` or `tcp`), for the log; `None`
+    /// for any other.
+    pub fn relayed_transport(&self, peer: &Peer) -> Option<&'static str> {
+        let Peer::Stream(id) = peer else { return None };
+        self.shard.as_ref()?.relays.hosted_by_stream.get(id).map(|h| h.2)
+    }
+
     /// Whether a connection accepted here is relayed to its session's home.
     pub(in crate::broker) fn is_relayed(&self, peer: Peer) -> bool {
         self.shard.as_ref().is_some_and(|s| s.relays.is_relayed(peer))
@@ -189,7 +196,14 @@ impl Broker {
         shard.relays.out.insert(peer, Outgoing { relay, home, unreported: 0 });
         shard.relays.by_number.insert(relay, peer);
         let (remote, identity) = (self.links.remote_addr(peer), self.links.identity(peer));
-        shard.send(home, ShardMessage::RelayOpen { relay, remote, identity, data: buf.into() });
+        let transport = match peer {
+            Peer::Quic(_) => "quic",
+            Peer::Stream(id) if self.links.is_websocket(id) => "ws",
+            Peer::Stream(_) => "tcp",
+        };
+        let message =
+            ShardMessage::RelayOpen { relay, remote, identity, transport: transport.into(), data: buf.into() };
+        shard.send(home, message);
         // The session here never saw a byte: it goes without a trace.
         self.conns.remove(&peer);
         self.dirty.remove(&peer);
@@ -277,11 +291,15 @@ impl Broker {
         now: Instant,
         from: u16,
         relay: u64,
-        remote: Option<SocketAddr>,
-        identity: Option<String>,
+        (remote, identity, transport): (Option<SocketAddr>, Option<String>, String),
         data: &[u8],
     ) {
         let id = self.links.open_relayed();
+        let transport = match transport.as_str() {
+            "quic" => "quic",
+            "ws" => "ws",
+            _ => "tcp",
+        };
         if let Some(remote) = remote {
             self.links.set_remote(id, remote);
         }
@@ -290,7 +308,7 @@ impl Broker {
         }
         if let Some(shard) = self.shard.as_mut() {
             shard.relays.hosted.insert((from, relay), id);
-            shard.relays.hosted_by_stream.insert(id, (from, relay));
+            shard.relays.hosted_by_stream.insert(id, (from, relay, transport));
         }
         self.live(now, Peer::Stream(id)).placed = true;
         self.rearm(Peer::Stream(id));
@@ -332,7 +350,7 @@ impl Broker {
         while let Some((id, output)) = self.links.poll_relayed() {
             moved = true;
             let Some(shard) = self.shard.as_mut() else { continue };
-            let Some(&(from, relay)) = shard.relays.hosted_by_stream.get(&id) else { continue };
+            let Some(&(from, relay, _)) = shard.relays.hosted_by_stream.get(&id) else { continue };
             let end = !matches!(output, StreamOutput::Data(_));
             shard.send(from, ShardMessage::RelayOut { relay, output });
             if end {
