@@ -154,6 +154,56 @@ pub fn broker(data: &[u8]) {
     }
 }
 
+/// The `broker` target's records fed to a broker of three shards with `Persistence::Sync` (its
+/// store answered at once), driven together by a `ShardSet`: connections are relayed to their
+/// session's home after a CONNECT the fuzzer writes, messages routed across shards with
+/// acknowledgements held for the other shards' stores. Every stream goes to the shard the
+/// round robin gives it, so the same client id arrives through different shards.
+pub fn broker_shards(data: &[u8]) {
+    use mqtt_quic_core::broker::machine::StreamOutput;
+    use mqtt_quic_core::broker::shard::ShardSet;
+    let mut config = fuzz_broker_config();
+    config.persistence = mqtt_quic_core::persist::Persistence::Sync;
+    let mut set = ShardSet::new(&config, 3).expect("valid config");
+    #[allow(clippy::disallowed_methods)] // the harness owns the clock
+    let mut now = Instant::now();
+    let mut streams = [None; 6];
+    let mut rest = data;
+    while let Some((delay, which, piece)) = next_record(&mut rest) {
+        now += Duration::from_millis(u64::from(delay) * 50);
+        set.handle_timeout(now);
+        for broker in set.shards() {
+            while let Some(batch) = broker.poll_store(now) {
+                broker.handle_stored(now, batch.seq);
+            }
+            while let Some(request) = broker.poll_auth() {
+                let verdict = request.verify();
+                broker.handle_auth_result(now, request.id(), verdict);
+            }
+        }
+        set.exchange(now);
+        let slot = usize::from(which % 6);
+        let id = *streams[slot].get_or_insert_with(|| set.handle_stream_open(now, None, false));
+        if which >= 248 {
+            set.handle_stream_closed(now, id);
+            streams[slot] = None;
+        } else {
+            set.handle_stream_data(now, id, piece);
+        }
+        while let Some((id, out)) = set.poll_stream() {
+            match out {
+                StreamOutput::Data(bytes) => set.handle_stream_written(id, bytes.len()),
+                _ => {
+                    for s in streams.iter_mut().filter(|s| **s == Some(id)) {
+                        *s = None;
+                    }
+                }
+            }
+        }
+        while set.shards().iter_mut().any(|b| b.poll_event().is_some()) {}
+    }
+}
+
 /// Takes the next `[delay: u8][which: u8][len: u8][len bytes]` record off the front of `rest`
 /// (the bytes cut short at the end of the input).
 pub(crate) fn next_record<'a>(rest: &mut &'a [u8]) -> Option<(u8, u8, &'a [u8])> {

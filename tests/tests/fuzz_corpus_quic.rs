@@ -50,6 +50,11 @@ fn replay_broker_corpus() {
 }
 
 #[test]
+fn replay_broker_shards_corpus() {
+    replay("broker_shards", quic_checks::broker_shards);
+}
+
+#[test]
 fn replay_broker_store_corpus() {
     replay("broker_store", store_checks::broker_store);
 }
@@ -83,6 +88,7 @@ fn replay_one() {
         "broker_quic" => quic_checks::broker_quic(&data),
         "sessions" => quic_checks::sessions(&data),
         "broker" => quic_checks::broker(&data),
+        "broker_shards" => quic_checks::broker_shards(&data),
         "broker_store" => store_checks::broker_store(&data),
         "quic_server" => quic_checks::quic_server(&data),
         other => panic!("unknown target {other}"),

@@ -230,8 +230,12 @@ impl Broker {
 
     /// After [`Broker::shutdown`]: whether every connection has closed or the grace is over.
     pub fn is_done(&self, now: Instant) -> bool {
-        self.closing_until
-            .is_some_and(|t| now >= t || (self.conns.is_empty() && self.links.quic.connection_count() == 0))
+        // (A sharded broker also waits for the connections it relays: their sessions' last
+        // words come from other shards.)
+        let relaying = self.shard.as_ref().is_some_and(|s| s.relays.relaying());
+        self.closing_until.is_some_and(|t| {
+            now >= t || (self.conns.is_empty() && self.links.quic.connection_count() == 0 && !relaying)
+        })
     }
 
     /// A byte-stream connection (TCP, TLS) was accepted by the adapter, from `remote` when
@@ -405,10 +409,13 @@ impl Broker {
         loop {
             while let Some(event) = self.links.quic.poll_event() {
                 match event {
-                    quic::Event::Connected { conn, .. } => {
+                    // (A resuming client's CONNECT comes in its 0-RTT data, before the handshake
+                    // completes: its connection may be relayed to another shard by now.)
+                    quic::Event::Connected { conn, .. } if !self.is_relayed(Peer::Quic(conn)) => {
                         self.live(now, Peer::Quic(conn));
                         self.dirty.insert(Peer::Quic(conn));
                     }
+                    quic::Event::Connected { .. } => {}
                     quic::Event::Received { conn, data } => {
                         // Bytes after the session ended (the client may go on writing while our
                         // FIN is on its way) start nothing new on a finishing connection.
@@ -717,7 +724,7 @@ impl Broker {
     pub(super) fn keep_retained(&mut self, now: Instant, publish: &Publish) -> Result<(), ()> {
         self.retained.set(now, publish).map_err(|_| ())?;
         self.journal_retained(now, publish);
-        self.retained_here(publish);
+        self.retained_here(now, publish);
         Ok(())
     }
 
@@ -730,11 +737,20 @@ impl Broker {
         // (A key standing for another shard is eligible: that shard decides for its members.)
         let eligible =
             |k| shard_of_key(k).is_some() || registry.is_online(k) && may_read(registry, auth, k, &publish.topic);
+        let mut routed: Vec<u16> = Vec::new();
         for d in self.router.route(&publish.topic, from, eligible) {
             match shard_of_key(d.session) {
-                Some(to) => self.forward_routed(to, &publish, d.shared),
+                Some(to) => {
+                    if d.shared.is_none() {
+                        routed.push(to);
+                    }
+                    self.forward_routed(to, &publish, d.shared)
+                }
                 None => self.deliver_routed(now, &publish, d),
             }
+        }
+        if self.shard.is_some() {
+            self.flush_retained(&routed);
         }
     }
 

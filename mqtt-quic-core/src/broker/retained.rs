@@ -89,6 +89,18 @@ impl RetainedStore {
         self.count == 0
     }
 
+    /// Whether a message is retained for `topic` (expired or not).
+    pub fn contains(&self, topic: &str) -> bool {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        node.message.is_some()
+    }
+
     /// Retains `publish` for its topic (replacing the previous one), or deletes the topic's
     /// retained message when the payload is empty [MQTT-3.3.1-6].
     pub fn set(&mut self, now: Instant, publish: &Publish) -> Result<(), RetainError> {

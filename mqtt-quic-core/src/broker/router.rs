@@ -232,7 +232,11 @@ impl Router {
         };
         if previous.is_none() {
             self.count += 1;
-            self.by_session.entry(session).or_default().push(filter.clone());
+            // (Keys standing for other shards are never listed or removed as a session: their
+            // thousands of filters would make each unsubscribe linear.)
+            if shard_of_key(session).is_none() {
+                self.by_session.entry(session).or_default().push(filter.clone());
+            }
             if let (Some(log), None) = (self.interest.as_mut(), shard_of_key(session)) {
                 log.note(filter, true);
             }
@@ -249,7 +253,7 @@ impl Router {
             if let (Some(log), None) = (self.interest.as_mut(), shard_of_key(session)) {
                 log.note(filter, false);
             }
-            if let Some(filters) = self.by_session.get_mut(&session) {
+            if let Some(filters) = self.by_session.get_mut(&session).filter(|_| shard_of_key(session).is_none()) {
                 filters.retain(|f| f != filter);
                 if filters.is_empty() {
                     self.by_session.remove(&session);

@@ -192,6 +192,7 @@ impl Broker {
         if schedule.next_housekeeping.is_some_and(|at| at <= now) {
             schedule.next_housekeeping = Some(now + HOUSEKEEPING);
             self.retained.purge_expired(now);
+            self.prune_versions(now);
         }
         if let (Some(at), Some(interval)) = (self.schedule.next_sys, self.config.sys_interval) {
             if at <= now {

@@ -106,7 +106,7 @@ pub fn shard_of_datagram(datagram: &[u8], lb: &crate::cid::QuicLb) -> Option<u16
     } else {
         datagram.get(1..1 + len)?
     };
-    lb.server_id_of(dcid)?;
+    (lb.server_id_of(dcid)? == lb.server_id.as_slice()).then_some(())?;
     dcid.get(1 + lb.server_id.len()).map(|&s| u16::from(s))
 }
 
@@ -152,6 +152,9 @@ pub enum ShardMessage {
         publish: Publish,
         /// Lamport clock of the change.
         clock: u64,
+        /// Whether the sender also sent it to this shard to route ([`ShardMessage::Route`]);
+        /// if not, this shard routes it to its own subscribers.
+        routed: bool,
     },
     /// A connection on the sender whose session lives here: its first bytes (the CONNECT).
     RelayOpen {
@@ -252,14 +255,6 @@ impl ShardState {
         self.out.entry(to).or_default().push(message);
     }
 
-    /// Queues a message for every other shard.
-    pub(super) fn broadcast(&mut self, message: ShardMessage) {
-        let (count, index) = (self.count, self.index);
-        for to in (0..count).filter(|&s| s != index) {
-            self.send(to, message.clone());
-        }
-    }
-
     /// Whether a client id's session lives here.
     pub(super) fn is_home(&self, client_id: &str) -> bool {
         home_of(client_id, self.count) == self.index
@@ -299,7 +294,9 @@ impl Broker {
                     self.remote_routing(from, kept, |b| b.shared_remote(now, &filter, publish))
                 }
                 ShardMessage::Kept { kept } => self.journal.remote_kept(kept),
-                ShardMessage::Retain { publish, clock } => self.retain_remote(now, from, publish, clock),
+                ShardMessage::Retain { publish, clock, routed } => {
+                    self.retain_remote(now, from, publish, clock, routed)
+                }
                 ShardMessage::RelayOpen { relay, remote, identity, transport, data } => {
                     self.relay_opened(now, from, relay, (remote, identity, transport), &data)
                 }
@@ -326,7 +323,13 @@ impl Broker {
     pub(super) fn forward_datagram(&mut self, datagram: &crate::machine::Datagram<'_>) -> bool {
         let Some(shard) = self.shard.as_mut() else { return false };
         let Some(lb) = &self.config.quic.load_balancer else { return false };
-        match shard_of_datagram(datagram.data, lb) {
+        // Packets for the bridges' connections (tagged ids) belong to shard 0, where the
+        // bridges run.
+        let to = match crate::cid::tagged_marker(datagram.data) {
+            Some(_) => Some(0),
+            None => shard_of_datagram(datagram.data, lb),
+        };
+        match to {
             Some(to) if to != shard.index && to < shard.count => {
                 let message = ShardMessage::Datagram {
                     remote: datagram.remote,

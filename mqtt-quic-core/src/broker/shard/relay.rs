@@ -60,6 +60,11 @@ impl Relays {
         self.out.contains_key(&peer)
     }
 
+    /// Whether connections accepted here are relayed to other shards.
+    pub(in crate::broker) fn relaying(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// When relayed connections' progress is checked next.
     pub(in crate::broker) fn deadline(&self) -> Option<Instant> {
         self.next_report.filter(|_| !self.unreported.is_empty())
@@ -97,9 +102,10 @@ fn peek_client_id(b: &[u8]) -> Peek {
             return Peek::Other;
         }
     }
-    let Some(body) = b.get(at..at + len) else {
-        return if len > MAX_PEEK { Peek::Other } else { Peek::More };
-    };
+    // The client id comes before the will, the user name and the password: the start of the
+    // packet is enough, however long the rest (a will's payload may be large).
+    let body = &b[at.min(b.len())..b.len().min(at + len)];
+    let complete = b.len() >= at + len;
     let mut r = Reader(body);
     let parsed = (|| {
         let name = r.u16()?;
@@ -114,7 +120,12 @@ fn peek_client_id(b: &[u8]) -> Peek {
         let id = r.take(usize::from(id))?;
         String::from_utf8(id.to_vec()).ok()
     })();
-    parsed.map_or(Peek::Other, Peek::ClientId)
+    match parsed {
+        Some(id) => Peek::ClientId(id),
+        // Cut short by the end of what arrived: more may complete it.
+        None if !complete && body.len() <= MAX_PEEK => Peek::More,
+        None => Peek::Other,
+    }
 }
 
 /// A bounds-checked cursor.
@@ -204,7 +215,9 @@ impl Broker {
         let message =
             ShardMessage::RelayOpen { relay, remote, identity, transport: transport.into(), data: buf.into() };
         shard.send(home, message);
-        // The session here never saw a byte: it goes without a trace.
+        // The session here never saw a byte: it goes without a trace (and data streams opened
+        // meanwhile are refused: they need the session on the connection's shard).
+        self.drop_lanes(now, peer);
         self.conns.remove(&peer);
         self.dirty.remove(&peer);
         self.rearm(peer);
@@ -394,8 +407,19 @@ mod tests {
         assert_eq!(peek_client_id(&[0x30, 0]), Peek::Other, "not a CONNECT");
         assert_eq!(peek_client_id(&[0x10, 0xFF, 0xFF, 0xFF, 0xFF]), Peek::Other, "a length of five bytes");
         assert_eq!(peek_client_id(&[0x10, 2, 0, 9]), Peek::Other, "a name longer than the packet");
-        let mut huge = vec![0x10, 0xFF, 0xFF, 0x7F];
-        huge.extend_from_slice(&[0; 100]);
-        assert_eq!(peek_client_id(&huge), Peek::Other, "longer than the broker reads ahead");
+        // A CONNECT longer than the broker reads ahead (a large will): its start names the
+        // client.
+        let mut long = connect_v5("with-a-will");
+        long[1] = 0x80;
+        long.insert(2, 0x80);
+        long.insert(3, 0x01); // remaining length 16384
+        assert_eq!(peek_client_id(&long), Peek::ClientId("with-a-will".into()));
+        // Properties longer than the broker reads ahead before the client id: given up on
+        // (served where it arrived, whose session refuses it).
+        let mut junk = vec![0x10, 0xFF, 0xFF, 0x7F, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0xFF, 0xFF, 0xFF, 0x7F];
+        junk.resize(1000, 0);
+        assert_eq!(peek_client_id(&junk), Peek::More);
+        junk.resize(MAX_PEEK + 100, 0);
+        assert_eq!(peek_client_id(&junk), Peek::Other);
     }
 }

@@ -10,6 +10,24 @@ use mqtt_proto::{Publish, QoS, SubscriptionOptions, TopicFilter, TopicName};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+/// A retained topic's last change (see `Routing::versions`).
+#[derive(Clone, Copy)]
+struct Version {
+    clock: u64,
+    shard: u16,
+    deleted: Option<Instant>,
+}
+
+impl Version {
+    fn newer_than(&self, clock: u64, shard: u16) -> bool {
+        (self.clock, self.shard) > (clock, shard)
+    }
+}
+
+/// How long a deleted retained topic's version is kept: far longer than any batch takes to
+/// cross shards.
+const TOMBSTONE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Most members of one shared subscription one shard may announce (each is a key here).
 const MAX_MEMBERS: u32 = 1 << 16;
 
@@ -20,11 +38,15 @@ pub(in crate::broker) struct Routing {
     members: BTreeMap<(u16, TopicFilter), u32>,
     /// Subscriptions in the router that stand for other shards (not counted as this shard's).
     pub(in crate::broker) keys: usize,
-    /// Each retained topic's last change: Lamport clock and shard, compared as a pair.
-    versions: HashMap<TopicName, (u64, u16)>,
+    /// Each retained topic's last change: Lamport clock and shard, compared as a pair, and for
+    /// a deletion when it happened (kept a while, so that an older change still in flight
+    /// cannot bring the topic back on one shard only).
+    versions: HashMap<TopicName, Version>,
     clock: u64,
     /// The other shards' latest `$SYS` figures (on shard 0).
     pub(in crate::broker) reports: BTreeMap<u16, ShardReport>,
+    /// A retained change made here, sent once its message is routed.
+    unsent_retain: Option<(Publish, u64)>,
 }
 
 impl Routing {
@@ -160,38 +182,59 @@ impl Broker {
         self.deliver_routed(now, &publish, d);
     }
 
-    /// A retained message was set (or deleted) here: every other shard keeps it too.
-    pub(in crate::broker) fn retained_here(&mut self, publish: &Publish) {
+    /// A retained message was set (or deleted) here: every other shard keeps it too (sent
+    /// once the message is routed, see [`Broker::flush_retained`]).
+    pub(in crate::broker) fn retained_here(&mut self, now: Instant, publish: &Publish) {
         let Some(shard) = self.shard.as_mut() else { return };
         let routing = &mut shard.routing;
         routing.clock += 1;
-        if publish.payload.is_empty() {
-            routing.versions.remove(&publish.topic);
-        } else {
-            routing.versions.insert(publish.topic.clone(), (routing.clock, shard.index));
+        let deleted = publish.payload.is_empty().then_some(now);
+        let version = Version { clock: routing.clock, shard: shard.index, deleted };
+        routing.versions.insert(publish.topic.clone(), version);
+        routing.unsent_retain = Some((publish.clone(), routing.clock));
+    }
+
+    /// Sends the retained change made while routing a message to every other shard, saying
+    /// whether that shard was also sent the message to route: one that was not (its interest
+    /// was not known here yet) delivers it to its own subscribers itself, as a broker of one
+    /// shard would have to one that subscribed just before.
+    pub(in crate::broker) fn flush_retained(&mut self, routed: &[u16]) {
+        let Some(shard) = self.shard.as_mut() else { return };
+        let Some((publish, clock)) = shard.routing.unsent_retain.take() else { return };
+        let (count, index) = (shard.count, shard.index);
+        for to in (0..count).filter(|&s| s != index) {
+            let message = ShardMessage::Retain { publish: publish.clone(), clock, routed: routed.contains(&to) };
+            shard.send(to, message);
         }
-        let clock = routing.clock;
-        shard.broadcast(ShardMessage::Retain { publish: publish.clone(), clock });
+    }
+
+    /// Forgets the versions of retained topics that are gone (expired, or deleted a while
+    /// ago): part of the periodic housekeeping.
+    pub(in crate::broker) fn prune_versions(&mut self, now: Instant) {
+        let Some(shard) = self.shard.as_mut() else { return };
+        let retained = &self.retained;
+        shard.routing.versions.retain(|topic, v| match v.deleted {
+            Some(at) => now.saturating_duration_since(at) < TOMBSTONE,
+            None => retained.contains(topic.as_str()),
+        });
     }
 
     /// A retained message set on shard `from`: kept here unless this shard has seen a later
     /// change of the topic (so concurrent changes settle on the same message everywhere).
-    pub(super) fn retain_remote(&mut self, now: Instant, from: u16, publish: Publish, clock: u64) {
+    pub(super) fn retain_remote(&mut self, now: Instant, from: u16, publish: Publish, clock: u64, routed: bool) {
+        if !routed {
+            self.route_remote(now, publish.clone());
+        }
         let Some(shard) = self.shard.as_mut() else { return };
         let routing = &mut shard.routing;
         routing.clock = routing.clock.max(clock);
-        if routing.versions.get(&publish.topic).is_some_and(|&v| v > (clock, from)) {
+        if routing.versions.get(&publish.topic).is_some_and(|v| v.newer_than(clock, from)) {
             return;
         }
         if self.retained.set(now, &publish).is_ok() {
             let Some(shard) = self.shard.as_mut() else { return };
-            // (A deletion forgets the version: a change still in flight from before it could
-            // bring the topic back, as a set right after the deletion would.)
-            if publish.payload.is_empty() {
-                shard.routing.versions.remove(&publish.topic);
-            } else {
-                shard.routing.versions.insert(publish.topic.clone(), (clock, from));
-            }
+            let deleted = publish.payload.is_empty().then_some(now);
+            shard.routing.versions.insert(publish.topic.clone(), Version { clock, shard: from, deleted });
             // Every shard's store keeps every retained message: each restores on its own.
             self.journal_retained(now, &publish);
         }
