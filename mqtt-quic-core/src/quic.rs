@@ -1061,10 +1061,12 @@ impl QuicEndpoint {
                     c.connected = true;
                     handshake_over(&mut self.handshaking, c);
                     c.handshake_deadline = None;
+                    // (quinn's `accepted_0rtt` means something only on a client; a server has
+                    // 0-RTT keys only when it accepted the client's early data.)
                     let zero_rtt = if c.quic.side().is_client() {
                         c.quic.has_0rtt().then(|| c.quic.accepted_0rtt())
                     } else {
-                        Some(c.quic.accepted_0rtt())
+                        Some(c.quic.has_0rtt())
                     };
                     if c.quic.side().is_client() && zero_rtt == Some(false) {
                         // The server discarded the 0-RTT data and quinn dropped the streams it

@@ -118,6 +118,11 @@ pub struct ServerTls {
     client_optional: bool,
     /// Whether the TLS-over-TCP listeners also speak TLS 1.2 (QUIC is TLS 1.3 always).
     tls12: bool,
+    /// The QUIC sessions clients may resume (and send 0-RTT data on), shared by every QUIC
+    /// configuration built from this one: the shards of a broker each build their own, and a
+    /// client resuming on another shard than the one it last connected to must find its
+    /// session.
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
 }
 
 impl ServerTls {
@@ -125,7 +130,15 @@ impl ServerTls {
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ServerTls, TlsError> {
         let chain = certificates_from_pem(cert_pem)?;
         private_key_from_pem(key_pem)?;
-        Ok(ServerTls { chain, key_pem: key_pem.to_vec(), client_ca: None, client_optional: false, tls12: false })
+        Ok(ServerTls {
+            chain,
+            key_pem: key_pem.to_vec(),
+            client_ca: None,
+            client_optional: false,
+            tls12: false,
+            // rustls's default size.
+            sessions: rustls::server::ServerSessionMemoryCache::new(256),
+        })
     }
 
     /// From a generated self-signed certificate.
@@ -168,7 +181,9 @@ impl ServerTls {
 
     /// A rustls server configuration: TLS 1.3 only, ALPN `mqtt`, 0-RTT when `early_data`.
     pub fn rustls_config(&self, early_data: bool) -> Result<rustls::ServerConfig, TlsError> {
-        self.build(early_data, &[&rustls::version::TLS13])
+        let mut config = self.build(early_data, &[&rustls::version::TLS13])?;
+        config.session_storage = self.sessions.clone();
+        Ok(config)
     }
 
     /// A rustls server configuration for a TLS-over-TCP listener: as

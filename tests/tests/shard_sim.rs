@@ -625,3 +625,55 @@ mod durable {
         (0..usize::from(SHARDS)).filter(|&i| set.shards()[i].has_session(id)).collect()
     }
 }
+
+#[test]
+fn a_client_resumes_with_0_rtt_on_another_shard_and_is_relayed_before_its_handshake_completes() {
+    use mqtt_proto::{Connect, MqttString, Packet, Protocol};
+    use mqtt_quic_core::quic::{Event, QuicEndpoint};
+    let mut w = World::new(12);
+    let id = homed("phone", 1);
+    let connect = || {
+        let mut c = Connect::new(Protocol::V5, MqttString::try_from(id.as_str()).unwrap());
+        c.keep_alive = 0;
+        let mut bytes = bytes::BytesMut::new();
+        Packet::from(c).encode(Protocol::V5, &mut bytes).unwrap();
+        bytes.freeze()
+    };
+    // A bare QUIC client: its CONNECT goes with the first flight (0-RTT once it has a ticket).
+    let mut qc = ClientConfig::new(ClientTls::insecure());
+    qc.seed = 99;
+    let first_addr = w.address_on(0);
+    let host = w.sim.add_host(first_addr, Node::Quic(Box::new(QuicEndpoint::client(&qc).unwrap()), Vec::new()));
+    let mut connack = |w: &mut World| {
+        let now = w.sim.now();
+        let (endpoint, events) = w.sim.machine(host).as_quic();
+        events.clear();
+        let conn = endpoint.connect(now, broker_addr(), "broker.test").unwrap();
+        endpoint.send(now, conn, connect()).unwrap();
+        assert!(w.run_until(|w| w.sim.machine(host).as_quic().1.iter().any(|e| matches!(e, Event::Received { .. }))));
+        conn
+    };
+    let first = connack(&mut w);
+    // (The session ticket arrives after the handshake.)
+    w.settle();
+    let now = w.sim.now();
+    w.sim.machine(host).as_quic().0.close(now, first, 0, "bye").unwrap();
+    w.settle();
+    // Back from another network, whose flow the kernel gives shard 2: the ticket shard 0
+    // issued is good there, and the CONNECT in the 0-RTT data is relayed to shard 1 before
+    // the handshake completes.
+    let moved = w.address_on(2);
+    w.sim.set_address(host, moved);
+    let second = connack(&mut w);
+    w.settle();
+    let now = w.sim.now();
+    assert_eq!(w.set().shards()[2].metrics(now).quic.counters.zero_rtt_accepted, 1, "resumed with 0-RTT on shard 2");
+    assert_eq!(holder(&mut w, &id), [1]);
+    // Well past the connect timeout: the relayed connection is still up and its session too.
+    let until = w.sim.now() + Duration::from_secs(15);
+    w.sim.drive_to(until);
+    let closed =
+        w.sim.machine(host).as_quic().1.iter().any(|e| matches!(e, Event::Closed { conn, .. } if *conn == second));
+    assert!(!closed, "the relayed connection was closed");
+    assert_eq!(w.set().connected(), 1);
+}
