@@ -644,7 +644,7 @@ fn a_client_resumes_with_0_rtt_on_another_shard_and_is_relayed_before_its_handsh
     qc.seed = 99;
     let first_addr = w.address_on(0);
     let host = w.sim.add_host(first_addr, Node::Quic(Box::new(QuicEndpoint::client(&qc).unwrap()), Vec::new()));
-    let mut connack = |w: &mut World| {
+    let connack = |w: &mut World| {
         let now = w.sim.now();
         let (endpoint, events) = w.sim.machine(host).as_quic();
         events.clear();
