@@ -104,22 +104,53 @@ async fn reload(shard: &mpsc::UnboundedSender<ReloadRequest>, reload: Reload) ->
     done.await.map_err(|_| ServerError::NotRunning)?
 }
 
+/// A shard's inbox, from the senders' side: the channel and how many messages wait in it.
+#[derive(Clone)]
+struct Inbox {
+    tx: mpsc::UnboundedSender<(u16, ShardBatch)>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Messages waiting in another shard's inbox beyond which a shard stops taking network input
+/// (until that shard catches up): the channels between shards never block a sender (two
+/// shards waiting for each other would deadlock), so this is what bounds them.
+const INBOX_LIMIT: usize = 100_000;
+
 /// A shard's way to the others: their inboxes (by shard) and its own.
 struct ShardLink {
     index: u16,
-    peers: Vec<mpsc::UnboundedSender<(u16, ShardBatch)>>,
+    peers: Vec<Inbox>,
     inbox: mpsc::UnboundedReceiver<(u16, ShardBatch)>,
 }
 
 impl ShardLink {
     /// Hands the broker's batches for the other shards to their tasks.
     fn forward(&self, broker: &mut Broker) {
+        use std::sync::atomic::Ordering::Relaxed;
         while let Some((to, batch)) = broker.poll_forward() {
             if let Some(peer) = self.peers.get(usize::from(to)) {
+                let n = batch.len();
+                peer.waiting.fetch_add(n, Relaxed);
                 // A shard that has stopped (at shutdown) takes nothing more.
-                let _ = peer.send((self.index, batch));
+                if peer.tx.send((self.index, batch)).is_err() {
+                    peer.waiting.fetch_sub(n, Relaxed);
+                }
             }
         }
+    }
+
+    /// A batch was taken from this shard's inbox.
+    fn taken(&self, batch: &ShardBatch) {
+        if let Some(me) = self.peers.get(usize::from(self.index)) {
+            me.waiting.fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether another shard is so far behind on what this one sent it that this one should
+    /// stop taking clients' input for now (its clients then wait: TCP reads stop, QUIC
+    /// datagrams wait in the socket).
+    fn congested(&self) -> bool {
+        self.peers.iter().any(|p| p.waiting.load(std::sync::atomic::Ordering::Relaxed) > INBOX_LIMIT)
     }
 }
 
@@ -520,7 +551,12 @@ impl Server {
         let (local, local_rx) = mpsc::unbounded_channel();
         let mut local_rx = Some(local_rx);
         // The shards' batches for each other.
-        let (forward_txs, forward_rxs): (Vec<_>, Vec<_>) = (0..count).map(|_| mpsc::unbounded_channel()).unzip();
+        let (forward_txs, forward_rxs): (Vec<_>, Vec<_>) = (0..count)
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Inbox { tx, waiting: Default::default() }, rx)
+            })
+            .unzip();
         let mut udps = udps.into_iter();
         let (mut stop, mut reloads, mut drivers) = (Vec::new(), Vec::new(), Vec::new());
         let shards = brokers.into_iter().zip(streams_rxs).zip(forward_rxs).enumerate();
@@ -549,7 +585,9 @@ impl Server {
                     // A store failed: that shard stopped (or its last commit at shutdown
                     // failed), and with it the broker.
                     Ok(Err(e)) => {
-                        drivers.detach_all();
+                        // The other shards cannot go on without it (what they relay to it,
+                        // acknowledgements waiting for its store): they stop too.
+                        drivers.shutdown().await;
                         return Some(e.to_string());
                     }
                     Err(e) if e.is_panic() => {
@@ -679,6 +717,8 @@ async fn drive(
     enum Input {
         Stored(Option<Result<u64, StoreError>>),
         Forward(Option<(u16, ShardBatch)>),
+        /// Another shard was behind: time to look again.
+        Congested,
         Udp(io::Result<()>),
         Stream(Option<StreamIn>),
         Auth(Option<(AuthId, AuthVerdict)>),
@@ -766,13 +806,15 @@ async fn drive(
         // A paused QUIC listener resumes at the end of its pause: wake for it too.
         let wake_at = [deadline, udp_paused_until].into_iter().flatten().min();
         let wake_at = wake_at.unwrap_or_else(|| tokio::time::Instant::now() + NEVER);
+        let congested = shard.as_ref().is_some_and(ShardLink::congested);
         let input = tokio::select! {
             biased;
             r = stored.recv(), if stored_open => Input::Stored(r),
             // Batches from the other shards before network input that came after them.
             b = inbox(&mut shard), if inbox_open => Input::Forward(b),
-            r = recv(&mut udp), if udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
-            s = streams.recv(), if streams_open => Input::Stream(s),
+            r = recv(&mut udp), if !congested && udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
+            s = streams.recv(), if streams_open && !congested => Input::Stream(s),
+            _ = tokio::time::sleep(Duration::from_millis(1)), if congested => Input::Congested,
             a = auth_rx.recv() => Input::Auth(a),
             l = local.recv(), if local_open => Input::Local(l),
             r = reloads.recv(), if reloads_open => Input::Reload(r),
@@ -788,7 +830,13 @@ async fn drive(
                 return Err(e);
             }
             Input::Stored(None) => stored_open = false,
-            Input::Forward(Some((from, batch))) => broker.handle_forward(now, from, batch),
+            Input::Forward(Some((from, batch))) => {
+                if let Some(link) = &shard {
+                    link.taken(&batch);
+                }
+                broker.handle_forward(now, from, batch)
+            }
+            Input::Congested => {}
             Input::Forward(None) => inbox_open = false,
             Input::Udp(Ok(())) => {
                 udp_errors = 0;
