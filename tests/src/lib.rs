@@ -2,6 +2,7 @@
 //! host type for brokers and clients on it, a throw-away certificate authority, and real-socket
 //! fixtures.
 
+pub mod clients;
 pub mod disk;
 pub mod fixtures;
 pub mod node;

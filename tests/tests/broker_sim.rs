@@ -10,6 +10,7 @@ use mqtt_quic_core::client::{ClientMachine, ClientMachineConfig};
 use mqtt_quic_core::config::{ClientConfig, ServerConfig};
 use mqtt_quic_core::session::client::{ClientEvent, ClientSessionConfig, DisconnectReason};
 use mqtt_quic_core::tls::{ClientTls, SelfSigned, ServerTls};
+use mqtt_tests::clients;
 use mqtt_tests::node::Node;
 use mqtt_tests::sim::{Link, Sim};
 use std::net::SocketAddr;
@@ -89,41 +90,19 @@ impl World {
     /// Lets 300 ms of virtual time pass (without jumping to far-away deadlines such as a
     /// session expiry).
     fn settle(&mut self) {
-        let until = self.sim.now() + Duration::from_millis(300);
-        self.sim.drive_to(until);
+        clients::settle(&mut self.sim);
     }
 
     fn subscribe(&mut self, host: usize, filter: &str, qos: QoS) {
-        // Start from a clean slate: what arrives from here on (retained messages included) is
-        // the test's to see.
-        self.events(host).clear();
-        let now = self.sim.now();
-        let sub = Subscription {
-            filter: TopicFilter::new(filter).unwrap(),
-            options: SubscriptionOptions { qos, ..Default::default() },
-        };
-        self.c(host).subscribe(now, vec![sub], None).unwrap();
-        assert!(self.run_until(|w| w.events(host).iter().any(|e| matches!(e, ClientEvent::Subscribed { .. }))));
+        clients::subscribe(&mut self.sim, host, filter, qos);
     }
 
     fn publish(&mut self, host: usize, topic: &str, payload: &str, qos: QoS, retain: bool) {
-        let now = self.sim.now();
-        let mut p = Publish::new(TopicName::new(topic).unwrap(), Bytes::copy_from_slice(payload.as_bytes()));
-        p.qos_pid = QosPid::from_parts(qos, PacketId::MIN);
-        p.retain = retain;
-        self.c(host).publish(now, p).unwrap();
+        clients::publish(&mut self.sim, host, topic, payload, qos, retain);
     }
 
     fn messages(&mut self, host: usize) -> Vec<(String, String, bool)> {
-        self.events(host)
-            .iter()
-            .filter_map(|e| match e {
-                ClientEvent::Message(p) => {
-                    Some((p.topic.to_string(), String::from_utf8_lossy(&p.payload).into_owned(), p.retain))
-                }
-                _ => None,
-            })
-            .collect()
+        clients::messages(&mut self.sim, host)
     }
 }
 
