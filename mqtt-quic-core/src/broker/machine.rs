@@ -482,10 +482,17 @@ impl Broker {
     /// Ends a connection that does not take what is sent to it.
     pub(super) fn drop_slow(&mut self, now: Instant, peer: Peer) {
         const SLOW: &str = "slow consumer: it took nothing for the write timeout, or fell too far behind";
+        let mut first = false;
         if let Some(live) = self.conns.get_mut(&peer) {
+            first = live.detail.as_deref() != Some(SLOW);
             live.detail = Some(SLOW.into());
         }
-        self.relay_lost(peer, SLOW);
+        first |= self.relay_lost(peer, SLOW);
+        // (Counted once per connection, whichever check caught it: the write timeout, or a
+        // backlog four times the limit, which a flood reaches first.)
+        if first {
+            self.stats.stalled_clients += 1;
+        }
         self.links.abort(now, peer);
         self.journal.forget(peer);
         if let Peer::Stream(_) = peer {
@@ -502,7 +509,6 @@ impl Broker {
             let conns = &self.conns;
             self.links.next_stalled(now, |p| conns.contains_key(&p) || relays.is_some_and(|r| r.is_relayed(p)))
         } {
-            self.stats.stalled_clients += 1;
             self.drop_slow(now, peer);
         }
     }

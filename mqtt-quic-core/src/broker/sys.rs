@@ -29,7 +29,8 @@ pub struct Stats {
     pub messages_denied: u64,
     /// CONNECTs refused for wrong credentials.
     pub auth_failures: u64,
-    /// Clients disconnected because their connection took nothing for the write timeout.
+    /// Clients disconnected because their connection took nothing for the write timeout, or
+    /// fell four times its backlog limit behind.
     pub stalled_clients: u64,
     /// QUIC datagrams received from clients.
     pub datagrams_received: u64,
