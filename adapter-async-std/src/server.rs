@@ -582,7 +582,7 @@ async fn carry(
             // aborts a connection that takes nothing for its write timeout; the timeout here is
             // the backstop for the last bytes of a closing one, which it no longer watches.
             for piece in bytes.chunks(64 * 1024) {
-                let wrote = async_std::io::timeout(write_timeout * 2, writing.write_all(piece)).await;
+                let wrote = async_std::io::timeout(write_timeout * 4, writing.write_all(piece)).await;
                 if wrote.is_err() || to_broker.send(FromConn::Wrote(id, piece.len())).await.is_err() {
                     closed_by_broker = false;
                     break 'out;

@@ -1143,11 +1143,13 @@ async fn carry<S: AsyncRead + AsyncWrite + Send + 'static>(
                     // In pieces, each reported, so the broker sees a slow reader's progress
                     // (one large output could otherwise look like no progress for its whole
                     // write). The broker aborts a connection that takes nothing for its write
-                    // timeout; the timeout here is the backstop for the last bytes of a closing
-                    // one, which the broker no longer watches.
+                    // timeout (checked once per timeout: within twice the timeout of the last
+                    // progress); the timeout here is the backstop for the last bytes of a
+                    // closing one, which the broker no longer watches, long enough not to race
+                    // the broker's check.
                     let mut failed = false;
                     for piece in bytes.chunks(WRITE_PIECE) {
-                        let wrote = tokio::time::timeout(write_timeout * 2, writer.write_all(piece)).await;
+                        let wrote = tokio::time::timeout(write_timeout * 4, writer.write_all(piece)).await;
                         if !matches!(wrote, Ok(Ok(())))
                             || broker.send(StreamIn::Written(id, piece.len())).await.is_err()
                         {
