@@ -813,7 +813,7 @@ async fn drive(
             // Batches from the other shards before network input that came after them.
             b = inbox(&mut shard), if inbox_open => Input::Forward(b),
             r = recv(&mut udp), if !congested && udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
-            s = streams.recv(), if streams_open && !congested => Input::Stream(s),
+            s = streams.recv(), if streams_open => Input::Stream(s),
             _ = tokio::time::sleep(Duration::from_millis(1)), if congested => Input::Congested,
             a = auth_rx.recv() => Input::Auth(a),
             l = local.recv(), if local_open => Input::Local(l),
@@ -831,10 +831,20 @@ async fn drive(
             }
             Input::Stored(None) => stored_open = false,
             Input::Forward(Some((from, batch))) => {
-                if let Some(link) = &shard {
-                    link.taken(&batch);
+                // What else waits in the inbox is taken too: one turn of this loop (and one
+                // round of output) for all of it, not one per batch.
+                let mut next = Some((from, batch));
+                let mut taken = 0;
+                while let Some((from, batch)) = next.take() {
+                    if let Some(link) = &shard {
+                        link.taken(&batch);
+                    }
+                    broker.handle_forward(now, from, batch);
+                    taken += 1;
+                    if taken < 256 {
+                        next = shard.as_mut().and_then(|l| l.inbox.try_recv().ok());
+                    }
                 }
-                broker.handle_forward(now, from, batch)
             }
             Input::Congested => {}
             Input::Forward(None) => inbox_open = false,

@@ -360,10 +360,44 @@ impl Broker {
     /// accepted. Returns whether there was any.
     pub(super) fn relayed_output(&mut self) -> bool {
         let mut moved = false;
-        while let Some((id, output)) = self.links.poll_relayed() {
+        // Bytes for one connection in a row go as one message.
+        let mut pending: Option<(StreamId, Vec<Bytes>)> = None;
+        loop {
+            let next = self.links.poll_relayed();
+            let output = match (next, &mut pending) {
+                (Some((id, StreamOutput::Data(bytes))), Some((held, chunks))) if *held == id => {
+                    chunks.push(bytes);
+                    continue;
+                }
+                (Some((id, StreamOutput::Data(bytes))), None) => {
+                    pending = Some((id, vec![bytes]));
+                    continue;
+                }
+                (next, _) => {
+                    // Something else: what was held goes first.
+                    if let Some((id, chunks)) = pending.take() {
+                        self.relay_back(id, StreamOutput::Data(joined(chunks)));
+                        moved = true;
+                    }
+                    match next {
+                        Some(next) => next,
+                        None => return moved,
+                    }
+                }
+            };
             moved = true;
-            let Some(shard) = self.shard.as_mut() else { continue };
-            let Some(&(from, relay, _)) = shard.relays.hosted_by_stream.get(&id) else { continue };
+            match output {
+                (id, StreamOutput::Data(bytes)) => pending = Some((id, vec![bytes])),
+                (id, output) => self.relay_back(id, output),
+            }
+        }
+    }
+
+    /// One output of a session here for the shard that relays its connection.
+    fn relay_back(&mut self, id: StreamId, output: StreamOutput) {
+        {
+            let Some(shard) = self.shard.as_mut() else { return };
+            let Some(&(from, relay, _)) = shard.relays.hosted_by_stream.get(&id) else { return };
             let end = !matches!(output, StreamOutput::Data(_));
             shard.send(from, ShardMessage::RelayOut { relay, output });
             if end {
@@ -373,8 +407,19 @@ impl Broker {
                 self.links.forget_stream(id);
             }
         }
-        moved
     }
+}
+
+/// Chunks as one (copied only when there are several).
+fn joined(mut chunks: Vec<Bytes>) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut all = bytes::BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for chunk in chunks {
+        all.extend_from_slice(&chunk);
+    }
+    all.freeze()
 }
 
 fn shard_unreported_empty(broker: &Broker) -> bool {
