@@ -214,6 +214,38 @@ enum StreamIn {
     Closed(StreamId),
 }
 
+/// A connection task's way to its shard's broker task: what it reads (and its opening and
+/// closing) on one bounded channel, which the broker task stops reading while another shard is
+/// behind (so the client waits), and its write progress on another, always read (that progress
+/// is what lets backlogs shrink).
+#[derive(Clone)]
+struct ToBroker {
+    input: mpsc::Sender<StreamIn>,
+    progress: mpsc::UnboundedSender<(StreamId, usize)>,
+}
+
+/// The broker task has ended.
+struct BrokerGone;
+
+/// A broker task's inputs besides the network: its connections' input and write progress, the
+/// way its bridges' dialled connections come back, in-process commands, reloads.
+type Inputs = (
+    mpsc::Receiver<StreamIn>,
+    mpsc::UnboundedReceiver<(StreamId, usize)>,
+    ToBroker,
+    mpsc::UnboundedReceiver<LocalCommand>,
+    mpsc::UnboundedReceiver<ReloadRequest>,
+);
+
+impl ToBroker {
+    async fn send(&self, message: StreamIn) -> Result<(), BrokerGone> {
+        match message {
+            StreamIn::Written(id, n) => self.progress.send((id, n)).map_err(|_| BrokerGone),
+            other => self.input.send(other).await.map_err(|_| BrokerGone),
+        }
+    }
+}
+
 /// What the broker task has for one byte-stream connection's writer: a queue that allocates
 /// nothing until used (so an idle connection keeps none) and a wake-up. Unbounded, because the
 /// broker bounds what it sends to a client that does not keep up (see
@@ -518,8 +550,13 @@ impl Server {
         .collect();
         listening_on.extend(extra.iter().filter_map(|(t, l)| l.local_addr().ok().map(|a| (*t, a))));
 
-        let (streams_txs, streams_rxs): (Vec<_>, Vec<_>) = (0..count).map(|_| mpsc::channel(1024)).unzip();
-        let streams_txs: Arc<[mpsc::Sender<StreamIn>]> = streams_txs.into();
+        let (streams_txs, streams_rxs): (Vec<_>, Vec<_>) = (0..count)
+            .map(|_| {
+                let ((input, input_rx), (progress, progress_rx)) = (mpsc::channel(1024), mpsc::unbounded_channel());
+                (ToBroker { input, progress }, (input_rx, progress_rx))
+            })
+            .unzip();
+        let streams_txs: Arc<[ToBroker]> = streams_txs.into();
         let (alive_tx, alive) = mpsc::channel(1);
         let mut acceptors = Vec::new();
         // WebSocket listeners share the limit of their kind (plain or TLS).
@@ -560,7 +597,7 @@ impl Server {
         let mut udps = udps.into_iter();
         let (mut stop, mut reloads, mut drivers) = (Vec::new(), Vec::new(), Vec::new());
         let shards = brokers.into_iter().zip(streams_rxs).zip(forward_rxs).enumerate();
-        for (index, (((broker, store), streams_rx), forward_rx)) in shards {
+        for (index, (((broker, store), (streams_rx, progress_rx)), forward_rx)) in shards {
             let (stop_tx, stop_rx) = oneshot::channel();
             let (reloads_tx, reloads_rx) = mpsc::unbounded_channel();
             // Connections dialled for bridges come in the same way as accepted ones.
@@ -568,7 +605,7 @@ impl Server {
             let local_rx = local_rx.take().unwrap_or_else(|| mpsc::unbounded_channel().1);
             let link =
                 (count > 1).then(|| ShardLink { index: index as u16, peers: forward_txs.clone(), inbox: forward_rx });
-            let streams = (streams_rx, dial_tx, local_rx, reloads_rx);
+            let streams = (streams_rx, progress_rx, dial_tx, local_rx, reloads_rx);
             let task = drive(broker, udps.next(), streams, stop_rx, store, link, options.clone());
             drivers.push(task);
             stop.push(stop_tx);
@@ -703,12 +740,7 @@ const WRITE_PIECE: usize = 64 * 1024;
 async fn drive(
     mut broker: Broker,
     mut udp: Option<Udp>,
-    (mut streams, dial_tx, mut local, mut reloads): (
-        mpsc::Receiver<StreamIn>,
-        mpsc::Sender<StreamIn>,
-        mpsc::UnboundedReceiver<LocalCommand>,
-        mpsc::UnboundedReceiver<ReloadRequest>,
-    ),
+    (mut streams, mut progress, dial_tx, mut local, mut reloads): Inputs,
     mut stop: oneshot::Receiver<()>,
     (mut store, mut stored): (BrokerStore, mpsc::UnboundedReceiver<Result<u64, StoreError>>),
     mut shard: Option<ShardLink>,
@@ -717,6 +749,7 @@ async fn drive(
     enum Input {
         Stored(Option<Result<u64, StoreError>>),
         Forward(Option<(u16, ShardBatch)>),
+        Written(StreamId, usize),
         /// Another shard was behind: time to look again.
         Congested,
         Udp(io::Result<()>),
@@ -813,7 +846,8 @@ async fn drive(
             // Batches from the other shards before network input that came after them.
             b = inbox(&mut shard), if inbox_open => Input::Forward(b),
             r = recv(&mut udp), if !congested && udp_paused_until.is_none_or(|t| tokio::time::Instant::now() >= t) => Input::Udp(r),
-            s = streams.recv(), if streams_open => Input::Stream(s),
+            s = streams.recv(), if streams_open && !congested => Input::Stream(s),
+            Some((id, n)) = progress.recv() => Input::Written(id, n),
             _ = tokio::time::sleep(Duration::from_millis(1)), if congested => Input::Congested,
             a = auth_rx.recv() => Input::Auth(a),
             l = local.recv(), if local_open => Input::Local(l),
@@ -905,7 +939,9 @@ async fn drive(
                 broker.handle_resolved(now, bridge, &url, result)
             }
             Input::Stream(Some(StreamIn::Data(id, data))) => broker.handle_stream_data(now, id, &data),
-            Input::Stream(Some(StreamIn::Written(id, n))) => broker.handle_stream_written(id, n),
+            Input::Stream(Some(StreamIn::Written(id, n))) | Input::Written(id, n) => {
+                broker.handle_stream_written(id, n)
+            }
             Input::Stream(Some(StreamIn::Closed(id))) => table.closed(&mut broker, now, id),
             // Only listeners hold senders: without them no stream input can come again.
             Input::Stream(None) => streams_open = false,
@@ -947,14 +983,14 @@ async fn recv(udp: &mut Option<Udp>) -> io::Result<()> {
 #[derive(Clone)]
 struct Tasks {
     /// Every shard's broker task: connections are dealt out round robin.
-    brokers: Arc<[mpsc::Sender<StreamIn>]>,
+    brokers: Arc<[ToBroker]>,
     next: Arc<std::sync::atomic::AtomicUsize>,
     alive: mpsc::Sender<()>,
 }
 
 impl Tasks {
     /// The broker task the next connection goes to.
-    fn pick(&self) -> mpsc::Sender<StreamIn> {
+    fn pick(&self) -> ToBroker {
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.brokers[n % self.brokers.len()].clone()
     }
@@ -1029,7 +1065,7 @@ async fn accept(listener: TcpListener, listening: Listening, tasks: Tasks, optio
 
 /// Does what the broker asks for its bridges: opens a connection (then carried by
 /// [`carry`] like an accepted one) or resolves a name, and reports back.
-async fn dial_out(dial: Dial, broker: mpsc::Sender<StreamIn>, options: ServerOptions, udp: Option<SocketAddr>) {
+async fn dial_out(dial: Dial, broker: ToBroker, options: ServerOptions, udp: Option<SocketAddr>) {
     let lookup = |url: &BrokerUrl| {
         let authority = url.authority();
         let url = url.clone();
@@ -1082,7 +1118,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     remote: SocketAddr,
     (transport, identity): (&'static str, Option<String>),
-    broker: mpsc::Sender<StreamIn>,
+    broker: ToBroker,
     write_timeout: Duration,
 ) {
     carry(stream, Origin::Accepted(identity), remote, transport, broker, write_timeout).await
@@ -1104,7 +1140,7 @@ async fn carry<S: AsyncRead + AsyncWrite + Send + 'static>(
     origin: Origin,
     remote: SocketAddr,
     transport: &'static str,
-    broker: mpsc::Sender<StreamIn>,
+    broker: ToBroker,
     write_timeout: Duration,
 ) {
     let outbox = Outbox::default();
