@@ -656,3 +656,33 @@ fn a_client_resumes_with_0_rtt_on_another_shard_and_is_relayed_before_its_handsh
     assert!(!closed, "the relayed connection was closed");
     assert_eq!(w.set().connected(), 1);
 }
+
+#[test]
+fn a_shared_subscription_skips_members_offline_on_another_shard() {
+    let mut w = World::new(13);
+    let online = w.client_on(0, session(&homed("worker-up", 0)));
+    let kept = ClientSessionConfig { clean_start: false, session_expiry: 600, ..session(&homed("worker-down", 1)) };
+    let offline = w.client_on(1, kept);
+    for m in [online, offline] {
+        w.subscribe(m, "$share/pool/jobs", QoS::AtLeastOnce);
+    }
+    let now = w.sim.now();
+    w.c(offline).disconnect(now, ReasonCode::NORMAL_DISCONNECTION).unwrap();
+    w.settle();
+    // Published on shard 2, whose round robin also picks shard 1's member: shard 1 declines
+    // (its member is offline) and shard 2 picks the online one.
+    let boss = w.client_on(2, session(&homed("boss", 2)));
+    for i in 0..40 {
+        w.publish(boss, "jobs", &i.to_string(), QoS::AtLeastOnce, false);
+    }
+    assert!(w.run_until(|w| w.messages(online).len() >= 40));
+    w.settle();
+    let mut got: Vec<usize> = w.payloads(online).iter().map(|p| p.parse().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, (0..40).collect::<Vec<_>>(), "every message to the member online");
+    // Nothing waited for the offline member.
+    w.events(offline).clear();
+    w.start(offline);
+    w.settle();
+    assert!(w.messages(offline).is_empty());
+}

@@ -139,6 +139,19 @@ pub enum ShardMessage {
         publish: Publish,
         /// As for [`ShardMessage::Route`].
         kept: Option<u64>,
+        /// Shards that had no member online to take it (see [`ShardMessage::SharedDeclined`]).
+        declined: Vec<u16>,
+    },
+    /// None of this shard's members of `filter` is online (or may read the topic): the shard
+    /// that sent the message picks another member, on another shard or its own, as a broker
+    /// of one shard picks among the members online.
+    SharedDeclined {
+        /// The shared subscription.
+        filter: TopicFilter,
+        /// The message, as published.
+        publish: Publish,
+        /// Every shard that declined it so far, this one included.
+        declined: Vec<u16>,
     },
     /// The copies this shard made of the message sent with number `kept` are kept (written,
     /// or delivered and acknowledged): the publisher may have its acknowledgement.
@@ -290,8 +303,11 @@ impl Broker {
                 ShardMessage::Route { publish, kept } => {
                     self.remote_routing(from, kept, |b| b.route_remote(now, publish))
                 }
-                ShardMessage::Shared { filter, publish, kept } => {
-                    self.remote_routing(from, kept, |b| b.shared_remote(now, &filter, publish))
+                ShardMessage::Shared { filter, publish, kept, declined } => {
+                    self.remote_routing(from, kept, |b| b.shared_remote(now, from, &filter, publish, declined))
+                }
+                ShardMessage::SharedDeclined { filter, publish, declined } => {
+                    self.shared_declined(now, &filter, publish, declined)
                 }
                 ShardMessage::Kept { kept } => self.journal.remote_kept(kept),
                 ShardMessage::Retain { publish, clock, routed } => {

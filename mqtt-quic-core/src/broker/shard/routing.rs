@@ -120,7 +120,7 @@ impl Broker {
         let kept = if publish.qos() == QoS::AtMostOnce { None } else { self.journal.await_remote() };
         let publish = publish.clone();
         let message = match shared {
-            Some(filter) => ShardMessage::Shared { filter, publish, kept },
+            Some(filter) => ShardMessage::Shared { filter, publish, kept, declined: Vec::new() },
             None => ShardMessage::Route { publish, kept },
         };
         if let Some(shard) = self.shard.as_mut() {
@@ -157,21 +157,54 @@ impl Broker {
     }
 
     /// A message for one of this shard's members of a shared subscription.
-    pub(super) fn shared_remote(&mut self, now: Instant, filter: &TopicFilter, publish: Publish) {
+    pub(super) fn shared_remote(
+        &mut self,
+        now: Instant,
+        from: u16,
+        filter: &TopicFilter,
+        publish: Publish,
+        mut declined: Vec<u16>,
+    ) {
         let auth = self.config.auth.as_deref();
         let registry = &self.registry;
-        let here = |k| shard_of_key(k).is_none();
-        let eligible = |k| here(k) && registry.is_online(k) && may_read(registry, auth, k, &publish.topic);
-        // An online member that may read it; else any member (it waits in its session), as
-        // where no member is online in a broker of one shard.
-        let pick = self
-            .router
-            .pick_shared(filter, u64::MAX, eligible)
-            .or_else(|| self.router.pick_shared(filter, u64::MAX, here));
-        let Some((session, entry)) = pick else {
-            self.stats.messages_dropped += 1;
+        let eligible =
+            |k| shard_of_key(k).is_none() && registry.is_online(k) && may_read(registry, auth, k, &publish.topic);
+        let Some((session, entry)) = self.router.pick_shared(filter, u64::MAX, eligible) else {
+            // Nobody here can take it now: the sender picks again among the others.
+            if let Some(shard) = self.shard.as_mut() {
+                declined.push(shard.index);
+                let message = ShardMessage::SharedDeclined { filter: filter.clone(), publish, declined };
+                shard.send(from, message);
+            }
             return;
         };
+        self.deliver_shared(now, session, entry, filter, &publish);
+    }
+
+    /// A message this shard sent to another's members of a shared subscription came back:
+    /// another member gets it, here or on a shard that has not declined it, among those
+    /// online; if there is none, nobody does (as in a broker of one shard).
+    pub(super) fn shared_declined(&mut self, now: Instant, filter: &TopicFilter, publish: Publish, declined: Vec<u16>) {
+        let auth = self.config.auth.as_deref();
+        let registry = &self.registry;
+        let eligible = |k| match shard_of_key(k) {
+            Some(s) => !declined.contains(&s),
+            None => registry.is_online(k) && may_read(registry, auth, k, &publish.topic),
+        };
+        let Some((session, entry)) = self.router.pick_shared(filter, u64::MAX, eligible) else { return };
+        match shard_of_key(session) {
+            Some(to) => {
+                if let Some(shard) = self.shard.as_mut() {
+                    let message = ShardMessage::Shared { filter: filter.clone(), publish, kept: None, declined };
+                    shard.send(to, message);
+                }
+            }
+            None => self.deliver_shared(now, session, entry, filter, &publish),
+        }
+    }
+
+    /// Hands a shared subscription's message to the member picked for it.
+    fn deliver_shared(&mut self, now: Instant, session: u64, entry: Entry, filter: &TopicFilter, publish: &Publish) {
         let d = Delivery {
             session,
             qos: entry.options.qos,
@@ -179,7 +212,7 @@ impl Broker {
             subscription_ids: entry.subscription_id.into_iter().collect(),
             shared: Some(filter.clone()),
         };
-        self.deliver_routed(now, &publish, d);
+        self.deliver_routed(now, publish, d);
     }
 
     /// A retained message was set (or deleted) here: every other shard keeps it too (sent
