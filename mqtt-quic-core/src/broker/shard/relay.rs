@@ -271,30 +271,25 @@ impl Broker {
     /// Tells the homes of relayed connections what their transports took since the last
     /// report (when due).
     pub(super) fn report_relayed(&mut self, now: Instant) {
+        let links = &self.links;
         let Some(shard) = self.shard.as_mut() else { return };
-        if shard.relays.next_report.is_none_or(|t| t > now) {
+        let Relays { out, unreported, next_report, .. } = &mut shard.relays;
+        if next_report.is_none_or(|t| t > now) {
             return;
         }
-        shard.relays.next_report = None;
-        let peers: Vec<Peer> = shard.relays.unreported.iter().copied().collect();
-        for peer in peers {
-            let backlog = self.links.backlog(peer);
-            let Some(shard) = self.shard.as_mut() else { return };
-            let Some(out) = shard.relays.out.get_mut(&peer) else { continue };
-            let taken = out.unreported.saturating_sub(backlog);
+        let mut reports = Vec::new();
+        unreported.retain(|peer| {
+            let Some(o) = out.get_mut(peer) else { return false };
+            let taken = o.unreported.saturating_sub(links.backlog(*peer));
             if taken > 0 {
-                out.unreported -= taken;
-                let (relay, home) = (out.relay, out.home);
-                shard.send(home, ShardMessage::RelayWritten { relay, bytes: taken });
+                o.unreported -= taken;
+                reports.push((o.home, ShardMessage::RelayWritten { relay: o.relay, bytes: taken }));
             }
-            if shard.relays.out.get(&peer).is_some_and(|o| o.unreported == 0) {
-                shard.relays.unreported.remove(&peer);
-            }
-        }
-        if !shard_unreported_empty(self) {
-            if let Some(shard) = self.shard.as_mut() {
-                shard.relays.next_report = Some(now + WRITTEN_EVERY);
-            }
+            o.unreported > 0
+        });
+        *next_report = (!unreported.is_empty()).then_some(now + WRITTEN_EVERY);
+        for (home, message) in reports {
+            shard.send(home, message);
         }
     }
 
@@ -361,51 +356,44 @@ impl Broker {
     pub(super) fn relayed_output(&mut self) -> bool {
         let mut moved = false;
         // Bytes for one connection in a row go as one message.
-        let mut pending: Option<(StreamId, Vec<Bytes>)> = None;
-        loop {
-            let next = self.links.poll_relayed();
-            let output = match (next, &mut pending) {
-                (Some((id, StreamOutput::Data(bytes))), Some((held, chunks))) if *held == id => {
-                    chunks.push(bytes);
-                    continue;
-                }
-                (Some((id, StreamOutput::Data(bytes))), None) => {
-                    pending = Some((id, vec![bytes]));
-                    continue;
-                }
-                (next, _) => {
-                    // Something else: what was held goes first.
-                    if let Some((id, chunks)) = pending.take() {
-                        self.relay_back(id, StreamOutput::Data(joined(chunks)));
-                        moved = true;
-                    }
-                    match next {
-                        Some(next) => next,
-                        None => return moved,
-                    }
-                }
-            };
+        let mut held: Option<(StreamId, Vec<Bytes>)> = None;
+        while let Some((id, output)) = self.links.poll_relayed() {
             moved = true;
             match output {
-                (id, StreamOutput::Data(bytes)) => pending = Some((id, vec![bytes])),
-                (id, output) => self.relay_back(id, output),
+                StreamOutput::Data(bytes) => match &mut held {
+                    Some((h, chunks)) if *h == id => chunks.push(bytes),
+                    _ => {
+                        if let Some((h, chunks)) = held.replace((id, vec![bytes])) {
+                            self.relay_back(h, StreamOutput::Data(joined(chunks)));
+                        }
+                    }
+                },
+                output => {
+                    // What was held goes first.
+                    if let Some((h, chunks)) = held.take() {
+                        self.relay_back(h, StreamOutput::Data(joined(chunks)));
+                    }
+                    self.relay_back(id, output);
+                }
             }
         }
+        if let Some((h, chunks)) = held {
+            self.relay_back(h, StreamOutput::Data(joined(chunks)));
+        }
+        moved
     }
 
     /// One output of a session here for the shard that relays its connection.
     fn relay_back(&mut self, id: StreamId, output: StreamOutput) {
-        {
-            let Some(shard) = self.shard.as_mut() else { return };
-            let Some(&(from, relay, _)) = shard.relays.hosted_by_stream.get(&id) else { return };
-            let end = !matches!(output, StreamOutput::Data(_));
-            shard.send(from, ShardMessage::RelayOut { relay, output });
-            if end {
-                shard.relays.hosted.remove(&(from, relay));
-                shard.relays.hosted_by_stream.remove(&id);
-                self.links.forget_relayed(id);
-                self.links.forget_stream(id);
-            }
+        let Some(shard) = self.shard.as_mut() else { return };
+        let Some(&(from, relay, _)) = shard.relays.hosted_by_stream.get(&id) else { return };
+        let end = !matches!(output, StreamOutput::Data(_));
+        shard.send(from, ShardMessage::RelayOut { relay, output });
+        if end {
+            shard.relays.hosted.remove(&(from, relay));
+            shard.relays.hosted_by_stream.remove(&id);
+            self.links.forget_relayed(id);
+            self.links.forget_stream(id);
         }
     }
 }
@@ -420,10 +408,6 @@ fn joined(mut chunks: Vec<Bytes>) -> Bytes {
         all.extend_from_slice(&chunk);
     }
     all.freeze()
-}
-
-fn shard_unreported_empty(broker: &Broker) -> bool {
-    broker.shard.as_ref().is_none_or(|s| s.relays.unreported.is_empty())
 }
 
 #[cfg(test)]
